@@ -1,0 +1,716 @@
+//! Encoding messages to frames and verified decoding of frames to messages.
+
+use std::cell::RefCell;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use flatbuffers::{FlatBufferBuilder, VerifierOptions, WIPOffset};
+
+use crate::error::DecodeError;
+use crate::frame::LENGTH_PREFIX_BYTES;
+use crate::generated::swarmbus::wire as w;
+use crate::types::*;
+
+/// Bytes of the `header_len` field that follows the frame length prefix.
+const HEADER_LEN_BYTES: usize = 4;
+
+/// Bounds for the FlatBuffers verifier. Every inbound frame is verified once with these.
+#[derive(Clone, Debug)]
+pub struct DecodeOptions {
+    /// Deepest table nesting accepted (the protocol needs 3).
+    pub max_depth: usize,
+    /// Most tables in one header (the protocol needs 3).
+    pub max_tables: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            max_depth: 8,
+            max_tables: 16,
+        }
+    }
+}
+
+/// An encoded frame: `head` is `frame_len | header_len | header`, `body` is the payload
+/// (empty for messages without one). Write both, in order, e.g. with quinn's
+/// `write_all_chunks`; `body` is never copied by encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutFrame {
+    pub head: Bytes,
+    pub body: Bytes,
+}
+
+impl OutFrame {
+    /// Total bytes on the wire.
+    pub fn wire_len(&self) -> usize {
+        self.head.len() + self.body.len()
+    }
+
+    /// Head and body in one buffer (tests and tools; the hot path writes the two chunks).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.wire_len());
+        v.extend_from_slice(&self.head);
+        v.extend_from_slice(&self.body);
+        v
+    }
+}
+
+thread_local! {
+    // One builder per thread, reset between frames, so encoding allocates only the output.
+    static BUILDER: RefCell<FlatBufferBuilder<'static>> = RefCell::new(FlatBufferBuilder::with_capacity(512));
+}
+
+fn with_builder<R>(f: impl FnOnce(&mut FlatBufferBuilder<'static>) -> R) -> R {
+    BUILDER.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut builder) => {
+            builder.reset();
+            f(&mut builder)
+        }
+        // Re-entrant use cannot happen in this crate; fall back to a fresh builder rather
+        // than panic if it ever does.
+        Err(_) => f(&mut FlatBufferBuilder::with_capacity(512)),
+    })
+}
+
+fn wire_class(class: Class) -> w::Class {
+    w::Class(class as u8)
+}
+
+fn wire_role(role: Role) -> w::Role {
+    match role {
+        Role::Agent => w::Role::Agent,
+        Role::Controller => w::Role::Controller,
+        Role::Worker => w::Role::Worker,
+    }
+}
+
+fn opt_str<'a>(
+    fbb: &mut FlatBufferBuilder<'a>,
+    value: Option<&str>,
+) -> Option<WIPOffset<&'a str>> {
+    value.map(|s| fbb.create_string(s))
+}
+
+/// Finishes `message` into a frame head of `body_len` trailing bytes.
+fn finish(
+    fbb: &mut FlatBufferBuilder<'static>,
+    message_type: w::Message,
+    message: WIPOffset<flatbuffers::UnionWIPOffset>,
+    body_len: usize,
+) -> Bytes {
+    let frame = w::Frame::create(
+        fbb,
+        &w::FrameArgs {
+            message_type,
+            message: Some(message),
+        },
+    );
+    fbb.finish_minimal(frame);
+    let header = fbb.finished_data();
+    let frame_len = HEADER_LEN_BYTES + header.len() + body_len;
+    let mut head = BytesMut::with_capacity(LENGTH_PREFIX_BYTES + HEADER_LEN_BYTES + header.len());
+    head.put_u32_le(frame_len as u32);
+    head.put_u32_le(header.len() as u32);
+    head.put_slice(header);
+    head.freeze()
+}
+
+/// Encodes the head of a Deliver frame whose body is `payload_len` bytes. The router builds
+/// this once per published message and sends it, with the publisher's payload buffer, to
+/// every subscriber.
+pub fn encode_deliver_head(
+    swarm: &str,
+    class: Class,
+    op_id: OpId,
+    source_agent: &str,
+    target_agent: Option<&str>,
+    key: Option<&str>,
+    payload_len: usize,
+) -> Bytes {
+    with_builder(|fbb| {
+        let swarm = fbb.create_string(swarm);
+        let source_agent = fbb.create_string(source_agent);
+        let target_agent = opt_str(fbb, target_agent);
+        let key = opt_str(fbb, key);
+        let msg = w::Deliver::create(
+            fbb,
+            &w::DeliverArgs {
+                swarm: Some(swarm),
+                class: wire_class(class),
+                op_id: op_id.0,
+                source_agent: Some(source_agent),
+                target_agent,
+                key,
+                payload_len: payload_len as u32,
+            },
+        );
+        finish(fbb, w::Message::Deliver, msg.as_union_value(), payload_len)
+    })
+}
+
+/// Encodes any message. Publish and Deliver payloads become the frame body by reference.
+pub fn encode(message: &Message) -> OutFrame {
+    let mut body = Bytes::new();
+    let head = with_builder(|fbb| {
+        let (kind, offset) = match message {
+            Message::Hello(m) => {
+                let swarms: Vec<_> = m.swarms.iter().map(|s| fbb.create_string(s)).collect();
+                let swarms = fbb.create_vector(&swarms);
+                let agent_id = fbb.create_string(&m.agent_id);
+                let client_name = fbb.create_string(&m.client_name);
+                let client_version = fbb.create_string(&m.client_version);
+                let t = w::Hello::create(
+                    fbb,
+                    &w::HelloArgs {
+                        protocol_version: m.protocol_version,
+                        swarms: Some(swarms),
+                        agent_id: Some(agent_id),
+                        role: wire_role(m.role),
+                        client_name: Some(client_name),
+                        client_version: Some(client_version),
+                    },
+                );
+                (w::Message::Hello, t.as_union_value())
+            }
+            Message::Welcome(m) => {
+                let router_name = fbb.create_string(&m.router_name);
+                let queue_frames = fbb.create_vector(&m.limits.queue_frames);
+                let limits = w::Limits::create(
+                    fbb,
+                    &w::LimitsArgs {
+                        max_frame_bytes: m.limits.max_frame_bytes,
+                        max_subscriptions: m.limits.max_subscriptions,
+                        max_swarms_per_session: m.limits.max_swarms_per_session,
+                        queue_frames: Some(queue_frames),
+                    },
+                );
+                let t = w::Welcome::create(
+                    fbb,
+                    &w::WelcomeArgs {
+                        session_id: m.session_id.0,
+                        router_name: Some(router_name),
+                        limits: Some(limits),
+                    },
+                );
+                (w::Message::Welcome, t.as_union_value())
+            }
+            Message::Error(m) => {
+                let text = fbb.create_string(&m.message);
+                let t = w::Error::create(
+                    fbb,
+                    &w::ErrorArgs {
+                        code: m.code,
+                        message: Some(text),
+                        request_id: m.request_id,
+                    },
+                );
+                (w::Message::Error, t.as_union_value())
+            }
+            Message::Subscribe(m) | Message::Unsubscribe(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let agent_filter = opt_str(fbb, m.agent_filter.as_deref());
+                if matches!(message, Message::Subscribe(_)) {
+                    let t = w::Subscribe::create(
+                        fbb,
+                        &w::SubscribeArgs {
+                            request_id: m.request_id,
+                            swarm: Some(swarm),
+                            class: wire_class(m.class),
+                            agent_filter,
+                        },
+                    );
+                    (w::Message::Subscribe, t.as_union_value())
+                } else {
+                    let t = w::Unsubscribe::create(
+                        fbb,
+                        &w::UnsubscribeArgs {
+                            request_id: m.request_id,
+                            swarm: Some(swarm),
+                            class: wire_class(m.class),
+                            agent_filter,
+                        },
+                    );
+                    (w::Message::Unsubscribe, t.as_union_value())
+                }
+            }
+            Message::SubscribeAck { request_id } => {
+                let t = w::SubscribeAck::create(
+                    fbb,
+                    &w::SubscribeAckArgs {
+                        request_id: *request_id,
+                    },
+                );
+                (w::Message::SubscribeAck, t.as_union_value())
+            }
+            Message::Publish(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let target_agent = opt_str(fbb, m.target_agent.as_deref());
+                let key = opt_str(fbb, m.key.as_deref());
+                let t = w::Publish::create(
+                    fbb,
+                    &w::PublishArgs {
+                        request_id: m.request_id,
+                        swarm: Some(swarm),
+                        class: wire_class(m.class),
+                        target_agent,
+                        key,
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::Publish, t.as_union_value())
+            }
+            Message::PublishAck { request_id, op_id } => {
+                let t = w::PublishAck::create(
+                    fbb,
+                    &w::PublishAckArgs {
+                        request_id: *request_id,
+                        op_id: op_id.0,
+                    },
+                );
+                (w::Message::PublishAck, t.as_union_value())
+            }
+            Message::Deliver(m) => {
+                // Shares the router's hot-path encoder so both stay byte-identical.
+                body = m.payload.clone();
+                return encode_deliver_head(
+                    &m.swarm,
+                    m.class,
+                    m.op_id,
+                    &m.source_agent,
+                    m.target_agent.as_deref(),
+                    m.key.as_deref(),
+                    m.payload.len(),
+                );
+            }
+            Message::Ack { swarm, op_id } => {
+                let swarm = fbb.create_string(swarm);
+                let t = w::Ack::create(
+                    fbb,
+                    &w::AckArgs {
+                        swarm: Some(swarm),
+                        op_id: op_id.0,
+                    },
+                );
+                (w::Message::Ack, t.as_union_value())
+            }
+        };
+        finish(fbb, kind, offset, body.len())
+    });
+    OutFrame { head, body }
+}
+
+fn class_of(value: w::Class) -> Result<Class, DecodeError> {
+    Class::from_u8(value.0).ok_or(DecodeError::InvalidField {
+        reason: "unknown class",
+    })
+}
+
+fn role_of(value: w::Role) -> Result<Role, DecodeError> {
+    match value {
+        w::Role::Agent => Ok(Role::Agent),
+        w::Role::Controller => Ok(Role::Controller),
+        w::Role::Worker => Ok(Role::Worker),
+        _ => Err(DecodeError::InvalidField {
+            reason: "unknown role",
+        }),
+    }
+}
+
+fn required(value: Option<&str>, reason: &'static str) -> Result<String, DecodeError> {
+    match value {
+        Some(s) if !s.is_empty() => Ok(s.to_owned()),
+        _ => Err(DecodeError::InvalidField { reason }),
+    }
+}
+
+fn optional(value: Option<&str>) -> Option<String> {
+    value.filter(|s| !s.is_empty()).map(str::to_owned)
+}
+
+fn missing(kind: &'static str) -> DecodeError {
+    DecodeError::Malformed { reason: kind }
+}
+
+/// Verifies and decodes one frame (the bytes after the length prefix, as returned by
+/// [`crate::FrameDecoder::next_frame`]). Payloads are slices of `frame`, never copies.
+pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeError> {
+    if frame.len() < HEADER_LEN_BYTES {
+        return Err(DecodeError::Malformed {
+            reason: "frame shorter than its header length field",
+        });
+    }
+    let header_len = u32::from_le_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+    let header_end = HEADER_LEN_BYTES
+        .checked_add(header_len)
+        .filter(|end| *end <= frame.len())
+        .ok_or(DecodeError::Malformed {
+            reason: "header length exceeds the frame",
+        })?;
+    let header = &frame[HEADER_LEN_BYTES..header_end];
+    let verifier = VerifierOptions {
+        max_depth: options.max_depth,
+        max_tables: options.max_tables,
+        max_apparent_size: frame.len().saturating_mul(4).max(1024),
+        ignore_missing_null_terminator: false,
+    };
+    let root = flatbuffers::root_with_opts::<w::Frame>(&verifier, header).map_err(|e| {
+        DecodeError::Verification {
+            detail: e.to_string(),
+        }
+    })?;
+    let body = frame.slice(header_end..);
+    let check_body = |payload_len: u32| -> Result<Bytes, DecodeError> {
+        if payload_len as usize != body.len() {
+            return Err(DecodeError::InvalidField {
+                reason: "payload_len does not match the frame body",
+            });
+        }
+        Ok(body.clone())
+    };
+    let no_body = || -> Result<(), DecodeError> {
+        if body.is_empty() {
+            Ok(())
+        } else {
+            Err(DecodeError::InvalidField {
+                reason: "unexpected frame body",
+            })
+        }
+    };
+    let message = match root.message_type() {
+        w::Message::Hello => {
+            let m = root.message_as_hello().ok_or(missing("empty Hello"))?;
+            no_body()?;
+            Message::Hello(Hello {
+                protocol_version: m.protocol_version(),
+                swarms: m
+                    .swarms()
+                    .map(|v| v.iter().map(str::to_owned).collect())
+                    .unwrap_or_default(),
+                agent_id: required(m.agent_id(), "Hello without agent_id")?,
+                role: role_of(m.role())?,
+                client_name: m.client_name().unwrap_or_default().to_owned(),
+                client_version: m.client_version().unwrap_or_default().to_owned(),
+            })
+        }
+        w::Message::Welcome => {
+            let m = root.message_as_welcome().ok_or(missing("empty Welcome"))?;
+            no_body()?;
+            let limits = m.limits().map(|l| Limits {
+                max_frame_bytes: l.max_frame_bytes(),
+                max_subscriptions: l.max_subscriptions(),
+                max_swarms_per_session: l.max_swarms_per_session(),
+                queue_frames: l
+                    .queue_frames()
+                    .map(|v| v.iter().collect())
+                    .unwrap_or_default(),
+            });
+            Message::Welcome(Welcome {
+                session_id: SessionId(m.session_id()),
+                router_name: m.router_name().unwrap_or_default().to_owned(),
+                limits: limits.unwrap_or_default(),
+            })
+        }
+        w::Message::Error => {
+            let m = root.message_as_error().ok_or(missing("empty Error"))?;
+            no_body()?;
+            Message::Error(ErrorMessage {
+                code: m.code(),
+                message: m.message().unwrap_or_default().to_owned(),
+                request_id: m.request_id(),
+            })
+        }
+        w::Message::Subscribe => {
+            let m = root
+                .message_as_subscribe()
+                .ok_or(missing("empty Subscribe"))?;
+            no_body()?;
+            Message::Subscribe(Subscription {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "Subscribe without swarm")?,
+                class: class_of(m.class())?,
+                agent_filter: optional(m.agent_filter()),
+            })
+        }
+        w::Message::Unsubscribe => {
+            let m = root
+                .message_as_unsubscribe()
+                .ok_or(missing("empty Unsubscribe"))?;
+            no_body()?;
+            Message::Unsubscribe(Subscription {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "Unsubscribe without swarm")?,
+                class: class_of(m.class())?,
+                agent_filter: optional(m.agent_filter()),
+            })
+        }
+        w::Message::SubscribeAck => {
+            let m = root
+                .message_as_subscribe_ack()
+                .ok_or(missing("empty SubscribeAck"))?;
+            no_body()?;
+            Message::SubscribeAck {
+                request_id: m.request_id(),
+            }
+        }
+        w::Message::Publish => {
+            let m = root.message_as_publish().ok_or(missing("empty Publish"))?;
+            Message::Publish(Publish {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "Publish without swarm")?,
+                class: class_of(m.class())?,
+                target_agent: optional(m.target_agent()),
+                key: optional(m.key()),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::PublishAck => {
+            let m = root
+                .message_as_publish_ack()
+                .ok_or(missing("empty PublishAck"))?;
+            no_body()?;
+            Message::PublishAck {
+                request_id: m.request_id(),
+                op_id: OpId(m.op_id()),
+            }
+        }
+        w::Message::Deliver => {
+            let m = root.message_as_deliver().ok_or(missing("empty Deliver"))?;
+            Message::Deliver(Deliver {
+                swarm: required(m.swarm(), "Deliver without swarm")?,
+                class: class_of(m.class())?,
+                op_id: OpId(m.op_id()),
+                source_agent: m.source_agent().unwrap_or_default().to_owned(),
+                target_agent: optional(m.target_agent()),
+                key: optional(m.key()),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::Ack => {
+            let m = root.message_as_ack().ok_or(missing("empty Ack"))?;
+            no_body()?;
+            Message::Ack {
+                swarm: required(m.swarm(), "Ack without swarm")?,
+                op_id: OpId(m.op_id()),
+            }
+        }
+        other => return Err(DecodeError::UnknownMessage { kind: other.0 }),
+    };
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::FrameDecoder;
+    use proptest::prelude::*;
+
+    fn round_trip(message: &Message) -> Message {
+        let out = encode(message);
+        let mut dec = FrameDecoder::new(crate::DEFAULT_MAX_FRAME_BYTES);
+        dec.push(Bytes::from(out.to_vec()));
+        let frame = dec.next_frame().unwrap().unwrap();
+        assert!(dec.is_idle());
+        decode(frame, &DecodeOptions::default()).unwrap()
+    }
+
+    fn class() -> impl Strategy<Value = Class> {
+        (0u8..5).prop_map(|v| Class::from_u8(v).unwrap())
+    }
+    fn name() -> impl Strategy<Value = String> {
+        "[a-z0-9._-]{1,24}"
+    }
+    fn opt_name() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(name())
+    }
+    fn payload() -> impl Strategy<Value = Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..2048).prop_map(Bytes::from)
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        prop_oneof![
+            (
+                proptest::collection::vec(name(), 0..5),
+                name(),
+                0u8..3,
+                ".{0,16}",
+                ".{0,16}"
+            )
+                .prop_map(|(swarms, agent_id, role, n, v)| Message::Hello(Hello {
+                    protocol_version: 1,
+                    swarms,
+                    agent_id,
+                    role: [Role::Agent, Role::Controller, Role::Worker][role as usize],
+                    client_name: n,
+                    client_version: v,
+                })),
+            (any::<u64>(), name(), any::<u32>(), proptest::collection::vec(any::<u32>(), 0..6))
+                .prop_map(|(id, router_name, max, queue_frames)| Message::Welcome(Welcome {
+                    session_id: SessionId(id),
+                    router_name,
+                    limits: Limits {
+                        max_frame_bytes: max,
+                        max_subscriptions: max / 2,
+                        max_swarms_per_session: 7,
+                        queue_frames,
+                    },
+                })),
+            (any::<u16>(), ".{0,40}", any::<u64>()).prop_map(|(code, message, request_id)| {
+                Message::Error(ErrorMessage {
+                    code,
+                    message,
+                    request_id,
+                })
+            }),
+            (any::<u64>(), name(), class(), opt_name(), any::<bool>()).prop_map(
+                |(request_id, swarm, class, agent_filter, sub)| {
+                    let s = Subscription {
+                        request_id,
+                        swarm,
+                        class,
+                        agent_filter,
+                    };
+                    if sub {
+                        Message::Subscribe(s)
+                    } else {
+                        Message::Unsubscribe(s)
+                    }
+                }
+            ),
+            any::<u64>().prop_map(|request_id| Message::SubscribeAck { request_id }),
+            (any::<u64>(), name(), class(), opt_name(), opt_name(), payload()).prop_map(
+                |(request_id, swarm, class, target_agent, key, payload)| Message::Publish(
+                    Publish {
+                        request_id,
+                        swarm,
+                        class,
+                        target_agent,
+                        key,
+                        payload
+                    }
+                )
+            ),
+            (any::<u64>(), any::<u64>()).prop_map(|(request_id, op)| Message::PublishAck {
+                request_id,
+                op_id: OpId(op)
+            }),
+            (name(), class(), any::<u64>(), name(), opt_name(), opt_name(), payload()).prop_map(
+                |(swarm, class, op, source_agent, target_agent, key, payload)| {
+                    Message::Deliver(Deliver {
+                        swarm,
+                        class,
+                        op_id: OpId(op),
+                        source_agent,
+                        target_agent,
+                        key,
+                        payload,
+                    })
+                }
+            ),
+            (name(), any::<u64>()).prop_map(|(swarm, op)| Message::Ack {
+                swarm,
+                op_id: OpId(op)
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn encode_verify_decode_round_trips(msg in message()) {
+            prop_assert_eq!(round_trip(&msg), msg);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut dec = FrameDecoder::new(1024);
+            dec.push(Bytes::from(bytes));
+            while let Ok(Some(frame)) = dec.next_frame() {
+                let _ = decode(frame, &DecodeOptions::default());
+            }
+        }
+
+        #[test]
+        fn corrupted_frames_error_or_decode_but_never_panic(msg in message(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut wire = encode(&msg).to_vec();
+            for (at, value) in flips {
+                let i = 8 + at % (wire.len() - 8).max(1);
+                if i < wire.len() { wire[i] ^= value; }
+            }
+            let mut dec = FrameDecoder::new(1 << 20);
+            dec.push(Bytes::from(wire));
+            if let Ok(Some(frame)) = dec.next_frame() {
+                let _ = decode(frame, &DecodeOptions::default());
+            }
+        }
+    }
+
+    #[test]
+    fn payload_is_a_slice_of_the_received_frame() {
+        let msg = Message::Publish(Publish {
+            request_id: 1,
+            swarm: "s".into(),
+            class: Class::Telemetry,
+            target_agent: None,
+            key: None,
+            payload: Bytes::from_static(&[7u8; 300]),
+        });
+        let wire = Bytes::from(encode(&msg).to_vec());
+        let start = wire.as_ptr() as usize;
+        let end = start + wire.len();
+        let mut dec = FrameDecoder::new(1 << 20);
+        dec.push(wire);
+        let Message::Publish(p) = decode(dec.next_frame().unwrap().unwrap(), &DecodeOptions::default()).unwrap() else {
+            panic!("not a publish");
+        };
+        let at = p.payload.as_ptr() as usize;
+        assert!(at >= start && at + 300 == end, "payload was copied");
+    }
+
+    #[test]
+    fn body_length_mismatch_is_rejected() {
+        let msg = Message::Publish(Publish {
+            request_id: 1,
+            swarm: "s".into(),
+            class: Class::Command,
+            target_agent: None,
+            key: None,
+            payload: Bytes::from_static(b"abcd"),
+        });
+        let mut wire = encode(&msg).to_vec();
+        wire.pop();
+        let len = (wire.len() - 4) as u32;
+        wire[..4].copy_from_slice(&len.to_le_bytes());
+        let frame = Bytes::from(wire).slice(4..);
+        assert_eq!(decode(frame, &DecodeOptions::default()).unwrap_err().code(), crate::ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn garbage_header_fails_verification() {
+        let mut wire = vec![0u8; 4];
+        wire.extend_from_slice(&(12u32).to_le_bytes());
+        wire.extend_from_slice(&[0xFF; 12]);
+        let frame = Bytes::from(wire).slice(4..);
+        assert_eq!(decode(frame, &DecodeOptions::default()).unwrap_err().code(), crate::ErrorCode::VerificationFailed);
+    }
+
+    #[test]
+    fn unknown_union_kind_is_reported() {
+        // Encode an Ack, then change the union type byte to a value past the known ones.
+        let wire = encode(&Message::Ack { swarm: "s".into(), op_id: OpId(1) }).to_vec();
+        let header = &wire[8..];
+        let mut found = None;
+        for i in 0..header.len() {
+            let mut copy = header.to_vec();
+            if copy[i] == w::Message::Ack.0 {
+                copy[i] = 99;
+                let mut frame = (copy.len() as u32).to_le_bytes().to_vec();
+                frame.extend_from_slice(&copy);
+                if let Err(DecodeError::UnknownMessage { kind: 99 }) = decode(Bytes::from(frame), &DecodeOptions::default()) {
+                    found = Some(i);
+                    break;
+                }
+            }
+        }
+        assert!(found.is_some(), "no byte position produced UnknownMessage");
+    }
+}

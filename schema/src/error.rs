@@ -1,0 +1,130 @@
+//! Errors of the codec, and the stable numeric error codes used on the wire.
+
+use thiserror::Error;
+
+/// Stable error codes carried in `Error` frames and as QUIC application close codes.
+///
+/// A code's number never changes and a retired code is never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The frame's length fields are inconsistent (header longer than the frame, ...).
+    MalformedFrame = 1,
+    /// The length prefix is above the negotiated maximum frame size.
+    FrameTooLarge = 2,
+    /// The FlatBuffers header failed verification.
+    VerificationFailed = 3,
+    /// The header holds a message kind this router does not know.
+    UnknownMessage = 4,
+    /// A message other than Hello arrived before the session was established.
+    HelloRequired = 5,
+    /// The client speaks a protocol version the router does not.
+    UnsupportedVersion = 6,
+    /// The stream ended in the middle of a frame.
+    TruncatedFrame = 7,
+    /// Publish or subscribe on a swarm the session did not join in Hello.
+    SwarmNotJoined = 8,
+    /// The session holds the maximum number of subscriptions.
+    TooManySubscriptions = 9,
+    /// The subscriber's queue for an ordered class overflowed; it missed ops and is disconnected.
+    Lagging = 10,
+    /// A request with invalid fields (empty swarm name, body length mismatch, ...).
+    InvalidRequest = 11,
+    /// A message that only the router sends (Welcome, Deliver, ...) was sent by a client.
+    UnexpectedMessage = 12,
+    /// The router is shutting down.
+    ShuttingDown = 13,
+    /// Hello named more swarms than the router allows per session.
+    TooManySwarms = 14,
+    /// The router is at its connection limit.
+    Busy = 15,
+    /// A second Hello on an established session.
+    DuplicateHello = 16,
+    /// A frame arrived on a stream that does not carry that message kind.
+    WrongStream = 17,
+}
+
+impl ErrorCode {
+    pub fn as_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// Maps a number received on the wire back to a code; unknown numbers give `None`.
+    pub fn from_u16(code: u16) -> Option<Self> {
+        use ErrorCode::*;
+        Some(match code {
+            1 => MalformedFrame,
+            2 => FrameTooLarge,
+            3 => VerificationFailed,
+            4 => UnknownMessage,
+            5 => HelloRequired,
+            6 => UnsupportedVersion,
+            7 => TruncatedFrame,
+            8 => SwarmNotJoined,
+            9 => TooManySubscriptions,
+            10 => Lagging,
+            11 => InvalidRequest,
+            12 => UnexpectedMessage,
+            13 => ShuttingDown,
+            14 => TooManySwarms,
+            15 => Busy,
+            16 => DuplicateHello,
+            17 => WrongStream,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}({})", self, *self as u16)
+    }
+}
+
+/// Why a frame could not be decoded. None of these is recoverable for the connection
+/// that sent the frame: the router closes it with [`DecodeError::code`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("frame of {len} bytes exceeds the maximum of {max} bytes")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("malformed frame: {reason}")]
+    Malformed { reason: &'static str },
+    #[error("frame header failed verification: {detail}")]
+    Verification { detail: String },
+    #[error("unknown message kind {kind}")]
+    UnknownMessage { kind: u8 },
+    #[error("invalid field: {reason}")]
+    InvalidField { reason: &'static str },
+}
+
+impl DecodeError {
+    /// The wire error code that reports this failure to the peer.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::FrameTooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::Malformed { .. } => ErrorCode::MalformedFrame,
+            DecodeError::Verification { .. } => ErrorCode::VerificationFailed,
+            DecodeError::UnknownMessage { .. } => ErrorCode::UnknownMessage,
+            DecodeError::InvalidField { .. } => ErrorCode::InvalidRequest,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_stable() {
+        for n in 0..64u16 {
+            if let Some(code) = ErrorCode::from_u16(n) {
+                assert_eq!(code.as_u16(), n);
+            }
+        }
+        assert_eq!(ErrorCode::FrameTooLarge.as_u16(), 2);
+        assert_eq!(ErrorCode::Lagging.as_u16(), 10);
+        assert_eq!(ErrorCode::from_u16(0), None);
+    }
+}

@@ -1,0 +1,179 @@
+//! Length-prefixed framing.
+//!
+//! A frame on the wire is `frame_len:u32le` followed by `frame_len` bytes. The decoder yields
+//! those `frame_len` bytes (without the prefix) as [`Bytes`]. When a whole frame lies inside
+//! one received chunk the result is a slice of that chunk (no copy); a frame split across
+//! chunks is assembled once into a buffer of its own.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::error::DecodeError;
+
+/// Default maximum frame size (everything after the 4-byte length prefix): 1 MiB.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Bytes of the `frame_len` prefix.
+pub const LENGTH_PREFIX_BYTES: usize = 4;
+
+/// Cuts frames out of a stream of chunks.
+///
+/// Call order: [`FrameDecoder::push`] a chunk, then [`FrameDecoder::next_frame`] until it
+/// returns `Ok(None)`; at end of stream [`FrameDecoder::is_idle`] tells whether a frame was
+/// cut short. After an error the decoder must be dropped (the stream is unusable).
+#[derive(Debug)]
+pub struct FrameDecoder {
+    max_frame_bytes: usize,
+    /// Unconsumed rest of the latest chunk, when nothing is buffered in `partial`.
+    chunk: Bytes,
+    /// A frame that spans chunks, being assembled.
+    partial: BytesMut,
+}
+
+impl FrameDecoder {
+    pub fn new(max_frame_bytes: usize) -> Self {
+        FrameDecoder {
+            max_frame_bytes,
+            chunk: Bytes::new(),
+            partial: BytesMut::new(),
+        }
+    }
+
+    pub fn push(&mut self, chunk: Bytes) {
+        if chunk.is_empty() {
+            return;
+        }
+        if self.partial.is_empty() && self.chunk.is_empty() {
+            self.chunk = chunk;
+        } else {
+            self.spill();
+            self.partial.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Moves the rest of `chunk` into `partial` (a frame crosses the chunk boundary).
+    fn spill(&mut self) {
+        if !self.chunk.is_empty() {
+            self.partial.extend_from_slice(&self.chunk);
+            self.chunk = Bytes::new();
+        }
+    }
+
+    fn frame_len(&self, prefix: &[u8]) -> Result<Option<usize>, DecodeError> {
+        if prefix.len() < LENGTH_PREFIX_BYTES {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > self.max_frame_bytes {
+            return Err(DecodeError::FrameTooLarge {
+                len,
+                max: self.max_frame_bytes,
+            });
+        }
+        Ok(Some(len))
+    }
+
+    /// The next complete frame, `Ok(None)` when more bytes are needed.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>, DecodeError> {
+        if !self.chunk.is_empty() {
+            if let Some(len) = self.frame_len(&self.chunk)? {
+                if self.chunk.len() >= LENGTH_PREFIX_BYTES + len {
+                    let mut frame = self.chunk.split_to(LENGTH_PREFIX_BYTES + len);
+                    frame.advance(LENGTH_PREFIX_BYTES);
+                    return Ok(Some(frame));
+                }
+                // Reserve once for the whole frame so assembling it copies each byte once.
+                self.partial.reserve(LENGTH_PREFIX_BYTES + len);
+            }
+            self.spill();
+            return Ok(None);
+        }
+        match self.frame_len(&self.partial)? {
+            Some(len) if self.partial.len() >= LENGTH_PREFIX_BYTES + len => {
+                let mut frame = self.partial.split_to(LENGTH_PREFIX_BYTES + len);
+                frame.advance(LENGTH_PREFIX_BYTES);
+                Ok(Some(frame.freeze()))
+            }
+            Some(len) => {
+                self.partial.reserve(LENGTH_PREFIX_BYTES + len - self.partial.len());
+                Ok(None)
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// True when no partial frame is buffered; false at end of stream means a truncated frame.
+    pub fn is_idle(&self) -> bool {
+        self.chunk.is_empty() && self.partial.is_empty()
+    }
+
+    /// Bytes buffered and not yet returned as frames.
+    pub fn buffered_bytes(&self) -> usize {
+        self.chunk.len() + self.partial.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn framed(body: &[u8]) -> Vec<u8> {
+        let mut v = (body.len() as u32).to_le_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn whole_frames_in_one_chunk_are_slices_of_it() {
+        let mut wire = framed(b"hello");
+        wire.extend(framed(b"world!"));
+        let chunk = Bytes::from(wire);
+        let base = chunk.as_ptr() as usize;
+        let mut dec = FrameDecoder::new(64);
+        dec.push(chunk);
+        let a = dec.next_frame().unwrap().unwrap();
+        let b = dec.next_frame().unwrap().unwrap();
+        assert_eq!(&a[..], b"hello");
+        assert_eq!(&b[..], b"world!");
+        assert_eq!(a.as_ptr() as usize, base + 4);
+        assert!(dec.next_frame().unwrap().is_none());
+        assert!(dec.is_idle());
+    }
+
+    #[test]
+    fn frames_split_at_every_byte_are_reassembled() {
+        let mut wire = framed(b"abc");
+        wire.extend(framed(b""));
+        wire.extend(framed(b"0123456789"));
+        for split in 0..wire.len() {
+            let mut dec = FrameDecoder::new(64);
+            let mut out = Vec::new();
+            for part in [&wire[..split], &wire[split..]] {
+                dec.push(Bytes::copy_from_slice(part));
+                while let Some(f) = dec.next_frame().unwrap() {
+                    out.push(f);
+                }
+            }
+            assert_eq!(out.len(), 3, "split at {split}");
+            assert_eq!(&out[2][..], b"0123456789");
+            assert!(dec.is_idle());
+        }
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_buffering() {
+        let mut dec = FrameDecoder::new(16);
+        dec.push(Bytes::from_static(&[17, 0, 0, 0, 1]));
+        assert_eq!(
+            dec.next_frame(),
+            Err(DecodeError::FrameTooLarge { len: 17, max: 16 })
+        );
+    }
+
+    #[test]
+    fn truncated_stream_is_not_idle() {
+        let mut dec = FrameDecoder::new(64);
+        dec.push(Bytes::from_static(&[8, 0, 0, 0, 1, 2]));
+        assert!(dec.next_frame().unwrap().is_none());
+        assert!(!dec.is_idle());
+    }
+}

@@ -1,0 +1,199 @@
+//! Domain types: what the router and client work with. Converted from and to wire types
+//! in [`crate::codec`] only.
+
+use bytes::Bytes;
+
+/// Message class. The discriminant is the priority rank (0 = highest) and the wire value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Class {
+    Control = 0,
+    Command = 1,
+    Alert = 2,
+    Reconciliation = 3,
+    Telemetry = 4,
+}
+
+impl Class {
+    /// All classes, highest priority first.
+    pub const ALL: [Class; 5] = [
+        Class::Control,
+        Class::Command,
+        Class::Alert,
+        Class::Reconciliation,
+        Class::Telemetry,
+    ];
+    pub const COUNT: usize = 5;
+
+    /// Index into per-class arrays (0 = control).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether this class is sequenced with op ids by the swarm's sequencer.
+    pub fn is_ordered(self) -> bool {
+        matches!(self, Class::Control | Class::Command)
+    }
+
+    /// Whether a full queue may shed this class (telemetry only); every other class is never
+    /// dropped.
+    pub fn is_sheddable(self) -> bool {
+        matches!(self, Class::Telemetry)
+    }
+
+    /// QUIC stream priority (higher is sent first): control 4 ... telemetry 0.
+    pub fn stream_priority(self) -> i32 {
+        4 - self as i32
+    }
+
+    pub fn from_u8(value: u8) -> Option<Class> {
+        Class::ALL.get(value as usize).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Control => "control",
+            Class::Command => "command",
+            Class::Alert => "alert",
+            Class::Reconciliation => "reconciliation",
+            Class::Telemetry => "telemetry",
+        }
+    }
+}
+
+impl std::str::FromStr for Class {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Class::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("unknown class {s:?} (control, command, alert, reconciliation, telemetry)"))
+    }
+}
+
+impl std::fmt::Display for Class {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Role {
+    #[default]
+    Agent,
+    Controller,
+    Worker,
+}
+
+/// Operation id given by a swarm's sequencer to control and command messages.
+/// Ids start at 1 and increase by one per op; 0 means "no op id" (unordered classes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct OpId(pub u64);
+
+impl OpId {
+    pub const NONE: OpId = OpId(0);
+    pub fn is_none(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// Session id chosen by the router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SessionId(pub u64);
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Hello {
+    pub protocol_version: u16,
+    pub swarms: Vec<String>,
+    pub agent_id: String,
+    pub role: Role,
+    pub client_name: String,
+    pub client_version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub max_frame_bytes: u32,
+    pub max_subscriptions: u32,
+    pub max_swarms_per_session: u32,
+    /// Outbound queue capacity per class in frames, indexed by [`Class::index`].
+    pub queue_frames: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Welcome {
+    pub session_id: SessionId,
+    pub router_name: String,
+    pub limits: Limits,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ErrorMessage {
+    /// Raw code; see [`crate::ErrorCode::from_u16`].
+    pub code: u16,
+    pub message: String,
+    /// The request that failed, 0 for a session-level error.
+    pub request_id: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    pub request_id: u64,
+    pub swarm: String,
+    pub class: Class,
+    /// Only messages published by this agent are delivered.
+    pub agent_filter: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Publish {
+    /// Non-zero asks for a PublishAck; ordered classes must set it.
+    pub request_id: u64,
+    pub swarm: String,
+    pub class: Class,
+    pub target_agent: Option<String>,
+    pub key: Option<String>,
+    pub payload: Bytes,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deliver {
+    pub swarm: String,
+    pub class: Class,
+    pub op_id: OpId,
+    pub source_agent: String,
+    pub target_agent: Option<String>,
+    pub key: Option<String>,
+    pub payload: Bytes,
+}
+
+/// Every message of the protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    Error(ErrorMessage),
+    Subscribe(Subscription),
+    Unsubscribe(Subscription),
+    SubscribeAck { request_id: u64 },
+    Publish(Publish),
+    PublishAck { request_id: u64, op_id: OpId },
+    Deliver(Deliver),
+    Ack { swarm: String, op_id: OpId },
+}
+
+impl Message {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "Hello",
+            Message::Welcome(_) => "Welcome",
+            Message::Error(_) => "Error",
+            Message::Subscribe(_) => "Subscribe",
+            Message::Unsubscribe(_) => "Unsubscribe",
+            Message::SubscribeAck { .. } => "SubscribeAck",
+            Message::Publish(_) => "Publish",
+            Message::PublishAck { .. } => "PublishAck",
+            Message::Deliver(_) => "Deliver",
+            Message::Ack { .. } => "Ack",
+        }
+    }
+}
