@@ -1,1 +1,680 @@
+//! The swarmbus client library that agents, controllers and workers link.
+//!
+//! Layout:
+//! - this file: [`Connector`] (TLS trust + QUIC endpoint), [`Client`] (one session:
+//!   subscribe, publish, ack) and [`Deliveries`] (the stream of messages for the session);
+//! - [`apply`]: [`IdempotentApply`], which turns at-least-once delivery into an
+//!   exactly-once effect by dropping ops at or below the last applied op id;
+//! - [`error`]: the error type, [`ClientError`].
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), swarmbus_client::ClientError> {
+//! use swarmbus_client::{Connector, Session, PublishOptions};
+//! use swarmbus_schema::{Class, Role};
+//! let connector = Connector::new("swarmbus-data/tls/ca.pem".as_ref(), "localhost")?;
+//! let session = Session::new("agent-7", Role::Agent, ["swarm-a"]);
+//! let (client, mut deliveries) = connector.connect("127.0.0.1:4433".parse().unwrap(), session).await?;
+//! client.subscribe("swarm-a", Class::Command, None).await?;
+//! let op = client.publish("swarm-a", Class::Command, b"hello".as_slice().into(), PublishOptions::default()).await?;
+//! while let Some(delivery) = deliveries.recv().await { /* apply it */ }
+//! # Ok(()) }
+//! ```
 
+pub mod apply;
+pub mod error;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+use swarmbus_schema::{
+    encode, Class, DecodeOptions, Deliver, FrameDecoder, Hello, Message, OpId, OutFrame, Publish,
+    Role, Subscription, Welcome, ALPN, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex, OwnedSemaphorePermit, Semaphore};
+
+pub use apply::IdempotentApply;
+pub use error::ClientError;
+
+/// How a session presents itself in Hello, plus client-side limits.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub agent_id: String,
+    pub role: Role,
+    pub swarms: Vec<String>,
+    pub client_name: String,
+    pub client_version: String,
+    /// Deliveries buffered for the application before the client stops reading (and QUIC
+    /// flow control pushes back on the router). Default 8192.
+    pub delivery_buffer: usize,
+    /// Requests awaiting a reply (publishes of ordered classes, subscribes) at once;
+    /// further ones wait. Default 4096.
+    pub max_in_flight: usize,
+    /// Default 10 s.
+    pub connect_timeout: Duration,
+}
+
+impl Session {
+    pub fn new<S: Into<String>>(
+        agent_id: impl Into<String>,
+        role: Role,
+        swarms: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Session {
+            agent_id: agent_id.into(),
+            role,
+            swarms: swarms.into_iter().map(Into::into).collect(),
+            client_name: "swarmbus-client".into(),
+            client_version: env!("CARGO_PKG_VERSION").into(),
+            delivery_buffer: 8192,
+            max_in_flight: 4096,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Options of one publish.
+#[derive(Clone, Debug, Default)]
+pub struct PublishOptions {
+    /// Deliver only to this agent's subscriptions.
+    pub target_agent: Option<String>,
+    pub key: Option<String>,
+    /// Ask for an acknowledgement even for unordered classes.
+    pub ack: bool,
+}
+
+/// TLS trust and a QUIC endpoint; makes any number of sessions.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    endpoint: quinn::Endpoint,
+    server_name: String,
+}
+
+fn tls_error(detail: impl std::fmt::Display) -> ClientError {
+    ClientError::Tls {
+        detail: detail.to_string(),
+    }
+}
+
+impl Connector {
+    /// Trusts the CA certificates in `ca_pem` (the router's `DATA_DIR/tls/ca.pem` for a
+    /// development router) and expects the router's certificate to name `server_name`.
+    pub fn new(ca_pem: &Path, server_name: &str) -> Result<Self, ClientError> {
+        Self::with_alpn(ca_pem, server_name, ALPN)
+    }
+
+    /// Like [`Connector::new`] but offering another ALPN id (tests of refusal use this).
+    pub fn with_alpn(ca_pem: &Path, server_name: &str, alpn: &[u8]) -> Result<Self, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(ca_pem)
+            .map_err(|e| tls_error(format!("reading {}: {e}", ca_pem.display())))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| tls_error(format!("parsing {}: {e}", ca_pem.display())))?;
+            roots.add(cert).map_err(tls_error)?;
+        }
+        if roots.is_empty() {
+            return Err(tls_error(format!("no certificate in {}", ca_pem.display())));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(tls_error)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![alpn.to_vec()];
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
+        let mut config = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(Duration::from_secs(5)));
+        transport.max_idle_timeout(Duration::from_secs(30).try_into().ok());
+        transport.max_concurrent_uni_streams(VarInt::from_u32(16));
+        transport.stream_receive_window(VarInt::from_u32(4 << 20));
+        transport.receive_window(VarInt::from_u32(16 << 20));
+        transport.send_window(16 << 20);
+        config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = "[::]:0".parse().expect("constant address parses");
+        let endpoint = quinn::Endpoint::client(bind)
+            .or_else(|_| {
+                quinn::Endpoint::client("0.0.0.0:0".parse().expect("constant address parses"))
+            })
+            .map_err(|e| ClientError::Connect {
+                router: "-".into(),
+                detail: format!("binding a UDP socket: {e}"),
+            })?;
+        let mut endpoint = endpoint;
+        endpoint.set_default_client_config(config);
+        Ok(Connector {
+            endpoint,
+            server_name: server_name.to_owned(),
+        })
+    }
+
+    /// Opens a bare QUIC connection with the swarmbus TLS settings, for tools and tests that
+    /// speak the protocol by hand. Applications use [`Connector::connect`].
+    pub async fn connect_quic(&self, router: SocketAddr) -> Result<Connection, ClientError> {
+        let connect_error = |detail: String| ClientError::Connect {
+            router: router.to_string(),
+            detail,
+        };
+        let connecting = self
+            .endpoint
+            .connect(router, &self.server_name)
+            .map_err(|e| connect_error(e.to_string()))?;
+        connecting.await.map_err(|e| connect_error(e.to_string()))
+    }
+
+    /// Connects, says Hello and waits for Welcome.
+    pub async fn connect(
+        &self,
+        router: SocketAddr,
+        session: Session,
+    ) -> Result<(Client, Deliveries), ClientError> {
+        let timeout = session.connect_timeout;
+        let after_ms = timeout.as_millis() as u64;
+        tokio::time::timeout(timeout, self.establish(router, session))
+            .await
+            .map_err(|_| ClientError::Timeout {
+                during: "connecting",
+                after_ms,
+            })?
+    }
+
+    async fn establish(
+        &self,
+        router: SocketAddr,
+        session: Session,
+    ) -> Result<(Client, Deliveries), ClientError> {
+        let connection = self.connect_quic(router).await?;
+        let lost = |e: &quinn::ConnectionError| ClientError::from_connection(e);
+        let (mut send, recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
+        let hello = Hello {
+            protocol_version: PROTOCOL_VERSION,
+            swarms: session.swarms.clone(),
+            agent_id: session.agent_id.clone(),
+            role: session.role,
+            client_name: session.client_name.clone(),
+            client_version: session.client_version.clone(),
+        };
+        write_frame(&mut send, encode(&Message::Hello(hello)), &connection).await?;
+        let mut reader = FrameReader::new(recv, DEFAULT_MAX_FRAME_BYTES);
+        let welcome = match reader.next().await {
+            Ok(Some(Message::Welcome(welcome))) => welcome,
+            Ok(Some(Message::Error(error))) => {
+                return Err(ClientError::refused(error.code, error.message))
+            }
+            Ok(Some(other)) => {
+                return Err(ClientError::Protocol {
+                    detail: format!("expected Welcome, got {}", other.kind()),
+                })
+            }
+            Ok(None) => return Err(closed_error(&connection)),
+            Err(error) => return Err(error),
+        };
+        let max_frame = (welcome.limits.max_frame_bytes as usize).max(1024);
+        reader.decoder = FrameDecoder::new(max_frame);
+        let (deliveries_tx, deliveries_rx) = mpsc::channel(session.delivery_buffer.max(1));
+        let shared = Arc::new(Shared {
+            connection: connection.clone(),
+            session_send: AsyncMutex::new(send),
+            publish_streams: Default::default(),
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            in_flight: Arc::new(Semaphore::new(session.max_in_flight.max(1))),
+            welcome,
+            agent_id: session.agent_id,
+        });
+        tokio::spawn(read_replies(reader, shared.clone()));
+        tokio::spawn(accept_deliveries(connection, deliveries_tx, max_frame));
+        Ok((Client { shared }, Deliveries { rx: deliveries_rx }))
+    }
+}
+
+fn closed_error(connection: &Connection) -> ClientError {
+    match connection.close_reason() {
+        Some(reason) => ClientError::from_connection(&reason),
+        None => ClientError::Closed {
+            code: None,
+            reason: "the router ended the session stream".into(),
+        },
+    }
+}
+
+async fn write_frame(
+    send: &mut SendStream,
+    frame: OutFrame,
+    connection: &Connection,
+) -> Result<(), ClientError> {
+    let mut chunks = [frame.head, frame.body];
+    send.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|_| closed_error(connection))
+}
+
+struct FrameReader {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+    options: DecodeOptions,
+}
+
+impl FrameReader {
+    fn new(recv: RecvStream, max_frame_bytes: usize) -> Self {
+        FrameReader {
+            recv,
+            decoder: FrameDecoder::new(max_frame_bytes),
+            options: DecodeOptions::default(),
+        }
+    }
+
+    /// The next message; `Ok(None)` when the stream ended or the connection closed.
+    async fn next(&mut self) -> Result<Option<Message>, ClientError> {
+        loop {
+            if let Some(message) =
+                self.decoder
+                    .next_message(&self.options)
+                    .map_err(|e| ClientError::Protocol {
+                        detail: e.to_string(),
+                    })?
+            {
+                return Ok(Some(message));
+            }
+            match self.recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => self.decoder.push(chunk.bytes),
+                Ok(None) | Err(_) => return Ok(None),
+            }
+        }
+    }
+}
+
+/// A request awaiting its reply, holding one of the `max_in_flight` slots until answered.
+#[derive(Debug)]
+struct Reply {
+    tx: oneshot::Sender<Result<OpId, ClientError>>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Reply {
+    fn send(self, result: Result<OpId, ClientError>) {
+        let _ = self.tx.send(result);
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    connection: Connection,
+    session_send: AsyncMutex<SendStream>,
+    /// One publish stream per class, opened on first use with the class's priority.
+    publish_streams: [AsyncMutex<Option<SendStream>>; Class::COUNT],
+    pending: Mutex<HashMap<u64, Reply>>,
+    next_request: AtomicU64,
+    in_flight: Arc<Semaphore>,
+    welcome: Welcome,
+    agent_id: String,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Reply>> {
+        // Only inserts and removes happen under this lock; a poisoned map is still sound.
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn fail_all(&self, error: &ClientError) {
+        for (_, reply) in self.pending().drain() {
+            reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// Reads the session stream: resolves pending requests from acks and errors.
+async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
+    loop {
+        match reader.next().await {
+            Ok(Some(Message::PublishAck { request_id, op_id })) => {
+                if let Some(reply) = shared.pending().remove(&request_id) {
+                    reply.send(Ok(op_id));
+                }
+            }
+            Ok(Some(Message::SubscribeAck { request_id })) => {
+                if let Some(reply) = shared.pending().remove(&request_id) {
+                    reply.send(Ok(OpId::NONE));
+                }
+            }
+            Ok(Some(Message::Error(error))) => {
+                let reply = shared.pending().remove(&error.request_id);
+                match reply {
+                    Some(reply) => {
+                        reply.send(Err(ClientError::refused(error.code, error.message)));
+                    }
+                    None => {
+                        tracing::warn!(code = error.code, message = %error.message, "router reported an error")
+                    }
+                }
+            }
+            Ok(Some(other)) => {
+                let detail = format!("unexpected {} on the session stream", other.kind());
+                shared
+                    .connection
+                    .close(VarInt::from_u32(0), detail.as_bytes());
+                shared.fail_all(&ClientError::Protocol { detail });
+                return;
+            }
+            Ok(None) => break,
+            Err(error) => {
+                shared
+                    .connection
+                    .close(VarInt::from_u32(0), b"protocol error");
+                shared.fail_all(&error);
+                return;
+            }
+        }
+    }
+    let closed = shared.connection.closed().await;
+    shared.fail_all(&ClientError::from_connection(&closed));
+}
+
+/// Accepts the router's delivery streams and forwards their messages to the application.
+async fn accept_deliveries(connection: Connection, tx: mpsc::Sender<Deliver>, max_frame: usize) {
+    while let Ok(recv) = connection.accept_uni().await {
+        let tx = tx.clone();
+        let connection = connection.clone();
+        tokio::spawn(async move {
+            let mut reader = FrameReader::new(recv, max_frame);
+            loop {
+                match reader.next().await {
+                    Ok(Some(Message::Deliver(deliver))) => {
+                        if tx.send(deliver).await.is_err() {
+                            return; // the application dropped Deliveries
+                        }
+                    }
+                    Ok(Some(other)) => {
+                        tracing::warn!(
+                            kind = other.kind(),
+                            "unexpected message on a delivery stream"
+                        );
+                        connection.close(
+                            VarInt::from_u32(0),
+                            b"unexpected message on a delivery stream",
+                        );
+                        return;
+                    }
+                    Ok(None) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "bad frame on a delivery stream");
+                        connection.close(VarInt::from_u32(0), b"bad frame from router");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Messages delivered to this session, in order per class stream.
+#[derive(Debug)]
+pub struct Deliveries {
+    rx: mpsc::Receiver<Deliver>,
+}
+
+impl Deliveries {
+    /// The next delivery; `None` once the connection is closed and everything was read.
+    pub async fn recv(&mut self) -> Option<Deliver> {
+        self.rx.recv().await
+    }
+
+    /// Up to `limit` deliveries appended to `out`; 0 once closed.
+    pub async fn recv_many(&mut self, out: &mut Vec<Deliver>, limit: usize) -> usize {
+        self.rx.recv_many(out, limit).await
+    }
+}
+
+/// A pending reply to a publish.
+#[derive(Debug)]
+pub struct PendingAck {
+    rx: Option<oneshot::Receiver<Result<OpId, ClientError>>>,
+    shared: Arc<Shared>,
+}
+
+impl PendingAck {
+    /// The op id given by the swarm's sequencer (or `OpId::NONE` for unordered classes).
+    pub async fn wait(mut self) -> Result<OpId, ClientError> {
+        match self.rx.take() {
+            Some(rx) => match rx.await {
+                Ok(result) => result,
+                Err(_) => Err(closed_error(&self.shared.connection)),
+            },
+            None => Ok(OpId::NONE),
+        }
+    }
+}
+
+/// One session with the router. Cheap to clone; all clones share the connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    shared: Arc<Shared>,
+}
+
+impl Client {
+    pub fn welcome(&self) -> &Welcome {
+        &self.shared.welcome
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.shared.agent_id
+    }
+
+    async fn request(&self, build: impl FnOnce(u64) -> Message) -> Result<OpId, ClientError> {
+        let rx = {
+            let (id, rx) = self.register().await?;
+            let frame = encode(&build(id));
+            let mut send = self.shared.session_send.lock().await;
+            if let Err(error) = write_frame(&mut send, frame, &self.shared.connection).await {
+                self.shared.pending().remove(&id);
+                return Err(error);
+            }
+            rx
+        };
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err(closed_error(&self.shared.connection)),
+        }
+    }
+
+    /// Takes an in-flight slot (waiting for one) and registers a request id.
+    async fn register(
+        &self,
+    ) -> Result<(u64, oneshot::Receiver<Result<OpId, ClientError>>), ClientError> {
+        let slot = self
+            .shared
+            .in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))?;
+        let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared.pending().insert(id, Reply { tx, _slot: slot });
+        Ok((id, rx))
+    }
+
+    /// Subscribes to `class` messages of `swarm`, from every agent or from `from_agent`
+    /// only. Returns once the router has registered it: every message published after that
+    /// is delivered.
+    pub async fn subscribe(
+        &self,
+        swarm: &str,
+        class: Class,
+        from_agent: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.request(|request_id| {
+            Message::Subscribe(Subscription {
+                request_id,
+                swarm: swarm.to_owned(),
+                class,
+                agent_filter: from_agent.map(str::to_owned),
+            })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn unsubscribe(
+        &self,
+        swarm: &str,
+        class: Class,
+        from_agent: Option<&str>,
+    ) -> Result<(), ClientError> {
+        self.request(|request_id| {
+            Message::Unsubscribe(Subscription {
+                request_id,
+                swarm: swarm.to_owned(),
+                class,
+                agent_filter: from_agent.map(str::to_owned),
+            })
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Acknowledges every op of `swarm` up to and including `op_id` (cumulative).
+    pub async fn ack(&self, swarm: &str, op_id: OpId) -> Result<(), ClientError> {
+        let frame = encode(&Message::Ack {
+            swarm: swarm.to_owned(),
+            op_id,
+        });
+        let mut send = self.shared.session_send.lock().await;
+        write_frame(&mut send, frame, &self.shared.connection).await
+    }
+
+    /// Publishes and waits for the acknowledgement when there is one: ordered classes
+    /// (control, command) resolve with their op id, others with `OpId::NONE` as soon as the
+    /// frame is written (unless `options.ack`).
+    pub async fn publish(
+        &self,
+        swarm: &str,
+        class: Class,
+        payload: Bytes,
+        options: PublishOptions,
+    ) -> Result<OpId, ClientError> {
+        self.publish_start(swarm, class, payload, options)
+            .await?
+            .wait()
+            .await
+    }
+
+    /// Writes a publish and returns without waiting for its acknowledgement, so a caller
+    /// can keep a window of publishes in flight. At most `Session::max_in_flight`
+    /// acknowledgements are awaited at once; past that this waits for a free slot.
+    pub async fn publish_start(
+        &self,
+        swarm: &str,
+        class: Class,
+        payload: Bytes,
+        options: PublishOptions,
+    ) -> Result<PendingAck, ClientError> {
+        let wants_ack = class.is_ordered() || options.ack;
+        let max = self.shared.welcome.limits.max_frame_bytes as usize;
+        let publish = |request_id| Publish {
+            request_id,
+            swarm: swarm.to_owned(),
+            class,
+            target_agent: options.target_agent.clone(),
+            key: options.key.clone(),
+            payload: payload.clone(),
+        };
+        let (request_id, rx) = if wants_ack {
+            let (id, rx) = self.register().await?;
+            (id, Some(rx))
+        } else {
+            (0, None)
+        };
+        let frame = encode(&Message::Publish(publish(request_id)));
+        if max > 0 && frame.wire_len() - 4 > max {
+            if request_id != 0 {
+                self.shared.pending().remove(&request_id);
+            }
+            return Err(ClientError::InvalidArgument {
+                detail: format!(
+                    "frame of {} bytes exceeds the router's maximum of {max}",
+                    frame.wire_len() - 4
+                ),
+            });
+        }
+        self.write_publish(class, vec![frame.head, frame.body])
+            .await
+            .inspect_err(|_| {
+                if request_id != 0 {
+                    self.shared.pending().remove(&request_id);
+                }
+            })?;
+        Ok(PendingAck {
+            rx,
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// Publishes several unacknowledged messages of one class in one write (telemetry
+    /// producers use this to batch). Ordered classes must use [`Client::publish`].
+    pub async fn publish_batch(
+        &self,
+        class: Class,
+        messages: impl IntoIterator<Item = Publish>,
+    ) -> Result<usize, ClientError> {
+        if class.is_ordered() {
+            return Err(ClientError::InvalidArgument {
+                detail: "publish_batch is for unordered classes; ordered ones need acks".into(),
+            });
+        }
+        let mut chunks = Vec::new();
+        let mut count = 0;
+        for mut publish in messages {
+            publish.class = class;
+            publish.request_id = 0;
+            let frame = encode(&Message::Publish(publish));
+            chunks.push(frame.head);
+            chunks.push(frame.body);
+            count += 1;
+        }
+        self.write_publish(class, chunks).await?;
+        Ok(count)
+    }
+
+    async fn write_publish(&self, class: Class, mut chunks: Vec<Bytes>) -> Result<(), ClientError> {
+        let mut stream = self.shared.publish_streams[class.index()].lock().await;
+        if stream.is_none() {
+            let opened = self
+                .shared
+                .connection
+                .open_uni()
+                .await
+                .map_err(|e| ClientError::from_connection(&e))?;
+            let _ = opened.set_priority(class.stream_priority());
+            *stream = Some(opened);
+        }
+        let Some(send) = stream.as_mut() else {
+            return Err(closed_error(&self.shared.connection));
+        };
+        send.write_all_chunks(&mut chunks)
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
+    }
+
+    /// Closes the session (code 0).
+    pub fn close(&self) {
+        self.shared
+            .connection
+            .close(VarInt::from_u32(0), b"client closed");
+    }
+
+    /// Waits until the connection is closed and says why.
+    pub async fn closed(&self) -> ClientError {
+        ClientError::from_connection(&self.shared.connection.closed().await)
+    }
+}

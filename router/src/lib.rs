@@ -1,1 +1,25 @@
+//! The swarmbus router.
+//!
+//! Layout:
+//! - [`config`]: typed configuration, TOML file, `SWARMBUS_*` overrides, validation.
+//! - [`tls`]: development CA (rcgen) and the rustls/quinn server configuration.
+//! - [`core`]: the sans-IO routing state machine (swarms, subscriptions, op sequencer).
+//! - [`shard`]: one task per shard driving a `Core`; swarms are hashed to shards.
+//! - [`outbox`]: per-connection bounded outbound lanes (session + one per class).
+//! - [`server`]: the QUIC endpoint, connection lifecycle, stream readers and lane writers.
+//! - [`stats`]: router-wide counters.
+//! - [`error`]: the crate's error type.
 
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod outbox;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod tls;
+
+pub use config::Config;
+pub use error::RouterError;
+pub use server::Router;
+pub use stats::StatsSnapshot;

@@ -84,10 +84,7 @@ fn wire_role(role: Role) -> w::Role {
     }
 }
 
-fn opt_str<'a>(
-    fbb: &mut FlatBufferBuilder<'a>,
-    value: Option<&str>,
-) -> Option<WIPOffset<&'a str>> {
+fn opt_str<'a>(fbb: &mut FlatBufferBuilder<'a>, value: Option<&str>) -> Option<WIPOffset<&'a str>> {
     value.map(|s| fbb.create_string(s))
 }
 
@@ -544,17 +541,24 @@ mod tests {
                     client_name: n,
                     client_version: v,
                 })),
-            (any::<u64>(), name(), any::<u32>(), proptest::collection::vec(any::<u32>(), 0..6))
-                .prop_map(|(id, router_name, max, queue_frames)| Message::Welcome(Welcome {
-                    session_id: SessionId(id),
-                    router_name,
-                    limits: Limits {
-                        max_frame_bytes: max,
-                        max_subscriptions: max / 2,
-                        max_swarms_per_session: 7,
-                        queue_frames,
-                    },
-                })),
+            (
+                any::<u64>(),
+                name(),
+                any::<u32>(),
+                proptest::collection::vec(any::<u32>(), 0..6)
+            )
+                .prop_map(|(id, router_name, max, queue_frames)| Message::Welcome(
+                    Welcome {
+                        session_id: SessionId(id),
+                        router_name,
+                        limits: Limits {
+                            max_frame_bytes: max,
+                            max_subscriptions: max / 2,
+                            max_swarms_per_session: 7,
+                            queue_frames,
+                        },
+                    }
+                )),
             (any::<u16>(), ".{0,40}", any::<u64>()).prop_map(|(code, message, request_id)| {
                 Message::Error(ErrorMessage {
                     code,
@@ -578,35 +582,50 @@ mod tests {
                 }
             ),
             any::<u64>().prop_map(|request_id| Message::SubscribeAck { request_id }),
-            (any::<u64>(), name(), class(), opt_name(), opt_name(), payload()).prop_map(
-                |(request_id, swarm, class, target_agent, key, payload)| Message::Publish(
-                    Publish {
+            (
+                any::<u64>(),
+                name(),
+                class(),
+                opt_name(),
+                opt_name(),
+                payload()
+            )
+                .prop_map(|(request_id, swarm, class, target_agent, key, payload)| {
+                    Message::Publish(Publish {
                         request_id,
                         swarm,
                         class,
                         target_agent,
                         key,
-                        payload
-                    }
-                )
-            ),
+                        payload,
+                    })
+                }),
             (any::<u64>(), any::<u64>()).prop_map(|(request_id, op)| Message::PublishAck {
                 request_id,
                 op_id: OpId(op)
             }),
-            (name(), class(), any::<u64>(), name(), opt_name(), opt_name(), payload()).prop_map(
-                |(swarm, class, op, source_agent, target_agent, key, payload)| {
-                    Message::Deliver(Deliver {
-                        swarm,
-                        class,
-                        op_id: OpId(op),
-                        source_agent,
-                        target_agent,
-                        key,
-                        payload,
-                    })
-                }
-            ),
+            (
+                name(),
+                class(),
+                any::<u64>(),
+                name(),
+                opt_name(),
+                opt_name(),
+                payload()
+            )
+                .prop_map(
+                    |(swarm, class, op, source_agent, target_agent, key, payload)| {
+                        Message::Deliver(Deliver {
+                            swarm,
+                            class,
+                            op_id: OpId(op),
+                            source_agent,
+                            target_agent,
+                            key,
+                            payload,
+                        })
+                    }
+                ),
             (name(), any::<u64>()).prop_map(|(swarm, op)| Message::Ack {
                 swarm,
                 op_id: OpId(op)
@@ -659,7 +678,11 @@ mod tests {
         let end = start + wire.len();
         let mut dec = FrameDecoder::new(1 << 20);
         dec.push(wire);
-        let Message::Publish(p) = decode(dec.next_frame().unwrap().unwrap(), &DecodeOptions::default()).unwrap() else {
+        let Message::Publish(p) = decode(
+            dec.next_frame().unwrap().unwrap(),
+            &DecodeOptions::default(),
+        )
+        .unwrap() else {
             panic!("not a publish");
         };
         let at = p.payload.as_ptr() as usize;
@@ -681,7 +704,10 @@ mod tests {
         let len = (wire.len() - 4) as u32;
         wire[..4].copy_from_slice(&len.to_le_bytes());
         let frame = Bytes::from(wire).slice(4..);
-        assert_eq!(decode(frame, &DecodeOptions::default()).unwrap_err().code(), crate::ErrorCode::InvalidRequest);
+        assert_eq!(
+            decode(frame, &DecodeOptions::default()).unwrap_err().code(),
+            crate::ErrorCode::InvalidRequest
+        );
     }
 
     #[test]
@@ -690,13 +716,20 @@ mod tests {
         wire.extend_from_slice(&(12u32).to_le_bytes());
         wire.extend_from_slice(&[0xFF; 12]);
         let frame = Bytes::from(wire).slice(4..);
-        assert_eq!(decode(frame, &DecodeOptions::default()).unwrap_err().code(), crate::ErrorCode::VerificationFailed);
+        assert_eq!(
+            decode(frame, &DecodeOptions::default()).unwrap_err().code(),
+            crate::ErrorCode::VerificationFailed
+        );
     }
 
     #[test]
     fn unknown_union_kind_is_reported() {
         // Encode an Ack, then change the union type byte to a value past the known ones.
-        let wire = encode(&Message::Ack { swarm: "s".into(), op_id: OpId(1) }).to_vec();
+        let wire = encode(&Message::Ack {
+            swarm: "s".into(),
+            op_id: OpId(1),
+        })
+        .to_vec();
         let header = &wire[8..];
         let mut found = None;
         for i in 0..header.len() {
@@ -705,7 +738,9 @@ mod tests {
                 copy[i] = 99;
                 let mut frame = (copy.len() as u32).to_le_bytes().to_vec();
                 frame.extend_from_slice(&copy);
-                if let Err(DecodeError::UnknownMessage { kind: 99 }) = decode(Bytes::from(frame), &DecodeOptions::default()) {
+                if let Err(DecodeError::UnknownMessage { kind: 99 }) =
+                    decode(Bytes::from(frame), &DecodeOptions::default())
+                {
                     found = Some(i);
                     break;
                 }

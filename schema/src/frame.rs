@@ -94,9 +94,21 @@ impl FrameDecoder {
                 Ok(Some(frame.freeze()))
             }
             Some(len) => {
-                self.partial.reserve(LENGTH_PREFIX_BYTES + len - self.partial.len());
+                self.partial
+                    .reserve(LENGTH_PREFIX_BYTES + len - self.partial.len());
                 Ok(None)
             }
+            None => Ok(None),
+        }
+    }
+
+    /// The next complete frame, verified and decoded (see [`crate::decode`]).
+    pub fn next_message(
+        &mut self,
+        options: &crate::DecodeOptions,
+    ) -> Result<Option<crate::Message>, DecodeError> {
+        match self.next_frame()? {
+            Some(frame) => crate::decode(frame, options).map(Some),
             None => Ok(None),
         }
     }

@@ -66,7 +66,9 @@ impl std::str::FromStr for Class {
         Class::ALL
             .into_iter()
             .find(|c| c.name() == s)
-            .ok_or_else(|| format!("unknown class {s:?} (control, command, alert, reconciliation, telemetry)"))
+            .ok_or_else(|| {
+                format!("unknown class {s:?} (control, command, alert, reconciliation, telemetry)")
+            })
     }
 }
 

@@ -1,0 +1,68 @@
+//! The client's error type.
+
+use thiserror::Error;
+
+/// Errors of the client library.
+///
+/// Recoverable without reconnecting: `Refused` (that request failed; the session goes on).
+/// Everything else means the connection is unusable: reconnect (with backoff).
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("TLS setup: {detail}")]
+    Tls { detail: String },
+    #[error("connecting to {router}: {detail}")]
+    Connect { router: String, detail: String },
+    #[error("timed out after {after_ms} ms while {during}")]
+    Timeout { during: &'static str, after_ms: u64 },
+    /// The router refused one request with a wire error code.
+    #[error("refused by the router: code {code} ({name}): {message}")]
+    Refused {
+        code: u16,
+        name: String,
+        message: String,
+    },
+    /// The connection was closed, by the router (with its error code) or locally.
+    #[error("connection closed{}: {reason}", code.map(|c| format!(" with code {c}")).unwrap_or_default())]
+    Closed { code: Option<u64>, reason: String },
+    /// The router sent something this client does not accept.
+    #[error("protocol error: {detail}")]
+    Protocol { detail: String },
+    #[error("invalid argument: {detail}")]
+    InvalidArgument { detail: String },
+}
+
+impl ClientError {
+    pub(crate) fn refused(code: u16, message: String) -> Self {
+        let name = swarmbus_schema::ErrorCode::from_u16(code)
+            .map(|c| format!("{c:?}"))
+            .unwrap_or_else(|| "unknown".into());
+        ClientError::Refused {
+            code,
+            name,
+            message,
+        }
+    }
+
+    pub(crate) fn from_connection(error: &quinn::ConnectionError) -> Self {
+        match error {
+            quinn::ConnectionError::ApplicationClosed(close) => ClientError::Closed {
+                code: Some(close.error_code.into_inner()),
+                reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            },
+            other => ClientError::Closed {
+                code: None,
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// The router's error code, for `Refused` and for closes carrying one.
+    pub fn code(&self) -> Option<u64> {
+        match self {
+            ClientError::Refused { code, .. } => Some(u64::from(*code)),
+            ClientError::Closed { code, .. } => *code,
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Typed configuration with documented defaults.
+//!
+//! Sources, later ones winning: embedded defaults, the TOML file (`--config FILE`),
+//! `SWARMBUS_*` environment variables, command-line flags. `router/swarmbus.example.toml`
+//! documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use swarmbus_schema::Class;
+
+use crate::error::RouterError;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
+pub const DEFAULT_DATA_DIR: &str = "./swarmbus-data";
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// UDP address of the QUIC endpoint. Loopback only until authentication lands.
+    pub listen: SocketAddr,
+    /// Directory for the router's state (development TLS material now; the event log later).
+    pub data_dir: PathBuf,
+    /// Name announced in Welcome.
+    pub router_name: String,
+    /// Routing shards (swarms are spread over them by hash); 0 = one per CPU core.
+    pub shards: usize,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+    pub queues: QueueConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; when unset a development CA under DATA_DIR/tls is used.
+    pub cert: Option<PathBuf>,
+    /// PEM private key for `cert`.
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest frame accepted or sent (bytes after the 4-byte length prefix).
+    pub max_frame_bytes: u32,
+    /// Concurrent connections; further ones are refused with Busy.
+    pub max_connections: u32,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions: u32,
+    /// Swarms one session may join in Hello.
+    pub max_swarms_per_session: u32,
+    /// Swarms the router keeps in memory; publishing to a new swarm past this is refused.
+    pub max_swarms: u32,
+    /// Milliseconds a new connection has to send Hello.
+    pub hello_timeout_ms: u64,
+    /// Milliseconds without traffic before a connection is closed (clients keep alive).
+    pub idle_timeout_ms: u64,
+    /// Commands queued to a shard before readers wait (backpressure to publishers).
+    pub shard_queue: usize,
+}
+
+/// Outbound queue capacity per connection and class, in frames.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Replies on the session stream (Welcome, acks, errors).
+    pub session: usize,
+    pub control: usize,
+    pub command: usize,
+    pub alert: usize,
+    pub reconciliation: usize,
+    /// When full, the oldest telemetry frame is dropped and counted.
+    pub telemetry: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("constant address parses"),
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            router_name: "swarmbus".into(),
+            shards: 0,
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            queues: QueueConfig::default(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: swarmbus_schema::DEFAULT_MAX_FRAME_BYTES as u32,
+            max_connections: 10_000,
+            max_subscriptions: 1_024,
+            max_swarms_per_session: 64,
+            max_swarms: 100_000,
+            hello_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            shard_queue: 8_192,
+        }
+    }
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            session: 65_536,
+            control: 4_096,
+            command: 65_536,
+            alert: 4_096,
+            reconciliation: 4_096,
+            telemetry: 8_192,
+        }
+    }
+}
+
+impl QueueConfig {
+    pub fn for_class(&self, class: Class) -> usize {
+        match class {
+            Class::Control => self.control,
+            Class::Command => self.command,
+            Class::Alert => self.alert,
+            Class::Reconciliation => self.reconciliation,
+            Class::Telemetry => self.telemetry,
+        }
+    }
+}
+
+fn config_error(detail: impl Into<String>) -> RouterError {
+    RouterError::Config {
+        detail: detail.into(),
+    }
+}
+
+impl Config {
+    /// Parses a TOML document (unknown keys are an error, so typos do not pass silently).
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, RouterError> {
+        let text = std::fs::read_to_string(path).map_err(|e| RouterError::ConfigFile {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Config::from_toml(&text).map_err(|detail| RouterError::ConfigFile {
+            path: path.to_owned(),
+            detail,
+        })
+    }
+
+    /// Applies `SWARMBUS_*` overrides from `vars` (pass `std::env::vars()`).
+    pub fn apply_env(
+        &mut self,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), RouterError> {
+        fn parse<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, RouterError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value
+                .parse()
+                .map_err(|e| config_error(format!("{key}={value:?}: {e}")))
+        }
+        for (key, value) in vars {
+            match key.as_str() {
+                "SWARMBUS_LISTEN" => self.listen = parse(&key, &value)?,
+                "SWARMBUS_DATA_DIR" => self.data_dir = PathBuf::from(value),
+                "SWARMBUS_ROUTER_NAME" => self.router_name = value,
+                "SWARMBUS_SHARDS" => self.shards = parse(&key, &value)?,
+                "SWARMBUS_TLS_CERT" => self.tls.cert = Some(PathBuf::from(value)),
+                "SWARMBUS_TLS_KEY" => self.tls.key = Some(PathBuf::from(value)),
+                "SWARMBUS_MAX_FRAME_BYTES" => self.limits.max_frame_bytes = parse(&key, &value)?,
+                "SWARMBUS_MAX_CONNECTIONS" => self.limits.max_connections = parse(&key, &value)?,
+                "SWARMBUS_LOG" => {} // read by the binary's log filter
+                other if other.starts_with("SWARMBUS_") => return Err(config_error(format!(
+                    "unknown environment variable {other} (see the README's configuration section)"
+                ))),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks values that would otherwise fail later or behave surprisingly.
+    pub fn validate(&self) -> Result<(), RouterError> {
+        if !self.listen.ip().is_loopback() {
+            return Err(RouterError::NonLoopbackListen { addr: self.listen });
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(config_error("tls.cert and tls.key must be set together"));
+        }
+        let limits = &self.limits;
+        if limits.max_frame_bytes < 1024 || limits.max_frame_bytes > 64 << 20 {
+            return Err(config_error(
+                "limits.max_frame_bytes must be between 1024 and 67108864",
+            ));
+        }
+        let q = &self.queues;
+        for (name, value) in [
+            ("session", q.session),
+            ("control", q.control),
+            ("command", q.command),
+            ("alert", q.alert),
+            ("reconciliation", q.reconciliation),
+            ("telemetry", q.telemetry),
+        ] {
+            if value == 0 {
+                return Err(config_error(format!("queues.{name} must be at least 1")));
+            }
+        }
+        if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {
+            return Err(config_error(
+                "limits.max_connections, limits.shard_queue and limits.max_swarms must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Shards to run: the configured number, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses_to_the_defaults() {
+        let text = include_str!("../swarmbus.example.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(Config::from_toml("listne = \"127.0.0.1:1\"").is_err());
+    }
+
+    #[test]
+    fn env_overrides_apply_and_typos_fail() {
+        let mut c = Config::default();
+        c.apply_env([("SWARMBUS_LISTEN".to_string(), "127.0.0.1:9".to_string())])
+            .unwrap();
+        assert_eq!(c.listen.port(), 9);
+        assert!(c
+            .apply_env([("SWARMBUS_LISTN".to_string(), "x".to_string())])
+            .is_err());
+    }
+
+    #[test]
+    fn non_loopback_listen_is_refused() {
+        let c = Config {
+            listen: "0.0.0.0:4433".parse().unwrap(),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert!(matches!(err, RouterError::NonLoopbackListen { .. }));
+        assert!(err.to_string().contains("loopback"));
+        Config::default().validate().unwrap();
+    }
+}

@@ -1,0 +1,632 @@
+//! The tokio driver: QUIC endpoint, connections, stream readers and lane writers.
+//!
+//! Streams of a connection:
+//! - one bidirectional **session stream**, opened by the client: Hello, then Subscribe,
+//!   Unsubscribe, Ack (and Publish if the client likes); the router answers Welcome,
+//!   SubscribeAck, PublishAck and Error on it, at the highest stream priority;
+//! - client-opened **unidirectional streams** carrying Publish (the client library opens one
+//!   per class, with that class's priority);
+//! - router-opened **unidirectional streams**, one per class, carrying Deliver frames, with
+//!   priorities control > command > alert > reconciliation > telemetry.
+//!
+//! A protocol violation closes only the offending connection, with the wire error code as
+//! the QUIC application close code and a human-readable reason.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use swarmbus_schema::{
+    encode, Class, DecodeOptions, ErrorCode, ErrorMessage, FrameDecoder, Hello, Limits, Message,
+    SessionId, Subscription, Welcome, PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, Instrument};
+
+use crate::config::Config;
+use crate::core::ConnId;
+use crate::error::RouterError;
+use crate::outbox::{Lane, Outbox};
+use crate::shard::{run_shard, shard_of, ShardCommand};
+use crate::stats::{Stats, StatsSnapshot};
+use crate::tls;
+
+/// Longest swarm or agent name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Frames a lane writer takes per write.
+const WRITE_BATCH_FRAMES: usize = 256;
+/// Bytes a lane writer takes per write (soft limit: one frame may exceed it).
+const WRITE_BATCH_BYTES: usize = 1 << 20;
+
+/// Shared state of a running router.
+#[derive(Debug)]
+struct Context {
+    config: Config,
+    shards: Vec<mpsc::Sender<ShardCommand>>,
+    stats: Arc<Stats>,
+    next_conn: AtomicU64,
+    decode: DecodeOptions,
+}
+
+/// A running router. Dropping it does not stop it; call [`Router::shutdown`].
+#[derive(Debug)]
+pub struct Router {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    ca_path: Option<PathBuf>,
+    stats: Arc<Stats>,
+    accept_task: JoinHandle<()>,
+}
+
+impl Router {
+    /// Validates `config`, prepares TLS and binds the endpoint. Must be called within a
+    /// tokio runtime.
+    pub async fn start(config: Config) -> Result<Router, RouterError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| RouterError::DataDir {
+            path: config.data_dir.clone(),
+            detail: e.to_string(),
+        })?;
+        let (cert, key, ca_path) = match (&config.tls.cert, &config.tls.key) {
+            (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
+            _ => {
+                let paths = tls::ensure_dev_tls(&config.data_dir)?;
+                (paths.server_cert, paths.server_key, Some(paths.ca_cert))
+            }
+        };
+        let mut server_config = tls::server_config(&cert, &key)?;
+        server_config.transport_config(Arc::new(transport_config(&config)));
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|e| {
+            RouterError::Bind {
+                addr: config.listen,
+                detail: e.to_string(),
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|e| RouterError::Bind {
+            addr: config.listen,
+            detail: e.to_string(),
+        })?;
+        let stats = Arc::new(Stats::default());
+        let shards = (0..config.shard_count())
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(config.limits.shard_queue);
+                tokio::spawn(run_shard(
+                    rx,
+                    config.limits.max_swarms as usize,
+                    stats.clone(),
+                ));
+                tx
+            })
+            .collect();
+        let context = Arc::new(Context {
+            decode: DecodeOptions::default(),
+            config,
+            shards,
+            stats: stats.clone(),
+            next_conn: AtomicU64::new(1),
+        });
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context));
+        info!(%local_addr, "router listening");
+        Ok(Router {
+            endpoint,
+            local_addr,
+            ca_path,
+            stats,
+            accept_task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The development CA clients should trust, when the router runs on one.
+    pub fn ca_path(&self) -> Option<&std::path::Path> {
+        self.ca_path.as_deref()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Closes every connection with `ShuttingDown` and waits (up to 5 s) for the peers to
+    /// be told.
+    pub async fn shutdown(self) {
+        self.endpoint.close(
+            VarInt::from(ErrorCode::ShuttingDown.as_u16()),
+            b"router shutting down",
+        );
+        self.accept_task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn transport_config(config: &Config) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    // Streams per connection: one session stream, one uni stream per class, plus slack.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(4));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(16));
+    // Windows sized for bursts of fan-out on a LAN/loopback hop.
+    transport.stream_receive_window(VarInt::from_u32(4 << 20));
+    transport.receive_window(VarInt::from_u32(16 << 20));
+    transport.send_window(16 << 20);
+    let idle = Duration::from_millis(config.limits.idle_timeout_ms);
+    transport.max_idle_timeout(idle.try_into().ok());
+    transport
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Context>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let context = context.clone();
+        let conn = ConnId(context.next_conn.fetch_add(1, Ordering::Relaxed));
+        let span = tracing::debug_span!("conn", id = conn.0, remote = %incoming.remote_address());
+        tokio::spawn(
+            async move {
+                match incoming.await {
+                    Ok(connection) => run_connection(conn, connection, context).await,
+                    // Handshake failures (wrong ALPN, bad TLS) end here.
+                    Err(error) => debug!(%error, "handshake failed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// A protocol violation: the connection is closed with `code`.
+#[derive(Debug)]
+struct Fault {
+    code: ErrorCode,
+    reason: String,
+}
+
+impl Fault {
+    fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
+        Fault {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What a stream reader got.
+enum Read {
+    Message(Message),
+    /// The peer finished the stream cleanly.
+    End,
+    /// The stream or connection is gone (not a protocol error).
+    Gone,
+}
+
+struct FrameReader {
+    recv: RecvStream,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    fn new(recv: RecvStream, max_frame_bytes: usize) -> Self {
+        FrameReader {
+            recv,
+            decoder: FrameDecoder::new(max_frame_bytes),
+        }
+    }
+
+    async fn next(&mut self, options: &DecodeOptions) -> Result<Read, Fault> {
+        loop {
+            match self.decoder.next_message(options) {
+                Ok(Some(message)) => return Ok(Read::Message(message)),
+                Ok(None) => {}
+                Err(error) => return Err(Fault::new(error.code(), error.to_string())),
+            }
+            match self.recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => self.decoder.push(chunk.bytes),
+                Ok(None) if self.decoder.is_idle() => return Ok(Read::End),
+                Ok(None) => {
+                    return Err(Fault::new(
+                        ErrorCode::TruncatedFrame,
+                        format!(
+                            "stream ended inside a frame ({} bytes buffered)",
+                            self.decoder.buffered_bytes()
+                        ),
+                    ))
+                }
+                Err(_) => return Ok(Read::Gone),
+            }
+        }
+    }
+}
+
+fn close_with(connection: &Connection, stats: &Stats, fault: &Fault) {
+    stats.protocol_errors.fetch_add(1, Ordering::Relaxed);
+    debug!(code = %fault.code, reason = %fault.reason, "closing connection");
+    // QUIC limits the reason to fit one packet; keep it short.
+    let reason: String = fault.reason.chars().take(200).collect();
+    connection.close(VarInt::from(fault.code.as_u16()), reason.as_bytes());
+}
+
+/// An established session.
+#[derive(Debug)]
+struct Session {
+    conn: ConnId,
+    agent: Arc<str>,
+    swarms: HashSet<String>,
+    outbox: Arc<Outbox>,
+    subscriptions: Mutex<HashSet<(String, Class, Option<String>)>>,
+    context: Arc<Context>,
+}
+
+impl Session {
+    fn joined(&self, swarm: &str) -> bool {
+        self.swarms.contains(swarm)
+    }
+
+    fn refuse(&self, code: ErrorCode, request_id: u64, message: String) {
+        let _ = self.outbox.push(
+            Lane::Session,
+            encode(&Message::Error(ErrorMessage {
+                code: code.as_u16(),
+                message,
+                request_id,
+            })),
+        );
+    }
+
+    async fn to_shard(&self, swarm: &str, command: ShardCommand) {
+        let shards = &self.context.shards;
+        // A send fails only while the router shuts down; the connection closes then too.
+        let _ = shards[shard_of(swarm, shards.len())].send(command).await;
+    }
+
+    fn not_joined(&self, swarm: &str, request_id: u64) {
+        self.refuse(
+            ErrorCode::SwarmNotJoined,
+            request_id,
+            format!("swarm {swarm:?} was not joined in Hello"),
+        );
+    }
+
+    /// Handles one message of an established session.
+    async fn dispatch(&self, message: Message) -> Result<(), Fault> {
+        match message {
+            Message::Publish(publish) => {
+                if !self.joined(&publish.swarm) {
+                    self.not_joined(&publish.swarm, publish.request_id);
+                    return Ok(());
+                }
+                let swarm = publish.swarm.clone();
+                self.to_shard(
+                    &swarm,
+                    ShardCommand::Publish {
+                        agent: self.agent.clone(),
+                        outbox: self.outbox.clone(),
+                        publish,
+                    },
+                )
+                .await;
+            }
+            Message::Subscribe(subscription) => {
+                if !self.joined(&subscription.swarm) {
+                    self.not_joined(&subscription.swarm, subscription.request_id);
+                    return Ok(());
+                }
+                let max = self.context.config.limits.max_subscriptions as usize;
+                {
+                    let mut held = self
+                        .subscriptions
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let key = subscription_key(&subscription);
+                    if !held.contains(&key) && held.len() >= max {
+                        drop(held);
+                        self.refuse(
+                            ErrorCode::TooManySubscriptions,
+                            subscription.request_id,
+                            format!("a session may hold at most {max} subscriptions"),
+                        );
+                        return Ok(());
+                    }
+                    held.insert(key);
+                }
+                let swarm = subscription.swarm.clone();
+                self.to_shard(
+                    &swarm,
+                    ShardCommand::Subscribe {
+                        conn: self.conn,
+                        agent: self.agent.clone(),
+                        outbox: self.outbox.clone(),
+                        subscription,
+                    },
+                )
+                .await;
+            }
+            Message::Unsubscribe(subscription) => {
+                self.subscriptions
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .remove(&subscription_key(&subscription));
+                let swarm = subscription.swarm.clone();
+                self.to_shard(
+                    &swarm,
+                    ShardCommand::Unsubscribe {
+                        outbox: self.outbox.clone(),
+                        subscription,
+                    },
+                )
+                .await;
+            }
+            Message::Ack { swarm, op_id } => {
+                if !self.joined(&swarm) {
+                    self.not_joined(&swarm, 0);
+                    return Ok(());
+                }
+                let key = swarm.clone();
+                self.to_shard(
+                    &key,
+                    ShardCommand::Ack {
+                        conn: self.conn,
+                        swarm,
+                        op_id,
+                    },
+                )
+                .await;
+            }
+            Message::Hello(_) => {
+                return Err(Fault::new(
+                    ErrorCode::DuplicateHello,
+                    "Hello on an established session",
+                ))
+            }
+            other => {
+                return Err(Fault::new(
+                    ErrorCode::UnexpectedMessage,
+                    format!("{} is sent by the router, not by clients", other.kind()),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn subscription_key(s: &Subscription) -> (String, Class, Option<String>) {
+    (s.swarm.clone(), s.class, s.agent_filter.clone())
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), Fault> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(Fault::new(
+            ErrorCode::InvalidRequest,
+            format!("{what} must be 1 to {MAX_NAME_BYTES} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_hello(hello: &Hello, config: &Config) -> Result<(), Fault> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(Fault::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported (this router speaks {PROTOCOL_VERSION})",
+                hello.protocol_version
+            ),
+        ));
+    }
+    let max = config.limits.max_swarms_per_session as usize;
+    if hello.swarms.len() > max {
+        return Err(Fault::new(
+            ErrorCode::TooManySwarms,
+            format!("a session may join at most {max} swarms"),
+        ));
+    }
+    check_name("agent_id", &hello.agent_id)?;
+    for swarm in &hello.swarms {
+        check_name("swarm name", swarm)?;
+    }
+    Ok(())
+}
+
+/// Waits for the session stream and its Hello.
+async fn handshake(
+    connection: &Connection,
+    context: &Context,
+) -> Result<(SendStream, FrameReader, Hello), Fault> {
+    let max_frame = context.config.limits.max_frame_bytes as usize;
+    let (send, recv) = tokio::select! {
+        bi = connection.accept_bi() => bi.map_err(|e| Fault::new(ErrorCode::HelloRequired, e.to_string()))?,
+        _ = connection.accept_uni() => {
+            return Err(Fault::new(ErrorCode::HelloRequired, "a stream was opened before Hello on the session stream"));
+        }
+    };
+    let mut reader = FrameReader::new(recv, max_frame);
+    match reader.next(&context.decode).await? {
+        Read::Message(Message::Hello(hello)) => {
+            check_hello(&hello, &context.config)?;
+            Ok((send, reader, hello))
+        }
+        Read::Message(other) => Err(Fault::new(
+            ErrorCode::HelloRequired,
+            format!("{} before Hello", other.kind()),
+        )),
+        Read::End | Read::Gone => Err(Fault::new(
+            ErrorCode::HelloRequired,
+            "session stream ended before Hello",
+        )),
+    }
+}
+
+/// Drains one lane onto its stream until the outbox closes or the stream fails.
+async fn lane_writer(
+    connection: Connection,
+    outbox: Arc<Outbox>,
+    lane: Lane,
+    mut stream: Option<SendStream>,
+) {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * WRITE_BATCH_FRAMES);
+    loop {
+        if outbox.is_closed() {
+            break;
+        }
+        if outbox.drain(lane, WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, &mut chunks) == 0 {
+            outbox.ready(lane).await;
+            continue;
+        }
+        if stream.is_none() {
+            let Ok(opened) = connection.open_uni().await else {
+                break;
+            };
+            if let Lane::Class(class) = lane {
+                let _ = opened.set_priority(class.stream_priority());
+            }
+            stream = Some(opened);
+        }
+        let Some(send) = stream.as_mut() else {
+            break;
+        };
+        if send.write_all_chunks(&mut chunks).await.is_err() {
+            break;
+        }
+        chunks.clear();
+    }
+}
+
+async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Context>) {
+    let stats = context.stats.clone();
+    stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    let open = stats.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
+    if open > context.config.limits.max_connections as u64 {
+        stats
+            .connections_refused_busy
+            .fetch_add(1, Ordering::Relaxed);
+        connection.close(
+            VarInt::from(ErrorCode::Busy.as_u16()),
+            b"router at its connection limit",
+        );
+        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let hello_timeout = Duration::from_millis(context.config.limits.hello_timeout_ms);
+    let handshake = tokio::time::timeout(hello_timeout, handshake(&connection, &context)).await;
+    let (send, mut session_reader, hello) = match handshake {
+        Ok(Ok(ok)) => ok,
+        Ok(Err(fault)) => {
+            close_with(&connection, &stats, &fault);
+            stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        Err(_) => {
+            let fault = Fault::new(
+                ErrorCode::HelloRequired,
+                "no Hello within the hello timeout",
+            );
+            close_with(&connection, &stats, &fault);
+            stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    debug!(agent = %hello.agent_id, role = ?hello.role, swarms = hello.swarms.len(), "session established");
+    let config = &context.config;
+    let outbox = Arc::new(Outbox::new(conn, &config.queues, stats.clone()));
+    let _ = send.set_priority(i32::MAX); // replies outrank every class stream
+    let mut writers = Vec::with_capacity(Lane::COUNT);
+    let mut session_send = Some(send);
+    for lane in Lane::all() {
+        let stream = if lane == Lane::Session {
+            session_send.take()
+        } else {
+            None
+        };
+        writers.push(tokio::spawn(lane_writer(
+            connection.clone(),
+            outbox.clone(),
+            lane,
+            stream,
+        )));
+    }
+    let welcome = Welcome {
+        session_id: SessionId(conn.0),
+        router_name: config.router_name.clone(),
+        limits: Limits {
+            max_frame_bytes: config.limits.max_frame_bytes,
+            max_subscriptions: config.limits.max_subscriptions,
+            max_swarms_per_session: config.limits.max_swarms_per_session,
+            queue_frames: Class::ALL
+                .iter()
+                .map(|c| config.queues.for_class(*c) as u32)
+                .collect(),
+        },
+    };
+    let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
+    let session = Arc::new(Session {
+        conn,
+        agent: hello.agent_id.into(),
+        swarms: hello.swarms.into_iter().collect(),
+        outbox: outbox.clone(),
+        subscriptions: Mutex::new(HashSet::new()),
+        context: context.clone(),
+    });
+    let uni_task =
+        tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());
+
+    let session_loop = async {
+        loop {
+            match session_reader.next(&context.decode).await? {
+                Read::Message(message) => session.dispatch(message).await?,
+                Read::End | Read::Gone => return Ok::<(), Fault>(()),
+            }
+        }
+    };
+    tokio::select! {
+        result = session_loop => match result {
+            Err(fault) => close_with(&connection, &stats, &fault),
+            Ok(()) => connection.close(VarInt::from_u32(0), b"session stream closed"),
+        },
+        code = outbox.close_requested() => {
+            let fault = Fault::new(code, "outbound queue overflow: the subscriber is lagging and missed messages");
+            close_with(&connection, &stats, &fault);
+        }
+        _ = connection.closed() => {}
+    }
+    outbox.close();
+    uni_task.abort();
+    for shard in &context.shards {
+        let _ = shard.send(ShardCommand::Disconnect { conn }).await;
+    }
+    for writer in writers {
+        writer.abort();
+    }
+    stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+    debug!("connection closed");
+}
+
+async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
+    let max_frame = session.context.config.limits.max_frame_bytes as usize;
+    while let Ok(recv) = connection.accept_uni().await {
+        let session = session.clone();
+        let connection = connection.clone();
+        tokio::spawn(
+            async move {
+                let mut reader = FrameReader::new(recv, max_frame);
+                let decode = session.context.decode.clone();
+                let result = async {
+                    loop {
+                        match reader.next(&decode).await? {
+                            Read::Message(message) => session.dispatch(message).await?,
+                            Read::End | Read::Gone => return Ok::<(), Fault>(()),
+                        }
+                    }
+                }
+                .await;
+                if let Err(fault) = result {
+                    close_with(&connection, &session.context.stats, &fault);
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}

@@ -1,0 +1,44 @@
+//! Router-wide counters (relaxed atomics; read with [`Stats::snapshot`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub connections_accepted: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub connections_refused_busy: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub telemetry_shed: AtomicU64,
+    pub lagging_disconnects: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    pub connections_accepted: u64,
+    pub connections_open: u64,
+    pub connections_refused_busy: u64,
+    pub protocol_errors: u64,
+    pub published: u64,
+    pub delivered: u64,
+    pub telemetry_shed: u64,
+    pub lagging_disconnects: u64,
+}
+
+impl Stats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            connections_accepted: get(&self.connections_accepted),
+            connections_open: get(&self.connections_open),
+            connections_refused_busy: get(&self.connections_refused_busy),
+            protocol_errors: get(&self.protocol_errors),
+            published: get(&self.published),
+            delivered: get(&self.delivered),
+            telemetry_shed: get(&self.telemetry_shed),
+            lagging_disconnects: get(&self.lagging_disconnects),
+        }
+    }
+}

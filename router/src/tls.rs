@@ -1,0 +1,201 @@
+//! TLS material for the QUIC endpoint.
+//!
+//! With no certificate configured the router runs on a development CA that it creates once
+//! under `DATA_DIR/tls/` (rcgen) and reuses on every restart:
+//! `ca.pem` (give this to clients), `ca-key.pem`, `server.pem`, `server-key.pem`.
+//! Key files are written with mode 0600.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::error::RouterError;
+
+/// Names the development server certificate is valid for.
+pub const DEV_SERVER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// Paths of the development TLS files under a data dir.
+#[derive(Clone, Debug)]
+pub struct DevTlsPaths {
+    pub dir: PathBuf,
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl DevTlsPaths {
+    pub fn under(data_dir: &Path) -> Self {
+        let dir = data_dir.join("tls");
+        DevTlsPaths {
+            ca_cert: dir.join("ca.pem"),
+            ca_key: dir.join("ca-key.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server-key.pem"),
+            dir,
+        }
+    }
+}
+
+fn tls_error(context: impl Into<String>, err: impl std::fmt::Display) -> RouterError {
+    RouterError::Tls {
+        context: context.into(),
+        detail: err.to_string(),
+    }
+}
+
+fn ca_params() -> CertificateParams {
+    // Deterministic parameters: the issuer can be rebuilt from them and the stored CA key.
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, "swarmbus development CA");
+    name.push(DnType::OrganizationName, "swarmbus");
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), RouterError> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .map_err(|e| tls_error(format!("writing {}", path.display()), e))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| tls_error(format!("writing {}", path.display()), e))
+}
+
+fn write_public(path: &Path, contents: &str) -> Result<(), RouterError> {
+    std::fs::write(path, contents).map_err(|e| tls_error(format!("writing {}", path.display()), e))
+}
+
+/// Makes sure the development CA and server certificate exist under `data_dir`, creating
+/// what is missing. An existing CA is kept, so clients that trust `ca.pem` keep working.
+pub fn ensure_dev_tls(data_dir: &Path) -> Result<DevTlsPaths, RouterError> {
+    let paths = DevTlsPaths::under(data_dir);
+    std::fs::create_dir_all(&paths.dir)
+        .map_err(|e| tls_error(format!("creating {}", paths.dir.display()), e))?;
+    let have_ca = paths.ca_cert.exists() && paths.ca_key.exists();
+    let have_server = paths.server_cert.exists() && paths.server_key.exists();
+    if have_ca && have_server {
+        return Ok(paths);
+    }
+    let ca_key = if have_ca {
+        let pem = std::fs::read_to_string(&paths.ca_key)
+            .map_err(|e| tls_error(format!("reading {}", paths.ca_key.display()), e))?;
+        KeyPair::from_pem(&pem).map_err(|e| tls_error("parsing the CA key", e))?
+    } else {
+        let key = KeyPair::generate().map_err(|e| tls_error("generating the CA key", e))?;
+        let cert = ca_params()
+            .self_signed(&key)
+            .map_err(|e| tls_error("signing the CA certificate", e))?;
+        write_private(&paths.ca_key, &key.serialize_pem())?;
+        write_public(&paths.ca_cert, &cert.pem())?;
+        tracing::info!(path = %paths.ca_cert.display(), "created a development CA");
+        key
+    };
+    let issuer = Issuer::new(ca_params(), ca_key);
+    let server_key = KeyPair::generate().map_err(|e| tls_error("generating the server key", e))?;
+    let mut params = CertificateParams::new(DEV_SERVER_NAMES.map(String::from).to_vec())
+        .map_err(|e| tls_error("server certificate names", e))?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "swarmbus router (development)");
+    let server_cert = params
+        .signed_by(&server_key, &issuer)
+        .map_err(|e| tls_error("signing the server certificate", e))?;
+    write_private(&paths.server_key, &server_key.serialize_pem())?;
+    write_public(&paths.server_cert, &server_cert.pem())?;
+    Ok(paths)
+}
+
+/// Reads a PEM certificate chain.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, RouterError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| tls_error(format!("reading {}", path.display()), e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_error(format!("parsing {}", path.display()), e))?;
+    if certs.is_empty() {
+        return Err(tls_error(
+            format!("reading {}", path.display()),
+            "no certificate in file",
+        ));
+    }
+    Ok(certs)
+}
+
+/// Reads a PEM private key.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, RouterError> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|e| tls_error(format!("reading {}", path.display()), e))
+}
+
+/// The rustls server configuration: TLS 1.3 only (QUIC), ALPN `swarmbus/1` only, so a
+/// client offering any other protocol is refused during the handshake.
+pub fn server_config(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<quinn::ServerConfig, RouterError> {
+    let certs = load_certs(cert_path)?;
+    let key = load_key(key_path)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("TLS versions", e))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_error("server certificate and key", e))?;
+    tls.alpn_protocols = vec![swarmbus_schema::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| tls_error("QUIC TLS configuration", e))?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_ca_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ensure_dev_tls(dir.path()).unwrap();
+        let ca = std::fs::read(&first.ca_cert).unwrap();
+        let server = std::fs::read(&first.server_cert).unwrap();
+        let again = ensure_dev_tls(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&again.ca_cert).unwrap(), ca);
+        assert_eq!(std::fs::read(&again.server_cert).unwrap(), server);
+        // A lost server certificate is re-issued by the same CA.
+        std::fs::remove_file(&again.server_cert).unwrap();
+        let reissued = ensure_dev_tls(dir.path()).unwrap();
+        assert_eq!(std::fs::read(&reissued.ca_cert).unwrap(), ca);
+        assert_ne!(std::fs::read(&reissued.server_cert).unwrap(), server);
+        server_config(&reissued.server_cert, &reissued.server_key).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&reissued.ca_key)
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "CA key readable by others");
+        }
+    }
+}

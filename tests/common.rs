@@ -1,0 +1,70 @@
+//! Shared helpers: an in-process router on a loopback port 0 and connected clients.
+
+use std::time::Duration;
+
+use swarmbus_client::{Client, Connector, Deliveries, Session};
+use swarmbus_router::{Config, Router};
+use swarmbus_schema::{Deliver, Role};
+
+pub struct TestRouter {
+    pub router: Router,
+    pub connector: Connector,
+    _data: tempfile::TempDir,
+}
+
+pub async fn start_router(adjust: impl FnOnce(&mut Config)) -> TestRouter {
+    let data = tempfile::tempdir().expect("temp dir");
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.path().to_owned(),
+        shards: 2,
+        ..Config::default()
+    };
+    adjust(&mut config);
+    let router = Router::start(config).await.expect("router starts");
+    let ca = router.ca_path().expect("development CA").to_owned();
+    let connector = Connector::new(&ca, "localhost").expect("connector");
+    TestRouter {
+        router,
+        connector,
+        _data: data,
+    }
+}
+
+impl TestRouter {
+    pub async fn connect(&self, agent: &str, role: Role, swarms: &[&str]) -> (Client, Deliveries) {
+        self.connector
+            .connect(
+                self.router.local_addr(),
+                Session::new(agent, role, swarms.iter().copied()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{agent} connects: {e}"))
+    }
+}
+
+/// Receives exactly `n` deliveries, failing the test after 10 s.
+pub async fn recv_n(deliveries: &mut Deliveries, n: usize) -> Vec<Deliver> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), deliveries.recv()).await {
+            Ok(Some(d)) => out.push(d),
+            Ok(None) => panic!("connection closed after {} of {n} deliveries", out.len()),
+            Err(_) => panic!("timed out after {} of {n} deliveries", out.len()),
+        }
+    }
+    out
+}
+
+/// Receives until a delivery whose payload is `marker` arrives; returns those before it.
+pub async fn recv_until(deliveries: &mut Deliveries, marker: &[u8]) -> Vec<Deliver> {
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), deliveries.recv()).await {
+            Ok(Some(d)) if d.payload.as_ref() == marker => return out,
+            Ok(Some(d)) => out.push(d),
+            Ok(None) => panic!("connection closed before the marker"),
+            Err(_) => panic!("timed out waiting for the marker ({} received)", out.len()),
+        }
+    }
+}

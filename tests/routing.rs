@@ -1,0 +1,291 @@
+//! Routing: commands reach exactly the right agents in op-id order, targeted commands reach
+//! only their agent, telemetry stays within its swarm.
+
+use bytes::Bytes;
+use swarmbus_client::{IdempotentApply, PublishOptions};
+use swarmbus_schema::{Class, OpId, Role};
+
+use crate::common::{recv_n, recv_until, start_router};
+
+fn targeted(agent: &str) -> PublishOptions {
+    PublishOptions {
+        target_agent: Some(agent.into()),
+        ..PublishOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn commands_reach_the_right_agents_in_op_order() {
+    // One shard, so that publishes acknowledged in sequence are routed in that sequence
+    // across swarms too (the cross-swarm checks below rely on it).
+    let t = start_router(|c| c.shards = 1).await;
+    let (ctl, mut ctl_rx) = t.connect("ctl", Role::Controller, &["alpha", "beta"]).await;
+    let (a1, mut a1_rx) = t.connect("a1", Role::Agent, &["alpha"]).await;
+    let (a2, mut a2_rx) = t.connect("a2", Role::Agent, &["alpha"]).await;
+    let (b1, mut b1_rx) = t.connect("b1", Role::Agent, &["beta"]).await;
+    for (client, swarm) in [(&a1, "alpha"), (&a2, "alpha"), (&b1, "beta")] {
+        client.subscribe(swarm, Class::Command, None).await.unwrap();
+        client
+            .subscribe(swarm, Class::Telemetry, None)
+            .await
+            .unwrap();
+    }
+    ctl.subscribe("alpha", Class::Telemetry, None)
+        .await
+        .unwrap();
+    ctl.subscribe("beta", Class::Telemetry, None).await.unwrap();
+
+    // Interleave broadcasts to alpha, targeted commands to a2, and broadcasts to beta.
+    let mut alpha_ops = Vec::new();
+    let mut beta_ops = Vec::new();
+    for i in 0..30u32 {
+        let payload = Bytes::from(format!("cmd-{i}"));
+        let op = match i % 3 {
+            0 => {
+                ctl.publish("alpha", Class::Command, payload, PublishOptions::default())
+                    .await
+            }
+            1 => {
+                ctl.publish("alpha", Class::Command, payload, targeted("a2"))
+                    .await
+            }
+            _ => {
+                ctl.publish("beta", Class::Command, payload, PublishOptions::default())
+                    .await
+            }
+        }
+        .unwrap();
+        if i % 3 == 2 {
+            beta_ops.push(op)
+        } else {
+            alpha_ops.push(op)
+        }
+    }
+    // The sequencer gives each swarm gap-free ids from 1.
+    assert_eq!(alpha_ops, (1..=20).map(OpId).collect::<Vec<_>>());
+    assert_eq!(beta_ops, (1..=10).map(OpId).collect::<Vec<_>>());
+    for swarm in ["alpha", "beta"] {
+        ctl.publish(
+            swarm,
+            Class::Command,
+            Bytes::from_static(b"END"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+
+    let a1_got = recv_until(&mut a1_rx, b"END").await;
+    let a2_got = recv_until(&mut a2_rx, b"END").await;
+    let b1_got = recv_until(&mut b1_rx, b"END").await;
+    let ops = |v: &[swarmbus_schema::Deliver]| v.iter().map(|d| d.op_id.0).collect::<Vec<_>>();
+    // a1 sees alpha's broadcasts only: odd op ids (every even one was targeted to a2).
+    assert_eq!(ops(&a1_got), (1..=20).step_by(2).collect::<Vec<_>>());
+    assert!(a1_got
+        .iter()
+        .all(|d| d.swarm == "alpha" && d.target_agent.is_none()));
+    // a2 sees all of alpha's, in order, the targeted ones marked as such.
+    assert_eq!(ops(&a2_got), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        a2_got
+            .iter()
+            .filter(|d| d.target_agent.as_deref() == Some("a2"))
+            .count(),
+        10
+    );
+    assert!(a2_got
+        .iter()
+        .all(|d| d.source_agent == "ctl" && d.class == Class::Command));
+    // b1 sees beta's only.
+    assert_eq!(ops(&b1_got), (1..=10).collect::<Vec<_>>());
+    assert!(b1_got.iter().all(|d| d.swarm == "beta"));
+
+    // Telemetry from a1 stays in alpha: ctl (subscribed to both swarms) and a2 get it,
+    // b1 does not. The marker on beta is published after a1's telemetry was acknowledged,
+    // and one shard routes in order, so b1 would have got a1's message before the marker.
+    let ack = PublishOptions {
+        ack: true,
+        ..PublishOptions::default()
+    };
+    let op = a1
+        .publish(
+            "alpha",
+            Class::Telemetry,
+            Bytes::from_static(b"temp=41"),
+            ack,
+        )
+        .await
+        .unwrap();
+    assert_eq!(op, OpId::NONE, "telemetry is not sequenced");
+    a1.publish(
+        "alpha",
+        Class::Telemetry,
+        Bytes::from_static(b"T-END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    ctl.publish(
+        "beta",
+        Class::Telemetry,
+        Bytes::from_static(b"T-END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let b1_tel = recv_until(&mut b1_rx, b"T-END").await;
+    assert!(
+        b1_tel.is_empty(),
+        "telemetry leaked across swarms: {b1_tel:?}"
+    );
+    let a2_tel = recv_until(&mut a2_rx, b"T-END").await;
+    assert_eq!(a2_tel.len(), 1);
+    assert_eq!(a2_tel[0].payload.as_ref(), b"temp=41");
+    assert_eq!(a2_tel[0].op_id, OpId::NONE);
+    let ctl_tel = recv_n(&mut ctl_rx, 3).await;
+    let from_alpha: Vec<_> = ctl_tel.iter().filter(|d| d.swarm == "alpha").collect();
+    assert_eq!(from_alpha.len(), 2);
+    assert_eq!(from_alpha[0].payload.as_ref(), b"temp=41");
+
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn agent_filter_and_unsubscribe() {
+    let t = start_router(|_| {}).await;
+    let (ctl, mut ctl_rx) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (a1, _a1_rx) = t.connect("a1", Role::Agent, &["s"]).await;
+    let (a2, _a2_rx) = t.connect("a2", Role::Agent, &["s"]).await;
+    ctl.subscribe("s", Class::Alert, Some("a2")).await.unwrap();
+    a1.publish(
+        "s",
+        Class::Alert,
+        Bytes::from_static(b"from-a1"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    a2.publish(
+        "s",
+        Class::Alert,
+        Bytes::from_static(b"from-a2"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    a2.publish(
+        "s",
+        Class::Alert,
+        Bytes::from_static(b"END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let got = recv_until(&mut ctl_rx, b"END").await;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload.as_ref(), b"from-a2");
+    assert_eq!(got[0].source_agent, "a2");
+
+    ctl.unsubscribe("s", Class::Alert, Some("a2"))
+        .await
+        .unwrap();
+    ctl.subscribe("s", Class::Alert, Some("a1")).await.unwrap();
+    a2.publish(
+        "s",
+        Class::Alert,
+        Bytes::from_static(b"dropped"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    a1.publish(
+        "s",
+        Class::Alert,
+        Bytes::from_static(b"END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(recv_until(&mut ctl_rx, b"END").await.is_empty());
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_outside_joined_swarms_are_refused_and_the_session_goes_on() {
+    let t = start_router(|c| c.limits.max_subscriptions = 2).await;
+    let (client, mut rx) = t.connect("a", Role::Agent, &["mine"]).await;
+    let err = client
+        .publish(
+            "other",
+            Class::Command,
+            Bytes::from_static(b"x"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(8), "{err}"); // SwarmNotJoined
+    let err = client
+        .subscribe("other", Class::Command, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(8), "{err}");
+    client
+        .subscribe("mine", Class::Command, None)
+        .await
+        .unwrap();
+    client
+        .subscribe("mine", Class::Telemetry, None)
+        .await
+        .unwrap();
+    client
+        .subscribe("mine", Class::Telemetry, None)
+        .await
+        .unwrap(); // same one again: fine
+    let err = client
+        .subscribe("mine", Class::Alert, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(9), "{err}"); // TooManySubscriptions
+    let op = client
+        .publish(
+            "mine",
+            Class::Command,
+            Bytes::from_static(b"still here"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(op, OpId(1));
+    let got = recv_n(&mut rx, 1).await;
+    assert_eq!(got[0].payload.as_ref(), b"still here");
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn idempotent_apply_drops_redelivered_ops() {
+    let t = start_router(|_| {}).await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut rx) = t.connect("a", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    for i in 0..5 {
+        ctl.publish(
+            "s",
+            Class::Command,
+            Bytes::from(vec![i]),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let got = recv_n(&mut rx, 5).await;
+    let mut apply = IdempotentApply::new();
+    let mut applied = Vec::new();
+    // Feed every delivery twice and out of order, as redelivery after a reconnect would.
+    for d in got.iter().chain(got.iter().rev()).chain(got.iter()) {
+        apply.apply(d, |d| applied.push(d.op_id.0));
+    }
+    assert_eq!(applied, vec![1, 2, 3, 4, 5]);
+    assert_eq!(apply.last_applied("s"), OpId(5));
+    agent.ack("s", OpId(5)).await.unwrap();
+    t.router.shutdown().await;
+}
