@@ -1,1 +1,66 @@
-fn main() {}
+//! Fan-out enqueue: one published message through the routing core to N subscriber
+//! outboxes (the shard's hot path, without the network).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use swarmbus_router::config::QueueConfig;
+use swarmbus_router::core::{Action, ConnId, Core};
+use swarmbus_router::outbox::{Lane, Outbox};
+use swarmbus_router::stats::Stats;
+use swarmbus_schema::{Class, Publish};
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fanout_enqueue");
+    for subscribers in [1u64, 10, 100] {
+        for size in [256usize, 16 * 1024] {
+            let stats = Arc::new(Stats::default());
+            let mut core: Core<Arc<Outbox>> = Core::new(16);
+            let outboxes: Vec<_> = (0..subscribers)
+                .map(|i| Arc::new(Outbox::new(ConnId(i), &QueueConfig::default(), stats.clone())))
+                .collect();
+            let agent: Arc<str> = "agent".into();
+            for o in &outboxes {
+                core.handle_subscribe(o.conn(), &agent, o.clone(), "swarm", Class::Telemetry, None)
+                    .unwrap();
+            }
+            let publish = Publish {
+                request_id: 0,
+                swarm: "swarm".into(),
+                class: Class::Telemetry,
+                target_agent: None,
+                key: None,
+                payload: Bytes::from(vec![1u8; size]),
+            };
+            let now = Instant::now();
+            let mut chunks = Vec::with_capacity(1 << 16);
+            let mut published = 0u64;
+            group.throughput(Throughput::Elements(subscribers));
+            group.bench_function(
+                BenchmarkId::new(format!("{size}B"), format!("{subscribers}_subscribers")),
+                |b| {
+                    b.iter(|| {
+                        core.handle_publish("ctl", &publish, now).unwrap();
+                        while let Some(Action::Deliver { to, class, frame }) = core.poll_action() {
+                            let _ = to.push(Lane::Class(class), frame);
+                        }
+                        published += 1;
+                        // Empty the queues now and then, as the lane writers would.
+                        if published % 1024 == 0 {
+                            for o in &outboxes {
+                                chunks.clear();
+                                o.drain(Lane::Class(Class::Telemetry), usize::MAX, usize::MAX, &mut chunks);
+                            }
+                        }
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);

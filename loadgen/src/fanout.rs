@@ -1,0 +1,484 @@
+//! The `fanout` scenario: one publisher per swarm, N agents per swarm subscribed to it.
+//!
+//! Each payload starts with the publisher's sequence number and its send time (nanoseconds
+//! since the loadgen started; publishers and agents share that clock, as they run in one
+//! process). Agents record end-to-end latency in an hdrhistogram and count what arrived
+//! twice or out of order; for ordered classes they count after the client's idempotent-apply
+//! helper, as an application would see it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes, BytesMut};
+use hdrhistogram::Histogram;
+use swarmbus_client::{Client, Connector, Deliveries, IdempotentApply, PublishOptions, Session};
+use swarmbus_schema::{Class, Publish, Role};
+
+use crate::spawn::spawn_router;
+use crate::units::{parse_duration, parse_size};
+
+/// Bytes of the sequence number and send time at the start of every payload.
+const STAMP_BYTES: usize = 16;
+
+#[derive(Debug, clap::Args)]
+pub struct FanoutArgs {
+    /// Router address, HOST:PORT (not needed with --spawn-router).
+    #[arg(long, required_unless_present = "spawn_router")]
+    router: Option<String>,
+    /// CA certificate the router's certificate chains to (DATA_DIR/tls/ca.pem for a
+    /// development router; not needed with --spawn-router).
+    #[arg(long, required_unless_present = "spawn_router")]
+    ca: Option<PathBuf>,
+    /// Name the router's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Start a router child process on a temporary data dir for this run.
+    #[arg(long)]
+    spawn_router: bool,
+    /// Router binary for --spawn-router (default: swarmbus-router beside this binary).
+    #[arg(long, value_name = "PATH")]
+    router_bin: Option<PathBuf>,
+    /// Swarms, each with one publisher.
+    #[arg(long, default_value_t = 10)]
+    swarms: usize,
+    /// Subscribing agents per swarm.
+    #[arg(long, default_value_t = 10)]
+    agents: usize,
+    /// Payload size (at least 16 bytes: sequence number and send time), e.g. 256B, 4KiB.
+    #[arg(long, default_value = "256B", value_parser = parse_size)]
+    payload: usize,
+    /// Messages per second per swarm; 0 = as fast as flow control allows.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// How long publishers publish, e.g. 10s, 500ms.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Message class: telemetry, command, control, alert or reconciliation.
+    #[arg(long, default_value = "telemetry")]
+    class: Class,
+    /// Print one JSON object as the last stdout line instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Unacknowledged frames per write when publishing unordered classes at --rate 0.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Ordered-class publishes awaiting acknowledgement per publisher.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Longest wait for in-flight deliveries after publishing stops.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    drain: Duration,
+}
+
+/// Counters shared with the progress line.
+#[derive(Debug, Default)]
+struct Live {
+    sent: AtomicU64,
+    delivered: AtomicU64,
+}
+
+#[derive(Debug)]
+struct AgentResult {
+    delivered: u64,
+    duplicates: u64,
+    reordered: u64,
+    latency_us: Histogram<u64>,
+    last_delivery: Option<Instant>,
+}
+
+fn stamp(buf: &mut BytesMut, seq: u64, epoch: Instant, size: usize) -> Bytes {
+    buf.reserve(size);
+    buf.put_u64_le(seq);
+    buf.put_u64_le(epoch.elapsed().as_nanos() as u64);
+    buf.put_bytes(0xA5, size - STAMP_BYTES);
+    buf.split().freeze()
+}
+
+async fn resolve(router: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(router)
+        .await
+        .with_context(|| format!("resolving {router}"))?
+        .next()
+        .with_context(|| format!("{router} resolves to no address"))
+}
+
+pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
+    if args.payload < STAMP_BYTES {
+        bail!("--payload must be at least {STAMP_BYTES} bytes (sequence number and send time)");
+    }
+    if args.swarms == 0 || args.agents == 0 {
+        bail!("--swarms and --agents must be at least 1");
+    }
+    let spawned = if args.spawn_router {
+        Some(spawn_router(args.router_bin.as_deref()).await?)
+    } else {
+        None
+    };
+    let (router, ca) = match &spawned {
+        Some(s) => (s.addr, s.ca.clone()),
+        None => (
+            resolve(args.router.as_deref().unwrap_or_default()).await?,
+            args.ca.clone().unwrap_or_default(),
+        ),
+    };
+
+    let epoch = Instant::now();
+    let live = Arc::new(Live::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut agents = Vec::new();
+    let mut publishers = Vec::new();
+    for s in 0..args.swarms {
+        let swarm = format!("swarm-{s}");
+        // One endpoint (UDP socket) per swarm spreads packet I/O over the runtime's threads.
+        let connector = Connector::new(&ca, &args.server_name)
+            .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
+        for a in 0..args.agents {
+            let session = Session::new(format!("agent-{s}-{a}"), Role::Agent, [swarm.clone()]);
+            let (client, deliveries) = connector
+                .connect(router, session)
+                .await
+                .with_context(|| format!("connecting agent {a} of {swarm} to {router}"))?;
+            client
+                .subscribe(&swarm, args.class, None)
+                .await
+                .with_context(|| format!("subscribing agent {a} of {swarm}"))?;
+            agents.push(tokio::spawn(agent(
+                client,
+                deliveries,
+                args.class,
+                epoch,
+                live.clone(),
+                stop.clone(),
+            )));
+        }
+        let session = Session::new(format!("publisher-{s}"), Role::Controller, [swarm.clone()]);
+        let (client, _deliveries) = connector
+            .connect(router, session)
+            .await
+            .with_context(|| format!("connecting the publisher of {swarm}"))?;
+        publishers.push((client, swarm));
+    }
+
+    if !args.json {
+        eprintln!(
+            "fanout: {} swarms x {} agents, {} B {} payloads, rate {}, {:?}",
+            args.swarms,
+            args.agents,
+            args.payload,
+            args.class,
+            if args.rate == 0 { "max".to_string() } else { format!("{}/s per swarm", args.rate) },
+            args.duration
+        );
+    }
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let progress = tokio::spawn(progress_line(live.clone(), started));
+    let publisher_tasks: Vec<_> = publishers
+        .into_iter()
+        .map(|(client, swarm)| {
+            tokio::spawn(publisher(
+                client,
+                swarm,
+                PublisherPlan {
+                    class: args.class,
+                    payload: args.payload,
+                    rate: args.rate,
+                    batch: args.batch.max(1),
+                    window: args.window.max(1),
+                    deadline,
+                    epoch,
+                },
+                live.clone(),
+            ))
+        })
+        .collect();
+    let mut sent = 0u64;
+    let mut publish_errors = Vec::new();
+    for task in publisher_tasks {
+        match task.await.context("publisher task")? {
+            Ok(count) => sent += count,
+            Err(error) => publish_errors.push(error),
+        }
+    }
+    let publish_elapsed = started.elapsed();
+
+    // Drain: wait until every expected delivery arrived or progress stops.
+    let expected = sent * args.agents as u64;
+    let drain_deadline = Instant::now() + args.drain;
+    let mut last = live.delivered.load(Ordering::Relaxed);
+    let mut last_change = Instant::now();
+    while Instant::now() < drain_deadline {
+        let now_delivered = live.delivered.load(Ordering::Relaxed);
+        if now_delivered >= expected {
+            break;
+        }
+        if now_delivered != last {
+            last = now_delivered;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_millis(1500) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    progress.abort();
+
+    let mut delivered = 0;
+    let mut duplicates = 0;
+    let mut reordered = 0;
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?;
+    let mut last_delivery = started;
+    let mut agent_errors = 0;
+    for task in agents {
+        match task.await {
+            Ok(result) => {
+                delivered += result.delivered;
+                duplicates += result.duplicates;
+                reordered += result.reordered;
+                latency.add(&result.latency_us).context("merging histograms")?;
+                if let Some(at) = result.last_delivery {
+                    last_delivery = last_delivery.max(at);
+                }
+            }
+            Err(_) => agent_errors += 1,
+        }
+    }
+    // Throughput over the span in which deliveries happened: publishing start to the last
+    // delivery observed (at least the publishing time).
+    let elapsed = last_delivery.duration_since(started).max(publish_elapsed);
+    let lost = expected.saturating_sub(delivered);
+    let delivered_per_s = delivered as f64 / elapsed.as_secs_f64();
+    let percentile = |q: f64| if latency.is_empty() { 0 } else { latency.value_at_quantile(q) };
+    let report = serde_json::json!({
+        "scenario": "fanout",
+        "class": args.class.name(),
+        "swarms": args.swarms,
+        "agents": args.agents,
+        "agents_total": args.swarms * args.agents,
+        "payload_bytes": args.payload,
+        "rate_per_swarm": args.rate,
+        "duration_s": args.duration.as_secs_f64(),
+        "elapsed_s": elapsed.as_secs_f64(),
+        "sent": sent,
+        "delivered": delivered,
+        "expected": expected,
+        "lost": lost,
+        "duplicates": duplicates,
+        "reordered": reordered,
+        "delivered_per_s": delivered_per_s.round(),
+        "sent_per_s": (sent as f64 / publish_elapsed.as_secs_f64()).round(),
+        "latency_us": {
+            "p50": percentile(0.50),
+            "p90": percentile(0.90),
+            "p99": percentile(0.99),
+            "p999": percentile(0.999),
+            "max": latency.max(),
+        },
+        "publish_errors": publish_errors.len(),
+        "agent_errors": agent_errors,
+    });
+    for error in &publish_errors {
+        eprintln!("publisher error: {error:#}");
+    }
+    if args.json {
+        println!("{report}");
+    } else {
+        print_table(&report);
+    }
+    if !publish_errors.is_empty() || agent_errors > 0 {
+        bail!("{} publishers and {agent_errors} agents failed", publish_errors.len());
+    }
+    drop(spawned);
+    Ok(())
+}
+
+fn print_table(report: &serde_json::Value) {
+    let get = |k: &str| report[k].to_string();
+    let lat = &report["latency_us"];
+    println!("{:<18} {}", "scenario", "fanout");
+    for key in [
+        "class", "swarms", "agents", "payload_bytes", "duration_s", "elapsed_s", "sent",
+        "expected", "delivered", "lost", "duplicates", "reordered", "delivered_per_s",
+    ] {
+        println!("{key:<18} {}", get(key).trim_matches('"'));
+    }
+    println!(
+        "{:<18} p50 {}  p90 {}  p99 {}  p999 {}  max {}",
+        "latency_us", lat["p50"], lat["p90"], lat["p99"], lat["p999"], lat["max"]
+    );
+}
+
+async fn progress_line(live: Arc<Live>, started: Instant) {
+    let mut last_delivered = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let delivered = live.delivered.load(Ordering::Relaxed);
+        eprintln!(
+            "[{:>5.1}s] sent {:>10}  delivered {:>11}  {:>9}/s",
+            started.elapsed().as_secs_f64(),
+            live.sent.load(Ordering::Relaxed),
+            delivered,
+            delivered - last_delivered
+        );
+        last_delivered = delivered;
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PublisherPlan {
+    class: Class,
+    payload: usize,
+    rate: u64,
+    batch: usize,
+    window: usize,
+    deadline: Instant,
+    epoch: Instant,
+}
+
+/// Publishes until the deadline; returns how many messages the router accepted.
+async fn publisher(
+    client: Client,
+    swarm: String,
+    plan: PublisherPlan,
+    live: Arc<Live>,
+) -> anyhow::Result<u64> {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut seq = 0u64;
+    let mut pending = VecDeque::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while Instant::now() < plan.deadline {
+        let due = if plan.rate == 0 {
+            plan.batch as u64
+        } else {
+            tick.tick().await;
+            let target = (started.elapsed().as_secs_f64() * plan.rate as f64) as u64;
+            target.saturating_sub(seq)
+        };
+        if due == 0 {
+            continue;
+        }
+        if plan.class.is_ordered() {
+            for _ in 0..due {
+                let payload = stamp(&mut buf, seq, plan.epoch, plan.payload);
+                seq += 1;
+                let ack = client
+                    .publish_start(&swarm, plan.class, payload, PublishOptions::default())
+                    .await?;
+                pending.push_back(ack);
+                live.sent.fetch_add(1, Ordering::Relaxed);
+                if pending.len() >= plan.window {
+                    if let Some(ack) = pending.pop_front() {
+                        ack.wait().await?;
+                    }
+                }
+            }
+        } else {
+            let batch: Vec<Publish> = (0..due)
+                .map(|_| {
+                    let payload = stamp(&mut buf, seq, plan.epoch, plan.payload);
+                    seq += 1;
+                    Publish {
+                        request_id: 0,
+                        swarm: swarm.clone(),
+                        class: plan.class,
+                        target_agent: None,
+                        key: None,
+                        payload,
+                    }
+                })
+                .collect();
+            client.publish_batch(plan.class, batch).await?;
+            live.sent.fetch_add(due, Ordering::Relaxed);
+        }
+    }
+    for ack in pending {
+        ack.wait().await?;
+    }
+    Ok(seq)
+}
+
+/// A growable bitset of sequence numbers seen.
+#[derive(Debug, Default)]
+struct Seen(Vec<u64>);
+
+impl Seen {
+    /// Marks `seq`; returns whether it was already marked.
+    fn insert(&mut self, seq: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        if word >= self.0.len() {
+            self.0.resize(word + 1, 0);
+        }
+        let was = self.0[word] & (1 << bit) != 0;
+        self.0[word] |= 1 << bit;
+        was
+    }
+}
+
+async fn agent(
+    client: Client,
+    mut deliveries: Deliveries,
+    class: Class,
+    epoch: Instant,
+    live: Arc<Live>,
+    stop: Arc<AtomicBool>,
+) -> AgentResult {
+    let mut result = AgentResult {
+        delivered: 0,
+        duplicates: 0,
+        reordered: 0,
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid"),
+        last_delivery: None,
+    };
+    let mut seen = Seen::default();
+    let mut apply = IdempotentApply::new();
+    let mut highest: Option<u64> = None;
+    let mut batch = Vec::with_capacity(256);
+    while !stop.load(Ordering::Relaxed) {
+        batch.clear();
+        let got = match tokio::time::timeout(Duration::from_millis(100), deliveries.recv_many(&mut batch, 256)).await {
+            Ok(0) => break, // connection closed
+            Ok(n) => n,
+            Err(_) => continue,
+        };
+        let now_ns = epoch.elapsed().as_nanos() as u64;
+        let mut fresh = 0;
+        for delivery in &batch {
+            if class.is_ordered() && !apply.admit(&delivery.swarm, delivery.op_id) {
+                continue; // the helper dropped a redelivered op: the application never sees it
+            }
+            let p = &delivery.payload;
+            if p.len() < STAMP_BYTES {
+                continue;
+            }
+            let seq = u64::from_le_bytes(p[0..8].try_into().expect("8 bytes"));
+            let sent_ns = u64::from_le_bytes(p[8..16].try_into().expect("8 bytes"));
+            if seen.insert(seq) {
+                result.duplicates += 1;
+                continue;
+            }
+            if highest.is_some_and(|h| seq < h) {
+                result.reordered += 1;
+            }
+            highest = Some(highest.map_or(seq, |h| h.max(seq)));
+            let latency_us = now_ns.saturating_sub(sent_ns) / 1000;
+            let _ = result.latency_us.record(latency_us.max(1));
+            fresh += 1;
+        }
+        result.delivered += fresh;
+        if got > 0 {
+            result.last_delivery = Some(Instant::now());
+        }
+        live.delivered.fetch_add(fresh, Ordering::Relaxed);
+    }
+    client.close();
+    result
+}
