@@ -19,7 +19,13 @@ fn fanout(c: &mut Criterion) {
             let stats = Arc::new(Stats::default());
             let mut core: Core<Arc<Outbox>> = Core::new(16);
             let outboxes: Vec<_> = (0..subscribers)
-                .map(|i| Arc::new(Outbox::new(ConnId(i), &QueueConfig::default(), stats.clone())))
+                .map(|i| {
+                    Arc::new(Outbox::new(
+                        ConnId(i),
+                        &QueueConfig::default(),
+                        stats.clone(),
+                    ))
+                })
                 .collect();
             let agent: Arc<str> = "agent".into();
             for o in &outboxes {
@@ -48,10 +54,15 @@ fn fanout(c: &mut Criterion) {
                         }
                         published += 1;
                         // Empty the queues now and then, as the lane writers would.
-                        if published % 1024 == 0 {
+                        if published.is_multiple_of(1024) {
                             for o in &outboxes {
                                 chunks.clear();
-                                o.drain(Lane::Class(Class::Telemetry), usize::MAX, usize::MAX, &mut chunks);
+                                o.drain(
+                                    Lane::Class(Class::Telemetry),
+                                    usize::MAX,
+                                    usize::MAX,
+                                    &mut chunks,
+                                );
                             }
                         }
                     })

@@ -171,7 +171,11 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
             args.agents,
             args.payload,
             args.class,
-            if args.rate == 0 { "max".to_string() } else { format!("{}/s per swarm", args.rate) },
+            if args.rate == 0 {
+                "max".to_string()
+            } else {
+                format!("{}/s per swarm", args.rate)
+            },
             args.duration
         );
     }
@@ -240,7 +244,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
                 delivered += result.delivered;
                 duplicates += result.duplicates;
                 reordered += result.reordered;
-                latency.add(&result.latency_us).context("merging histograms")?;
+                latency
+                    .add(&result.latency_us)
+                    .context("merging histograms")?;
                 if let Some(at) = result.last_delivery {
                     last_delivery = last_delivery.max(at);
                 }
@@ -253,7 +259,13 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let elapsed = last_delivery.duration_since(started).max(publish_elapsed);
     let lost = expected.saturating_sub(delivered);
     let delivered_per_s = delivered as f64 / elapsed.as_secs_f64();
-    let percentile = |q: f64| if latency.is_empty() { 0 } else { latency.value_at_quantile(q) };
+    let percentile = |q: f64| {
+        if latency.is_empty() {
+            0
+        } else {
+            latency.value_at_quantile(q)
+        }
+    };
     let report = serde_json::json!({
         "scenario": "fanout",
         "class": args.class.name(),
@@ -291,7 +303,10 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         print_table(&report);
     }
     if !publish_errors.is_empty() || agent_errors > 0 {
-        bail!("{} publishers and {agent_errors} agents failed", publish_errors.len());
+        bail!(
+            "{} publishers and {agent_errors} agents failed",
+            publish_errors.len()
+        );
     }
     drop(spawned);
     Ok(())
@@ -300,10 +315,21 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
 fn print_table(report: &serde_json::Value) {
     let get = |k: &str| report[k].to_string();
     let lat = &report["latency_us"];
-    println!("{:<18} {}", "scenario", "fanout");
+    println!("{:<18} fanout", "scenario");
     for key in [
-        "class", "swarms", "agents", "payload_bytes", "duration_s", "elapsed_s", "sent",
-        "expected", "delivered", "lost", "duplicates", "reordered", "delivered_per_s",
+        "class",
+        "swarms",
+        "agents",
+        "payload_bytes",
+        "duration_s",
+        "elapsed_s",
+        "sent",
+        "expected",
+        "delivered",
+        "lost",
+        "duplicates",
+        "reordered",
+        "delivered_per_s",
     ] {
         println!("{key:<18} {}", get(key).trim_matches('"'));
     }
@@ -435,7 +461,8 @@ async fn agent(
         delivered: 0,
         duplicates: 0,
         reordered: 0,
-        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3).expect("constant bounds are valid"),
+        latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)
+            .expect("constant bounds are valid"),
         last_delivery: None,
     };
     let mut seen = Seen::default();
@@ -444,7 +471,12 @@ async fn agent(
     let mut batch = Vec::with_capacity(256);
     while !stop.load(Ordering::Relaxed) {
         batch.clear();
-        let got = match tokio::time::timeout(Duration::from_millis(100), deliveries.recv_many(&mut batch, 256)).await {
+        let got = match tokio::time::timeout(
+            Duration::from_millis(100),
+            deliveries.recv_many(&mut batch, 256),
+        )
+        .await
+        {
             Ok(0) => break, // connection closed
             Ok(n) => n,
             Err(_) => continue,

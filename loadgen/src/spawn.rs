@@ -42,13 +42,19 @@ pub async fn spawn_router(explicit: Option<&Path>) -> anyhow::Result<SpawnedRout
         .arg("127.0.0.1:0")
         .arg("--data-dir")
         .arg(data.path())
-        .env("SWARMBUS_LOG", std::env::var("SWARMBUS_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "SWARMBUS_LOG",
+            std::env::var("SWARMBUS_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow!("router stdout missing"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("router stdout missing"))?;
     let mut lines = BufReader::new(stdout).lines();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {

@@ -176,9 +176,11 @@ impl Config {
                 "SWARMBUS_MAX_FRAME_BYTES" => self.limits.max_frame_bytes = parse(&key, &value)?,
                 "SWARMBUS_MAX_CONNECTIONS" => self.limits.max_connections = parse(&key, &value)?,
                 "SWARMBUS_LOG" => {} // read by the binary's log filter
-                other if other.starts_with("SWARMBUS_") => return Err(config_error(format!(
+                other if other.starts_with("SWARMBUS_") => {
+                    return Err(config_error(format!(
                     "unknown environment variable {other} (see the README's configuration section)"
-                ))),
+                )))
+                }
                 _ => {}
             }
         }
