@@ -275,3 +275,110 @@ async fn an_unsupported_protocol_version_is_refused() {
     );
     t.router.shutdown().await;
 }
+
+/// Reads frames from a raw session stream until an Error arrives.
+async fn next_error(recv: &mut quinn::RecvStream) -> swarmbus_schema::ErrorMessage {
+    let mut decoder = swarmbus_schema::FrameDecoder::new(1 << 20);
+    loop {
+        while let Some(message) = decoder.next_message(&DecodeOptions::default()).unwrap() {
+            if let Message::Error(error) = message {
+                return error;
+            }
+        }
+        let chunk =
+            tokio::time::timeout(Duration::from_secs(10), recv.read_chunk(usize::MAX, true))
+                .await
+                .expect("a reply in time")
+                .unwrap()
+                .expect("stream open");
+        decoder.push(chunk.bytes);
+    }
+}
+
+#[tokio::test]
+async fn a_payload_too_large_for_delivery_is_refused_and_the_session_goes_on() {
+    let t = start_router(|c| c.limits.max_frame_bytes = 64 * 1024).await;
+    let connection = t
+        .connector
+        .connect_quic(t.router.local_addr())
+        .await
+        .unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&hello_frame()).await.unwrap();
+    // The frame fits the limit, but the Deliver made of it (with a longer header) might not.
+    let max_payload = swarmbus_schema::max_payload_bytes(64 * 1024);
+    let publish = encode(&Message::Publish(Publish {
+        request_id: 7,
+        swarm: "s".into(),
+        class: Class::Command,
+        target_agent: None,
+        key: None,
+        payload: Bytes::from(vec![0u8; max_payload + 1]),
+    }));
+    let mut uni = connection.open_uni().await.unwrap();
+    uni.write_all(&publish.to_vec()).await.unwrap();
+    let error = next_error(&mut recv).await;
+    assert_eq!(error.code, ErrorCode::PayloadTooLarge.as_u16());
+    assert_eq!(error.request_id, 7);
+    assert!(
+        connection.close_reason().is_none(),
+        "the session must go on"
+    );
+
+    // The client library refuses such a payload before sending it.
+    let (client, _) = t.connect("c", Role::Agent, &["s"]).await;
+    let err = client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from(vec![0u8; max_payload + 1]),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, swarmbus_client::ClientError::InvalidArgument { .. }),
+        "{err}"
+    );
+    let op = client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from(vec![0u8; max_payload]),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(op, OpId(1));
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn only_publish_is_accepted_on_publish_streams() {
+    let t = start_router(|_| {}).await;
+    let connection = t
+        .connector
+        .connect_quic(t.router.local_addr())
+        .await
+        .unwrap();
+    let (mut send, mut recv) = connection.open_bi().await.unwrap();
+    send.write_all(&hello_frame()).await.unwrap();
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.unwrap();
+    let subscribe = encode(&Message::Subscribe(swarmbus_schema::Subscription {
+        request_id: 1,
+        swarm: "s".into(),
+        class: Class::Command,
+        agent_filter: None,
+    }));
+    let mut uni = connection.open_uni().await.unwrap();
+    uni.write_all(&subscribe.to_vec()).await.unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
+        .await
+        .unwrap();
+    let quinn::ConnectionError::ApplicationClosed(close) = closed else {
+        panic!("expected an application close, got {closed}");
+    };
+    assert_eq!(close.error_code.into_inner(), code(ErrorCode::WrongStream));
+    t.router.shutdown().await;
+}

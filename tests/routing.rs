@@ -289,3 +289,26 @@ async fn idempotent_apply_drops_redelivered_ops() {
     agent.ack("s", OpId(5)).await.unwrap();
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn dropping_the_client_closes_its_connection() {
+    let t = start_router(|_| {}).await;
+    let (client, deliveries) = t.connect("a", Role::Agent, &["s"]).await;
+    client.subscribe("s", Class::Telemetry, None).await.unwrap();
+    assert_eq!(t.router.stats().connections_open, 1);
+    let clone = client.clone();
+    drop(client);
+    // A clone keeps the session alive.
+    clone.subscribe("s", Class::Command, None).await.unwrap();
+    drop(clone);
+    drop(deliveries);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t.router.stats().connections_open != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the router still holds the session"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    t.router.shutdown().await;
+}

@@ -35,10 +35,11 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
-    encode, Class, DecodeOptions, Deliver, FrameDecoder, Hello, Message, OpId, OutFrame, Publish,
-    Role, Subscription, Welcome, ALPN, DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, FrameDecoder, Hello,
+    Message, OpId, OutFrame, Publish, Role, Subscription, Welcome, ALPN, DEFAULT_MAX_FRAME_BYTES,
+    MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
-use tokio::sync::{mpsc, oneshot, Mutex as AsyncMutex, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use apply::IdempotentApply;
 pub use error::ClientError;
@@ -138,6 +139,14 @@ impl Connector {
         transport.stream_receive_window(VarInt::from_u32(4 << 20));
         transport.receive_window(VarInt::from_u32(16 << 20));
         transport.send_window(16 << 20);
+        // Ask the peer to acknowledge every 16th packet (or after 5 ms) instead of every
+        // second: a fan-out hop sends many small packets, and the ACKs it gets back cost as much
+        // CPU and softirq time as the data.
+        let mut ack_frequency = quinn::AckFrequencyConfig::default();
+        ack_frequency
+            .ack_eliciting_threshold(VarInt::from_u32(15))
+            .max_ack_delay(Some(Duration::from_millis(5)));
+        transport.ack_frequency_config(Some(ack_frequency));
         config.transport_config(Arc::new(transport));
         let bind: SocketAddr = "[::]:0".parse().expect("constant address parses");
         let endpoint = quinn::Endpoint::client(bind)
@@ -202,7 +211,10 @@ impl Connector {
             client_name: session.client_name.clone(),
             client_version: session.client_version.clone(),
         };
-        write_frame(&mut send, encode(&Message::Hello(hello)), &connection).await?;
+        let hello = encode(&Message::Hello(hello));
+        send.write_all_chunks(&mut [hello.head, hello.body])
+            .await
+            .map_err(|_| closed_error(&connection))?;
         let mut reader = FrameReader::new(recv, DEFAULT_MAX_FRAME_BYTES);
         let welcome = match reader.next().await {
             Ok(Some(Message::Welcome(welcome))) => welcome,
@@ -218,21 +230,92 @@ impl Connector {
             Err(error) => return Err(error),
         };
         let max_frame = (welcome.limits.max_frame_bytes as usize).max(1024);
-        reader.decoder = FrameDecoder::new(max_frame);
+        // Keep whatever arrived behind Welcome; only the limit changes.
+        reader.decoder.set_max_frame_bytes(max_frame);
         let (deliveries_tx, deliveries_rx) = mpsc::channel(session.delivery_buffer.max(1));
+        let (session_tx, session_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
+        tokio::spawn(stream_writer(
+            connection.clone(),
+            session_rx,
+            Some(send),
+            i32::MAX,
+        ));
+        let publish_tx = Class::ALL.map(|class| {
+            let (tx, rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
+            tokio::spawn(stream_writer(
+                connection.clone(),
+                rx,
+                None,
+                class.stream_priority(),
+            ));
+            tx
+        });
         let shared = Arc::new(Shared {
             connection: connection.clone(),
-            session_send: AsyncMutex::new(send),
-            publish_streams: Default::default(),
+            session_tx,
+            publish_tx,
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             in_flight: Arc::new(Semaphore::new(session.max_in_flight.max(1))),
+            max_payload_bytes: max_payload_bytes(max_frame),
             welcome,
             agent_id: session.agent_id,
         });
         tokio::spawn(read_replies(reader, shared.clone()));
-        tokio::spawn(accept_deliveries(connection, deliveries_tx, max_frame));
-        Ok((Client { shared }, Deliveries { rx: deliveries_rx }))
+        tokio::spawn(accept_deliveries(
+            connection.clone(),
+            deliveries_tx,
+            max_frame,
+        ));
+        let client = Client {
+            shared,
+            _owner: Arc::new(Owner { connection }),
+        };
+        Ok((client, Deliveries { rx: deliveries_rx }))
+    }
+}
+
+/// Frames queued per stream writer before publishers wait.
+const WRITER_QUEUE_FRAMES: usize = 1024;
+/// Frames a stream writer takes per write.
+const WRITER_BATCH_FRAMES: usize = 256;
+
+/// Owns one stream: writes the frames queued for it, many per write. Writing from one task
+/// per stream keeps frames whole even when a caller's future is dropped mid-publish (the
+/// queue either has the frame or it does not).
+async fn stream_writer(
+    connection: Connection,
+    mut frames: mpsc::Receiver<OutFrame>,
+    mut stream: Option<SendStream>,
+    priority: i32,
+) {
+    let mut batch = Vec::with_capacity(WRITER_BATCH_FRAMES);
+    let mut chunks = Vec::with_capacity(2 * WRITER_BATCH_FRAMES);
+    while frames.recv_many(&mut batch, WRITER_BATCH_FRAMES).await > 0 {
+        for frame in batch.drain(..) {
+            chunks.push(frame.head);
+            if !frame.body.is_empty() {
+                chunks.push(frame.body);
+            }
+        }
+        if stream.is_none() {
+            let Ok(opened) = connection.open_uni().await else {
+                return;
+            };
+            let _ = opened.set_priority(priority);
+            stream = Some(opened);
+        }
+        let Some(send) = stream.as_mut() else {
+            return;
+        };
+        if send.write_all_chunks(&mut chunks).await.is_err() {
+            connection.close(VarInt::from_u32(0), b"stream write failed");
+            return;
+        }
+        chunks.clear();
+    }
+    if let Some(mut send) = stream {
+        let _ = send.finish();
     }
 }
 
@@ -244,17 +327,6 @@ fn closed_error(connection: &Connection) -> ClientError {
             reason: "the router ended the session stream".into(),
         },
     }
-}
-
-async fn write_frame(
-    send: &mut SendStream,
-    frame: OutFrame,
-    connection: &Connection,
-) -> Result<(), ClientError> {
-    let mut chunks = [frame.head, frame.body];
-    send.write_all_chunks(&mut chunks)
-        .await
-        .map_err(|_| closed_error(connection))
 }
 
 struct FrameReader {
@@ -308,14 +380,46 @@ impl Reply {
 #[derive(Debug)]
 struct Shared {
     connection: Connection,
-    session_send: AsyncMutex<SendStream>,
-    /// One publish stream per class, opened on first use with the class's priority.
-    publish_streams: [AsyncMutex<Option<SendStream>>; Class::COUNT],
+    /// Frames for the session stream (Subscribe, Unsubscribe, Ack).
+    session_tx: mpsc::Sender<OutFrame>,
+    /// Frames for the publish stream of each class, indexed by `Class::index`.
+    publish_tx: [mpsc::Sender<OutFrame>; Class::COUNT],
     pending: Mutex<HashMap<u64, Reply>>,
     next_request: AtomicU64,
     in_flight: Arc<Semaphore>,
+    max_payload_bytes: usize,
     welcome: Welcome,
     agent_id: String,
+}
+
+/// Closes the connection when the last `Client` clone is dropped. Background tasks hold
+/// `Shared`, never this, so they do not keep an abandoned connection alive.
+#[derive(Debug)]
+struct Owner {
+    connection: Connection,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.connection
+            .close(VarInt::from_u32(0), b"client dropped");
+    }
+}
+
+/// Removes a registered request from the pending map unless its frame was queued: a
+/// caller that drops its future before that leaves nothing behind.
+struct Registration<'a> {
+    shared: &'a Shared,
+    id: u64,
+    queued: bool,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if !self.queued {
+            self.shared.pending().remove(&self.id);
+        }
+    }
 }
 
 impl Shared {
@@ -455,10 +559,12 @@ impl PendingAck {
     }
 }
 
-/// One session with the router. Cheap to clone; all clones share the connection.
+/// One session with the router. Cheap to clone; all clones share the connection, which
+/// closes when the last clone is dropped (or on [`Client::close`]).
 #[derive(Clone, Debug)]
 pub struct Client {
     shared: Arc<Shared>,
+    _owner: Arc<Owner>,
 }
 
 impl Client {
@@ -471,16 +577,19 @@ impl Client {
     }
 
     async fn request(&self, build: impl FnOnce(u64) -> Message) -> Result<OpId, ClientError> {
-        let rx = {
-            let (id, rx) = self.register().await?;
-            let frame = encode(&build(id));
-            let mut send = self.shared.session_send.lock().await;
-            if let Err(error) = write_frame(&mut send, frame, &self.shared.connection).await {
-                self.shared.pending().remove(&id);
-                return Err(error);
-            }
-            rx
+        let (id, rx) = self.register().await?;
+        let mut registration = Registration {
+            shared: &self.shared,
+            id,
+            queued: false,
         };
+        self.shared
+            .session_tx
+            .send(encode(&build(id)))
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))?;
+        registration.queued = true;
+        drop(registration);
         match rx.await {
             Ok(result) => result,
             Err(_) => Err(closed_error(&self.shared.connection)),
@@ -549,8 +658,11 @@ impl Client {
             swarm: swarm.to_owned(),
             op_id,
         });
-        let mut send = self.shared.session_send.lock().await;
-        write_frame(&mut send, frame, &self.shared.connection).await
+        self.shared
+            .session_tx
+            .send(frame)
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
     }
 
     /// Publishes and waits for the acknowledgement when there is one: ordered classes
@@ -580,48 +692,70 @@ impl Client {
         options: PublishOptions,
     ) -> Result<PendingAck, ClientError> {
         let wants_ack = class.is_ordered() || options.ack;
-        let max = self.shared.welcome.limits.max_frame_bytes as usize;
-        let publish = |request_id| Publish {
-            request_id,
-            swarm: swarm.to_owned(),
-            class,
-            target_agent: options.target_agent.clone(),
-            key: options.key.clone(),
-            payload: payload.clone(),
-        };
+        self.check_publish(swarm, &payload, &options)?;
         let (request_id, rx) = if wants_ack {
             let (id, rx) = self.register().await?;
             (id, Some(rx))
         } else {
             (0, None)
         };
-        let frame = encode(&Message::Publish(publish(request_id)));
-        if max > 0 && frame.wire_len() - 4 > max {
-            if request_id != 0 {
-                self.shared.pending().remove(&request_id);
-            }
-            return Err(ClientError::InvalidArgument {
-                detail: format!(
-                    "frame of {} bytes exceeds the router's maximum of {max}",
-                    frame.wire_len() - 4
-                ),
-            });
-        }
-        self.write_publish(class, vec![frame.head, frame.body])
+        let registration = rx.as_ref().map(|_| Registration {
+            shared: &self.shared,
+            id: request_id,
+            queued: false,
+        });
+        let frame = encode(&Message::Publish(Publish {
+            request_id,
+            swarm: swarm.to_owned(),
+            class,
+            target_agent: options.target_agent,
+            key: options.key,
+            payload,
+        }));
+        self.shared.publish_tx[class.index()]
+            .send(frame)
             .await
-            .inspect_err(|_| {
-                if request_id != 0 {
-                    self.shared.pending().remove(&request_id);
-                }
-            })?;
+            .map_err(|_| closed_error(&self.shared.connection))?;
+        if let Some(mut registration) = registration {
+            registration.queued = true;
+        }
         Ok(PendingAck {
             rx,
             shared: self.shared.clone(),
         })
     }
 
-    /// Publishes several unacknowledged messages of one class in one write (telemetry
-    /// producers use this to batch). Ordered classes must use [`Client::publish`].
+    fn check_publish(
+        &self,
+        swarm: &str,
+        payload: &Bytes,
+        options: &PublishOptions,
+    ) -> Result<(), ClientError> {
+        if payload.len() > self.shared.max_payload_bytes {
+            return Err(ClientError::InvalidArgument {
+                detail: format!(
+                    "payload of {} bytes exceeds the router's maximum of {} bytes",
+                    payload.len(),
+                    self.shared.max_payload_bytes
+                ),
+            });
+        }
+        let names = [
+            Some(swarm),
+            options.target_agent.as_deref(),
+            options.key.as_deref(),
+        ];
+        if !names.into_iter().flatten().all(valid_name) {
+            return Err(ClientError::InvalidArgument {
+                detail: format!("swarm, target agent and key must be 1 to {MAX_NAME_BYTES} bytes"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Queues several unacknowledged messages of one class; the stream writer sends them in
+    /// as few writes as it can (telemetry producers use this to batch). Ordered classes must
+    /// use [`Client::publish`].
     pub async fn publish_batch(
         &self,
         class: Class,
@@ -632,38 +766,25 @@ impl Client {
                 detail: "publish_batch is for unordered classes; ordered ones need acks".into(),
             });
         }
-        let mut chunks = Vec::new();
         let mut count = 0;
         for mut publish in messages {
+            let options = PublishOptions {
+                target_agent: publish.target_agent.take(),
+                key: publish.key.take(),
+                ack: false,
+            };
+            self.check_publish(&publish.swarm, &publish.payload, &options)?;
             publish.class = class;
             publish.request_id = 0;
-            let frame = encode(&Message::Publish(publish));
-            chunks.push(frame.head);
-            chunks.push(frame.body);
+            publish.target_agent = options.target_agent;
+            publish.key = options.key;
+            self.shared.publish_tx[class.index()]
+                .send(encode(&Message::Publish(publish)))
+                .await
+                .map_err(|_| closed_error(&self.shared.connection))?;
             count += 1;
         }
-        self.write_publish(class, chunks).await?;
         Ok(count)
-    }
-
-    async fn write_publish(&self, class: Class, mut chunks: Vec<Bytes>) -> Result<(), ClientError> {
-        let mut stream = self.shared.publish_streams[class.index()].lock().await;
-        if stream.is_none() {
-            let opened = self
-                .shared
-                .connection
-                .open_uni()
-                .await
-                .map_err(|e| ClientError::from_connection(&e))?;
-            let _ = opened.set_priority(class.stream_priority());
-            *stream = Some(opened);
-        }
-        let Some(send) = stream.as_mut() else {
-            return Err(closed_error(&self.shared.connection));
-        };
-        send.write_all_chunks(&mut chunks)
-            .await
-            .map_err(|_| closed_error(&self.shared.connection))
     }
 
     /// Closes the session (code 0).

@@ -87,6 +87,10 @@ struct AgentResult {
     delivered: u64,
     duplicates: u64,
     reordered: u64,
+    /// Ordered deliveries the idempotent-apply helper dropped as already applied.
+    apply_dropped: u64,
+    /// Op ids skipped between consecutive applied ops (ordered classes).
+    op_gaps: u64,
     latency_us: Histogram<u64>,
     last_delivery: Option<Instant>,
 }
@@ -204,10 +208,10 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let mut sent = 0u64;
     let mut publish_errors = Vec::new();
     for task in publisher_tasks {
-        match task.await.context("publisher task")? {
-            Ok(count) => sent += count,
-            Err(error) => publish_errors.push(error),
-        }
+        let (count, error) = task.await.context("publisher task")?;
+        // Messages written before an error still count: agents may have received them.
+        sent += count;
+        publish_errors.extend(error);
     }
     let publish_elapsed = started.elapsed();
 
@@ -235,6 +239,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     let mut delivered = 0;
     let mut duplicates = 0;
     let mut reordered = 0;
+    let mut apply_dropped = 0;
+    let mut op_gaps = 0;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram")?;
     let mut last_delivery = started;
     let mut agent_errors = 0;
@@ -244,6 +250,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
                 delivered += result.delivered;
                 duplicates += result.duplicates;
                 reordered += result.reordered;
+                apply_dropped += result.apply_dropped;
+                op_gaps += result.op_gaps;
                 latency
                     .add(&result.latency_us)
                     .context("merging histograms")?;
@@ -258,6 +266,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     // delivery observed (at least the publishing time).
     let elapsed = last_delivery.duration_since(started).max(publish_elapsed);
     let lost = expected.saturating_sub(delivered);
+    // More distinct messages than were sent would mean the sent count is wrong: report it.
+    let surplus = delivered.saturating_sub(expected);
     let delivered_per_s = delivered as f64 / elapsed.as_secs_f64();
     let percentile = |q: f64| {
         if latency.is_empty() {
@@ -282,6 +292,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         "lost": lost,
         "duplicates": duplicates,
         "reordered": reordered,
+        "surplus": surplus,
+        "apply_dropped": apply_dropped,
+        "op_gaps": op_gaps,
         "delivered_per_s": delivered_per_s.round(),
         "sent_per_s": (sent as f64 / publish_elapsed.as_secs_f64()).round(),
         "latency_us": {
@@ -368,13 +381,27 @@ struct PublisherPlan {
     epoch: Instant,
 }
 
-/// Publishes until the deadline; returns how many messages the router accepted.
+/// Publishes until the deadline. Returns how many messages were handed to the client's
+/// stream writer (for ordered classes each was also acknowledged by the router before the
+/// publisher returned), and the error that stopped it early, if any.
 async fn publisher(
     client: Client,
     swarm: String,
     plan: PublisherPlan,
     live: Arc<Live>,
-) -> anyhow::Result<u64> {
+) -> (u64, Option<anyhow::Error>) {
+    let mut sent = 0;
+    let result = publish_until_deadline(&client, &swarm, plan, &live, &mut sent).await;
+    (sent, result.err())
+}
+
+async fn publish_until_deadline(
+    client: &Client,
+    swarm: &str,
+    plan: PublisherPlan,
+    live: &Live,
+    sent: &mut u64,
+) -> anyhow::Result<()> {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut seq = 0u64;
     let mut pending = VecDeque::new();
@@ -397,9 +424,10 @@ async fn publisher(
                 let payload = stamp(&mut buf, seq, plan.epoch, plan.payload);
                 seq += 1;
                 let ack = client
-                    .publish_start(&swarm, plan.class, payload, PublishOptions::default())
+                    .publish_start(swarm, plan.class, payload, PublishOptions::default())
                     .await?;
                 pending.push_back(ack);
+                *sent = seq;
                 live.sent.fetch_add(1, Ordering::Relaxed);
                 if pending.len() >= plan.window {
                     if let Some(ack) = pending.pop_front() {
@@ -414,7 +442,7 @@ async fn publisher(
                     seq += 1;
                     Publish {
                         request_id: 0,
-                        swarm: swarm.clone(),
+                        swarm: swarm.to_owned(),
                         class: plan.class,
                         target_agent: None,
                         key: None,
@@ -423,13 +451,14 @@ async fn publisher(
                 })
                 .collect();
             client.publish_batch(plan.class, batch).await?;
+            *sent = seq;
             live.sent.fetch_add(due, Ordering::Relaxed);
         }
     }
     for ack in pending {
         ack.wait().await?;
     }
-    Ok(seq)
+    Ok(())
 }
 
 /// A growable bitset of sequence numbers seen.
@@ -461,6 +490,8 @@ async fn agent(
         delivered: 0,
         duplicates: 0,
         reordered: 0,
+        apply_dropped: 0,
+        op_gaps: 0,
         latency_us: Histogram::new_with_bounds(1, 60_000_000, 3)
             .expect("constant bounds are valid"),
         last_delivery: None,
@@ -484,8 +515,15 @@ async fn agent(
         let now_ns = epoch.elapsed().as_nanos() as u64;
         let mut fresh = 0;
         for delivery in &batch {
-            if class.is_ordered() && !apply.admit(&delivery.swarm, delivery.op_id) {
-                continue; // the helper dropped a redelivered op: the application never sees it
+            if class.is_ordered() {
+                let before = apply.last_applied(&delivery.swarm);
+                if !apply.admit(&delivery.swarm, delivery.op_id) {
+                    // A redelivered op: the application never sees it, but count it.
+                    result.apply_dropped += 1;
+                    continue;
+                }
+                // Every agent subscribes to the whole swarm, so it must see every op id.
+                result.op_gaps += delivery.op_id.0 - before.0 - 1;
             }
             let p = &delivery.payload;
             if p.len() < STAMP_BYTES {

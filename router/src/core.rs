@@ -172,11 +172,16 @@ impl<H: Clone> Core<H> {
                 true
             }
         };
+        self.track(conn, swarm_name);
+        Ok(added)
+    }
+
+    /// Remembers that `conn` holds state in `swarm_name`, so disconnect frees it.
+    fn track(&mut self, conn: ConnId, swarm_name: &str) {
         let swarms = self.conn_swarms.entry(conn).or_default();
         if !swarms.iter().any(|s| **s == *swarm_name) {
             swarms.push(swarm_name.into());
         }
-        Ok(added)
     }
 
     /// Removes a subscription; returns whether it existed.
@@ -275,12 +280,15 @@ impl<H: Clone> Core<H> {
     /// Records a subscriber's cumulative acknowledgement (kept for redelivery, which the
     /// event log drives). Acks never move backwards.
     pub fn handle_ack(&mut self, conn: ConnId, swarm_name: &str, op_id: OpId) {
-        if let Some(swarm) = self.swarms.get_mut(swarm_name) {
-            if op_id.0 < swarm.next_op {
-                let acked = swarm.acked.entry(conn).or_default();
-                *acked = (*acked).max(op_id);
-            }
+        let Some(swarm) = self.swarms.get_mut(swarm_name) else {
+            return;
+        };
+        if op_id.is_none() || op_id.0 >= swarm.next_op {
+            return;
         }
+        let acked = swarm.acked.entry(conn).or_default();
+        *acked = (*acked).max(op_id);
+        self.track(conn, swarm_name);
     }
 
     /// Forgets every subscription and ack of a connection. Swarms stay: their sequencers
@@ -485,8 +493,15 @@ mod tests {
         core.handle_ack(ConnId(1), "s", OpId(1));
         core.handle_ack(ConnId(1), "s", OpId(99)); // beyond the sequencer: ignored
         assert_eq!(core.acked(ConnId(1), "s"), OpId(1));
+        // An ack from a connection that never subscribed is freed on disconnect too.
+        core.handle_ack(ConnId(2), "s", OpId(1));
+        assert_eq!(core.acked(ConnId(2), "s"), OpId(1));
+        core.handle_disconnect(ConnId(2));
+        assert_eq!(core.acked(ConnId(2), "s"), OpId(0));
+        assert!(!core.conn_swarms.contains_key(&ConnId(2)));
         core.handle_disconnect(ConnId(1));
         assert_eq!(core.subscriber_count("s", Class::Command), 0);
+        assert!(core.conn_swarms.is_empty());
         assert_eq!(core.acked(ConnId(1), "s"), OpId(0));
         drain(&mut core);
         let next = core

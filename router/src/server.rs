@@ -22,23 +22,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use swarmbus_schema::{
-    encode, Class, DecodeOptions, ErrorCode, ErrorMessage, FrameDecoder, Hello, Limits, Message,
-    SessionId, Subscription, Welcome, PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Class, DecodeOptions, ErrorCode, ErrorMessage,
+    FrameDecoder, Hello, Limits, Message, Publish, SessionId, Subscription, Welcome,
+    MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, Instrument};
 
 use crate::config::Config;
 use crate::core::ConnId;
 use crate::error::RouterError;
 use crate::outbox::{Lane, Outbox};
-use crate::shard::{run_shard, shard_of, ShardCommand};
+use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls;
 
-/// Longest swarm or agent name accepted, in bytes.
-pub const MAX_NAME_BYTES: usize = 256;
 /// Frames a lane writer takes per write.
 const WRITE_BATCH_FRAMES: usize = 256;
 /// Bytes a lane writer takes per write (soft limit: one frame may exceed it).
@@ -48,7 +46,7 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 struct Context {
     config: Config,
-    shards: Vec<mpsc::Sender<ShardCommand>>,
+    shards: Vec<ShardSender>,
     stats: Arc<Stats>,
     next_conn: AtomicU64,
     decode: DecodeOptions,
@@ -95,13 +93,11 @@ impl Router {
         let stats = Arc::new(Stats::default());
         let shards = (0..config.shard_count())
             .map(|_| {
-                let (tx, rx) = mpsc::channel(config.limits.shard_queue);
-                tokio::spawn(run_shard(
-                    rx,
+                spawn_shard(
+                    config.limits.shard_queue,
                     config.limits.max_swarms as usize,
                     stats.clone(),
-                ));
-                tx
+                )
             })
             .collect();
         let context = Arc::new(Context {
@@ -156,6 +152,14 @@ fn transport_config(config: &Config) -> quinn::TransportConfig {
     transport.stream_receive_window(VarInt::from_u32(4 << 20));
     transport.receive_window(VarInt::from_u32(16 << 20));
     transport.send_window(16 << 20);
+    // Ask the peer to acknowledge every 16th packet (or after 5 ms) instead of every
+    // second: a fan-out hop sends many small packets, and the ACKs it gets back cost as much
+    // CPU and softirq time as the data.
+    let mut ack_frequency = quinn::AckFrequencyConfig::default();
+    ack_frequency
+        .ack_eliciting_threshold(VarInt::from_u32(15))
+        .max_ack_delay(Some(Duration::from_millis(5)));
+    transport.ack_frequency_config(Some(ack_frequency));
     let idle = Duration::from_millis(config.limits.idle_timeout_ms);
     transport.max_idle_timeout(idle.try_into().ok());
     transport
@@ -257,8 +261,10 @@ struct Session {
     agent: Arc<str>,
     swarms: HashSet<String>,
     outbox: Arc<Outbox>,
-    subscriptions: Mutex<HashSet<(String, Class, Option<String>)>>,
+    subscriptions: HeldSubscriptions,
     context: Arc<Context>,
+    /// Largest payload a publish may carry (the Deliver made of it must fit a frame).
+    max_payload_bytes: usize,
 }
 
 impl Session {
@@ -291,12 +297,46 @@ impl Session {
         );
     }
 
+    /// Refuses a publish: with an Error when the publisher expects a reply; fire-and-forget
+    /// messages get none (a flood of them must not become a flood of replies) and are
+    /// counted and logged instead.
+    fn refuse_publish(&self, publish: &Publish, code: ErrorCode, message: String) {
+        if publish.request_id != 0 || publish.class.is_ordered() {
+            self.refuse(code, publish.request_id, message);
+        } else {
+            self.context
+                .stats
+                .refused_unacknowledged
+                .fetch_add(1, Ordering::Relaxed);
+            debug!(swarm = %publish.swarm, %code, %message, "unacknowledged publish dropped");
+        }
+    }
+
     /// Handles one message of an established session.
     async fn dispatch(&self, message: Message) -> Result<(), Fault> {
         match message {
             Message::Publish(publish) => {
                 if !self.joined(&publish.swarm) {
-                    self.not_joined(&publish.swarm, publish.request_id);
+                    let text = format!("swarm {:?} was not joined in Hello", publish.swarm);
+                    self.refuse_publish(&publish, ErrorCode::SwarmNotJoined, text);
+                    return Ok(());
+                }
+                let names_ok = [publish.target_agent.as_deref(), publish.key.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .all(valid_name);
+                if !names_ok {
+                    let text = format!("target_agent and key must be 1 to {MAX_NAME_BYTES} bytes");
+                    self.refuse_publish(&publish, ErrorCode::InvalidRequest, text);
+                    return Ok(());
+                }
+                if publish.payload.len() > self.max_payload_bytes {
+                    let text = format!(
+                        "payload of {} bytes exceeds the maximum of {} bytes",
+                        publish.payload.len(),
+                        self.max_payload_bytes
+                    );
+                    self.refuse_publish(&publish, ErrorCode::PayloadTooLarge, text);
                     return Ok(());
                 }
                 let swarm = publish.swarm.clone();
@@ -313,6 +353,14 @@ impl Session {
             Message::Subscribe(subscription) => {
                 if !self.joined(&subscription.swarm) {
                     self.not_joined(&subscription.swarm, subscription.request_id);
+                    return Ok(());
+                }
+                if !subscription.agent_filter.as_deref().is_none_or(valid_name) {
+                    self.refuse(
+                        ErrorCode::InvalidRequest,
+                        subscription.request_id,
+                        format!("agent_filter must be 1 to {MAX_NAME_BYTES} bytes"),
+                    );
                     return Ok(());
                 }
                 let max = self.context.config.limits.max_subscriptions as usize;
@@ -341,6 +389,7 @@ impl Session {
                         agent: self.agent.clone(),
                         outbox: self.outbox.clone(),
                         subscription,
+                        held: self.subscriptions.clone(),
                     },
                 )
                 .await;
@@ -369,7 +418,7 @@ impl Session {
                 self.to_shard(
                     &key,
                     ShardCommand::Ack {
-                        conn: self.conn,
+                        outbox: self.outbox.clone(),
                         swarm,
                         op_id,
                     },
@@ -398,7 +447,7 @@ fn subscription_key(s: &Subscription) -> (String, Class, Option<String>) {
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), Fault> {
-    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+    if !valid_name(name) {
         return Err(Fault::new(
             ErrorCode::InvalidRequest,
             format!("{what} must be 1 to {MAX_NAME_BYTES} bytes"),
@@ -489,6 +538,13 @@ async fn lane_writer(
             break;
         };
         if send.write_all_chunks(&mut chunks).await.is_err() {
+            // The stream is unusable (the peer stopped it or the connection is gone); the
+            // session cannot work without it, so end the connection.
+            connection.close(
+                VarInt::from(ErrorCode::WrongStream.as_u16()),
+                b"a delivery or session stream failed",
+            );
+            outbox.close();
             break;
         }
         chunks.clear();
@@ -567,8 +623,9 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         agent: hello.agent_id.into(),
         swarms: hello.swarms.into_iter().collect(),
         outbox: outbox.clone(),
-        subscriptions: Mutex::new(HashSet::new()),
+        subscriptions: Arc::new(Mutex::new(HashSet::new())),
         context: context.clone(),
+        max_payload_bytes: max_payload_bytes(config.limits.max_frame_bytes as usize),
     });
     let uni_task =
         tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());
@@ -592,6 +649,8 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         }
         _ = connection.closed() => {}
     }
+    // Close the outbox before Disconnect reaches the shards: a command still queued from a
+    // stream reader then finds it closed and leaves nothing behind.
     outbox.close();
     uni_task.abort();
     for shard in &context.shards {
@@ -606,17 +665,33 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
 
 async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
     let max_frame = session.context.config.limits.max_frame_bytes as usize;
+    // Stream readers live in this set, so aborting this task (when the connection ends)
+    // aborts them too.
+    let mut readers = JoinSet::new();
     while let Ok(recv) = connection.accept_uni().await {
+        // Reap finished readers so the set stays as small as the open streams.
+        while readers.try_join_next().is_some() {}
         let session = session.clone();
         let connection = connection.clone();
-        tokio::spawn(
+        readers.spawn(
             async move {
                 let mut reader = FrameReader::new(recv, max_frame);
                 let decode = session.context.decode.clone();
                 let result = async {
                     loop {
                         match reader.next(&decode).await? {
-                            Read::Message(message) => session.dispatch(message).await?,
+                            Read::Message(message @ Message::Publish(_)) => {
+                                session.dispatch(message).await?
+                            }
+                            Read::Message(other) => {
+                                return Err(Fault::new(
+                                    ErrorCode::WrongStream,
+                                    format!(
+                                        "{} on a publish stream (only Publish is allowed)",
+                                        other.kind()
+                                    ),
+                                ))
+                            }
                             Read::End | Read::Gone => return Ok::<(), Fault>(()),
                         }
                     }

@@ -1,19 +1,31 @@
 //! Routing shards: each owns a [`Core`] for the swarms hashed to it and runs as one task,
-//! fed through a bounded channel. Nothing is shared between shards, so the hot path takes
-//! no global lock; a full channel makes connection readers wait, which is the backpressure
-//! that reaches publishers through QUIC flow control.
+//! fed through two bounded channels. Nothing is shared between shards, so the hot path takes
+//! no global lock.
+//!
+//! Inbound isolation: telemetry publishes arrive on the shard's **bulk** channel, everything
+//! else (control, command, alert, reconciliation, subscriptions, acks, disconnects) on its
+//! **urgent** channel, and the shard always empties the urgent one first. A full channel makes
+//! the sending stream reader wait, which is the backpressure that reaches the publisher through
+//! QUIC flow control - on that class's stream only, so a telemetry flood cannot hold up a
+//! command on its way in.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use swarmbus_schema::{encode, ErrorCode, ErrorMessage, Message, OpId, Publish, Subscription};
+use swarmbus_schema::{
+    encode, Class, ErrorCode, ErrorMessage, Message, OpId, Publish, Subscription,
+};
 use tokio::sync::mpsc;
 
 use crate::core::{Action, ConnId, Core, CoreError};
 use crate::outbox::{Lane, Outbox};
 use crate::stats::Stats;
+
+/// The subscriptions a session holds, as (swarm, class, agent filter).
+pub type HeldSubscriptions = Arc<Mutex<HashSet<(String, Class, Option<String>)>>>;
 
 /// Inputs of a shard.
 #[derive(Debug)]
@@ -23,6 +35,8 @@ pub enum ShardCommand {
         agent: Arc<str>,
         outbox: Arc<Outbox>,
         subscription: Subscription,
+        /// The session's set, from which a refused subscription is removed again.
+        held: HeldSubscriptions,
     },
     Unsubscribe {
         outbox: Arc<Outbox>,
@@ -34,13 +48,55 @@ pub enum ShardCommand {
         publish: Publish,
     },
     Ack {
-        conn: ConnId,
+        outbox: Arc<Outbox>,
         swarm: String,
         op_id: OpId,
     },
     Disconnect {
         conn: ConnId,
     },
+}
+
+impl ShardCommand {
+    /// Telemetry publishes go to the bulk channel; everything else is urgent.
+    fn is_bulk(&self) -> bool {
+        matches!(self, ShardCommand::Publish { publish, .. } if publish.class == Class::Telemetry)
+    }
+}
+
+/// The sending side of one shard's two channels.
+#[derive(Clone, Debug)]
+pub struct ShardSender {
+    urgent: mpsc::Sender<ShardCommand>,
+    bulk: mpsc::Sender<ShardCommand>,
+}
+
+impl ShardSender {
+    /// Queues a command, waiting while its channel is full. Fails only once the shard has
+    /// stopped (router shutdown).
+    pub async fn send(&self, command: ShardCommand) -> Result<(), ShardStopped> {
+        let channel = if command.is_bulk() {
+            &self.bulk
+        } else {
+            &self.urgent
+        };
+        channel.send(command).await.map_err(|_| ShardStopped)
+    }
+}
+
+/// The shard is gone (the router is shutting down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardStopped;
+
+/// Starts a shard on the current runtime; `capacity` bounds each of its two channels.
+pub fn spawn_shard(capacity: usize, max_swarms: usize, stats: Arc<Stats>) -> ShardSender {
+    let (urgent_tx, urgent_rx) = mpsc::channel(capacity);
+    let (bulk_tx, bulk_rx) = mpsc::channel(capacity);
+    tokio::spawn(run_shard(urgent_rx, bulk_rx, max_swarms, stats));
+    ShardSender {
+        urgent: urgent_tx,
+        bulk: bulk_tx,
+    }
 }
 
 /// Which shard owns `swarm`. A fixed-key hash, so placement is stable across restarts.
@@ -73,16 +129,26 @@ fn refuse(outbox: &Outbox, request_id: u64, error: &CoreError) {
 }
 
 /// Runs one shard until every sender is dropped.
-pub async fn run_shard(
-    mut commands: mpsc::Receiver<ShardCommand>,
+async fn run_shard(
+    mut urgent: mpsc::Receiver<ShardCommand>,
+    mut bulk: mpsc::Receiver<ShardCommand>,
     max_swarms: usize,
     stats: Arc<Stats>,
 ) {
     let mut core: Core<Arc<Outbox>> = Core::new(max_swarms);
-    let mut batch = Vec::with_capacity(BATCH);
-    while commands.recv_many(&mut batch, BATCH).await > 0 {
+    let mut urgent_batch = Vec::with_capacity(BATCH);
+    let mut bulk_batch = Vec::with_capacity(BATCH);
+    let mut urgent_open = true;
+    let mut bulk_open = true;
+    while urgent_open || bulk_open {
+        // Urgent first: take bulk work only when no urgent work is waiting.
+        tokio::select! {
+            biased;
+            n = urgent.recv_many(&mut urgent_batch, BATCH), if urgent_open => urgent_open = n > 0,
+            n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open => bulk_open = n > 0,
+        }
         let now = Instant::now();
-        for command in batch.drain(..) {
+        for command in urgent_batch.drain(..).chain(bulk_batch.drain(..)) {
             handle(&mut core, command, now, &stats);
         }
         let mut delivered = 0u64;
@@ -103,7 +169,13 @@ fn handle(core: &mut Core<Arc<Outbox>>, command: ShardCommand, now: Instant, sta
             agent,
             outbox,
             subscription,
+            held,
         } => {
+            // The connection may have closed (and its Disconnect been handled) while this
+            // was queued: registering it now would leave a subscriber nobody removes.
+            if outbox.is_closed() {
+                return;
+            }
             let result = core.handle_subscribe(
                 conn,
                 &agent,
@@ -119,7 +191,16 @@ fn handle(core: &mut Core<Arc<Outbox>>, command: ShardCommand, now: Instant, sta
                         request_id: subscription.request_id,
                     },
                 ),
-                Err(error) => refuse(&outbox, subscription.request_id, &error),
+                Err(error) => {
+                    held.lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .remove(&(
+                            subscription.swarm.clone(),
+                            subscription.class,
+                            subscription.agent_filter.clone(),
+                        ));
+                    refuse(&outbox, subscription.request_id, &error)
+                }
             }
         }
         ShardCommand::Unsubscribe {
@@ -158,7 +239,15 @@ fn handle(core: &mut Core<Arc<Outbox>>, command: ShardCommand, now: Instant, sta
             }
             Err(error) => refuse(&outbox, publish.request_id, &error),
         },
-        ShardCommand::Ack { conn, swarm, op_id } => core.handle_ack(conn, &swarm, op_id),
+        ShardCommand::Ack {
+            outbox,
+            swarm,
+            op_id,
+        } => {
+            if !outbox.is_closed() {
+                core.handle_ack(outbox.conn(), &swarm, op_id);
+            }
+        }
         ShardCommand::Disconnect { conn } => core.handle_disconnect(conn),
     }
 }

@@ -12,6 +12,8 @@ pub struct Stats {
     pub delivered: AtomicU64,
     pub telemetry_shed: AtomicU64,
     pub lagging_disconnects: AtomicU64,
+    /// Unacknowledged publishes refused without a reply (e.g. to a swarm not joined).
+    pub refused_unacknowledged: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -25,6 +27,7 @@ pub struct StatsSnapshot {
     pub delivered: u64,
     pub telemetry_shed: u64,
     pub lagging_disconnects: u64,
+    pub refused_unacknowledged: u64,
 }
 
 impl Stats {
@@ -39,6 +42,7 @@ impl Stats {
             delivered: get(&self.delivered),
             telemetry_shed: get(&self.telemetry_shed),
             lagging_disconnects: get(&self.lagging_disconnects),
+            refused_unacknowledged: get(&self.refused_unacknowledged),
         }
     }
 }

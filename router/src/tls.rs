@@ -94,8 +94,19 @@ pub fn ensure_dev_tls(data_dir: &Path) -> Result<DevTlsPaths, RouterError> {
         .map_err(|e| tls_error(format!("creating {}", paths.dir.display()), e))?;
     let have_ca = paths.ca_cert.exists() && paths.ca_key.exists();
     let have_server = paths.server_cert.exists() && paths.server_key.exists();
-    if have_ca && have_server {
+    if have_server && paths.ca_cert.exists() {
         return Ok(paths);
+    }
+    if paths.ca_cert.exists() && !have_ca {
+        // Making a new CA would silently break every client that trusts the old ca.pem.
+        return Err(tls_error(
+            format!(
+                "re-issuing the server certificate under {}",
+                paths.dir.display()
+            ),
+            "ca.pem exists but ca-key.pem is missing; restore ca-key.pem, or remove the tls \
+             directory to create a new development CA (clients must then trust the new ca.pem)",
+        ));
     }
     let ca_key = if have_ca {
         let pem = std::fs::read_to_string(&paths.ca_key)
@@ -191,11 +202,16 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&reissued.ca_key)
-                .unwrap()
-                .permissions()
-                .mode();
-            assert_eq!(mode & 0o077, 0, "CA key readable by others");
+            for key in [&reissued.ca_key, &reissued.server_key] {
+                let mode = std::fs::metadata(key).unwrap().permissions().mode();
+                assert_eq!(mode & 0o077, 0, "{} readable by others", key.display());
+            }
         }
+        // Without the CA key a lost server certificate is an error, not a new CA.
+        std::fs::remove_file(&reissued.ca_key).unwrap();
+        std::fs::remove_file(&reissued.server_cert).unwrap();
+        let err = ensure_dev_tls(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("ca-key.pem is missing"), "{err}");
+        assert_eq!(std::fs::read(&reissued.ca_cert).unwrap(), ca);
     }
 }

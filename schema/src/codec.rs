@@ -690,6 +690,26 @@ mod tests {
     }
 
     #[test]
+    fn deliver_header_stays_within_its_bound() {
+        let long = "x".repeat(crate::MAX_NAME_BYTES);
+        let head = encode_deliver_head(
+            &long,
+            Class::Command,
+            OpId(u64::MAX),
+            &long,
+            Some(&long),
+            Some(&long),
+            u32::MAX as usize,
+        );
+        // The head includes frame_len; the bound covers everything after it.
+        assert!(
+            head.len() - 4 <= crate::MAX_DELIVER_HEADER_BYTES,
+            "{}",
+            head.len()
+        );
+    }
+
+    #[test]
     fn body_length_mismatch_is_rejected() {
         let msg = Message::Publish(Publish {
             request_id: 1,

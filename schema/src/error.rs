@@ -43,6 +43,8 @@ pub enum ErrorCode {
     DuplicateHello = 16,
     /// A frame arrived on a stream that does not carry that message kind.
     WrongStream = 17,
+    /// A publish whose payload exceeds [`crate::max_payload_bytes`] of the frame limit.
+    PayloadTooLarge = 18,
 }
 
 impl ErrorCode {
@@ -71,6 +73,7 @@ impl ErrorCode {
             15 => Busy,
             16 => DuplicateHello,
             17 => WrongStream,
+            18 => PayloadTooLarge,
             _ => return None,
         })
     }

@@ -38,6 +38,12 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the maximum frame size (e.g. once the peer announced its limits); frames
+    /// already buffered are kept.
+    pub fn set_max_frame_bytes(&mut self, max_frame_bytes: usize) {
+        self.max_frame_bytes = max_frame_bytes;
+    }
+
     pub fn push(&mut self, chunk: Bytes) {
         if chunk.is_empty() {
             return;
@@ -81,8 +87,6 @@ impl FrameDecoder {
                     frame.advance(LENGTH_PREFIX_BYTES);
                     return Ok(Some(frame));
                 }
-                // Reserve once for the whole frame so assembling it copies each byte once.
-                self.partial.reserve(LENGTH_PREFIX_BYTES + len);
             }
             self.spill();
             return Ok(None);

@@ -43,3 +43,22 @@ pub use types::*;
 pub const ALPN: &[u8] = b"swarmbus/1";
 /// The protocol version carried in Hello.
 pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Longest swarm name, agent id, agent filter, target agent or key, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Upper bound of a Deliver frame's header (prefix fields, FlatBuffers tables and four
+/// names of at most [`MAX_NAME_BYTES`]). Publishers are held to [`max_payload_bytes`] so that
+/// the Deliver the router makes of their message always fits the frame limit.
+pub const MAX_DELIVER_HEADER_BYTES: usize = 4 * MAX_NAME_BYTES + 256;
+
+/// Largest payload a Publish may carry under a frame limit of `max_frame_bytes`.
+pub fn max_payload_bytes(max_frame_bytes: usize) -> usize {
+    max_frame_bytes.saturating_sub(MAX_DELIVER_HEADER_BYTES)
+}
+
+/// Whether `name` is a valid swarm name, agent id, filter, target or key: 1 to
+/// [`MAX_NAME_BYTES`] bytes.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= MAX_NAME_BYTES
+}
