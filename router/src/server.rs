@@ -486,12 +486,12 @@ async fn handshake(
     context: &Context,
 ) -> Result<(SendStream, FrameReader, Hello), Fault> {
     let max_frame = context.config.limits.max_frame_bytes as usize;
-    let (send, recv) = tokio::select! {
-        bi = connection.accept_bi() => bi.map_err(|e| Fault::new(ErrorCode::HelloRequired, e.to_string()))?,
-        _ = connection.accept_uni() => {
-            return Err(Fault::new(ErrorCode::HelloRequired, "a stream was opened before Hello on the session stream"));
-        }
-    };
+    // Publish streams a client opens right behind its Hello (pipelining) wait, unaccepted,
+    // until the session is established; they are read only after Hello was checked.
+    let (send, recv) = connection
+        .accept_bi()
+        .await
+        .map_err(|e| Fault::new(ErrorCode::HelloRequired, e.to_string()))?;
     let mut reader = FrameReader::new(recv, max_frame);
     match reader.next(&context.decode).await? {
         Read::Message(Message::Hello(hello)) => {
