@@ -207,8 +207,12 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         .collect();
     let mut sent = 0u64;
     let mut publish_errors = Vec::new();
+    // Publishers stay connected until the drain is over: closing a connection discards
+    // frames still queued in it, which would show up as lost.
+    let mut publisher_clients = Vec::new();
     for task in publisher_tasks {
-        let (count, error) = task.await.context("publisher task")?;
+        let (client, count, error) = task.await.context("publisher task")?;
+        publisher_clients.push(client);
         // Messages written before an error still count: agents may have received them.
         sent += count;
         publish_errors.extend(error);
@@ -235,6 +239,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     }
     stop.store(true, Ordering::Relaxed);
     progress.abort();
+    drop(publisher_clients);
 
     let mut delivered = 0;
     let mut duplicates = 0;
@@ -389,10 +394,10 @@ async fn publisher(
     swarm: String,
     plan: PublisherPlan,
     live: Arc<Live>,
-) -> (u64, Option<anyhow::Error>) {
+) -> (Client, u64, Option<anyhow::Error>) {
     let mut sent = 0;
     let result = publish_until_deadline(&client, &swarm, plan, &live, &mut sent).await;
-    (sent, result.err())
+    (client, sent, result.err())
 }
 
 async fn publish_until_deadline(

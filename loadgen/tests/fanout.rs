@@ -1,0 +1,97 @@
+//! The `swarmbus-loadgen fanout` scenario end to end against an in-process router.
+
+use std::process::Command;
+
+use swarmbus_router::{Config, Router};
+
+const LOADGEN: &str = env!("CARGO_BIN_EXE_swarmbus-loadgen");
+
+fn run_fanout(class: &str) -> serde_json::Value {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let router = runtime
+        .block_on(Router::start(Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data.path().to_owned(),
+            ..Config::default()
+        }))
+        .unwrap();
+    let output = Command::new(LOADGEN)
+        .args(["fanout", "--router"])
+        .arg(router.local_addr().to_string())
+        .arg("--ca")
+        .arg(router.ca_path().unwrap())
+        .args([
+            "--swarms",
+            "2",
+            "--agents",
+            "3",
+            "--payload",
+            "64B",
+            "--rate",
+            "200",
+        ])
+        .args(["--duration", "500ms", "--class", class, "--json"])
+        .output()
+        .unwrap();
+    runtime.block_on(router.shutdown());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("a JSON line");
+    serde_json::from_str(last).expect("the last stdout line is JSON")
+}
+
+#[test]
+fn fanout_reports_what_agents_received() {
+    for class in ["telemetry", "command"] {
+        let report = run_fanout(class);
+        for key in [
+            "scenario",
+            "class",
+            "swarms",
+            "agents",
+            "payload_bytes",
+            "duration_s",
+            "sent",
+            "delivered",
+            "expected",
+            "lost",
+            "duplicates",
+            "reordered",
+            "delivered_per_s",
+        ] {
+            assert!(report.get(key).is_some(), "{key} missing from {report}");
+        }
+        for key in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(
+                report["latency_us"].get(key).is_some(),
+                "latency_us.{key} missing"
+            );
+        }
+        assert_eq!(report["scenario"], "fanout");
+        assert_eq!(report["class"], class);
+        let sent = report["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{report}");
+        // At this low rate nothing is shed: every agent gets every message exactly once.
+        assert_eq!(report["expected"].as_u64().unwrap(), sent * 3);
+        assert_eq!(report["delivered"], report["expected"], "{report}");
+        assert_eq!(report["lost"], 0);
+        assert_eq!(report["duplicates"], 0);
+        assert_eq!(report["reordered"], 0);
+        assert_eq!(report["op_gaps"], 0);
+    }
+}
+
+#[test]
+fn bad_arguments_are_refused() {
+    let output = Command::new(LOADGEN)
+        .args(["fanout", "--spawn-router", "--payload", "8B", "--json"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("at least 16 bytes"));
+}

@@ -1,0 +1,136 @@
+//! The `swarmbus-router` binary as an operator runs it. These tests live in the router
+//! crate (not the top-level `tests/`) because Cargo exposes a binary's path only to the
+//! integration tests of its own package.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ROUTER: &str = env!("CARGO_BIN_EXE_swarmbus-router");
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the router in `dir` with `args` and returns it with its `listening on` line.
+fn start(dir: &std::path::Path, args: &[&str]) -> (Running, String) {
+    let mut child = Command::new(ROUTER)
+        .args(args)
+        .current_dir(dir)
+        .env("SWARMBUS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("router starts");
+    let stdout = child.stdout.take().unwrap();
+    let running = Running(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .expect("a `listening on` line within 30 s");
+        if line.contains("listening on") {
+            return (running, line);
+        }
+    }
+}
+
+#[test]
+fn runs_on_embedded_defaults_and_reuses_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    // No arguments at all: the embedded defaults (127.0.0.1:4433, ./swarmbus-data). The port
+    // may be taken on a shared machine, so only a bind error is tolerated there.
+    let output = Command::new(ROUTER)
+        .current_dir(dir.path())
+        .env("SWARMBUS_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut running = Running(output);
+    let stdout = running.0.stdout.take().unwrap();
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    if first.is_empty() {
+        let status = running.0.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut running.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert!(
+            !status.success() && stderr.contains("binding 127.0.0.1:4433"),
+            "{stderr}"
+        );
+    } else {
+        assert!(first.contains("listening on 127.0.0.1:4433"), "{first}");
+        assert!(dir.path().join("swarmbus-data/tls/ca.pem").exists());
+    }
+    drop(running);
+
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let (router, line) = start(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--data-dir", data_arg],
+    );
+    assert!(line.contains("listening on 127.0.0.1:"), "{line}");
+    let ca = std::fs::read(data.join("tls/ca.pem")).unwrap();
+    drop(router);
+    let (_router, _) = start(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--data-dir", data_arg],
+    );
+    assert_eq!(
+        std::fs::read(data.join("tls/ca.pem")).unwrap(),
+        ca,
+        "CA replaced on restart"
+    );
+}
+
+#[test]
+fn refuses_a_non_loopback_address_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(ROUTER)
+        .args(["--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("loopback"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+}
+
+#[test]
+fn a_bad_config_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("router.toml");
+    std::fs::write(&config, "listne = \"127.0.0.1:1\"\n").unwrap();
+    let output = Command::new(ROUTER)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("router.toml") && stderr.contains("listne"),
+        "{stderr}"
+    );
+}
