@@ -2,12 +2,11 @@
 //! outboxes (the shard's hot path, without the network).
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use swarmbus_router::config::QueueConfig;
-use swarmbus_router::core::{Action, ConnId, Core};
+use swarmbus_router::core::{Action, ConnId, Core, Now};
 use swarmbus_router::outbox::{Lane, Outbox};
 use swarmbus_router::stats::Stats;
 use swarmbus_schema::{Class, Publish};
@@ -28,6 +27,11 @@ fn fanout(c: &mut Criterion) {
                 })
                 .collect();
             let agent: Arc<str> = "agent".into();
+            let publisher = Arc::new(Outbox::new(
+                ConnId(u64::MAX),
+                &QueueConfig::default(),
+                stats.clone(),
+            ));
             for o in &outboxes {
                 core.handle_subscribe(o.conn(), &agent, o.clone(), "swarm", Class::Telemetry, None)
                     .unwrap();
@@ -40,7 +44,7 @@ fn fanout(c: &mut Criterion) {
                 key: None,
                 payload: Bytes::from(vec![1u8; size]),
             };
-            let now = Instant::now();
+            let now = Now::system();
             let mut chunks = Vec::with_capacity(1 << 16);
             let mut published = 0u64;
             group.throughput(Throughput::Elements(subscribers));
@@ -48,7 +52,8 @@ fn fanout(c: &mut Criterion) {
                 BenchmarkId::new(format!("{size}B"), format!("{subscribers}_subscribers")),
                 |b| {
                     b.iter(|| {
-                        core.handle_publish("ctl", &publish, now).unwrap();
+                        core.handle_publish("ctl", publisher.clone(), &publish, now)
+                            .unwrap();
                         while let Some(Action::Deliver { to, class, frame }) = core.poll_action() {
                             let _ = to.push(Lane::Class(class), frame);
                         }

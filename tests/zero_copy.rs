@@ -8,11 +8,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use swarmbus_router::config::QueueConfig;
-use swarmbus_router::core::{Action, ConnId, Core};
+use swarmbus_router::core::{Action, ConnId, Core, Now};
 use swarmbus_router::outbox::{Lane, Outbox};
 use swarmbus_router::stats::Stats;
 use swarmbus_schema::{Class, Publish};
@@ -66,6 +65,7 @@ fn bytes_per_delivery(payload_bytes: usize) -> f64 {
         .map(|i| Arc::new(Outbox::new(ConnId(i), &queues, stats.clone())))
         .collect();
     let agent: Arc<str> = "agent".into();
+    let publisher = Arc::new(Outbox::new(ConnId(u64::MAX), &queues, stats.clone()));
     for outbox in &outboxes {
         core.handle_subscribe(
             outbox.conn(),
@@ -87,14 +87,15 @@ fn bytes_per_delivery(payload_bytes: usize) -> f64 {
             payload: Bytes::from(vec![i as u8; payload_bytes]),
         })
         .collect();
-    let now = Instant::now();
+    let now = Now::system();
     let mut chunks = Vec::with_capacity(4 * MESSAGES);
     let mut round = |count: bool| -> (u64, usize) {
         COUNTING.with(|c| c.set(count));
         BYTES.with(|b| b.set(0));
         let mut delivered = 0;
         for publish in &payloads {
-            core.handle_publish("ctl", publish, now).unwrap();
+            core.handle_publish("ctl", publisher.clone(), publish, now)
+                .unwrap();
             while let Some(Action::Deliver { to, class, frame }) = core.poll_action() {
                 to.push(Lane::Class(class), frame).unwrap();
                 delivered += 1;

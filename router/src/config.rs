@@ -11,6 +11,7 @@ use serde::Deserialize;
 use swarmbus_schema::Class;
 
 use crate::error::RouterError;
+use crate::log::{SyncPolicy, WriterKind};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 pub const DEFAULT_DATA_DIR: &str = "./swarmbus-data";
@@ -29,6 +30,33 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: LimitsConfig,
     pub queues: QueueConfig,
+    pub log: LogConfig,
+}
+
+/// The embedded event log.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `always` (fdatasync before acknowledging), `interval_ms:N` or `never_danger`.
+    pub sync: SyncPolicy,
+    /// Writer backend: `auto` (io_uring when the kernel allows, else plain file I/O),
+    /// `uring` (fail to start without it) or `file`.
+    pub writer: WriterKind,
+    /// A segment file is closed and a new one started past this many bytes.
+    pub segment_bytes: u64,
+    /// Appends queued to the writer thread before shards wait.
+    pub writer_queue: usize,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            sync: SyncPolicy::Always,
+            writer: WriterKind::Auto,
+            segment_bytes: 64 << 20,
+            writer_queue: 65_536,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -85,6 +113,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
             queues: QueueConfig::default(),
+            log: LogConfig::default(),
         }
     }
 }
@@ -175,6 +204,8 @@ impl Config {
                 "SWARMBUS_TLS_KEY" => self.tls.key = Some(PathBuf::from(value)),
                 "SWARMBUS_MAX_FRAME_BYTES" => self.limits.max_frame_bytes = parse(&key, &value)?,
                 "SWARMBUS_MAX_CONNECTIONS" => self.limits.max_connections = parse(&key, &value)?,
+                "SWARMBUS_LOG_SYNC" => self.log.sync = parse(&key, &value)?,
+                "SWARMBUS_LOG_WRITER" => self.log.writer = parse(&key, &value)?,
                 "SWARMBUS_LOG" => {} // read by the binary's log filter
                 other if other.starts_with("SWARMBUS_") => {
                     return Err(config_error(format!(
@@ -213,6 +244,11 @@ impl Config {
             if value == 0 {
                 return Err(config_error(format!("queues.{name} must be at least 1")));
             }
+        }
+        if self.log.segment_bytes < 4096 || self.log.writer_queue == 0 {
+            return Err(config_error(
+                "log.segment_bytes must be at least 4096 and log.writer_queue at least 1",
+            ));
         }
         if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {
             return Err(config_error(

@@ -15,18 +15,47 @@
 //! Fan-out encodes the Deliver header once per published message and shares it, and the
 //! publisher's payload buffer, with every recipient: a delivery costs two reference-count
 //! increments, whatever the payload size.
+//!
+//! Ordered classes (control, command) are durable before anything else happens: the core
+//! gives the op its id and asks the driver to `Append` it to the swarm's log; only when the
+//! driver reports it durable (`handle_durable`) does the core acknowledge the publisher and
+//! deliver the op, so no subscriber ever applies an op that a crash could erase.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use swarmbus_schema::{encode_deliver_head, Class, OpId, OutFrame, Publish};
+use swarmbus_schema::{
+    encode_deliver_head, Class, Epoch, ErrorCode, ErrorMessage, Message, OpId, OutFrame, Publish,
+};
 use thiserror::Error;
+
+use crate::log::{encode_record, RecordParts};
 
 /// Router-wide connection id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId(pub u64);
+
+/// The current time, passed in by the driver (the core never reads a clock).
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    pub instant: Instant,
+    /// Milliseconds since the Unix epoch, stamped on log records.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// The system clocks (for drivers; tests may build any value).
+    pub fn system() -> Now {
+        Now {
+            instant: Instant::now(),
+            unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+        }
+    }
+}
 
 /// Refusals of the core. All are recoverable: the request is refused, the session goes on.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -34,6 +63,17 @@ pub struct ConnId(pub u64);
 pub enum CoreError {
     #[error("the router holds its maximum of {max} swarms")]
     TooManySwarms { max: usize },
+    #[error("swarm {swarm:?} is unavailable: {reason}")]
+    Unavailable { swarm: String, reason: String },
+}
+
+impl CoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CoreError::TooManySwarms { .. } => ErrorCode::Busy,
+            CoreError::Unavailable { .. } => ErrorCode::SwarmUnavailable,
+        }
+    }
 }
 
 /// Work for the driver.
@@ -45,6 +85,16 @@ pub enum Action<H> {
         class: Class,
         frame: OutFrame,
     },
+    /// Send `message` on the session stream of `to` (acknowledgements, refusals).
+    Reply { to: H, message: Message },
+    /// Start the log of a new swarm with this epoch (before its first append).
+    CreateLog { swarm: Arc<str>, epoch: Epoch },
+    /// Append op `op` to the swarm's log; report durability with `handle_durable`.
+    Append {
+        swarm: Arc<str>,
+        op: OpId,
+        record: RecordParts,
+    },
 }
 
 /// What a publish did.
@@ -52,8 +102,10 @@ pub enum Action<H> {
 pub struct PublishOutcome {
     /// The op id given by the swarm's sequencer; [`OpId::NONE`] for unordered classes.
     pub op_id: OpId,
-    /// Subscriptions the message was queued for.
+    /// Subscriptions the message was queued for (0 while an ordered op awaits durability).
     pub recipients: usize,
+    /// An ordered op: acknowledged and delivered once `handle_durable` covers it.
+    pub awaiting_durability: bool,
 }
 
 #[derive(Debug)]
@@ -79,10 +131,30 @@ impl<H> Subscriber<H> {
     }
 }
 
+/// An ordered op waiting for the log to make it durable.
+#[derive(Debug)]
+struct PendingOp<H> {
+    op: OpId,
+    class: Class,
+    source: Box<str>,
+    target: Option<Box<str>>,
+    frame: OutFrame,
+    publisher: H,
+    request_id: u64,
+}
+
 #[derive(Debug)]
 struct Swarm<H> {
+    name: Arc<str>,
+    epoch: Epoch,
     /// Next op id to give out; ids start at 1 and never repeat or skip.
     next_op: u64,
+    /// Highest op the log reported durable.
+    durable_op: OpId,
+    /// Set when the swarm's log is damaged or failed; nothing is served then.
+    unavailable: Option<String>,
+    /// Ordered ops sequenced but not yet durable, in op order.
+    pending: VecDeque<PendingOp<H>>,
     /// Subscribers per class, indexed by [`Class::index`]; one entry per connection.
     subscribers: [Vec<Subscriber<H>>; Class::COUNT],
     /// Highest op id each connection acknowledged (cumulative).
@@ -91,56 +163,132 @@ struct Swarm<H> {
 }
 
 impl<H> Swarm<H> {
-    fn new() -> Self {
+    fn new(name: &str, epoch: Epoch, last_op: OpId) -> Self {
         Swarm {
-            next_op: 1,
+            name: name.into(),
+            epoch,
+            next_op: last_op.0 + 1,
+            durable_op: last_op,
+            unavailable: None,
+            pending: VecDeque::new(),
             subscribers: Default::default(),
             acked: HashMap::new(),
             last_publish: None,
         }
     }
+
+    fn check_available(&self) -> Result<(), CoreError> {
+        match &self.unavailable {
+            Some(reason) => Err(CoreError::Unavailable {
+                swarm: self.name.to_string(),
+                reason: reason.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `frame` for every subscriber of `class` that wants it; returns how many.
+    fn fan_out(
+        &self,
+        class: Class,
+        source: &str,
+        target: Option<&str>,
+        frame: &OutFrame,
+        actions: &mut VecDeque<Action<H>>,
+    ) -> usize
+    where
+        H: Clone,
+    {
+        let mut recipients = 0;
+        for subscriber in &self.subscribers[class.index()] {
+            if subscriber.wants(source, target) {
+                actions.push_back(Action::Deliver {
+                    to: subscriber.handle.clone(),
+                    class,
+                    frame: frame.clone(),
+                });
+                recipients += 1;
+            }
+        }
+        recipients
+    }
+}
+
+/// splitmix64: the core's seeded source of new epochs (replayable from the seed).
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Routing state of one shard. See the module docs for the call order.
 #[derive(Debug)]
 pub struct Core<H> {
-    swarms: HashMap<Box<str>, Swarm<H>>,
-    /// Swarms each connection subscribes in, for cleanup on disconnect.
+    swarms: HashMap<Arc<str>, Swarm<H>>,
+    /// Swarms each connection holds state in, for cleanup on disconnect.
     conn_swarms: HashMap<ConnId, Vec<Box<str>>>,
     max_swarms: usize,
+    epoch_rng: u64,
     actions: VecDeque<Action<H>>,
 }
 
-/// The swarm named `name`, created when missing and the cap allows.
-fn swarm_entry<'a, H>(
-    swarms: &'a mut HashMap<Box<str>, Swarm<H>>,
-    max_swarms: usize,
-    name: &str,
-) -> Result<&'a mut Swarm<H>, CoreError> {
-    if !swarms.contains_key(name) {
-        if swarms.len() >= max_swarms {
-            return Err(CoreError::TooManySwarms { max: max_swarms });
-        }
-        swarms.insert(name.into(), Swarm::new());
-    }
-    Ok(swarms
-        .get_mut(name)
-        .expect("present: inserted above when missing"))
-}
-
 impl<H: Clone> Core<H> {
+    /// A core with a fixed epoch seed (tests and benches).
     pub fn new(max_swarms: usize) -> Self {
+        Self::with_epoch_seed(max_swarms, 0x5EED)
+    }
+
+    /// A core whose new swarms take epochs from a generator seeded with `seed`.
+    pub fn with_epoch_seed(max_swarms: usize, seed: u64) -> Self {
         Core {
             swarms: HashMap::new(),
             conn_swarms: HashMap::new(),
             max_swarms,
+            epoch_rng: seed,
             actions: VecDeque::new(),
         }
     }
 
+    /// Restores a swarm recovered from the log: its sequencer continues after `last_op`.
+    pub fn restore_swarm(
+        &mut self,
+        name: &str,
+        epoch: Epoch,
+        last_op: OpId,
+        unavailable: Option<String>,
+    ) {
+        let mut swarm = Swarm::new(name, epoch, last_op);
+        swarm.unavailable = unavailable;
+        self.swarms.insert(swarm.name.clone(), swarm);
+    }
+
+    /// The swarm named `name`, created (with a new epoch and a `CreateLog` action) when
+    /// missing and the cap allows.
+    fn swarm_entry(&mut self, name: &str) -> Result<&mut Swarm<H>, CoreError> {
+        if !self.swarms.contains_key(name) {
+            if self.swarms.len() >= self.max_swarms {
+                return Err(CoreError::TooManySwarms {
+                    max: self.max_swarms,
+                });
+            }
+            let epoch = Epoch(splitmix64(&mut self.epoch_rng).max(1));
+            let swarm = Swarm::new(name, epoch, OpId(0));
+            self.actions.push_back(Action::CreateLog {
+                swarm: swarm.name.clone(),
+                epoch,
+            });
+            self.swarms.insert(swarm.name.clone(), swarm);
+        }
+        Ok(self
+            .swarms
+            .get_mut(name)
+            .expect("present: inserted above when missing"))
+    }
+
     /// Adds a subscription. Subscribing twice is harmless; a connection holding several
     /// subscriptions that match one message receives it once. Returns whether it was new.
-    #[allow(clippy::too_many_arguments)]
     pub fn handle_subscribe(
         &mut self,
         conn: ConnId,
@@ -150,7 +298,8 @@ impl<H: Clone> Core<H> {
         class: Class,
         agent_filter: Option<&str>,
     ) -> Result<bool, CoreError> {
-        let swarm = swarm_entry(&mut self.swarms, self.max_swarms, swarm_name)?;
+        let swarm = self.swarm_entry(swarm_name)?;
+        swarm.check_available()?;
         let list = &mut swarm.subscribers[class.index()];
         let added = match list.iter_mut().find(|s| s.conn == conn) {
             Some(existing) => match agent_filter {
@@ -214,67 +363,152 @@ impl<H: Clone> Core<H> {
         removed
     }
 
-    /// Routes a published message from `source_agent`. Ordered classes get the swarm's next
-    /// op id. `payload` is shared, not copied, with every recipient.
+    /// Routes a published message from `source_agent`, whose session is behind `publisher`.
+    ///
+    /// Unordered classes are delivered at once (the driver acknowledges them if asked).
+    /// Ordered classes get the swarm's next op id and an `Append` action; they are
+    /// acknowledged (`Reply` to `publisher`) and delivered only when the log reports them
+    /// durable through [`Core::handle_durable`]. `payload` is shared, not copied, with every
+    /// recipient.
     pub fn handle_publish(
         &mut self,
         source_agent: &str,
+        publisher: H,
         publish: &Publish,
-        now: Instant,
+        now: Now,
     ) -> Result<PublishOutcome, CoreError> {
         let class = publish.class;
-        let swarm = if class.is_ordered() {
-            swarm_entry(&mut self.swarms, self.max_swarms, &publish.swarm)?
-        } else {
-            match self.swarms.get_mut(publish.swarm.as_str()) {
-                Some(swarm) => swarm,
-                // Unordered messages to a swarm nobody subscribes in go nowhere; creating
-                // the swarm for them would only cost memory.
-                None => {
-                    return Ok(PublishOutcome {
-                        op_id: OpId::NONE,
-                        recipients: 0,
-                    })
-                }
-            }
-        };
-        let op_id = if class.is_ordered() {
-            let op = OpId(swarm.next_op);
-            swarm.next_op += 1;
-            op
-        } else {
-            OpId::NONE
-        };
-        swarm.last_publish = Some(now);
         let target = publish.target_agent.as_deref();
-        let mut recipients = 0;
-        let mut head: Option<Bytes> = None;
-        for subscriber in &swarm.subscribers[class.index()] {
-            if !subscriber.wants(source_agent, target) {
-                continue;
-            }
-            let head = head.get_or_insert_with(|| {
-                encode_deliver_head(
-                    &publish.swarm,
-                    class,
-                    op_id,
-                    source_agent,
-                    target,
-                    publish.key.as_deref(),
-                    publish.payload.len(),
-                )
-            });
-            self.actions.push_back(Action::Deliver {
-                to: subscriber.handle.clone(),
+        let head_for = |op_id: OpId| {
+            encode_deliver_head(
+                &publish.swarm,
                 class,
-                frame: OutFrame {
-                    head: head.clone(),
+                op_id,
+                source_agent,
+                target,
+                publish.key.as_deref(),
+                publish.payload.len(),
+            )
+        };
+        if !class.is_ordered() {
+            // Unordered messages to a swarm nobody subscribes in go nowhere; creating the
+            // swarm for them would only cost memory.
+            let Some(swarm) = self.swarms.get_mut(publish.swarm.as_str()) else {
+                return Ok(PublishOutcome {
+                    op_id: OpId::NONE,
+                    recipients: 0,
+                    awaiting_durability: false,
+                });
+            };
+            swarm.check_available()?;
+            swarm.last_publish = Some(now.instant);
+            let wanted = swarm.subscribers[class.index()]
+                .iter()
+                .any(|s| s.wants(source_agent, target));
+            let recipients = if wanted {
+                let frame = OutFrame {
+                    head: head_for(OpId::NONE),
                     body: publish.payload.clone(),
+                };
+                swarm.fan_out(class, source_agent, target, &frame, &mut self.actions)
+            } else {
+                0
+            };
+            return Ok(PublishOutcome {
+                op_id: OpId::NONE,
+                recipients,
+                awaiting_durability: false,
+            });
+        }
+        let swarm = self.swarm_entry(&publish.swarm)?;
+        swarm.check_available()?;
+        let op = OpId(swarm.next_op);
+        swarm.next_op += 1;
+        swarm.last_publish = Some(now.instant);
+        let frame = OutFrame {
+            head: head_for(op),
+            body: publish.payload.clone(),
+        };
+        let record = encode_record(
+            swarm.epoch,
+            op,
+            now.unix_ms,
+            class,
+            publish.key.as_deref().unwrap_or_default().as_bytes(),
+            frame.head.clone(),
+            frame.body.clone(),
+        );
+        swarm.pending.push_back(PendingOp {
+            op,
+            class,
+            source: source_agent.into(),
+            target: target.map(Into::into),
+            frame,
+            publisher,
+            request_id: publish.request_id,
+        });
+        let name = swarm.name.clone();
+        self.actions.push_back(Action::Append {
+            swarm: name,
+            op,
+            record,
+        });
+        Ok(PublishOutcome {
+            op_id: op,
+            recipients: 0,
+            awaiting_durability: true,
+        })
+    }
+
+    /// The log made every op of `swarm_name` up to `up_to` durable: acknowledge those ops
+    /// to their publishers and deliver them, in op order.
+    pub fn handle_durable(&mut self, swarm_name: &str, up_to: OpId) -> usize {
+        let Some(swarm) = self.swarms.get_mut(swarm_name) else {
+            return 0;
+        };
+        swarm.durable_op = swarm.durable_op.max(up_to);
+        let mut delivered = 0;
+        while swarm.pending.front().is_some_and(|p| p.op <= up_to) {
+            let Some(op) = swarm.pending.pop_front() else {
+                break;
+            };
+            self.actions.push_back(Action::Reply {
+                to: op.publisher.clone(),
+                message: Message::PublishAck {
+                    request_id: op.request_id,
+                    op_id: op.op,
                 },
             });
-            recipients += 1;
+            delivered += swarm.fan_out(
+                op.class,
+                &op.source,
+                op.target.as_deref(),
+                &op.frame,
+                &mut self.actions,
+            );
         }
-        Ok(PublishOutcome { op_id, recipients })
+        delivered
+    }
+
+    /// The log failed to append ops of `swarm_name` from `from` on. Nothing after the last
+    /// durable op can be trusted to be stored, so the swarm becomes unavailable and the
+    /// publishers of the ops still pending are told.
+    pub fn handle_log_failed(&mut self, swarm_name: &str, from: OpId, detail: &str) {
+        let Some(swarm) = self.swarms.get_mut(swarm_name) else {
+            return;
+        };
+        let reason = format!("the event log failed at op {}: {detail}", from.0);
+        swarm.unavailable = Some(reason.clone());
+        for op in swarm.pending.drain(..) {
+            self.actions.push_back(Action::Reply {
+                to: op.publisher,
+                message: Message::Error(ErrorMessage {
+                    code: ErrorCode::SwarmUnavailable.as_u16(),
+                    message: reason.clone(),
+                    request_id: op.request_id,
+                }),
+            });
+        }
     }
 
     /// Records a subscriber's cumulative acknowledgement (kept for redelivery, which the
@@ -283,7 +517,7 @@ impl<H: Clone> Core<H> {
         let Some(swarm) = self.swarms.get_mut(swarm_name) else {
             return;
         };
-        if op_id.is_none() || op_id.0 >= swarm.next_op {
+        if op_id.is_none() || op_id > swarm.durable_op {
             return;
         }
         let acked = swarm.acked.entry(conn).or_default();
@@ -317,6 +551,15 @@ impl<H: Clone> Core<H> {
         OpId(self.swarms.get(swarm).map_or(1, |s| s.next_op))
     }
 
+    /// The highest op of `swarm` the log reported durable.
+    pub fn durable_op(&self, swarm: &str) -> OpId {
+        self.swarms.get(swarm).map_or(OpId(0), |s| s.durable_op)
+    }
+
+    pub fn epoch(&self, swarm: &str) -> Option<Epoch> {
+        self.swarms.get(swarm).map(|s| s.epoch)
+    }
+
     /// The highest op id `conn` acknowledged in `swarm`.
     pub fn acked(&self, conn: ConnId, swarm: &str) -> OpId {
         self.swarms
@@ -339,6 +582,9 @@ impl<H: Clone> Core<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    const PUBLISHER: u64 = 1000;
 
     fn publish(swarm: &str, class: Class, target: Option<&str>, payload: &'static [u8]) -> Publish {
         Publish {
@@ -351,63 +597,200 @@ mod tests {
         }
     }
 
-    fn drain(core: &mut Core<u64>) -> Vec<(u64, Class, OutFrame)> {
-        let mut out = Vec::new();
-        while let Some(Action::Deliver { to, class, frame }) = core.poll_action() {
-            out.push((to, class, frame));
+    /// Everything the core asked for, with appends made durable at once (as a log would).
+    #[derive(Default)]
+    struct Drained {
+        deliveries: Vec<(u64, Class, OutFrame)>,
+        replies: Vec<(u64, Message)>,
+        appends: Vec<(Arc<str>, OpId)>,
+        created: Vec<(Arc<str>, Epoch)>,
+    }
+
+    fn drain(core: &mut Core<u64>) -> Drained {
+        let mut out = Drained::default();
+        loop {
+            let mut durable: Vec<(Arc<str>, OpId)> = Vec::new();
+            while let Some(action) = core.poll_action() {
+                match action {
+                    Action::Deliver { to, class, frame } => out.deliveries.push((to, class, frame)),
+                    Action::Reply { to, message } => out.replies.push((to, message)),
+                    Action::CreateLog { swarm, epoch } => out.created.push((swarm, epoch)),
+                    Action::Append { swarm, op, .. } => {
+                        out.appends.push((swarm.clone(), op));
+                        durable.push((swarm, op));
+                    }
+                }
+            }
+            if durable.is_empty() {
+                return out;
+            }
+            for (swarm, op) in durable {
+                core.handle_durable(&swarm, op);
+            }
         }
-        out
     }
 
     fn agent(name: &str) -> Arc<str> {
         name.into()
     }
 
+    fn now() -> Now {
+        Now::system()
+    }
+
     #[test]
     fn op_ids_are_gap_free_per_swarm_and_only_for_ordered_classes() {
         let mut core = Core::<u64>::new(10);
-        let now = Instant::now();
-        let p = |swarm, class| core_publish(swarm, class);
-        fn core_publish(swarm: &'static str, class: Class) -> Publish {
-            publish(swarm, class, None, b"x")
+        let mut op = |swarm: &str, class| {
+            core.handle_publish("c", PUBLISHER, &publish(swarm, class, None, b"x"), now())
+                .unwrap()
+                .op_id
+        };
+        assert_eq!(op("a", Class::Command), OpId(1));
+        assert_eq!(op("a", Class::Control), OpId(2));
+        assert_eq!(op("b", Class::Command), OpId(1));
+        assert_eq!(op("a", Class::Telemetry), OpId::NONE);
+        assert_eq!(op("a", Class::Command), OpId(3));
+        assert_eq!(core.next_op("a"), OpId(4));
+        let drained = drain(&mut core);
+        assert_eq!(drained.created.len(), 2);
+        assert_ne!(
+            drained.created[0].1, drained.created[1].1,
+            "each swarm gets its own epoch"
+        );
+        assert_eq!(drained.appends.len(), 4);
+    }
+
+    #[test]
+    fn ordered_ops_are_acknowledged_and_delivered_only_once_durable() {
+        let mut core = Core::<u64>::new(10);
+        core.handle_subscribe(ConnId(1), &agent("a1"), 1, "s", Class::Command, None)
+            .unwrap();
+        for _ in 0..3 {
+            core.handle_publish(
+                "ctl",
+                PUBLISHER,
+                &publish("s", Class::Command, None, b"x"),
+                now(),
+            )
+            .unwrap();
+        }
+        let mut appends = Vec::new();
+        while let Some(action) = core.poll_action() {
+            match action {
+                Action::Append { op, record, .. } => {
+                    let (parsed, _) = crate::log::record::parse_record(&record.to_bytes()).unwrap();
+                    assert_eq!(parsed.op, op);
+                    appends.push(op);
+                }
+                Action::CreateLog { .. } => {}
+                other => panic!("nothing but appends before durability: {other:?}"),
+            }
+        }
+        assert_eq!(appends, vec![OpId(1), OpId(2), OpId(3)]);
+        // Durable up to 2: two acks and two deliveries, in order; op 3 still waits.
+        core.handle_durable("s", OpId(2));
+        let mut order = Vec::new();
+        while let Some(action) = core.poll_action() {
+            match action {
+                Action::Reply {
+                    to,
+                    message: Message::PublishAck { op_id, .. },
+                } => {
+                    assert_eq!(to, PUBLISHER);
+                    order.push(("ack", op_id.0));
+                }
+                Action::Deliver { to, .. } => {
+                    assert_eq!(to, 1);
+                    order.push(("deliver", 0));
+                }
+                other => panic!("unexpected {other:?}"),
+            }
         }
         assert_eq!(
-            core.handle_publish("c", &p("a", Class::Command), now)
-                .unwrap()
-                .op_id,
-            OpId(1)
+            order,
+            vec![("ack", 1), ("deliver", 0), ("ack", 2), ("deliver", 0)]
         );
-        assert_eq!(
-            core.handle_publish("c", &p("a", Class::Control), now)
-                .unwrap()
-                .op_id,
-            OpId(2)
+        assert_eq!(core.durable_op("s"), OpId(2));
+        core.handle_durable("s", OpId(3));
+        assert_eq!(drain(&mut core).deliveries.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_log_makes_the_swarm_unavailable_and_refuses_pending_publishers() {
+        let mut core = Core::<u64>::new(10);
+        core.handle_publish(
+            "ctl",
+            PUBLISHER,
+            &publish("s", Class::Command, None, b"x"),
+            now(),
+        )
+        .unwrap();
+        while core.poll_action().is_some() {}
+        core.handle_log_failed("s", OpId(1), "disk full");
+        let Some(Action::Reply {
+            message: Message::Error(error),
+            ..
+        }) = core.poll_action()
+        else {
+            panic!("pending publisher not told");
+        };
+        assert_eq!(error.code, ErrorCode::SwarmUnavailable.as_u16());
+        let err = core
+            .handle_publish(
+                "ctl",
+                PUBLISHER,
+                &publish("s", Class::Command, None, b"x"),
+                now(),
+            )
+            .unwrap_err();
+        assert!(matches!(err, CoreError::Unavailable { .. }));
+        assert!(core
+            .handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Telemetry, None)
+            .is_err());
+        // Other swarms are served.
+        core.handle_publish(
+            "ctl",
+            PUBLISHER,
+            &publish("t", Class::Command, None, b"x"),
+            now(),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn restored_swarms_continue_their_sequence_in_their_epoch() {
+        let mut core = Core::<u64>::new(10);
+        core.restore_swarm("s", Epoch(42), OpId(17), None);
+        let outcome = core
+            .handle_publish(
+                "ctl",
+                PUBLISHER,
+                &publish("s", Class::Command, None, b"x"),
+                now(),
+            )
+            .unwrap();
+        assert_eq!(outcome.op_id, OpId(18));
+        assert_eq!(core.epoch("s"), Some(Epoch(42)));
+        let drained = drain(&mut core);
+        assert!(
+            drained.created.is_empty(),
+            "a restored swarm's log exists already"
         );
-        assert_eq!(
-            core.handle_publish("c", &p("b", Class::Command), now)
-                .unwrap()
-                .op_id,
-            OpId(1)
-        );
-        assert_eq!(
-            core.handle_publish("c", &p("a", Class::Telemetry), now)
-                .unwrap()
-                .op_id,
-            OpId::NONE
-        );
-        assert_eq!(
-            core.handle_publish("c", &p("a", Class::Command), now)
-                .unwrap()
-                .op_id,
-            OpId(3)
-        );
-        assert_eq!(core.next_op("a"), OpId(4));
+        core.restore_swarm("bad", Epoch(1), OpId(3), Some("damaged".into()));
+        assert!(core
+            .handle_publish(
+                "ctl",
+                PUBLISHER,
+                &publish("bad", Class::Command, None, b"x"),
+                now()
+            )
+            .is_err());
     }
 
     #[test]
     fn targeted_and_filtered_delivery() {
         let mut core = Core::<u64>::new(10);
-        let now = Instant::now();
         core.handle_subscribe(ConnId(1), &agent("a1"), 1, "s", Class::Command, None)
             .unwrap();
         core.handle_subscribe(ConnId(2), &agent("a2"), 2, "s", Class::Command, None)
@@ -421,25 +804,42 @@ mod tests {
             Some("a1"),
         )
         .unwrap();
-        core.handle_publish("ctl", &publish("s", Class::Command, Some("a2"), b"x"), now)
-            .unwrap();
+        core.handle_publish(
+            "ctl",
+            PUBLISHER,
+            &publish("s", Class::Command, Some("a2"), b"x"),
+            now(),
+        )
+        .unwrap();
         let out = drain(&mut core);
-        assert_eq!(out.iter().map(|d| d.0).collect::<Vec<_>>(), vec![2]);
-        core.handle_publish("a2", &publish("s", Class::Telemetry, None, b"t"), now)
-            .unwrap();
+        assert_eq!(
+            out.deliveries.iter().map(|d| d.0).collect::<Vec<_>>(),
+            vec![2]
+        );
+        core.handle_publish(
+            "a2",
+            PUBLISHER,
+            &publish("s", Class::Telemetry, None, b"t"),
+            now(),
+        )
+        .unwrap();
         assert!(
-            drain(&mut core).is_empty(),
+            drain(&mut core).deliveries.is_empty(),
             "filter on a1 must drop a2's telemetry"
         );
-        core.handle_publish("a1", &publish("s", Class::Telemetry, None, b"t"), now)
-            .unwrap();
-        assert_eq!(drain(&mut core).len(), 1);
+        core.handle_publish(
+            "a1",
+            PUBLISHER,
+            &publish("s", Class::Telemetry, None, b"t"),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(drain(&mut core).deliveries.len(), 1);
     }
 
     #[test]
     fn overlapping_subscriptions_deliver_once_and_unsubscribe_is_exact() {
         let mut core = Core::<u64>::new(10);
-        let now = Instant::now();
         let a = agent("a");
         assert!(core
             .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, Some("x"))
@@ -450,16 +850,20 @@ mod tests {
         assert!(!core
             .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, None)
             .unwrap());
-        core.handle_publish("x", &publish("s", Class::Alert, None, b"!"), now)
+        let send = |core: &mut Core<u64>, from: &str| {
+            core.handle_publish(
+                from,
+                PUBLISHER,
+                &publish("s", Class::Alert, None, b"!"),
+                now(),
+            )
             .unwrap();
-        assert_eq!(drain(&mut core).len(), 1);
+            drain(core).deliveries.len()
+        };
+        assert_eq!(send(&mut core, "x"), 1);
         assert!(core.handle_unsubscribe(ConnId(1), "s", Class::Alert, None));
-        core.handle_publish("y", &publish("s", Class::Alert, None, b"!"), now)
-            .unwrap();
-        assert!(drain(&mut core).is_empty());
-        core.handle_publish("x", &publish("s", Class::Alert, None, b"!"), now)
-            .unwrap();
-        assert_eq!(drain(&mut core).len(), 1);
+        assert_eq!(send(&mut core, "y"), 0);
+        assert_eq!(send(&mut core, "x"), 1);
         assert!(core.handle_unsubscribe(ConnId(1), "s", Class::Alert, Some("x")));
         assert_eq!(core.subscriber_count("s", Class::Alert), 0);
         assert!(!core.handle_unsubscribe(ConnId(1), "s", Class::Alert, Some("x")));
@@ -473,9 +877,9 @@ mod tests {
                 .unwrap();
         }
         let p = publish("s", Class::Telemetry, None, &[9u8; 4096]);
-        let outcome = core.handle_publish("ctl", &p, Instant::now()).unwrap();
+        let outcome = core.handle_publish("ctl", PUBLISHER, &p, now()).unwrap();
         assert_eq!(outcome.recipients, 5);
-        let out = drain(&mut core);
+        let out = drain(&mut core).deliveries;
         for (_, _, frame) in &out {
             assert_eq!(frame.body.as_ptr(), p.payload.as_ptr());
             assert_eq!(frame.head.as_ptr(), out[0].2.head.as_ptr());
@@ -485,13 +889,18 @@ mod tests {
     #[test]
     fn disconnect_removes_subscriptions_but_keeps_the_sequencer() {
         let mut core = Core::<u64>::new(10);
-        let now = Instant::now();
         core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None)
             .unwrap();
-        core.handle_publish("c", &publish("s", Class::Command, None, b"1"), now)
-            .unwrap();
+        core.handle_publish(
+            "c",
+            PUBLISHER,
+            &publish("s", Class::Command, None, b"1"),
+            now(),
+        )
+        .unwrap();
+        drain(&mut core);
         core.handle_ack(ConnId(1), "s", OpId(1));
-        core.handle_ack(ConnId(1), "s", OpId(99)); // beyond the sequencer: ignored
+        core.handle_ack(ConnId(1), "s", OpId(99)); // beyond what is durable: ignored
         assert_eq!(core.acked(ConnId(1), "s"), OpId(1));
         // An ack from a connection that never subscribed is freed on disconnect too.
         core.handle_ack(ConnId(2), "s", OpId(1));
@@ -503,9 +912,13 @@ mod tests {
         assert_eq!(core.subscriber_count("s", Class::Command), 0);
         assert!(core.conn_swarms.is_empty());
         assert_eq!(core.acked(ConnId(1), "s"), OpId(0));
-        drain(&mut core);
         let next = core
-            .handle_publish("c", &publish("s", Class::Command, None, b"2"), now)
+            .handle_publish(
+                "c",
+                PUBLISHER,
+                &publish("s", Class::Command, None, b"2"),
+                now(),
+            )
             .unwrap();
         assert_eq!(next.op_id, OpId(2));
     }
@@ -513,21 +926,21 @@ mod tests {
     #[test]
     fn swarm_cap_refuses_new_swarms_only() {
         let mut core = Core::<u64>::new(1);
-        let now = Instant::now();
-        core.handle_publish("c", &publish("one", Class::Command, None, b""), now)
-            .unwrap();
+        let send = |core: &mut Core<u64>, swarm: &str, class| {
+            core.handle_publish("c", PUBLISHER, &publish(swarm, class, None, b""), now())
+        };
+        send(&mut core, "one", Class::Command).unwrap();
         assert_eq!(
-            core.handle_publish("c", &publish("two", Class::Command, None, b""), now),
+            send(&mut core, "two", Class::Command),
             Err(CoreError::TooManySwarms { max: 1 })
         );
         assert!(core
             .handle_subscribe(ConnId(1), &agent("a"), 1, "two", Class::Command, None)
             .is_err());
-        core.handle_publish("c", &publish("one", Class::Command, None, b""), now)
-            .unwrap();
+        send(&mut core, "one", Class::Command).unwrap();
         // Telemetry to an unknown swarm creates nothing and is not an error.
         assert_eq!(
-            core.handle_publish("c", &publish("three", Class::Telemetry, None, b""), now)
+            send(&mut core, "three", Class::Telemetry)
                 .unwrap()
                 .recipients,
             0

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod log;
 pub mod outbox;
 pub mod server;
 pub mod shard;

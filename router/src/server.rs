@@ -26,12 +26,14 @@ use swarmbus_schema::{
     FrameDecoder, Hello, Limits, Message, Publish, SessionId, Subscription, Welcome,
     MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
+use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, Instrument};
 
 use crate::config::Config;
 use crate::core::ConnId;
 use crate::error::RouterError;
+use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
 use crate::stats::{Stats, StatsSnapshot};
@@ -60,6 +62,8 @@ pub struct Router {
     ca_path: Option<PathBuf>,
     stats: Arc<Stats>,
     accept_task: JoinHandle<()>,
+    recovery_notes: Vec<RecoveryNote>,
+    writer_kind: WriterKind,
 }
 
 impl Router {
@@ -91,15 +95,55 @@ impl Router {
             detail: e.to_string(),
         })?;
         let stats = Arc::new(Stats::default());
-        let shards = (0..config.shard_count())
-            .map(|_| {
+        // Recover every swarm's log before accepting anyone: sequencers continue after the
+        // last durable op.
+        let log_dir = config.data_dir.join("log");
+        let (recovered, recovery_notes) =
+            log::recover_all(&log_dir).map_err(|e| RouterError::DataDir {
+                path: log_dir.clone(),
+                detail: format!("recovering the event log: {e}"),
+            })?;
+        let shard_count = config.shard_count();
+        let (event_senders, event_receivers): (Vec<_>, Vec<_>) =
+            (0..shard_count).map(|_| mpsc::unbounded_channel()).unzip();
+        let writer = LogWriter::start(
+            config.log.writer,
+            config.log.sync,
+            config.log.writer_queue,
+            event_senders,
+        )
+        .map_err(|e| RouterError::Config {
+            detail: format!("starting the event log writer: {e}"),
+        })?;
+        info!(writer = %writer.kind(), sync = %config.log.sync, swarms = recovered.len(), "event log ready");
+        let mut per_shard: Vec<Vec<log::SwarmLog>> = (0..shard_count).map(|_| Vec::new()).collect();
+        for swarm in recovered {
+            per_shard[shard_of(&swarm.name, shard_count)].push(swarm);
+        }
+        let shards = per_shard
+            .into_iter()
+            .zip(event_receivers)
+            .enumerate()
+            .map(|(index, (logs, events))| {
+                let shard_log = ShardLog::new(
+                    index,
+                    &log_dir,
+                    config.log.segment_bytes,
+                    writer.clone(),
+                    logs,
+                );
                 spawn_shard(
                     config.limits.shard_queue,
                     config.limits.max_swarms as usize,
+                    log::store::new_epoch().0,
+                    Box::new(shard_log),
+                    events,
                     stats.clone(),
                 )
             })
             .collect();
+        let writer_kind = writer.kind();
+        drop(writer);
         let context = Arc::new(Context {
             decode: DecodeOptions::default(),
             config,
@@ -115,6 +159,8 @@ impl Router {
             ca_path,
             stats,
             accept_task,
+            recovery_notes,
+            writer_kind,
         })
     }
 
@@ -125,6 +171,16 @@ impl Router {
     /// The development CA clients should trust, when the router runs on one.
     pub fn ca_path(&self) -> Option<&std::path::Path> {
         self.ca_path.as_deref()
+    }
+
+    /// What recovery repaired (torn tails truncated) or found damaged at start-up.
+    pub fn recovery_notes(&self) -> &[RecoveryNote] {
+        &self.recovery_notes
+    }
+
+    /// The event log writer backend in use (`Uring` or `File`).
+    pub fn writer_kind(&self) -> WriterKind {
+        self.writer_kind
     }
 
     pub fn stats(&self) -> StatsSnapshot {

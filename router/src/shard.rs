@@ -13,14 +13,12 @@ use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
-use swarmbus_schema::{
-    encode, Class, ErrorCode, ErrorMessage, Message, OpId, Publish, Subscription,
-};
+use swarmbus_schema::{encode, Class, ErrorMessage, Message, OpId, Publish, Subscription};
 use tokio::sync::mpsc;
 
-use crate::core::{Action, ConnId, Core, CoreError};
+use crate::core::{Action, ConnId, Core, CoreError, Now};
+use crate::log::{LogBackend, LogEvent};
 use crate::outbox::{Lane, Outbox};
 use crate::stats::Stats;
 
@@ -88,11 +86,25 @@ impl ShardSender {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShardStopped;
 
-/// Starts a shard on the current runtime; `capacity` bounds each of its two channels.
-pub fn spawn_shard(capacity: usize, max_swarms: usize, stats: Arc<Stats>) -> ShardSender {
+/// Starts a shard on the current runtime; `capacity` bounds each of its two input
+/// channels. The shard's swarms are those `log` recovered plus any created later; `events`
+/// carries the log writer's reports for this shard.
+pub fn spawn_shard(
+    capacity: usize,
+    max_swarms: usize,
+    epoch_seed: u64,
+    log: Box<dyn LogBackend>,
+    events: mpsc::UnboundedReceiver<LogEvent>,
+    stats: Arc<Stats>,
+) -> ShardSender {
     let (urgent_tx, urgent_rx) = mpsc::channel(capacity);
     let (bulk_tx, bulk_rx) = mpsc::channel(capacity);
-    tokio::spawn(run_shard(urgent_rx, bulk_rx, max_swarms, stats));
+    let mut core = Core::with_epoch_seed(max_swarms, epoch_seed);
+    for (name, state) in log.swarms() {
+        core.restore_swarm(&name, state.epoch, state.last_op, state.unavailable);
+    }
+    let shard = Shard { core, log, stats };
+    tokio::spawn(shard.run(urgent_rx, bulk_rx, events));
     ShardSender {
         urgent: urgent_tx,
         bulk: bulk_tx,
@@ -115,9 +127,7 @@ fn reply(outbox: &Outbox, message: &Message) {
 }
 
 fn refuse(outbox: &Outbox, request_id: u64, error: &CoreError) {
-    let code = match error {
-        CoreError::TooManySwarms { .. } => ErrorCode::Busy,
-    };
+    let code = error.code();
     reply(
         outbox,
         &Message::Error(ErrorMessage {
@@ -128,127 +138,185 @@ fn refuse(outbox: &Outbox, request_id: u64, error: &CoreError) {
     );
 }
 
-/// Runs one shard until every sender is dropped.
-async fn run_shard(
-    mut urgent: mpsc::Receiver<ShardCommand>,
-    mut bulk: mpsc::Receiver<ShardCommand>,
-    max_swarms: usize,
+/// One shard: the routing core for its swarms and their log.
+struct Shard {
+    core: Core<Arc<Outbox>>,
+    log: Box<dyn LogBackend>,
     stats: Arc<Stats>,
-) {
-    let mut core: Core<Arc<Outbox>> = Core::new(max_swarms);
-    let mut urgent_batch = Vec::with_capacity(BATCH);
-    let mut bulk_batch = Vec::with_capacity(BATCH);
-    let mut urgent_open = true;
-    let mut bulk_open = true;
-    while urgent_open || bulk_open {
-        // Urgent first: take bulk work only when no urgent work is waiting.
-        tokio::select! {
-            biased;
-            n = urgent.recv_many(&mut urgent_batch, BATCH), if urgent_open => urgent_open = n > 0,
-            n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open => bulk_open = n > 0,
-        }
-        let now = Instant::now();
-        for command in urgent_batch.drain(..).chain(bulk_batch.drain(..)) {
-            handle(&mut core, command, now, &stats);
-        }
-        let mut delivered = 0u64;
-        while let Some(Action::Deliver { to, class, frame }) = core.poll_action() {
-            // A lagging subscriber is closed by its connection driver, which then sends
-            // Disconnect; until then further pushes are discarded by the closed outbox.
-            let _ = to.push(Lane::Class(class), frame);
-            delivered += 1;
-        }
-        stats.delivered.fetch_add(delivered, Ordering::Relaxed);
-    }
 }
 
-fn handle(core: &mut Core<Arc<Outbox>>, command: ShardCommand, now: Instant, stats: &Stats) {
-    match command {
-        ShardCommand::Subscribe {
-            conn,
-            agent,
-            outbox,
-            subscription,
-            held,
-        } => {
-            // The connection may have closed (and its Disconnect been handled) while this
-            // was queued: registering it now would leave a subscriber nobody removes.
-            if outbox.is_closed() {
-                return;
+impl Shard {
+    /// Runs until every input sender is dropped. Log events go first (they release
+    /// acknowledgements and deliveries), then urgent work, then telemetry.
+    async fn run(
+        mut self,
+        mut urgent: mpsc::Receiver<ShardCommand>,
+        mut bulk: mpsc::Receiver<ShardCommand>,
+        mut events: mpsc::UnboundedReceiver<LogEvent>,
+    ) {
+        let mut urgent_batch = Vec::with_capacity(BATCH);
+        let mut bulk_batch = Vec::with_capacity(BATCH);
+        let mut event_batch = Vec::with_capacity(BATCH);
+        let mut urgent_open = true;
+        let mut bulk_open = true;
+        while urgent_open || bulk_open {
+            tokio::select! {
+                biased;
+                n = events.recv_many(&mut event_batch, BATCH) => {
+                    if n == 0 {
+                        // The writer is gone (shutdown): nothing more becomes durable.
+                        break;
+                    }
+                }
+                n = urgent.recv_many(&mut urgent_batch, BATCH), if urgent_open => urgent_open = n > 0,
+                n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open => bulk_open = n > 0,
             }
-            let result = core.handle_subscribe(
+            let now = Now::system();
+            for event in event_batch.drain(..) {
+                match event {
+                    LogEvent::Durable { swarm, up_to } => {
+                        self.core.handle_durable(&swarm, up_to);
+                    }
+                    LogEvent::Failed {
+                        swarm,
+                        from,
+                        detail,
+                    } => {
+                        tracing::error!(%swarm, op = from.0, %detail, "event log append failed; swarm unavailable");
+                        self.core.handle_log_failed(&swarm, from, &detail);
+                    }
+                }
+            }
+            for command in urgent_batch.drain(..).chain(bulk_batch.drain(..)) {
+                self.handle(command, now);
+            }
+            self.flush();
+        }
+    }
+
+    /// Carries out what the core asked for.
+    fn flush(&mut self) {
+        let mut delivered = 0u64;
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Deliver { to, class, frame } => {
+                    // A lagging subscriber is closed by its connection driver, which then
+                    // sends Disconnect; until then pushes are discarded by the closed outbox.
+                    let _ = to.push(Lane::Class(class), frame);
+                    delivered += 1;
+                }
+                Action::Reply { to, message } => reply(&to, &message),
+                Action::CreateLog { swarm, epoch } => {
+                    if let Err(error) = self.log.create(&swarm, epoch) {
+                        tracing::error!(%swarm, %error, "creating the swarm's event log failed");
+                        self.core
+                            .handle_log_failed(&swarm, OpId(1), &error.to_string());
+                    }
+                }
+                Action::Append { swarm, op, record } => {
+                    if let Err(error) = self.log.append(&swarm, op, record) {
+                        self.core.handle_log_failed(&swarm, op, &error.to_string());
+                    }
+                }
+            }
+        }
+        self.stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    fn handle(&mut self, command: ShardCommand, now: Now) {
+        let core = &mut self.core;
+        match command {
+            ShardCommand::Subscribe {
                 conn,
-                &agent,
-                outbox.clone(),
-                &subscription.swarm,
-                subscription.class,
-                subscription.agent_filter.as_deref(),
-            );
-            match result {
-                Ok(_) => reply(
+                agent,
+                outbox,
+                subscription,
+                held,
+            } => {
+                // The connection may have closed (and its Disconnect been handled) while
+                // this was queued: registering it now would leave a subscriber nobody removes.
+                if outbox.is_closed() {
+                    return;
+                }
+                let result = core.handle_subscribe(
+                    conn,
+                    &agent,
+                    outbox.clone(),
+                    &subscription.swarm,
+                    subscription.class,
+                    subscription.agent_filter.as_deref(),
+                );
+                match result {
+                    Ok(_) => reply(
+                        &outbox,
+                        &Message::SubscribeAck {
+                            request_id: subscription.request_id,
+                        },
+                    ),
+                    Err(error) => {
+                        held.lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .remove(&(
+                                subscription.swarm.clone(),
+                                subscription.class,
+                                subscription.agent_filter.clone(),
+                            ));
+                        refuse(&outbox, subscription.request_id, &error)
+                    }
+                }
+            }
+            ShardCommand::Unsubscribe {
+                outbox,
+                subscription,
+            } => {
+                core.handle_unsubscribe(
+                    outbox.conn(),
+                    &subscription.swarm,
+                    subscription.class,
+                    subscription.agent_filter.as_deref(),
+                );
+                reply(
                     &outbox,
                     &Message::SubscribeAck {
                         request_id: subscription.request_id,
                     },
-                ),
+                );
+            }
+            ShardCommand::Publish {
+                agent,
+                outbox,
+                publish,
+            } => match core.handle_publish(&agent, outbox.clone(), &publish, now) {
+                Ok(outcome) => {
+                    self.stats.published.fetch_add(1, Ordering::Relaxed);
+                    // Ordered ops are acknowledged by the core once durable.
+                    if !outcome.awaiting_durability && publish.request_id != 0 {
+                        reply(
+                            &outbox,
+                            &Message::PublishAck {
+                                request_id: publish.request_id,
+                                op_id: outcome.op_id,
+                            },
+                        );
+                    }
+                }
                 Err(error) => {
-                    held.lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .remove(&(
-                            subscription.swarm.clone(),
-                            subscription.class,
-                            subscription.agent_filter.clone(),
-                        ));
-                    refuse(&outbox, subscription.request_id, &error)
+                    if publish.request_id != 0 || publish.class.is_ordered() {
+                        refuse(&outbox, publish.request_id, &error)
+                    }
+                }
+            },
+            ShardCommand::Ack {
+                outbox,
+                swarm,
+                op_id,
+            } => {
+                if !outbox.is_closed() {
+                    core.handle_ack(outbox.conn(), &swarm, op_id);
                 }
             }
+            ShardCommand::Disconnect { conn } => core.handle_disconnect(conn),
         }
-        ShardCommand::Unsubscribe {
-            outbox,
-            subscription,
-        } => {
-            core.handle_unsubscribe(
-                outbox.conn(),
-                &subscription.swarm,
-                subscription.class,
-                subscription.agent_filter.as_deref(),
-            );
-            reply(
-                &outbox,
-                &Message::SubscribeAck {
-                    request_id: subscription.request_id,
-                },
-            );
-        }
-        ShardCommand::Publish {
-            agent,
-            outbox,
-            publish,
-        } => match core.handle_publish(&agent, &publish, now) {
-            Ok(outcome) => {
-                stats.published.fetch_add(1, Ordering::Relaxed);
-                if publish.class.is_ordered() || publish.request_id != 0 {
-                    reply(
-                        &outbox,
-                        &Message::PublishAck {
-                            request_id: publish.request_id,
-                            op_id: outcome.op_id,
-                        },
-                    );
-                }
-            }
-            Err(error) => refuse(&outbox, publish.request_id, &error),
-        },
-        ShardCommand::Ack {
-            outbox,
-            swarm,
-            op_id,
-        } => {
-            if !outbox.is_closed() {
-                core.handle_ack(outbox.conn(), &swarm, op_id);
-            }
-        }
-        ShardCommand::Disconnect { conn } => core.handle_disconnect(conn),
     }
 }
 

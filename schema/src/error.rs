@@ -45,6 +45,8 @@ pub enum ErrorCode {
     WrongStream = 17,
     /// A publish whose payload exceeds [`crate::max_payload_bytes`] of the frame limit.
     PayloadTooLarge = 18,
+    /// The swarm's event log is damaged or failed; the swarm is not served until repaired.
+    SwarmUnavailable = 19,
 }
 
 impl ErrorCode {
@@ -74,6 +76,7 @@ impl ErrorCode {
             16 => DuplicateHello,
             17 => WrongStream,
             18 => PayloadTooLarge,
+            19 => SwarmUnavailable,
             _ => return None,
         })
     }

@@ -98,6 +98,11 @@ impl OpId {
     }
 }
 
+/// Identity of one incarnation of a swarm's log. A log that is lost or recreated gets a new
+/// epoch, so op ids of different epochs are never confused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Epoch(pub u64);
+
 /// Session id chosen by the router.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SessionId(pub u64);

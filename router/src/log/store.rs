@@ -1,0 +1,444 @@
+//! On-disk layout, recovery and reads of the per-swarm logs.
+//!
+//! ```text
+//! DATA_DIR/log/<dir>/name                  the swarm's name (dir is a sanitised prefix + hash)
+//! DATA_DIR/log/<dir>/epoch                 the log's epoch, decimal
+//! DATA_DIR/log/<dir>/<first_op:020>.log    segments, each starting at op `first_op`
+//! ```
+//!
+//! Each segment keeps a sparse in-memory index (op -> byte offset, one entry every
+//! [`INDEX_EVERY_RECORDS`] records) built while recovering and extended on append, used to
+//! seek by op id. Recovery verifies every record's CRC and the op sequence: a torn or
+//! CRC-failing **tail** (the damage runs to the end of the last segment) is truncated and the
+//! byte count logged; damage anywhere else marks that swarm unavailable, and the other swarms
+//! are served.
+
+use std::fs::{self, File, OpenOptions};
+use std::hash::Hasher;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use bytes::{Bytes, BytesMut};
+use swarmbus_schema::{Epoch, OpId};
+
+use super::record::{parse_record, ParseError, Record, RECORD_HEADER_BYTES};
+
+/// Sparse index density.
+pub const INDEX_EVERY_RECORDS: u64 = 64;
+/// Read size when scanning or serving ranges.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// One segment file.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub first_op: OpId,
+    pub path: PathBuf,
+    /// Bytes of valid records (the append position).
+    pub len: u64,
+    /// Last op stored; `first_op - 1` when empty.
+    pub last_op: OpId,
+    /// (op, offset) every `INDEX_EVERY_RECORDS` records.
+    pub index: Vec<(OpId, u64)>,
+}
+
+/// Where the log of one swarm stands.
+#[derive(Clone, Debug)]
+pub struct SwarmLog {
+    pub name: String,
+    pub dir: PathBuf,
+    pub epoch: Epoch,
+    pub segments: Vec<Segment>,
+    /// Set when recovery found damage before the tail; the swarm is not served.
+    pub unavailable: Option<String>,
+    /// Whether the directory and epoch file exist on disk yet.
+    pub created: bool,
+}
+
+/// A problem found while recovering, reported but not fatal to the router.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveryNote {
+    pub swarm: String,
+    pub detail: String,
+}
+
+/// Directory name for a swarm: a filesystem-safe prefix of its name and a hash of it.
+pub fn swarm_dir_name(name: &str) -> String {
+    let prefix: String = name
+        .chars()
+        .take(48)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    hasher.write(name.as_bytes());
+    format!("{prefix}-{:016x}", hasher.finish())
+}
+
+fn segment_path(dir: &Path, first_op: OpId) -> PathBuf {
+    dir.join(format!("{:020}.log", first_op.0))
+}
+
+/// A fresh epoch: random per call (std's randomly keyed hasher) and never 0.
+pub fn new_epoch() -> Epoch {
+    use std::hash::BuildHasher;
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    Epoch(hasher.finish().max(1))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl SwarmLog {
+    /// A log for a swarm not on disk yet; [`SwarmLog::create_on_disk`] makes it durable.
+    pub fn new(log_dir: &Path, name: &str, epoch: Epoch) -> Self {
+        let dir = log_dir.join(swarm_dir_name(name));
+        SwarmLog {
+            name: name.to_owned(),
+            segments: vec![Segment {
+                first_op: OpId(1),
+                path: segment_path(&dir, OpId(1)),
+                len: 0,
+                last_op: OpId(0),
+                index: Vec::new(),
+            }],
+            dir,
+            epoch,
+            unavailable: None,
+            created: false,
+        }
+    }
+
+    /// Writes the directory, name and epoch files (synced) before the first append.
+    pub fn create_on_disk(&mut self) -> std::io::Result<()> {
+        if self.created {
+            return Ok(());
+        }
+        fs::create_dir_all(&self.dir)?;
+        for (file, contents) in [
+            ("name", self.name.clone()),
+            ("epoch", self.epoch.0.to_string()),
+        ] {
+            let tmp = self.dir.join(format!("{file}.tmp"));
+            let mut f = File::create(&tmp)?;
+            f.write_all(contents.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, self.dir.join(file))?;
+        }
+        sync_dir(&self.dir)?;
+        if let Some(parent) = self.dir.parent() {
+            sync_dir(parent)?;
+        }
+        self.created = true;
+        Ok(())
+    }
+
+    /// The last op stored (0 when empty).
+    pub fn last_op(&self) -> OpId {
+        self.segments.last().map_or(OpId(0), |s| s.last_op)
+    }
+
+    /// Reserves the position of the next record (op `last_op + 1`, `len` bytes), rolling to a
+    /// new segment past `segment_bytes`. Returns the file and offset to write at, and whether
+    /// the file is new.
+    pub fn place(&mut self, op: OpId, len: u64, segment_bytes: u64) -> (PathBuf, u64, bool) {
+        let roll = match self.segments.last() {
+            Some(segment) => segment.len > 0 && segment.len + len > segment_bytes,
+            None => true,
+        };
+        if roll {
+            self.segments.push(Segment {
+                first_op: op,
+                path: segment_path(&self.dir, op),
+                len: 0,
+                last_op: OpId(op.0 - 1),
+                index: Vec::new(),
+            });
+        }
+        let segment = self
+            .segments
+            .last_mut()
+            .expect("a segment exists: pushed above when missing");
+        let offset = segment.len;
+        if (op.0 - segment.first_op.0).is_multiple_of(INDEX_EVERY_RECORDS) {
+            segment.index.push((op, offset));
+        }
+        segment.len += len;
+        segment.last_op = op;
+        (segment.path.clone(), offset, offset == 0)
+    }
+
+    /// Reads records from op `from` on, at most `max_records` and about `max_bytes`.
+    /// Records are read from disk, so only ops already durable should be asked for.
+    pub fn read_from(
+        &self,
+        from: OpId,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> std::io::Result<Vec<Record>> {
+        let mut out = Vec::new();
+        let mut bytes_out = 0;
+        let start = self
+            .segments
+            .partition_point(|s| s.last_op < from)
+            .min(self.segments.len());
+        for segment in &self.segments[start..] {
+            if segment.len == 0 {
+                continue;
+            }
+            let offset = match segment.index.partition_point(|(op, _)| *op <= from) {
+                0 => 0,
+                n => segment.index[n - 1].1,
+            };
+            let file = File::open(&segment.path)?;
+            let mut position = offset;
+            let mut pending = BytesMut::new();
+            while position < segment.len {
+                let want = READ_CHUNK_BYTES.min((segment.len - position) as usize);
+                let mut chunk = vec![0u8; want];
+                file.read_exact_at(&mut chunk, position)?;
+                position += want as u64;
+                pending.extend_from_slice(&chunk);
+                let mut buf = pending.split().freeze();
+                loop {
+                    match parse_record(&buf) {
+                        Ok((record, used)) => {
+                            bytes::Buf::advance(&mut buf, used);
+                            if record.op < from {
+                                continue;
+                            }
+                            bytes_out += record.frame.len();
+                            out.push(record);
+                            if out.len() >= max_records || bytes_out >= max_bytes {
+                                return Ok(out);
+                            }
+                        }
+                        Err(ParseError::Incomplete { .. }) => break,
+                        Err(ParseError::Corrupt { reason }) => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!("{}: {reason}", segment.path.display()),
+                            ))
+                        }
+                    }
+                }
+                pending.extend_from_slice(&buf);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What scanning one segment found.
+struct Scan {
+    len: u64,
+    last_op: OpId,
+    index: Vec<(OpId, u64)>,
+    /// Offset and reason of the first bad record, if any.
+    damage: Option<(u64, String)>,
+    /// Whether valid records follow the damage (so it is not a torn tail).
+    damage_is_mid: bool,
+}
+
+fn scan_segment(path: &Path, first_op: OpId, epoch: Epoch) -> std::io::Result<Scan> {
+    let data = Bytes::from(fs::read(path)?);
+    let mut offset = 0usize;
+    let mut expected = first_op;
+    let mut index = Vec::new();
+    let mut scan = Scan {
+        len: 0,
+        last_op: OpId(first_op.0 - 1),
+        index: Vec::new(),
+        damage: None,
+        damage_is_mid: false,
+    };
+    while offset < data.len() {
+        let rest = data.slice(offset..);
+        let problem = match parse_record(&rest) {
+            Ok((record, used)) => {
+                if record.op != expected {
+                    Some(format!(
+                        "op {} where {} was expected",
+                        record.op.0, expected.0
+                    ))
+                } else if record.epoch != epoch {
+                    Some(format!(
+                        "epoch {} in a log of epoch {}",
+                        record.epoch.0, epoch.0
+                    ))
+                } else {
+                    if (expected.0 - first_op.0).is_multiple_of(INDEX_EVERY_RECORDS) {
+                        index.push((expected, offset as u64));
+                    }
+                    scan.last_op = expected;
+                    expected = OpId(expected.0 + 1);
+                    offset += used;
+                    None
+                }
+            }
+            Err(ParseError::Incomplete { needed }) => Some(format!(
+                "record of {needed} bytes cut short at {} bytes",
+                rest.len()
+            )),
+            Err(ParseError::Corrupt { reason }) => Some(reason.to_string()),
+        };
+        if let Some(reason) = problem {
+            // A bit flip leaves the records after it intact; a torn write leaves nothing valid.
+            scan.damage_is_mid = valid_record_follows(&data, offset);
+            scan.damage = Some((offset as u64, reason));
+            break;
+        }
+    }
+    scan.len = offset as u64;
+    scan.index = index;
+    Ok(scan)
+}
+
+/// Whether any valid record starts after `from` (searching each byte offset).
+fn valid_record_follows(data: &Bytes, from: usize) -> bool {
+    ((from + 1)..data.len().saturating_sub(RECORD_HEADER_BYTES - 1))
+        .any(|at| parse_record(&data.slice(at..)).is_ok())
+}
+
+fn read_epoch(dir: &Path) -> Result<Epoch, String> {
+    let text = fs::read_to_string(dir.join("epoch")).map_err(|e| format!("epoch file: {e}"))?;
+    text.trim()
+        .parse()
+        .map(Epoch)
+        .map_err(|e| format!("epoch file: {e}"))
+}
+
+/// Recovers every swarm log under `log_dir`, truncating torn tails. Returns the logs and
+/// notes on what was repaired or found damaged.
+pub fn recover_all(log_dir: &Path) -> std::io::Result<(Vec<SwarmLog>, Vec<RecoveryNote>)> {
+    fs::create_dir_all(log_dir)?;
+    let mut logs = Vec::new();
+    let mut notes = Vec::new();
+    let mut dirs: Vec<PathBuf> = fs::read_dir(log_dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        // A directory without its name file was never fully created: nothing was appended.
+        let Ok(name) = fs::read_to_string(dir.join("name")) else {
+            continue;
+        };
+        let (log, mut found) = recover_swarm(dir, name)?;
+        notes.append(&mut found);
+        logs.push(log);
+    }
+    Ok((logs, notes))
+}
+
+fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<RecoveryNote>)> {
+    let mut notes = Vec::new();
+    let note = |detail: String| RecoveryNote {
+        swarm: name.clone(),
+        detail,
+    };
+    let mut log = SwarmLog {
+        name: name.clone(),
+        dir: dir.clone(),
+        epoch: Epoch(0),
+        segments: Vec::new(),
+        unavailable: None,
+        created: true,
+    };
+    match read_epoch(&dir) {
+        Ok(epoch) => log.epoch = epoch,
+        Err(detail) => {
+            log.unavailable = Some(detail.clone());
+            notes.push(note(detail));
+            return Ok((log, notes));
+        }
+    }
+    let mut segments: Vec<(OpId, PathBuf)> = fs::read_dir(&dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let path = e.path();
+            let stem = path.file_stem()?.to_str()?.to_owned();
+            (path.extension()? == "log")
+                .then(|| stem.parse().ok().map(|op| (OpId(op), path)))
+                .flatten()
+        })
+        .collect();
+    segments.sort();
+    let count = segments.len();
+    for (i, (first_op, path)) in segments.into_iter().enumerate() {
+        let is_last = i + 1 == count;
+        let expected_first = OpId(log.last_op().0 + 1);
+        if i > 0 && first_op != expected_first {
+            let detail = format!(
+                "segment {} starts at op {} but op {} was expected",
+                path.display(),
+                first_op.0,
+                expected_first.0
+            );
+            notes.push(note(detail.clone()));
+            log.unavailable = Some(detail);
+            break;
+        }
+        let scan = scan_segment(&path, first_op, log.epoch)?;
+        if let Some((offset, reason)) = &scan.damage {
+            let file_len = fs::metadata(&path)?.len();
+            if is_last && !scan.damage_is_mid {
+                // Torn tail: cut it off; acknowledged ops all precede it.
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)?
+                    .set_len(scan.len)?;
+                File::open(&path)?.sync_all()?;
+                let detail = format!(
+                    "truncated a torn tail of {} bytes at offset {offset} of {} ({reason})",
+                    file_len - scan.len,
+                    path.display()
+                );
+                tracing::warn!(swarm = %name, "{detail}");
+                notes.push(note(detail));
+            } else {
+                let detail = format!(
+                    "damaged record at offset {offset} of {} ({reason}); the swarm is \
+                     unavailable until the log is repaired or removed",
+                    path.display()
+                );
+                tracing::error!(swarm = %name, "{detail}");
+                notes.push(note(detail.clone()));
+                log.unavailable = Some(detail);
+            }
+        }
+        log.segments.push(Segment {
+            first_op,
+            path,
+            len: scan.len,
+            last_op: scan.last_op,
+            index: scan.index,
+        });
+        if log.unavailable.is_some() {
+            break;
+        }
+    }
+    if log.segments.is_empty() {
+        log.segments.push(Segment {
+            first_op: OpId(1),
+            path: segment_path(&dir, OpId(1)),
+            len: 0,
+            last_op: OpId(0),
+            index: Vec::new(),
+        });
+    }
+    Ok((log, notes))
+}
