@@ -166,6 +166,7 @@ async fn hostile_connections_are_closed_alone_with_their_error_code() {
     let deliver = encode(&Message::PublishAck {
         request_id: 1,
         op_id: OpId(1),
+        epoch: swarmbus_schema::Epoch(1),
     })
     .to_vec();
     assert_eq!(

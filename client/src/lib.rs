@@ -35,9 +35,9 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, FrameDecoder, Hello,
-    Message, OpId, OutFrame, Publish, Role, Subscription, Welcome, ALPN, DEFAULT_MAX_FRAME_BYTES,
-    MAX_NAME_BYTES, PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, Epoch, FrameDecoder,
+    Hello, Message, OpId, OutFrame, Publish, Role, Subscription, Welcome, ALPN,
+    DEFAULT_MAX_FRAME_BYTES, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -364,15 +364,25 @@ impl FrameReader {
     }
 }
 
+/// What the router answered to a publish: the op id and the epoch of the swarm's log it
+/// was made durable in (both 0 for unordered classes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Receipt {
+    pub op_id: OpId,
+    pub epoch: Epoch,
+}
+
+type ReplyResult = Result<Receipt, ClientError>;
+
 /// A request awaiting its reply, holding one of the `max_in_flight` slots until answered.
 #[derive(Debug)]
 struct Reply {
-    tx: oneshot::Sender<Result<OpId, ClientError>>,
+    tx: oneshot::Sender<ReplyResult>,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Reply {
-    fn send(self, result: Result<OpId, ClientError>) {
+    fn send(self, result: ReplyResult) {
         let _ = self.tx.send(result);
     }
 }
@@ -441,14 +451,18 @@ impl Shared {
 async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
     loop {
         match reader.next().await {
-            Ok(Some(Message::PublishAck { request_id, op_id })) => {
+            Ok(Some(Message::PublishAck {
+                request_id,
+                op_id,
+                epoch,
+            })) => {
                 if let Some(reply) = shared.pending().remove(&request_id) {
-                    reply.send(Ok(op_id));
+                    reply.send(Ok(Receipt { op_id, epoch }));
                 }
             }
             Ok(Some(Message::SubscribeAck { request_id })) => {
                 if let Some(reply) = shared.pending().remove(&request_id) {
-                    reply.send(Ok(OpId::NONE));
+                    reply.send(Ok(Receipt::default()));
                 }
             }
             Ok(Some(Message::Error(error))) => {
@@ -542,19 +556,24 @@ impl Deliveries {
 /// A pending reply to a publish.
 #[derive(Debug)]
 pub struct PendingAck {
-    rx: Option<oneshot::Receiver<Result<OpId, ClientError>>>,
+    rx: Option<oneshot::Receiver<ReplyResult>>,
     shared: Arc<Shared>,
 }
 
 impl PendingAck {
     /// The op id given by the swarm's sequencer (or `OpId::NONE` for unordered classes).
-    pub async fn wait(mut self) -> Result<OpId, ClientError> {
+    pub async fn wait(self) -> Result<OpId, ClientError> {
+        self.wait_receipt().await.map(|receipt| receipt.op_id)
+    }
+
+    /// The op id and the epoch of the log it is durable in.
+    pub async fn wait_receipt(mut self) -> Result<Receipt, ClientError> {
         match self.rx.take() {
             Some(rx) => match rx.await {
                 Ok(result) => result,
                 Err(_) => Err(closed_error(&self.shared.connection)),
             },
-            None => Ok(OpId::NONE),
+            None => Ok(Receipt::default()),
         }
     }
 }
@@ -576,7 +595,7 @@ impl Client {
         &self.shared.agent_id
     }
 
-    async fn request(&self, build: impl FnOnce(u64) -> Message) -> Result<OpId, ClientError> {
+    async fn request(&self, build: impl FnOnce(u64) -> Message) -> ReplyResult {
         let (id, rx) = self.register().await?;
         let mut registration = Registration {
             shared: &self.shared,
@@ -597,9 +616,7 @@ impl Client {
     }
 
     /// Takes an in-flight slot (waiting for one) and registers a request id.
-    async fn register(
-        &self,
-    ) -> Result<(u64, oneshot::Receiver<Result<OpId, ClientError>>), ClientError> {
+    async fn register(&self) -> Result<(u64, oneshot::Receiver<ReplyResult>), ClientError> {
         let slot = self
             .shared
             .in_flight

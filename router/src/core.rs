@@ -477,6 +477,7 @@ impl<H: Clone> Core<H> {
                 message: Message::PublishAck {
                     request_id: op.request_id,
                     op_id: op.op,
+                    epoch: swarm.epoch,
                 },
             });
             delivered += swarm.fan_out(

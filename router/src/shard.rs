@@ -14,7 +14,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use swarmbus_schema::{encode, Class, ErrorMessage, Message, OpId, Publish, Subscription};
+use swarmbus_schema::{encode, Class, Epoch, ErrorMessage, Message, OpId, Publish, Subscription};
 use tokio::sync::mpsc;
 
 use crate::core::{Action, ConnId, Core, CoreError, Now};
@@ -296,6 +296,7 @@ impl Shard {
                             &Message::PublishAck {
                                 request_id: publish.request_id,
                                 op_id: outcome.op_id,
+                                epoch: Epoch::default(),
                             },
                         );
                     }

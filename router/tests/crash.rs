@@ -14,7 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use swarmbus_client::{Connector, PublishOptions, Session};
 use swarmbus_router::log::recover_all;
-use swarmbus_schema::{Class, DecodeOptions, FrameDecoder, Message, OpId, Role};
+use swarmbus_schema::{Class, DecodeOptions, Epoch, FrameDecoder, Message, OpId, Role};
 
 const ROUTER: &str = env!("CARGO_BIN_EXE_swarmbus-router");
 const SWARMS: [&str; 2] = ["crash-a", "crash-b"];
@@ -48,6 +48,7 @@ async fn publish_then_kill(
     acks: usize,
     round: usize,
     acked: &mut HashMap<(String, u64), Bytes>,
+    epochs: &mut HashMap<String, Epoch>,
 ) {
     let (mut child, addr) = start_router(data);
     let connector = Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
@@ -80,8 +81,13 @@ async fn publish_then_kill(
         n += 1;
         if in_flight.len() >= 32 {
             let (swarm, payload, pending) = in_flight.pop_front().unwrap();
-            let op = pending.wait().await.unwrap();
-            acked.insert((swarm.to_owned(), op.0), payload);
+            let receipt = pending.wait_receipt().await.unwrap();
+            let epoch = epochs.entry(swarm.to_owned()).or_insert(receipt.epoch);
+            assert_eq!(
+                *epoch, receipt.epoch,
+                "{swarm}: epoch changed across restarts"
+            );
+            acked.insert((swarm.to_owned(), receipt.op_id.0), payload);
             got += 1;
         }
     }
@@ -132,8 +138,9 @@ async fn acknowledged_commands_survive_sigkill_and_op_ids_continue() {
     let data = dir.path();
     let mut acked = HashMap::new();
     let mut last_ops: HashMap<String, u64> = HashMap::new();
+    let mut epochs: HashMap<String, Epoch> = HashMap::new();
     for (round, kill_after) in [40usize, 300, 7, 150].into_iter().enumerate() {
-        publish_then_kill(data, kill_after, round, &mut acked).await;
+        publish_then_kill(data, kill_after, round, &mut acked, &mut epochs).await;
         let stored = read_log(data);
         for (key, payload) in &acked {
             assert_eq!(

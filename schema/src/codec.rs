@@ -257,12 +257,17 @@ pub fn encode(message: &Message) -> OutFrame {
                 body = m.payload.clone();
                 (w::Message::Publish, t.as_union_value())
             }
-            Message::PublishAck { request_id, op_id } => {
+            Message::PublishAck {
+                request_id,
+                op_id,
+                epoch,
+            } => {
                 let t = w::PublishAck::create(
                     fbb,
                     &w::PublishAckArgs {
                         request_id: *request_id,
                         op_id: op_id.0,
+                        epoch: epoch.0,
                     },
                 );
                 (w::Message::PublishAck, t.as_union_value())
@@ -469,6 +474,7 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
             Message::PublishAck {
                 request_id: m.request_id(),
                 op_id: OpId(m.op_id()),
+                epoch: Epoch(m.epoch()),
             }
         }
         w::Message::Deliver => {
@@ -600,9 +606,12 @@ mod tests {
                         payload,
                     })
                 }),
-            (any::<u64>(), any::<u64>()).prop_map(|(request_id, op)| Message::PublishAck {
-                request_id,
-                op_id: OpId(op)
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(request_id, op, epoch)| {
+                Message::PublishAck {
+                    request_id,
+                    op_id: OpId(op),
+                    epoch: Epoch(epoch),
+                }
             }),
             (
                 name(),

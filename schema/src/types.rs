@@ -181,11 +181,20 @@ pub enum Message {
     Error(ErrorMessage),
     Subscribe(Subscription),
     Unsubscribe(Subscription),
-    SubscribeAck { request_id: u64 },
+    SubscribeAck {
+        request_id: u64,
+    },
     Publish(Publish),
-    PublishAck { request_id: u64, op_id: OpId },
+    PublishAck {
+        request_id: u64,
+        op_id: OpId,
+        epoch: Epoch,
+    },
     Deliver(Deliver),
-    Ack { swarm: String, op_id: OpId },
+    Ack {
+        swarm: String,
+        op_id: OpId,
+    },
 }
 
 impl Message {

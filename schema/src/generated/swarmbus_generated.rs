@@ -1507,6 +1507,7 @@ impl<'a> ::flatbuffers::Follow<'a> for PublishAck<'a> {
 impl<'a> PublishAck<'a> {
   pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
   pub const VT_OP_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1518,6 +1519,7 @@ impl<'a> PublishAck<'a> {
     args: &'args PublishAckArgs
   ) -> ::flatbuffers::WIPOffset<PublishAck<'bldr>> {
     let mut builder = PublishAckBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
     builder.add_op_id(args.op_id);
     builder.add_request_id(args.request_id);
     builder.finish()
@@ -1539,6 +1541,14 @@ impl<'a> PublishAck<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(PublishAck::VT_OP_ID, Some(0)).unwrap()}
   }
+  /// Epoch of the swarm's log the op is in; 0 for unordered classes.
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PublishAck::VT_EPOCH, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for PublishAck<'_> {
@@ -1549,6 +1559,7 @@ impl ::flatbuffers::Verifiable for PublishAck<'_> {
     v.visit_table(pos)?
      .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
      .visit_field::<u64>("op_id", Self::VT_OP_ID, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
      .finish();
     Ok(())
   }
@@ -1556,6 +1567,7 @@ impl ::flatbuffers::Verifiable for PublishAck<'_> {
 pub struct PublishAckArgs {
     pub request_id: u64,
     pub op_id: u64,
+    pub epoch: u64,
 }
 impl<'a> Default for PublishAckArgs {
   #[inline]
@@ -1563,6 +1575,7 @@ impl<'a> Default for PublishAckArgs {
     PublishAckArgs {
       request_id: 0,
       op_id: 0,
+      epoch: 0,
     }
   }
 }
@@ -1579,6 +1592,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PublishAckBuilder<'a, 'b, A> 
   #[inline]
   pub fn add_op_id(&mut self, op_id: u64) {
     self.fbb_.push_slot::<u64>(PublishAck::VT_OP_ID, op_id, 0);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(PublishAck::VT_EPOCH, epoch, 0);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PublishAckBuilder<'a, 'b, A> {
@@ -1600,6 +1617,7 @@ impl ::core::fmt::Debug for PublishAck<'_> {
     let mut ds = f.debug_struct("PublishAck");
       ds.field("request_id", &self.request_id());
       ds.field("op_id", &self.op_id());
+      ds.field("epoch", &self.epoch());
       ds.finish()
   }
 }
