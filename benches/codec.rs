@@ -3,8 +3,8 @@
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use swarmbus_schema::{
-    decode, encode, encode_deliver_head, Class, DecodeOptions, Deliver, FrameDecoder, Message,
-    OpId, Publish,
+    decode, encode, encode_deliver_head, Class, DecodeOptions, Deliver, Epoch, FrameDecoder,
+    Message, OpId, Publish,
 };
 
 fn publish(size: usize) -> Message {
@@ -23,6 +23,7 @@ fn deliver(size: usize) -> Message {
         swarm: "swarm-7".into(),
         class: Class::Command,
         op_id: OpId(123_456),
+        epoch: Epoch(42),
         source_agent: "controller-1".into(),
         target_agent: Some("agent-3".into()),
         key: Some("task".into()),
@@ -74,6 +75,7 @@ fn encode_benches(c: &mut Criterion) {
                 black_box("swarm-7"),
                 Class::Command,
                 OpId(123_456),
+                Epoch(42),
                 "controller-1",
                 Some("agent-3"),
                 Some("task"),

@@ -33,8 +33,16 @@ fn fanout(c: &mut Criterion) {
                 stats.clone(),
             ));
             for o in &outboxes {
-                core.handle_subscribe(o.conn(), &agent, o.clone(), "swarm", Class::Telemetry, None)
-                    .unwrap();
+                core.handle_subscribe(
+                    o.conn(),
+                    &agent,
+                    o.clone(),
+                    "swarm",
+                    Class::Telemetry,
+                    None,
+                    None,
+                )
+                .unwrap();
             }
             let publish = Publish {
                 request_id: 0,

@@ -9,7 +9,7 @@ use swarmbus_schema::{Deliver, Role};
 pub struct TestRouter {
     pub router: Router,
     pub connector: Connector,
-    _data: tempfile::TempDir,
+    pub _data: Option<tempfile::TempDir>,
 }
 
 pub async fn start_router(adjust: impl FnOnce(&mut Config)) -> TestRouter {
@@ -27,11 +27,20 @@ pub async fn start_router(adjust: impl FnOnce(&mut Config)) -> TestRouter {
     TestRouter {
         router,
         connector,
-        _data: data,
+        _data: Some(data),
     }
 }
 
 impl TestRouter {
+    /// A router started by the test itself (its data dir is the test's to manage).
+    pub fn from_parts(router: Router, connector: Connector) -> Self {
+        TestRouter {
+            router,
+            connector,
+            _data: None,
+        }
+    }
+
     pub async fn connect(&self, agent: &str, role: Role, swarms: &[&str]) -> (Client, Deliveries) {
         self.connector
             .connect(

@@ -20,6 +20,7 @@ fn hello_frame() -> Vec<u8> {
         role: Role::Agent,
         client_name: "hostile-test".into(),
         client_version: "0".into(),
+        resume: Vec::new(),
     }))
     .to_vec()
 }
@@ -254,6 +255,7 @@ async fn an_unsupported_protocol_version_is_refused() {
             role: Role::Agent,
             client_name: String::new(),
             client_version: String::new(),
+            resume: Vec::new(),
         }))
         .to_vec(),
     );

@@ -2,5 +2,6 @@
 
 mod common;
 mod hostile;
+mod resync;
 mod routing;
 mod zero_copy;

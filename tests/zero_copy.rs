@@ -74,6 +74,7 @@ fn bytes_per_delivery(payload_bytes: usize) -> f64 {
             "swarm",
             Class::Telemetry,
             None,
+            None,
         )
         .unwrap();
     }

@@ -1,17 +1,26 @@
 //! Idempotent apply: at-least-once delivery becomes exactly-once effect.
 //!
 //! The router may deliver an ordered op more than once (redelivery after a reconnect or a
-//! timeout). [`IdempotentApply`] keeps the last applied op id per swarm and admits only ops
-//! above it; the application persists [`IdempotentApply::state`] with its own state (the
-//! event-log work adds a file store) and restores it with [`IdempotentApply::restore`].
+//! timeout). [`IdempotentApply`] keeps, per swarm, the epoch of the log the agent applies from
+//! and the last op applied, and admits only ops above it. A delivery from another epoch means
+//! the swarm's log was lost or recreated: the state restarts in the new epoch (and the change
+//! is counted), because op ids of the old epoch mean nothing in the new one.
+//!
+//! The state is persisted through an [`OffsetStore`] ([`FileOffsetStore`] by default: one
+//! small file replaced atomically by write-and-rename) and turned into the resume points a
+//! reconnecting session sends in Hello ([`IdempotentApply::resume_points`]).
 
 use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 
-use swarmbus_schema::{Deliver, OpId};
+use swarmbus_schema::{Deliver, Epoch, OpId, ResumePoint};
 
 #[derive(Clone, Debug, Default)]
 pub struct IdempotentApply {
-    last_applied: HashMap<String, OpId>,
+    /// (epoch, last applied op) per swarm.
+    state: HashMap<String, (Epoch, OpId)>,
+    epoch_changes: u64,
 }
 
 impl IdempotentApply {
@@ -19,28 +28,41 @@ impl IdempotentApply {
         Self::default()
     }
 
-    /// Restores the last applied op id per swarm, as saved from [`IdempotentApply::state`].
-    pub fn restore(state: impl IntoIterator<Item = (String, OpId)>) -> Self {
+    /// Restores (swarm, epoch, last applied op) entries, as saved from
+    /// [`IdempotentApply::state`].
+    pub fn restore(state: impl IntoIterator<Item = (String, Epoch, OpId)>) -> Self {
         IdempotentApply {
-            last_applied: state.into_iter().collect(),
+            state: state
+                .into_iter()
+                .map(|(swarm, epoch, op)| (swarm, (epoch, op)))
+                .collect(),
+            epoch_changes: 0,
         }
     }
 
-    /// Whether op `op_id` of `swarm` should be applied; records it when so. Unordered
-    /// messages (op id 0) are always admitted; an ordered op at or below the last applied
-    /// one is a duplicate and is refused.
-    pub fn admit(&mut self, swarm: &str, op_id: OpId) -> bool {
+    /// Whether op `op_id` of `swarm` (from the log of `epoch`) should be applied; records it
+    /// when so. Unordered messages (op id 0) are always admitted; an ordered op at or below
+    /// the last applied one of the same epoch is a duplicate and is refused.
+    pub fn admit(&mut self, swarm: &str, epoch: Epoch, op_id: OpId) -> bool {
         if op_id.is_none() {
             return true;
         }
-        match self.last_applied.get_mut(swarm) {
-            Some(last) if op_id <= *last => false,
-            Some(last) => {
+        match self.state.get_mut(swarm) {
+            Some((known, last)) if *known == epoch => {
+                if op_id <= *last {
+                    return false;
+                }
                 *last = op_id;
                 true
             }
+            Some((known, last)) => {
+                *known = epoch;
+                *last = op_id;
+                self.epoch_changes += 1;
+                true
+            }
             None => {
-                self.last_applied.insert(swarm.to_owned(), op_id);
+                self.state.insert(swarm.to_owned(), (epoch, op_id));
                 true
             }
         }
@@ -48,17 +70,141 @@ impl IdempotentApply {
 
     /// Runs `apply` on `delivery` unless it was applied already; returns its result.
     pub fn apply<T>(&mut self, delivery: &Deliver, apply: impl FnOnce(&Deliver) -> T) -> Option<T> {
-        self.admit(&delivery.swarm, delivery.op_id)
+        self.admit(&delivery.swarm, delivery.epoch, delivery.op_id)
             .then(|| apply(delivery))
     }
 
     pub fn last_applied(&self, swarm: &str) -> OpId {
-        self.last_applied.get(swarm).copied().unwrap_or_default()
+        self.state.get(swarm).map(|s| s.1).unwrap_or_default()
     }
 
-    /// The last applied op id per swarm, to persist.
-    pub fn state(&self) -> impl Iterator<Item = (&str, OpId)> {
-        self.last_applied.iter().map(|(k, v)| (k.as_str(), *v))
+    pub fn epoch(&self, swarm: &str) -> Option<Epoch> {
+        self.state.get(swarm).map(|s| s.0)
+    }
+
+    /// How many times a swarm's epoch changed under this helper.
+    pub fn epoch_changes(&self) -> u64 {
+        self.epoch_changes
+    }
+
+    /// (swarm, epoch, last applied op) per swarm, to persist.
+    pub fn state(&self) -> impl Iterator<Item = (&str, Epoch, OpId)> {
+        self.state.iter().map(|(k, v)| (k.as_str(), v.0, v.1))
+    }
+
+    /// Resume points for Hello: the router then sends only the ops after them.
+    pub fn resume_points(&self) -> Vec<ResumePoint> {
+        self.state
+            .iter()
+            .map(|(swarm, (epoch, op))| ResumePoint {
+                swarm: swarm.clone(),
+                epoch: *epoch,
+                last_applied: *op,
+            })
+            .collect()
+    }
+
+    /// Saves the state to `store`.
+    pub fn save(&self, store: &dyn OffsetStore) -> std::io::Result<()> {
+        let entries: Vec<_> = self
+            .state()
+            .map(|(swarm, epoch, op)| (swarm.to_owned(), epoch, op))
+            .collect();
+        store.save(&entries)
+    }
+
+    /// Loads the state saved in `store` (empty when nothing was saved yet).
+    pub fn load(store: &dyn OffsetStore) -> std::io::Result<Self> {
+        Ok(Self::restore(store.load()?))
+    }
+}
+
+/// Where the last applied op per swarm is kept between runs. Implement it to keep offsets
+/// next to the application's own state (in the same transaction, ideally).
+pub trait OffsetStore: Send + Sync {
+    fn load(&self) -> std::io::Result<Vec<(String, Epoch, OpId)>>;
+    /// Replaces the saved state with `entries`, atomically.
+    fn save(&self, entries: &[(String, Epoch, OpId)]) -> std::io::Result<()>;
+}
+
+/// An [`OffsetStore`] in one file. `save` writes a temporary file beside it, syncs it and
+/// renames it over the old one (then syncs the directory), so a crash leaves either the old
+/// or the new state, never a mix. Format: one line per swarm, `epoch op hex(swarm)`.
+#[derive(Clone, Debug)]
+pub struct FileOffsetStore {
+    path: PathBuf,
+}
+
+impl FileOffsetStore {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileOffsetStore { path: path.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn invalid(detail: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, detail)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl OffsetStore for FileOffsetStore {
+    fn load(&self) -> std::io::Result<Vec<(String, Epoch, OpId)>> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        text.lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                let bad = || invalid(format!("{}: bad line {line:?}", self.path.display()));
+                let mut parts = line.split(' ');
+                let epoch = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+                let op = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+                let swarm = parts
+                    .next()
+                    .and_then(unhex)
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(bad)?;
+                Ok((swarm, Epoch(epoch), OpId(op)))
+            })
+            .collect()
+    }
+
+    fn save(&self, entries: &[(String, Epoch, OpId)]) -> std::io::Result<()> {
+        let mut text = String::new();
+        for (swarm, epoch, op) in entries {
+            text.push_str(&format!("{} {} {}\n", epoch.0, op.0, hex(swarm.as_bytes())));
+        }
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(text.as_bytes())?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        let dir = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::File::open(dir)?.sync_all()
     }
 }
 
@@ -68,17 +214,54 @@ mod tests {
 
     #[test]
     fn drops_duplicates_and_older_ops_per_swarm() {
+        let e = Epoch(7);
         let mut apply = IdempotentApply::new();
-        assert!(apply.admit("a", OpId(1)));
-        assert!(apply.admit("a", OpId(2)));
-        assert!(!apply.admit("a", OpId(2)));
-        assert!(!apply.admit("a", OpId(1)));
-        assert!(apply.admit("b", OpId(1)));
-        assert!(apply.admit("a", OpId::NONE));
-        assert!(apply.admit("a", OpId::NONE));
+        assert!(apply.admit("a", e, OpId(1)));
+        assert!(apply.admit("a", e, OpId(2)));
+        assert!(!apply.admit("a", e, OpId(2)));
+        assert!(!apply.admit("a", e, OpId(1)));
+        assert!(apply.admit("b", e, OpId(1)));
+        assert!(apply.admit("a", Epoch(0), OpId::NONE));
         assert_eq!(apply.last_applied("a"), OpId(2));
-        let restored = IdempotentApply::restore(apply.state().map(|(k, v)| (k.to_owned(), v)));
+        let restored =
+            IdempotentApply::restore(apply.state().map(|(k, e, v)| (k.to_owned(), e, v)));
         assert_eq!(restored.last_applied("a"), OpId(2));
         assert_eq!(restored.last_applied("b"), OpId(1));
+    }
+
+    #[test]
+    fn a_new_epoch_restarts_the_sequence() {
+        let mut apply = IdempotentApply::new();
+        assert!(apply.admit("a", Epoch(1), OpId(50)));
+        // The log was recreated: op 3 of epoch 2 is new, not a duplicate of epoch 1's op 3.
+        assert!(apply.admit("a", Epoch(2), OpId(3)));
+        assert_eq!(apply.epoch("a"), Some(Epoch(2)));
+        assert_eq!(apply.epoch_changes(), 1);
+        assert!(!apply.admit("a", Epoch(2), OpId(2)));
+    }
+
+    #[test]
+    fn file_store_round_trips_atomically() {
+        let dir = std::env::temp_dir().join(format!("swarmbus-offsets-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = FileOffsetStore::new(dir.join("offsets"));
+        assert!(IdempotentApply::load(&store)
+            .unwrap()
+            .resume_points()
+            .is_empty());
+        let mut apply = IdempotentApply::new();
+        apply.admit("swarm with spaces\nand a newline", Epoch(9), OpId(41));
+        apply.admit("b", Epoch(3), OpId(2));
+        apply.save(&store).unwrap();
+        let loaded = IdempotentApply::load(&store).unwrap();
+        assert_eq!(
+            loaded.last_applied("swarm with spaces\nand a newline"),
+            OpId(41)
+        );
+        assert_eq!(loaded.epoch("b"), Some(Epoch(3)));
+        assert!(!dir.join("offsets.tmp").exists());
+        std::fs::write(store.path(), "garbage\n").unwrap();
+        assert!(IdempotentApply::load(&store).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

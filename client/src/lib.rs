@@ -35,13 +35,13 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, Epoch, FrameDecoder,
-    Hello, Message, OpId, OutFrame, Publish, Role, Subscription, Welcome, ALPN,
-    DEFAULT_MAX_FRAME_BYTES, MAX_NAME_BYTES, PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, DeltaAck, Epoch,
+    FrameDecoder, Hello, Message, OpId, OutFrame, Publish, ResumePoint, Role, Subscription,
+    Welcome, ALPN, DEFAULT_MAX_FRAME_BYTES, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-pub use apply::IdempotentApply;
+pub use apply::{FileOffsetStore, IdempotentApply, OffsetStore};
 pub use error::ClientError;
 
 /// How a session presents itself in Hello, plus client-side limits.
@@ -60,6 +60,9 @@ pub struct Session {
     pub max_in_flight: usize,
     /// Default 10 s.
     pub connect_timeout: Duration,
+    /// Where the agent stands in each swarm (see [`IdempotentApply::resume_points`]): the
+    /// router sends the ordered ops after these, then live traffic.
+    pub resume: Vec<ResumePoint>,
 }
 
 impl Session {
@@ -77,7 +80,18 @@ impl Session {
             delivery_buffer: 8192,
             max_in_flight: 4096,
             connect_timeout: Duration::from_secs(10),
+            resume: Vec::new(),
         }
+    }
+
+    /// Resumes from the state of `applied` (its resume points for the swarms joined).
+    pub fn resume_from(mut self, applied: &IdempotentApply) -> Self {
+        self.resume = applied
+            .resume_points()
+            .into_iter()
+            .filter(|p| self.swarms.contains(&p.swarm))
+            .collect();
+        self
     }
 }
 
@@ -210,6 +224,7 @@ impl Connector {
             role: session.role,
             client_name: session.client_name.clone(),
             client_version: session.client_version.clone(),
+            resume: session.resume.clone(),
         };
         let hello = encode(&Message::Hello(hello));
         send.write_all_chunks(&mut [hello.head, hello.body])
@@ -260,6 +275,7 @@ impl Connector {
             max_payload_bytes: max_payload_bytes(max_frame),
             welcome,
             agent_id: session.agent_id,
+            epoch_changes: Mutex::new(HashMap::new()),
         });
         tokio::spawn(read_replies(reader, shared.clone()));
         tokio::spawn(accept_deliveries(
@@ -372,7 +388,14 @@ pub struct Receipt {
     pub epoch: Epoch,
 }
 
-type ReplyResult = Result<Receipt, ClientError>;
+/// What a request got back.
+#[derive(Debug)]
+enum ReplyValue {
+    Receipt(Receipt),
+    Delta(DeltaAck),
+}
+
+type ReplyResult = Result<ReplyValue, ClientError>;
 
 /// A request awaiting its reply, holding one of the `max_in_flight` slots until answered.
 #[derive(Debug)]
@@ -400,6 +423,8 @@ struct Shared {
     max_payload_bytes: usize,
     welcome: Welcome,
     agent_id: String,
+    /// EpochChanged notices: swarm -> (new epoch, the epoch the resume point was in).
+    epoch_changes: Mutex<HashMap<String, (Epoch, Epoch)>>,
 }
 
 /// Closes the connection when the last `Client` clone is dropped. Background tasks hold
@@ -457,13 +482,30 @@ async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
                 epoch,
             })) => {
                 if let Some(reply) = shared.pending().remove(&request_id) {
-                    reply.send(Ok(Receipt { op_id, epoch }));
+                    reply.send(Ok(ReplyValue::Receipt(Receipt { op_id, epoch })));
                 }
             }
             Ok(Some(Message::SubscribeAck { request_id })) => {
                 if let Some(reply) = shared.pending().remove(&request_id) {
-                    reply.send(Ok(Receipt::default()));
+                    reply.send(Ok(ReplyValue::Receipt(Receipt::default())));
                 }
+            }
+            Ok(Some(Message::DeltaAck(ack))) => {
+                if let Some(reply) = shared.pending().remove(&ack.request_id) {
+                    reply.send(Ok(ReplyValue::Delta(ack)));
+                }
+            }
+            Ok(Some(Message::EpochChanged {
+                swarm,
+                epoch,
+                previous_epoch,
+            })) => {
+                tracing::info!(%swarm, epoch = epoch.0, previous = previous_epoch.0, "the swarm's log has a new epoch");
+                shared
+                    .epoch_changes
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .insert(swarm, (epoch, previous_epoch));
             }
             Ok(Some(Message::Error(error))) => {
                 let reply = shared.pending().remove(&error.request_id);
@@ -570,11 +612,20 @@ impl PendingAck {
     pub async fn wait_receipt(mut self) -> Result<Receipt, ClientError> {
         match self.rx.take() {
             Some(rx) => match rx.await {
-                Ok(result) => result,
+                Ok(result) => result.and_then(expect_receipt),
                 Err(_) => Err(closed_error(&self.shared.connection)),
             },
             None => Ok(Receipt::default()),
         }
+    }
+}
+
+fn expect_receipt(value: ReplyValue) -> Result<Receipt, ClientError> {
+    match value {
+        ReplyValue::Receipt(receipt) => Ok(receipt),
+        other => Err(ClientError::Protocol {
+            detail: format!("expected an acknowledgement, got {other:?}"),
+        }),
     }
 }
 
@@ -648,6 +699,7 @@ impl Client {
             })
         })
         .await
+        .and_then(expect_receipt)
         .map(|_| ())
     }
 
@@ -666,7 +718,38 @@ impl Client {
             })
         })
         .await
+        .and_then(expect_receipt)
         .map(|_| ())
+    }
+
+    /// Asks for ops `from..=to` of `swarm` from the router's log (`to` = `OpId::NONE`: up to
+    /// the latest durable op). The ops not targeted at other agents arrive on
+    /// [`Deliveries`] (reconciliation stream); the answer says which range was covered, how
+    /// many ops were sent and whether more follow (ask again from `last_op + 1`).
+    pub async fn delta(&self, swarm: &str, from: OpId, to: OpId) -> Result<DeltaAck, ClientError> {
+        let value = self
+            .request(|request_id| Message::DeltaRequest {
+                request_id,
+                swarm: swarm.to_owned(),
+                from_op: from,
+                to_op: to,
+            })
+            .await?;
+        match value {
+            ReplyValue::Delta(ack) => Ok(ack),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected a DeltaAck, got {other:?}"),
+            }),
+        }
+    }
+
+    /// EpochChanged notices received: swarm -> (current epoch, the epoch of the resume point).
+    pub fn epoch_changes(&self) -> HashMap<String, (Epoch, Epoch)> {
+        self.shared
+            .epoch_changes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// Acknowledges every op of `swarm` up to and including `op_id` (cumulative).

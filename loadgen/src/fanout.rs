@@ -522,7 +522,7 @@ async fn agent(
         for delivery in &batch {
             if class.is_ordered() {
                 let before = apply.last_applied(&delivery.swarm);
-                if !apply.admit(&delivery.swarm, delivery.op_id) {
+                if !apply.admit(&delivery.swarm, delivery.epoch, delivery.op_id) {
                     // A redelivered op: the application never sees it, but count it.
                     result.apply_dropped += 1;
                     continue;
@@ -551,6 +551,16 @@ async fn agent(
         result.delivered += fresh;
         if got > 0 {
             result.last_delivery = Some(Instant::now());
+        }
+        if class.is_ordered() && got > 0 {
+            // Acknowledge what was applied (cumulative), as an application would; without it
+            // the router redelivers after its redelivery timeout.
+            if let Some(last) = batch.last() {
+                let applied = apply.last_applied(&last.swarm);
+                if client.ack(&last.swarm, applied).await.is_err() {
+                    break;
+                }
+            }
         }
         live.delivered.fetch_add(fresh, Ordering::Relaxed);
     }

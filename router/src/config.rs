@@ -46,6 +46,11 @@ pub struct LogConfig {
     pub segment_bytes: u64,
     /// Appends queued to the writer thread before shards wait.
     pub writer_queue: usize,
+    /// A command or control op delivered but not acknowledged for this long is sent again
+    /// (from the subscriber's last acknowledged op on).
+    pub redelivery_timeout_ms: u64,
+    /// Most ops one DeltaRequest is answered with.
+    pub delta_max_ops: u64,
 }
 
 impl Default for LogConfig {
@@ -55,6 +60,8 @@ impl Default for LogConfig {
             writer: WriterKind::Auto,
             segment_bytes: 64 << 20,
             writer_queue: 65_536,
+            redelivery_timeout_ms: 10_000,
+            delta_max_ops: 4096,
         }
     }
 }
@@ -245,9 +252,14 @@ impl Config {
                 return Err(config_error(format!("queues.{name} must be at least 1")));
             }
         }
-        if self.log.segment_bytes < 4096 || self.log.writer_queue == 0 {
+        if self.log.segment_bytes < 4096
+            || self.log.writer_queue == 0
+            || self.log.delta_max_ops == 0
+            || self.log.redelivery_timeout_ms == 0
+        {
             return Err(config_error(
-                "log.segment_bytes must be at least 4096 and log.writer_queue at least 1",
+                "log.segment_bytes must be at least 4096; log.writer_queue, log.delta_max_ops \
+                 and log.redelivery_timeout_ms at least 1",
             ));
         }
         if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {

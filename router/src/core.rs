@@ -23,7 +23,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use swarmbus_schema::{
     encode_deliver_head, Class, Epoch, ErrorCode, ErrorMessage, Message, OpId, OutFrame, Publish,
@@ -95,6 +97,72 @@ pub enum Action<H> {
         op: OpId,
         record: RecordParts,
     },
+    /// Answer a DeltaRequest: read `from..=to` of the swarm's log, queue the ops not targeted
+    /// at other agents than `agent` on `to_handle`'s reconciliation stream, then reply with
+    /// a DeltaAck (`more` tells whether the requested range goes on past `to`).
+    ReadDelta {
+        to_handle: H,
+        agent: Arc<str>,
+        swarm: Arc<str>,
+        epoch: Epoch,
+        request_id: u64,
+        from: OpId,
+        to: OpId,
+        more: bool,
+    },
+}
+
+/// A subscriber catching up from the log (after a resume point, a redelivery timeout):
+/// the driver reads ops `from..=to` (or a prefix) and hands them to
+/// [`Core::handle_replayed`].
+#[derive(Debug, Clone)]
+pub struct CatchUp<H> {
+    pub conn: ConnId,
+    pub swarm: Arc<str>,
+    pub class: Class,
+    pub from: OpId,
+    pub to: OpId,
+    pub handle: H,
+}
+
+/// One op read back from the log, as the driver hands it to the core.
+#[derive(Debug, Clone)]
+pub struct ReplayedOp {
+    pub op: OpId,
+    pub class: Class,
+    pub source: String,
+    pub target: Option<String>,
+    /// The whole Deliver frame as stored (length prefix included).
+    pub frame: Bytes,
+}
+
+/// Whether an op targeted at `target` is for someone other than `agent`.
+pub fn targeted_elsewhere(target: Option<&str>, agent: &str) -> bool {
+    target.is_some_and(|t| t != agent)
+}
+
+/// Tunables of the core.
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub max_swarms: usize,
+    /// Seed of the generator that gives new swarms their epochs.
+    pub epoch_seed: u64,
+    /// An ordered op delivered but not acknowledged for this long is sent again (from the
+    /// subscriber's last acknowledged op on).
+    pub redelivery_timeout: Duration,
+    /// Most ops one DeltaRequest is answered with.
+    pub delta_max_ops: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            max_swarms: 100_000,
+            epoch_seed: 0x5EED,
+            redelivery_timeout: Duration::from_secs(10),
+            delta_max_ops: 4096,
+        }
+    }
 }
 
 /// What a publish did.
@@ -118,6 +186,13 @@ struct Subscriber<H> {
     /// Source agents subscribed to by filter (when `all_sources` is false).
     sources: Vec<Box<str>>,
     handle: H,
+    /// Ordered classes: the next op to replay from the log while catching up; `None` when
+    /// the subscriber receives live ops.
+    cursor: Option<OpId>,
+    /// Ordered classes: the highest op queued to this subscriber.
+    delivered: OpId,
+    /// Ordered classes: since when ops were delivered but not acknowledged.
+    unacked_since: Option<Instant>,
 }
 
 impl<H> Subscriber<H> {
@@ -187,20 +262,32 @@ impl<H> Swarm<H> {
         }
     }
 
-    /// Queues `frame` for every subscriber of `class` that wants it; returns how many.
+    /// Queues `frame` (of op `op`, `OpId::NONE` for unordered classes) for every live
+    /// subscriber of `class` that wants it; returns how many.
+    #[allow(clippy::too_many_arguments)] // the hot path: plain arguments, no bundling struct
     fn fan_out(
-        &self,
+        &mut self,
         class: Class,
+        op: OpId,
         source: &str,
         target: Option<&str>,
         frame: &OutFrame,
+        now: Instant,
         actions: &mut VecDeque<Action<H>>,
     ) -> usize
     where
         H: Clone,
     {
         let mut recipients = 0;
-        for subscriber in &self.subscribers[class.index()] {
+        for subscriber in &mut self.subscribers[class.index()] {
+            if subscriber.cursor.is_some() {
+                // Catching up from the log: it will read this op there, in order.
+                continue;
+            }
+            if !op.is_none() {
+                subscriber.delivered = op;
+                subscriber.unacked_since.get_or_insert(now);
+            }
             if subscriber.wants(source, target) {
                 actions.push_back(Action::Deliver {
                     to: subscriber.handle.clone(),
@@ -229,24 +316,26 @@ pub struct Core<H> {
     swarms: HashMap<Arc<str>, Swarm<H>>,
     /// Swarms each connection holds state in, for cleanup on disconnect.
     conn_swarms: HashMap<ConnId, Vec<Box<str>>>,
-    max_swarms: usize,
+    config: CoreConfig,
     epoch_rng: u64,
     actions: VecDeque<Action<H>>,
 }
 
 impl<H: Clone> Core<H> {
-    /// A core with a fixed epoch seed (tests and benches).
+    /// A core with default tunables and a fixed epoch seed (tests and benches).
     pub fn new(max_swarms: usize) -> Self {
-        Self::with_epoch_seed(max_swarms, 0x5EED)
+        Self::with_config(CoreConfig {
+            max_swarms,
+            ..CoreConfig::default()
+        })
     }
 
-    /// A core whose new swarms take epochs from a generator seeded with `seed`.
-    pub fn with_epoch_seed(max_swarms: usize, seed: u64) -> Self {
+    pub fn with_config(config: CoreConfig) -> Self {
         Core {
             swarms: HashMap::new(),
             conn_swarms: HashMap::new(),
-            max_swarms,
-            epoch_rng: seed,
+            epoch_rng: config.epoch_seed,
+            config,
             actions: VecDeque::new(),
         }
     }
@@ -268,9 +357,9 @@ impl<H: Clone> Core<H> {
     /// missing and the cap allows.
     fn swarm_entry(&mut self, name: &str) -> Result<&mut Swarm<H>, CoreError> {
         if !self.swarms.contains_key(name) {
-            if self.swarms.len() >= self.max_swarms {
+            if self.swarms.len() >= self.config.max_swarms {
                 return Err(CoreError::TooManySwarms {
-                    max: self.max_swarms,
+                    max: self.config.max_swarms,
                 });
             }
             let epoch = Epoch(splitmix64(&mut self.epoch_rng).max(1));
@@ -289,6 +378,12 @@ impl<H: Clone> Core<H> {
 
     /// Adds a subscription. Subscribing twice is harmless; a connection holding several
     /// subscriptions that match one message receives it once. Returns whether it was new.
+    ///
+    /// For ordered classes, `resume` is the agent's (epoch, last applied op) in this swarm:
+    /// the subscriber first catches up on the ops after it from the log, then goes live. A
+    /// resume point of another epoch gets an `EpochChanged` reply and a catch-up from op 1 of
+    /// the current epoch. Without one the subscriber starts with the next op.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle_subscribe(
         &mut self,
         conn: ConnId,
@@ -297,9 +392,29 @@ impl<H: Clone> Core<H> {
         swarm_name: &str,
         class: Class,
         agent_filter: Option<&str>,
+        resume: Option<(Epoch, OpId)>,
     ) -> Result<bool, CoreError> {
+        let handle_for_reply = handle.clone();
         let swarm = self.swarm_entry(swarm_name)?;
         swarm.check_available()?;
+        let mut cursor = None;
+        let mut epoch_changed = None;
+        if let (true, Some((epoch, last_applied))) = (class.is_ordered(), resume) {
+            let from = if epoch == swarm.epoch {
+                OpId(last_applied.0 + 1)
+            } else {
+                epoch_changed = Some(Message::EpochChanged {
+                    swarm: swarm_name.to_owned(),
+                    epoch: swarm.epoch,
+                    previous_epoch: epoch,
+                });
+                OpId(1)
+            };
+            if from <= swarm.durable_op {
+                cursor = Some(from);
+            }
+        }
+        let durable = swarm.durable_op;
         let list = &mut swarm.subscribers[class.index()];
         let added = match list.iter_mut().find(|s| s.conn == conn) {
             Some(existing) => match agent_filter {
@@ -317,12 +432,172 @@ impl<H: Clone> Core<H> {
                     all_sources: agent_filter.is_none(),
                     sources: agent_filter.map(|s| vec![s.into()]).unwrap_or_default(),
                     handle,
+                    cursor: None,
+                    delivered: durable,
+                    unacked_since: None,
                 });
                 true
             }
         };
+        if let Some(from) = cursor {
+            if let Some(subscriber) = list.iter_mut().find(|s| s.conn == conn) {
+                if subscriber.cursor.is_none() {
+                    subscriber.cursor = Some(from);
+                }
+            }
+        }
+        if let Some(message) = epoch_changed {
+            self.actions.push_back(Action::Reply {
+                to: handle_for_reply,
+                message,
+            });
+        }
         self.track(conn, swarm_name);
         Ok(added)
+    }
+
+    /// Subscribers catching up from the log, with the range each still needs.
+    pub fn catching_up(&self) -> Vec<CatchUp<H>> {
+        let mut out = Vec::new();
+        for swarm in self.swarms.values() {
+            for class in [Class::Control, Class::Command] {
+                for s in &swarm.subscribers[class.index()] {
+                    if let Some(from) = s.cursor {
+                        out.push(CatchUp {
+                            conn: s.conn,
+                            swarm: swarm.name.clone(),
+                            class,
+                            from,
+                            to: swarm.durable_op,
+                            handle: s.handle.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The driver read `ops` (every op of the swarm from the catch-up's `from` through
+    /// `read_up_to`, any class) from the log for the subscriber `conn`: queue those it wants,
+    /// in order, and move its cursor on. Once past the durable op it receives live ops.
+    pub fn handle_replayed(
+        &mut self,
+        conn: ConnId,
+        swarm_name: &str,
+        class: Class,
+        ops: &[ReplayedOp],
+        read_up_to: OpId,
+        now: Instant,
+    ) -> usize {
+        let Some(swarm) = self.swarms.get_mut(swarm_name) else {
+            return 0;
+        };
+        let durable = swarm.durable_op;
+        let Some(subscriber) = swarm.subscribers[class.index()]
+            .iter_mut()
+            .find(|s| s.conn == conn)
+        else {
+            return 0;
+        };
+        let Some(cursor) = subscriber.cursor else {
+            return 0;
+        };
+        let mut queued = 0;
+        for op in ops
+            .iter()
+            .filter(|op| op.op >= cursor && op.op <= read_up_to)
+        {
+            if op.class == class && subscriber.wants(&op.source, op.target.as_deref()) {
+                self.actions.push_back(Action::Deliver {
+                    to: subscriber.handle.clone(),
+                    class,
+                    frame: OutFrame {
+                        head: op.frame.clone(),
+                        body: Bytes::new(),
+                    },
+                });
+                queued += 1;
+            }
+        }
+        if read_up_to >= cursor {
+            subscriber.delivered = subscriber.delivered.max(read_up_to);
+            subscriber.unacked_since.get_or_insert(now);
+            let next = OpId(read_up_to.0 + 1);
+            subscriber.cursor = (next <= durable).then_some(next);
+        }
+        queued
+    }
+
+    /// Periodic work: ordered ops delivered but unacknowledged for longer than the
+    /// redelivery timeout are sent again, from the subscriber's last acknowledged op on.
+    pub fn handle_tick(&mut self, now: Instant) -> usize {
+        let timeout = self.config.redelivery_timeout;
+        let mut rewound = 0;
+        for swarm in self.swarms.values_mut() {
+            for class in [Class::Control, Class::Command] {
+                for s in &mut swarm.subscribers[class.index()] {
+                    let acked = swarm.acked.get(&s.conn).copied().unwrap_or_default();
+                    let overdue = s
+                        .unacked_since
+                        .is_some_and(|since| now.saturating_duration_since(since) >= timeout);
+                    if s.cursor.is_none() && s.delivered > acked && overdue {
+                        s.cursor = Some(OpId(acked.0 + 1));
+                        s.unacked_since = None;
+                        rewound += 1;
+                    }
+                }
+            }
+        }
+        rewound
+    }
+
+    /// A DeltaRequest from `agent`: ops `from..=to` (`to` 0: the latest durable op) of the
+    /// swarm, at most `delta_max_ops`, answered through a `ReadDelta` action.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_delta_request(
+        &mut self,
+        agent: &Arc<str>,
+        handle: H,
+        swarm_name: &str,
+        request_id: u64,
+        from: OpId,
+        to: OpId,
+    ) -> Result<(), CoreError> {
+        let Some(swarm) = self.swarms.get(swarm_name) else {
+            // A swarm with no log yet: an empty answer.
+            self.actions.push_back(Action::Reply {
+                to: handle,
+                message: Message::DeltaAck(swarmbus_schema::DeltaAck {
+                    request_id,
+                    ..Default::default()
+                }),
+            });
+            return Ok(());
+        };
+        swarm.check_available()?;
+        let from = from.max(OpId(1));
+        let wanted_end = if to.is_none() {
+            swarm.durable_op
+        } else {
+            to.min(swarm.durable_op)
+        };
+        let capped = OpId(
+            wanted_end
+                .0
+                .min(from.0.saturating_add(self.config.delta_max_ops) - 1),
+        );
+        self.actions.push_back(Action::ReadDelta {
+            to_handle: handle,
+            agent: agent.clone(),
+            swarm: swarm.name.clone(),
+            epoch: swarm.epoch,
+            request_id,
+            from,
+            to: capped,
+            more: capped < wanted_end,
+        });
+        Ok(())
     }
 
     /// Remembers that `conn` holds state in `swarm_name`, so disconnect frees it.
@@ -379,11 +654,12 @@ impl<H: Clone> Core<H> {
     ) -> Result<PublishOutcome, CoreError> {
         let class = publish.class;
         let target = publish.target_agent.as_deref();
-        let head_for = |op_id: OpId| {
+        let head_for = |op_id: OpId, epoch: Epoch| {
             encode_deliver_head(
                 &publish.swarm,
                 class,
                 op_id,
+                epoch,
                 source_agent,
                 target,
                 publish.key.as_deref(),
@@ -407,10 +683,18 @@ impl<H: Clone> Core<H> {
                 .any(|s| s.wants(source_agent, target));
             let recipients = if wanted {
                 let frame = OutFrame {
-                    head: head_for(OpId::NONE),
+                    head: head_for(OpId::NONE, Epoch::default()),
                     body: publish.payload.clone(),
                 };
-                swarm.fan_out(class, source_agent, target, &frame, &mut self.actions)
+                swarm.fan_out(
+                    class,
+                    OpId::NONE,
+                    source_agent,
+                    target,
+                    &frame,
+                    now.instant,
+                    &mut self.actions,
+                )
             } else {
                 0
             };
@@ -426,7 +710,7 @@ impl<H: Clone> Core<H> {
         swarm.next_op += 1;
         swarm.last_publish = Some(now.instant);
         let frame = OutFrame {
-            head: head_for(op),
+            head: head_for(op, swarm.epoch),
             body: publish.payload.clone(),
         };
         let record = encode_record(
@@ -462,7 +746,7 @@ impl<H: Clone> Core<H> {
 
     /// The log made every op of `swarm_name` up to `up_to` durable: acknowledge those ops
     /// to their publishers and deliver them, in op order.
-    pub fn handle_durable(&mut self, swarm_name: &str, up_to: OpId) -> usize {
+    pub fn handle_durable(&mut self, swarm_name: &str, up_to: OpId, now: Instant) -> usize {
         let Some(swarm) = self.swarms.get_mut(swarm_name) else {
             return 0;
         };
@@ -482,9 +766,11 @@ impl<H: Clone> Core<H> {
             });
             delivered += swarm.fan_out(
                 op.class,
+                op.op,
                 &op.source,
                 op.target.as_deref(),
                 &op.frame,
+                now,
                 &mut self.actions,
             );
         }
@@ -514,7 +800,7 @@ impl<H: Clone> Core<H> {
 
     /// Records a subscriber's cumulative acknowledgement (kept for redelivery, which the
     /// event log drives). Acks never move backwards.
-    pub fn handle_ack(&mut self, conn: ConnId, swarm_name: &str, op_id: OpId) {
+    pub fn handle_ack(&mut self, conn: ConnId, swarm_name: &str, op_id: OpId, now: Instant) {
         let Some(swarm) = self.swarms.get_mut(swarm_name) else {
             return;
         };
@@ -522,7 +808,20 @@ impl<H: Clone> Core<H> {
             return;
         }
         let acked = swarm.acked.entry(conn).or_default();
-        *acked = (*acked).max(op_id);
+        if op_id <= *acked {
+            return;
+        }
+        *acked = op_id;
+        let acked = *acked;
+        // Progress restarts the redelivery clock; everything acknowledged stops it.
+        for class in [Class::Control, Class::Command] {
+            for s in swarm.subscribers[class.index()]
+                .iter_mut()
+                .filter(|s| s.conn == conn)
+            {
+                s.unacked_since = (s.delivered > acked).then_some(now);
+            }
+        }
         self.track(conn, swarm_name);
     }
 
@@ -620,13 +919,14 @@ mod tests {
                         out.appends.push((swarm.clone(), op));
                         durable.push((swarm, op));
                     }
+                    Action::ReadDelta { .. } => {}
                 }
             }
             if durable.is_empty() {
                 return out;
             }
             for (swarm, op) in durable {
-                core.handle_durable(&swarm, op);
+                core.handle_durable(&swarm, op, Instant::now());
             }
         }
     }
@@ -665,7 +965,7 @@ mod tests {
     #[test]
     fn ordered_ops_are_acknowledged_and_delivered_only_once_durable() {
         let mut core = Core::<u64>::new(10);
-        core.handle_subscribe(ConnId(1), &agent("a1"), 1, "s", Class::Command, None)
+        core.handle_subscribe(ConnId(1), &agent("a1"), 1, "s", Class::Command, None, None)
             .unwrap();
         for _ in 0..3 {
             core.handle_publish(
@@ -690,7 +990,7 @@ mod tests {
         }
         assert_eq!(appends, vec![OpId(1), OpId(2), OpId(3)]);
         // Durable up to 2: two acks and two deliveries, in order; op 3 still waits.
-        core.handle_durable("s", OpId(2));
+        core.handle_durable("s", OpId(2), Instant::now());
         let mut order = Vec::new();
         while let Some(action) = core.poll_action() {
             match action {
@@ -713,7 +1013,7 @@ mod tests {
             vec![("ack", 1), ("deliver", 0), ("ack", 2), ("deliver", 0)]
         );
         assert_eq!(core.durable_op("s"), OpId(2));
-        core.handle_durable("s", OpId(3));
+        core.handle_durable("s", OpId(3), Instant::now());
         assert_eq!(drain(&mut core).deliveries.len(), 1);
     }
 
@@ -747,7 +1047,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, CoreError::Unavailable { .. }));
         assert!(core
-            .handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Telemetry, None)
+            .handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Telemetry, None, None)
             .is_err());
         // Other swarms are served.
         core.handle_publish(
@@ -792,9 +1092,9 @@ mod tests {
     #[test]
     fn targeted_and_filtered_delivery() {
         let mut core = Core::<u64>::new(10);
-        core.handle_subscribe(ConnId(1), &agent("a1"), 1, "s", Class::Command, None)
+        core.handle_subscribe(ConnId(1), &agent("a1"), 1, "s", Class::Command, None, None)
             .unwrap();
-        core.handle_subscribe(ConnId(2), &agent("a2"), 2, "s", Class::Command, None)
+        core.handle_subscribe(ConnId(2), &agent("a2"), 2, "s", Class::Command, None, None)
             .unwrap();
         core.handle_subscribe(
             ConnId(3),
@@ -803,6 +1103,7 @@ mod tests {
             "s",
             Class::Telemetry,
             Some("a1"),
+            None,
         )
         .unwrap();
         core.handle_publish(
@@ -843,13 +1144,13 @@ mod tests {
         let mut core = Core::<u64>::new(10);
         let a = agent("a");
         assert!(core
-            .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, Some("x"))
+            .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, Some("x"), None)
             .unwrap());
         assert!(core
-            .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, None)
+            .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, None, None)
             .unwrap());
         assert!(!core
-            .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, None)
+            .handle_subscribe(ConnId(1), &a, 1, "s", Class::Alert, None, None)
             .unwrap());
         let send = |core: &mut Core<u64>, from: &str| {
             core.handle_publish(
@@ -874,7 +1175,7 @@ mod tests {
     fn fan_out_shares_one_head_and_the_payload_buffer() {
         let mut core = Core::<u64>::new(10);
         for i in 0..5 {
-            core.handle_subscribe(ConnId(i), &agent("a"), i, "s", Class::Telemetry, None)
+            core.handle_subscribe(ConnId(i), &agent("a"), i, "s", Class::Telemetry, None, None)
                 .unwrap();
         }
         let p = publish("s", Class::Telemetry, None, &[9u8; 4096]);
@@ -890,7 +1191,7 @@ mod tests {
     #[test]
     fn disconnect_removes_subscriptions_but_keeps_the_sequencer() {
         let mut core = Core::<u64>::new(10);
-        core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None)
+        core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None, None)
             .unwrap();
         core.handle_publish(
             "c",
@@ -900,11 +1201,11 @@ mod tests {
         )
         .unwrap();
         drain(&mut core);
-        core.handle_ack(ConnId(1), "s", OpId(1));
-        core.handle_ack(ConnId(1), "s", OpId(99)); // beyond what is durable: ignored
+        core.handle_ack(ConnId(1), "s", OpId(1), Instant::now());
+        core.handle_ack(ConnId(1), "s", OpId(99), Instant::now()); // beyond what is durable: ignored
         assert_eq!(core.acked(ConnId(1), "s"), OpId(1));
         // An ack from a connection that never subscribed is freed on disconnect too.
-        core.handle_ack(ConnId(2), "s", OpId(1));
+        core.handle_ack(ConnId(2), "s", OpId(1), Instant::now());
         assert_eq!(core.acked(ConnId(2), "s"), OpId(1));
         core.handle_disconnect(ConnId(2));
         assert_eq!(core.acked(ConnId(2), "s"), OpId(0));
@@ -936,7 +1237,7 @@ mod tests {
             Err(CoreError::TooManySwarms { max: 1 })
         );
         assert!(core
-            .handle_subscribe(ConnId(1), &agent("a"), 1, "two", Class::Command, None)
+            .handle_subscribe(ConnId(1), &agent("a"), 1, "two", Class::Command, None, None)
             .is_err());
         send(&mut core, "one", Class::Command).unwrap();
         // Telemetry to an unknown swarm creates nothing and is not an error.

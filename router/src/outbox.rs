@@ -170,6 +170,11 @@ impl Outbox {
         self.lanes[lane.index()].ready.notified().await
     }
 
+    /// Frames the lane holds at most.
+    pub fn capacity(&self, lane: Lane) -> usize {
+        self.lanes[lane.index()].capacity
+    }
+
     pub fn queued(&self, lane: Lane) -> usize {
         self.lock(lane).len()
     }

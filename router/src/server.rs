@@ -12,7 +12,7 @@
 //! A protocol violation closes only the offending connection, with the wire error code as
 //! the QUIC application close code and a human-readable reason.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Class, DecodeOptions, ErrorCode, ErrorMessage,
-    FrameDecoder, Hello, Limits, Message, Publish, SessionId, Subscription, Welcome,
+    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Epoch, ErrorCode, ErrorMessage,
+    FrameDecoder, Hello, Limits, Message, OpId, Publish, SessionId, Subscription, Welcome,
     MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
@@ -31,7 +31,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, Instrument};
 
 use crate::config::Config;
-use crate::core::ConnId;
+use crate::core::{ConnId, CoreConfig};
 use crate::error::RouterError;
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
@@ -132,10 +132,15 @@ impl Router {
                     writer.clone(),
                     logs,
                 );
+                let core_config = CoreConfig {
+                    max_swarms: config.limits.max_swarms as usize,
+                    epoch_seed: log::store::new_epoch().0,
+                    redelivery_timeout: Duration::from_millis(config.log.redelivery_timeout_ms),
+                    delta_max_ops: config.log.delta_max_ops,
+                };
                 spawn_shard(
                     config.limits.shard_queue,
-                    config.limits.max_swarms as usize,
-                    log::store::new_epoch().0,
+                    core_config,
                     Box::new(shard_log),
                     events,
                     stats.clone(),
@@ -316,6 +321,8 @@ struct Session {
     conn: ConnId,
     agent: Arc<str>,
     swarms: HashSet<String>,
+    /// Resume points from Hello: (epoch, last applied op) per swarm.
+    resume: HashMap<String, (Epoch, OpId)>,
     outbox: Arc<Outbox>,
     subscriptions: HeldSubscriptions,
     context: Arc<Context>,
@@ -438,6 +445,11 @@ impl Session {
                     held.insert(key);
                 }
                 let swarm = subscription.swarm.clone();
+                let resume = subscription
+                    .class
+                    .is_ordered()
+                    .then(|| self.resume.get(&swarm).copied())
+                    .flatten();
                 self.to_shard(
                     &swarm,
                     ShardCommand::Subscribe {
@@ -446,6 +458,7 @@ impl Session {
                         outbox: self.outbox.clone(),
                         subscription,
                         held: self.subscriptions.clone(),
+                        resume,
                     },
                 )
                 .await;
@@ -477,6 +490,30 @@ impl Session {
                         outbox: self.outbox.clone(),
                         swarm,
                         op_id,
+                    },
+                )
+                .await;
+            }
+            Message::DeltaRequest {
+                request_id,
+                swarm,
+                from_op,
+                to_op,
+            } => {
+                if !self.joined(&swarm) {
+                    self.not_joined(&swarm, request_id);
+                    return Ok(());
+                }
+                let key = swarm.clone();
+                self.to_shard(
+                    &key,
+                    ShardCommand::Delta {
+                        agent: self.agent.clone(),
+                        outbox: self.outbox.clone(),
+                        request_id,
+                        swarm,
+                        from: from_op,
+                        to: to_op,
                     },
                 )
                 .await;
@@ -532,6 +569,17 @@ fn check_hello(hello: &Hello, config: &Config) -> Result<(), Fault> {
     check_name("agent_id", &hello.agent_id)?;
     for swarm in &hello.swarms {
         check_name("swarm name", swarm)?;
+    }
+    for point in &hello.resume {
+        if !hello.swarms.contains(&point.swarm) {
+            return Err(Fault::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "resume point for swarm {:?}, which Hello does not join",
+                    point.swarm
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -677,6 +725,11 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     let session = Arc::new(Session {
         conn,
         agent: hello.agent_id.into(),
+        resume: hello
+            .resume
+            .into_iter()
+            .map(|r| (r.swarm, (r.epoch, r.last_applied)))
+            .collect(),
         swarms: hello.swarms.into_iter().collect(),
         outbox: outbox.clone(),
         subscriptions: Arc::new(Mutex::new(HashSet::new())),

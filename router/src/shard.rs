@@ -14,10 +14,15 @@ use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use swarmbus_schema::{encode, Class, Epoch, ErrorMessage, Message, OpId, Publish, Subscription};
+use swarmbus_schema::{
+    decode, encode, Class, DecodeOptions, DeltaAck, Epoch, ErrorMessage, Message, OpId, OutFrame,
+    Publish, Subscription,
+};
 use tokio::sync::mpsc;
 
-use crate::core::{Action, ConnId, Core, CoreError, Now};
+use crate::core::{
+    targeted_elsewhere, Action, ConnId, Core, CoreConfig, CoreError, Now, ReplayedOp,
+};
 use crate::log::{LogBackend, LogEvent};
 use crate::outbox::{Lane, Outbox};
 use crate::stats::Stats;
@@ -35,6 +40,16 @@ pub enum ShardCommand {
         subscription: Subscription,
         /// The session's set, from which a refused subscription is removed again.
         held: HeldSubscriptions,
+        /// The agent's resume point in this swarm (ordered classes), from its Hello.
+        resume: Option<(Epoch, OpId)>,
+    },
+    Delta {
+        agent: Arc<str>,
+        outbox: Arc<Outbox>,
+        request_id: u64,
+        swarm: String,
+        from: OpId,
+        to: OpId,
     },
     Unsubscribe {
         outbox: Arc<Outbox>,
@@ -91,15 +106,14 @@ pub struct ShardStopped;
 /// carries the log writer's reports for this shard.
 pub fn spawn_shard(
     capacity: usize,
-    max_swarms: usize,
-    epoch_seed: u64,
+    core_config: CoreConfig,
     log: Box<dyn LogBackend>,
     events: mpsc::UnboundedReceiver<LogEvent>,
     stats: Arc<Stats>,
 ) -> ShardSender {
     let (urgent_tx, urgent_rx) = mpsc::channel(capacity);
     let (bulk_tx, bulk_rx) = mpsc::channel(capacity);
-    let mut core = Core::with_epoch_seed(max_swarms, epoch_seed);
+    let mut core = Core::with_config(core_config);
     for (name, state) in log.swarms() {
         core.restore_swarm(&name, state.epoch, state.last_op, state.unavailable);
     }
@@ -120,6 +134,23 @@ pub fn shard_of(swarm: &str, shards: usize) -> usize {
 
 /// Commands handled per wake-up before the shard flushes its actions.
 const BATCH: usize = 256;
+/// Ops read from the log per catch-up step of one subscriber.
+const CATCH_UP_CHUNK_OPS: usize = 512;
+/// How often the shard checks redelivery timeouts.
+const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+/// How soon a shard with subscribers catching up looks again at their queues.
+const CATCH_UP_RETRY: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// Class, source and target of a stored Deliver frame (with its length prefix).
+fn deliver_meta(frame: &bytes::Bytes) -> Option<(Class, String, Option<String>)> {
+    if frame.len() < 4 {
+        return None;
+    }
+    match decode(frame.slice(4..), &DecodeOptions::default()) {
+        Ok(Message::Deliver(d)) => Some((d.class, d.source_agent, d.target_agent)),
+        _ => None,
+    }
+}
 
 fn reply(outbox: &Outbox, message: &Message) {
     // A full session lane closes the connection (Lagging); nothing more to do here.
@@ -159,6 +190,9 @@ impl Shard {
         let mut event_batch = Vec::with_capacity(BATCH);
         let mut urgent_open = true;
         let mut bulk_open = true;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut catching_up = false;
         while urgent_open || bulk_open {
             tokio::select! {
                 biased;
@@ -170,12 +204,16 @@ impl Shard {
                 }
                 n = urgent.recv_many(&mut urgent_batch, BATCH), if urgent_open => urgent_open = n > 0,
                 n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open => bulk_open = n > 0,
+                _ = tick.tick() => {
+                    self.core.handle_tick(std::time::Instant::now());
+                }
+                _ = tokio::time::sleep(CATCH_UP_RETRY), if catching_up => {}
             }
             let now = Now::system();
             for event in event_batch.drain(..) {
                 match event {
                     LogEvent::Durable { swarm, up_to } => {
-                        self.core.handle_durable(&swarm, up_to);
+                        self.core.handle_durable(&swarm, up_to, now.instant);
                     }
                     LogEvent::Failed {
                         swarm,
@@ -191,7 +229,62 @@ impl Shard {
                 self.handle(command, now);
             }
             self.flush();
+            catching_up = self.pump_catch_ups(now);
+            self.flush();
         }
+    }
+
+    /// Feeds subscribers that catch up from the log, one chunk each while their queue has
+    /// room. Returns whether any is still catching up.
+    fn pump_catch_ups(&mut self, now: Now) -> bool {
+        let catch_ups = self.core.catching_up();
+        let mut pending = false;
+        for c in catch_ups {
+            let lane = Lane::Class(c.class);
+            let room = c.handle.capacity(lane) / 2;
+            if c.handle.is_closed() {
+                continue;
+            }
+            if c.handle.queued(lane) >= room {
+                pending = true;
+                continue;
+            }
+            let chunk = CATCH_UP_CHUNK_OPS.min(room - c.handle.queued(lane)).max(1);
+            match self.log.read_from(&c.swarm, c.from, chunk, usize::MAX) {
+                Ok(records) => {
+                    let read_up_to = records.last().map(|r| r.op).unwrap_or(c.to).min(c.to);
+                    let ops: Vec<ReplayedOp> = records
+                        .into_iter()
+                        .filter(|r| r.op <= c.to)
+                        .filter_map(|r| {
+                            let (class, source, target) = deliver_meta(&r.frame)?;
+                            Some(ReplayedOp {
+                                op: r.op,
+                                class,
+                                source,
+                                target,
+                                frame: r.frame,
+                            })
+                        })
+                        .collect();
+                    self.core.handle_replayed(
+                        c.conn,
+                        &c.swarm,
+                        c.class,
+                        &ops,
+                        read_up_to,
+                        now.instant,
+                    );
+                    pending |= read_up_to < c.to;
+                }
+                Err(error) => {
+                    tracing::error!(swarm = %c.swarm, %error, "reading the event log for a catch-up failed");
+                    self.core
+                        .handle_log_failed(&c.swarm, c.from, &error.to_string());
+                }
+            }
+        }
+        pending
     }
 
     /// Carries out what the core asked for.
@@ -218,6 +311,63 @@ impl Shard {
                         self.core.handle_log_failed(&swarm, op, &error.to_string());
                     }
                 }
+                Action::ReadDelta {
+                    to_handle,
+                    agent,
+                    swarm,
+                    epoch,
+                    request_id,
+                    from,
+                    to,
+                    more,
+                } => {
+                    let count = (to.0 + 1).saturating_sub(from.0) as usize;
+                    let records = if count == 0 {
+                        Ok(Vec::new())
+                    } else {
+                        self.log.read_from(&swarm, from, count, usize::MAX)
+                    };
+                    match records {
+                        Ok(records) => {
+                            let mut sent = 0u32;
+                            for record in records.into_iter().filter(|r| r.op <= to) {
+                                let wanted =
+                                    deliver_meta(&record.frame).is_some_and(|(_, _, target)| {
+                                        !targeted_elsewhere(target.as_deref(), &agent)
+                                    });
+                                if wanted {
+                                    let frame = OutFrame {
+                                        head: record.frame,
+                                        body: bytes::Bytes::new(),
+                                    };
+                                    let _ =
+                                        to_handle.push(Lane::Class(Class::Reconciliation), frame);
+                                    sent += 1;
+                                }
+                            }
+                            reply(
+                                &to_handle,
+                                &Message::DeltaAck(DeltaAck {
+                                    request_id,
+                                    epoch,
+                                    first_op: from,
+                                    last_op: to,
+                                    count: sent,
+                                    more,
+                                    compacted: false,
+                                }),
+                            );
+                        }
+                        Err(error) => refuse(
+                            &to_handle,
+                            request_id,
+                            &CoreError::Unavailable {
+                                swarm: swarm.to_string(),
+                                reason: error.to_string(),
+                            },
+                        ),
+                    }
+                }
             }
         }
         self.stats.delivered.fetch_add(delivered, Ordering::Relaxed);
@@ -232,6 +382,7 @@ impl Shard {
                 outbox,
                 subscription,
                 held,
+                resume,
             } => {
                 // The connection may have closed (and its Disconnect been handled) while
                 // this was queued: registering it now would leave a subscriber nobody removes.
@@ -245,6 +396,7 @@ impl Shard {
                     &subscription.swarm,
                     subscription.class,
                     subscription.agent_filter.as_deref(),
+                    resume,
                 );
                 match result {
                     Ok(_) => reply(
@@ -313,7 +465,21 @@ impl Shard {
                 op_id,
             } => {
                 if !outbox.is_closed() {
-                    core.handle_ack(outbox.conn(), &swarm, op_id);
+                    core.handle_ack(outbox.conn(), &swarm, op_id, now.instant);
+                }
+            }
+            ShardCommand::Delta {
+                agent,
+                outbox,
+                request_id,
+                swarm,
+                from,
+                to,
+            } => {
+                if let Err(error) =
+                    core.handle_delta_request(&agent, outbox.clone(), &swarm, request_id, from, to)
+                {
+                    refuse(&outbox, request_id, &error);
                 }
             }
             ShardCommand::Disconnect { conn } => core.handle_disconnect(conn),

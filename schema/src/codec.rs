@@ -115,10 +115,12 @@ fn finish(
 /// Encodes the head of a Deliver frame whose body is `payload_len` bytes. The router builds
 /// this once per published message and sends it, with the publisher's payload buffer, to
 /// every subscriber.
+#[allow(clippy::too_many_arguments)]
 pub fn encode_deliver_head(
     swarm: &str,
     class: Class,
     op_id: OpId,
+    epoch: Epoch,
     source_agent: &str,
     target_agent: Option<&str>,
     key: Option<&str>,
@@ -135,6 +137,7 @@ pub fn encode_deliver_head(
                 swarm: Some(swarm),
                 class: wire_class(class),
                 op_id: op_id.0,
+                epoch: epoch.0,
                 source_agent: Some(source_agent),
                 target_agent,
                 key,
@@ -156,6 +159,22 @@ pub fn encode(message: &Message) -> OutFrame {
                 let agent_id = fbb.create_string(&m.agent_id);
                 let client_name = fbb.create_string(&m.client_name);
                 let client_version = fbb.create_string(&m.client_version);
+                let resume: Vec<_> = m
+                    .resume
+                    .iter()
+                    .map(|r| {
+                        let swarm = fbb.create_string(&r.swarm);
+                        w::Resume::create(
+                            fbb,
+                            &w::ResumeArgs {
+                                swarm: Some(swarm),
+                                epoch: r.epoch.0,
+                                last_applied: r.last_applied.0,
+                            },
+                        )
+                    })
+                    .collect();
+                let resume = fbb.create_vector(&resume);
                 let t = w::Hello::create(
                     fbb,
                     &w::HelloArgs {
@@ -165,6 +184,7 @@ pub fn encode(message: &Message) -> OutFrame {
                         role: wire_role(m.role),
                         client_name: Some(client_name),
                         client_version: Some(client_version),
+                        resume: Some(resume),
                     },
                 );
                 (w::Message::Hello, t.as_union_value())
@@ -279,6 +299,7 @@ pub fn encode(message: &Message) -> OutFrame {
                     &m.swarm,
                     m.class,
                     m.op_id,
+                    m.epoch,
                     &m.source_agent,
                     m.target_agent.as_deref(),
                     m.key.as_deref(),
@@ -295,6 +316,55 @@ pub fn encode(message: &Message) -> OutFrame {
                     },
                 );
                 (w::Message::Ack, t.as_union_value())
+            }
+            Message::EpochChanged {
+                swarm,
+                epoch,
+                previous_epoch,
+            } => {
+                let swarm = fbb.create_string(swarm);
+                let t = w::EpochChanged::create(
+                    fbb,
+                    &w::EpochChangedArgs {
+                        swarm: Some(swarm),
+                        epoch: epoch.0,
+                        previous_epoch: previous_epoch.0,
+                    },
+                );
+                (w::Message::EpochChanged, t.as_union_value())
+            }
+            Message::DeltaRequest {
+                request_id,
+                swarm,
+                from_op,
+                to_op,
+            } => {
+                let swarm = fbb.create_string(swarm);
+                let t = w::DeltaRequest::create(
+                    fbb,
+                    &w::DeltaRequestArgs {
+                        request_id: *request_id,
+                        swarm: Some(swarm),
+                        from_op: from_op.0,
+                        to_op: to_op.0,
+                    },
+                );
+                (w::Message::DeltaRequest, t.as_union_value())
+            }
+            Message::DeltaAck(m) => {
+                let t = w::DeltaAck::create(
+                    fbb,
+                    &w::DeltaAckArgs {
+                        request_id: m.request_id,
+                        epoch: m.epoch.0,
+                        first_op: m.first_op.0,
+                        last_op: m.last_op.0,
+                        count: m.count,
+                        more: m.more,
+                        compacted: m.compacted,
+                    },
+                );
+                (w::Message::DeltaAck, t.as_union_value())
             }
         };
         finish(fbb, kind, offset, body.len())
@@ -393,6 +463,19 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 role: role_of(m.role())?,
                 client_name: m.client_name().unwrap_or_default().to_owned(),
                 client_version: m.client_version().unwrap_or_default().to_owned(),
+                resume: match m.resume() {
+                    Some(points) => points
+                        .iter()
+                        .map(|r| {
+                            Ok(ResumePoint {
+                                swarm: required(r.swarm(), "Resume without swarm")?,
+                                epoch: Epoch(r.epoch()),
+                                last_applied: OpId(r.last_applied()),
+                            })
+                        })
+                        .collect::<Result<_, DecodeError>>()?,
+                    None => Vec::new(),
+                },
             })
         }
         w::Message::Welcome => {
@@ -483,6 +566,7 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 swarm: required(m.swarm(), "Deliver without swarm")?,
                 class: class_of(m.class())?,
                 op_id: OpId(m.op_id()),
+                epoch: Epoch(m.epoch()),
                 source_agent: m.source_agent().unwrap_or_default().to_owned(),
                 target_agent: optional(m.target_agent()),
                 key: optional(m.key()),
@@ -496,6 +580,44 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 swarm: required(m.swarm(), "Ack without swarm")?,
                 op_id: OpId(m.op_id()),
             }
+        }
+        w::Message::EpochChanged => {
+            let m = root
+                .message_as_epoch_changed()
+                .ok_or(missing("empty EpochChanged"))?;
+            no_body()?;
+            Message::EpochChanged {
+                swarm: required(m.swarm(), "EpochChanged without swarm")?,
+                epoch: Epoch(m.epoch()),
+                previous_epoch: Epoch(m.previous_epoch()),
+            }
+        }
+        w::Message::DeltaRequest => {
+            let m = root
+                .message_as_delta_request()
+                .ok_or(missing("empty DeltaRequest"))?;
+            no_body()?;
+            Message::DeltaRequest {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "DeltaRequest without swarm")?,
+                from_op: OpId(m.from_op()),
+                to_op: OpId(m.to_op()),
+            }
+        }
+        w::Message::DeltaAck => {
+            let m = root
+                .message_as_delta_ack()
+                .ok_or(missing("empty DeltaAck"))?;
+            no_body()?;
+            Message::DeltaAck(DeltaAck {
+                request_id: m.request_id(),
+                epoch: Epoch(m.epoch()),
+                first_op: OpId(m.first_op()),
+                last_op: OpId(m.last_op()),
+                count: m.count(),
+                more: m.more(),
+                compacted: m.compacted(),
+            })
         }
         other => return Err(DecodeError::UnknownMessage { kind: other.0 }),
     };
@@ -546,6 +668,7 @@ mod tests {
                     role: [Role::Agent, Role::Controller, Role::Worker][role as usize],
                     client_name: n,
                     client_version: v,
+                    resume: Vec::new(),
                 })),
             (
                 any::<u64>(),
@@ -628,6 +751,7 @@ mod tests {
                             swarm,
                             class,
                             op_id: OpId(op),
+                            epoch: Epoch(op.rotate_left(7)),
                             source_agent,
                             target_agent,
                             key,
@@ -639,6 +763,61 @@ mod tests {
                 swarm,
                 op_id: OpId(op)
             }),
+            (
+                name(),
+                any::<u64>(),
+                proptest::collection::vec((name(), any::<u64>(), any::<u64>()), 0..4)
+            )
+                .prop_map(|(agent_id, epoch, points)| Message::Hello(Hello {
+                    protocol_version: 1,
+                    swarms: points.iter().map(|p| p.0.clone()).collect(),
+                    agent_id,
+                    role: Role::Agent,
+                    client_name: String::new(),
+                    client_version: String::new(),
+                    resume: points
+                        .into_iter()
+                        .map(|(swarm, e, op)| ResumePoint {
+                            swarm,
+                            epoch: Epoch(e ^ epoch),
+                            last_applied: OpId(op),
+                        })
+                        .collect(),
+                })),
+            (name(), any::<u64>(), any::<u64>()).prop_map(|(swarm, e, p)| {
+                Message::EpochChanged {
+                    swarm,
+                    epoch: Epoch(e),
+                    previous_epoch: Epoch(p),
+                }
+            }),
+            (any::<u64>(), name(), any::<u64>(), any::<u64>()).prop_map(
+                |(request_id, swarm, f, t)| Message::DeltaRequest {
+                    request_id,
+                    swarm,
+                    from_op: OpId(f),
+                    to_op: OpId(t),
+                }
+            ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(|(request_id, e, op, count, more, compacted)| {
+                    Message::DeltaAck(DeltaAck {
+                        request_id,
+                        epoch: Epoch(e),
+                        first_op: OpId(op / 2),
+                        last_op: OpId(op),
+                        count,
+                        more,
+                        compacted,
+                    })
+                }),
         ]
     }
 
@@ -705,6 +884,7 @@ mod tests {
             &long,
             Class::Command,
             OpId(u64::MAX),
+            Epoch(u64::MAX),
             &long,
             Some(&long),
             Some(&long),

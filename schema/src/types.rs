@@ -107,6 +107,14 @@ pub struct Epoch(pub u64);
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SessionId(pub u64);
 
+/// Where a reconnecting agent stands in one swarm (see the schema's `Resume`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResumePoint {
+    pub swarm: String,
+    pub epoch: Epoch,
+    pub last_applied: OpId,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Hello {
     pub protocol_version: u16,
@@ -115,6 +123,7 @@ pub struct Hello {
     pub role: Role,
     pub client_name: String,
     pub client_version: String,
+    pub resume: Vec<ResumePoint>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -167,10 +176,24 @@ pub struct Deliver {
     pub swarm: String,
     pub class: Class,
     pub op_id: OpId,
+    /// Epoch of the swarm's log for ordered classes; `Epoch(0)` otherwise.
+    pub epoch: Epoch,
     pub source_agent: String,
     pub target_agent: Option<String>,
     pub key: Option<String>,
     pub payload: Bytes,
+}
+
+/// The answer to a DeltaRequest (see the schema).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DeltaAck {
+    pub request_id: u64,
+    pub epoch: Epoch,
+    pub first_op: OpId,
+    pub last_op: OpId,
+    pub count: u32,
+    pub more: bool,
+    pub compacted: bool,
 }
 
 /// Every message of the protocol.
@@ -195,6 +218,18 @@ pub enum Message {
         swarm: String,
         op_id: OpId,
     },
+    EpochChanged {
+        swarm: String,
+        epoch: Epoch,
+        previous_epoch: Epoch,
+    },
+    DeltaRequest {
+        request_id: u64,
+        swarm: String,
+        from_op: OpId,
+        to_op: OpId,
+    },
+    DeltaAck(DeltaAck),
 }
 
 impl Message {
@@ -210,6 +245,9 @@ impl Message {
             Message::PublishAck { .. } => "PublishAck",
             Message::Deliver(_) => "Deliver",
             Message::Ack { .. } => "Ack",
+            Message::EpochChanged { .. } => "EpochChanged",
+            Message::DeltaRequest { .. } => "DeltaRequest",
+            Message::DeltaAck(_) => "DeltaAck",
         }
     }
 }

@@ -198,10 +198,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Role {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 10;
+pub const ENUM_MAX_MESSAGE: u8 = 13;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 11] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 14] = [
   Message::NONE,
   Message::Hello,
   Message::Welcome,
@@ -213,6 +213,9 @@ pub const ENUM_VALUES_MESSAGE: [Message; 11] = [
   Message::PublishAck,
   Message::Deliver,
   Message::Ack,
+  Message::EpochChanged,
+  Message::DeltaRequest,
+  Message::DeltaAck,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -231,9 +234,12 @@ impl Message {
   pub const PublishAck: Self = Self(8);
   pub const Deliver: Self = Self(9);
   pub const Ack: Self = Self(10);
+  pub const EpochChanged: Self = Self(11);
+  pub const DeltaRequest: Self = Self(12);
+  pub const DeltaAck: Self = Self(13);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 10;
+  pub const ENUM_MAX: u8 = 13;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -246,6 +252,9 @@ impl Message {
     Self::PublishAck,
     Self::Deliver,
     Self::Ack,
+    Self::EpochChanged,
+    Self::DeltaRequest,
+    Self::DeltaAck,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -261,6 +270,9 @@ impl Message {
       Self::PublishAck => Some("PublishAck"),
       Self::Deliver => Some("Deliver"),
       Self::Ack => Some("Ack"),
+      Self::EpochChanged => Some("EpochChanged"),
+      Self::DeltaRequest => Some("DeltaRequest"),
+      Self::DeltaAck => Some("DeltaAck"),
       _ => None,
     }
   }
@@ -317,6 +329,138 @@ impl<'a> ::flatbuffers::Verifiable for Message {
 impl ::flatbuffers::SimpleToVerifyInSlice for Message {}
 pub struct MessageUnionTableOffset {}
 
+pub enum ResumeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Where a reconnecting agent stands in one swarm: the epoch of the log it applied from and
+/// the last op it applied. The router sends only the ops after it (then live traffic).
+pub struct Resume<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Resume<'a> {
+  type Inner = Resume<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Resume<'a> {
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LAST_APPLIED: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Resume { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ResumeArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Resume<'bldr>> {
+    let mut builder = ResumeBuilder::new(_fbb);
+    builder.add_last_applied(args.last_applied);
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Resume::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Resume::VT_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn last_applied(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Resume::VT_LAST_APPLIED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Resume<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<u64>("last_applied", Self::VT_LAST_APPLIED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ResumeArgs<'a> {
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub epoch: u64,
+    pub last_applied: u64,
+}
+impl<'a> Default for ResumeArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ResumeArgs {
+      swarm: None,
+      epoch: 0,
+      last_applied: 0,
+    }
+  }
+}
+
+pub struct ResumeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResumeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Resume::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(Resume::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_last_applied(&mut self, last_applied: u64) {
+    self.fbb_.push_slot::<u64>(Resume::VT_LAST_APPLIED, last_applied, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResumeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ResumeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Resume<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Resume<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Resume");
+      ds.field("swarm", &self.swarm());
+      ds.field("epoch", &self.epoch());
+      ds.field("last_applied", &self.last_applied());
+      ds.finish()
+  }
+}
 pub enum HelloOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -340,6 +484,7 @@ impl<'a> Hello<'a> {
   pub const VT_ROLE: ::flatbuffers::VOffsetT = 10;
   pub const VT_CLIENT_NAME: ::flatbuffers::VOffsetT = 12;
   pub const VT_CLIENT_VERSION: ::flatbuffers::VOffsetT = 14;
+  pub const VT_RESUME: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -351,6 +496,7 @@ impl<'a> Hello<'a> {
     args: &'args HelloArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Hello<'bldr>> {
     let mut builder = HelloBuilder::new(_fbb);
+    if let Some(x) = args.resume { builder.add_resume(x); }
     if let Some(x) = args.client_version { builder.add_client_version(x); }
     if let Some(x) = args.client_name { builder.add_client_name(x); }
     if let Some(x) = args.agent_id { builder.add_agent_id(x); }
@@ -405,6 +551,14 @@ impl<'a> Hello<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Hello::VT_CLIENT_VERSION, None)}
   }
+  /// Resume points, at most one per swarm joined.
+  #[inline]
+  pub fn resume(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Resume<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Resume>>>>(Hello::VT_RESUME, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Hello<'_> {
@@ -419,6 +573,7 @@ impl ::flatbuffers::Verifiable for Hello<'_> {
      .visit_field::<Role>("role", Self::VT_ROLE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_name", Self::VT_CLIENT_NAME, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_version", Self::VT_CLIENT_VERSION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Resume>>>>("resume", Self::VT_RESUME, false)?
      .finish();
     Ok(())
   }
@@ -430,6 +585,7 @@ pub struct HelloArgs<'a> {
     pub role: Role,
     pub client_name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub client_version: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub resume: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Resume<'a>>>>>,
 }
 impl<'a> Default for HelloArgs<'a> {
   #[inline]
@@ -441,6 +597,7 @@ impl<'a> Default for HelloArgs<'a> {
       role: Role::Agent,
       client_name: None,
       client_version: None,
+      resume: None,
     }
   }
 }
@@ -475,6 +632,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HelloBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_CLIENT_VERSION, client_version);
   }
   #[inline]
+  pub fn add_resume(&mut self, resume: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<Resume<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_RESUME, resume);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HelloBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HelloBuilder {
@@ -498,6 +659,7 @@ impl ::core::fmt::Debug for Hello<'_> {
       ds.field("role", &self.role());
       ds.field("client_name", &self.client_name());
       ds.field("client_version", &self.client_version());
+      ds.field("resume", &self.resume());
       ds.finish()
   }
 }
@@ -1645,6 +1807,7 @@ impl<'a> Deliver<'a> {
   pub const VT_TARGET_AGENT: ::flatbuffers::VOffsetT = 12;
   pub const VT_KEY: ::flatbuffers::VOffsetT = 14;
   pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 16;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1656,6 +1819,7 @@ impl<'a> Deliver<'a> {
     args: &'args DeliverArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Deliver<'bldr>> {
     let mut builder = DeliverBuilder::new(_fbb);
+    builder.add_epoch(args.epoch);
     builder.add_op_id(args.op_id);
     builder.add_payload_len(args.payload_len);
     if let Some(x) = args.key { builder.add_key(x); }
@@ -1717,6 +1881,14 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Deliver::VT_PAYLOAD_LEN, Some(0)).unwrap()}
   }
+  /// Epoch of the swarm's log for ordered classes; 0 otherwise.
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Deliver::VT_EPOCH, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Deliver<'_> {
@@ -1732,6 +1904,7 @@ impl ::flatbuffers::Verifiable for Deliver<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("target_agent", Self::VT_TARGET_AGENT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("key", Self::VT_KEY, false)?
      .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
      .finish();
     Ok(())
   }
@@ -1744,6 +1917,7 @@ pub struct DeliverArgs<'a> {
     pub target_agent: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub key: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub payload_len: u32,
+    pub epoch: u64,
 }
 impl<'a> Default for DeliverArgs<'a> {
   #[inline]
@@ -1756,6 +1930,7 @@ impl<'a> Default for DeliverArgs<'a> {
       target_agent: None,
       key: None,
       payload_len: 0,
+      epoch: 0,
     }
   }
 }
@@ -1794,6 +1969,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeliverBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u32>(Deliver::VT_PAYLOAD_LEN, payload_len, 0);
   }
   #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(Deliver::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeliverBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     DeliverBuilder {
@@ -1818,6 +1997,7 @@ impl ::core::fmt::Debug for Deliver<'_> {
       ds.field("target_agent", &self.target_agent());
       ds.field("key", &self.key());
       ds.field("payload_len", &self.payload_len());
+      ds.field("epoch", &self.epoch());
       ds.finish()
   }
 }
@@ -1932,6 +2112,492 @@ impl ::core::fmt::Debug for Ack<'_> {
     let mut ds = f.debug_struct("Ack");
       ds.field("swarm", &self.swarm());
       ds.field("op_id", &self.op_id());
+      ds.finish()
+  }
+}
+pub enum EpochChangedOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> client: the swarm's log is not the one the client's resume point refers to (it
+/// was lost or recreated). Op ids of `previous_epoch` mean nothing in `epoch`; the router
+/// resends the swarm's retained ops of the new epoch from the start.
+pub struct EpochChanged<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for EpochChanged<'a> {
+  type Inner = EpochChanged<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> EpochChanged<'a> {
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 4;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PREVIOUS_EPOCH: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    EpochChanged { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args EpochChangedArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<EpochChanged<'bldr>> {
+    let mut builder = EpochChangedBuilder::new(_fbb);
+    builder.add_previous_epoch(args.previous_epoch);
+    builder.add_epoch(args.epoch);
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(EpochChanged::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EpochChanged::VT_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn previous_epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(EpochChanged::VT_PREVIOUS_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for EpochChanged<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<u64>("previous_epoch", Self::VT_PREVIOUS_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct EpochChangedArgs<'a> {
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub epoch: u64,
+    pub previous_epoch: u64,
+}
+impl<'a> Default for EpochChangedArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    EpochChangedArgs {
+      swarm: None,
+      epoch: 0,
+      previous_epoch: 0,
+    }
+  }
+}
+
+pub struct EpochChangedBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EpochChangedBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(EpochChanged::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(EpochChanged::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_previous_epoch(&mut self, previous_epoch: u64) {
+    self.fbb_.push_slot::<u64>(EpochChanged::VT_PREVIOUS_EPOCH, previous_epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EpochChangedBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    EpochChangedBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<EpochChanged<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for EpochChanged<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("EpochChanged");
+      ds.field("swarm", &self.swarm());
+      ds.field("epoch", &self.epoch());
+      ds.field("previous_epoch", &self.previous_epoch());
+      ds.finish()
+  }
+}
+pub enum DeltaRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Client -> router: send the ops `from_op..=to_op` of `swarm` (to_op 0: up to the latest
+/// durable op) from the log, on the reconciliation stream. Answered with DeltaAck; at most
+/// `delta_max_ops` ops per request (ask again from `last_op + 1` when `more`).
+pub struct DeltaRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeltaRequest<'a> {
+  type Inner = DeltaRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeltaRequest<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FROM_OP: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TO_OP: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeltaRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeltaRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DeltaRequest<'bldr>> {
+    let mut builder = DeltaRequestBuilder::new(_fbb);
+    builder.add_to_op(args.to_op);
+    builder.add_from_op(args.from_op);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeltaRequest::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DeltaRequest::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn from_op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeltaRequest::VT_FROM_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn to_op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeltaRequest::VT_TO_OP, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeltaRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<u64>("from_op", Self::VT_FROM_OP, false)?
+     .visit_field::<u64>("to_op", Self::VT_TO_OP, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeltaRequestArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub from_op: u64,
+    pub to_op: u64,
+}
+impl<'a> Default for DeltaRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeltaRequestArgs {
+      request_id: 0,
+      swarm: None,
+      from_op: 0,
+      to_op: 0,
+    }
+  }
+}
+
+pub struct DeltaRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeltaRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(DeltaRequest::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeltaRequest::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_from_op(&mut self, from_op: u64) {
+    self.fbb_.push_slot::<u64>(DeltaRequest::VT_FROM_OP, from_op, 0);
+  }
+  #[inline]
+  pub fn add_to_op(&mut self, to_op: u64) {
+    self.fbb_.push_slot::<u64>(DeltaRequest::VT_TO_OP, to_op, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeltaRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeltaRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeltaRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeltaRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeltaRequest");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("from_op", &self.from_op());
+      ds.field("to_op", &self.to_op());
+      ds.finish()
+  }
+}
+pub enum DeltaAckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> client: the answer to a DeltaRequest was queued on the reconciliation stream:
+/// `count` ops (not targeted at other agents) from the range `first_op..=last_op`.
+pub struct DeltaAck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeltaAck<'a> {
+  type Inner = DeltaAck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeltaAck<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FIRST_OP: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LAST_OP: ::flatbuffers::VOffsetT = 10;
+  pub const VT_COUNT: ::flatbuffers::VOffsetT = 12;
+  pub const VT_MORE: ::flatbuffers::VOffsetT = 14;
+  pub const VT_COMPACTED: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeltaAck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeltaAckArgs
+  ) -> ::flatbuffers::WIPOffset<DeltaAck<'bldr>> {
+    let mut builder = DeltaAckBuilder::new(_fbb);
+    builder.add_last_op(args.last_op);
+    builder.add_first_op(args.first_op);
+    builder.add_epoch(args.epoch);
+    builder.add_request_id(args.request_id);
+    builder.add_count(args.count);
+    builder.add_compacted(args.compacted);
+    builder.add_more(args.more);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeltaAck::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn epoch(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeltaAck::VT_EPOCH, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn first_op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeltaAck::VT_FIRST_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn last_op(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeltaAck::VT_LAST_OP, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn count(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(DeltaAck::VT_COUNT, Some(0)).unwrap()}
+  }
+  /// More ops follow `last_op` up to the requested end (or the latest durable op).
+  #[inline]
+  pub fn more(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(DeltaAck::VT_MORE, Some(false)).unwrap()}
+  }
+  /// Part of the range lies before the compaction horizon: only the latest op per key was
+  /// kept there.
+  #[inline]
+  pub fn compacted(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(DeltaAck::VT_COMPACTED, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeltaAck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<u64>("first_op", Self::VT_FIRST_OP, false)?
+     .visit_field::<u64>("last_op", Self::VT_LAST_OP, false)?
+     .visit_field::<u32>("count", Self::VT_COUNT, false)?
+     .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .visit_field::<bool>("compacted", Self::VT_COMPACTED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeltaAckArgs {
+    pub request_id: u64,
+    pub epoch: u64,
+    pub first_op: u64,
+    pub last_op: u64,
+    pub count: u32,
+    pub more: bool,
+    pub compacted: bool,
+}
+impl<'a> Default for DeltaAckArgs {
+  #[inline]
+  fn default() -> Self {
+    DeltaAckArgs {
+      request_id: 0,
+      epoch: 0,
+      first_op: 0,
+      last_op: 0,
+      count: 0,
+      more: false,
+      compacted: false,
+    }
+  }
+}
+
+pub struct DeltaAckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeltaAckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(DeltaAck::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_epoch(&mut self, epoch: u64) {
+    self.fbb_.push_slot::<u64>(DeltaAck::VT_EPOCH, epoch, 0);
+  }
+  #[inline]
+  pub fn add_first_op(&mut self, first_op: u64) {
+    self.fbb_.push_slot::<u64>(DeltaAck::VT_FIRST_OP, first_op, 0);
+  }
+  #[inline]
+  pub fn add_last_op(&mut self, last_op: u64) {
+    self.fbb_.push_slot::<u64>(DeltaAck::VT_LAST_OP, last_op, 0);
+  }
+  #[inline]
+  pub fn add_count(&mut self, count: u32) {
+    self.fbb_.push_slot::<u32>(DeltaAck::VT_COUNT, count, 0);
+  }
+  #[inline]
+  pub fn add_more(&mut self, more: bool) {
+    self.fbb_.push_slot::<bool>(DeltaAck::VT_MORE, more, false);
+  }
+  #[inline]
+  pub fn add_compacted(&mut self, compacted: bool) {
+    self.fbb_.push_slot::<bool>(DeltaAck::VT_COMPACTED, compacted, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeltaAckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeltaAckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeltaAck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeltaAck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeltaAck");
+      ds.field("request_id", &self.request_id());
+      ds.field("epoch", &self.epoch());
+      ds.field("first_op", &self.first_op());
+      ds.field("last_op", &self.last_op());
+      ds.field("count", &self.count());
+      ds.field("more", &self.more());
+      ds.field("compacted", &self.compacted());
       ds.finish()
   }
 }
@@ -2134,6 +2800,51 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_epoch_changed(&self) -> Option<EpochChanged<'a>> {
+    if self.message_type() == Message::EpochChanged {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { EpochChanged::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_delta_request(&self) -> Option<DeltaRequest<'a>> {
+    if self.message_type() == Message::DeltaRequest {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeltaRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_delta_ack(&self) -> Option<DeltaAck<'a>> {
+    if self.message_type() == Message::DeltaAck {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeltaAck::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -2154,6 +2865,9 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::PublishAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PublishAck>>("Message::PublishAck", pos),
           Message::Deliver => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Deliver>>("Message::Deliver", pos),
           Message::Ack => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Ack>>("Message::Ack", pos),
+          Message::EpochChanged => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<EpochChanged>>("Message::EpochChanged", pos),
+          Message::DeltaRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeltaRequest>>("Message::DeltaRequest", pos),
+          Message::DeltaAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeltaAck>>("Message::DeltaAck", pos),
           _ => Ok(()),
         }
      })?
@@ -2273,6 +2987,27 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::Ack => {
           if let Some(x) = self.message_as_ack() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::EpochChanged => {
+          if let Some(x) = self.message_as_epoch_changed() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::DeltaRequest => {
+          if let Some(x) = self.message_as_delta_request() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::DeltaAck => {
+          if let Some(x) = self.message_as_delta_ack() {
             ds.field("message", &x)
           } else {
             ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -1,0 +1,222 @@
+//! Delta resync, epochs, DeltaRequest and redelivery against in-process routers.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use swarmbus_client::{FileOffsetStore, IdempotentApply, PublishOptions, Session};
+use swarmbus_router::{Config, Router};
+use swarmbus_schema::{Class, Deliver, OpId, Role};
+
+use crate::common::{recv_n, recv_until, start_router, TestRouter};
+
+async fn publish_commands(
+    client: &swarmbus_client::Client,
+    swarm: &str,
+    range: std::ops::RangeInclusive<u32>,
+) {
+    for i in range {
+        client
+            .publish(
+                swarm,
+                Class::Command,
+                Bytes::from(format!("cmd-{i}")),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn ops(deliveries: &[Deliver]) -> Vec<u64> {
+    deliveries.iter().map(|d| d.op_id.0).collect()
+}
+
+#[tokio::test]
+async fn a_reconnecting_agent_gets_exactly_the_ops_it_missed() {
+    let t = start_router(|_| {}).await;
+    let offsets_dir = tempfile::tempdir().unwrap();
+    let store = FileOffsetStore::new(offsets_dir.path().join("offsets"));
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+
+    // First session: apply ops 1..=5, persist, go away.
+    {
+        let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
+        agent.subscribe("s", Class::Command, None).await.unwrap();
+        publish_commands(&ctl, "s", 1..=5).await;
+        let mut apply = IdempotentApply::new();
+        for d in recv_n(&mut rx, 5).await {
+            assert!(apply.apply(&d, |_| ()).is_some());
+        }
+        apply.save(&store).unwrap();
+        agent.ack("s", OpId(5)).await.unwrap();
+        agent.close();
+    }
+    // Missed while away: ops 6..=15.
+    publish_commands(&ctl, "s", 6..=15).await;
+
+    let apply = IdempotentApply::load(&store).unwrap();
+    assert_eq!(apply.last_applied("s"), OpId(5));
+    let session = Session::new("a1", Role::Agent, ["s"]).resume_from(&apply);
+    let (agent, mut rx) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    publish_commands(&ctl, "s", 16..=16).await;
+    ctl.publish(
+        "s",
+        Class::Command,
+        Bytes::from_static(b"END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let got = recv_until(&mut rx, b"END").await;
+    // Exactly the missed ops, then live traffic; not the history before the resume point.
+    assert_eq!(ops(&got), (6..=16).collect::<Vec<_>>());
+    assert!(got.iter().all(|d| d.epoch == apply.epoch("s").unwrap()));
+    assert!(agent.epoch_changes().is_empty());
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_lost_log_is_reported_as_a_new_epoch() {
+    let data = tempfile::tempdir().unwrap();
+    let config = || Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.path().to_owned(),
+        ..Config::default()
+    };
+    let router = Router::start(config()).await.unwrap();
+    let connector =
+        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
+    let t = TestRouter::from_parts(router, connector);
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    publish_commands(&ctl, "s", 1..=3).await;
+    let mut apply = IdempotentApply::new();
+    for d in recv_n(&mut rx, 3).await {
+        apply.apply(&d, |_| ());
+    }
+    let old_epoch = apply.epoch("s").unwrap();
+    drop((ctl, agent, rx));
+    let TestRouter {
+        router, connector, ..
+    } = t;
+    router.shutdown().await;
+
+    // The swarm's log is lost; the router starts again on the same data dir (same CA).
+    std::fs::remove_dir_all(data.path().join("log")).unwrap();
+    let router = Router::start(config()).await.unwrap();
+    let session = Session::new("a1", Role::Agent, ["s"]).resume_from(&apply);
+    let (agent, mut rx) = connector
+        .connect(router.local_addr(), session)
+        .await
+        .unwrap();
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    let changes = agent.epoch_changes();
+    let (new_epoch, previous) = changes.get("s").copied().expect("EpochChanged received");
+    assert_eq!(previous, old_epoch);
+    assert_ne!(new_epoch, old_epoch);
+    let (ctl, _) = connector
+        .connect(
+            router.local_addr(),
+            Session::new("ctl", Role::Controller, ["s"]),
+        )
+        .await
+        .unwrap();
+    let op = ctl
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"new"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(op, OpId(1));
+    let d = recv_n(&mut rx, 1).await.remove(0);
+    assert_eq!(d.epoch, new_epoch);
+    // Op 1 of the new epoch is applied although op 3 of the old one was.
+    assert!(apply.apply(&d, |_| ()).is_some());
+    assert_eq!(apply.epoch_changes(), 1);
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn delta_requests_are_answered_from_the_log_in_bounded_pieces() {
+    let t = start_router(|c| c.log.delta_max_ops = 8).await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    for i in 1..=20u32 {
+        let options = PublishOptions {
+            target_agent: (i % 5 == 0).then(|| "someone-else".to_string()),
+            ..PublishOptions::default()
+        };
+        ctl.publish("s", Class::Command, Bytes::from(format!("{i}")), options)
+            .await
+            .unwrap();
+    }
+    let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
+    let mut received = Vec::new();
+    let mut from = OpId(3);
+    loop {
+        let ack = agent.delta("s", from, OpId::NONE).await.unwrap();
+        assert!(
+            ack.last_op.0 - ack.first_op.0 < 8,
+            "more than delta_max_ops in one answer"
+        );
+        received.extend(recv_n(&mut rx, ack.count as usize).await);
+        if !ack.more {
+            assert_eq!(ack.last_op, OpId(20));
+            break;
+        }
+        from = OpId(ack.last_op.0 + 1);
+    }
+    // Ops 3..=20 except those targeted at another agent (5, 10, 15, 20).
+    let expected: Vec<u64> = (3..=20).filter(|i| i % 5 != 0).collect();
+    assert_eq!(ops(&received), expected);
+    assert!(received.iter().all(|d| d.payload == d.op_id.0.to_string()));
+    // A range past the end is empty, not an error.
+    let ack = agent.delta("s", OpId(100), OpId::NONE).await.unwrap();
+    assert_eq!(ack.count, 0);
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn unacknowledged_ops_are_redelivered_and_dropped_by_the_helper() {
+    let t = start_router(|c| c.log.redelivery_timeout_ms = 200).await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    publish_commands(&ctl, "s", 1..=3).await;
+    let mut apply = IdempotentApply::new();
+    let first = recv_n(&mut rx, 3).await;
+    for d in &first {
+        assert!(apply.apply(d, |_| ()).is_some());
+    }
+    // No ack: the same ops come again after the redelivery timeout.
+    let again = tokio::time::timeout(Duration::from_secs(10), recv_n(&mut rx, 3))
+        .await
+        .unwrap();
+    assert_eq!(ops(&again), vec![1, 2, 3]);
+    assert!(
+        again.iter().all(|d| apply.apply(d, |_| ()).is_none()),
+        "the helper must drop redeliveries"
+    );
+    // Once acknowledged, nothing more is redelivered: the next thing to arrive is new.
+    agent.ack("s", OpId(3)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    publish_commands(&ctl, "s", 4..=4).await;
+    let next = recv_n(&mut rx, 1).await;
+    let mut seen = ops(&next);
+    while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await {
+        seen.push(d.op_id.0);
+    }
+    assert!(
+        seen.iter().all(|op| *op >= 4),
+        "acknowledged ops redelivered: {seen:?}"
+    );
+    t.router.shutdown().await;
+}
