@@ -1,6 +1,8 @@
 //! `swarmbus-loadgen`: capacity tests against a swarmbus router. Parses arguments and
 //! runs a scenario from the library modules.
 
+mod affinity_sim;
+mod durable;
 mod fanout;
 mod spawn;
 mod units;
@@ -24,6 +26,16 @@ enum Scenario {
     /// One publisher per swarm sends to that swarm's agents; reports delivered/s, loss,
     /// duplicates, reordering and end-to-end latency.
     Fanout(fanout::FanoutArgs),
+    /// Runs the placement library over a synthetic fleet (Zipf model popularity, one node
+    /// failure, one node addition) next to round-robin, ring and rendezvous; reports cache
+    /// hit rate, load spread and sessions moved. Needs no router.
+    AffinitySim(affinity_sim::AffinitySimArgs),
+    /// Publishers send commands and wait for acknowledgements (at most --window outstanding
+    /// each); reports acked/s and ack latency, and can record every acknowledged command.
+    Durable(durable::DurableArgs),
+    /// Reads every swarm recorded by `durable --record` back from the router's log and
+    /// compares; exits 1 on any missing, mismatched, gap or duplicate op.
+    Check(durable::CheckArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,6 +50,9 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.scenario {
             Scenario::Fanout(args) => fanout::run(args).await,
+            Scenario::AffinitySim(args) => affinity_sim::run(args),
+            Scenario::Durable(args) => durable::run(args).await,
+            Scenario::Check(args) => durable::run_check(args).await,
         }
     });
     match result {
