@@ -78,6 +78,7 @@ fn append_batch(
             LogEvent::Durable { up_to, .. } if up_to.0 >= last => return,
             LogEvent::Durable { .. } => {}
             LogEvent::Failed { detail, .. } => panic!("{detail}"),
+            LogEvent::Compacted { .. } => {}
         }
     }
 }
@@ -96,11 +97,20 @@ fn appends(c: &mut Criterion) {
                 None => tempfile::tempdir().unwrap(),
             };
             let (tx, mut events) = mpsc::unbounded_channel();
-            let Ok(writer) = LogWriter::start(kind, SyncPolicy::Always, 65_536, vec![tx]) else {
+            let Ok(writer) = LogWriter::start(kind, SyncPolicy::Always, 65_536, vec![tx.clone()])
+            else {
                 eprintln!("{kind} writer unavailable here; skipped");
                 continue;
             };
-            let mut log = ShardLog::new(0, dir.path(), 64 << 20, writer, Vec::new());
+            let mut log = ShardLog::new(
+                0,
+                dir.path(),
+                64 << 20,
+                writer,
+                Vec::new(),
+                Default::default(),
+                tx,
+            );
             let swarm: Arc<str> = "bench".into();
             log.create(&swarm, Epoch(1)).unwrap();
             let mut next = 1u64;

@@ -220,3 +220,95 @@ async fn unacknowledged_ops_are_redelivered_and_dropped_by_the_helper() {
     );
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_resync_from_before_the_compaction_horizon_gets_the_latest_op_per_key() {
+    let t = start_router(|c| {
+        c.log.segment_bytes = 4096;
+        c.log.hot_bytes = 4096;
+        c.log.compaction_interval_ms = 1;
+    })
+    .await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    for i in 1..=200u32 {
+        let options = PublishOptions {
+            key: Some(format!("k{}", i % 5)),
+            ..PublishOptions::default()
+        };
+        ctl.publish("s", Class::Command, Bytes::from(format!("{i}")), options)
+            .await
+            .unwrap();
+    }
+    // Wait for the background compaction to move the horizon.
+    let (reader, _reader_rx) = t.connect("reader", Role::Controller, &["s"]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ack = reader.delta("s", OpId(1), OpId(1)).await.unwrap();
+        if ack.compacted {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no compaction happened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An agent resuming from before the horizon (it applied nothing of this epoch).
+    let (probe, mut probe_rx) = t.connect("probe", Role::Agent, &["s"]).await;
+    probe.subscribe("s", Class::Command, None).await.unwrap();
+    ctl.publish(
+        "s",
+        Class::Command,
+        Bytes::from_static(b"201"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let epoch = recv_n(&mut probe_rx, 1).await[0].epoch;
+    let mut apply = IdempotentApply::restore([("s".to_string(), epoch, OpId(0))]);
+    let session = Session::new("a1", Role::Agent, ["s"]).resume_from(&apply);
+    let (agent, mut rx) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    ctl.publish(
+        "s",
+        Class::Command,
+        Bytes::from_static(b"END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let got = recv_until(&mut rx, b"END").await;
+    let got_ops = ops(&got);
+    assert!(
+        got_ops.windows(2).all(|w| w[0] < w[1]),
+        "not in order: {got_ops:?}"
+    );
+    assert!(
+        got_ops.len() < 201,
+        "a full history replay: {} ops",
+        got_ops.len()
+    );
+    // The latest op of every key, and everything after the horizon, are there.
+    for op in 196..=201 {
+        assert!(got_ops.contains(&op), "op {op} missing from {got_ops:?}");
+    }
+    // Op 1's key was written again later: compaction dropped it, so the resync starts later.
+    assert!(got_ops[0] > 1, "op 1 survived compaction: {got_ops:?}");
+    // Every key's latest op is there (the unit tests check that only the latest is).
+    for key in 0..5 {
+        let latest = (1..=200u64).rev().find(|i| i % 5 == key).unwrap();
+        assert!(
+            got_ops.contains(&latest),
+            "latest op {latest} of k{key} missing"
+        );
+    }
+    for d in &got {
+        apply.apply(d, |_| ());
+    }
+    assert_eq!(apply.last_applied("s"), OpId(201));
+    t.router.shutdown().await;
+}

@@ -51,6 +51,32 @@ pub struct LogConfig {
     pub redelivery_timeout_ms: u64,
     /// Most ops one DeltaRequest is answered with.
     pub delta_max_ops: u64,
+    /// How often each shard compacts its swarms' logs and applies retention.
+    pub compaction_interval_ms: u64,
+    /// The newest bytes of each swarm's log that are never compacted.
+    pub hot_bytes: u64,
+    /// Compaction drops command records older than this (0: keep them).
+    pub command_max_age_ms: u64,
+    /// Compaction drops control records older than this (0: keep them).
+    pub control_max_age_ms: u64,
+    /// Past this size a swarm's oldest segments are deleted (0: no limit).
+    pub max_bytes: u64,
+}
+
+impl LogConfig {
+    /// The retention settings in the log's terms.
+    pub fn retention(&self) -> crate::log::Retention {
+        let mut max_age_ms = [None; Class::COUNT];
+        max_age_ms[Class::Command.index()] =
+            (self.command_max_age_ms > 0).then_some(self.command_max_age_ms);
+        max_age_ms[Class::Control.index()] =
+            (self.control_max_age_ms > 0).then_some(self.control_max_age_ms);
+        crate::log::Retention {
+            hot_bytes: self.hot_bytes,
+            max_age_ms,
+            max_bytes: (self.max_bytes > 0).then_some(self.max_bytes),
+        }
+    }
 }
 
 impl Default for LogConfig {
@@ -62,6 +88,11 @@ impl Default for LogConfig {
             writer_queue: 65_536,
             redelivery_timeout_ms: 10_000,
             delta_max_ops: 4096,
+            compaction_interval_ms: 60_000,
+            hot_bytes: 256 << 20,
+            command_max_age_ms: 7 * 24 * 3600 * 1000,
+            control_max_age_ms: 30 * 24 * 3600 * 1000,
+            max_bytes: 0,
         }
     }
 }
@@ -256,10 +287,11 @@ impl Config {
             || self.log.writer_queue == 0
             || self.log.delta_max_ops == 0
             || self.log.redelivery_timeout_ms == 0
+            || self.log.compaction_interval_ms == 0
         {
             return Err(config_error(
-                "log.segment_bytes must be at least 4096; log.writer_queue, log.delta_max_ops \
-                 and log.redelivery_timeout_ms at least 1",
+                "log.segment_bytes must be at least 4096; log.writer_queue, log.delta_max_ops, \
+                 log.redelivery_timeout_ms and log.compaction_interval_ms at least 1",
             ));
         }
         if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {

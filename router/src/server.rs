@@ -110,7 +110,7 @@ impl Router {
             config.log.writer,
             config.log.sync,
             config.log.writer_queue,
-            event_senders,
+            event_senders.clone(),
         )
         .map_err(|e| RouterError::Config {
             detail: format!("starting the event log writer: {e}"),
@@ -120,17 +120,20 @@ impl Router {
         for swarm in recovered {
             per_shard[shard_of(&swarm.name, shard_count)].push(swarm);
         }
+        let retention = config.log.retention();
         let shards = per_shard
             .into_iter()
-            .zip(event_receivers)
+            .zip(event_receivers.into_iter().zip(event_senders))
             .enumerate()
-            .map(|(index, (logs, events))| {
+            .map(|(index, (logs, (events, events_tx)))| {
                 let shard_log = ShardLog::new(
                     index,
                     &log_dir,
                     config.log.segment_bytes,
                     writer.clone(),
                     logs,
+                    retention.clone(),
+                    events_tx,
                 );
                 let core_config = CoreConfig {
                     max_swarms: config.limits.max_swarms as usize,
@@ -141,6 +144,7 @@ impl Router {
                 spawn_shard(
                     config.limits.shard_queue,
                     core_config,
+                    Duration::from_millis(config.log.compaction_interval_ms),
                     Box::new(shard_log),
                     events,
                     stats.clone(),

@@ -107,6 +107,7 @@ pub struct ShardStopped;
 pub fn spawn_shard(
     capacity: usize,
     core_config: CoreConfig,
+    maintenance_interval: std::time::Duration,
     log: Box<dyn LogBackend>,
     events: mpsc::UnboundedReceiver<LogEvent>,
     stats: Arc<Stats>,
@@ -117,7 +118,12 @@ pub fn spawn_shard(
     for (name, state) in log.swarms() {
         core.restore_swarm(&name, state.epoch, state.last_op, state.unavailable);
     }
-    let shard = Shard { core, log, stats };
+    let shard = Shard {
+        core,
+        log,
+        stats,
+        maintenance_interval,
+    };
     tokio::spawn(shard.run(urgent_rx, bulk_rx, events));
     ShardSender {
         urgent: urgent_tx,
@@ -174,6 +180,8 @@ struct Shard {
     core: Core<Arc<Outbox>>,
     log: Box<dyn LogBackend>,
     stats: Arc<Stats>,
+    /// How often the log is compacted and retention applied.
+    maintenance_interval: std::time::Duration,
 }
 
 impl Shard {
@@ -193,6 +201,7 @@ impl Shard {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut catching_up = false;
+        let mut last_maintenance = std::time::Instant::now();
         while urgent_open || bulk_open {
             tokio::select! {
                 biased;
@@ -205,7 +214,12 @@ impl Shard {
                 n = urgent.recv_many(&mut urgent_batch, BATCH), if urgent_open => urgent_open = n > 0,
                 n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open => bulk_open = n > 0,
                 _ = tick.tick() => {
-                    self.core.handle_tick(std::time::Instant::now());
+                    let now = Now::system();
+                    self.core.handle_tick(now.instant);
+                    if now.instant.duration_since(last_maintenance) >= self.maintenance_interval {
+                        last_maintenance = now.instant;
+                        self.log.maintain(now.unix_ms);
+                    }
                 }
                 _ = tokio::time::sleep(CATCH_UP_RETRY), if catching_up => {}
             }
@@ -222,6 +236,9 @@ impl Shard {
                     } => {
                         tracing::error!(%swarm, op = from.0, %detail, "event log append failed; swarm unavailable");
                         self.core.handle_log_failed(&swarm, from, &detail);
+                    }
+                    LogEvent::Compacted { swarm, result } => {
+                        self.log.on_compacted(&swarm, result);
                     }
                 }
             }
@@ -354,7 +371,7 @@ impl Shard {
                                     last_op: to,
                                     count: sent,
                                     more,
-                                    compacted: false,
+                                    compacted: from <= self.log.horizon(&swarm),
                                 }),
                             );
                         }

@@ -3,22 +3,25 @@
 //! - [`record`]: the record format (length, CRC32C, epoch, op, timestamp, class, key, frame).
 //! - [`store`]: per-swarm segmented files, sparse index, recovery and reads.
 //! - [`writer`]: the writer thread with group commit (io_uring or plain file backend).
+//! - [`compact`]: compaction (latest record per key, age limits) and size retention.
 //!
 //! The router uses the log through [`LogBackend`]; [`ShardLog`] is the embedded
 //! implementation (one per shard, all sharing one writer thread). A replicated backend on an
 //! existing distributed engine can implement the same trait later.
 
+pub mod compact;
 pub mod record;
 pub mod store;
 pub mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use swarmbus_schema::{Epoch, OpId};
 use thiserror::Error;
 
+pub use compact::{Compacted, Retention};
 pub use record::{encode_record, Record, RecordParts};
 pub use store::{recover_all, RecoveryNote, SwarmLog};
 pub use writer::{LogEvent, LogWriter, WriterKind};
@@ -108,6 +111,13 @@ pub trait LogBackend: Send {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, LogError>;
+    /// Ops of `swarm` up to here were compacted or removed by retention.
+    fn horizon(&self, swarm: &str) -> OpId;
+    /// Starts background compaction and applies retention where due. Results come back as
+    /// [`LogEvent::Compacted`] on the shard's event channel.
+    fn maintain(&mut self, now_ms: u64);
+    /// Installs a finished compaction (from [`LogEvent::Compacted`]).
+    fn on_compacted(&mut self, swarm: &Arc<str>, result: Result<Compacted, String>);
 }
 
 /// The embedded log of one shard: the swarms hashed to it, appending through the shared
@@ -119,15 +129,23 @@ pub struct ShardLog {
     segment_bytes: u64,
     writer: LogWriter,
     swarms: HashMap<Arc<str>, SwarmLog>,
+    retention: Retention,
+    /// This shard's event channel, where finished compactions are reported.
+    events: tokio::sync::mpsc::UnboundedSender<LogEvent>,
+    /// Swarms with a compaction running.
+    compacting: HashSet<Arc<str>>,
 }
 
 impl ShardLog {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shard: usize,
         log_dir: &Path,
         segment_bytes: u64,
         writer: LogWriter,
         recovered: Vec<SwarmLog>,
+        retention: Retention,
+        events: tokio::sync::mpsc::UnboundedSender<LogEvent>,
     ) -> Self {
         ShardLog {
             shard,
@@ -138,6 +156,9 @@ impl ShardLog {
                 .into_iter()
                 .map(|log| (Arc::from(log.name.as_str()), log))
                 .collect(),
+            retention,
+            events,
+            compacting: HashSet::new(),
         }
     }
 }
@@ -209,6 +230,60 @@ impl LogBackend for ShardLog {
                 swarm: swarm.to_owned(),
                 detail: e.to_string(),
             })
+    }
+
+    fn horizon(&self, swarm: &str) -> OpId {
+        self.swarms.get(swarm).map_or(OpId(0), |log| log.horizon)
+    }
+
+    fn maintain(&mut self, now_ms: u64) {
+        for (name, log) in &mut self.swarms {
+            if self.compacting.contains(name) || log.unavailable.is_some() {
+                continue;
+            }
+            if let Err(error) = compact::enforce_max_bytes(log, &self.retention) {
+                tracing::error!(swarm = %name, %error, "log retention failed");
+            }
+            let Some(job) = compact::plan(log, &self.retention, now_ms, name) else {
+                continue;
+            };
+            self.compacting.insert(name.clone());
+            let events = self.events.clone();
+            // Compaction reads and writes whole segments: a thread of its own, so neither
+            // the shard nor the writer waits for it.
+            let spawned = std::thread::Builder::new()
+                .name("swarmbus-compaction".into())
+                .spawn(move || {
+                    let result = compact::run(&job).map_err(|e| e.to_string());
+                    let _ = events.send(LogEvent::Compacted {
+                        swarm: job.swarm.clone(),
+                        result,
+                    });
+                });
+            if spawned.is_err() {
+                self.compacting.remove(name);
+            }
+        }
+    }
+
+    fn on_compacted(&mut self, swarm: &Arc<str>, result: Result<Compacted, String>) {
+        self.compacting.remove(swarm);
+        let Some(log) = self.swarms.get_mut(swarm) else {
+            return;
+        };
+        match result {
+            Ok(done) => {
+                let (before, after) = (done.records_before, done.records_after);
+                match compact::install(log, done, &self.retention) {
+                    Ok(deleted) => tracing::info!(
+                        %swarm, records_before = before, records_after = after, files_deleted = deleted,
+                        horizon = log.horizon.0, "log compacted"
+                    ),
+                    Err(error) => tracing::error!(%swarm, %error, "installing a compaction failed"),
+                }
+            }
+            Err(error) => tracing::error!(%swarm, %error, "log compaction failed; will retry"),
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 //! DATA_DIR/log/<dir>/name                  the swarm's name (dir is a sanitised prefix + hash)
 //! DATA_DIR/log/<dir>/epoch                 the log's epoch, decimal
 //! DATA_DIR/log/<dir>/<first_op:020>.log    segments, each starting at op `first_op`
+//! DATA_DIR/log/<dir>/<first:020>-<last:020>.compacted.log
+//!                                          ops first..=last compacted (latest per key)
 //! ```
 //!
 //! Each segment keeps a sparse in-memory index (op -> byte offset, one entry every
@@ -38,8 +40,27 @@ pub struct Segment {
     pub len: u64,
     /// Last op stored; `first_op - 1` when empty.
     pub last_op: OpId,
-    /// (op, offset) every `INDEX_EVERY_RECORDS` records.
+    /// The last op of the range this segment stands for. Equal to `last_op` for plain
+    /// segments; a compacted segment may have dropped the ops at the end of its range.
+    pub covers_to: OpId,
+    /// Written by compaction: op ids increase but have gaps.
+    pub compacted: bool,
+    /// (op, offset) of every `INDEX_EVERY_RECORDS`-th record.
     pub index: Vec<(OpId, u64)>,
+}
+
+impl Segment {
+    fn empty(dir: &Path, first_op: OpId) -> Segment {
+        Segment {
+            first_op,
+            path: segment_path(dir, first_op),
+            len: 0,
+            last_op: OpId(first_op.0 - 1),
+            covers_to: OpId(first_op.0 - 1),
+            compacted: false,
+            index: Vec::new(),
+        }
+    }
 }
 
 /// Where the log of one swarm stands.
@@ -53,6 +74,8 @@ pub struct SwarmLog {
     pub unavailable: Option<String>,
     /// Whether the directory and epoch file exist on disk yet.
     pub created: bool,
+    /// Ops up to here were compacted (latest per key kept) or removed by retention.
+    pub horizon: OpId,
 }
 
 /// A problem found while recovering, reported but not fatal to the router.
@@ -84,6 +107,32 @@ fn segment_path(dir: &Path, first_op: OpId) -> PathBuf {
     dir.join(format!("{:020}.log", first_op.0))
 }
 
+/// The file of a compacted segment standing for ops `first..=last`.
+pub fn compacted_path(dir: &Path, first: OpId, last: OpId) -> PathBuf {
+    dir.join(format!("{:020}-{:020}.compacted.log", first.0, last.0))
+}
+
+/// What a file name in a swarm directory is.
+enum SegmentName {
+    Plain(OpId),
+    Compacted(OpId, OpId),
+}
+
+fn parse_segment_name(path: &Path) -> Option<SegmentName> {
+    let name = path.file_name()?.to_str()?;
+    if let Some(range) = name.strip_suffix(".compacted.log") {
+        let (first, last) = range.split_once('-')?;
+        return Some(SegmentName::Compacted(
+            OpId(first.parse().ok()?),
+            OpId(last.parse().ok()?),
+        ));
+    }
+    let first = name.strip_suffix(".log")?;
+    (first.len() == 20)
+        .then(|| first.parse().ok().map(|op| SegmentName::Plain(OpId(op))))
+        .flatten()
+}
+
 /// A fresh epoch: random per call (std's randomly keyed hasher) and never 0.
 pub fn new_epoch() -> Epoch {
     use std::hash::BuildHasher;
@@ -107,17 +156,12 @@ impl SwarmLog {
         let dir = log_dir.join(swarm_dir_name(name));
         SwarmLog {
             name: name.to_owned(),
-            segments: vec![Segment {
-                first_op: OpId(1),
-                path: segment_path(&dir, OpId(1)),
-                len: 0,
-                last_op: OpId(0),
-                index: Vec::new(),
-            }],
+            segments: vec![Segment::empty(&dir, OpId(1))],
             dir,
             epoch,
             unavailable: None,
             created: false,
+            horizon: OpId(0),
         }
     }
 
@@ -147,7 +191,12 @@ impl SwarmLog {
 
     /// The last op stored (0 when empty).
     pub fn last_op(&self) -> OpId {
-        self.segments.last().map_or(OpId(0), |s| s.last_op)
+        self.segments.last().map_or(OpId(0), |s| s.covers_to)
+    }
+
+    /// Bytes of all segments.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
     }
 
     /// Reserves the position of the next record (op `last_op + 1`, `len` bytes), rolling to a
@@ -159,13 +208,7 @@ impl SwarmLog {
             None => true,
         };
         if roll {
-            self.segments.push(Segment {
-                first_op: op,
-                path: segment_path(&self.dir, op),
-                len: 0,
-                last_op: OpId(op.0 - 1),
-                index: Vec::new(),
-            });
+            self.segments.push(Segment::empty(&self.dir, op));
         }
         let segment = self
             .segments
@@ -177,6 +220,7 @@ impl SwarmLog {
         }
         segment.len += len;
         segment.last_op = op;
+        segment.covers_to = op;
         (segment.path.clone(), offset, offset == 0)
     }
 
@@ -252,10 +296,18 @@ struct Scan {
     damage_is_mid: bool,
 }
 
-fn scan_segment(path: &Path, first_op: OpId, epoch: Epoch) -> std::io::Result<Scan> {
+/// Reads a segment, checking every record. Plain segments hold `first_op, first_op + 1, ...`;
+/// compacted ones (`covers_to` set) hold increasing ops within `first_op..=covers_to`.
+fn scan_segment(
+    path: &Path,
+    first_op: OpId,
+    covers_to: Option<OpId>,
+    epoch: Epoch,
+) -> std::io::Result<Scan> {
     let data = Bytes::from(fs::read(path)?);
     let mut offset = 0usize;
     let mut expected = first_op;
+    let mut count = 0u64;
     let mut index = Vec::new();
     let mut scan = Scan {
         len: 0,
@@ -268,7 +320,11 @@ fn scan_segment(path: &Path, first_op: OpId, epoch: Epoch) -> std::io::Result<Sc
         let rest = data.slice(offset..);
         let problem = match parse_record(&rest) {
             Ok((record, used)) => {
-                if record.op != expected {
+                let in_order = match covers_to {
+                    None => record.op == expected,
+                    Some(last) => record.op >= expected && record.op <= last,
+                };
+                if !in_order {
                     Some(format!(
                         "op {} where {} was expected",
                         record.op.0, expected.0
@@ -279,11 +335,12 @@ fn scan_segment(path: &Path, first_op: OpId, epoch: Epoch) -> std::io::Result<Sc
                         record.epoch.0, epoch.0
                     ))
                 } else {
-                    if (expected.0 - first_op.0).is_multiple_of(INDEX_EVERY_RECORDS) {
-                        index.push((expected, offset as u64));
+                    if count.is_multiple_of(INDEX_EVERY_RECORDS) {
+                        index.push((record.op, offset as u64));
                     }
-                    scan.last_op = expected;
-                    expected = OpId(expected.0 + 1);
+                    count += 1;
+                    scan.last_op = record.op;
+                    expected = OpId(record.op.0 + 1);
                     offset += used;
                     None
                 }
@@ -357,6 +414,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         segments: Vec::new(),
         unavailable: None,
         created: true,
+        horizon: OpId(0),
     };
     match read_epoch(&dir) {
         Ok(epoch) => log.epoch = epoch,
@@ -366,19 +424,51 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             return Ok((log, notes));
         }
     }
-    let mut segments: Vec<(OpId, PathBuf)> = fs::read_dir(&dir)?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let path = e.path();
-            let stem = path.file_stem()?.to_str()?.to_owned();
-            (path.extension()? == "log")
-                .then(|| stem.parse().ok().map(|op| (OpId(op), path)))
-                .flatten()
-        })
+    let mut plain: Vec<(OpId, PathBuf)> = Vec::new();
+    let mut compacted: Vec<(OpId, OpId, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            // An interrupted compaction: its inputs are still in place.
+            fs::remove_file(&path)?;
+            continue;
+        }
+        match parse_segment_name(&path) {
+            Some(SegmentName::Plain(first)) => plain.push((first, path)),
+            Some(SegmentName::Compacted(first, last)) => compacted.push((first, last, path)),
+            None => {}
+        }
+    }
+    // A compacted file replaces everything in its range; files still inside a range are
+    // leftovers of a compaction interrupted after its rename, and are removed now.
+    compacted.sort_by_key(|(first, last, _)| (*first, std::cmp::Reverse(*last)));
+    let mut kept: Vec<(OpId, OpId, PathBuf)> = Vec::new();
+    for (first, last, path) in compacted {
+        if kept.iter().any(|(f, l, _)| *f <= first && last <= *l) {
+            fs::remove_file(&path)?;
+        } else {
+            kept.push((first, last, path));
+        }
+    }
+    let mut removed_leftovers = false;
+    plain.retain(|(first, path)| {
+        let inside = kept.iter().any(|(f, l, _)| f <= first && first <= l);
+        if inside {
+            removed_leftovers |= fs::remove_file(path).is_ok();
+        }
+        !inside
+    });
+    if removed_leftovers {
+        sync_dir(&dir)?;
+    }
+    let mut segments: Vec<(OpId, Option<OpId>, PathBuf)> = kept
+        .into_iter()
+        .map(|(first, last, path)| (first, Some(last), path))
+        .chain(plain.into_iter().map(|(first, path)| (first, None, path)))
         .collect();
-    segments.sort();
+    segments.sort_by_key(|(first, _, _)| *first);
     let count = segments.len();
-    for (i, (first_op, path)) in segments.into_iter().enumerate() {
+    for (i, (first_op, covers_to, path)) in segments.into_iter().enumerate() {
         let is_last = i + 1 == count;
         let expected_first = OpId(log.last_op().0 + 1);
         if i > 0 && first_op != expected_first {
@@ -392,10 +482,10 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             log.unavailable = Some(detail);
             break;
         }
-        let scan = scan_segment(&path, first_op, log.epoch)?;
+        let scan = scan_segment(&path, first_op, covers_to, log.epoch)?;
         if let Some((offset, reason)) = &scan.damage {
             let file_len = fs::metadata(&path)?.len();
-            if is_last && !scan.damage_is_mid {
+            if is_last && covers_to.is_none() && !scan.damage_is_mid {
                 // Torn tail: cut it off; acknowledged ops all precede it.
                 OpenOptions::new()
                     .write(true)
@@ -420,25 +510,34 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
                 log.unavailable = Some(detail);
             }
         }
+        if i == 0 && first_op > OpId(1) {
+            // Retention removed the ops before this segment.
+            log.horizon = OpId(first_op.0 - 1);
+        }
+        if let Some(last) = covers_to {
+            log.horizon = log.horizon.max(last);
+        }
         log.segments.push(Segment {
             first_op,
             path,
             len: scan.len,
             last_op: scan.last_op,
+            covers_to: covers_to.unwrap_or(scan.last_op),
+            compacted: covers_to.is_some(),
             index: scan.index,
         });
         if log.unavailable.is_some() {
             break;
         }
     }
-    if log.segments.is_empty() {
-        log.segments.push(Segment {
-            first_op: OpId(1),
-            path: segment_path(&dir, OpId(1)),
-            len: 0,
-            last_op: OpId(0),
-            index: Vec::new(),
-        });
+    match log.segments.last() {
+        None => log.segments.push(Segment::empty(&dir, OpId(1))),
+        // Appends never go into a compacted segment: start a plain one after it.
+        Some(last) if last.compacted => {
+            let next = OpId(last.covers_to.0 + 1);
+            log.segments.push(Segment::empty(&dir, next));
+        }
+        Some(_) => {}
     }
     Ok((log, notes))
 }

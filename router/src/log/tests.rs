@@ -8,6 +8,7 @@ use swarmbus_schema::{Class, Epoch, OpId};
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::log::compact;
 
 fn kinds() -> Vec<WriterKind> {
     let mut kinds = vec![WriterKind::File];
@@ -55,6 +56,7 @@ fn append_all(
             LogEvent::Durable { swarm: s, up_to } if s == *swarm => durable = durable.max(up_to),
             LogEvent::Durable { .. } => {}
             LogEvent::Failed { detail, .. } => panic!("append failed: {detail}"),
+            LogEvent::Compacted { .. } => panic!("no compaction was asked for"),
         }
     }
 }
@@ -68,12 +70,25 @@ fn open(
     mpsc::UnboundedReceiver<LogEvent>,
     Vec<RecoveryNote>,
 ) {
+    open_with(dir, kind, segment_bytes, Retention::default())
+}
+
+fn open_with(
+    dir: &std::path::Path,
+    kind: WriterKind,
+    segment_bytes: u64,
+    retention: Retention,
+) -> (
+    ShardLog,
+    mpsc::UnboundedReceiver<LogEvent>,
+    Vec<RecoveryNote>,
+) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = LogWriter::start(kind, SyncPolicy::Always, 1024, vec![tx]).unwrap();
+    let writer = LogWriter::start(kind, SyncPolicy::Always, 1024, vec![tx.clone()]).unwrap();
     assert_eq!(writer.kind(), kind);
     let (logs, notes) = recover_all(dir).unwrap();
     (
-        ShardLog::new(0, dir, segment_bytes, writer, logs),
+        ShardLog::new(0, dir, segment_bytes, writer, logs, retention, tx),
         rx,
         notes,
     )
@@ -226,8 +241,16 @@ fn interval_and_never_policies_complete_without_waiting_for_sync() {
     for policy in [SyncPolicy::IntervalMs(5), SyncPolicy::NeverDanger] {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let writer = LogWriter::start(WriterKind::File, policy, 1024, vec![tx]).unwrap();
-        let mut log = ShardLog::new(0, dir.path(), 1 << 20, writer, Vec::new());
+        let writer = LogWriter::start(WriterKind::File, policy, 1024, vec![tx.clone()]).unwrap();
+        let mut log = ShardLog::new(
+            0,
+            dir.path(),
+            1 << 20,
+            writer,
+            Vec::new(),
+            Retention::default(),
+            tx,
+        );
         let swarm: Arc<str> = "p".into();
         log.create(&swarm, Epoch(3)).unwrap();
         append_all(&mut log, &mut rx, &swarm, Epoch(3), 1, 50);
@@ -255,4 +278,179 @@ fn sync_policy_parses_and_prints() {
     for bad in ["never", "interval_ms:0", "interval_ms:x", ""] {
         assert!(bad.parse::<SyncPolicy>().is_err(), "{bad}");
     }
+}
+
+fn keyed(epoch: Epoch, op: u64, key: &str, timestamp_ms: u64) -> RecordParts {
+    encode_record(
+        epoch,
+        OpId(op),
+        timestamp_ms,
+        Class::Command,
+        key.as_bytes(),
+        Bytes::from_static(b"H"),
+        Bytes::from(format!("payload-{op}")),
+    )
+}
+
+/// Appends `ops` with keys `key-{op % keys}` (no key when `keys` is 0) and waits.
+fn append_keyed(
+    log: &mut ShardLog,
+    events: &mut mpsc::UnboundedReceiver<LogEvent>,
+    swarm: &Arc<str>,
+    ops: std::ops::RangeInclusive<u64>,
+    keys: u64,
+    timestamp_ms: u64,
+) {
+    let last = *ops.end();
+    for op in ops {
+        let key = if keys == 0 {
+            String::new()
+        } else {
+            format!("key-{}", op % keys)
+        };
+        log.append(swarm, OpId(op), keyed(Epoch(1), op, &key, timestamp_ms))
+            .unwrap();
+    }
+    loop {
+        match events.blocking_recv().unwrap() {
+            LogEvent::Durable { up_to, .. } if up_to.0 >= last => return,
+            LogEvent::Durable { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+fn compact_now(log: &mut ShardLog, events: &mut mpsc::UnboundedReceiver<LogEvent>, now_ms: u64) {
+    log.maintain(now_ms);
+    match events.blocking_recv().unwrap() {
+        LogEvent::Compacted { swarm, result } => log.on_compacted(&swarm, result),
+        other => panic!("expected a compaction, got {other:?}"),
+    }
+}
+
+fn read_ops(log: &ShardLog, swarm: &str) -> Vec<u64> {
+    log.read_from(swarm, OpId(1), usize::MAX, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|r| r.op.0)
+        .collect()
+}
+
+#[test]
+fn compaction_keeps_the_latest_record_per_key_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "compacted".into();
+    let retention = Retention {
+        hot_bytes: 400,
+        max_age_ms: [None; Class::COUNT],
+        max_bytes: None,
+    };
+    let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention.clone());
+    log.create(&swarm, Epoch(1)).unwrap();
+    append_keyed(&mut log, &mut events, &swarm, 1..=100, 3, 0);
+    let before = read_ops(&log, &swarm);
+    assert_eq!(before.len(), 100);
+    compact_now(&mut log, &mut events, 1);
+    let horizon = log.horizon(&swarm);
+    assert!(
+        horizon > OpId(0) && horizon < OpId(100),
+        "horizon {horizon:?}"
+    );
+    let after = read_ops(&log, &swarm);
+    // Up to the horizon: the latest op of each of the three keys; after it: every op.
+    let expected: Vec<u64> = (1..=horizon.0)
+        .filter(|op| op + 3 > horizon.0)
+        .chain(horizon.0 + 1..=100)
+        .collect();
+    assert_eq!(after, expected);
+    // Appends go on, and a reopened log reads the same.
+    append_keyed(&mut log, &mut events, &swarm, 101..=110, 3, 0);
+    drop(log);
+    let (log, _events, notes) = open_with(dir.path(), WriterKind::File, 300, retention);
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(log.horizon(&swarm), horizon);
+    let reopened = read_ops(&log, &swarm);
+    assert_eq!(&reopened[..expected.len()], &expected[..]);
+    assert_eq!(reopened.len(), expected.len() + 10);
+    assert_eq!(state(&log, &swarm).last_op, OpId(110));
+}
+
+#[test]
+fn a_compaction_interrupted_after_its_rename_is_finished_by_recovery() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "interrupted".into();
+    let retention = Retention {
+        hot_bytes: 0,
+        max_age_ms: [None; Class::COUNT],
+        max_bytes: None,
+    };
+    let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention.clone());
+    log.create(&swarm, Epoch(1)).unwrap();
+    append_keyed(&mut log, &mut events, &swarm, 1..=40, 2, 0);
+    // Run the compaction but never install it: the new file exists beside its inputs, as
+    // after a crash between the rename and the deletions.
+    let (logs, _) = recover_all(dir.path()).unwrap();
+    let job = compact::plan(&logs[0], &retention, 1, &swarm).expect("something to compact");
+    let done = compact::run(&job).unwrap();
+    assert!(done.segment.path.exists() && done.replaced.iter().all(|p| p.exists()));
+    drop(log);
+    let (log, _events, notes) = open_with(dir.path(), WriterKind::File, 300, retention);
+    assert!(notes.is_empty(), "{notes:?}");
+    assert!(
+        done.replaced.iter().all(|p| !p.exists()),
+        "leftovers not removed"
+    );
+    let ops = read_ops(&log, &swarm);
+    let covered = done.segment.covers_to.0;
+    let expected: Vec<u64> = (1..=covered)
+        .filter(|op| op + 2 > covered)
+        .chain(covered + 1..=40)
+        .collect();
+    assert_eq!(ops, expected);
+}
+
+#[test]
+fn age_and_size_retention_remove_old_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "retained".into();
+    let mut max_age_ms = [None; Class::COUNT];
+    max_age_ms[Class::Command.index()] = Some(1_000);
+    let retention = Retention {
+        hot_bytes: 300,
+        max_age_ms,
+        max_bytes: None,
+    };
+    let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention);
+    log.create(&swarm, Epoch(1)).unwrap();
+    // Old keyless records, then recent ones.
+    append_keyed(&mut log, &mut events, &swarm, 1..=30, 0, 10);
+    append_keyed(&mut log, &mut events, &swarm, 31..=60, 0, 50_000);
+    compact_now(&mut log, &mut events, 50_500);
+    let ops = read_ops(&log, &swarm);
+    assert!(
+        ops.iter().all(|op| *op > 30),
+        "expired records kept: {ops:?}"
+    );
+    assert_eq!(ops.last(), Some(&60));
+
+    // Size: a limit smaller than the log deletes the oldest segments.
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        hot_bytes: u64::MAX,
+        max_age_ms: [None; Class::COUNT],
+        max_bytes: Some(1_000),
+    };
+    let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention);
+    log.create(&swarm, Epoch(1)).unwrap();
+    append_keyed(&mut log, &mut events, &swarm, 1..=100, 0, 0);
+    log.maintain(0);
+    let ops = read_ops(&log, &swarm);
+    assert!(ops.len() < 100 && ops.last() == Some(&100), "{ops:?}");
+    let first_kept = ops[0];
+    assert_eq!(log.horizon(&swarm), OpId(first_kept - 1));
+    let bytes: u64 = std::fs::read_dir(dir.path().join(store::swarm_dir_name(&swarm)))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(bytes < 1_000 + 300, "{bytes} bytes on disk");
 }

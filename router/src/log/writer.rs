@@ -57,6 +57,11 @@ pub enum LogEvent {
         from: OpId,
         detail: String,
     },
+    /// A background compaction of `swarm` finished.
+    Compacted {
+        swarm: Arc<str>,
+        result: Result<super::Compacted, String>,
+    },
 }
 
 /// Which backend to use.
