@@ -65,6 +65,7 @@ fn framed(body: &[u8]) -> Vec<u8> {
 fn unknown_kind_frame() -> Vec<u8> {
     let wire = encode(&Message::Ack {
         swarm: "s".into(),
+        class: Class::Command,
         op_id: OpId(1),
     })
     .to_vec();

@@ -48,7 +48,7 @@ async fn a_reconnecting_agent_gets_exactly_the_ops_it_missed() {
             assert!(apply.apply(&d, |_| ()).is_some());
         }
         apply.save(&store).unwrap();
-        agent.ack("s", OpId(5)).await.unwrap();
+        agent.ack("s", Class::Command, OpId(5)).await.unwrap();
         agent.close();
     }
     // Missed while away: ops 6..=15.
@@ -206,7 +206,7 @@ async fn unacknowledged_ops_are_redelivered_and_dropped_by_the_helper() {
         "the helper must drop redeliveries"
     );
     // Once acknowledged, nothing more is redelivered: the next thing to arrive is new.
-    agent.ack("s", OpId(3)).await.unwrap();
+    agent.ack("s", Class::Command, OpId(3)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     publish_commands(&ctl, "s", 4..=4).await;
     let next = recv_n(&mut rx, 1).await;
@@ -265,7 +265,7 @@ async fn a_resync_from_before_the_compaction_horizon_gets_the_latest_op_per_key(
     .await
     .unwrap();
     let epoch = recv_n(&mut probe_rx, 1).await[0].epoch;
-    let mut apply = IdempotentApply::restore([("s".to_string(), epoch, OpId(0))]);
+    let mut apply = IdempotentApply::restore([("s".to_string(), Class::Command, epoch, OpId(0))]);
     let session = Session::new("a1", Role::Agent, ["s"]).resume_from(&apply);
     let (agent, mut rx) = t
         .connector
@@ -310,5 +310,49 @@ async fn a_resync_from_before_the_compaction_horizon_gets_the_latest_op_per_key(
         apply.apply(d, |_| ());
     }
     assert_eq!(apply.last_applied("s"), OpId(201));
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn control_and_command_are_tracked_per_class() {
+    let t = start_router(|_| {}).await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Control, None).await.unwrap();
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    // One op sequence, two streams: interleave the classes.
+    for i in 0..20u32 {
+        let class = if i % 3 == 0 {
+            Class::Control
+        } else {
+            Class::Command
+        };
+        ctl.publish(
+            "s",
+            class,
+            Bytes::from(format!("{i}")),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let got = recv_n(&mut rx, 20).await;
+    let mut apply = IdempotentApply::new();
+    // Whatever order the two streams interleave in, nothing is dropped as a duplicate.
+    let applied = got
+        .iter()
+        .filter(|d| apply.apply(d, |_| ()).is_some())
+        .count();
+    assert_eq!(applied, 20);
+    let control_last = got
+        .iter()
+        .filter(|d| d.class == Class::Control)
+        .map(|d| d.op_id)
+        .max();
+    assert_eq!(
+        Some(apply.last_applied_of("s", Class::Control)),
+        control_last
+    );
+    assert_eq!(apply.resume_points().len(), 2);
     t.router.shutdown().await;
 }

@@ -286,7 +286,7 @@ async fn idempotent_apply_drops_redelivered_ops() {
     }
     assert_eq!(applied, vec![1, 2, 3, 4, 5]);
     assert_eq!(apply.last_applied("s"), OpId(5));
-    agent.ack("s", OpId(5)).await.unwrap();
+    agent.ack("s", Class::Command, OpId(5)).await.unwrap();
     t.router.shutdown().await;
 }
 

@@ -1,8 +1,9 @@
 //! Idempotent apply: at-least-once delivery becomes exactly-once effect.
 //!
 //! The router may deliver an ordered op more than once (redelivery after a reconnect or a
-//! timeout). [`IdempotentApply`] keeps, per swarm, the epoch of the log the agent applies from
-//! and the last op applied, and admits only ops above it. A delivery from another epoch means
+//! timeout). [`IdempotentApply`] keeps, per swarm and ordered class (control and command share
+//! one op sequence but travel on separate streams, so each is tracked on its own), the epoch
+//! of the log the agent applies from and the last op applied, and admits only ops above it. A delivery from another epoch means
 //! the swarm's log was lost or recreated: the state restarts in the new epoch (and the change
 //! is counted), because op ids of the old epoch mean nothing in the new one.
 //!
@@ -14,12 +15,12 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use swarmbus_schema::{Deliver, Epoch, OpId, ResumePoint};
+use swarmbus_schema::{Class, Deliver, Epoch, OpId, ResumePoint};
 
 #[derive(Clone, Debug, Default)]
 pub struct IdempotentApply {
-    /// (epoch, last applied op) per swarm.
-    state: HashMap<String, (Epoch, OpId)>,
+    /// (epoch, last applied op) per (swarm, ordered class).
+    state: HashMap<(String, Class), (Epoch, OpId)>,
     epoch_changes: u64,
 }
 
@@ -28,26 +29,26 @@ impl IdempotentApply {
         Self::default()
     }
 
-    /// Restores (swarm, epoch, last applied op) entries, as saved from
+    /// Restores (swarm, class, epoch, last applied op) entries, as saved from
     /// [`IdempotentApply::state`].
-    pub fn restore(state: impl IntoIterator<Item = (String, Epoch, OpId)>) -> Self {
+    pub fn restore(state: impl IntoIterator<Item = (String, Class, Epoch, OpId)>) -> Self {
         IdempotentApply {
             state: state
                 .into_iter()
-                .map(|(swarm, epoch, op)| (swarm, (epoch, op)))
+                .map(|(swarm, class, epoch, op)| ((swarm, class), (epoch, op)))
                 .collect(),
             epoch_changes: 0,
         }
     }
 
-    /// Whether op `op_id` of `swarm` (from the log of `epoch`) should be applied; records it
-    /// when so. Unordered messages (op id 0) are always admitted; an ordered op at or below
-    /// the last applied one of the same epoch is a duplicate and is refused.
-    pub fn admit(&mut self, swarm: &str, epoch: Epoch, op_id: OpId) -> bool {
-        if op_id.is_none() {
+    /// Whether op `op_id` of `class` in `swarm` (from the log of `epoch`) should be applied;
+    /// records it when so. Unordered messages (op id 0) are always admitted; an ordered op at
+    /// or below the last applied one of its class and epoch is a duplicate and is refused.
+    pub fn admit(&mut self, swarm: &str, class: Class, epoch: Epoch, op_id: OpId) -> bool {
+        if op_id.is_none() || !class.is_ordered() {
             return true;
         }
-        match self.state.get_mut(swarm) {
+        match self.state.get_mut(&(swarm.to_owned(), class)) {
             Some((known, last)) if *known == epoch => {
                 if op_id <= *last {
                     return false;
@@ -62,7 +63,7 @@ impl IdempotentApply {
                 true
             }
             None => {
-                self.state.insert(swarm.to_owned(), (epoch, op_id));
+                self.state.insert((swarm.to_owned(), class), (epoch, op_id));
                 true
             }
         }
@@ -70,16 +71,33 @@ impl IdempotentApply {
 
     /// Runs `apply` on `delivery` unless it was applied already; returns its result.
     pub fn apply<T>(&mut self, delivery: &Deliver, apply: impl FnOnce(&Deliver) -> T) -> Option<T> {
-        self.admit(&delivery.swarm, delivery.epoch, delivery.op_id)
-            .then(|| apply(delivery))
+        self.admit(
+            &delivery.swarm,
+            delivery.class,
+            delivery.epoch,
+            delivery.op_id,
+        )
+        .then(|| apply(delivery))
     }
 
+    /// The last command op applied in `swarm` (see [`IdempotentApply::last_applied_of`]).
     pub fn last_applied(&self, swarm: &str) -> OpId {
-        self.state.get(swarm).map(|s| s.1).unwrap_or_default()
+        self.last_applied_of(swarm, Class::Command)
     }
 
+    pub fn last_applied_of(&self, swarm: &str, class: Class) -> OpId {
+        self.state
+            .get(&(swarm.to_owned(), class))
+            .map(|s| s.1)
+            .unwrap_or_default()
+    }
+
+    /// The epoch the command ops of `swarm` were applied from.
     pub fn epoch(&self, swarm: &str) -> Option<Epoch> {
-        self.state.get(swarm).map(|s| s.0)
+        self.state
+            .get(&(swarm.to_owned(), Class::Command))
+            .or_else(|| self.state.get(&(swarm.to_owned(), Class::Control)))
+            .map(|s| s.0)
     }
 
     /// How many times a swarm's epoch changed under this helper.
@@ -87,17 +105,20 @@ impl IdempotentApply {
         self.epoch_changes
     }
 
-    /// (swarm, epoch, last applied op) per swarm, to persist.
-    pub fn state(&self) -> impl Iterator<Item = (&str, Epoch, OpId)> {
-        self.state.iter().map(|(k, v)| (k.as_str(), v.0, v.1))
+    /// (swarm, class, epoch, last applied op) per swarm and ordered class, to persist.
+    pub fn state(&self) -> impl Iterator<Item = (&str, Class, Epoch, OpId)> {
+        self.state
+            .iter()
+            .map(|((swarm, class), (epoch, op))| (swarm.as_str(), *class, *epoch, *op))
     }
 
     /// Resume points for Hello: the router then sends only the ops after them.
     pub fn resume_points(&self) -> Vec<ResumePoint> {
         self.state
             .iter()
-            .map(|(swarm, (epoch, op))| ResumePoint {
+            .map(|((swarm, class), (epoch, op))| ResumePoint {
                 swarm: swarm.clone(),
+                class: *class,
                 epoch: *epoch,
                 last_applied: *op,
             })
@@ -108,7 +129,7 @@ impl IdempotentApply {
     pub fn save(&self, store: &dyn OffsetStore) -> std::io::Result<()> {
         let entries: Vec<_> = self
             .state()
-            .map(|(swarm, epoch, op)| (swarm.to_owned(), epoch, op))
+            .map(|(swarm, class, epoch, op)| (swarm.to_owned(), class, epoch, op))
             .collect();
         store.save(&entries)
     }
@@ -122,14 +143,15 @@ impl IdempotentApply {
 /// Where the last applied op per swarm is kept between runs. Implement it to keep offsets
 /// next to the application's own state (in the same transaction, ideally).
 pub trait OffsetStore: Send + Sync {
-    fn load(&self) -> std::io::Result<Vec<(String, Epoch, OpId)>>;
+    fn load(&self) -> std::io::Result<Vec<(String, Class, Epoch, OpId)>>;
     /// Replaces the saved state with `entries`, atomically.
-    fn save(&self, entries: &[(String, Epoch, OpId)]) -> std::io::Result<()>;
+    fn save(&self, entries: &[(String, Class, Epoch, OpId)]) -> std::io::Result<()>;
 }
 
 /// An [`OffsetStore`] in one file. `save` writes a temporary file beside it, syncs it and
 /// renames it over the old one (then syncs the directory), so a crash leaves either the old
-/// or the new state, never a mix. Format: one line per swarm, `epoch op hex(swarm)`.
+/// or the new state, never a mix. Format: one line per swarm and class,
+/// `epoch op class hex(swarm)`.
 #[derive(Clone, Debug)]
 pub struct FileOffsetStore {
     path: PathBuf,
@@ -164,7 +186,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 }
 
 impl OffsetStore for FileOffsetStore {
-    fn load(&self) -> std::io::Result<Vec<(String, Epoch, OpId)>> {
+    fn load(&self) -> std::io::Result<Vec<(String, Class, Epoch, OpId)>> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -177,20 +199,27 @@ impl OffsetStore for FileOffsetStore {
                 let mut parts = line.split(' ');
                 let epoch = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
                 let op = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+                let class = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
                 let swarm = parts
                     .next()
                     .and_then(unhex)
                     .and_then(|b| String::from_utf8(b).ok())
                     .ok_or_else(bad)?;
-                Ok((swarm, Epoch(epoch), OpId(op)))
+                Ok((swarm, class, Epoch(epoch), OpId(op)))
             })
             .collect()
     }
 
-    fn save(&self, entries: &[(String, Epoch, OpId)]) -> std::io::Result<()> {
+    fn save(&self, entries: &[(String, Class, Epoch, OpId)]) -> std::io::Result<()> {
         let mut text = String::new();
-        for (swarm, epoch, op) in entries {
-            text.push_str(&format!("{} {} {}\n", epoch.0, op.0, hex(swarm.as_bytes())));
+        for (swarm, class, epoch, op) in entries {
+            text.push_str(&format!(
+                "{} {} {} {}\n",
+                epoch.0,
+                op.0,
+                class,
+                hex(swarm.as_bytes())
+            ));
         }
         let tmp = self.path.with_extension("tmp");
         {
@@ -215,29 +244,35 @@ mod tests {
     #[test]
     fn drops_duplicates_and_older_ops_per_swarm() {
         let e = Epoch(7);
+        let c = Class::Command;
         let mut apply = IdempotentApply::new();
-        assert!(apply.admit("a", e, OpId(1)));
-        assert!(apply.admit("a", e, OpId(2)));
-        assert!(!apply.admit("a", e, OpId(2)));
-        assert!(!apply.admit("a", e, OpId(1)));
-        assert!(apply.admit("b", e, OpId(1)));
-        assert!(apply.admit("a", Epoch(0), OpId::NONE));
+        assert!(apply.admit("a", c, e, OpId(1)));
+        assert!(apply.admit("a", c, e, OpId(2)));
+        assert!(!apply.admit("a", c, e, OpId(2)));
+        assert!(!apply.admit("a", c, e, OpId(1)));
+        assert!(apply.admit("b", c, e, OpId(1)));
+        assert!(apply.admit("a", Class::Telemetry, Epoch(0), OpId::NONE));
+        // Control shares the op sequence but arrives on its own stream: op 1 of control is
+        // new although command op 2 was applied.
+        assert!(apply.admit("a", Class::Control, e, OpId(1)));
         assert_eq!(apply.last_applied("a"), OpId(2));
+        assert_eq!(apply.last_applied_of("a", Class::Control), OpId(1));
         let restored =
-            IdempotentApply::restore(apply.state().map(|(k, e, v)| (k.to_owned(), e, v)));
+            IdempotentApply::restore(apply.state().map(|(k, c, e, v)| (k.to_owned(), c, e, v)));
         assert_eq!(restored.last_applied("a"), OpId(2));
         assert_eq!(restored.last_applied("b"), OpId(1));
     }
 
     #[test]
     fn a_new_epoch_restarts_the_sequence() {
+        let c = Class::Command;
         let mut apply = IdempotentApply::new();
-        assert!(apply.admit("a", Epoch(1), OpId(50)));
+        assert!(apply.admit("a", c, Epoch(1), OpId(50)));
         // The log was recreated: op 3 of epoch 2 is new, not a duplicate of epoch 1's op 3.
-        assert!(apply.admit("a", Epoch(2), OpId(3)));
+        assert!(apply.admit("a", c, Epoch(2), OpId(3)));
         assert_eq!(apply.epoch("a"), Some(Epoch(2)));
         assert_eq!(apply.epoch_changes(), 1);
-        assert!(!apply.admit("a", Epoch(2), OpId(2)));
+        assert!(!apply.admit("a", c, Epoch(2), OpId(2)));
     }
 
     #[test]
@@ -250,8 +285,13 @@ mod tests {
             .resume_points()
             .is_empty());
         let mut apply = IdempotentApply::new();
-        apply.admit("swarm with spaces\nand a newline", Epoch(9), OpId(41));
-        apply.admit("b", Epoch(3), OpId(2));
+        apply.admit(
+            "swarm with spaces\nand a newline",
+            Class::Command,
+            Epoch(9),
+            OpId(41),
+        );
+        apply.admit("b", Class::Control, Epoch(3), OpId(2));
         apply.save(&store).unwrap();
         let loaded = IdempotentApply::load(&store).unwrap();
         assert_eq!(
@@ -259,6 +299,7 @@ mod tests {
             OpId(41)
         );
         assert_eq!(loaded.epoch("b"), Some(Epoch(3)));
+        assert_eq!(loaded.last_applied_of("b", Class::Control), OpId(2));
         assert!(!dir.join("offsets.tmp").exists());
         std::fs::write(store.path(), "garbage\n").unwrap();
         assert!(IdempotentApply::load(&store).is_err());

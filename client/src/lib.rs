@@ -752,10 +752,13 @@ impl Client {
             .clone()
     }
 
-    /// Acknowledges every op of `swarm` up to and including `op_id` (cumulative).
-    pub async fn ack(&self, swarm: &str, op_id: OpId) -> Result<(), ClientError> {
+    /// Acknowledges every op of `class` (control or command) in `swarm` up to and including
+    /// `op_id` (cumulative). Ops delivered but not acknowledged within the router's
+    /// redelivery timeout are sent again.
+    pub async fn ack(&self, swarm: &str, class: Class, op_id: OpId) -> Result<(), ClientError> {
         let frame = encode(&Message::Ack {
             swarm: swarm.to_owned(),
+            class,
             op_id,
         });
         self.shared

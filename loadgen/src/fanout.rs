@@ -521,14 +521,19 @@ async fn agent(
         let mut fresh = 0;
         for delivery in &batch {
             if class.is_ordered() {
-                let before = apply.last_applied(&delivery.swarm);
-                if !apply.admit(&delivery.swarm, delivery.epoch, delivery.op_id) {
+                let before = apply.last_applied_of(&delivery.swarm, delivery.class);
+                if !apply.admit(
+                    &delivery.swarm,
+                    delivery.class,
+                    delivery.epoch,
+                    delivery.op_id,
+                ) {
                     // A redelivered op: the application never sees it, but count it.
                     result.apply_dropped += 1;
                     continue;
                 }
                 // Every agent subscribes to the whole swarm, so it must see every op id.
-                result.op_gaps += delivery.op_id.0 - before.0 - 1;
+                result.op_gaps += delivery.op_id.0.saturating_sub(before.0 + 1);
             }
             let p = &delivery.payload;
             if p.len() < STAMP_BYTES {
@@ -556,8 +561,8 @@ async fn agent(
             // Acknowledge what was applied (cumulative), as an application would; without it
             // the router redelivers after its redelivery timeout.
             if let Some(last) = batch.last() {
-                let applied = apply.last_applied(&last.swarm);
-                if client.ack(&last.swarm, applied).await.is_err() {
+                let applied = apply.last_applied_of(&last.swarm, class);
+                if client.ack(&last.swarm, class, applied).await.is_err() {
                     break;
                 }
             }

@@ -228,12 +228,15 @@ struct Swarm<H> {
     durable_op: OpId,
     /// Set when the swarm's log is damaged or failed; nothing is served then.
     unavailable: Option<String>,
+    /// Whether the swarm's log exists (created on the first ordered publish, not on a
+    /// subscribe, so subscribing to arbitrary names costs no disk).
+    log_created: bool,
     /// Ordered ops sequenced but not yet durable, in op order.
     pending: VecDeque<PendingOp<H>>,
     /// Subscribers per class, indexed by [`Class::index`]; one entry per connection.
     subscribers: [Vec<Subscriber<H>>; Class::COUNT],
-    /// Highest op id each connection acknowledged (cumulative).
-    acked: HashMap<ConnId, OpId>,
+    /// Highest op id each connection acknowledged (cumulative), per ordered class.
+    acked: HashMap<(ConnId, Class), OpId>,
     last_publish: Option<Instant>,
 }
 
@@ -245,6 +248,7 @@ impl<H> Swarm<H> {
             next_op: last_op.0 + 1,
             durable_op: last_op,
             unavailable: None,
+            log_created: false,
             pending: VecDeque::new(),
             subscribers: Default::default(),
             acked: HashMap::new(),
@@ -284,11 +288,11 @@ impl<H> Swarm<H> {
                 // Catching up from the log: it will read this op there, in order.
                 continue;
             }
-            if !op.is_none() {
-                subscriber.delivered = op;
-                subscriber.unacked_since.get_or_insert(now);
-            }
             if subscriber.wants(source, target) {
+                if !op.is_none() {
+                    subscriber.delivered = op;
+                    subscriber.unacked_since.get_or_insert(now);
+                }
                 actions.push_back(Action::Deliver {
                     to: subscriber.handle.clone(),
                     class,
@@ -350,6 +354,7 @@ impl<H: Clone> Core<H> {
     ) {
         let mut swarm = Swarm::new(name, epoch, last_op);
         swarm.unavailable = unavailable;
+        swarm.log_created = true;
         self.swarms.insert(swarm.name.clone(), swarm);
     }
 
@@ -364,10 +369,6 @@ impl<H: Clone> Core<H> {
             }
             let epoch = Epoch(splitmix64(&mut self.epoch_rng).max(1));
             let swarm = Swarm::new(name, epoch, OpId(0));
-            self.actions.push_back(Action::CreateLog {
-                swarm: swarm.name.clone(),
-                epoch,
-            });
             self.swarms.insert(swarm.name.clone(), swarm);
         }
         Ok(self
@@ -401,7 +402,11 @@ impl<H: Clone> Core<H> {
         let mut epoch_changed = None;
         if let (true, Some((epoch, last_applied))) = (class.is_ordered(), resume) {
             let from = if epoch == swarm.epoch {
-                OpId(last_applied.0 + 1)
+                // What the agent applied counts as acknowledged: a redelivery never rewinds
+                // before it.
+                let acked = swarm.acked.entry((conn, class)).or_default();
+                *acked = (*acked).max(last_applied.min(swarm.durable_op));
+                OpId(last_applied.0.saturating_add(1))
             } else {
                 epoch_changed = Some(Message::EpochChanged {
                     swarm: swarm_name.to_owned(),
@@ -517,13 +522,14 @@ impl<H: Clone> Core<H> {
                         body: Bytes::new(),
                     },
                 });
+                // Only ops actually sent count as awaiting an acknowledgement.
+                subscriber.delivered = subscriber.delivered.max(op.op);
+                subscriber.unacked_since.get_or_insert(now);
                 queued += 1;
             }
         }
         if read_up_to >= cursor {
-            subscriber.delivered = subscriber.delivered.max(read_up_to);
-            subscriber.unacked_since.get_or_insert(now);
-            let next = OpId(read_up_to.0 + 1);
+            let next = OpId(read_up_to.0.saturating_add(1));
             subscriber.cursor = (next <= durable).then_some(next);
         }
         queued
@@ -537,12 +543,16 @@ impl<H: Clone> Core<H> {
         for swarm in self.swarms.values_mut() {
             for class in [Class::Control, Class::Command] {
                 for s in &mut swarm.subscribers[class.index()] {
-                    let acked = swarm.acked.get(&s.conn).copied().unwrap_or_default();
+                    let acked = swarm
+                        .acked
+                        .get(&(s.conn, class))
+                        .copied()
+                        .unwrap_or_default();
                     let overdue = s
                         .unacked_since
                         .is_some_and(|since| now.saturating_duration_since(since) >= timeout);
                     if s.cursor.is_none() && s.delivered > acked && overdue {
-                        s.cursor = Some(OpId(acked.0 + 1));
+                        s.cursor = Some(OpId(acked.0.saturating_add(1)));
                         s.unacked_since = None;
                         rewound += 1;
                     }
@@ -706,6 +716,8 @@ impl<H: Clone> Core<H> {
         }
         let swarm = self.swarm_entry(&publish.swarm)?;
         swarm.check_available()?;
+        let create_log = (!swarm.log_created).then(|| (swarm.name.clone(), swarm.epoch));
+        swarm.log_created = true;
         let op = OpId(swarm.next_op);
         swarm.next_op += 1;
         swarm.last_publish = Some(now.instant);
@@ -732,6 +744,9 @@ impl<H: Clone> Core<H> {
             request_id: publish.request_id,
         });
         let name = swarm.name.clone();
+        if let Some((swarm, epoch)) = create_log {
+            self.actions.push_back(Action::CreateLog { swarm, epoch });
+        }
         self.actions.push_back(Action::Append {
             swarm: name,
             op,
@@ -800,27 +815,32 @@ impl<H: Clone> Core<H> {
 
     /// Records a subscriber's cumulative acknowledgement (kept for redelivery, which the
     /// event log drives). Acks never move backwards.
-    pub fn handle_ack(&mut self, conn: ConnId, swarm_name: &str, op_id: OpId, now: Instant) {
+    pub fn handle_ack(
+        &mut self,
+        conn: ConnId,
+        swarm_name: &str,
+        class: Class,
+        op_id: OpId,
+        now: Instant,
+    ) {
         let Some(swarm) = self.swarms.get_mut(swarm_name) else {
             return;
         };
-        if op_id.is_none() || op_id > swarm.durable_op {
+        if !class.is_ordered() || op_id.is_none() || op_id > swarm.durable_op {
             return;
         }
-        let acked = swarm.acked.entry(conn).or_default();
+        let acked = swarm.acked.entry((conn, class)).or_default();
         if op_id <= *acked {
             return;
         }
         *acked = op_id;
         let acked = *acked;
         // Progress restarts the redelivery clock; everything acknowledged stops it.
-        for class in [Class::Control, Class::Command] {
-            for s in swarm.subscribers[class.index()]
-                .iter_mut()
-                .filter(|s| s.conn == conn)
-            {
-                s.unacked_since = (s.delivered > acked).then_some(now);
-            }
+        for s in swarm.subscribers[class.index()]
+            .iter_mut()
+            .filter(|s| s.conn == conn)
+        {
+            s.unacked_since = (s.delivered > acked).then_some(now);
         }
         self.track(conn, swarm_name);
     }
@@ -836,7 +856,7 @@ impl<H: Clone> Core<H> {
                 for list in &mut swarm.subscribers {
                     list.retain(|s| s.conn != conn);
                 }
-                swarm.acked.remove(&conn);
+                swarm.acked.retain(|(c, _), _| *c != conn);
             }
         }
     }
@@ -864,7 +884,7 @@ impl<H: Clone> Core<H> {
     pub fn acked(&self, conn: ConnId, swarm: &str) -> OpId {
         self.swarms
             .get(swarm)
-            .and_then(|s| s.acked.get(&conn).copied())
+            .and_then(|s| s.acked.get(&(conn, Class::Command)).copied())
             .unwrap_or_default()
     }
 
@@ -1201,11 +1221,11 @@ mod tests {
         )
         .unwrap();
         drain(&mut core);
-        core.handle_ack(ConnId(1), "s", OpId(1), Instant::now());
-        core.handle_ack(ConnId(1), "s", OpId(99), Instant::now()); // beyond what is durable: ignored
+        core.handle_ack(ConnId(1), "s", Class::Command, OpId(1), Instant::now());
+        core.handle_ack(ConnId(1), "s", Class::Command, OpId(99), Instant::now()); // beyond what is durable: ignored
         assert_eq!(core.acked(ConnId(1), "s"), OpId(1));
         // An ack from a connection that never subscribed is freed on disconnect too.
-        core.handle_ack(ConnId(2), "s", OpId(1), Instant::now());
+        core.handle_ack(ConnId(2), "s", Class::Command, OpId(1), Instant::now());
         assert_eq!(core.acked(ConnId(2), "s"), OpId(1));
         core.handle_disconnect(ConnId(2));
         assert_eq!(core.acked(ConnId(2), "s"), OpId(0));

@@ -325,8 +325,8 @@ struct Session {
     conn: ConnId,
     agent: Arc<str>,
     swarms: HashSet<String>,
-    /// Resume points from Hello: (epoch, last applied op) per swarm.
-    resume: HashMap<String, (Epoch, OpId)>,
+    /// Resume points from Hello: (epoch, last applied op) per swarm and ordered class.
+    resume: HashMap<(String, Class), (Epoch, OpId)>,
     outbox: Arc<Outbox>,
     subscriptions: HeldSubscriptions,
     context: Arc<Context>,
@@ -449,11 +449,10 @@ impl Session {
                     held.insert(key);
                 }
                 let swarm = subscription.swarm.clone();
-                let resume = subscription
-                    .class
-                    .is_ordered()
-                    .then(|| self.resume.get(&swarm).copied())
-                    .flatten();
+                let resume = self
+                    .resume
+                    .get(&(swarm.clone(), subscription.class))
+                    .copied();
                 self.to_shard(
                     &swarm,
                     ShardCommand::Subscribe {
@@ -482,7 +481,11 @@ impl Session {
                 )
                 .await;
             }
-            Message::Ack { swarm, op_id } => {
+            Message::Ack {
+                swarm,
+                class,
+                op_id,
+            } => {
                 if !self.joined(&swarm) {
                     self.not_joined(&swarm, 0);
                     return Ok(());
@@ -493,6 +496,7 @@ impl Session {
                     ShardCommand::Ack {
                         outbox: self.outbox.clone(),
                         swarm,
+                        class,
                         op_id,
                     },
                 )
@@ -732,7 +736,8 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         resume: hello
             .resume
             .into_iter()
-            .map(|r| (r.swarm, (r.epoch, r.last_applied)))
+            .filter(|r| r.class.is_ordered())
+            .map(|r| ((r.swarm, r.class), (r.epoch, r.last_applied)))
             .collect(),
         swarms: hello.swarms.into_iter().collect(),
         outbox: outbox.clone(),

@@ -63,6 +63,7 @@ pub enum ShardCommand {
     Ack {
         outbox: Arc<Outbox>,
         swarm: String,
+        class: Class,
         op_id: OpId,
     },
     Disconnect {
@@ -142,6 +143,8 @@ pub fn shard_of(swarm: &str, shards: usize) -> usize {
 const BATCH: usize = 256;
 /// Ops read from the log per catch-up step of one subscriber.
 const CATCH_UP_CHUNK_OPS: usize = 512;
+/// Bytes read from the log per catch-up step or delta answer (soft: one record may exceed it).
+const CATCH_UP_CHUNK_BYTES: usize = 4 << 20;
 /// How often the shard checks redelivery timeouts.
 const TICK: std::time::Duration = std::time::Duration::from_millis(100);
 /// How soon a shard with subscribers catching up looks again at their queues.
@@ -227,6 +230,7 @@ impl Shard {
             for event in event_batch.drain(..) {
                 match event {
                     LogEvent::Durable { swarm, up_to } => {
+                        self.log.on_durable(&swarm, up_to);
                         self.core.handle_durable(&swarm, up_to, now.instant);
                     }
                     LogEvent::Failed {
@@ -267,7 +271,10 @@ impl Shard {
                 continue;
             }
             let chunk = CATCH_UP_CHUNK_OPS.min(room - c.handle.queued(lane)).max(1);
-            match self.log.read_from(&c.swarm, c.from, chunk, usize::MAX) {
+            match self
+                .log
+                .read_from(&c.swarm, c.from, chunk, CATCH_UP_CHUNK_BYTES)
+            {
                 Ok(records) => {
                     let read_up_to = records.last().map(|r| r.op).unwrap_or(c.to).min(c.to);
                     let ops: Vec<ReplayedOp> = records
@@ -295,9 +302,11 @@ impl Shard {
                     pending |= read_up_to < c.to;
                 }
                 Err(error) => {
+                    // The swarm's appends are unaffected; this subscriber cannot be caught up,
+                    // so it is disconnected and may resume later.
                     tracing::error!(swarm = %c.swarm, %error, "reading the event log for a catch-up failed");
-                    self.core
-                        .handle_log_failed(&c.swarm, c.from, &error.to_string());
+                    c.handle
+                        .request_close(swarmbus_schema::ErrorCode::SwarmUnavailable);
                 }
             }
         }
@@ -338,16 +347,34 @@ impl Shard {
                     to,
                     more,
                 } => {
-                    let count = (to.0 + 1).saturating_sub(from.0) as usize;
-                    let records = if count == 0 {
+                    // Never more than the reconciliation queue has room for, so an answer
+                    // cannot overflow it; the rest is asked for again (`more`).
+                    let lane = Lane::Class(Class::Reconciliation);
+                    let room = to_handle
+                        .capacity(lane)
+                        .saturating_sub(to_handle.queued(lane));
+                    let span = (to.0.saturating_add(1)).saturating_sub(from.0) as usize;
+                    let limit = span.min(room);
+                    let records = if limit == 0 {
                         Ok(Vec::new())
                     } else {
-                        self.log.read_from(&swarm, from, count, usize::MAX)
+                        self.log
+                            .read_from(&swarm, from, limit, CATCH_UP_CHUNK_BYTES)
                     };
                     match records {
                         Ok(records) => {
+                            let records: Vec<_> =
+                                records.into_iter().filter(|r| r.op <= to).collect();
+                            // Where this answer stops: the last op read when a bound cut it
+                            // short, else the end of the range.
+                            let cut_short = limit < span || records.len() >= limit;
+                            let last_op = match records.last() {
+                                Some(last) if cut_short => last.op,
+                                None if cut_short => OpId(from.0.saturating_sub(1)),
+                                _ => to,
+                            };
                             let mut sent = 0u32;
-                            for record in records.into_iter().filter(|r| r.op <= to) {
+                            for record in records {
                                 let wanted =
                                     deliver_meta(&record.frame).is_some_and(|(_, _, target)| {
                                         !targeted_elsewhere(target.as_deref(), &agent)
@@ -357,9 +384,9 @@ impl Shard {
                                         head: record.frame,
                                         body: bytes::Bytes::new(),
                                     };
-                                    let _ =
-                                        to_handle.push(Lane::Class(Class::Reconciliation), frame);
-                                    sent += 1;
+                                    if to_handle.push(lane, frame).is_ok() {
+                                        sent += 1;
+                                    }
                                 }
                             }
                             reply(
@@ -368,9 +395,9 @@ impl Shard {
                                     request_id,
                                     epoch,
                                     first_op: from,
-                                    last_op: to,
+                                    last_op,
                                     count: sent,
-                                    more,
+                                    more: more || last_op < to,
                                     compacted: from <= self.log.horizon(&swarm),
                                 }),
                             );
@@ -479,10 +506,11 @@ impl Shard {
             ShardCommand::Ack {
                 outbox,
                 swarm,
+                class,
                 op_id,
             } => {
                 if !outbox.is_closed() {
-                    core.handle_ack(outbox.conn(), &swarm, op_id, now.instant);
+                    core.handle_ack(outbox.conn(), &swarm, class, op_id, now.instant);
                 }
             }
             ShardCommand::Delta {

@@ -19,11 +19,12 @@ use swarmbus_schema::{Class, DecodeOptions, Epoch, FrameDecoder, Message, OpId, 
 const ROUTER: &str = env!("CARGO_BIN_EXE_swarmbus-router");
 const SWARMS: [&str; 2] = ["crash-a", "crash-b"];
 
-fn start_router(data: &Path) -> (Child, SocketAddr) {
+fn start_router(data: &Path, writer: &str) -> (Child, SocketAddr) {
     let mut child = Command::new(ROUTER)
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .env("SWARMBUS_LOG", "warn")
+        .env("SWARMBUS_LOG_WRITER", writer)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -45,12 +46,13 @@ fn start_router(data: &Path) -> (Child, SocketAddr) {
 /// router with SIGKILL while publishes are still in flight. Returns what was acknowledged.
 async fn publish_then_kill(
     data: &Path,
+    writer: &str,
     acks: usize,
     round: usize,
     acked: &mut HashMap<(String, u64), Bytes>,
     epochs: &mut HashMap<String, Epoch>,
 ) {
-    let (mut child, addr) = start_router(data);
+    let (mut child, addr) = start_router(data, writer);
     let connector = Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
     let (client, _deliveries) = connector
         .connect(
@@ -134,13 +136,20 @@ fn read_log(data: &Path) -> HashMap<(String, u64), Bytes> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_commands_survive_sigkill_and_op_ids_continue() {
+    // `auto` is io_uring where the kernel allows it; `file` is the plain writer.
+    for writer in ["auto", "file"] {
+        crash_rounds(writer).await;
+    }
+}
+
+async fn crash_rounds(writer: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     let mut acked = HashMap::new();
     let mut last_ops: HashMap<String, u64> = HashMap::new();
     let mut epochs: HashMap<String, Epoch> = HashMap::new();
     for (round, kill_after) in [40usize, 300, 7, 150].into_iter().enumerate() {
-        publish_then_kill(data, kill_after, round, &mut acked, &mut epochs).await;
+        publish_then_kill(data, writer, kill_after, round, &mut acked, &mut epochs).await;
         let stored = read_log(data);
         for (key, payload) in &acked {
             assert_eq!(
@@ -166,7 +175,7 @@ async fn acknowledged_commands_survive_sigkill_and_op_ids_continue() {
         }
     }
     // After the last kill, the restarted router continues right after the last stored op.
-    let (mut child, addr) = start_router(data);
+    let (mut child, addr) = start_router(data, writer);
     let connector = Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
     let (client, _d) = connector
         .connect(addr, Session::new("after", Role::Controller, SWARMS))

@@ -170,6 +170,7 @@ pub fn encode(message: &Message) -> OutFrame {
                                 swarm: Some(swarm),
                                 epoch: r.epoch.0,
                                 last_applied: r.last_applied.0,
+                                class: wire_class(r.class),
                             },
                         )
                     })
@@ -306,13 +307,18 @@ pub fn encode(message: &Message) -> OutFrame {
                     m.payload.len(),
                 );
             }
-            Message::Ack { swarm, op_id } => {
+            Message::Ack {
+                swarm,
+                class,
+                op_id,
+            } => {
                 let swarm = fbb.create_string(swarm);
                 let t = w::Ack::create(
                     fbb,
                     &w::AckArgs {
                         swarm: Some(swarm),
                         op_id: op_id.0,
+                        class: wire_class(*class),
                     },
                 );
                 (w::Message::Ack, t.as_union_value())
@@ -469,6 +475,7 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                         .map(|r| {
                             Ok(ResumePoint {
                                 swarm: required(r.swarm(), "Resume without swarm")?,
+                                class: class_of(r.class())?,
                                 epoch: Epoch(r.epoch()),
                                 last_applied: OpId(r.last_applied()),
                             })
@@ -578,6 +585,7 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
             no_body()?;
             Message::Ack {
                 swarm: required(m.swarm(), "Ack without swarm")?,
+                class: class_of(m.class())?,
                 op_id: OpId(m.op_id()),
             }
         }
@@ -759,8 +767,9 @@ mod tests {
                         })
                     }
                 ),
-            (name(), any::<u64>()).prop_map(|(swarm, op)| Message::Ack {
+            (name(), class(), any::<u64>()).prop_map(|(swarm, class, op)| Message::Ack {
                 swarm,
+                class,
                 op_id: OpId(op)
             }),
             (
@@ -779,6 +788,11 @@ mod tests {
                         .into_iter()
                         .map(|(swarm, e, op)| ResumePoint {
                             swarm,
+                            class: if op % 2 == 0 {
+                                Class::Command
+                            } else {
+                                Class::Control
+                            },
                             epoch: Epoch(e ^ epoch),
                             last_applied: OpId(op),
                         })
@@ -936,6 +950,7 @@ mod tests {
         // Encode an Ack, then change the union type byte to a value past the known ones.
         let wire = encode(&Message::Ack {
             swarm: "s".into(),
+            class: Class::Command,
             op_id: OpId(1),
         })
         .to_vec();

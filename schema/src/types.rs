@@ -111,6 +111,8 @@ pub struct SessionId(pub u64);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ResumePoint {
     pub swarm: String,
+    /// The ordered class (control or command) this point is for.
+    pub class: Class,
     pub epoch: Epoch,
     pub last_applied: OpId,
 }
@@ -216,6 +218,7 @@ pub enum Message {
     Deliver(Deliver),
     Ack {
         swarm: String,
+        class: Class,
         op_id: OpId,
     },
     EpochChanged {

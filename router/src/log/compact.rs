@@ -86,6 +86,10 @@ pub fn plan(
     }
     let mut hot = 0u64;
     let mut cold_end = log.segments.len() - 1; // the active segment is always hot
+                                               // A segment with appends still in the writer's queue is hot whatever its age.
+    while cold_end > 0 && log.segments[cold_end - 1].covers_to > log.durable_op {
+        cold_end -= 1;
+    }
     while cold_end > 0 {
         let candidate = &log.segments[cold_end - 1];
         if hot + candidate.len > retention.hot_bytes {
@@ -115,20 +119,26 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
     };
     let first_op = first.first_op;
     let covers_to = last.covers_to;
-    let reader = SwarmLog {
+    // One segment in memory at a time: a first pass finds the latest op of each key, a
+    // second writes what is kept.
+    let segment_reader = |segment: &Segment| SwarmLog {
         name: job.swarm.to_string(),
         dir: job.dir.clone(),
         epoch: job.epoch,
-        segments: job.inputs.clone(),
+        segments: vec![segment.clone()],
         unavailable: None,
         created: true,
         horizon: OpId(0),
+        durable_op: segment.covers_to,
     };
-    let records = reader.read_from(first_op, usize::MAX, usize::MAX)?;
     let mut latest: HashMap<Bytes, OpId> = HashMap::new();
-    for record in &records {
-        if !record.key.is_empty() {
-            latest.insert(record.key.clone(), record.op);
+    let mut records_before = 0u64;
+    for segment in &job.inputs {
+        for record in segment_reader(segment).read_from(segment.first_op, usize::MAX, usize::MAX)? {
+            records_before += 1;
+            if !record.key.is_empty() {
+                latest.insert(record.key, record.op);
+            }
         }
     }
     let path = compacted_path(&job.dir, first_op, covers_to);
@@ -138,30 +148,34 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
     let mut last_op = OpId(first_op.0 - 1);
     let mut index = Vec::new();
     let mut kept = 0u64;
-    for record in &records {
-        let superseded = !record.key.is_empty() && latest.get(&record.key) != Some(&record.op);
-        let expired = job.max_age_ms[record.class.index()]
-            .is_some_and(|age| job.now_ms.saturating_sub(record.timestamp_ms) > age);
-        if superseded || expired {
-            continue;
+    for segment in &job.inputs {
+        for record in
+            &segment_reader(segment).read_from(segment.first_op, usize::MAX, usize::MAX)?
+        {
+            let superseded = !record.key.is_empty() && latest.get(&record.key) != Some(&record.op);
+            let expired = job.max_age_ms[record.class.index()]
+                .is_some_and(|age| job.now_ms.saturating_sub(record.timestamp_ms) > age);
+            if superseded || expired {
+                continue;
+            }
+            let parts = encode_record(
+                record.epoch,
+                record.op,
+                record.timestamp_ms,
+                record.class,
+                &record.key,
+                record.frame.clone(),
+                Bytes::new(),
+            );
+            if kept.is_multiple_of(INDEX_EVERY_RECORDS) {
+                index.push((record.op, len));
+            }
+            let bytes = parts.to_bytes();
+            out.write_all(&bytes)?;
+            len += bytes.len() as u64;
+            last_op = record.op;
+            kept += 1;
         }
-        let parts = encode_record(
-            record.epoch,
-            record.op,
-            record.timestamp_ms,
-            record.class,
-            &record.key,
-            record.frame.clone(),
-            Bytes::new(),
-        );
-        if kept.is_multiple_of(INDEX_EVERY_RECORDS) {
-            index.push((record.op, len));
-        }
-        let bytes = parts.to_bytes();
-        out.write_all(&bytes)?;
-        len += bytes.len() as u64;
-        last_op = record.op;
-        kept += 1;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
@@ -180,7 +194,7 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
             compacted: true,
             index,
         },
-        records_before: records.len() as u64,
+        records_before,
         records_after: kept,
     })
 }
@@ -224,11 +238,15 @@ pub fn enforce_max_bytes(log: &mut SwarmLog, retention: &Retention) -> std::io::
         return Ok(0);
     };
     let mut deleted = 0;
-    while log.bytes() > max && log.segments.len() > 1 {
+    while log.bytes() > max && log.segments.len() > 1 && log.segments[0].covers_to <= log.durable_op
+    {
         let oldest = log.segments.remove(0);
         log.horizon = log.horizon.max(oldest.covers_to);
         fs::remove_file(&oldest.path)?;
         deleted += 1;
+    }
+    if deleted > 0 {
+        File::open(&log.dir)?.sync_all()?;
     }
     Ok(deleted)
 }

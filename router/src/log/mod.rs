@@ -118,6 +118,8 @@ pub trait LogBackend: Send {
     fn maintain(&mut self, now_ms: u64);
     /// Installs a finished compaction (from [`LogEvent::Compacted`]).
     fn on_compacted(&mut self, swarm: &Arc<str>, result: Result<Compacted, String>);
+    /// The writer reported `swarm` durable up to `up_to` (from [`LogEvent::Durable`]).
+    fn on_durable(&mut self, swarm: &str, up_to: OpId);
 }
 
 /// The embedded log of one shard: the swarms hashed to it, appending through the shared
@@ -238,11 +240,15 @@ impl LogBackend for ShardLog {
 
     fn maintain(&mut self, now_ms: u64) {
         for (name, log) in &mut self.swarms {
-            if self.compacting.contains(name) || log.unavailable.is_some() {
+            if log.unavailable.is_some() {
                 continue;
             }
             if let Err(error) = compact::enforce_max_bytes(log, &self.retention) {
                 tracing::error!(swarm = %name, %error, "log retention failed");
+            }
+            // One compaction per shard at a time bounds the threads and memory it uses.
+            if !self.compacting.is_empty() {
+                continue;
             }
             let Some(job) = compact::plan(log, &self.retention, now_ms, name) else {
                 continue;
@@ -250,11 +256,14 @@ impl LogBackend for ShardLog {
             self.compacting.insert(name.clone());
             let events = self.events.clone();
             // Compaction reads and writes whole segments: a thread of its own, so neither
-            // the shard nor the writer waits for it.
+            // the shard nor the writer waits for it. A panic is reported like an error, so
+            // the swarm is not left marked as compacting.
             let spawned = std::thread::Builder::new()
                 .name("swarmbus-compaction".into())
                 .spawn(move || {
-                    let result = compact::run(&job).map_err(|e| e.to_string());
+                    let result = std::panic::catch_unwind(|| compact::run(&job))
+                        .map_err(|_| "compaction panicked".to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
                     let _ = events.send(LogEvent::Compacted {
                         swarm: job.swarm.clone(),
                         result,
@@ -263,6 +272,12 @@ impl LogBackend for ShardLog {
             if spawned.is_err() {
                 self.compacting.remove(name);
             }
+        }
+    }
+
+    fn on_durable(&mut self, swarm: &str, up_to: OpId) {
+        if let Some(log) = self.swarms.get_mut(swarm) {
+            log.durable_op = log.durable_op.max(up_to);
         }
     }
 

@@ -76,6 +76,8 @@ pub struct SwarmLog {
     pub created: bool,
     /// Ops up to here were compacted (latest per key kept) or removed by retention.
     pub horizon: OpId,
+    /// The highest op the writer reported durable (everything recovered is).
+    pub durable_op: OpId,
 }
 
 /// A problem found while recovering, reported but not fatal to the router.
@@ -122,15 +124,14 @@ fn parse_segment_name(path: &Path) -> Option<SegmentName> {
     let name = path.file_name()?.to_str()?;
     if let Some(range) = name.strip_suffix(".compacted.log") {
         let (first, last) = range.split_once('-')?;
-        return Some(SegmentName::Compacted(
-            OpId(first.parse().ok()?),
-            OpId(last.parse().ok()?),
-        ));
+        let (first, last): (u64, u64) = (first.parse().ok()?, last.parse().ok()?);
+        // Op ids start at 1; a range must be ordered and leave room for the next op.
+        return (first >= 1 && last >= first && last < u64::MAX)
+            .then_some(SegmentName::Compacted(OpId(first), OpId(last)));
     }
     let first = name.strip_suffix(".log")?;
-    (first.len() == 20)
-        .then(|| first.parse().ok().map(|op| SegmentName::Plain(OpId(op))))
-        .flatten()
+    let first: u64 = (first.len() == 20).then(|| first.parse().ok()).flatten()?;
+    (first >= 1).then_some(SegmentName::Plain(OpId(first)))
 }
 
 /// A fresh epoch: random per call (std's randomly keyed hasher) and never 0.
@@ -162,6 +163,7 @@ impl SwarmLog {
             unavailable: None,
             created: false,
             horizon: OpId(0),
+            durable_op: OpId(0),
         }
     }
 
@@ -171,9 +173,10 @@ impl SwarmLog {
             return Ok(());
         }
         fs::create_dir_all(&self.dir)?;
+        // The name file goes last: it marks the directory as a complete swarm log.
         for (file, contents) in [
-            ("name", self.name.clone()),
             ("epoch", self.epoch.0.to_string()),
+            ("name", self.name.clone()),
         ] {
             let tmp = self.dir.join(format!("{file}.tmp"));
             let mut f = File::create(&tmp)?;
@@ -252,8 +255,14 @@ impl SwarmLog {
             while position < segment.len {
                 let want = READ_CHUNK_BYTES.min((segment.len - position) as usize);
                 let mut chunk = vec![0u8; want];
-                file.read_exact_at(&mut chunk, position)?;
-                position += want as u64;
+                // Appends are placed before they are written: the file may still be shorter
+                // than `len`. Read what is there; callers only use durable ops.
+                let got = read_at_most(&file, &mut chunk, position)?;
+                if got == 0 {
+                    break;
+                }
+                chunk.truncate(got);
+                position += got as u64;
                 pending.extend_from_slice(&chunk);
                 let mut buf = pending.split().freeze();
                 loop {
@@ -283,6 +292,20 @@ impl SwarmLog {
         }
         Ok(out)
     }
+}
+
+/// Reads into `buf` at `position` until it is full or the file ends; returns the bytes read.
+fn read_at_most(file: &File, buf: &mut [u8], position: u64) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], position + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// What scanning one segment found.
@@ -415,6 +438,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         unavailable: None,
         created: true,
         horizon: OpId(0),
+        durable_op: OpId(0),
     };
     match read_epoch(&dir) {
         Ok(epoch) => log.epoch = epoch,
@@ -530,6 +554,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             break;
         }
     }
+    log.durable_op = log.last_op();
     match log.segments.last() {
         None => log.segments.push(Segment::empty(&dir, OpId(1))),
         // Appends never go into a compacted segment: start a plain one after it.

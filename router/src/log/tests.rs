@@ -10,6 +10,20 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::log::compact;
 
+/// The next log event, failing the test instead of hanging when none comes.
+fn next_event(events: &mut mpsc::UnboundedReceiver<LogEvent>) -> LogEvent {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match events.try_recv() {
+            Ok(event) => return event,
+            Err(mpsc::error::TryRecvError::Empty) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1))
+            }
+            Err(error) => panic!("no log event within 20 s: {error}"),
+        }
+    }
+}
+
 fn kinds() -> Vec<WriterKind> {
     let mut kinds = vec![WriterKind::File];
     if writer_probe() {
@@ -52,8 +66,11 @@ fn append_all(
     }
     let mut durable = OpId(0);
     while durable < OpId(to) {
-        match events.blocking_recv().expect("writer alive") {
-            LogEvent::Durable { swarm: s, up_to } if s == *swarm => durable = durable.max(up_to),
+        match next_event(events) {
+            LogEvent::Durable { swarm: s, up_to } if s == *swarm => {
+                log.on_durable(&s, up_to);
+                durable = durable.max(up_to)
+            }
             LogEvent::Durable { .. } => {}
             LogEvent::Failed { detail, .. } => panic!("append failed: {detail}"),
             LogEvent::Compacted { .. } => panic!("no compaction was asked for"),
@@ -192,11 +209,17 @@ fn torn_tail_is_truncated_and_appends_continue() {
 
 #[test]
 fn bit_flip_at_the_tail_is_truncated_but_in_the_middle_makes_the_swarm_unavailable() {
+    for kind in kinds() {
+        bit_flips_with(kind);
+    }
+}
+
+fn bit_flips_with(kind: WriterKind) {
     let dir = tempfile::tempdir().unwrap();
     let (damaged, healthy, tail): (Arc<str>, Arc<str>, Arc<str>) =
         ("damaged".into(), "healthy".into(), "tail".into());
     {
-        let (mut log, mut events, _) = open(dir.path(), WriterKind::File, 1 << 20);
+        let (mut log, mut events, _) = open(dir.path(), kind, 1 << 20);
         for swarm in [&damaged, &healthy, &tail] {
             log.create(swarm, Epoch(5)).unwrap();
             append_all(&mut log, &mut events, swarm, Epoch(5), 1, 30);
@@ -214,7 +237,7 @@ fn bit_flip_at_the_tail_is_truncated_but_in_the_middle_makes_the_swarm_unavailab
     };
     flip(&damaged, None);
     flip(&tail, Some(3));
-    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1 << 20);
+    let (log, _events, notes) = open(dir.path(), kind, 1 << 20);
     assert!(state(&log, &damaged).unavailable.is_some(), "{notes:?}");
     assert_eq!(state(&log, &healthy).unavailable, None);
     assert_eq!(state(&log, &healthy).last_op, OpId(30));
@@ -312,9 +335,13 @@ fn append_keyed(
             .unwrap();
     }
     loop {
-        match events.blocking_recv().unwrap() {
-            LogEvent::Durable { up_to, .. } if up_to.0 >= last => return,
-            LogEvent::Durable { .. } => {}
+        match next_event(events) {
+            LogEvent::Durable { swarm, up_to } => {
+                log.on_durable(&swarm, up_to);
+                if up_to.0 >= last {
+                    return;
+                }
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -322,7 +349,7 @@ fn append_keyed(
 
 fn compact_now(log: &mut ShardLog, events: &mut mpsc::UnboundedReceiver<LogEvent>, now_ms: u64) {
     log.maintain(now_ms);
-    match events.blocking_recv().unwrap() {
+    match next_event(events) {
         LogEvent::Compacted { swarm, result } => log.on_compacted(&swarm, result),
         other => panic!("expected a compaction, got {other:?}"),
     }
@@ -338,6 +365,12 @@ fn read_ops(log: &ShardLog, swarm: &str) -> Vec<u64> {
 
 #[test]
 fn compaction_keeps_the_latest_record_per_key_and_survives_reopen() {
+    for kind in kinds() {
+        compaction_with(kind);
+    }
+}
+
+fn compaction_with(kind: WriterKind) {
     let dir = tempfile::tempdir().unwrap();
     let swarm: Arc<str> = "compacted".into();
     let retention = Retention {
@@ -345,7 +378,7 @@ fn compaction_keeps_the_latest_record_per_key_and_survives_reopen() {
         max_age_ms: [None; Class::COUNT],
         max_bytes: None,
     };
-    let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention.clone());
+    let (mut log, mut events, _) = open_with(dir.path(), kind, 300, retention.clone());
     log.create(&swarm, Epoch(1)).unwrap();
     append_keyed(&mut log, &mut events, &swarm, 1..=100, 3, 0);
     let before = read_ops(&log, &swarm);
@@ -366,7 +399,7 @@ fn compaction_keeps_the_latest_record_per_key_and_survives_reopen() {
     // Appends go on, and a reopened log reads the same.
     append_keyed(&mut log, &mut events, &swarm, 101..=110, 3, 0);
     drop(log);
-    let (log, _events, notes) = open_with(dir.path(), WriterKind::File, 300, retention);
+    let (log, _events, notes) = open_with(dir.path(), kind, 300, retention);
     assert!(notes.is_empty(), "{notes:?}");
     assert_eq!(log.horizon(&swarm), horizon);
     let reopened = read_ops(&log, &swarm);

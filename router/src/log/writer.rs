@@ -10,7 +10,7 @@
 //! touched files in flight at once), and plain positional file I/O. The io_uring one is
 //! picked when the kernel allows it; otherwise the plain one, logged once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -206,6 +206,8 @@ struct WriterState {
     last_sync: Instant,
     /// Files written since the last sync (interval policy).
     unsynced: Vec<Arc<PathBuf>>,
+    /// Swarms whose appends failed: their later requests are not written.
+    failed: HashSet<Arc<str>>,
 }
 
 impl WriterState {
@@ -215,6 +217,7 @@ impl WriterState {
             shards,
             last_sync: Instant::now(),
             unsynced: Vec::new(),
+            failed: HashSet::new(),
         }
     }
 
@@ -250,10 +253,10 @@ impl WriterState {
     }
 
     /// Coalesces a batch into per-file contiguous buffers (one copy of each record).
-    fn plan(batch: &[WriteRequest]) -> Vec<FileBatch> {
+    fn plan(batch: &[WriteRequest], failed: &HashSet<Arc<str>>) -> Vec<FileBatch> {
         let mut files: Vec<FileBatch> = Vec::new();
         let mut open: HashMap<Arc<PathBuf>, usize> = HashMap::new();
-        for request in batch {
+        for request in batch.iter().filter(|r| !failed.contains(&r.swarm)) {
             let slot = open.get(&request.path).copied().filter(|&i| {
                 let f = &files[i];
                 f.offset + f.bytes.len() as u64 == request.offset
@@ -296,28 +299,47 @@ impl WriterState {
         }
     }
 
-    /// Reports durability (or failure) of a batch to the shards.
-    fn complete(&self, batch: Vec<WriteRequest>, failed: &HashMap<Arc<PathBuf>, String>) {
+    /// Reports durability (or failure) of a batch to the shards. Once an append of a swarm
+    /// failed, that swarm is failed for good: nothing after the failed op is reported
+    /// durable (even if its write happened to succeed), and later requests are refused.
+    fn complete(&mut self, batch: Vec<WriteRequest>, failed: &HashMap<Arc<PathBuf>, String>) {
         let mut highest: HashMap<(usize, Arc<str>), OpId> = HashMap::new();
         let mut failures: HashMap<(usize, Arc<str>), (OpId, String)> = HashMap::new();
-        for request in batch {
+        for request in &batch {
             let key = (request.shard, request.swarm.clone());
-            if let Some(detail) = failed.get(&request.path) {
-                failures
-                    .entry(key)
-                    .and_modify(|(op, _)| *op = (*op).min(request.op))
-                    .or_insert((request.op, detail.clone()));
-            } else {
-                let entry = highest.entry(key).or_insert(request.op);
-                *entry = (*entry).max(request.op);
+            let failure = failed.get(&request.path).cloned().or_else(|| {
+                self.failed
+                    .contains(&request.swarm)
+                    .then(|| "an earlier append of this swarm failed".to_string())
+            });
+            match failure {
+                Some(detail) => {
+                    failures
+                        .entry(key)
+                        .and_modify(|(op, _)| *op = (*op).min(request.op))
+                        .or_insert((request.op, detail));
+                }
+                None => {
+                    let entry = highest.entry(key).or_insert(request.op);
+                    *entry = (*entry).max(request.op);
+                }
             }
         }
         for ((shard, swarm), up_to) in highest {
+            // Ops are durable only up to the first failed one of the swarm.
+            let up_to = match failures.get(&(shard, swarm.clone())) {
+                Some((first_failed, _)) if *first_failed <= up_to => OpId(first_failed.0 - 1),
+                _ => up_to,
+            };
+            if up_to.is_none() {
+                continue;
+            }
             if let Some(tx) = self.shards.get(shard) {
                 let _ = tx.send(LogEvent::Durable { swarm, up_to });
             }
         }
         for ((shard, swarm), (from, detail)) in failures {
+            self.failed.insert(swarm.clone());
             if let Some(tx) = self.shards.get(shard) {
                 let _ = tx.send(LogEvent::Failed {
                     swarm,
@@ -339,7 +361,7 @@ fn parent_of(path: &Path) -> &Path {
 fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
     let mut files: HashMap<Arc<PathBuf>, std::fs::File> = HashMap::new();
     while let Ok(batch) = state.next_batch(&rx) {
-        let planned = WriterState::plan(&batch);
+        let planned = WriterState::plan(&batch, &state.failed);
         let mut failed = HashMap::new();
         let (sync, flush_interval) = state.sync_plan(&planned);
         for f in &planned {
@@ -393,7 +415,7 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
         // Blocking on the channel is fine here: nothing else runs on this thread, and every
         // operation of the previous batch has completed before we wait again.
         while let Ok(batch) = state.next_batch(&rx) {
-            let planned = WriterState::plan(&batch);
+            let planned = WriterState::plan(&batch, &state.failed);
             let (sync, flush_interval) = state.sync_plan(&planned);
             if files.len() >= MAX_OPEN_FILES {
                 files.clear();

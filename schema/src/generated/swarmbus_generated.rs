@@ -350,6 +350,7 @@ impl<'a> Resume<'a> {
   pub const VT_SWARM: ::flatbuffers::VOffsetT = 4;
   pub const VT_EPOCH: ::flatbuffers::VOffsetT = 6;
   pub const VT_LAST_APPLIED: ::flatbuffers::VOffsetT = 8;
+  pub const VT_CLASS: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -364,6 +365,7 @@ impl<'a> Resume<'a> {
     builder.add_last_applied(args.last_applied);
     builder.add_epoch(args.epoch);
     if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.add_class(args.class);
     builder.finish()
   }
 
@@ -389,6 +391,15 @@ impl<'a> Resume<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Resume::VT_LAST_APPLIED, Some(0)).unwrap()}
   }
+  /// Control and command share one op sequence but travel on separate streams, so an agent
+  /// tracks (and resumes) each ordered class on its own.
+  #[inline]
+  pub fn class(&self) -> Class {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Class>(Resume::VT_CLASS, Some(Class::Command)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Resume<'_> {
@@ -400,6 +411,7 @@ impl ::flatbuffers::Verifiable for Resume<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
      .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
      .visit_field::<u64>("last_applied", Self::VT_LAST_APPLIED, false)?
+     .visit_field::<Class>("class", Self::VT_CLASS, false)?
      .finish();
     Ok(())
   }
@@ -408,6 +420,7 @@ pub struct ResumeArgs<'a> {
     pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub epoch: u64,
     pub last_applied: u64,
+    pub class: Class,
 }
 impl<'a> Default for ResumeArgs<'a> {
   #[inline]
@@ -416,6 +429,7 @@ impl<'a> Default for ResumeArgs<'a> {
       swarm: None,
       epoch: 0,
       last_applied: 0,
+      class: Class::Command,
     }
   }
 }
@@ -438,6 +452,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ResumeBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(Resume::VT_LAST_APPLIED, last_applied, 0);
   }
   #[inline]
+  pub fn add_class(&mut self, class: Class) {
+    self.fbb_.push_slot::<Class>(Resume::VT_CLASS, class, Class::Command);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ResumeBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ResumeBuilder {
@@ -458,6 +476,7 @@ impl ::core::fmt::Debug for Resume<'_> {
       ds.field("swarm", &self.swarm());
       ds.field("epoch", &self.epoch());
       ds.field("last_applied", &self.last_applied());
+      ds.field("class", &self.class());
       ds.finish()
   }
 }
@@ -2004,7 +2023,8 @@ impl ::core::fmt::Debug for Deliver<'_> {
 pub enum AckOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
-/// Subscriber -> router: everything up to and including `op_id` of `swarm` is applied.
+/// Subscriber -> router: every op of `class` in `swarm` up to and including `op_id` is
+/// applied.
 pub struct Ack<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -2020,6 +2040,7 @@ impl<'a> ::flatbuffers::Follow<'a> for Ack<'a> {
 impl<'a> Ack<'a> {
   pub const VT_SWARM: ::flatbuffers::VOffsetT = 4;
   pub const VT_OP_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_CLASS: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2033,6 +2054,7 @@ impl<'a> Ack<'a> {
     let mut builder = AckBuilder::new(_fbb);
     builder.add_op_id(args.op_id);
     if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.add_class(args.class);
     builder.finish()
   }
 
@@ -2051,6 +2073,13 @@ impl<'a> Ack<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Ack::VT_OP_ID, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn class(&self) -> Class {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Class>(Ack::VT_CLASS, Some(Class::Command)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Ack<'_> {
@@ -2061,6 +2090,7 @@ impl ::flatbuffers::Verifiable for Ack<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
      .visit_field::<u64>("op_id", Self::VT_OP_ID, false)?
+     .visit_field::<Class>("class", Self::VT_CLASS, false)?
      .finish();
     Ok(())
   }
@@ -2068,6 +2098,7 @@ impl ::flatbuffers::Verifiable for Ack<'_> {
 pub struct AckArgs<'a> {
     pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub op_id: u64,
+    pub class: Class,
 }
 impl<'a> Default for AckArgs<'a> {
   #[inline]
@@ -2075,6 +2106,7 @@ impl<'a> Default for AckArgs<'a> {
     AckArgs {
       swarm: None,
       op_id: 0,
+      class: Class::Command,
     }
   }
 }
@@ -2091,6 +2123,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AckBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_op_id(&mut self, op_id: u64) {
     self.fbb_.push_slot::<u64>(Ack::VT_OP_ID, op_id, 0);
+  }
+  #[inline]
+  pub fn add_class(&mut self, class: Class) {
+    self.fbb_.push_slot::<Class>(Ack::VT_CLASS, class, Class::Command);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AckBuilder<'a, 'b, A> {
@@ -2112,6 +2148,7 @@ impl ::core::fmt::Debug for Ack<'_> {
     let mut ds = f.debug_struct("Ack");
       ds.field("swarm", &self.swarm());
       ds.field("op_id", &self.op_id());
+      ds.field("class", &self.class());
       ds.finish()
   }
 }
