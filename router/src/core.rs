@@ -402,10 +402,6 @@ impl<H: Clone> Core<H> {
         let mut epoch_changed = None;
         if let (true, Some((epoch, last_applied))) = (class.is_ordered(), resume) {
             let from = if epoch == swarm.epoch {
-                // What the agent applied counts as acknowledged: a redelivery never rewinds
-                // before it.
-                let acked = swarm.acked.entry((conn, class)).or_default();
-                *acked = (*acked).max(last_applied.min(swarm.durable_op));
                 OpId(last_applied.0.saturating_add(1))
             } else {
                 epoch_changed = Some(Message::EpochChanged {
@@ -420,6 +416,24 @@ impl<H: Clone> Core<H> {
             }
         }
         let durable = swarm.durable_op;
+        if class.is_ordered() {
+            // Where the subscription starts counts as acknowledged, so a redelivery never
+            // rewinds before it: the resume point, op 0 of a new epoch, or (no resume point)
+            // the ops that were durable before it subscribed.
+            let start = match resume {
+                Some((epoch, last_applied)) if epoch == swarm.epoch => last_applied.min(durable),
+                Some(_) => OpId(0),
+                None => durable,
+            };
+            let acked = swarm.acked.entry((conn, class)).or_insert(start);
+            if resume.is_some() {
+                *acked = start.max(if epoch_changed.is_some() {
+                    OpId(0)
+                } else {
+                    *acked
+                });
+            }
+        }
         let list = &mut swarm.subscribers[class.index()];
         let added = match list.iter_mut().find(|s| s.conn == conn) {
             Some(existing) => match agent_filter {
@@ -1268,5 +1282,116 @@ mod tests {
             0
         );
         assert_eq!(core.swarm_count(), 1);
+    }
+
+    #[test]
+    fn redelivery_rewinds_to_the_last_ack_never_before_the_subscription() {
+        let mut core = Core::<u64>::with_config(CoreConfig {
+            max_swarms: 10,
+            redelivery_timeout: Duration::from_secs(1),
+            ..CoreConfig::default()
+        });
+        let send = |core: &mut Core<u64>| {
+            core.handle_publish(
+                "c",
+                PUBLISHER,
+                &publish("s", Class::Command, None, b"x"),
+                now(),
+            )
+            .unwrap();
+            drain(core)
+        };
+        for _ in 0..5 {
+            send(&mut core);
+        }
+        core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None, None)
+            .unwrap();
+        assert_eq!(send(&mut core).deliveries.len(), 1); // op 6
+        let start = Instant::now();
+        assert_eq!(core.handle_tick(start), 0, "not overdue yet");
+        assert_eq!(core.handle_tick(start + Duration::from_secs(2)), 1);
+        let catch_up = core.catching_up();
+        assert_eq!(catch_up.len(), 1);
+        // Ops 1..=5 were durable before it subscribed: only op 6 is sent again.
+        assert_eq!((catch_up[0].from, catch_up[0].to), (OpId(6), OpId(6)));
+        // Acknowledged: no more redelivery.
+        core.handle_replayed(ConnId(1), "s", Class::Command, &[], OpId(6), start);
+        core.handle_ack(ConnId(1), "s", Class::Command, OpId(6), start);
+        assert_eq!(core.handle_tick(start + Duration::from_secs(10)), 0);
+    }
+
+    #[test]
+    fn a_resume_point_catches_up_then_goes_live_without_gap_or_repeat() {
+        let mut core = Core::<u64>::new(10);
+        for _ in 0..10 {
+            core.handle_publish(
+                "c",
+                PUBLISHER,
+                &publish("s", Class::Command, None, b"x"),
+                now(),
+            )
+            .unwrap();
+        }
+        drain(&mut core);
+        let epoch = core.epoch("s").unwrap();
+        core.handle_subscribe(
+            ConnId(1),
+            &agent("a"),
+            1,
+            "s",
+            Class::Command,
+            None,
+            Some((epoch, OpId(4))),
+        )
+        .unwrap();
+        let catch_up = core.catching_up();
+        assert_eq!((catch_up[0].from, catch_up[0].to), (OpId(5), OpId(10)));
+        // A live op while catching up is not sent live: it will be read from the log.
+        core.handle_publish(
+            "c",
+            PUBLISHER,
+            &publish("s", Class::Command, None, b"x"),
+            now(),
+        )
+        .unwrap();
+        assert!(drain(&mut core).deliveries.is_empty());
+        let replayed: Vec<ReplayedOp> = (5..=10)
+            .map(|op| ReplayedOp {
+                op: OpId(op),
+                class: Class::Command,
+                source: "c".into(),
+                target: None,
+                frame: Bytes::from(vec![op as u8]),
+            })
+            .collect();
+        core.handle_replayed(
+            ConnId(1),
+            "s",
+            Class::Command,
+            &replayed,
+            OpId(10),
+            Instant::now(),
+        );
+        assert_eq!(drain(&mut core).deliveries.len(), 6);
+        // Op 11 became durable meanwhile: one more step, then live.
+        let catch_up = core.catching_up();
+        assert_eq!((catch_up[0].from, catch_up[0].to), (OpId(11), OpId(11)));
+        core.handle_replayed(
+            ConnId(1),
+            "s",
+            Class::Command,
+            &[],
+            OpId(11),
+            Instant::now(),
+        );
+        assert!(core.catching_up().is_empty());
+        core.handle_publish(
+            "c",
+            PUBLISHER,
+            &publish("s", Class::Command, None, b"x"),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(drain(&mut core).deliveries.len(), 1);
     }
 }
