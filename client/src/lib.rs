@@ -690,17 +690,8 @@ impl Client {
         class: Class,
         from_agent: Option<&str>,
     ) -> Result<(), ClientError> {
-        self.request(|request_id| {
-            Message::Subscribe(Subscription {
-                request_id,
-                swarm: swarm.to_owned(),
-                class,
-                agent_filter: from_agent.map(str::to_owned),
-            })
-        })
-        .await
-        .and_then(expect_receipt)
-        .map(|_| ())
+        self.subscription(swarm, class, from_agent, Message::Subscribe)
+            .await
     }
 
     pub async fn unsubscribe(
@@ -709,8 +700,19 @@ impl Client {
         class: Class,
         from_agent: Option<&str>,
     ) -> Result<(), ClientError> {
+        self.subscription(swarm, class, from_agent, Message::Unsubscribe)
+            .await
+    }
+
+    async fn subscription(
+        &self,
+        swarm: &str,
+        class: Class,
+        from_agent: Option<&str>,
+        kind: fn(Subscription) -> Message,
+    ) -> Result<(), ClientError> {
         self.request(|request_id| {
-            Message::Unsubscribe(Subscription {
+            kind(Subscription {
                 request_id,
                 swarm: swarm.to_owned(),
                 class,

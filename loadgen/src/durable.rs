@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,51 +17,8 @@ use swarmbus_client::{Client, Connector, PendingAck, PublishOptions, Session};
 use swarmbus_schema::{Class, OpId, Role};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::spawn::{spawn_router, SpawnedRouter};
+use crate::spawn::RouterArgs;
 use crate::units::{parse_duration, parse_size};
-
-/// Where to find the router: `--router` and `--ca`, or `--spawn-router`.
-#[derive(Debug, clap::Args)]
-pub struct RouterArgs {
-    /// Router address, HOST:PORT (not needed with --spawn-router).
-    #[arg(long, required_unless_present = "spawn_router")]
-    router: Option<String>,
-    /// CA certificate the router's certificate chains to (DATA_DIR/tls/ca.pem for a
-    /// development router).
-    #[arg(long, required_unless_present = "spawn_router")]
-    ca: Option<PathBuf>,
-    /// Name the router's certificate must carry.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
-    /// Start a router child process on a temporary data dir for this run (it inherits this
-    /// process's environment, e.g. SWARMBUS_LOG_SYNC or SWARMBUS_LOG_WRITER).
-    #[arg(long)]
-    spawn_router: bool,
-    /// Router binary for --spawn-router (default: swarmbus-router beside this binary).
-    #[arg(long, value_name = "PATH")]
-    router_bin: Option<PathBuf>,
-}
-
-impl RouterArgs {
-    /// The router's address and CA, starting a child router if asked.
-    pub async fn resolve(&self) -> anyhow::Result<(SocketAddr, PathBuf, Option<SpawnedRouter>)> {
-        if self.spawn_router {
-            let spawned = spawn_router(self.router_bin.as_deref()).await?;
-            return Ok((spawned.addr, spawned.ca.clone(), Some(spawned)));
-        }
-        let router = self.router.as_deref().unwrap_or_default();
-        let addr = tokio::net::lookup_host(router)
-            .await
-            .with_context(|| format!("resolving {router}"))?
-            .next()
-            .with_context(|| format!("{router} resolves to no address"))?;
-        Ok((addr, self.ca.clone().unwrap_or_default(), None))
-    }
-
-    pub fn server_name(&self) -> &str {
-        &self.server_name
-    }
-}
 
 #[derive(Debug, clap::Args)]
 pub struct DurableArgs {

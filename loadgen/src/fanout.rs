@@ -7,8 +7,6 @@
 //! helper, as an application would see it.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +17,7 @@ use hdrhistogram::Histogram;
 use swarmbus_client::{Client, Connector, Deliveries, IdempotentApply, PublishOptions, Session};
 use swarmbus_schema::{Class, Publish, Role};
 
-use crate::spawn::spawn_router;
+use crate::spawn::RouterArgs;
 use crate::units::{parse_duration, parse_size};
 
 /// Bytes of the sequence number and send time at the start of every payload.
@@ -27,22 +25,8 @@ const STAMP_BYTES: usize = 16;
 
 #[derive(Debug, clap::Args)]
 pub struct FanoutArgs {
-    /// Router address, HOST:PORT (not needed with --spawn-router).
-    #[arg(long, required_unless_present = "spawn_router")]
-    router: Option<String>,
-    /// CA certificate the router's certificate chains to (DATA_DIR/tls/ca.pem for a
-    /// development router; not needed with --spawn-router).
-    #[arg(long, required_unless_present = "spawn_router")]
-    ca: Option<PathBuf>,
-    /// Name the router's certificate must carry.
-    #[arg(long, default_value = "localhost")]
-    server_name: String,
-    /// Start a router child process on a temporary data dir for this run.
-    #[arg(long)]
-    spawn_router: bool,
-    /// Router binary for --spawn-router (default: swarmbus-router beside this binary).
-    #[arg(long, value_name = "PATH")]
-    router_bin: Option<PathBuf>,
+    #[command(flatten)]
+    router: RouterArgs,
     /// Swarms, each with one publisher.
     #[arg(long, default_value_t = 10)]
     swarms: usize,
@@ -103,14 +87,6 @@ fn stamp(buf: &mut BytesMut, seq: u64, epoch: Instant, size: usize) -> Bytes {
     buf.split().freeze()
 }
 
-async fn resolve(router: &str) -> anyhow::Result<SocketAddr> {
-    tokio::net::lookup_host(router)
-        .await
-        .with_context(|| format!("resolving {router}"))?
-        .next()
-        .with_context(|| format!("{router} resolves to no address"))
-}
-
 pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     if args.payload < STAMP_BYTES {
         bail!("--payload must be at least {STAMP_BYTES} bytes (sequence number and send time)");
@@ -118,18 +94,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     if args.swarms == 0 || args.agents == 0 {
         bail!("--swarms and --agents must be at least 1");
     }
-    let spawned = if args.spawn_router {
-        Some(spawn_router(args.router_bin.as_deref()).await?)
-    } else {
-        None
-    };
-    let (router, ca) = match &spawned {
-        Some(s) => (s.addr, s.ca.clone()),
-        None => (
-            resolve(args.router.as_deref().unwrap_or_default()).await?,
-            args.ca.clone().unwrap_or_default(),
-        ),
-    };
+    let (router, ca, spawned) = args.router.resolve().await?;
 
     let epoch = Instant::now();
     let live = Arc::new(Live::default());
@@ -139,7 +104,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     for s in 0..args.swarms {
         let swarm = format!("swarm-{s}");
         // One endpoint (UDP socket) per swarm spreads packet I/O over the runtime's threads.
-        let connector = Connector::new(&ca, &args.server_name)
+        let connector = Connector::new(&ca, args.router.server_name())
             .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
         for a in 0..args.agents {
             let session = Session::new(format!("agent-{s}-{a}"), Role::Agent, [swarm.clone()]);
