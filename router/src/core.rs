@@ -21,7 +21,7 @@
 //! driver reports it durable (`handle_durable`) does the core acknowledge the publisher and
 //! deliver the op, so no subscriber ever applies an op that a crash could erase.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -323,6 +323,9 @@ pub struct Core<H> {
     config: CoreConfig,
     epoch_rng: u64,
     actions: VecDeque<Action<H>>,
+    /// Swarms that may have subscribers catching up, so the driver's per-batch look at
+    /// catch-ups costs nothing when there are none.
+    catching_swarms: HashSet<Arc<str>>,
 }
 
 impl<H: Clone> Core<H> {
@@ -341,6 +344,7 @@ impl<H: Clone> Core<H> {
             epoch_rng: config.epoch_seed,
             config,
             actions: VecDeque::new(),
+            catching_swarms: HashSet::new(),
         }
     }
 
@@ -465,6 +469,9 @@ impl<H: Clone> Core<H> {
                 }
             }
         }
+        if cursor.is_some() {
+            self.catching_swarms.insert(Arc::from(swarm_name));
+        }
         if let Some(message) = epoch_changed {
             self.actions.push_back(Action::Reply {
                 to: handle_for_reply,
@@ -476,9 +483,14 @@ impl<H: Clone> Core<H> {
     }
 
     /// Subscribers catching up from the log, with the range each still needs.
-    pub fn catching_up(&self) -> Vec<CatchUp<H>> {
+    pub fn catching_up(&mut self) -> Vec<CatchUp<H>> {
         let mut out = Vec::new();
-        for swarm in self.swarms.values() {
+        let swarms = &self.swarms;
+        self.catching_swarms.retain(|name| {
+            let Some(swarm) = swarms.get(name) else {
+                return false;
+            };
+            let before = out.len();
             for class in [Class::Control, Class::Command] {
                 for s in &swarm.subscribers[class.index()] {
                     if let Some(from) = s.cursor {
@@ -493,7 +505,8 @@ impl<H: Clone> Core<H> {
                     }
                 }
             }
-        }
+            out.len() > before
+        });
         out
     }
 
@@ -554,7 +567,7 @@ impl<H: Clone> Core<H> {
     pub fn handle_tick(&mut self, now: Instant) -> usize {
         let timeout = self.config.redelivery_timeout;
         let mut rewound = 0;
-        for swarm in self.swarms.values_mut() {
+        for (name, swarm) in self.swarms.iter_mut() {
             for class in [Class::Control, Class::Command] {
                 for s in &mut swarm.subscribers[class.index()] {
                     let acked = swarm
@@ -568,6 +581,7 @@ impl<H: Clone> Core<H> {
                     if s.cursor.is_none() && s.delivered > acked && overdue {
                         s.cursor = Some(OpId(acked.0.saturating_add(1)));
                         s.unacked_since = None;
+                        self.catching_swarms.insert(name.clone());
                         rewound += 1;
                     }
                 }
