@@ -356,3 +356,19 @@ async fn control_and_command_are_tracked_per_class() {
     assert_eq!(apply.resume_points().len(), 2);
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn delta_requests_are_rate_limited_per_session() {
+    let t = start_router(|c| c.log.delta_requests_per_s = 2).await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    publish_commands(&ctl, "s", 1..=3).await;
+    let (agent, _rx) = t.connect("a1", Role::Agent, &["s"]).await;
+    agent.delta("s", OpId(1), OpId(1)).await.unwrap();
+    agent.delta("s", OpId(2), OpId(2)).await.unwrap();
+    let err = agent.delta("s", OpId(3), OpId(3)).await.unwrap_err();
+    assert_eq!(err.code(), Some(15), "{err}"); // Busy
+                                               // Another session has its own budget.
+    let (other, _rx) = t.connect("a2", Role::Agent, &["s"]).await;
+    other.delta("s", OpId(1), OpId(3)).await.unwrap();
+    t.router.shutdown().await;
+}

@@ -51,6 +51,8 @@ pub struct LogConfig {
     pub redelivery_timeout_ms: u64,
     /// Most ops one DeltaRequest is answered with.
     pub delta_max_ops: u64,
+    /// DeltaRequests one session may make per second; more are refused with Busy.
+    pub delta_requests_per_s: u32,
     /// How often each shard compacts its swarms' logs and applies retention.
     pub compaction_interval_ms: u64,
     /// The newest bytes of each swarm's log that are never compacted.
@@ -88,6 +90,7 @@ impl Default for LogConfig {
             writer_queue: 65_536,
             redelivery_timeout_ms: 10_000,
             delta_max_ops: 4096,
+            delta_requests_per_s: 50,
             compaction_interval_ms: 60_000,
             hot_bytes: 256 << 20,
             command_max_age_ms: 7 * 24 * 3600 * 1000,

@@ -332,6 +332,8 @@ struct Session {
     context: Arc<Context>,
     /// Largest payload a publish may carry (the Deliver made of it must fit a frame).
     max_payload_bytes: usize,
+    /// DeltaRequests answered in the current one-second window: (window start, count).
+    delta_window: Mutex<(std::time::Instant, u32)>,
 }
 
 impl Session {
@@ -510,6 +512,27 @@ impl Session {
             } => {
                 if !self.joined(&swarm) {
                     self.not_joined(&swarm, request_id);
+                    return Ok(());
+                }
+                // Deltas are read from disk on the shard: each session gets a budget.
+                let max_per_s = self.context.config.log.delta_requests_per_s;
+                let over_budget = {
+                    let mut window = self
+                        .delta_window
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    if window.0.elapsed() >= Duration::from_secs(1) {
+                        *window = (std::time::Instant::now(), 0);
+                    }
+                    window.1 += 1;
+                    window.1 > max_per_s
+                };
+                if over_budget {
+                    self.refuse(
+                        ErrorCode::Busy,
+                        request_id,
+                        format!("at most {max_per_s} delta requests per second per session; retry in 1 s"),
+                    );
                     return Ok(());
                 }
                 let key = swarm.clone();
@@ -744,6 +767,7 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         subscriptions: Arc::new(Mutex::new(HashSet::new())),
         context: context.clone(),
         max_payload_bytes: max_payload_bytes(config.limits.max_frame_bytes as usize),
+        delta_window: Mutex::new((std::time::Instant::now(), 0)),
     });
     let uni_task =
         tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());
