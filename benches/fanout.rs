@@ -62,7 +62,10 @@ fn fanout(c: &mut Criterion) {
                     b.iter(|| {
                         core.handle_publish("ctl", publisher.clone(), &publish, now)
                             .unwrap();
-                        while let Some(Action::Deliver { to, class, frame }) = core.poll_action() {
+                        while let Some(Action::Deliver {
+                            to, class, frame, ..
+                        }) = core.poll_action()
+                        {
                             let _ = to.push(Lane::Class(class), frame);
                         }
                         published += 1;

@@ -372,3 +372,43 @@ async fn delta_requests_are_rate_limited_per_session() {
     other.delta("s", OpId(1), OpId(3)).await.unwrap();
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_slow_command_subscriber_catches_up_from_the_log_instead_of_being_dropped() {
+    // A tiny command queue and big payloads: the reader below stops reading, QUIC flow
+    // control stalls the router's writer, and the queue overflows many times over.
+    let t = start_router(|c| c.queues.command = 4).await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let mut session = Session::new("slow", Role::Agent, ["s"]);
+    session.delivery_buffer = 1;
+    let (agent, mut rx) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    let payload = Bytes::from(vec![7u8; 60 * 1024]);
+    for _ in 0..150 {
+        ctl.publish(
+            "s",
+            Class::Command,
+            payload.clone(),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    // Now read everything: all 150 ops, in order, none twice, on the same connection.
+    let got = recv_n(&mut rx, 150).await;
+    assert_eq!(ops(&got), (1..=150).collect::<Vec<_>>());
+    let stats = t.router.stats();
+    assert!(
+        stats.lagging_catch_ups > 0,
+        "the queue never overflowed: {stats:?}"
+    );
+    assert_eq!(stats.lagging_disconnects, 0);
+    // Live again afterwards.
+    publish_commands(&ctl, "s", 151..=151).await;
+    assert_eq!(recv_n(&mut rx, 1).await[0].op_id, OpId(151));
+    t.router.shutdown().await;
+}

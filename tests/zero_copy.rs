@@ -97,7 +97,10 @@ fn bytes_per_delivery(payload_bytes: usize) -> f64 {
         for publish in &payloads {
             core.handle_publish("ctl", publisher.clone(), publish, now)
                 .unwrap();
-            while let Some(Action::Deliver { to, class, frame }) = core.poll_action() {
+            while let Some(Action::Deliver {
+                to, class, frame, ..
+            }) = core.poll_action()
+            {
                 to.push(Lane::Class(class), frame).unwrap();
                 delivered += 1;
             }

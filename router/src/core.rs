@@ -81,11 +81,15 @@ impl CoreError {
 /// Work for the driver.
 #[derive(Debug)]
 pub enum Action<H> {
-    /// Queue `frame` for the subscriber behind `to` on the stream of `class`.
+    /// Queue `frame` (op `op` of `swarm`, `OpId::NONE` for unordered classes) for the
+    /// subscriber behind `to` on the stream of `class`. When an ordered op does not fit the
+    /// subscriber's queue, the driver reports it with [`Core::handle_lagging`].
     Deliver {
         to: H,
         class: Class,
         frame: OutFrame,
+        swarm: Arc<str>,
+        op: OpId,
     },
     /// Send `message` on the session stream of `to` (acknowledgements, refusals).
     Reply { to: H, message: Message },
@@ -283,6 +287,7 @@ impl<H> Swarm<H> {
         H: Clone,
     {
         let mut recipients = 0;
+        let name = &self.name;
         for subscriber in &mut self.subscribers[class.index()] {
             if subscriber.cursor.is_some() {
                 // Catching up from the log: it will read this op there, in order.
@@ -297,6 +302,8 @@ impl<H> Swarm<H> {
                     to: subscriber.handle.clone(),
                     class,
                     frame: frame.clone(),
+                    swarm: name.clone(),
+                    op,
                 });
                 recipients += 1;
             }
@@ -548,6 +555,8 @@ impl<H: Clone> Core<H> {
                         head: op.frame.clone(),
                         body: Bytes::new(),
                     },
+                    swarm: swarm.name.clone(),
+                    op: op.op,
                 });
                 // Only ops actually sent count as awaiting an acknowledgement.
                 subscriber.delivered = subscriber.delivered.max(op.op);
@@ -560,6 +569,25 @@ impl<H: Clone> Core<H> {
             subscriber.cursor = (next <= durable).then_some(next);
         }
         queued
+    }
+
+    /// Op `op` (ordered) did not fit the queue of subscriber `conn`: it stops receiving live
+    /// ops and catches up from the log, from that op on, once its queue drains. Nothing is
+    /// lost and nothing buffers without bound.
+    pub fn handle_lagging(&mut self, conn: ConnId, swarm_name: &str, class: Class, op: OpId) {
+        let Some(swarm) = self.swarms.get_mut(swarm_name) else {
+            return;
+        };
+        if !class.is_ordered() || op.is_none() {
+            return;
+        }
+        if let Some(s) = swarm.subscribers[class.index()]
+            .iter_mut()
+            .find(|s| s.conn == conn)
+        {
+            s.cursor = Some(s.cursor.map_or(op, |c| c.min(op)));
+            self.catching_swarms.insert(swarm.name.clone());
+        }
     }
 
     /// Periodic work: ordered ops delivered but unacknowledged for longer than the
@@ -960,7 +988,9 @@ mod tests {
             let mut durable: Vec<(Arc<str>, OpId)> = Vec::new();
             while let Some(action) = core.poll_action() {
                 match action {
-                    Action::Deliver { to, class, frame } => out.deliveries.push((to, class, frame)),
+                    Action::Deliver {
+                        to, class, frame, ..
+                    } => out.deliveries.push((to, class, frame)),
                     Action::Reply { to, message } => out.replies.push((to, message)),
                     Action::CreateLog { swarm, epoch } => out.created.push((swarm, epoch)),
                     Action::Append { swarm, op, .. } => {

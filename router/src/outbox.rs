@@ -5,9 +5,11 @@
 //! reference). Lanes are separate so a telemetry stream stalled by flow control never holds
 //! up a command: QUIC stream priorities then decide what goes on the wire first.
 //!
-//! At the limit: a full telemetry lane drops its oldest frame and counts it; a full lane of
-//! any other kind marks the connection lagging and asks for it to be closed with
-//! `Lagging` (it missed messages it may not lose, and must know it).
+//! At the limit: a full telemetry lane drops its oldest frame and counts it; control and
+//! command deliveries use [`Outbox::try_push`], and a subscriber whose lane is full catches
+//! up from the event log instead; a full lane of any other kind marks the connection lagging
+//! and asks for it to be closed with `Lagging` (it missed messages it may not lose, and must
+//! know it).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
@@ -52,6 +54,10 @@ impl Lane {
 /// The queue was full and the lane may not shed: the connection is now lagging.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lagging;
+
+/// The lane is full (see [`Outbox::try_push`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Full;
 
 #[derive(Debug)]
 struct LaneQueue {
@@ -129,6 +135,26 @@ impl Outbox {
             frames.pop_front();
             queue.shed.fetch_add(1, Ordering::Relaxed);
             self.stats.telemetry_shed.fetch_add(1, Ordering::Relaxed);
+        }
+        let was_empty = frames.is_empty();
+        frames.push_back(frame);
+        drop(frames);
+        if was_empty {
+            queue.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues a frame unless the lane is full; never closes the connection. Used for ordered
+    /// classes, whose subscribers catch up from the log instead of being disconnected.
+    pub fn try_push(&self, lane: Lane, frame: OutFrame) -> Result<(), Full> {
+        if self.closed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let queue = &self.lanes[lane.index()];
+        let mut frames = self.lock(lane);
+        if frames.len() >= queue.capacity {
+            return Err(Full);
         }
         let was_empty = frames.is_empty();
         frames.push_back(frame);

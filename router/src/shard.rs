@@ -316,11 +316,37 @@ impl Shard {
     /// Carries out what the core asked for.
     fn flush(&mut self) {
         let mut delivered = 0u64;
+        // Subscriptions (connection, class, swarm) that turned out lagging in this flush: their later
+        // deliveries of the flush are skipped too, so they come from the log, in order.
+        let mut lagged: Vec<(ConnId, Class, Arc<str>)> = Vec::new();
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Deliver { to, class, frame } => {
-                    // A lagging subscriber is closed by its connection driver, which then
-                    // sends Disconnect; until then pushes are discarded by the closed outbox.
+                Action::Deliver {
+                    to,
+                    class,
+                    frame,
+                    swarm,
+                    op,
+                } if class.is_ordered() && !op.is_none() => {
+                    let key = (to.conn(), class, swarm);
+                    if lagged.contains(&key) {
+                        continue;
+                    }
+                    // A full queue does not disconnect an ordered-class subscriber: it
+                    // catches up from the log once its queue drains.
+                    if to.try_push(Lane::Class(class), frame).is_err() {
+                        self.stats.lagging_catch_ups.fetch_add(1, Ordering::Relaxed);
+                        self.core.handle_lagging(to.conn(), &key.2, class, op);
+                        lagged.push(key);
+                    } else {
+                        delivered += 1;
+                    }
+                }
+                Action::Deliver {
+                    to, class, frame, ..
+                } => {
+                    // A lagging subscriber of another class is closed by its connection
+                    // driver, which then sends Disconnect; until then pushes are discarded.
                     let _ = to.push(Lane::Class(class), frame);
                     delivered += 1;
                 }

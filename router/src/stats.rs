@@ -12,6 +12,8 @@ pub struct Stats {
     pub delivered: AtomicU64,
     pub telemetry_shed: AtomicU64,
     pub lagging_disconnects: AtomicU64,
+    /// Ordered-class subscribers switched to catching up from the log (queue full).
+    pub lagging_catch_ups: AtomicU64,
     /// Unacknowledged publishes refused without a reply (e.g. to a swarm not joined).
     pub refused_unacknowledged: AtomicU64,
 }
@@ -27,6 +29,7 @@ pub struct StatsSnapshot {
     pub delivered: u64,
     pub telemetry_shed: u64,
     pub lagging_disconnects: u64,
+    pub lagging_catch_ups: u64,
     pub refused_unacknowledged: u64,
 }
 
@@ -42,6 +45,7 @@ impl Stats {
             delivered: get(&self.delivered),
             telemetry_shed: get(&self.telemetry_shed),
             lagging_disconnects: get(&self.lagging_disconnects),
+            lagging_catch_ups: get(&self.lagging_catch_ups),
             refused_unacknowledged: get(&self.refused_unacknowledged),
         }
     }
