@@ -312,3 +312,80 @@ async fn dropping_the_client_closes_its_connection() {
     }
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn publishes_above_the_rate_limit_are_refused_or_dropped() {
+    let t = start_router(|c| {
+        c.rate_limits.command = swarmbus_router::limits::Rate::new(1.0, 5.0);
+        c.rate_limits.telemetry = swarmbus_router::limits::Rate::new(1.0, 1.0);
+    })
+    .await;
+    let (client, _rx) = t.connect("noisy", Role::Agent, &["s"]).await;
+    for _ in 0..5 {
+        client
+            .publish(
+                "s",
+                Class::Command,
+                Bytes::from_static(b"ok"),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let err = client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"one too many"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    let swarmbus_client::ClientError::Refused {
+        code,
+        retry_after_ms,
+        ..
+    } = err
+    else {
+        panic!("expected a refusal, got {err}");
+    };
+    assert_eq!(code, 20); // RateLimited
+    assert!(
+        retry_after_ms > 0 && retry_after_ms <= 1000,
+        "{retry_after_ms}"
+    );
+    // Fire-and-forget telemetry above the limit is dropped and counted, not refused.
+    for _ in 0..10 {
+        client
+            .publish(
+                "s",
+                Class::Telemetry,
+                Bytes::from_static(b"t"),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while t.router.stats().rate_limited_dropped < 9 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            t.router.stats()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(t.router.stats().rate_limited_dropped, 9);
+    // Another session has buckets of its own.
+    let (other, _rx) = t.connect("quiet", Role::Agent, &["s"]).await;
+    other
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"fine"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    t.router.shutdown().await;
+}

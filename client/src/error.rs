@@ -15,12 +15,14 @@ pub enum ClientError {
     Connect { router: String, detail: String },
     #[error("timed out after {after_ms} ms while {during}")]
     Timeout { during: &'static str, after_ms: u64 },
-    /// The router refused one request with a wire error code.
+    /// The router refused one request with a wire error code. `retry_after_ms` is the
+    /// router's advice for RateLimited (0 when it gave none): back off at least that long.
     #[error("refused by the router: code {code} ({name}): {message}")]
     Refused {
         code: u16,
         name: String,
         message: String,
+        retry_after_ms: u32,
     },
     /// The connection was closed, by the router (with its error code) or locally.
     #[error("connection closed{}: {reason}", code.map(|c| format!(" with code {c}")).unwrap_or_default())]
@@ -33,14 +35,15 @@ pub enum ClientError {
 }
 
 impl ClientError {
-    pub(crate) fn refused(code: u16, message: String) -> Self {
-        let name = swarmbus_schema::ErrorCode::from_u16(code)
+    pub(crate) fn refused(error: swarmbus_schema::ErrorMessage) -> Self {
+        let name = swarmbus_schema::ErrorCode::from_u16(error.code)
             .map(|c| format!("{c:?}"))
             .unwrap_or_else(|| "unknown".into());
         ClientError::Refused {
-            code,
+            code: error.code,
             name,
-            message,
+            message: error.message,
+            retry_after_ms: error.retry_after_ms,
         }
     }
 

@@ -233,9 +233,7 @@ impl Connector {
         let mut reader = FrameReader::new(recv, DEFAULT_MAX_FRAME_BYTES);
         let welcome = match reader.next().await {
             Ok(Some(Message::Welcome(welcome))) => welcome,
-            Ok(Some(Message::Error(error))) => {
-                return Err(ClientError::refused(error.code, error.message))
-            }
+            Ok(Some(Message::Error(error))) => return Err(ClientError::refused(error)),
             Ok(Some(other)) => {
                 return Err(ClientError::Protocol {
                     detail: format!("expected Welcome, got {}", other.kind()),
@@ -511,7 +509,7 @@ async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
                 let reply = shared.pending().remove(&error.request_id);
                 match reply {
                     Some(reply) => {
-                        reply.send(Err(ClientError::refused(error.code, error.message)));
+                        reply.send(Err(ClientError::refused(error)));
                     }
                     None => {
                         tracing::warn!(code = error.code, message = %error.message, "router reported an error")

@@ -8,9 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use swarmbus_schema::Class;
+use swarmbus_schema::{Class, Role};
+
+use std::collections::HashMap;
 
 use crate::error::RouterError;
+use crate::limits::Rate;
 use crate::log::{SyncPolicy, WriterKind};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -31,6 +34,63 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub queues: QueueConfig,
     pub log: LogConfig,
+    pub rate_limits: RateLimitsConfig,
+}
+
+/// Per-session token buckets, one per class (see [`crate::limits`]).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitsConfig {
+    pub control: Rate,
+    pub command: Rate,
+    pub alert: Rate,
+    pub reconciliation: Rate,
+    pub telemetry: Rate,
+    /// Overrides per role (`agent`, `controller`, `worker`).
+    pub roles: HashMap<String, RoleRates>,
+}
+
+/// Rate overrides of one role; unset classes keep the defaults.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoleRates {
+    pub control: Option<Rate>,
+    pub command: Option<Rate>,
+    pub alert: Option<Rate>,
+    pub reconciliation: Option<Rate>,
+    pub telemetry: Option<Rate>,
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        RateLimitsConfig {
+            control: Rate::new(1_000.0, 2_000.0),
+            command: Rate::new(100_000.0, 200_000.0),
+            alert: Rate::new(1_000.0, 2_000.0),
+            reconciliation: Rate::new(1_000.0, 2_000.0),
+            telemetry: Rate::new(500_000.0, 1_000_000.0),
+            roles: HashMap::new(),
+        }
+    }
+}
+
+impl RateLimitsConfig {
+    /// The rates of a session of `role`, indexed by [`Class::index`].
+    pub fn rates_for(&self, role: Role) -> [Rate; Class::COUNT] {
+        let name = match role {
+            Role::Agent => "agent",
+            Role::Controller => "controller",
+            Role::Worker => "worker",
+        };
+        let role = self.roles.get(name).cloned().unwrap_or_default();
+        [
+            role.control.unwrap_or(self.control),
+            role.command.unwrap_or(self.command),
+            role.alert.unwrap_or(self.alert),
+            role.reconciliation.unwrap_or(self.reconciliation),
+            role.telemetry.unwrap_or(self.telemetry),
+        ]
+    }
 }
 
 /// The embedded event log.
@@ -155,6 +215,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             queues: QueueConfig::default(),
             log: LogConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
         }
     }
 }
@@ -297,6 +358,26 @@ impl Config {
                  log.redelivery_timeout_ms and log.compaction_interval_ms at least 1",
             ));
         }
+        if let Some(name) = self
+            .rate_limits
+            .roles
+            .keys()
+            .find(|name| !["agent", "controller", "worker"].contains(&name.as_str()))
+        {
+            return Err(config_error(format!(
+                "rate_limits.roles.{name}: roles are agent, controller and worker"
+            )));
+        }
+        let rates = [Role::Agent, Role::Controller, Role::Worker]
+            .into_iter()
+            .flat_map(|role| self.rate_limits.rates_for(role));
+        for rate in rates {
+            if !(rate.rate_per_s >= 0.0 && rate.burst >= 1.0) {
+                return Err(config_error(
+                    "rate_limits: rate_per_s must be >= 0 and burst >= 1",
+                ));
+            }
+        }
         if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {
             return Err(config_error(
                 "limits.max_connections, limits.shard_queue and limits.max_swarms must be at least 1",
@@ -325,6 +406,28 @@ mod tests {
     fn example_config_parses_to_the_defaults() {
         let text = include_str!("../swarmbus.example.toml");
         assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn role_rate_overrides_apply_to_their_role_only() {
+        let c = Config::from_toml(
+            "[rate_limits.roles.agent]\ncommand = { rate_per_s = 10.0, burst = 20.0 }\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let agent = c.rate_limits.rates_for(Role::Agent);
+        let controller = c.rate_limits.rates_for(Role::Controller);
+        assert_eq!(agent[Class::Command.index()], Rate::new(10.0, 20.0));
+        assert_eq!(
+            controller[Class::Command.index()],
+            RateLimitsConfig::default().command
+        );
+        assert_eq!(
+            agent[Class::Telemetry.index()],
+            RateLimitsConfig::default().telemetry
+        );
+        let bad = Config::from_toml("[rate_limits.roles.admin]\n").unwrap();
+        assert!(bad.validate().is_err());
     }
 
     #[test]

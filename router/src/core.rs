@@ -864,6 +864,7 @@ impl<H: Clone> Core<H> {
                     code: ErrorCode::SwarmUnavailable.as_u16(),
                     message: reason.clone(),
                     request_id: op.request_id,
+                    retry_after_ms: 0,
                 }),
             });
         }

@@ -7,12 +7,14 @@
 //! - [`shard`]: one task per shard driving a `Core`; swarms are hashed to shards.
 //! - [`outbox`]: per-connection bounded outbound lanes (session + one per class).
 //! - [`server`]: the QUIC endpoint, connection lifecycle, stream readers and lane writers.
+//! - [`limits`]: token buckets for per-session, per-class rate limits.
 //! - [`stats`]: router-wide counters.
 //! - [`error`]: the crate's error type.
 
 pub mod config;
 pub mod core;
 pub mod error;
+pub mod limits;
 pub mod log;
 pub mod outbox;
 pub mod server;

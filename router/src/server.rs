@@ -33,6 +33,7 @@ use tracing::{debug, info, Instrument};
 use crate::config::Config;
 use crate::core::{ConnId, CoreConfig};
 use crate::error::RouterError;
+use crate::limits::ClassBuckets;
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
@@ -334,6 +335,11 @@ struct Session {
     max_payload_bytes: usize,
     /// DeltaRequests answered in the current one-second window: (window start, count).
     delta_window: Mutex<(std::time::Instant, u32)>,
+    /// Token buckets per class (rate limits).
+    buckets: Mutex<ClassBuckets>,
+    /// Fire-and-forget publishes dropped by the rate limit since the last notice, and when
+    /// the last notice went out.
+    rate_limited: Mutex<(u64, std::time::Instant)>,
 }
 
 impl Session {
@@ -342,12 +348,23 @@ impl Session {
     }
 
     fn refuse(&self, code: ErrorCode, request_id: u64, message: String) {
+        self.refuse_with_retry(code, request_id, message, 0);
+    }
+
+    fn refuse_with_retry(
+        &self,
+        code: ErrorCode,
+        request_id: u64,
+        message: String,
+        retry_after_ms: u32,
+    ) {
         let _ = self.outbox.push(
             Lane::Session,
             encode(&Message::Error(ErrorMessage {
                 code: code.as_u16(),
                 message,
                 request_id,
+                retry_after_ms,
             })),
         );
     }
@@ -381,6 +398,50 @@ impl Session {
         }
     }
 
+    /// A publish above the session's rate for its class. Publishes that expect a reply are
+    /// refused with RateLimited and a retry hint; fire-and-forget ones are dropped, counted,
+    /// and the sender is told at most once a second how many were dropped.
+    fn rate_limited(&self, publish: &Publish, wait: Duration) {
+        let retry_after_ms = wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let stats = &self.context.stats;
+        if publish.request_id != 0 || publish.class.is_ordered() {
+            stats.rate_limited_refused.fetch_add(1, Ordering::Relaxed);
+            self.refuse_with_retry(
+                ErrorCode::RateLimited,
+                publish.request_id,
+                format!(
+                    "{} publishes above this session's rate limit",
+                    publish.class
+                ),
+                retry_after_ms,
+            );
+            return;
+        }
+        stats.rate_limited_dropped.fetch_add(1, Ordering::Relaxed);
+        let notice = {
+            let mut state = self
+                .rate_limited
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.0 += 1;
+            if state.1.elapsed() >= Duration::from_secs(1) {
+                let dropped = std::mem::take(&mut state.0);
+                state.1 = std::time::Instant::now();
+                Some(dropped)
+            } else {
+                None
+            }
+        };
+        if let Some(dropped) = notice {
+            self.refuse_with_retry(
+                ErrorCode::RateLimited,
+                0,
+                format!("{dropped} unacknowledged publishes dropped by the rate limit"),
+                retry_after_ms,
+            );
+        }
+    }
+
     /// Handles one message of an established session.
     async fn dispatch(&self, message: Message) -> Result<(), Fault> {
         match message {
@@ -397,6 +458,15 @@ impl Session {
                 if !names_ok {
                     let text = format!("target_agent and key must be 1 to {MAX_NAME_BYTES} bytes");
                     self.refuse_publish(&publish, ErrorCode::InvalidRequest, text);
+                    return Ok(());
+                }
+                if let Err(wait) = self
+                    .buckets
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .try_take(publish.class, std::time::Instant::now())
+                {
+                    self.rate_limited(&publish, wait);
                     return Ok(());
                 }
                 if publish.payload.len() > self.max_payload_bytes {
@@ -768,6 +838,17 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         context: context.clone(),
         max_payload_bytes: max_payload_bytes(config.limits.max_frame_bytes as usize),
         delta_window: Mutex::new((std::time::Instant::now(), 0)),
+        buckets: Mutex::new(ClassBuckets::new(
+            config.rate_limits.rates_for(hello.role),
+            std::time::Instant::now(),
+        )),
+        // The first drop of a session is reported at once.
+        rate_limited: Mutex::new((
+            0,
+            std::time::Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or_else(std::time::Instant::now),
+        )),
     });
     let uni_task =
         tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());

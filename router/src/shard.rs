@@ -174,6 +174,7 @@ fn refuse(outbox: &Outbox, request_id: u64, error: &CoreError) {
             code: code.as_u16(),
             message: error.to_string(),
             request_id,
+            retry_after_ms: 0,
         }),
     );
 }

@@ -16,6 +16,10 @@ pub struct Stats {
     pub lagging_catch_ups: AtomicU64,
     /// Unacknowledged publishes refused without a reply (e.g. to a swarm not joined).
     pub refused_unacknowledged: AtomicU64,
+    /// Publishes refused with RateLimited.
+    pub rate_limited_refused: AtomicU64,
+    /// Fire-and-forget publishes dropped by the rate limit.
+    pub rate_limited_dropped: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -31,6 +35,8 @@ pub struct StatsSnapshot {
     pub lagging_disconnects: u64,
     pub lagging_catch_ups: u64,
     pub refused_unacknowledged: u64,
+    pub rate_limited_refused: u64,
+    pub rate_limited_dropped: u64,
 }
 
 impl Stats {
@@ -47,6 +53,8 @@ impl Stats {
             lagging_disconnects: get(&self.lagging_disconnects),
             lagging_catch_ups: get(&self.lagging_catch_ups),
             refused_unacknowledged: get(&self.refused_unacknowledged),
+            rate_limited_refused: get(&self.rate_limited_refused),
+            rate_limited_dropped: get(&self.rate_limited_dropped),
         }
     }
 }

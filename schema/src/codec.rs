@@ -220,6 +220,7 @@ pub fn encode(message: &Message) -> OutFrame {
                         code: m.code,
                         message: Some(text),
                         request_id: m.request_id,
+                        retry_after_ms: m.retry_after_ms,
                     },
                 );
                 (w::Message::Error, t.as_union_value())
@@ -510,6 +511,7 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 code: m.code(),
                 message: m.message().unwrap_or_default().to_owned(),
                 request_id: m.request_id(),
+                retry_after_ms: m.retry_after_ms(),
             })
         }
         w::Message::Subscribe => {
@@ -696,13 +698,16 @@ mod tests {
                         },
                     }
                 )),
-            (any::<u16>(), ".{0,40}", any::<u64>()).prop_map(|(code, message, request_id)| {
-                Message::Error(ErrorMessage {
-                    code,
-                    message,
-                    request_id,
-                })
-            }),
+            (any::<u16>(), ".{0,40}", any::<u64>(), any::<u32>()).prop_map(
+                |(code, message, request_id, retry_after_ms)| {
+                    Message::Error(ErrorMessage {
+                        code,
+                        message,
+                        request_id,
+                        retry_after_ms,
+                    })
+                }
+            ),
             (any::<u64>(), name(), class(), opt_name(), any::<bool>()).prop_map(
                 |(request_id, swarm, class, agent_filter, sub)| {
                     let s = Subscription {

@@ -47,6 +47,8 @@ pub enum ErrorCode {
     PayloadTooLarge = 18,
     /// The swarm's event log is damaged or failed; the swarm is not served until repaired.
     SwarmUnavailable = 19,
+    /// The sender is above its rate limit for this class; retry after `retry_after_ms`.
+    RateLimited = 20,
 }
 
 impl ErrorCode {
@@ -77,6 +79,7 @@ impl ErrorCode {
             17 => WrongStream,
             18 => PayloadTooLarge,
             19 => SwarmUnavailable,
+            20 => RateLimited,
             _ => return None,
         })
     }

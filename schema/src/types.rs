@@ -151,6 +151,8 @@ pub struct ErrorMessage {
     pub message: String,
     /// The request that failed, 0 for a session-level error.
     pub request_id: u64,
+    /// When to try again (RateLimited); 0 = no advice.
+    pub retry_after_ms: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

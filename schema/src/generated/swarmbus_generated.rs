@@ -982,6 +982,7 @@ impl<'a> Error<'a> {
   pub const VT_CODE: ::flatbuffers::VOffsetT = 4;
   pub const VT_MESSAGE: ::flatbuffers::VOffsetT = 6;
   pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RETRY_AFTER_MS: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -994,6 +995,7 @@ impl<'a> Error<'a> {
   ) -> ::flatbuffers::WIPOffset<Error<'bldr>> {
     let mut builder = ErrorBuilder::new(_fbb);
     builder.add_request_id(args.request_id);
+    builder.add_retry_after_ms(args.retry_after_ms);
     if let Some(x) = args.message { builder.add_message(x); }
     builder.add_code(args.code);
     builder.finish()
@@ -1021,6 +1023,14 @@ impl<'a> Error<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Error::VT_REQUEST_ID, Some(0)).unwrap()}
   }
+  /// For RateLimited (and other refusals that pass): when to try again; 0 = no advice.
+  #[inline]
+  pub fn retry_after_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Error::VT_RETRY_AFTER_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Error<'_> {
@@ -1032,6 +1042,7 @@ impl ::flatbuffers::Verifiable for Error<'_> {
      .visit_field::<u16>("code", Self::VT_CODE, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("message", Self::VT_MESSAGE, false)?
      .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u32>("retry_after_ms", Self::VT_RETRY_AFTER_MS, false)?
      .finish();
     Ok(())
   }
@@ -1040,6 +1051,7 @@ pub struct ErrorArgs<'a> {
     pub code: u16,
     pub message: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub request_id: u64,
+    pub retry_after_ms: u32,
 }
 impl<'a> Default for ErrorArgs<'a> {
   #[inline]
@@ -1048,6 +1060,7 @@ impl<'a> Default for ErrorArgs<'a> {
       code: 0,
       message: None,
       request_id: 0,
+      retry_after_ms: 0,
     }
   }
 }
@@ -1070,6 +1083,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ErrorBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(Error::VT_REQUEST_ID, request_id, 0);
   }
   #[inline]
+  pub fn add_retry_after_ms(&mut self, retry_after_ms: u32) {
+    self.fbb_.push_slot::<u32>(Error::VT_RETRY_AFTER_MS, retry_after_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ErrorBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ErrorBuilder {
@@ -1090,6 +1107,7 @@ impl ::core::fmt::Debug for Error<'_> {
       ds.field("code", &self.code());
       ds.field("message", &self.message());
       ds.field("request_id", &self.request_id());
+      ds.field("retry_after_ms", &self.retry_after_ms());
       ds.finish()
   }
 }
