@@ -389,3 +389,70 @@ async fn publishes_above_the_rate_limit_are_refused_or_dropped() {
         .unwrap();
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_retry_storm_opens_the_breaker_and_every_transition_is_alerted() {
+    let t = start_router(|c| {
+        c.rate_limits.command = swarmbus_router::limits::Rate::new(10.0, 1.0);
+        c.rate_limits.breaker = swarmbus_router::limits::BreakerConfig {
+            failures: 3,
+            window_ms: 10_000,
+            open_ms: 300,
+            probes: 1,
+        };
+    })
+    .await;
+    let (ctl, mut alerts) = t.connect("ctl", Role::Controller, &["s"]).await;
+    ctl.subscribe("s", Class::Alert, None).await.unwrap();
+    let (noisy, _rx) = t.connect("noisy", Role::Agent, &["s"]).await;
+    let send = || {
+        noisy.publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"x"),
+            PublishOptions::default(),
+        )
+    };
+    send().await.unwrap();
+    // Three refusals in a row (the bucket holds one command) open the breaker.
+    for _ in 0..3 {
+        assert_eq!(send().await.unwrap_err().code(), Some(20));
+    }
+    let err = send().await.unwrap_err();
+    let swarmbus_client::ClientError::Refused {
+        code,
+        retry_after_ms,
+        ..
+    } = err
+    else {
+        panic!("expected a refusal, got {err}");
+    };
+    assert_eq!(code, 21, "CircuitOpen");
+    assert!(
+        retry_after_ms > 0 && retry_after_ms <= 300,
+        "{retry_after_ms}"
+    );
+    // After the open time, a well-behaved publish is the probe that closes it.
+    tokio::time::sleep(std::time::Duration::from_millis(
+        u64::from(retry_after_ms) + 150,
+    ))
+    .await;
+    send().await.unwrap();
+    let states: Vec<String> = recv_n(&mut alerts, 3)
+        .await
+        .iter()
+        .map(|d| {
+            assert_eq!(d.source_agent, "swarmbus-router");
+            assert_eq!(d.key.as_deref(), Some("circuit-breaker"));
+            String::from_utf8_lossy(&d.payload).into_owned()
+        })
+        .collect();
+    assert!(
+        states[0].contains("\"state\":\"open\"") && states[0].contains("noisy"),
+        "{states:?}"
+    );
+    assert!(states[1].contains("\"state\":\"half-open\""), "{states:?}");
+    assert!(states[2].contains("\"state\":\"closed\""), "{states:?}");
+    assert_eq!(t.router.stats().breaker_transitions, 3);
+    t.router.shutdown().await;
+}

@@ -13,7 +13,7 @@ use swarmbus_schema::{Class, Role};
 use std::collections::HashMap;
 
 use crate::error::RouterError;
-use crate::limits::Rate;
+use crate::limits::{BreakerConfig, Rate};
 use crate::log::{SyncPolicy, WriterKind};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
@@ -48,6 +48,8 @@ pub struct RateLimitsConfig {
     pub telemetry: Rate,
     /// Overrides per role (`agent`, `controller`, `worker`).
     pub roles: HashMap<String, RoleRates>,
+    /// The per-session circuit breaker.
+    pub breaker: BreakerConfig,
 }
 
 /// Rate overrides of one role; unset classes keep the defaults.
@@ -70,6 +72,7 @@ impl Default for RateLimitsConfig {
             reconciliation: Rate::new(1_000.0, 2_000.0),
             telemetry: Rate::new(500_000.0, 1_000_000.0),
             roles: HashMap::new(),
+            breaker: BreakerConfig::default(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Rate limiting: token buckets, driven by an injected clock.
+//! Rate limiting and circuit breaking, driven by an injected clock.
 //!
 //! Every session has one bucket per class (rate and burst from `[rate_limits]`, overridden
 //! per role). A publish takes one token; an empty bucket refuses it and says when the next
@@ -80,6 +80,130 @@ impl ClassBuckets {
     }
 }
 
+/// Circuit breaker settings.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Refused or failed publishes within `window_ms` that open the breaker.
+    pub failures: u32,
+    pub window_ms: u64,
+    /// How long an open breaker refuses everything before it lets probes through.
+    pub open_ms: u64,
+    /// Successful probes that close a half-open breaker.
+    pub probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 100,
+            window_ms: 1_000,
+            open_ms: 5_000,
+            probes: 10,
+        }
+    }
+}
+
+/// Where a breaker stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half-open",
+        }
+    }
+}
+
+/// A circuit breaker for one sender: a sustained rate of refused or failing publishes (a
+/// retry storm) opens it; while open every publish is refused at once; after `open_ms` it
+/// half-opens and lets publishes through as probes; `probes` successes close it, one failure
+/// opens it again. Driven by an injected clock; each call that changes the state returns
+/// the new state so the caller can announce it.
+#[derive(Clone, Debug)]
+pub struct Breaker {
+    config: BreakerConfig,
+    state: BreakerState,
+    window_start: Instant,
+    failures: u32,
+    open_until: Instant,
+    probes_ok: u32,
+}
+
+impl Breaker {
+    pub fn new(config: BreakerConfig, now: Instant) -> Self {
+        Breaker {
+            config,
+            state: BreakerState::Closed,
+            window_start: now,
+            failures: 0,
+            open_until: now,
+            probes_ok: 0,
+        }
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// Whether a publish may go ahead now; `Err` carries how long the breaker stays open.
+    /// An open breaker whose time is up half-opens here (returned as a transition).
+    pub fn check(&mut self, now: Instant) -> (Result<(), Duration>, Option<BreakerState>) {
+        match self.state {
+            BreakerState::Closed | BreakerState::HalfOpen => (Ok(()), None),
+            BreakerState::Open if now >= self.open_until => {
+                self.state = BreakerState::HalfOpen;
+                self.probes_ok = 0;
+                (Ok(()), Some(BreakerState::HalfOpen))
+            }
+            BreakerState::Open => (Err(self.open_until.saturating_duration_since(now)), None),
+        }
+    }
+
+    /// A publish was refused or failed.
+    pub fn failure(&mut self, now: Instant) -> Option<BreakerState> {
+        match self.state {
+            BreakerState::Open => None,
+            BreakerState::HalfOpen => Some(self.open(now)),
+            BreakerState::Closed => {
+                let window = Duration::from_millis(self.config.window_ms);
+                if now.saturating_duration_since(self.window_start) >= window {
+                    self.window_start = now;
+                    self.failures = 0;
+                }
+                self.failures += 1;
+                (self.failures >= self.config.failures).then(|| self.open(now))
+            }
+        }
+    }
+
+    /// A publish went through.
+    pub fn success(&mut self) -> Option<BreakerState> {
+        if self.state != BreakerState::HalfOpen {
+            return None;
+        }
+        self.probes_ok += 1;
+        (self.probes_ok >= self.config.probes).then(|| {
+            self.state = BreakerState::Closed;
+            self.failures = 0;
+            BreakerState::Closed
+        })
+    }
+
+    fn open(&mut self, now: Instant) -> BreakerState {
+        self.state = BreakerState::Open;
+        self.open_until = now + Duration::from_millis(self.config.open_ms);
+        BreakerState::Open
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +252,38 @@ mod tests {
             buckets.try_take(Class::Telemetry, now).unwrap();
         }
         buckets.try_take(Class::Control, now).unwrap();
+    }
+
+    #[test]
+    fn a_retry_storm_opens_the_breaker_which_half_opens_and_closes() {
+        let t0 = Instant::now();
+        let config = BreakerConfig {
+            failures: 3,
+            window_ms: 1_000,
+            open_ms: 500,
+            probes: 2,
+        };
+        let mut breaker = Breaker::new(config, t0);
+        assert_eq!(breaker.failure(t0), None);
+        assert_eq!(breaker.failure(t0), None);
+        // Failures spread over more than the window do not add up.
+        let t1 = t0 + Duration::from_millis(1_500);
+        assert_eq!(breaker.failure(t1), None);
+        assert_eq!(breaker.failure(t1), None);
+        assert_eq!(breaker.failure(t1), Some(BreakerState::Open));
+        // Open: refused fast, with the time left.
+        let (verdict, change) = breaker.check(t1 + Duration::from_millis(100));
+        assert_eq!(verdict, Err(Duration::from_millis(400)));
+        assert_eq!(change, None);
+        // Time up: half-open, probes go through; one failure opens it again.
+        let t2 = t1 + Duration::from_millis(500);
+        assert_eq!(breaker.check(t2), (Ok(()), Some(BreakerState::HalfOpen)));
+        assert_eq!(breaker.failure(t2), Some(BreakerState::Open));
+        let t3 = t2 + Duration::from_millis(500);
+        assert_eq!(breaker.check(t3).1, Some(BreakerState::HalfOpen));
+        assert_eq!(breaker.success(), None);
+        assert_eq!(breaker.success(), Some(BreakerState::Closed));
+        assert_eq!(breaker.check(t3), (Ok(()), None));
+        assert_eq!(breaker.state(), BreakerState::Closed);
     }
 }

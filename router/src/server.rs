@@ -33,7 +33,10 @@ use tracing::{debug, info, Instrument};
 use crate::config::Config;
 use crate::core::{ConnId, CoreConfig};
 use crate::error::RouterError;
-use crate::limits::ClassBuckets;
+use crate::limits::{Breaker, BreakerState, ClassBuckets};
+
+/// The source agent of messages the router itself publishes (breaker alerts).
+pub const ROUTER_AGENT: &str = "swarmbus-router";
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
@@ -337,6 +340,8 @@ struct Session {
     delta_window: Mutex<(std::time::Instant, u32)>,
     /// Token buckets per class (rate limits).
     buckets: Mutex<ClassBuckets>,
+    /// The session's circuit breaker.
+    breaker: Mutex<Breaker>,
     /// Fire-and-forget publishes dropped by the rate limit since the last notice, and when
     /// the last notice went out.
     rate_limited: Mutex<(u64, std::time::Instant)>,
@@ -398,21 +403,67 @@ impl Session {
         }
     }
 
-    /// A publish above the session's rate for its class. Publishes that expect a reply are
-    /// refused with RateLimited and a retry hint; fire-and-forget ones are dropped, counted,
-    /// and the sender is told at most once a second how many were dropped.
-    fn rate_limited(&self, publish: &Publish, wait: Duration) {
+    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
+        self.breaker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Checks a publish (swarm joined, names, rate limit, payload size); refuses it and
+    /// returns false when it may not go on.
+    fn admit_publish(&self, publish: &Publish, now: std::time::Instant) -> bool {
+        if !self.joined(&publish.swarm) {
+            let text = format!("swarm {:?} was not joined in Hello", publish.swarm);
+            self.refuse_publish(publish, ErrorCode::SwarmNotJoined, text);
+            return false;
+        }
+        let names_ok = [publish.target_agent.as_deref(), publish.key.as_deref()]
+            .into_iter()
+            .flatten()
+            .all(valid_name);
+        if !names_ok {
+            let text = format!("target_agent and key must be 1 to {MAX_NAME_BYTES} bytes");
+            self.refuse_publish(publish, ErrorCode::InvalidRequest, text);
+            return false;
+        }
+        let rate = self
+            .buckets
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .try_take(publish.class, now);
+        if let Err(wait) = rate {
+            self.refuse_fast(publish, ErrorCode::RateLimited, wait);
+            return false;
+        }
+        if publish.payload.len() > self.max_payload_bytes {
+            let text = format!(
+                "payload of {} bytes exceeds the maximum of {} bytes",
+                publish.payload.len(),
+                self.max_payload_bytes
+            );
+            self.refuse_publish(publish, ErrorCode::PayloadTooLarge, text);
+            return false;
+        }
+        true
+    }
+
+    /// A publish refused by the rate limit (`RateLimited`) or an open breaker
+    /// (`CircuitOpen`). Publishes that expect a reply are refused with a retry hint;
+    /// fire-and-forget ones are dropped, counted, and the sender is told at most once a
+    /// second how many were dropped.
+    fn refuse_fast(&self, publish: &Publish, code: ErrorCode, wait: Duration) {
         let retry_after_ms = wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
         let stats = &self.context.stats;
+        let why = match code {
+            ErrorCode::CircuitOpen => "this session's circuit breaker is open",
+            _ => "above this session's rate limit",
+        };
         if publish.request_id != 0 || publish.class.is_ordered() {
             stats.rate_limited_refused.fetch_add(1, Ordering::Relaxed);
             self.refuse_with_retry(
-                ErrorCode::RateLimited,
+                code,
                 publish.request_id,
-                format!(
-                    "{} publishes above this session's rate limit",
-                    publish.class
-                ),
+                format!("{} publish refused: {why}", publish.class),
                 retry_after_ms,
             );
             return;
@@ -434,11 +485,45 @@ impl Session {
         };
         if let Some(dropped) = notice {
             self.refuse_with_retry(
-                ErrorCode::RateLimited,
+                code,
                 0,
-                format!("{dropped} unacknowledged publishes dropped by the rate limit"),
+                format!("{dropped} unacknowledged publishes dropped: {why}"),
                 retry_after_ms,
             );
+        }
+    }
+
+    /// Publishes a breaker transition on the alert class of every swarm the session joined.
+    async fn announce_breaker(&self, state: BreakerState) {
+        self.context
+            .stats
+            .breaker_transitions
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(agent = %self.agent, state = state.name(), "circuit breaker");
+        let payload = format!(
+            "{{\"event\":\"circuit-breaker\",\"agent\":{:?},\"state\":\"{}\"}}",
+            &*self.agent,
+            state.name()
+        );
+        let router: Arc<str> = Arc::from(ROUTER_AGENT);
+        for swarm in &self.swarms {
+            let publish = Publish {
+                request_id: 0,
+                swarm: swarm.clone(),
+                class: Class::Alert,
+                target_agent: None,
+                key: Some("circuit-breaker".into()),
+                payload: Bytes::from(payload.clone()),
+            };
+            self.to_shard(
+                swarm,
+                ShardCommand::Publish {
+                    agent: router.clone(),
+                    outbox: self.outbox.clone(),
+                    publish,
+                },
+            )
+            .await;
         }
     }
 
@@ -446,36 +531,25 @@ impl Session {
     async fn dispatch(&self, message: Message) -> Result<(), Fault> {
         match message {
             Message::Publish(publish) => {
-                if !self.joined(&publish.swarm) {
-                    let text = format!("swarm {:?} was not joined in Hello", publish.swarm);
-                    self.refuse_publish(&publish, ErrorCode::SwarmNotJoined, text);
+                let now = std::time::Instant::now();
+                let (verdict, change) = self.breaker().check(now);
+                if let Some(state) = change {
+                    self.announce_breaker(state).await;
+                }
+                if let Err(wait) = verdict {
+                    self.refuse_fast(&publish, ErrorCode::CircuitOpen, wait);
                     return Ok(());
                 }
-                let names_ok = [publish.target_agent.as_deref(), publish.key.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .all(valid_name);
-                if !names_ok {
-                    let text = format!("target_agent and key must be 1 to {MAX_NAME_BYTES} bytes");
-                    self.refuse_publish(&publish, ErrorCode::InvalidRequest, text);
-                    return Ok(());
+                let admitted = self.admit_publish(&publish, now);
+                let change = if admitted {
+                    self.breaker().success()
+                } else {
+                    self.breaker().failure(now)
+                };
+                if let Some(state) = change {
+                    self.announce_breaker(state).await;
                 }
-                if let Err(wait) = self
-                    .buckets
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .try_take(publish.class, std::time::Instant::now())
-                {
-                    self.rate_limited(&publish, wait);
-                    return Ok(());
-                }
-                if publish.payload.len() > self.max_payload_bytes {
-                    let text = format!(
-                        "payload of {} bytes exceeds the maximum of {} bytes",
-                        publish.payload.len(),
-                        self.max_payload_bytes
-                    );
-                    self.refuse_publish(&publish, ErrorCode::PayloadTooLarge, text);
+                if !admitted {
                     return Ok(());
                 }
                 let swarm = publish.swarm.clone();
@@ -840,6 +914,10 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         delta_window: Mutex::new((std::time::Instant::now(), 0)),
         buckets: Mutex::new(ClassBuckets::new(
             config.rate_limits.rates_for(hello.role),
+            std::time::Instant::now(),
+        )),
+        breaker: Mutex::new(Breaker::new(
+            config.rate_limits.breaker,
             std::time::Instant::now(),
         )),
         // The first drop of a session is reported at once.

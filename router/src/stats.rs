@@ -18,8 +18,10 @@ pub struct Stats {
     pub refused_unacknowledged: AtomicU64,
     /// Publishes refused with RateLimited.
     pub rate_limited_refused: AtomicU64,
-    /// Fire-and-forget publishes dropped by the rate limit.
+    /// Fire-and-forget publishes dropped by the rate limit or an open breaker.
     pub rate_limited_dropped: AtomicU64,
+    /// Circuit breaker state changes.
+    pub breaker_transitions: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -37,6 +39,7 @@ pub struct StatsSnapshot {
     pub refused_unacknowledged: u64,
     pub rate_limited_refused: u64,
     pub rate_limited_dropped: u64,
+    pub breaker_transitions: u64,
 }
 
 impl Stats {
@@ -55,6 +58,7 @@ impl Stats {
             refused_unacknowledged: get(&self.refused_unacknowledged),
             rate_limited_refused: get(&self.rate_limited_refused),
             rate_limited_dropped: get(&self.rate_limited_dropped),
+            breaker_transitions: get(&self.breaker_transitions),
         }
     }
 }

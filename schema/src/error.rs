@@ -49,6 +49,9 @@ pub enum ErrorCode {
     SwarmUnavailable = 19,
     /// The sender is above its rate limit for this class; retry after `retry_after_ms`.
     RateLimited = 20,
+    /// The sender's circuit breaker is open (a sustained rate of refused publishes); retry
+    /// after `retry_after_ms`.
+    CircuitOpen = 21,
 }
 
 impl ErrorCode {
@@ -80,6 +83,7 @@ impl ErrorCode {
             18 => PayloadTooLarge,
             19 => SwarmUnavailable,
             20 => RateLimited,
+            21 => CircuitOpen,
             _ => return None,
         })
     }
