@@ -456,3 +456,67 @@ async fn a_retry_storm_opens_the_breaker_and_every_transition_is_alerted() {
     assert_eq!(t.router.stats().breaker_transitions, 3);
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn retries_honour_the_routers_advice_and_the_unacknowledged_queue_is_capped() {
+    let t = start_router(|c| c.rate_limits.command = swarmbus_router::limits::Rate::new(20.0, 1.0))
+        .await;
+    let (client, _rx) = t.connect("paced", Role::Agent, &["s"]).await;
+    // Five commands against a bucket of one (refilled 20/s): each refusal is retried after
+    // the router's retry_after_ms, and all five get through, in order.
+    let policy = swarmbus_client::RetryPolicy::default();
+    let mut ops = Vec::new();
+    for _ in 0..5 {
+        let op = client
+            .publish_with_retry(
+                "s",
+                Class::Command,
+                Bytes::from_static(b"x"),
+                PublishOptions::default(),
+                &policy,
+            )
+            .await
+            .unwrap();
+        ops.push(op.0);
+    }
+    assert_eq!(ops, vec![1, 2, 3, 4, 5]);
+    assert!(
+        t.router.stats().rate_limited_refused > 0,
+        "nothing was refused"
+    );
+
+    // A capped queue of unacknowledged publishes: the second one in flight fails at once.
+    let mut session = swarmbus_client::Session::new("capped", Role::Agent, ["s"]);
+    session.max_in_flight = 1;
+    session.fail_when_in_flight_full = true;
+    let (capped, _rx) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await; // a full bucket
+    let first = capped
+        .publish_start(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"1"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let err = capped
+        .publish_start(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"2"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, swarmbus_client::ClientError::InFlightFull { max: 1 }),
+        "{err}"
+    );
+    first.wait().await.unwrap();
+    t.router.shutdown().await;
+}

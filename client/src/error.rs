@@ -4,7 +4,8 @@ use thiserror::Error;
 
 /// Errors of the client library.
 ///
-/// Recoverable without reconnecting: `Refused` (that request failed; the session goes on).
+/// Recoverable without reconnecting: `Refused` (that request failed; the session goes on)
+/// and `InFlightFull` (too many requests unanswered; try again later).
 /// Everything else means the connection is unusable: reconnect (with backoff).
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -32,6 +33,10 @@ pub enum ClientError {
     Protocol { detail: String },
     #[error("invalid argument: {detail}")]
     InvalidArgument { detail: String },
+    /// `max` requests are awaiting a reply and the session asked to fail rather than wait
+    /// (`Session::fail_when_in_flight_full`). Recoverable: retry once replies arrive.
+    #[error("{max} requests are already awaiting a reply")]
+    InFlightFull { max: usize },
 }
 
 impl ClientError {

@@ -6,6 +6,7 @@
 //! - [`apply`]: [`IdempotentApply`], which turns at-least-once delivery into an
 //!   exactly-once effect by dropping ops at or below the last applied op id;
 //! - [`error`]: the error type, [`ClientError`].
+//! - [`retry`]: exponential backoff with full jitter ([`RetryPolicy`], [`Backoff`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), swarmbus_client::ClientError> {
@@ -22,6 +23,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod retry;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,6 +45,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use apply::{FileOffsetStore, IdempotentApply, OffsetStore};
 pub use error::ClientError;
+pub use retry::{Backoff, RetryPolicy};
 
 /// How a session presents itself in Hello, plus client-side limits.
 #[derive(Clone, Debug)]
@@ -56,8 +59,12 @@ pub struct Session {
     /// flow control pushes back on the router). Default 8192.
     pub delivery_buffer: usize,
     /// Requests awaiting a reply (publishes of ordered classes, subscribes) at once;
-    /// further ones wait. Default 4096.
+    /// further ones wait, or fail with `InFlightFull` when `fail_when_in_flight_full` is
+    /// set. Default 4096.
     pub max_in_flight: usize,
+    /// Return `ClientError::InFlightFull` instead of waiting when `max_in_flight` requests
+    /// are unanswered (a capped queue of unacknowledged publishes). Default false.
+    pub fail_when_in_flight_full: bool,
     /// Default 10 s.
     pub connect_timeout: Duration,
     /// Where the agent stands in each swarm (see [`IdempotentApply::resume_points`]): the
@@ -79,6 +86,7 @@ impl Session {
             client_version: env!("CARGO_PKG_VERSION").into(),
             delivery_buffer: 8192,
             max_in_flight: 4096,
+            fail_when_in_flight_full: false,
             connect_timeout: Duration::from_secs(10),
             resume: Vec::new(),
         }
@@ -270,6 +278,8 @@ impl Connector {
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
             in_flight: Arc::new(Semaphore::new(session.max_in_flight.max(1))),
+            max_in_flight: session.max_in_flight.max(1),
+            fail_when_in_flight_full: session.fail_when_in_flight_full,
             max_payload_bytes: max_payload_bytes(max_frame),
             welcome,
             agent_id: session.agent_id,
@@ -418,6 +428,8 @@ struct Shared {
     pending: Mutex<HashMap<u64, Reply>>,
     next_request: AtomicU64,
     in_flight: Arc<Semaphore>,
+    max_in_flight: usize,
+    fail_when_in_flight_full: bool,
     max_payload_bytes: usize,
     welcome: Welcome,
     agent_id: String,
@@ -666,13 +678,22 @@ impl Client {
 
     /// Takes an in-flight slot (waiting for one) and registers a request id.
     async fn register(&self) -> Result<(u64, oneshot::Receiver<ReplyResult>), ClientError> {
-        let slot = self
-            .shared
-            .in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| closed_error(&self.shared.connection))?;
+        let slot = if self.shared.fail_when_in_flight_full {
+            self.shared
+                .in_flight
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| ClientError::InFlightFull {
+                    max: self.shared.max_in_flight,
+                })?
+        } else {
+            self.shared
+                .in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| closed_error(&self.shared.connection))?
+        };
         let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.shared.pending().insert(id, Reply { tx, _slot: slot });
@@ -782,6 +803,48 @@ impl Client {
             .await?
             .wait()
             .await
+    }
+
+    /// Publishes like [`Client::publish`], retrying refusals that say "not now"
+    /// (`RateLimited`, `CircuitOpen`, `Busy`) with exponential backoff and full jitter, never
+    /// sooner than the router's `retry_after_ms`. Other errors, and the last refusal once
+    /// `policy.max_attempts` are used, are returned.
+    pub async fn publish_with_retry(
+        &self,
+        swarm: &str,
+        class: Class,
+        payload: Bytes,
+        options: PublishOptions,
+        policy: &RetryPolicy,
+    ) -> Result<OpId, ClientError> {
+        let mut backoff = Backoff::from_clock(policy.clone());
+        loop {
+            match self
+                .publish(swarm, class, payload.clone(), options.clone())
+                .await
+            {
+                Err(ClientError::Refused {
+                    code,
+                    name,
+                    message,
+                    retry_after_ms,
+                }) if [15, 20, 21].contains(&code) => {
+                    let floor = Duration::from_millis(u64::from(retry_after_ms));
+                    match backoff.next_wait(floor) {
+                        Some(wait) => tokio::time::sleep(wait).await,
+                        None => {
+                            return Err(ClientError::Refused {
+                                code,
+                                name,
+                                message,
+                                retry_after_ms,
+                            })
+                        }
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Writes a publish and returns without waiting for its acknowledgement, so a caller
