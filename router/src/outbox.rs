@@ -116,45 +116,41 @@ impl Outbox {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a frame. Frames for a closed connection are discarded.
+    /// Queues a frame. Frames for a closed connection are discarded. A full telemetry lane
+    /// sheds its oldest frame; any other full lane marks the connection lagging and asks
+    /// for it to be closed.
     pub fn push(&self, lane: Lane, frame: OutFrame) -> Result<(), Lagging> {
-        if self.closed.load(Ordering::Relaxed) {
+        if self.enqueue(lane, frame, lane.sheddable()).is_ok() {
             return Ok(());
         }
-        let queue = &self.lanes[lane.index()];
-        let mut frames = self.lock(lane);
-        if frames.len() >= queue.capacity {
-            if !lane.sheddable() {
-                drop(frames);
-                self.stats
-                    .lagging_disconnects
-                    .fetch_add(1, Ordering::Relaxed);
-                self.request_close(ErrorCode::Lagging);
-                return Err(Lagging);
-            }
-            frames.pop_front();
-            queue.shed.fetch_add(1, Ordering::Relaxed);
-            self.stats.telemetry_shed.fetch_add(1, Ordering::Relaxed);
-        }
-        let was_empty = frames.is_empty();
-        frames.push_back(frame);
-        drop(frames);
-        if was_empty {
-            queue.ready.notify_one();
-        }
-        Ok(())
+        self.stats
+            .lagging_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+        self.request_close(ErrorCode::Lagging);
+        Err(Lagging)
     }
 
     /// Queues a frame unless the lane is full; never closes the connection. Used for ordered
     /// classes, whose subscribers catch up from the log instead of being disconnected.
     pub fn try_push(&self, lane: Lane, frame: OutFrame) -> Result<(), Full> {
+        self.enqueue(lane, frame, false)
+    }
+
+    /// The one place frames enter a lane: at capacity, `shed` drops the oldest frame (and
+    /// counts it), otherwise the frame is refused.
+    fn enqueue(&self, lane: Lane, frame: OutFrame, shed: bool) -> Result<(), Full> {
         if self.closed.load(Ordering::Relaxed) {
             return Ok(());
         }
         let queue = &self.lanes[lane.index()];
         let mut frames = self.lock(lane);
         if frames.len() >= queue.capacity {
-            return Err(Full);
+            if !shed {
+                return Err(Full);
+            }
+            frames.pop_front();
+            queue.shed.fetch_add(1, Ordering::Relaxed);
+            self.stats.telemetry_shed.fetch_add(1, Ordering::Relaxed);
         }
         let was_empty = frames.is_empty();
         frames.push_back(frame);
