@@ -323,6 +323,13 @@ fn close_with(connection: &Connection, stats: &Stats, fault: &Fault) {
     connection.close(VarInt::from(fault.code.as_u16()), reason.as_bytes());
 }
 
+/// A session's rate limits and circuit breaker, behind one lock.
+#[derive(Debug)]
+struct SessionLimits {
+    buckets: ClassBuckets,
+    breaker: Breaker,
+}
+
 /// An established session.
 #[derive(Debug)]
 struct Session {
@@ -338,13 +345,11 @@ struct Session {
     max_payload_bytes: usize,
     /// DeltaRequests answered in the current one-second window: (window start, count).
     delta_window: Mutex<(std::time::Instant, u32)>,
-    /// Token buckets per class (rate limits).
-    buckets: Mutex<ClassBuckets>,
-    /// The session's circuit breaker.
-    breaker: Mutex<Breaker>,
-    /// Fire-and-forget publishes dropped by the rate limit since the last notice, and when
-    /// the last notice went out.
-    rate_limited: Mutex<(u64, std::time::Instant)>,
+    /// Rate limits and circuit breaker.
+    limits: Mutex<SessionLimits>,
+    /// Fire-and-forget publishes dropped (rate limit, open breaker) since the last notice,
+    /// and when the last notice went out.
+    fast_refusals: Mutex<(u64, std::time::Instant)>,
 }
 
 impl Session {
@@ -403,15 +408,14 @@ impl Session {
         }
     }
 
-    fn breaker(&self) -> std::sync::MutexGuard<'_, Breaker> {
-        self.breaker
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     /// Checks a publish (swarm joined, names, rate limit, payload size); refuses it and
     /// returns false when it may not go on.
-    fn admit_publish(&self, publish: &Publish, now: std::time::Instant) -> bool {
+    fn admit_publish(
+        &self,
+        publish: &Publish,
+        buckets: &mut ClassBuckets,
+        now: std::time::Instant,
+    ) -> bool {
         if !self.joined(&publish.swarm) {
             let text = format!("swarm {:?} was not joined in Hello", publish.swarm);
             self.refuse_publish(publish, ErrorCode::SwarmNotJoined, text);
@@ -426,12 +430,7 @@ impl Session {
             self.refuse_publish(publish, ErrorCode::InvalidRequest, text);
             return false;
         }
-        let rate = self
-            .buckets
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .try_take(publish.class, now);
-        if let Err(wait) = rate {
+        if let Err(wait) = buckets.try_take(publish.class, now) {
             self.refuse_fast(publish, ErrorCode::RateLimited, wait);
             return false;
         }
@@ -471,7 +470,7 @@ impl Session {
         stats.rate_limited_dropped.fetch_add(1, Ordering::Relaxed);
         let notice = {
             let mut state = self
-                .rate_limited
+                .fast_refusals
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             state.0 += 1;
@@ -532,22 +531,32 @@ impl Session {
         match message {
             Message::Publish(publish) => {
                 let now = std::time::Instant::now();
-                let (verdict, change) = self.breaker().check(now);
-                if let Some(state) = change {
+                // One lock for the breaker and the buckets per publish.
+                let (open_for, admitted, changes) = {
+                    let mut limits = self
+                        .limits
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let (verdict, half_opened) = limits.breaker.check(now);
+                    match verdict {
+                        Err(wait) => (Some(wait), false, [half_opened, None]),
+                        Ok(()) => {
+                            let admitted = self.admit_publish(&publish, &mut limits.buckets, now);
+                            let change = if admitted {
+                                limits.breaker.success()
+                            } else {
+                                limits.breaker.failure(now)
+                            };
+                            (None, admitted, [half_opened, change])
+                        }
+                    }
+                };
+                for state in changes.into_iter().flatten() {
                     self.announce_breaker(state).await;
                 }
-                if let Err(wait) = verdict {
+                if let Some(wait) = open_for {
                     self.refuse_fast(&publish, ErrorCode::CircuitOpen, wait);
                     return Ok(());
-                }
-                let admitted = self.admit_publish(&publish, now);
-                let change = if admitted {
-                    self.breaker().success()
-                } else {
-                    self.breaker().failure(now)
-                };
-                if let Some(state) = change {
-                    self.announce_breaker(state).await;
                 }
                 if !admitted {
                     return Ok(());
@@ -912,16 +921,15 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         context: context.clone(),
         max_payload_bytes: max_payload_bytes(config.limits.max_frame_bytes as usize),
         delta_window: Mutex::new((std::time::Instant::now(), 0)),
-        buckets: Mutex::new(ClassBuckets::new(
-            config.rate_limits.rates_for(hello.role),
-            std::time::Instant::now(),
-        )),
-        breaker: Mutex::new(Breaker::new(
-            config.rate_limits.breaker,
-            std::time::Instant::now(),
-        )),
+        limits: Mutex::new(SessionLimits {
+            buckets: ClassBuckets::new(
+                config.rate_limits.rates_for(hello.role),
+                std::time::Instant::now(),
+            ),
+            breaker: Breaker::new(config.rate_limits.breaker, std::time::Instant::now()),
+        }),
         // The first drop of a session is reported at once.
-        rate_limited: Mutex::new((
+        fast_refusals: Mutex::new((
             0,
             std::time::Instant::now()
                 .checked_sub(Duration::from_secs(1))
