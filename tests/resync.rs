@@ -412,3 +412,83 @@ async fn a_slow_command_subscriber_catches_up_from_the_log_instead_of_being_drop
     assert_eq!(recv_n(&mut rx, 1).await[0].op_id, OpId(151));
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_flood_stays_within_the_memory_caps_and_loses_no_command() {
+    // Byte caps far below what the flood below queues: a subscriber that stops reading gets
+    // 150 commands of 60 KiB and 2,000 telemetry messages of 16 KiB (41 MB in all).
+    let connection_cap = 512 * 1024;
+    let router_cap = 1024 * 1024;
+    let t = start_router(|c| {
+        c.limits.max_frame_bytes = 128 * 1024;
+        c.queues.connection_bytes = connection_cap;
+        c.queues.router_bytes = router_cap;
+    })
+    .await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (flooder, _) = t.connect("flooder", Role::Agent, &["s"]).await;
+    let mut session = Session::new("slow", Role::Agent, ["s"]);
+    session.delivery_buffer = 1;
+    let (agent, mut rx) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    agent.subscribe("s", Class::Telemetry, None).await.unwrap();
+    let command = Bytes::from(vec![7u8; 60 * 1024]);
+    let telemetry = Bytes::from(vec![9u8; 16 * 1024]);
+    for round in 0..150 {
+        ctl.publish(
+            "s",
+            Class::Command,
+            command.clone(),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+        if round % 15 == 0 {
+            // Telemetry from another session, acknowledged so the flood is paced by the
+            // router rather than by this test's buffers.
+            let batch: Vec<_> = (0..200)
+                .map(|_| {
+                    flooder.publish(
+                        "s",
+                        Class::Telemetry,
+                        telemetry.clone(),
+                        PublishOptions {
+                            ack: true,
+                            ..PublishOptions::default()
+                        },
+                    )
+                })
+                .collect();
+            for publish in batch {
+                publish.await.unwrap();
+            }
+        }
+    }
+    let stats = t.router.stats();
+    assert!(
+        stats.connection_queued_bytes_max <= connection_cap as u64,
+        "{stats:?}"
+    );
+    assert!(stats.queued_bytes_max <= router_cap as u64, "{stats:?}");
+    assert!(stats.telemetry_shed > 0, "nothing was shed: {stats:?}");
+    // Every command arrives, in order, once; telemetry in between is whatever was not shed.
+    let mut commands = Vec::new();
+    while commands.len() < 150 {
+        let delivery = tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+            .await
+            .expect("deliveries keep coming")
+            .expect("the connection stays up");
+        if delivery.class == Class::Command {
+            commands.push(delivery);
+        }
+    }
+    assert_eq!(ops(&commands), (1..=150).collect::<Vec<_>>());
+    let stats = t.router.stats();
+    assert_eq!(stats.lagging_disconnects, 0, "{stats:?}");
+    assert!(stats.queued_bytes_max <= router_cap as u64, "{stats:?}");
+    t.router.shutdown().await;
+}

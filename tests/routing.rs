@@ -520,3 +520,126 @@ async fn retries_honour_the_routers_advice_and_the_unacknowledged_queue_is_cappe
     first.wait().await.unwrap();
     t.router.shutdown().await;
 }
+
+async fn command(
+    client: &swarmbus_client::Client,
+    swarm: &str,
+) -> Result<OpId, swarmbus_client::ClientError> {
+    client
+        .publish(
+            swarm,
+            Class::Command,
+            Bytes::from_static(b"x"),
+            PublishOptions::default(),
+        )
+        .await
+}
+
+#[tokio::test]
+async fn rate_overrides_per_swarm_and_role_pick_the_bucket() {
+    use swarmbus_router::limits::Rate;
+    let t = start_router(|c| {
+        c.rate_limits = swarmbus_router::config::RateLimitsConfig::default();
+        let mut tight = swarmbus_router::config::SwarmRates {
+            command: Some(Rate::new(0.0, 2.0)),
+            ..Default::default()
+        };
+        tight.roles.insert(
+            "controller".into(),
+            swarmbus_router::config::RoleRates {
+                command: Some(Rate::new(0.0, 4.0)),
+                ..Default::default()
+            },
+        );
+        c.rate_limits.swarms.insert("tight".into(), tight);
+    })
+    .await;
+    let (agent, _rx) = t.connect("a", Role::Agent, &["tight", "open"]).await;
+    for _ in 0..2 {
+        command(&agent, "tight").await.unwrap();
+    }
+    assert_eq!(command(&agent, "tight").await.unwrap_err().code(), Some(20));
+    // The agent's other swarm keeps the default rates.
+    for _ in 0..10 {
+        command(&agent, "open").await.unwrap();
+    }
+    // A controller in the tight swarm has its role's override there.
+    let (ctl, _rx) = t.connect("c", Role::Controller, &["tight"]).await;
+    for _ in 0..4 {
+        command(&ctl, "tight").await.unwrap();
+    }
+    assert_eq!(command(&ctl, "tight").await.unwrap_err().code(), Some(20));
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_swarm_wide_storm_opens_the_swarm_breaker_which_spares_control_and_other_swarms() {
+    let t = start_router(|c| {
+        c.rate_limits.command = swarmbus_router::limits::Rate::new(0.0, 1.0);
+        // Session breakers stay closed: only the swarm's adds the sessions up.
+        c.rate_limits.breaker.failures = 1_000;
+        c.rate_limits.swarm_breaker = swarmbus_router::limits::BreakerConfig {
+            failures: 4,
+            window_ms: 10_000,
+            open_ms: 300,
+            probes: 1,
+        };
+    })
+    .await;
+    let (ctl, mut alerts) = t.connect("ctl", Role::Controller, &["s", "other"]).await;
+    ctl.subscribe("s", Class::Alert, None).await.unwrap();
+    // Two agents spend their one command and are refused twice each: four refusals in the
+    // swarm open its breaker.
+    let (a1, _rx1) = t.connect("a1", Role::Agent, &["s"]).await;
+    let (a2, _rx2) = t.connect("a2", Role::Agent, &["s"]).await;
+    for agent in [&a1, &a2] {
+        command(agent, "s").await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(command(agent, "s").await.unwrap_err().code(), Some(20));
+        }
+    }
+    // A third agent that did nothing wrong is refused fast while the swarm's breaker is
+    // open...
+    let (quiet, _rx3) = t.connect("quiet", Role::Agent, &["s"]).await;
+    let err = command(&quiet, "s").await.unwrap_err();
+    let swarmbus_client::ClientError::Refused {
+        code,
+        retry_after_ms,
+        message,
+        ..
+    } = err
+    else {
+        panic!("expected a refusal, got {err}");
+    };
+    assert_eq!(code, 21, "CircuitOpen");
+    assert!(message.contains("swarm"), "{message}");
+    // ...but not in another swarm, and control still reaches the swarm.
+    command(&ctl, "other").await.unwrap();
+    ctl.publish(
+        "s",
+        Class::Control,
+        Bytes::from_static(b"pause"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    // After the open time the next publish is the probe that closes it.
+    tokio::time::sleep(std::time::Duration::from_millis(
+        u64::from(retry_after_ms) + 150,
+    ))
+    .await;
+    command(&quiet, "s").await.unwrap();
+    let states: Vec<String> = recv_n(&mut alerts, 3)
+        .await
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+        .collect();
+    for (alert, state) in states.iter().zip(["open", "half-open", "closed"]) {
+        assert!(
+            alert.contains("\"scope\":\"swarm\"")
+                && alert.contains(&format!("\"state\":\"{state}\"")),
+            "{states:?}"
+        );
+    }
+    t.router.shutdown().await;
+}

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use swarmbus_schema::{Class, Role};
+use swarmbus_schema::{valid_name, Class, Role, MAX_NAME_BYTES};
 
 use std::collections::HashMap;
 
@@ -48,8 +48,24 @@ pub struct RateLimitsConfig {
     pub telemetry: Rate,
     /// Overrides per role (`agent`, `controller`, `worker`).
     pub roles: HashMap<String, RoleRates>,
+    /// Overrides per swarm (and per role within a swarm); they win over `roles`.
+    pub swarms: HashMap<String, SwarmRates>,
     /// The per-session circuit breaker.
     pub breaker: BreakerConfig,
+    /// The per-swarm circuit breaker: refusals of all the swarm's sessions add up.
+    pub swarm_breaker: BreakerConfig,
+}
+
+/// Rate overrides of one swarm: for every role, then per role.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SwarmRates {
+    pub control: Option<Rate>,
+    pub command: Option<Rate>,
+    pub alert: Option<Rate>,
+    pub reconciliation: Option<Rate>,
+    pub telemetry: Option<Rate>,
+    pub roles: HashMap<String, RoleRates>,
 }
 
 /// Rate overrides of one role; unset classes keep the defaults.
@@ -72,27 +88,70 @@ impl Default for RateLimitsConfig {
             reconciliation: Rate::new(1_000.0, 2_000.0),
             telemetry: Rate::new(500_000.0, 1_000_000.0),
             roles: HashMap::new(),
+            swarms: HashMap::new(),
             breaker: BreakerConfig::default(),
+            swarm_breaker: BreakerConfig::swarm_default(),
         }
+    }
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Agent => "agent",
+        Role::Controller => "controller",
+        Role::Worker => "worker",
+    }
+}
+
+impl RoleRates {
+    fn as_array(&self) -> [Option<Rate>; Class::COUNT] {
+        [
+            self.control,
+            self.command,
+            self.alert,
+            self.reconciliation,
+            self.telemetry,
+        ]
     }
 }
 
 impl RateLimitsConfig {
     /// The rates of a session of `role`, indexed by [`Class::index`].
     pub fn rates_for(&self, role: Role) -> [Rate; Class::COUNT] {
-        let name = match role {
-            Role::Agent => "agent",
-            Role::Controller => "controller",
-            Role::Worker => "worker",
-        };
-        let role = self.roles.get(name).cloned().unwrap_or_default();
-        [
-            role.control.unwrap_or(self.control),
-            role.command.unwrap_or(self.command),
-            role.alert.unwrap_or(self.alert),
-            role.reconciliation.unwrap_or(self.reconciliation),
-            role.telemetry.unwrap_or(self.telemetry),
-        ]
+        let defaults = [
+            self.control,
+            self.command,
+            self.alert,
+            self.reconciliation,
+            self.telemetry,
+        ];
+        let role = self.roles.get(role_name(role)).cloned().unwrap_or_default();
+        let overrides = role.as_array();
+        std::array::from_fn(|i| overrides[i].unwrap_or(defaults[i]))
+    }
+
+    /// The rates of a session of `role` in `swarm` when that swarm has overrides (`None`
+    /// when it has none: the session's own rates apply). Most specific wins:
+    /// `swarms.S.roles.R`, then `swarms.S`, then `roles.R`, then the defaults.
+    pub fn swarm_rates_for(&self, swarm: &str, role: Role) -> Option<[Rate; Class::COUNT]> {
+        let swarm_rates = self.swarms.get(swarm)?;
+        let base = self.rates_for(role);
+        let for_swarm = [
+            swarm_rates.control,
+            swarm_rates.command,
+            swarm_rates.alert,
+            swarm_rates.reconciliation,
+            swarm_rates.telemetry,
+        ];
+        let for_role = swarm_rates
+            .roles
+            .get(role_name(role))
+            .cloned()
+            .unwrap_or_default()
+            .as_array();
+        Some(std::array::from_fn(|i| {
+            for_role[i].or(for_swarm[i]).unwrap_or(base[i])
+        }))
     }
 }
 
@@ -205,6 +264,14 @@ pub struct QueueConfig {
     pub reconciliation: usize,
     /// When full, the oldest telemetry frame is dropped and counted.
     pub telemetry: usize,
+    /// Bytes queued for one connection, all lanes together. Telemetry may fill at most half
+    /// of it (it is shed past that); control and command subscribers at the cap catch up
+    /// from the log; session replies, alerts and reconciliation at the cap mark the
+    /// connection lagging.
+    pub connection_bytes: usize,
+    /// Bytes queued for all connections together, with the same rules as
+    /// `connection_bytes`.
+    pub router_bytes: usize,
 }
 
 impl Default for Config {
@@ -247,6 +314,8 @@ impl Default for QueueConfig {
             alert: 4_096,
             reconciliation: 4_096,
             telemetry: 8_192,
+            connection_bytes: 64 << 20,
+            router_bytes: 2 << 30,
         }
     }
 }
@@ -350,6 +419,15 @@ impl Config {
                 return Err(config_error(format!("queues.{name} must be at least 1")));
             }
         }
+        // A frame of the largest size must fit the telemetry half of each byte budget, or
+        // such a message could never be queued.
+        let frame_room = 2 * (limits.max_frame_bytes as usize + 4);
+        if q.connection_bytes < frame_room || q.router_bytes < q.connection_bytes {
+            return Err(config_error(format!(
+                "queues.connection_bytes must be at least twice limits.max_frame_bytes + 4 \
+                 ({frame_room}) and queues.router_bytes at least queues.connection_bytes"
+            )));
+        }
         if self.log.segment_bytes < 4096
             || self.log.writer_queue == 0
             || self.log.delta_max_ops == 0
@@ -361,24 +439,51 @@ impl Config {
                  log.redelivery_timeout_ms and log.compaction_interval_ms at least 1",
             ));
         }
-        if let Some(name) = self
-            .rate_limits
-            .roles
-            .keys()
-            .find(|name| !["agent", "controller", "worker"].contains(&name.as_str()))
-        {
+        let role_names = std::iter::once(("rate_limits.roles".to_owned(), &self.rate_limits.roles))
+            .chain(self.rate_limits.swarms.iter().map(|(swarm, rates)| {
+                (format!("rate_limits.swarms.{swarm:?}.roles"), &rates.roles)
+            }));
+        for (path, roles) in role_names {
+            if let Some(name) = roles
+                .keys()
+                .find(|name| !["agent", "controller", "worker"].contains(&name.as_str()))
+            {
+                return Err(config_error(format!(
+                    "{path}.{name}: roles are agent, controller and worker"
+                )));
+            }
+        }
+        if let Some(swarm) = self.rate_limits.swarms.keys().find(|s| !valid_name(s)) {
             return Err(config_error(format!(
-                "rate_limits.roles.{name}: roles are agent, controller and worker"
+                "rate_limits.swarms.{swarm:?}: a swarm name is 1 to {MAX_NAME_BYTES} bytes"
             )));
         }
-        let rates = [Role::Agent, Role::Controller, Role::Worker]
+        let roles = [Role::Agent, Role::Controller, Role::Worker];
+        let swarm_rates = self.rate_limits.swarms.keys().flat_map(|swarm| {
+            roles
+                .into_iter()
+                .filter_map(move |role| self.rate_limits.swarm_rates_for(swarm, role))
+        });
+        let rates = roles
             .into_iter()
-            .flat_map(|role| self.rate_limits.rates_for(role));
+            .map(|role| self.rate_limits.rates_for(role))
+            .chain(swarm_rates)
+            .flatten();
         for rate in rates {
             if !(rate.rate_per_s >= 0.0 && rate.burst >= 1.0) {
                 return Err(config_error(
                     "rate_limits: rate_per_s must be >= 0 and burst >= 1",
                 ));
+            }
+        }
+        for (name, breaker) in [
+            ("breaker", &self.rate_limits.breaker),
+            ("swarm_breaker", &self.rate_limits.swarm_breaker),
+        ] {
+            if breaker.failures == 0 || breaker.probes == 0 || breaker.window_ms == 0 {
+                return Err(config_error(format!(
+                    "rate_limits.{name}: failures, probes and window_ms must be at least 1"
+                )));
             }
         }
         if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {
@@ -431,6 +536,31 @@ mod tests {
         );
         let bad = Config::from_toml("[rate_limits.roles.admin]\n").unwrap();
         assert!(bad.validate().is_err());
+
+        let c = Config::from_toml(
+            "[rate_limits.roles.agent]\ncommand = { rate_per_s = 10.0, burst = 20.0 }\n\
+             [rate_limits.swarms.big]\ntelemetry = { rate_per_s = 5.0, burst = 5.0 }\n\
+             [rate_limits.swarms.big.roles.agent]\ncommand = { rate_per_s = 50.0, burst = 50.0 }\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.rate_limits.swarm_rates_for("small", Role::Agent), None);
+        let big_agent = c.rate_limits.swarm_rates_for("big", Role::Agent).unwrap();
+        assert_eq!(big_agent[Class::Command.index()], Rate::new(50.0, 50.0));
+        assert_eq!(big_agent[Class::Telemetry.index()], Rate::new(5.0, 5.0));
+        let big_worker = c.rate_limits.swarm_rates_for("big", Role::Worker).unwrap();
+        assert_eq!(
+            big_worker[Class::Command.index()],
+            RateLimitsConfig::default().command
+        );
+        for bad in [
+            "[rate_limits.swarms.big.roles.admin]\n",
+            "[rate_limits.swarms.big]\ncommand = { rate_per_s = -1.0, burst = 5.0 }\n",
+            "[queues]\nconnection_bytes = 1000\n",
+        ] {
+            let config = Config::from_toml(bad).unwrap();
+            assert!(config.validate().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -104,6 +104,19 @@ impl Default for BreakerConfig {
     }
 }
 
+impl BreakerConfig {
+    /// Defaults of the per-swarm breaker: the refusals of many sessions add up there, so it
+    /// takes ten times as many to open it.
+    pub const fn swarm_default() -> Self {
+        BreakerConfig {
+            failures: 1_000,
+            window_ms: 1_000,
+            open_ms: 5_000,
+            probes: 100,
+        }
+    }
+}
+
 /// Where a breaker stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BreakerState {

@@ -5,14 +5,17 @@
 //! reference). Lanes are separate so a telemetry stream stalled by flow control never holds
 //! up a command: QUIC stream priorities then decide what goes on the wire first.
 //!
-//! At the limit: a full telemetry lane drops its oldest frame and counts it; control and
-//! command deliveries use [`Outbox::try_push`], and a subscriber whose lane is full catches
-//! up from the event log instead; a full lane of any other kind marks the connection lagging
-//! and asks for it to be closed with `Lagging` (it missed messages it may not lose, and must
-//! know it).
+//! Limits: every lane holds at most its configured number of frames, and the frames queued
+//! hold at most `queues.connection_bytes` per connection and `queues.router_bytes` for the
+//! whole router, of which telemetry may take at most half (the other half stays free for
+//! what may not be shed). At a limit: telemetry drops its oldest frames (counted) and, with
+//! none left to drop, the new one; control and command deliveries use
+//! [`Outbox::try_push`], and a subscriber whose lane is full catches up from the event log
+//! instead; any other lane marks the connection lagging and asks for it to be closed with
+//! `Lagging` (it missed messages it may not lose, and must know it).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -76,6 +79,11 @@ pub struct Outbox {
     close_code: AtomicU16,
     close_requested: Notify,
     stats: Arc<Stats>,
+    /// Bytes queued in all lanes, and their limit.
+    bytes: AtomicUsize,
+    bytes_cap: usize,
+    /// The whole router's limit on queued bytes (the count is `stats.queued_bytes`).
+    router_bytes_cap: usize,
 }
 
 impl Outbox {
@@ -100,6 +108,9 @@ impl Outbox {
             close_code: AtomicU16::new(0),
             close_requested: Notify::new(),
             stats,
+            bytes: AtomicUsize::new(0),
+            bytes_cap: queues.connection_bytes,
+            router_bytes_cap: queues.router_bytes,
         }
     }
 
@@ -136,21 +147,31 @@ impl Outbox {
         self.enqueue(lane, frame, false)
     }
 
-    /// The one place frames enter a lane: at capacity, `shed` drops the oldest frame (and
-    /// counts it), otherwise the frame is refused.
+    /// The one place frames enter a lane: at a limit (frames in the lane, bytes of the
+    /// connection, bytes of the router), `shed` drops the oldest frames of the lane (and
+    /// counts them) until the frame fits, or the frame itself when none are left; without
+    /// `shed` the frame is refused.
     fn enqueue(&self, lane: Lane, frame: OutFrame, shed: bool) -> Result<(), Full> {
         if self.closed.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let len = frame.wire_len();
         let queue = &self.lanes[lane.index()];
         let mut frames = self.lock(lane);
-        if frames.len() >= queue.capacity {
+        loop {
+            if frames.len() < queue.capacity && self.reserve(len, lane.sheddable()) {
+                break;
+            }
             if !shed {
                 return Err(Full);
             }
-            frames.pop_front();
             queue.shed.fetch_add(1, Ordering::Relaxed);
             self.stats.telemetry_shed.fetch_add(1, Ordering::Relaxed);
+            match frames.pop_front() {
+                Some(oldest) => self.release(oldest.wire_len()),
+                // Nothing of this lane left to drop: the new frame is the one shed.
+                None => return Ok(()),
+            }
         }
         let was_empty = frames.is_empty();
         frames.push_back(frame);
@@ -159,6 +180,47 @@ impl Outbox {
             queue.ready.notify_one();
         }
         Ok(())
+    }
+
+    /// Counts `len` more bytes against the connection's and the router's limits, or nothing
+    /// when either would be passed. Telemetry (`half`) may only fill half of each.
+    fn reserve(&self, len: usize, half: bool) -> bool {
+        let (own_cap, router_cap) = if half {
+            (self.bytes_cap / 2, self.router_bytes_cap / 2)
+        } else {
+            (self.bytes_cap, self.router_bytes_cap)
+        };
+        let own = self.bytes.fetch_add(len, Ordering::AcqRel) + len;
+        if own > own_cap {
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        let len64 = len as u64;
+        let router = self.stats.queued_bytes.fetch_add(len64, Ordering::AcqRel) + len64;
+        if router > router_cap as u64 {
+            self.stats.queued_bytes.fetch_sub(len64, Ordering::AcqRel);
+            self.bytes.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        self.stats
+            .connection_queued_bytes_max
+            .fetch_max(own as u64, Ordering::Relaxed);
+        self.stats
+            .queued_bytes_max
+            .fetch_max(router, Ordering::Relaxed);
+        true
+    }
+
+    fn release(&self, len: usize) {
+        self.bytes.fetch_sub(len, Ordering::AcqRel);
+        self.stats
+            .queued_bytes
+            .fetch_sub(len as u64, Ordering::AcqRel);
+    }
+
+    /// Bytes queued in all lanes of this connection.
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
     }
 
     /// Moves up to `max_frames` frames (and about `max_bytes`) into `chunks` as head/body
@@ -178,6 +240,7 @@ impl Outbox {
                 break;
             };
             bytes += frame.wire_len();
+            self.release(frame.wire_len());
             chunks.push(frame.head);
             if !frame.body.is_empty() {
                 chunks.push(frame.body);
@@ -222,7 +285,11 @@ impl Outbox {
             return;
         }
         for lane in Lane::all() {
-            self.lock(lane).clear();
+            let mut frames = self.lock(lane);
+            for frame in frames.drain(..) {
+                self.release(frame.wire_len());
+            }
+            drop(frames);
             self.lanes[lane.index()].ready.notify_one();
         }
     }
@@ -262,8 +329,79 @@ mod tests {
             alert: capacity,
             reconciliation: capacity,
             telemetry: capacity,
+            ..QueueConfig::default()
         };
         Outbox::new(ConnId(1), &queues, Arc::new(Stats::default()))
+    }
+
+    fn sized(len: usize) -> OutFrame {
+        OutFrame {
+            head: Bytes::from(vec![0; len]),
+            body: Bytes::new(),
+        }
+    }
+
+    fn capped(connection_bytes: usize, router_bytes: usize, stats: Arc<Stats>) -> Outbox {
+        let queues = QueueConfig {
+            connection_bytes,
+            router_bytes,
+            ..QueueConfig::default()
+        };
+        Outbox::new(ConnId(1), &queues, stats)
+    }
+
+    #[test]
+    fn telemetry_takes_at_most_half_the_connection_bytes() {
+        let stats = Arc::new(Stats::default());
+        let out = capped(1_000, 1 << 20, stats.clone());
+        let telemetry = Lane::Class(Class::Telemetry);
+        for _ in 0..100 {
+            out.push(telemetry, sized(100)).unwrap();
+        }
+        // 5 frames of 100 bytes fit in half of 1,000; the other 95 were shed, oldest first.
+        assert_eq!(out.queued(telemetry), 5);
+        assert_eq!(out.shed(telemetry), 95);
+        assert_eq!(out.queued_bytes(), 500);
+        // The other half stays free for commands; past the cap a command is refused.
+        let command = Lane::Class(Class::Command);
+        for _ in 0..5 {
+            out.try_push(command, sized(100)).unwrap();
+        }
+        assert_eq!(out.try_push(command, sized(100)), Err(Full));
+        // With the budget full of commands, telemetry has no room at all: the new frame is
+        // shed after the queued ones.
+        out.push(telemetry, sized(100)).unwrap();
+        assert!(out.queued(telemetry) < 5);
+        assert!(stats.connection_queued_bytes_max.load(Ordering::Relaxed) <= 1_000);
+        // Draining gives the bytes back.
+        let mut chunks = Vec::new();
+        out.drain(command, 100, usize::MAX, &mut chunks);
+        assert_eq!(out.queued_bytes(), 100 * out.queued(telemetry));
+        out.close();
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(stats.queued_bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn connections_share_the_router_byte_cap() {
+        let stats = Arc::new(Stats::default());
+        let a = capped(10_000, 1_500, stats.clone());
+        let b = capped(10_000, 1_500, stats.clone());
+        let session = Lane::Session;
+        for _ in 0..10 {
+            a.push(session, sized(100)).unwrap();
+        }
+        for _ in 0..5 {
+            b.push(session, sized(100)).unwrap();
+        }
+        // The router holds 1,500 bytes: the next session reply cannot be queued, and a
+        // session lane may not shed, so the connection is marked lagging.
+        assert_eq!(b.push(session, sized(100)), Err(Lagging));
+        assert!(b.is_closed());
+        assert!(stats.queued_bytes_max.load(Ordering::Relaxed) <= 1_500);
+        // b's frames were released when it closed: a has room again.
+        assert_eq!(stats.queued_bytes.load(Ordering::Relaxed), 1_000);
+        a.push(session, sized(100)).unwrap();
     }
 
     #[test]

@@ -56,6 +56,99 @@ struct Context {
     stats: Arc<Stats>,
     next_conn: AtomicU64,
     decode: DecodeOptions,
+    /// Per-swarm circuit breakers of the swarms some session joined (weak: a swarm's
+    /// breaker lives while sessions hold it).
+    swarm_guards: Mutex<HashMap<String, std::sync::Weak<SwarmGuard>>>,
+}
+
+impl Context {
+    /// The breaker of `swarm`, shared by every session that joined it.
+    fn swarm_guard(&self, swarm: &str) -> Arc<SwarmGuard> {
+        let mut guards = self
+            .swarm_guards
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(guard) = guards.get(swarm).and_then(std::sync::Weak::upgrade) {
+            return guard;
+        }
+        let guard = Arc::new(SwarmGuard::new(self.config.rate_limits.swarm_breaker));
+        guards.insert(swarm.to_owned(), Arc::downgrade(&guard));
+        guard
+    }
+
+    /// Forgets the breakers no session holds any more.
+    fn release_swarm_guards(&self, held: HashMap<String, Arc<SwarmGuard>>) {
+        let mut guards = self
+            .swarm_guards
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (swarm, guard) in held {
+            drop(guard);
+            if guards
+                .get(&swarm)
+                .is_some_and(|weak| weak.strong_count() == 0)
+            {
+                guards.remove(&swarm);
+            }
+        }
+    }
+}
+
+/// The circuit breaker of one swarm: the refusals of all its sessions add up, so a swarm
+/// whose agents storm together is refused fast as a whole (control messages excepted, so
+/// controllers can still act), sparing the router and every other swarm.
+#[derive(Debug)]
+struct SwarmGuard {
+    /// Mirrors `breaker.state() == Closed`, so the common case takes no lock.
+    closed: std::sync::atomic::AtomicBool,
+    breaker: Mutex<Breaker>,
+}
+
+impl SwarmGuard {
+    fn new(config: crate::limits::BreakerConfig) -> Self {
+        SwarmGuard {
+            closed: std::sync::atomic::AtomicBool::new(true),
+            breaker: Mutex::new(Breaker::new(config, std::time::Instant::now())),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Breaker) -> T) -> T {
+        let mut breaker = self
+            .breaker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let result = f(&mut breaker);
+        self.closed
+            .store(breaker.state() == BreakerState::Closed, Ordering::Release);
+        result
+    }
+
+    fn check(&self, now: std::time::Instant) -> (Result<(), Duration>, Option<BreakerState>) {
+        if self.closed.load(Ordering::Acquire) {
+            return (Ok(()), None);
+        }
+        self.with(|breaker| breaker.check(now))
+    }
+
+    fn failure(&self, now: std::time::Instant) -> Option<BreakerState> {
+        self.with(|breaker| breaker.failure(now))
+    }
+
+    fn success(&self) -> Option<BreakerState> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        self.with(|breaker| breaker.success())
+    }
+}
+
+/// Whose breaker changed state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BreakerScope {
+    /// The session's own breaker (announced on every swarm it joined).
+    Session,
+    /// The breaker of the swarm the publish went to.
+    Swarm,
 }
 
 /// A running router. Dropping it does not stop it; call [`Router::shutdown`].
@@ -163,6 +256,7 @@ impl Router {
             shards,
             stats: stats.clone(),
             next_conn: AtomicU64::new(1),
+            swarm_guards: Mutex::new(HashMap::new()),
         });
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context));
         info!(%local_addr, "router listening");
@@ -327,7 +421,27 @@ fn close_with(connection: &Connection, stats: &Stats, fault: &Fault) {
 #[derive(Debug)]
 struct SessionLimits {
     buckets: ClassBuckets,
+    /// Buckets of the joined swarms that override the rates (`rate_limits.swarms`).
+    swarm_buckets: HashMap<String, ClassBuckets>,
     breaker: Breaker,
+}
+
+impl SessionLimits {
+    fn buckets_for(&mut self, swarm: &str) -> &mut ClassBuckets {
+        match self.swarm_buckets.get_mut(swarm) {
+            Some(buckets) => buckets,
+            None => &mut self.buckets,
+        }
+    }
+}
+
+/// What became of a publish at the limits.
+enum Admission {
+    Admitted,
+    /// Refused already (rate limit, invalid, ...).
+    Refused,
+    /// A breaker is open: refuse fast for this long.
+    Open(BreakerScope, Duration),
 }
 
 /// An established session.
@@ -347,9 +461,18 @@ struct Session {
     delta_window: Mutex<(std::time::Instant, u32)>,
     /// Rate limits and circuit breaker.
     limits: Mutex<SessionLimits>,
+    /// The breakers of the joined swarms.
+    swarm_guards: HashMap<String, Arc<SwarmGuard>>,
     /// Fire-and-forget publishes dropped (rate limit, open breaker) since the last notice,
     /// and when the last notice went out.
     fast_refusals: Mutex<(u64, std::time::Instant)>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let guards = std::mem::take(&mut self.swarm_guards);
+        self.context.release_swarm_guards(guards);
+    }
 }
 
 impl Session {
@@ -413,7 +536,7 @@ impl Session {
     fn admit_publish(
         &self,
         publish: &Publish,
-        buckets: &mut ClassBuckets,
+        limits: &mut SessionLimits,
         now: std::time::Instant,
     ) -> bool {
         if !self.joined(&publish.swarm) {
@@ -430,8 +553,16 @@ impl Session {
             self.refuse_publish(publish, ErrorCode::InvalidRequest, text);
             return false;
         }
-        if let Err(wait) = buckets.try_take(publish.class, now) {
-            self.refuse_fast(publish, ErrorCode::RateLimited, wait);
+        if let Err(wait) = limits
+            .buckets_for(&publish.swarm)
+            .try_take(publish.class, now)
+        {
+            self.refuse_fast(
+                publish,
+                ErrorCode::RateLimited,
+                "above this session's rate limit",
+                wait,
+            );
             return false;
         }
         if publish.payload.len() > self.max_payload_bytes {
@@ -450,13 +581,9 @@ impl Session {
     /// (`CircuitOpen`). Publishes that expect a reply are refused with a retry hint;
     /// fire-and-forget ones are dropped, counted, and the sender is told at most once a
     /// second how many were dropped.
-    fn refuse_fast(&self, publish: &Publish, code: ErrorCode, wait: Duration) {
+    fn refuse_fast(&self, publish: &Publish, code: ErrorCode, why: &str, wait: Duration) {
         let retry_after_ms = wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
         let stats = &self.context.stats;
-        let why = match code {
-            ErrorCode::CircuitOpen => "this session's circuit breaker is open",
-            _ => "above this session's rate limit",
-        };
         if publish.request_id != 0 || publish.class.is_ordered() {
             stats.rate_limited_refused.fetch_add(1, Ordering::Relaxed);
             self.refuse_with_retry(
@@ -492,27 +619,42 @@ impl Session {
         }
     }
 
-    /// Publishes a breaker transition on the alert class of every swarm the session joined.
-    async fn announce_breaker(&self, state: BreakerState) {
+    /// Publishes a breaker transition on the alert class: a session breaker's on every swarm
+    /// the session joined, a swarm breaker's on that swarm.
+    async fn announce_breaker(&self, scope: BreakerScope, swarm: &str, state: BreakerState) {
         self.context
             .stats
             .breaker_transitions
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(agent = %self.agent, state = state.name(), "circuit breaker");
-        let payload = format!(
-            "{{\"event\":\"circuit-breaker\",\"agent\":{:?},\"state\":\"{}\"}}",
-            &*self.agent,
-            state.name()
-        );
+        let (payload, swarms): (String, Vec<&str>) = match scope {
+            BreakerScope::Session => {
+                tracing::info!(agent = %self.agent, state = state.name(), "session circuit breaker");
+                let payload = format!(
+                    "{{\"event\":\"circuit-breaker\",\"scope\":\"session\",\"agent\":{:?},\"state\":\"{}\"}}",
+                    &*self.agent,
+                    state.name()
+                );
+                (payload, self.swarms.iter().map(String::as_str).collect())
+            }
+            BreakerScope::Swarm => {
+                tracing::info!(swarm, state = state.name(), "swarm circuit breaker");
+                let payload = format!(
+                    "{{\"event\":\"circuit-breaker\",\"scope\":\"swarm\",\"swarm\":{swarm:?},\"state\":\"{}\"}}",
+                    state.name()
+                );
+                (payload, vec![swarm])
+            }
+        };
         let router: Arc<str> = Arc::from(ROUTER_AGENT);
-        for swarm in &self.swarms {
+        let payload = Bytes::from(payload);
+        for swarm in swarms {
             let publish = Publish {
                 request_id: 0,
-                swarm: swarm.clone(),
+                swarm: swarm.to_owned(),
                 class: Class::Alert,
                 target_agent: None,
                 key: Some("circuit-breaker".into()),
-                payload: Bytes::from(payload.clone()),
+                payload: payload.clone(),
             };
             self.to_shard(
                 swarm,
@@ -526,40 +668,75 @@ impl Session {
         }
     }
 
+    /// Runs a publish past the session's breaker, the swarm's breaker (control messages
+    /// pass it) and the session's rate limit, under one lock of the session's limits. Fills
+    /// `changes` with the breaker transitions to announce.
+    fn admit(
+        &self,
+        publish: &Publish,
+        now: std::time::Instant,
+        changes: &mut Vec<(BreakerScope, BreakerState)>,
+    ) -> Admission {
+        let mut limits = self
+            .limits
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (verdict, half_opened) = limits.breaker.check(now);
+        changes.extend(half_opened.map(|state| (BreakerScope::Session, state)));
+        if let Err(wait) = verdict {
+            return Admission::Open(BreakerScope::Session, wait);
+        }
+        let guard = self
+            .swarm_guards
+            .get(&publish.swarm)
+            .filter(|_| publish.class != Class::Control);
+        if let Some(guard) = guard {
+            let (verdict, half_opened) = guard.check(now);
+            changes.extend(half_opened.map(|state| (BreakerScope::Swarm, state)));
+            if let Err(wait) = verdict {
+                // Not this session's failure: its own breaker is left alone.
+                return Admission::Open(BreakerScope::Swarm, wait);
+            }
+        }
+        let admitted = self.admit_publish(publish, &mut limits, now);
+        let (session_change, swarm_change) = if admitted {
+            (limits.breaker.success(), guard.and_then(|g| g.success()))
+        } else {
+            (
+                limits.breaker.failure(now),
+                guard.and_then(|g| g.failure(now)),
+            )
+        };
+        changes.extend(session_change.map(|state| (BreakerScope::Session, state)));
+        changes.extend(swarm_change.map(|state| (BreakerScope::Swarm, state)));
+        if admitted {
+            Admission::Admitted
+        } else {
+            Admission::Refused
+        }
+    }
+
     /// Handles one message of an established session.
     async fn dispatch(&self, message: Message) -> Result<(), Fault> {
         match message {
             Message::Publish(publish) => {
                 let now = std::time::Instant::now();
-                // One lock for the breaker and the buckets per publish.
-                let (open_for, admitted, changes) = {
-                    let mut limits = self
-                        .limits
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    let (verdict, half_opened) = limits.breaker.check(now);
-                    match verdict {
-                        Err(wait) => (Some(wait), false, [half_opened, None]),
-                        Ok(()) => {
-                            let admitted = self.admit_publish(&publish, &mut limits.buckets, now);
-                            let change = if admitted {
-                                limits.breaker.success()
-                            } else {
-                                limits.breaker.failure(now)
-                            };
-                            (None, admitted, [half_opened, change])
-                        }
+                let mut changes = Vec::new();
+                let admission = self.admit(&publish, now, &mut changes);
+                for (scope, state) in changes {
+                    self.announce_breaker(scope, &publish.swarm, state).await;
+                }
+                match admission {
+                    Admission::Admitted => {}
+                    Admission::Refused => return Ok(()),
+                    Admission::Open(scope, wait) => {
+                        let why = match scope {
+                            BreakerScope::Session => "this session's circuit breaker is open",
+                            BreakerScope::Swarm => "this swarm's circuit breaker is open",
+                        };
+                        self.refuse_fast(&publish, ErrorCode::CircuitOpen, why, wait);
+                        return Ok(());
                     }
-                };
-                for state in changes.into_iter().flatten() {
-                    self.announce_breaker(state).await;
-                }
-                if let Some(wait) = open_for {
-                    self.refuse_fast(&publish, ErrorCode::CircuitOpen, wait);
-                    return Ok(());
-                }
-                if !admitted {
-                    return Ok(());
                 }
                 let swarm = publish.swarm.clone();
                 self.to_shard(
@@ -906,6 +1083,20 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         },
     };
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
+    let now = std::time::Instant::now();
+    let swarm_buckets = hello
+        .swarms
+        .iter()
+        .filter_map(|swarm| {
+            let rates = config.rate_limits.swarm_rates_for(swarm, hello.role)?;
+            Some((swarm.clone(), ClassBuckets::new(rates, now)))
+        })
+        .collect();
+    let swarm_guards = hello
+        .swarms
+        .iter()
+        .map(|swarm| (swarm.clone(), context.swarm_guard(swarm)))
+        .collect();
     let session = Arc::new(Session {
         conn,
         agent: hello.agent_id.into(),
@@ -926,8 +1117,10 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
                 config.rate_limits.rates_for(hello.role),
                 std::time::Instant::now(),
             ),
+            swarm_buckets,
             breaker: Breaker::new(config.rate_limits.breaker, std::time::Instant::now()),
         }),
+        swarm_guards,
         // The first drop of a session is reported at once.
         fast_refusals: Mutex::new((
             0,

@@ -22,6 +22,11 @@ pub struct Stats {
     pub rate_limited_dropped: AtomicU64,
     /// Circuit breaker state changes.
     pub breaker_transitions: AtomicU64,
+    /// Bytes queued for delivery in all connections' outboxes now, and the most ever.
+    pub queued_bytes: AtomicU64,
+    pub queued_bytes_max: AtomicU64,
+    /// The most bytes ever queued for one connection.
+    pub connection_queued_bytes_max: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -40,6 +45,9 @@ pub struct StatsSnapshot {
     pub rate_limited_refused: u64,
     pub rate_limited_dropped: u64,
     pub breaker_transitions: u64,
+    pub queued_bytes: u64,
+    pub queued_bytes_max: u64,
+    pub connection_queued_bytes_max: u64,
 }
 
 impl Stats {
@@ -59,6 +67,9 @@ impl Stats {
             rate_limited_refused: get(&self.rate_limited_refused),
             rate_limited_dropped: get(&self.rate_limited_dropped),
             breaker_transitions: get(&self.breaker_transitions),
+            queued_bytes: get(&self.queued_bytes),
+            queued_bytes_max: get(&self.queued_bytes_max),
+            connection_queued_bytes_max: get(&self.connection_queued_bytes_max),
         }
     }
 }
