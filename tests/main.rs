@@ -2,6 +2,7 @@
 
 mod common;
 mod hostile;
+mod reconnect;
 mod resync;
 mod routing;
 mod zero_copy;

@@ -65,6 +65,34 @@ impl ClientError {
         }
     }
 
+    /// Whether trying again (later, maybe on a new connection) can succeed. False for
+    /// errors of the client's own making: TLS setup, invalid arguments, protocol
+    /// violations, and refusals of its Hello (unsupported version, too many swarms).
+    pub fn is_transient(&self) -> bool {
+        // Wire codes that say the client is wrong, not that the router is unavailable:
+        // malformed frames (1-5, 7, 12, 16, 17), unsupported version (6), invalid request
+        // (11) and too many swarms (14).
+        const PERMANENT: [u64; 12] = [1, 2, 3, 4, 5, 6, 7, 11, 12, 14, 16, 17];
+        match self {
+            ClientError::Tls { .. }
+            | ClientError::Protocol { .. }
+            | ClientError::InvalidArgument { .. } => false,
+            ClientError::Refused { code, .. } => !PERMANENT.contains(&u64::from(*code)),
+            ClientError::Closed { code, .. } => !code.is_some_and(|c| PERMANENT.contains(&c)),
+            ClientError::Connect { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::InFlightFull { .. } => true,
+        }
+    }
+
+    /// The router's advice on when to try again (0 when it gave none).
+    pub fn retry_after_ms(&self) -> u32 {
+        match self {
+            ClientError::Refused { retry_after_ms, .. } => *retry_after_ms,
+            _ => 0,
+        }
+    }
+
     /// The router's error code, for `Refused` and for closes carrying one.
     pub fn code(&self) -> Option<u64> {
         match self {

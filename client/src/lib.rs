@@ -7,6 +7,8 @@
 //!   exactly-once effect by dropping ops at or below the last applied op id;
 //! - [`error`]: the error type, [`ClientError`].
 //! - [`retry`]: exponential backoff with full jitter ([`RetryPolicy`], [`Backoff`]).
+//! - [`reconnect`]: [`ResilientClient`], a session that reconnects, resumes and
+//!   resubscribes by itself ([`Connector::connect_resilient`]).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), swarmbus_client::ClientError> {
@@ -23,6 +25,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod reconnect;
 pub mod retry;
 
 use std::collections::HashMap;
@@ -45,6 +48,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use apply::{FileOffsetStore, IdempotentApply, OffsetStore};
 pub use error::ClientError;
+pub use reconnect::{ReconnectEvent, ReconnectOptions, ResilientClient};
 pub use retry::{Backoff, RetryPolicy};
 
 /// How a session presents itself in Hello, plus client-side limits.

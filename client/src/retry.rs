@@ -17,6 +17,9 @@ pub struct RetryPolicy {
     pub cap: Duration,
     /// Attempts in all (the first one included) before the error is returned.
     pub max_attempts: u32,
+    /// Full jitter: each wait is random between 0 and its bound. Off, every wait is the
+    /// bound itself, so clients that failed together retry together (for comparison only).
+    pub jitter: bool,
 }
 
 impl Default for RetryPolicy {
@@ -25,6 +28,7 @@ impl Default for RetryPolicy {
             base: Duration::from_millis(50),
             cap: Duration::from_secs(10),
             max_attempts: 10,
+            jitter: true,
         }
     }
 }
@@ -78,12 +82,14 @@ impl Backoff {
             .saturating_mul(1u32 << exponent.min(31))
             .min(self.policy.cap);
         let bound_ns = bound.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let jitter = if bound_ns == 0 {
+        let wait = if !self.policy.jitter {
+            bound_ns
+        } else if bound_ns == 0 {
             0
         } else {
             self.next_random() % (bound_ns + 1)
         };
-        Some(Duration::from_nanos(jitter).max(retry_after))
+        Some(Duration::from_nanos(wait).max(retry_after))
     }
 }
 
@@ -97,6 +103,7 @@ mod tests {
             base: Duration::from_millis(10),
             cap: Duration::from_millis(100),
             max_attempts: 8,
+            jitter: true,
         };
         let mut backoff = Backoff::new(policy.clone(), 42);
         let mut waits = Vec::new();
@@ -121,6 +128,23 @@ mod tests {
         })
         .collect();
         assert_ne!(other, waits);
+    }
+
+    #[test]
+    fn without_jitter_every_wait_is_its_bound() {
+        let policy = RetryPolicy {
+            base: Duration::from_millis(10),
+            cap: Duration::from_millis(50),
+            max_attempts: 6,
+            jitter: false,
+        };
+        let waits: Vec<_> = std::iter::from_fn({
+            let mut b = Backoff::new(policy, 3);
+            move || b.next_wait(Duration::ZERO)
+        })
+        .collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(waits, vec![ms(10), ms(20), ms(40), ms(50), ms(50)]);
     }
 
     #[test]

@@ -1,0 +1,474 @@
+//! Automatic reconnection: a session that outlives its connections.
+//!
+//! [`ResilientClient`] keeps one session with the router alive: when the connection ends
+//! (router restart, network blip, `Lagging`), it reconnects with exponential backoff and
+//! full jitter (never sooner than a refusal's `retry_after_ms`), resumes every ordered class
+//! from the last op it handed to the application (so nothing is lost or sent twice across
+//! the gap), and subscribes again to everything the application subscribed to. Deliveries
+//! from every connection arrive on one [`Deliveries`] stream.
+//!
+//! Jitter matters here most of all: when a router restarts, every client notices at the same
+//! moment, and without jitter they all come back in lock-step waves.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use swarmbus_schema::{Class, OpId};
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    Backoff, Client, ClientError, Connector, Deliveries, IdempotentApply, PublishOptions,
+    RetryPolicy, Session,
+};
+
+/// What happened to a [`ResilientClient`]'s connection, for logs and measurements.
+#[derive(Clone, Debug)]
+pub enum ReconnectEvent {
+    /// A connection attempt starts (the first connection's attempts included).
+    Attempt { at: Instant, attempt: u32 },
+    /// An attempt failed; the next one comes after `wait`.
+    AttemptFailed {
+        at: Instant,
+        error: ClientError,
+        wait: Duration,
+    },
+    /// Connected, and every subscription of the session is registered again.
+    Resubscribed { at: Instant, subscriptions: usize },
+    /// The connection ended; reconnection starts.
+    Disconnected { at: Instant, error: ClientError },
+    /// Reconnection stopped for good (an error retrying cannot fix, or the attempts ran out);
+    /// the deliveries stream ends.
+    GaveUp { at: Instant, error: ClientError },
+}
+
+/// Called with every [`ReconnectEvent`]; keep it short (it runs on the reconnecting task).
+pub type EventHook = Arc<dyn Fn(&ReconnectEvent) + Send + Sync>;
+
+/// How a [`ResilientClient`] reconnects.
+#[derive(Clone)]
+pub struct ReconnectOptions {
+    /// Waits between attempts: `base` doubling up to `cap`, full jitter unless
+    /// `policy.jitter` is off; `max_attempts` per outage (the default never gives up).
+    pub policy: RetryPolicy,
+    /// Seed of the jitter; `None` seeds from the clock.
+    pub seed: Option<u64>,
+    pub on_event: Option<EventHook>,
+}
+
+impl Default for ReconnectOptions {
+    fn default() -> Self {
+        ReconnectOptions {
+            policy: RetryPolicy {
+                base: Duration::from_millis(100),
+                cap: Duration::from_secs(10),
+                max_attempts: u32::MAX,
+                jitter: true,
+            },
+            seed: None,
+            on_event: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ReconnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReconnectOptions")
+            .field("policy", &self.policy)
+            .field("seed", &self.seed)
+            .field("on_event", &self.on_event.is_some())
+            .finish()
+    }
+}
+
+type SubscriptionKey = (String, Class, Option<String>);
+
+struct Inner {
+    connector: Connector,
+    router: SocketAddr,
+    options: ReconnectOptions,
+    /// The live connection's client; `None` while reconnecting or after giving up.
+    current: watch::Sender<Option<Client>>,
+    /// What the application subscribed to, re-registered on every new connection.
+    subscriptions: Mutex<Vec<SubscriptionKey>>,
+    /// Why reconnection stopped, once it has.
+    gave_up: Mutex<Option<ClientError>>,
+    closed: AtomicBool,
+    reconnects: AtomicU64,
+    attempts: AtomicU64,
+}
+
+impl Inner {
+    fn emit(&self, event: ReconnectEvent) {
+        if let Some(hook) = &self.options.on_event {
+            hook(&event);
+        }
+    }
+
+    fn subscriptions(&self) -> std::sync::MutexGuard<'_, Vec<SubscriptionKey>> {
+        self.subscriptions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn backoff(&self) -> Backoff {
+        match self.options.seed {
+            Some(seed) => Backoff::new(
+                self.options.policy.clone(),
+                seed ^ self.attempts.load(Ordering::Relaxed),
+            ),
+            None => Backoff::from_clock(self.options.policy.clone()),
+        }
+    }
+
+    /// Connects and subscribes again, retrying with backoff until it works, an error that
+    /// retrying cannot fix comes, or the attempts of this outage are used up.
+    async fn establish(&self, session: &Session) -> Result<(Client, Deliveries), ClientError> {
+        let mut backoff = self.backoff();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.attempts.fetch_add(1, Ordering::Relaxed);
+            self.emit(ReconnectEvent::Attempt {
+                at: Instant::now(),
+                attempt,
+            });
+            let error = match self.connector.connect(self.router, session.clone()).await {
+                Ok((client, deliveries)) => match self.resubscribe(&client).await {
+                    Ok(count) => {
+                        self.emit(ReconnectEvent::Resubscribed {
+                            at: Instant::now(),
+                            subscriptions: count,
+                        });
+                        return Ok((client, deliveries));
+                    }
+                    Err(error) => error,
+                },
+                Err(error) => error,
+            };
+            if !error.is_transient() || self.closed.load(Ordering::Acquire) {
+                return Err(error);
+            }
+            let floor = Duration::from_millis(u64::from(error.retry_after_ms()));
+            let Some(wait) = backoff.next_wait(floor) else {
+                return Err(error);
+            };
+            self.emit(ReconnectEvent::AttemptFailed {
+                at: Instant::now(),
+                error,
+                wait,
+            });
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn resubscribe(&self, client: &Client) -> Result<usize, ClientError> {
+        let subscriptions = self.subscriptions().clone();
+        for (swarm, class, from) in &subscriptions {
+            client.subscribe(swarm, *class, from.as_deref()).await?;
+        }
+        Ok(subscriptions.len())
+    }
+}
+
+/// A session that reconnects by itself. Cheap to clone; the session ends when the last
+/// clone is dropped or on [`ResilientClient::close`].
+///
+/// Publishing during an outage: [`ResilientClient::publish`] waits for the next
+/// connection; a publish whose connection dropped before its acknowledgement fails with
+/// `Closed` and may or may not have been sequenced: retry it
+/// ([`ResilientClient::publish_with_retry`]) only if applying it twice is harmless (give it a
+/// `key`, or make the payload idempotent).
+#[derive(Clone)]
+pub struct ResilientClient {
+    inner: Arc<Inner>,
+    _owner: Arc<Closer>,
+}
+
+impl std::fmt::Debug for ResilientClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResilientClient")
+            .field("router", &self.inner.router)
+            .field("connected", &self.current().is_some())
+            .field("reconnects", &self.reconnects())
+            .finish()
+    }
+}
+
+/// Closes the session when the last clone of the client goes.
+struct Closer {
+    inner: Arc<Inner>,
+}
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        close(&self.inner);
+    }
+}
+
+fn close(inner: &Inner) {
+    inner.closed.store(true, Ordering::Release);
+    inner.current.send_modify(|current| {
+        if let Some(client) = current.take() {
+            client.close();
+        }
+    });
+}
+
+impl Connector {
+    /// Connects a session that reconnects by itself (see [`ResilientClient`]). Returns once
+    /// the first connection is up, retrying it like any later one; fails with the error of
+    /// the last attempt when reconnection gives up.
+    pub async fn connect_resilient(
+        &self,
+        router: SocketAddr,
+        session: Session,
+        options: ReconnectOptions,
+    ) -> Result<(ResilientClient, Deliveries), ClientError> {
+        let (current, _) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            connector: self.clone(),
+            router,
+            options,
+            current,
+            subscriptions: Mutex::new(Vec::new()),
+            gave_up: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+        });
+        let (client, deliveries) = inner.establish(&session).await?;
+        let (app_tx, app_rx) = mpsc::channel(session.delivery_buffer.max(1));
+        inner.current.send_replace(Some(client));
+        tokio::spawn(supervise(inner.clone(), session, deliveries, app_tx));
+        Ok((
+            ResilientClient {
+                _owner: Arc::new(Closer {
+                    inner: inner.clone(),
+                }),
+                inner,
+            },
+            Deliveries { rx: app_rx },
+        ))
+    }
+}
+
+/// Forwards one connection's deliveries to the application, then reconnects; repeats until
+/// closed or reconnection gives up.
+async fn supervise(
+    inner: Arc<Inner>,
+    mut session: Session,
+    mut deliveries: Deliveries,
+    app: mpsc::Sender<crate::Deliver>,
+) {
+    // Where the application stands in every ordered class: a new connection resumes there.
+    let mut handed_over = IdempotentApply::restore(
+        session
+            .resume
+            .iter()
+            .map(|p| (p.swarm.clone(), p.class, p.epoch, p.last_applied)),
+    );
+    loop {
+        while let Some(delivery) = deliveries.recv().await {
+            if delivery.class.is_ordered() {
+                handed_over.apply(&delivery, |_| ());
+            }
+            if app.send(delivery).await.is_err() {
+                // The application dropped its deliveries: the session is over.
+                close(&inner);
+                return;
+            }
+        }
+        let ended = inner.current.send_replace(None);
+        if inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let error = match ended {
+            Some(client) => client.closed().await,
+            None => ClientError::Closed {
+                code: None,
+                reason: "connection lost".into(),
+            },
+        };
+        inner.emit(ReconnectEvent::Disconnected {
+            at: Instant::now(),
+            error,
+        });
+        session.resume = handed_over
+            .resume_points()
+            .into_iter()
+            .filter(|p| session.swarms.contains(&p.swarm))
+            .collect();
+        match inner.establish(&session).await {
+            Ok((client, next)) => {
+                if inner.closed.load(Ordering::Acquire) {
+                    client.close();
+                    return;
+                }
+                inner.reconnects.fetch_add(1, Ordering::Relaxed);
+                inner.current.send_replace(Some(client));
+                deliveries = next;
+            }
+            Err(error) => {
+                inner.emit(ReconnectEvent::GaveUp {
+                    at: Instant::now(),
+                    error: error.clone(),
+                });
+                *inner
+                    .gave_up
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+                // Wakes whoever waits in `client()`.
+                inner.current.send_replace(None);
+                return;
+            }
+        }
+    }
+}
+
+impl ResilientClient {
+    /// The live connection's client, or `None` while reconnecting.
+    pub fn current(&self) -> Option<Client> {
+        self.inner.current.borrow().clone()
+    }
+
+    /// The live connection's client, waiting for a reconnection when there is none. Fails
+    /// once the session is closed or reconnection gave up.
+    pub async fn client(&self) -> Result<Client, ClientError> {
+        let mut watcher = self.inner.current.subscribe();
+        loop {
+            if let Some(error) = self
+                .inner
+                .gave_up
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone()
+            {
+                return Err(error);
+            }
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(ClientError::Closed {
+                    code: Some(0),
+                    reason: "client closed".into(),
+                });
+            }
+            if let Some(client) = watcher.borrow_and_update().clone() {
+                return Ok(client);
+            }
+            if watcher.changed().await.is_err() {
+                return Err(ClientError::Closed {
+                    code: None,
+                    reason: "client dropped".into(),
+                });
+            }
+        }
+    }
+
+    /// Subscribes now and on every future connection.
+    pub async fn subscribe(
+        &self,
+        swarm: &str,
+        class: Class,
+        from_agent: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let key = (swarm.to_owned(), class, from_agent.map(str::to_owned));
+        let client = self.client().await?;
+        client.subscribe(swarm, class, from_agent).await?;
+        let mut subscriptions = self.inner.subscriptions();
+        if !subscriptions.contains(&key) {
+            subscriptions.push(key);
+        }
+        Ok(())
+    }
+
+    /// Unsubscribes now and on every future connection.
+    pub async fn unsubscribe(
+        &self,
+        swarm: &str,
+        class: Class,
+        from_agent: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let key = (swarm.to_owned(), class, from_agent.map(str::to_owned));
+        self.inner.subscriptions().retain(|held| *held != key);
+        self.client()
+            .await?
+            .unsubscribe(swarm, class, from_agent)
+            .await
+    }
+
+    /// Publishes once on the live connection, waiting for one during an outage.
+    pub async fn publish(
+        &self,
+        swarm: &str,
+        class: Class,
+        payload: Bytes,
+        options: PublishOptions,
+    ) -> Result<OpId, ClientError> {
+        self.client()
+            .await?
+            .publish(swarm, class, payload, options)
+            .await
+    }
+
+    /// Publishes, retrying (with backoff and full jitter, never sooner than a refusal's
+    /// `retry_after_ms`) refusals that say "not now" and lost connections. A retried publish
+    /// may be sequenced twice if its connection dropped after the router took it: use this
+    /// for messages that are safe to apply twice.
+    pub async fn publish_with_retry(
+        &self,
+        swarm: &str,
+        class: Class,
+        payload: Bytes,
+        options: PublishOptions,
+        policy: &RetryPolicy,
+    ) -> Result<OpId, ClientError> {
+        let mut backoff = Backoff::from_clock(policy.clone());
+        loop {
+            let error = match self
+                .publish(swarm, class, payload.clone(), options.clone())
+                .await
+            {
+                Ok(op) => return Ok(op),
+                Err(error) => error,
+            };
+            let retry = match &error {
+                ClientError::Refused { code, .. } => [15, 20, 21].contains(code),
+                ClientError::Closed { .. } | ClientError::Timeout { .. } => {
+                    !self.inner.closed.load(Ordering::Acquire)
+                }
+                _ => false,
+            };
+            if !retry {
+                return Err(error);
+            }
+            let floor = Duration::from_millis(u64::from(error.retry_after_ms()));
+            match backoff.next_wait(floor) {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => return Err(error),
+            }
+        }
+    }
+
+    /// Acknowledges `op_id` on the live connection (after a reconnection the router resumes
+    /// from the last op handed to the application, so a lost acknowledgement costs nothing).
+    pub async fn ack(&self, swarm: &str, class: Class, op_id: OpId) -> Result<(), ClientError> {
+        self.client().await?.ack(swarm, class, op_id).await
+    }
+
+    /// Connections made after the first one.
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Connection attempts in all, the first connection's included.
+    pub fn connection_attempts(&self) -> u64 {
+        self.inner.attempts.load(Ordering::Relaxed)
+    }
+
+    /// Ends the session: closes the connection, stops reconnecting, ends the deliveries.
+    pub fn close(&self) {
+        close(&self.inner);
+    }
+}
