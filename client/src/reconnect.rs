@@ -8,7 +8,8 @@
 //! from every connection arrive on one [`Deliveries`] stream.
 //!
 //! Jitter matters here most of all: when a router restarts, every client notices at the same
-//! moment, and without jitter they all come back in lock-step waves.
+//! moment, and without jitter they all come back in lock-step waves. So a reconnection
+//! waits a jittered backoff before its first attempt as well.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -124,9 +125,21 @@ impl Inner {
     }
 
     /// Connects and subscribes again, retrying with backoff until it works, an error that
-    /// retrying cannot fix comes, or the attempts of this outage are used up.
-    async fn establish(&self, session: &Session) -> Result<(Client, Deliveries), ClientError> {
+    /// retrying cannot fix comes, or the attempts of this outage are used up. A
+    /// reconnection (`after_loss`) waits one backoff before its first attempt too: every
+    /// client of a restarting router loses its connection at the same moment, and only
+    /// that first jittered wait keeps them from all coming back in the same instant.
+    async fn establish(
+        &self,
+        session: &Session,
+        after_loss: bool,
+    ) -> Result<(Client, Deliveries), ClientError> {
         let mut backoff = self.backoff();
+        if after_loss {
+            if let Some(wait) = backoff.next_wait(Duration::ZERO) {
+                tokio::time::sleep(wait).await;
+            }
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -239,7 +252,7 @@ impl Connector {
             reconnects: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
         });
-        let (client, deliveries) = inner.establish(&session).await?;
+        let (client, deliveries) = inner.establish(&session, false).await?;
         let (app_tx, app_rx) = mpsc::channel(session.delivery_buffer.max(1));
         inner.current.send_replace(Some(client));
         tokio::spawn(supervise(inner.clone(), session, deliveries, app_tx));
@@ -301,7 +314,7 @@ async fn supervise(
             .into_iter()
             .filter(|p| session.swarms.contains(&p.swarm))
             .collect();
-        match inner.establish(&session).await {
+        match inner.establish(&session, true).await {
             Ok((client, next)) => {
                 if inner.closed.load(Ordering::Acquire) {
                     client.close();
