@@ -462,6 +462,34 @@ impl Fleet {
         })
     }
 
+    /// Counts one session on `id` without choosing it: for a pin decided earlier (restored
+    /// from a log after a restart). The load bound is not checked: the pin exists already.
+    pub fn assign(&mut self, id: NodeId) -> Result<(), AffinityError> {
+        let slot = self.slot(id)?;
+        let hot = &mut self.hot[slot];
+        hot.sessions = hot.sessions.saturating_add(1);
+        if hot.eligible {
+            self.eligible_sessions += 1;
+        }
+        Ok(())
+    }
+
+    /// The eligible node with the fewest requests in flight per unit of weight (ties to
+    /// fewer sessions, then the lower id), whatever it has loaded; `None` when no node is
+    /// eligible. For a request whose model no eligible node has resident.
+    pub fn least_loaded(&self) -> Option<NodeId> {
+        self.hot
+            .iter()
+            .enumerate()
+            .filter(|(_, hot)| hot.eligible)
+            .min_by(|(a, a_hot), (b, b_hot)| {
+                let a_load = u64::from(self.in_flight[*a]) * u64::from(b_hot.weight);
+                let b_load = u64::from(self.in_flight[*b]) * u64::from(a_hot.weight);
+                (a_load, a_hot.sessions, a_hot.id).cmp(&(b_load, b_hot.sessions, b_hot.id))
+            })
+            .map(|(_, hot)| hot.id)
+    }
+
     /// Counts one session off `id` (closed, expired or moved). A node with no sessions
     /// stays at zero.
     pub fn release(&mut self, id: NodeId) -> Result<(), AffinityError> {

@@ -180,6 +180,34 @@ impl SessionTable {
         Some(lease)
     }
 
+    /// Puts back a pin decided earlier (read from a log after a restart): the session is
+    /// pinned to `node`, which must be registered, with a fresh lease, and counted on it.
+    /// A lease the session held already is replaced.
+    pub fn restore(
+        &mut self,
+        fleet: &mut Fleet,
+        session_key: &str,
+        node: NodeId,
+        model: Option<&str>,
+        now_ms: u64,
+    ) -> Result<(), AffinityError> {
+        if !self.leases.contains_key(session_key) && self.leases.len() >= self.config.max_sessions {
+            return Err(AffinityError::SessionTableFull {
+                max_sessions: self.config.max_sessions,
+            });
+        }
+        fleet.assign(node)?;
+        let lease = Lease {
+            node,
+            model: model.map(str::to_owned),
+            expires_at_ms: now_ms.saturating_add(self.config.lease_ttl_ms),
+        };
+        if let Some(old) = self.leases.insert(session_key.to_owned(), lease) {
+            let _ = fleet.release(old.node);
+        }
+        Ok(())
+    }
+
     /// Marks `node` unhealthy and moves its sessions (see [`evacuate`](Self::evacuate)).
     pub fn fail_node(
         &mut self,
@@ -297,6 +325,23 @@ mod tests {
         assert!(!table.renew("a", 2_800));
         assert!(!table.renew("unknown", 0));
         assert_eq!(fleet.eligible_sessions(), 1);
+    }
+
+    #[test]
+    fn a_restored_pin_is_kept_and_counted() {
+        let (mut fleet, mut table) = setup(4);
+        // Whatever placement would pick, the restored pin wins and stays sticky.
+        let fresh = fleet.ranking(&PlacementRequest::new("a", None))[0];
+        let other = (0..4).map(NodeId).find(|id| *id != fresh).unwrap();
+        table.restore(&mut fleet, "a", other, None, 0).unwrap();
+        assert_eq!(fleet.load(other).unwrap().sessions, 1);
+        let pin = table.open(&mut fleet, "a", None, 10).unwrap();
+        assert_eq!((pin.node, pin.outcome), (other, PinOutcome::Kept));
+        assert_eq!(fleet.eligible_sessions(), 1);
+        // Restoring again replaces the lease without counting twice.
+        table.restore(&mut fleet, "a", other, None, 20).unwrap();
+        assert_eq!(fleet.load(other).unwrap().sessions, 1);
+        assert!(table.restore(&mut fleet, "b", NodeId(99), None, 0).is_err());
     }
 
     #[test]

@@ -41,8 +41,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
     encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, DeltaAck, Epoch,
-    FrameDecoder, Hello, Message, OpId, OutFrame, Publish, ResumePoint, Role, Subscription,
-    Welcome, ALPN, DEFAULT_MAX_FRAME_BYTES, MAX_NAME_BYTES, PROTOCOL_VERSION,
+    FrameDecoder, Hello, Message, OpId, OutFrame, Publish, Reply as WireReply, Request,
+    ResumePoint, Role, SessionPinned, Subscription, Welcome, WorkerStatus, ALPN,
+    DEFAULT_MAX_FRAME_BYTES, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -259,6 +260,7 @@ impl Connector {
         reader.decoder.set_max_frame_bytes(max_frame);
         let (deliveries_tx, deliveries_rx) = mpsc::channel(session.delivery_buffer.max(1));
         let (session_tx, session_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
+        let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
         tokio::spawn(stream_writer(
             connection.clone(),
             session_rx,
@@ -288,6 +290,8 @@ impl Connector {
             welcome,
             agent_id: session.agent_id,
             epoch_changes: Mutex::new(HashMap::new()),
+            requests_tx,
+            requests_rx: Mutex::new(Some(requests_rx)),
         });
         tokio::spawn(read_replies(reader, shared.clone()));
         tokio::spawn(accept_deliveries(
@@ -302,6 +306,9 @@ impl Connector {
         Ok((client, Deliveries { rx: deliveries_rx }))
     }
 }
+
+/// Requests from the router a worker may have waiting before it answers more with "busy".
+const REQUEST_QUEUE: usize = 1024;
 
 /// Frames queued per stream writer before publishers wait.
 const WRITER_QUEUE_FRAMES: usize = 1024;
@@ -405,6 +412,9 @@ pub struct Receipt {
 enum ReplyValue {
     Receipt(Receipt),
     Delta(DeltaAck),
+    WorkerAck(u64),
+    Pinned(SessionPinned),
+    Reply(WireReply),
 }
 
 type ReplyResult = Result<ReplyValue, ClientError>;
@@ -439,6 +449,10 @@ struct Shared {
     agent_id: String,
     /// EpochChanged notices: swarm -> (new epoch, the epoch the resume point was in).
     epoch_changes: Mutex<HashMap<String, (Epoch, Epoch)>>,
+    /// Requests the router sends this session (workers), and the receiving end until the
+    /// application takes it.
+    requests_tx: mpsc::Sender<Request>,
+    requests_rx: Mutex<Option<mpsc::Receiver<Request>>>,
 }
 
 /// Closes the connection when the last `Client` clone is dropped. Background tasks hold
@@ -507,6 +521,39 @@ async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
             Ok(Some(Message::DeltaAck(ack))) => {
                 if let Some(reply) = shared.pending().remove(&ack.request_id) {
                     reply.send(Ok(ReplyValue::Delta(ack)));
+                }
+            }
+            Ok(Some(Message::WorkerAck {
+                request_id,
+                node_id,
+            })) => {
+                if let Some(reply) = shared.pending().remove(&request_id) {
+                    reply.send(Ok(ReplyValue::WorkerAck(node_id)));
+                }
+            }
+            Ok(Some(Message::SessionPinned(pinned))) => {
+                if let Some(reply) = shared.pending().remove(&pinned.request_id) {
+                    reply.send(Ok(ReplyValue::Pinned(pinned)));
+                }
+            }
+            Ok(Some(Message::Reply(answer))) => {
+                if let Some(reply) = shared.pending().remove(&answer.request_id) {
+                    reply.send(Ok(ReplyValue::Reply(answer)));
+                }
+            }
+            Ok(Some(Message::Request(request))) => {
+                // A worker that does not keep up is told at once rather than stalling the
+                // session stream (and every acknowledgement behind it).
+                if let Err(mpsc::error::TrySendError::Full(request)) =
+                    shared.requests_tx.try_send(request)
+                {
+                    let busy = encode(&Message::Reply(WireReply {
+                        request_id: request.request_id,
+                        ok: false,
+                        node: None,
+                        payload: Bytes::from_static(b"worker busy: its request queue is full"),
+                    }));
+                    let _ = shared.session_tx.try_send(busy);
                 }
             }
             Ok(Some(Message::EpochChanged {
@@ -606,6 +653,29 @@ impl Deliveries {
     /// Up to `limit` deliveries appended to `out`; 0 once closed.
     pub async fn recv_many(&mut self, out: &mut Vec<Deliver>, limit: usize) -> usize {
         self.rx.recv_many(out, limit).await
+    }
+}
+
+/// Requests the router routes to this worker session (see [`Client::requests`]).
+#[derive(Debug)]
+pub struct Requests {
+    rx: mpsc::Receiver<Request>,
+}
+
+impl Requests {
+    /// The next request; `None` once the connection is closed.
+    pub async fn recv(&mut self) -> Option<Request> {
+        self.rx.recv().await
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ClientError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ClientError::InvalidArgument {
+            detail: format!("{what} must be 1 to {MAX_NAME_BYTES} bytes"),
+        })
     }
 }
 
@@ -766,6 +836,147 @@ impl Client {
                 detail: format!("expected a DeltaAck, got {other:?}"),
             }),
         }
+    }
+
+    /// Registers this session's node as a worker (role `worker` only), or restates what it
+    /// advertises: call it again whenever a model is loaded or evicted, free memory or load
+    /// changes, or to start draining. Returns the node's id in placement.
+    pub async fn register_worker(&self, status: WorkerStatus) -> Result<u64, ClientError> {
+        let value = self
+            .request(|request_id| {
+                Message::WorkerStatus(WorkerStatus {
+                    request_id,
+                    ..status
+                })
+            })
+            .await?;
+        match value {
+            ReplyValue::WorkerAck(node_id) => Ok(node_id),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected a WorkerAck, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Opens (or renews) an affine session: the router pins `session_key` to a worker node
+    /// (preferring one with `model` loaded) and keeps the pin, in its event log, until the
+    /// session is closed or unused for the router's session TTL.
+    pub async fn open_session(
+        &self,
+        session_key: &str,
+        model: Option<&str>,
+    ) -> Result<SessionPinned, ClientError> {
+        check_name("session_key", session_key)?;
+        let value = self
+            .request(|request_id| Message::OpenSession {
+                request_id,
+                session_key: session_key.to_owned(),
+                model: model.map(str::to_owned),
+            })
+            .await?;
+        match value {
+            ReplyValue::Pinned(pinned) => Ok(pinned),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected SessionPinned, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Ends an affine session (its node's load drops; the next open places it afresh).
+    pub async fn close_session(&self, session_key: &str) -> Result<(), ClientError> {
+        self.request(|request_id| Message::CloseSession {
+            request_id,
+            session_key: session_key.to_owned(),
+        })
+        .await
+        .and_then(expect_receipt)
+        .map(|_| ())
+    }
+
+    /// Sends a request to a worker and waits for its reply: with a `session_key` to the
+    /// session's pinned node (opening the session if needed), without one to the
+    /// least-loaded node that has `model`. Fails with `Refused` codes `NodeGone` (the node
+    /// disconnected first; a retry goes to the session's new node), `DeadlineExceeded` (no
+    /// reply within `timeout`), `NoWorker` or `Busy`. A worker's own failure is a reply with
+    /// `ok == false`.
+    pub async fn request_worker(
+        &self,
+        session_key: Option<&str>,
+        model: Option<&str>,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<WireReply, ClientError> {
+        for name in [session_key, model].into_iter().flatten() {
+            check_name("session_key and model", name)?;
+        }
+        if payload.len() > self.shared.max_payload_bytes {
+            return Err(ClientError::InvalidArgument {
+                detail: format!(
+                    "payload of {} bytes exceeds the maximum of {} bytes",
+                    payload.len(),
+                    self.shared.max_payload_bytes
+                ),
+            });
+        }
+        let timeout_ms = timeout.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
+        let request = self.request(|request_id| {
+            Message::Request(Request {
+                request_id,
+                session_key: session_key.map(str::to_owned),
+                model: model.map(str::to_owned),
+                timeout_ms,
+                source_agent: None,
+                payload,
+            })
+        });
+        // The router enforces the deadline; the local one only guards against a router
+        // that never answers.
+        let value = tokio::time::timeout(timeout + Duration::from_secs(5), request)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                during: "waiting for a worker's reply",
+                after_ms: u64::from(timeout_ms) + 5_000,
+            })??;
+        match value {
+            ReplyValue::Reply(reply) => Ok(reply),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected a Reply, got {other:?}"),
+            }),
+        }
+    }
+
+    /// The requests the router sends this worker session; `None` after the first call.
+    /// Answer each with [`Client::reply`]. While the application holds 1,024 unanswered
+    /// requests in this stream, further ones are answered "busy" (`ok == false`) at once.
+    pub fn requests(&self) -> Option<Requests> {
+        self.shared
+            .requests_rx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .map(|rx| Requests { rx })
+    }
+
+    /// Answers request `request_id` (the id the router gave it): `ok` false reports a
+    /// failure, with `payload` saying why. A reply after the request's deadline, or after
+    /// the router failed it over, is dropped by the router.
+    pub async fn reply(
+        &self,
+        request_id: u64,
+        ok: bool,
+        payload: Bytes,
+    ) -> Result<(), ClientError> {
+        let frame = encode(&Message::Reply(WireReply {
+            request_id,
+            ok,
+            node: None,
+            payload,
+        }));
+        self.shared
+            .session_tx
+            .send(frame)
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
     }
 
     /// EpochChanged notices received: swarm -> (current epoch, the epoch of the resume point).

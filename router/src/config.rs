@@ -35,6 +35,7 @@ pub struct Config {
     pub queues: QueueConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
+    pub affinity: crate::workers::AffinityConfig,
 }
 
 /// Per-session token buckets, one per class (see [`crate::limits`]).
@@ -286,6 +287,7 @@ impl Default for Config {
             queues: QueueConfig::default(),
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
+            affinity: crate::workers::AffinityConfig::default(),
         }
     }
 }

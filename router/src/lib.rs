@@ -21,6 +21,7 @@ pub mod server;
 pub mod shard;
 pub mod stats;
 pub mod tls;
+pub mod workers;
 
 pub use config::Config;
 pub use error::RouterError;

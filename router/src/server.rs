@@ -23,7 +23,7 @@ use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use swarmbus_schema::{
     encode, max_payload_bytes, valid_name, Class, DecodeOptions, Epoch, ErrorCode, ErrorMessage,
-    FrameDecoder, Hello, Limits, Message, OpId, Publish, SessionId, Subscription, Welcome,
+    FrameDecoder, Hello, Limits, Message, OpId, Publish, Role, SessionId, Subscription, Welcome,
     MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
@@ -42,6 +42,7 @@ use crate::outbox::{Lane, Outbox};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls;
+use crate::workers::{PinWrite, Workers, PINS_SWARM};
 
 /// Frames a lane writer takes per write.
 const WRITE_BATCH_FRAMES: usize = 256;
@@ -59,9 +60,75 @@ struct Context {
     /// Per-swarm circuit breakers of the swarms some session joined (weak: a swarm's
     /// breaker lives while sessions hold it).
     swarm_guards: Mutex<HashMap<String, std::sync::Weak<SwarmGuard>>>,
+    /// Worker nodes, affine sessions and requests in flight.
+    workers: Workers,
+    /// Set by [`Router::shutdown`]: connections closing now are not worker failures (their
+    /// sessions stay pinned for after the restart).
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl Context {
+    /// Writes session pins to the router's pin log and waits until they are durable (or
+    /// refused). Pins are written in order; the latest per session key wins on recovery.
+    async fn write_pins(&self, pins: Vec<PinWrite>) -> Result<(), String> {
+        if pins.is_empty() {
+            return Ok(());
+        }
+        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let outbox = Arc::new(Outbox::new(conn, &self.config.queues, self.stats.clone()));
+        let router: Arc<str> = Arc::from(ROUTER_AGENT);
+        let shard = &self.shards[shard_of(PINS_SWARM, self.shards.len())];
+        let count = pins.len();
+        for (index, pin) in pins.into_iter().enumerate() {
+            let publish = Publish {
+                request_id: index as u64 + 1,
+                swarm: PINS_SWARM.to_owned(),
+                class: Class::Control,
+                target_agent: None,
+                key: Some(pin.session_key.clone()),
+                payload: pin.payload(),
+            };
+            shard
+                .send(ShardCommand::Publish {
+                    agent: router.clone(),
+                    outbox: outbox.clone(),
+                    publish,
+                })
+                .await
+                .map_err(|_| "the router is shutting down".to_owned())?;
+        }
+        // The shard answers each publish on the session lane once it is durable.
+        let mut answered = 0;
+        let mut decoder = FrameDecoder::new(self.config.limits.max_frame_bytes as usize);
+        let mut chunks = Vec::new();
+        let wait = async {
+            while answered < count {
+                if outbox.drain(Lane::Session, 64, usize::MAX, &mut chunks) == 0 {
+                    outbox.ready(Lane::Session).await;
+                    continue;
+                }
+                for chunk in chunks.drain(..) {
+                    decoder.push(chunk);
+                }
+                while let Ok(Some(message)) = decoder.next_message(&self.decode) {
+                    match message {
+                        Message::PublishAck { .. } => answered += 1,
+                        Message::Error(error) => {
+                            return Err(format!("writing a session pin: {}", error.message))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        };
+        let result = tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .unwrap_or_else(|_| Err("writing a session pin timed out".to_owned()));
+        outbox.close();
+        result
+    }
+
     /// The breaker of `swarm`, shared by every session that joined it.
     fn swarm_guard(&self, swarm: &str) -> Arc<SwarmGuard> {
         let mut guards = self
@@ -154,6 +221,7 @@ enum BreakerScope {
 /// A running router. Dropping it does not stop it; call [`Router::shutdown`].
 #[derive(Debug)]
 pub struct Router {
+    context: Arc<Context>,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     ca_path: Option<PathBuf>,
@@ -200,6 +268,7 @@ impl Router {
                 path: log_dir.clone(),
                 detail: format!("recovering the event log: {e}"),
             })?;
+        let workers = Workers::new(config.affinity.clone(), read_pins(&recovered));
         let shard_count = config.shard_count();
         let (event_senders, event_receivers): (Vec<_>, Vec<_>) =
             (0..shard_count).map(|_| mpsc::unbounded_channel()).unzip();
@@ -257,10 +326,14 @@ impl Router {
             stats: stats.clone(),
             next_conn: AtomicU64::new(1),
             swarm_guards: Mutex::new(HashMap::new()),
+            workers,
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
         });
-        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context));
+        tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
         info!(%local_addr, "router listening");
         Ok(Router {
+            context,
             endpoint,
             local_addr,
             ca_path,
@@ -297,6 +370,7 @@ impl Router {
     /// Closes every connection with `ShuttingDown` and waits (up to 5 s) for the peers to
     /// be told.
     pub async fn shutdown(self) {
+        self.context.shutting_down.store(true, Ordering::Release);
         self.endpoint.close(
             VarInt::from(ErrorCode::ShuttingDown.as_u16()),
             b"router shutting down",
@@ -449,6 +523,7 @@ enum Admission {
 struct Session {
     conn: ConnId,
     agent: Arc<str>,
+    role: Role,
     swarms: HashSet<String>,
     /// Resume points from Hello: (epoch, last applied op) per swarm and ordered class.
     resume: HashMap<(String, Class), (Epoch, OpId)>,
@@ -879,6 +954,142 @@ impl Session {
                 )
                 .await;
             }
+            Message::WorkerStatus(status) => {
+                if self.role != Role::Worker {
+                    self.refuse(
+                        ErrorCode::Forbidden,
+                        status.request_id,
+                        "only sessions of role worker may register worker nodes".into(),
+                    );
+                    return Ok(());
+                }
+                check_name("node", &status.node)?;
+                let workers = &self.context.workers;
+                let now = std::time::Instant::now();
+                match workers.register(self.conn, &self.outbox, &status, now) {
+                    Ok((node_id, failed, pins)) => {
+                        push_all(failed);
+                        if let Err(error) = self.context.write_pins(pins).await {
+                            tracing::warn!(%error, "session pins of a draining node not written");
+                        }
+                        let _ = self.outbox.push(
+                            Lane::Session,
+                            encode(&Message::WorkerAck {
+                                request_id: status.request_id,
+                                node_id: node_id.0,
+                            }),
+                        );
+                    }
+                    Err(refusal) => {
+                        let _ = self
+                            .outbox
+                            .push(Lane::Session, refusal.frame(status.request_id));
+                    }
+                }
+            }
+            Message::OpenSession {
+                request_id,
+                session_key,
+                model,
+            } => {
+                check_name("session_key", &session_key)?;
+                let now = std::time::Instant::now();
+                let frame = match self.context.workers.open_session(
+                    request_id,
+                    &session_key,
+                    model.as_deref(),
+                    now,
+                ) {
+                    Ok(opened) => match self.context.write_pins(opened.pins).await {
+                        Ok(()) => opened.frame,
+                        Err(error) => crate::workers::Refusal {
+                            code: ErrorCode::SwarmUnavailable,
+                            message: error,
+                            retry_after_ms: 1_000,
+                        }
+                        .frame(request_id),
+                    },
+                    Err(refusal) => refusal.frame(request_id),
+                };
+                let _ = self.outbox.push(Lane::Session, frame);
+            }
+            Message::CloseSession {
+                request_id,
+                session_key,
+            } => {
+                if let Some(pin) = self.context.workers.close_session(&session_key) {
+                    if let Err(error) = self.context.write_pins(vec![pin]).await {
+                        tracing::warn!(%error, "end of a session pin not written");
+                    }
+                }
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+            }
+            Message::Request(request) => {
+                let request_id = request.request_id;
+                if request_id == 0 {
+                    return Err(Fault::new(
+                        ErrorCode::InvalidRequest,
+                        "a Request needs a non-zero request_id",
+                    ));
+                }
+                for name in [request.session_key.as_deref(), request.model.as_deref()]
+                    .into_iter()
+                    .flatten()
+                {
+                    check_name("session_key and model", name)?;
+                }
+                if request.payload.len() > self.max_payload_bytes {
+                    self.refuse(
+                        ErrorCode::PayloadTooLarge,
+                        request_id,
+                        format!(
+                            "payload of {} bytes exceeds the maximum of {} bytes",
+                            request.payload.len(),
+                            self.max_payload_bytes
+                        ),
+                    );
+                    return Ok(());
+                }
+                let now = std::time::Instant::now();
+                match self
+                    .context
+                    .workers
+                    .route(&self.outbox, &self.agent, request, now)
+                {
+                    Ok(routed) => {
+                        if let Err(error) = self.context.write_pins(routed.pins).await {
+                            tracing::warn!(%error, "session pin not written");
+                        }
+                        let _ = routed.worker.push(Lane::Session, routed.frame);
+                    }
+                    Err(refusal) => {
+                        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+                    }
+                }
+            }
+            Message::Reply(reply) => {
+                if self.role != Role::Worker {
+                    self.refuse(
+                        ErrorCode::Forbidden,
+                        0,
+                        "only sessions of role worker may reply to requests".into(),
+                    );
+                    return Ok(());
+                }
+                match self.context.workers.reply(self.conn, reply) {
+                    Some((requester, frame)) => {
+                        let _ = requester.push(Lane::Session, frame);
+                    }
+                    None => {
+                        self.context
+                            .stats
+                            .late_replies
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
             Message::Hello(_) => {
                 return Err(Fault::new(
                     ErrorCode::DuplicateHello,
@@ -930,6 +1141,12 @@ fn check_hello(hello: &Hello, config: &Config) -> Result<(), Fault> {
     check_name("agent_id", &hello.agent_id)?;
     for swarm in &hello.swarms {
         check_name("swarm name", swarm)?;
+        if swarm.starts_with('$') {
+            return Err(Fault::new(
+                ErrorCode::InvalidRequest,
+                format!("swarm {swarm:?}: names starting with $ are reserved for the router"),
+            ));
+        }
     }
     for point in &hello.resume {
         if !hello.swarms.contains(&point.swarm) {
@@ -1100,6 +1317,7 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     let session = Arc::new(Session {
         conn,
         agent: hello.agent_id.into(),
+        role: hello.role,
         resume: hello
             .resume
             .into_iter()
@@ -1158,6 +1376,15 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     for shard in &context.shards {
         let _ = shard.send(ShardCommand::Disconnect { conn }).await;
     }
+    // A worker that leaves takes its sessions with it (they move to their next choices),
+    // unless the router itself is stopping: then the pins stay for after the restart.
+    if !context.shutting_down.load(Ordering::Acquire) {
+        let (failed, pins) = context.workers.disconnect(conn);
+        push_all(failed);
+        if let Err(error) = context.write_pins(pins).await {
+            tracing::warn!(%error, "moved session pins not written");
+        }
+    }
     for writer in writers {
         writer.abort();
     }
@@ -1205,5 +1432,66 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
             }
             .in_current_span(),
         );
+    }
+}
+
+/// Pushes frames to the session lanes they are for.
+fn push_all(frames: Vec<crate::workers::Outgoing>) {
+    for (outbox, frame) in frames {
+        let _ = outbox.push(Lane::Session, frame);
+    }
+}
+
+/// The session pins in the router's pin log, oldest first (the latest per key wins).
+fn read_pins(recovered: &[log::SwarmLog]) -> Vec<PinWrite> {
+    let Some(swarm) = recovered
+        .iter()
+        .find(|s| s.name == PINS_SWARM && s.unavailable.is_none())
+    else {
+        return Vec::new();
+    };
+    let records = match swarm.read_from(OpId(1), usize::MAX, usize::MAX) {
+        Ok(records) => records,
+        Err(error) => {
+            tracing::warn!(%error, "reading the session pin log; sessions will be placed afresh");
+            return Vec::new();
+        }
+    };
+    let options = DecodeOptions::default();
+    records
+        .into_iter()
+        .filter_map(|record| {
+            let mut decoder = FrameDecoder::new(record.frame.len().max(1024));
+            decoder.push(record.frame);
+            match decoder.next_message(&options) {
+                Ok(Some(Message::Deliver(deliver))) => {
+                    PinWrite::parse(deliver.key.as_deref()?, &deliver.payload)
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Fails requests past their deadline (every 10 ms) and closes unused affine sessions
+/// (every 10 s), until the router stops.
+async fn worker_maintenance(context: std::sync::Weak<Context>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_reap = std::time::Instant::now();
+    loop {
+        tick.tick().await;
+        let Some(context) = context.upgrade() else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        push_all(context.workers.expire(now));
+        if now.duration_since(last_reap) >= Duration::from_secs(10) {
+            last_reap = now;
+            let pins = context.workers.reap(now);
+            if let Err(error) = context.write_pins(pins).await {
+                tracing::warn!(%error, "ends of expired session pins not written");
+            }
+        }
     }
 }

@@ -27,6 +27,9 @@ pub struct Stats {
     pub queued_bytes_max: AtomicU64,
     /// The most bytes ever queued for one connection.
     pub connection_queued_bytes_max: AtomicU64,
+    /// Worker replies dropped: answered already, past their deadline, or from a worker the
+    /// request was not sent to (failed over).
+    pub late_replies: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -48,6 +51,7 @@ pub struct StatsSnapshot {
     pub queued_bytes: u64,
     pub queued_bytes_max: u64,
     pub connection_queued_bytes_max: u64,
+    pub late_replies: u64,
 }
 
 impl Stats {
@@ -70,6 +74,7 @@ impl Stats {
             queued_bytes: get(&self.queued_bytes),
             queued_bytes_max: get(&self.queued_bytes_max),
             connection_queued_bytes_max: get(&self.connection_queued_bytes_max),
+            late_replies: get(&self.late_replies),
         }
     }
 }

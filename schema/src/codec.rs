@@ -358,6 +358,125 @@ pub fn encode(message: &Message) -> OutFrame {
                 );
                 (w::Message::DeltaRequest, t.as_union_value())
             }
+            Message::WorkerStatus(m) => {
+                let node = fbb.create_string(&m.node);
+                let zone = fbb.create_string(&m.zone);
+                let gpu_model = fbb.create_string(&m.gpu_model);
+                let models: Vec<_> = m.models.iter().map(|s| fbb.create_string(s)).collect();
+                let models = fbb.create_vector(&models);
+                let adapters: Vec<_> = m.adapters.iter().map(|s| fbb.create_string(s)).collect();
+                let adapters = fbb.create_vector(&adapters);
+                let t = w::WorkerStatus::create(
+                    fbb,
+                    &w::WorkerStatusArgs {
+                        request_id: m.request_id,
+                        node: Some(node),
+                        zone: Some(zone),
+                        gpu_count: m.gpu_count,
+                        gpu_model: Some(gpu_model),
+                        gpu_memory_total: m.gpu_memory_total,
+                        gpu_memory_free: m.gpu_memory_free,
+                        weight: m.weight,
+                        models: Some(models),
+                        adapters: Some(adapters),
+                        in_flight: m.in_flight,
+                        draining: m.draining,
+                    },
+                );
+                (w::Message::WorkerStatus, t.as_union_value())
+            }
+            Message::WorkerAck {
+                request_id,
+                node_id,
+            } => {
+                let t = w::WorkerAck::create(
+                    fbb,
+                    &w::WorkerAckArgs {
+                        request_id: *request_id,
+                        node_id: *node_id,
+                    },
+                );
+                (w::Message::WorkerAck, t.as_union_value())
+            }
+            Message::OpenSession {
+                request_id,
+                session_key,
+                model,
+            } => {
+                let session_key = fbb.create_string(session_key);
+                let model = opt_str(fbb, model.as_deref());
+                let t = w::OpenSession::create(
+                    fbb,
+                    &w::OpenSessionArgs {
+                        request_id: *request_id,
+                        session_key: Some(session_key),
+                        model,
+                    },
+                );
+                (w::Message::OpenSession, t.as_union_value())
+            }
+            Message::SessionPinned(m) => {
+                let session_key = fbb.create_string(&m.session_key);
+                let node = fbb.create_string(&m.node);
+                let t = w::SessionPinned::create(
+                    fbb,
+                    &w::SessionPinnedArgs {
+                        request_id: m.request_id,
+                        session_key: Some(session_key),
+                        node: Some(node),
+                        node_id: m.node_id,
+                        cold_load: m.cold_load,
+                        kept: m.kept,
+                    },
+                );
+                (w::Message::SessionPinned, t.as_union_value())
+            }
+            Message::CloseSession {
+                request_id,
+                session_key,
+            } => {
+                let session_key = fbb.create_string(session_key);
+                let t = w::CloseSession::create(
+                    fbb,
+                    &w::CloseSessionArgs {
+                        request_id: *request_id,
+                        session_key: Some(session_key),
+                    },
+                );
+                (w::Message::CloseSession, t.as_union_value())
+            }
+            Message::Request(m) => {
+                let session_key = opt_str(fbb, m.session_key.as_deref());
+                let model = opt_str(fbb, m.model.as_deref());
+                let source_agent = opt_str(fbb, m.source_agent.as_deref());
+                let t = w::Request::create(
+                    fbb,
+                    &w::RequestArgs {
+                        request_id: m.request_id,
+                        session_key,
+                        model,
+                        timeout_ms: m.timeout_ms,
+                        source_agent,
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::Request, t.as_union_value())
+            }
+            Message::Reply(m) => {
+                let node = opt_str(fbb, m.node.as_deref());
+                let t = w::Reply::create(
+                    fbb,
+                    &w::ReplyArgs {
+                        request_id: m.request_id,
+                        ok: m.ok,
+                        node,
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::Reply, t.as_union_value())
+            }
             Message::DeltaAck(m) => {
                 let t = w::DeltaAck::create(
                     fbb,
@@ -629,6 +748,96 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 compacted: m.compacted(),
             })
         }
+        w::Message::WorkerStatus => {
+            let m = root
+                .message_as_worker_status()
+                .ok_or(missing("empty WorkerStatus"))?;
+            no_body()?;
+            let strings =
+                |v: Option<flatbuffers::Vector<'_, flatbuffers::ForwardsUOffset<&str>>>| {
+                    v.map(|v| v.iter().map(str::to_owned).collect())
+                        .unwrap_or_default()
+                };
+            Message::WorkerStatus(WorkerStatus {
+                request_id: m.request_id(),
+                node: required(m.node(), "WorkerStatus without node")?,
+                zone: m.zone().unwrap_or_default().to_owned(),
+                gpu_count: m.gpu_count(),
+                gpu_model: m.gpu_model().unwrap_or_default().to_owned(),
+                gpu_memory_total: m.gpu_memory_total(),
+                gpu_memory_free: m.gpu_memory_free(),
+                weight: m.weight(),
+                models: strings(m.models()),
+                adapters: strings(m.adapters()),
+                in_flight: m.in_flight(),
+                draining: m.draining(),
+            })
+        }
+        w::Message::WorkerAck => {
+            let m = root
+                .message_as_worker_ack()
+                .ok_or(missing("empty WorkerAck"))?;
+            no_body()?;
+            Message::WorkerAck {
+                request_id: m.request_id(),
+                node_id: m.node_id(),
+            }
+        }
+        w::Message::OpenSession => {
+            let m = root
+                .message_as_open_session()
+                .ok_or(missing("empty OpenSession"))?;
+            no_body()?;
+            Message::OpenSession {
+                request_id: m.request_id(),
+                session_key: required(m.session_key(), "OpenSession without session_key")?,
+                model: optional(m.model()),
+            }
+        }
+        w::Message::SessionPinned => {
+            let m = root
+                .message_as_session_pinned()
+                .ok_or(missing("empty SessionPinned"))?;
+            no_body()?;
+            Message::SessionPinned(SessionPinned {
+                request_id: m.request_id(),
+                session_key: required(m.session_key(), "SessionPinned without session_key")?,
+                node: m.node().unwrap_or_default().to_owned(),
+                node_id: m.node_id(),
+                cold_load: m.cold_load(),
+                kept: m.kept(),
+            })
+        }
+        w::Message::CloseSession => {
+            let m = root
+                .message_as_close_session()
+                .ok_or(missing("empty CloseSession"))?;
+            no_body()?;
+            Message::CloseSession {
+                request_id: m.request_id(),
+                session_key: required(m.session_key(), "CloseSession without session_key")?,
+            }
+        }
+        w::Message::Request => {
+            let m = root.message_as_request().ok_or(missing("empty Request"))?;
+            Message::Request(Request {
+                request_id: m.request_id(),
+                session_key: optional(m.session_key()),
+                model: optional(m.model()),
+                timeout_ms: m.timeout_ms(),
+                source_agent: optional(m.source_agent()),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::Reply => {
+            let m = root.message_as_reply().ok_or(missing("empty Reply"))?;
+            Message::Reply(Reply {
+                request_id: m.request_id(),
+                ok: m.ok(),
+                node: optional(m.node()),
+                payload: check_body(m.payload_len())?,
+            })
+        }
         other => return Err(DecodeError::UnknownMessage { kind: other.0 }),
     };
     Ok(message)
@@ -837,6 +1046,102 @@ mod tests {
                         compacted,
                     })
                 }),
+            (
+                any::<u64>(),
+                (name(), ".{0,8}", any::<u32>(), ".{0,16}"),
+                (any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>()),
+                proptest::collection::vec(name(), 0..4),
+                proptest::collection::vec(name(), 0..3),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(
+                        request_id,
+                        (node, zone, gpu_count, gpu_model),
+                        (t, f, weight, in_flight),
+                        models,
+                        adapters,
+                        draining,
+                    )| {
+                        Message::WorkerStatus(WorkerStatus {
+                            request_id,
+                            node,
+                            zone,
+                            gpu_count,
+                            gpu_model,
+                            gpu_memory_total: t,
+                            gpu_memory_free: f,
+                            weight,
+                            models,
+                            adapters,
+                            in_flight,
+                            draining,
+                        })
+                    }
+                ),
+            (any::<u64>(), any::<u64>()).prop_map(|(request_id, node_id)| Message::WorkerAck {
+                request_id,
+                node_id
+            }),
+            (any::<u64>(), name(), opt_name()).prop_map(|(request_id, session_key, model)| {
+                Message::OpenSession {
+                    request_id,
+                    session_key,
+                    model,
+                }
+            }),
+            (
+                any::<u64>(),
+                name(),
+                name(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<bool>()
+            )
+                .prop_map(
+                    |(request_id, session_key, node, node_id, cold_load, kept)| {
+                        Message::SessionPinned(SessionPinned {
+                            request_id,
+                            session_key,
+                            node,
+                            node_id,
+                            cold_load,
+                            kept,
+                        })
+                    }
+                ),
+            (any::<u64>(), name()).prop_map(|(request_id, session_key)| Message::CloseSession {
+                request_id,
+                session_key
+            }),
+            (
+                any::<u64>(),
+                opt_name(),
+                opt_name(),
+                any::<u32>(),
+                opt_name(),
+                payload()
+            )
+                .prop_map(
+                    |(request_id, session_key, model, timeout_ms, source_agent, payload)| {
+                        Message::Request(Request {
+                            request_id,
+                            session_key,
+                            model,
+                            timeout_ms,
+                            source_agent,
+                            payload,
+                        })
+                    }
+                ),
+            (any::<u64>(), any::<bool>(), opt_name(), payload()).prop_map(
+                |(request_id, ok, node, payload)| Message::Reply(Reply {
+                    request_id,
+                    ok,
+                    node,
+                    payload,
+                })
+            ),
         ]
     }
 

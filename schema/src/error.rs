@@ -52,6 +52,15 @@ pub enum ErrorCode {
     /// The sender's circuit breaker is open (a sustained rate of refused publishes); retry
     /// after `retry_after_ms`.
     CircuitOpen = 21,
+    /// The worker node a request was sent to (or its session was pinned to) disconnected
+    /// before replying; the session is pinned elsewhere now, so a retry goes there.
+    NodeGone = 22,
+    /// No reply within the request's timeout; a late reply is dropped.
+    DeadlineExceeded = 23,
+    /// No worker node can take the request (none registered, or all draining or unhealthy).
+    NoWorker = 24,
+    /// The session's role may not do this (e.g. WorkerStatus from a non-worker).
+    Forbidden = 25,
 }
 
 impl ErrorCode {
@@ -84,6 +93,10 @@ impl ErrorCode {
             19 => SwarmUnavailable,
             20 => RateLimited,
             21 => CircuitOpen,
+            22 => NodeGone,
+            23 => DeadlineExceeded,
+            24 => NoWorker,
+            25 => Forbidden,
             _ => return None,
         })
     }

@@ -200,6 +200,59 @@ pub struct DeltaAck {
     pub compacted: bool,
 }
 
+/// Everything a worker node advertises (see the schema's `WorkerStatus`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct WorkerStatus {
+    pub request_id: u64,
+    pub node: String,
+    pub zone: String,
+    pub gpu_count: u32,
+    pub gpu_model: String,
+    pub gpu_memory_total: u64,
+    pub gpu_memory_free: u64,
+    /// Relative capacity; 0 means the GPU count (at least 1).
+    pub weight: u32,
+    pub models: Vec<String>,
+    pub adapters: Vec<String>,
+    pub in_flight: u32,
+    pub draining: bool,
+}
+
+/// Where an affine session is pinned (see the schema's `SessionPinned`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SessionPinned {
+    pub request_id: u64,
+    pub session_key: String,
+    pub node: String,
+    pub node_id: u64,
+    pub cold_load: bool,
+    pub kept: bool,
+}
+
+/// A request for a worker (see the schema's `Request`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Request {
+    pub request_id: u64,
+    pub session_key: Option<String>,
+    pub model: Option<String>,
+    /// 0: the router's default.
+    pub timeout_ms: u32,
+    /// The requesting agent (set by the router on the way to the worker).
+    pub source_agent: Option<String>,
+    pub payload: Bytes,
+}
+
+/// A worker's answer to a Request.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Reply {
+    pub request_id: u64,
+    /// False: the worker failed the request; the payload says why.
+    pub ok: bool,
+    /// The node that answered (set by the router on the way to the requester).
+    pub node: Option<String>,
+    pub payload: Bytes,
+}
+
 /// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -235,6 +288,23 @@ pub enum Message {
         to_op: OpId,
     },
     DeltaAck(DeltaAck),
+    WorkerStatus(WorkerStatus),
+    WorkerAck {
+        request_id: u64,
+        node_id: u64,
+    },
+    OpenSession {
+        request_id: u64,
+        session_key: String,
+        model: Option<String>,
+    },
+    SessionPinned(SessionPinned),
+    CloseSession {
+        request_id: u64,
+        session_key: String,
+    },
+    Request(Request),
+    Reply(Reply),
 }
 
 impl Message {
@@ -253,6 +323,13 @@ impl Message {
             Message::EpochChanged { .. } => "EpochChanged",
             Message::DeltaRequest { .. } => "DeltaRequest",
             Message::DeltaAck(_) => "DeltaAck",
+            Message::WorkerStatus(_) => "WorkerStatus",
+            Message::WorkerAck { .. } => "WorkerAck",
+            Message::OpenSession { .. } => "OpenSession",
+            Message::SessionPinned(_) => "SessionPinned",
+            Message::CloseSession { .. } => "CloseSession",
+            Message::Request(_) => "Request",
+            Message::Reply(_) => "Reply",
         }
     }
 }

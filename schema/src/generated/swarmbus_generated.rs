@@ -198,10 +198,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for Role {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 13;
+pub const ENUM_MAX_MESSAGE: u8 = 20;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 14] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 21] = [
   Message::NONE,
   Message::Hello,
   Message::Welcome,
@@ -216,6 +216,13 @@ pub const ENUM_VALUES_MESSAGE: [Message; 14] = [
   Message::EpochChanged,
   Message::DeltaRequest,
   Message::DeltaAck,
+  Message::WorkerStatus,
+  Message::WorkerAck,
+  Message::OpenSession,
+  Message::SessionPinned,
+  Message::CloseSession,
+  Message::Request,
+  Message::Reply,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -237,9 +244,16 @@ impl Message {
   pub const EpochChanged: Self = Self(11);
   pub const DeltaRequest: Self = Self(12);
   pub const DeltaAck: Self = Self(13);
+  pub const WorkerStatus: Self = Self(14);
+  pub const WorkerAck: Self = Self(15);
+  pub const OpenSession: Self = Self(16);
+  pub const SessionPinned: Self = Self(17);
+  pub const CloseSession: Self = Self(18);
+  pub const Request: Self = Self(19);
+  pub const Reply: Self = Self(20);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 13;
+  pub const ENUM_MAX: u8 = 20;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -255,6 +269,13 @@ impl Message {
     Self::EpochChanged,
     Self::DeltaRequest,
     Self::DeltaAck,
+    Self::WorkerStatus,
+    Self::WorkerAck,
+    Self::OpenSession,
+    Self::SessionPinned,
+    Self::CloseSession,
+    Self::Request,
+    Self::Reply,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -273,6 +294,13 @@ impl Message {
       Self::EpochChanged => Some("EpochChanged"),
       Self::DeltaRequest => Some("DeltaRequest"),
       Self::DeltaAck => Some("DeltaAck"),
+      Self::WorkerStatus => Some("WorkerStatus"),
+      Self::WorkerAck => Some("WorkerAck"),
+      Self::OpenSession => Some("OpenSession"),
+      Self::SessionPinned => Some("SessionPinned"),
+      Self::CloseSession => Some("CloseSession"),
+      Self::Request => Some("Request"),
+      Self::Reply => Some("Reply"),
       _ => None,
     }
   }
@@ -2656,6 +2684,1178 @@ impl ::core::fmt::Debug for DeltaAck<'_> {
       ds.finish()
   }
 }
+pub enum WorkerStatusOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Worker -> router: registers the worker node (the first time) or restates everything it
+/// advertises (every later time). Answered with WorkerAck.
+pub struct WorkerStatus<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for WorkerStatus<'a> {
+  type Inner = WorkerStatus<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> WorkerStatus<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ZONE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_GPU_COUNT: ::flatbuffers::VOffsetT = 10;
+  pub const VT_GPU_MODEL: ::flatbuffers::VOffsetT = 12;
+  pub const VT_GPU_MEMORY_TOTAL: ::flatbuffers::VOffsetT = 14;
+  pub const VT_GPU_MEMORY_FREE: ::flatbuffers::VOffsetT = 16;
+  pub const VT_WEIGHT: ::flatbuffers::VOffsetT = 18;
+  pub const VT_MODELS: ::flatbuffers::VOffsetT = 20;
+  pub const VT_ADAPTERS: ::flatbuffers::VOffsetT = 22;
+  pub const VT_IN_FLIGHT: ::flatbuffers::VOffsetT = 24;
+  pub const VT_DRAINING: ::flatbuffers::VOffsetT = 26;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    WorkerStatus { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args WorkerStatusArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<WorkerStatus<'bldr>> {
+    let mut builder = WorkerStatusBuilder::new(_fbb);
+    builder.add_gpu_memory_free(args.gpu_memory_free);
+    builder.add_gpu_memory_total(args.gpu_memory_total);
+    builder.add_request_id(args.request_id);
+    builder.add_in_flight(args.in_flight);
+    if let Some(x) = args.adapters { builder.add_adapters(x); }
+    if let Some(x) = args.models { builder.add_models(x); }
+    builder.add_weight(args.weight);
+    if let Some(x) = args.gpu_model { builder.add_gpu_model(x); }
+    builder.add_gpu_count(args.gpu_count);
+    if let Some(x) = args.zone { builder.add_zone(x); }
+    if let Some(x) = args.node { builder.add_node(x); }
+    builder.add_draining(args.draining);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(WorkerStatus::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  /// Stable name of the node (e.g. its hostname): the same name after a reconnect or a
+  /// router restart is the same node, with the same pinned sessions.
+  #[inline]
+  pub fn node(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(WorkerStatus::VT_NODE, None)}
+  }
+  #[inline]
+  pub fn zone(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(WorkerStatus::VT_ZONE, None)}
+  }
+  #[inline]
+  pub fn gpu_count(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(WorkerStatus::VT_GPU_COUNT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn gpu_model(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(WorkerStatus::VT_GPU_MODEL, None)}
+  }
+  #[inline]
+  pub fn gpu_memory_total(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(WorkerStatus::VT_GPU_MEMORY_TOTAL, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn gpu_memory_free(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(WorkerStatus::VT_GPU_MEMORY_FREE, Some(0)).unwrap()}
+  }
+  /// Relative capacity; 0 means the GPU count (at least 1).
+  #[inline]
+  pub fn weight(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(WorkerStatus::VT_WEIGHT, Some(0)).unwrap()}
+  }
+  /// Models resident on the node.
+  #[inline]
+  pub fn models(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(WorkerStatus::VT_MODELS, None)}
+  }
+  #[inline]
+  pub fn adapters(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(WorkerStatus::VT_ADAPTERS, None)}
+  }
+  /// Requests the node is running now, as it counts them.
+  #[inline]
+  pub fn in_flight(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(WorkerStatus::VT_IN_FLIGHT, Some(0)).unwrap()}
+  }
+  /// Draining: no new sessions; pinned sessions move elsewhere.
+  #[inline]
+  pub fn draining(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(WorkerStatus::VT_DRAINING, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for WorkerStatus<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("zone", Self::VT_ZONE, false)?
+     .visit_field::<u32>("gpu_count", Self::VT_GPU_COUNT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("gpu_model", Self::VT_GPU_MODEL, false)?
+     .visit_field::<u64>("gpu_memory_total", Self::VT_GPU_MEMORY_TOTAL, false)?
+     .visit_field::<u64>("gpu_memory_free", Self::VT_GPU_MEMORY_FREE, false)?
+     .visit_field::<u32>("weight", Self::VT_WEIGHT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("models", Self::VT_MODELS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("adapters", Self::VT_ADAPTERS, false)?
+     .visit_field::<u32>("in_flight", Self::VT_IN_FLIGHT, false)?
+     .visit_field::<bool>("draining", Self::VT_DRAINING, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct WorkerStatusArgs<'a> {
+    pub request_id: u64,
+    pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub zone: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub gpu_count: u32,
+    pub gpu_model: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub gpu_memory_total: u64,
+    pub gpu_memory_free: u64,
+    pub weight: u32,
+    pub models: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub adapters: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub in_flight: u32,
+    pub draining: bool,
+}
+impl<'a> Default for WorkerStatusArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    WorkerStatusArgs {
+      request_id: 0,
+      node: None,
+      zone: None,
+      gpu_count: 0,
+      gpu_model: None,
+      gpu_memory_total: 0,
+      gpu_memory_free: 0,
+      weight: 0,
+      models: None,
+      adapters: None,
+      in_flight: 0,
+      draining: false,
+    }
+  }
+}
+
+pub struct WorkerStatusBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> WorkerStatusBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(WorkerStatus::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_node(&mut self, node: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(WorkerStatus::VT_NODE, node);
+  }
+  #[inline]
+  pub fn add_zone(&mut self, zone: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(WorkerStatus::VT_ZONE, zone);
+  }
+  #[inline]
+  pub fn add_gpu_count(&mut self, gpu_count: u32) {
+    self.fbb_.push_slot::<u32>(WorkerStatus::VT_GPU_COUNT, gpu_count, 0);
+  }
+  #[inline]
+  pub fn add_gpu_model(&mut self, gpu_model: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(WorkerStatus::VT_GPU_MODEL, gpu_model);
+  }
+  #[inline]
+  pub fn add_gpu_memory_total(&mut self, gpu_memory_total: u64) {
+    self.fbb_.push_slot::<u64>(WorkerStatus::VT_GPU_MEMORY_TOTAL, gpu_memory_total, 0);
+  }
+  #[inline]
+  pub fn add_gpu_memory_free(&mut self, gpu_memory_free: u64) {
+    self.fbb_.push_slot::<u64>(WorkerStatus::VT_GPU_MEMORY_FREE, gpu_memory_free, 0);
+  }
+  #[inline]
+  pub fn add_weight(&mut self, weight: u32) {
+    self.fbb_.push_slot::<u32>(WorkerStatus::VT_WEIGHT, weight, 0);
+  }
+  #[inline]
+  pub fn add_models(&mut self, models: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(WorkerStatus::VT_MODELS, models);
+  }
+  #[inline]
+  pub fn add_adapters(&mut self, adapters: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(WorkerStatus::VT_ADAPTERS, adapters);
+  }
+  #[inline]
+  pub fn add_in_flight(&mut self, in_flight: u32) {
+    self.fbb_.push_slot::<u32>(WorkerStatus::VT_IN_FLIGHT, in_flight, 0);
+  }
+  #[inline]
+  pub fn add_draining(&mut self, draining: bool) {
+    self.fbb_.push_slot::<bool>(WorkerStatus::VT_DRAINING, draining, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> WorkerStatusBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    WorkerStatusBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<WorkerStatus<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for WorkerStatus<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("WorkerStatus");
+      ds.field("request_id", &self.request_id());
+      ds.field("node", &self.node());
+      ds.field("zone", &self.zone());
+      ds.field("gpu_count", &self.gpu_count());
+      ds.field("gpu_model", &self.gpu_model());
+      ds.field("gpu_memory_total", &self.gpu_memory_total());
+      ds.field("gpu_memory_free", &self.gpu_memory_free());
+      ds.field("weight", &self.weight());
+      ds.field("models", &self.models());
+      ds.field("adapters", &self.adapters());
+      ds.field("in_flight", &self.in_flight());
+      ds.field("draining", &self.draining());
+      ds.finish()
+  }
+}
+pub enum WorkerAckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> worker: the WorkerStatus was applied; `node_id` is the node's id in placement.
+pub struct WorkerAck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for WorkerAck<'a> {
+  type Inner = WorkerAck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> WorkerAck<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_NODE_ID: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    WorkerAck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args WorkerAckArgs
+  ) -> ::flatbuffers::WIPOffset<WorkerAck<'bldr>> {
+    let mut builder = WorkerAckBuilder::new(_fbb);
+    builder.add_node_id(args.node_id);
+    builder.add_request_id(args.request_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(WorkerAck::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn node_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(WorkerAck::VT_NODE_ID, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for WorkerAck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("node_id", Self::VT_NODE_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct WorkerAckArgs {
+    pub request_id: u64,
+    pub node_id: u64,
+}
+impl<'a> Default for WorkerAckArgs {
+  #[inline]
+  fn default() -> Self {
+    WorkerAckArgs {
+      request_id: 0,
+      node_id: 0,
+    }
+  }
+}
+
+pub struct WorkerAckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> WorkerAckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(WorkerAck::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_node_id(&mut self, node_id: u64) {
+    self.fbb_.push_slot::<u64>(WorkerAck::VT_NODE_ID, node_id, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> WorkerAckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    WorkerAckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<WorkerAck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for WorkerAck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("WorkerAck");
+      ds.field("request_id", &self.request_id());
+      ds.field("node_id", &self.node_id());
+      ds.finish()
+  }
+}
+pub enum OpenSessionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Agent -> router: opens (or renews) an affine session. Answered with SessionPinned.
+pub struct OpenSession<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for OpenSession<'a> {
+  type Inner = OpenSession<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> OpenSession<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SESSION_KEY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MODEL: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    OpenSession { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args OpenSessionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<OpenSession<'bldr>> {
+    let mut builder = OpenSessionBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.model { builder.add_model(x); }
+    if let Some(x) = args.session_key { builder.add_session_key(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(OpenSession::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn session_key(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(OpenSession::VT_SESSION_KEY, None)}
+  }
+  /// The model the session needs; empty for none.
+  #[inline]
+  pub fn model(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(OpenSession::VT_MODEL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for OpenSession<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("session_key", Self::VT_SESSION_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("model", Self::VT_MODEL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct OpenSessionArgs<'a> {
+    pub request_id: u64,
+    pub session_key: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub model: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for OpenSessionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    OpenSessionArgs {
+      request_id: 0,
+      session_key: None,
+      model: None,
+    }
+  }
+}
+
+pub struct OpenSessionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> OpenSessionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(OpenSession::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_session_key(&mut self, session_key: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(OpenSession::VT_SESSION_KEY, session_key);
+  }
+  #[inline]
+  pub fn add_model(&mut self, model: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(OpenSession::VT_MODEL, model);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> OpenSessionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    OpenSessionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<OpenSession<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for OpenSession<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("OpenSession");
+      ds.field("request_id", &self.request_id());
+      ds.field("session_key", &self.session_key());
+      ds.field("model", &self.model());
+      ds.finish()
+  }
+}
+pub enum SessionPinnedOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> agent: the node the session is pinned to.
+pub struct SessionPinned<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SessionPinned<'a> {
+  type Inner = SessionPinned<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SessionPinned<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SESSION_KEY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_NODE_ID: ::flatbuffers::VOffsetT = 10;
+  pub const VT_COLD_LOAD: ::flatbuffers::VOffsetT = 12;
+  pub const VT_KEPT: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SessionPinned { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SessionPinnedArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SessionPinned<'bldr>> {
+    let mut builder = SessionPinnedBuilder::new(_fbb);
+    builder.add_node_id(args.node_id);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.node { builder.add_node(x); }
+    if let Some(x) = args.session_key { builder.add_session_key(x); }
+    builder.add_kept(args.kept);
+    builder.add_cold_load(args.cold_load);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SessionPinned::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn session_key(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SessionPinned::VT_SESSION_KEY, None)}
+  }
+  #[inline]
+  pub fn node(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SessionPinned::VT_NODE, None)}
+  }
+  #[inline]
+  pub fn node_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SessionPinned::VT_NODE_ID, Some(0)).unwrap()}
+  }
+  /// The node does not have the model loaded yet.
+  #[inline]
+  pub fn cold_load(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SessionPinned::VT_COLD_LOAD, Some(false)).unwrap()}
+  }
+  /// The session kept the node it had (false: newly placed or moved).
+  #[inline]
+  pub fn kept(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(SessionPinned::VT_KEPT, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SessionPinned<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("session_key", Self::VT_SESSION_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
+     .visit_field::<u64>("node_id", Self::VT_NODE_ID, false)?
+     .visit_field::<bool>("cold_load", Self::VT_COLD_LOAD, false)?
+     .visit_field::<bool>("kept", Self::VT_KEPT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SessionPinnedArgs<'a> {
+    pub request_id: u64,
+    pub session_key: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub node_id: u64,
+    pub cold_load: bool,
+    pub kept: bool,
+}
+impl<'a> Default for SessionPinnedArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SessionPinnedArgs {
+      request_id: 0,
+      session_key: None,
+      node: None,
+      node_id: 0,
+      cold_load: false,
+      kept: false,
+    }
+  }
+}
+
+pub struct SessionPinnedBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SessionPinnedBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(SessionPinned::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_session_key(&mut self, session_key: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SessionPinned::VT_SESSION_KEY, session_key);
+  }
+  #[inline]
+  pub fn add_node(&mut self, node: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SessionPinned::VT_NODE, node);
+  }
+  #[inline]
+  pub fn add_node_id(&mut self, node_id: u64) {
+    self.fbb_.push_slot::<u64>(SessionPinned::VT_NODE_ID, node_id, 0);
+  }
+  #[inline]
+  pub fn add_cold_load(&mut self, cold_load: bool) {
+    self.fbb_.push_slot::<bool>(SessionPinned::VT_COLD_LOAD, cold_load, false);
+  }
+  #[inline]
+  pub fn add_kept(&mut self, kept: bool) {
+    self.fbb_.push_slot::<bool>(SessionPinned::VT_KEPT, kept, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SessionPinnedBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SessionPinnedBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SessionPinned<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SessionPinned<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SessionPinned");
+      ds.field("request_id", &self.request_id());
+      ds.field("session_key", &self.session_key());
+      ds.field("node", &self.node());
+      ds.field("node_id", &self.node_id());
+      ds.field("cold_load", &self.cold_load());
+      ds.field("kept", &self.kept());
+      ds.finish()
+  }
+}
+pub enum CloseSessionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Agent -> router: ends an affine session. Answered with SubscribeAck.
+pub struct CloseSession<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CloseSession<'a> {
+  type Inner = CloseSession<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CloseSession<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SESSION_KEY: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CloseSession { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CloseSessionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CloseSession<'bldr>> {
+    let mut builder = CloseSessionBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.session_key { builder.add_session_key(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(CloseSession::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn session_key(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CloseSession::VT_SESSION_KEY, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CloseSession<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("session_key", Self::VT_SESSION_KEY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CloseSessionArgs<'a> {
+    pub request_id: u64,
+    pub session_key: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for CloseSessionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CloseSessionArgs {
+      request_id: 0,
+      session_key: None,
+    }
+  }
+}
+
+pub struct CloseSessionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CloseSessionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(CloseSession::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_session_key(&mut self, session_key: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CloseSession::VT_SESSION_KEY, session_key);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CloseSessionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CloseSessionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CloseSession<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CloseSession<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CloseSession");
+      ds.field("request_id", &self.request_id());
+      ds.field("session_key", &self.session_key());
+      ds.finish()
+  }
+}
+pub enum RequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Agent -> router: a request for a worker, answered with Reply or Error. With a
+/// session_key it goes to the session's pinned node (opening the session if needed),
+/// without one to the least-loaded node that has the model. Router -> worker: the same
+/// request with the router's request id and the requesting agent in source_agent.
+pub struct Request<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Request<'a> {
+  type Inner = Request<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Request<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SESSION_KEY: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MODEL: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TIMEOUT_MS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_SOURCE_AGENT: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Request { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Request<'bldr>> {
+    let mut builder = RequestBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    builder.add_payload_len(args.payload_len);
+    if let Some(x) = args.source_agent { builder.add_source_agent(x); }
+    builder.add_timeout_ms(args.timeout_ms);
+    if let Some(x) = args.model { builder.add_model(x); }
+    if let Some(x) = args.session_key { builder.add_session_key(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Request::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn session_key(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Request::VT_SESSION_KEY, None)}
+  }
+  #[inline]
+  pub fn model(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Request::VT_MODEL, None)}
+  }
+  /// The requester gives up after this long (0: the router's default); the router answers
+  /// DeadlineExceeded then and drops a later reply.
+  #[inline]
+  pub fn timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Request::VT_TIMEOUT_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn source_agent(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Request::VT_SOURCE_AGENT, None)}
+  }
+  #[inline]
+  pub fn payload_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Request::VT_PAYLOAD_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Request<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("session_key", Self::VT_SESSION_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("model", Self::VT_MODEL, false)?
+     .visit_field::<u32>("timeout_ms", Self::VT_TIMEOUT_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("source_agent", Self::VT_SOURCE_AGENT, false)?
+     .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RequestArgs<'a> {
+    pub request_id: u64,
+    pub session_key: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub model: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub timeout_ms: u32,
+    pub source_agent: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub payload_len: u32,
+}
+impl<'a> Default for RequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RequestArgs {
+      request_id: 0,
+      session_key: None,
+      model: None,
+      timeout_ms: 0,
+      source_agent: None,
+      payload_len: 0,
+    }
+  }
+}
+
+pub struct RequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(Request::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_session_key(&mut self, session_key: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Request::VT_SESSION_KEY, session_key);
+  }
+  #[inline]
+  pub fn add_model(&mut self, model: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Request::VT_MODEL, model);
+  }
+  #[inline]
+  pub fn add_timeout_ms(&mut self, timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(Request::VT_TIMEOUT_MS, timeout_ms, 0);
+  }
+  #[inline]
+  pub fn add_source_agent(&mut self, source_agent: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Request::VT_SOURCE_AGENT, source_agent);
+  }
+  #[inline]
+  pub fn add_payload_len(&mut self, payload_len: u32) {
+    self.fbb_.push_slot::<u32>(Request::VT_PAYLOAD_LEN, payload_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Request<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Request<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Request");
+      ds.field("request_id", &self.request_id());
+      ds.field("session_key", &self.session_key());
+      ds.field("model", &self.model());
+      ds.field("timeout_ms", &self.timeout_ms());
+      ds.field("source_agent", &self.source_agent());
+      ds.field("payload_len", &self.payload_len());
+      ds.finish()
+  }
+}
+pub enum ReplyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Worker -> router -> agent: the answer to a Request (`ok` false: the worker failed it,
+/// and the payload says why).
+pub struct Reply<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Reply<'a> {
+  type Inner = Reply<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Reply<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_OK: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NODE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Reply { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReplyArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Reply<'bldr>> {
+    let mut builder = ReplyBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    builder.add_payload_len(args.payload_len);
+    if let Some(x) = args.node { builder.add_node(x); }
+    builder.add_ok(args.ok);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Reply::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn ok(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Reply::VT_OK, Some(false)).unwrap()}
+  }
+  /// The node that answered (router -> agent).
+  #[inline]
+  pub fn node(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Reply::VT_NODE, None)}
+  }
+  #[inline]
+  pub fn payload_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Reply::VT_PAYLOAD_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Reply<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<bool>("ok", Self::VT_OK, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("node", Self::VT_NODE, false)?
+     .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReplyArgs<'a> {
+    pub request_id: u64,
+    pub ok: bool,
+    pub node: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub payload_len: u32,
+}
+impl<'a> Default for ReplyArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReplyArgs {
+      request_id: 0,
+      ok: false,
+      node: None,
+      payload_len: 0,
+    }
+  }
+}
+
+pub struct ReplyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReplyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(Reply::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_ok(&mut self, ok: bool) {
+    self.fbb_.push_slot::<bool>(Reply::VT_OK, ok, false);
+  }
+  #[inline]
+  pub fn add_node(&mut self, node: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Reply::VT_NODE, node);
+  }
+  #[inline]
+  pub fn add_payload_len(&mut self, payload_len: u32) {
+    self.fbb_.push_slot::<u32>(Reply::VT_PAYLOAD_LEN, payload_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReplyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReplyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Reply<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Reply<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Reply");
+      ds.field("request_id", &self.request_id());
+      ds.field("ok", &self.ok());
+      ds.field("node", &self.node());
+      ds.field("payload_len", &self.payload_len());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2900,6 +4100,111 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_worker_status(&self) -> Option<WorkerStatus<'a>> {
+    if self.message_type() == Message::WorkerStatus {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { WorkerStatus::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_worker_ack(&self) -> Option<WorkerAck<'a>> {
+    if self.message_type() == Message::WorkerAck {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { WorkerAck::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_open_session(&self) -> Option<OpenSession<'a>> {
+    if self.message_type() == Message::OpenSession {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { OpenSession::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_session_pinned(&self) -> Option<SessionPinned<'a>> {
+    if self.message_type() == Message::SessionPinned {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SessionPinned::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_close_session(&self) -> Option<CloseSession<'a>> {
+    if self.message_type() == Message::CloseSession {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CloseSession::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_request(&self) -> Option<Request<'a>> {
+    if self.message_type() == Message::Request {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Request::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_reply(&self) -> Option<Reply<'a>> {
+    if self.message_type() == Message::Reply {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Reply::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -2923,6 +4228,13 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::EpochChanged => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<EpochChanged>>("Message::EpochChanged", pos),
           Message::DeltaRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeltaRequest>>("Message::DeltaRequest", pos),
           Message::DeltaAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeltaAck>>("Message::DeltaAck", pos),
+          Message::WorkerStatus => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<WorkerStatus>>("Message::WorkerStatus", pos),
+          Message::WorkerAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<WorkerAck>>("Message::WorkerAck", pos),
+          Message::OpenSession => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<OpenSession>>("Message::OpenSession", pos),
+          Message::SessionPinned => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SessionPinned>>("Message::SessionPinned", pos),
+          Message::CloseSession => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CloseSession>>("Message::CloseSession", pos),
+          Message::Request => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Request>>("Message::Request", pos),
+          Message::Reply => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Reply>>("Message::Reply", pos),
           _ => Ok(()),
         }
      })?
@@ -3063,6 +4375,55 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::DeltaAck => {
           if let Some(x) = self.message_as_delta_ack() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::WorkerStatus => {
+          if let Some(x) = self.message_as_worker_status() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::WorkerAck => {
+          if let Some(x) = self.message_as_worker_ack() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::OpenSession => {
+          if let Some(x) = self.message_as_open_session() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::SessionPinned => {
+          if let Some(x) = self.message_as_session_pinned() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::CloseSession => {
+          if let Some(x) = self.message_as_close_session() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Request => {
+          if let Some(x) = self.message_as_request() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Reply => {
+          if let Some(x) = self.message_as_reply() {
             ds.field("message", &x)
           } else {
             ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")

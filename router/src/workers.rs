@@ -1,0 +1,911 @@
+//! Worker nodes, affine sessions and request/reply: the router side of GPU affinity.
+//!
+//! Workers (role `worker`) register with `WorkerStatus` and restate it whenever something
+//! changes (a model loaded or evicted, free memory, load, draining). Agents open affine
+//! sessions (`OpenSession{session_key, model}`): the placement library
+//! ([`swarmbus_affinity`]) picks the node, and the pin is written to the event log (the
+//! router's own swarm [`PINS_SWARM`], latest record per session key) before the agent is
+//! answered, so it survives a router restart. `Request`s go to the session's pinned node, or
+//! without a session to the least-loaded node that has the model; the worker's `Reply` goes
+//! back to the requester. Each request has a deadline; a request whose node disconnects is
+//! failed with `NodeGone`, and the node's sessions move, each to its next choice.
+//!
+//! Everything here is synchronous and sans-IO under one lock; the caller pushes the frames
+//! it returns and writes the pins it returns to the log.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use swarmbus_affinity::{
+    hash::key_hash, AffinityError, Fleet, Gpus, Health, Move, NodeId, NodeSpec, PinOutcome,
+    PlacementConfig, SessionConfig, SessionTable, Zone,
+};
+use swarmbus_schema::{
+    encode, ErrorCode, ErrorMessage, Message, OutFrame, Reply, Request, SessionPinned, WorkerStatus,
+};
+
+use crate::core::ConnId;
+use crate::outbox::Outbox;
+
+/// The router's own swarm holding session pins (names starting with `$` are reserved).
+pub const PINS_SWARM: &str = "$affinity";
+
+/// `[affinity]`: placement and request settings.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// No node takes more than ceil((1 + epsilon) x its weighted share) of the sessions.
+    pub load_epsilon: f64,
+    /// What a cold load costs in placement (race units; a weight-1 node's draw has mean 1).
+    /// Unset: a node with the model loaded always wins while within its bound.
+    pub cold_load_cost: Option<f64>,
+    /// An affine session not used (opened or requested on) for this long is closed.
+    pub session_ttl_ms: u64,
+    /// Affine sessions the router keeps; opening more is refused with NoWorker.
+    pub max_sessions: usize,
+    /// A request's timeout when it gives none.
+    pub request_timeout_ms: u32,
+    /// The longest timeout a request may ask for.
+    pub max_request_timeout_ms: u32,
+    /// Requests awaiting a reply, router-wide; more are refused with Busy.
+    pub max_pending_requests: usize,
+    /// After a restart, how long a session whose pinned node has not registered again waits
+    /// for it (requests are refused with Busy meanwhile) before it is placed afresh.
+    pub restore_grace_ms: u64,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        AffinityConfig {
+            load_epsilon: 0.25,
+            cold_load_cost: None,
+            session_ttl_ms: 600_000,
+            max_sessions: 1_000_000,
+            request_timeout_ms: 30_000,
+            max_request_timeout_ms: 600_000,
+            max_pending_requests: 65_536,
+            restore_grace_ms: 30_000,
+        }
+    }
+}
+
+/// A pin to write to the log: the session's node and model, or `None` when it ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinWrite {
+    pub session_key: String,
+    pub pin: Option<(String, Option<String>)>,
+}
+
+impl PinWrite {
+    /// The record payload: node and model, each as a u16 length and bytes; empty for an
+    /// ended session.
+    pub fn payload(&self) -> Bytes {
+        let Some((node, model)) = &self.pin else {
+            return Bytes::new();
+        };
+        let model = model.as_deref().unwrap_or_default();
+        let mut out = BytesMut::with_capacity(4 + node.len() + model.len());
+        for part in [node.as_str(), model] {
+            out.put_u16(part.len() as u16);
+            out.put_slice(part.as_bytes());
+        }
+        out.freeze()
+    }
+
+    /// Reads a record payload back (`None` for a malformed one).
+    pub fn parse(session_key: &str, payload: &[u8]) -> Option<PinWrite> {
+        if payload.is_empty() {
+            return Some(PinWrite {
+                session_key: session_key.to_owned(),
+                pin: None,
+            });
+        }
+        let mut parts = Vec::with_capacity(2);
+        let mut rest = payload;
+        for _ in 0..2 {
+            let (len, tail) = rest.split_at_checked(2)?;
+            let len = u16::from_be_bytes([len[0], len[1]]) as usize;
+            let (part, tail) = tail.split_at_checked(len)?;
+            parts.push(std::str::from_utf8(part).ok()?.to_owned());
+            rest = tail;
+        }
+        let model = parts.pop().filter(|m| !m.is_empty());
+        let node = parts.pop()?;
+        Some(PinWrite {
+            session_key: session_key.to_owned(),
+            pin: Some((node, model)),
+        })
+    }
+}
+
+/// A refusal: the error code, a message, and a retry hint in ms (0: none).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after_ms: u32,
+}
+
+impl Refusal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal {
+            code,
+            message: message.into(),
+            retry_after_ms: 0,
+        }
+    }
+
+    /// The Error frame answering request `request_id`.
+    pub fn frame(&self, request_id: u64) -> OutFrame {
+        error_frame(request_id, self.code, &self.message, self.retry_after_ms)
+    }
+}
+
+fn error_frame(request_id: u64, code: ErrorCode, message: &str, retry_after_ms: u32) -> OutFrame {
+    encode(&Message::Error(ErrorMessage {
+        code: code.as_u16(),
+        message: message.to_owned(),
+        request_id,
+        retry_after_ms,
+    }))
+}
+
+fn no_worker(error: AffinityError) -> Refusal {
+    Refusal::new(ErrorCode::NoWorker, error.to_string())
+}
+
+/// A frame for some connection's session lane.
+pub type Outgoing = (Arc<Outbox>, OutFrame);
+
+/// A registered worker's connection.
+#[derive(Debug)]
+struct Node {
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    in_flight: u32,
+}
+
+/// A request awaiting its worker's reply.
+#[derive(Debug)]
+struct Call {
+    requester: Arc<Outbox>,
+    request_id: u64,
+    node: NodeId,
+    deadline: Instant,
+}
+
+/// A pin read from the log whose node has not registered since the restart.
+#[derive(Debug)]
+struct RestoredPin {
+    node: NodeId,
+    model: Option<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    fleet: Fleet,
+    sessions: SessionTable,
+    /// Connected workers.
+    nodes: HashMap<NodeId, Node>,
+    /// Names of every node registered since the start (or named by a restored pin).
+    names: HashMap<NodeId, String>,
+    calls: HashMap<u64, Call>,
+    deadlines: BTreeSet<(Instant, u64)>,
+    next_call: u64,
+    restored: HashMap<String, RestoredPin>,
+}
+
+/// What the router knows about workers, sessions and requests in flight.
+#[derive(Debug)]
+pub struct Workers {
+    config: AffinityConfig,
+    state: Mutex<State>,
+    started: Instant,
+}
+
+/// A request routed to a worker: push `frame` to `worker`, after writing `pins`.
+#[derive(Debug)]
+pub struct Routed {
+    pub worker: Arc<Outbox>,
+    pub frame: OutFrame,
+    pub pins: Vec<PinWrite>,
+}
+
+/// A session opened: answer with `frame` once `pins` are written.
+#[derive(Debug)]
+pub struct Opened {
+    pub frame: OutFrame,
+    pub pins: Vec<PinWrite>,
+}
+
+/// The node id of a node name: stable, so a node that registers again (after a reconnect or
+/// a router restart) is the same node, with the same rankings and pins.
+pub fn node_id(name: &str) -> NodeId {
+    NodeId(key_hash(name))
+}
+
+impl Workers {
+    /// Starts with the pins read from the log (latest per session key, ended ones removed).
+    pub fn new(config: AffinityConfig, pins: impl IntoIterator<Item = PinWrite>) -> Self {
+        let placement = PlacementConfig {
+            load_epsilon: config.load_epsilon,
+            cold_load_cost: config.cold_load_cost.unwrap_or(f64::INFINITY),
+            ..PlacementConfig::default()
+        };
+        let sessions = SessionTable::new(SessionConfig {
+            lease_ttl_ms: config.session_ttl_ms,
+            max_sessions: config.max_sessions,
+        });
+        let mut names = HashMap::new();
+        let mut restored = HashMap::new();
+        for pin in pins {
+            match pin.pin {
+                Some((node, model)) => {
+                    let id = node_id(&node);
+                    names.insert(id, node);
+                    restored.insert(pin.session_key, RestoredPin { node: id, model });
+                }
+                None => {
+                    restored.remove(&pin.session_key);
+                }
+            }
+        }
+        Workers {
+            config,
+            state: Mutex::new(State {
+                fleet: Fleet::new(placement),
+                sessions,
+                nodes: HashMap::new(),
+                names,
+                calls: HashMap::new(),
+                deadlines: BTreeSet::new(),
+                next_call: 1,
+                restored,
+            }),
+            started: Instant::now(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn now_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.started).as_millis() as u64
+    }
+
+    /// Sessions pinned (live leases and restored pins waiting for their node).
+    pub fn sessions(&self) -> usize {
+        let state = self.lock();
+        state.sessions.len() + state.restored.len()
+    }
+
+    /// Requests awaiting a reply.
+    pub fn pending_requests(&self) -> usize {
+        self.lock().calls.len()
+    }
+
+    /// Registers a worker or applies its restated status. Returns the node id, frames to
+    /// push (requests failed because another connection took the node over), and pins to
+    /// write (sessions moved off a node that started draining).
+    pub fn register(
+        &self,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        status: &WorkerStatus,
+        now: Instant,
+    ) -> Result<(NodeId, Vec<Outgoing>, Vec<PinWrite>), Refusal> {
+        let id = node_id(&status.node);
+        let now_ms = self.now_ms(now);
+        let mut state = self.lock();
+        let state = &mut *state;
+        let mut out = Vec::new();
+        // Newest wins: another connection registering the same node takes it over, and the
+        // requests sent to the old one are failed (they will never be answered there).
+        if let Some(old) = state.nodes.get(&id) {
+            if old.conn != conn {
+                out.extend(fail_calls_to(state, id, "the worker node re-registered"));
+            }
+        }
+        let gpus = Gpus {
+            count: status.gpu_count,
+            model: status.gpu_model.clone(),
+            memory_total_bytes: status.gpu_memory_total,
+            memory_free_bytes: status.gpu_memory_free,
+        };
+        let mut spec = NodeSpec::new(id, Zone(status.zone.clone()), gpus);
+        if status.weight > 0 {
+            spec.weight = status.weight;
+        }
+        spec.models = status.models.clone();
+        spec.adapters = status.adapters.clone();
+        spec.draining = status.draining;
+        spec.health = Health::Healthy;
+        let was_draining = state.fleet.node(id).is_some_and(|n| n.draining);
+        let known = state.fleet.node(id).is_some();
+        let result = if known {
+            state.fleet.update_node(spec)
+        } else {
+            state.fleet.add_node(spec)
+        };
+        result.map_err(no_worker)?;
+        let in_flight = state.nodes.get(&id).map_or(0, |n| n.in_flight);
+        state.nodes.insert(
+            id,
+            Node {
+                conn,
+                outbox: outbox.clone(),
+                in_flight,
+            },
+        );
+        state.names.insert(id, status.node.clone());
+        let _ = state.fleet.set_in_flight(id, in_flight);
+        let mut pins = Vec::new();
+        if status.draining && !was_draining {
+            let moves = state.sessions.evacuate(&mut state.fleet, id);
+            pins.extend(moves_to_pins(state, &moves));
+        }
+        // Pins read from the log that wait for this node come back now.
+        let waiting: Vec<String> = state
+            .restored
+            .iter()
+            .filter(|(_, pin)| pin.node == id)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in waiting {
+            if let Some(pin) = state.restored.remove(&key) {
+                let _ = state.sessions.restore(
+                    &mut state.fleet,
+                    &key,
+                    id,
+                    pin.model.as_deref(),
+                    now_ms,
+                );
+            }
+        }
+        Ok((id, out, pins))
+    }
+
+    /// A connection ended: a worker's sessions move to their next choices (pins to write)
+    /// and its requests fail with NodeGone; requests it made are forgotten.
+    pub fn disconnect(&self, conn: ConnId) -> (Vec<Outgoing>, Vec<PinWrite>) {
+        let mut state = self.lock();
+        let state = &mut *state;
+        // Requests this connection was waiting for: their replies have nowhere to go.
+        let orphaned: Vec<u64> = state
+            .calls
+            .iter()
+            .filter(|(_, call)| call.requester.conn() == conn)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphaned {
+            remove_call(state, id);
+        }
+        let node = state
+            .nodes
+            .iter()
+            .find(|(_, node)| node.conn == conn)
+            .map(|(id, _)| *id);
+        let Some(id) = node else {
+            return (Vec::new(), Vec::new());
+        };
+        let out = fail_calls_to(state, id, "the worker node disconnected");
+        state.nodes.remove(&id);
+        let moves = state
+            .sessions
+            .fail_node(&mut state.fleet, id)
+            .unwrap_or_default();
+        let pins = moves_to_pins(state, &moves);
+        (out, pins)
+    }
+
+    /// Opens or renews an affine session.
+    pub fn open_session(
+        &self,
+        request_id: u64,
+        session_key: &str,
+        model: Option<&str>,
+        now: Instant,
+    ) -> Result<Opened, Refusal> {
+        let mut state = self.lock();
+        let (node, outcome, pins) = self.pin(&mut state, session_key, model, now)?;
+        let frame = encode(&Message::SessionPinned(SessionPinned {
+            request_id,
+            session_key: session_key.to_owned(),
+            node: state.names.get(&node).cloned().unwrap_or_default(),
+            node_id: node.0,
+            cold_load: matches!(outcome, PinOutcome::Placed { cold_load: true }),
+            kept: outcome == PinOutcome::Kept,
+        }));
+        Ok(Opened { frame, pins })
+    }
+
+    /// The session's node (placing it if needed), and the pins to write.
+    fn pin(
+        &self,
+        state: &mut State,
+        session_key: &str,
+        model: Option<&str>,
+        now: Instant,
+    ) -> Result<(NodeId, PinOutcome, Vec<PinWrite>), Refusal> {
+        if let Some(restored) = state.restored.get(session_key) {
+            let waited = now.saturating_duration_since(self.started);
+            let grace = Duration::from_millis(self.config.restore_grace_ms);
+            if waited < grace {
+                let node = state.names.get(&restored.node).cloned().unwrap_or_default();
+                return Err(Refusal {
+                    code: ErrorCode::Busy,
+                    message: format!(
+                        "session {session_key:?} is pinned to node {node:?}, which has not \
+                         registered since the router restarted"
+                    ),
+                    retry_after_ms: (grace - waited).as_millis().clamp(1, 1_000) as u32,
+                });
+            }
+            state.restored.remove(session_key);
+        }
+        let now_ms = self.now_ms(now);
+        let pin = state
+            .sessions
+            .open(&mut state.fleet, session_key, model, now_ms)
+            .map_err(no_worker)?;
+        let mut pins = Vec::new();
+        if pin.outcome != PinOutcome::Kept {
+            pins.push(PinWrite {
+                session_key: session_key.to_owned(),
+                pin: Some((
+                    state.names.get(&pin.node).cloned().unwrap_or_default(),
+                    model.map(str::to_owned),
+                )),
+            });
+        }
+        Ok((pin.node, pin.outcome, pins))
+    }
+
+    /// Ends an affine session; the pin to write when there was one.
+    pub fn close_session(&self, session_key: &str) -> Option<PinWrite> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let had = state.restored.remove(session_key).is_some()
+            | state
+                .sessions
+                .close(&mut state.fleet, session_key)
+                .is_some();
+        had.then(|| PinWrite {
+            session_key: session_key.to_owned(),
+            pin: None,
+        })
+    }
+
+    /// Routes a request to its worker: the session's pinned node, or the least-loaded
+    /// eligible node that has the model (any eligible node when none has it).
+    pub fn route(
+        &self,
+        requester: &Arc<Outbox>,
+        agent: &str,
+        request: Request,
+        now: Instant,
+    ) -> Result<Routed, Refusal> {
+        let mut state = self.lock();
+        if state.calls.len() >= self.config.max_pending_requests {
+            return Err(Refusal {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "{} requests are awaiting replies (affinity.max_pending_requests)",
+                    state.calls.len()
+                ),
+                retry_after_ms: 100,
+            });
+        }
+        let (node, pins) = match request.session_key.as_deref() {
+            Some(key) => {
+                let (node, _, pins) = self.pin(&mut state, key, request.model.as_deref(), now)?;
+                (node, pins)
+            }
+            None => {
+                let node = request
+                    .model
+                    .as_deref()
+                    .and_then(|model| state.fleet.least_loaded_with_model(model))
+                    .or_else(|| state.fleet.least_loaded())
+                    .ok_or_else(|| {
+                        Refusal::new(
+                            ErrorCode::NoWorker,
+                            "no worker node is registered, healthy and not draining",
+                        )
+                    })?;
+                (node, Vec::new())
+            }
+        };
+        let state = &mut *state;
+        let Some(worker) = state.nodes.get_mut(&node) else {
+            return Err(Refusal::new(
+                ErrorCode::NodeGone,
+                "the session's worker node is not connected",
+            ));
+        };
+        worker.in_flight = worker.in_flight.saturating_add(1);
+        let worker_outbox = worker.outbox.clone();
+        let in_flight = worker.in_flight;
+        let _ = state.fleet.set_in_flight(node, in_flight);
+        let max = self.config.max_request_timeout_ms;
+        let timeout_ms = match request.timeout_ms {
+            0 => self.config.request_timeout_ms,
+            asked => asked,
+        }
+        .min(max);
+        let call_id = state.next_call;
+        state.next_call += 1;
+        let deadline = now + Duration::from_millis(u64::from(timeout_ms));
+        state.calls.insert(
+            call_id,
+            Call {
+                requester: requester.clone(),
+                request_id: request.request_id,
+                node,
+                deadline,
+            },
+        );
+        state.deadlines.insert((deadline, call_id));
+        let frame = encode(&Message::Request(Request {
+            request_id: call_id,
+            session_key: request.session_key,
+            model: request.model,
+            timeout_ms,
+            source_agent: Some(agent.to_owned()),
+            payload: request.payload,
+        }));
+        Ok(Routed {
+            worker: worker_outbox,
+            frame,
+            pins,
+        })
+    }
+
+    /// A worker's reply: the frame for the requester, or `None` when the call is unknown
+    /// (answered already, timed out, failed over) or was not sent to this worker.
+    pub fn reply(&self, conn: ConnId, reply: Reply) -> Option<Outgoing> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let call = state.calls.get(&reply.request_id)?;
+        let node = state.nodes.get(&call.node)?;
+        if node.conn != conn {
+            return None;
+        }
+        let call = remove_call(state, reply.request_id)?;
+        let frame = encode(&Message::Reply(Reply {
+            request_id: call.request_id,
+            ok: reply.ok,
+            node: state.names.get(&call.node).cloned(),
+            payload: reply.payload,
+        }));
+        Some((call.requester, frame))
+    }
+
+    /// Fails the requests whose deadline passed (DeadlineExceeded).
+    pub fn expire(&self, now: Instant) -> Vec<Outgoing> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let mut out = Vec::new();
+        while let Some(&(deadline, id)) = state.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            if let Some(call) = remove_call(state, id) {
+                let node = state.names.get(&call.node).cloned().unwrap_or_default();
+                out.push((
+                    call.requester,
+                    error_frame(
+                        call.request_id,
+                        ErrorCode::DeadlineExceeded,
+                        &format!("no reply from worker node {node:?} within the timeout"),
+                        0,
+                    ),
+                ));
+            } else {
+                state.deadlines.pop_first();
+            }
+        }
+        out
+    }
+
+    /// Closes sessions unused for `session_ttl_ms`; the pins to write.
+    pub fn reap(&self, now: Instant) -> Vec<PinWrite> {
+        let now_ms = self.now_ms(now);
+        let mut state = self.lock();
+        let state = &mut *state;
+        state
+            .sessions
+            .reap(&mut state.fleet, now_ms)
+            .into_iter()
+            .map(|session_key| PinWrite {
+                session_key,
+                pin: None,
+            })
+            .collect()
+    }
+}
+
+/// Removes a call and its deadline, counting it off its node.
+fn remove_call(state: &mut State, id: u64) -> Option<Call> {
+    let call = state.calls.remove(&id)?;
+    state.deadlines.remove(&(call.deadline, id));
+    if let Some(node) = state.nodes.get_mut(&call.node) {
+        node.in_flight = node.in_flight.saturating_sub(1);
+        let in_flight = node.in_flight;
+        let _ = state.fleet.set_in_flight(call.node, in_flight);
+    }
+    Some(call)
+}
+
+/// Fails every request sent to `node` with NodeGone.
+fn fail_calls_to(state: &mut State, node: NodeId, why: &str) -> Vec<Outgoing> {
+    let ids: Vec<u64> = state
+        .calls
+        .iter()
+        .filter(|(_, call)| call.node == node)
+        .map(|(id, _)| *id)
+        .collect();
+    let name = state.names.get(&node).cloned().unwrap_or_default();
+    ids.into_iter()
+        .filter_map(|id| remove_call(state, id))
+        .map(|call| {
+            let frame = error_frame(
+                call.request_id,
+                ErrorCode::NodeGone,
+                &format!("{why} ({name}) before replying; retrying goes to the session's new node"),
+                0,
+            );
+            (call.requester, frame)
+        })
+        .collect()
+}
+
+fn moves_to_pins(state: &State, moves: &[Move]) -> Vec<PinWrite> {
+    moves
+        .iter()
+        .map(|m| PinWrite {
+            session_key: m.session_key.clone(),
+            pin: m.to.map(|to| {
+                let model = state
+                    .sessions
+                    .get(&m.session_key)
+                    .and_then(|lease| lease.model.clone());
+                (state.names.get(&to).cloned().unwrap_or_default(), model)
+            }),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueConfig;
+    use crate::stats::Stats;
+    use swarmbus_schema::{decode, DecodeOptions, FrameDecoder};
+
+    fn outbox(conn: u64) -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            ConnId(conn),
+            &QueueConfig::default(),
+            Arc::new(Stats::default()),
+        ))
+    }
+
+    fn status(node: &str, models: &[&str]) -> WorkerStatus {
+        WorkerStatus {
+            node: node.into(),
+            gpu_count: 1,
+            models: models.iter().map(|m| m.to_string()).collect(),
+            ..WorkerStatus::default()
+        }
+    }
+
+    fn request(key: Option<&str>, model: Option<&str>, timeout_ms: u32) -> Request {
+        Request {
+            request_id: 7,
+            session_key: key.map(str::to_owned),
+            model: model.map(str::to_owned),
+            timeout_ms,
+            source_agent: None,
+            payload: Bytes::from_static(b"prompt"),
+        }
+    }
+
+    fn message(frame: &OutFrame) -> Message {
+        let mut decoder = FrameDecoder::new(1 << 20);
+        decoder.push(Bytes::from(frame.to_vec()));
+        decode(
+            decoder.next_frame().unwrap().unwrap(),
+            &DecodeOptions::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn pins_round_trip_through_their_payload() {
+        for pin in [
+            Some(("gpu-a".to_string(), Some("llama".to_string()))),
+            Some(("gpu-b".to_string(), None)),
+            None,
+        ] {
+            let write = PinWrite {
+                session_key: "s".into(),
+                pin,
+            };
+            assert_eq!(PinWrite::parse("s", &write.payload()), Some(write));
+        }
+        assert_eq!(PinWrite::parse("s", &[0, 9, 1]), None);
+    }
+
+    #[test]
+    fn sessions_go_to_the_node_with_the_model_and_replies_come_back() {
+        let workers = Workers::new(AffinityConfig::default(), []);
+        let now = Instant::now();
+        let (a, b, agent) = (outbox(1), outbox(2), outbox(3));
+        workers
+            .register(ConnId(1), &a, &status("a", &["llama"]), now)
+            .unwrap();
+        workers
+            .register(ConnId(2), &b, &status("b", &["mistral"]), now)
+            .unwrap();
+        for key in ["k1", "k2"] {
+            let opened = workers.open_session(1, key, Some("mistral"), now).unwrap();
+            let Message::SessionPinned(pin) = message(&opened.frame) else {
+                panic!()
+            };
+            assert_eq!(pin.node, "b");
+            assert_eq!(opened.pins.len(), 1);
+            // Opening again keeps the pin and writes nothing.
+            let again = workers.open_session(2, key, Some("mistral"), now).unwrap();
+            assert!(again.pins.is_empty());
+        }
+        let routed = workers
+            .route(
+                &agent,
+                "agent",
+                request(Some("k1"), Some("mistral"), 0),
+                now,
+            )
+            .unwrap();
+        assert_eq!(routed.worker.conn(), ConnId(2));
+        let Message::Request(sent) = message(&routed.frame) else {
+            panic!()
+        };
+        assert_eq!(sent.source_agent.as_deref(), Some("agent"));
+        // A reply from the wrong worker is dropped; the right one goes to the requester.
+        let reply = || Reply {
+            request_id: sent.request_id,
+            ok: true,
+            node: None,
+            payload: Bytes::from_static(b"tokens"),
+        };
+        assert!(workers.reply(ConnId(1), reply()).is_none());
+        let (to, frame) = workers.reply(ConnId(2), reply()).unwrap();
+        assert_eq!(to.conn(), ConnId(3));
+        let Message::Reply(back) = message(&frame) else {
+            panic!()
+        };
+        assert_eq!((back.request_id, back.node.as_deref()), (7, Some("b")));
+        // Answered once: a second reply is dropped.
+        assert!(workers.reply(ConnId(2), reply()).is_none());
+        // Without a session: the least-loaded node with the model.
+        let routed = workers
+            .route(&agent, "agent", request(None, Some("llama"), 0), now)
+            .unwrap();
+        assert_eq!(routed.worker.conn(), ConnId(1));
+    }
+
+    #[test]
+    fn a_disconnected_worker_fails_its_requests_and_its_sessions_move() {
+        let workers = Workers::new(AffinityConfig::default(), []);
+        let now = Instant::now();
+        let (a, b, agent) = (outbox(1), outbox(2), outbox(3));
+        workers
+            .register(ConnId(1), &a, &status("a", &["m"]), now)
+            .unwrap();
+        workers.open_session(1, "k", Some("m"), now).unwrap();
+        workers
+            .register(ConnId(2), &b, &status("b", &[]), now)
+            .unwrap();
+        workers
+            .route(&agent, "agent", request(Some("k"), Some("m"), 0), now)
+            .unwrap();
+        let (failed, pins) = workers.disconnect(ConnId(1));
+        assert_eq!(failed.len(), 1);
+        let Message::Error(error) = message(&failed[0].1) else {
+            panic!()
+        };
+        assert_eq!(error.code, ErrorCode::NodeGone.as_u16());
+        assert_eq!(
+            pins,
+            vec![PinWrite {
+                session_key: "k".into(),
+                pin: Some(("b".into(), Some("m".into())))
+            }]
+        );
+        assert_eq!(workers.pending_requests(), 0);
+        let routed = workers
+            .route(&agent, "agent", request(Some("k"), Some("m"), 0), now)
+            .unwrap();
+        assert_eq!(routed.worker.conn(), ConnId(2));
+    }
+
+    #[test]
+    fn requests_past_their_deadline_fail_and_late_replies_are_dropped() {
+        let workers = Workers::new(AffinityConfig::default(), []);
+        let now = Instant::now();
+        let (a, agent) = (outbox(1), outbox(3));
+        workers
+            .register(ConnId(1), &a, &status("a", &[]), now)
+            .unwrap();
+        let routed = workers
+            .route(&agent, "agent", request(None, None, 50), now)
+            .unwrap();
+        let Message::Request(sent) = message(&routed.frame) else {
+            panic!()
+        };
+        assert!(workers.expire(now + Duration::from_millis(49)).is_empty());
+        let expired = workers.expire(now + Duration::from_millis(50));
+        assert_eq!(expired.len(), 1);
+        let Message::Error(error) = message(&expired[0].1) else {
+            panic!()
+        };
+        assert_eq!(error.code, ErrorCode::DeadlineExceeded.as_u16());
+        let late = Reply {
+            request_id: sent.request_id,
+            ok: true,
+            node: None,
+            payload: Bytes::new(),
+        };
+        assert!(workers.reply(ConnId(1), late).is_none());
+    }
+
+    #[test]
+    fn restored_pins_wait_for_their_node_then_stick() {
+        let config = AffinityConfig {
+            restore_grace_ms: 60_000,
+            ..AffinityConfig::default()
+        };
+        let pins = [
+            PinWrite {
+                session_key: "k".into(),
+                pin: Some(("a".into(), None)),
+            },
+            PinWrite {
+                session_key: "gone".into(),
+                pin: Some(("a".into(), None)),
+            },
+            PinWrite {
+                session_key: "gone".into(),
+                pin: None,
+            },
+        ];
+        let workers = Workers::new(config, pins);
+        assert_eq!(workers.sessions(), 1);
+        let now = Instant::now();
+        let agent = outbox(3);
+        // Another node registers first: the session waits for its own node.
+        workers
+            .register(ConnId(2), &outbox(2), &status("b", &[]), now)
+            .unwrap();
+        let refused = workers
+            .route(&agent, "agent", request(Some("k"), None, 0), now)
+            .unwrap_err();
+        assert_eq!(refused.code, ErrorCode::Busy);
+        assert!(refused.retry_after_ms > 0);
+        workers
+            .register(ConnId(1), &outbox(1), &status("a", &[]), now)
+            .unwrap();
+        let routed = workers
+            .route(&agent, "agent", request(Some("k"), None, 0), now)
+            .unwrap();
+        assert_eq!(routed.worker.conn(), ConnId(1));
+        assert!(routed.pins.is_empty(), "the pin was kept, not placed again");
+    }
+}
