@@ -4,7 +4,7 @@
 //! answer into a [`GpuReport`] that never fails: a probe error becomes an empty report whose
 //! `note` says why, logged with `tracing::warn!`. [`detect`] does that with the probe this
 //! build has:
-//! - with the cargo feature `nvml`: [`NvmlProbe`], NVIDIA's management library
+//! - with the cargo feature `nvml`: `NvmlProbe`, NVIDIA's management library
 //!   (`libnvidia-ml.so.1`, loaded at run time through `nvml-wrapper`, so building needs no
 //!   NVIDIA software and a node without it reports no GPUs instead of failing to start);
 //! - without it: no probe; the report is empty and says the feature is off.
@@ -140,13 +140,19 @@ pub fn detect_with(probe: &dyn GpuProbe) -> GpuReport {
 /// reason once and then at `debug`.
 static DETECT_WARNED: AtomicBool = AtomicBool::new(false);
 
+/// The probe [`detect`] uses: one per process, so NVML is initialised once (by the first
+/// successful probe) however often a worker detects.
+#[cfg(feature = "nvml")]
+static DETECT_PROBE: NvmlProbe = NvmlProbe::new();
+
 /// Detects this node's GPUs with the probe this build has: NVML with the `nvml` feature
-/// (a fresh [`NvmlProbe`] per call), none without it. Never fails: see [`GpuReport::note`].
-/// Warns once per process about a failed probe (or the missing feature).
+/// (one `NvmlProbe` for the process), none without it. Never fails: see
+/// [`GpuReport::note`]. Warns once per process about a failed probe (or the missing
+/// feature).
 pub fn detect() -> GpuReport {
     #[cfg(feature = "nvml")]
     {
-        report_from(&NvmlProbe::new(), &DETECT_WARNED)
+        report_from(&DETECT_PROBE, &DETECT_WARNED)
     }
     #[cfg(not(feature = "nvml"))]
     {
@@ -275,7 +281,8 @@ mod nvml {
     /// whose GPUs are not in persistence mode, too slow to repeat at every heartbeat. A
     /// failed initialisation is not cached, so a driver installed or started later is found
     /// by the next probe. Probes through one `NvmlProbe` take turns (a mutex); NVML itself
-    /// is thread-safe, the lock only guards the cached handle.
+    /// is thread-safe, the lock only guards the cached handle. [`detect`](super::detect)
+    /// keeps one `NvmlProbe` for the whole process.
     ///
     /// Lists physical GPUs: MIG instances are not enumerated, and a GPU in MIG mode reports
     /// no utilisation.
@@ -304,7 +311,7 @@ mod nvml {
 
     impl NvmlProbe {
         /// A probe that loads `libnvidia-ml.so.1` at its first use.
-        pub fn new() -> Self {
+        pub const fn new() -> Self {
             NvmlProbe {
                 library: None,
                 nvml: Mutex::new(None),
