@@ -6,6 +6,8 @@
 //! - [`apply`]: [`IdempotentApply`], which turns at-least-once delivery into an
 //!   exactly-once effect by dropping ops at or below the last applied op id;
 //! - [`error`]: the error type, [`ClientError`].
+//! - [`gpu`]: GPU detection for worker nodes ([`gpu::detect`], [`gpu::GpuProbe`], the fake
+//!   [`gpu::FakeGpus`], NVML behind the cargo feature `nvml`).
 //! - [`retry`]: exponential backoff with full jitter ([`RetryPolicy`], [`Backoff`]).
 //! - [`reconnect`]: [`ResilientClient`], a session that reconnects, resumes and
 //!   resubscribes by itself ([`Connector::connect_resilient`]).
@@ -25,6 +27,7 @@
 
 pub mod apply;
 pub mod error;
+pub mod gpu;
 pub mod reconnect;
 pub mod retry;
 
