@@ -108,6 +108,24 @@ impl GpuReport {
     /// product name, or their distinct names joined by ", " in index order when they differ),
     /// and memory summed over all GPUs (saturating).
     pub fn to_affinity(&self) -> swarmbus_affinity::Gpus {
+        self.affinity_gpus()
+    }
+
+    /// A worker's status with the GPU fields filled from this report (what
+    /// [`crate::Client::register_worker`] sends): set `models`, `zone` and the rest.
+    pub fn worker_status(&self, node: &str) -> swarmbus_schema::WorkerStatus {
+        let gpus = self.affinity_gpus();
+        swarmbus_schema::WorkerStatus {
+            node: node.to_owned(),
+            gpu_count: gpus.count,
+            gpu_model: gpus.model,
+            gpu_memory_total: gpus.memory_total_bytes,
+            gpu_memory_free: gpus.memory_free_bytes,
+            ..swarmbus_schema::WorkerStatus::default()
+        }
+    }
+
+    fn affinity_gpus(&self) -> swarmbus_affinity::Gpus {
         let mut models: Vec<&str> = Vec::new();
         for gpu in &self.gpus {
             if !models.contains(&gpu.model.as_str()) {
