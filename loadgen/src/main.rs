@@ -7,6 +7,7 @@ mod fanout;
 mod flood;
 mod probe;
 mod spawn;
+mod storm;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -42,6 +43,10 @@ enum Scenario {
     /// sessions; reports command latency in both phases, commands lost, telemetry shed and
     /// the spawned router's peak memory.
     Flood(flood::FloodArgs),
+    /// Well-behaved agents exchange commands, alone and then while one agent retries every
+    /// refusal at once; reports their command latency in both phases, the stormer's
+    /// refusals and the circuit-breaker transitions the router announced.
+    Storm(storm::StormArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -60,6 +65,7 @@ fn main() -> std::process::ExitCode {
             Scenario::Durable(args) => durable::run(args).await,
             Scenario::Check(args) => durable::run_check(args).await,
             Scenario::Flood(args) => flood::run(args).await,
+            Scenario::Storm(args) => storm::run(args).await,
         }
     });
     match result {
