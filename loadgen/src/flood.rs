@@ -57,8 +57,9 @@ pub struct FloodArgs {
     /// Commands awaiting acknowledgement at most.
     #[arg(long, default_value_t = 1024)]
     window: usize,
-    /// Longest wait for deliveries in flight after publishing stops.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// Longest wait for deliveries in flight after publishing stops (the router may hold a
+    /// large telemetry backlog by then).
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
     drain: Duration,
     /// Print one JSON object as the last stdout line instead of a table.
     #[arg(long)]
@@ -192,9 +193,8 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         flood_errors.extend(error);
         flooder_clients.push(client);
     }
-    let publish_elapsed = timeline.started.elapsed();
     let receivers_count = args.receivers as u64;
-    probe::drain(
+    let drained = probe::drain(
         &live,
         publisher.acked.len() * receivers_count,
         Duration::from_millis(300),
@@ -222,7 +222,11 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let mut commands_received = 0;
     let mut command_duplicates = 0;
     let mut telemetry_received = 0;
+    let mut last_telemetry = None;
+    let mut last_delivery = None;
     for report in &receiver_reports {
+        last_telemetry = last_telemetry.max(report.last_telemetry);
+        last_delivery = last_delivery.max(report.last_delivery);
         probe::merge(&mut idle, &report.latency_us[0])?;
         probe::merge(&mut flooded, &report.latency_us[1])?;
         commands_received += report.seen.iter().map(|s| s.len()).sum::<u64>();
@@ -234,14 +238,27 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let telemetry_expected = telemetry_sent * receivers_count;
     // Signed: more received than published would be a counting bug, and must show.
     let telemetry_shed = telemetry_expected as i64 - telemetry_received as i64;
-    let flood_seconds = args.duration.as_secs_f64();
+    // Telemetry reaches the receivers from the start of the flood until the router has
+    // worked off its backlog, which may be well after the flood stopped.
+    let telemetry_seconds = last_telemetry
+        .map(|at| at.saturating_duration_since(timeline.disturbed_from))
+        .unwrap_or_default()
+        .max(args.duration)
+        .as_secs_f64();
+    let drain_s = last_delivery
+        .map(|at| {
+            at.saturating_duration_since(timeline.deadline)
+                .as_secs_f64()
+        })
+        .unwrap_or_default();
     let report = serde_json::json!({
         "scenario": "flood",
         "agents": args.agents,
         "receivers": args.receivers,
         "command_rate": args.command_rate,
         "duration_s": args.duration.as_secs_f64(),
-        "elapsed_s": publish_elapsed.as_secs_f64(),
+        "drain_s": (drain_s * 1000.0).round() / 1000.0,
+        "drained": drained,
         "payload_bytes": args.payload,
         "flood_batch": args.flood_batch,
         "flood_threads": args.flood_threads,
@@ -259,8 +276,8 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         "telemetry_expected": telemetry_expected,
         "telemetry_received": telemetry_received,
         "telemetry_shed": telemetry_shed,
-        "telemetry_sent_per_s": (telemetry_sent as f64 / flood_seconds).round(),
-        "telemetry_received_per_s": (telemetry_received as f64 / flood_seconds).round(),
+        "telemetry_sent_per_s": (telemetry_sent as f64 / args.duration.as_secs_f64()).round(),
+        "telemetry_received_per_s": (telemetry_received as f64 / telemetry_seconds).round(),
         "router_rss_max_bytes": router_rss_max_bytes,
         "publish_errors": usize::from(publisher.error.is_some()) + flood_errors.len(),
         "receiver_errors": receiver_errors,
@@ -332,6 +349,9 @@ fn print_table(report: &serde_json::Value) {
         "telemetry_sent",
         "telemetry_received",
         "telemetry_shed",
+        "telemetry_received_per_s",
+        "drain_s",
+        "drained",
         "router_rss_max_bytes",
     ] {
         println!("{key:<26} {}", report[key]);

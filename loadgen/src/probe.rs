@@ -303,6 +303,10 @@ pub struct ReceiverReport {
     pub telemetry: u64,
     /// Deliveries of other classes (the storm's receivers subscribe to commands only).
     pub other: u64,
+    /// When the last telemetry message arrived.
+    pub last_telemetry: Option<Instant>,
+    /// When the last delivery of any class arrived.
+    pub last_delivery: Option<Instant>,
 }
 
 /// Receives until `stop` is set or the connection closes. Probe commands of publishers
@@ -322,6 +326,8 @@ pub async fn receive(
         untracked_commands: 0,
         telemetry: 0,
         other: 0,
+        last_telemetry: None,
+        last_delivery: None,
     };
     let mut apply = IdempotentApply::new();
     let mut batch = Vec::with_capacity(RECEIVE_BATCH);
@@ -374,6 +380,11 @@ pub async fn receive(
                 _ => report.other += 1,
             }
         }
+        let received_at = Instant::now();
+        report.last_delivery = Some(received_at);
+        if telemetry > 0 {
+            report.last_telemetry = Some(received_at);
+        }
         report.telemetry += telemetry;
         live.telemetry_received
             .fetch_add(telemetry, Ordering::Relaxed);
@@ -407,9 +418,10 @@ pub fn commands_lost(publishers: &[PublisherReport], receivers: &[ReceiverReport
 }
 
 /// Waits after publishing stopped until every acknowledged probe command reached every
-/// receiver (`expected_commands`) and telemetry stopped arriving for `quiet`, or progress
-/// stopped for `stall`, or `limit` passed.
-pub async fn drain(live: &Live, expected_commands: u64, quiet: Duration, limit: Duration) {
+/// receiver (`expected_commands`) and telemetry stopped arriving for `quiet`, or nothing
+/// arrived for 1.5 s (commands are missing then), or `limit` passed. Returns whether
+/// deliveries went quiet, i.e. `false` when the limit cut them off.
+pub async fn drain(live: &Live, expected_commands: u64, quiet: Duration, limit: Duration) -> bool {
     let stall = Duration::from_millis(1500).max(quiet);
     let deadline = Instant::now() + limit;
     let counters = || {
@@ -430,9 +442,10 @@ pub async fn drain(live: &Live, expected_commands: u64, quiet: Duration, limit: 
         }
         let quiet_for = last_change.elapsed();
         if (now.0 >= expected_commands && quiet_for >= quiet) || quiet_for >= stall {
-            return;
+            return true;
         }
     }
+    false
 }
 
 /// Prints a progress line to stderr every second until aborted; `telemetry` adds the

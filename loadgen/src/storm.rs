@@ -237,7 +237,7 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
         storm.add(task.await.context("stormer task")?);
     }
     let commands_acked: u64 = publisher_reports.iter().map(|p| p.acked.len()).sum();
-    probe::drain(
+    let drained = probe::drain(
         &live,
         commands_acked * args.agents as u64,
         Duration::from_millis(100),
@@ -310,6 +310,7 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
         "breaker_states_seen": transitions.states,
         "breaker_transition_counts": transitions.counts,
         "breaker_transitions_other_agents": transitions.others,
+        "drained": drained,
         "router_rss_max_bytes": router_rss_max_bytes,
         "publish_errors": publish_errors.len(),
         "receiver_errors": receiver_errors,
