@@ -272,6 +272,8 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         "idle_command_latency_us": probe::latency_json(&idle),
         "flood_command_latency_us": probe::latency_json(&flooded),
         "p99_ratio": probe::p99_ratio(&idle, &flooded),
+        "idle_ack_latency_us": probe::latency_json(&publisher.ack_latency_us[0]),
+        "flood_ack_latency_us": probe::latency_json(&publisher.ack_latency_us[1]),
         "telemetry_sent": telemetry_sent,
         "telemetry_expected": telemetry_expected,
         "telemetry_received": telemetry_received,
@@ -356,7 +358,12 @@ fn print_table(report: &serde_json::Value) {
     ] {
         println!("{key:<26} {}", report[key]);
     }
-    for key in ["idle_command_latency_us", "flood_command_latency_us"] {
+    for key in [
+        "idle_command_latency_us",
+        "flood_command_latency_us",
+        "idle_ack_latency_us",
+        "flood_ack_latency_us",
+    ] {
         let l = &report[key];
         println!(
             "{key:<26} p50 {}  p90 {}  p99 {}  max {}  ({} samples)",

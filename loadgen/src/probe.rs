@@ -205,7 +205,22 @@ pub struct PublisherReport {
     pub acked: SeqSet,
     /// Publishes the router refused (none expected from a probe).
     pub refused: u64,
+    /// Publish to acknowledgement (durable in the router's log), by the phase the command
+    /// was sent in: the router's share of the delivery latency, without the receivers'.
+    pub ack_latency_us: [Histogram<u64>; 2],
     pub error: Option<anyhow::Error>,
+}
+
+impl PublisherReport {
+    fn empty() -> Self {
+        PublisherReport {
+            sent: 0,
+            acked: SeqSet::default(),
+            refused: 0,
+            ack_latency_us: [latency_histogram(), latency_histogram()],
+            error: None,
+        }
+    }
 }
 
 /// Publishes commands to `swarm` at `plan.rate` until the timeline's deadline, each
@@ -216,23 +231,27 @@ pub async fn publish_probes(
     plan: PublishPlan,
     live: Arc<Live>,
 ) -> PublisherReport {
-    let (tx, mut rx) = mpsc::channel::<(u64, PendingAck)>(plan.window.max(1));
+    let (tx, mut rx) = mpsc::channel::<(Stamp, Instant, PendingAck)>(plan.window.max(1));
     // Acknowledgements arrive in publish order (one stream, one sequencer), so one
     // collector awaiting them in turn sees each as soon as it comes.
     let collector = tokio::spawn(async move {
-        let mut acked = SeqSet::default();
-        let mut refused = 0;
-        while let Some((seq, pending)) = rx.recv().await {
+        let mut report = PublisherReport::empty();
+        while let Some((stamp, at, pending)) = rx.recv().await {
             match pending.wait().await {
                 Ok(_) => {
-                    acked.insert(seq);
+                    let _ = report.ack_latency_us[stamp.phase as usize]
+                        .record((at.elapsed().as_micros() as u64).max(1));
+                    report.acked.insert(stamp.seq);
                     live.commands_acked.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(ClientError::Refused { .. }) => refused += 1,
-                Err(error) => return (acked, refused, Some(anyhow::Error::new(error))),
+                Err(ClientError::Refused { .. }) => report.refused += 1,
+                Err(error) => {
+                    report.error = Some(anyhow::Error::new(error));
+                    break;
+                }
             }
         }
-        (acked, refused, None)
+        report
     });
     let mut buf = BytesMut::new();
     let timeline = plan.timeline;
@@ -265,7 +284,7 @@ pub async fn publish_probes(
                     .publish_start(&swarm, Class::Command, payload, PublishOptions::default())
                     .await?;
                 sent += 1;
-                if tx.send((stamp.seq, pending)).await.is_err() {
+                if tx.send((stamp, at, pending)).await.is_err() {
                     return Ok(()); // the collector stopped on an error; it reports it
                 }
             }
@@ -273,20 +292,18 @@ pub async fn publish_probes(
     }
     .await;
     drop(tx);
-    let (acked, refused, collector_error) = match collector.await {
-        Ok(result) => result,
-        Err(join) => (
-            SeqSet::default(),
-            0,
-            Some(anyhow::anyhow!("acknowledgement collector failed: {join}")),
-        ),
+    let mut report = match collector.await {
+        Ok(report) => report,
+        Err(join) => PublisherReport {
+            error: Some(anyhow::anyhow!("acknowledgement collector failed: {join}")),
+            ..PublisherReport::empty()
+        },
     };
-    PublisherReport {
-        sent,
-        acked,
-        refused,
-        error: publishing.err().or(collector_error),
+    report.sent = sent;
+    if let Err(error) = publishing {
+        report.error.get_or_insert(error);
     }
+    report
 }
 
 /// What a receiver saw.

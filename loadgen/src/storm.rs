@@ -272,6 +272,18 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
         command_duplicates += report.duplicates;
         storm_commands_received += report.untracked_commands;
     }
+    let mut baseline_ack = probe::latency_histogram();
+    let mut storm_ack = probe::latency_histogram();
+    for report in &publisher_reports {
+        probe::merge(
+            &mut baseline_ack,
+            &report.ack_latency_us[Phase::Baseline as usize],
+        )?;
+        probe::merge(
+            &mut storm_ack,
+            &report.ack_latency_us[Phase::Disturbed as usize],
+        )?;
+    }
     let commands_lost = probe::commands_lost(&publisher_reports, &receiver_reports);
     let commands_sent: u64 = publisher_reports.iter().map(|p| p.sent).sum();
     let commands_refused: u64 = publisher_reports.iter().map(|p| p.refused).sum();
@@ -298,6 +310,8 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
         "baseline_command_latency_us": probe::latency_json(&baseline),
         "storm_command_latency_us": probe::latency_json(&stormy),
         "p99_ratio": probe::p99_ratio(&baseline, &stormy),
+        "baseline_ack_latency_us": probe::latency_json(&baseline_ack),
+        "storm_ack_latency_us": probe::latency_json(&storm_ack),
         "storm_attempts": storm.attempts,
         "storm_accepted": storm.accepted,
         "storm_attempts_per_s": (storm.attempts as f64 / args.duration.as_secs_f64()).round(),
@@ -440,7 +454,12 @@ fn print_table(report: &serde_json::Value) {
     ] {
         println!("{key:<34} {}", report[key]);
     }
-    for key in ["baseline_command_latency_us", "storm_command_latency_us"] {
+    for key in [
+        "baseline_command_latency_us",
+        "storm_command_latency_us",
+        "baseline_ack_latency_us",
+        "storm_ack_latency_us",
+    ] {
         let l = &report[key];
         println!(
             "{key:<34} p50 {}  p90 {}  p99 {}  max {}  ({} samples)",

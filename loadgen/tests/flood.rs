@@ -40,6 +40,8 @@ fn flood_reports_command_latency_loss_and_shedding() {
     for key in [
         "idle_command_latency_us",
         "flood_command_latency_us",
+        "idle_ack_latency_us",
+        "flood_ack_latency_us",
         "p99_ratio",
         "commands_lost",
         "telemetry_shed",

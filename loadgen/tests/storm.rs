@@ -54,6 +54,8 @@ fn storm_reports_refusals_breaker_transitions_and_no_loss() {
     for key in [
         "baseline_command_latency_us",
         "storm_command_latency_us",
+        "baseline_ack_latency_us",
+        "storm_ack_latency_us",
         "p99_ratio",
         "breaker_transitions",
         "breaker_states_seen",
