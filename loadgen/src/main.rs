@@ -4,7 +4,10 @@
 mod affinity_sim;
 mod durable;
 mod fanout;
+mod flood;
+mod probe;
 mod spawn;
+mod storm;
 mod units;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +39,14 @@ enum Scenario {
     /// Reads every swarm recorded by `durable --record` back from the router's log and
     /// compares; exits 1 on any missing, mismatched, gap or duplicate op.
     Check(durable::CheckArgs),
+    /// Commands at a steady rate, alone and then under a telemetry flood from --agents
+    /// sessions; reports command latency in both phases, commands lost, telemetry shed and
+    /// the spawned router's peak memory.
+    Flood(flood::FloodArgs),
+    /// Well-behaved agents exchange commands, alone and then while one agent retries every
+    /// refusal at once; reports their command latency in both phases, the stormer's
+    /// refusals and the circuit-breaker transitions the router announced.
+    Storm(storm::StormArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +64,8 @@ fn main() -> std::process::ExitCode {
             Scenario::AffinitySim(args) => affinity_sim::run(args),
             Scenario::Durable(args) => durable::run(args).await,
             Scenario::Check(args) => durable::run_check(args).await,
+            Scenario::Flood(args) => flood::run(args).await,
+            Scenario::Storm(args) => storm::run(args).await,
         }
     });
     match result {

@@ -1,10 +1,13 @@
-//! `--spawn-router`: runs a router child process on a temporary data dir for one run.
-
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
+//! `--spawn-router`: runs a router child process on a temporary data dir for one run
+//! ([`spawn_router_with`] takes a router binary and a TOML configuration), and samples its
+//! resident memory ([`RssSampler`]).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -13,10 +16,28 @@ use tokio::process::{Child, Command};
 /// A router child process; killed when dropped.
 #[derive(Debug)]
 pub struct SpawnedRouter {
-    _child: Child,
+    child: Child,
     pub addr: std::net::SocketAddr,
     pub ca: PathBuf,
     _data: tempfile::TempDir,
+}
+
+impl SpawnedRouter {
+    /// The child's process id; `None` once it has exited and been reaped.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// How to start a router child.
+#[derive(Clone, Debug, Default)]
+pub struct SpawnOptions {
+    /// The router binary (default: `swarmbus-router` beside this executable, else on PATH).
+    pub binary: Option<PathBuf>,
+    /// A TOML configuration (see `router/swarmbus.example.toml`), written into the data dir
+    /// and passed with `--config`. The listen address and data dir come from flags, which
+    /// win over the file.
+    pub config_toml: Option<String>,
 }
 
 /// The router binary: `explicit`, else `swarmbus-router` beside this executable, else on PATH.
@@ -33,17 +54,35 @@ fn router_binary(explicit: Option<&Path>) -> PathBuf {
     PathBuf::from("swarmbus-router")
 }
 
+/// Starts a router with its defaults; see [`spawn_router_with`].
 pub async fn spawn_router(explicit: Option<&Path>) -> anyhow::Result<SpawnedRouter> {
+    spawn_router_with(&SpawnOptions {
+        binary: explicit.map(Path::to_owned),
+        config_toml: None,
+    })
+    .await
+}
+
+/// Starts a router on 127.0.0.1, port 0, with a fresh temporary data dir, and waits until
+/// it prints its address.
+pub async fn spawn_router_with(options: &SpawnOptions) -> anyhow::Result<SpawnedRouter> {
     let data = tempfile::Builder::new()
         .prefix("swarmbus-loadgen-")
         .tempdir()
         .context("creating a temporary data dir")?;
-    let binary = router_binary(explicit);
-    let mut child = Command::new(&binary)
+    let binary = router_binary(options.binary.as_deref());
+    let mut command = Command::new(&binary);
+    command
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(data.path());
+    if let Some(toml) = &options.config_toml {
+        let path = data.path().join("router.toml");
+        std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
+        command.arg("--config").arg(path);
+    }
+    let mut child = command
         .env(
             "SWARMBUS_LOG",
             std::env::var("SWARMBUS_LOG").unwrap_or_else(|_| "warn".into()),
@@ -74,7 +113,7 @@ pub async fn spawn_router(explicit: Option<&Path>) -> anyhow::Result<SpawnedRout
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Ok(SpawnedRouter {
-        _child: child,
+        child,
         addr,
         ca: data.path().join("tls").join("ca.pem"),
         _data: data,
@@ -101,13 +140,42 @@ pub struct RouterArgs {
     /// Router binary for --spawn-router (default: swarmbus-router beside this binary).
     #[arg(long, value_name = "PATH")]
     router_bin: Option<PathBuf>,
+    /// TOML configuration for the router of --spawn-router (see
+    /// router/swarmbus.example.toml); replaces the scenario's own, if it has one.
+    #[arg(long, value_name = "FILE", requires = "spawn_router")]
+    router_config: Option<PathBuf>,
 }
 
 impl RouterArgs {
     /// The router's address and CA, starting a child router if asked.
     pub async fn resolve(&self) -> anyhow::Result<(SocketAddr, PathBuf, Option<SpawnedRouter>)> {
+        self.resolve_with_config(None).await
+    }
+
+    /// Like [`RouterArgs::resolve`]; a spawned router runs with `--router-config` if given,
+    /// else with `default_toml` (the scenario's configuration), else with its defaults.
+    pub async fn resolve_with_config(
+        &self,
+        default_toml: Option<&str>,
+    ) -> anyhow::Result<(SocketAddr, PathBuf, Option<SpawnedRouter>)> {
         if self.spawn_router {
-            let spawned = spawn_router(self.router_bin.as_deref()).await?;
+            let config_toml = match &self.router_config {
+                Some(path) => Some(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => default_toml.map(str::to_owned),
+            };
+            let spawned = match config_toml {
+                None => spawn_router(self.router_bin.as_deref()).await?,
+                Some(config_toml) => {
+                    spawn_router_with(&SpawnOptions {
+                        binary: self.router_bin.clone(),
+                        config_toml: Some(config_toml),
+                    })
+                    .await?
+                }
+            };
             return Ok((spawned.addr, spawned.ca.clone(), Some(spawned)));
         }
         let router = self.router.as_deref().unwrap_or_default();
@@ -121,5 +189,77 @@ impl RouterArgs {
 
     pub fn server_name(&self) -> &str {
         &self.server_name
+    }
+}
+
+/// Samples a process's resident memory (`VmRSS` in `/proc/<pid>/status`) at a fixed interval
+/// and keeps the largest value seen. Linux only: elsewhere nothing is ever sampled.
+#[derive(Debug)]
+pub struct RssSampler {
+    max_bytes: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RssSampler {
+    pub fn start(pid: u32, every: Duration) -> Self {
+        let max_bytes = Arc::new(AtomicU64::new(0));
+        let max = max_bytes.clone();
+        let task = tokio::spawn(async move {
+            let path = PathBuf::from(format!("/proc/{pid}/status"));
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tick.tick().await;
+                // A small procfs file: reading it inline costs microseconds.
+                match std::fs::read_to_string(&path) {
+                    Ok(status) => {
+                        if let Some(bytes) = vm_rss_bytes(&status) {
+                            max.fetch_max(bytes, Ordering::Relaxed);
+                        }
+                    }
+                    Err(_) => return, // the process is gone
+                }
+            }
+        });
+        RssSampler { max_bytes, task }
+    }
+
+    /// Stops sampling; the largest resident size seen, `None` if no sample was taken.
+    pub fn stop(self) -> Option<u64> {
+        self.task.abort();
+        Some(self.max_bytes.load(Ordering::Relaxed)).filter(|&bytes| bytes > 0)
+    }
+}
+
+/// The `VmRSS` line of a `/proc/<pid>/status` text, in bytes.
+fn vm_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let mut words = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") | None => value.checked_mul(1024),
+        Some(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vm_rss_from_proc_status() {
+        let status =
+            "Name:\tswarmbus-router\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
+        assert_eq!(vm_rss_bytes(status), Some(12345 * 1024));
+        assert_eq!(vm_rss_bytes("Name:\tkthreadd\n"), None);
+    }
+
+    #[tokio::test]
+    async fn samples_this_process() {
+        let sampler = RssSampler::start(std::process::id(), Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        if cfg!(target_os = "linux") {
+            assert!(sampler.stop().is_some_and(|bytes| bytes > 0));
+        }
     }
 }
