@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use swarmbus_client::{IdempotentApply, PublishOptions};
-use swarmbus_schema::{Class, OpId, Role};
+use swarmbus_schema::{Class, OpId, Publish, Role};
 
 use crate::common::{recv_n, recv_until, start_router};
 
@@ -641,5 +641,45 @@ async fn a_swarm_wide_storm_opens_the_swarm_breaker_which_spares_control_and_oth
             "{states:?}"
         );
     }
+    t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anything() {
+    // 640 messages/s, a burst of one 64-message batch: 1,000 messages cannot be read in
+    // under (1000 - 64 - 64) / 640 s, whatever the machine's speed; and none is dropped.
+    let t = start_router(|c| c.rate_limits.router_telemetry_per_s = 640.0).await;
+    let (publisher, _p) = t.connect("sensor", Role::Agent, &["s"]).await;
+    let (reader, mut rx) = t.connect("reader", Role::Agent, &["s"]).await;
+    reader.subscribe("s", Class::Telemetry, None).await.unwrap();
+    let started = std::time::Instant::now();
+    let batch: Vec<_> = (0..1_000u32)
+        .map(|i| Publish {
+            request_id: 0,
+            swarm: "s".into(),
+            class: Class::Telemetry,
+            target_agent: None,
+            key: None,
+            payload: Bytes::from(i.to_be_bytes().to_vec()),
+        })
+        .collect();
+    publisher
+        .publish_batch(Class::Telemetry, batch)
+        .await
+        .unwrap();
+    let got = recv_n(&mut rx, 1_000).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1_300),
+        "1,000 messages were read in {elapsed:?}, above the budget"
+    );
+    let order: Vec<u32> = got
+        .iter()
+        .map(|d| u32::from_be_bytes(d.payload[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(order, (0..1_000).collect::<Vec<_>>());
+    let stats = t.router.stats();
+    assert_eq!(stats.telemetry_shed, 0, "{stats:?}");
+    assert_eq!(stats.rate_limited_dropped, 0, "{stats:?}");
     t.router.shutdown().await;
 }

@@ -19,6 +19,7 @@ pub struct SpawnedRouter {
     child: Child,
     pub addr: std::net::SocketAddr,
     pub ca: PathBuf,
+    options: SpawnOptions,
     _data: tempfile::TempDir,
 }
 
@@ -26,6 +27,47 @@ impl SpawnedRouter {
     /// The child's process id; `None` once it has exited and been reaped.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
+    }
+
+    /// Restarts the router as an operator would: SIGTERM (the router closes every
+    /// connection with ShuttingDown), wait for the process to exit, then start it again on
+    /// the same address and data dir.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.child.id() {
+            let status = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .context("running kill -TERM")?;
+            if !status.success() {
+                bail!("kill -TERM {pid} failed: {status}");
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(result) => {
+                result.context("waiting for the router to exit")?;
+            }
+            Err(_) => {
+                let _ = self.child.kill().await;
+                bail!("the router did not exit within 30 s of SIGTERM");
+            }
+        }
+        // The port is free once the process is gone; try a few times in case the kernel
+        // is slow to release it.
+        let mut last = None;
+        for _ in 0..50 {
+            match start(&self.options, self._data.path(), &self.addr.to_string()).await {
+                Ok((child, addr)) => {
+                    self.child = child;
+                    self.addr = addr;
+                    return Ok(());
+                }
+                Err(error) => {
+                    last = Some(error);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("restarting the router failed")))
     }
 }
 
@@ -70,15 +112,32 @@ pub async fn spawn_router_with(options: &SpawnOptions) -> anyhow::Result<Spawned
         .prefix("swarmbus-loadgen-")
         .tempdir()
         .context("creating a temporary data dir")?;
+    let (child, addr) = start(options, data.path(), "127.0.0.1:0").await?;
+    Ok(SpawnedRouter {
+        child,
+        addr,
+        ca: data.path().join("tls").join("ca.pem"),
+        options: options.clone(),
+        _data: data,
+    })
+}
+
+/// Starts the router process on `listen` with `data` as its data dir and waits until it
+/// prints its address.
+async fn start(
+    options: &SpawnOptions,
+    data: &Path,
+    listen: &str,
+) -> anyhow::Result<(Child, SocketAddr)> {
     let binary = router_binary(options.binary.as_deref());
     let mut command = Command::new(&binary);
     command
         .arg("--listen")
-        .arg("127.0.0.1:0")
+        .arg(listen)
         .arg("--data-dir")
-        .arg(data.path());
+        .arg(data);
     if let Some(toml) = &options.config_toml {
-        let path = data.path().join("router.toml");
+        let path = data.join("router.toml");
         std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
         command.arg("--config").arg(path);
     }
@@ -112,12 +171,7 @@ pub async fn spawn_router_with(options: &SpawnOptions) -> anyhow::Result<Spawned
     .context("waiting for the router to print `listening on`")??;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(SpawnedRouter {
-        child,
-        addr,
-        ca: data.path().join("tls").join("ca.pem"),
-        _data: data,
-    })
+    Ok((child, addr))
 }
 
 /// Where to find the router: `--router` and `--ca`, or `--spawn-router`.

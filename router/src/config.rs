@@ -55,6 +55,10 @@ pub struct RateLimitsConfig {
     pub breaker: BreakerConfig,
     /// The per-swarm circuit breaker: refusals of all the swarm's sessions add up.
     pub swarm_breaker: BreakerConfig,
+    /// Telemetry messages the whole router reads per second (0: no limit). Above it,
+    /// telemetry publish streams are not read on, so QUIC flow control holds the senders
+    /// back instead of the router spending CPU on a flood it would shed.
+    pub router_telemetry_per_s: f64,
 }
 
 /// Rate overrides of one swarm: for every role, then per role.
@@ -92,6 +96,7 @@ impl Default for RateLimitsConfig {
             swarms: HashMap::new(),
             breaker: BreakerConfig::default(),
             swarm_breaker: BreakerConfig::swarm_default(),
+            router_telemetry_per_s: 0.0,
         }
     }
 }
@@ -477,6 +482,13 @@ impl Config {
                     "rate_limits: rate_per_s must be >= 0 and burst >= 1",
                 ));
             }
+        }
+        if !(self.rate_limits.router_telemetry_per_s >= 0.0
+            && self.rate_limits.router_telemetry_per_s.is_finite())
+        {
+            return Err(config_error(
+                "rate_limits.router_telemetry_per_s must be a finite number >= 0",
+            ));
         }
         for (name, breaker) in [
             ("breaker", &self.rate_limits.breaker),

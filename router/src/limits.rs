@@ -48,16 +48,22 @@ impl TokenBucket {
 
     /// Takes one token, or says how long until one is available.
     pub fn try_take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.try_take_n(1.0, now)
+    }
+
+    /// Takes `n` tokens at once (at most the burst), or says how long until they are there.
+    pub fn try_take_n(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+        let n = n.min(self.rate.burst);
         self.refill(now);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n {
+            self.tokens -= n;
             return Ok(());
         }
         if self.rate.rate_per_s <= 0.0 {
             // A zero rate never refills: advise a long pause rather than dividing by zero.
             return Err(Duration::from_secs(60));
         }
-        let missing = 1.0 - self.tokens;
+        let missing = n - self.tokens;
         Err(Duration::from_secs_f64(missing / self.rate.rate_per_s))
     }
 }
@@ -77,6 +83,46 @@ impl ClassBuckets {
 
     pub fn try_take(&mut self, class: Class, now: Instant) -> Result<(), Duration> {
         self.buckets[class.index()].try_take(now)
+    }
+}
+
+/// The router-wide budget for telemetry intake: publish-stream readers take tokens before
+/// they read on, so above the budget telemetry is not read at all and QUIC flow control
+/// stops the senders (no CPU spent on messages that would be shed anyway). Readers take
+/// tokens in batches to keep the shared lock off the per-message path.
+#[derive(Debug)]
+pub struct IntakeBudget {
+    bucket: std::sync::Mutex<TokenBucket>,
+}
+
+impl IntakeBudget {
+    /// Messages taken from the shared bucket at once by one reader.
+    pub const BATCH: u32 = 64;
+
+    pub fn new(rate_per_s: f64) -> Self {
+        // A burst of a tenth of a second, at least one batch.
+        let burst = (rate_per_s / 10.0).max(f64::from(Self::BATCH));
+        IntakeBudget {
+            bucket: std::sync::Mutex::new(TokenBucket::new(
+                Rate::new(rate_per_s, burst),
+                Instant::now(),
+            )),
+        }
+    }
+
+    /// Waits until a batch of [`Self::BATCH`] messages may be read.
+    pub async fn take_batch(&self) {
+        loop {
+            let verdict = self
+                .bucket
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .try_take_n(f64::from(Self::BATCH), Instant::now());
+            match verdict {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait.max(Duration::from_millis(1))).await,
+            }
+        }
     }
 }
 
@@ -240,6 +286,24 @@ mod tests {
             bucket.try_take(much_later).unwrap();
         }
         assert!(bucket.try_take(much_later).is_err());
+    }
+
+    #[test]
+    fn batches_take_many_tokens_and_wait_for_all_of_them() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(Rate::new(100.0, 64.0), start);
+        bucket.try_take_n(64.0, start).unwrap();
+        assert_eq!(
+            bucket.try_take_n(64.0, start),
+            Err(Duration::from_millis(640))
+        );
+        bucket
+            .try_take_n(64.0, start + Duration::from_millis(640))
+            .unwrap();
+        // More than the burst is capped at the burst rather than waiting forever.
+        assert!(bucket
+            .try_take_n(1_000.0, start + Duration::from_secs(10))
+            .is_ok());
     }
 
     #[test]

@@ -65,6 +65,8 @@ struct Context {
     /// Set by [`Router::shutdown`]: connections closing now are not worker failures (their
     /// sessions stay pinned for after the restart).
     shutting_down: std::sync::atomic::AtomicBool,
+    /// `rate_limits.router_telemetry_per_s`, when set.
+    telemetry_intake: Option<crate::limits::IntakeBudget>,
 }
 
 impl Context {
@@ -319,6 +321,9 @@ impl Router {
             .collect();
         let writer_kind = writer.kind();
         drop(writer);
+        let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
+        let telemetry_intake =
+            (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));
         let context = Arc::new(Context {
             decode: DecodeOptions::default(),
             config,
@@ -328,6 +333,7 @@ impl Router {
             swarm_guards: Mutex::new(HashMap::new()),
             workers,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
+            telemetry_intake,
         });
         tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
@@ -1407,10 +1413,23 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
                 let mut reader = FrameReader::new(recv, max_frame);
                 let decode = session.context.decode.clone();
                 let result = async {
+                    // Telemetry this reader may still read before it takes another batch
+                    // from the router-wide intake budget.
+                    let mut allowance = 0u32;
                     loop {
                         match reader.next(&decode).await? {
                             Read::Message(message @ Message::Publish(_)) => {
-                                session.dispatch(message).await?
+                                let telemetry = matches!(&message, Message::Publish(p) if p.class == Class::Telemetry);
+                                session.dispatch(message).await?;
+                                if let (true, Some(budget)) =
+                                    (telemetry, &session.context.telemetry_intake)
+                                {
+                                    if allowance == 0 {
+                                        budget.take_batch().await;
+                                        allowance = crate::limits::IntakeBudget::BATCH;
+                                    }
+                                    allowance -= 1;
+                                }
                             }
                             Read::Message(other) => {
                                 return Err(Fault::new(
