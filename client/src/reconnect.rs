@@ -63,7 +63,7 @@ impl Default for ReconnectOptions {
     fn default() -> Self {
         ReconnectOptions {
             policy: RetryPolicy {
-                base: Duration::from_millis(100),
+                base: Duration::from_millis(500),
                 cap: Duration::from_secs(10),
                 max_attempts: u32::MAX,
                 jitter: true,

@@ -21,6 +21,9 @@ use swarmbus_schema::{Class, Role};
 use crate::spawn::RouterArgs;
 use crate::units::parse_duration;
 
+/// Clients per UDP socket (one `Connector` each).
+const CLIENTS_PER_SOCKET: usize = 25;
+
 /// Width of the window in which connection attempts are counted.
 const ATTEMPT_WINDOW: Duration = Duration::from_millis(100);
 
@@ -41,11 +44,11 @@ pub struct ReconnectArgs {
     /// Run with full jitter (`on`), without (`off`), or both, one after the other.
     #[arg(long, value_enum, default_value = "both")]
     jitter: JitterMode,
-    /// First backoff bound; it doubles with every attempt.
-    #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+    /// First backoff bound; it doubles with every attempt (the client library's default).
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     base: Duration,
-    /// Largest backoff bound.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// Largest backoff bound (the client library's default).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     cap: Duration,
     /// Swarms the clients are spread over (each client joins one).
     #[arg(long, default_value_t = 10)]
@@ -124,7 +127,12 @@ async fn run_once(
     router: &mut crate::spawn::SpawnedRouter,
     jitter: bool,
 ) -> anyhow::Result<RunResult> {
-    let connector = Connector::new(&router.ca, args.router.server_name())?;
+    // Clients share a UDP socket per CLIENTS_PER_SOCKET: real clients each have their own,
+    // and a thousand connections behind one socket lose packets in its receive buffer when
+    // they all hear from the router at once.
+    let connectors = (0..args.clients.div_ceil(CLIENTS_PER_SOCKET))
+        .map(|_| Connector::new(&router.ca, args.router.server_name()))
+        .collect::<Result<Vec<_>, _>>()?;
     let observed = Arc::new(Mutex::new(Observed {
         attempts: Vec::new(),
         resubscribed: vec![None; args.clients],
@@ -145,7 +153,7 @@ async fn run_once(
         while next < args.clients && pending.len() < args.connect_concurrency.max(1) {
             let index = next;
             next += 1;
-            let connector = connector.clone();
+            let connector = connectors[index / CLIENTS_PER_SOCKET].clone();
             let observed = observed.clone();
             let swarm = format!("swarm-{}", index % args.swarms);
             let mut session = Session::new(format!("client-{index}"), Role::Agent, [&swarm]);

@@ -181,6 +181,23 @@ pub fn server_config(
 }
 
 #[cfg(test)]
+mod reset_key_tests {
+    use super::*;
+
+    #[test]
+    fn the_stateless_reset_key_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let sign = |key: &ring::hmac::Key| ring::hmac::sign(key, b"cid").as_ref().to_vec();
+        let (first, first_cid) = stateless_reset_key(dir.path()).unwrap();
+        let (again, again_cid) = stateless_reset_key(dir.path()).unwrap();
+        assert_eq!(sign(&first), sign(&again));
+        assert_eq!(first_cid, again_cid);
+        std::fs::write(dir.path().join("stateless-reset.key"), "zz").unwrap();
+        assert!(stateless_reset_key(dir.path()).is_err());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -214,4 +231,51 @@ mod tests {
         assert!(err.to_string().contains("ca-key.pem is missing"), "{err}");
         assert_eq!(std::fs::read(&reissued.ca_cert).unwrap(), ca);
     }
+}
+
+/// The key of the router's QUIC stateless resets, kept in `DATA_DIR/stateless-reset.key`
+/// (created on first start, mode 0600). Because it survives restarts, a client whose
+/// connection the previous process held (a crash, or a close packet lost) gets a valid
+/// stateless reset from the new process at its next packet and reconnects at once, instead
+/// of waiting out its idle timeout.
+///
+/// Returns the HMAC key of the reset tokens and the key of the connection id generator:
+/// the restarted process must recognise the old connection ids as its own too, or it drops
+/// their packets instead of resetting them.
+pub fn stateless_reset_key(data_dir: &Path) -> Result<(ring::hmac::Key, u64), RouterError> {
+    let path = data_dir.join("stateless-reset.key");
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(text) => decode_hex(text.trim())
+            .filter(|secret| secret.len() == 32)
+            .ok_or_else(|| {
+                tls_error(
+                    format!("reading {}", path.display()),
+                    "not 64 hex digits; remove it to make a new one",
+                )
+            })?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+                .map_err(|_| tls_error("generating the stateless reset key", "no randomness"))?;
+            let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+            write_private(&path, &format!("{hex}\n"))?;
+            secret.to_vec()
+        }
+        Err(error) => return Err(tls_error(format!("reading {}", path.display()), error)),
+    };
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let tag = ring::hmac::sign(&key, b"swarmbus connection ids");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&tag.as_ref()[..8]);
+    Ok((key, u64::from_le_bytes(cid_key)))
+}
+
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }

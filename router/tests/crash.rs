@@ -20,8 +20,12 @@ const ROUTER: &str = env!("CARGO_BIN_EXE_swarmbus-router");
 const SWARMS: [&str; 2] = ["crash-a", "crash-b"];
 
 fn start_router(data: &Path, writer: &str) -> (Child, SocketAddr) {
+    start_router_on(data, writer, "127.0.0.1:0")
+}
+
+fn start_router_on(data: &Path, writer: &str, listen: &str) -> (Child, SocketAddr) {
     let mut child = Command::new(ROUTER)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["--listen", listen, "--data-dir"])
         .arg(data)
         .env("SWARMBUS_LOG", "warn")
         .env("SWARMBUS_LOG_WRITER", writer)
@@ -200,6 +204,43 @@ async fn crash_rounds(writer: &str) {
             "{swarm}: gap or reuse after restart"
         );
     }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn clients_of_a_crashed_router_are_told_by_the_restarted_one() {
+    // The stateless reset key lives in the data dir: the restarted process resets the
+    // connections of the one that crashed at their next packet (a keep-alive within 5 s),
+    // so clients reconnect long before their 30 s idle timeout.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (mut child, addr) = start_router(data, "auto");
+    let connector = Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
+    let (client, _d) = connector
+        .connect(addr, Session::new("survivor", Role::Agent, ["s"]))
+        .await
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut restarted = None;
+    for _ in 0..50 {
+        // The port is free once the process is gone; the kernel may take a moment.
+        let attempt = std::panic::catch_unwind(|| start_router_on(data, "auto", &addr.to_string()));
+        if let Ok(started) = attempt {
+            restarted = Some(started);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (mut child, _) = restarted.expect("the router restarts on the same address");
+    let closed = tokio::time::timeout(Duration::from_secs(20), client.closed())
+        .await
+        .expect("the client learns of the restart well before its 30 s idle timeout");
+    assert!(
+        matches!(closed, swarmbus_client::ClientError::Closed { .. }),
+        "{closed}"
+    );
     child.kill().unwrap();
     child.wait().unwrap();
 }
