@@ -271,7 +271,7 @@ pub fn stateless_reset_key(data_dir: &Path) -> Result<(ring::hmac::Key, u64), Ro
 }
 
 fn decode_hex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
