@@ -256,6 +256,12 @@ pub struct LimitsConfig {
     pub idle_timeout_ms: u64,
     /// Commands queued to a shard before readers wait (backpressure to publishers).
     pub shard_queue: usize,
+    /// Bytes a client may send on one connection before the router has read them (QUIC
+    /// connection flow-control window): the most a connection can make the router buffer
+    /// on the way in.
+    pub receive_window_bytes: u32,
+    /// The same per stream (each publish stream, the session stream).
+    pub stream_receive_window_bytes: u32,
 }
 
 /// Outbound queue capacity per connection and class, in frames.
@@ -308,6 +314,8 @@ impl Default for LimitsConfig {
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
             shard_queue: 8_192,
+            receive_window_bytes: 2 << 20,
+            stream_receive_window_bytes: 1 << 20,
         }
     }
 }
@@ -499,6 +507,15 @@ impl Config {
                     "rate_limits.{name}: failures, probes and window_ms must be at least 1"
                 )));
             }
+        }
+        // Frames larger than a window still pass: the reader frees the window as it reads.
+        if limits.stream_receive_window_bytes < 65_536
+            || limits.receive_window_bytes < limits.stream_receive_window_bytes
+        {
+            return Err(config_error(
+                "limits.stream_receive_window_bytes must be at least 65536 and \
+                 limits.receive_window_bytes at least limits.stream_receive_window_bytes",
+            ));
         }
         if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {
             return Err(config_error(

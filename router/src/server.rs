@@ -406,8 +406,10 @@ fn transport_config(config: &Config) -> quinn::TransportConfig {
     transport.max_concurrent_bidi_streams(VarInt::from_u32(4));
     transport.max_concurrent_uni_streams(VarInt::from_u32(16));
     // Windows sized for bursts of fan-out on a LAN/loopback hop.
-    transport.stream_receive_window(VarInt::from_u32(4 << 20));
-    transport.receive_window(VarInt::from_u32(16 << 20));
+    // Inbound windows bound what a connection can make the router buffer before it reads;
+    // they are what holds a flooding sender back once the router stops reading it.
+    transport.stream_receive_window(VarInt::from_u32(config.limits.stream_receive_window_bytes));
+    transport.receive_window(VarInt::from_u32(config.limits.receive_window_bytes));
     transport.send_window(16 << 20);
     // Ask the peer to acknowledge every 16th packet (or after 5 ms) instead of every
     // second: a fan-out hop sends many small packets, and the ACKs it gets back cost as much
