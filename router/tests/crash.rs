@@ -213,16 +213,24 @@ async fn clients_of_a_crashed_router_are_told_by_the_restarted_one() {
     // The stateless reset key lives in the data dir: the restarted process resets the
     // connections of the one that crashed at their next packet (a keep-alive within 5 s),
     // so clients reconnect long before their 30 s idle timeout.
+    /// Kills the router child however the test ends.
+    struct Killed(Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    let (mut child, addr) = start_router(data, "auto");
+    let (child, addr) = start_router(data, "auto");
+    let first = Killed(child);
     let connector = Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
     let (client, _d) = connector
         .connect(addr, Session::new("survivor", Role::Agent, ["s"]))
         .await
         .unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(first);
     let mut restarted = None;
     for _ in 0..50 {
         // The port is free once the process is gone; the kernel may take a moment.
@@ -233,7 +241,8 @@ async fn clients_of_a_crashed_router_are_told_by_the_restarted_one() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (mut child, _) = restarted.expect("the router restarts on the same address");
+    let (child, _) = restarted.expect("the router restarts on the same address");
+    let _second = Killed(child);
     let closed = tokio::time::timeout(Duration::from_secs(20), client.closed())
         .await
         .expect("the client learns of the restart well before its 30 s idle timeout");
@@ -241,6 +250,4 @@ async fn clients_of_a_crashed_router_are_told_by_the_restarted_one() {
         matches!(closed, swarmbus_client::ClientError::Closed { .. }),
         "{closed}"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
