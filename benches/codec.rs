@@ -15,6 +15,8 @@ fn publish(size: usize) -> Message {
         target_agent: None,
         key: Some("gpu-temp".into()),
         payload: Bytes::from(vec![0xA5; size]),
+        fencing_token: 0,
+        lease: None,
     })
 }
 
@@ -28,6 +30,8 @@ fn deliver(size: usize) -> Message {
         target_agent: Some("agent-3".into()),
         key: Some("task".into()),
         payload: Bytes::from(vec![0xA5; size]),
+        fencing_token: 0,
+        lease: None,
     })
 }
 
@@ -80,6 +84,8 @@ fn encode_benches(c: &mut Criterion) {
                 Some("agent-3"),
                 Some("task"),
                 256,
+                0,
+                None,
             )
         })
     });

@@ -51,6 +51,8 @@ fn fanout(c: &mut Criterion) {
                 target_agent: None,
                 key: None,
                 payload: Bytes::from(vec![1u8; size]),
+                fencing_token: 0,
+                lease: None,
             };
             let now = Now::system();
             let mut chunks = Vec::with_capacity(1 << 16);

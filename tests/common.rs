@@ -77,3 +77,21 @@ pub async fn recv_until(deliveries: &mut Deliveries, marker: &[u8]) -> Vec<Deliv
         }
     }
 }
+
+/// Receives until `n` deliveries with key `key` arrived (others, e.g. presence alerts, are
+/// skipped), failing the test after 10 s.
+pub async fn recv_keyed(deliveries: &mut Deliveries, key: &str, n: usize) -> Vec<Deliver> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        match tokio::time::timeout(Duration::from_secs(10), deliveries.recv()).await {
+            Ok(Some(d)) if d.key.as_deref() == Some(key) => out.push(d),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!(
+                "connection closed after {} of {n} {key} deliveries",
+                out.len()
+            ),
+            Err(_) => panic!("timed out after {} of {n} {key} deliveries", out.len()),
+        }
+    }
+    out
+}

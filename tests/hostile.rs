@@ -21,6 +21,7 @@ fn hello_frame() -> Vec<u8> {
         client_name: "hostile-test".into(),
         client_version: "0".into(),
         resume: Vec::new(),
+        metadata: String::new(),
     }))
     .to_vec()
 }
@@ -157,6 +158,8 @@ async fn hostile_connections_are_closed_alone_with_their_error_code() {
         target_agent: None,
         key: None,
         payload: Bytes::from_static(b"sneaky"),
+        fencing_token: 0,
+        lease: None,
     }))
     .to_vec();
     assert_eq!(
@@ -257,6 +260,7 @@ async fn an_unsupported_protocol_version_is_refused() {
             client_name: String::new(),
             client_version: String::new(),
             resume: Vec::new(),
+            metadata: String::new(),
         }))
         .to_vec(),
     );
@@ -318,6 +322,8 @@ async fn a_payload_too_large_for_delivery_is_refused_and_the_session_goes_on() {
         target_agent: None,
         key: None,
         payload: Bytes::from(vec![0u8; max_payload + 1]),
+        fencing_token: 0,
+        lease: None,
     }));
     let mut uni = connection.open_uni().await.unwrap();
     uni.write_all(&publish.to_vec()).await.unwrap();

@@ -2,6 +2,7 @@
 
 mod affinity;
 mod common;
+mod control;
 mod hostile;
 mod reconnect;
 mod resync;

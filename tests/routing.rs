@@ -5,7 +5,7 @@ use bytes::Bytes;
 use swarmbus_client::{IdempotentApply, PublishOptions};
 use swarmbus_schema::{Class, OpId, Publish, Role};
 
-use crate::common::{recv_n, recv_until, start_router};
+use crate::common::{recv_keyed, recv_n, recv_until, start_router};
 
 fn targeted(agent: &str) -> PublishOptions {
     PublishOptions {
@@ -438,12 +438,11 @@ async fn a_retry_storm_opens_the_breaker_and_every_transition_is_alerted() {
     ))
     .await;
     send().await.unwrap();
-    let states: Vec<String> = recv_n(&mut alerts, 3)
+    let states: Vec<String> = recv_keyed(&mut alerts, "circuit-breaker", 3)
         .await
         .iter()
         .map(|d| {
             assert_eq!(d.source_agent, "swarmbus-router");
-            assert_eq!(d.key.as_deref(), Some("circuit-breaker"));
             String::from_utf8_lossy(&d.payload).into_owned()
         })
         .collect();
@@ -629,7 +628,7 @@ async fn a_swarm_wide_storm_opens_the_swarm_breaker_which_spares_control_and_oth
     ))
     .await;
     command(&quiet, "s").await.unwrap();
-    let states: Vec<String> = recv_n(&mut alerts, 3)
+    let states: Vec<String> = recv_keyed(&mut alerts, "circuit-breaker", 3)
         .await
         .iter()
         .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
@@ -661,6 +660,8 @@ async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anyt
             target_agent: None,
             key: None,
             payload: Bytes::from(i.to_be_bytes().to_vec()),
+            fencing_token: 0,
+            lease: None,
         })
         .collect();
     publisher

@@ -86,6 +86,8 @@ fn bytes_per_delivery(payload_bytes: usize) -> f64 {
             target_agent: None,
             key: None,
             payload: Bytes::from(vec![i as u8; payload_bytes]),
+            fencing_token: 0,
+            lease: None,
         })
         .collect();
     let now = Now::system();

@@ -26,6 +26,7 @@
 //! ```
 
 pub mod apply;
+pub mod control;
 pub mod error;
 pub mod gpu;
 pub mod reconnect;
@@ -44,13 +45,15 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
     encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, DeltaAck, Epoch,
-    FrameDecoder, Hello, Message, OpId, OutFrame, Publish, Reply as WireReply, Request,
-    ResumePoint, Role, SessionPinned, Subscription, Welcome, WorkerStatus, ALPN,
-    DEFAULT_MAX_FRAME_BYTES, MAX_NAME_BYTES, PROTOCOL_VERSION,
+    FrameDecoder, Hello, LeaseAction, LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame,
+    Publish, Reply as WireReply, Request, ResumePoint, Role, SafetyAction, SafetyKind,
+    SessionPinned, Subscription, Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES,
+    MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use apply::{FileOffsetStore, IdempotentApply, OffsetStore};
+pub use control::{ConfigView, FencingFilter, DEFAULT_LEASE};
 pub use error::ClientError;
 pub use reconnect::{ReconnectEvent, ReconnectOptions, ResilientClient};
 pub use retry::{Backoff, RetryPolicy};
@@ -78,6 +81,8 @@ pub struct Session {
     /// Where the agent stands in each swarm (see [`IdempotentApply::resume_points`]): the
     /// router sends the ordered ops after these, then live traffic.
     pub resume: Vec<ResumePoint>,
+    /// Registered with the router for presence queries (free-form, e.g. JSON).
+    pub metadata: String,
 }
 
 impl Session {
@@ -97,6 +102,7 @@ impl Session {
             fail_when_in_flight_full: false,
             connect_timeout: Duration::from_secs(10),
             resume: Vec::new(),
+            metadata: String::new(),
         }
     }
 
@@ -119,6 +125,11 @@ pub struct PublishOptions {
     pub key: Option<String>,
     /// Ask for an acknowledgement even for unordered classes.
     pub ack: bool,
+    /// Stamp the message with this fencing token of lease `lease` ("leader" when unset):
+    /// the router refuses it (`StaleFencingToken`) once a newer token was granted, and
+    /// receivers using [`FencingFilter`] drop it once they saw a newer one. 0: no stamp.
+    pub fencing_token: u64,
+    pub lease: Option<String>,
 }
 
 /// TLS trust and a QUIC endpoint; makes any number of sessions.
@@ -241,6 +252,7 @@ impl Connector {
             client_name: session.client_name.clone(),
             client_version: session.client_version.clone(),
             resume: session.resume.clone(),
+            metadata: session.metadata.clone(),
         };
         let hello = encode(&Message::Hello(hello));
         send.write_all_chunks(&mut [hello.head, hello.body])
@@ -297,6 +309,14 @@ impl Connector {
             requests_rx: Mutex::new(Some(requests_rx)),
         });
         tokio::spawn(read_replies(reader, shared.clone()));
+        let interval = shared.welcome.limits.heartbeat_interval_ms;
+        if interval > 0 {
+            tokio::spawn(heartbeats(
+                shared.session_tx.clone(),
+                connection.clone(),
+                Duration::from_millis(u64::from(interval)),
+            ));
+        }
         tokio::spawn(accept_deliveries(
             connection.clone(),
             deliveries_tx,
@@ -307,6 +327,35 @@ impl Connector {
             _owner: Arc::new(Owner { connection }),
         };
         Ok((client, Deliveries { rx: deliveries_rx }))
+    }
+}
+
+/// Sends a Heartbeat every `interval` (the router's, from Welcome) until the connection
+/// closes. Heartbeats ride the session stream, above every class, so a telemetry flood
+/// cannot delay them into a false "gone".
+async fn heartbeats(
+    session_tx: mpsc::Sender<OutFrame>,
+    connection: Connection,
+    interval: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = connection.closed() => return,
+        }
+        let sent_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        if session_tx
+            .send(encode(&Message::Heartbeat { sent_at_ms }))
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -418,6 +467,8 @@ enum ReplyValue {
     WorkerAck(u64),
     Pinned(SessionPinned),
     Reply(WireReply),
+    Presence(Vec<Member>),
+    Lease(LeaseGrant),
 }
 
 type ReplyResult = Result<ReplyValue, ClientError>;
@@ -537,6 +588,20 @@ async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
             Ok(Some(Message::SessionPinned(pinned))) => {
                 if let Some(reply) = shared.pending().remove(&pinned.request_id) {
                     reply.send(Ok(ReplyValue::Pinned(pinned)));
+                }
+            }
+            Ok(Some(Message::PresenceList {
+                request_id,
+                members,
+                ..
+            })) => {
+                if let Some(reply) = shared.pending().remove(&request_id) {
+                    reply.send(Ok(ReplyValue::Presence(members)));
+                }
+            }
+            Ok(Some(Message::LeaseGrant(grant))) => {
+                if let Some(reply) = shared.pending().remove(&grant.request_id) {
+                    reply.send(Ok(ReplyValue::Lease(grant)));
                 }
             }
             Ok(Some(Message::Reply(answer))) => {
@@ -982,6 +1047,165 @@ impl Client {
             .map_err(|_| closed_error(&self.shared.connection))
     }
 
+    /// Sets entry `name` of `swarm`'s configuration document (controllers only): a control
+    /// op keyed `config/<name>`, delivered to the swarm's control subscribers as a change.
+    /// An empty value removes the entry. Resolves with the op id, the document's new version.
+    pub async fn set_config(
+        &self,
+        swarm: &str,
+        name: &str,
+        value: Bytes,
+    ) -> Result<OpId, ClientError> {
+        let options = PublishOptions {
+            key: Some(format!("{}{name}", control::CONFIG_PREFIX)),
+            ..PublishOptions::default()
+        };
+        self.publish(swarm, Class::Control, value, options).await
+    }
+
+    /// Every agent present in `swarm`: role, the router-clock time of its last heartbeat
+    /// (Unix ms) and the metadata it registered in Hello.
+    pub async fn presence(&self, swarm: &str) -> Result<Vec<Member>, ClientError> {
+        let value = self
+            .request(|request_id| Message::PresenceQuery {
+                request_id,
+                swarm: swarm.to_owned(),
+            })
+            .await?;
+        match value {
+            ReplyValue::Presence(members) => Ok(members),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected a PresenceList, got {other:?}"),
+            }),
+        }
+    }
+
+    async fn lease(&self, request: LeaseRequest) -> Result<ReplyValue, ClientError> {
+        self.request(|request_id| {
+            Message::LeaseRequest(LeaseRequest {
+                request_id,
+                ..request
+            })
+        })
+        .await
+    }
+
+    fn expect_grant(value: ReplyValue) -> Result<LeaseGrant, ClientError> {
+        match value {
+            ReplyValue::Lease(grant) => Ok(grant),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected a LeaseGrant, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Acquires lease `name` of `swarm` for `ttl`: granted with a fencing token larger than
+    /// every token granted for it before (across router restarts too), or refused with
+    /// `LeaseHeld` (27) and the time the holder's lease has left. The holder asking again
+    /// gets its grant extended, same token.
+    pub async fn acquire_lease(
+        &self,
+        swarm: &str,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<LeaseGrant, ClientError> {
+        let value = self
+            .lease(LeaseRequest {
+                swarm: swarm.to_owned(),
+                name: name.to_owned(),
+                action: LeaseAction::Acquire,
+                ttl_ms: ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                ..LeaseRequest::default()
+            })
+            .await?;
+        Self::expect_grant(value)
+    }
+
+    /// Renews a held lease for `ttl` from now; `LeaseLost` (28) once it expired or a newer
+    /// token was granted (stop acting as the holder then).
+    pub async fn renew_lease(
+        &self,
+        grant: &LeaseGrant,
+        ttl: Duration,
+    ) -> Result<LeaseGrant, ClientError> {
+        let value = self
+            .lease(LeaseRequest {
+                swarm: grant.swarm.clone(),
+                name: grant.name.clone(),
+                action: LeaseAction::Renew,
+                token: grant.token,
+                ttl_ms: ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                ..LeaseRequest::default()
+            })
+            .await?;
+        Self::expect_grant(value)
+    }
+
+    /// Gives a held lease up before its TTL runs out.
+    pub async fn release_lease(&self, grant: &LeaseGrant) -> Result<(), ClientError> {
+        self.lease(LeaseRequest {
+            swarm: grant.swarm.clone(),
+            name: grant.name.clone(),
+            action: LeaseAction::Release,
+            token: grant.token,
+            ..LeaseRequest::default()
+        })
+        .await
+        .and_then(expect_receipt)
+        .map(|_| ())
+    }
+
+    /// A safety action (controller sessions only; others get `Forbidden`, 25). Returns once
+    /// the router logged and applied it.
+    pub async fn safety(
+        &self,
+        kind: SafetyKind,
+        swarm: &str,
+        target: &str,
+        duration: Duration,
+    ) -> Result<(), ClientError> {
+        self.request(|request_id| {
+            Message::SafetyAction(SafetyAction {
+                request_id,
+                kind,
+                swarm: swarm.to_owned(),
+                target: target.to_owned(),
+                duration_ms: duration.as_millis() as u64,
+            })
+        })
+        .await
+        .and_then(expect_receipt)
+        .map(|_| ())
+    }
+
+    /// Holds `swarm`'s commands (sequenced and durable, not delivered) until [`Client::resume`].
+    pub async fn pause(&self, swarm: &str) -> Result<(), ClientError> {
+        self.safety(SafetyKind::Pause, swarm, "", Duration::ZERO)
+            .await
+    }
+
+    /// Releases the commands held by [`Client::pause`], in order.
+    pub async fn resume(&self, swarm: &str) -> Result<(), ClientError> {
+        self.safety(SafetyKind::Resume, swarm, "", Duration::ZERO)
+            .await
+    }
+
+    /// Disconnects `agent` (closed with `Stopped`, 36) and refuses its sessions for `for_`.
+    pub async fn stop_agent(&self, agent: &str, for_: Duration) -> Result<(), ClientError> {
+        self.safety(SafetyKind::Stop, "", agent, for_).await
+    }
+
+    /// Drains worker node `node` (no new sessions or jobs; its sessions move; requests in
+    /// flight finish), or with `draining` false takes it back.
+    pub async fn drain_node(&self, node: &str, draining: bool) -> Result<(), ClientError> {
+        let kind = if draining {
+            SafetyKind::Drain
+        } else {
+            SafetyKind::Undrain
+        };
+        self.safety(kind, "", node, Duration::ZERO).await
+    }
+
     /// EpochChanged notices received: swarm -> (current epoch, the epoch of the resume point).
     pub fn epoch_changes(&self) -> HashMap<String, (Epoch, Epoch)> {
         self.shared
@@ -1095,6 +1319,8 @@ impl Client {
             target_agent: options.target_agent,
             key: options.key,
             payload,
+            fencing_token: options.fencing_token,
+            lease: options.lease,
         }));
         self.shared.publish_tx[class.index()]
             .send(frame)
@@ -1128,10 +1354,13 @@ impl Client {
             Some(swarm),
             options.target_agent.as_deref(),
             options.key.as_deref(),
+            options.lease.as_deref(),
         ];
         if !names.into_iter().flatten().all(valid_name) {
             return Err(ClientError::InvalidArgument {
-                detail: format!("swarm, target agent and key must be 1 to {MAX_NAME_BYTES} bytes"),
+                detail: format!(
+                    "swarm, target agent, key and lease must be 1 to {MAX_NAME_BYTES} bytes"
+                ),
             });
         }
         Ok(())
@@ -1156,12 +1385,15 @@ impl Client {
                 target_agent: publish.target_agent.take(),
                 key: publish.key.take(),
                 ack: false,
+                fencing_token: publish.fencing_token,
+                lease: publish.lease.take(),
             };
             self.check_publish(&publish.swarm, &publish.payload, &options)?;
             publish.class = class;
             publish.request_id = 0;
             publish.target_agent = options.target_agent;
             publish.key = options.key;
+            publish.lease = options.lease;
             self.shared.publish_tx[class.index()]
                 .send(encode(&Message::Publish(publish)))
                 .await

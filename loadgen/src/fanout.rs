@@ -417,6 +417,8 @@ async fn publish_until_deadline(
                         target_agent: None,
                         key: None,
                         payload,
+                        fencing_token: 0,
+                        lease: None,
                     }
                 })
                 .collect();

@@ -322,6 +322,8 @@ async fn flood(
             target_agent: None,
             key: None,
             payload: payload.clone(),
+            fencing_token: 0,
+            lease: None,
         });
         match client.publish_batch(Class::Telemetry, messages).await {
             Ok(count) => {

@@ -36,6 +36,7 @@ pub struct Config {
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
     pub affinity: crate::workers::AffinityConfig,
+    pub presence: crate::control::PresenceConfig,
 }
 
 /// Per-session token buckets, one per class (see [`crate::limits`]).
@@ -299,6 +300,7 @@ impl Default for Config {
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             affinity: crate::workers::AffinityConfig::default(),
+            presence: crate::control::PresenceConfig::default(),
         }
     }
 }

@@ -242,6 +242,9 @@ struct Swarm<H> {
     /// Highest op id each connection acknowledged (cumulative), per ordered class.
     acked: HashMap<(ConnId, Class), OpId>,
     last_publish: Option<Instant>,
+    /// Paused by a controller: commands are sequenced and made durable but not delivered;
+    /// their subscribers catch up from the log on resume.
+    paused: bool,
 }
 
 impl<H> Swarm<H> {
@@ -257,6 +260,7 @@ impl<H> Swarm<H> {
             subscribers: Default::default(),
             acked: HashMap::new(),
             last_publish: None,
+            paused: false,
         }
     }
 
@@ -288,7 +292,14 @@ impl<H> Swarm<H> {
     {
         let mut recipients = 0;
         let name = &self.name;
+        let hold = self.paused && class == Class::Command;
         for subscriber in &mut self.subscribers[class.index()] {
+            if hold {
+                // Paused: the op waits in the log; the subscriber reads it from there, in
+                // order, once the swarm is resumed.
+                subscriber.cursor.get_or_insert(op);
+                continue;
+            }
             if subscriber.cursor.is_some() {
                 // Catching up from the log: it will read this op there, in order.
                 continue;
@@ -386,6 +397,25 @@ impl<H: Clone> Core<H> {
             .swarms
             .get_mut(name)
             .expect("present: inserted above when missing"))
+    }
+
+    /// Pauses or resumes `swarm` (a controller's safety action). While paused, its commands
+    /// are sequenced, made durable and acknowledged to their publishers, but held back from
+    /// subscribers; on resume every command subscriber catches up from the log, in op order.
+    /// Control messages are never held.
+    pub fn handle_pause(&mut self, swarm_name: &str, paused: bool) -> Result<(), CoreError> {
+        let swarm = self.swarm_entry(swarm_name)?;
+        swarm.paused = paused;
+        let name = swarm.name.clone();
+        if !paused {
+            self.catching_swarms.insert(name);
+        }
+        Ok(())
+    }
+
+    /// Whether `swarm` is paused.
+    pub fn is_paused(&self, swarm: &str) -> bool {
+        self.swarms.get(swarm).is_some_and(|s| s.paused)
     }
 
     /// Adds a subscription. Subscribing twice is harmless; a connection holding several
@@ -499,6 +529,16 @@ impl<H: Clone> Core<H> {
             };
             let before = out.len();
             for class in [Class::Control, Class::Command] {
+                if swarm.paused && class == Class::Command {
+                    // Held until resumed; keep the swarm listed so resuming finds it.
+                    if swarm.subscribers[class.index()]
+                        .iter()
+                        .any(|s| s.cursor.is_some())
+                    {
+                        return true;
+                    }
+                    continue;
+                }
                 for s in &swarm.subscribers[class.index()] {
                     if let Some(from) = s.cursor {
                         out.push(CatchUp {
@@ -730,6 +770,8 @@ impl<H: Clone> Core<H> {
                 target,
                 publish.key.as_deref(),
                 publish.payload.len(),
+                publish.fencing_token,
+                publish.lease.as_deref(),
             )
         };
         if !class.is_ordered() {
@@ -971,6 +1013,8 @@ mod tests {
             target_agent: target.map(Into::into),
             key: None,
             payload: Bytes::from_static(payload),
+            fencing_token: 0,
+            lease: None,
         }
     }
 
@@ -1016,6 +1060,52 @@ mod tests {
 
     fn now() -> Now {
         Now::system()
+    }
+
+    #[test]
+    fn a_paused_swarm_holds_commands_and_resume_releases_them_in_order() {
+        let mut core: Core<u64> = Core::new(16);
+        let now = Now::system();
+        core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None, None)
+            .unwrap();
+        core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Control, None, None)
+            .unwrap();
+        core.handle_pause("s", true).unwrap();
+        assert!(core.is_paused("s"));
+        for payload in [&b"c1"[..], b"c2"] {
+            core.handle_publish(
+                "ctl",
+                PUBLISHER,
+                &publish("s", Class::Command, None, payload),
+                now,
+            )
+            .unwrap();
+        }
+        core.handle_publish(
+            "ctl",
+            PUBLISHER,
+            &publish("s", Class::Control, None, b"k"),
+            now,
+        )
+        .unwrap();
+        let drained = drain(&mut core);
+        // Publishers are acknowledged, control goes through, commands are held.
+        let acks = drained
+            .replies
+            .iter()
+            .filter(|(to, m)| *to == PUBLISHER && matches!(m, Message::PublishAck { .. }))
+            .count();
+        assert_eq!(acks, 3);
+        let delivered: Vec<Class> = drained.deliveries.iter().map(|(_, c, _)| *c).collect();
+        assert_eq!(delivered, vec![Class::Control]);
+        assert!(core.catching_up().is_empty(), "held while paused");
+        core.handle_pause("s", false).unwrap();
+        let catch_up = core.catching_up();
+        assert_eq!(catch_up.len(), 1);
+        assert_eq!(
+            (catch_up[0].class, catch_up[0].from),
+            (Class::Command, OpId(1))
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`error`]: the crate's error type.
 
 pub mod config;
+pub mod control;
 pub mod core;
 pub mod error;
 pub mod limits;

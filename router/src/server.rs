@@ -35,8 +35,14 @@ use crate::core::{ConnId, CoreConfig};
 use crate::error::RouterError;
 use crate::limits::{Breaker, BreakerState, ClassBuckets};
 
+/// Control-class keys of a swarm's configuration document (controllers only).
+const CONFIG_KEY_PREFIX: &str = "config/";
+/// The lease a fencing token belongs to when a publish names none.
+const DEFAULT_LEASE: &str = "leader";
+
 /// The source agent of messages the router itself publishes (breaker alerts).
 pub const ROUTER_AGENT: &str = "swarmbus-router";
+use crate::control::{Clock, Joined, Leases, Presence, Present, Restored, Stops, CONTROL_SWARM};
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
@@ -67,28 +73,111 @@ struct Context {
     shutting_down: std::sync::atomic::AtomicBool,
     /// `rate_limits.router_telemetry_per_s`, when set.
     telemetry_intake: Option<crate::limits::IntakeBudget>,
+    /// Presence, leases and stopped agents.
+    control: Mutex<ControlState>,
+    clock: Clock,
+}
+
+/// The control plane's state, behind one lock.
+#[derive(Debug)]
+struct ControlState {
+    presence: Presence,
+    leases: Leases,
+    stops: Stops,
+}
+
+impl Context {
+    fn control(&self) -> std::sync::MutexGuard<'_, ControlState> {
+        self.control
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Publishes a router event (JSON payload) on the alert class of `swarms`, from agent
+    /// `swarmbus-router` with `key`.
+    async fn announce(&self, swarms: &[String], key: &str, payload: String) {
+        let router: Arc<str> = Arc::from(ROUTER_AGENT);
+        let payload = Bytes::from(payload);
+        // Alerts need no reply: a closed outbox swallows anything sent back.
+        let sink = Arc::new(Outbox::new(
+            ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
+            &self.config.queues,
+            self.stats.clone(),
+        ));
+        sink.close();
+        for swarm in swarms {
+            let publish = Publish {
+                request_id: 0,
+                swarm: swarm.clone(),
+                class: Class::Alert,
+                target_agent: None,
+                key: Some(key.to_owned()),
+                payload: payload.clone(),
+                fencing_token: 0,
+                lease: None,
+            };
+            let shard = &self.shards[shard_of(swarm, self.shards.len())];
+            let _ = shard
+                .send(ShardCommand::Publish {
+                    agent: router.clone(),
+                    outbox: sink.clone(),
+                    publish,
+                })
+                .await;
+        }
+    }
+
+    /// Announces a presence change of `agent` on its swarms.
+    async fn announce_presence(&self, agent: &str, present: &Present, event: &str, reason: &str) {
+        let role = match present.role {
+            Role::Agent => "agent",
+            Role::Controller => "controller",
+            Role::Worker => "worker",
+        };
+        let payload = format!(
+            "{{\"event\":\"{event}\",\"agent\":{agent:?},\"role\":\"{role}\",\"reason\":\"{reason}\",\"last_seen_ms\":{},\"metadata\":{:?}}}",
+            present.last_seen_ms, present.metadata
+        );
+        self.announce(&present.swarms, "presence", payload).await;
+    }
 }
 
 impl Context {
     /// Writes session pins to the router's pin log and waits until they are durable (or
     /// refused). Pins are written in order; the latest per session key wins on recovery.
     async fn write_pins(&self, pins: Vec<PinWrite>) -> Result<(), String> {
-        if pins.is_empty() {
+        let records = pins
+            .into_iter()
+            .map(|pin| (pin.session_key.clone(), pin.payload()))
+            .collect();
+        self.write_records(PINS_SWARM, records).await
+    }
+
+    /// Writes (key, payload) records to the router's own swarm `swarm` (control class, so
+    /// compaction keeps the latest per key) and waits until they are durable or refused.
+    async fn write_records(
+        &self,
+        swarm: &str,
+        records: Vec<(String, Bytes)>,
+    ) -> Result<(), String> {
+        if records.is_empty() {
             return Ok(());
         }
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let outbox = Arc::new(Outbox::new(conn, &self.config.queues, self.stats.clone()));
         let router: Arc<str> = Arc::from(ROUTER_AGENT);
-        let shard = &self.shards[shard_of(PINS_SWARM, self.shards.len())];
-        let count = pins.len();
-        for (index, pin) in pins.into_iter().enumerate() {
+        let shard = &self.shards[shard_of(swarm, self.shards.len())];
+        let count = records.len();
+        for (index, (key, payload)) in records.into_iter().enumerate() {
             let publish = Publish {
                 request_id: index as u64 + 1,
-                swarm: PINS_SWARM.to_owned(),
+                swarm: swarm.to_owned(),
                 class: Class::Control,
                 target_agent: None,
-                key: Some(pin.session_key.clone()),
-                payload: pin.payload(),
+                key: Some(key),
+                payload,
+                fencing_token: 0,
+                lease: None,
             };
             shard
                 .send(ShardCommand::Publish {
@@ -116,7 +205,7 @@ impl Context {
                     match message {
                         Message::PublishAck { .. } => answered += 1,
                         Message::Error(error) => {
-                            return Err(format!("writing a session pin: {}", error.message))
+                            return Err(format!("writing to {swarm}: {}", error.message))
                         }
                         _ => {}
                     }
@@ -126,7 +215,7 @@ impl Context {
         };
         let result = tokio::time::timeout(Duration::from_secs(30), wait)
             .await
-            .unwrap_or_else(|_| Err("writing a session pin timed out".to_owned()));
+            .unwrap_or_else(|_| Err(format!("writing to {swarm} timed out")));
         outbox.close();
         result
     }
@@ -285,6 +374,13 @@ impl Router {
                 detail: format!("recovering the event log: {e}"),
             })?;
         let workers = Workers::new(config.affinity.clone(), read_pins(&recovered));
+        let mut restored = Restored::default();
+        for (key, payload) in read_records(&recovered, CONTROL_SWARM) {
+            restored.apply(&key, &payload);
+        }
+        for node in &restored.drained {
+            workers.set_admin_drain(node, true);
+        }
         let shard_count = config.shard_count();
         let (event_senders, event_receivers): (Vec<_>, Vec<_>) =
             (0..shard_count).map(|_| mpsc::unbounded_channel()).unzip();
@@ -348,7 +444,29 @@ impl Router {
             workers,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
+            control: Mutex::new(ControlState {
+                presence: Presence::default(),
+                leases: Leases::restore(restored.lease_tokens),
+                stops: {
+                    let mut stops = Stops::default();
+                    for (agent, until) in restored.stops {
+                        stops.stop(&agent, until);
+                    }
+                    stops
+                },
+            }),
+            clock: Clock::new(),
         });
+        for swarm in restored.paused {
+            let shard = &context.shards[shard_of(&swarm, context.shards.len())];
+            let _ = shard
+                .send(ShardCommand::Pause {
+                    swarm,
+                    paused: true,
+                })
+                .await;
+        }
+        tokio::spawn(presence_maintenance(Arc::downgrade(&context)));
         tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
         info!(%local_addr, "router listening");
@@ -650,6 +768,29 @@ impl Session {
             self.refuse_publish(publish, ErrorCode::InvalidRequest, text);
             return false;
         }
+        if publish.class == Class::Control
+            && self.role != Role::Controller
+            && publish
+                .key
+                .as_deref()
+                .is_some_and(|k| k.starts_with(CONFIG_KEY_PREFIX))
+        {
+            let text = "only controllers may change a swarm's configuration".to_owned();
+            self.refuse_publish(publish, ErrorCode::Forbidden, text);
+            return false;
+        }
+        if publish.fencing_token != 0 {
+            let lease = publish.lease.as_deref().unwrap_or(DEFAULT_LEASE);
+            let newest = self.context.control().leases.newest(&publish.swarm, lease);
+            if publish.fencing_token != newest {
+                let text = format!(
+                    "fencing token {} of lease {lease:?} is not the newest ({newest})",
+                    publish.fencing_token
+                );
+                self.refuse_publish(publish, ErrorCode::StaleFencingToken, text);
+                return false;
+            }
+        }
         if let Err(wait) = limits
             .buckets_for(&publish.swarm)
             .try_take(publish.class, now)
@@ -752,6 +893,8 @@ impl Session {
                 target_agent: None,
                 key: Some("circuit-breaker".into()),
                 payload: payload.clone(),
+                fencing_token: 0,
+                lease: None,
             };
             self.to_shard(
                 swarm,
@@ -811,6 +954,210 @@ impl Session {
         } else {
             Admission::Refused
         }
+    }
+
+    /// Acquire, renew or release a lease; a new token is logged before it is granted.
+    async fn lease(&self, request: swarmbus_schema::LeaseRequest) -> Result<(), Fault> {
+        use crate::control::LeaseRefusal;
+        use swarmbus_schema::LeaseAction;
+        let request_id = request.request_id;
+        if !self.joined(&request.swarm) {
+            self.not_joined(&request.swarm, request_id);
+            return Ok(());
+        }
+        check_name("lease name", &request.name)?;
+        let max_ttl = self.context.config.presence.max_lease_ttl_ms;
+        let ttl_ms = u64::from(request.ttl_ms.clamp(1, max_ttl));
+        let now_ms = self.context.clock.now_ms();
+        let decision = {
+            let mut control = self.context.control();
+            let leases = &mut control.leases;
+            match request.action {
+                LeaseAction::Acquire => leases
+                    .acquire(&request.swarm, &request.name, &self.agent, ttl_ms, now_ms)
+                    .map(Some),
+                LeaseAction::Renew => leases
+                    .renew(
+                        &request.swarm,
+                        &request.name,
+                        &self.agent,
+                        request.token,
+                        ttl_ms,
+                        now_ms,
+                    )
+                    .map(Some),
+                LeaseAction::Release => leases
+                    .release(&request.swarm, &request.name, &self.agent, request.token)
+                    .map(|()| None),
+            }
+        };
+        match decision {
+            Ok(Some(granted)) => {
+                if granted.new_token {
+                    let record = crate::control::lease_record(
+                        &request.swarm,
+                        &request.name,
+                        granted.grant.token,
+                    );
+                    if let Err(error) = self
+                        .context
+                        .write_records(CONTROL_SWARM, vec![record])
+                        .await
+                    {
+                        // The token must never go backwards: no grant without its record.
+                        self.refuse_with_retry(
+                            ErrorCode::SwarmUnavailable,
+                            request_id,
+                            format!("the grant could not be logged: {error}"),
+                            1_000,
+                        );
+                        return Ok(());
+                    }
+                }
+                let grant = swarmbus_schema::LeaseGrant {
+                    request_id,
+                    ..granted.grant
+                };
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, encode(&Message::LeaseGrant(grant)));
+            }
+            Ok(None) => {
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+            }
+            Err(LeaseRefusal::Held {
+                holder,
+                remaining_ms,
+            }) => self.refuse_with_retry(
+                ErrorCode::LeaseHeld,
+                request_id,
+                format!(
+                    "lease {:?} of {:?} is held by {holder:?}",
+                    request.name, request.swarm
+                ),
+                remaining_ms.clamp(1, u64::from(u32::MAX)) as u32,
+            ),
+            Err(LeaseRefusal::Lost { newest_token }) => self.refuse(
+                ErrorCode::LeaseLost,
+                request_id,
+                format!(
+                    "token {} of lease {:?} is not held (newest token {newest_token})",
+                    request.token, request.name
+                ),
+            ),
+        }
+        Ok(())
+    }
+
+    /// A controller's safety action: logged, applied, announced on the swarm's alert class,
+    /// then acknowledged.
+    async fn safety(&self, action: swarmbus_schema::SafetyAction) -> Result<(), Fault> {
+        use swarmbus_schema::SafetyKind;
+        let request_id = action.request_id;
+        if self.role != Role::Controller {
+            self.refuse(
+                ErrorCode::Forbidden,
+                request_id,
+                "only sessions of role controller may take safety actions".into(),
+            );
+            return Ok(());
+        }
+        let context = &self.context;
+        let now_ms = context.clock.now_ms();
+        let (record, announce_on) = match action.kind {
+            SafetyKind::Pause | SafetyKind::Resume => {
+                check_name("swarm", &action.swarm)?;
+                let flag = if action.kind == SafetyKind::Pause {
+                    "1"
+                } else {
+                    "0"
+                };
+                (
+                    (format!("pause/{}", action.swarm), Bytes::from(flag)),
+                    vec![action.swarm.clone()],
+                )
+            }
+            SafetyKind::Stop => {
+                check_name("agent", &action.target)?;
+                let until = now_ms.saturating_add(action.duration_ms);
+                let swarms = context
+                    .control()
+                    .presence
+                    .get(&action.target)
+                    .map(|p| p.swarms.clone())
+                    .unwrap_or_default();
+                (
+                    (
+                        format!("stop/{}", action.target),
+                        Bytes::from(until.to_be_bytes().to_vec()),
+                    ),
+                    swarms,
+                )
+            }
+            SafetyKind::Drain | SafetyKind::Undrain => {
+                check_name("node", &action.target)?;
+                let flag = if action.kind == SafetyKind::Drain {
+                    "1"
+                } else {
+                    "0"
+                };
+                (
+                    (format!("drain/{}", action.target), Bytes::from(flag)),
+                    Vec::new(),
+                )
+            }
+        };
+        if let Err(error) = context.write_records(CONTROL_SWARM, vec![record]).await {
+            self.refuse_with_retry(
+                ErrorCode::SwarmUnavailable,
+                request_id,
+                format!("the action could not be logged: {error}"),
+                1_000,
+            );
+            return Ok(());
+        }
+        match action.kind {
+            SafetyKind::Pause | SafetyKind::Resume => {
+                self.to_shard(
+                    &action.swarm,
+                    ShardCommand::Pause {
+                        swarm: action.swarm.clone(),
+                        paused: action.kind == SafetyKind::Pause,
+                    },
+                )
+                .await;
+            }
+            SafetyKind::Stop => {
+                let mut control = context.control();
+                control
+                    .stops
+                    .stop(&action.target, now_ms.saturating_add(action.duration_ms));
+                if let Some(present) = control.presence.get(&action.target) {
+                    present.outbox.request_close(ErrorCode::Stopped);
+                }
+            }
+            SafetyKind::Drain | SafetyKind::Undrain => {
+                let pins = context
+                    .workers
+                    .set_admin_drain(&action.target, action.kind == SafetyKind::Drain);
+                if let Err(error) = context.write_pins(pins).await {
+                    tracing::warn!(%error, "pins of a drained node's sessions not written");
+                }
+            }
+        }
+        let kind = format!("{:?}", action.kind).to_lowercase();
+        tracing::info!(controller = %self.agent, action = %kind, swarm = %action.swarm, target = %action.target, "safety action");
+        let payload = format!(
+            "{{\"event\":\"safety\",\"action\":\"{kind}\",\"by\":{:?},\"swarm\":{:?},\"target\":{:?},\"duration_ms\":{}}}",
+            &*self.agent, action.swarm, action.target, action.duration_ms
+        );
+        context.announce(&announce_on, "safety", payload).await;
+        let _ = self
+            .outbox
+            .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+        Ok(())
     }
 
     /// Handles one message of an established session.
@@ -976,6 +1323,30 @@ impl Session {
                 )
                 .await;
             }
+            Message::Heartbeat { .. } => {
+                let now_ms = self.context.clock.now_ms();
+                self.context
+                    .control()
+                    .presence
+                    .seen(&self.agent, self.conn, now_ms);
+            }
+            Message::PresenceQuery { request_id, swarm } => {
+                if !self.joined(&swarm) {
+                    self.not_joined(&swarm, request_id);
+                    return Ok(());
+                }
+                let members = self.context.control().presence.list(&swarm);
+                let _ = self.outbox.push(
+                    Lane::Session,
+                    encode(&Message::PresenceList {
+                        request_id,
+                        swarm,
+                        members,
+                    }),
+                );
+            }
+            Message::LeaseRequest(request) => self.lease(request).await?,
+            Message::SafetyAction(action) => self.safety(action).await?,
             Message::WorkerStatus(status) => {
                 if self.role != Role::Worker {
                     self.refuse(
@@ -1289,6 +1660,31 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
             return;
         }
     };
+    // A stopped agent is refused until its stop runs out, with the time left.
+    let stopped_for = {
+        let now_ms = context.clock.now_ms();
+        context.control().stops.refused_for(&hello.agent_id, now_ms)
+    };
+    if let Some(left) = stopped_for {
+        let mut send = send;
+        let refusal = encode(&Message::Error(ErrorMessage {
+            code: ErrorCode::Stopped.as_u16(),
+            message: format!("agent {:?} was stopped by a controller", hello.agent_id),
+            request_id: 0,
+            retry_after_ms: left.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+        }));
+        let _ = send
+            .write_all_chunks(&mut [refusal.head, refusal.body])
+            .await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+        connection.close(
+            VarInt::from(ErrorCode::Stopped.as_u16()),
+            b"stopped by a controller",
+        );
+        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
     debug!(agent = %hello.agent_id, role = ?hello.role, swarms = hello.swarms.len(), "session established");
     let config = &context.config;
     let outbox = Arc::new(Outbox::new(conn, &config.queues, stats.clone()));
@@ -1319,6 +1715,8 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
                 .iter()
                 .map(|c| config.queues.for_class(*c) as u32)
                 .collect(),
+            heartbeat_interval_ms: config.presence.heartbeat_interval_ms,
+            heartbeat_timeout_ms: config.presence.timeout_ms(),
         },
     };
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
@@ -1369,6 +1767,27 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
                 .unwrap_or_else(std::time::Instant::now),
         )),
     });
+    // Presence: the newest session of an agent id wins; the one it replaces is closed.
+    let present = Present {
+        conn,
+        role: session.role,
+        swarms: session.swarms.iter().cloned().collect(),
+        metadata: hello.metadata.clone(),
+        last_seen_ms: context.clock.now_ms(),
+        outbox: outbox.clone(),
+    };
+    let joined = context
+        .control()
+        .presence
+        .join(session.agent.clone(), present.clone());
+    match joined {
+        Joined::New => {
+            context
+                .announce_presence(&session.agent, &present, "join", "connected")
+                .await
+        }
+        Joined::Replaced(old) => old.outbox.request_close(ErrorCode::Replaced),
+    }
     let uni_task =
         tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());
 
@@ -1386,8 +1805,13 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
             Ok(()) => connection.close(VarInt::from_u32(0), b"session stream closed"),
         },
         code = outbox.close_requested() => {
-            let fault = Fault::new(code, "outbound queue overflow: the subscriber is lagging and missed messages");
-            close_with(&connection, &stats, &fault);
+            let reason = match code {
+                ErrorCode::Replaced => "another session with this agent id connected",
+                ErrorCode::HeartbeatTimeout => "no heartbeat within the heartbeat timeout",
+                ErrorCode::Stopped => "stopped by a controller",
+                _ => "outbound queue overflow: the subscriber is lagging and missed messages",
+            };
+            close_with(&connection, &stats, &Fault::new(code, reason));
         }
         _ = connection.closed() => {}
     }
@@ -1397,6 +1821,14 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     uni_task.abort();
     for shard in &context.shards {
         let _ = shard.send(ShardCommand::Disconnect { conn }).await;
+    }
+    let left = context.control().presence.leave(&session.agent, conn);
+    if let Some(present) = left {
+        if !context.shutting_down.load(Ordering::Acquire) {
+            context
+                .announce_presence(&session.agent, &present, "leave", "closed")
+                .await;
+        }
     }
     // A worker that leaves takes its sessions with it (they move to their next choices),
     // unless the router itself is stopping: then the pins stay for after the restart.
@@ -1479,16 +1911,24 @@ fn push_all(frames: Vec<crate::workers::Outgoing>) {
 
 /// The session pins in the router's pin log, oldest first (the latest per key wins).
 fn read_pins(recovered: &[log::SwarmLog]) -> Vec<PinWrite> {
+    read_records(recovered, PINS_SWARM)
+        .into_iter()
+        .filter_map(|(key, payload)| PinWrite::parse(&key, &payload))
+        .collect()
+}
+
+/// The (key, payload) records of one of the router's own swarms, oldest first.
+fn read_records(recovered: &[log::SwarmLog], name: &str) -> Vec<(String, Bytes)> {
     let Some(swarm) = recovered
         .iter()
-        .find(|s| s.name == PINS_SWARM && s.unavailable.is_none())
+        .find(|s| s.name == name && s.unavailable.is_none())
     else {
         return Vec::new();
     };
     let records = match swarm.read_from(OpId(1), usize::MAX, usize::MAX) {
         Ok(records) => records,
         Err(error) => {
-            tracing::warn!(%error, "reading the session pin log; sessions will be placed afresh");
+            tracing::warn!(%error, swarm = name, "reading the router's own log; starting without it");
             return Vec::new();
         }
     };
@@ -1499,9 +1939,7 @@ fn read_pins(recovered: &[log::SwarmLog]) -> Vec<PinWrite> {
             let mut decoder = FrameDecoder::new(record.frame.len().max(1024));
             decoder.push(record.frame);
             match decoder.next_message(&options) {
-                Ok(Some(Message::Deliver(deliver))) => {
-                    PinWrite::parse(deliver.key.as_deref()?, &deliver.payload)
-                }
+                Ok(Some(Message::Deliver(deliver))) => Some((deliver.key?, deliver.payload)),
                 _ => None,
             }
         })
@@ -1527,6 +1965,31 @@ async fn worker_maintenance(context: std::sync::Weak<Context>) {
             if let Err(error) = context.write_pins(pins).await {
                 tracing::warn!(%error, "ends of expired session pins not written");
             }
+        }
+    }
+}
+
+/// Declares agents without a heartbeat for the heartbeat timeout gone (every 100 ms): their
+/// leave is announced and their connection closed with HeartbeatTimeout.
+async fn presence_maintenance(context: std::sync::Weak<Context>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let Some(context) = context.upgrade() else {
+            return;
+        };
+        let timeout = u64::from(context.config.presence.timeout_ms());
+        if timeout == 0 {
+            continue;
+        }
+        let now_ms = context.clock.now_ms();
+        let gone = context.control().presence.expire(now_ms, timeout);
+        for (agent, present) in gone {
+            present.outbox.request_close(ErrorCode::HeartbeatTimeout);
+            context
+                .announce_presence(&agent, &present, "leave", "timeout")
+                .await;
         }
     }
 }

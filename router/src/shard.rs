@@ -69,6 +69,11 @@ pub enum ShardCommand {
     Disconnect {
         conn: ConnId,
     },
+    /// A controller paused or resumed the swarm.
+    Pause {
+        swarm: String,
+        paused: bool,
+    },
 }
 
 impl ShardCommand {
@@ -555,6 +560,11 @@ impl Shard {
                 }
             }
             ShardCommand::Disconnect { conn } => core.handle_disconnect(conn),
+            ShardCommand::Pause { swarm, paused } => {
+                if let Err(error) = core.handle_pause(&swarm, paused) {
+                    tracing::warn!(%swarm, %error, "pausing the swarm");
+                }
+            }
         }
     }
 }

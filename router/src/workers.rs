@@ -196,6 +196,8 @@ struct State {
     deadlines: BTreeSet<(Instant, u64)>,
     next_call: u64,
     restored: HashMap<String, RestoredPin>,
+    /// Nodes a controller drained: they stay draining whatever they report themselves.
+    admin_drained: std::collections::HashSet<NodeId>,
 }
 
 /// What the router knows about workers, sessions and requests in flight.
@@ -264,6 +266,7 @@ impl Workers {
                 deadlines: BTreeSet::new(),
                 next_call: 1,
                 restored,
+                admin_drained: std::collections::HashSet::new(),
             }),
             started: Instant::now(),
         }
@@ -324,7 +327,7 @@ impl Workers {
         }
         spec.models = status.models.clone();
         spec.adapters = status.adapters.clone();
-        spec.draining = status.draining;
+        spec.draining = status.draining || state.admin_drained.contains(&id);
         spec.health = Health::Healthy;
         let was_draining = state.fleet.node(id).is_some_and(|n| n.draining);
         let known = state.fleet.node(id).is_some();
@@ -346,7 +349,7 @@ impl Workers {
         state.names.insert(id, status.node.clone());
         let _ = state.fleet.set_in_flight(id, in_flight);
         let mut pins = Vec::new();
-        if status.draining && !was_draining {
+        if spec_draining(state, id) && !was_draining {
             let moves = state.sessions.evacuate(&mut state.fleet, id);
             pins.extend(moves_to_pins(state, &moves));
         }
@@ -587,6 +590,31 @@ impl Workers {
         Some((call.requester, frame))
     }
 
+    /// A controller drains node `name` (no new sessions; its sessions move, requests in
+    /// flight finish) or takes it back. Sticky: the node's own status cannot undo it.
+    /// Returns the pins to write.
+    pub fn set_admin_drain(&self, name: &str, draining: bool) -> Vec<PinWrite> {
+        let id = node_id(name);
+        let mut state = self.lock();
+        let state = &mut *state;
+        state.names.entry(id).or_insert_with(|| name.to_owned());
+        if draining {
+            state.admin_drained.insert(id);
+        } else {
+            state.admin_drained.remove(&id);
+        }
+        let Some(spec) = state.fleet.node(id) else {
+            return Vec::new();
+        };
+        let was = spec.draining;
+        let _ = state.fleet.set_draining(id, draining);
+        if draining && !was {
+            let moves = state.sessions.evacuate(&mut state.fleet, id);
+            return moves_to_pins(state, &moves);
+        }
+        Vec::new()
+    }
+
     /// Fails the requests whose deadline passed (DeadlineExceeded).
     pub fn expire(&self, now: Instant) -> Vec<Outgoing> {
         let mut state = self.lock();
@@ -629,6 +657,10 @@ impl Workers {
             })
             .collect()
     }
+}
+
+fn spec_draining(state: &State, id: NodeId) -> bool {
+    state.fleet.node(id).is_some_and(|n| n.draining)
 }
 
 /// Removes a call and its deadline, counting it off its node.

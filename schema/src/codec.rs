@@ -125,12 +125,15 @@ pub fn encode_deliver_head(
     target_agent: Option<&str>,
     key: Option<&str>,
     payload_len: usize,
+    fencing_token: u64,
+    lease: Option<&str>,
 ) -> Bytes {
     with_builder(|fbb| {
         let swarm = fbb.create_string(swarm);
         let source_agent = fbb.create_string(source_agent);
         let target_agent = opt_str(fbb, target_agent);
         let key = opt_str(fbb, key);
+        let lease = opt_str(fbb, lease);
         let msg = w::Deliver::create(
             fbb,
             &w::DeliverArgs {
@@ -142,6 +145,8 @@ pub fn encode_deliver_head(
                 target_agent,
                 key,
                 payload_len: payload_len as u32,
+                fencing_token,
+                lease,
             },
         );
         finish(fbb, w::Message::Deliver, msg.as_union_value(), payload_len)
@@ -176,6 +181,7 @@ pub fn encode(message: &Message) -> OutFrame {
                     })
                     .collect();
                 let resume = fbb.create_vector(&resume);
+                let metadata = (!m.metadata.is_empty()).then(|| fbb.create_string(&m.metadata));
                 let t = w::Hello::create(
                     fbb,
                     &w::HelloArgs {
@@ -186,6 +192,7 @@ pub fn encode(message: &Message) -> OutFrame {
                         client_name: Some(client_name),
                         client_version: Some(client_version),
                         resume: Some(resume),
+                        metadata,
                     },
                 );
                 (w::Message::Hello, t.as_union_value())
@@ -197,6 +204,8 @@ pub fn encode(message: &Message) -> OutFrame {
                     fbb,
                     &w::LimitsArgs {
                         max_frame_bytes: m.limits.max_frame_bytes,
+                        heartbeat_interval_ms: m.limits.heartbeat_interval_ms,
+                        heartbeat_timeout_ms: m.limits.heartbeat_timeout_ms,
                         max_subscriptions: m.limits.max_subscriptions,
                         max_swarms_per_session: m.limits.max_swarms_per_session,
                         queue_frames: Some(queue_frames),
@@ -265,6 +274,7 @@ pub fn encode(message: &Message) -> OutFrame {
                 let swarm = fbb.create_string(&m.swarm);
                 let target_agent = opt_str(fbb, m.target_agent.as_deref());
                 let key = opt_str(fbb, m.key.as_deref());
+                let lease = opt_str(fbb, m.lease.as_deref());
                 let t = w::Publish::create(
                     fbb,
                     &w::PublishArgs {
@@ -274,6 +284,8 @@ pub fn encode(message: &Message) -> OutFrame {
                         target_agent,
                         key,
                         payload_len: m.payload.len() as u32,
+                        fencing_token: m.fencing_token,
+                        lease,
                     },
                 );
                 body = m.payload.clone();
@@ -306,6 +318,8 @@ pub fn encode(message: &Message) -> OutFrame {
                     m.target_agent.as_deref(),
                     m.key.as_deref(),
                     m.payload.len(),
+                    m.fencing_token,
+                    m.lease.as_deref(),
                 );
             }
             Message::Ack {
@@ -477,6 +491,118 @@ pub fn encode(message: &Message) -> OutFrame {
                 body = m.payload.clone();
                 (w::Message::Reply, t.as_union_value())
             }
+            Message::Heartbeat { sent_at_ms } => {
+                let t = w::Heartbeat::create(
+                    fbb,
+                    &w::HeartbeatArgs {
+                        sent_at_ms: *sent_at_ms,
+                    },
+                );
+                (w::Message::Heartbeat, t.as_union_value())
+            }
+            Message::PresenceQuery { request_id, swarm } => {
+                let swarm = fbb.create_string(swarm);
+                let t = w::PresenceQuery::create(
+                    fbb,
+                    &w::PresenceQueryArgs {
+                        request_id: *request_id,
+                        swarm: Some(swarm),
+                    },
+                );
+                (w::Message::PresenceQuery, t.as_union_value())
+            }
+            Message::PresenceList {
+                request_id,
+                swarm,
+                members,
+            } => {
+                let swarm = fbb.create_string(swarm);
+                let agents: Vec<_> = members
+                    .iter()
+                    .map(|m| fbb.create_string(&m.agent))
+                    .collect();
+                let agents = fbb.create_vector(&agents);
+                let roles: Vec<w::Role> = members.iter().map(|m| wire_role(m.role)).collect();
+                let roles = fbb.create_vector(&roles);
+                let seen: Vec<u64> = members.iter().map(|m| m.last_seen_ms).collect();
+                let seen = fbb.create_vector(&seen);
+                let metadata: Vec<_> = members
+                    .iter()
+                    .map(|m| fbb.create_string(&m.metadata))
+                    .collect();
+                let metadata = fbb.create_vector(&metadata);
+                let t = w::PresenceList::create(
+                    fbb,
+                    &w::PresenceListArgs {
+                        request_id: *request_id,
+                        swarm: Some(swarm),
+                        agents: Some(agents),
+                        roles: Some(roles),
+                        last_seen_ms: Some(seen),
+                        metadata: Some(metadata),
+                    },
+                );
+                (w::Message::PresenceList, t.as_union_value())
+            }
+            Message::LeaseRequest(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let name = fbb.create_string(&m.name);
+                let t = w::LeaseRequest::create(
+                    fbb,
+                    &w::LeaseRequestArgs {
+                        request_id: m.request_id,
+                        swarm: Some(swarm),
+                        name: Some(name),
+                        action: match m.action {
+                            LeaseAction::Acquire => w::LeaseAction::Acquire,
+                            LeaseAction::Renew => w::LeaseAction::Renew,
+                            LeaseAction::Release => w::LeaseAction::Release,
+                        },
+                        token: m.token,
+                        ttl_ms: m.ttl_ms,
+                    },
+                );
+                (w::Message::LeaseRequest, t.as_union_value())
+            }
+            Message::LeaseGrant(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let name = fbb.create_string(&m.name);
+                let holder = fbb.create_string(&m.holder);
+                let t = w::LeaseGrant::create(
+                    fbb,
+                    &w::LeaseGrantArgs {
+                        request_id: m.request_id,
+                        swarm: Some(swarm),
+                        name: Some(name),
+                        holder: Some(holder),
+                        token: m.token,
+                        granted_at_ms: m.granted_at_ms,
+                        expires_at_ms: m.expires_at_ms,
+                    },
+                );
+                (w::Message::LeaseGrant, t.as_union_value())
+            }
+            Message::SafetyAction(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let target = fbb.create_string(&m.target);
+                let t = w::SafetyAction::create(
+                    fbb,
+                    &w::SafetyActionArgs {
+                        request_id: m.request_id,
+                        kind: match m.kind {
+                            SafetyKind::Pause => w::SafetyKind::Pause,
+                            SafetyKind::Resume => w::SafetyKind::Resume,
+                            SafetyKind::Stop => w::SafetyKind::Stop,
+                            SafetyKind::Drain => w::SafetyKind::Drain,
+                            SafetyKind::Undrain => w::SafetyKind::Undrain,
+                        },
+                        swarm: Some(swarm),
+                        target: Some(target),
+                        duration_ms: m.duration_ms,
+                    },
+                );
+                (w::Message::SafetyAction, t.as_union_value())
+            }
             Message::DeltaAck(m) => {
                 let t = w::DeltaAck::create(
                     fbb,
@@ -603,6 +729,7 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                         .collect::<Result<_, DecodeError>>()?,
                     None => Vec::new(),
                 },
+                metadata: m.metadata().unwrap_or_default().to_owned(),
             })
         }
         w::Message::Welcome => {
@@ -616,6 +743,8 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                     .queue_frames()
                     .map(|v| v.iter().collect())
                     .unwrap_or_default(),
+                heartbeat_interval_ms: l.heartbeat_interval_ms(),
+                heartbeat_timeout_ms: l.heartbeat_timeout_ms(),
             });
             Message::Welcome(Welcome {
                 session_id: SessionId(m.session_id()),
@@ -675,6 +804,8 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 target_agent: optional(m.target_agent()),
                 key: optional(m.key()),
                 payload: check_body(m.payload_len())?,
+                fencing_token: m.fencing_token(),
+                lease: optional(m.lease()),
             })
         }
         w::Message::PublishAck => {
@@ -699,6 +830,8 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 target_agent: optional(m.target_agent()),
                 key: optional(m.key()),
                 payload: check_body(m.payload_len())?,
+                fencing_token: m.fencing_token(),
+                lease: optional(m.lease()),
             })
         }
         w::Message::Ack => {
@@ -838,6 +971,127 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 payload: check_body(m.payload_len())?,
             })
         }
+        w::Message::Heartbeat => {
+            let m = root
+                .message_as_heartbeat()
+                .ok_or(missing("empty Heartbeat"))?;
+            no_body()?;
+            Message::Heartbeat {
+                sent_at_ms: m.sent_at_ms(),
+            }
+        }
+        w::Message::PresenceQuery => {
+            let m = root
+                .message_as_presence_query()
+                .ok_or(missing("empty PresenceQuery"))?;
+            no_body()?;
+            Message::PresenceQuery {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "PresenceQuery without swarm")?,
+            }
+        }
+        w::Message::PresenceList => {
+            let m = root
+                .message_as_presence_list()
+                .ok_or(missing("empty PresenceList"))?;
+            no_body()?;
+            let agents: Vec<&str> = m.agents().map(|v| v.iter().collect()).unwrap_or_default();
+            let roles: Vec<w::Role> = m.roles().map(|v| v.iter().collect()).unwrap_or_default();
+            let seen: Vec<u64> = m
+                .last_seen_ms()
+                .map(|v| v.iter().collect())
+                .unwrap_or_default();
+            let metadata: Vec<&str> = m.metadata().map(|v| v.iter().collect()).unwrap_or_default();
+            if roles.len() != agents.len()
+                || seen.len() != agents.len()
+                || metadata.len() != agents.len()
+            {
+                return Err(DecodeError::InvalidField {
+                    reason: "PresenceList vectors differ in length",
+                });
+            }
+            let members = agents
+                .into_iter()
+                .zip(roles)
+                .zip(seen)
+                .zip(metadata)
+                .map(|(((agent, role), last_seen_ms), metadata)| {
+                    Ok(Member {
+                        agent: agent.to_owned(),
+                        role: role_of(role)?,
+                        last_seen_ms,
+                        metadata: metadata.to_owned(),
+                    })
+                })
+                .collect::<Result<_, DecodeError>>()?;
+            Message::PresenceList {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "PresenceList without swarm")?,
+                members,
+            }
+        }
+        w::Message::LeaseRequest => {
+            let m = root
+                .message_as_lease_request()
+                .ok_or(missing("empty LeaseRequest"))?;
+            no_body()?;
+            Message::LeaseRequest(LeaseRequest {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "LeaseRequest without swarm")?,
+                name: required(m.name(), "LeaseRequest without name")?,
+                action: match m.action() {
+                    w::LeaseAction::Acquire => LeaseAction::Acquire,
+                    w::LeaseAction::Renew => LeaseAction::Renew,
+                    w::LeaseAction::Release => LeaseAction::Release,
+                    _ => {
+                        return Err(DecodeError::InvalidField {
+                            reason: "unknown lease action",
+                        })
+                    }
+                },
+                token: m.token(),
+                ttl_ms: m.ttl_ms(),
+            })
+        }
+        w::Message::LeaseGrant => {
+            let m = root
+                .message_as_lease_grant()
+                .ok_or(missing("empty LeaseGrant"))?;
+            no_body()?;
+            Message::LeaseGrant(LeaseGrant {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "LeaseGrant without swarm")?,
+                name: required(m.name(), "LeaseGrant without name")?,
+                holder: m.holder().unwrap_or_default().to_owned(),
+                token: m.token(),
+                granted_at_ms: m.granted_at_ms(),
+                expires_at_ms: m.expires_at_ms(),
+            })
+        }
+        w::Message::SafetyAction => {
+            let m = root
+                .message_as_safety_action()
+                .ok_or(missing("empty SafetyAction"))?;
+            no_body()?;
+            Message::SafetyAction(SafetyAction {
+                request_id: m.request_id(),
+                kind: match m.kind() {
+                    w::SafetyKind::Pause => SafetyKind::Pause,
+                    w::SafetyKind::Resume => SafetyKind::Resume,
+                    w::SafetyKind::Stop => SafetyKind::Stop,
+                    w::SafetyKind::Drain => SafetyKind::Drain,
+                    w::SafetyKind::Undrain => SafetyKind::Undrain,
+                    _ => {
+                        return Err(DecodeError::InvalidField {
+                            reason: "unknown safety action",
+                        })
+                    }
+                },
+                swarm: m.swarm().unwrap_or_default().to_owned(),
+                target: m.target().unwrap_or_default().to_owned(),
+                duration_ms: m.duration_ms(),
+            })
+        }
         other => return Err(DecodeError::UnknownMessage { kind: other.0 }),
     };
     Ok(message)
@@ -886,8 +1140,9 @@ mod tests {
                     agent_id,
                     role: [Role::Agent, Role::Controller, Role::Worker][role as usize],
                     client_name: n,
-                    client_version: v,
+                    client_version: v.clone(),
                     resume: Vec::new(),
+                    metadata: v,
                 })),
             (
                 any::<u64>(),
@@ -904,6 +1159,8 @@ mod tests {
                             max_subscriptions: max / 2,
                             max_swarms_per_session: 7,
                             queue_frames,
+                            heartbeat_interval_ms: max / 3,
+                            heartbeat_timeout_ms: max / 5,
                         },
                     }
                 )),
@@ -947,8 +1204,10 @@ mod tests {
                         swarm,
                         class,
                         target_agent,
+                        lease: key.clone(),
                         key,
                         payload,
+                        fencing_token: request_id / 3,
                     })
                 }),
             (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(request_id, op, epoch)| {
@@ -976,8 +1235,10 @@ mod tests {
                             epoch: Epoch(op.rotate_left(7)),
                             source_agent,
                             target_agent,
+                            lease: key.clone(),
                             key,
                             payload,
+                            fencing_token: op / 5,
                         })
                     }
                 ),
@@ -1011,6 +1272,7 @@ mod tests {
                             last_applied: OpId(op),
                         })
                         .collect(),
+                    metadata: String::new(),
                 })),
             (name(), any::<u64>(), any::<u64>()).prop_map(|(swarm, e, p)| {
                 Message::EpochChanged {
@@ -1142,6 +1404,85 @@ mod tests {
                     payload,
                 })
             ),
+            any::<u64>().prop_map(|sent_at_ms| Message::Heartbeat { sent_at_ms }),
+            (any::<u64>(), name())
+                .prop_map(|(request_id, swarm)| Message::PresenceQuery { request_id, swarm }),
+            (
+                any::<u64>(),
+                name(),
+                proptest::collection::vec((name(), 0u8..3, any::<u64>(), ".{0,12}"), 0..6)
+            )
+                .prop_map(|(request_id, swarm, members)| Message::PresenceList {
+                    request_id,
+                    swarm,
+                    members: members
+                        .into_iter()
+                        .map(|(agent, role, last_seen_ms, metadata)| Member {
+                            agent,
+                            role: [Role::Agent, Role::Controller, Role::Worker][role as usize],
+                            last_seen_ms,
+                            metadata,
+                        })
+                        .collect(),
+                }),
+            (
+                any::<u64>(),
+                name(),
+                name(),
+                0u8..3,
+                any::<u64>(),
+                any::<u32>()
+            )
+                .prop_map(|(request_id, swarm, name, action, token, ttl_ms)| {
+                    Message::LeaseRequest(LeaseRequest {
+                        request_id,
+                        swarm,
+                        name,
+                        action: [
+                            LeaseAction::Acquire,
+                            LeaseAction::Renew,
+                            LeaseAction::Release,
+                        ][action as usize],
+                        token,
+                        ttl_ms,
+                    })
+                }),
+            (
+                any::<u64>(),
+                name(),
+                name(),
+                name(),
+                any::<u64>(),
+                any::<u64>()
+            )
+                .prop_map(|(request_id, swarm, name, holder, token, at)| {
+                    Message::LeaseGrant(LeaseGrant {
+                        request_id,
+                        swarm,
+                        name,
+                        holder,
+                        token,
+                        granted_at_ms: at / 2,
+                        expires_at_ms: at,
+                    })
+                }),
+            (any::<u64>(), 0u8..5, name(), name(), any::<u64>()).prop_map(
+                |(request_id, kind, swarm, target, duration_ms)| {
+                    Message::SafetyAction(SafetyAction {
+                        request_id,
+                        kind: [
+                            SafetyKind::Pause,
+                            SafetyKind::Resume,
+                            SafetyKind::Stop,
+                            SafetyKind::Drain,
+                            SafetyKind::Undrain,
+                        ][kind as usize],
+                        swarm,
+                        target,
+                        duration_ms,
+                    })
+                }
+            ),
         ]
     }
 
@@ -1184,6 +1525,8 @@ mod tests {
             target_agent: None,
             key: None,
             payload: Bytes::from_static(&[7u8; 300]),
+            fencing_token: 0,
+            lease: None,
         });
         let wire = Bytes::from(encode(&msg).to_vec());
         let start = wire.as_ptr() as usize;
@@ -1213,6 +1556,8 @@ mod tests {
             Some(&long),
             Some(&long),
             u32::MAX as usize,
+            u64::MAX,
+            Some(&long),
         );
         // The head includes frame_len; the bound covers everything after it.
         assert!(
@@ -1231,6 +1576,8 @@ mod tests {
             target_agent: None,
             key: None,
             payload: Bytes::from_static(b"abcd"),
+            fencing_token: 0,
+            lease: None,
         });
         let mut wire = encode(&msg).to_vec();
         wire.pop();

@@ -61,6 +61,19 @@ pub enum ErrorCode {
     NoWorker = 24,
     /// The session's role may not do this (e.g. WorkerStatus from a non-worker).
     Forbidden = 25,
+    /// Another agent with the same agent id connected: the newest session wins, this one
+    /// is closed.
+    Replaced = 26,
+    /// The lease is held by another agent until it expires (`retry_after_ms`).
+    LeaseHeld = 27,
+    /// Renew or release of a lease this agent no longer holds (expired, or a newer token).
+    LeaseLost = 28,
+    /// A publish stamped with a fencing token older than the newest granted for its lease.
+    StaleFencingToken = 29,
+    /// No heartbeat within the heartbeat timeout: the agent was declared gone.
+    HeartbeatTimeout = 35,
+    /// A controller stopped this agent; it may reconnect after `retry_after_ms`.
+    Stopped = 36,
 }
 
 impl ErrorCode {
@@ -97,6 +110,12 @@ impl ErrorCode {
             23 => DeadlineExceeded,
             24 => NoWorker,
             25 => Forbidden,
+            26 => Replaced,
+            27 => LeaseHeld,
+            28 => LeaseLost,
+            29 => StaleFencingToken,
+            35 => HeartbeatTimeout,
+            36 => Stopped,
             _ => return None,
         })
     }

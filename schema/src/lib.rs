@@ -47,10 +47,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Longest swarm name, agent id, agent filter, target agent or key, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 
-/// Upper bound of a Deliver frame's header (prefix fields, FlatBuffers tables and four
+/// Upper bound of a Deliver frame's header (prefix fields, FlatBuffers tables and five
 /// names of at most [`MAX_NAME_BYTES`]). Publishers are held to [`max_payload_bytes`] so that
 /// the Deliver the router makes of their message always fits the frame limit.
-pub const MAX_DELIVER_HEADER_BYTES: usize = 4 * MAX_NAME_BYTES + 256;
+pub const MAX_DELIVER_HEADER_BYTES: usize = 5 * MAX_NAME_BYTES + 256;
 
 /// Largest payload a Publish may carry under a frame limit of `max_frame_bytes`.
 pub fn max_payload_bytes(max_frame_bytes: usize) -> usize {

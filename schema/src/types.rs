@@ -126,6 +126,8 @@ pub struct Hello {
     pub client_name: String,
     pub client_version: String,
     pub resume: Vec<ResumePoint>,
+    /// Registered for presence queries (free-form).
+    pub metadata: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -135,6 +137,10 @@ pub struct Limits {
     pub max_swarms_per_session: u32,
     /// Outbound queue capacity per class in frames, indexed by [`Class::index`].
     pub queue_frames: Vec<u32>,
+    /// How often the client sends Heartbeat, and after how long without one the router
+    /// declares the agent gone (0: the client's defaults).
+    pub heartbeat_interval_ms: u32,
+    pub heartbeat_timeout_ms: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -173,6 +179,9 @@ pub struct Publish {
     pub target_agent: Option<String>,
     pub key: Option<String>,
     pub payload: Bytes,
+    /// A fencing token of lease `lease` ("leader" when unset); 0: none.
+    pub fencing_token: u64,
+    pub lease: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -186,6 +195,9 @@ pub struct Deliver {
     pub target_agent: Option<String>,
     pub key: Option<String>,
     pub payload: Bytes,
+    /// The publisher's fencing token and lease (0 / `None`: none).
+    pub fencing_token: u64,
+    pub lease: Option<String>,
 }
 
 /// The answer to a DeltaRequest (see the schema).
@@ -253,6 +265,68 @@ pub struct Reply {
     pub payload: Bytes,
 }
 
+/// One agent in a presence list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub agent: String,
+    pub role: Role,
+    /// Router clock (Unix ms) of its last heartbeat.
+    pub last_seen_ms: u64,
+    pub metadata: String,
+}
+
+/// What a LeaseRequest asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LeaseAction {
+    #[default]
+    Acquire,
+    Renew,
+    Release,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct LeaseRequest {
+    pub request_id: u64,
+    pub swarm: String,
+    pub name: String,
+    pub action: LeaseAction,
+    /// The token held (renew, release).
+    pub token: u64,
+    pub ttl_ms: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct LeaseGrant {
+    pub request_id: u64,
+    pub swarm: String,
+    pub name: String,
+    pub holder: String,
+    pub token: u64,
+    /// Router clock, Unix ms.
+    pub granted_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+
+/// A safety action's kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SafetyKind {
+    #[default]
+    Pause,
+    Resume,
+    Stop,
+    Drain,
+    Undrain,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SafetyAction {
+    pub request_id: u64,
+    pub kind: SafetyKind,
+    pub swarm: String,
+    pub target: String,
+    pub duration_ms: u64,
+}
+
 /// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -305,6 +379,21 @@ pub enum Message {
     },
     Request(Request),
     Reply(Reply),
+    Heartbeat {
+        sent_at_ms: u64,
+    },
+    PresenceQuery {
+        request_id: u64,
+        swarm: String,
+    },
+    PresenceList {
+        request_id: u64,
+        swarm: String,
+        members: Vec<Member>,
+    },
+    LeaseRequest(LeaseRequest),
+    LeaseGrant(LeaseGrant),
+    SafetyAction(SafetyAction),
 }
 
 impl Message {
@@ -330,6 +419,12 @@ impl Message {
             Message::CloseSession { .. } => "CloseSession",
             Message::Request(_) => "Request",
             Message::Reply(_) => "Reply",
+            Message::Heartbeat { .. } => "Heartbeat",
+            Message::PresenceQuery { .. } => "PresenceQuery",
+            Message::PresenceList { .. } => "PresenceList",
+            Message::LeaseRequest(_) => "LeaseRequest",
+            Message::LeaseGrant(_) => "LeaseGrant",
+            Message::SafetyAction(_) => "SafetyAction",
         }
     }
 }

@@ -196,12 +196,196 @@ impl<'a> ::flatbuffers::Verifiable for Role {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for Role {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_MESSAGE: u8 = 0;
+pub const ENUM_MIN_LEASE_ACTION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 20;
+pub const ENUM_MAX_LEASE_ACTION: u8 = 2;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 21] = [
+pub const ENUM_VALUES_LEASE_ACTION: [LeaseAction; 3] = [
+  LeaseAction::Acquire,
+  LeaseAction::Renew,
+  LeaseAction::Release,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct LeaseAction(pub u8);
+#[allow(non_upper_case_globals)]
+impl LeaseAction {
+  pub const Acquire: Self = Self(0);
+  pub const Renew: Self = Self(1);
+  pub const Release: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Acquire,
+    Self::Renew,
+    Self::Release,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Acquire => Some("Acquire"),
+      Self::Renew => Some("Renew"),
+      Self::Release => Some("Release"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for LeaseAction {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for LeaseAction {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for LeaseAction {
+    type Output = LeaseAction;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for LeaseAction {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for LeaseAction {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for LeaseAction {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_SAFETY_KIND: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_SAFETY_KIND: u8 = 4;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_SAFETY_KIND: [SafetyKind; 5] = [
+  SafetyKind::Pause,
+  SafetyKind::Resume,
+  SafetyKind::Stop,
+  SafetyKind::Drain,
+  SafetyKind::Undrain,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct SafetyKind(pub u8);
+#[allow(non_upper_case_globals)]
+impl SafetyKind {
+  pub const Pause: Self = Self(0);
+  pub const Resume: Self = Self(1);
+  pub const Stop: Self = Self(2);
+  pub const Drain: Self = Self(3);
+  pub const Undrain: Self = Self(4);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 4;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Pause,
+    Self::Resume,
+    Self::Stop,
+    Self::Drain,
+    Self::Undrain,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Pause => Some("Pause"),
+      Self::Resume => Some("Resume"),
+      Self::Stop => Some("Stop"),
+      Self::Drain => Some("Drain"),
+      Self::Undrain => Some("Undrain"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for SafetyKind {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for SafetyKind {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for SafetyKind {
+    type Output = SafetyKind;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for SafetyKind {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for SafetyKind {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for SafetyKind {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_MESSAGE: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_MESSAGE: u8 = 26;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_MESSAGE: [Message; 27] = [
   Message::NONE,
   Message::Hello,
   Message::Welcome,
@@ -223,6 +407,12 @@ pub const ENUM_VALUES_MESSAGE: [Message; 21] = [
   Message::CloseSession,
   Message::Request,
   Message::Reply,
+  Message::Heartbeat,
+  Message::PresenceQuery,
+  Message::PresenceList,
+  Message::LeaseRequest,
+  Message::LeaseGrant,
+  Message::SafetyAction,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -251,9 +441,15 @@ impl Message {
   pub const CloseSession: Self = Self(18);
   pub const Request: Self = Self(19);
   pub const Reply: Self = Self(20);
+  pub const Heartbeat: Self = Self(21);
+  pub const PresenceQuery: Self = Self(22);
+  pub const PresenceList: Self = Self(23);
+  pub const LeaseRequest: Self = Self(24);
+  pub const LeaseGrant: Self = Self(25);
+  pub const SafetyAction: Self = Self(26);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 20;
+  pub const ENUM_MAX: u8 = 26;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -276,6 +472,12 @@ impl Message {
     Self::CloseSession,
     Self::Request,
     Self::Reply,
+    Self::Heartbeat,
+    Self::PresenceQuery,
+    Self::PresenceList,
+    Self::LeaseRequest,
+    Self::LeaseGrant,
+    Self::SafetyAction,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -301,6 +503,12 @@ impl Message {
       Self::CloseSession => Some("CloseSession"),
       Self::Request => Some("Request"),
       Self::Reply => Some("Reply"),
+      Self::Heartbeat => Some("Heartbeat"),
+      Self::PresenceQuery => Some("PresenceQuery"),
+      Self::PresenceList => Some("PresenceList"),
+      Self::LeaseRequest => Some("LeaseRequest"),
+      Self::LeaseGrant => Some("LeaseGrant"),
+      Self::SafetyAction => Some("SafetyAction"),
       _ => None,
     }
   }
@@ -532,6 +740,7 @@ impl<'a> Hello<'a> {
   pub const VT_CLIENT_NAME: ::flatbuffers::VOffsetT = 12;
   pub const VT_CLIENT_VERSION: ::flatbuffers::VOffsetT = 14;
   pub const VT_RESUME: ::flatbuffers::VOffsetT = 16;
+  pub const VT_METADATA: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -543,6 +752,7 @@ impl<'a> Hello<'a> {
     args: &'args HelloArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Hello<'bldr>> {
     let mut builder = HelloBuilder::new(_fbb);
+    if let Some(x) = args.metadata { builder.add_metadata(x); }
     if let Some(x) = args.resume { builder.add_resume(x); }
     if let Some(x) = args.client_version { builder.add_client_version(x); }
     if let Some(x) = args.client_name { builder.add_client_name(x); }
@@ -606,6 +816,14 @@ impl<'a> Hello<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Resume>>>>(Hello::VT_RESUME, None)}
   }
+  /// What the agent registers for presence queries (free-form, e.g. JSON).
+  #[inline]
+  pub fn metadata(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Hello::VT_METADATA, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Hello<'_> {
@@ -621,6 +839,7 @@ impl ::flatbuffers::Verifiable for Hello<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_name", Self::VT_CLIENT_NAME, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_version", Self::VT_CLIENT_VERSION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Resume>>>>("resume", Self::VT_RESUME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("metadata", Self::VT_METADATA, false)?
      .finish();
     Ok(())
   }
@@ -633,6 +852,7 @@ pub struct HelloArgs<'a> {
     pub client_name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub client_version: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub resume: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Resume<'a>>>>>,
+    pub metadata: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for HelloArgs<'a> {
   #[inline]
@@ -645,6 +865,7 @@ impl<'a> Default for HelloArgs<'a> {
       client_name: None,
       client_version: None,
       resume: None,
+      metadata: None,
     }
   }
 }
@@ -683,6 +904,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HelloBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_RESUME, resume);
   }
   #[inline]
+  pub fn add_metadata(&mut self, metadata: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_METADATA, metadata);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HelloBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HelloBuilder {
@@ -707,6 +932,7 @@ impl ::core::fmt::Debug for Hello<'_> {
       ds.field("client_name", &self.client_name());
       ds.field("client_version", &self.client_version());
       ds.field("resume", &self.resume());
+      ds.field("metadata", &self.metadata());
       ds.finish()
   }
 }
@@ -731,6 +957,8 @@ impl<'a> Limits<'a> {
   pub const VT_MAX_SUBSCRIPTIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_MAX_SWARMS_PER_SESSION: ::flatbuffers::VOffsetT = 8;
   pub const VT_QUEUE_FRAMES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_HEARTBEAT_INTERVAL_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_HEARTBEAT_TIMEOUT_MS: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -742,6 +970,8 @@ impl<'a> Limits<'a> {
     args: &'args LimitsArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Limits<'bldr>> {
     let mut builder = LimitsBuilder::new(_fbb);
+    builder.add_heartbeat_timeout_ms(args.heartbeat_timeout_ms);
+    builder.add_heartbeat_interval_ms(args.heartbeat_interval_ms);
     if let Some(x) = args.queue_frames { builder.add_queue_frames(x); }
     builder.add_max_swarms_per_session(args.max_swarms_per_session);
     builder.add_max_subscriptions(args.max_subscriptions);
@@ -779,6 +1009,22 @@ impl<'a> Limits<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(Limits::VT_QUEUE_FRAMES, None)}
   }
+  /// How often the client sends Heartbeat; the router declares it gone after
+  /// heartbeat_timeout_ms without one.
+  #[inline]
+  pub fn heartbeat_interval_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Limits::VT_HEARTBEAT_INTERVAL_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn heartbeat_timeout_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Limits::VT_HEARTBEAT_TIMEOUT_MS, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Limits<'_> {
@@ -791,6 +1037,8 @@ impl ::flatbuffers::Verifiable for Limits<'_> {
      .visit_field::<u32>("max_subscriptions", Self::VT_MAX_SUBSCRIPTIONS, false)?
      .visit_field::<u32>("max_swarms_per_session", Self::VT_MAX_SWARMS_PER_SESSION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("queue_frames", Self::VT_QUEUE_FRAMES, false)?
+     .visit_field::<u32>("heartbeat_interval_ms", Self::VT_HEARTBEAT_INTERVAL_MS, false)?
+     .visit_field::<u32>("heartbeat_timeout_ms", Self::VT_HEARTBEAT_TIMEOUT_MS, false)?
      .finish();
     Ok(())
   }
@@ -800,6 +1048,8 @@ pub struct LimitsArgs<'a> {
     pub max_subscriptions: u32,
     pub max_swarms_per_session: u32,
     pub queue_frames: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub heartbeat_interval_ms: u32,
+    pub heartbeat_timeout_ms: u32,
 }
 impl<'a> Default for LimitsArgs<'a> {
   #[inline]
@@ -809,6 +1059,8 @@ impl<'a> Default for LimitsArgs<'a> {
       max_subscriptions: 0,
       max_swarms_per_session: 0,
       queue_frames: None,
+      heartbeat_interval_ms: 0,
+      heartbeat_timeout_ms: 0,
     }
   }
 }
@@ -835,6 +1087,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LimitsBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Limits::VT_QUEUE_FRAMES, queue_frames);
   }
   #[inline]
+  pub fn add_heartbeat_interval_ms(&mut self, heartbeat_interval_ms: u32) {
+    self.fbb_.push_slot::<u32>(Limits::VT_HEARTBEAT_INTERVAL_MS, heartbeat_interval_ms, 0);
+  }
+  #[inline]
+  pub fn add_heartbeat_timeout_ms(&mut self, heartbeat_timeout_ms: u32) {
+    self.fbb_.push_slot::<u32>(Limits::VT_HEARTBEAT_TIMEOUT_MS, heartbeat_timeout_ms, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LimitsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     LimitsBuilder {
@@ -856,6 +1116,8 @@ impl ::core::fmt::Debug for Limits<'_> {
       ds.field("max_subscriptions", &self.max_subscriptions());
       ds.field("max_swarms_per_session", &self.max_swarms_per_session());
       ds.field("queue_frames", &self.queue_frames());
+      ds.field("heartbeat_interval_ms", &self.heartbeat_interval_ms());
+      ds.field("heartbeat_timeout_ms", &self.heartbeat_timeout_ms());
       ds.finish()
   }
 }
@@ -1553,6 +1815,8 @@ impl<'a> Publish<'a> {
   pub const VT_TARGET_AGENT: ::flatbuffers::VOffsetT = 10;
   pub const VT_KEY: ::flatbuffers::VOffsetT = 12;
   pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 14;
+  pub const VT_FENCING_TOKEN: ::flatbuffers::VOffsetT = 16;
+  pub const VT_LEASE: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1564,7 +1828,9 @@ impl<'a> Publish<'a> {
     args: &'args PublishArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Publish<'bldr>> {
     let mut builder = PublishBuilder::new(_fbb);
+    builder.add_fencing_token(args.fencing_token);
     builder.add_request_id(args.request_id);
+    if let Some(x) = args.lease { builder.add_lease(x); }
     builder.add_payload_len(args.payload_len);
     if let Some(x) = args.key { builder.add_key(x); }
     if let Some(x) = args.target_agent { builder.add_target_agent(x); }
@@ -1619,6 +1885,22 @@ impl<'a> Publish<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(Publish::VT_PAYLOAD_LEN, Some(0)).unwrap()}
   }
+  /// A fencing token of lease `lease` (default "leader"): the router refuses the publish
+  /// with StaleFencingToken when a newer token was granted; 0 for none.
+  #[inline]
+  pub fn fencing_token(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Publish::VT_FENCING_TOKEN, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lease(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Publish::VT_LEASE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Publish<'_> {
@@ -1633,6 +1915,8 @@ impl ::flatbuffers::Verifiable for Publish<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("target_agent", Self::VT_TARGET_AGENT, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("key", Self::VT_KEY, false)?
      .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .visit_field::<u64>("fencing_token", Self::VT_FENCING_TOKEN, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("lease", Self::VT_LEASE, false)?
      .finish();
     Ok(())
   }
@@ -1644,6 +1928,8 @@ pub struct PublishArgs<'a> {
     pub target_agent: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub key: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub payload_len: u32,
+    pub fencing_token: u64,
+    pub lease: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for PublishArgs<'a> {
   #[inline]
@@ -1655,6 +1941,8 @@ impl<'a> Default for PublishArgs<'a> {
       target_agent: None,
       key: None,
       payload_len: 0,
+      fencing_token: 0,
+      lease: None,
     }
   }
 }
@@ -1689,6 +1977,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PublishBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u32>(Publish::VT_PAYLOAD_LEN, payload_len, 0);
   }
   #[inline]
+  pub fn add_fencing_token(&mut self, fencing_token: u64) {
+    self.fbb_.push_slot::<u64>(Publish::VT_FENCING_TOKEN, fencing_token, 0);
+  }
+  #[inline]
+  pub fn add_lease(&mut self, lease: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Publish::VT_LEASE, lease);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PublishBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     PublishBuilder {
@@ -1712,6 +2008,8 @@ impl ::core::fmt::Debug for Publish<'_> {
       ds.field("target_agent", &self.target_agent());
       ds.field("key", &self.key());
       ds.field("payload_len", &self.payload_len());
+      ds.field("fencing_token", &self.fencing_token());
+      ds.field("lease", &self.lease());
       ds.finish()
   }
 }
@@ -1873,6 +2171,8 @@ impl<'a> Deliver<'a> {
   pub const VT_KEY: ::flatbuffers::VOffsetT = 14;
   pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 16;
   pub const VT_EPOCH: ::flatbuffers::VOffsetT = 18;
+  pub const VT_FENCING_TOKEN: ::flatbuffers::VOffsetT = 20;
+  pub const VT_LEASE: ::flatbuffers::VOffsetT = 22;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1884,8 +2184,10 @@ impl<'a> Deliver<'a> {
     args: &'args DeliverArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Deliver<'bldr>> {
     let mut builder = DeliverBuilder::new(_fbb);
+    builder.add_fencing_token(args.fencing_token);
     builder.add_epoch(args.epoch);
     builder.add_op_id(args.op_id);
+    if let Some(x) = args.lease { builder.add_lease(x); }
     builder.add_payload_len(args.payload_len);
     if let Some(x) = args.key { builder.add_key(x); }
     if let Some(x) = args.target_agent { builder.add_target_agent(x); }
@@ -1954,6 +2256,22 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Deliver::VT_EPOCH, Some(0)).unwrap()}
   }
+  /// The publisher's fencing token and lease (0 / empty: none); clients drop ops stamped
+  /// with a token older than the newest they saw.
+  #[inline]
+  pub fn fencing_token(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Deliver::VT_FENCING_TOKEN, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lease(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Deliver::VT_LEASE, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Deliver<'_> {
@@ -1970,6 +2288,8 @@ impl ::flatbuffers::Verifiable for Deliver<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("key", Self::VT_KEY, false)?
      .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
      .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
+     .visit_field::<u64>("fencing_token", Self::VT_FENCING_TOKEN, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("lease", Self::VT_LEASE, false)?
      .finish();
     Ok(())
   }
@@ -1983,6 +2303,8 @@ pub struct DeliverArgs<'a> {
     pub key: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub payload_len: u32,
     pub epoch: u64,
+    pub fencing_token: u64,
+    pub lease: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for DeliverArgs<'a> {
   #[inline]
@@ -1996,6 +2318,8 @@ impl<'a> Default for DeliverArgs<'a> {
       key: None,
       payload_len: 0,
       epoch: 0,
+      fencing_token: 0,
+      lease: None,
     }
   }
 }
@@ -2038,6 +2362,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeliverBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(Deliver::VT_EPOCH, epoch, 0);
   }
   #[inline]
+  pub fn add_fencing_token(&mut self, fencing_token: u64) {
+    self.fbb_.push_slot::<u64>(Deliver::VT_FENCING_TOKEN, fencing_token, 0);
+  }
+  #[inline]
+  pub fn add_lease(&mut self, lease: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Deliver::VT_LEASE, lease);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeliverBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     DeliverBuilder {
@@ -2063,6 +2395,8 @@ impl ::core::fmt::Debug for Deliver<'_> {
       ds.field("key", &self.key());
       ds.field("payload_len", &self.payload_len());
       ds.field("epoch", &self.epoch());
+      ds.field("fencing_token", &self.fencing_token());
+      ds.field("lease", &self.lease());
       ds.finish()
   }
 }
@@ -3856,6 +4190,954 @@ impl ::core::fmt::Debug for Reply<'_> {
       ds.finish()
   }
 }
+pub enum HeartbeatOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Client -> router, every heartbeat interval, on the session stream: the agent is alive.
+pub struct Heartbeat<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Heartbeat<'a> {
+  type Inner = Heartbeat<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Heartbeat<'a> {
+  pub const VT_SENT_AT_MS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Heartbeat { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args HeartbeatArgs
+  ) -> ::flatbuffers::WIPOffset<Heartbeat<'bldr>> {
+    let mut builder = HeartbeatBuilder::new(_fbb);
+    builder.add_sent_at_ms(args.sent_at_ms);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn sent_at_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Heartbeat::VT_SENT_AT_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Heartbeat<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("sent_at_ms", Self::VT_SENT_AT_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct HeartbeatArgs {
+    pub sent_at_ms: u64,
+}
+impl<'a> Default for HeartbeatArgs {
+  #[inline]
+  fn default() -> Self {
+    HeartbeatArgs {
+      sent_at_ms: 0,
+    }
+  }
+}
+
+pub struct HeartbeatBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HeartbeatBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_sent_at_ms(&mut self, sent_at_ms: u64) {
+    self.fbb_.push_slot::<u64>(Heartbeat::VT_SENT_AT_MS, sent_at_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HeartbeatBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    HeartbeatBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Heartbeat<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Heartbeat<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Heartbeat");
+      ds.field("sent_at_ms", &self.sent_at_ms());
+      ds.finish()
+  }
+}
+pub enum PresenceQueryOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Client -> router: every agent present in a swarm. Answered with PresenceList.
+pub struct PresenceQuery<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PresenceQuery<'a> {
+  type Inner = PresenceQuery<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PresenceQuery<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PresenceQuery { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PresenceQueryArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PresenceQuery<'bldr>> {
+    let mut builder = PresenceQueryBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PresenceQuery::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PresenceQuery::VT_SWARM, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PresenceQuery<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceQueryArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for PresenceQueryArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PresenceQueryArgs {
+      request_id: 0,
+      swarm: None,
+    }
+  }
+}
+
+pub struct PresenceQueryBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceQueryBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(PresenceQuery::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceQuery::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceQueryBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PresenceQueryBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PresenceQuery<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PresenceQuery<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PresenceQuery");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.finish()
+  }
+}
+pub enum PresenceListOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The answer to a PresenceQuery: one entry per agent at the same index of each vector
+/// (parallel vectors rather than a table per member keep a large list one table).
+pub struct PresenceList<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PresenceList<'a> {
+  type Inner = PresenceList<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PresenceList<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_AGENTS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ROLES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LAST_SEEN_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_METADATA: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PresenceList { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PresenceListArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PresenceList<'bldr>> {
+    let mut builder = PresenceListBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.metadata { builder.add_metadata(x); }
+    if let Some(x) = args.last_seen_ms { builder.add_last_seen_ms(x); }
+    if let Some(x) = args.roles { builder.add_roles(x); }
+    if let Some(x) = args.agents { builder.add_agents(x); }
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PresenceList::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PresenceList::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn agents(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(PresenceList::VT_AGENTS, None)}
+  }
+  #[inline]
+  pub fn roles(&self) -> Option<::flatbuffers::Vector<'a, Role>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Role>>>(PresenceList::VT_ROLES, None)}
+  }
+  /// Router clock (Unix ms) of each agent's last heartbeat.
+  #[inline]
+  pub fn last_seen_ms(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(PresenceList::VT_LAST_SEEN_MS, None)}
+  }
+  #[inline]
+  pub fn metadata(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(PresenceList::VT_METADATA, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PresenceList<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("agents", Self::VT_AGENTS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Role>>>("roles", Self::VT_ROLES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("last_seen_ms", Self::VT_LAST_SEEN_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("metadata", Self::VT_METADATA, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceListArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub agents: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub roles: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Role>>>,
+    pub last_seen_ms: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub metadata: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+}
+impl<'a> Default for PresenceListArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PresenceListArgs {
+      request_id: 0,
+      swarm: None,
+      agents: None,
+      roles: None,
+      last_seen_ms: None,
+      metadata: None,
+    }
+  }
+}
+
+pub struct PresenceListBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceListBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(PresenceList::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceList::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_agents(&mut self, agents: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceList::VT_AGENTS, agents);
+  }
+  #[inline]
+  pub fn add_roles(&mut self, roles: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , Role>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceList::VT_ROLES, roles);
+  }
+  #[inline]
+  pub fn add_last_seen_ms(&mut self, last_seen_ms: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceList::VT_LAST_SEEN_MS, last_seen_ms);
+  }
+  #[inline]
+  pub fn add_metadata(&mut self, metadata: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PresenceList::VT_METADATA, metadata);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceListBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PresenceListBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PresenceList<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PresenceList<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PresenceList");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("agents", &self.agents());
+      ds.field("roles", &self.roles());
+      ds.field("last_seen_ms", &self.last_seen_ms());
+      ds.field("metadata", &self.metadata());
+      ds.finish()
+  }
+}
+pub enum LeaseRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Client -> router: acquire, renew or release the named lease of a swarm. Acquire and
+/// Renew are answered with LeaseGrant, Release with SubscribeAck; a refusal is an Error
+/// (LeaseHeld, LeaseLost).
+pub struct LeaseRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for LeaseRequest<'a> {
+  type Inner = LeaseRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> LeaseRequest<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ACTION: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TOKEN: ::flatbuffers::VOffsetT = 12;
+  pub const VT_TTL_MS: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    LeaseRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args LeaseRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<LeaseRequest<'bldr>> {
+    let mut builder = LeaseRequestBuilder::new(_fbb);
+    builder.add_token(args.token);
+    builder.add_request_id(args.request_id);
+    builder.add_ttl_ms(args.ttl_ms);
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.add_action(args.action);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaseRequest::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaseRequest::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaseRequest::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn action(&self) -> LeaseAction {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<LeaseAction>(LeaseRequest::VT_ACTION, Some(LeaseAction::Acquire)).unwrap()}
+  }
+  /// The token held (Renew, Release).
+  #[inline]
+  pub fn token(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaseRequest::VT_TOKEN, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn ttl_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(LeaseRequest::VT_TTL_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for LeaseRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<LeaseAction>("action", Self::VT_ACTION, false)?
+     .visit_field::<u64>("token", Self::VT_TOKEN, false)?
+     .visit_field::<u32>("ttl_ms", Self::VT_TTL_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct LeaseRequestArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub action: LeaseAction,
+    pub token: u64,
+    pub ttl_ms: u32,
+}
+impl<'a> Default for LeaseRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    LeaseRequestArgs {
+      request_id: 0,
+      swarm: None,
+      name: None,
+      action: LeaseAction::Acquire,
+      token: 0,
+      ttl_ms: 0,
+    }
+  }
+}
+
+pub struct LeaseRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LeaseRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(LeaseRequest::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaseRequest::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaseRequest::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_action(&mut self, action: LeaseAction) {
+    self.fbb_.push_slot::<LeaseAction>(LeaseRequest::VT_ACTION, action, LeaseAction::Acquire);
+  }
+  #[inline]
+  pub fn add_token(&mut self, token: u64) {
+    self.fbb_.push_slot::<u64>(LeaseRequest::VT_TOKEN, token, 0);
+  }
+  #[inline]
+  pub fn add_ttl_ms(&mut self, ttl_ms: u32) {
+    self.fbb_.push_slot::<u32>(LeaseRequest::VT_TTL_MS, ttl_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LeaseRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    LeaseRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LeaseRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for LeaseRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("LeaseRequest");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("name", &self.name());
+      ds.field("action", &self.action());
+      ds.field("token", &self.token());
+      ds.field("ttl_ms", &self.ttl_ms());
+      ds.finish()
+  }
+}
+pub enum LeaseGrantOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> client: the lease is the client's with `token` from granted_at_ms until
+/// expires_at_ms (router clock, Unix ms). Tokens of a lease only ever increase.
+pub struct LeaseGrant<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for LeaseGrant<'a> {
+  type Inner = LeaseGrant<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> LeaseGrant<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HOLDER: ::flatbuffers::VOffsetT = 10;
+  pub const VT_TOKEN: ::flatbuffers::VOffsetT = 12;
+  pub const VT_GRANTED_AT_MS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_EXPIRES_AT_MS: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    LeaseGrant { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args LeaseGrantArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<LeaseGrant<'bldr>> {
+    let mut builder = LeaseGrantBuilder::new(_fbb);
+    builder.add_expires_at_ms(args.expires_at_ms);
+    builder.add_granted_at_ms(args.granted_at_ms);
+    builder.add_token(args.token);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.holder { builder.add_holder(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaseGrant::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaseGrant::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaseGrant::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn holder(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(LeaseGrant::VT_HOLDER, None)}
+  }
+  #[inline]
+  pub fn token(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaseGrant::VT_TOKEN, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn granted_at_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaseGrant::VT_GRANTED_AT_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn expires_at_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(LeaseGrant::VT_EXPIRES_AT_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for LeaseGrant<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("holder", Self::VT_HOLDER, false)?
+     .visit_field::<u64>("token", Self::VT_TOKEN, false)?
+     .visit_field::<u64>("granted_at_ms", Self::VT_GRANTED_AT_MS, false)?
+     .visit_field::<u64>("expires_at_ms", Self::VT_EXPIRES_AT_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct LeaseGrantArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub holder: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub token: u64,
+    pub granted_at_ms: u64,
+    pub expires_at_ms: u64,
+}
+impl<'a> Default for LeaseGrantArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    LeaseGrantArgs {
+      request_id: 0,
+      swarm: None,
+      name: None,
+      holder: None,
+      token: 0,
+      granted_at_ms: 0,
+      expires_at_ms: 0,
+    }
+  }
+}
+
+pub struct LeaseGrantBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> LeaseGrantBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(LeaseGrant::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaseGrant::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaseGrant::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_holder(&mut self, holder: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(LeaseGrant::VT_HOLDER, holder);
+  }
+  #[inline]
+  pub fn add_token(&mut self, token: u64) {
+    self.fbb_.push_slot::<u64>(LeaseGrant::VT_TOKEN, token, 0);
+  }
+  #[inline]
+  pub fn add_granted_at_ms(&mut self, granted_at_ms: u64) {
+    self.fbb_.push_slot::<u64>(LeaseGrant::VT_GRANTED_AT_MS, granted_at_ms, 0);
+  }
+  #[inline]
+  pub fn add_expires_at_ms(&mut self, expires_at_ms: u64) {
+    self.fbb_.push_slot::<u64>(LeaseGrant::VT_EXPIRES_AT_MS, expires_at_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> LeaseGrantBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    LeaseGrantBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<LeaseGrant<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for LeaseGrant<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("LeaseGrant");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("name", &self.name());
+      ds.field("holder", &self.holder());
+      ds.field("token", &self.token());
+      ds.field("granted_at_ms", &self.granted_at_ms());
+      ds.field("expires_at_ms", &self.expires_at_ms());
+      ds.finish()
+  }
+}
+pub enum SafetyActionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Controller -> router: a safety action, answered with SubscribeAck once logged.
+/// Pause/Resume: `swarm`'s commands are held (not dropped) until resumed. Stop: disconnect
+/// agent `target` and refuse it for `duration_ms`. Drain/Undrain: worker node `target` gets
+/// no new sessions (its sessions move) / takes new work again.
+pub struct SafetyAction<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SafetyAction<'a> {
+  type Inner = SafetyAction<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SafetyAction<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 8;
+  pub const VT_TARGET: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DURATION_MS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SafetyAction { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SafetyActionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SafetyAction<'bldr>> {
+    let mut builder = SafetyActionBuilder::new(_fbb);
+    builder.add_duration_ms(args.duration_ms);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.target { builder.add_target(x); }
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.add_kind(args.kind);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SafetyAction::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn kind(&self) -> SafetyKind {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<SafetyKind>(SafetyAction::VT_KIND, Some(SafetyKind::Pause)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SafetyAction::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn target(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SafetyAction::VT_TARGET, None)}
+  }
+  #[inline]
+  pub fn duration_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SafetyAction::VT_DURATION_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SafetyAction<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<SafetyKind>("kind", Self::VT_KIND, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("target", Self::VT_TARGET, false)?
+     .visit_field::<u64>("duration_ms", Self::VT_DURATION_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SafetyActionArgs<'a> {
+    pub request_id: u64,
+    pub kind: SafetyKind,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub target: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub duration_ms: u64,
+}
+impl<'a> Default for SafetyActionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SafetyActionArgs {
+      request_id: 0,
+      kind: SafetyKind::Pause,
+      swarm: None,
+      target: None,
+      duration_ms: 0,
+    }
+  }
+}
+
+pub struct SafetyActionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SafetyActionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(SafetyAction::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_kind(&mut self, kind: SafetyKind) {
+    self.fbb_.push_slot::<SafetyKind>(SafetyAction::VT_KIND, kind, SafetyKind::Pause);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SafetyAction::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_target(&mut self, target: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SafetyAction::VT_TARGET, target);
+  }
+  #[inline]
+  pub fn add_duration_ms(&mut self, duration_ms: u64) {
+    self.fbb_.push_slot::<u64>(SafetyAction::VT_DURATION_MS, duration_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SafetyActionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SafetyActionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SafetyAction<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SafetyAction<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SafetyAction");
+      ds.field("request_id", &self.request_id());
+      ds.field("kind", &self.kind());
+      ds.field("swarm", &self.swarm());
+      ds.field("target", &self.target());
+      ds.field("duration_ms", &self.duration_ms());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -4205,6 +5487,96 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_heartbeat(&self) -> Option<Heartbeat<'a>> {
+    if self.message_type() == Message::Heartbeat {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Heartbeat::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_presence_query(&self) -> Option<PresenceQuery<'a>> {
+    if self.message_type() == Message::PresenceQuery {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PresenceQuery::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_presence_list(&self) -> Option<PresenceList<'a>> {
+    if self.message_type() == Message::PresenceList {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PresenceList::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_lease_request(&self) -> Option<LeaseRequest<'a>> {
+    if self.message_type() == Message::LeaseRequest {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { LeaseRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_lease_grant(&self) -> Option<LeaseGrant<'a>> {
+    if self.message_type() == Message::LeaseGrant {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { LeaseGrant::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_safety_action(&self) -> Option<SafetyAction<'a>> {
+    if self.message_type() == Message::SafetyAction {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SafetyAction::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -4235,6 +5607,12 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::CloseSession => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CloseSession>>("Message::CloseSession", pos),
           Message::Request => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Request>>("Message::Request", pos),
           Message::Reply => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Reply>>("Message::Reply", pos),
+          Message::Heartbeat => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Heartbeat>>("Message::Heartbeat", pos),
+          Message::PresenceQuery => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PresenceQuery>>("Message::PresenceQuery", pos),
+          Message::PresenceList => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PresenceList>>("Message::PresenceList", pos),
+          Message::LeaseRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LeaseRequest>>("Message::LeaseRequest", pos),
+          Message::LeaseGrant => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LeaseGrant>>("Message::LeaseGrant", pos),
+          Message::SafetyAction => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SafetyAction>>("Message::SafetyAction", pos),
           _ => Ok(()),
         }
      })?
@@ -4424,6 +5802,48 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::Reply => {
           if let Some(x) = self.message_as_reply() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Heartbeat => {
+          if let Some(x) = self.message_as_heartbeat() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::PresenceQuery => {
+          if let Some(x) = self.message_as_presence_query() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::PresenceList => {
+          if let Some(x) = self.message_as_presence_list() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::LeaseRequest => {
+          if let Some(x) = self.message_as_lease_request() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::LeaseGrant => {
+          if let Some(x) = self.message_as_lease_grant() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::SafetyAction => {
+          if let Some(x) = self.message_as_safety_action() {
             ds.field("message", &x)
           } else {
             ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")

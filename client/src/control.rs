@@ -1,0 +1,208 @@
+//! Control-plane helpers for applications: fencing (a stale leader cannot act) and a
+//! swarm's versioned configuration document.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bytes::Bytes;
+use swarmbus_schema::{Class, Deliver, LeaseGrant, OpId};
+
+/// The lease a fencing token belongs to when a publish names none.
+pub const DEFAULT_LEASE: &str = "leader";
+
+/// The key prefix of configuration entries on a swarm's control class.
+pub const CONFIG_PREFIX: &str = "config/";
+
+/// Drops commands stamped with a fencing token older than the newest one seen for the same
+/// swarm and lease, so a leader that lost its lease (paused, cut off) cannot act through
+/// agents even if the router sequenced its command before it heard of the new grant.
+///
+/// Feed it every delivery before acting on it ([`FencingFilter::admit`]); grants the
+/// application sees ([`FencingFilter::observe_grant`]) count too. Unstamped messages
+/// always pass.
+#[derive(Clone, Debug, Default)]
+pub struct FencingFilter {
+    newest: HashMap<(String, String), u64>,
+    rejected: u64,
+}
+
+impl FencingFilter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether `delivery` may be acted on; records its token when it is the newest.
+    pub fn admit(&mut self, delivery: &Deliver) -> bool {
+        if delivery.fencing_token == 0 {
+            return true;
+        }
+        let lease = delivery.lease.as_deref().unwrap_or(DEFAULT_LEASE);
+        self.admit_token(&delivery.swarm, lease, delivery.fencing_token)
+    }
+
+    /// The same for a token seen elsewhere (e.g. a command's own field).
+    pub fn admit_token(&mut self, swarm: &str, lease: &str, token: u64) -> bool {
+        let newest = self
+            .newest
+            .entry((swarm.to_owned(), lease.to_owned()))
+            .or_default();
+        if token < *newest {
+            self.rejected += 1;
+            return false;
+        }
+        *newest = token;
+        true
+    }
+
+    /// A lease grant seen by the application: its token is the newest at least.
+    pub fn observe_grant(&mut self, grant: &LeaseGrant) {
+        let newest = self
+            .newest
+            .entry((grant.swarm.clone(), grant.name.clone()))
+            .or_default();
+        *newest = (*newest).max(grant.token);
+    }
+
+    /// The newest token seen for `lease` of `swarm` (0: none).
+    pub fn newest(&self, swarm: &str, lease: &str) -> u64 {
+        self.newest
+            .get(&(swarm.to_owned(), lease.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Messages dropped as stale so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+}
+
+/// A swarm's configuration document as an agent sees it: entries are control-class ops
+/// keyed `config/<name>` (published by controllers with [`crate::Client::set_config`]); the
+/// version is the op id of the newest entry applied. An empty value removes the entry.
+///
+/// An agent subscribed to the control class gets the retained history on its first join
+/// (resume from nothing: compacted to the latest op per key past the log's hot part, so it
+/// ends at the current version) and, resuming with its resume point, only the changes after
+/// it.
+#[derive(Clone, Debug)]
+pub struct ConfigView {
+    swarm: String,
+    values: BTreeMap<String, Bytes>,
+    version: OpId,
+}
+
+impl ConfigView {
+    pub fn new(swarm: impl Into<String>) -> Self {
+        ConfigView {
+            swarm: swarm.into(),
+            values: BTreeMap::new(),
+            version: OpId::NONE,
+        }
+    }
+
+    /// Applies `delivery` if it is a newer configuration op of this swarm; returns whether
+    /// it changed the document.
+    pub fn apply(&mut self, delivery: &Deliver) -> bool {
+        if delivery.swarm != self.swarm
+            || delivery.class != Class::Control
+            || delivery.op_id <= self.version
+        {
+            return false;
+        }
+        let Some(name) = delivery
+            .key
+            .as_deref()
+            .and_then(|key| key.strip_prefix(CONFIG_PREFIX))
+        else {
+            return false;
+        };
+        self.version = delivery.op_id;
+        if delivery.payload.is_empty() {
+            self.values.remove(name);
+        } else {
+            self.values
+                .insert(name.to_owned(), delivery.payload.clone());
+        }
+        true
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Bytes> {
+        self.values.get(name)
+    }
+
+    /// The op id of the newest configuration op applied.
+    pub fn version(&self) -> OpId {
+        self.version
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = (&str, &Bytes)> {
+        self.values.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swarmbus_schema::Epoch;
+
+    fn deliver(op: u64, key: Option<&str>, token: u64, payload: &'static [u8]) -> Deliver {
+        Deliver {
+            swarm: "s".into(),
+            class: Class::Control,
+            op_id: OpId(op),
+            epoch: Epoch(1),
+            source_agent: "ctl".into(),
+            target_agent: None,
+            key: key.map(str::to_owned),
+            payload: Bytes::from_static(payload),
+            fencing_token: token,
+            lease: None,
+        }
+    }
+
+    #[test]
+    fn stale_tokens_are_dropped_once_a_newer_one_was_seen() {
+        let mut filter = FencingFilter::new();
+        assert!(filter.admit(&deliver(1, None, 0, b"unstamped")));
+        assert!(filter.admit(&deliver(2, None, 3, b"leader 3")));
+        assert!(filter.admit(&deliver(3, None, 3, b"leader 3 again")));
+        assert!(filter.admit(&deliver(4, None, 4, b"leader 4")));
+        assert!(!filter.admit(&deliver(5, None, 3, b"late leader 3")));
+        assert_eq!(filter.rejected(), 1);
+        // Another lease of the same swarm is tracked on its own.
+        let mut other = deliver(6, None, 1, b"other lease");
+        other.lease = Some("scheduler".into());
+        assert!(filter.admit(&other));
+        // A grant seen directly counts too.
+        filter.observe_grant(&LeaseGrant {
+            swarm: "s".into(),
+            name: DEFAULT_LEASE.into(),
+            token: 9,
+            ..LeaseGrant::default()
+        });
+        assert!(!filter.admit(&deliver(7, None, 8, b"too old")));
+        assert_eq!(filter.newest("s", DEFAULT_LEASE), 9);
+    }
+
+    #[test]
+    fn the_config_view_applies_newer_entries_only() {
+        let mut view = ConfigView::new("s");
+        assert!(view.apply(&deliver(1, Some("config/model"), 0, b"llama")));
+        assert!(view.apply(&deliver(2, Some("config/temp"), 0, b"0.7")));
+        assert!(
+            !view.apply(&deliver(3, Some("other"), 0, b"x")),
+            "not config"
+        );
+        assert!(
+            !view.apply(&deliver(2, Some("config/model"), 0, b"old")),
+            "replayed"
+        );
+        assert!(
+            view.apply(&deliver(4, Some("config/temp"), 0, b"")),
+            "removed"
+        );
+        assert_eq!(view.get("model").unwrap().as_ref(), b"llama");
+        assert!(view.get("temp").is_none());
+        assert_eq!(view.version(), OpId(4));
+    }
+}

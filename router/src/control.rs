@@ -1,0 +1,556 @@
+//! The control plane's state: presence, leader leases with fencing tokens, and stopped
+//! agents. Sans-IO: every call takes the time (router milliseconds, see [`Clock`]) and
+//! returns what to do; the driver pushes frames, publishes events and logs records.
+//!
+//! Durable state lives in the router's own swarm [`CONTROL_SWARM`], latest record per key:
+//! `lease/<swarm>/<name>` (the newest fencing token granted, so tokens never go backwards
+//! across a restart), `pause/<swarm>`, `stop/<agent>` and `drain/<node>`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Deserialize;
+use swarmbus_schema::{LeaseGrant, Member, Role};
+
+use crate::core::ConnId;
+use crate::outbox::Outbox;
+
+/// The router's own swarm holding control-plane records.
+pub const CONTROL_SWARM: &str = "$control";
+
+/// `[presence]`: heartbeats and leases.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceConfig {
+    /// How often clients send a heartbeat (announced in Welcome).
+    pub heartbeat_interval_ms: u32,
+    /// An agent without a heartbeat for this long is declared gone (0: 3 intervals).
+    pub heartbeat_timeout_ms: u32,
+    /// Longest TTL a lease may be granted for.
+    pub max_lease_ttl_ms: u32,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        PresenceConfig {
+            heartbeat_interval_ms: 1_000,
+            heartbeat_timeout_ms: 0,
+            max_lease_ttl_ms: 600_000,
+        }
+    }
+}
+
+impl PresenceConfig {
+    pub fn timeout_ms(&self) -> u32 {
+        match self.heartbeat_timeout_ms {
+            0 => self.heartbeat_interval_ms.saturating_mul(3),
+            set => set,
+        }
+    }
+}
+
+/// The router's clock: Unix milliseconds that never go backwards (wall time at start plus
+/// monotonic time since). Lease validity intervals are stated in it.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    start: Instant,
+    start_unix_ms: u64,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Clock {
+            start: Instant::now(),
+            start_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.at(Instant::now())
+    }
+
+    pub fn at(&self, instant: Instant) -> u64 {
+        self.start_unix_ms + instant.saturating_duration_since(self.start).as_millis() as u64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One present agent.
+#[derive(Debug, Clone)]
+pub struct Present {
+    pub conn: ConnId,
+    pub role: Role,
+    pub swarms: Vec<String>,
+    pub metadata: String,
+    pub last_seen_ms: u64,
+    pub outbox: Arc<Outbox>,
+}
+
+/// Who is present, by agent id: one entry per agent, whatever its connections did.
+#[derive(Debug, Default)]
+pub struct Presence {
+    members: HashMap<Arc<str>, Present>,
+}
+
+/// What a join did.
+#[derive(Debug)]
+pub enum Joined {
+    /// A new member: announce it.
+    New,
+    /// The agent was present on another connection, which must be closed (newest wins);
+    /// nothing to announce (the member never left).
+    Replaced(Present),
+}
+
+impl Presence {
+    pub fn join(&mut self, agent: Arc<str>, present: Present) -> Joined {
+        match self.members.insert(agent, present) {
+            Some(old) => Joined::Replaced(old),
+            None => Joined::New,
+        }
+    }
+
+    /// A heartbeat (or any sign of life) from `agent` on `conn`.
+    pub fn seen(&mut self, agent: &str, conn: ConnId, now_ms: u64) {
+        if let Some(member) = self.members.get_mut(agent) {
+            if member.conn == conn {
+                member.last_seen_ms = member.last_seen_ms.max(now_ms);
+            }
+        }
+    }
+
+    /// `conn` of `agent` closed: the member leaves unless a newer connection replaced it.
+    pub fn leave(&mut self, agent: &str, conn: ConnId) -> Option<Present> {
+        if self.members.get(agent).is_some_and(|m| m.conn == conn) {
+            return self.members.remove(agent);
+        }
+        None
+    }
+
+    /// Members without a heartbeat for `timeout_ms`: removed and returned.
+    pub fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<(Arc<str>, Present)> {
+        let gone: Vec<Arc<str>> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms) > timeout_ms)
+            .map(|(agent, _)| agent.clone())
+            .collect();
+        gone.into_iter()
+            .filter_map(|agent| self.members.remove(&agent).map(|m| (agent, m)))
+            .collect()
+    }
+
+    pub fn get(&self, agent: &str) -> Option<&Present> {
+        self.members.get(agent)
+    }
+
+    /// Every member that joined `swarm`, by agent id.
+    pub fn list(&self, swarm: &str) -> Vec<Member> {
+        let mut members: Vec<Member> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.swarms.iter().any(|s| s == swarm))
+            .map(|(agent, m)| Member {
+                agent: agent.to_string(),
+                role: m.role,
+                last_seen_ms: m.last_seen_ms,
+                metadata: m.metadata.clone(),
+            })
+            .collect();
+        members.sort_by(|a, b| a.agent.cmp(&b.agent));
+        members
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// A lease held now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Held {
+    holder: Arc<str>,
+    token: u64,
+    granted_at_ms: u64,
+    expires_at_ms: u64,
+}
+
+/// Why a lease request was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeaseRefusal {
+    /// Held by `holder` for `remaining_ms` more.
+    Held { holder: String, remaining_ms: u64 },
+    /// The token is not the lease's current one, or it expired.
+    Lost { newest_token: u64 },
+}
+
+/// A lease decision: the grant to answer with, and whether a new token was granted (then
+/// it must be logged before the answer goes out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Granted {
+    pub grant: LeaseGrant,
+    pub new_token: bool,
+}
+
+/// Named leases per swarm. At most one holder at a time (by the router's clock); every
+/// grant to a new holder takes a token larger than any granted before.
+#[derive(Debug, Default)]
+pub struct Leases {
+    held: HashMap<(String, String), Held>,
+    /// The newest token granted per lease, restored from the log at start.
+    newest: HashMap<(String, String), u64>,
+}
+
+impl Leases {
+    /// Starts from the newest tokens granted before (read from the log).
+    pub fn restore(tokens: impl IntoIterator<Item = ((String, String), u64)>) -> Self {
+        Leases {
+            held: HashMap::new(),
+            newest: tokens.into_iter().collect(),
+        }
+    }
+
+    /// The newest token granted for `name` of `swarm` (0: never granted).
+    pub fn newest(&self, swarm: &str, name: &str) -> u64 {
+        self.newest
+            .get(&(swarm.to_owned(), name.to_owned()))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    pub fn acquire(
+        &mut self,
+        swarm: &str,
+        name: &str,
+        agent: &Arc<str>,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<Granted, LeaseRefusal> {
+        let key = (swarm.to_owned(), name.to_owned());
+        if let Some(held) = self.held.get_mut(&key) {
+            if held.expires_at_ms > now_ms {
+                if held.holder != *agent {
+                    return Err(LeaseRefusal::Held {
+                        holder: held.holder.to_string(),
+                        remaining_ms: held.expires_at_ms - now_ms,
+                    });
+                }
+                // The holder asking again: same token, extended.
+                held.expires_at_ms = now_ms + ttl_ms;
+                let held = held.clone();
+                return Ok(Granted {
+                    grant: grant(swarm, name, &held),
+                    new_token: false,
+                });
+            }
+        }
+        let token = self.newest.get(&key).copied().unwrap_or_default() + 1;
+        let held = Held {
+            holder: agent.clone(),
+            token,
+            granted_at_ms: now_ms,
+            expires_at_ms: now_ms + ttl_ms,
+        };
+        self.newest.insert(key.clone(), token);
+        self.held.insert(key, held.clone());
+        Ok(Granted {
+            grant: grant(swarm, name, &held),
+            new_token: true,
+        })
+    }
+
+    pub fn renew(
+        &mut self,
+        swarm: &str,
+        name: &str,
+        agent: &Arc<str>,
+        token: u64,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) -> Result<Granted, LeaseRefusal> {
+        let key = (swarm.to_owned(), name.to_owned());
+        let newest_token = self.newest.get(&key).copied().unwrap_or_default();
+        match self.held.get_mut(&key) {
+            Some(held)
+                if held.token == token && held.holder == *agent && held.expires_at_ms > now_ms =>
+            {
+                held.expires_at_ms = now_ms + ttl_ms;
+                let held = held.clone();
+                Ok(Granted {
+                    grant: grant(swarm, name, &held),
+                    new_token: false,
+                })
+            }
+            _ => Err(LeaseRefusal::Lost { newest_token }),
+        }
+    }
+
+    pub fn release(
+        &mut self,
+        swarm: &str,
+        name: &str,
+        agent: &Arc<str>,
+        token: u64,
+    ) -> Result<(), LeaseRefusal> {
+        let key = (swarm.to_owned(), name.to_owned());
+        match self.held.get(&key) {
+            Some(held) if held.token == token && held.holder == *agent => {
+                self.held.remove(&key);
+                Ok(())
+            }
+            _ => Err(LeaseRefusal::Lost {
+                newest_token: self.newest.get(&key).copied().unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+fn grant(swarm: &str, name: &str, held: &Held) -> LeaseGrant {
+    LeaseGrant {
+        request_id: 0,
+        swarm: swarm.to_owned(),
+        name: name.to_owned(),
+        holder: held.holder.to_string(),
+        token: held.token,
+        granted_at_ms: held.granted_at_ms,
+        expires_at_ms: held.expires_at_ms,
+    }
+}
+
+/// Agents stopped by a controller, until when (router ms).
+#[derive(Debug, Default)]
+pub struct Stops {
+    until: HashMap<String, u64>,
+}
+
+impl Stops {
+    pub fn stop(&mut self, agent: &str, until_ms: u64) {
+        self.until.insert(agent.to_owned(), until_ms);
+    }
+
+    /// How long `agent` is still refused, if it is.
+    pub fn refused_for(&mut self, agent: &str, now_ms: u64) -> Option<Duration> {
+        match self.until.get(agent) {
+            Some(&until) if until > now_ms => Some(Duration::from_millis(until - now_ms)),
+            Some(_) => {
+                self.until.remove(agent);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
+/// A control record's key and payload (see the module docs).
+pub fn lease_record(swarm: &str, name: &str, token: u64) -> (String, Bytes) {
+    (
+        format!("lease/{swarm}/{name}"),
+        Bytes::from(token.to_be_bytes().to_vec()),
+    )
+}
+
+/// Control-plane state read back from the log at start.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub lease_tokens: Vec<((String, String), u64)>,
+    pub paused: Vec<String>,
+    pub stops: Vec<(String, u64)>,
+    pub drained: Vec<String>,
+}
+
+impl Restored {
+    /// Applies one record (in log order; later ones win).
+    pub fn apply(&mut self, key: &str, payload: &[u8]) {
+        let u64_of = |payload: &[u8]| payload.try_into().ok().map(u64::from_be_bytes);
+        if let Some(rest) = key.strip_prefix("lease/") {
+            // The swarm name may contain '/': the lease name is after the last one.
+            if let (Some((swarm, name)), Some(token)) = (rest.rsplit_once('/'), u64_of(payload)) {
+                let key = (swarm.to_owned(), name.to_owned());
+                self.lease_tokens.retain(|(k, _)| *k != key);
+                self.lease_tokens.push((key, token));
+            }
+        } else if let Some(swarm) = key.strip_prefix("pause/") {
+            self.paused.retain(|s| s != swarm);
+            if payload == b"1" {
+                self.paused.push(swarm.to_owned());
+            }
+        } else if let Some(agent) = key.strip_prefix("stop/") {
+            self.stops.retain(|(a, _)| a != agent);
+            if let Some(until) = u64_of(payload) {
+                self.stops.push((agent.to_owned(), until));
+            }
+        } else if let Some(node) = key.strip_prefix("drain/") {
+            self.drained.retain(|n| n != node);
+            if payload == b"1" {
+                self.drained.push(node.to_owned());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent(name: &str) -> Arc<str> {
+        Arc::from(name)
+    }
+
+    #[test]
+    fn one_holder_at_a_time_and_tokens_only_grow() {
+        let mut leases = Leases::default();
+        let (a, b) = (agent("a"), agent("b"));
+        let first = leases.acquire("s", "leader", &a, 1_000, 0).unwrap();
+        assert_eq!((first.grant.token, first.new_token), (1, true));
+        assert_eq!(
+            (first.grant.granted_at_ms, first.grant.expires_at_ms),
+            (0, 1_000)
+        );
+        // Held: b is refused with the time left.
+        assert_eq!(
+            leases.acquire("s", "leader", &b, 1_000, 400),
+            Err(LeaseRefusal::Held {
+                holder: "a".into(),
+                remaining_ms: 600
+            })
+        );
+        // Renewal keeps the token and moves the expiry.
+        let renewed = leases.renew("s", "leader", &a, 1, 1_000, 900).unwrap();
+        assert_eq!(
+            (renewed.grant.token, renewed.grant.expires_at_ms),
+            (1, 1_900)
+        );
+        assert!(!renewed.new_token);
+        // a stops renewing (paused): at expiry b gets the lease with a newer token...
+        let second = leases.acquire("s", "leader", &b, 1_000, 1_900).unwrap();
+        assert_eq!((second.grant.token, second.new_token), (2, true));
+        // ...and a's late renewal is refused: it lost the lease.
+        assert_eq!(
+            leases.renew("s", "leader", &a, 1, 1_000, 2_000),
+            Err(LeaseRefusal::Lost { newest_token: 2 })
+        );
+        assert_eq!(leases.newest("s", "leader"), 2);
+        // Leases of other names and swarms are independent.
+        assert_eq!(
+            leases
+                .acquire("s", "scheduler", &a, 1_000, 2_000)
+                .unwrap()
+                .grant
+                .token,
+            1
+        );
+        assert_eq!(
+            leases
+                .acquire("t", "leader", &a, 1_000, 2_000)
+                .unwrap()
+                .grant
+                .token,
+            1
+        );
+    }
+
+    #[test]
+    fn release_frees_the_lease_and_restore_keeps_tokens_growing() {
+        let mut leases = Leases::default();
+        let (a, b) = (agent("a"), agent("b"));
+        leases.acquire("s", "leader", &a, 10_000, 0).unwrap();
+        assert!(leases.release("s", "leader", &b, 1).is_err(), "not b's");
+        leases.release("s", "leader", &a, 1).unwrap();
+        assert_eq!(
+            leases
+                .acquire("s", "leader", &b, 10_000, 5)
+                .unwrap()
+                .grant
+                .token,
+            2
+        );
+        // After a restart, tokens continue from the newest logged one.
+        let mut restored = Restored::default();
+        let (key, payload) = lease_record("s/with/slashes", "leader", 2);
+        restored.apply(&key, &payload);
+        let (key, payload) = lease_record("s/with/slashes", "leader", 7);
+        restored.apply(&key, &payload);
+        let mut leases = Leases::restore(restored.lease_tokens);
+        assert_eq!(
+            leases
+                .acquire("s/with/slashes", "leader", &a, 1_000, 0)
+                .unwrap()
+                .grant
+                .token,
+            8
+        );
+    }
+
+    #[test]
+    fn presence_newest_wins_and_timeouts_expire_members() {
+        use crate::config::QueueConfig;
+        use crate::stats::Stats;
+        let outbox = |conn| {
+            Arc::new(Outbox::new(
+                ConnId(conn),
+                &QueueConfig::default(),
+                Arc::new(Stats::default()),
+            ))
+        };
+        let present = |conn, at| Present {
+            conn: ConnId(conn),
+            role: Role::Agent,
+            swarms: vec!["s".into()],
+            metadata: format!("conn {conn}"),
+            last_seen_ms: at,
+            outbox: outbox(conn),
+        };
+        let mut presence = Presence::default();
+        assert!(matches!(
+            presence.join(agent("a"), present(1, 0)),
+            Joined::New
+        ));
+        assert!(matches!(
+            presence.join(agent("b"), present(2, 0)),
+            Joined::New
+        ));
+        // a reconnects: the old connection is replaced, no duplicate member.
+        let Joined::Replaced(old) = presence.join(agent("a"), present(3, 10)) else {
+            panic!("not replaced")
+        };
+        assert_eq!(old.conn, ConnId(1));
+        assert_eq!(presence.list("s").len(), 2);
+        // The old connection closing does not remove the new one.
+        assert!(presence.leave("a", ConnId(1)).is_none());
+        assert_eq!(presence.list("s")[0].metadata, "conn 3");
+        // Heartbeats keep a member; silence past the timeout expires it.
+        presence.seen("a", ConnId(3), 2_000);
+        presence.seen("b", ConnId(99), 2_000); // another connection's: ignored
+        let gone = presence.expire(3_100, 3_000);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(&*gone[0].0, "b");
+        assert_eq!(presence.leave("a", ConnId(3)).unwrap().conn, ConnId(3));
+        assert!(presence.is_empty());
+    }
+
+    #[test]
+    fn stops_expire() {
+        let mut stops = Stops::default();
+        stops.stop("a", 1_000);
+        assert_eq!(
+            stops.refused_for("a", 400),
+            Some(Duration::from_millis(600))
+        );
+        assert_eq!(stops.refused_for("a", 1_000), None);
+        assert_eq!(stops.refused_for("b", 0), None);
+    }
+}
