@@ -61,6 +61,16 @@ pub enum ErrorCode {
     NoWorker = 24,
     /// The session's role may not do this (e.g. WorkerStatus from a non-worker).
     Forbidden = 25,
+    // 26 to 29 are taken by another change in flight.
+    /// A job result, progress or heartbeat for an attempt that is no longer the job's lease:
+    /// the lease expired, its worker was taken for gone, the job was cancelled, or another
+    /// attempt finished it. The worker should drop the work.
+    LeaseFenced = 30,
+    /// No such job (never submitted, or finished and acknowledged long ago), or not in the
+    /// swarm named.
+    UnknownJob = 31,
+    /// The job already ended (cancel of a finished job; re-drive of a job not dead-lettered).
+    JobFinished = 32,
 }
 
 impl ErrorCode {
@@ -97,6 +107,9 @@ impl ErrorCode {
             23 => DeadlineExceeded,
             24 => NoWorker,
             25 => Forbidden,
+            30 => LeaseFenced,
+            31 => UnknownJob,
+            32 => JobFinished,
             _ => return None,
         })
     }
