@@ -3,6 +3,7 @@
 mod affinity;
 mod common;
 mod hostile;
+mod jobs;
 mod reconnect;
 mod resync;
 mod routing;
