@@ -4,6 +4,7 @@
 mod affinity_sim;
 mod durable;
 mod fanout;
+mod jobs;
 mod spawn;
 mod units;
 
@@ -36,6 +37,10 @@ enum Scenario {
     /// Reads every swarm recorded by `durable --record` back from the router's log and
     /// compares; exits 1 on any missing, mismatched, gap or duplicate op.
     Check(durable::CheckArgs),
+    /// Submitters submit jobs (some with repeated idempotency keys); simulated workers run
+    /// them and are killed at random (then reconnect). Reports jobs/s, queue wait and
+    /// end-to-end latency, lost jobs and ends handled twice (both must be 0).
+    Jobs(jobs::JobsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +58,7 @@ fn main() -> std::process::ExitCode {
             Scenario::AffinitySim(args) => affinity_sim::run(args),
             Scenario::Durable(args) => durable::run(args).await,
             Scenario::Check(args) => durable::run_check(args).await,
+            Scenario::Jobs(args) => jobs::run(args).await,
         }
     });
     match result {
