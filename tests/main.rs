@@ -4,6 +4,7 @@ mod affinity;
 mod common;
 mod control;
 mod hostile;
+mod jobs;
 mod reconnect;
 mod resync;
 mod routing;

@@ -8,6 +8,8 @@
 //! - [`error`]: the error type, [`ClientError`].
 //! - [`gpu`]: GPU detection for worker nodes ([`gpu::detect`], [`gpu::GpuProbe`], the fake
 //!   [`gpu::FakeGpus`], NVML behind the cargo feature `nvml`).
+//! - [`jobs`]: the job queue's client side: [`JobDedup`] (each job's end handled once),
+//!   [`JobEvents`] (leases and cancels for workers), [`JobUpdates`] (for submitters).
 //! - [`retry`]: exponential backoff with full jitter ([`RetryPolicy`], [`Backoff`]).
 //! - [`reconnect`]: [`ResilientClient`], a session that reconnects, resumes and
 //!   resubscribes by itself ([`Connector::connect_resilient`]).
@@ -29,6 +31,7 @@ pub mod apply;
 pub mod control;
 pub mod error;
 pub mod gpu;
+pub mod jobs;
 pub mod reconnect;
 pub mod retry;
 
@@ -44,17 +47,19 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Deliver, DeltaAck, Epoch,
-    FrameDecoder, Hello, LeaseAction, LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame,
-    Publish, Reply as WireReply, Request, ResumePoint, Role, SafetyAction, SafetyKind,
-    SessionPinned, Subscription, Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES,
-    MAX_NAME_BYTES, PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Class, DeadLetters, DecodeOptions, Deliver, DeltaAck,
+    Epoch, FrameDecoder, Hello, JobId, JobProgress, JobResult, JobStatus, JobUpdate, LeaseAction,
+    LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame, Publish, Reply as WireReply,
+    Request, ResumePoint, Role, SafetyAction, SafetyKind, SessionPinned, SubmitJob, Subscription,
+    Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES, JOB_STREAM_PRIORITY, MAX_NAME_BYTES,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use apply::{FileOffsetStore, IdempotentApply, OffsetStore};
 pub use control::{ConfigView, FencingFilter, DEFAULT_LEASE};
 pub use error::ClientError;
+pub use jobs::{JobDedup, JobEvent, JobEvents, JobUpdates};
 pub use reconnect::{ReconnectEvent, ReconnectOptions, ResilientClient};
 pub use retry::{Backoff, RetryPolicy};
 
@@ -292,6 +297,15 @@ impl Connector {
             ));
             tx
         });
+        let (jobs_tx, jobs_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
+        tokio::spawn(stream_writer(
+            connection.clone(),
+            jobs_rx,
+            None,
+            JOB_STREAM_PRIORITY,
+        ));
+        let (job_events_tx, job_events_rx) = mpsc::channel(JOB_EVENT_QUEUE);
+        let (job_updates_tx, job_updates_rx) = mpsc::channel(session.delivery_buffer.max(1));
         let shared = Arc::new(Shared {
             connection: connection.clone(),
             session_tx,
@@ -307,6 +321,9 @@ impl Connector {
             epoch_changes: Mutex::new(HashMap::new()),
             requests_tx,
             requests_rx: Mutex::new(Some(requests_rx)),
+            jobs_tx,
+            job_events_rx: Mutex::new(Some(job_events_rx)),
+            job_updates_rx: Mutex::new(Some(job_updates_rx)),
         });
         tokio::spawn(read_replies(reader, shared.clone()));
         let interval = shared.welcome.limits.heartbeat_interval_ms;
@@ -319,7 +336,11 @@ impl Connector {
         }
         tokio::spawn(accept_deliveries(
             connection.clone(),
-            deliveries_tx,
+            Inbound {
+                deliveries: deliveries_tx,
+                job_events: job_events_tx,
+                job_updates: job_updates_tx,
+            },
             max_frame,
         ));
         let client = Client {
@@ -358,6 +379,9 @@ async fn heartbeats(
         }
     }
 }
+
+/// Leases and cancels a worker may have waiting before the job stream stops being read.
+const JOB_EVENT_QUEUE: usize = 1024;
 
 /// Requests from the router a worker may have waiting before it answers more with "busy".
 const REQUEST_QUEUE: usize = 1024;
@@ -469,6 +493,8 @@ enum ReplyValue {
     Reply(WireReply),
     Presence(Vec<Member>),
     Lease(LeaseGrant),
+    Job(JobStatus),
+    DeadLetters(DeadLetters),
 }
 
 type ReplyResult = Result<ReplyValue, ClientError>;
@@ -507,6 +533,10 @@ struct Shared {
     /// application takes it.
     requests_tx: mpsc::Sender<Request>,
     requests_rx: Mutex<Option<mpsc::Receiver<Request>>>,
+    /// Frames for the job stream (SubmitJob, JobProgress, JobResult), below commands.
+    jobs_tx: mpsc::Sender<OutFrame>,
+    job_events_rx: Mutex<Option<mpsc::Receiver<jobs::JobEvent>>>,
+    job_updates_rx: Mutex<Option<mpsc::Receiver<JobUpdate>>>,
 }
 
 /// Closes the connection when the last `Client` clone is dropped. Background tasks hold
@@ -604,6 +634,16 @@ async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
                     reply.send(Ok(ReplyValue::Lease(grant)));
                 }
             }
+            Ok(Some(Message::JobStatus(status))) => {
+                if let Some(reply) = shared.pending().remove(&status.request_id) {
+                    reply.send(Ok(ReplyValue::Job(status)));
+                }
+            }
+            Ok(Some(Message::DeadLetters(page))) => {
+                if let Some(reply) = shared.pending().remove(&page.request_id) {
+                    reply.send(Ok(ReplyValue::DeadLetters(page)));
+                }
+            }
             Ok(Some(Message::Reply(answer))) => {
                 if let Some(reply) = shared.pending().remove(&answer.request_id) {
                     reply.send(Ok(ReplyValue::Reply(answer)));
@@ -669,19 +709,42 @@ async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
     shared.fail_all(&ClientError::from_connection(&closed));
 }
 
-/// Accepts the router's delivery streams and forwards their messages to the application.
-async fn accept_deliveries(connection: Connection, tx: mpsc::Sender<Deliver>, max_frame: usize) {
+/// Where the router's unidirectional streams' messages go.
+#[derive(Clone, Debug)]
+struct Inbound {
+    deliveries: mpsc::Sender<Deliver>,
+    job_events: mpsc::Sender<jobs::JobEvent>,
+    job_updates: mpsc::Sender<JobUpdate>,
+}
+
+/// Accepts the router's delivery streams (one per class) and its job stream, and forwards
+/// their messages to the application.
+async fn accept_deliveries(connection: Connection, inbound: Inbound, max_frame: usize) {
     while let Ok(recv) = connection.accept_uni().await {
-        let tx = tx.clone();
+        let inbound = inbound.clone();
         let connection = connection.clone();
         tokio::spawn(async move {
             let mut reader = FrameReader::new(recv, max_frame);
             loop {
+                // A send fails when the application dropped (or never took) that stream:
+                // its messages are then dropped, the others still flow.
                 match reader.next().await {
                     Ok(Some(Message::Deliver(deliver))) => {
-                        if tx.send(deliver).await.is_err() {
+                        if inbound.deliveries.send(deliver).await.is_err() {
                             return; // the application dropped Deliveries
                         }
+                    }
+                    Ok(Some(Message::JobLease(lease))) => {
+                        let _ = inbound.job_events.send(jobs::JobEvent::Lease(lease)).await;
+                    }
+                    Ok(Some(Message::JobCancel {
+                        job_id, attempt, ..
+                    })) => {
+                        let event = jobs::JobEvent::Cancel { job_id, attempt };
+                        let _ = inbound.job_events.send(event).await;
+                    }
+                    Ok(Some(Message::JobUpdate(update))) => {
+                        let _ = inbound.job_updates.send(update).await;
                     }
                     Ok(Some(other)) => {
                         tracing::warn!(
@@ -772,6 +835,15 @@ impl PendingAck {
     }
 }
 
+fn expect_job(value: ReplyValue) -> Result<JobStatus, ClientError> {
+    match value {
+        ReplyValue::Job(status) => Ok(status),
+        other => Err(ClientError::Protocol {
+            detail: format!("expected a JobStatus, got {other:?}"),
+        }),
+    }
+}
+
 fn expect_receipt(value: ReplyValue) -> Result<Receipt, ClientError> {
     match value {
         ReplyValue::Receipt(receipt) => Ok(receipt),
@@ -799,14 +871,22 @@ impl Client {
     }
 
     async fn request(&self, build: impl FnOnce(u64) -> Message) -> ReplyResult {
+        self.request_on(&self.shared.session_tx, build).await
+    }
+
+    /// A request written on `stream` (its answer comes on the session stream).
+    async fn request_on(
+        &self,
+        stream: &mpsc::Sender<OutFrame>,
+        build: impl FnOnce(u64) -> Message,
+    ) -> ReplyResult {
         let (id, rx) = self.register().await?;
         let mut registration = Registration {
             shared: &self.shared,
             id,
             queued: false,
         };
-        self.shared
-            .session_tx
+        stream
             .send(encode(&build(id)))
             .await
             .map_err(|_| closed_error(&self.shared.connection))?;
@@ -1204,6 +1284,185 @@ impl Client {
             SafetyKind::Undrain
         };
         self.safety(kind, "", node, Duration::ZERO).await
+    }
+
+    fn max_job_payload_bytes(&self) -> usize {
+        // The router keeps room for the job record's fields (its JOB_RECORD_OVERHEAD_BYTES).
+        self.shared.max_payload_bytes.saturating_sub(2048)
+    }
+
+    fn check_job_payload(&self, payload: &Bytes) -> Result<(), ClientError> {
+        let max = self.max_job_payload_bytes();
+        if payload.len() > max {
+            return Err(ClientError::InvalidArgument {
+                detail: format!(
+                    "job payload of {} bytes exceeds the maximum of {max} bytes",
+                    payload.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Submits a job (its `request_id` is set here) and waits until the router holds it
+    /// durably. With an idempotency key already used within the router's dedup window, the
+    /// answer names the earlier job (`duplicate`), which runs once. Refusals: `Busy` (the
+    /// swarm's queue is full; retry after `retry_after_ms`), `SwarmNotJoined`,
+    /// `PayloadTooLarge`.
+    pub async fn submit_job(&self, job: SubmitJob) -> Result<JobStatus, ClientError> {
+        check_name("swarm", &job.swarm)?;
+        check_name("idempotency_key", &job.idempotency_key)?;
+        if let Some(model) = job.model.as_deref() {
+            check_name("model", model)?;
+        }
+        self.check_job_payload(&job.payload)?;
+        let value = self
+            .request_on(&self.shared.jobs_tx, |request_id| {
+                Message::SubmitJob(SubmitJob { request_id, ..job })
+            })
+            .await?;
+        expect_job(value)
+    }
+
+    /// Progress and ends of the jobs this agent submitted; `None` after the first call.
+    /// Ends not acknowledged with [`Client::ack_job`] are sent again after a reconnect (to
+    /// any session of the same agent id) and after a router restart: pass each through a
+    /// [`JobDedup`]. Take it before submitting, or the updates wait in a bounded buffer.
+    pub fn job_updates(&self) -> Option<JobUpdates> {
+        self.shared
+            .job_updates_rx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .map(|rx| JobUpdates { rx })
+    }
+
+    /// Tells the router the job's end was handled: it stops resending it (and forgets the
+    /// job, except its idempotency key for the dedup window).
+    pub async fn ack_job(&self, job_id: JobId) -> Result<(), ClientError> {
+        self.shared
+            .session_tx
+            .send(encode(&Message::JobAck { job_id }))
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
+    }
+
+    /// Cancels a job (its submitter or a controller): a running attempt's worker is told,
+    /// and the job ends `cancelled`. Refusals: `UnknownJob`, `JobFinished`, `Forbidden`.
+    pub async fn cancel_job(&self, job_id: JobId) -> Result<JobStatus, ClientError> {
+        let value = self
+            .request(|request_id| Message::JobCancel {
+                request_id,
+                job_id,
+                attempt: 0,
+            })
+            .await?;
+        expect_job(value)
+    }
+
+    /// Leases and cancels for this worker session; `None` after the first call.
+    pub fn job_events(&self) -> Option<JobEvents> {
+        self.shared
+            .job_events_rx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .map(|rx| JobEvents { rx })
+    }
+
+    /// Says how many jobs this worker session can run at once (0 pauses it); the router
+    /// leases jobs of the swarms the session joined while it holds fewer leases. Restate it
+    /// whenever it changes.
+    pub async fn set_job_credits(&self, credits: u32) -> Result<(), ClientError> {
+        self.shared
+            .session_tx
+            .send(encode(&Message::JobCredits { credits }))
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
+    }
+
+    /// A heartbeat for a running attempt (extends its lease); a non-empty `payload` is
+    /// progress, forwarded to the submitter. A heartbeat of a fenced attempt is answered
+    /// with a `JobEvent::Cancel`.
+    pub async fn job_progress(
+        &self,
+        job_id: JobId,
+        attempt: u32,
+        payload: Bytes,
+    ) -> Result<(), ClientError> {
+        self.check_job_payload(&payload)?;
+        self.shared
+            .jobs_tx
+            .send(encode(&Message::JobProgress(JobProgress {
+                job_id,
+                attempt,
+                payload,
+            })))
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
+    }
+
+    /// Reports an attempt's outcome: `ok` (the payload is the result), a failure (`ok`
+    /// false: the job ends failed), or a failure to retry (`retry`: another attempt after a
+    /// backoff, or the dead-letter queue after the last). Resolves once the end is durable;
+    /// refused with `LeaseFenced` when the attempt was fenced (its result is dropped).
+    pub async fn finish_job(
+        &self,
+        job_id: JobId,
+        attempt: u32,
+        ok: bool,
+        retry: bool,
+        payload: Bytes,
+    ) -> Result<JobStatus, ClientError> {
+        self.check_job_payload(&payload)?;
+        let value = self
+            .request_on(&self.shared.jobs_tx, |request_id| {
+                Message::JobResult(JobResult {
+                    request_id,
+                    job_id,
+                    attempt,
+                    ok,
+                    retry,
+                    payload,
+                })
+            })
+            .await?;
+        expect_job(value)
+    }
+
+    /// A page of the swarm's dead-letter queue after `after` (controllers only).
+    pub async fn dead_letters(
+        &self,
+        swarm: &str,
+        after: JobId,
+        limit: u32,
+    ) -> Result<DeadLetters, ClientError> {
+        let value = self
+            .request(|request_id| Message::ListDeadLetters {
+                request_id,
+                swarm: swarm.to_owned(),
+                after_job_id: after,
+                limit,
+            })
+            .await?;
+        match value {
+            ReplyValue::DeadLetters(page) => Ok(page),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected DeadLetters, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Queues a dead-lettered job again with a fresh attempt budget (controllers only).
+    pub async fn redrive_job(&self, swarm: &str, job_id: JobId) -> Result<JobStatus, ClientError> {
+        let value = self
+            .request(|request_id| Message::RedriveJob {
+                request_id,
+                swarm: swarm.to_owned(),
+                job_id,
+            })
+            .await?;
+        expect_job(value)
     }
 
     /// EpochChanged notices received: swarm -> (current epoch, the epoch of the resume point).

@@ -5,6 +5,7 @@ mod affinity_sim;
 mod durable;
 mod fanout;
 mod flood;
+mod jobs;
 mod probe;
 mod reconnect;
 mod spawn;
@@ -52,6 +53,10 @@ enum Scenario {
     /// then started again); reports how long until every client was subscribed again and
     /// the peak connection attempts per 100 ms, with full jitter and without.
     Reconnect(reconnect::ReconnectArgs),
+    /// Submitters submit jobs (some with repeated idempotency keys); simulated workers run
+    /// them and are killed at random (then reconnect). Reports jobs/s, queue wait and
+    /// end-to-end latency, lost jobs and ends handled twice (both must be 0).
+    Jobs(jobs::JobsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +77,7 @@ fn main() -> std::process::ExitCode {
             Scenario::Flood(args) => flood::run(args).await,
             Scenario::Storm(args) => storm::run(args).await,
             Scenario::Reconnect(args) => reconnect::run(args).await,
+            Scenario::Jobs(args) => jobs::run(args).await,
         }
     });
     match result {

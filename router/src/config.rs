@@ -37,6 +37,7 @@ pub struct Config {
     pub rate_limits: RateLimitsConfig,
     pub affinity: crate::workers::AffinityConfig,
     pub presence: crate::control::PresenceConfig,
+    pub jobs: crate::jobs::JobsConfig,
 }
 
 /// Per-session token buckets, one per class (see [`crate::limits`]).
@@ -277,6 +278,9 @@ pub struct QueueConfig {
     pub reconciliation: usize,
     /// When full, the oldest telemetry frame is dropped and counted.
     pub telemetry: usize,
+    /// Job traffic to one connection (leases, cancels, job updates); when full the
+    /// connection is closed as lagging (job ends are sent again when it reconnects).
+    pub jobs: usize,
     /// Bytes queued for one connection, all lanes together. Telemetry may fill at most half
     /// of it (it is shed past that); control and command subscribers at the cap catch up
     /// from the log; session replies, alerts and reconciliation at the cap mark the
@@ -301,6 +305,7 @@ impl Default for Config {
             rate_limits: RateLimitsConfig::default(),
             affinity: crate::workers::AffinityConfig::default(),
             presence: crate::control::PresenceConfig::default(),
+            jobs: crate::jobs::JobsConfig::default(),
         }
     }
 }
@@ -331,6 +336,7 @@ impl Default for QueueConfig {
             alert: 4_096,
             reconciliation: 4_096,
             telemetry: 8_192,
+            jobs: 65_536,
             connection_bytes: 64 << 20,
             router_bytes: 2 << 30,
         }
@@ -431,6 +437,7 @@ impl Config {
             ("alert", q.alert),
             ("reconciliation", q.reconciliation),
             ("telemetry", q.telemetry),
+            ("jobs", q.jobs),
         ] {
             if value == 0 {
                 return Err(config_error(format!("queues.{name} must be at least 1")));
@@ -445,6 +452,7 @@ impl Config {
                  ({frame_room}) and queues.router_bytes at least queues.connection_bytes"
             )));
         }
+        self.jobs.validate().map_err(config_error)?;
         if self.log.segment_bytes < 4096
             || self.log.writer_queue == 0
             || self.log.delta_max_ops == 0

@@ -8,6 +8,8 @@
 //! - [`outbox`]: per-connection bounded outbound lanes (session + one per class).
 //! - [`server`]: the QUIC endpoint, connection lifecycle, stream readers and lane writers.
 //! - [`limits`]: token buckets for per-session, per-class rate limits.
+//! - [`workers`]: worker nodes, affine sessions and request/reply (GPU affinity).
+//! - [`jobs`]: the async job queue (durable jobs, leases, retries, dead letters).
 //! - [`stats`]: router-wide counters.
 //! - [`error`]: the crate's error type.
 
@@ -15,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod error;
+pub mod jobs;
 pub mod limits;
 pub mod log;
 pub mod outbox;

@@ -33,20 +33,35 @@ pub enum Lane {
     Session,
     /// Deliveries of one class on that class's stream.
     Class(Class),
+    /// Job traffic (leases and cancels to workers, updates to submitters) on the job
+    /// stream, whose priority is below command's.
+    Jobs,
 }
 
 impl Lane {
-    pub const COUNT: usize = 1 + Class::COUNT;
+    pub const COUNT: usize = 2 + Class::COUNT;
 
     pub fn index(self) -> usize {
         match self {
             Lane::Session => 0,
             Lane::Class(class) => 1 + class.index(),
+            Lane::Jobs => 1 + Class::COUNT,
         }
     }
 
     pub fn all() -> impl Iterator<Item = Lane> {
-        std::iter::once(Lane::Session).chain(Class::ALL.into_iter().map(Lane::Class))
+        std::iter::once(Lane::Session)
+            .chain(Class::ALL.into_iter().map(Lane::Class))
+            .chain(std::iter::once(Lane::Jobs))
+    }
+
+    /// The QUIC stream priority of the lane's stream.
+    pub fn stream_priority(self) -> i32 {
+        match self {
+            Lane::Session => i32::MAX,
+            Lane::Class(class) => class.stream_priority(),
+            Lane::Jobs => swarmbus_schema::JOB_STREAM_PRIORITY,
+        }
     }
 
     fn sheddable(self) -> bool {
@@ -91,6 +106,7 @@ impl Outbox {
         let capacity = |lane: Lane| match lane {
             Lane::Session => queues.session,
             Lane::Class(class) => queues.for_class(class),
+            Lane::Jobs => queues.jobs,
         };
         let lane = |index: usize| {
             let lane = Lane::all().nth(index).unwrap_or(Lane::Session);

@@ -43,6 +43,7 @@ const DEFAULT_LEASE: &str = "leader";
 /// The source agent of messages the router itself publishes (breaker alerts).
 pub const ROUTER_AGENT: &str = "swarmbus-router";
 use crate::control::{Clock, Joined, Leases, Presence, Present, Restored, Stops, CONTROL_SWARM};
+use crate::jobs::{Effects, JobCounts, JobRecord, Jobs, Submitted, JOBS_SWARM_PREFIX};
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
@@ -76,6 +77,8 @@ struct Context {
     /// Presence, leases and stopped agents.
     control: Mutex<ControlState>,
     clock: Clock,
+    /// The job queue (sans-IO, under one lock like `workers`).
+    jobs: Mutex<Jobs>,
 }
 
 /// The control plane's state, behind one lock.
@@ -142,40 +145,64 @@ impl Context {
     }
 }
 
+/// A record for one of the router's internal swarms (`$affinity`, `$jobs.*`).
+#[derive(Debug)]
+struct InternalRecord {
+    swarm: String,
+    key: String,
+    payload: Bytes,
+}
+
+impl From<JobRecord> for InternalRecord {
+    fn from(record: JobRecord) -> Self {
+        InternalRecord {
+            swarm: crate::jobs::log_swarm(record.swarm()),
+            key: record.key(),
+            payload: record.payload(),
+        }
+    }
+}
+
 impl Context {
     /// Writes session pins to the router's pin log and waits until they are durable (or
     /// refused). Pins are written in order; the latest per session key wins on recovery.
     async fn write_pins(&self, pins: Vec<PinWrite>) -> Result<(), String> {
         let records = pins
             .into_iter()
-            .map(|pin| (pin.session_key.clone(), pin.payload()))
+            .map(|pin| InternalRecord {
+                swarm: PINS_SWARM.to_owned(),
+                key: pin.session_key.clone(),
+                payload: pin.payload(),
+            })
             .collect();
-        self.write_records(PINS_SWARM, records).await
+        self.write_records(records, true).await
     }
 
-    /// Writes (key, payload) records to the router's own swarm `swarm` (control class, so
-    /// compaction keeps the latest per key) and waits until they are durable or refused.
-    async fn write_records(
-        &self,
-        swarm: &str,
-        records: Vec<(String, Bytes)>,
-    ) -> Result<(), String> {
+    /// Writes records to the router's internal swarms (class control, so they go through
+    /// the shards' sequencers and the event log like any command) and, with `wait`, waits
+    /// until every one is durable (or refused). Records of one swarm are written in order;
+    /// the latest per key wins on recovery and in compaction.
+    async fn write_records(&self, records: Vec<InternalRecord>, wait: bool) -> Result<(), String> {
         if records.is_empty() {
             return Ok(());
         }
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let outbox = Arc::new(Outbox::new(conn, &self.config.queues, self.stats.clone()));
+        if !wait {
+            // Acknowledgements pushed to a closed outbox are discarded.
+            outbox.close();
+        }
         let router: Arc<str> = Arc::from(ROUTER_AGENT);
-        let shard = &self.shards[shard_of(swarm, self.shards.len())];
         let count = records.len();
-        for (index, (key, payload)) in records.into_iter().enumerate() {
+        for (index, record) in records.into_iter().enumerate() {
+            let shard = &self.shards[shard_of(&record.swarm, self.shards.len())];
             let publish = Publish {
                 request_id: index as u64 + 1,
-                swarm: swarm.to_owned(),
+                swarm: record.swarm,
                 class: Class::Control,
                 target_agent: None,
-                key: Some(key),
-                payload,
+                key: Some(record.key),
+                payload: record.payload,
                 fencing_token: 0,
                 lease: None,
             };
@@ -187,6 +214,9 @@ impl Context {
                 })
                 .await
                 .map_err(|_| "the router is shutting down".to_owned())?;
+        }
+        if !wait {
+            return Ok(());
         }
         // The shard answers each publish on the session lane once it is durable.
         let mut answered = 0;
@@ -205,7 +235,7 @@ impl Context {
                     match message {
                         Message::PublishAck { .. } => answered += 1,
                         Message::Error(error) => {
-                            return Err(format!("writing to {swarm}: {}", error.message))
+                            return Err(format!("writing to the router's log: {}", error.message))
                         }
                         _ => {}
                     }
@@ -215,9 +245,64 @@ impl Context {
         };
         let result = tokio::time::timeout(Duration::from_secs(30), wait)
             .await
-            .unwrap_or_else(|_| Err(format!("writing to {swarm} timed out")));
+            .unwrap_or_else(|_| Err("writing to the router's log timed out".to_owned()));
         outbox.close();
         result
+    }
+
+    /// The job queue's clock: milliseconds.
+    fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
+        // Every change under this lock completes before it is released; a panic cannot leave
+        // it half-done in a way later calls would trip on, so a poisoned lock is still used.
+        self.jobs
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Carries out what the job queue asked for: frames now; records appended and ends
+    /// made durable in a task (so no session waits for the log), after which the ends are
+    /// announced and the answers that waited for them pushed.
+    fn apply_job_effects(self: &Arc<Self>, effects: Effects) {
+        let Effects {
+            frames,
+            records,
+            finals,
+            after_finals,
+        } = effects;
+        for (outbox, lane, frame) in frames {
+            let _ = outbox.push(lane, frame);
+        }
+        if records.is_empty() && finals.is_empty() {
+            for (outbox, lane, frame) in after_finals {
+                let _ = outbox.push(lane, frame);
+            }
+            return;
+        }
+        let context = self.clone();
+        tokio::spawn(async move {
+            let records: Vec<InternalRecord> = records.into_iter().map(Into::into).collect();
+            if let Err(error) = context.write_records(records, false).await {
+                debug!(%error, "job records not appended");
+            }
+            if finals.is_empty() {
+                return;
+            }
+            let ids: Vec<_> = finals.iter().map(JobRecord::job_id).collect();
+            let finals: Vec<InternalRecord> = finals.into_iter().map(Into::into).collect();
+            if let Err(error) = context.write_records(finals, true).await {
+                // Told anyway (the submitter is better off with the result); a crash before
+                // the end is durable runs the job again, and the client drops the second end.
+                tracing::warn!(%error, "job ends not written to the log");
+            }
+            let announced = context.jobs().finals_written(&ids);
+            for (outbox, lane, frame) in announced.frames.into_iter().chain(after_finals) {
+                let _ = outbox.push(lane, frame);
+            }
+        });
     }
 
     /// The breaker of `swarm`, shared by every session that joined it.
@@ -381,6 +466,13 @@ impl Router {
         for node in &restored.drained {
             workers.set_admin_drain(node, true);
         }
+        let clock = Clock::new();
+        let jobs = Jobs::new(
+            config.jobs.clone(),
+            read_job_records(&recovered),
+            clock.now_ms(),
+            log::store::new_epoch().0,
+        );
         let shard_count = config.shard_count();
         let (event_senders, event_receivers): (Vec<_>, Vec<_>) =
             (0..shard_count).map(|_| mpsc::unbounded_channel()).unzip();
@@ -455,7 +547,8 @@ impl Router {
                     stops
                 },
             }),
-            clock: Clock::new(),
+            clock,
+            jobs: Mutex::new(jobs),
         });
         for swarm in restored.paused {
             let shard = &context.shards[shard_of(&swarm, context.shards.len())];
@@ -503,6 +596,11 @@ impl Router {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
+    }
+
+    /// What the job queue holds now.
+    pub fn job_counts(&self) -> JobCounts {
+        self.context.jobs().counts()
     }
 
     /// Closes every connection with `ShuttingDown` and waits (up to 5 s) for the peers to
@@ -721,6 +819,30 @@ impl Session {
         let shards = &self.context.shards;
         // A send fails only while the router shuts down; the connection closes then too.
         let _ = shards[shard_of(swarm, shards.len())].send(command).await;
+    }
+
+    /// Largest job payload (spec or result): the record holding it must fit a frame.
+    fn max_job_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
+            .saturating_sub(crate::jobs::JOB_RECORD_OVERHEAD_BYTES)
+    }
+
+    /// Whether this session is a controller that joined `swarm`; refuses the request
+    /// otherwise.
+    fn controller_of(&self, swarm: &str, request_id: u64) -> bool {
+        if self.role != Role::Controller {
+            self.refuse(
+                ErrorCode::Forbidden,
+                request_id,
+                "only controllers may list and re-drive dead letters".into(),
+            );
+            return false;
+        }
+        if !self.joined(swarm) {
+            self.not_joined(swarm, request_id);
+            return false;
+        }
+        true
     }
 
     fn not_joined(&self, swarm: &str, request_id: u64) {
@@ -1001,7 +1123,7 @@ impl Session {
                     );
                     if let Err(error) = self
                         .context
-                        .write_records(CONTROL_SWARM, vec![record])
+                        .write_records(vec![control_record(record)], true)
                         .await
                     {
                         // The token must never go backwards: no grant without its record.
@@ -1109,7 +1231,10 @@ impl Session {
                 )
             }
         };
-        if let Err(error) = context.write_records(CONTROL_SWARM, vec![record]).await {
+        if let Err(error) = context
+            .write_records(vec![control_record(record)], true)
+            .await
+        {
             self.refuse_with_retry(
                 ErrorCode::SwarmUnavailable,
                 request_id,
@@ -1362,6 +1487,7 @@ impl Session {
                 match workers.register(self.conn, &self.outbox, &status, now) {
                     Ok((node_id, failed, pins)) => {
                         push_all(failed);
+                        self.context.jobs().worker_models(self.conn, &status.models);
                         if let Err(error) = self.context.write_pins(pins).await {
                             tracing::warn!(%error, "session pins of a draining node not written");
                         }
@@ -1480,6 +1606,177 @@ impl Session {
                             .stats
                             .late_replies
                             .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Message::SubmitJob(submit) => {
+                let request_id = submit.request_id;
+                if request_id == 0 {
+                    return Err(Fault::new(
+                        ErrorCode::InvalidRequest,
+                        "a SubmitJob needs a non-zero request_id",
+                    ));
+                }
+                check_name("idempotency_key", &submit.idempotency_key)?;
+                if let Some(model) = submit.model.as_deref() {
+                    check_name("model", model)?;
+                }
+                if !self.joined(&submit.swarm) {
+                    self.not_joined(&submit.swarm, request_id);
+                    return Ok(());
+                }
+                let max = self.max_job_payload_bytes();
+                if submit.payload.len() > max {
+                    self.refuse(
+                        ErrorCode::PayloadTooLarge,
+                        request_id,
+                        format!(
+                            "job payload of {} bytes exceeds the maximum of {max} bytes",
+                            submit.payload.len()
+                        ),
+                    );
+                    return Ok(());
+                }
+                let context = &self.context;
+                let now_ms = context.now_ms();
+                let outcome = context
+                    .jobs()
+                    .submit(&self.agent, &self.outbox, submit, now_ms);
+                match outcome {
+                    Err(refusal) => {
+                        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+                    }
+                    Ok(Submitted::Answer(frame)) => {
+                        let _ = self.outbox.push(Lane::Session, frame);
+                    }
+                    Ok(Submitted::Waiting) => {}
+                    Ok(Submitted::New { job_id, record }) => {
+                        // Written in a task: a submitter keeps many submits in flight, and
+                        // group commit makes them durable together.
+                        let context = context.clone();
+                        tokio::spawn(async move {
+                            let written = context.write_records(vec![record.into()], true).await;
+                            let now_ms = context.now_ms();
+                            let effects = context.jobs().submitted(job_id, written, now_ms);
+                            context.apply_job_effects(effects);
+                        });
+                    }
+                }
+            }
+            Message::JobCredits { credits } => {
+                if self.role != Role::Worker {
+                    self.refuse(
+                        ErrorCode::Forbidden,
+                        0,
+                        "only sessions of role worker may take jobs".into(),
+                    );
+                    return Ok(());
+                }
+                let now_ms = self.context.now_ms();
+                let effects = self.context.jobs().credits(self.conn, credits, now_ms);
+                self.context.apply_job_effects(effects);
+            }
+            Message::JobProgress(progress) => {
+                if self.role != Role::Worker {
+                    return Ok(());
+                }
+                let now_ms = self.context.now_ms();
+                let effects = self.context.jobs().progress(self.conn, progress, now_ms);
+                self.context.apply_job_effects(effects);
+            }
+            Message::JobResult(result) => {
+                let request_id = result.request_id;
+                if self.role != Role::Worker {
+                    self.refuse(
+                        ErrorCode::Forbidden,
+                        request_id,
+                        "only sessions of role worker may report job results".into(),
+                    );
+                    return Ok(());
+                }
+                let max = self.max_job_payload_bytes();
+                if result.payload.len() > max {
+                    self.refuse(
+                        ErrorCode::PayloadTooLarge,
+                        request_id,
+                        format!(
+                            "job result of {} bytes exceeds the maximum of {max} bytes",
+                            result.payload.len()
+                        ),
+                    );
+                    return Ok(());
+                }
+                let now_ms = self.context.now_ms();
+                let outcome = self
+                    .context
+                    .jobs()
+                    .result(self.conn, &self.outbox, result, now_ms);
+                match outcome {
+                    Ok(effects) => self.context.apply_job_effects(effects),
+                    Err(refusal) => {
+                        debug!(code = %refusal.code, message = %refusal.message, "job result rejected");
+                        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+                    }
+                }
+            }
+            Message::JobCancel {
+                request_id, job_id, ..
+            } => {
+                let now_ms = self.context.now_ms();
+                let outcome = self.context.jobs().cancel(
+                    &self.agent,
+                    self.role == Role::Controller,
+                    &self.outbox,
+                    request_id,
+                    job_id,
+                    now_ms,
+                );
+                match outcome {
+                    Ok(effects) => self.context.apply_job_effects(effects),
+                    Err(refusal) => {
+                        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+                    }
+                }
+            }
+            Message::JobAck { job_id } => {
+                let effects = self.context.jobs().ack(&self.agent, job_id);
+                self.context.apply_job_effects(effects);
+            }
+            Message::ListDeadLetters {
+                request_id,
+                swarm,
+                after_job_id,
+                limit,
+            } => {
+                if !self.controller_of(&swarm, request_id) {
+                    return Ok(());
+                }
+                let mut page = self
+                    .context
+                    .jobs()
+                    .dead_letters(&swarm, after_job_id, limit);
+                page.request_id = request_id;
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, encode(&Message::DeadLetters(page)));
+            }
+            Message::RedriveJob {
+                request_id,
+                swarm,
+                job_id,
+            } => {
+                if !self.controller_of(&swarm, request_id) {
+                    return Ok(());
+                }
+                let now_ms = self.context.now_ms();
+                let outcome =
+                    self.context
+                        .jobs()
+                        .redrive(&swarm, &self.outbox, request_id, job_id, now_ms);
+                match outcome {
+                    Ok(effects) => self.context.apply_job_effects(effects),
+                    Err(refusal) => {
+                        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
                     }
                 }
             }
@@ -1604,9 +1901,7 @@ async fn lane_writer(
             let Ok(opened) = connection.open_uni().await else {
                 break;
             };
-            if let Lane::Class(class) = lane {
-                let _ = opened.set_priority(class.stream_priority());
-            }
+            let _ = opened.set_priority(lane.stream_priority());
             stream = Some(opened);
         }
         let Some(send) = stream.as_mut() else {
@@ -1788,6 +2083,12 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         }
         Joined::Replaced(old) => old.outbox.request_close(ErrorCode::Replaced),
     }
+    let worker_swarms: Option<Vec<String>> =
+        (session.role == Role::Worker).then(|| session.swarms.iter().cloned().collect());
+    let joined = context
+        .jobs()
+        .connect(conn, &session.agent, &outbox, worker_swarms.as_deref());
+    context.apply_job_effects(joined);
     let uni_task =
         tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());
 
@@ -1833,6 +2134,9 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     // A worker that leaves takes its sessions with it (they move to their next choices),
     // unless the router itself is stopping: then the pins stay for after the restart.
     if !context.shutting_down.load(Ordering::Acquire) {
+        let now_ms = context.now_ms();
+        let left = context.jobs().disconnect(conn, now_ms);
+        context.apply_job_effects(left);
         let (failed, pins) = context.workers.disconnect(conn);
         push_all(failed);
         if let Err(error) = context.write_pins(pins).await {
@@ -1866,7 +2170,12 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
                     let mut allowance = 0u32;
                     loop {
                         match reader.next(&decode).await? {
-                            Read::Message(message @ Message::Publish(_)) => {
+                            Read::Message(
+                                message @ (Message::Publish(_)
+                                | Message::SubmitJob(_)
+                                | Message::JobResult(_)
+                                | Message::JobProgress(_)),
+                            ) => {
                                 let telemetry = matches!(&message, Message::Publish(p) if p.class == Class::Telemetry);
                                 session.dispatch(message).await?;
                                 if let (true, Some(budget)) =
@@ -1883,7 +2192,7 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
                                 return Err(Fault::new(
                                     ErrorCode::WrongStream,
                                     format!(
-                                        "{} on a publish stream (only Publish is allowed)",
+                                        "{} on a publish stream (only Publish and job messages are allowed)",
                                         other.kind()
                                     ),
                                 ))
@@ -1899,6 +2208,15 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
             }
             .in_current_span(),
         );
+    }
+}
+
+/// A record of the router's control swarm.
+fn control_record((key, payload): (String, Bytes)) -> InternalRecord {
+    InternalRecord {
+        swarm: CONTROL_SWARM.to_owned(),
+        key,
+        payload,
     }
 }
 
@@ -1946,8 +2264,45 @@ fn read_records(recovered: &[log::SwarmLog], name: &str) -> Vec<(String, Bytes)>
         .collect()
 }
 
-/// Fails requests past their deadline (every 10 ms) and closes unused affine sessions
-/// (every 10 s), until the router stops.
+/// The job records in the router's job logs (`$jobs.*`), in log order per swarm.
+fn read_job_records(recovered: &[log::SwarmLog]) -> Vec<JobRecord> {
+    let options = DecodeOptions::default();
+    let mut out = Vec::new();
+    for swarm in recovered
+        .iter()
+        .filter(|s| s.name.starts_with(JOBS_SWARM_PREFIX))
+    {
+        if let Some(why) = &swarm.unavailable {
+            tracing::warn!(swarm = %swarm.name, %why, "a job log is damaged; its jobs are not restored");
+            continue;
+        }
+        let records = match swarm.read_from(OpId(1), usize::MAX, usize::MAX) {
+            Ok(records) => records,
+            Err(error) => {
+                tracing::warn!(swarm = %swarm.name, %error, "reading a job log; its jobs are not restored");
+                continue;
+            }
+        };
+        for record in records {
+            let mut decoder = FrameDecoder::new(record.frame.len().max(1024));
+            decoder.push(record.frame);
+            if let Ok(Some(Message::Deliver(deliver))) = decoder.next_message(&options) {
+                if let Some(parsed) = deliver
+                    .key
+                    .as_deref()
+                    .and_then(|key| JobRecord::parse(key, &deliver.payload))
+                {
+                    out.push(parsed);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Fails requests past their deadline and runs the job queue's clock (lease expiry,
+/// backoff, deadlines; every 10 ms), and closes unused affine sessions (every 10 s), until
+/// the router stops.
 async fn worker_maintenance(context: std::sync::Weak<Context>) {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -1959,6 +2314,9 @@ async fn worker_maintenance(context: std::sync::Weak<Context>) {
         };
         let now = std::time::Instant::now();
         push_all(context.workers.expire(now));
+        let now_ms = context.now_ms();
+        let due = context.jobs().tick(now_ms);
+        context.apply_job_effects(due);
         if now.duration_since(last_reap) >= Duration::from_secs(10) {
             last_reap = now;
             let pins = context.workers.reap(now);

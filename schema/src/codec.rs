@@ -603,6 +603,192 @@ pub fn encode(message: &Message) -> OutFrame {
                 );
                 (w::Message::SafetyAction, t.as_union_value())
             }
+            Message::SubmitJob(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let idempotency_key = fbb.create_string(&m.idempotency_key);
+                let model = opt_str(fbb, m.model.as_deref());
+                let t = w::SubmitJob::create(
+                    fbb,
+                    &w::SubmitJobArgs {
+                        request_id: m.request_id,
+                        swarm: Some(swarm),
+                        idempotency_key: Some(idempotency_key),
+                        model,
+                        priority: m.priority,
+                        deadline_ms: m.deadline_ms,
+                        max_attempts: m.max_attempts,
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::SubmitJob, t.as_union_value())
+            }
+            Message::JobStatus(m) => {
+                let t = w::JobStatus::create(
+                    fbb,
+                    &w::JobStatusArgs {
+                        request_id: m.request_id,
+                        job_id: m.job_id.0,
+                        state: w::JobState(m.state.as_u8()),
+                        attempt: m.attempt,
+                        duplicate: m.duplicate,
+                    },
+                );
+                (w::Message::JobStatus, t.as_union_value())
+            }
+            Message::JobCredits { credits } => {
+                let t = w::JobCredits::create(fbb, &w::JobCreditsArgs { credits: *credits });
+                (w::Message::JobCredits, t.as_union_value())
+            }
+            Message::JobLease(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let model = opt_str(fbb, m.model.as_deref());
+                let submitter = fbb.create_string(&m.submitter);
+                let t = w::JobLease::create(
+                    fbb,
+                    &w::JobLeaseArgs {
+                        job_id: m.job_id.0,
+                        attempt: m.attempt,
+                        swarm: Some(swarm),
+                        model,
+                        submitter: Some(submitter),
+                        priority: m.priority,
+                        lease_ms: m.lease_ms,
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::JobLease, t.as_union_value())
+            }
+            Message::JobProgress(m) => {
+                let t = w::JobProgress::create(
+                    fbb,
+                    &w::JobProgressArgs {
+                        job_id: m.job_id.0,
+                        attempt: m.attempt,
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::JobProgress, t.as_union_value())
+            }
+            Message::JobResult(m) => {
+                let t = w::JobResult::create(
+                    fbb,
+                    &w::JobResultArgs {
+                        request_id: m.request_id,
+                        job_id: m.job_id.0,
+                        attempt: m.attempt,
+                        ok: m.ok,
+                        retry: m.retry,
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::JobResult, t.as_union_value())
+            }
+            Message::JobCancel {
+                request_id,
+                job_id,
+                attempt,
+            } => {
+                let t = w::JobCancel::create(
+                    fbb,
+                    &w::JobCancelArgs {
+                        request_id: *request_id,
+                        job_id: job_id.0,
+                        attempt: *attempt,
+                    },
+                );
+                (w::Message::JobCancel, t.as_union_value())
+            }
+            Message::JobUpdate(m) => {
+                let swarm = fbb.create_string(&m.swarm);
+                let idempotency_key = fbb.create_string(&m.idempotency_key);
+                let reason = fbb.create_string(&m.reason);
+                let t = w::JobUpdate::create(
+                    fbb,
+                    &w::JobUpdateArgs {
+                        job_id: m.job_id.0,
+                        swarm: Some(swarm),
+                        idempotency_key: Some(idempotency_key),
+                        state: w::JobState(m.state.as_u8()),
+                        attempt: m.attempt,
+                        reason: Some(reason),
+                        payload_len: m.payload.len() as u32,
+                    },
+                );
+                body = m.payload.clone();
+                (w::Message::JobUpdate, t.as_union_value())
+            }
+            Message::JobAck { job_id } => {
+                let t = w::JobAck::create(fbb, &w::JobAckArgs { job_id: job_id.0 });
+                (w::Message::JobAck, t.as_union_value())
+            }
+            Message::ListDeadLetters {
+                request_id,
+                swarm,
+                after_job_id,
+                limit,
+            } => {
+                let swarm = fbb.create_string(swarm);
+                let t = w::ListDeadLetters::create(
+                    fbb,
+                    &w::ListDeadLettersArgs {
+                        request_id: *request_id,
+                        swarm: Some(swarm),
+                        after_job_id: after_job_id.0,
+                        limit: *limit,
+                    },
+                );
+                (w::Message::ListDeadLetters, t.as_union_value())
+            }
+            Message::DeadLetters(m) => {
+                let ids: Vec<u64> = m.jobs.iter().map(|j| j.job_id.0).collect();
+                let job_ids = fbb.create_vector(&ids);
+                let counts: Vec<u32> = m.jobs.iter().map(|j| j.attempts).collect();
+                let attempts = fbb.create_vector(&counts);
+                let keys: Vec<_> = m
+                    .jobs
+                    .iter()
+                    .map(|j| fbb.create_string(&j.idempotency_key))
+                    .collect();
+                let idempotency_keys = fbb.create_vector(&keys);
+                let texts: Vec<_> = m
+                    .jobs
+                    .iter()
+                    .map(|j| fbb.create_string(&j.reason))
+                    .collect();
+                let reasons = fbb.create_vector(&texts);
+                let t = w::DeadLetters::create(
+                    fbb,
+                    &w::DeadLettersArgs {
+                        request_id: m.request_id,
+                        job_ids: Some(job_ids),
+                        attempts: Some(attempts),
+                        idempotency_keys: Some(idempotency_keys),
+                        reasons: Some(reasons),
+                        more: m.more,
+                    },
+                );
+                (w::Message::DeadLetters, t.as_union_value())
+            }
+            Message::RedriveJob {
+                request_id,
+                swarm,
+                job_id,
+            } => {
+                let swarm = fbb.create_string(swarm);
+                let t = w::RedriveJob::create(
+                    fbb,
+                    &w::RedriveJobArgs {
+                        request_id: *request_id,
+                        swarm: Some(swarm),
+                        job_id: job_id.0,
+                    },
+                );
+                (w::Message::RedriveJob, t.as_union_value())
+            }
             Message::DeltaAck(m) => {
                 let t = w::DeltaAck::create(
                     fbb,
@@ -639,6 +825,12 @@ fn role_of(value: w::Role) -> Result<Role, DecodeError> {
             reason: "unknown role",
         }),
     }
+}
+
+fn job_state_of(value: w::JobState) -> Result<JobState, DecodeError> {
+    JobState::from_u8(value.0).ok_or(DecodeError::InvalidField {
+        reason: "unknown job state",
+    })
 }
 
 fn required(value: Option<&str>, reason: &'static str) -> Result<String, DecodeError> {
@@ -1092,6 +1284,173 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 duration_ms: m.duration_ms(),
             })
         }
+        w::Message::SubmitJob => {
+            let m = root
+                .message_as_submit_job()
+                .ok_or(missing("empty SubmitJob"))?;
+            Message::SubmitJob(SubmitJob {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "SubmitJob without swarm")?,
+                idempotency_key: required(
+                    m.idempotency_key(),
+                    "SubmitJob without idempotency_key",
+                )?,
+                model: optional(m.model()),
+                priority: m.priority(),
+                deadline_ms: m.deadline_ms(),
+                max_attempts: m.max_attempts(),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::JobStatus => {
+            let m = root
+                .message_as_job_status()
+                .ok_or(missing("empty JobStatus"))?;
+            no_body()?;
+            Message::JobStatus(JobStatus {
+                request_id: m.request_id(),
+                job_id: JobId(m.job_id()),
+                state: job_state_of(m.state())?,
+                attempt: m.attempt(),
+                duplicate: m.duplicate(),
+            })
+        }
+        w::Message::JobCredits => {
+            let m = root
+                .message_as_job_credits()
+                .ok_or(missing("empty JobCredits"))?;
+            no_body()?;
+            Message::JobCredits {
+                credits: m.credits(),
+            }
+        }
+        w::Message::JobLease => {
+            let m = root
+                .message_as_job_lease()
+                .ok_or(missing("empty JobLease"))?;
+            Message::JobLease(JobLease {
+                job_id: JobId(m.job_id()),
+                attempt: m.attempt(),
+                swarm: required(m.swarm(), "JobLease without swarm")?,
+                model: optional(m.model()),
+                submitter: m.submitter().unwrap_or_default().to_owned(),
+                priority: m.priority(),
+                lease_ms: m.lease_ms(),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::JobProgress => {
+            let m = root
+                .message_as_job_progress()
+                .ok_or(missing("empty JobProgress"))?;
+            Message::JobProgress(JobProgress {
+                job_id: JobId(m.job_id()),
+                attempt: m.attempt(),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::JobResult => {
+            let m = root
+                .message_as_job_result()
+                .ok_or(missing("empty JobResult"))?;
+            Message::JobResult(JobResult {
+                request_id: m.request_id(),
+                job_id: JobId(m.job_id()),
+                attempt: m.attempt(),
+                ok: m.ok(),
+                retry: m.retry(),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::JobCancel => {
+            let m = root
+                .message_as_job_cancel()
+                .ok_or(missing("empty JobCancel"))?;
+            no_body()?;
+            Message::JobCancel {
+                request_id: m.request_id(),
+                job_id: JobId(m.job_id()),
+                attempt: m.attempt(),
+            }
+        }
+        w::Message::JobUpdate => {
+            let m = root
+                .message_as_job_update()
+                .ok_or(missing("empty JobUpdate"))?;
+            Message::JobUpdate(JobUpdate {
+                job_id: JobId(m.job_id()),
+                swarm: required(m.swarm(), "JobUpdate without swarm")?,
+                idempotency_key: m.idempotency_key().unwrap_or_default().to_owned(),
+                state: job_state_of(m.state())?,
+                attempt: m.attempt(),
+                reason: m.reason().unwrap_or_default().to_owned(),
+                payload: check_body(m.payload_len())?,
+            })
+        }
+        w::Message::JobAck => {
+            let m = root.message_as_job_ack().ok_or(missing("empty JobAck"))?;
+            no_body()?;
+            Message::JobAck {
+                job_id: JobId(m.job_id()),
+            }
+        }
+        w::Message::ListDeadLetters => {
+            let m = root
+                .message_as_list_dead_letters()
+                .ok_or(missing("empty ListDeadLetters"))?;
+            no_body()?;
+            Message::ListDeadLetters {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "ListDeadLetters without swarm")?,
+                after_job_id: JobId(m.after_job_id()),
+                limit: m.limit(),
+            }
+        }
+        w::Message::DeadLetters => {
+            let m = root
+                .message_as_dead_letters()
+                .ok_or(missing("empty DeadLetters"))?;
+            no_body()?;
+            let ids: Vec<u64> = m.job_ids().map(|v| v.iter().collect()).unwrap_or_default();
+            let attempts: Vec<u32> = m.attempts().map(|v| v.iter().collect()).unwrap_or_default();
+            let keys: Vec<&str> = m
+                .idempotency_keys()
+                .map(|v| v.iter().collect())
+                .unwrap_or_default();
+            let reasons: Vec<&str> = m.reasons().map(|v| v.iter().collect()).unwrap_or_default();
+            if attempts.len() != ids.len() || keys.len() != ids.len() || reasons.len() != ids.len()
+            {
+                return Err(DecodeError::InvalidField {
+                    reason: "DeadLetters vectors of different lengths",
+                });
+            }
+            Message::DeadLetters(DeadLetters {
+                request_id: m.request_id(),
+                jobs: ids
+                    .into_iter()
+                    .zip(attempts)
+                    .zip(keys.into_iter().zip(reasons))
+                    .map(|((id, attempts), (key, reason))| DeadLetter {
+                        job_id: JobId(id),
+                        attempts,
+                        idempotency_key: key.to_owned(),
+                        reason: reason.to_owned(),
+                    })
+                    .collect(),
+                more: m.more(),
+            })
+        }
+        w::Message::RedriveJob => {
+            let m = root
+                .message_as_redrive_job()
+                .ok_or(missing("empty RedriveJob"))?;
+            no_body()?;
+            Message::RedriveJob {
+                request_id: m.request_id(),
+                swarm: required(m.swarm(), "RedriveJob without swarm")?,
+                job_id: JobId(m.job_id()),
+            }
+        }
         other => return Err(DecodeError::UnknownMessage { kind: other.0 }),
     };
     Ok(message)
@@ -1114,6 +1473,9 @@ mod tests {
 
     fn class() -> impl Strategy<Value = Class> {
         (0u8..5).prop_map(|v| Class::from_u8(v).unwrap())
+    }
+    fn job_state() -> impl Strategy<Value = JobState> {
+        (0u8..6).prop_map(|v| JobState::from_u8(v).unwrap())
     }
     fn name() -> impl Strategy<Value = String> {
         "[a-z0-9._-]{1,24}"
@@ -1483,6 +1845,153 @@ mod tests {
                     })
                 }
             ),
+            (
+                any::<u64>(),
+                (name(), name(), opt_name()),
+                (any::<u8>(), any::<u64>(), any::<u32>()),
+                payload()
+            )
+                .prop_map(
+                    |(
+                        request_id,
+                        (swarm, idempotency_key, model),
+                        (priority, deadline_ms, max_attempts),
+                        payload,
+                    )| {
+                        Message::SubmitJob(SubmitJob {
+                            request_id,
+                            swarm,
+                            idempotency_key,
+                            model,
+                            priority,
+                            deadline_ms,
+                            max_attempts,
+                            payload,
+                        })
+                    }
+                ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                job_state(),
+                any::<u32>(),
+                any::<bool>()
+            )
+                .prop_map(|(request_id, id, state, attempt, duplicate)| {
+                    Message::JobStatus(JobStatus {
+                        request_id,
+                        job_id: JobId(id),
+                        state,
+                        attempt,
+                        duplicate,
+                    })
+                }),
+            any::<u32>().prop_map(|credits| Message::JobCredits { credits }),
+            (
+                (any::<u64>(), any::<u32>(), name(), opt_name(), name()),
+                (any::<u8>(), any::<u32>()),
+                payload()
+            )
+                .prop_map(
+                    |((id, attempt, swarm, model, submitter), (priority, lease_ms), payload)| {
+                        Message::JobLease(JobLease {
+                            job_id: JobId(id),
+                            attempt,
+                            swarm,
+                            model,
+                            submitter,
+                            priority,
+                            lease_ms,
+                            payload,
+                        })
+                    }
+                ),
+            (any::<u64>(), any::<u32>(), payload()).prop_map(|(id, attempt, payload)| {
+                Message::JobProgress(JobProgress {
+                    job_id: JobId(id),
+                    attempt,
+                    payload,
+                })
+            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<bool>(),
+                any::<bool>(),
+                payload()
+            )
+                .prop_map(|(request_id, id, attempt, ok, retry, payload)| {
+                    Message::JobResult(JobResult {
+                        request_id,
+                        job_id: JobId(id),
+                        attempt,
+                        ok,
+                        retry,
+                        payload,
+                    })
+                }),
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(request_id, id, attempt)| {
+                Message::JobCancel {
+                    request_id,
+                    job_id: JobId(id),
+                    attempt,
+                }
+            }),
+            (
+                (any::<u64>(), name(), name(), job_state()),
+                (any::<u32>(), ".{0,24}"),
+                payload()
+            )
+                .prop_map(
+                    |((id, swarm, idempotency_key, state), (attempt, reason), payload)| {
+                        Message::JobUpdate(JobUpdate {
+                            job_id: JobId(id),
+                            swarm,
+                            idempotency_key,
+                            state,
+                            attempt,
+                            reason,
+                            payload,
+                        })
+                    }
+                ),
+            any::<u64>().prop_map(|id| Message::JobAck { job_id: JobId(id) }),
+            (any::<u64>(), name(), any::<u64>(), any::<u32>()).prop_map(
+                |(request_id, swarm, after, limit)| Message::ListDeadLetters {
+                    request_id,
+                    swarm,
+                    after_job_id: JobId(after),
+                    limit,
+                }
+            ),
+            (
+                any::<u64>(),
+                proptest::collection::vec((any::<u64>(), any::<u32>(), name(), ".{0,24}"), 0..40),
+                any::<bool>()
+            )
+                .prop_map(|(request_id, jobs, more)| {
+                    Message::DeadLetters(DeadLetters {
+                        request_id,
+                        jobs: jobs
+                            .into_iter()
+                            .map(|(id, attempts, idempotency_key, reason)| DeadLetter {
+                                job_id: JobId(id),
+                                attempts,
+                                idempotency_key,
+                                reason,
+                            })
+                            .collect(),
+                        more,
+                    })
+                }),
+            (any::<u64>(), name(), any::<u64>()).prop_map(|(request_id, swarm, id)| {
+                Message::RedriveJob {
+                    request_id,
+                    swarm,
+                    job_id: JobId(id),
+                }
+            }),
         ]
     }
 

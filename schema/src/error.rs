@@ -74,6 +74,15 @@ pub enum ErrorCode {
     HeartbeatTimeout = 35,
     /// A controller stopped this agent; it may reconnect after `retry_after_ms`.
     Stopped = 36,
+    /// A job result, progress or heartbeat for an attempt that is no longer the job's lease:
+    /// the lease expired, its worker was taken for gone, the job was cancelled, or another
+    /// attempt finished it. The worker should drop the work.
+    LeaseFenced = 30,
+    /// No such job (never submitted, or finished and acknowledged long ago), or not in the
+    /// swarm named.
+    UnknownJob = 31,
+    /// The job already ended (cancel of a finished job; re-drive of a job not dead-lettered).
+    JobFinished = 32,
 }
 
 impl ErrorCode {
@@ -116,6 +125,9 @@ impl ErrorCode {
             29 => StaleFencingToken,
             35 => HeartbeatTimeout,
             36 => Stopped,
+            30 => LeaseFenced,
+            31 => UnknownJob,
+            32 => JobFinished,
             _ => return None,
         })
     }

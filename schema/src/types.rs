@@ -78,6 +78,11 @@ impl std::fmt::Display for Class {
     }
 }
 
+/// QUIC stream priority of job traffic (leases, results, updates) in both directions: below
+/// control (4) and command (3), so a backlog of jobs never delays commands; level with
+/// alerts, above reconciliation and telemetry.
+pub const JOB_STREAM_PRIORITY: i32 = 2;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub enum Role {
     #[default]
@@ -327,6 +332,145 @@ pub struct SafetyAction {
     pub duration_ms: u64,
 }
 
+/// A job's id, given by the router (ids start at 1 and are never reused by one router's log).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct JobId(pub u64);
+
+/// Where a job stands (see the schema's `JobState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum JobState {
+    #[default]
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+    DeadLettered,
+}
+
+impl JobState {
+    pub const ALL: [JobState; 6] = [
+        JobState::Queued,
+        JobState::Running,
+        JobState::Completed,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::DeadLettered,
+    ];
+
+    pub fn from_u8(value: u8) -> Option<JobState> {
+        JobState::ALL.get(value as usize).copied()
+    }
+
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// Whether the job has ended (a dead-lettered job may still be re-driven).
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Completed => "completed",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// A job for a swarm's workers (see the schema's `SubmitJob`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SubmitJob {
+    pub request_id: u64,
+    pub swarm: String,
+    pub idempotency_key: String,
+    pub model: Option<String>,
+    /// Higher runs first within the swarm.
+    pub priority: u8,
+    /// The job must start within this many ms of submission; 0: no deadline.
+    pub deadline_ms: u64,
+    /// 0: the router's default.
+    pub max_attempts: u32,
+    pub payload: Bytes,
+}
+
+/// The router's answer about one job (see the schema's `JobStatus`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct JobStatus {
+    pub request_id: u64,
+    pub job_id: JobId,
+    pub state: JobState,
+    pub attempt: u32,
+    pub duplicate: bool,
+}
+
+/// One attempt of a job, leased to a worker (see the schema's `JobLease`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct JobLease {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub swarm: String,
+    pub model: Option<String>,
+    pub submitter: String,
+    pub priority: u8,
+    pub lease_ms: u32,
+    pub payload: Bytes,
+}
+
+/// A worker's heartbeat, with progress for the submitter when the payload is not empty.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct JobProgress {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub payload: Bytes,
+}
+
+/// A worker's outcome of one attempt (see the schema's `JobResult`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct JobResult {
+    pub request_id: u64,
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub ok: bool,
+    pub retry: bool,
+    pub payload: Bytes,
+}
+
+/// Progress or the end of a job, for its submitter (see the schema's `JobUpdate`).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct JobUpdate {
+    pub job_id: JobId,
+    pub swarm: String,
+    pub idempotency_key: String,
+    /// Running for progress; a final state for the job's end.
+    pub state: JobState,
+    pub attempt: u32,
+    pub reason: String,
+    pub payload: Bytes,
+}
+
+/// One entry of a swarm's dead-letter queue.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DeadLetter {
+    pub job_id: JobId,
+    pub attempts: u32,
+    pub idempotency_key: String,
+    pub reason: String,
+}
+
+/// A page of a swarm's dead-letter queue.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DeadLetters {
+    pub request_id: u64,
+    pub jobs: Vec<DeadLetter>,
+    pub more: bool,
+}
+
 /// Every message of the protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -394,6 +538,36 @@ pub enum Message {
     LeaseRequest(LeaseRequest),
     LeaseGrant(LeaseGrant),
     SafetyAction(SafetyAction),
+    SubmitJob(SubmitJob),
+    JobStatus(JobStatus),
+    JobCredits {
+        credits: u32,
+    },
+    JobLease(JobLease),
+    JobProgress(JobProgress),
+    JobResult(JobResult),
+    /// Client -> router: cancel (request_id set); router -> worker: stop the attempt.
+    JobCancel {
+        request_id: u64,
+        job_id: JobId,
+        attempt: u32,
+    },
+    JobUpdate(JobUpdate),
+    JobAck {
+        job_id: JobId,
+    },
+    ListDeadLetters {
+        request_id: u64,
+        swarm: String,
+        after_job_id: JobId,
+        limit: u32,
+    },
+    DeadLetters(DeadLetters),
+    RedriveJob {
+        request_id: u64,
+        swarm: String,
+        job_id: JobId,
+    },
 }
 
 impl Message {
@@ -425,6 +599,18 @@ impl Message {
             Message::LeaseRequest(_) => "LeaseRequest",
             Message::LeaseGrant(_) => "LeaseGrant",
             Message::SafetyAction(_) => "SafetyAction",
+            Message::SubmitJob(_) => "SubmitJob",
+            Message::JobStatus(_) => "JobStatus",
+            Message::JobCredits { .. } => "JobCredits",
+            Message::JobLease(_) => "JobLease",
+            Message::JobProgress(_) => "JobProgress",
+            Message::JobResult(_) => "JobResult",
+            Message::JobCancel { .. } => "JobCancel",
+            Message::JobUpdate(_) => "JobUpdate",
+            Message::JobAck { .. } => "JobAck",
+            Message::ListDeadLetters { .. } => "ListDeadLetters",
+            Message::DeadLetters(_) => "DeadLetters",
+            Message::RedriveJob { .. } => "RedriveJob",
         }
     }
 }

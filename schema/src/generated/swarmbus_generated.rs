@@ -380,12 +380,114 @@ impl<'a> ::flatbuffers::Verifiable for SafetyKind {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for SafetyKind {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_MESSAGE: u8 = 0;
+pub const ENUM_MIN_JOB_STATE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 26;
+pub const ENUM_MAX_JOB_STATE: u8 = 5;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 27] = [
+pub const ENUM_VALUES_JOB_STATE: [JobState; 6] = [
+  JobState::Queued,
+  JobState::Running,
+  JobState::Completed,
+  JobState::Failed,
+  JobState::Cancelled,
+  JobState::DeadLettered,
+];
+
+/// Where a job stands. A job ends in exactly one of Completed, Failed, Cancelled or
+/// DeadLettered (a dead-lettered job may be re-driven, which queues it again).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct JobState(pub u8);
+#[allow(non_upper_case_globals)]
+impl JobState {
+  pub const Queued: Self = Self(0);
+  pub const Running: Self = Self(1);
+  pub const Completed: Self = Self(2);
+  pub const Failed: Self = Self(3);
+  pub const Cancelled: Self = Self(4);
+  pub const DeadLettered: Self = Self(5);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 5;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Queued,
+    Self::Running,
+    Self::Completed,
+    Self::Failed,
+    Self::Cancelled,
+    Self::DeadLettered,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Queued => Some("Queued"),
+      Self::Running => Some("Running"),
+      Self::Completed => Some("Completed"),
+      Self::Failed => Some("Failed"),
+      Self::Cancelled => Some("Cancelled"),
+      Self::DeadLettered => Some("DeadLettered"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for JobState {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for JobState {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for JobState {
+    type Output = JobState;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for JobState {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for JobState {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for JobState {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_MESSAGE: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_MESSAGE: u8 = 38;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_MESSAGE: [Message; 39] = [
   Message::NONE,
   Message::Hello,
   Message::Welcome,
@@ -413,6 +515,18 @@ pub const ENUM_VALUES_MESSAGE: [Message; 27] = [
   Message::LeaseRequest,
   Message::LeaseGrant,
   Message::SafetyAction,
+  Message::SubmitJob,
+  Message::JobStatus,
+  Message::JobCredits,
+  Message::JobLease,
+  Message::JobProgress,
+  Message::JobResult,
+  Message::JobCancel,
+  Message::JobUpdate,
+  Message::JobAck,
+  Message::ListDeadLetters,
+  Message::DeadLetters,
+  Message::RedriveJob,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -447,9 +561,21 @@ impl Message {
   pub const LeaseRequest: Self = Self(24);
   pub const LeaseGrant: Self = Self(25);
   pub const SafetyAction: Self = Self(26);
+  pub const SubmitJob: Self = Self(27);
+  pub const JobStatus: Self = Self(28);
+  pub const JobCredits: Self = Self(29);
+  pub const JobLease: Self = Self(30);
+  pub const JobProgress: Self = Self(31);
+  pub const JobResult: Self = Self(32);
+  pub const JobCancel: Self = Self(33);
+  pub const JobUpdate: Self = Self(34);
+  pub const JobAck: Self = Self(35);
+  pub const ListDeadLetters: Self = Self(36);
+  pub const DeadLetters: Self = Self(37);
+  pub const RedriveJob: Self = Self(38);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 26;
+  pub const ENUM_MAX: u8 = 38;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -478,6 +604,18 @@ impl Message {
     Self::LeaseRequest,
     Self::LeaseGrant,
     Self::SafetyAction,
+    Self::SubmitJob,
+    Self::JobStatus,
+    Self::JobCredits,
+    Self::JobLease,
+    Self::JobProgress,
+    Self::JobResult,
+    Self::JobCancel,
+    Self::JobUpdate,
+    Self::JobAck,
+    Self::ListDeadLetters,
+    Self::DeadLetters,
+    Self::RedriveJob,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -509,6 +647,18 @@ impl Message {
       Self::LeaseRequest => Some("LeaseRequest"),
       Self::LeaseGrant => Some("LeaseGrant"),
       Self::SafetyAction => Some("SafetyAction"),
+      Self::SubmitJob => Some("SubmitJob"),
+      Self::JobStatus => Some("JobStatus"),
+      Self::JobCredits => Some("JobCredits"),
+      Self::JobLease => Some("JobLease"),
+      Self::JobProgress => Some("JobProgress"),
+      Self::JobResult => Some("JobResult"),
+      Self::JobCancel => Some("JobCancel"),
+      Self::JobUpdate => Some("JobUpdate"),
+      Self::JobAck => Some("JobAck"),
+      Self::ListDeadLetters => Some("ListDeadLetters"),
+      Self::DeadLetters => Some("DeadLetters"),
+      Self::RedriveJob => Some("RedriveJob"),
       _ => None,
     }
   }
@@ -5138,6 +5288,1921 @@ impl ::core::fmt::Debug for SafetyAction<'_> {
       ds.finish()
   }
 }
+pub enum SubmitJobOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Submitter -> router (job stream or session stream): a job for the swarm's workers.
+/// Answered with JobStatus once the job is durable in the log, or with Error (Busy when the
+/// swarm's queue is full). A second submit with the same idempotency key inside the dedup
+/// window is answered with the first one's job (`duplicate`) and never runs it twice.
+pub struct SubmitJob<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SubmitJob<'a> {
+  type Inner = SubmitJob<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SubmitJob<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_IDEMPOTENCY_KEY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MODEL: ::flatbuffers::VOffsetT = 10;
+  pub const VT_PRIORITY: ::flatbuffers::VOffsetT = 12;
+  pub const VT_DEADLINE_MS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_MAX_ATTEMPTS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SubmitJob { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubmitJobArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SubmitJob<'bldr>> {
+    let mut builder = SubmitJobBuilder::new(_fbb);
+    builder.add_deadline_ms(args.deadline_ms);
+    builder.add_request_id(args.request_id);
+    builder.add_payload_len(args.payload_len);
+    builder.add_max_attempts(args.max_attempts);
+    if let Some(x) = args.model { builder.add_model(x); }
+    if let Some(x) = args.idempotency_key { builder.add_idempotency_key(x); }
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.add_priority(args.priority);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubmitJob::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SubmitJob::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn idempotency_key(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SubmitJob::VT_IDEMPOTENCY_KEY, None)}
+  }
+  /// The model the job needs (workers with it loaded are preferred); empty for any.
+  #[inline]
+  pub fn model(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SubmitJob::VT_MODEL, None)}
+  }
+  /// Higher runs first within the swarm.
+  #[inline]
+  pub fn priority(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(SubmitJob::VT_PRIORITY, Some(0)).unwrap()}
+  }
+  /// The job must start within this many ms of its submission, or it is dead-lettered;
+  /// 0: no deadline.
+  #[inline]
+  pub fn deadline_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubmitJob::VT_DEADLINE_MS, Some(0)).unwrap()}
+  }
+  /// Attempts before the job is dead-lettered; 0: the router's default.
+  #[inline]
+  pub fn max_attempts(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SubmitJob::VT_MAX_ATTEMPTS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn payload_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SubmitJob::VT_PAYLOAD_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SubmitJob<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("idempotency_key", Self::VT_IDEMPOTENCY_KEY, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("model", Self::VT_MODEL, false)?
+     .visit_field::<u8>("priority", Self::VT_PRIORITY, false)?
+     .visit_field::<u64>("deadline_ms", Self::VT_DEADLINE_MS, false)?
+     .visit_field::<u32>("max_attempts", Self::VT_MAX_ATTEMPTS, false)?
+     .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubmitJobArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub idempotency_key: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub model: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub priority: u8,
+    pub deadline_ms: u64,
+    pub max_attempts: u32,
+    pub payload_len: u32,
+}
+impl<'a> Default for SubmitJobArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubmitJobArgs {
+      request_id: 0,
+      swarm: None,
+      idempotency_key: None,
+      model: None,
+      priority: 0,
+      deadline_ms: 0,
+      max_attempts: 0,
+      payload_len: 0,
+    }
+  }
+}
+
+pub struct SubmitJobBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubmitJobBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(SubmitJob::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubmitJob::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_idempotency_key(&mut self, idempotency_key: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubmitJob::VT_IDEMPOTENCY_KEY, idempotency_key);
+  }
+  #[inline]
+  pub fn add_model(&mut self, model: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SubmitJob::VT_MODEL, model);
+  }
+  #[inline]
+  pub fn add_priority(&mut self, priority: u8) {
+    self.fbb_.push_slot::<u8>(SubmitJob::VT_PRIORITY, priority, 0);
+  }
+  #[inline]
+  pub fn add_deadline_ms(&mut self, deadline_ms: u64) {
+    self.fbb_.push_slot::<u64>(SubmitJob::VT_DEADLINE_MS, deadline_ms, 0);
+  }
+  #[inline]
+  pub fn add_max_attempts(&mut self, max_attempts: u32) {
+    self.fbb_.push_slot::<u32>(SubmitJob::VT_MAX_ATTEMPTS, max_attempts, 0);
+  }
+  #[inline]
+  pub fn add_payload_len(&mut self, payload_len: u32) {
+    self.fbb_.push_slot::<u32>(SubmitJob::VT_PAYLOAD_LEN, payload_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubmitJobBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubmitJobBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SubmitJob<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SubmitJob<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SubmitJob");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("idempotency_key", &self.idempotency_key());
+      ds.field("model", &self.model());
+      ds.field("priority", &self.priority());
+      ds.field("deadline_ms", &self.deadline_ms());
+      ds.field("max_attempts", &self.max_attempts());
+      ds.field("payload_len", &self.payload_len());
+      ds.finish()
+  }
+}
+pub enum JobStatusOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> client: the answer to SubmitJob, CancelJob, RedriveJob and JobResult.
+pub struct JobStatus<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobStatus<'a> {
+  type Inner = JobStatus<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobStatus<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_STATE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_ATTEMPT: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DUPLICATE: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobStatus { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobStatusArgs
+  ) -> ::flatbuffers::WIPOffset<JobStatus<'bldr>> {
+    let mut builder = JobStatusBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.add_request_id(args.request_id);
+    builder.add_attempt(args.attempt);
+    builder.add_duplicate(args.duplicate);
+    builder.add_state(args.state);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobStatus::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobStatus::VT_JOB_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn state(&self) -> JobState {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<JobState>(JobStatus::VT_STATE, Some(JobState::Queued)).unwrap()}
+  }
+  /// The job's latest attempt (0: never leased).
+  #[inline]
+  pub fn attempt(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobStatus::VT_ATTEMPT, Some(0)).unwrap()}
+  }
+  /// SubmitJob: the idempotency key named an existing job, which this is.
+  #[inline]
+  pub fn duplicate(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(JobStatus::VT_DUPLICATE, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobStatus<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .visit_field::<JobState>("state", Self::VT_STATE, false)?
+     .visit_field::<u32>("attempt", Self::VT_ATTEMPT, false)?
+     .visit_field::<bool>("duplicate", Self::VT_DUPLICATE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobStatusArgs {
+    pub request_id: u64,
+    pub job_id: u64,
+    pub state: JobState,
+    pub attempt: u32,
+    pub duplicate: bool,
+}
+impl<'a> Default for JobStatusArgs {
+  #[inline]
+  fn default() -> Self {
+    JobStatusArgs {
+      request_id: 0,
+      job_id: 0,
+      state: JobState::Queued,
+      attempt: 0,
+      duplicate: false,
+    }
+  }
+}
+
+pub struct JobStatusBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobStatusBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(JobStatus::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(JobStatus::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn add_state(&mut self, state: JobState) {
+    self.fbb_.push_slot::<JobState>(JobStatus::VT_STATE, state, JobState::Queued);
+  }
+  #[inline]
+  pub fn add_attempt(&mut self, attempt: u32) {
+    self.fbb_.push_slot::<u32>(JobStatus::VT_ATTEMPT, attempt, 0);
+  }
+  #[inline]
+  pub fn add_duplicate(&mut self, duplicate: bool) {
+    self.fbb_.push_slot::<bool>(JobStatus::VT_DUPLICATE, duplicate, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobStatusBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobStatusBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobStatus<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobStatus<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobStatus");
+      ds.field("request_id", &self.request_id());
+      ds.field("job_id", &self.job_id());
+      ds.field("state", &self.state());
+      ds.field("attempt", &self.attempt());
+      ds.field("duplicate", &self.duplicate());
+      ds.finish()
+  }
+}
+pub enum JobCreditsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Worker -> router: how many jobs the worker can run at once (0 pauses it). Restated
+/// whenever it changes; the router leases while the worker holds fewer leases.
+pub struct JobCredits<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobCredits<'a> {
+  type Inner = JobCredits<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobCredits<'a> {
+  pub const VT_CREDITS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobCredits { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobCreditsArgs
+  ) -> ::flatbuffers::WIPOffset<JobCredits<'bldr>> {
+    let mut builder = JobCreditsBuilder::new(_fbb);
+    builder.add_credits(args.credits);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn credits(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobCredits::VT_CREDITS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobCredits<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("credits", Self::VT_CREDITS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobCreditsArgs {
+    pub credits: u32,
+}
+impl<'a> Default for JobCreditsArgs {
+  #[inline]
+  fn default() -> Self {
+    JobCreditsArgs {
+      credits: 0,
+    }
+  }
+}
+
+pub struct JobCreditsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobCreditsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_credits(&mut self, credits: u32) {
+    self.fbb_.push_slot::<u32>(JobCredits::VT_CREDITS, credits, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobCreditsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobCreditsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobCredits<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobCredits<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobCredits");
+      ds.field("credits", &self.credits());
+      ds.finish()
+  }
+}
+pub enum JobLeaseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> worker (job stream): run this attempt of a job. The lease lasts `lease_ms`;
+/// JobProgress extends it.
+pub struct JobLease<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobLease<'a> {
+  type Inner = JobLease<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobLease<'a> {
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ATTEMPT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MODEL: ::flatbuffers::VOffsetT = 10;
+  pub const VT_SUBMITTER: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PRIORITY: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LEASE_MS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobLease { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobLeaseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<JobLease<'bldr>> {
+    let mut builder = JobLeaseBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.add_payload_len(args.payload_len);
+    builder.add_lease_ms(args.lease_ms);
+    if let Some(x) = args.submitter { builder.add_submitter(x); }
+    if let Some(x) = args.model { builder.add_model(x); }
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.add_attempt(args.attempt);
+    builder.add_priority(args.priority);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobLease::VT_JOB_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn attempt(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobLease::VT_ATTEMPT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JobLease::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn model(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JobLease::VT_MODEL, None)}
+  }
+  #[inline]
+  pub fn submitter(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JobLease::VT_SUBMITTER, None)}
+  }
+  #[inline]
+  pub fn priority(&self) -> u8 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u8>(JobLease::VT_PRIORITY, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn lease_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobLease::VT_LEASE_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn payload_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobLease::VT_PAYLOAD_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobLease<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .visit_field::<u32>("attempt", Self::VT_ATTEMPT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("model", Self::VT_MODEL, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("submitter", Self::VT_SUBMITTER, false)?
+     .visit_field::<u8>("priority", Self::VT_PRIORITY, false)?
+     .visit_field::<u32>("lease_ms", Self::VT_LEASE_MS, false)?
+     .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobLeaseArgs<'a> {
+    pub job_id: u64,
+    pub attempt: u32,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub model: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub submitter: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub priority: u8,
+    pub lease_ms: u32,
+    pub payload_len: u32,
+}
+impl<'a> Default for JobLeaseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    JobLeaseArgs {
+      job_id: 0,
+      attempt: 0,
+      swarm: None,
+      model: None,
+      submitter: None,
+      priority: 0,
+      lease_ms: 0,
+      payload_len: 0,
+    }
+  }
+}
+
+pub struct JobLeaseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobLeaseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(JobLease::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn add_attempt(&mut self, attempt: u32) {
+    self.fbb_.push_slot::<u32>(JobLease::VT_ATTEMPT, attempt, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JobLease::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_model(&mut self, model: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JobLease::VT_MODEL, model);
+  }
+  #[inline]
+  pub fn add_submitter(&mut self, submitter: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JobLease::VT_SUBMITTER, submitter);
+  }
+  #[inline]
+  pub fn add_priority(&mut self, priority: u8) {
+    self.fbb_.push_slot::<u8>(JobLease::VT_PRIORITY, priority, 0);
+  }
+  #[inline]
+  pub fn add_lease_ms(&mut self, lease_ms: u32) {
+    self.fbb_.push_slot::<u32>(JobLease::VT_LEASE_MS, lease_ms, 0);
+  }
+  #[inline]
+  pub fn add_payload_len(&mut self, payload_len: u32) {
+    self.fbb_.push_slot::<u32>(JobLease::VT_PAYLOAD_LEN, payload_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobLeaseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobLeaseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobLease<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobLease<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobLease");
+      ds.field("job_id", &self.job_id());
+      ds.field("attempt", &self.attempt());
+      ds.field("swarm", &self.swarm());
+      ds.field("model", &self.model());
+      ds.field("submitter", &self.submitter());
+      ds.field("priority", &self.priority());
+      ds.field("lease_ms", &self.lease_ms());
+      ds.field("payload_len", &self.payload_len());
+      ds.finish()
+  }
+}
+pub enum JobProgressOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Worker -> router: the attempt is alive (its lease is extended); a non-empty payload is
+/// progress for the submitter.
+pub struct JobProgress<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobProgress<'a> {
+  type Inner = JobProgress<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobProgress<'a> {
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ATTEMPT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobProgress { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobProgressArgs
+  ) -> ::flatbuffers::WIPOffset<JobProgress<'bldr>> {
+    let mut builder = JobProgressBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.add_payload_len(args.payload_len);
+    builder.add_attempt(args.attempt);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobProgress::VT_JOB_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn attempt(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobProgress::VT_ATTEMPT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn payload_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobProgress::VT_PAYLOAD_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobProgress<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .visit_field::<u32>("attempt", Self::VT_ATTEMPT, false)?
+     .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobProgressArgs {
+    pub job_id: u64,
+    pub attempt: u32,
+    pub payload_len: u32,
+}
+impl<'a> Default for JobProgressArgs {
+  #[inline]
+  fn default() -> Self {
+    JobProgressArgs {
+      job_id: 0,
+      attempt: 0,
+      payload_len: 0,
+    }
+  }
+}
+
+pub struct JobProgressBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobProgressBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(JobProgress::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn add_attempt(&mut self, attempt: u32) {
+    self.fbb_.push_slot::<u32>(JobProgress::VT_ATTEMPT, attempt, 0);
+  }
+  #[inline]
+  pub fn add_payload_len(&mut self, payload_len: u32) {
+    self.fbb_.push_slot::<u32>(JobProgress::VT_PAYLOAD_LEN, payload_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobProgressBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobProgressBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobProgress<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobProgress<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobProgress");
+      ds.field("job_id", &self.job_id());
+      ds.field("attempt", &self.attempt());
+      ds.field("payload_len", &self.payload_len());
+      ds.finish()
+  }
+}
+pub enum JobResultOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Worker -> router: the attempt's outcome. `ok` false is the job's failure (final), unless
+/// `retry` asks for another attempt. Answered with JobStatus, or Error(LeaseFenced) when the
+/// attempt was fenced (its lease expired, its worker was taken for gone, it was cancelled).
+pub struct JobResult<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobResult<'a> {
+  type Inner = JobResult<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobResult<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ATTEMPT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_OK: ::flatbuffers::VOffsetT = 10;
+  pub const VT_RETRY: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobResult { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobResultArgs
+  ) -> ::flatbuffers::WIPOffset<JobResult<'bldr>> {
+    let mut builder = JobResultBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.add_request_id(args.request_id);
+    builder.add_payload_len(args.payload_len);
+    builder.add_attempt(args.attempt);
+    builder.add_retry(args.retry);
+    builder.add_ok(args.ok);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobResult::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobResult::VT_JOB_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn attempt(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobResult::VT_ATTEMPT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn ok(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(JobResult::VT_OK, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn retry(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(JobResult::VT_RETRY, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn payload_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobResult::VT_PAYLOAD_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobResult<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .visit_field::<u32>("attempt", Self::VT_ATTEMPT, false)?
+     .visit_field::<bool>("ok", Self::VT_OK, false)?
+     .visit_field::<bool>("retry", Self::VT_RETRY, false)?
+     .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobResultArgs {
+    pub request_id: u64,
+    pub job_id: u64,
+    pub attempt: u32,
+    pub ok: bool,
+    pub retry: bool,
+    pub payload_len: u32,
+}
+impl<'a> Default for JobResultArgs {
+  #[inline]
+  fn default() -> Self {
+    JobResultArgs {
+      request_id: 0,
+      job_id: 0,
+      attempt: 0,
+      ok: false,
+      retry: false,
+      payload_len: 0,
+    }
+  }
+}
+
+pub struct JobResultBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobResultBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(JobResult::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(JobResult::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn add_attempt(&mut self, attempt: u32) {
+    self.fbb_.push_slot::<u32>(JobResult::VT_ATTEMPT, attempt, 0);
+  }
+  #[inline]
+  pub fn add_ok(&mut self, ok: bool) {
+    self.fbb_.push_slot::<bool>(JobResult::VT_OK, ok, false);
+  }
+  #[inline]
+  pub fn add_retry(&mut self, retry: bool) {
+    self.fbb_.push_slot::<bool>(JobResult::VT_RETRY, retry, false);
+  }
+  #[inline]
+  pub fn add_payload_len(&mut self, payload_len: u32) {
+    self.fbb_.push_slot::<u32>(JobResult::VT_PAYLOAD_LEN, payload_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobResultBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobResultBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobResult<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobResult<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobResult");
+      ds.field("request_id", &self.request_id());
+      ds.field("job_id", &self.job_id());
+      ds.field("attempt", &self.attempt());
+      ds.field("ok", &self.ok());
+      ds.field("retry", &self.retry());
+      ds.field("payload_len", &self.payload_len());
+      ds.finish()
+  }
+}
+pub enum JobCancelOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Submitter or controller -> router: cancel a job (answered with JobStatus). Router ->
+/// worker (job stream, request_id 0): stop running this attempt.
+pub struct JobCancel<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobCancel<'a> {
+  type Inner = JobCancel<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobCancel<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ATTEMPT: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobCancel { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobCancelArgs
+  ) -> ::flatbuffers::WIPOffset<JobCancel<'bldr>> {
+    let mut builder = JobCancelBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.add_request_id(args.request_id);
+    builder.add_attempt(args.attempt);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobCancel::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobCancel::VT_JOB_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn attempt(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobCancel::VT_ATTEMPT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobCancel<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .visit_field::<u32>("attempt", Self::VT_ATTEMPT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobCancelArgs {
+    pub request_id: u64,
+    pub job_id: u64,
+    pub attempt: u32,
+}
+impl<'a> Default for JobCancelArgs {
+  #[inline]
+  fn default() -> Self {
+    JobCancelArgs {
+      request_id: 0,
+      job_id: 0,
+      attempt: 0,
+    }
+  }
+}
+
+pub struct JobCancelBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobCancelBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(JobCancel::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(JobCancel::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn add_attempt(&mut self, attempt: u32) {
+    self.fbb_.push_slot::<u32>(JobCancel::VT_ATTEMPT, attempt, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobCancelBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobCancelBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobCancel<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobCancel<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobCancel");
+      ds.field("request_id", &self.request_id());
+      ds.field("job_id", &self.job_id());
+      ds.field("attempt", &self.attempt());
+      ds.finish()
+  }
+}
+pub enum JobUpdateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> submitter (job stream): progress (state Running) or the job's end. Ends are
+/// sent at least once, until the submitter answers JobAck, also after a reconnect or a
+/// router restart.
+pub struct JobUpdate<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobUpdate<'a> {
+  type Inner = JobUpdate<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobUpdate<'a> {
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_IDEMPOTENCY_KEY: ::flatbuffers::VOffsetT = 8;
+  pub const VT_STATE: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ATTEMPT: ::flatbuffers::VOffsetT = 12;
+  pub const VT_REASON: ::flatbuffers::VOffsetT = 14;
+  pub const VT_PAYLOAD_LEN: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobUpdate { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobUpdateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<JobUpdate<'bldr>> {
+    let mut builder = JobUpdateBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.add_payload_len(args.payload_len);
+    if let Some(x) = args.reason { builder.add_reason(x); }
+    builder.add_attempt(args.attempt);
+    if let Some(x) = args.idempotency_key { builder.add_idempotency_key(x); }
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.add_state(args.state);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobUpdate::VT_JOB_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JobUpdate::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn idempotency_key(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JobUpdate::VT_IDEMPOTENCY_KEY, None)}
+  }
+  #[inline]
+  pub fn state(&self) -> JobState {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<JobState>(JobUpdate::VT_STATE, Some(JobState::Queued)).unwrap()}
+  }
+  #[inline]
+  pub fn attempt(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobUpdate::VT_ATTEMPT, Some(0)).unwrap()}
+  }
+  /// Why it failed, was cancelled or dead-lettered.
+  #[inline]
+  pub fn reason(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(JobUpdate::VT_REASON, None)}
+  }
+  #[inline]
+  pub fn payload_len(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobUpdate::VT_PAYLOAD_LEN, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobUpdate<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("idempotency_key", Self::VT_IDEMPOTENCY_KEY, false)?
+     .visit_field::<JobState>("state", Self::VT_STATE, false)?
+     .visit_field::<u32>("attempt", Self::VT_ATTEMPT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("reason", Self::VT_REASON, false)?
+     .visit_field::<u32>("payload_len", Self::VT_PAYLOAD_LEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobUpdateArgs<'a> {
+    pub job_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub idempotency_key: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub state: JobState,
+    pub attempt: u32,
+    pub reason: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub payload_len: u32,
+}
+impl<'a> Default for JobUpdateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    JobUpdateArgs {
+      job_id: 0,
+      swarm: None,
+      idempotency_key: None,
+      state: JobState::Queued,
+      attempt: 0,
+      reason: None,
+      payload_len: 0,
+    }
+  }
+}
+
+pub struct JobUpdateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobUpdateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(JobUpdate::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JobUpdate::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_idempotency_key(&mut self, idempotency_key: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JobUpdate::VT_IDEMPOTENCY_KEY, idempotency_key);
+  }
+  #[inline]
+  pub fn add_state(&mut self, state: JobState) {
+    self.fbb_.push_slot::<JobState>(JobUpdate::VT_STATE, state, JobState::Queued);
+  }
+  #[inline]
+  pub fn add_attempt(&mut self, attempt: u32) {
+    self.fbb_.push_slot::<u32>(JobUpdate::VT_ATTEMPT, attempt, 0);
+  }
+  #[inline]
+  pub fn add_reason(&mut self, reason: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(JobUpdate::VT_REASON, reason);
+  }
+  #[inline]
+  pub fn add_payload_len(&mut self, payload_len: u32) {
+    self.fbb_.push_slot::<u32>(JobUpdate::VT_PAYLOAD_LEN, payload_len, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobUpdateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobUpdateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobUpdate<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobUpdate<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobUpdate");
+      ds.field("job_id", &self.job_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("idempotency_key", &self.idempotency_key());
+      ds.field("state", &self.state());
+      ds.field("attempt", &self.attempt());
+      ds.field("reason", &self.reason());
+      ds.field("payload_len", &self.payload_len());
+      ds.finish()
+  }
+}
+pub enum JobAckOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Submitter -> router: the job's end was handled; the router stops resending it.
+pub struct JobAck<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for JobAck<'a> {
+  type Inner = JobAck<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> JobAck<'a> {
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    JobAck { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args JobAckArgs
+  ) -> ::flatbuffers::WIPOffset<JobAck<'bldr>> {
+    let mut builder = JobAckBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(JobAck::VT_JOB_ID, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for JobAck<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct JobAckArgs {
+    pub job_id: u64,
+}
+impl<'a> Default for JobAckArgs {
+  #[inline]
+  fn default() -> Self {
+    JobAckArgs {
+      job_id: 0,
+    }
+  }
+}
+
+pub struct JobAckBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobAckBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(JobAck::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobAckBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    JobAckBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<JobAck<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for JobAck<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("JobAck");
+      ds.field("job_id", &self.job_id());
+      ds.finish()
+  }
+}
+pub enum ListDeadLettersOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Controller -> router: the swarm's dead letters after `after_job_id`, at most `limit`.
+pub struct ListDeadLetters<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListDeadLetters<'a> {
+  type Inner = ListDeadLetters<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListDeadLetters<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_AFTER_JOB_ID: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LIMIT: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListDeadLetters { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListDeadLettersArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListDeadLetters<'bldr>> {
+    let mut builder = ListDeadLettersBuilder::new(_fbb);
+    builder.add_after_job_id(args.after_job_id);
+    builder.add_request_id(args.request_id);
+    builder.add_limit(args.limit);
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ListDeadLetters::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ListDeadLetters::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn after_job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ListDeadLetters::VT_AFTER_JOB_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn limit(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ListDeadLetters::VT_LIMIT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListDeadLetters<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<u64>("after_job_id", Self::VT_AFTER_JOB_ID, false)?
+     .visit_field::<u32>("limit", Self::VT_LIMIT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListDeadLettersArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub after_job_id: u64,
+    pub limit: u32,
+}
+impl<'a> Default for ListDeadLettersArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListDeadLettersArgs {
+      request_id: 0,
+      swarm: None,
+      after_job_id: 0,
+      limit: 0,
+    }
+  }
+}
+
+pub struct ListDeadLettersBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListDeadLettersBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(ListDeadLetters::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListDeadLetters::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_after_job_id(&mut self, after_job_id: u64) {
+    self.fbb_.push_slot::<u64>(ListDeadLetters::VT_AFTER_JOB_ID, after_job_id, 0);
+  }
+  #[inline]
+  pub fn add_limit(&mut self, limit: u32) {
+    self.fbb_.push_slot::<u32>(ListDeadLetters::VT_LIMIT, limit, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListDeadLettersBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListDeadLettersBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListDeadLetters<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListDeadLetters<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListDeadLetters");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("after_job_id", &self.after_job_id());
+      ds.field("limit", &self.limit());
+      ds.finish()
+  }
+}
+pub enum DeadLettersOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Router -> controller: dead letters, in job id order (parallel vectors).
+pub struct DeadLetters<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeadLetters<'a> {
+  type Inner = DeadLetters<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeadLetters<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_JOB_IDS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ATTEMPTS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_IDEMPOTENCY_KEYS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_REASONS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_MORE: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeadLetters { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeadLettersArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DeadLetters<'bldr>> {
+    let mut builder = DeadLettersBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.reasons { builder.add_reasons(x); }
+    if let Some(x) = args.idempotency_keys { builder.add_idempotency_keys(x); }
+    if let Some(x) = args.attempts { builder.add_attempts(x); }
+    if let Some(x) = args.job_ids { builder.add_job_ids(x); }
+    builder.add_more(args.more);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(DeadLetters::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn job_ids(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(DeadLetters::VT_JOB_IDS, None)}
+  }
+  #[inline]
+  pub fn attempts(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(DeadLetters::VT_ATTEMPTS, None)}
+  }
+  #[inline]
+  pub fn idempotency_keys(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(DeadLetters::VT_IDEMPOTENCY_KEYS, None)}
+  }
+  #[inline]
+  pub fn reasons(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(DeadLetters::VT_REASONS, None)}
+  }
+  /// More dead letters follow the last one listed.
+  #[inline]
+  pub fn more(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(DeadLetters::VT_MORE, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeadLetters<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("job_ids", Self::VT_JOB_IDS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("attempts", Self::VT_ATTEMPTS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("idempotency_keys", Self::VT_IDEMPOTENCY_KEYS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("reasons", Self::VT_REASONS, false)?
+     .visit_field::<bool>("more", Self::VT_MORE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeadLettersArgs<'a> {
+    pub request_id: u64,
+    pub job_ids: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub attempts: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+    pub idempotency_keys: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub reasons: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub more: bool,
+}
+impl<'a> Default for DeadLettersArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeadLettersArgs {
+      request_id: 0,
+      job_ids: None,
+      attempts: None,
+      idempotency_keys: None,
+      reasons: None,
+      more: false,
+    }
+  }
+}
+
+pub struct DeadLettersBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeadLettersBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(DeadLetters::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_job_ids(&mut self, job_ids: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeadLetters::VT_JOB_IDS, job_ids);
+  }
+  #[inline]
+  pub fn add_attempts(&mut self, attempts: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeadLetters::VT_ATTEMPTS, attempts);
+  }
+  #[inline]
+  pub fn add_idempotency_keys(&mut self, idempotency_keys: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeadLetters::VT_IDEMPOTENCY_KEYS, idempotency_keys);
+  }
+  #[inline]
+  pub fn add_reasons(&mut self, reasons: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeadLetters::VT_REASONS, reasons);
+  }
+  #[inline]
+  pub fn add_more(&mut self, more: bool) {
+    self.fbb_.push_slot::<bool>(DeadLetters::VT_MORE, more, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeadLettersBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeadLettersBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeadLetters<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeadLetters<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeadLetters");
+      ds.field("request_id", &self.request_id());
+      ds.field("job_ids", &self.job_ids());
+      ds.field("attempts", &self.attempts());
+      ds.field("idempotency_keys", &self.idempotency_keys());
+      ds.field("reasons", &self.reasons());
+      ds.field("more", &self.more());
+      ds.finish()
+  }
+}
+pub enum RedriveJobOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Controller -> router: queue a dead-lettered job again with a fresh attempt budget.
+pub struct RedriveJob<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for RedriveJob<'a> {
+  type Inner = RedriveJob<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> RedriveJob<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SWARM: ::flatbuffers::VOffsetT = 6;
+  pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    RedriveJob { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args RedriveJobArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<RedriveJob<'bldr>> {
+    let mut builder = RedriveJobBuilder::new(_fbb);
+    builder.add_job_id(args.job_id);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.swarm { builder.add_swarm(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RedriveJob::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn swarm(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(RedriveJob::VT_SWARM, None)}
+  }
+  #[inline]
+  pub fn job_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(RedriveJob::VT_JOB_ID, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for RedriveJob<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("swarm", Self::VT_SWARM, false)?
+     .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct RedriveJobArgs<'a> {
+    pub request_id: u64,
+    pub swarm: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub job_id: u64,
+}
+impl<'a> Default for RedriveJobArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    RedriveJobArgs {
+      request_id: 0,
+      swarm: None,
+      job_id: 0,
+    }
+  }
+}
+
+pub struct RedriveJobBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> RedriveJobBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(RedriveJob::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_swarm(&mut self, swarm: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(RedriveJob::VT_SWARM, swarm);
+  }
+  #[inline]
+  pub fn add_job_id(&mut self, job_id: u64) {
+    self.fbb_.push_slot::<u64>(RedriveJob::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> RedriveJobBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    RedriveJobBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<RedriveJob<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for RedriveJob<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("RedriveJob");
+      ds.field("request_id", &self.request_id());
+      ds.field("swarm", &self.swarm());
+      ds.field("job_id", &self.job_id());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -5577,6 +7642,186 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_submit_job(&self) -> Option<SubmitJob<'a>> {
+    if self.message_type() == Message::SubmitJob {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SubmitJob::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_status(&self) -> Option<JobStatus<'a>> {
+    if self.message_type() == Message::JobStatus {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobStatus::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_credits(&self) -> Option<JobCredits<'a>> {
+    if self.message_type() == Message::JobCredits {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobCredits::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_lease(&self) -> Option<JobLease<'a>> {
+    if self.message_type() == Message::JobLease {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobLease::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_progress(&self) -> Option<JobProgress<'a>> {
+    if self.message_type() == Message::JobProgress {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobProgress::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_result(&self) -> Option<JobResult<'a>> {
+    if self.message_type() == Message::JobResult {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobResult::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_cancel(&self) -> Option<JobCancel<'a>> {
+    if self.message_type() == Message::JobCancel {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobCancel::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_update(&self) -> Option<JobUpdate<'a>> {
+    if self.message_type() == Message::JobUpdate {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobUpdate::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_job_ack(&self) -> Option<JobAck<'a>> {
+    if self.message_type() == Message::JobAck {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { JobAck::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_list_dead_letters(&self) -> Option<ListDeadLetters<'a>> {
+    if self.message_type() == Message::ListDeadLetters {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ListDeadLetters::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_dead_letters(&self) -> Option<DeadLetters<'a>> {
+    if self.message_type() == Message::DeadLetters {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeadLetters::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_redrive_job(&self) -> Option<RedriveJob<'a>> {
+    if self.message_type() == Message::RedriveJob {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { RedriveJob::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -5613,6 +7858,18 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::LeaseRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LeaseRequest>>("Message::LeaseRequest", pos),
           Message::LeaseGrant => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<LeaseGrant>>("Message::LeaseGrant", pos),
           Message::SafetyAction => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SafetyAction>>("Message::SafetyAction", pos),
+          Message::SubmitJob => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SubmitJob>>("Message::SubmitJob", pos),
+          Message::JobStatus => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobStatus>>("Message::JobStatus", pos),
+          Message::JobCredits => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobCredits>>("Message::JobCredits", pos),
+          Message::JobLease => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobLease>>("Message::JobLease", pos),
+          Message::JobProgress => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobProgress>>("Message::JobProgress", pos),
+          Message::JobResult => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobResult>>("Message::JobResult", pos),
+          Message::JobCancel => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobCancel>>("Message::JobCancel", pos),
+          Message::JobUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobUpdate>>("Message::JobUpdate", pos),
+          Message::JobAck => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<JobAck>>("Message::JobAck", pos),
+          Message::ListDeadLetters => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListDeadLetters>>("Message::ListDeadLetters", pos),
+          Message::DeadLetters => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeadLetters>>("Message::DeadLetters", pos),
+          Message::RedriveJob => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RedriveJob>>("Message::RedriveJob", pos),
           _ => Ok(()),
         }
      })?
@@ -5844,6 +8101,90 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::SafetyAction => {
           if let Some(x) = self.message_as_safety_action() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::SubmitJob => {
+          if let Some(x) = self.message_as_submit_job() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobStatus => {
+          if let Some(x) = self.message_as_job_status() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobCredits => {
+          if let Some(x) = self.message_as_job_credits() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobLease => {
+          if let Some(x) = self.message_as_job_lease() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobProgress => {
+          if let Some(x) = self.message_as_job_progress() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobResult => {
+          if let Some(x) = self.message_as_job_result() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobCancel => {
+          if let Some(x) = self.message_as_job_cancel() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobUpdate => {
+          if let Some(x) = self.message_as_job_update() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::JobAck => {
+          if let Some(x) = self.message_as_job_ack() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::ListDeadLetters => {
+          if let Some(x) = self.message_as_list_dead_letters() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::DeadLetters => {
+          if let Some(x) = self.message_as_dead_letters() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::RedriveJob => {
+          if let Some(x) = self.message_as_redrive_job() {
             ds.field("message", &x)
           } else {
             ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")

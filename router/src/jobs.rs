@@ -1,0 +1,1993 @@
+//! The async job queue: durable jobs, leases to workers, retries with backoff and jitter,
+//! dead letters, and results that reach their submitter.
+//!
+//! A job lives in the router's own event log, in one internal swarm per user swarm
+//! ([`log_swarm`], names starting with `$` are reserved), as three records per job, each
+//! compacted to its latest version:
+//! - `s<id>` the spec (swarm, idempotency key, model, priority, deadline, attempts, payload),
+//!   written once when the job is submitted, before the submitter is answered; emptied once
+//!   the submitter acknowledged the job's end;
+//! - `l<id>` the latest attempt leased (written without waiting: an attempt lost to a crash
+//!   is simply run again);
+//! - `j<id>` the job's end (completed, failed, cancelled, dead-lettered, with the result),
+//!   its re-drive, or the submitter's acknowledgement. Ends are durable before anyone hears
+//!   of them. Lease and end records use different keys, so their order in the log never
+//!   matters.
+//!
+//! [`Jobs`] is sans-IO: every method takes `now` (milliseconds on the router's clock) and
+//! returns [`Effects`]: frames to push, records to append, and job ends to make durable
+//! before [`Jobs::finals_written`] releases their notifications. Call order for a driver:
+//! `connect` when a session is established, then any of `submit` (then `submitted` once the
+//! spec is durable), `credits`, `progress`, `result`, `cancel`, `ack`, `dead_letters`,
+//! `redrive`, with `tick` every few milliseconds (lease expiry, backoff, deadlines), and
+//! `disconnect` when the connection ends. Backoff jitter comes from a seeded generator.
+//!
+//! Dispatch: each swarm has a ready queue ordered by priority (then submission order);
+//! swarms with ready jobs take turns by deficit round robin, each turn worth its weight in
+//! jobs. A job goes to a worker session (role worker, joined to the swarm) with a free
+//! credit, preferring workers whose node has the job's model loaded (from its
+//! `WorkerStatus`), then the least loaded (leases per credit).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+use swarmbus_affinity::hash::key_hash;
+use swarmbus_schema::{
+    encode, DeadLetter, DeadLetters, ErrorCode, JobId, JobLease, JobProgress, JobResult, JobState,
+    JobStatus, JobUpdate, Message, OutFrame, SubmitJob,
+};
+
+use crate::core::ConnId;
+use crate::outbox::{Lane, Outbox};
+use crate::workers::Refusal;
+
+/// Prefix of the internal swarms holding job records.
+pub const JOBS_SWARM_PREFIX: &str = "$jobs.";
+
+/// Most jobs one `dispatch` pass leases (the rest wait for the next tick).
+const DISPATCH_BUDGET: usize = 4096;
+/// Room a job record needs besides the payload (its names and fields), so that the record
+/// and every frame carrying the payload fit the frame limit.
+pub const JOB_RECORD_OVERHEAD_BYTES: usize = 2048;
+/// Most dead letters one listing returns.
+pub const MAX_DEAD_LETTERS_PAGE: u32 = 256;
+
+/// The internal swarm that holds the records of `swarm`'s jobs (one per user swarm, so the
+/// writes of different swarms spread over the shards).
+pub fn log_swarm(swarm: &str) -> String {
+    format!("{JOBS_SWARM_PREFIX}{:016x}", key_hash(swarm))
+}
+
+/// `[jobs]`: the job queue's settings.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Jobs the router holds per swarm (queued, running, waiting to retry, dead-lettered,
+    /// or ended but not yet acknowledged by the submitter); a submit past it is refused
+    /// with Busy.
+    pub max_jobs_per_swarm: usize,
+    /// The `retry_after_ms` of that Busy.
+    pub busy_retry_after_ms: u32,
+    /// A submit with an idempotency key seen within this window returns the earlier job.
+    pub dedup_window_ms: u64,
+    /// Idempotency keys remembered router-wide; past it the oldest are forgotten first.
+    pub max_dedup_keys: usize,
+    /// How long a lease lasts without a heartbeat (JobProgress) from its worker.
+    pub visibility_timeout_ms: u32,
+    /// The first retry waits up to this long (full jitter); the bound doubles per attempt.
+    pub backoff_base_ms: u64,
+    /// The retry wait's bound never grows past this.
+    pub backoff_cap_ms: u64,
+    /// Attempts of a job that does not say (SubmitJob max_attempts 0).
+    pub max_attempts: u32,
+    /// The most attempts a job may ask for.
+    pub max_attempts_limit: u32,
+    /// Deficit round robin weight of swarms not in `swarm_weights`.
+    pub default_weight: u32,
+    /// Weight per swarm: a swarm of weight 2 gets twice the dispatches of one of weight 1
+    /// while both have jobs waiting.
+    pub swarm_weights: HashMap<String, u32>,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            max_jobs_per_swarm: 100_000,
+            busy_retry_after_ms: 100,
+            dedup_window_ms: 600_000,
+            max_dedup_keys: 1_000_000,
+            visibility_timeout_ms: 30_000,
+            backoff_base_ms: 100,
+            backoff_cap_ms: 30_000,
+            max_attempts: 5,
+            max_attempts_limit: 100,
+            default_weight: 1,
+            swarm_weights: HashMap::new(),
+        }
+    }
+}
+
+impl JobsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_jobs_per_swarm == 0
+            || self.visibility_timeout_ms == 0
+            || self.max_attempts == 0
+            || self.max_attempts_limit < self.max_attempts
+            || self.default_weight == 0
+            || self.backoff_cap_ms < self.backoff_base_ms
+        {
+            return Err(
+                "jobs: max_jobs_per_swarm, visibility_timeout_ms, max_attempts and \
+                        default_weight must be at least 1, max_attempts_limit at least \
+                        max_attempts, backoff_cap_ms at least backoff_base_ms"
+                    .into(),
+            );
+        }
+        if let Some((swarm, _)) = self.swarm_weights.iter().find(|(_, w)| **w == 0) {
+            return Err(format!("jobs.swarm_weights.{swarm:?} must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn weight(&self, swarm: &str) -> u32 {
+        self.swarm_weights
+            .get(swarm)
+            .copied()
+            .unwrap_or(self.default_weight)
+    }
+}
+
+/// What a job asks for, as written at submission.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSpec {
+    pub job_id: JobId,
+    pub swarm: String,
+    pub idempotency_key: String,
+    pub model: Option<String>,
+    pub submitter: String,
+    pub priority: u8,
+    /// Router clock ms by which the job must have started; 0: none.
+    pub deadline_ms: u64,
+    pub max_attempts: u32,
+    pub submitted_ms: u64,
+    pub payload: Bytes,
+}
+
+/// How a job's `j` record says it stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndKind {
+    /// A final state (completed, failed, cancelled, dead-lettered).
+    Ended(JobState),
+    /// Re-driven out of the dead-letter queue: queued again with a fresh attempt budget.
+    Redriven,
+    /// The submitter acknowledged the end; only the dedup entry remains.
+    Acknowledged(JobState),
+}
+
+/// The `j` record of a job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndRecord {
+    pub job_id: JobId,
+    pub swarm: String,
+    pub idempotency_key: String,
+    pub kind: EndKind,
+    pub attempt: u32,
+    /// Attempts made before the latest re-drive (the budget counts from here).
+    pub budget_base: u32,
+    pub submitted_ms: u64,
+    pub reason: String,
+    pub payload: Bytes,
+}
+
+/// One record of the job log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JobRecord {
+    Spec(JobSpec),
+    /// Attempt `attempt` was leased.
+    Lease {
+        swarm: String,
+        job_id: JobId,
+        attempt: u32,
+    },
+    End(EndRecord),
+    /// The spec is no longer needed (empty `s` record).
+    Forget {
+        swarm: String,
+        job_id: JobId,
+    },
+}
+
+fn put_str(out: &mut BytesMut, s: &str) {
+    let len = s.len().min(u16::MAX as usize);
+    out.put_u16(len as u16);
+    out.put_slice(&s.as_bytes()[..len]);
+}
+
+fn get_str(input: &mut &[u8]) -> Option<String> {
+    if input.remaining() < 2 {
+        return None;
+    }
+    let len = input.get_u16() as usize;
+    if input.remaining() < len {
+        return None;
+    }
+    let s = std::str::from_utf8(&input[..len]).ok()?.to_owned();
+    input.advance(len);
+    Some(s)
+}
+
+fn get_u8(input: &mut &[u8]) -> Option<u8> {
+    (input.remaining() >= 1).then(|| input.get_u8())
+}
+fn get_u32(input: &mut &[u8]) -> Option<u32> {
+    (input.remaining() >= 4).then(|| input.get_u32())
+}
+fn get_u64(input: &mut &[u8]) -> Option<u64> {
+    (input.remaining() >= 8).then(|| input.get_u64())
+}
+
+const RECORD_VERSION: u8 = 1;
+
+impl JobRecord {
+    pub fn job_id(&self) -> JobId {
+        match self {
+            JobRecord::Spec(spec) => spec.job_id,
+            JobRecord::Lease { job_id, .. } | JobRecord::Forget { job_id, .. } => *job_id,
+            JobRecord::End(end) => end.job_id,
+        }
+    }
+
+    /// The user swarm the job belongs to.
+    pub fn swarm(&self) -> &str {
+        match self {
+            JobRecord::Spec(spec) => &spec.swarm,
+            JobRecord::Lease { swarm, .. } | JobRecord::Forget { swarm, .. } => swarm,
+            JobRecord::End(end) => &end.swarm,
+        }
+    }
+
+    /// The record's key in the log (compaction keeps the latest per key).
+    pub fn key(&self) -> String {
+        let id = self.job_id().0;
+        match self {
+            JobRecord::Spec(_) | JobRecord::Forget { .. } => format!("s{id:016x}"),
+            JobRecord::Lease { .. } => format!("l{id:016x}"),
+            JobRecord::End(_) => format!("j{id:016x}"),
+        }
+    }
+
+    pub fn payload(&self) -> Bytes {
+        let mut out = BytesMut::new();
+        match self {
+            JobRecord::Forget { .. } => return Bytes::new(),
+            JobRecord::Spec(spec) => {
+                out.reserve(64 + spec.payload.len());
+                out.put_u8(RECORD_VERSION);
+                out.put_u64(spec.job_id.0);
+                put_str(&mut out, &spec.swarm);
+                put_str(&mut out, &spec.idempotency_key);
+                put_str(&mut out, spec.model.as_deref().unwrap_or_default());
+                put_str(&mut out, &spec.submitter);
+                out.put_u8(spec.priority);
+                out.put_u64(spec.deadline_ms);
+                out.put_u32(spec.max_attempts);
+                out.put_u64(spec.submitted_ms);
+                out.put_slice(&spec.payload);
+            }
+            JobRecord::Lease {
+                swarm,
+                job_id,
+                attempt,
+            } => {
+                out.put_u8(RECORD_VERSION);
+                out.put_u64(job_id.0);
+                put_str(&mut out, swarm);
+                out.put_u32(*attempt);
+            }
+            JobRecord::End(end) => {
+                out.reserve(64 + end.payload.len());
+                out.put_u8(RECORD_VERSION);
+                out.put_u64(end.job_id.0);
+                put_str(&mut out, &end.swarm);
+                put_str(&mut out, &end.idempotency_key);
+                let (tag, state) = match end.kind {
+                    EndKind::Ended(state) => (0u8, state),
+                    EndKind::Redriven => (1, JobState::Queued),
+                    EndKind::Acknowledged(state) => (2, state),
+                };
+                out.put_u8(tag);
+                out.put_u8(state.as_u8());
+                out.put_u32(end.attempt);
+                out.put_u32(end.budget_base);
+                out.put_u64(end.submitted_ms);
+                put_str(&mut out, &end.reason);
+                out.put_slice(&end.payload);
+            }
+        }
+        out.freeze()
+    }
+
+    /// Reads a record back from its key and payload (`None` for a malformed one).
+    pub fn parse(key: &str, payload: &Bytes) -> Option<JobRecord> {
+        let (kind, id) = key.split_at_checked(1)?;
+        let key_id = JobId(u64::from_str_radix(id, 16).ok()?);
+        if payload.is_empty() {
+            return (kind == "s").then(|| JobRecord::Forget {
+                swarm: String::new(),
+                job_id: key_id,
+            });
+        }
+        let mut input: &[u8] = payload;
+        if get_u8(&mut input)? != RECORD_VERSION {
+            return None;
+        }
+        let job_id = JobId(get_u64(&mut input)?);
+        if job_id != key_id {
+            return None;
+        }
+        let swarm = get_str(&mut input)?;
+        let body_at = |input: &[u8]| payload.len() - input.len();
+        match kind {
+            "s" => {
+                let idempotency_key = get_str(&mut input)?;
+                let model = Some(get_str(&mut input)?).filter(|m| !m.is_empty());
+                let submitter = get_str(&mut input)?;
+                let priority = get_u8(&mut input)?;
+                let deadline_ms = get_u64(&mut input)?;
+                let max_attempts = get_u32(&mut input)?;
+                let submitted_ms = get_u64(&mut input)?;
+                Some(JobRecord::Spec(JobSpec {
+                    job_id,
+                    swarm,
+                    idempotency_key,
+                    model,
+                    submitter,
+                    priority,
+                    deadline_ms,
+                    max_attempts,
+                    submitted_ms,
+                    payload: payload.slice(body_at(input)..),
+                }))
+            }
+            "l" => Some(JobRecord::Lease {
+                swarm,
+                job_id,
+                attempt: get_u32(&mut input)?,
+            }),
+            "j" => {
+                let idempotency_key = get_str(&mut input)?;
+                let tag = get_u8(&mut input)?;
+                let state = JobState::from_u8(get_u8(&mut input)?)?;
+                let kind = match tag {
+                    0 => EndKind::Ended(state),
+                    1 => EndKind::Redriven,
+                    2 => EndKind::Acknowledged(state),
+                    _ => return None,
+                };
+                let attempt = get_u32(&mut input)?;
+                let budget_base = get_u32(&mut input)?;
+                let submitted_ms = get_u64(&mut input)?;
+                let reason = get_str(&mut input)?;
+                Some(JobRecord::End(EndRecord {
+                    job_id,
+                    swarm,
+                    idempotency_key,
+                    kind,
+                    attempt,
+                    budget_base,
+                    submitted_ms,
+                    reason,
+                    payload: payload.slice(body_at(input)..),
+                }))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What the driver does after a call: push `frames` now; append `records` to the log
+/// without waiting; make `finals` durable, then call [`Jobs::finals_written`] with their
+/// job ids and push what it returns, then push `after_finals`.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub frames: Vec<(Arc<Outbox>, Lane, OutFrame)>,
+    pub records: Vec<JobRecord>,
+    pub finals: Vec<JobRecord>,
+    pub after_finals: Vec<(Arc<Outbox>, Lane, OutFrame)>,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+            && self.records.is_empty()
+            && self.finals.is_empty()
+            && self.after_finals.is_empty()
+    }
+
+    pub fn merge(&mut self, other: Effects) {
+        self.frames.extend(other.frames);
+        self.records.extend(other.records);
+        self.finals.extend(other.finals);
+        self.after_finals.extend(other.after_finals);
+    }
+}
+
+/// What became of a submit.
+#[derive(Debug)]
+pub enum Submitted {
+    /// A new job: write `record`, then call [`Jobs::submitted`].
+    New { job_id: JobId, record: JobRecord },
+    /// A duplicate whose answer is ready (push it on the session lane).
+    Answer(OutFrame),
+    /// A duplicate of a job not yet durable: answered by [`Jobs::submitted`].
+    Waiting,
+}
+
+/// Counters for tests and the loadgen.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    pub jobs: usize,
+    pub queued: usize,
+    pub running: usize,
+    pub dead_lettered: usize,
+    pub pending_results: usize,
+    pub fenced_results: u64,
+    pub leases: u64,
+}
+
+#[derive(Debug)]
+struct Lease {
+    worker: ConnId,
+    expires_ms: u64,
+}
+
+#[derive(Debug)]
+struct Job {
+    spec: Arc<JobSpec>,
+    state: JobState,
+    attempt: u32,
+    budget_base: u32,
+    lease: Option<Lease>,
+    /// When queued: not before this (backoff).
+    ready_at_ms: u64,
+    /// The spec is durable (the job may run and be reported).
+    durable: bool,
+    /// Submits answered once the spec is durable: (outbox, request id).
+    waiters: Vec<(Arc<Outbox>, u64)>,
+    /// The end's reason and result.
+    reason: String,
+    result: Bytes,
+    /// The end is durable: it may be told and is resent until acknowledged.
+    final_durable: bool,
+}
+
+#[derive(Debug, Default)]
+struct SwarmQueue {
+    weight: u32,
+    deficit: u64,
+    /// In the round-robin list.
+    active: bool,
+    ready: BTreeSet<(Reverse<u8>, JobId)>,
+    delayed: BTreeSet<(u64, JobId)>,
+    /// Jobs held (counted against `max_jobs_per_swarm`).
+    held: usize,
+    dead: BTreeSet<JobId>,
+    /// Idempotency key -> (job, submitted at, final state once the job was forgotten).
+    dedup: HashMap<String, (JobId, u64, Option<JobState>)>,
+}
+
+#[derive(Debug)]
+struct WorkerSlot {
+    outbox: Arc<Outbox>,
+    swarms: HashSet<String>,
+    credits: u32,
+    leases: HashSet<JobId>,
+    models: Vec<String>,
+}
+
+#[derive(Debug)]
+struct SessionEntry {
+    agent: Arc<str>,
+    outbox: Arc<Outbox>,
+}
+
+/// The job queue's state (see the module doc for the call order).
+#[derive(Debug)]
+pub struct Jobs {
+    config: JobsConfig,
+    jobs: HashMap<JobId, Job>,
+    swarms: HashMap<String, SwarmQueue>,
+    /// Swarms with ready jobs, in round-robin order.
+    round: VecDeque<String>,
+    workers: HashMap<ConnId, WorkerSlot>,
+    sessions: HashMap<ConnId, SessionEntry>,
+    /// Agent id -> its connected sessions.
+    online: HashMap<Arc<str>, Vec<ConnId>>,
+    /// Agent id -> ended jobs whose end it has not acknowledged.
+    pending: HashMap<Arc<str>, BTreeSet<JobId>>,
+    leases: BTreeSet<(u64, JobId, u32)>,
+    deadlines: BTreeSet<(u64, JobId)>,
+    /// Idempotency keys in submission order: (submitted at, swarm, key, job).
+    dedup_order: VecDeque<(u64, String, String, JobId)>,
+    next_job: u64,
+    rng: u64,
+    fenced_results: u64,
+    leases_made: u64,
+}
+
+impl Jobs {
+    /// Starts from the records read back from the log (in log order per internal swarm).
+    pub fn new(
+        config: JobsConfig,
+        records: impl IntoIterator<Item = JobRecord>,
+        now_ms: u64,
+        seed: u64,
+    ) -> Self {
+        let mut jobs = Jobs {
+            config,
+            jobs: HashMap::new(),
+            swarms: HashMap::new(),
+            round: VecDeque::new(),
+            workers: HashMap::new(),
+            sessions: HashMap::new(),
+            online: HashMap::new(),
+            pending: HashMap::new(),
+            leases: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
+            dedup_order: VecDeque::new(),
+            next_job: 1,
+            rng: seed,
+            fenced_results: 0,
+            leases_made: 0,
+        };
+        jobs.restore(records, now_ms);
+        jobs
+    }
+
+    fn restore(&mut self, records: impl IntoIterator<Item = JobRecord>, now_ms: u64) {
+        struct Found {
+            spec: Option<JobSpec>,
+            attempt: u32,
+            end: Option<EndRecord>,
+        }
+        let mut found: HashMap<JobId, Found> = HashMap::new();
+        for record in records {
+            let id = record.job_id();
+            self.next_job = self.next_job.max(id.0 + 1);
+            let entry = found.entry(id).or_insert(Found {
+                spec: None,
+                attempt: 0,
+                end: None,
+            });
+            match record {
+                JobRecord::Spec(spec) => entry.spec = Some(spec),
+                JobRecord::Forget { .. } => entry.spec = None,
+                JobRecord::Lease { attempt, .. } => entry.attempt = entry.attempt.max(attempt),
+                JobRecord::End(end) => {
+                    entry.attempt = entry.attempt.max(end.attempt);
+                    entry.end = Some(end);
+                }
+            }
+        }
+        let mut ids: Vec<JobId> = found.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let Some(f) = found.remove(&id) else { continue };
+            if let Some(EndRecord {
+                kind: EndKind::Acknowledged(state),
+                swarm,
+                idempotency_key,
+                submitted_ms,
+                ..
+            }) = &f.end
+            {
+                self.remember_key(swarm, idempotency_key, id, *submitted_ms, Some(*state));
+                continue;
+            }
+            let Some(spec) = f.spec else { continue };
+            let swarm = spec.swarm.clone();
+            self.remember_key(&swarm, &spec.idempotency_key, id, spec.submitted_ms, None);
+            let mut job = Job {
+                spec: Arc::new(spec),
+                state: JobState::Queued,
+                attempt: f.attempt,
+                budget_base: 0,
+                lease: None,
+                ready_at_ms: now_ms,
+                durable: true,
+                waiters: Vec::new(),
+                reason: String::new(),
+                result: Bytes::new(),
+                final_durable: false,
+            };
+            let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
+            match f.end {
+                Some(end) if matches!(end.kind, EndKind::Ended(_)) => {
+                    let EndKind::Ended(state) = end.kind else {
+                        continue;
+                    };
+                    job.state = state;
+                    job.budget_base = end.budget_base;
+                    job.reason = end.reason;
+                    job.result = end.payload;
+                    job.final_durable = true;
+                    let queue = self.queue(&swarm);
+                    queue.held += 1;
+                    if state == JobState::DeadLettered {
+                        queue.dead.insert(id);
+                    }
+                    self.pending.entry(submitter).or_default().insert(id);
+                    self.jobs.insert(id, job);
+                }
+                other => {
+                    if let Some(end) = other {
+                        job.budget_base = end.budget_base;
+                    }
+                    self.queue(&swarm).held += 1;
+                    if job.spec.deadline_ms > 0 {
+                        self.deadlines.insert((job.spec.deadline_ms, id));
+                    }
+                    self.jobs.insert(id, job);
+                    self.make_ready(id, now_ms);
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, swarm: &str) -> &mut SwarmQueue {
+        if !self.swarms.contains_key(swarm) {
+            let weight = self.config.weight(swarm);
+            self.swarms.insert(
+                swarm.to_owned(),
+                SwarmQueue {
+                    weight,
+                    ..SwarmQueue::default()
+                },
+            );
+        }
+        self.swarms
+            .get_mut(swarm)
+            .expect("inserted just above when missing")
+    }
+
+    fn remember_key(
+        &mut self,
+        swarm: &str,
+        key: &str,
+        job: JobId,
+        submitted_ms: u64,
+        ended: Option<JobState>,
+    ) {
+        self.queue(swarm)
+            .dedup
+            .insert(key.to_owned(), (job, submitted_ms, ended));
+        self.dedup_order
+            .push_back((submitted_ms, swarm.to_owned(), key.to_owned(), job));
+    }
+
+    /// Forgets idempotency keys past the window, or past the cap (oldest first).
+    fn prune_keys(&mut self, now_ms: u64) {
+        while let Some((at, _, _, _)) = self.dedup_order.front() {
+            let expired = now_ms.saturating_sub(*at) >= self.config.dedup_window_ms;
+            if !expired && self.dedup_order.len() <= self.config.max_dedup_keys {
+                break;
+            }
+            let Some((_, swarm, key, job)) = self.dedup_order.pop_front() else {
+                break;
+            };
+            if let Some(queue) = self.swarms.get_mut(&swarm) {
+                if queue.dedup.get(&key).is_some_and(|entry| entry.0 == job) {
+                    queue.dedup.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        // splitmix64, as the client's Backoff.
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The wait before retry number `failures` (1 = after the first lost attempt): uniform
+    /// in [0, min(cap, base x 2^(failures-1))] (full jitter).
+    fn backoff_ms(&mut self, failures: u32) -> u64 {
+        let exponent = failures.saturating_sub(1).min(31);
+        let bound = self
+            .config
+            .backoff_base_ms
+            .saturating_mul(1u64 << exponent)
+            .min(self.config.backoff_cap_ms);
+        if bound == 0 {
+            0
+        } else {
+            self.random() % (bound + 1)
+        }
+    }
+
+    pub fn counts(&self) -> JobCounts {
+        let mut counts = JobCounts {
+            jobs: self.jobs.len(),
+            fenced_results: self.fenced_results,
+            leases: self.leases_made,
+            pending_results: self.pending.values().map(BTreeSet::len).sum(),
+            ..JobCounts::default()
+        };
+        for job in self.jobs.values() {
+            match job.state {
+                JobState::Queued => counts.queued += 1,
+                JobState::Running => counts.running += 1,
+                JobState::DeadLettered => counts.dead_lettered += 1,
+                _ => {}
+            }
+        }
+        counts
+    }
+
+    /// A session was established. Workers (role worker) may run jobs of `swarms`; every
+    /// session gets the ends of its agent's jobs that it has not acknowledged.
+    pub fn connect(
+        &mut self,
+        conn: ConnId,
+        agent: &str,
+        outbox: &Arc<Outbox>,
+        worker_swarms: Option<&[String]>,
+    ) -> Effects {
+        let agent: Arc<str> = Arc::from(agent);
+        self.sessions.insert(
+            conn,
+            SessionEntry {
+                agent: agent.clone(),
+                outbox: outbox.clone(),
+            },
+        );
+        self.online.entry(agent.clone()).or_default().push(conn);
+        if let Some(swarms) = worker_swarms {
+            self.workers.insert(
+                conn,
+                WorkerSlot {
+                    outbox: outbox.clone(),
+                    swarms: swarms.iter().cloned().collect(),
+                    credits: 0,
+                    leases: HashSet::new(),
+                    models: Vec::new(),
+                },
+            );
+        }
+        let mut fx = Effects::default();
+        let ids: Vec<JobId> = self
+            .pending
+            .get(&agent)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            if let Some(job) = self.jobs.get(&id) {
+                fx.frames.push((outbox.clone(), Lane::Jobs, end_frame(job)));
+            }
+        }
+        fx
+    }
+
+    /// The models a worker's node has loaded (from its WorkerStatus).
+    pub fn worker_models(&mut self, conn: ConnId, models: &[String]) {
+        if let Some(worker) = self.workers.get_mut(&conn) {
+            worker.models = models.to_vec();
+        }
+    }
+
+    /// A worker says how many jobs it can run at once.
+    pub fn credits(&mut self, conn: ConnId, credits: u32, now_ms: u64) -> Effects {
+        let mut fx = Effects::default();
+        if let Some(worker) = self.workers.get_mut(&conn) {
+            worker.credits = credits;
+            self.dispatch(now_ms, &mut fx);
+        }
+        fx
+    }
+
+    /// A submit (the driver checked the session joined the swarm and the sizes).
+    pub fn submit(
+        &mut self,
+        agent: &str,
+        outbox: &Arc<Outbox>,
+        submit: SubmitJob,
+        now_ms: u64,
+    ) -> Result<Submitted, Refusal> {
+        self.prune_keys(now_ms);
+        let existing = self
+            .swarms
+            .get(&submit.swarm)
+            .and_then(|q| q.dedup.get(&submit.idempotency_key))
+            .copied();
+        if let Some((job_id, _, ended)) = existing {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                if !job.durable {
+                    job.waiters.push((outbox.clone(), submit.request_id));
+                    return Ok(Submitted::Waiting);
+                }
+                return Ok(Submitted::Answer(status_frame(
+                    submit.request_id,
+                    job_id,
+                    job.state,
+                    job.attempt,
+                    true,
+                )));
+            }
+            let state = ended.unwrap_or(JobState::Completed);
+            return Ok(Submitted::Answer(status_frame(
+                submit.request_id,
+                job_id,
+                state,
+                0,
+                true,
+            )));
+        }
+        let max_jobs = self.config.max_jobs_per_swarm;
+        let retry_after_ms = self.config.busy_retry_after_ms;
+        let queue = self.queue(&submit.swarm);
+        if queue.held >= max_jobs {
+            return Err(Refusal {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "swarm {:?} holds {} jobs (jobs.max_jobs_per_swarm)",
+                    submit.swarm, queue.held
+                ),
+                retry_after_ms,
+            });
+        }
+        queue.held += 1;
+        let max_attempts = match submit.max_attempts {
+            0 => self.config.max_attempts,
+            asked => asked.min(self.config.max_attempts_limit),
+        };
+        let job_id = JobId(self.next_job);
+        self.next_job += 1;
+        let spec = JobSpec {
+            job_id,
+            swarm: submit.swarm,
+            idempotency_key: submit.idempotency_key,
+            model: submit.model,
+            submitter: agent.to_owned(),
+            priority: submit.priority,
+            deadline_ms: if submit.deadline_ms == 0 {
+                0
+            } else {
+                now_ms.saturating_add(submit.deadline_ms)
+            },
+            max_attempts,
+            submitted_ms: now_ms,
+            payload: submit.payload,
+        };
+        self.remember_key(&spec.swarm, &spec.idempotency_key, job_id, now_ms, None);
+        let record = JobRecord::Spec(spec.clone());
+        self.jobs.insert(
+            job_id,
+            Job {
+                spec: Arc::new(spec),
+                state: JobState::Queued,
+                attempt: 0,
+                budget_base: 0,
+                lease: None,
+                ready_at_ms: now_ms,
+                durable: false,
+                waiters: vec![(outbox.clone(), submit.request_id)],
+                reason: String::new(),
+                result: Bytes::new(),
+                final_durable: false,
+            },
+        );
+        Ok(Submitted::New { job_id, record })
+    }
+
+    /// The spec of `job_id` was written (`Ok`) or could not be (`Err(why)`): answers the
+    /// submits waiting for it and, when durable, queues the job.
+    pub fn submitted(
+        &mut self,
+        job_id: JobId,
+        written: Result<(), String>,
+        now_ms: u64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return fx;
+        };
+        let waiters = std::mem::take(&mut job.waiters);
+        match written {
+            Ok(()) => {
+                job.durable = true;
+                for (index, (outbox, request_id)) in waiters.into_iter().enumerate() {
+                    let frame = status_frame(request_id, job_id, JobState::Queued, 0, index > 0);
+                    fx.frames.push((outbox, Lane::Session, frame));
+                }
+                if job.spec.deadline_ms > 0 {
+                    self.deadlines.insert((job.spec.deadline_ms, job_id));
+                }
+                self.make_ready(job_id, now_ms);
+                self.dispatch(now_ms, &mut fx);
+            }
+            Err(why) => {
+                let spec = job.spec.clone();
+                self.jobs.remove(&job_id);
+                let queue = self.queue(&spec.swarm);
+                queue.held = queue.held.saturating_sub(1);
+                if queue
+                    .dedup
+                    .get(&spec.idempotency_key)
+                    .is_some_and(|e| e.0 == job_id)
+                {
+                    queue.dedup.remove(&spec.idempotency_key);
+                }
+                for (outbox, request_id) in waiters {
+                    let refusal = Refusal {
+                        code: ErrorCode::SwarmUnavailable,
+                        message: format!("the job could not be written to the log: {why}"),
+                        retry_after_ms: 1_000,
+                    };
+                    fx.frames
+                        .push((outbox, Lane::Session, refusal.frame(request_id)));
+                }
+            }
+        }
+        fx
+    }
+
+    /// Puts a queued job in its swarm's ready queue (or the delayed set while backing off).
+    fn make_ready(&mut self, job_id: JobId, now_ms: u64) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let (swarm, priority, ready_at) =
+            (job.spec.swarm.clone(), job.spec.priority, job.ready_at_ms);
+        let delayed = ready_at > now_ms;
+        let queue = self.queue(&swarm);
+        if delayed {
+            queue.delayed.insert((ready_at, job_id));
+        } else {
+            queue.ready.insert((Reverse(priority), job_id));
+        }
+        if !queue.active && !queue.ready.is_empty() {
+            queue.active = true;
+            self.round.push_back(swarm);
+        }
+    }
+
+    fn remove_from_queue(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let (swarm, priority, ready_at) =
+            (job.spec.swarm.clone(), job.spec.priority, job.ready_at_ms);
+        if let Some(queue) = self.swarms.get_mut(&swarm) {
+            queue.ready.remove(&(Reverse(priority), job_id));
+            queue.delayed.remove(&(ready_at, job_id));
+        }
+        self.deadlines.remove(&(job.spec.deadline_ms, job_id));
+    }
+
+    /// Moves jobs whose backoff ended to their ready queues.
+    fn promote(&mut self, now_ms: u64) {
+        let mut due = Vec::new();
+        for queue in self.swarms.values_mut() {
+            while let Some(&(at, id)) = queue.delayed.first() {
+                if at > now_ms {
+                    break;
+                }
+                queue.delayed.pop_first();
+                due.push(id);
+            }
+        }
+        for id in due {
+            if let Some(job) = self.jobs.get(&id) {
+                let (swarm, priority) = (job.spec.swarm.clone(), job.spec.priority);
+                let queue = self.queue(&swarm);
+                queue.ready.insert((Reverse(priority), id));
+                if !queue.active {
+                    queue.active = true;
+                    self.round.push_back(swarm);
+                }
+            }
+        }
+    }
+
+    /// The worker for a job of `swarm` needing `model`: a worker of the swarm with a free
+    /// credit, with the model loaded when one is, least loaded first (ties: lowest conn).
+    fn pick_worker(&self, swarm: &str, model: Option<&str>) -> Option<ConnId> {
+        let mut best: Option<(bool, u64, ConnId)> = None;
+        for (conn, worker) in &self.workers {
+            let held = worker.leases.len() as u32;
+            if held >= worker.credits || !worker.swarms.contains(swarm) {
+                continue;
+            }
+            let cold = model.is_some_and(|m| !worker.models.iter().any(|have| have == m));
+            // Load as leases per credit, scaled to stay in integers.
+            let load = (u64::from(held) << 20) / u64::from(worker.credits);
+            let key = (cold, load, *conn);
+            if best.is_none_or(|b| key < b) {
+                best = Some(key);
+            }
+        }
+        best.map(|(_, _, conn)| conn)
+    }
+
+    /// Leases ready jobs to workers: deficit round robin over the swarms by weight, by
+    /// priority within a swarm.
+    fn dispatch(&mut self, now_ms: u64, fx: &mut Effects) {
+        self.promote(now_ms);
+        let mut budget = DISPATCH_BUDGET;
+        let mut stalled = 0;
+        while budget > 0 && stalled < self.round.len() {
+            let Some(swarm) = self.round.pop_front() else {
+                break;
+            };
+            let Some(queue) = self.swarms.get_mut(&swarm) else {
+                continue;
+            };
+            let weight = u64::from(queue.weight);
+            queue.deficit = (queue.deficit + weight).min(weight);
+            let mut leased = 0;
+            while let Some(queue) = self.swarms.get_mut(&swarm) {
+                if queue.deficit == 0 || budget == 0 {
+                    break;
+                }
+                let Some(&(_, job_id)) = queue.ready.first() else {
+                    break;
+                };
+                let Some(job) = self.jobs.get(&job_id) else {
+                    queue.ready.pop_first();
+                    continue;
+                };
+                if job.spec.deadline_ms > 0 && job.spec.deadline_ms <= now_ms {
+                    queue.ready.pop_first();
+                    self.dead_letter(job_id, "its deadline passed before it started", fx);
+                    continue;
+                }
+                let model = job.spec.model.clone();
+                let Some(conn) = self.pick_worker(&swarm, model.as_deref()) else {
+                    break;
+                };
+                if let Some(queue) = self.swarms.get_mut(&swarm) {
+                    queue.ready.pop_first();
+                    queue.deficit -= 1;
+                }
+                self.lease(job_id, conn, now_ms, fx);
+                leased += 1;
+                budget -= 1;
+            }
+            let Some(queue) = self.swarms.get_mut(&swarm) else {
+                continue;
+            };
+            if queue.ready.is_empty() {
+                queue.active = false;
+                queue.deficit = 0;
+            } else {
+                self.round.push_back(swarm);
+            }
+            stalled = if leased == 0 { stalled + 1 } else { 0 };
+        }
+    }
+
+    fn lease(&mut self, job_id: JobId, conn: ConnId, now_ms: u64, fx: &mut Effects) {
+        let lease_ms = self.config.visibility_timeout_ms;
+        let (Some(job), Some(worker)) = (self.jobs.get_mut(&job_id), self.workers.get_mut(&conn))
+        else {
+            return;
+        };
+        job.attempt += 1;
+        job.state = JobState::Running;
+        let expires_ms = now_ms + u64::from(lease_ms);
+        job.lease = Some(Lease {
+            worker: conn,
+            expires_ms,
+        });
+        worker.leases.insert(job_id);
+        self.leases.insert((expires_ms, job_id, job.attempt));
+        self.deadlines.remove(&(job.spec.deadline_ms, job_id));
+        self.leases_made += 1;
+        let frame = encode(&Message::JobLease(JobLease {
+            job_id,
+            attempt: job.attempt,
+            swarm: job.spec.swarm.clone(),
+            model: job.spec.model.clone(),
+            submitter: job.spec.submitter.clone(),
+            priority: job.spec.priority,
+            lease_ms,
+            payload: job.spec.payload.clone(),
+        }));
+        fx.frames.push((worker.outbox.clone(), Lane::Jobs, frame));
+        fx.records.push(JobRecord::Lease {
+            swarm: job.spec.swarm.clone(),
+            job_id,
+            attempt: job.attempt,
+        });
+    }
+
+    /// Ends the current lease of a job (if any), freeing its worker's credit. Returns the
+    /// worker's outbox.
+    fn end_lease(&mut self, job_id: JobId) -> Option<Arc<Outbox>> {
+        let job = self.jobs.get_mut(&job_id)?;
+        let lease = job.lease.take()?;
+        self.leases.remove(&(lease.expires_ms, job_id, job.attempt));
+        let worker = self.workers.get_mut(&lease.worker)?;
+        worker.leases.remove(&job_id);
+        Some(worker.outbox.clone())
+    }
+
+    /// An attempt was lost (lease expired, worker gone, worker asked for a retry): the job
+    /// is queued again after a backoff, or dead-lettered after its last attempt.
+    fn lose_attempt(&mut self, job_id: JobId, why: &str, now_ms: u64, fx: &mut Effects) {
+        self.end_lease(job_id);
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        let used = job.attempt.saturating_sub(job.budget_base);
+        if used >= job.spec.max_attempts {
+            let reason = format!("{why}; {used} attempts used");
+            self.dead_letter(job_id, &reason, fx);
+            return;
+        }
+        let wait = self.backoff_ms(used);
+        if let Some(job) = self.jobs.get_mut(&job_id) {
+            job.state = JobState::Queued;
+            job.ready_at_ms = now_ms + wait;
+            if job.spec.deadline_ms > 0 {
+                self.deadlines.insert((job.spec.deadline_ms, job_id));
+            }
+        }
+        self.make_ready(job_id, now_ms);
+    }
+
+    /// Ends a job in a final state; the end is written before anyone is told.
+    fn finish(&mut self, job_id: JobId, state: JobState, reason: &str, result: Bytes) -> bool {
+        self.remove_from_queue(job_id);
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return false;
+        };
+        job.state = state;
+        job.reason = reason.to_owned();
+        job.result = result;
+        job.final_durable = false;
+        true
+    }
+
+    fn end_record(job: &Job, kind: EndKind) -> JobRecord {
+        JobRecord::End(EndRecord {
+            job_id: job.spec.job_id,
+            swarm: job.spec.swarm.clone(),
+            idempotency_key: job.spec.idempotency_key.clone(),
+            kind,
+            attempt: job.attempt,
+            budget_base: job.budget_base,
+            submitted_ms: job.spec.submitted_ms,
+            reason: job.reason.clone(),
+            payload: job.result.clone(),
+        })
+    }
+
+    fn dead_letter(&mut self, job_id: JobId, reason: &str, fx: &mut Effects) {
+        if !self.finish(job_id, JobState::DeadLettered, reason, Bytes::new()) {
+            return;
+        }
+        let Some(job) = self.jobs.get(&job_id) else {
+            return;
+        };
+        fx.finals.push(Self::end_record(
+            job,
+            EndKind::Ended(JobState::DeadLettered),
+        ));
+        let swarm = job.spec.swarm.clone();
+        self.queue(&swarm).dead.insert(job_id);
+    }
+
+    /// The ends in `job_ids` are durable: their submitters are told (and told again on
+    /// every reconnect until they acknowledge).
+    pub fn finals_written(&mut self, job_ids: &[JobId]) -> Effects {
+        let mut fx = Effects::default();
+        for id in job_ids {
+            let Some(job) = self.jobs.get_mut(id) else {
+                continue;
+            };
+            if !job.state.is_final() {
+                continue; // re-driven meanwhile
+            }
+            job.final_durable = true;
+            let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
+            let frame = end_frame(job);
+            for conn in self.online.get(&submitter).into_iter().flatten() {
+                if let Some(session) = self.sessions.get(conn) {
+                    fx.frames
+                        .push((session.outbox.clone(), Lane::Jobs, frame.clone()));
+                }
+            }
+            self.pending.entry(submitter).or_default().insert(*id);
+        }
+        fx
+    }
+
+    /// Checks that `conn` holds the current lease of attempt `attempt` of `job_id`.
+    fn holds_lease(&self, conn: ConnId, job_id: JobId, attempt: u32) -> bool {
+        self.jobs.get(&job_id).is_some_and(|job| {
+            job.attempt == attempt
+                && job.state == JobState::Running
+                && job.lease.as_ref().is_some_and(|l| l.worker == conn)
+        })
+    }
+
+    /// A worker's heartbeat (with progress when the payload is not empty). A heartbeat for
+    /// a fenced attempt is answered with a JobCancel: the worker should stop.
+    pub fn progress(&mut self, conn: ConnId, progress: JobProgress, now_ms: u64) -> Effects {
+        let mut fx = Effects::default();
+        let JobProgress {
+            job_id,
+            attempt,
+            payload,
+        } = progress;
+        if !self.holds_lease(conn, job_id, attempt) {
+            if let Some(worker) = self.workers.get(&conn) {
+                fx.frames.push((
+                    worker.outbox.clone(),
+                    Lane::Jobs,
+                    cancel_frame(job_id, attempt),
+                ));
+            }
+            return fx;
+        }
+        let expires_ms = now_ms + u64::from(self.config.visibility_timeout_ms);
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return fx;
+        };
+        if let Some(lease) = job.lease.as_mut() {
+            self.leases.remove(&(lease.expires_ms, job_id, attempt));
+            lease.expires_ms = expires_ms;
+            self.leases.insert((expires_ms, job_id, attempt));
+        }
+        if !payload.is_empty() {
+            let frame = encode(&Message::JobUpdate(JobUpdate {
+                job_id,
+                swarm: job.spec.swarm.clone(),
+                idempotency_key: job.spec.idempotency_key.clone(),
+                state: JobState::Running,
+                attempt,
+                reason: String::new(),
+                payload,
+            }));
+            let submitter = job.spec.submitter.as_str();
+            for conn in self.online.get(submitter).into_iter().flatten() {
+                if let Some(session) = self.sessions.get(conn) {
+                    fx.frames
+                        .push((session.outbox.clone(), Lane::Jobs, frame.clone()));
+                }
+            }
+        }
+        fx
+    }
+
+    /// A worker's result. Refused with LeaseFenced when the attempt is not the job's
+    /// current lease held by this worker. The worker's answer is in `after_finals` (or
+    /// `frames` when nothing needs writing).
+    pub fn result(
+        &mut self,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        result: JobResult,
+        now_ms: u64,
+    ) -> Result<Effects, Refusal> {
+        let job_id = result.job_id;
+        if !self.jobs.contains_key(&job_id) {
+            self.fenced_results += 1;
+            return Err(Refusal {
+                code: ErrorCode::UnknownJob,
+                message: format!("job {} is not known (finished long ago?)", job_id.0),
+                retry_after_ms: 0,
+            });
+        }
+        if !self.holds_lease(conn, job_id, result.attempt) {
+            self.fenced_results += 1;
+            let current = self.jobs.get(&job_id).map_or(0, |j| j.attempt);
+            return Err(Refusal {
+                code: ErrorCode::LeaseFenced,
+                message: format!(
+                    "attempt {} of job {} was fenced (the job is at attempt {current}); its \
+                     result is rejected",
+                    result.attempt, job_id.0
+                ),
+                retry_after_ms: 0,
+            });
+        }
+        let mut fx = Effects::default();
+        if !result.ok && result.retry {
+            self.lose_attempt(job_id, "the worker asked for a retry", now_ms, &mut fx);
+        } else {
+            self.end_lease(job_id);
+            let state = if result.ok {
+                JobState::Completed
+            } else {
+                JobState::Failed
+            };
+            let reason = if result.ok {
+                ""
+            } else {
+                "the worker reported a failure"
+            };
+            self.finish(job_id, state, reason, result.payload);
+            if let Some(job) = self.jobs.get(&job_id) {
+                fx.finals.push(Self::end_record(job, EndKind::Ended(state)));
+            }
+        }
+        let (state, attempt) = self
+            .jobs
+            .get(&job_id)
+            .map_or((JobState::Completed, result.attempt), |j| {
+                (j.state, j.attempt)
+            });
+        let answer = status_frame(result.request_id, job_id, state, attempt, false);
+        if fx.finals.is_empty() {
+            fx.frames.push((outbox.clone(), Lane::Session, answer));
+        } else {
+            fx.after_finals
+                .push((outbox.clone(), Lane::Session, answer));
+        }
+        self.dispatch(now_ms, &mut fx);
+        Ok(fx)
+    }
+
+    /// Cancels a job for its submitter or a controller: a running attempt's worker is told
+    /// (JobCancel) and the job ends `cancelled`.
+    pub fn cancel(
+        &mut self,
+        agent: &str,
+        is_controller: bool,
+        outbox: &Arc<Outbox>,
+        request_id: u64,
+        job_id: JobId,
+        now_ms: u64,
+    ) -> Result<Effects, Refusal> {
+        let Some(job) = self.jobs.get(&job_id) else {
+            return Err(unknown_job(job_id));
+        };
+        if !is_controller && job.spec.submitter != agent {
+            return Err(Refusal {
+                code: ErrorCode::Forbidden,
+                message: "only the job's submitter or a controller may cancel it".into(),
+                retry_after_ms: 0,
+            });
+        }
+        let mut fx = Effects::default();
+        if job.state == JobState::Cancelled {
+            fx.frames.push((
+                outbox.clone(),
+                Lane::Session,
+                status_frame(request_id, job_id, job.state, job.attempt, false),
+            ));
+            return Ok(fx);
+        }
+        if job.state.is_final() {
+            return Err(Refusal {
+                code: ErrorCode::JobFinished,
+                message: format!("job {} already ended {}", job_id.0, job.state.name()),
+                retry_after_ms: 0,
+            });
+        }
+        let attempt = job.attempt;
+        if let Some(worker) = self.end_lease(job_id) {
+            fx.frames
+                .push((worker, Lane::Jobs, cancel_frame(job_id, attempt)));
+        }
+        self.finish(job_id, JobState::Cancelled, "cancelled", Bytes::new());
+        if let Some(job) = self.jobs.get(&job_id) {
+            fx.finals
+                .push(Self::end_record(job, EndKind::Ended(JobState::Cancelled)));
+        }
+        fx.after_finals.push((
+            outbox.clone(),
+            Lane::Session,
+            status_frame(request_id, job_id, JobState::Cancelled, attempt, false),
+        ));
+        self.dispatch(now_ms, &mut fx);
+        Ok(fx)
+    }
+
+    /// The submitter handled a job's end. A completed, failed or cancelled job is then
+    /// forgotten (its idempotency key stays for the dedup window); a dead letter stays in
+    /// its queue until re-driven.
+    pub fn ack(&mut self, agent: &str, job_id: JobId) -> Effects {
+        let mut fx = Effects::default();
+        let Some(job) = self.jobs.get(&job_id) else {
+            return fx;
+        };
+        if job.spec.submitter != agent || !job.state.is_final() || !job.final_durable {
+            return fx;
+        }
+        if let Some(pending) = self.pending.get_mut(agent) {
+            pending.remove(&job_id);
+            if pending.is_empty() {
+                self.pending.remove(agent);
+            }
+        }
+        if job.state == JobState::DeadLettered {
+            return fx;
+        }
+        let state = job.state;
+        fx.records
+            .push(Self::end_record(job, EndKind::Acknowledged(state)));
+        let swarm = job.spec.swarm.clone();
+        let key = job.spec.idempotency_key.clone();
+        fx.records.push(JobRecord::Forget {
+            swarm: swarm.clone(),
+            job_id,
+        });
+        self.jobs.remove(&job_id);
+        let queue = self.queue(&swarm);
+        queue.held = queue.held.saturating_sub(1);
+        if let Some(entry) = queue.dedup.get_mut(&key) {
+            if entry.0 == job_id {
+                entry.2 = Some(state);
+            }
+        }
+        fx
+    }
+
+    /// A page of the swarm's dead letters after `after`.
+    pub fn dead_letters(&self, swarm: &str, after: JobId, limit: u32) -> DeadLetters {
+        let limit = limit.clamp(1, MAX_DEAD_LETTERS_PAGE) as usize;
+        let mut out = DeadLetters::default();
+        let Some(queue) = self.swarms.get(swarm) else {
+            return out;
+        };
+        let mut ids = queue
+            .dead
+            .range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded));
+        for id in ids.by_ref().take(limit) {
+            if let Some(job) = self.jobs.get(id) {
+                out.jobs.push(DeadLetter {
+                    job_id: *id,
+                    attempts: job.attempt.saturating_sub(job.budget_base),
+                    idempotency_key: job.spec.idempotency_key.clone(),
+                    reason: job.reason.clone(),
+                });
+            }
+        }
+        out.more = ids.next().is_some();
+        out
+    }
+
+    /// Queues a dead-lettered job again with a fresh attempt budget.
+    pub fn redrive(
+        &mut self,
+        swarm: &str,
+        outbox: &Arc<Outbox>,
+        request_id: u64,
+        job_id: JobId,
+        now_ms: u64,
+    ) -> Result<Effects, Refusal> {
+        let Some(job) = self.jobs.get_mut(&job_id).filter(|j| j.spec.swarm == swarm) else {
+            return Err(unknown_job(job_id));
+        };
+        if job.state != JobState::DeadLettered {
+            return Err(Refusal {
+                code: ErrorCode::JobFinished,
+                message: format!(
+                    "job {} is {}, not dead-lettered",
+                    job_id.0,
+                    job.state.name()
+                ),
+                retry_after_ms: 0,
+            });
+        }
+        if !job.final_durable {
+            return Err(Refusal {
+                code: ErrorCode::Busy,
+                message: "the job's dead-lettering is still being written".into(),
+                retry_after_ms: 10,
+            });
+        }
+        job.state = JobState::Queued;
+        job.budget_base = job.attempt;
+        job.reason.clear();
+        job.ready_at_ms = now_ms;
+        job.final_durable = false;
+        let attempt = job.attempt;
+        let submitter = job.spec.submitter.clone();
+        let deadline = job.spec.deadline_ms;
+        let mut fx = Effects::default();
+        fx.finals.push(Self::end_record(job, EndKind::Redriven));
+        self.queue(swarm).dead.remove(&job_id);
+        if let Some(pending) = self.pending.get_mut(submitter.as_str()) {
+            pending.remove(&job_id);
+        }
+        if deadline > 0 {
+            // A re-driven job is not held to the deadline it already missed.
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                let mut spec = (*job.spec).clone();
+                spec.deadline_ms = 0;
+                job.spec = Arc::new(spec);
+            }
+        }
+        fx.after_finals.push((
+            outbox.clone(),
+            Lane::Session,
+            status_frame(request_id, job_id, JobState::Queued, attempt, false),
+        ));
+        self.make_ready(job_id, now_ms);
+        self.dispatch(now_ms, &mut fx);
+        Ok(fx)
+    }
+
+    /// Expires leases (the attempt is fenced, its worker told, the job retried or
+    /// dead-lettered), dead-letters queued jobs past their deadline, and dispatches.
+    pub fn tick(&mut self, now_ms: u64) -> Effects {
+        let mut fx = Effects::default();
+        while let Some(&(expires, job_id, attempt)) = self.leases.first() {
+            if expires > now_ms {
+                break;
+            }
+            let worker = self
+                .jobs
+                .get(&job_id)
+                .filter(|j| j.attempt == attempt)
+                .and_then(|j| j.lease.as_ref())
+                .filter(|l| l.expires_ms == expires)
+                .map(|l| l.worker);
+            let Some(worker) = worker else {
+                // Not the job's current lease (cannot happen while every lease change
+                // updates this set; dropped rather than looping).
+                self.leases.pop_first();
+                continue;
+            };
+            if let Some(worker) = self.workers.get(&worker) {
+                fx.frames.push((
+                    worker.outbox.clone(),
+                    Lane::Jobs,
+                    cancel_frame(job_id, attempt),
+                ));
+            }
+            // Removes the entry (end_lease).
+            self.lose_attempt(
+                job_id,
+                "the lease expired without a heartbeat",
+                now_ms,
+                &mut fx,
+            );
+        }
+        while let Some(&(deadline, job_id)) = self.deadlines.first() {
+            if deadline > now_ms {
+                break;
+            }
+            self.deadlines.pop_first();
+            let queued = self
+                .jobs
+                .get(&job_id)
+                .is_some_and(|j| j.state == JobState::Queued && j.durable);
+            if queued {
+                self.dead_letter(job_id, "its deadline passed before it started", &mut fx);
+            }
+        }
+        self.dispatch(now_ms, &mut fx);
+        fx
+    }
+
+    /// A connection ended: a worker's attempts are fenced and their jobs retried (or
+    /// dead-lettered); the session stops receiving job ends.
+    pub fn disconnect(&mut self, conn: ConnId, now_ms: u64) -> Effects {
+        let mut fx = Effects::default();
+        if let Some(session) = self.sessions.remove(&conn) {
+            if let Some(conns) = self.online.get_mut(&session.agent) {
+                conns.retain(|c| *c != conn);
+                if conns.is_empty() {
+                    self.online.remove(&session.agent);
+                }
+            }
+        }
+        let Some(worker) = self.workers.get(&conn) else {
+            return fx;
+        };
+        let mut leased: Vec<JobId> = worker.leases.iter().copied().collect();
+        leased.sort();
+        for job_id in leased {
+            self.lose_attempt(job_id, "its worker disconnected", now_ms, &mut fx);
+        }
+        self.workers.remove(&conn);
+        self.dispatch(now_ms, &mut fx);
+        fx
+    }
+}
+
+fn unknown_job(job_id: JobId) -> Refusal {
+    Refusal {
+        code: ErrorCode::UnknownJob,
+        message: format!("no job {} in this swarm", job_id.0),
+        retry_after_ms: 0,
+    }
+}
+
+fn status_frame(
+    request_id: u64,
+    job_id: JobId,
+    state: JobState,
+    attempt: u32,
+    duplicate: bool,
+) -> OutFrame {
+    encode(&Message::JobStatus(JobStatus {
+        request_id,
+        job_id,
+        state,
+        attempt,
+        duplicate,
+    }))
+}
+
+fn cancel_frame(job_id: JobId, attempt: u32) -> OutFrame {
+    encode(&Message::JobCancel {
+        request_id: 0,
+        job_id,
+        attempt,
+    })
+}
+
+fn end_frame(job: &Job) -> OutFrame {
+    encode(&Message::JobUpdate(JobUpdate {
+        job_id: job.spec.job_id,
+        swarm: job.spec.swarm.clone(),
+        idempotency_key: job.spec.idempotency_key.clone(),
+        state: job.state,
+        attempt: job.attempt,
+        reason: job.reason.clone(),
+        payload: job.result.clone(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::QueueConfig;
+    use crate::stats::Stats;
+    use swarmbus_schema::{decode, DecodeOptions, FrameDecoder};
+
+    fn outbox(conn: u64) -> Arc<Outbox> {
+        Arc::new(Outbox::new(
+            ConnId(conn),
+            &QueueConfig::default(),
+            Arc::new(Stats::default()),
+        ))
+    }
+
+    fn message(frame: &OutFrame) -> Message {
+        let mut decoder = FrameDecoder::new(1 << 20);
+        decoder.push(Bytes::from(frame.to_vec()));
+        decode(
+            decoder.next_frame().unwrap().unwrap(),
+            &DecodeOptions::default(),
+        )
+        .unwrap()
+    }
+
+    fn leases(fx: &Effects) -> Vec<(ConnId, JobLease)> {
+        fx.frames
+            .iter()
+            .filter_map(|(to, _, frame)| match message(frame) {
+                Message::JobLease(lease) => Some((to.conn(), lease)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn submit(swarm: &str, key: &str, model: Option<&str>) -> SubmitJob {
+        SubmitJob {
+            request_id: 9,
+            swarm: swarm.into(),
+            idempotency_key: key.into(),
+            model: model.map(str::to_owned),
+            payload: Bytes::from_static(b"work"),
+            ..SubmitJob::default()
+        }
+    }
+
+    /// Submits and makes the spec durable; returns the job id and the effects.
+    fn accept(jobs: &mut Jobs, who: &Arc<Outbox>, job: SubmitJob, now: u64) -> (JobId, Effects) {
+        match jobs.submit("submitter", who, job, now).unwrap() {
+            Submitted::New { job_id, .. } => (job_id, jobs.submitted(job_id, Ok(()), now)),
+            other => panic!("expected a new job, got {other:?}"),
+        }
+    }
+
+    fn worker(jobs: &mut Jobs, conn: u64, swarms: &[&str], credits: u32) -> (Arc<Outbox>, Effects) {
+        let out = outbox(conn);
+        let swarms: Vec<String> = swarms.iter().map(|s| s.to_string()).collect();
+        jobs.connect(ConnId(conn), &format!("worker-{conn}"), &out, Some(&swarms));
+        let fx = jobs.credits(ConnId(conn), credits, 0);
+        (out, fx)
+    }
+
+    fn ok_result(lease: &JobLease) -> JobResult {
+        JobResult {
+            request_id: 1,
+            job_id: lease.job_id,
+            attempt: lease.attempt,
+            ok: true,
+            retry: false,
+            payload: Bytes::from_static(b"done"),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_through_their_payload() {
+        let spec = JobSpec {
+            job_id: JobId(42),
+            swarm: "s".into(),
+            idempotency_key: "k".into(),
+            model: Some("llama".into()),
+            submitter: "agent".into(),
+            priority: 3,
+            deadline_ms: 99,
+            max_attempts: 4,
+            submitted_ms: 7,
+            payload: Bytes::from_static(b"payload"),
+        };
+        let records = [
+            JobRecord::Spec(spec),
+            JobRecord::Lease {
+                swarm: "s".into(),
+                job_id: JobId(42),
+                attempt: 2,
+            },
+            JobRecord::End(EndRecord {
+                job_id: JobId(42),
+                swarm: "s".into(),
+                idempotency_key: "k".into(),
+                kind: EndKind::Ended(JobState::DeadLettered),
+                attempt: 2,
+                budget_base: 1,
+                submitted_ms: 7,
+                reason: "why".into(),
+                payload: Bytes::from_static(b"result"),
+            }),
+        ];
+        for record in records {
+            assert_eq!(
+                JobRecord::parse(&record.key(), &record.payload()),
+                Some(record)
+            );
+        }
+        assert!(JobRecord::parse("s000000000000002a", &Bytes::from_static(&[1, 0])).is_none());
+        assert!(matches!(
+            JobRecord::parse("s000000000000002a", &Bytes::new()),
+            Some(JobRecord::Forget { .. })
+        ));
+    }
+
+    #[test]
+    fn equal_weights_share_a_worker_evenly_between_a_busy_and_a_quiet_swarm() {
+        let mut jobs = Jobs::new(JobsConfig::default(), [], 0, 1);
+        let who = outbox(1);
+        for i in 0..100 {
+            accept(&mut jobs, &who, submit("busy", &format!("b{i}"), None), 0);
+        }
+        for i in 0..10 {
+            accept(&mut jobs, &who, submit("quiet", &format!("q{i}"), None), 0);
+        }
+        let (out, fx) = worker(&mut jobs, 2, &["busy", "quiet"], 1);
+        let mut current = leases(&fx);
+        let mut order = Vec::new();
+        while order.len() < 40 {
+            assert_eq!(current.len(), 1, "one credit, one lease at a time");
+            let (_, lease) = current.pop().unwrap();
+            order.push(lease.swarm.clone());
+            let fx = jobs.result(ConnId(2), &out, ok_result(&lease), 0).unwrap();
+            current = leases(&fx);
+        }
+        let quiet_in_first_20 = order[..20].iter().filter(|s| *s == "quiet").count();
+        assert_eq!(quiet_in_first_20, 10, "{order:?}");
+        assert!(order[20..].iter().all(|s| s == "busy"));
+    }
+
+    #[test]
+    fn weights_and_priorities_order_dispatch() {
+        let mut config = JobsConfig::default();
+        config.swarm_weights.insert("heavy".into(), 3);
+        let mut jobs = Jobs::new(config, [], 0, 1);
+        let who = outbox(1);
+        for i in 0..20 {
+            accept(&mut jobs, &who, submit("heavy", &format!("h{i}"), None), 0);
+            accept(&mut jobs, &who, submit("light", &format!("l{i}"), None), 0);
+        }
+        let mut urgent = submit("light", "urgent", None);
+        urgent.priority = 9;
+        let (urgent_id, _) = accept(&mut jobs, &who, urgent, 0);
+        let (_, fx) = worker(&mut jobs, 2, &["heavy", "light"], 8);
+        let got = leases(&fx);
+        let heavy = got.iter().filter(|(_, l)| l.swarm == "heavy").count();
+        assert_eq!((heavy, got.len() - heavy), (6, 2), "3:1 by weight");
+        assert!(
+            got.iter().any(|(_, l)| l.job_id == urgent_id),
+            "priority first"
+        );
+    }
+
+    #[test]
+    fn workers_with_the_model_loaded_are_preferred() {
+        let mut jobs = Jobs::new(JobsConfig::default(), [], 0, 1);
+        let (_, _) = worker(&mut jobs, 2, &["s"], 4);
+        let (_, _) = worker(&mut jobs, 3, &["s"], 4);
+        jobs.worker_models(ConnId(3), &["llama".to_string()]);
+        let who = outbox(1);
+        let (_, fx) = accept(&mut jobs, &who, submit("s", "k", Some("llama")), 0);
+        assert_eq!(leases(&fx)[0].0, ConnId(3));
+        let (_, fx) = accept(&mut jobs, &who, submit("s", "k2", Some("mistral")), 0);
+        assert_eq!(leases(&fx)[0].0, ConnId(2), "nobody has it: least loaded");
+    }
+
+    #[test]
+    fn an_expired_lease_is_fenced_retried_then_dead_lettered_and_redriven() {
+        let config = JobsConfig {
+            visibility_timeout_ms: 100,
+            backoff_base_ms: 10,
+            backoff_cap_ms: 10,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config, [], 0, 7);
+        let who = outbox(1);
+        jobs.connect(ConnId(1), "submitter", &who, None);
+        let mut job = submit("s", "k", None);
+        job.max_attempts = 2;
+        let (id, _) = accept(&mut jobs, &who, job, 0);
+        let (out, fx) = worker(&mut jobs, 2, &["s"], 1);
+        let first = leases(&fx).pop().unwrap().1;
+        assert_eq!(first.attempt, 1);
+        // A heartbeat extends the lease.
+        let beat = JobProgress {
+            job_id: id,
+            attempt: 1,
+            payload: Bytes::new(),
+        };
+        assert!(jobs.progress(ConnId(2), beat, 90).frames.is_empty());
+        assert!(leases(&jobs.tick(150)).is_empty(), "extended to 190");
+        // Expiry: the worker is told, the job waits for its backoff, then runs again.
+        let fx = jobs.tick(190);
+        assert!(fx
+            .frames
+            .iter()
+            .any(|(_, _, f)| matches!(message(f), Message::JobCancel { attempt: 1, .. })));
+        let second = leases(&jobs.tick(200)).pop().unwrap().1;
+        assert_eq!(second.attempt, 2);
+        // The fenced attempt's late result is rejected.
+        let late = jobs.result(ConnId(2), &out, ok_result(&first), 201);
+        assert_eq!(late.unwrap_err().code, ErrorCode::LeaseFenced);
+        // The last attempt expires too: dead-lettered, and the end is written first.
+        let fx = jobs.tick(400);
+        assert_eq!(fx.finals.len(), 1);
+        assert_eq!(jobs.counts().dead_lettered, 1);
+        let told = jobs.finals_written(&[id]);
+        let Message::JobUpdate(update) = message(&told.frames[0].2) else {
+            panic!()
+        };
+        assert_eq!(update.state, JobState::DeadLettered);
+        let page = jobs.dead_letters("s", JobId(0), 10);
+        assert_eq!(page.jobs.len(), 1);
+        assert_eq!(page.jobs[0].attempts, 2);
+        // Re-drive: a fresh budget, and it runs (attempt 3).
+        let fx = jobs.redrive("s", &who, 5, id, 500).unwrap();
+        assert_eq!(leases(&fx)[0].1.attempt, 3);
+        assert!(jobs.dead_letters("s", JobId(0), 10).jobs.is_empty());
+        let third = leases(&fx).pop().unwrap().1;
+        let fx = jobs
+            .result(ConnId(2), &out, ok_result(&third), 501)
+            .unwrap();
+        assert_eq!(fx.finals.len(), 1);
+        jobs.finals_written(&[id]);
+        let acked = jobs.ack("submitter", id);
+        assert_eq!(acked.records.len(), 2);
+        assert_eq!(jobs.counts().jobs, 0);
+    }
+
+    #[test]
+    fn duplicates_get_the_same_job_and_a_full_swarm_is_busy() {
+        let config = JobsConfig {
+            max_jobs_per_swarm: 2,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config, [], 0, 1);
+        let who = outbox(1);
+        let Submitted::New { job_id, .. } =
+            jobs.submit("a", &who, submit("s", "k", None), 0).unwrap()
+        else {
+            panic!()
+        };
+        // Not durable yet: the duplicate waits and is answered with the same job.
+        assert!(matches!(
+            jobs.submit("a", &who, submit("s", "k", None), 0).unwrap(),
+            Submitted::Waiting
+        ));
+        let fx = jobs.submitted(job_id, Ok(()), 0);
+        let answers: Vec<JobStatus> = fx
+            .frames
+            .iter()
+            .filter_map(|(_, _, f)| match message(f) {
+                Message::JobStatus(status) => Some(status),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(answers.len(), 2);
+        assert!(answers.iter().all(|a| a.job_id == job_id));
+        assert_eq!(
+            answers.iter().map(|a| a.duplicate).collect::<Vec<_>>(),
+            [false, true]
+        );
+        let Submitted::Answer(frame) = jobs.submit("a", &who, submit("s", "k", None), 5).unwrap()
+        else {
+            panic!()
+        };
+        let Message::JobStatus(status) = message(&frame) else {
+            panic!()
+        };
+        assert!(status.duplicate && status.job_id == job_id);
+        accept(&mut jobs, &who, submit("s", "k2", None), 0);
+        let busy = jobs
+            .submit("a", &who, submit("s", "k3", None), 0)
+            .unwrap_err();
+        assert_eq!(busy.code, ErrorCode::Busy);
+        assert!(busy.retry_after_ms > 0);
+        // Past the window the key names a new job.
+        let window = JobsConfig::default().dedup_window_ms;
+        let mut roomy = Jobs::new(JobsConfig::default(), [], 0, 1);
+        let (first, _) = accept(&mut roomy, &who, submit("s", "k", None), 0);
+        let (second, _) = accept(&mut roomy, &who, submit("s", "k", None), window);
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn a_restart_requeues_unfinished_jobs_and_keeps_undelivered_ends() {
+        let mut jobs = Jobs::new(JobsConfig::default(), [], 0, 1);
+        let who = outbox(1);
+        let mut written = Vec::new();
+        for key in ["done", "running"] {
+            let Submitted::New { job_id, record } = jobs
+                .submit("agent", &who, submit("s", key, None), 0)
+                .unwrap()
+            else {
+                panic!()
+            };
+            written.push(record);
+            written.extend(jobs.submitted(job_id, Ok(()), 0).records);
+        }
+        let (out, fx) = worker(&mut jobs, 2, &["s"], 2);
+        written.extend(fx.records.clone());
+        let got = leases(&fx);
+        let fx = jobs
+            .result(ConnId(2), &out, ok_result(&got[0].1), 1)
+            .unwrap();
+        written.extend(fx.finals);
+        // Restart from what was written.
+        let mut restored = Jobs::new(JobsConfig::default(), written, 10, 1);
+        let counts = restored.counts();
+        assert_eq!(
+            (counts.jobs, counts.queued, counts.pending_results),
+            (2, 1, 1)
+        );
+        let agent = outbox(5);
+        let fx = restored.connect(ConnId(5), "agent", &agent, None);
+        let Message::JobUpdate(update) = message(&fx.frames[0].2) else {
+            panic!()
+        };
+        assert_eq!(
+            (update.job_id, update.state),
+            (got[0].1.job_id, JobState::Completed)
+        );
+        assert_eq!(update.payload.as_ref(), b"done");
+        // The interrupted job runs again, as its next attempt.
+        let (_, fx) = worker(&mut restored, 6, &["s"], 1);
+        let again = leases(&fx).pop().unwrap().1;
+        assert_eq!((again.job_id, again.attempt), (got[1].1.job_id, 2));
+        // Dedup survives too.
+        let Submitted::Answer(_) = restored
+            .submit("agent", &who, submit("s", "done", None), 20)
+            .unwrap()
+        else {
+            panic!("a duplicate after the restart")
+        };
+    }
+}

@@ -1,0 +1,422 @@
+//! The job queue end to end: submit, lease, retry, fence, dead letters, restart, fairness,
+//! cancellation. Every wait has a timeout; nothing asserts timing.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use swarmbus_client::{Client, ClientError, Connector, JobDedup, JobEvent, JobEvents, JobUpdates};
+use swarmbus_router::{Config, Router};
+use swarmbus_schema::{ErrorCode, JobId, JobLease, JobState, JobUpdate, Role, SubmitJob};
+
+use crate::common::{start_router, TestRouter};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn job(swarm: &str, key: &str) -> SubmitJob {
+    SubmitJob {
+        swarm: swarm.into(),
+        idempotency_key: key.into(),
+        payload: Bytes::from(format!("payload-{key}")),
+        ..SubmitJob::default()
+    }
+}
+
+async fn submitter(router: &TestRouter, agent: &str, swarms: &[&str]) -> (Client, JobUpdates) {
+    let (client, _deliveries) = router.connect(agent, Role::Agent, swarms).await;
+    let updates = client.job_updates().unwrap();
+    (client, updates)
+}
+
+async fn worker(
+    router: &TestRouter,
+    agent: &str,
+    swarms: &[&str],
+    credits: u32,
+) -> (Client, JobEvents) {
+    let (client, _deliveries) = router.connect(agent, Role::Worker, swarms).await;
+    let events = client.job_events().unwrap();
+    client.set_job_credits(credits).await.unwrap();
+    (client, events)
+}
+
+async fn next_event(events: &mut JobEvents) -> JobEvent {
+    tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("a job event within the timeout")
+        .expect("the worker's connection is open")
+}
+
+async fn next_lease(events: &mut JobEvents) -> JobLease {
+    loop {
+        if let JobEvent::Lease(lease) = next_event(events).await {
+            return lease;
+        }
+    }
+}
+
+/// The next end (not progress) the dedup lets through.
+async fn next_end(updates: &mut JobUpdates, dedup: &mut JobDedup) -> JobUpdate {
+    loop {
+        let update = tokio::time::timeout(WAIT, updates.recv())
+            .await
+            .expect("a job update within the timeout")
+            .expect("the submitter's connection is open");
+        if update.state.is_final() && dedup.first_time(&update) {
+            return update;
+        }
+    }
+}
+
+async fn finish(worker: &Client, lease: &JobLease, result: &str) -> Result<JobState, ClientError> {
+    worker
+        .finish_job(
+            lease.job_id,
+            lease.attempt,
+            true,
+            false,
+            Bytes::from(result.to_owned()),
+        )
+        .await
+        .map(|status| status.state)
+}
+
+fn refused_code(error: ClientError) -> u16 {
+    match error {
+        ClientError::Refused { code, .. } => code,
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+/// Polls `check` until it holds, failing after the timeout.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_job_reruns_elsewhere_and_the_submitter_gets_one_result() {
+    let router = start_router(|c| c.jobs.backoff_base_ms = 10).await;
+    let (agent, mut updates) = submitter(&router, "agent", &["s"]).await;
+    let (doomed, mut doomed_events) = worker(&router, "gpu-a", &["s"], 1).await;
+    let status = agent.submit_job(job("s", "k1")).await.unwrap();
+    assert!(!status.duplicate);
+    let first = next_lease(&mut doomed_events).await;
+    assert_eq!((first.job_id, first.attempt), (status.job_id, 1));
+    assert_eq!(first.payload.as_ref(), b"payload-k1");
+    assert_eq!(first.submitter, "agent");
+    // The worker dies mid-job; another one comes.
+    doomed.close();
+    drop(doomed);
+    let (survivor, mut events) = worker(&router, "gpu-b", &["s"], 1).await;
+    let second = next_lease(&mut events).await;
+    assert_eq!((second.job_id, second.attempt), (status.job_id, 2));
+    assert_eq!(
+        finish(&survivor, &second, "from-b").await.unwrap(),
+        JobState::Completed
+    );
+    let mut dedup = JobDedup::default();
+    let end = next_end(&mut updates, &mut dedup).await;
+    assert_eq!(
+        (end.job_id, end.state),
+        (status.job_id, JobState::Completed)
+    );
+    assert_eq!(end.payload.as_ref(), b"from-b");
+    agent.ack_job(end.job_id).await.unwrap();
+    eventually("the acknowledged job is forgotten", || {
+        router.router.job_counts().jobs == 0
+    })
+    .await;
+    // Acknowledged: a reconnecting submitter is not sent it again.
+    drop((agent, updates));
+    let (_agent, mut updates) = submitter(&router, "agent", &["s"]).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), updates.recv())
+            .await
+            .is_err(),
+        "no end is resent after its acknowledgement"
+    );
+    assert_eq!(router.router.job_counts().leases, 2);
+}
+
+#[tokio::test]
+async fn a_fenced_workers_late_result_is_rejected() {
+    let router = start_router(|c| {
+        c.jobs.visibility_timeout_ms = 200;
+        c.jobs.backoff_base_ms = 10;
+    })
+    .await;
+    let (agent, mut updates) = submitter(&router, "agent", &["s"]).await;
+    let (slow, mut slow_events) = worker(&router, "slow", &["s"], 1).await;
+    let status = agent.submit_job(job("s", "k")).await.unwrap();
+    let first = next_lease(&mut slow_events).await;
+    // No heartbeat: the lease expires and the worker is told its attempt is fenced.
+    assert_eq!(
+        next_event(&mut slow_events).await,
+        JobEvent::Cancel {
+            job_id: status.job_id,
+            attempt: 1
+        }
+    );
+    slow.set_job_credits(0).await.unwrap();
+    let (fast, mut fast_events) = worker(&router, "fast", &["s"], 1).await;
+    let second = next_lease(&mut fast_events).await;
+    assert_eq!(second.attempt, 2);
+    let late = finish(&slow, &first, "late").await.unwrap_err();
+    assert_eq!(refused_code(late), ErrorCode::LeaseFenced.as_u16());
+    assert_eq!(
+        finish(&fast, &second, "fresh").await.unwrap(),
+        JobState::Completed
+    );
+    let end = next_end(&mut updates, &mut JobDedup::default()).await;
+    assert_eq!(end.payload.as_ref(), b"fresh");
+    assert_eq!(router.router.job_counts().fenced_results, 1);
+}
+
+#[tokio::test]
+async fn a_router_restart_loses_no_accepted_job_and_results_still_arrive() {
+    let data = tempfile::tempdir().unwrap();
+    let config = |listen| Config {
+        listen,
+        data_dir: data.path().to_owned(),
+        shards: 2,
+        ..Config::default()
+    };
+    let router = Router::start(config("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let addr = router.local_addr();
+    let connector = Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
+    let test = TestRouter::from_parts(router, connector.clone());
+    let (agent, updates) = submitter(&test, "agent", &["s"]).await;
+    let mut ids = HashSet::new();
+    for i in 0..10 {
+        ids.insert(
+            agent
+                .submit_job(job("s", &format!("k{i}")))
+                .await
+                .unwrap()
+                .job_id,
+        );
+    }
+    // The submitter leaves; a worker finishes half the jobs and holds two more.
+    drop((agent, updates));
+    let (gpu, mut events) = worker(&test, "gpu", &["s"], 7).await;
+    for _ in 0..5 {
+        let lease = next_lease(&mut events).await;
+        finish(&gpu, &lease, &format!("done-{}", lease.job_id.0))
+            .await
+            .unwrap();
+    }
+    next_lease(&mut events).await;
+    test.router.shutdown().await;
+    drop((gpu, events));
+
+    let mut tries = 0;
+    let router = loop {
+        match Router::start(config(addr)).await {
+            Ok(router) => break router,
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("restart: {error}"),
+        }
+    };
+    let test = TestRouter::from_parts(router, connector);
+    let counts = test.router.job_counts();
+    assert_eq!((counts.jobs, counts.pending_results), (10, 5), "{counts:?}");
+    let (agent, mut updates) = submitter(&test, "agent", &["s"]).await;
+    let (gpu, mut events) = worker(&test, "gpu", &["s"], 10).await;
+    let runner = tokio::spawn(async move {
+        for _ in 0..5 {
+            let lease = next_lease(&mut events).await;
+            finish(&gpu, &lease, &format!("done-{}", lease.job_id.0))
+                .await
+                .unwrap();
+        }
+        (gpu, events)
+    });
+    let mut dedup = JobDedup::default();
+    let mut ended = HashSet::new();
+    while ended.len() < 10 {
+        let end = next_end(&mut updates, &mut dedup).await;
+        assert_eq!(end.state, JobState::Completed);
+        assert_eq!(end.payload, Bytes::from(format!("done-{}", end.job_id.0)));
+        agent.ack_job(end.job_id).await.unwrap();
+        ended.insert(end.job_id);
+    }
+    assert_eq!(ended, ids, "every accepted job ended, each once");
+    let _worker = runner.await.unwrap();
+    eventually("all acknowledged", || test.router.job_counts().jobs == 0).await;
+    // Dedup survives the restart as well.
+    let again = agent.submit_job(job("s", "k3")).await.unwrap();
+    assert!(again.duplicate && ids.contains(&again.job_id));
+}
+
+#[tokio::test]
+async fn jobs_are_dead_lettered_after_their_last_attempt_and_can_be_redriven() {
+    let router = start_router(|c| {
+        c.jobs.visibility_timeout_ms = 100;
+        c.jobs.backoff_base_ms = 10;
+    })
+    .await;
+    let (agent, mut updates) = submitter(&router, "agent", &["s"]).await;
+    let (controller, _rx) = router.connect("ops", Role::Controller, &["s"]).await;
+    let (gpu, mut events) = worker(&router, "gpu", &["s"], 1).await;
+    let mut spec = job("s", "flaky");
+    spec.max_attempts = 2;
+    let id = agent.submit_job(spec).await.unwrap().job_id;
+    // Two attempts whose leases expire (the worker never answers).
+    for attempt in 1..=2 {
+        let lease = next_lease(&mut events).await;
+        assert_eq!((lease.job_id, lease.attempt), (id, attempt));
+    }
+    let mut dedup = JobDedup::default();
+    let end = next_end(&mut updates, &mut dedup).await;
+    assert_eq!((end.job_id, end.state), (id, JobState::DeadLettered));
+    let page = controller.dead_letters("s", JobId(0), 10).await.unwrap();
+    assert_eq!(page.jobs.len(), 1);
+    assert_eq!((page.jobs[0].job_id, page.jobs[0].attempts), (id, 2));
+    assert_eq!(page.jobs[0].idempotency_key, "flaky");
+    // Only controllers may re-drive.
+    let refused = agent.redrive_job("s", id).await.unwrap_err();
+    assert_eq!(refused_code(refused), ErrorCode::Forbidden.as_u16());
+    let status = controller.redrive_job("s", id).await.unwrap();
+    assert_eq!(status.state, JobState::Queued);
+    let lease = next_lease(&mut events).await;
+    assert_eq!((lease.job_id, lease.attempt), (id, 3));
+    finish(&gpu, &lease, "third time").await.unwrap();
+    let end = next_end(&mut updates, &mut dedup).await;
+    assert_eq!((end.job_id, end.state), (id, JobState::Completed));
+    assert!(controller
+        .dead_letters("s", JobId(0), 10)
+        .await
+        .unwrap()
+        .jobs
+        .is_empty());
+    let not_dead = controller.redrive_job("s", id).await.unwrap_err();
+    assert_eq!(refused_code(not_dead), ErrorCode::JobFinished.as_u16());
+}
+
+#[tokio::test]
+async fn a_repeated_idempotency_key_returns_the_same_job_and_runs_it_once() {
+    let router = start_router(|c| c.jobs.max_jobs_per_swarm = 2).await;
+    let (agent, mut updates) = submitter(&router, "agent", &["s"]).await;
+    let first = agent.submit_job(job("s", "same")).await.unwrap();
+    let second = agent.submit_job(job("s", "same")).await.unwrap();
+    assert_eq!(first.job_id, second.job_id);
+    assert!(!first.duplicate && second.duplicate);
+    // The swarm's queue is bounded: Busy with a retry hint.
+    agent.submit_job(job("s", "other")).await.unwrap();
+    match agent.submit_job(job("s", "third")).await.unwrap_err() {
+        ClientError::Refused {
+            code,
+            retry_after_ms,
+            ..
+        } => {
+            assert_eq!(code, ErrorCode::Busy.as_u16());
+            assert!(retry_after_ms > 0);
+        }
+        other => panic!("expected Busy, got {other}"),
+    }
+    let (gpu, mut events) = worker(&router, "gpu", &["s"], 4).await;
+    let mut leased = HashMap::new();
+    for _ in 0..2 {
+        let lease = next_lease(&mut events).await;
+        *leased.entry(lease.job_id).or_insert(0) += 1;
+        finish(&gpu, &lease, "r").await.unwrap();
+    }
+    assert_eq!(leased.get(&first.job_id), Some(&1));
+    let mut dedup = JobDedup::default();
+    for _ in 0..2 {
+        let end = next_end(&mut updates, &mut dedup).await;
+        agent.ack_job(end.job_id).await.unwrap();
+    }
+    eventually("both forgotten", || router.router.job_counts().jobs == 0).await;
+    let again = agent.submit_job(job("s", "same")).await.unwrap();
+    assert_eq!(
+        (again.job_id, again.duplicate, again.state),
+        (first.job_id, true, JobState::Completed)
+    );
+    assert_eq!(router.router.job_counts().leases, 2, "nothing ran twice");
+}
+
+#[tokio::test]
+async fn two_swarms_submitting_ten_to_one_share_the_workers_evenly() {
+    let router = start_router(|_| {}).await;
+    let (agent, _updates) = submitter(&router, "agent", &["busy", "quiet"]).await;
+    for i in 0..100 {
+        agent
+            .submit_job(job("busy", &format!("b{i}")))
+            .await
+            .unwrap();
+        if i % 10 == 0 {
+            agent
+                .submit_job(job("quiet", &format!("q{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    let (gpu, mut events) = worker(&router, "gpu", &["busy", "quiet"], 1).await;
+    let mut order = Vec::new();
+    while order.len() < 30 {
+        let lease = next_lease(&mut events).await;
+        order.push(lease.swarm.clone());
+        finish(&gpu, &lease, "r").await.unwrap();
+    }
+    let quiet = order[..20].iter().filter(|s| *s == "quiet").count();
+    assert_eq!(quiet, 10, "while both had work they alternated: {order:?}");
+    assert!(order[20..].iter().all(|s| s == "busy"), "{order:?}");
+}
+
+#[tokio::test]
+async fn cancellation_reaches_the_worker_and_ends_the_job_cancelled() {
+    let router = start_router(|_| {}).await;
+    let (agent, mut updates) = submitter(&router, "agent", &["s"]).await;
+    let (controller, _rx) = router.connect("ops", Role::Controller, &["s"]).await;
+    let (stranger, _rx2) = router.connect("stranger", Role::Agent, &["s"]).await;
+    let (gpu, mut events) = worker(&router, "gpu", &["s"], 1).await;
+    let running = agent.submit_job(job("s", "running")).await.unwrap().job_id;
+    let queued = agent.submit_job(job("s", "queued")).await.unwrap().job_id;
+    let lease = next_lease(&mut events).await;
+    assert_eq!(lease.job_id, running);
+    let refused = stranger.cancel_job(running).await.unwrap_err();
+    assert_eq!(refused_code(refused), ErrorCode::Forbidden.as_u16());
+    assert_eq!(
+        agent.cancel_job(running).await.unwrap().state,
+        JobState::Cancelled
+    );
+    assert_eq!(
+        next_event(&mut events).await,
+        JobEvent::Cancel {
+            job_id: running,
+            attempt: 1
+        }
+    );
+    let late = finish(&gpu, &lease, "too late").await.unwrap_err();
+    assert_eq!(refused_code(late), ErrorCode::LeaseFenced.as_u16());
+    // The freed credit takes the next job; a controller cancels that one.
+    let next = next_lease(&mut events).await;
+    assert_eq!(next.job_id, queued);
+    assert_eq!(
+        controller.cancel_job(queued).await.unwrap().state,
+        JobState::Cancelled
+    );
+    let mut dedup = JobDedup::default();
+    let mut ends = HashMap::new();
+    for _ in 0..2 {
+        let end = next_end(&mut updates, &mut dedup).await;
+        ends.insert(end.job_id, end.state);
+    }
+    assert_eq!(ends.get(&running), Some(&JobState::Cancelled));
+    assert_eq!(ends.get(&queued), Some(&JobState::Cancelled));
+    let again = agent.cancel_job(running).await.unwrap();
+    assert_eq!(again.state, JobState::Cancelled);
+}
