@@ -32,6 +32,9 @@ const RSS_SAMPLE_EVERY: Duration = Duration::from_millis(50);
 pub struct FloodArgs {
     #[command(flatten)]
     router: RouterArgs,
+    /// The ordered class the probe messages go on: command (default) or control.
+    #[arg(long, default_value = "command", value_parser = parse_ordered_class)]
+    class: Class,
     /// Flooding agents in phase 2, each its own session publishing telemetry as fast as it
     /// can.
     #[arg(long, default_value_t = 50)]
@@ -93,7 +96,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
             .connect(router, session)
             .await
             .with_context(|| format!("connecting receiver {r} to {router}"))?;
-        for class in [Class::Command, Class::Telemetry] {
+        for class in [args.class, Class::Telemetry] {
             client
                 .subscribe(SWARM, class, None)
                 .await
@@ -160,6 +163,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         SWARM.to_owned(),
         PublishPlan {
             publisher: 0,
+            class: args.class,
             rate: args.command_rate,
             payload_bytes: args.payload,
             window: args.window.max(1),
@@ -256,6 +260,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         "agents": args.agents,
         "receivers": args.receivers,
         "command_rate": args.command_rate,
+        "class": args.class.to_string(),
         "duration_s": args.duration.as_secs_f64(),
         "drain_s": (drain_s * 1000.0).round() / 1000.0,
         "drained": drained,
@@ -371,5 +376,14 @@ fn print_table(report: &serde_json::Value) {
             "{key:<26} p50 {}  p90 {}  p99 {}  max {}  ({} samples)",
             l["p50"], l["p90"], l["p99"], l["max"], l["samples"]
         );
+    }
+}
+
+fn parse_ordered_class(text: &str) -> Result<Class, String> {
+    let class = text.parse::<Class>().map_err(|e| e.to_string())?;
+    if class.is_ordered() {
+        Ok(class)
+    } else {
+        Err(format!("{class} is not ordered: use command or control"))
     }
 }

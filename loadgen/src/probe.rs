@@ -189,6 +189,8 @@ pub struct Live {
 #[derive(Clone, Copy, Debug)]
 pub struct PublishPlan {
     pub publisher: u32,
+    /// The ordered class the probe messages go on (command or control).
+    pub class: Class,
     /// Commands per second.
     pub rate: f64,
     pub payload_bytes: usize,
@@ -281,7 +283,7 @@ pub async fn publish_probes(
                 };
                 let payload = stamp.payload(&mut buf, plan.payload_bytes);
                 let pending = client
-                    .publish_start(&swarm, Class::Command, payload, PublishOptions::default())
+                    .publish_start(&swarm, plan.class, payload, PublishOptions::default())
                     .await?;
                 sent += 1;
                 if tx.send((stamp, at, pending)).await.is_err() {
@@ -363,12 +365,12 @@ pub async fn receive(
         let now_ns = timeline.now_ns();
         let mut telemetry = 0;
         let mut fresh = 0;
-        let mut last_command_swarm = None;
+        let mut last_command = None;
         for delivery in &batch[..got] {
             match delivery.class {
                 Class::Telemetry => telemetry += 1,
-                Class::Command => {
-                    last_command_swarm = Some(&delivery.swarm);
+                Class::Command | Class::Control => {
+                    last_command = Some((&delivery.swarm, delivery.class));
                     if !apply.admit(
                         &delivery.swarm,
                         delivery.class,
@@ -406,11 +408,11 @@ pub async fn receive(
         live.telemetry_received
             .fetch_add(telemetry, Ordering::Relaxed);
         live.commands_received.fetch_add(fresh, Ordering::Relaxed);
-        if let Some(swarm) = last_command_swarm {
+        if let Some((swarm, class)) = last_command {
             // Acknowledge what was applied (cumulative); without it the router redelivers
             // after its redelivery timeout.
-            let applied = apply.last_applied_of(swarm, Class::Command);
-            if client.ack(swarm, Class::Command, applied).await.is_err() {
+            let applied = apply.last_applied_of(swarm, class);
+            if client.ack(swarm, class, applied).await.is_err() {
                 break;
             }
         }

@@ -216,6 +216,7 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
             SWARM.to_owned(),
             PublishPlan {
                 publisher: a as u32,
+                class: Class::Command,
                 rate: args.command_rate,
                 payload_bytes: args.payload,
                 window: args.window.max(1),
