@@ -684,3 +684,56 @@ async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anyt
     assert_eq!(stats.rate_limited_dropped, 0, "{stats:?}");
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn each_class_has_its_own_payload_limit() {
+    let t = start_router(|c| {
+        c.limits.max_payload_bytes.command = 1_024;
+        c.limits.max_payload_bytes.telemetry = 100;
+    })
+    .await;
+    let (client, _rx) = t.connect("heavy", Role::Agent, &["s"]).await;
+    let acked = PublishOptions {
+        ack: true,
+        ..PublishOptions::default()
+    };
+    client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from(vec![1u8; 1_024]),
+            acked.clone(),
+        )
+        .await
+        .unwrap();
+    let err = client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from(vec![1u8; 1_025]),
+            acked.clone(),
+        )
+        .await
+        .unwrap_err();
+    let swarmbus_client::ClientError::Refused { code, message, .. } = err else {
+        panic!("expected a refusal, got {err}");
+    };
+    assert_eq!(code, 18, "PayloadTooLarge");
+    assert!(message.contains("job queue"), "{message}");
+    // Another class has its own limit.
+    let err = client
+        .publish(
+            "s",
+            Class::Telemetry,
+            Bytes::from(vec![1u8; 101]),
+            acked.clone(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(18), "{err}");
+    client
+        .publish("s", Class::Control, Bytes::from(vec![1u8; 4_096]), acked)
+        .await
+        .unwrap();
+    t.router.shutdown().await;
+}

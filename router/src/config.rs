@@ -264,6 +264,44 @@ pub struct LimitsConfig {
     pub receive_window_bytes: u32,
     /// The same per stream (each publish stream, the session stream).
     pub stream_receive_window_bytes: u32,
+    /// Largest payload a publish of each class may carry (never more than the frame limit
+    /// allows). Heavy work belongs in the job queue, off the real-time path.
+    pub max_payload_bytes: ClassPayloadLimits,
+}
+
+/// `limits.max_payload_bytes`: the largest publish payload per class.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassPayloadLimits {
+    pub control: u32,
+    pub command: u32,
+    pub alert: u32,
+    pub reconciliation: u32,
+    pub telemetry: u32,
+}
+
+impl Default for ClassPayloadLimits {
+    fn default() -> Self {
+        ClassPayloadLimits {
+            control: 64 << 10,
+            command: 256 << 10,
+            alert: 64 << 10,
+            reconciliation: 256 << 10,
+            telemetry: 64 << 10,
+        }
+    }
+}
+
+impl ClassPayloadLimits {
+    pub fn for_class(&self, class: Class) -> u32 {
+        match class {
+            Class::Control => self.control,
+            Class::Command => self.command,
+            Class::Alert => self.alert,
+            Class::Reconciliation => self.reconciliation,
+            Class::Telemetry => self.telemetry,
+        }
+    }
 }
 
 /// Outbound queue capacity per connection and class, in frames.
@@ -323,6 +361,7 @@ impl Default for LimitsConfig {
             shard_queue: 8_192,
             receive_window_bytes: 2 << 20,
             stream_receive_window_bytes: 1 << 20,
+            max_payload_bytes: ClassPayloadLimits::default(),
         }
     }
 }

@@ -925,11 +925,19 @@ impl Session {
             );
             return false;
         }
-        if publish.payload.len() > self.max_payload_bytes {
+        let class_max = self
+            .context
+            .config
+            .limits
+            .max_payload_bytes
+            .for_class(publish.class) as usize;
+        let max = self.max_payload_bytes.min(class_max);
+        if publish.payload.len() > max {
             let text = format!(
-                "payload of {} bytes exceeds the maximum of {} bytes",
+                "payload of {} bytes exceeds the {} class's maximum of {max} bytes \
+                 (limits.max_payload_bytes); heavy work belongs in the job queue",
                 publish.payload.len(),
-                self.max_payload_bytes
+                publish.class
             );
             self.refuse_publish(publish, ErrorCode::PayloadTooLarge, text);
             return false;
