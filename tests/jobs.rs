@@ -156,6 +156,9 @@ async fn a_fenced_workers_late_result_is_rejected() {
     let (slow, mut slow_events) = worker(&router, "slow", &["s"], 1).await;
     let status = agent.submit_job(job("s", "k")).await.unwrap();
     let first = next_lease(&mut slow_events).await;
+    // The slow worker takes nothing more, so the requeued job can only go to the fast one
+    // (whenever the lease expires relative to this).
+    slow.set_job_credits(0).await.unwrap();
     // No heartbeat: the lease expires and the worker is told its attempt is fenced.
     assert_eq!(
         next_event(&mut slow_events).await,
@@ -164,7 +167,6 @@ async fn a_fenced_workers_late_result_is_rejected() {
             attempt: 1
         }
     );
-    slow.set_job_credits(0).await.unwrap();
     let (fast, mut fast_events) = worker(&router, "fast", &["s"], 1).await;
     let second = next_lease(&mut fast_events).await;
     assert_eq!(second.attempt, 2);
