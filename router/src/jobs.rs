@@ -462,6 +462,9 @@ struct Job {
     result: Bytes,
     /// The end is durable: it may be told and is resent until acknowledged.
     final_durable: bool,
+    /// The latest progress of the running attempt (attempt, payload), resent to the
+    /// submitter when it reconnects.
+    progress: Option<(u32, Bytes)>,
 }
 
 #[derive(Debug, Default)]
@@ -602,6 +605,7 @@ impl Jobs {
                 reason: String::new(),
                 result: Bytes::new(),
                 final_durable: false,
+                progress: None,
             };
             let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
             match f.end {
@@ -771,6 +775,17 @@ impl Jobs {
                 fx.frames.push((outbox.clone(), Lane::Jobs, end_frame(job)));
             }
         }
+        // The latest progress of its jobs still running, which it may have missed.
+        for job in self.jobs.values() {
+            let current = job
+                .progress
+                .as_ref()
+                .is_some_and(|(attempt, _)| *attempt == job.attempt);
+            if current && job.state == JobState::Running && *job.spec.submitter == *agent {
+                fx.frames
+                    .push((outbox.clone(), Lane::Jobs, progress_frame(job)));
+            }
+        }
         fx
     }
 
@@ -880,6 +895,7 @@ impl Jobs {
                 reason: String::new(),
                 result: Bytes::new(),
                 final_durable: false,
+                progress: None,
             },
         );
         Ok(Submitted::New { job_id, record })
@@ -1247,15 +1263,8 @@ impl Jobs {
             self.leases.insert((expires_ms, job_id, attempt));
         }
         if !payload.is_empty() {
-            let frame = encode(&Message::JobUpdate(JobUpdate {
-                job_id,
-                swarm: job.spec.swarm.clone(),
-                idempotency_key: job.spec.idempotency_key.clone(),
-                state: JobState::Running,
-                attempt,
-                reason: String::new(),
-                payload,
-            }));
+            job.progress = Some((attempt, payload));
+            let frame = progress_frame(job);
             let submitter = job.spec.submitter.as_str();
             for conn in self.online.get(submitter).into_iter().flatten() {
                 if let Some(session) = self.sessions.get(conn) {
@@ -1629,6 +1638,20 @@ fn cancel_frame(job_id: JobId, attempt: u32) -> OutFrame {
     })
 }
 
+/// A JobUpdate with the job's latest progress (the caller checked there is one).
+fn progress_frame(job: &Job) -> OutFrame {
+    let (attempt, payload) = job.progress.clone().unwrap_or_default();
+    encode(&Message::JobUpdate(JobUpdate {
+        job_id: job.spec.job_id,
+        swarm: job.spec.swarm.clone(),
+        idempotency_key: job.spec.idempotency_key.clone(),
+        state: JobState::Running,
+        attempt,
+        reason: String::new(),
+        payload,
+    }))
+}
+
 fn end_frame(job: &Job) -> OutFrame {
     encode(&Message::JobUpdate(JobUpdate {
         job_id: job.spec.job_id,
@@ -1806,6 +1829,38 @@ mod tests {
             got.iter().any(|(_, l)| l.job_id == urgent_id),
             "priority first"
         );
+    }
+
+    #[test]
+    fn the_latest_progress_is_resent_to_a_reconnecting_submitter() {
+        let mut jobs = Jobs::new(JobsConfig::default(), [], 0, 3);
+        let who = outbox(1);
+        jobs.connect(ConnId(1), "submitter", &who, None);
+        let (id, _) = accept(&mut jobs, &who, submit("s", "k", None), 0);
+        let (_, fx) = worker(&mut jobs, 2, &["s"], 1);
+        let lease = leases(&fx).pop().unwrap().1;
+        let beat = |text: &'static [u8]| JobProgress {
+            job_id: id,
+            attempt: lease.attempt,
+            payload: Bytes::from_static(text),
+        };
+        assert_eq!(jobs.progress(ConnId(2), beat(b"10%"), 10).frames.len(), 1);
+        jobs.progress(ConnId(2), beat(b"50%"), 20);
+        // The submitter was away: on reconnect it gets the latest progress only.
+        jobs.disconnect(ConnId(1), 30);
+        let again = outbox(3);
+        let fx = jobs.connect(ConnId(3), "submitter", &again, None);
+        let updates: Vec<JobUpdate> = fx
+            .frames
+            .iter()
+            .filter_map(|(_, _, frame)| match message(frame) {
+                Message::JobUpdate(update) => Some(update),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(updates.len(), 1);
+        assert_eq!(updates[0].state, JobState::Running);
+        assert_eq!(updates[0].payload.as_ref(), b"50%");
     }
 
     #[test]
