@@ -2,7 +2,7 @@
 //! fed through two bounded channels. Nothing is shared between shards, so the hot path takes
 //! no global lock.
 //!
-//! Inbound isolation: telemetry publishes arrive on the shard's **bulk** channel, everything
+//! Inbound isolation: telemetry publishes and job records arrive on the shard's **bulk** channel, everything
 //! else (control, command, alert, reconciliation, subscriptions, acks, disconnects) on its
 //! **urgent** channel, and the shard always empties the urgent one first. A full channel makes
 //! the sending stream reader wait, which is the backpressure that reaches the publisher through
@@ -77,9 +77,12 @@ pub enum ShardCommand {
 }
 
 impl ShardCommand {
-    /// Telemetry publishes go to the bulk channel; everything else is urgent.
+    /// Telemetry publishes and the job queue's records go to the bulk channel; everything
+    /// else is urgent, so neither a telemetry flood nor a job backlog delays commands.
     fn is_bulk(&self) -> bool {
-        matches!(self, ShardCommand::Publish { publish, .. } if publish.class == Class::Telemetry)
+        matches!(self, ShardCommand::Publish { publish, .. }
+            if publish.class == Class::Telemetry
+                || publish.swarm.starts_with(crate::jobs::JOBS_SWARM_PREFIX))
     }
 }
 
