@@ -6,8 +6,10 @@ mod durable;
 mod fanout;
 mod flood;
 mod jobs;
+mod presence;
 mod probe;
 mod reconnect;
+mod rng;
 mod spawn;
 mod storm;
 mod units;
@@ -57,6 +59,10 @@ enum Scenario {
     /// them and are killed at random (then reconnect). Reports jobs/s, queue wait and
     /// end-to-end latency, lost jobs and ends handled twice (both must be 0).
     Jobs(jobs::JobsArgs),
+    /// Agents join one swarm and heartbeat; some are killed (frozen without a close, or
+    /// closed); reports how long until watchers saw each leave (p50/p99/max) and the ghosts
+    /// the router still lists (must be 0).
+    Presence(presence::PresenceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,6 +84,7 @@ fn main() -> std::process::ExitCode {
             Scenario::Storm(args) => storm::run(args).await,
             Scenario::Reconnect(args) => reconnect::run(args).await,
             Scenario::Jobs(args) => jobs::run(args).await,
+            Scenario::Presence(args) => presence::run(args).await,
         }
     });
     match result {
