@@ -15,6 +15,7 @@ use swarmbus_client::{ClientError, Connector, JobDedup, JobEvent, Session};
 use swarmbus_schema::{JobId, JobState, Role, SubmitJob};
 use tokio::sync::Semaphore;
 
+use crate::rng::Rng;
 use crate::spawn::RouterArgs;
 use crate::units::parse_duration;
 
@@ -92,26 +93,6 @@ impl std::str::FromStr for JobMs {
     }
 }
 
-/// splitmix64: a seeded generator so a run's kills and duplicates can be replayed.
-#[derive(Debug)]
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && ((self.next() >> 11) as f64 / ((1u64 << 53) as f64)) < p
-    }
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next() % (high - low + 1)
-    }
-}
-
 #[derive(Debug, Default)]
 struct Totals {
     submitted: AtomicU64,
@@ -155,7 +136,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         let (job_ms, kill_rate, credits) = (args.job_ms, args.kill_rate, args.credits);
         let seed = args.seed ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
         workers.push(tokio::spawn(async move {
-            let mut rng = Rng(seed);
+            let mut rng = Rng::new(seed);
             let mut incarnation = 0;
             while !stop.load(Ordering::Relaxed) {
                 incarnation += 1;
@@ -236,7 +217,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
             let mut updates = client.job_updates().context("job updates")?;
             let submit_at: Arc<Mutex<HashMap<JobId, u64>>> = Arc::default();
             let window = Arc::new(Semaphore::new(window.max(1)));
-            let mut rng = Rng(seed);
+            let mut rng = Rng::new(seed);
             let sender = {
                 let (client, totals, submit_at) =
                     (client.clone(), totals.clone(), submit_at.clone());

@@ -6,8 +6,11 @@ mod durable;
 mod fanout;
 mod flood;
 mod jobs;
+mod leader;
+mod presence;
 mod probe;
 mod reconnect;
+mod rng;
 mod spawn;
 mod storm;
 mod units;
@@ -57,6 +60,15 @@ enum Scenario {
     /// them and are killed at random (then reconnect). Reports jobs/s, queue wait and
     /// end-to-end latency, lost jobs and ends handled twice (both must be 0).
     Jobs(jobs::JobsArgs),
+    /// Controllers contend for one swarm's `leader` lease while holders are paused and
+    /// killed at random; holders publish commands stamped with their fencing token to
+    /// observers that filter them. Reports grants, overlapping validity intervals and stale
+    /// commands accepted (both must be 0); exits 1 on a safety violation.
+    Leader(leader::LeaderArgs),
+    /// Agents join one swarm and heartbeat; some are killed (frozen without a close, or
+    /// closed); reports how long until watchers saw each leave (p50/p99/max) and the ghosts
+    /// the router still lists (must be 0).
+    Presence(presence::PresenceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -78,6 +90,8 @@ fn main() -> std::process::ExitCode {
             Scenario::Storm(args) => storm::run(args).await,
             Scenario::Reconnect(args) => reconnect::run(args).await,
             Scenario::Jobs(args) => jobs::run(args).await,
+            Scenario::Leader(args) => leader::run(args).await,
+            Scenario::Presence(args) => presence::run(args).await,
         }
     });
     match result {
