@@ -233,19 +233,46 @@ impl Connector {
     ) -> Result<(Client, Deliveries), ClientError> {
         let timeout = session.connect_timeout;
         let after_ms = timeout.as_millis() as u64;
-        tokio::time::timeout(timeout, self.establish(router, session))
-            .await
-            .map_err(|_| ClientError::Timeout {
-                during: "connecting",
-                after_ms,
-            })?
+        let (client, deliveries) =
+            tokio::time::timeout(timeout, self.establish(router, session, None))
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    during: "connecting",
+                    after_ms,
+                })??;
+        let deliveries = deliveries.ok_or_else(|| ClientError::Protocol {
+            detail: "no delivery stream was made".into(),
+        })?;
+        Ok((client, deliveries))
     }
 
-    async fn establish(
+    /// [`Connector::connect`] into an existing sink (a reconnecting session's channels).
+    pub(crate) async fn connect_into(
         &self,
         router: SocketAddr,
         session: Session,
-    ) -> Result<(Client, Deliveries), ClientError> {
+        sink: DeliverySink,
+    ) -> Result<Client, ClientError> {
+        let timeout = session.connect_timeout;
+        let after_ms = timeout.as_millis() as u64;
+        let (client, _) =
+            tokio::time::timeout(timeout, self.establish(router, session, Some(sink)))
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    during: "connecting",
+                    after_ms,
+                })??;
+        Ok(client)
+    }
+
+    /// Connects into `sink` when given (a reconnecting session keeps its application's
+    /// delivery channels), else into new channels returned with the client.
+    pub(crate) async fn establish(
+        &self,
+        router: SocketAddr,
+        session: Session,
+        sink: Option<DeliverySink>,
+    ) -> Result<(Client, Option<Deliveries>), ClientError> {
         let connection = self.connect_quic(router).await?;
         let lost = |e: &quinn::ConnectionError| ClientError::from_connection(e);
         let (mut send, recv) = connection.open_bi().await.map_err(|e| lost(&e))?;
@@ -278,7 +305,13 @@ impl Connector {
         let max_frame = (welcome.limits.max_frame_bytes as usize).max(1024);
         // Keep whatever arrived behind Welcome; only the limit changes.
         reader.decoder.set_max_frame_bytes(max_frame);
-        let (deliveries_tx, deliveries_rx) = mpsc::channel(session.delivery_buffer.max(1));
+        let (deliveries_tx, deliveries) = match sink {
+            Some(sink) => (sink, None),
+            None => {
+                let (sink, deliveries) = Deliveries::channels(session.delivery_buffer);
+                (sink, Some(deliveries))
+            }
+        };
         let (session_tx, session_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
         let (requests_tx, requests_rx) = mpsc::channel(REQUEST_QUEUE);
         tokio::spawn(stream_writer(
@@ -347,7 +380,7 @@ impl Connector {
             shared,
             _owner: Arc::new(Owner { connection }),
         };
-        Ok((client, Deliveries { rx: deliveries_rx }))
+        Ok((client, deliveries))
     }
 }
 
@@ -712,7 +745,7 @@ async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
 /// Where the router's unidirectional streams' messages go.
 #[derive(Clone, Debug)]
 struct Inbound {
-    deliveries: mpsc::Sender<Deliver>,
+    deliveries: DeliverySink,
     job_events: mpsc::Sender<jobs::JobEvent>,
     job_updates: mpsc::Sender<JobUpdate>,
 }
@@ -769,21 +802,113 @@ async fn accept_deliveries(connection: Connection, inbound: Inbound, max_frame: 
     }
 }
 
-/// Messages delivered to this session, in order per class stream.
+/// Where a connection's deliveries go: one bounded channel per class, and optionally a
+/// record of the last ordered op handed over (what a reconnecting session resumes from).
+#[derive(Clone, Debug)]
+pub(crate) struct DeliverySink {
+    classes: [mpsc::Sender<Deliver>; Class::COUNT],
+    pub(crate) handed_over: Option<Arc<Mutex<IdempotentApply>>>,
+}
+
+impl DeliverySink {
+    /// Queues `deliver` in its class's channel (waiting while that channel is full: only
+    /// that class's stream is held back); fails once the application dropped `Deliveries`.
+    async fn send(&self, deliver: Deliver) -> Result<(), ()> {
+        let class = deliver.class;
+        let handed = class
+            .is_ordered()
+            .then(|| (deliver.swarm.clone(), deliver.epoch, deliver.op_id));
+        self.classes[class.index()]
+            .send(deliver)
+            .await
+            .map_err(|_| ())?;
+        if let (Some(tracker), Some((swarm, epoch, op))) = (&self.handed_over, handed) {
+            tracker
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .admit(&swarm, class, epoch, op);
+        }
+        Ok(())
+    }
+}
+
+/// Messages delivered to this session, in order per class. Each class has its own bounded
+/// buffer (`Session::delivery_buffer` each), and [`Deliveries::recv`] takes control first,
+/// then command, alert, reconciliation and telemetry last: a backlog of telemetry the
+/// application has not read never holds a command back.
 #[derive(Debug)]
 pub struct Deliveries {
-    rx: mpsc::Receiver<Deliver>,
+    classes: [mpsc::Receiver<Deliver>; Class::COUNT],
 }
 
 impl Deliveries {
-    /// The next delivery; `None` once the connection is closed and everything was read.
-    pub async fn recv(&mut self) -> Option<Deliver> {
-        self.rx.recv().await
+    pub(crate) fn channels(buffer: usize) -> (DeliverySink, Deliveries) {
+        let channels: [(mpsc::Sender<Deliver>, mpsc::Receiver<Deliver>); Class::COUNT] =
+            std::array::from_fn(|_| mpsc::channel(buffer.max(1)));
+        let (senders, receivers): (Vec<_>, Vec<_>) = channels.into_iter().unzip();
+        let classes = senders
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one sender per class"));
+        let receivers = receivers
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one receiver per class"));
+        (
+            DeliverySink {
+                classes,
+                handed_over: None,
+            },
+            Deliveries { classes: receivers },
+        )
     }
 
-    /// Up to `limit` deliveries appended to `out`; 0 once closed.
+    /// The next delivery, highest-priority class first; `None` once the connection is
+    /// closed and everything was read.
+    pub async fn recv(&mut self) -> Option<Deliver> {
+        std::future::poll_fn(|cx| {
+            let mut open = false;
+            // Class::ALL is in priority order: control, command, alert, reconciliation,
+            // telemetry.
+            for rx in &mut self.classes {
+                match rx.poll_recv(cx) {
+                    std::task::Poll::Ready(Some(deliver)) => {
+                        return std::task::Poll::Ready(Some(deliver))
+                    }
+                    std::task::Poll::Ready(None) => {}
+                    std::task::Poll::Pending => open = true,
+                }
+            }
+            if open {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(None)
+            }
+        })
+        .await
+    }
+
+    /// Up to `limit` deliveries appended to `out`, highest-priority class first (waiting
+    /// for the first one); 0 once closed.
     pub async fn recv_many(&mut self, out: &mut Vec<Deliver>, limit: usize) -> usize {
-        self.rx.recv_many(out, limit).await
+        if limit == 0 {
+            return 0;
+        }
+        let Some(first) = self.recv().await else {
+            return 0;
+        };
+        out.push(first);
+        let mut taken = 1;
+        for rx in &mut self.classes {
+            while taken < limit {
+                match rx.try_recv() {
+                    Ok(deliver) => {
+                        out.push(deliver);
+                        taken += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        taken
     }
 }
 
@@ -1672,5 +1797,71 @@ impl Client {
     /// Waits until the connection is closed and says why.
     pub async fn closed(&self) -> ClientError {
         ClientError::from_connection(&self.shared.connection.closed().await)
+    }
+}
+
+#[cfg(test)]
+mod delivery_tests {
+    use super::*;
+
+    fn deliver(class: Class, op: u64) -> Deliver {
+        Deliver {
+            swarm: "s".into(),
+            class,
+            op_id: OpId(op),
+            epoch: Epoch(1),
+            source_agent: "a".into(),
+            target_agent: None,
+            key: None,
+            payload: Bytes::new(),
+            fencing_token: 0,
+            lease: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_telemetry_backlog_never_holds_a_command_back() {
+        let (sink, mut deliveries) = Deliveries::channels(2);
+        sink.send(deliver(Class::Telemetry, 0)).await.unwrap();
+        sink.send(deliver(Class::Telemetry, 0)).await.unwrap();
+        // The telemetry buffer is full; a command still goes in at once...
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            sink.send(deliver(Class::Command, 1)),
+        )
+        .await
+        .expect("a full telemetry buffer does not block commands")
+        .unwrap();
+        sink.send(deliver(Class::Control, 2)).await.unwrap();
+        // ...and comes out before the telemetry queued ahead of it (control first).
+        let order: Vec<Class> = [
+            deliveries.recv().await,
+            deliveries.recv().await,
+            deliveries.recv().await,
+        ]
+        .into_iter()
+        .map(|d| d.unwrap().class)
+        .collect();
+        assert_eq!(order, [Class::Control, Class::Command, Class::Telemetry]);
+        let mut rest = Vec::new();
+        assert_eq!(deliveries.recv_many(&mut rest, 10).await, 1);
+        drop(sink);
+        assert!(
+            deliveries.recv().await.is_none(),
+            "ends when every sender is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_sink_records_the_last_ordered_op_handed_over() {
+        let (mut sink, _deliveries) = Deliveries::channels(8);
+        let tracker = Arc::new(Mutex::new(IdempotentApply::new()));
+        sink.handed_over = Some(tracker.clone());
+        sink.send(deliver(Class::Command, 7)).await.unwrap();
+        sink.send(deliver(Class::Telemetry, 0)).await.unwrap();
+        assert_eq!(
+            tracker.lock().unwrap().last_applied_of("s", Class::Command),
+            OpId(7)
+        );
     }
 }

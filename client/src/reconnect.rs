@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use swarmbus_schema::{Class, OpId};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::{
-    Backoff, Client, ClientError, Connector, Deliveries, IdempotentApply, PublishOptions,
-    RetryPolicy, Session,
+    Backoff, Client, ClientError, Connector, Deliveries, DeliverySink, IdempotentApply,
+    PublishOptions, RetryPolicy, Session,
 };
 
 /// What happened to a [`ResilientClient`]'s connection, for logs and measurements.
@@ -99,6 +99,9 @@ struct Inner {
     closed: AtomicBool,
     reconnects: AtomicU64,
     attempts: AtomicU64,
+    /// The application's delivery channels, which every connection feeds; taken on close
+    /// so the application's `Deliveries` end.
+    sink: Mutex<Option<DeliverySink>>,
 }
 
 impl Inner {
@@ -129,11 +132,7 @@ impl Inner {
     /// reconnection (`after_loss`) waits one backoff before its first attempt too: every
     /// client of a restarting router loses its connection at the same moment, and only
     /// that first jittered wait keeps them from all coming back in the same instant.
-    async fn establish(
-        &self,
-        session: &Session,
-        after_loss: bool,
-    ) -> Result<(Client, Deliveries), ClientError> {
+    async fn establish(&self, session: &Session, after_loss: bool) -> Result<Client, ClientError> {
         let mut backoff = self.backoff();
         if after_loss {
             if let Some(wait) = backoff.next_wait(Duration::ZERO) {
@@ -148,14 +147,27 @@ impl Inner {
                 at: Instant::now(),
                 attempt,
             });
-            let error = match self.connector.connect(self.router, session.clone()).await {
-                Ok((client, deliveries)) => match self.resubscribe(&client).await {
+            let sink = self
+                .sink
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone()
+                .ok_or_else(|| ClientError::Closed {
+                    code: Some(0),
+                    reason: "client closed".into(),
+                })?;
+            let error = match self
+                .connector
+                .connect_into(self.router, session.clone(), sink)
+                .await
+            {
+                Ok(client) => match self.resubscribe(&client).await {
                     Ok(count) => {
                         self.emit(ReconnectEvent::Resubscribed {
                             at: Instant::now(),
                             subscriptions: count,
                         });
-                        return Ok((client, deliveries));
+                        return Ok(client);
                     }
                     Err(error) => error,
                 },
@@ -223,6 +235,13 @@ impl Drop for Closer {
 
 fn close(inner: &Inner) {
     inner.closed.store(true, Ordering::Release);
+    // Dropping the sink lets the application's deliveries end once the connection's
+    // readers are done.
+    inner
+        .sink
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
     inner.current.send_modify(|current| {
         if let Some(client) = current.take() {
             client.close();
@@ -241,6 +260,16 @@ impl Connector {
         options: ReconnectOptions,
     ) -> Result<(ResilientClient, Deliveries), ClientError> {
         let (current, _) = watch::channel(None);
+        let (mut sink, deliveries) = Deliveries::channels(session.delivery_buffer);
+        // Where the application stands in every ordered class: a new connection resumes
+        // after the last op handed over.
+        let handed_over = Arc::new(Mutex::new(IdempotentApply::restore(
+            session
+                .resume
+                .iter()
+                .map(|p| (p.swarm.clone(), p.class, p.epoch, p.last_applied)),
+        )));
+        sink.handed_over = Some(handed_over.clone());
         let inner = Arc::new(Inner {
             connector: self.clone(),
             router,
@@ -251,11 +280,17 @@ impl Connector {
             closed: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
+            sink: Mutex::new(Some(sink)),
         });
-        let (client, deliveries) = inner.establish(&session, false).await?;
-        let (app_tx, app_rx) = mpsc::channel(session.delivery_buffer.max(1));
-        inner.current.send_replace(Some(client));
-        tokio::spawn(supervise(inner.clone(), session, deliveries, app_tx));
+        let client = match inner.establish(&session, false).await {
+            Ok(client) => client,
+            Err(error) => {
+                close(&inner);
+                return Err(error);
+            }
+        };
+        inner.current.send_replace(Some(client.clone()));
+        tokio::spawn(supervise(inner.clone(), session, client, handed_over));
         Ok((
             ResilientClient {
                 _owner: Arc::new(Closer {
@@ -263,66 +298,47 @@ impl Connector {
                 }),
                 inner,
             },
-            Deliveries { rx: app_rx },
+            deliveries,
         ))
     }
 }
 
-/// Forwards one connection's deliveries to the application, then reconnects; repeats until
-/// closed or reconnection gives up.
+/// Waits for the connection to end, then reconnects (resuming after the last ordered op
+/// handed to the application); repeats until closed or reconnection gives up. Every
+/// connection feeds the application's delivery channels directly.
 async fn supervise(
     inner: Arc<Inner>,
     mut session: Session,
-    mut deliveries: Deliveries,
-    app: mpsc::Sender<crate::Deliver>,
+    mut client: Client,
+    handed_over: Arc<Mutex<IdempotentApply>>,
 ) {
-    // Where the application stands in every ordered class: a new connection resumes there.
-    let mut handed_over = IdempotentApply::restore(
-        session
-            .resume
-            .iter()
-            .map(|p| (p.swarm.clone(), p.class, p.epoch, p.last_applied)),
-    );
     loop {
-        while let Some(delivery) = deliveries.recv().await {
-            if delivery.class.is_ordered() {
-                handed_over.apply(&delivery, |_| ());
-            }
-            if app.send(delivery).await.is_err() {
-                // The application dropped its deliveries: the session is over.
-                close(&inner);
-                return;
-            }
-        }
-        let ended = inner.current.send_replace(None);
+        let error = client.closed().await;
+        drop(client);
+        inner.current.send_replace(None);
         if inner.closed.load(Ordering::Acquire) {
             return;
         }
-        let error = match ended {
-            Some(client) => client.closed().await,
-            None => ClientError::Closed {
-                code: None,
-                reason: "connection lost".into(),
-            },
-        };
         inner.emit(ReconnectEvent::Disconnected {
             at: Instant::now(),
             error,
         });
         session.resume = handed_over
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
             .resume_points()
             .into_iter()
             .filter(|p| session.swarms.contains(&p.swarm))
             .collect();
         match inner.establish(&session, true).await {
-            Ok((client, next)) => {
+            Ok(next) => {
                 if inner.closed.load(Ordering::Acquire) {
-                    client.close();
+                    next.close();
                     return;
                 }
                 inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                inner.current.send_replace(Some(client));
-                deliveries = next;
+                inner.current.send_replace(Some(next.clone()));
+                client = next;
             }
             Err(error) => {
                 inner.emit(ReconnectEvent::GaveUp {
@@ -333,6 +349,7 @@ async fn supervise(
                     .gave_up
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+                close(&inner);
                 // Wakes whoever waits in `client()`.
                 inner.current.send_replace(None);
                 return;
