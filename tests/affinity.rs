@@ -176,7 +176,15 @@ async fn requests_fail_clearly_when_the_node_is_gone_or_silent() {
                 .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Close the worker only once the router has sent it the request.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while t.router.worker_requests_pending() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the router"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     silent.close();
     let err = tokio::time::timeout(Duration::from_secs(10), pending)
         .await

@@ -20,6 +20,8 @@ pub async fn start_router(adjust: impl FnOnce(&mut Config)) -> TestRouter {
         shards: 2,
         ..Config::default()
     };
+    // Tests that are not about presence must not lose agents to a stalled CI machine.
+    config.presence.heartbeat_timeout_ms = 60_000;
     adjust(&mut config);
     let router = Router::start(config).await.expect("router starts");
     let ca = router.ca_path().expect("development CA").to_owned();

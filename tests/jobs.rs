@@ -148,7 +148,7 @@ async fn a_worker_killed_mid_job_reruns_elsewhere_and_the_submitter_gets_one_res
 #[tokio::test]
 async fn a_fenced_workers_late_result_is_rejected() {
     let router = start_router(|c| {
-        c.jobs.visibility_timeout_ms = 200;
+        c.jobs.visibility_timeout_ms = 1_000;
         c.jobs.backoff_base_ms = 10;
     })
     .await;
@@ -156,8 +156,7 @@ async fn a_fenced_workers_late_result_is_rejected() {
     let (slow, mut slow_events) = worker(&router, "slow", &["s"], 1).await;
     let status = agent.submit_job(job("s", "k")).await.unwrap();
     let first = next_lease(&mut slow_events).await;
-    // The slow worker takes nothing more, so the requeued job can only go to the fast one
-    // (whenever the lease expires relative to this).
+    // The slow worker takes nothing more, so the requeued job goes to the fast one.
     slow.set_job_credits(0).await.unwrap();
     // No heartbeat: the lease expires and the worker is told its attempt is fenced.
     assert_eq!(
@@ -169,7 +168,9 @@ async fn a_fenced_workers_late_result_is_rejected() {
     );
     let (fast, mut fast_events) = worker(&router, "fast", &["s"], 1).await;
     let second = next_lease(&mut fast_events).await;
-    assert_eq!(second.attempt, 2);
+    // Attempt 2, unless the slow worker was leased the job again before its credits=0
+    // arrived (then it is fenced once more and the fast worker gets attempt 3).
+    assert!(second.attempt >= 2, "{second:?}");
     let late = finish(&slow, &first, "late").await.unwrap_err();
     assert_eq!(refused_code(late), ErrorCode::LeaseFenced.as_u16());
     assert_eq!(
@@ -265,7 +266,8 @@ async fn a_router_restart_loses_no_accepted_job_and_results_still_arrive() {
 #[tokio::test]
 async fn jobs_are_dead_lettered_after_their_last_attempt_and_can_be_redriven() {
     let router = start_router(|c| {
-        c.jobs.visibility_timeout_ms = 100;
+        // Long enough for the re-driven attempt's result to arrive on a slow machine.
+        c.jobs.visibility_timeout_ms = 1_000;
         c.jobs.backoff_base_ms = 10;
     })
     .await;

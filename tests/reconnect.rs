@@ -50,14 +50,22 @@ fn fast_reconnect(events: Arc<Mutex<Vec<ReconnectEvent>>>) -> ReconnectOptions {
     }
 }
 
+/// Publishes through the resilient client, retrying a connection found closed (right after
+/// the restart its old client may still be current for a moment; nothing sent on the dead
+/// connection was sequenced, so the retry cannot double it).
 async fn publish(ctl: &swarmbus_client::ResilientClient, payload: &'static [u8]) -> OpId {
-    ctl.publish(
-        "s",
-        Class::Command,
-        Bytes::from_static(payload),
-        PublishOptions::default(),
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        ctl.publish_with_retry(
+            "s",
+            Class::Command,
+            Bytes::from_static(payload),
+            PublishOptions::default(),
+            &RetryPolicy::default(),
+        ),
     )
     .await
+    .expect("the publisher reconnects")
     .unwrap()
 }
 

@@ -423,6 +423,8 @@ async fn a_flood_stays_within_the_memory_caps_and_loses_no_command() {
         c.limits.max_frame_bytes = 128 * 1024;
         c.queues.connection_bytes = connection_cap;
         c.queues.router_bytes = router_cap;
+        // The slow agent never acknowledges: no redelivery may interleave with the check.
+        c.log.redelivery_timeout_ms = 600_000;
     })
     .await;
     let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;

@@ -594,6 +594,11 @@ impl Router {
         self.writer_kind
     }
 
+    /// Requests to worker nodes awaiting their replies.
+    pub fn worker_requests_pending(&self) -> usize {
+        self.context.workers.pending_requests()
+    }
+
     pub fn stats(&self) -> StatsSnapshot {
         self.stats.snapshot()
     }
