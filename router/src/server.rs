@@ -76,6 +76,8 @@ struct Context {
     telemetry_intake: Option<crate::limits::IntakeBudget>,
     /// Presence, leases and stopped agents.
     control: Mutex<ControlState>,
+    /// The runtime telemetry publish streams are read on (see [`read_publish_stream`]).
+    bulk: Option<tokio::runtime::Handle>,
     clock: Clock,
     /// The job queue (sans-IO, under one lock like `workers`).
     jobs: Mutex<Jobs>,
@@ -394,10 +396,42 @@ enum BreakerScope {
     Swarm,
 }
 
+/// The runtime (one thread) that reads telemetry publish streams, apart from the main
+/// runtime's command path. Shut down in the background when the router goes.
+#[derive(Debug)]
+struct BulkRuntime(Option<tokio::runtime::Runtime>);
+
+impl BulkRuntime {
+    fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("swarmbus-telemetry")
+            .enable_all()
+            .build()?;
+        Ok(BulkRuntime(Some(runtime)))
+    }
+
+    fn handle(&self) -> tokio::runtime::Handle {
+        match &self.0 {
+            Some(runtime) => runtime.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl Drop for BulkRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A running router. Dropping it does not stop it; call [`Router::shutdown`].
 #[derive(Debug)]
 pub struct Router {
     context: Arc<Context>,
+    _bulk_runtime: BulkRuntime,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     ca_path: Option<PathBuf>,
@@ -523,6 +557,9 @@ impl Router {
             .collect();
         let writer_kind = writer.kind();
         drop(writer);
+        let bulk_runtime = BulkRuntime::start().map_err(|e| RouterError::Config {
+            detail: format!("starting the telemetry runtime: {e}"),
+        })?;
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
         let telemetry_intake =
             (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));
@@ -536,6 +573,7 @@ impl Router {
             workers,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
+            bulk: Some(bulk_runtime.handle()),
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
                 leases: Leases::restore(restored.lease_tokens),
@@ -565,6 +603,7 @@ impl Router {
         info!(%local_addr, "router listening");
         Ok(Router {
             context,
+            _bulk_runtime: bulk_runtime,
             endpoint,
             local_addr,
             ca_path,
@@ -2171,56 +2210,82 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
     while let Ok(recv) = connection.accept_uni().await {
         // Reap finished readers so the set stays as small as the open streams.
         while readers.try_join_next().is_some() {}
-        let session = session.clone();
-        let connection = connection.clone();
+        let reader = FrameReader::new(recv, max_frame);
         readers.spawn(
-            async move {
-                let mut reader = FrameReader::new(recv, max_frame);
-                let decode = session.context.decode.clone();
-                let result = async {
-                    // Telemetry this reader may still read before it takes another batch
-                    // from the router-wide intake budget.
-                    let mut allowance = 0u32;
-                    loop {
-                        match reader.next(&decode).await? {
-                            Read::Message(
-                                message @ (Message::Publish(_)
-                                | Message::SubmitJob(_)
-                                | Message::JobResult(_)
-                                | Message::JobProgress(_)),
-                            ) => {
-                                let telemetry = matches!(&message, Message::Publish(p) if p.class == Class::Telemetry);
-                                session.dispatch(message).await?;
-                                if let (true, Some(budget)) =
-                                    (telemetry, &session.context.telemetry_intake)
-                                {
-                                    if allowance == 0 {
-                                        budget.take_batch().await;
-                                        allowance = crate::limits::IntakeBudget::BATCH;
-                                    }
-                                    allowance -= 1;
-                                }
-                            }
-                            Read::Message(other) => {
-                                return Err(Fault::new(
-                                    ErrorCode::WrongStream,
-                                    format!(
-                                        "{} on a publish stream (only Publish and job messages are allowed)",
-                                        other.kind()
-                                    ),
-                                ))
-                            }
-                            Read::End | Read::Gone => return Ok::<(), Fault>(()),
+            read_publish_stream(reader, session.clone(), connection.clone(), false)
+                .in_current_span(),
+        );
+    }
+}
+
+/// [`read_publish_stream`] for a stream moved to the bulk runtime (boxed: the future refers
+/// to itself).
+fn continue_on_bulk(
+    reader: FrameReader,
+    session: Arc<Session>,
+    connection: Connection,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    Box::pin(read_publish_stream(reader, session, connection, true))
+}
+
+/// Reads one publish stream. A stream that carries telemetry moves, at its first telemetry
+/// message, to the router's bulk runtime (its own thread), so that however many telemetry
+/// streams are busy, the readers of command and control streams on the main runtime wait
+/// behind none of them. A moved reader ends by itself when its stream or connection does.
+async fn read_publish_stream(
+    mut reader: FrameReader,
+    session: Arc<Session>,
+    connection: Connection,
+    on_bulk: bool,
+) {
+    let decode = session.context.decode.clone();
+    let result = async {
+        // Telemetry this reader may still read before it takes another batch from the
+        // router-wide intake budget.
+        let mut allowance = 0u32;
+        loop {
+            match reader.next(&decode).await? {
+                Read::Message(
+                    message @ (Message::Publish(_)
+                    | Message::SubmitJob(_)
+                    | Message::JobResult(_)
+                    | Message::JobProgress(_)),
+                ) => {
+                    let telemetry =
+                        matches!(&message, Message::Publish(p) if p.class == Class::Telemetry);
+                    session.dispatch(message).await?;
+                    if let (true, Some(budget)) = (telemetry, &session.context.telemetry_intake) {
+                        if allowance == 0 {
+                            budget.take_batch().await;
+                            allowance = crate::limits::IntakeBudget::BATCH;
+                        }
+                        allowance -= 1;
+                    }
+                    if telemetry && !on_bulk {
+                        if let Some(bulk) = session.context.bulk.as_ref() {
+                            let continuation =
+                                continue_on_bulk(reader, session.clone(), connection.clone());
+                            bulk.spawn(continuation.in_current_span());
+                            return Ok(());
                         }
                     }
                 }
-                .await;
-                if let Err(fault) = result {
-                    close_with(&connection, &session.context.stats, &fault);
+                Read::Message(other) => {
+                    return Err(Fault::new(
+                        ErrorCode::WrongStream,
+                        format!(
+                            "{} on a publish stream (only Publish and job messages are allowed)",
+                            other.kind()
+                        ),
+                    ))
                 }
+                Read::End | Read::Gone => return Ok::<(), Fault>(()),
             }
-            .in_current_span(),
-        );
+        }
+    }
+    .await;
+    if let Err(fault) = result {
+        close_with(&connection, &session.context.stats, &fault);
     }
 }
 
