@@ -89,6 +89,8 @@ pub struct ConfigView {
     swarm: String,
     values: BTreeMap<String, Bytes>,
     version: OpId,
+    /// The epoch of the log the version is in; a new epoch starts the document afresh.
+    epoch: Option<swarmbus_schema::Epoch>,
 }
 
 impl ConfigView {
@@ -97,16 +99,24 @@ impl ConfigView {
             swarm: swarm.into(),
             values: BTreeMap::new(),
             version: OpId::NONE,
+            epoch: None,
         }
     }
 
     /// Applies `delivery` if it is a newer configuration op of this swarm; returns whether
     /// it changed the document.
     pub fn apply(&mut self, delivery: &Deliver) -> bool {
-        if delivery.swarm != self.swarm
-            || delivery.class != Class::Control
-            || delivery.op_id <= self.version
-        {
+        if delivery.swarm != self.swarm || delivery.class != Class::Control {
+            return false;
+        }
+        if self.epoch.is_some_and(|epoch| epoch != delivery.epoch) {
+            // The swarm's log was lost or recreated: op ids start again, and the router
+            // resends the new epoch's ops from the start.
+            self.values.clear();
+            self.version = OpId::NONE;
+        }
+        self.epoch = Some(delivery.epoch);
+        if delivery.op_id <= self.version {
             return false;
         }
         let Some(name) = delivery

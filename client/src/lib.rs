@@ -815,19 +815,22 @@ impl DeliverySink {
     /// that class's stream is held back); fails once the application dropped `Deliveries`.
     async fn send(&self, deliver: Deliver) -> Result<(), ()> {
         let class = deliver.class;
-        let handed = class
-            .is_ordered()
-            .then(|| (deliver.swarm.clone(), deliver.epoch, deliver.op_id));
-        self.classes[class.index()]
-            .send(deliver)
+        let permit = self.classes[class.index()]
+            .reserve()
             .await
             .map_err(|_| ())?;
-        if let (Some(tracker), Some((swarm, epoch, op))) = (&self.handed_over, handed) {
-            tracker
+        if let (Some(tracker), true) = (&self.handed_over, class.is_ordered()) {
+            // Decided with the slot in hand: while a reconnection resumes, the old and the
+            // new connection may both hold the same ops; each is handed over once, in order.
+            let fresh = tracker
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .admit(&swarm, class, epoch, op);
+                .admit(&deliver.swarm, class, deliver.epoch, deliver.op_id);
+            if !fresh {
+                return Ok(());
+            }
         }
+        permit.send(deliver);
         Ok(())
     }
 }

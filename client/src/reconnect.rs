@@ -332,12 +332,20 @@ async fn supervise(
             .collect();
         match inner.establish(&session, true).await {
             Ok(next) => {
-                if inner.closed.load(Ordering::Acquire) {
+                // Installed under the watch's lock, checking `closed` there: a concurrent
+                // close either finds this client (and closes it) or is seen here.
+                let mut installed = false;
+                inner.current.send_modify(|current| {
+                    if !inner.closed.load(Ordering::Acquire) {
+                        *current = Some(next.clone());
+                        installed = true;
+                    }
+                });
+                if !installed {
                     next.close();
                     return;
                 }
                 inner.reconnects.fetch_add(1, Ordering::Relaxed);
-                inner.current.send_replace(Some(next.clone()));
                 client = next;
             }
             Err(error) => {
@@ -404,13 +412,27 @@ impl ResilientClient {
         from_agent: Option<&str>,
     ) -> Result<(), ClientError> {
         let key = (swarm.to_owned(), class, from_agent.map(str::to_owned));
-        let client = self.client().await?;
-        client.subscribe(swarm, class, from_agent).await?;
-        let mut subscriptions = self.inner.subscriptions();
-        if !subscriptions.contains(&key) {
-            subscriptions.push(key);
+        // Recorded first, so a reconnection meanwhile subscribes again too.
+        let added = {
+            let mut subscriptions = self.inner.subscriptions();
+            let added = !subscriptions.contains(&key);
+            if added {
+                subscriptions.push(key.clone());
+            }
+            added
+        };
+        let result = match self.client().await {
+            Ok(client) => client.subscribe(swarm, class, from_agent).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error @ ClientError::Refused { .. }) = &result {
+            // Refused (not joined, too many): not a subscription to keep.
+            if added {
+                self.inner.subscriptions().retain(|held| *held != key);
+            }
+            return Err(error.clone());
         }
-        Ok(())
+        result
     }
 
     /// Unsubscribes now and on every future connection.

@@ -566,6 +566,11 @@ impl Config {
                  limits.receive_window_bytes at least limits.stream_receive_window_bytes",
             ));
         }
+        if self.presence.heartbeat_interval_ms == 0 || self.presence.max_lease_ttl_ms == 0 {
+            return Err(config_error(
+                "presence.heartbeat_interval_ms and presence.max_lease_ttl_ms must be at least 1",
+            ));
+        }
         if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {
             return Err(config_error(
                 "limits.max_connections, limits.shard_queue and limits.max_swarms must be at least 1",

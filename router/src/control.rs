@@ -299,6 +299,15 @@ impl Leases {
         }
     }
 
+    /// Takes back a new grant whose record could not be logged: nobody holds the lease
+    /// then. The token stays used (the next grant takes a newer one).
+    pub fn revoke(&mut self, swarm: &str, name: &str, token: u64) {
+        let key = (swarm.to_owned(), name.to_owned());
+        if self.held.get(&key).is_some_and(|held| held.token == token) {
+            self.held.remove(&key);
+        }
+    }
+
     pub fn release(
         &mut self,
         swarm: &str,
@@ -379,9 +388,17 @@ impl Restored {
         if let Some(rest) = key.strip_prefix("lease/") {
             // The swarm name may contain '/': the lease name is after the last one.
             if let (Some((swarm, name)), Some(token)) = (rest.rsplit_once('/'), u64_of(payload)) {
+                // The largest token logged wins, whatever order the records landed in.
                 let key = (swarm.to_owned(), name.to_owned());
+                let newest = self
+                    .lease_tokens
+                    .iter()
+                    .filter(|(k, _)| *k == key)
+                    .map(|(_, t)| *t)
+                    .max()
+                    .unwrap_or_default();
                 self.lease_tokens.retain(|(k, _)| *k != key);
-                self.lease_tokens.push((key, token));
+                self.lease_tokens.push((key, token.max(newest)));
             }
         } else if let Some(swarm) = key.strip_prefix("pause/") {
             self.paused.retain(|s| s != swarm);

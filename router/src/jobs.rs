@@ -489,6 +489,8 @@ struct WorkerSlot {
     credits: u32,
     leases: HashSet<JobId>,
     models: Vec<String>,
+    /// Its node is draining (by itself or a controller): no new leases; current ones finish.
+    draining: bool,
 }
 
 #[derive(Debug)]
@@ -761,6 +763,7 @@ impl Jobs {
                     credits: 0,
                     leases: HashSet::new(),
                     models: Vec::new(),
+                    draining: false,
                 },
             );
         }
@@ -787,6 +790,13 @@ impl Jobs {
             }
         }
         fx
+    }
+
+    /// Whether a worker's node is draining: it gets no new leases while it is.
+    pub fn worker_draining(&mut self, conn: ConnId, draining: bool) {
+        if let Some(worker) = self.workers.get_mut(&conn) {
+            worker.draining = draining;
+        }
     }
 
     /// The models a worker's node has loaded (from its WorkerStatus).
@@ -1017,7 +1027,7 @@ impl Jobs {
         let mut best: Option<(bool, u64, ConnId)> = None;
         for (conn, worker) in &self.workers {
             let held = worker.leases.len() as u32;
-            if held >= worker.credits || !worker.swarms.contains(swarm) {
+            if held >= worker.credits || worker.draining || !worker.swarms.contains(swarm) {
                 continue;
             }
             let cold = model.is_some_and(|m| !worker.models.iter().any(|have| have == m));
@@ -1861,6 +1871,19 @@ mod tests {
         assert_eq!(updates.len(), 1);
         assert_eq!(updates[0].state, JobState::Running);
         assert_eq!(updates[0].payload.as_ref(), b"50%");
+    }
+
+    #[test]
+    fn a_draining_worker_gets_no_new_jobs() {
+        let mut jobs = Jobs::new(JobsConfig::default(), [], 0, 5);
+        let (_, _) = worker(&mut jobs, 2, &["s"], 4);
+        let (_, _) = worker(&mut jobs, 3, &["s"], 4);
+        jobs.worker_draining(ConnId(3), true);
+        let who = outbox(1);
+        for key in ["a", "b", "c"] {
+            let (_, fx) = accept(&mut jobs, &who, submit("s", key, None), 0);
+            assert_eq!(leases(&fx)[0].0, ConnId(2), "{key}");
+        }
     }
 
     #[test]

@@ -174,6 +174,11 @@ impl Outbox {
         let len = frame.wire_len();
         let queue = &self.lanes[lane.index()];
         let mut frames = self.lock(lane);
+        // Closed meanwhile: `close` empties the lanes under their locks, so after taking this
+        // one the frame would never be drained (nor its bytes given back).
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
         loop {
             if frames.len() < queue.capacity && self.reserve(len, lane.sheddable()) {
                 break;
@@ -310,6 +315,16 @@ impl Outbox {
         }
     }
 
+    /// Gives back the bytes of frames still queued (an outbox dropped without `close`).
+    fn release_all(&self) {
+        for lane in Lane::all() {
+            let mut frames = self.lock(lane);
+            for frame in frames.drain(..) {
+                self.release(frame.wire_len());
+            }
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -323,6 +338,12 @@ impl Outbox {
             }
             self.close_requested.notified().await;
         }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.release_all();
     }
 }
 

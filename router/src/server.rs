@@ -76,8 +76,10 @@ struct Context {
     telemetry_intake: Option<crate::limits::IntakeBudget>,
     /// Presence, leases and stopped agents.
     control: Mutex<ControlState>,
-    /// The runtime telemetry publish streams are read on (see [`read_publish_stream`]).
+    /// The runtime telemetry publish streams are read on (see [`read_publish_stream`]);
+    /// it lives as long as the context (a dropped `Router` keeps serving).
     bulk: Option<tokio::runtime::Handle>,
+    _bulk_runtime: BulkRuntime,
     clock: Clock,
     /// The job queue (sans-IO, under one lock like `workers`).
     jobs: Mutex<Jobs>,
@@ -140,8 +142,10 @@ impl Context {
             Role::Worker => "worker",
         };
         let payload = format!(
-            "{{\"event\":\"{event}\",\"agent\":{agent:?},\"role\":\"{role}\",\"reason\":\"{reason}\",\"last_seen_ms\":{},\"metadata\":{:?}}}",
-            present.last_seen_ms, present.metadata
+            "{{\"event\":\"{event}\",\"agent\":{},\"role\":\"{role}\",\"reason\":\"{reason}\",\"last_seen_ms\":{},\"metadata\":{}}}",
+            json_string(agent),
+            present.last_seen_ms,
+            json_string(&present.metadata)
         );
         self.announce(&present.swarms, "presence", payload).await;
     }
@@ -431,7 +435,6 @@ impl Drop for BulkRuntime {
 #[derive(Debug)]
 pub struct Router {
     context: Arc<Context>,
-    _bulk_runtime: BulkRuntime,
     endpoint: quinn::Endpoint,
     local_addr: SocketAddr,
     ca_path: Option<PathBuf>,
@@ -574,6 +577,7 @@ impl Router {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
             bulk: Some(bulk_runtime.handle()),
+            _bulk_runtime: bulk_runtime,
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
                 leases: Leases::restore(restored.lease_tokens),
@@ -603,7 +607,6 @@ impl Router {
         info!(%local_addr, "router listening");
         Ok(Router {
             context,
-            _bulk_runtime: bulk_runtime,
             endpoint,
             local_addr,
             ca_path,
@@ -1141,7 +1144,7 @@ impl Session {
         }
         check_name("lease name", &request.name)?;
         let max_ttl = self.context.config.presence.max_lease_ttl_ms;
-        let ttl_ms = u64::from(request.ttl_ms.clamp(1, max_ttl));
+        let ttl_ms = u64::from(request.ttl_ms.min(max_ttl).max(1));
         let now_ms = self.context.clock.now_ms();
         let decision = {
             let mut control = self.context.control();
@@ -1179,6 +1182,11 @@ impl Session {
                         .await
                     {
                         // The token must never go backwards: no grant without its record.
+                        self.context.control().leases.revoke(
+                            &request.swarm,
+                            &request.name,
+                            granted.grant.token,
+                        );
                         self.refuse_with_retry(
                             ErrorCode::SwarmUnavailable,
                             request_id,
@@ -1316,9 +1324,11 @@ impl Session {
                 }
             }
             SafetyKind::Drain | SafetyKind::Undrain => {
-                let pins = context
-                    .workers
-                    .set_admin_drain(&action.target, action.kind == SafetyKind::Drain);
+                let draining = action.kind == SafetyKind::Drain;
+                let pins = context.workers.set_admin_drain(&action.target, draining);
+                if let Some(conn) = context.workers.conn_of(&action.target) {
+                    context.jobs().worker_draining(conn, draining);
+                }
                 if let Err(error) = context.write_pins(pins).await {
                     tracing::warn!(%error, "pins of a drained node's sessions not written");
                 }
@@ -1512,7 +1522,15 @@ impl Session {
                     self.not_joined(&swarm, request_id);
                     return Ok(());
                 }
-                let members = self.context.control().presence.list(&swarm);
+                let mut members = self.context.control().presence.list(&swarm);
+                // Keep the answer well within a frame (agent ids and metadata are bounded,
+                // so this cuts only very large swarms; the list is sorted by agent id).
+                let budget = self.context.config.limits.max_frame_bytes as usize / 2;
+                let mut used = 0;
+                members.retain(|m| {
+                    used += m.agent.len() + m.metadata.len() + 32;
+                    used <= budget
+                });
                 let _ = self.outbox.push(
                     Lane::Session,
                     encode(&Message::PresenceList {
@@ -1539,7 +1557,12 @@ impl Session {
                 match workers.register(self.conn, &self.outbox, &status, now) {
                     Ok((node_id, failed, pins)) => {
                         push_all(failed);
-                        self.context.jobs().worker_models(self.conn, &status.models);
+                        let draining = workers.conn_draining(self.conn);
+                        {
+                            let mut jobs = self.context.jobs();
+                            jobs.worker_models(self.conn, &status.models);
+                            jobs.worker_draining(self.conn, draining);
+                        }
                         if let Err(error) = self.context.write_pins(pins).await {
                             tracing::warn!(%error, "session pins of a draining node not written");
                         }
@@ -1863,7 +1886,33 @@ fn check_name(what: &str, name: &str) -> Result<(), Fault> {
     Ok(())
 }
 
+/// Largest presence metadata an agent may register (bytes): presence events and lists carry
+/// it to every watcher, and must stay far below the frame limit.
+pub const MAX_METADATA_BYTES: usize = 1024;
+
+/// `text` as a JSON string literal.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 fn check_hello(hello: &Hello, config: &Config) -> Result<(), Fault> {
+    if hello.metadata.len() > MAX_METADATA_BYTES {
+        return Err(Fault::new(
+            ErrorCode::InvalidRequest,
+            format!("metadata is limited to {MAX_METADATA_BYTES} bytes"),
+        ));
+    }
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(Fault::new(
             ErrorCode::UnsupportedVersion,
@@ -2123,10 +2172,33 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         last_seen_ms: context.clock.now_ms(),
         outbox: outbox.clone(),
     };
-    let joined = context
-        .control()
-        .presence
-        .join(session.agent.clone(), present.clone());
+    // The stop check and the join under one lock: a Stop between them cannot miss us.
+    let joined = {
+        let mut control = context.control();
+        let now_ms = context.clock.now_ms();
+        if control.stops.refused_for(&session.agent, now_ms).is_some() {
+            None
+        } else {
+            Some(
+                control
+                    .presence
+                    .join(session.agent.clone(), present.clone()),
+            )
+        }
+    };
+    let Some(joined) = joined else {
+        outbox.request_close(ErrorCode::Stopped);
+        connection.close(
+            VarInt::from(ErrorCode::Stopped.as_u16()),
+            b"stopped by a controller",
+        );
+        outbox.close();
+        for writer in writers {
+            writer.abort();
+        }
+        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        return;
+    };
     match joined {
         Joined::New => {
             context
@@ -2147,7 +2219,16 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     let session_loop = async {
         loop {
             match session_reader.next(&context.decode).await? {
-                Read::Message(message) => session.dispatch(message).await?,
+                Read::Message(message) => {
+                    // Anything on the session stream is a sign of life, even while an
+                    // earlier message waits for the log.
+                    let now_ms = context.clock.now_ms();
+                    context
+                        .control()
+                        .presence
+                        .seen(&session.agent, session.conn, now_ms);
+                    session.dispatch(message).await?
+                }
                 Read::End | Read::Gone => return Ok::<(), Fault>(()),
             }
         }

@@ -389,21 +389,24 @@ impl Workers {
         for id in orphaned {
             remove_call(state, id);
         }
-        let node = state
+        // Every node this connection registered (usually one).
+        let nodes: Vec<NodeId> = state
             .nodes
             .iter()
-            .find(|(_, node)| node.conn == conn)
-            .map(|(id, _)| *id);
-        let Some(id) = node else {
-            return (Vec::new(), Vec::new());
-        };
-        let out = fail_calls_to(state, id, "the worker node disconnected");
-        state.nodes.remove(&id);
-        let moves = state
-            .sessions
-            .fail_node(&mut state.fleet, id)
-            .unwrap_or_default();
-        let pins = moves_to_pins(state, &moves);
+            .filter(|(_, node)| node.conn == conn)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut out = Vec::new();
+        let mut pins = Vec::new();
+        for id in nodes {
+            out.extend(fail_calls_to(state, id, "the worker node disconnected"));
+            state.nodes.remove(&id);
+            let moves = state
+                .sessions
+                .fail_node(&mut state.fleet, id)
+                .unwrap_or_default();
+            pins.extend(moves_to_pins(state, &moves));
+        }
         (out, pins)
     }
 
@@ -613,6 +616,20 @@ impl Workers {
             return moves_to_pins(state, &moves);
         }
         Vec::new()
+    }
+
+    /// Whether a node registered on `conn` is draining (by itself or by a controller).
+    pub fn conn_draining(&self, conn: ConnId) -> bool {
+        let state = self.lock();
+        state
+            .nodes
+            .iter()
+            .any(|(id, node)| node.conn == conn && spec_draining(&state, *id))
+    }
+
+    /// The connection node `name` is registered on.
+    pub fn conn_of(&self, name: &str) -> Option<ConnId> {
+        self.lock().nodes.get(&node_id(name)).map(|node| node.conn)
     }
 
     /// Fails the requests whose deadline passed (DeadlineExceeded).
