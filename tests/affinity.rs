@@ -11,7 +11,7 @@ use swarmbus_router::workers::node_id;
 use swarmbus_router::{Config, Router};
 use swarmbus_schema::{Role, WorkerStatus};
 
-use crate::common::start_router;
+use crate::common::{start_retrying, start_router};
 
 fn status(node: &str, models: &[&str]) -> WorkerStatus {
     WorkerStatus {
@@ -245,17 +245,7 @@ async fn a_pin_survives_a_router_restart() {
     router.shutdown().await;
     drop((a, b, agent));
 
-    let mut tries = 0;
-    let router = loop {
-        match Router::start(config(addr)).await {
-            Ok(router) => break router,
-            Err(_) if tries < 50 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("restart: {error}"),
-        }
-    };
+    let router = start_retrying(|| config(addr)).await;
     // b comes back first; the session still belongs to a.
     let _b = worker(&connector, addr, "gpu-b", &[], false).await;
     let _a = worker(&connector, addr, "gpu-a", &[], false).await;

@@ -33,6 +33,24 @@ pub async fn start_router(adjust: impl FnOnce(&mut Config)) -> TestRouter {
     }
 }
 
+/// Starts a router on `config()`'s address, retrying for a few seconds: the port of a
+/// router that just shut down may take a moment to be free again.
+pub async fn start_retrying(config: impl Fn() -> Config) -> Router {
+    let mut tries = 0;
+    loop {
+        let config = config();
+        let listen = config.listen;
+        match Router::start(config).await {
+            Ok(router) => return router,
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("router starts on {listen}: {error}"),
+        }
+    }
+}
+
 impl TestRouter {
     /// A router started by the test itself (its data dir is the test's to manage).
     pub fn from_parts(router: Router, connector: Connector) -> Self {

@@ -8,7 +8,7 @@ use swarmbus_client::{ConfigView, IdempotentApply, PublishOptions, Session};
 use swarmbus_router::{Config, Router};
 use swarmbus_schema::{encode, Class, Hello, Message, OpId, Role, PROTOCOL_VERSION};
 
-use crate::common::{recv_keyed, recv_n, start_router, TestRouter};
+use crate::common::{recv_keyed, recv_n, start_retrying, start_router, TestRouter};
 
 fn fast_heartbeats(c: &mut Config) {
     c.presence.heartbeat_interval_ms = 100;
@@ -181,18 +181,7 @@ async fn a_paused_leader_loses_its_lease_and_its_late_commands_are_refused() {
     // Tokens never go backwards across a restart.
     let TestRouter { router, .. } = t;
     router.shutdown().await;
-    let mut tries = 0;
-    let router = loop {
-        match Router::start(config(addr)).await {
-            Ok(router) => break router,
-            Err(error) if tries < 50 => {
-                tries += 1;
-                let _ = error;
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(error) => panic!("restart on {addr}: {error}"),
-        }
-    };
+    let router = start_retrying(|| config(addr)).await;
     let t = TestRouter::from_parts(
         router,
         swarmbus_client::Connector::new(&data.path().join("tls/ca.pem"), "localhost").unwrap(),

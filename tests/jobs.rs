@@ -9,7 +9,7 @@ use swarmbus_client::{Client, ClientError, Connector, JobDedup, JobEvent, JobEve
 use swarmbus_router::{Config, Router};
 use swarmbus_schema::{ErrorCode, JobId, JobLease, JobState, JobUpdate, Role, SubmitJob};
 
-use crate::common::{start_router, TestRouter};
+use crate::common::{start_retrying, start_router, TestRouter};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -221,17 +221,7 @@ async fn a_router_restart_loses_no_accepted_job_and_results_still_arrive() {
     test.router.shutdown().await;
     drop((gpu, events));
 
-    let mut tries = 0;
-    let router = loop {
-        match Router::start(config(addr)).await {
-            Ok(router) => break router,
-            Err(_) if tries < 50 => {
-                tries += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("restart: {error}"),
-        }
-    };
+    let router = start_retrying(|| config(addr)).await;
     let test = TestRouter::from_parts(router, connector);
     let counts = test.router.job_counts();
     assert_eq!((counts.jobs, counts.pending_results), (10, 5), "{counts:?}");

@@ -11,28 +11,16 @@ use swarmbus_client::{
 use swarmbus_router::{Config, Router};
 use swarmbus_schema::{Class, OpId, Role};
 
-use crate::common::recv_n;
+use crate::common::{recv_n, start_retrying};
 
 async fn start(data: &std::path::Path, listen: std::net::SocketAddr) -> Router {
-    // The port of a router that just shut down may take a moment to be free again.
-    let mut tries = 0;
-    loop {
-        let config = Config {
-            listen,
-            data_dir: data.to_owned(),
-            shards: 2,
-            ..Config::default()
-        };
-        match Router::start(config).await {
-            Ok(router) => return router,
-            Err(error) if tries < 50 => {
-                tries += 1;
-                let _ = error;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("router restarts on {listen}: {error}"),
-        }
-    }
+    start_retrying(|| Config {
+        listen,
+        data_dir: data.to_owned(),
+        shards: 2,
+        ..Config::default()
+    })
+    .await
 }
 
 fn fast_reconnect(events: Arc<Mutex<Vec<ReconnectEvent>>>) -> ReconnectOptions {
