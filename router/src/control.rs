@@ -7,6 +7,7 @@
 //! across a restart), `pause/<swarm>`, `stop/<agent>` and `drain/<node>`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -92,8 +93,16 @@ pub struct Present {
     pub role: Role,
     pub swarms: Vec<String>,
     pub metadata: String,
-    pub last_seen_ms: u64,
+    /// Router clock (ms) of its last sign of life. Shared with its session, which updates
+    /// it on every message without taking the control plane's lock.
+    pub last_seen: Arc<AtomicU64>,
     pub outbox: Arc<Outbox>,
+}
+
+impl Present {
+    pub fn last_seen_ms(&self) -> u64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
 }
 
 /// Who is present, by agent id: one entry per agent, whatever its connections did.
@@ -124,7 +133,7 @@ impl Presence {
     pub fn seen(&mut self, agent: &str, conn: ConnId, now_ms: u64) {
         if let Some(member) = self.members.get_mut(agent) {
             if member.conn == conn {
-                member.last_seen_ms = member.last_seen_ms.max(now_ms);
+                member.last_seen.fetch_max(now_ms, Ordering::Relaxed);
             }
         }
     }
@@ -142,7 +151,7 @@ impl Presence {
         let gone: Vec<Arc<str>> = self
             .members
             .iter()
-            .filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms) > timeout_ms)
+            .filter(|(_, m)| now_ms.saturating_sub(m.last_seen_ms()) > timeout_ms)
             .map(|(agent, _)| agent.clone())
             .collect();
         gone.into_iter()
@@ -163,7 +172,7 @@ impl Presence {
             .map(|(agent, m)| Member {
                 agent: agent.to_string(),
                 role: m.role,
-                last_seen_ms: m.last_seen_ms,
+                last_seen_ms: m.last_seen_ms(),
                 metadata: m.metadata.clone(),
             })
             .collect();
@@ -528,7 +537,7 @@ mod tests {
             role: Role::Agent,
             swarms: vec!["s".into()],
             metadata: format!("conn {conn}"),
-            last_seen_ms: at,
+            last_seen: Arc::new(AtomicU64::new(at)),
             outbox: outbox(conn),
         };
         let mut presence = Presence::default();

@@ -76,6 +76,9 @@ struct Context {
     telemetry_intake: Option<crate::limits::IntakeBudget>,
     /// Presence, leases and stopped agents.
     control: Mutex<ControlState>,
+    /// The publisher of the router's own alerts: closed, so the (absent) replies to them
+    /// are dropped.
+    alert_sink: Arc<Outbox>,
     /// The runtime telemetry publish streams are read on (see [`read_publish_stream`]);
     /// it lives as long as the context (a dropped `Router` keeps serving).
     bulk: Option<tokio::runtime::Handle>,
@@ -102,20 +105,18 @@ impl Context {
 
     /// Publishes a router event (JSON payload) on the alert class of `swarms`, from agent
     /// `swarmbus-router` with `key`.
-    async fn announce(&self, swarms: &[String], key: &str, payload: String) {
+    async fn announce<'a>(
+        &self,
+        swarms: impl IntoIterator<Item = &'a str> + Send,
+        key: &str,
+        payload: String,
+    ) {
         let router: Arc<str> = Arc::from(ROUTER_AGENT);
         let payload = Bytes::from(payload);
-        // Alerts need no reply: a closed outbox swallows anything sent back.
-        let sink = Arc::new(Outbox::new(
-            ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed)),
-            &self.config.queues,
-            self.stats.clone(),
-        ));
-        sink.close();
         for swarm in swarms {
             let publish = Publish {
                 request_id: 0,
-                swarm: swarm.clone(),
+                swarm: swarm.to_owned(),
                 class: Class::Alert,
                 target_agent: None,
                 key: Some(key.to_owned()),
@@ -127,7 +128,7 @@ impl Context {
             let _ = shard
                 .send(ShardCommand::Publish {
                     agent: router.clone(),
-                    outbox: sink.clone(),
+                    outbox: self.alert_sink.clone(),
                     publish,
                 })
                 .await;
@@ -144,10 +145,11 @@ impl Context {
         let payload = format!(
             "{{\"event\":\"{event}\",\"agent\":{},\"role\":\"{role}\",\"reason\":\"{reason}\",\"last_seen_ms\":{},\"metadata\":{}}}",
             json_string(agent),
-            present.last_seen_ms,
+            present.last_seen_ms(),
             json_string(&present.metadata)
         );
-        self.announce(&present.swarms, "presence", payload).await;
+        let swarms = present.swarms.iter().map(String::as_str);
+        self.announce(swarms, "presence", payload).await;
     }
 }
 
@@ -566,6 +568,8 @@ impl Router {
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
         let telemetry_intake =
             (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));
+        let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
+        alert_sink.close();
         let context = Arc::new(Context {
             decode: DecodeOptions::default(),
             config,
@@ -576,6 +580,7 @@ impl Router {
             workers,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
+            alert_sink,
             bulk: Some(bulk_runtime.handle()),
             _bulk_runtime: bulk_runtime,
             control: Mutex::new(ControlState {
@@ -809,6 +814,8 @@ struct Session {
     conn: ConnId,
     agent: Arc<str>,
     role: Role,
+    /// Router clock (ms) of the last message read on the session stream (presence).
+    last_seen: Arc<AtomicU64>,
     swarms: HashSet<String>,
     /// Resume points from Hello: (epoch, last applied op) per swarm and ordered class.
     resume: HashMap<(String, Class), (Epoch, OpId)>,
@@ -1041,47 +1048,31 @@ impl Session {
             .stats
             .breaker_transitions
             .fetch_add(1, Ordering::Relaxed);
-        let (payload, swarms): (String, Vec<&str>) = match scope {
+        let payload = match scope {
             BreakerScope::Session => {
                 tracing::info!(agent = %self.agent, state = state.name(), "session circuit breaker");
-                let payload = format!(
-                    "{{\"event\":\"circuit-breaker\",\"scope\":\"session\",\"agent\":{:?},\"state\":\"{}\"}}",
-                    &*self.agent,
+                format!(
+                    "{{\"event\":\"circuit-breaker\",\"scope\":\"session\",\"agent\":{},\"state\":\"{}\"}}",
+                    json_string(&self.agent),
                     state.name()
-                );
-                (payload, self.swarms.iter().map(String::as_str).collect())
+                )
             }
             BreakerScope::Swarm => {
                 tracing::info!(swarm, state = state.name(), "swarm circuit breaker");
-                let payload = format!(
-                    "{{\"event\":\"circuit-breaker\",\"scope\":\"swarm\",\"swarm\":{swarm:?},\"state\":\"{}\"}}",
+                format!(
+                    "{{\"event\":\"circuit-breaker\",\"scope\":\"swarm\",\"swarm\":{},\"state\":\"{}\"}}",
+                    json_string(swarm),
                     state.name()
-                );
-                (payload, vec![swarm])
+                )
             }
         };
-        let router: Arc<str> = Arc::from(ROUTER_AGENT);
-        let payload = Bytes::from(payload);
-        for swarm in swarms {
-            let publish = Publish {
-                request_id: 0,
-                swarm: swarm.to_owned(),
-                class: Class::Alert,
-                target_agent: None,
-                key: Some("circuit-breaker".into()),
-                payload: payload.clone(),
-                fencing_token: 0,
-                lease: None,
-            };
-            self.to_shard(
-                swarm,
-                ShardCommand::Publish {
-                    agent: router.clone(),
-                    outbox: self.outbox.clone(),
-                    publish,
-                },
-            )
-            .await;
+        let context = &self.context;
+        match scope {
+            BreakerScope::Session => {
+                let swarms = self.swarms.iter().map(String::as_str);
+                context.announce(swarms, "circuit-breaker", payload).await
+            }
+            BreakerScope::Swarm => context.announce([swarm], "circuit-breaker", payload).await,
         }
     }
 
@@ -1340,7 +1331,8 @@ impl Session {
             "{{\"event\":\"safety\",\"action\":\"{kind}\",\"by\":{:?},\"swarm\":{:?},\"target\":{:?},\"duration_ms\":{}}}",
             &*self.agent, action.swarm, action.target, action.duration_ms
         );
-        context.announce(&announce_on, "safety", payload).await;
+        let swarms = announce_on.iter().map(String::as_str);
+        context.announce(swarms, "safety", payload).await;
         let _ = self
             .outbox
             .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
@@ -1510,13 +1502,8 @@ impl Session {
                 )
                 .await;
             }
-            Message::Heartbeat { .. } => {
-                let now_ms = self.context.clock.now_ms();
-                self.context
-                    .control()
-                    .presence
-                    .seen(&self.agent, self.conn, now_ms);
-            }
+            // Liveness is recorded by the session loop for every message it reads.
+            Message::Heartbeat { .. } => {}
             Message::PresenceQuery { request_id, swarm } => {
                 if !self.joined(&swarm) {
                     self.not_joined(&swarm, request_id);
@@ -2134,6 +2121,7 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         conn,
         agent: hello.agent_id.into(),
         role: hello.role,
+        last_seen: Arc::new(AtomicU64::new(context.clock.now_ms())),
         resume: hello
             .resume
             .into_iter()
@@ -2169,7 +2157,7 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         role: session.role,
         swarms: session.swarms.iter().cloned().collect(),
         metadata: hello.metadata.clone(),
-        last_seen_ms: context.clock.now_ms(),
+        last_seen: session.last_seen.clone(),
         outbox: outbox.clone(),
     };
     // The stop check and the join under one lock: a Stop between them cannot miss us.
@@ -2222,11 +2210,9 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
                 Read::Message(message) => {
                     // Anything on the session stream is a sign of life, even while an
                     // earlier message waits for the log.
-                    let now_ms = context.clock.now_ms();
-                    context
-                        .control()
-                        .presence
-                        .seen(&session.agent, session.conn, now_ms);
+                    session
+                        .last_seen
+                        .fetch_max(context.clock.now_ms(), Ordering::Relaxed);
                     session.dispatch(message).await?
                 }
                 Read::End | Read::Gone => return Ok::<(), Fault>(()),
