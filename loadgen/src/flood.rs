@@ -209,14 +209,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     progress.abort();
     let router_rss_max_bytes = rss.and_then(RssSampler::stop);
 
-    let mut receiver_reports = Vec::new();
-    let mut receiver_errors = 0;
-    for task in receivers {
-        match task.await {
-            Ok(report) => receiver_reports.push(report),
-            Err(_) => receiver_errors += 1,
-        }
-    }
+    let (receiver_reports, receiver_errors) = probe::join_receivers(receivers).await;
     drop(flooder_clients);
     drop(controller);
     drop(flood_runtime);

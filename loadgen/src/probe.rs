@@ -561,6 +561,19 @@ impl Drop for SideRuntime {
     }
 }
 
+/// Waits for the receiver tasks: their reports, and how many of them failed.
+pub async fn join_receivers<T>(receivers: Vec<tokio::task::JoinHandle<T>>) -> (Vec<T>, usize) {
+    let mut reports = Vec::with_capacity(receivers.len());
+    let mut failed = 0;
+    for task in receivers {
+        match task.await {
+            Ok(report) => reports.push(report),
+            Err(_) => failed += 1,
+        }
+    }
+    (reports, failed)
+}
+
 /// Adds `from` into `into`, naming what failed.
 pub fn merge(into: &mut Histogram<u64>, from: &Histogram<u64>) -> anyhow::Result<()> {
     into.add(from).context("merging latency histograms")

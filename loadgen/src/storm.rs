@@ -248,14 +248,7 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
     stop.store(true, Ordering::Relaxed);
     progress.abort();
     let router_rss_max_bytes = rss.and_then(RssSampler::stop);
-    let mut receiver_reports = Vec::new();
-    let mut receiver_errors = 0;
-    for task in receivers {
-        match task.await {
-            Ok(report) => receiver_reports.push(report),
-            Err(_) => receiver_errors += 1,
-        }
-    }
+    let (receiver_reports, receiver_errors) = probe::join_receivers(receivers).await;
     let transitions = observer_task.await.context("alert observer task")?;
     observer.close();
     drop(stormer);
