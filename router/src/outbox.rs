@@ -223,12 +223,16 @@ impl Outbox {
             self.bytes.fetch_sub(len, Ordering::AcqRel);
             return false;
         }
-        self.stats
-            .connection_queued_bytes_max
-            .fetch_max(own as u64, Ordering::Relaxed);
-        self.stats
-            .queued_bytes_max
-            .fetch_max(router, Ordering::Relaxed);
+        // High-water marks: a plain load first, so the common case (below the mark) writes
+        // nothing to these router-wide counters.
+        for (mark, value) in [
+            (&self.stats.connection_queued_bytes_max, own as u64),
+            (&self.stats.queued_bytes_max, router),
+        ] {
+            if value > mark.load(Ordering::Relaxed) {
+                mark.fetch_max(value, Ordering::Relaxed);
+            }
+        }
         true
     }
 
