@@ -1328,8 +1328,11 @@ impl Session {
         let kind = format!("{:?}", action.kind).to_lowercase();
         tracing::info!(controller = %self.agent, action = %kind, swarm = %action.swarm, target = %action.target, "safety action");
         let payload = format!(
-            "{{\"event\":\"safety\",\"action\":\"{kind}\",\"by\":{:?},\"swarm\":{:?},\"target\":{:?},\"duration_ms\":{}}}",
-            &*self.agent, action.swarm, action.target, action.duration_ms
+            "{{\"event\":\"safety\",\"action\":\"{kind}\",\"by\":{},\"swarm\":{},\"target\":{},\"duration_ms\":{}}}",
+            json_string(&self.agent),
+            json_string(&action.swarm),
+            json_string(&action.target),
+            action.duration_ms
         );
         let swarms = announce_on.iter().map(String::as_str);
         context.announce(swarms, "safety", payload).await;
