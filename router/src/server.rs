@@ -79,10 +79,6 @@ struct Context {
     /// The publisher of the router's own alerts: closed, so the (absent) replies to them
     /// are dropped.
     alert_sink: Arc<Outbox>,
-    /// The runtime telemetry publish streams are read on (see [`read_publish_stream`]);
-    /// it lives as long as the context (a dropped `Router` keeps serving).
-    bulk: Option<tokio::runtime::Handle>,
-    _bulk_runtime: BulkRuntime,
     clock: Clock,
     /// The job queue (sans-IO, under one lock like `workers`).
     jobs: Mutex<Jobs>,
@@ -402,37 +398,6 @@ enum BreakerScope {
     Swarm,
 }
 
-/// The runtime (one thread) that reads telemetry publish streams, apart from the main
-/// runtime's command path. Shut down in the background when the router goes.
-#[derive(Debug)]
-struct BulkRuntime(Option<tokio::runtime::Runtime>);
-
-impl BulkRuntime {
-    fn start() -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("swarmbus-telemetry")
-            .enable_all()
-            .build()?;
-        Ok(BulkRuntime(Some(runtime)))
-    }
-
-    fn handle(&self) -> tokio::runtime::Handle {
-        match &self.0 {
-            Some(runtime) => runtime.handle().clone(),
-            None => tokio::runtime::Handle::current(),
-        }
-    }
-}
-
-impl Drop for BulkRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 /// A running router. Dropping it does not stop it; call [`Router::shutdown`].
 #[derive(Debug)]
 pub struct Router {
@@ -562,9 +527,6 @@ impl Router {
             .collect();
         let writer_kind = writer.kind();
         drop(writer);
-        let bulk_runtime = BulkRuntime::start().map_err(|e| RouterError::Config {
-            detail: format!("starting the telemetry runtime: {e}"),
-        })?;
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
         let telemetry_intake =
             (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));
@@ -581,8 +543,6 @@ impl Router {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
             alert_sink,
-            bulk: Some(bulk_runtime.handle()),
-            _bulk_runtime: bulk_runtime,
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
                 leases: Leases::restore(restored.lease_tokens),
@@ -2282,31 +2242,17 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
         while readers.try_join_next().is_some() {}
         let reader = FrameReader::new(recv, max_frame);
         readers.spawn(
-            read_publish_stream(reader, session.clone(), connection.clone(), false)
-                .in_current_span(),
+            read_publish_stream(reader, session.clone(), connection.clone()).in_current_span(),
         );
     }
 }
 
-/// [`read_publish_stream`] for a stream moved to the bulk runtime (boxed: the future refers
-/// to itself).
-fn continue_on_bulk(
-    reader: FrameReader,
-    session: Arc<Session>,
-    connection: Connection,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    Box::pin(read_publish_stream(reader, session, connection, true))
-}
-
-/// Reads one publish stream. A stream that carries telemetry moves, at its first telemetry
-/// message, to the router's bulk runtime (its own thread), so that however many telemetry
-/// streams are busy, the readers of command and control streams on the main runtime wait
-/// behind none of them. A moved reader ends by itself when its stream or connection does.
+/// Reads one publish stream. Telemetry waits for the router-wide intake budget when one is
+/// set; a full shard queue holds the reader (and so, through QUIC flow control, the sender).
 async fn read_publish_stream(
     mut reader: FrameReader,
     session: Arc<Session>,
     connection: Connection,
-    on_bulk: bool,
 ) {
     let decode = session.context.decode.clone();
     let result = async {
@@ -2330,14 +2276,6 @@ async fn read_publish_stream(
                             allowance = crate::limits::IntakeBudget::BATCH;
                         }
                         allowance -= 1;
-                    }
-                    if telemetry && !on_bulk {
-                        if let Some(bulk) = session.context.bulk.as_ref() {
-                            let continuation =
-                                continue_on_bulk(reader, session.clone(), connection.clone());
-                            bulk.spawn(continuation.in_current_span());
-                            return Ok(());
-                        }
                     }
                 }
                 Read::Message(other) => {
