@@ -1,5 +1,6 @@
 //! Flow control on the publish and delivery paths: a token bucket take, the circuit
-//! breaker's per-publish checks, and the outbound queues (enqueue, shed, priority drain).
+//! breaker's per-publish checks, and the outbound queues (enqueue, shed, priority drain,
+//! coalescing into stream writes).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use swarmbus_router::core::ConnId;
 use swarmbus_router::limits::{Breaker, BreakerConfig, ClassBuckets, Rate, TokenBucket};
 use swarmbus_router::outbox::{Lane, Outbox};
 use swarmbus_router::stats::Stats;
-use swarmbus_schema::{Class, OutFrame};
+use swarmbus_schema::{Class, Coalescer, OutFrame};
 
 fn token_bucket(c: &mut Criterion) {
     let mut group = c.benchmark_group("token_bucket");
@@ -108,6 +109,33 @@ fn outbox_queues(c: &mut Criterion) {
             drained
         })
     });
+    // The same, plus what a lane writer does next: copy the small frames into few large
+    // chunks for the stream write.
+    let mut coalescer = Coalescer::new();
+    group.bench_function(
+        BenchmarkId::new("enqueue_drain_coalesce", "5x256_frames"),
+        |b| {
+            b.iter(|| {
+                for class in Class::ALL {
+                    let lane = Lane::Class(class);
+                    for _ in 0..batch {
+                        let _ = outbox.try_push(lane, proto.clone());
+                    }
+                }
+                let mut written = 0;
+                for class in Class::ALL {
+                    outbox.drain(Lane::Class(class), batch, usize::MAX, &mut chunks);
+                    for frame in chunks.drain(..) {
+                        coalescer.push(frame);
+                    }
+                    let out = coalescer.chunks();
+                    written += out.len();
+                    out.clear();
+                }
+                written
+            })
+        },
+    );
     // A full telemetry lane: each push sheds the oldest frame.
     let small = QueueConfig {
         telemetry: 64,

@@ -47,12 +47,12 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Class, DeadLetters, DecodeOptions, Deliver, DeltaAck,
-    Epoch, FrameDecoder, Hello, JobId, JobProgress, JobResult, JobStatus, JobUpdate, LeaseAction,
-    LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame, Publish, Reply as WireReply,
-    Request, ResumePoint, Role, SafetyAction, SafetyKind, SessionPinned, SubmitJob, Subscription,
-    Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES, JOB_STREAM_PRIORITY, MAX_NAME_BYTES,
-    PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Class, Coalescer, DeadLetters, DecodeOptions, Deliver,
+    DeltaAck, Epoch, FrameDecoder, Hello, JobId, JobProgress, JobResult, JobStatus, JobUpdate,
+    LeaseAction, LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame, Publish,
+    Reply as WireReply, Request, ResumePoint, Role, SafetyAction, SafetyKind, SessionPinned,
+    SubmitJob, Subscription, Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES,
+    JOB_STREAM_PRIORITY, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -434,13 +434,10 @@ async fn stream_writer(
     priority: i32,
 ) {
     let mut batch = Vec::with_capacity(WRITER_BATCH_FRAMES);
-    let mut chunks = Vec::with_capacity(2 * WRITER_BATCH_FRAMES);
+    let mut coalescer = Coalescer::new();
     while frames.recv_many(&mut batch, WRITER_BATCH_FRAMES).await > 0 {
         for frame in batch.drain(..) {
-            chunks.push(frame.head);
-            if !frame.body.is_empty() {
-                chunks.push(frame.body);
-            }
+            coalescer.push(frame);
         }
         if stream.is_none() {
             let Ok(opened) = connection.open_uni().await else {
@@ -452,7 +449,8 @@ async fn stream_writer(
         let Some(send) = stream.as_mut() else {
             return;
         };
-        if send.write_all_chunks(&mut chunks).await.is_err() {
+        let chunks = coalescer.chunks();
+        if send.write_all_chunks(chunks).await.is_err() {
             connection.close(VarInt::from_u32(0), b"stream write failed");
             return;
         }

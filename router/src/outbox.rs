@@ -18,7 +18,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
 use swarmbus_schema::{Class, ErrorCode, OutFrame};
 use tokio::sync::Notify;
 
@@ -248,14 +247,14 @@ impl Outbox {
         self.bytes.load(Ordering::Acquire)
     }
 
-    /// Moves up to `max_frames` frames (and about `max_bytes`) into `chunks` as head/body
-    /// pairs, returning how many frames were taken.
+    /// Moves up to `max_frames` frames (and about `max_bytes`) into `out`, in order,
+    /// returning how many frames were taken.
     pub fn drain(
         &self,
         lane: Lane,
         max_frames: usize,
         max_bytes: usize,
-        chunks: &mut Vec<Bytes>,
+        out: &mut Vec<OutFrame>,
     ) -> usize {
         let mut frames = self.lock(lane);
         let mut taken = 0;
@@ -266,10 +265,7 @@ impl Outbox {
             };
             bytes += frame.wire_len();
             self.release(frame.wire_len());
-            chunks.push(frame.head);
-            if !frame.body.is_empty() {
-                chunks.push(frame.body);
-            }
+            out.push(frame);
             taken += 1;
         }
         taken
@@ -354,6 +350,7 @@ impl Drop for Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn frame(n: u8) -> OutFrame {
         OutFrame {
@@ -455,7 +452,7 @@ mod tests {
         assert_eq!(out.shed(lane), 2);
         let mut chunks = Vec::new();
         assert_eq!(out.drain(lane, 10, usize::MAX, &mut chunks), 3);
-        let firsts: Vec<u8> = chunks.iter().map(|c| c[0]).collect();
+        let firsts: Vec<u8> = chunks.iter().map(|c| c.head[0]).collect();
         assert_eq!(firsts, vec![2, 3, 4]);
     }
 

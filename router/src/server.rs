@@ -22,9 +22,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Class, DecodeOptions, Epoch, ErrorCode, ErrorMessage,
-    FrameDecoder, Hello, Limits, Message, OpId, Publish, Role, SessionId, Subscription, Welcome,
-    MAX_NAME_BYTES, PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Class, Coalescer, DecodeOptions, Epoch, ErrorCode,
+    ErrorMessage, FrameDecoder, Hello, Limits, Message, OpId, OutFrame, Publish, Role, SessionId,
+    Subscription, Welcome, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
@@ -232,8 +232,9 @@ impl Context {
                     outbox.ready(Lane::Session).await;
                     continue;
                 }
-                for chunk in chunks.drain(..) {
-                    decoder.push(chunk);
+                for frame in chunks.drain(..) {
+                    decoder.push(frame.head);
+                    decoder.push(frame.body);
                 }
                 while let Ok(Some(message)) = decoder.next_message(&self.decode) {
                     match message {
@@ -1939,14 +1940,18 @@ async fn lane_writer(
     lane: Lane,
     mut stream: Option<SendStream>,
 ) {
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(2 * WRITE_BATCH_FRAMES);
+    let mut frames: Vec<OutFrame> = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    let mut batch = Coalescer::new();
     loop {
         if outbox.is_closed() {
             break;
         }
-        if outbox.drain(lane, WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, &mut chunks) == 0 {
+        if outbox.drain(lane, WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, &mut frames) == 0 {
             outbox.ready(lane).await;
             continue;
+        }
+        for frame in frames.drain(..) {
+            batch.push(frame);
         }
         if stream.is_none() {
             let Ok(opened) = connection.open_uni().await else {
@@ -1958,7 +1963,8 @@ async fn lane_writer(
         let Some(send) = stream.as_mut() else {
             break;
         };
-        if send.write_all_chunks(&mut chunks).await.is_err() {
+        let chunks = batch.chunks();
+        if send.write_all_chunks(chunks).await.is_err() {
             // The stream is unusable (the peer stopped it or the connection is gone); the
             // session cannot work without it, so end the connection.
             connection.close(

@@ -36,7 +36,7 @@ pub mod types;
 
 pub use codec::{decode, encode, encode_deliver_head, DecodeOptions, OutFrame};
 pub use error::{DecodeError, ErrorCode};
-pub use frame::{FrameDecoder, DEFAULT_MAX_FRAME_BYTES};
+pub use frame::{Coalescer, FrameDecoder, DEFAULT_MAX_FRAME_BYTES};
 pub use types::*;
 
 /// The ALPN protocol id every swarmbus connection negotiates.
