@@ -750,3 +750,60 @@ async fn each_class_has_its_own_payload_limit() {
         .unwrap();
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn telemetry_streams_are_read_on_the_bulk_runtime_and_commands_on_the_main_one() {
+    for priority in ["idle", "nice:10", "shared"] {
+        let t = start_router(|c| c.runtime.bulk_priority = priority.parse().unwrap()).await;
+        let (publisher, _p) = t.connect("sensor", Role::Agent, &["s"]).await;
+        let (reader, mut rx) = t.connect("reader", Role::Agent, &["s"]).await;
+        reader.subscribe("s", Class::Telemetry, None).await.unwrap();
+        reader.subscribe("s", Class::Command, None).await.unwrap();
+        // Enough small messages that the writers coalesce them, in order, on both paths.
+        let telemetry: Vec<_> = (0..2_000u32)
+            .map(|i| Publish {
+                request_id: 0,
+                swarm: "s".into(),
+                class: Class::Telemetry,
+                target_agent: None,
+                key: None,
+                payload: Bytes::from(i.to_be_bytes().to_vec()),
+                fencing_token: 0,
+                lease: None,
+            })
+            .collect();
+        publisher
+            .publish_batch(Class::Telemetry, telemetry)
+            .await
+            .unwrap();
+        let op = publisher
+            .publish(
+                "s",
+                Class::Command,
+                Bytes::from_static(b"cmd"),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+        assert_ne!(op, OpId::NONE, "{priority}");
+        let got = recv_n(&mut rx, 2_001).await;
+        let telemetry: Vec<u32> = got
+            .iter()
+            .filter(|d| d.class == Class::Telemetry)
+            .map(|d| u32::from_be_bytes(d.payload[..4].try_into().unwrap()))
+            .collect();
+        assert_eq!(telemetry, (0..2_000).collect::<Vec<_>>(), "{priority}");
+        assert!(got
+            .iter()
+            .any(|d| d.class == Class::Command && d.op_id == op));
+        let stats = t.router.stats();
+        // One telemetry stream on the bulk runtime, one command stream on the main one.
+        assert_eq!(
+            (stats.bulk_streams, stats.main_streams),
+            (1, 1),
+            "{priority}"
+        );
+        assert_eq!(stats.telemetry_shed, 0, "{priority}: {stats:?}");
+        t.router.shutdown().await;
+    }
+}

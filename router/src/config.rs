@@ -38,6 +38,86 @@ pub struct Config {
     pub affinity: crate::workers::AffinityConfig,
     pub presence: crate::control::PresenceConfig,
     pub jobs: crate::jobs::JobsConfig,
+    pub runtime: RuntimeConfig,
+}
+
+/// The router's threads (see [`crate::bulk`]).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads of the bulk runtime, which reads and writes telemetry and job
+    /// streams; 0 = one per CPU core.
+    pub bulk_threads: usize,
+    /// How the kernel schedules the bulk threads against the main runtime's.
+    pub bulk_priority: BulkPriority,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            bulk_threads: 0,
+            bulk_priority: BulkPriority::Idle,
+        }
+    }
+}
+
+/// Scheduling of the bulk threads (Linux; elsewhere they run like the others).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum BulkPriority {
+    /// `SCHED_IDLE`: bulk work runs only on CPU nothing else of normal priority wants, and
+    /// any normal thread that wakes up takes the CPU from it at once (default).
+    Idle,
+    /// A nice value from 0 (the same footing as commands) to 19: bulk work gets a smaller
+    /// share of a busy CPU, but is not preempted at once.
+    Nice(i32),
+    /// No bulk threads: telemetry and job streams share the main runtime with commands.
+    Shared,
+}
+
+impl std::str::FromStr for BulkPriority {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "idle" => Ok(BulkPriority::Idle),
+            "shared" => Ok(BulkPriority::Shared),
+            other => match other.strip_prefix("nice:").map(str::parse::<i32>) {
+                Some(Ok(n)) if (0..=19).contains(&n) => Ok(BulkPriority::Nice(n)),
+                _ => Err(format!(
+                    "runtime.bulk_priority {other:?}: expected idle, nice:N (N from 0 to 19) or shared"
+                )),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for BulkPriority {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+impl std::fmt::Display for BulkPriority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BulkPriority::Idle => f.write_str("idle"),
+            BulkPriority::Nice(n) => write!(f, "nice:{n}"),
+            BulkPriority::Shared => f.write_str("shared"),
+        }
+    }
+}
+
+impl RuntimeConfig {
+    pub fn bulk_thread_count(&self) -> usize {
+        if self.bulk_threads > 0 {
+            self.bulk_threads
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
 }
 
 /// Per-session token buckets, one per class (see [`crate::limits`]).
@@ -344,6 +424,7 @@ impl Default for Config {
             affinity: crate::workers::AffinityConfig::default(),
             presence: crate::control::PresenceConfig::default(),
             jobs: crate::jobs::JobsConfig::default(),
+            runtime: RuntimeConfig::default(),
         }
     }
 }
@@ -442,6 +523,8 @@ impl Config {
                 "SWARMBUS_MAX_CONNECTIONS" => self.limits.max_connections = parse(&key, &value)?,
                 "SWARMBUS_LOG_SYNC" => self.log.sync = parse(&key, &value)?,
                 "SWARMBUS_LOG_WRITER" => self.log.writer = parse(&key, &value)?,
+                "SWARMBUS_BULK_THREADS" => self.runtime.bulk_threads = parse(&key, &value)?,
+                "SWARMBUS_BULK_PRIORITY" => self.runtime.bulk_priority = parse(&key, &value)?,
                 "SWARMBUS_LOG" => {} // read by the binary's log filter
                 other if other.starts_with("SWARMBUS_") => {
                     return Err(config_error(format!(
@@ -674,5 +757,23 @@ mod tests {
         assert!(matches!(err, RouterError::NonLoopbackListen { .. }));
         assert!(err.to_string().contains("loopback"));
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bulk_priority_parses_from_toml_and_env() {
+        let c = Config::from_toml("[runtime]\nbulk_priority = \"nice:12\"\nbulk_threads = 3\n")
+            .unwrap();
+        assert_eq!(c.runtime.bulk_priority, BulkPriority::Nice(12));
+        assert_eq!(c.runtime.bulk_thread_count(), 3);
+        assert_eq!(Config::default().runtime.bulk_priority, BulkPriority::Idle);
+        for bad in ["nice:20", "nice:-1", "low", "nice:"] {
+            let text = format!("[runtime]\nbulk_priority = \"{bad}\"\n");
+            assert!(Config::from_toml(&text).is_err(), "{bad}");
+        }
+        let mut c = Config::default();
+        c.apply_env([("SWARMBUS_BULK_PRIORITY".to_string(), "shared".to_string())])
+            .unwrap();
+        assert_eq!(c.runtime.bulk_priority, BulkPriority::Shared);
+        assert_eq!(c.runtime.bulk_priority.to_string(), "shared");
     }
 }

@@ -13,6 +13,7 @@
 //! - [`stats`]: router-wide counters.
 //! - [`error`]: the crate's error type.
 
+pub mod bulk;
 pub mod config;
 pub mod control;
 pub mod core;

@@ -63,6 +63,11 @@ impl Lane {
         }
     }
 
+    /// Telemetry and job lanes are written from the bulk runtime ([`crate::bulk`]).
+    pub fn is_bulk(self) -> bool {
+        matches!(self, Lane::Class(Class::Telemetry) | Lane::Jobs)
+    }
+
     fn sheddable(self) -> bool {
         matches!(self, Lane::Class(class) if class.is_sheddable())
     }

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, Instrument};
 
+use crate::bulk::{AbortOnDrop, BulkRuntime};
 use crate::config::Config;
 use crate::core::{ConnId, CoreConfig};
 use crate::error::RouterError;
@@ -74,6 +75,8 @@ struct Context {
     shutting_down: std::sync::atomic::AtomicBool,
     /// `rate_limits.router_telemetry_per_s`, when set.
     telemetry_intake: Option<crate::limits::IntakeBudget>,
+    /// Where telemetry and job streams are read and written (see [`crate::bulk`]).
+    bulk: BulkRuntime,
     /// Presence, leases and stopped agents.
     control: Mutex<ControlState>,
     /// The publisher of the router's own alerts: closed, so the (absent) replies to them
@@ -531,6 +534,13 @@ impl Router {
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
         let telemetry_intake =
             (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));
+        let bulk = BulkRuntime::start(
+            config.runtime.bulk_thread_count(),
+            config.runtime.bulk_priority,
+        )
+        .map_err(|e| RouterError::Config {
+            detail: format!("starting the bulk runtime: {e}"),
+        })?;
         let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
         alert_sink.close();
         let context = Arc::new(Context {
@@ -543,6 +553,7 @@ impl Router {
             workers,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
+            bulk,
             alert_sink,
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
@@ -2049,12 +2060,12 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         } else {
             None
         };
-        writers.push(tokio::spawn(lane_writer(
-            connection.clone(),
-            outbox.clone(),
-            lane,
-            stream,
-        )));
+        let writer = lane_writer(connection.clone(), outbox.clone(), lane, stream);
+        writers.push(if lane.is_bulk() {
+            context.bulk.handle().spawn(writer)
+        } else {
+            tokio::spawn(writer)
+        });
     }
     let welcome = Welcome {
         session_id: SessionId(conn.0),
@@ -2253,12 +2264,51 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
     }
 }
 
-/// Reads one publish stream. Telemetry waits for the router-wide intake budget when one is
-/// set; a full shard queue holds the reader (and so, through QUIC flow control, the sender).
+/// Reads one publish stream. The client keeps one stream per class, so the first message
+/// tells what the stream carries: a telemetry or job stream is read on from the bulk
+/// runtime (see [`crate::bulk`]), every other stream here on the main one.
 async fn read_publish_stream(
     mut reader: FrameReader,
     session: Arc<Session>,
     connection: Connection,
+) {
+    let first = match reader.next(&session.context.decode).await {
+        Ok(Read::Message(message)) => message,
+        Ok(Read::End | Read::Gone) => return,
+        Err(fault) => {
+            close_with(&connection, &session.context.stats, &fault);
+            return;
+        }
+    };
+    let bulk = match &first {
+        Message::Publish(publish) => publish.class == Class::Telemetry,
+        Message::SubmitJob(_) | Message::JobResult(_) | Message::JobProgress(_) => true,
+        _ => false,
+    };
+    let stats = &session.context.stats;
+    if bulk {
+        stats.bulk_streams.fetch_add(1, Ordering::Relaxed);
+        let handle = session.context.bulk.handle().clone();
+        // Aborting this task (the connection ended) aborts the bulk reader with it.
+        let mut reading = AbortOnDrop(
+            handle
+                .spawn(read_publishes(reader, session, connection, Some(first)).in_current_span()),
+        );
+        let _ = (&mut reading.0).await;
+    } else {
+        stats.main_streams.fetch_add(1, Ordering::Relaxed);
+        read_publishes(reader, session, connection, Some(first)).await;
+    }
+}
+
+/// Dispatches a publish stream's messages, `first` (already read) first. Telemetry waits
+/// for the router-wide intake budget when one is set; a full shard queue holds the reader
+/// (and so, through QUIC flow control, the sender).
+async fn read_publishes(
+    mut reader: FrameReader,
+    session: Arc<Session>,
+    connection: Connection,
+    mut first: Option<Message>,
 ) {
     let decode = session.context.decode.clone();
     let result = async {
@@ -2266,7 +2316,11 @@ async fn read_publish_stream(
         // router-wide intake budget.
         let mut allowance = 0u32;
         loop {
-            match reader.next(&decode).await? {
+            let read = match first.take() {
+                Some(message) => Read::Message(message),
+                None => reader.next(&decode).await?,
+            };
+            match read {
                 Read::Message(
                     message @ (Message::Publish(_)
                     | Message::SubmitJob(_)

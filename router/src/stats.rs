@@ -30,6 +30,10 @@ pub struct Stats {
     /// Worker replies dropped: answered already, past their deadline, or from a worker the
     /// request was not sent to (failed over).
     pub late_replies: AtomicU64,
+    /// Publish streams read from the bulk runtime (telemetry and job streams), and the
+    /// others, read on the main runtime, since start.
+    pub bulk_streams: AtomicU64,
+    pub main_streams: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -52,6 +56,8 @@ pub struct StatsSnapshot {
     pub queued_bytes_max: u64,
     pub connection_queued_bytes_max: u64,
     pub late_replies: u64,
+    pub bulk_streams: u64,
+    pub main_streams: u64,
 }
 
 impl Stats {
@@ -75,6 +81,8 @@ impl Stats {
             queued_bytes_max: get(&self.queued_bytes_max),
             connection_queued_bytes_max: get(&self.connection_queued_bytes_max),
             late_replies: get(&self.late_replies),
+            bulk_streams: get(&self.bulk_streams),
+            main_streams: get(&self.main_streams),
         }
     }
 }
