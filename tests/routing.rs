@@ -753,7 +753,7 @@ async fn each_class_has_its_own_payload_limit() {
 
 #[tokio::test]
 async fn telemetry_streams_are_read_on_the_bulk_runtime_and_commands_on_the_main_one() {
-    for priority in ["idle", "nice:10", "shared"] {
+    for priority in ["nice:10", "nice:0", "shared"] {
         let t = start_router(|c| c.runtime.bulk_priority = priority.parse().unwrap()).await;
         let (publisher, _p) = t.connect("sensor", Role::Agent, &["s"]).await;
         let (reader, mut rx) = t.connect("reader", Role::Agent, &["s"]).await;
