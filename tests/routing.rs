@@ -2,7 +2,7 @@
 //! only their agent, telemetry stays within its swarm.
 
 use bytes::Bytes;
-use swarmbus_client::{IdempotentApply, PublishOptions};
+use swarmbus_client::{IdempotentApply, PublishOptions, Session};
 use swarmbus_schema::{Class, OpId, Publish, Role};
 
 use crate::common::{recv_keyed, recv_n, recv_until, start_router};
@@ -806,4 +806,67 @@ async fn telemetry_streams_are_read_on_the_bulk_runtime_and_commands_on_the_main
         assert_eq!(stats.telemetry_shed, 0, "{priority}: {stats:?}");
         t.router.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn sessions_on_the_bulk_listener_route_like_any_other() {
+    let t = start_router(|c| c.bulk_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let bulk = t.router.bulk_addr().expect("bulk listener");
+    assert_ne!(bulk, t.router.local_addr());
+    // A sensor on the bulk listener, a controller on the main one, in one swarm.
+    let (sensor, mut sensor_rx) = t
+        .connector
+        .connect(bulk, Session::new("sensor", Role::Agent, ["s"]))
+        .await
+        .unwrap();
+    let (controller, mut controller_rx) = t.connect("ctl", Role::Controller, &["s"]).await;
+    sensor.subscribe("s", Class::Command, None).await.unwrap();
+    controller
+        .subscribe("s", Class::Telemetry, None)
+        .await
+        .unwrap();
+    controller
+        .subscribe("s", Class::Command, None)
+        .await
+        .unwrap();
+    let op = controller
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"go"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let got = recv_n(&mut sensor_rx, 1).await;
+    assert_eq!((got[0].op_id, &got[0].payload[..]), (op, &b"go"[..]));
+    sensor
+        .publish(
+            "s",
+            Class::Telemetry,
+            Bytes::from_static(b"t"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Its own commands are sequenced with the controller's.
+    let own = sensor
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"ack"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(own.0, op.0 + 1);
+    let got = recv_n(&mut controller_rx, 3).await;
+    assert!(got
+        .iter()
+        .any(|d| d.class == Class::Telemetry && &d.payload[..] == b"t"));
+    assert!(got
+        .iter()
+        .any(|d| d.class == Class::Command && d.op_id == own));
+    assert_eq!(t.router.stats().connections_accepted, 2);
+    t.router.shutdown().await;
 }

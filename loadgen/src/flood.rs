@@ -11,6 +11,8 @@
 //! The flooders run on a runtime of their own (`--flood-threads` worker threads, one by
 //! default) and yield between batches: on a small machine they would otherwise take every
 //! core from the loadgen's own receivers, and the latency measured would be the loadgen's.
+//! With `--flood-listener bulk` they connect to the router's bulk listener instead of its
+//! main one (the controller and the receivers stay on the main one).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -57,6 +59,13 @@ pub struct FloodArgs {
     /// Worker threads of the flooders' own runtime.
     #[arg(long, default_value_t = 1)]
     flood_threads: usize,
+    /// Where the flooders connect: the router's main listener, or its bulk listener
+    /// (`bulk_listen`; with --spawn-router one is opened on the spawned router).
+    #[arg(long, default_value = "main", value_parser = ["main", "bulk"])]
+    flood_listener: String,
+    /// The bulk listener's address, HOST:PORT, for --flood-listener bulk with --router.
+    #[arg(long, value_name = "HOST:PORT")]
+    flood_router: Option<String>,
     /// Commands awaiting acknowledgement at most.
     #[arg(long, default_value_t = 1024)]
     window: usize,
@@ -81,7 +90,25 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     if args.payload < STAMP_BYTES {
         bail!("--payload must be at least {STAMP_BYTES} bytes (the command stamp)");
     }
-    let (router, ca, spawned) = args.router.resolve().await?;
+    let bulk_listener = args.flood_listener == "bulk";
+    let (router, flood_router, ca, spawned) = if bulk_listener && args.router.spawns() {
+        let (router, bulk, ca, spawned) = args.router.resolve_with_bulk_listener().await?;
+        (router, bulk, ca, Some(spawned))
+    } else {
+        let (router, ca, spawned) = args.router.resolve().await?;
+        let flood_router = match (bulk_listener, &args.flood_router) {
+            (false, _) => router,
+            (true, Some(addr)) => tokio::net::lookup_host(addr.as_str())
+                .await
+                .with_context(|| format!("resolving {addr}"))?
+                .next()
+                .with_context(|| format!("{addr} resolves to no address"))?,
+            (true, None) => {
+                bail!("--flood-listener bulk with --router needs --flood-router (the bulk listener's address)")
+            }
+        };
+        (router, flood_router, ca, spawned)
+    };
     let connector = Connector::new(&ca, args.router.server_name())
         .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
     let epoch = Instant::now();
@@ -126,10 +153,10 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         let connector = flood_connector.clone();
         let session = Session::new(format!("flood-agent-{a}"), Role::Agent, [SWARM]);
         let (client, _deliveries) = flood_runtime
-            .spawn(async move { connector.connect(router, session).await })
+            .spawn(async move { connector.connect(flood_router, session).await })
             .await
             .context("flooder connect task")?
-            .with_context(|| format!("connecting flooder {a} to {router}"))?;
+            .with_context(|| format!("connecting flooder {a} to {flood_router}"))?;
         flooders.push(client);
     }
 
@@ -250,6 +277,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         .unwrap_or_default();
     let report = serde_json::json!({
         "scenario": "flood",
+        "flood_listener": args.flood_listener,
         "agents": args.agents,
         "receivers": args.receivers,
         "command_rate": args.command_rate,

@@ -18,6 +18,8 @@ use tokio::process::{Child, Command};
 pub struct SpawnedRouter {
     child: Child,
     pub addr: std::net::SocketAddr,
+    /// The bulk listener's address, when the router was configured with one.
+    pub bulk_addr: Option<std::net::SocketAddr>,
     pub ca: PathBuf,
     options: SpawnOptions,
     _data: tempfile::TempDir,
@@ -56,9 +58,10 @@ impl SpawnedRouter {
         let mut last = None;
         for _ in 0..50 {
             match start(&self.options, self._data.path(), &self.addr.to_string()).await {
-                Ok((child, addr)) => {
+                Ok((child, addr, bulk_addr)) => {
                     self.child = child;
                     self.addr = addr;
+                    self.bulk_addr = bulk_addr;
                     return Ok(());
                 }
                 Err(error) => {
@@ -112,10 +115,11 @@ pub async fn spawn_router_with(options: &SpawnOptions) -> anyhow::Result<Spawned
         .prefix("swarmbus-loadgen-")
         .tempdir()
         .context("creating a temporary data dir")?;
-    let (child, addr) = start(options, data.path(), "127.0.0.1:0").await?;
+    let (child, addr, bulk_addr) = start(options, data.path(), "127.0.0.1:0").await?;
     Ok(SpawnedRouter {
         child,
         addr,
+        bulk_addr,
         ca: data.path().join("tls").join("ca.pem"),
         options: options.clone(),
         _data: data,
@@ -123,12 +127,12 @@ pub async fn spawn_router_with(options: &SpawnOptions) -> anyhow::Result<Spawned
 }
 
 /// Starts the router process on `listen` with `data` as its data dir and waits until it
-/// prints its address.
+/// prints its address (and its bulk listener's, when it has one).
 async fn start(
     options: &SpawnOptions,
     data: &Path,
     listen: &str,
-) -> anyhow::Result<(Child, SocketAddr)> {
+) -> anyhow::Result<(Child, SocketAddr, Option<SocketAddr>)> {
     let binary = router_binary(options.binary.as_deref());
     let mut command = Command::new(&binary);
     command
@@ -160,9 +164,22 @@ async fn start(
         while let Some(line) = lines.next_line().await? {
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let addr = rest.split_whitespace().next().unwrap_or_default();
-                return addr
+                let addr: SocketAddr = addr
                     .parse()
-                    .with_context(|| format!("parsing the router's address from {line:?}"));
+                    .with_context(|| format!("parsing the router's address from {line:?}"))?;
+                let bulk = match line.split("bulk listener on ").nth(1) {
+                    Some(rest) => {
+                        let bulk = rest
+                            .split(|c: char| c.is_whitespace() || c == ';' || c == ')')
+                            .next()
+                            .unwrap_or_default();
+                        Some(bulk.parse().with_context(|| {
+                            format!("parsing the bulk listener's address from {line:?}")
+                        })?)
+                    }
+                    None => None,
+                };
+                return Ok((addr, bulk));
             }
         }
         bail!("the router exited before it was ready")
@@ -171,7 +188,8 @@ async fn start(
     .context("waiting for the router to print `listening on`")??;
     // Keep draining stdout so the child never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((child, addr))
+    let (addr, bulk_addr) = addr;
+    Ok((child, addr, bulk_addr))
 }
 
 /// Where to find the router: `--router` and `--ca`, or `--spawn-router`.
@@ -239,6 +257,38 @@ impl RouterArgs {
             .next()
             .with_context(|| format!("{router} resolves to no address"))?;
         Ok((addr, self.ca.clone().unwrap_or_default(), None))
+    }
+
+    /// Like [`RouterArgs::resolve`], for a spawned router that also opens a bulk listener
+    /// (`bulk_listen` on a port the OS picks, put before the scenario's or `--router-config`'s
+    /// own keys); returns the bulk listener's address too.
+    pub async fn resolve_with_bulk_listener(
+        &self,
+    ) -> anyhow::Result<(SocketAddr, SocketAddr, PathBuf, SpawnedRouter)> {
+        if !self.spawn_router {
+            bail!("a bulk listener is added only to a router of --spawn-router");
+        }
+        let user = match &self.router_config {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?,
+            None => String::new(),
+        };
+        // A top-level key must come before the first [table].
+        let config_toml = format!("bulk_listen = \"127.0.0.1:0\"\n{user}");
+        let spawned = spawn_router_with(&SpawnOptions {
+            binary: self.router_bin.clone(),
+            config_toml: Some(config_toml),
+        })
+        .await?;
+        let bulk = spawned
+            .bulk_addr
+            .ok_or_else(|| anyhow!("the spawned router printed no bulk listener"))?;
+        Ok((spawned.addr, bulk, spawned.ca.clone(), spawned))
+    }
+
+    /// Whether the run starts its own router (`--spawn-router`).
+    pub fn spawns(&self) -> bool {
+        self.spawn_router
     }
 
     pub fn server_name(&self) -> &str {

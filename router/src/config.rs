@@ -24,6 +24,11 @@ pub const DEFAULT_DATA_DIR: &str = "./swarmbus-data";
 pub struct Config {
     /// UDP address of the QUIC endpoint. Loopback only until authentication lands.
     pub listen: SocketAddr,
+    /// A second QUIC endpoint whose sessions run entirely on the bulk runtime (their
+    /// connection's driver included), for sessions that mostly publish or receive telemetry:
+    /// a flood through it never competes with the main endpoint's commands for a socket or
+    /// a runtime. Unset: no bulk listener.
+    pub bulk_listen: Option<SocketAddr>,
     /// Directory for the router's state (development TLS material now; the event log later).
     pub data_dir: PathBuf,
     /// Name announced in Welcome.
@@ -411,6 +416,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("constant address parses"),
+            bulk_listen: None,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             router_name: "swarmbus".into(),
             shards: 0,
@@ -512,6 +518,7 @@ impl Config {
         for (key, value) in vars {
             match key.as_str() {
                 "SWARMBUS_LISTEN" => self.listen = parse(&key, &value)?,
+                "SWARMBUS_BULK_LISTEN" => self.bulk_listen = Some(parse(&key, &value)?),
                 "SWARMBUS_DATA_DIR" => self.data_dir = PathBuf::from(value),
                 "SWARMBUS_ROUTER_NAME" => self.router_name = value,
                 "SWARMBUS_SHARDS" => self.shards = parse(&key, &value)?,
@@ -539,6 +546,14 @@ impl Config {
     pub fn validate(&self) -> Result<(), RouterError> {
         if !self.listen.ip().is_loopback() {
             return Err(RouterError::NonLoopbackListen { addr: self.listen });
+        }
+        if let Some(bulk) = self.bulk_listen {
+            if !bulk.ip().is_loopback() {
+                return Err(RouterError::NonLoopbackListen { addr: bulk });
+            }
+            if bulk == self.listen && bulk.port() != 0 {
+                return Err(config_error("bulk_listen must differ from listen"));
+            }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(config_error("tls.cert and tls.key must be set together"));
@@ -776,5 +791,20 @@ mod tests {
             .unwrap();
         assert_eq!(c.runtime.bulk_priority, BulkPriority::Shared);
         assert_eq!(c.runtime.bulk_priority.to_string(), "shared");
+    }
+
+    #[test]
+    fn bulk_listen_is_optional_loopback_and_apart_from_listen() {
+        assert_eq!(Config::default().bulk_listen, None);
+        let c = Config::from_toml("bulk_listen = \"127.0.0.1:4434\"\n").unwrap();
+        assert_eq!(c.bulk_listen, Some("127.0.0.1:4434".parse().unwrap()));
+        c.validate().unwrap();
+        let same = Config::from_toml("bulk_listen = \"127.0.0.1:4433\"\n").unwrap();
+        assert!(same.validate().is_err());
+        let open = Config::from_toml("bulk_listen = \"0.0.0.0:4434\"\n").unwrap();
+        assert!(matches!(
+            open.validate(),
+            Err(RouterError::NonLoopbackListen { .. })
+        ));
     }
 }

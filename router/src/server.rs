@@ -411,6 +411,9 @@ pub struct Router {
     ca_path: Option<PathBuf>,
     stats: Arc<Stats>,
     accept_task: JoinHandle<()>,
+    /// The bulk listener (`bulk_listen`), when configured: its endpoint, address and accept
+    /// loop, all on the bulk runtime.
+    bulk_listener: Option<(quinn::Endpoint, SocketAddr, JoinHandle<()>)>,
     recovery_notes: Vec<RecoveryNote>,
     writer_kind: WriterKind,
 }
@@ -446,9 +449,20 @@ impl Router {
         // quinn's default spacing (20 ms) would take 20 s to reach 1,000 of them.
         endpoint_config.min_reset_interval(Duration::from_millis(1));
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+        // Bound now, so a busy address fails the start before anything else; the endpoint
+        // is made on the bulk runtime once it runs.
+        let bulk_socket = match config.bulk_listen {
+            Some(addr) => Some(
+                std::net::UdpSocket::bind(addr).map_err(|e| RouterError::Bind {
+                    addr,
+                    detail: e.to_string(),
+                })?,
+            ),
+            None => None,
+        };
         let endpoint = quinn::Endpoint::new(
-            endpoint_config,
-            Some(server_config),
+            endpoint_config.clone(),
+            Some(server_config.clone()),
             socket,
             Arc::new(quinn::TokioRuntime),
         )
@@ -581,6 +595,31 @@ impl Router {
         tokio::spawn(presence_maintenance(Arc::downgrade(&context)));
         tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
         let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
+        let bulk_listener = match bulk_socket {
+            Some(socket) => {
+                let addr = config_bulk_addr(&socket, &context.config)?;
+                // quinn spawns the endpoint's driver, and each connection's, on the runtime
+                // it is called from: the bulk one.
+                let _inside = context.bulk.handle().enter();
+                let bulk_endpoint = quinn::Endpoint::new(
+                    endpoint_config,
+                    Some(server_config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(|e| RouterError::Bind {
+                    addr,
+                    detail: e.to_string(),
+                })?;
+                let task = context
+                    .bulk
+                    .handle()
+                    .spawn(accept_loop(bulk_endpoint.clone(), context.clone()));
+                info!(%addr, "bulk listener ready");
+                Some((bulk_endpoint, addr, task))
+            }
+            None => None,
+        };
         info!(%local_addr, "router listening");
         Ok(Router {
             context,
@@ -589,6 +628,7 @@ impl Router {
             ca_path,
             stats,
             accept_task,
+            bulk_listener,
             recovery_notes,
             writer_kind,
         })
@@ -631,13 +671,37 @@ impl Router {
     /// be told.
     pub async fn shutdown(self) {
         self.context.shutting_down.store(true, Ordering::Release);
-        self.endpoint.close(
-            VarInt::from(ErrorCode::ShuttingDown.as_u16()),
-            b"router shutting down",
-        );
+        let code = VarInt::from(ErrorCode::ShuttingDown.as_u16());
+        self.endpoint.close(code, b"router shutting down");
         self.accept_task.abort();
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        if let Some((endpoint, _, task)) = &self.bulk_listener {
+            endpoint.close(code, b"router shutting down");
+            task.abort();
+        }
+        let idle = async {
+            self.endpoint.wait_idle().await;
+            if let Some((endpoint, _, _)) = &self.bulk_listener {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), idle).await;
     }
+
+    /// The bulk listener's address (with the port the OS picked), when `bulk_listen` is set.
+    pub fn bulk_addr(&self) -> Option<SocketAddr> {
+        self.bulk_listener.as_ref().map(|(_, addr, _)| *addr)
+    }
+}
+
+/// The bound address of the bulk listener's socket.
+fn config_bulk_addr(
+    socket: &std::net::UdpSocket,
+    config: &Config,
+) -> Result<SocketAddr, RouterError> {
+    socket.local_addr().map_err(|e| RouterError::Bind {
+        addr: config.bulk_listen.unwrap_or(config.listen),
+        detail: e.to_string(),
+    })
 }
 
 fn transport_config(config: &Config) -> quinn::TransportConfig {

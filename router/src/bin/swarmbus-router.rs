@@ -21,6 +21,10 @@ struct Args {
     /// UDP address to listen on (loopback only until authentication lands).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// UDP address of the bulk listener, for sessions that mostly publish or receive
+    /// telemetry (port 0: one the OS picks; printed at start).
+    #[arg(long, value_name = "ADDR")]
+    bulk_listen: Option<SocketAddr>,
     /// Directory for router state (TLS material; the event log later).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -40,6 +44,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     config.apply_env(std::env::vars())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
+    }
+    if let Some(bulk) = args.bulk_listen {
+        config.bulk_listen = Some(bulk);
     }
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
@@ -96,18 +103,28 @@ async fn run() -> anyhow::Result<()> {
     let router = Router::start(config).await.context("starting the router")?;
     {
         let mut stdout = std::io::stdout().lock();
-        match router.ca_path() {
-            Some(ca) => writeln!(
-                stdout,
-                "swarmbus-router listening on {} (development CA: {})",
-                router.local_addr(),
-                ca.display()
-            )?,
-            None => writeln!(
+        // One line; scripts take the address after "listening on" and, when there is one,
+        // the bulk listener's after "bulk listener on".
+        let mut notes = Vec::new();
+        if let Some(bulk) = router.bulk_addr() {
+            notes.push(format!("bulk listener on {bulk}"));
+        }
+        if let Some(ca) = router.ca_path() {
+            notes.push(format!("development CA: {}", ca.display()));
+        }
+        if notes.is_empty() {
+            writeln!(
                 stdout,
                 "swarmbus-router listening on {}",
                 router.local_addr()
-            )?,
+            )?;
+        } else {
+            writeln!(
+                stdout,
+                "swarmbus-router listening on {} ({})",
+                router.local_addr(),
+                notes.join("; ")
+            )?;
         }
         stdout.flush()?;
     }
