@@ -498,15 +498,21 @@ impl Router {
         let shard_count = config.shard_count();
         let (event_senders, event_receivers): (Vec<_>, Vec<_>) =
             (0..shard_count).map(|_| mpsc::unbounded_channel()).unzip();
-        let writer = LogWriter::start(
-            config.log.writer,
-            config.log.sync,
-            config.log.writer_queue,
-            event_senders.clone(),
-        )
-        .map_err(|e| RouterError::Config {
-            detail: format!("starting the event log writer: {e}"),
-        })?;
+        let start_writer = || {
+            LogWriter::start(
+                config.log.writer,
+                config.log.sync,
+                config.log.writer_queue,
+                event_senders.clone(),
+            )
+            .map_err(|e| RouterError::Config {
+                detail: format!("starting the event log writer: {e}"),
+            })
+        };
+        let writer = start_writer()?;
+        // The job queue's records get a writer of their own: commands never wait for the
+        // sync of a batch of job records.
+        let jobs_writer = start_writer()?;
         info!(writer = %writer.kind(), sync = %config.log.sync, swarms = recovered.len(), "event log ready");
         let mut per_shard: Vec<Vec<log::SwarmLog>> = (0..shard_count).map(|_| Vec::new()).collect();
         for swarm in recovered {
@@ -526,7 +532,8 @@ impl Router {
                     logs,
                     retention.clone(),
                     events_tx,
-                );
+                )
+                .with_writer_for(JOBS_SWARM_PREFIX, jobs_writer.clone());
                 let core_config = CoreConfig {
                     max_swarms: config.limits.max_swarms as usize,
                     epoch_seed: log::store::new_epoch().0,
@@ -545,6 +552,7 @@ impl Router {
             .collect();
         let writer_kind = writer.kind();
         drop(writer);
+        drop(jobs_writer);
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
         let telemetry_intake =
             (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));

@@ -136,6 +136,9 @@ pub struct ShardLog {
     events: tokio::sync::mpsc::UnboundedSender<LogEvent>,
     /// Swarms with a compaction running.
     compacting: HashSet<Arc<str>>,
+    /// Swarms whose name starts with this prefix append through a writer of their own (see
+    /// [`ShardLog::with_writer_for`]).
+    prefixed: Option<(String, LogWriter)>,
 }
 
 impl ShardLog {
@@ -161,7 +164,16 @@ impl ShardLog {
             retention,
             events,
             compacting: HashSet::new(),
+            prefixed: None,
         }
+    }
+
+    /// Swarms whose name starts with `prefix` append through `writer`, with group commits
+    /// (and syncs) of their own: the router gives the job queue's records one, so that a
+    /// command's acknowledgement never waits for a sync of a batch of job records.
+    pub fn with_writer_for(mut self, prefix: &str, writer: LogWriter) -> Self {
+        self.prefixed = Some((prefix.to_owned(), writer));
+        self
     }
 }
 
@@ -204,7 +216,11 @@ impl LogBackend for ShardLog {
             });
         }
         let (path, offset, new_file) = log.place(op, record.len() as u64, self.segment_bytes);
-        self.writer
+        let writer = match &self.prefixed {
+            Some((prefix, writer)) if swarm.starts_with(prefix.as_str()) => writer,
+            _ => &self.writer,
+        };
+        writer
             .submit(writer::WriteRequest {
                 path: Arc::new(path),
                 offset,
