@@ -162,24 +162,8 @@ async fn start(
     let mut lines = BufReader::new(stdout).lines();
     let addr = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(rest) = line.split("listening on ").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or_default();
-                let addr: SocketAddr = addr
-                    .parse()
-                    .with_context(|| format!("parsing the router's address from {line:?}"))?;
-                let bulk = match line.split("bulk listener on ").nth(1) {
-                    Some(rest) => {
-                        let bulk = rest
-                            .split(|c: char| c.is_whitespace() || c == ';' || c == ')')
-                            .next()
-                            .unwrap_or_default();
-                        Some(bulk.parse().with_context(|| {
-                            format!("parsing the bulk listener's address from {line:?}")
-                        })?)
-                    }
-                    None => None,
-                };
-                return Ok((addr, bulk));
+            if let Some(addrs) = parse_start_line(&line) {
+                return addrs;
             }
         }
         bail!("the router exited before it was ready")
@@ -190,6 +174,27 @@ async fn start(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     let (addr, bulk_addr) = addr;
     Ok((child, addr, bulk_addr))
+}
+
+/// The addresses in the router's start line, `swarmbus-router listening on ADDR` with an
+/// optional `(bulk listener on ADDR; development CA: PATH)`; `None` for any other line.
+fn parse_start_line(line: &str) -> Option<anyhow::Result<(SocketAddr, Option<SocketAddr>)>> {
+    let rest = line.split("listening on ").nth(1)?;
+    let parse = |what: &str, text: &str| -> anyhow::Result<SocketAddr> {
+        text.parse()
+            .with_context(|| format!("parsing the {what} address from {line:?}"))
+    };
+    let main = rest.split_whitespace().next().unwrap_or_default();
+    let bulk = line.split("bulk listener on ").nth(1).map(|rest| {
+        rest.split(|c: char| c.is_whitespace() || c == ';' || c == ')')
+            .next()
+            .unwrap_or_default()
+    });
+    Some((|| {
+        let main = parse("router's", main)?;
+        let bulk = bulk.map(|b| parse("bulk listener's", b)).transpose()?;
+        Ok((main, bulk))
+    })())
 }
 
 /// Where to find the router: `--router` and `--ca`, or `--spawn-router`.
@@ -348,6 +353,33 @@ fn vm_rss_bytes(status: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn start_lines_give_the_main_and_bulk_addresses() {
+        use super::parse_start_line;
+        let plain = "swarmbus-router listening on 127.0.0.1:4433";
+        let (main, bulk) = parse_start_line(plain).unwrap().unwrap();
+        assert_eq!((main.port(), bulk), (4433, None));
+        let dev = "swarmbus-router listening on 127.0.0.1:4433 (development CA: ./d/tls/ca.pem)";
+        assert_eq!(parse_start_line(dev).unwrap().unwrap().1, None);
+        let both = "swarmbus-router listening on 127.0.0.1:4433 (bulk listener on \
+                    127.0.0.1:4434; development CA: ./d/tls/ca.pem)";
+        let (main, bulk) = parse_start_line(both).unwrap().unwrap();
+        assert_eq!((main.port(), bulk.map(|b| b.port())), (4433, Some(4434)));
+        let bulk_only = "swarmbus-router listening on 127.0.0.1:1 (bulk listener on 127.0.0.1:2)";
+        assert_eq!(
+            parse_start_line(bulk_only)
+                .unwrap()
+                .unwrap()
+                .1
+                .map(|b| b.port()),
+            Some(2)
+        );
+        assert!(parse_start_line("some other line").is_none());
+        assert!(parse_start_line("swarmbus-router listening on nowhere")
+            .unwrap()
+            .is_err());
+    }
+
     use super::*;
 
     #[test]
