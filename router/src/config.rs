@@ -558,6 +558,9 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(config_error("tls.cert and tls.key must be set together"));
         }
+        if self.runtime.bulk_threads > 1024 {
+            return Err(config_error("runtime.bulk_threads must be at most 1024"));
+        }
         let limits = &self.limits;
         if limits.max_frame_bytes < 1024 || limits.max_frame_bytes > 64 << 20 {
             return Err(config_error(

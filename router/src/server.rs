@@ -602,7 +602,6 @@ impl Router {
         }
         tokio::spawn(presence_maintenance(Arc::downgrade(&context)));
         tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
-        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
         let bulk_listener = match bulk_socket {
             Some(socket) => {
                 let addr = config_bulk_addr(&socket, &context.config)?;
@@ -623,11 +622,27 @@ impl Router {
                     .bulk
                     .handle()
                     .spawn(accept_loop(bulk_endpoint.clone(), context.clone()));
+                // The bulk listener lives as long as the main runtime: when that runtime
+                // goes (even without a shutdown), this guard task is dropped with it and
+                // closes the bulk endpoint and its accept loop.
+                let guard = (bulk_endpoint.clone(), task.abort_handle());
+                tokio::spawn(async move {
+                    struct Guard(quinn::Endpoint, tokio::task::AbortHandle);
+                    impl Drop for Guard {
+                        fn drop(&mut self) {
+                            self.1.abort();
+                            self.0.close(VarInt::from_u32(0), b"router stopped");
+                        }
+                    }
+                    let _guard = Guard(guard.0, guard.1);
+                    std::future::pending::<()>().await
+                });
                 info!(%addr, "bulk listener ready");
                 Some((bulk_endpoint, addr, task))
             }
             None => None,
         };
+        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
         info!(%local_addr, "router listening");
         Ok(Router {
             context,
@@ -687,10 +702,12 @@ impl Router {
             task.abort();
         }
         let idle = async {
-            self.endpoint.wait_idle().await;
-            if let Some((endpoint, _, _)) = &self.bulk_listener {
-                endpoint.wait_idle().await;
-            }
+            let bulk = async {
+                if let Some((endpoint, _, _)) = &self.bulk_listener {
+                    endpoint.wait_idle().await;
+                }
+            };
+            tokio::join!(self.endpoint.wait_idle(), bulk);
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), idle).await;
     }

@@ -170,6 +170,8 @@ impl Coalescer {
             return;
         }
         if self.buffer.capacity() - self.buffer.len() < piece.len() {
+            // Cut first, so reserving never moves bytes already buffered.
+            self.cut();
             self.buffer.reserve(COALESCE_CHUNK_BYTES.max(piece.len()));
         }
         self.buffer.extend_from_slice(piece);
