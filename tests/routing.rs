@@ -665,18 +665,7 @@ async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anyt
     let (reader, mut rx) = t.connect("reader", Role::Agent, &["s"]).await;
     reader.subscribe("s", Class::Telemetry, None).await.unwrap();
     let started = std::time::Instant::now();
-    let batch: Vec<_> = (0..1_000u32)
-        .map(|i| Publish {
-            request_id: 0,
-            swarm: "s".into(),
-            class: Class::Telemetry,
-            target_agent: None,
-            key: None,
-            payload: Bytes::from(i.to_be_bytes().to_vec()),
-            fencing_token: 0,
-            lease: None,
-        })
-        .collect();
+    let batch = numbered_telemetry("s", 1_000);
     publisher
         .publish_batch(Class::Telemetry, batch)
         .await
@@ -687,10 +676,7 @@ async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anyt
         elapsed >= std::time::Duration::from_millis(1_300),
         "1,000 messages were read in {elapsed:?}, above the budget"
     );
-    let order: Vec<u32> = got
-        .iter()
-        .map(|d| u32::from_be_bytes(d.payload[..4].try_into().unwrap()))
-        .collect();
+    let order: Vec<u32> = got.iter().map(number_of).collect();
     assert_eq!(order, (0..1_000).collect::<Vec<_>>());
     let stats = t.router.stats();
     assert_eq!(stats.telemetry_shed, 0, "{stats:?}");
@@ -760,18 +746,7 @@ async fn telemetry_streams_are_read_on_the_bulk_runtime_and_commands_on_the_main
         reader.subscribe("s", Class::Telemetry, None).await.unwrap();
         reader.subscribe("s", Class::Command, None).await.unwrap();
         // Enough small messages that the writers coalesce them, in order, on both paths.
-        let telemetry: Vec<_> = (0..2_000u32)
-            .map(|i| Publish {
-                request_id: 0,
-                swarm: "s".into(),
-                class: Class::Telemetry,
-                target_agent: None,
-                key: None,
-                payload: Bytes::from(i.to_be_bytes().to_vec()),
-                fencing_token: 0,
-                lease: None,
-            })
-            .collect();
+        let telemetry = numbered_telemetry("s", 2_000);
         publisher
             .publish_batch(Class::Telemetry, telemetry)
             .await
@@ -790,7 +765,7 @@ async fn telemetry_streams_are_read_on_the_bulk_runtime_and_commands_on_the_main
         let telemetry: Vec<u32> = got
             .iter()
             .filter(|d| d.class == Class::Telemetry)
-            .map(|d| u32::from_be_bytes(d.payload[..4].try_into().unwrap()))
+            .map(number_of)
             .collect();
         assert_eq!(telemetry, (0..2_000).collect::<Vec<_>>(), "{priority}");
         assert!(got
@@ -869,4 +844,25 @@ async fn sessions_on_the_bulk_listener_route_like_any_other() {
         .any(|d| d.class == Class::Command && d.op_id == own));
     assert_eq!(t.router.stats().connections_accepted, 2);
     t.router.shutdown().await;
+}
+
+/// Telemetry publishes to `swarm` whose payloads are their numbers 0..n (big-endian u32).
+fn numbered_telemetry(swarm: &str, n: u32) -> Vec<Publish> {
+    (0..n)
+        .map(|i| Publish {
+            request_id: 0,
+            swarm: swarm.into(),
+            class: Class::Telemetry,
+            target_agent: None,
+            key: None,
+            payload: Bytes::from(i.to_be_bytes().to_vec()),
+            fencing_token: 0,
+            lease: None,
+        })
+        .collect()
+}
+
+/// The number a [`numbered_telemetry`] message carries.
+fn number_of(d: &swarmbus_schema::Deliver) -> u32 {
+    u32::from_be_bytes(d.payload[..4].try_into().unwrap())
 }
