@@ -199,14 +199,62 @@ struct Subscriber<H> {
     unacked_since: Option<Instant>,
 }
 
+/// Whether a subscriber (`agent`, subscribed to every source or to `sources`) wants a
+/// message from `source` targeted at `target`.
+fn subscriber_wants(
+    agent: &str,
+    all_sources: bool,
+    sources: &[Box<str>],
+    source: &str,
+    target: Option<&str>,
+) -> bool {
+    if targeted_elsewhere(target, agent) {
+        return false;
+    }
+    all_sources || sources.iter().any(|s| **s == *source)
+}
+
 impl<H> Subscriber<H> {
     fn wants(&self, source: &str, target: Option<&str>) -> bool {
-        if let Some(target) = target {
-            if *self.agent != *target {
-                return false;
-            }
-        }
-        self.all_sources || self.sources.iter().any(|s| **s == *source)
+        subscriber_wants(&self.agent, self.all_sources, &self.sources, source, target)
+    }
+}
+
+/// A copy of one swarm's telemetry subscribers, for the driver to route telemetry without
+/// the core: telemetry is neither sequenced nor logged, so it needs nothing else of the
+/// swarm's state. [`Core::take_telemetry_changes`] says when a copy is out of date.
+#[derive(Debug, Clone)]
+pub struct TelemetryRoute<H> {
+    /// Set when the swarm is unavailable (its log failed): telemetry is refused too.
+    pub unavailable: Option<String>,
+    subscribers: Vec<TelemetrySubscriber<H>>,
+}
+
+#[derive(Debug, Clone)]
+struct TelemetrySubscriber<H> {
+    agent: Arc<str>,
+    all_sources: bool,
+    sources: Vec<Box<str>>,
+    handle: H,
+}
+
+impl<H> TelemetryRoute<H> {
+    /// The handles of the subscribers that want telemetry from `source` targeted at
+    /// `target`, each once.
+    pub fn recipients<'a>(
+        &'a self,
+        source: &'a str,
+        target: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a H> + 'a {
+        self.subscribers
+            .iter()
+            .filter(move |s| subscriber_wants(&s.agent, s.all_sources, &s.sources, source, target))
+            .map(|s| &s.handle)
+    }
+
+    /// Whether any subscriber wants telemetry from `source` targeted at `target`.
+    pub fn wanted(&self, source: &str, target: Option<&str>) -> bool {
+        self.recipients(source, target).next().is_some()
     }
 }
 
@@ -344,6 +392,9 @@ pub struct Core<H> {
     /// Swarms that may have subscribers catching up, so the driver's per-batch look at
     /// catch-ups costs nothing when there are none.
     catching_swarms: HashSet<Arc<str>>,
+    /// Swarms whose telemetry subscribers or availability changed since the driver last
+    /// took the changes.
+    telemetry_changed: HashSet<Arc<str>>,
 }
 
 impl<H: Clone> Core<H> {
@@ -363,6 +414,7 @@ impl<H: Clone> Core<H> {
             config,
             actions: VecDeque::new(),
             catching_swarms: HashSet::new(),
+            telemetry_changed: HashSet::new(),
         }
     }
 
@@ -375,6 +427,9 @@ impl<H: Clone> Core<H> {
         unavailable: Option<String>,
     ) {
         let mut swarm = Swarm::new(name, epoch, last_op);
+        if unavailable.is_some() {
+            self.telemetry_changed.insert(swarm.name.clone());
+        }
         swarm.unavailable = unavailable;
         swarm.log_created = true;
         self.swarms.insert(swarm.name.clone(), swarm);
@@ -499,6 +554,7 @@ impl<H: Clone> Core<H> {
                 true
             }
         };
+        let telemetry_changed = (class == Class::Telemetry && added).then(|| swarm.name.clone());
         if let Some(from) = cursor {
             if let Some(subscriber) = list.iter_mut().find(|s| s.conn == conn) {
                 if subscriber.cursor.is_none() {
@@ -508,6 +564,9 @@ impl<H: Clone> Core<H> {
         }
         if cursor.is_some() {
             self.catching_swarms.insert(Arc::from(swarm_name));
+        }
+        if let Some(name) = telemetry_changed {
+            self.telemetry_changed.insert(name);
         }
         if let Some(message) = epoch_changed {
             self.actions.push_back(Action::Reply {
@@ -741,6 +800,9 @@ impl<H: Clone> Core<H> {
         if !entry.all_sources && entry.sources.is_empty() {
             list.swap_remove(at);
         }
+        if class == Class::Telemetry && removed {
+            self.telemetry_changed.insert(swarm.name.clone());
+        }
         removed
     }
 
@@ -899,6 +961,7 @@ impl<H: Clone> Core<H> {
         };
         let reason = format!("the event log failed at op {}: {detail}", from.0);
         swarm.unavailable = Some(reason.clone());
+        self.telemetry_changed.insert(swarm.name.clone());
         for op in swarm.pending.drain(..) {
             self.actions.push_back(Action::Reply {
                 to: op.publisher,
@@ -952,12 +1015,52 @@ impl<H: Clone> Core<H> {
         };
         for name in names {
             if let Some(swarm) = self.swarms.get_mut(&*name) {
+                if swarm.subscribers[Class::Telemetry.index()]
+                    .iter()
+                    .any(|s| s.conn == conn)
+                {
+                    self.telemetry_changed.insert(swarm.name.clone());
+                }
                 for list in &mut swarm.subscribers {
                     list.retain(|s| s.conn != conn);
                 }
                 swarm.acked.retain(|(c, _), _| *c != conn);
             }
         }
+    }
+
+    /// The telemetry route of every swarm whose telemetry subscribers or availability
+    /// changed since the last call: `None` where the swarm routes no telemetry any more (no
+    /// subscriber, available). A driver that routes telemetry from copies replaces its
+    /// copies with these before it answers the request that changed them.
+    pub fn take_telemetry_changes(&mut self) -> Vec<(Arc<str>, Option<TelemetryRoute<H>>)> {
+        if self.telemetry_changed.is_empty() {
+            return Vec::new();
+        }
+        let swarms = &self.swarms;
+        self.telemetry_changed
+            .drain()
+            .map(|name| {
+                let route = swarms.get(&name).and_then(|swarm| {
+                    let subscribers: Vec<_> = swarm.subscribers[Class::Telemetry.index()]
+                        .iter()
+                        .map(|s| TelemetrySubscriber {
+                            agent: s.agent.clone(),
+                            all_sources: s.all_sources,
+                            sources: s.sources.clone(),
+                            handle: s.handle.clone(),
+                        })
+                        .collect();
+                    (!subscribers.is_empty() || swarm.unavailable.is_some()).then(|| {
+                        TelemetryRoute {
+                            unavailable: swarm.unavailable.clone(),
+                            subscribers,
+                        }
+                    })
+                });
+                (name, route)
+            })
+            .collect()
     }
 
     /// The next piece of work for the driver.
@@ -1256,6 +1359,77 @@ mod tests {
                 now()
             )
             .is_err());
+    }
+
+    /// The routes a driver would hold after applying every change so far.
+    fn telemetry_routes(
+        core: &mut Core<u64>,
+        routes: &mut HashMap<Arc<str>, TelemetryRoute<u64>>,
+    ) -> usize {
+        let changes = core.take_telemetry_changes();
+        let count = changes.len();
+        for (name, route) in changes {
+            match route {
+                Some(route) => routes.insert(name, route),
+                None => routes.remove(&name),
+            };
+        }
+        count
+    }
+
+    fn recipients(route: &TelemetryRoute<u64>, source: &str, target: Option<&str>) -> Vec<u64> {
+        let mut to: Vec<u64> = route.recipients(source, target).copied().collect();
+        to.sort_unstable();
+        to
+    }
+
+    #[test]
+    fn telemetry_routes_follow_subscriptions_disconnects_and_failures() {
+        let mut core = Core::<u64>::new(10);
+        let mut routes = HashMap::new();
+        let sub = |core: &mut Core<u64>, conn: u64, name: &str, class, filter| {
+            core.handle_subscribe(ConnId(conn), &agent(name), conn, "s", class, filter, None)
+                .unwrap()
+        };
+        assert!(sub(&mut core, 1, "a1", Class::Telemetry, None));
+        assert!(sub(&mut core, 2, "a2", Class::Telemetry, Some("a1")));
+        // Command subscriptions are no telemetry route's business.
+        sub(&mut core, 3, "a3", Class::Command, None);
+        assert_eq!(telemetry_routes(&mut core, &mut routes), 1);
+        let route = &routes["s"];
+        assert!(route.unavailable.is_none());
+        assert_eq!(recipients(route, "a1", None), vec![1, 2]);
+        assert_eq!(recipients(route, "a9", None), vec![1]);
+        assert_eq!(recipients(route, "a1", Some("a2")), vec![2]);
+        assert!(!route.wanted("a9", Some("a2")));
+        // Nothing changed, nothing to take.
+        sub(&mut core, 1, "a1", Class::Telemetry, None);
+        assert_eq!(telemetry_routes(&mut core, &mut routes), 0);
+
+        assert!(core.handle_unsubscribe(ConnId(2), "s", Class::Telemetry, Some("a1")));
+        telemetry_routes(&mut core, &mut routes);
+        assert_eq!(recipients(&routes["s"], "a1", None), vec![1]);
+        core.handle_disconnect(ConnId(3));
+        assert_eq!(telemetry_routes(&mut core, &mut routes), 0);
+        core.handle_disconnect(ConnId(1));
+        telemetry_routes(&mut core, &mut routes);
+        assert!(!routes.contains_key("s"), "no subscriber, no route");
+
+        // An unavailable swarm keeps a route that refuses, subscribers or not.
+        sub(&mut core, 4, "a4", Class::Telemetry, None);
+        core.handle_log_failed("s", OpId(1), "disk gone");
+        telemetry_routes(&mut core, &mut routes);
+        assert!(routes["s"]
+            .unavailable
+            .as_deref()
+            .unwrap()
+            .contains("disk gone"));
+        core.handle_disconnect(ConnId(4));
+        telemetry_routes(&mut core, &mut routes);
+        assert!(routes["s"].unavailable.is_some());
+        core.restore_swarm("bad", Epoch(1), OpId(3), Some("damaged".into()));
+        telemetry_routes(&mut core, &mut routes);
+        assert_eq!(routes["bad"].unavailable.as_deref(), Some("damaged"));
     }
 
     #[test]

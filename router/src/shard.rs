@@ -2,26 +2,30 @@
 //! fed through two bounded channels. Nothing is shared between shards, so the hot path takes
 //! no global lock.
 //!
-//! Inbound isolation: telemetry publishes and job records arrive on the shard's **bulk** channel, everything
-//! else (control, command, alert, reconciliation, subscriptions, acks, disconnects) on its
+//! Inbound isolation: telemetry never enters the shard. It is neither sequenced nor logged,
+//! so the session that reads it routes it itself, on the runtime that read it, from a copy
+//! of the swarm's telemetry subscribers that the shard keeps up to date
+//! ([`TelemetryRoutes`]). Job records arrive on the shard's **bulk** channel, everything else
+//! (control, command, alert, reconciliation, subscriptions, acks, disconnects) on its
 //! **urgent** channel, and the shard always empties the urgent one first. A full channel makes
 //! the sending stream reader wait, which is the backpressure that reaches the publisher through
-//! QUIC flow control - on that class's stream only, so a telemetry flood cannot hold up a
-//! command on its way in.
+//! QUIC flow control - on that class's stream only, so neither a telemetry flood nor a job
+//! backlog can hold up a command on its way in or take the shard's time.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use swarmbus_schema::{
-    decode, encode, Class, DecodeOptions, DeltaAck, Epoch, ErrorMessage, Message, OpId, OutFrame,
-    Publish, Subscription,
+    decode, encode, encode_deliver_head, Class, DecodeOptions, DeltaAck, Epoch, ErrorMessage,
+    Message, OpId, OutFrame, Publish, Subscription,
 };
 use tokio::sync::mpsc;
 
 use crate::core::{
     targeted_elsewhere, Action, ConnId, Core, CoreConfig, CoreError, Now, ReplayedOp,
+    TelemetryRoute,
 };
 use crate::log::{LogBackend, LogEvent};
 use crate::outbox::{Lane, Outbox};
@@ -77,8 +81,8 @@ pub enum ShardCommand {
 }
 
 impl ShardCommand {
-    /// Telemetry publishes and the job queue's records go to the bulk channel; everything
-    /// else is urgent, so neither a telemetry flood nor a job backlog delays commands.
+    /// The job queue's records (and telemetry, were it sent through the channels) go to the
+    /// bulk channel; everything else is urgent, so a job backlog does not delay commands.
     fn is_bulk(&self) -> bool {
         matches!(self, ShardCommand::Publish { publish, .. }
             if publish.class == Class::Telemetry
@@ -86,17 +90,132 @@ impl ShardCommand {
     }
 }
 
-/// The sending side of one shard's two channels.
+/// The telemetry subscribers of a shard's swarms, as copies the shard replaces whenever a
+/// subscription, a disconnect or a swarm's availability changes them. Sessions route
+/// telemetry from these copies on their own runtime (the bulk runtime for telemetry
+/// streams), so a telemetry flood takes none of the shard's time. Readers hold the lock
+/// only to clone one `Arc`; the shard holds it only to swap entries.
+#[derive(Debug, Default)]
+pub struct TelemetryRoutes {
+    swarms: RwLock<HashMap<Arc<str>, Arc<Route>>>,
+}
+
+/// One swarm's telemetry route, with the router's subscriber handles.
+type Route = TelemetryRoute<Arc<Outbox>>;
+
+impl TelemetryRoutes {
+    fn route(&self, swarm: &str) -> Option<Arc<Route>> {
+        self.swarms
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(swarm)
+            .cloned()
+    }
+
+    fn apply(&self, changes: Vec<(Arc<str>, Option<Route>)>) {
+        if changes.is_empty() {
+            return;
+        }
+        let mut swarms = self
+            .swarms
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (name, route) in changes {
+            match route {
+                Some(route) => swarms.insert(name, Arc::new(route)),
+                None => swarms.remove(&name),
+            };
+        }
+    }
+
+    /// Routes one telemetry publish of `agent` (whose session is behind `outbox`), as the
+    /// core would: every subscriber that wants it gets it once on its telemetry lane (which
+    /// sheds its oldest frames when full); a swarm nobody subscribes in takes nothing; an
+    /// unavailable swarm refuses it. Acknowledged (`request_id` set) like any publish.
+    fn publish(&self, stats: &Stats, agent: &str, outbox: &Outbox, publish: &Publish) {
+        let mut delivered = 0u64;
+        if let Some(route) = self.route(&publish.swarm) {
+            if let Some(reason) = &route.unavailable {
+                if publish.request_id != 0 {
+                    refuse(
+                        outbox,
+                        publish.request_id,
+                        &CoreError::Unavailable {
+                            swarm: publish.swarm.clone(),
+                            reason: reason.clone(),
+                        },
+                    );
+                }
+                return;
+            }
+            let target = publish.target_agent.as_deref();
+            if route.wanted(agent, target) {
+                let frame = OutFrame {
+                    head: encode_deliver_head(
+                        &publish.swarm,
+                        Class::Telemetry,
+                        OpId::NONE,
+                        Epoch::default(),
+                        agent,
+                        target,
+                        publish.key.as_deref(),
+                        publish.payload.len(),
+                        publish.fencing_token,
+                        publish.lease.as_deref(),
+                    ),
+                    body: publish.payload.clone(),
+                };
+                for to in route.recipients(agent, target) {
+                    // A lagging subscriber is closed by its connection driver; until then
+                    // pushes are discarded.
+                    let _ = to.push(Lane::Class(Class::Telemetry), frame.clone());
+                    delivered += 1;
+                }
+            }
+        }
+        stats.published.fetch_add(1, Ordering::Relaxed);
+        stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+        if publish.request_id != 0 {
+            reply(
+                outbox,
+                &Message::PublishAck {
+                    request_id: publish.request_id,
+                    op_id: OpId::NONE,
+                    epoch: Epoch::default(),
+                },
+            );
+        }
+    }
+}
+
+/// The sending side of one shard's two channels, and the telemetry routes it keeps.
 #[derive(Clone, Debug)]
 pub struct ShardSender {
     urgent: mpsc::Sender<ShardCommand>,
     bulk: mpsc::Sender<ShardCommand>,
+    telemetry: Arc<TelemetryRoutes>,
+    stats: Arc<Stats>,
 }
 
 impl ShardSender {
-    /// Queues a command, waiting while its channel is full. Fails only once the shard has
+    /// Queues a command, waiting while its channel is full; a telemetry publish is routed
+    /// at once by the caller instead ([`TelemetryRoutes`]). Fails only once the shard has
     /// stopped (router shutdown).
     pub async fn send(&self, command: ShardCommand) -> Result<(), ShardStopped> {
+        if let ShardCommand::Publish {
+            agent,
+            outbox,
+            publish,
+        } = &command
+        {
+            if publish.class == Class::Telemetry {
+                if self.urgent.is_closed() {
+                    return Err(ShardStopped);
+                }
+                self.telemetry.publish(&self.stats, agent, outbox, publish);
+                return Ok(());
+            }
+        }
         let channel = if command.is_bulk() {
             &self.bulk
         } else {
@@ -127,16 +246,21 @@ pub fn spawn_shard(
     for (name, state) in log.swarms() {
         core.restore_swarm(&name, state.epoch, state.last_op, state.unavailable);
     }
+    let telemetry = Arc::new(TelemetryRoutes::default());
+    telemetry.apply(core.take_telemetry_changes());
     let shard = Shard {
         core,
         log,
-        stats,
+        stats: stats.clone(),
         maintenance_interval,
+        telemetry: telemetry.clone(),
     };
     tokio::spawn(shard.run(urgent_rx, bulk_rx, events));
     ShardSender {
         urgent: urgent_tx,
         bulk: bulk_tx,
+        telemetry,
+        stats,
     }
 }
 
@@ -194,6 +318,8 @@ struct Shard {
     stats: Arc<Stats>,
     /// How often the log is compacted and retention applied.
     maintenance_interval: std::time::Duration,
+    /// The copies of the telemetry subscribers that sessions route telemetry from.
+    telemetry: Arc<TelemetryRoutes>,
 }
 
 impl Shard {
@@ -450,9 +576,17 @@ impl Shard {
             }
         }
         self.stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+        // A swarm whose log failed refuses telemetry too.
+        self.telemetry.apply(self.core.take_telemetry_changes());
     }
 
     fn handle(&mut self, command: ShardCommand, now: Now) {
+        self.handle_command(command, now);
+        // Disconnects: the copies stop naming a closed session's outbox.
+        self.telemetry.apply(self.core.take_telemetry_changes());
+    }
+
+    fn handle_command(&mut self, command: ShardCommand, now: Now) {
         let core = &mut self.core;
         match command {
             ShardCommand::Subscribe {
@@ -478,12 +612,17 @@ impl Shard {
                     resume,
                 );
                 match result {
-                    Ok(_) => reply(
-                        &outbox,
-                        &Message::SubscribeAck {
-                            request_id: subscription.request_id,
-                        },
-                    ),
+                    Ok(_) => {
+                        // Before the acknowledgement: telemetry published after the agent
+                        // has it reaches the agent.
+                        self.telemetry.apply(core.take_telemetry_changes());
+                        reply(
+                            &outbox,
+                            &Message::SubscribeAck {
+                                request_id: subscription.request_id,
+                            },
+                        )
+                    }
                     Err(error) => {
                         held.lock()
                             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -506,6 +645,7 @@ impl Shard {
                     subscription.class,
                     subscription.agent_filter.as_deref(),
                 );
+                self.telemetry.apply(core.take_telemetry_changes());
                 reply(
                     &outbox,
                     &Message::SubscribeAck {
