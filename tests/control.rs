@@ -69,6 +69,8 @@ async fn presence_sees_joins_and_leaves_on_close_and_on_timeout() {
         client_version: "0".into(),
         resume: Vec::new(),
         metadata: String::new(),
+        bulk: false,
+        attach: None,
     }));
     send.write_all(&hello.to_vec()).await.unwrap();
     let events = recv_keyed(&mut alerts, "presence", 2).await;

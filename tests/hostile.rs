@@ -22,6 +22,8 @@ fn hello_frame() -> Vec<u8> {
         client_version: "0".into(),
         resume: Vec::new(),
         metadata: String::new(),
+        bulk: false,
+        attach: None,
     }))
     .to_vec()
 }
@@ -261,6 +263,8 @@ async fn an_unsupported_protocol_version_is_refused() {
             client_version: String::new(),
             resume: Vec::new(),
             metadata: String::new(),
+            bulk: false,
+            attach: None,
         }))
         .to_vec(),
     );

@@ -842,7 +842,9 @@ async fn sessions_on_the_bulk_listener_route_like_any_other() {
     assert!(got
         .iter()
         .any(|d| d.class == Class::Command && d.op_id == own));
-    assert_eq!(t.router.stats().connections_accepted, 2);
+    // The sensor's one connection; the controller's and the bulk connection it attached.
+    assert!(controller.has_bulk_connection() && !sensor.has_bulk_connection());
+    assert_eq!(t.router.stats().connections_accepted, 3);
     t.router.shutdown().await;
 }
 

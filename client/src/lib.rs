@@ -47,11 +47,11 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Class, Coalescer, DeadLetters, DecodeOptions, Deliver,
-    DeltaAck, Epoch, FrameDecoder, Hello, JobId, JobProgress, JobResult, JobStatus, JobUpdate,
-    LeaseAction, LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame, Publish,
-    Reply as WireReply, Request, ResumePoint, Role, SafetyAction, SafetyKind, SessionPinned,
-    SubmitJob, Subscription, Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES,
+    encode, max_payload_bytes, valid_name, Attach, BulkOffer, Class, Coalescer, DeadLetters,
+    DecodeOptions, Deliver, DeltaAck, Epoch, FrameDecoder, Hello, JobId, JobProgress, JobResult,
+    JobStatus, JobUpdate, LeaseAction, LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame,
+    Publish, Reply as WireReply, Request, ResumePoint, Role, SafetyAction, SafetyKind,
+    SessionPinned, SubmitJob, Subscription, Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES,
     JOB_STREAM_PRIORITY, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -88,6 +88,11 @@ pub struct Session {
     pub resume: Vec<ResumePoint>,
     /// Registered with the router for presence queries (free-form, e.g. JSON).
     pub metadata: String,
+    /// Attach a second connection for telemetry and jobs when the router offers one (a
+    /// router with a bulk listener): that traffic then has its own socket, congestion window
+    /// and connection driver, apart from commands. When the attach fails the session carries
+    /// everything on its one connection. Default true.
+    pub bulk_connection: bool,
 }
 
 impl Session {
@@ -108,6 +113,7 @@ impl Session {
             connect_timeout: Duration::from_secs(10),
             resume: Vec::new(),
             metadata: String::new(),
+            bulk_connection: true,
         }
     }
 
@@ -142,6 +148,10 @@ pub struct PublishOptions {
 pub struct Connector {
     endpoint: quinn::Endpoint,
     server_name: String,
+    /// The runtime the connector was made on: its connections are driven there.
+    runtime: tokio::runtime::Handle,
+    /// Where sessions make their bulk connections, when not from this connector.
+    bulk: Option<Box<Connector>>,
 }
 
 fn tls_error(detail: impl std::fmt::Display) -> ClientError {
@@ -194,6 +204,10 @@ impl Connector {
             .max_ack_delay(Some(Duration::from_millis(5)));
         transport.ack_frequency_config(Some(ack_frequency));
         config.transport_config(Arc::new(transport));
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| ClientError::Connect {
+            router: "-".into(),
+            detail: format!("a connector needs a tokio runtime: {e}"),
+        })?;
         let bind: SocketAddr = "[::]:0".parse().expect("constant address parses");
         let endpoint = quinn::Endpoint::client(bind)
             .or_else(|_| {
@@ -208,7 +222,21 @@ impl Connector {
         Ok(Connector {
             endpoint,
             server_name: server_name.to_owned(),
+            runtime,
+            bulk: None,
         })
+    }
+
+    /// Makes sessions' bulk connections (see [`Session::bulk_connection`]) from `bulk`'s
+    /// endpoint, and drives them and their telemetry and job streams on the runtime `bulk`
+    /// was made on: e.g. a runtime of lower priority, so that a flood of telemetry takes the
+    /// application's command handling no CPU.
+    pub fn with_bulk_connector(mut self, bulk: &Connector) -> Self {
+        self.bulk = Some(Box::new(Connector {
+            bulk: None,
+            ..bulk.clone()
+        }));
+        self
     }
 
     /// Opens a bare QUIC connection with the swarmbus TLS settings, for tools and tests that
@@ -218,11 +246,68 @@ impl Connector {
             router: router.to_string(),
             detail,
         };
-        let connecting = self
-            .endpoint
-            .connect(router, &self.server_name)
-            .map_err(|e| connect_error(e.to_string()))?;
+        let connecting = {
+            // quinn drives a connection on the runtime it is made from.
+            let _inside = self.runtime.enter();
+            self.endpoint
+                .connect(router, &self.server_name)
+                .map_err(|e| connect_error(e.to_string()))?
+        };
         connecting.await.map_err(|e| connect_error(e.to_string()))
+    }
+
+    /// Attaches a bulk connection to the session `welcome` opened, as its `offer` says.
+    async fn attach_bulk(
+        &self,
+        router: SocketAddr,
+        session: &Session,
+        welcome: &Welcome,
+        offer: BulkOffer,
+    ) -> Result<Connection, ClientError> {
+        let connection = self
+            .connect_quic(SocketAddr::new(router.ip(), offer.port))
+            .await?;
+        let attached = async {
+            let (mut send, recv) = connection
+                .open_bi()
+                .await
+                .map_err(|e| ClientError::from_connection(&e))?;
+            let hello = encode(&Message::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_id: session.agent_id.clone(),
+                role: session.role,
+                client_name: session.client_name.clone(),
+                client_version: session.client_version.clone(),
+                attach: Some(Attach {
+                    session: welcome.session_id,
+                    token: offer.token,
+                }),
+                ..Hello::default()
+            }));
+            send.write_all_chunks(&mut [hello.head, hello.body])
+                .await
+                .map_err(|_| closed_error(&connection))?;
+            let mut reader = FrameReader::new(recv, DEFAULT_MAX_FRAME_BYTES);
+            match reader.next().await? {
+                Some(Message::Welcome(_)) => Ok(()),
+                Some(Message::Error(error)) => Err(ClientError::refused(error)),
+                Some(other) => Err(ClientError::Protocol {
+                    detail: format!(
+                        "expected Welcome on the bulk connection, got {}",
+                        other.kind()
+                    ),
+                }),
+                None => Err(closed_error(&connection)),
+            }
+        }
+        .await;
+        match attached {
+            Ok(()) => Ok(connection),
+            Err(error) => {
+                connection.close(VarInt::from_u32(0), b"attach failed");
+                Err(error)
+            }
+        }
     }
 
     /// Connects, says Hello and waits for Welcome.
@@ -285,6 +370,8 @@ impl Connector {
             client_version: session.client_version.clone(),
             resume: session.resume.clone(),
             metadata: session.metadata.clone(),
+            bulk: session.bulk_connection,
+            attach: None,
         };
         let hello = encode(&Message::Hello(hello));
         send.write_all_chunks(&mut [hello.head, hello.body])
@@ -305,6 +392,30 @@ impl Connector {
         let max_frame = (welcome.limits.max_frame_bytes as usize).max(1024);
         // Keep whatever arrived behind Welcome; only the limit changes.
         reader.decoder.set_max_frame_bytes(max_frame);
+        // The bulk connection, when offered; without it (not offered, or the attach failed)
+        // everything goes on the one connection, and the router, which waits a short while
+        // for the attach, does the same.
+        let bulk_connector = self.bulk.as_deref().unwrap_or(self);
+        let bulk = match welcome.bulk {
+            Some(offer) if session.bulk_connection => {
+                match bulk_connector
+                    .attach_bulk(router, &session, &welcome, offer)
+                    .await
+                {
+                    Ok(bulk) => Some(bulk),
+                    Err(error) => {
+                        tracing::warn!(%error, "bulk connection not attached; telemetry and jobs share the session's connection");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        // Telemetry and job streams: on the bulk connection and its runtime when attached.
+        let (bulk_runtime, bulk_path) = match &bulk {
+            Some(bulk) => (&bulk_connector.runtime, bulk),
+            None => (&self.runtime, &connection),
+        };
         let (deliveries_tx, deliveries) = match sink {
             Some(sink) => (sink, None),
             None => {
@@ -322,17 +433,26 @@ impl Connector {
         ));
         let publish_tx = Class::ALL.map(|class| {
             let (tx, rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
-            tokio::spawn(stream_writer(
-                connection.clone(),
-                rx,
-                None,
-                class.stream_priority(),
-            ));
+            if class == Class::Telemetry {
+                bulk_runtime.spawn(stream_writer(
+                    bulk_path.clone(),
+                    rx,
+                    None,
+                    class.stream_priority(),
+                ));
+            } else {
+                tokio::spawn(stream_writer(
+                    connection.clone(),
+                    rx,
+                    None,
+                    class.stream_priority(),
+                ));
+            }
             tx
         });
         let (jobs_tx, jobs_rx) = mpsc::channel(WRITER_QUEUE_FRAMES);
-        tokio::spawn(stream_writer(
-            connection.clone(),
+        bulk_runtime.spawn(stream_writer(
+            bulk_path.clone(),
             jobs_rx,
             None,
             JOB_STREAM_PRIORITY,
@@ -341,6 +461,7 @@ impl Connector {
         let (job_updates_tx, job_updates_rx) = mpsc::channel(session.delivery_buffer.max(1));
         let shared = Arc::new(Shared {
             connection: connection.clone(),
+            bulk: bulk.clone(),
             session_tx,
             publish_tx,
             pending: Mutex::new(HashMap::new()),
@@ -367,18 +488,19 @@ impl Connector {
                 Duration::from_millis(u64::from(interval)),
             ));
         }
-        tokio::spawn(accept_deliveries(
-            connection.clone(),
-            Inbound {
-                deliveries: deliveries_tx,
-                job_events: job_events_tx,
-                job_updates: job_updates_tx,
-            },
-            max_frame,
-        ));
+        let inbound = Inbound {
+            deliveries: deliveries_tx,
+            job_events: job_events_tx,
+            job_updates: job_updates_tx,
+        };
+        if let Some(bulk) = &bulk {
+            bulk_runtime.spawn(accept_deliveries(bulk.clone(), inbound.clone(), max_frame));
+            tokio::spawn(tie_connections(connection.clone(), bulk.clone()));
+        }
+        tokio::spawn(accept_deliveries(connection.clone(), inbound, max_frame));
         let client = Client {
             shared,
-            _owner: Arc::new(Owner { connection }),
+            _owner: Arc::new(Owner { connection, bulk }),
         };
         Ok((client, deliveries))
     }
@@ -546,6 +668,8 @@ impl Reply {
 #[derive(Debug)]
 struct Shared {
     connection: Connection,
+    /// The session's bulk connection (telemetry and jobs), when attached.
+    bulk: Option<Connection>,
     /// Frames for the session stream (Subscribe, Unsubscribe, Ack).
     session_tx: mpsc::Sender<OutFrame>,
     /// Frames for the publish stream of each class, indexed by `Class::index`.
@@ -575,12 +699,37 @@ struct Shared {
 #[derive(Debug)]
 struct Owner {
     connection: Connection,
+    bulk: Option<Connection>,
 }
 
 impl Drop for Owner {
     fn drop(&mut self) {
         self.connection
             .close(VarInt::from_u32(0), b"client dropped");
+        if let Some(bulk) = &self.bulk {
+            bulk.close(VarInt::from_u32(0), b"client dropped");
+        }
+    }
+}
+
+/// How long the session waits, once its bulk connection was closed by the router, for the
+/// router to close the main one (with the reason the application should see).
+const BULK_CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// A session's two connections end together: when the main one closes, the bulk one is
+/// closed; when the bulk one closes, the main one is, after a grace period in which the
+/// router's own close of the main one (and its reason) normally arrives first.
+async fn tie_connections(main: Connection, bulk: Connection) {
+    tokio::select! {
+        _ = main.closed() => bulk.close(VarInt::from_u32(0), b"session closed"),
+        why = bulk.closed() => {
+            if !matches!(why, quinn::ConnectionError::LocallyClosed)
+                && tokio::time::timeout(BULK_CLOSE_GRACE, main.closed()).await.is_ok()
+            {
+                return;
+            }
+            main.close(VarInt::from_u32(0), format!("the session's bulk connection closed: {why}").as_bytes());
+        }
     }
 }
 
@@ -994,6 +1143,11 @@ impl Client {
 
     pub fn agent_id(&self) -> &str {
         &self.shared.agent_id
+    }
+
+    /// Whether the session attached a bulk connection (see [`Session::bulk_connection`]).
+    pub fn has_bulk_connection(&self) -> bool {
+        self.shared.bulk.is_some()
     }
 
     async fn request(&self, build: impl FnOnce(u64) -> Message) -> ReplyResult {
@@ -1793,6 +1947,9 @@ impl Client {
         self.shared
             .connection
             .close(VarInt::from_u32(0), b"client closed");
+        if let Some(bulk) = &self.shared.bulk {
+            bulk.close(VarInt::from_u32(0), b"client closed");
+        }
     }
 
     /// Waits until the connection is closed and says why.

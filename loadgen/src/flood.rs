@@ -59,9 +59,11 @@ pub struct FloodArgs {
     /// Worker threads of the flooders' own runtime.
     #[arg(long, default_value_t = 1)]
     flood_threads: usize,
-    /// Where the flooders connect: the router's main listener, or its bulk listener
-    /// (`bulk_listen`; with --spawn-router one is opened on the spawned router).
-    #[arg(long, default_value = "main", value_parser = ["main", "bulk"])]
+    /// Where the flooders connect: the router's main listener (`main`); its bulk listener
+    /// (`bulk`; with --spawn-router one is opened on the spawned router); or the main
+    /// listener of a router with a bulk listener (`attach`; opened on a spawned router), so
+    /// that every session attaches a bulk connection for its telemetry by itself.
+    #[arg(long, default_value = "main", value_parser = ["main", "bulk", "attach"])]
     flood_listener: String,
     /// The bulk listener's address, HOST:PORT, for --flood-listener bulk with --router.
     #[arg(long, value_name = "HOST:PORT")]
@@ -91,9 +93,11 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         bail!("--payload must be at least {STAMP_BYTES} bytes (the command stamp)");
     }
     let bulk_listener = args.flood_listener == "bulk";
-    let (router, flood_router, ca, spawned) = if bulk_listener && args.router.spawns() {
+    let attach = args.flood_listener == "attach";
+    let (router, flood_router, ca, spawned) = if (bulk_listener || attach) && args.router.spawns() {
         let (router, bulk, ca, spawned) = args.router.resolve_with_bulk_listener().await?;
-        (router, bulk, ca, Some(spawned))
+        let flood_router = if attach { router } else { bulk };
+        (router, flood_router, ca, Some(spawned))
     } else {
         let (router, ca, spawned) = args.router.resolve().await?;
         let flood_router = match (bulk_listener, &args.flood_router) {
@@ -115,11 +119,20 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let live = Arc::new(Live::default());
     let stop = Arc::new(AtomicBool::new(false));
 
-    // Receivers first, so every command published afterwards reaches them.
+    // Receivers first, so every command published afterwards reaches them. When the router
+    // offers bulk connections, theirs (the telemetry) are driven on a runtime of lower
+    // priority, as an agent that cares for its commands first would set it up.
+    let receiver_bulk_runtime = SideRuntime::new(1, "receiver-bulk")?;
+    let receiver_connector = {
+        let _inside = receiver_bulk_runtime.enter();
+        let bulk = Connector::new(&ca, args.router.server_name())
+            .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
+        connector.clone().with_bulk_connector(&bulk)
+    };
     let mut receiver_sessions = Vec::new();
     for r in 0..args.receivers {
         let session = Session::new(format!("flood-receiver-{r}"), Role::Agent, [SWARM]);
-        let (client, deliveries) = connector
+        let (client, deliveries) = receiver_connector
             .connect(router, session)
             .await
             .with_context(|| format!("connecting receiver {r} to {router}"))?;
@@ -160,6 +173,15 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         flooders.push(client);
     }
 
+    // Sessions that attached a bulk connection (the router offers one when it has a bulk
+    // listener and the session came in on the main one).
+    let bulk_connections = receiver_sessions
+        .iter()
+        .map(|(client, _)| client)
+        .chain(&flooders)
+        .chain([&controller])
+        .filter(|client| client.has_bulk_connection())
+        .count();
     if !args.json {
         eprintln!(
             "flood: {} commands/s to {} receivers; {} telemetry flooders in phase 2; {} B payloads; {:?} per phase",
@@ -240,6 +262,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     drop(flooder_clients);
     drop(controller);
     drop(flood_runtime);
+    drop(receiver_bulk_runtime);
 
     let mut idle = probe::latency_histogram();
     let mut flooded = probe::latency_histogram();
@@ -278,6 +301,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let report = serde_json::json!({
         "scenario": "flood",
         "flood_listener": args.flood_listener,
+        "bulk_connections": bulk_connections,
         "agents": args.agents,
         "receivers": args.receivers,
         "command_rate": args.command_rate,

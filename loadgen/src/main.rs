@@ -73,7 +73,16 @@ enum Scenario {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The probes (publishers and receivers whose latency is measured) run here; like the
+    // router's main threads they ask for short time slices, so the load the scenarios
+    // generate on their niced side runtimes does not hold them off the CPU.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| {
+            swarmbus_router::bulk::request_short_slice(swarmbus_router::bulk::SHORT_SLICE);
+        })
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("swarmbus-loadgen: starting the async runtime: {error}");

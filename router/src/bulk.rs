@@ -92,6 +92,63 @@ fn lower_thread_priority(priority: BulkPriority) {
     let _ = priority;
 }
 
+/// The time slice the router asks the kernel for on its latency-critical threads (the
+/// main runtime's workers, the log writers): see [`request_short_slice`].
+pub const SHORT_SLICE: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Asks the kernel to give the calling thread short time slices (Linux 6.12 and later:
+/// the EEVDF scheduler's per-thread slice, `sched_setattr` with `sched_runtime`), keeping
+/// its policy (`SCHED_OTHER`) and nice value. A thread with a shorter slice than the one
+/// running preempts it as soon as it wakes, instead of waiting until the running thread's
+/// slice, or the next timer tick (4 ms at 250 Hz), is over: a command's thread that wakes
+/// while a niced bulk thread runs gets the CPU at once. Needs no privilege. Returns whether
+/// the kernel took the request; older kernels (and other systems) refuse it and nothing
+/// changes.
+#[allow(unsafe_code)] // one system call with a struct the call only reads
+pub fn request_short_slice(slice: std::time::Duration) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        /// `struct sched_attr`, as of Linux 4.19 (SCHED_ATTR_SIZE_VER1).
+        #[repr(C)]
+        struct SchedAttr {
+            size: u32,
+            sched_policy: u32,
+            sched_flags: u64,
+            sched_nice: i32,
+            sched_priority: u32,
+            sched_runtime: u64,
+            sched_deadline: u64,
+            sched_period: u64,
+            sched_util_min: u32,
+            sched_util_max: u32,
+        }
+        // SAFETY: getpriority reads its integer arguments only; who = 0 is this thread.
+        let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+        let attr = SchedAttr {
+            size: std::mem::size_of::<SchedAttr>() as u32,
+            sched_policy: libc::SCHED_OTHER as u32,
+            sched_flags: 0,
+            sched_nice: nice,
+            sched_priority: 0,
+            sched_runtime: slice.as_nanos().min(u128::from(u64::MAX)) as u64,
+            sched_deadline: 0,
+            sched_period: 0,
+            sched_util_min: 0,
+            sched_util_max: 0,
+        };
+        // SAFETY: the kernel reads `attr.size` bytes from a live, initialised struct of
+        // that size; pid 0 is the calling thread; flags 0.
+        let result =
+            unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+        result == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = slice;
+        false
+    }
+}
+
 /// Aborts a task when dropped: a bulk task started for a connection ends with the task
 /// that started it.
 #[derive(Debug)]
@@ -131,6 +188,22 @@ mod tests {
         let shared = BulkRuntime::start(4, BulkPriority::Shared).unwrap();
         assert_eq!(shared.threads(), 0);
         assert_eq!(shared.handle().id(), tokio::runtime::Handle::current().id());
+    }
+
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)] // reads the calling thread's scheduling policy and nice value
+    #[test]
+    fn a_short_slice_keeps_the_threads_policy_and_nice_value() {
+        std::thread::spawn(|| {
+            // SAFETY: integer arguments only; who = 0 / pid 0 is this thread.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 3) };
+            let took = request_short_slice(SHORT_SLICE);
+            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
+            let policy = unsafe { libc::sched_getscheduler(0) };
+            assert_eq!((nice, policy), (3, libc::SCHED_OTHER), "took: {took}");
+        })
+        .join()
+        .unwrap();
     }
 
     #[tokio::test]

@@ -26,7 +26,8 @@ use swarmbus_schema::{
     ErrorMessage, FrameDecoder, Hello, Limits, Message, OpId, OutFrame, Publish, Role, SessionId,
     Subscription, Welcome, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
-use tokio::sync::mpsc;
+use swarmbus_schema::{Attach, BulkOffer};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, Instrument};
 
@@ -77,6 +78,11 @@ struct Context {
     telemetry_intake: Option<crate::limits::IntakeBudget>,
     /// Where telemetry and job streams are read and written (see [`crate::bulk`]).
     bulk: BulkRuntime,
+    /// The bulk listener's port, offered in Welcome to sessions that can attach a bulk
+    /// connection.
+    bulk_port: Option<u16>,
+    /// Sessions waiting for their bulk connection, by session id.
+    attachments: Mutex<HashMap<u64, PendingAttach>>,
     /// Presence, leases and stopped agents.
     control: Mutex<ControlState>,
     /// The publisher of the router's own alerts: closed, so the (absent) replies to them
@@ -85,6 +91,40 @@ struct Context {
     clock: Clock,
     /// The job queue (sans-IO, under one lock like `workers`).
     jobs: Mutex<Jobs>,
+}
+
+/// A session's offer of a bulk connection, until a connection attaches with its token.
+#[derive(Debug)]
+struct PendingAttach {
+    token: u64,
+    agent: Arc<str>,
+    attached: tokio::sync::oneshot::Sender<Connection>,
+}
+
+/// Where a session's bulk lanes (telemetry, jobs) are written and its bulk publishes read.
+#[derive(Clone, Debug)]
+enum BulkPath {
+    /// A bulk connection was offered and is not attached yet.
+    Waiting,
+    /// The session's bulk connection.
+    Attached(Connection),
+    /// The session's one connection carries everything.
+    Main,
+}
+
+/// How long a session that was offered a bulk connection waits for it before its bulk
+/// lanes go on its main connection (capped by `limits.hello_timeout_ms`).
+const ATTACH_WAIT: Duration = Duration::from_secs(2);
+
+/// A fresh attach token: random, never 0 (0 means "no offer" on the wire).
+fn attach_token() -> u64 {
+    let mut bytes = [0u8; 8];
+    let random = ring::rand::SystemRandom::new();
+    if ring::rand::SecureRandom::fill(&random, &mut bytes).is_err() {
+        // No system randomness: no offer can be made safely; 0 is never accepted.
+        return 0;
+    }
+    u64::from_le_bytes(bytes).max(1)
 }
 
 /// The control plane's state, behind one lock.
@@ -96,6 +136,12 @@ struct ControlState {
 }
 
 impl Context {
+    fn attachments(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingAttach>> {
+        self.attachments
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn control(&self) -> std::sync::MutexGuard<'_, ControlState> {
         self.control
             .lock()
@@ -460,6 +506,10 @@ impl Router {
             ),
             None => None,
         };
+        let bulk_port = match &bulk_socket {
+            Some(socket) => Some(config_bulk_addr(socket, &config)?.port()),
+            None => None,
+        };
         let endpoint = quinn::Endpoint::new(
             endpoint_config.clone(),
             Some(server_config.clone()),
@@ -576,6 +626,8 @@ impl Router {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
             bulk,
+            bulk_port,
+            attachments: Mutex::new(HashMap::new()),
             alert_sink,
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
@@ -618,10 +670,11 @@ impl Router {
                     addr,
                     detail: e.to_string(),
                 })?;
-                let task = context
-                    .bulk
-                    .handle()
-                    .spawn(accept_loop(bulk_endpoint.clone(), context.clone()));
+                let task = context.bulk.handle().spawn(accept_loop(
+                    bulk_endpoint.clone(),
+                    context.clone(),
+                    Listener::Bulk,
+                ));
                 // The bulk listener lives as long as the main runtime: when that runtime
                 // goes (even without a shutdown), this guard task is dropped with it and
                 // closes the bulk endpoint and its accept loop.
@@ -642,7 +695,11 @@ impl Router {
             }
             None => None,
         };
-        let accept_task = tokio::spawn(accept_loop(endpoint.clone(), context.clone()));
+        let accept_task = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            context.clone(),
+            Listener::Main,
+        ));
         info!(%local_addr, "router listening");
         Ok(Router {
             context,
@@ -753,7 +810,16 @@ fn transport_config(config: &Config) -> quinn::TransportConfig {
     transport
 }
 
-async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Context>) {
+/// Which endpoint a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Listener {
+    Main,
+    /// `bulk_listen`: its sessions are bulk sessions already and are offered no bulk
+    /// connection.
+    Bulk,
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Context>, listener: Listener) {
     while let Some(incoming) = endpoint.accept().await {
         let context = context.clone();
         let conn = ConnId(context.next_conn.fetch_add(1, Ordering::Relaxed));
@@ -761,7 +827,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, context: Arc<Context>) {
         tokio::spawn(
             async move {
                 match incoming.await {
-                    Ok(connection) => run_connection(conn, connection, context).await,
+                    Ok(connection) => run_connection(conn, connection, context, listener).await,
                     // Handshake failures (wrong ALPN, bad TLS) end here.
                     Err(error) => debug!(%error, "handshake failed"),
                 }
@@ -2078,7 +2144,12 @@ async fn lane_writer(
     }
 }
 
-async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Context>) {
+async fn run_connection(
+    conn: ConnId,
+    connection: Connection,
+    context: Arc<Context>,
+    listener: Listener,
+) {
     let stats = context.stats.clone();
     stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
     let open = stats.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
@@ -2112,6 +2183,11 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
             return;
         }
     };
+    if let Some(attach) = hello.attach {
+        attach_bulk_connection(connection, send, &hello, attach, &context).await;
+        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
     // A stopped agent is refused until its stop runs out, with the time left.
     let stopped_for = {
         let now_ms = context.clock.now_ms();
@@ -2141,6 +2217,31 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     let config = &context.config;
     let outbox = Arc::new(Outbox::new(conn, &config.queues, stats.clone()));
     let _ = send.set_priority(i32::MAX); // replies outrank every class stream
+                                         // A client that can attach a bulk connection is offered the bulk listener: its
+                                         // telemetry and job traffic then has a socket, a connection and a congestion window of
+                                         // its own, all driven on the bulk runtime.
+    let (bulk_path_tx, bulk_path) = watch::channel(BulkPath::Main);
+    let mut attached_rx = None;
+    let bulk_offer = match context.bulk_port {
+        Some(port) if hello.bulk && listener == Listener::Main => {
+            let token = attach_token();
+            (token != 0).then(|| {
+                let (attached, rx) = oneshot::channel();
+                attached_rx = Some(rx);
+                context.attachments().insert(
+                    conn.0,
+                    PendingAttach {
+                        token,
+                        agent: Arc::from(hello.agent_id.as_str()),
+                        attached,
+                    },
+                );
+                bulk_path_tx.send_replace(BulkPath::Waiting);
+                BulkOffer { port, token }
+            })
+        }
+        _ => None,
+    };
     let mut writers = Vec::with_capacity(Lane::COUNT);
     let mut session_send = Some(send);
     for lane in Lane::all() {
@@ -2149,27 +2250,24 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         } else {
             None
         };
-        let writer = lane_writer(connection.clone(), outbox.clone(), lane, stream);
         writers.push(if lane.is_bulk() {
+            let writer =
+                bulk_lane_writer(connection.clone(), bulk_path.clone(), outbox.clone(), lane);
             context.bulk.handle().spawn(writer)
         } else {
-            tokio::spawn(writer)
+            tokio::spawn(lane_writer(
+                connection.clone(),
+                outbox.clone(),
+                lane,
+                stream,
+            ))
         });
     }
     let welcome = Welcome {
         session_id: SessionId(conn.0),
         router_name: config.router_name.clone(),
-        limits: Limits {
-            max_frame_bytes: config.limits.max_frame_bytes,
-            max_subscriptions: config.limits.max_subscriptions,
-            max_swarms_per_session: config.limits.max_swarms_per_session,
-            queue_frames: Class::ALL
-                .iter()
-                .map(|c| config.queues.for_class(*c) as u32)
-                .collect(),
-            heartbeat_interval_ms: config.presence.heartbeat_interval_ms,
-            heartbeat_timeout_ms: config.presence.timeout_ms(),
-        },
+        limits: welcome_limits(config),
+        bulk: bulk_offer,
     };
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
     let now = std::time::Instant::now();
@@ -2253,6 +2351,7 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
         for writer in writers {
             writer.abort();
         }
+        context.attachments().remove(&conn.0);
         stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         return;
     };
@@ -2272,6 +2371,13 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     context.apply_job_effects(joined);
     let uni_task =
         tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());
+    let attach_wait = ATTACH_WAIT.min(hello_timeout);
+    let bulk_task = attached_rx.map(|attached| {
+        tokio::spawn(
+            serve_bulk_connection(attached, bulk_path_tx, session.clone(), attach_wait)
+                .in_current_span(),
+        )
+    });
 
     let session_loop = async {
         loop {
@@ -2303,11 +2409,30 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
             close_with(&connection, &stats, &Fault::new(code, reason));
         }
         _ = connection.closed() => {}
+        error = bulk_connection_closed(bulk_path.clone()) => {
+            // The session's two connections live and end together.
+            match error {
+                quinn::ConnectionError::ApplicationClosed(close) => {
+                    connection.close(close.error_code, &close.reason)
+                }
+                other => connection.close(
+                    VarInt::from_u32(0),
+                    format!("the session's bulk connection was lost: {other}").as_bytes(),
+                ),
+            }
+        }
     }
     // Close the outbox before Disconnect reaches the shards: a command still queued from a
     // stream reader then finds it closed and leaves nothing behind.
     outbox.close();
     uni_task.abort();
+    if let Some(task) = bulk_task {
+        task.abort();
+    }
+    context.attachments().remove(&conn.0);
+    if let BulkPath::Attached(bulk) = &*bulk_path.borrow() {
+        bulk.close(VarInt::from_u32(0), b"session ended");
+    }
     for shard in &context.shards {
         let _ = shard.send(ShardCommand::Disconnect { conn }).await;
     }
@@ -2336,6 +2461,136 @@ async fn run_connection(conn: ConnId, connection: Connection, context: Arc<Conte
     }
     stats.connections_open.fetch_sub(1, Ordering::Relaxed);
     debug!("connection closed");
+}
+
+/// The limits a Welcome announces.
+fn welcome_limits(config: &Config) -> Limits {
+    Limits {
+        max_frame_bytes: config.limits.max_frame_bytes,
+        max_subscriptions: config.limits.max_subscriptions,
+        max_swarms_per_session: config.limits.max_swarms_per_session,
+        queue_frames: Class::ALL
+            .iter()
+            .map(|c| config.queues.for_class(*c) as u32)
+            .collect(),
+        heartbeat_interval_ms: config.presence.heartbeat_interval_ms,
+        heartbeat_timeout_ms: config.presence.timeout_ms(),
+    }
+}
+
+/// Drains a bulk lane onto the session's bulk connection once it is attached, or onto its
+/// main connection when none was offered or it did not come in time.
+async fn bulk_lane_writer(
+    main: Connection,
+    mut path: watch::Receiver<BulkPath>,
+    outbox: Arc<Outbox>,
+    lane: Lane,
+) {
+    let connection = match path.wait_for(|p| !matches!(p, BulkPath::Waiting)).await {
+        Ok(path) => match &*path {
+            BulkPath::Attached(bulk) => bulk.clone(),
+            _ => main,
+        },
+        // The session ended while waiting.
+        Err(_) => return,
+    };
+    lane_writer(connection, outbox, lane, None).await
+}
+
+/// Resolves when the session's attached bulk connection closes, with why; never when the
+/// session has none.
+async fn bulk_connection_closed(mut path: watch::Receiver<BulkPath>) -> quinn::ConnectionError {
+    let attached = match path.wait_for(|p| !matches!(p, BulkPath::Waiting)).await {
+        Ok(path) => match &*path {
+            BulkPath::Attached(bulk) => Some(bulk.clone()),
+            _ => None,
+        },
+        Err(_) => None,
+    };
+    match attached {
+        Some(bulk) => bulk.closed().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits (at most `wait`) for the session's bulk connection, then reads the publish
+/// streams the client opens on it, as the session's. Not attached in time: the session's
+/// bulk lanes go on its main connection and a late attach finds no offer.
+async fn serve_bulk_connection(
+    attached: oneshot::Receiver<Connection>,
+    path: watch::Sender<BulkPath>,
+    session: Arc<Session>,
+    wait: Duration,
+) {
+    let context = &session.context;
+    let Ok(Ok(bulk)) = tokio::time::timeout(wait, attached).await else {
+        context.attachments().remove(&session.conn.0);
+        path.send_replace(BulkPath::Main);
+        debug!(agent = %session.agent, "no bulk connection attached; bulk classes use the main one");
+        return;
+    };
+    path.send_replace(BulkPath::Attached(bulk.clone()));
+    context.stats.bulk_attached.fetch_add(1, Ordering::Relaxed);
+    let handle = context.bulk.handle().clone();
+    // Aborting this task (the session ended) aborts the accept loop with it.
+    let mut accepting =
+        AbortOnDrop(handle.spawn(accept_publish_streams(bulk, session.clone()).in_current_span()));
+    let _ = (&mut accepting.0).await;
+}
+
+/// A connection whose Hello attaches it to a session as that session's bulk connection:
+/// checked against the session's offer (agent and token, one use), answered with a
+/// Welcome, handed to the session, and held until it closes. Without a matching offer it is
+/// closed with `InvalidRequest`.
+async fn attach_bulk_connection(
+    connection: Connection,
+    mut send: SendStream,
+    hello: &Hello,
+    attach: Attach,
+    context: &Context,
+) {
+    let offer = {
+        let mut attachments = context.attachments();
+        match attachments.remove(&attach.session.0) {
+            Some(offer) if offer.token == attach.token && *offer.agent == *hello.agent_id => {
+                Some(offer)
+            }
+            Some(offer) => {
+                // A wrong token spends nothing: the session's own attach may still come.
+                attachments.insert(attach.session.0, offer);
+                None
+            }
+            None => None,
+        }
+    };
+    let Some(offer) = offer else {
+        let fault = Fault::new(
+            ErrorCode::InvalidRequest,
+            "no session of this agent waits for a bulk connection with this token",
+        );
+        close_with(&connection, &context.stats, &fault);
+        return;
+    };
+    let welcome = encode(&Message::Welcome(Welcome {
+        session_id: attach.session,
+        router_name: context.config.router_name.clone(),
+        limits: welcome_limits(&context.config),
+        bulk: None,
+    }));
+    if send
+        .write_all_chunks(&mut [welcome.head, welcome.body])
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let _ = send.finish();
+    if offer.attached.send(connection.clone()).is_err() {
+        connection.close(VarInt::from_u32(0), b"the session ended");
+        return;
+    }
+    debug!(agent = %hello.agent_id, session = attach.session.0, "bulk connection attached");
+    connection.closed().await;
 }
 
 async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {

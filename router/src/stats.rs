@@ -34,6 +34,8 @@ pub struct Stats {
     /// others, read on the main runtime, since start.
     pub bulk_streams: AtomicU64,
     pub main_streams: AtomicU64,
+    /// Bulk connections attached to their sessions, since start.
+    pub bulk_attached: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -58,6 +60,7 @@ pub struct StatsSnapshot {
     pub late_replies: u64,
     pub bulk_streams: u64,
     pub main_streams: u64,
+    pub bulk_attached: u64,
 }
 
 impl Stats {
@@ -83,6 +86,7 @@ impl Stats {
             late_replies: get(&self.late_replies),
             bulk_streams: get(&self.bulk_streams),
             main_streams: get(&self.main_streams),
+            bulk_attached: get(&self.bulk_attached),
         }
     }
 }

@@ -193,6 +193,9 @@ pub fn encode(message: &Message) -> OutFrame {
                         client_version: Some(client_version),
                         resume: Some(resume),
                         metadata,
+                        bulk: m.bulk,
+                        attach_session: m.attach.map_or(0, |a| a.session.0),
+                        attach_token: m.attach.map_or(0, |a| a.token),
                     },
                 );
                 (w::Message::Hello, t.as_union_value())
@@ -217,6 +220,8 @@ pub fn encode(message: &Message) -> OutFrame {
                         session_id: m.session_id.0,
                         router_name: Some(router_name),
                         limits: Some(limits),
+                        bulk_port: m.bulk.map_or(0, |b| b.port),
+                        attach_token: m.bulk.map_or(0, |b| b.token),
                     },
                 );
                 (w::Message::Welcome, t.as_union_value())
@@ -922,6 +927,12 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                     None => Vec::new(),
                 },
                 metadata: m.metadata().unwrap_or_default().to_owned(),
+                bulk: m.bulk(),
+                // A token of 0 is never given out: it means "not an attach".
+                attach: (m.attach_token() != 0).then(|| Attach {
+                    session: SessionId(m.attach_session()),
+                    token: m.attach_token(),
+                }),
             })
         }
         w::Message::Welcome => {
@@ -942,6 +953,10 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 session_id: SessionId(m.session_id()),
                 router_name: m.router_name().unwrap_or_default().to_owned(),
                 limits: limits.unwrap_or_default(),
+                bulk: (m.attach_token() != 0).then(|| BulkOffer {
+                    port: m.bulk_port(),
+                    token: m.attach_token(),
+                }),
             })
         }
         w::Message::Error => {
@@ -1496,24 +1511,39 @@ mod tests {
                 ".{0,16}",
                 ".{0,16}"
             )
-                .prop_map(|(swarms, agent_id, role, n, v)| Message::Hello(Hello {
-                    protocol_version: 1,
-                    swarms,
-                    agent_id,
-                    role: [Role::Agent, Role::Controller, Role::Worker][role as usize],
-                    client_name: n,
-                    client_version: v.clone(),
-                    resume: Vec::new(),
-                    metadata: v,
-                })),
+                .prop_flat_map(|(swarms, agent_id, role, n, v)| {
+                    (
+                        any::<bool>(),
+                        proptest::option::of((any::<u64>(), 1..=u64::MAX)),
+                    )
+                        .prop_map(move |(bulk, attach)| {
+                            Message::Hello(Hello {
+                                protocol_version: 1,
+                                swarms: swarms.clone(),
+                                agent_id: agent_id.clone(),
+                                role: [Role::Agent, Role::Controller, Role::Worker][role as usize],
+                                client_name: n.clone(),
+                                client_version: v.clone(),
+                                resume: Vec::new(),
+                                metadata: v.clone(),
+                                bulk,
+                                attach: attach.map(|(session, token)| Attach {
+                                    session: SessionId(session),
+                                    token,
+                                }),
+                            })
+                        })
+                }),
             (
                 any::<u64>(),
                 name(),
                 any::<u32>(),
-                proptest::collection::vec(any::<u32>(), 0..6)
+                proptest::collection::vec(any::<u32>(), 0..6),
+                proptest::option::of((any::<u16>(), 1..=u64::MAX))
             )
-                .prop_map(|(id, router_name, max, queue_frames)| Message::Welcome(
-                    Welcome {
+                .prop_map(|(id, router_name, max, queue_frames, bulk)| {
+                    Message::Welcome(Welcome {
+                        bulk: bulk.map(|(port, token)| BulkOffer { port, token }),
                         session_id: SessionId(id),
                         router_name,
                         limits: Limits {
@@ -1524,8 +1554,8 @@ mod tests {
                             heartbeat_interval_ms: max / 3,
                             heartbeat_timeout_ms: max / 5,
                         },
-                    }
-                )),
+                    })
+                }),
             (any::<u16>(), ".{0,40}", any::<u64>(), any::<u32>()).prop_map(
                 |(code, message, request_id, retry_after_ms)| {
                     Message::Error(ErrorMessage {
@@ -1635,6 +1665,8 @@ mod tests {
                         })
                         .collect(),
                     metadata: String::new(),
+                    bulk: false,
+                    attach: None,
                 })),
             (name(), any::<u64>(), any::<u64>()).prop_map(|(swarm, e, p)| {
                 Message::EpochChanged {

@@ -133,6 +133,17 @@ pub struct Hello {
     pub resume: Vec<ResumePoint>,
     /// Registered for presence queries (free-form).
     pub metadata: String,
+    /// The client can attach a bulk connection when the router offers one.
+    pub bulk: bool,
+    /// Set on a connection that attaches to an existing session as its bulk connection.
+    pub attach: Option<Attach>,
+}
+
+/// Which session a bulk connection attaches to, and the token its Welcome gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attach {
+    pub session: SessionId,
+    pub token: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -153,6 +164,16 @@ pub struct Welcome {
     pub session_id: SessionId,
     pub router_name: String,
     pub limits: Limits,
+    /// The bulk connection offered to this session, if any.
+    pub bulk: Option<BulkOffer>,
+}
+
+/// Where and how a session attaches its bulk connection: the router's bulk listener port
+/// (on the address the session connected to) and the attach token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BulkOffer {
+    pub port: u16,
+    pub token: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

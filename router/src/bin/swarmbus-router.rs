@@ -73,7 +73,13 @@ async fn shutdown_signal() {
 }
 
 fn main() -> std::process::ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(|| {
+            swarmbus_router::bulk::request_short_slice(swarmbus_router::bulk::SHORT_SLICE);
+        })
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("swarmbus-router: starting the async runtime: {error}");

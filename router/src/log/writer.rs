@@ -97,6 +97,8 @@ impl LogWriter {
         std::thread::Builder::new()
             .name("swarmbus-log-writer".into())
             .spawn(move || {
+                // Commands wait for this thread: it preempts bulk work when it wakes.
+                crate::bulk::request_short_slice(crate::bulk::SHORT_SLICE);
                 let runtime = match kind {
                     WriterKind::File => None,
                     WriterKind::Uring | WriterKind::Auto => match uring_runtime() {

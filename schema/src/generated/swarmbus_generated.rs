@@ -891,6 +891,9 @@ impl<'a> Hello<'a> {
   pub const VT_CLIENT_VERSION: ::flatbuffers::VOffsetT = 14;
   pub const VT_RESUME: ::flatbuffers::VOffsetT = 16;
   pub const VT_METADATA: ::flatbuffers::VOffsetT = 18;
+  pub const VT_BULK: ::flatbuffers::VOffsetT = 20;
+  pub const VT_ATTACH_SESSION: ::flatbuffers::VOffsetT = 22;
+  pub const VT_ATTACH_TOKEN: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -902,6 +905,8 @@ impl<'a> Hello<'a> {
     args: &'args HelloArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Hello<'bldr>> {
     let mut builder = HelloBuilder::new(_fbb);
+    builder.add_attach_token(args.attach_token);
+    builder.add_attach_session(args.attach_session);
     if let Some(x) = args.metadata { builder.add_metadata(x); }
     if let Some(x) = args.resume { builder.add_resume(x); }
     if let Some(x) = args.client_version { builder.add_client_version(x); }
@@ -909,6 +914,7 @@ impl<'a> Hello<'a> {
     if let Some(x) = args.agent_id { builder.add_agent_id(x); }
     if let Some(x) = args.swarms { builder.add_swarms(x); }
     builder.add_protocol_version(args.protocol_version);
+    builder.add_bulk(args.bulk);
     builder.add_role(args.role);
     builder.finish()
   }
@@ -974,6 +980,31 @@ impl<'a> Hello<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Hello::VT_METADATA, None)}
   }
+  /// The client can attach a bulk connection (telemetry and jobs) to this session when the
+  /// router offers one in Welcome.
+  #[inline]
+  pub fn bulk(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Hello::VT_BULK, Some(false)).unwrap()}
+  }
+  /// Non-zero: this connection attaches to session `attach_session` as its bulk connection,
+  /// with the token that session's Welcome gave (swarms, role and resume are then ignored).
+  #[inline]
+  pub fn attach_session(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Hello::VT_ATTACH_SESSION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn attach_token(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Hello::VT_ATTACH_TOKEN, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Hello<'_> {
@@ -990,6 +1021,9 @@ impl ::flatbuffers::Verifiable for Hello<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("client_version", Self::VT_CLIENT_VERSION, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<Resume>>>>("resume", Self::VT_RESUME, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("metadata", Self::VT_METADATA, false)?
+     .visit_field::<bool>("bulk", Self::VT_BULK, false)?
+     .visit_field::<u64>("attach_session", Self::VT_ATTACH_SESSION, false)?
+     .visit_field::<u64>("attach_token", Self::VT_ATTACH_TOKEN, false)?
      .finish();
     Ok(())
   }
@@ -1003,6 +1037,9 @@ pub struct HelloArgs<'a> {
     pub client_version: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub resume: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<Resume<'a>>>>>,
     pub metadata: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub bulk: bool,
+    pub attach_session: u64,
+    pub attach_token: u64,
 }
 impl<'a> Default for HelloArgs<'a> {
   #[inline]
@@ -1016,6 +1053,9 @@ impl<'a> Default for HelloArgs<'a> {
       client_version: None,
       resume: None,
       metadata: None,
+      bulk: false,
+      attach_session: 0,
+      attach_token: 0,
     }
   }
 }
@@ -1058,6 +1098,18 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HelloBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_METADATA, metadata);
   }
   #[inline]
+  pub fn add_bulk(&mut self, bulk: bool) {
+    self.fbb_.push_slot::<bool>(Hello::VT_BULK, bulk, false);
+  }
+  #[inline]
+  pub fn add_attach_session(&mut self, attach_session: u64) {
+    self.fbb_.push_slot::<u64>(Hello::VT_ATTACH_SESSION, attach_session, 0);
+  }
+  #[inline]
+  pub fn add_attach_token(&mut self, attach_token: u64) {
+    self.fbb_.push_slot::<u64>(Hello::VT_ATTACH_TOKEN, attach_token, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HelloBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HelloBuilder {
@@ -1083,6 +1135,9 @@ impl ::core::fmt::Debug for Hello<'_> {
       ds.field("client_version", &self.client_version());
       ds.field("resume", &self.resume());
       ds.field("metadata", &self.metadata());
+      ds.field("bulk", &self.bulk());
+      ds.field("attach_session", &self.attach_session());
+      ds.field("attach_token", &self.attach_token());
       ds.finish()
   }
 }
@@ -1290,6 +1345,8 @@ impl<'a> Welcome<'a> {
   pub const VT_SESSION_ID: ::flatbuffers::VOffsetT = 4;
   pub const VT_ROUTER_NAME: ::flatbuffers::VOffsetT = 6;
   pub const VT_LIMITS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_BULK_PORT: ::flatbuffers::VOffsetT = 10;
+  pub const VT_ATTACH_TOKEN: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1301,9 +1358,11 @@ impl<'a> Welcome<'a> {
     args: &'args WelcomeArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Welcome<'bldr>> {
     let mut builder = WelcomeBuilder::new(_fbb);
+    builder.add_attach_token(args.attach_token);
     builder.add_session_id(args.session_id);
     if let Some(x) = args.limits { builder.add_limits(x); }
     if let Some(x) = args.router_name { builder.add_router_name(x); }
+    builder.add_bulk_port(args.bulk_port);
     builder.finish()
   }
 
@@ -1329,6 +1388,22 @@ impl<'a> Welcome<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Limits>>(Welcome::VT_LIMITS, None)}
   }
+  /// Offered when Hello.bulk and the router has a bulk listener: its UDP port (on the
+  /// router's address) and the token to attach with; 0 = no bulk connection.
+  #[inline]
+  pub fn bulk_port(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(Welcome::VT_BULK_PORT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn attach_token(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Welcome::VT_ATTACH_TOKEN, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Welcome<'_> {
@@ -1340,6 +1415,8 @@ impl ::flatbuffers::Verifiable for Welcome<'_> {
      .visit_field::<u64>("session_id", Self::VT_SESSION_ID, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("router_name", Self::VT_ROUTER_NAME, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<Limits>>("limits", Self::VT_LIMITS, false)?
+     .visit_field::<u16>("bulk_port", Self::VT_BULK_PORT, false)?
+     .visit_field::<u64>("attach_token", Self::VT_ATTACH_TOKEN, false)?
      .finish();
     Ok(())
   }
@@ -1348,6 +1425,8 @@ pub struct WelcomeArgs<'a> {
     pub session_id: u64,
     pub router_name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub limits: Option<::flatbuffers::WIPOffset<Limits<'a>>>,
+    pub bulk_port: u16,
+    pub attach_token: u64,
 }
 impl<'a> Default for WelcomeArgs<'a> {
   #[inline]
@@ -1356,6 +1435,8 @@ impl<'a> Default for WelcomeArgs<'a> {
       session_id: 0,
       router_name: None,
       limits: None,
+      bulk_port: 0,
+      attach_token: 0,
     }
   }
 }
@@ -1378,6 +1459,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> WelcomeBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Limits>>(Welcome::VT_LIMITS, limits);
   }
   #[inline]
+  pub fn add_bulk_port(&mut self, bulk_port: u16) {
+    self.fbb_.push_slot::<u16>(Welcome::VT_BULK_PORT, bulk_port, 0);
+  }
+  #[inline]
+  pub fn add_attach_token(&mut self, attach_token: u64) {
+    self.fbb_.push_slot::<u64>(Welcome::VT_ATTACH_TOKEN, attach_token, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> WelcomeBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     WelcomeBuilder {
@@ -1398,6 +1487,8 @@ impl ::core::fmt::Debug for Welcome<'_> {
       ds.field("session_id", &self.session_id());
       ds.field("router_name", &self.router_name());
       ds.field("limits", &self.limits());
+      ds.field("bulk_port", &self.bulk_port());
+      ds.field("attach_token", &self.attach_token());
       ds.finish()
   }
 }
