@@ -24,10 +24,10 @@ pub const DEFAULT_DATA_DIR: &str = "./swarmbus-data";
 pub struct Config {
     /// UDP address of the QUIC endpoint. Loopback only until authentication lands.
     pub listen: SocketAddr,
-    /// A second QUIC endpoint whose sessions run entirely on the bulk runtime (their
-    /// connection's driver included), for sessions that mostly publish or receive telemetry:
-    /// a flood through it never competes with the main endpoint's commands for a socket or
-    /// a runtime. Unset: no bulk listener.
+    /// A second QUIC endpoint on the bulk runtime: sessions on the main listener attach
+    /// their bulk connections (telemetry and jobs) to it, and sessions that connect to it
+    /// directly run there entirely (their connection's driver included). Unset: no bulk
+    /// listener, and no session is offered a bulk connection.
     pub bulk_listen: Option<SocketAddr>,
     /// Directory for the router's state (development TLS material now; the event log later).
     pub data_dir: PathBuf,
