@@ -492,6 +492,7 @@ impl Connector {
             deliveries: deliveries_tx,
             job_events: job_events_tx,
             job_updates: job_updates_tx,
+            shared: shared.clone(),
         };
         if let Some(bulk) = &bulk {
             bulk_runtime.spawn(accept_deliveries(bulk.clone(), inbound.clone(), max_frame));
@@ -895,6 +896,8 @@ struct Inbound {
     deliveries: DeliverySink,
     job_events: mpsc::Sender<jobs::JobEvent>,
     job_updates: mpsc::Sender<JobUpdate>,
+    /// Answers to requests sent on the job stream (submits, results) come back on it.
+    shared: Arc<Shared>,
 }
 
 /// Accepts the router's delivery streams (one per class) and its job stream, and forwards
@@ -925,6 +928,16 @@ async fn accept_deliveries(connection: Connection, inbound: Inbound, max_frame: 
                     }
                     Ok(Some(Message::JobUpdate(update))) => {
                         let _ = inbound.job_updates.send(update).await;
+                    }
+                    Ok(Some(Message::JobStatus(status))) => {
+                        if let Some(reply) = inbound.shared.pending().remove(&status.request_id) {
+                            reply.send(Ok(ReplyValue::Job(status)));
+                        }
+                    }
+                    Ok(Some(Message::Error(error))) if error.request_id != 0 => {
+                        if let Some(reply) = inbound.shared.pending().remove(&error.request_id) {
+                            reply.send(Err(ClientError::refused(error)));
+                        }
                     }
                     Ok(Some(other)) => {
                         tracing::warn!(
@@ -1620,8 +1633,9 @@ impl Client {
     /// Tells the router the job's end was handled: it stops resending it (and forgets the
     /// job, except its idempotency key for the dedup window).
     pub async fn ack_job(&self, job_id: JobId) -> Result<(), ClientError> {
+        // On the job stream, in order with the session's other job traffic.
         self.shared
-            .session_tx
+            .jobs_tx
             .send(encode(&Message::JobAck { job_id }))
             .await
             .map_err(|_| closed_error(&self.shared.connection))
@@ -1654,8 +1668,9 @@ impl Client {
     /// leases jobs of the swarms the session joined while it holds fewer leases. Restate it
     /// whenever it changes.
     pub async fn set_job_credits(&self, credits: u32) -> Result<(), ClientError> {
+        // On the job stream, in order with the session's other job traffic.
         self.shared
-            .session_tx
+            .jobs_tx
             .send(encode(&Message::JobCredits { credits }))
             .await
             .map_err(|_| closed_error(&self.shared.connection))

@@ -63,6 +63,8 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 struct Context {
     config: Config,
     shards: Vec<ShardSender>,
+    /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
+    job_shards: Vec<ShardSender>,
     stats: Arc<Stats>,
     next_conn: AtomicU64,
     decode: DecodeOptions,
@@ -136,6 +138,15 @@ struct ControlState {
 }
 
 impl Context {
+    /// The shard that owns `swarm`: the job queue's swarms have shards of their own.
+    fn shard_for(&self, swarm: &str) -> &ShardSender {
+        if swarm.starts_with(JOBS_SWARM_PREFIX) {
+            &self.job_shards[shard_of(swarm, self.job_shards.len())]
+        } else {
+            &self.shards[shard_of(swarm, self.shards.len())]
+        }
+    }
+
     fn attachments(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingAttach>> {
         self.attachments
             .lock()
@@ -169,7 +180,7 @@ impl Context {
                 fencing_token: 0,
                 lease: None,
             };
-            let shard = &self.shards[shard_of(swarm, self.shards.len())];
+            let shard = self.shard_for(swarm);
             let _ = shard
                 .send(ShardCommand::Publish {
                     agent: router.clone(),
@@ -248,7 +259,7 @@ impl Context {
         let router: Arc<str> = Arc::from(ROUTER_AGENT);
         let count = records.len();
         for (index, record) in records.into_iter().enumerate() {
-            let shard = &self.shards[shard_of(&record.swarm, self.shards.len())];
+            let shard = self.shard_for(&record.swarm);
             let publish = Publish {
                 request_id: index as u64 + 1,
                 swarm: record.swarm,
@@ -546,8 +557,19 @@ impl Router {
             log::store::new_epoch().0,
         );
         let shard_count = config.shard_count();
-        let (event_senders, event_receivers): (Vec<_>, Vec<_>) =
-            (0..shard_count).map(|_| mpsc::unbounded_channel()).unzip();
+        // The job queue's swarms get shards of their own, on the bulk runtime, after the
+        // main ones (their log events are numbered after the main shards').
+        let job_shard_count = shard_count;
+        let (event_senders, event_receivers): (Vec<_>, Vec<_>) = (0..shard_count + job_shard_count)
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
+        let bulk = BulkRuntime::start(
+            config.runtime.bulk_thread_count(),
+            config.runtime.bulk_priority,
+        )
+        .map_err(|e| RouterError::Config {
+            detail: format!("starting the bulk runtime: {e}"),
+        })?;
         let start_writer = || {
             LogWriter::start(
                 config.log.writer,
@@ -564,26 +586,39 @@ impl Router {
         // sync of a batch of job records.
         let jobs_writer = start_writer()?;
         info!(writer = %writer.kind(), sync = %config.log.sync, swarms = recovered.len(), "event log ready");
-        let mut per_shard: Vec<Vec<log::SwarmLog>> = (0..shard_count).map(|_| Vec::new()).collect();
+        let mut per_shard: Vec<Vec<log::SwarmLog>> = (0..shard_count + job_shard_count)
+            .map(|_| Vec::new())
+            .collect();
         for swarm in recovered {
-            per_shard[shard_of(&swarm.name, shard_count)].push(swarm);
+            let index = if swarm.name.starts_with(JOBS_SWARM_PREFIX) {
+                shard_count + shard_of(&swarm.name, job_shard_count)
+            } else {
+                shard_of(&swarm.name, shard_count)
+            };
+            per_shard[index].push(swarm);
         }
         let retention = config.log.retention();
-        let shards = per_shard
+        let mut shards: Vec<ShardSender> = per_shard
             .into_iter()
             .zip(event_receivers.into_iter().zip(event_senders))
             .enumerate()
             .map(|(index, (logs, (events, events_tx)))| {
+                let job_shard = index >= shard_count;
                 let shard_log = ShardLog::new(
                     index,
                     &log_dir,
                     config.log.segment_bytes,
-                    writer.clone(),
+                    if job_shard {
+                        jobs_writer.clone()
+                    } else {
+                        writer.clone()
+                    },
                     logs,
                     retention.clone(),
                     events_tx,
-                )
-                .with_writer_for(JOBS_SWARM_PREFIX, jobs_writer.clone());
+                );
+                // A shard runs on the runtime it is started from.
+                let _inside = job_shard.then(|| bulk.handle().enter());
                 let core_config = CoreConfig {
                     max_swarms: config.limits.max_swarms as usize,
                     epoch_seed: log::store::new_epoch().0,
@@ -600,25 +635,20 @@ impl Router {
                 )
             })
             .collect();
+        let job_shards = shards.split_off(shard_count);
         let writer_kind = writer.kind();
         drop(writer);
         drop(jobs_writer);
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
         let telemetry_intake =
             (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));
-        let bulk = BulkRuntime::start(
-            config.runtime.bulk_thread_count(),
-            config.runtime.bulk_priority,
-        )
-        .map_err(|e| RouterError::Config {
-            detail: format!("starting the bulk runtime: {e}"),
-        })?;
         let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
         alert_sink.close();
         let context = Arc::new(Context {
             decode: DecodeOptions::default(),
             config,
             shards,
+            job_shards,
             stats: stats.clone(),
             next_conn: AtomicU64::new(1),
             swarm_guards: Mutex::new(HashMap::new()),
@@ -644,7 +674,7 @@ impl Router {
             jobs: Mutex::new(jobs),
         });
         for swarm in restored.paused {
-            let shard = &context.shards[shard_of(&swarm, context.shards.len())];
+            let shard = context.shard_for(&swarm);
             let _ = shard
                 .send(ShardCommand::Pause {
                     swarm,
@@ -997,9 +1027,8 @@ impl Session {
     }
 
     async fn to_shard(&self, swarm: &str, command: ShardCommand) {
-        let shards = &self.context.shards;
         // A send fails only while the router shuts down; the connection closes then too.
-        let _ = shards[shard_of(swarm, shards.len())].send(command).await;
+        let _ = self.context.shard_for(swarm).send(command).await;
     }
 
     /// Largest job payload (spec or result): the record holding it must fit a frame.
@@ -1834,12 +1863,15 @@ impl Session {
                 let outcome = context
                     .jobs()
                     .submit(&self.agent, &self.outbox, submit, now_ms);
+                // Answered on the job stream, like the submit came: a backlog of submissions
+                // and their answers stays off the session stream (and, with a bulk
+                // connection, off the main connection).
                 match outcome {
                     Err(refusal) => {
-                        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+                        let _ = self.outbox.push(Lane::Jobs, refusal.frame(request_id));
                     }
                     Ok(Submitted::Answer(frame)) => {
-                        let _ = self.outbox.push(Lane::Session, frame);
+                        let _ = self.outbox.push(Lane::Jobs, frame);
                     }
                     Ok(Submitted::Waiting) => {}
                     Ok(Submitted::New { job_id, record }) => {
@@ -1907,7 +1939,7 @@ impl Session {
                     Ok(effects) => self.context.apply_job_effects(effects),
                     Err(refusal) => {
                         debug!(code = %refusal.code, message = %refusal.message, "job result rejected");
-                        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+                        let _ = self.outbox.push(Lane::Jobs, refusal.frame(request_id));
                     }
                 }
             }
@@ -2433,7 +2465,7 @@ async fn run_connection(
     if let BulkPath::Attached(bulk) = &*bulk_path.borrow() {
         bulk.close(VarInt::from_u32(0), b"session ended");
     }
-    for shard in &context.shards {
+    for shard in context.shards.iter().chain(&context.job_shards) {
         let _ = shard.send(ShardCommand::Disconnect { conn }).await;
     }
     let left = context.control().presence.leave(&session.agent, conn);
@@ -2626,7 +2658,11 @@ async fn read_publish_stream(
     };
     let bulk = match &first {
         Message::Publish(publish) => publish.class == Class::Telemetry,
-        Message::SubmitJob(_) | Message::JobResult(_) | Message::JobProgress(_) => true,
+        Message::SubmitJob(_)
+        | Message::JobResult(_)
+        | Message::JobProgress(_)
+        | Message::JobAck { .. }
+        | Message::JobCredits { .. } => true,
         _ => false,
     };
     let stats = &session.context.stats;
@@ -2669,7 +2705,9 @@ async fn read_publishes(
                     message @ (Message::Publish(_)
                     | Message::SubmitJob(_)
                     | Message::JobResult(_)
-                    | Message::JobProgress(_)),
+                    | Message::JobProgress(_)
+                    | Message::JobAck { .. }
+                    | Message::JobCredits { .. }),
                 ) => {
                     let telemetry =
                         matches!(&message, Message::Publish(p) if p.class == Class::Telemetry);

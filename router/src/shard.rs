@@ -5,7 +5,8 @@
 //! Inbound isolation: telemetry never enters the shard. It is neither sequenced nor logged,
 //! so the session that reads it routes it itself, on the runtime that read it, from a copy
 //! of the swarm's telemetry subscribers that the shard keeps up to date
-//! ([`TelemetryRoutes`]). Job records arrive on the shard's **bulk** channel, everything else
+//! ([`TelemetryRoutes`]). The job queue's swarms (`$jobs.*`) have shards of their own on the
+//! bulk runtime; their records arrive on the **bulk** channel, everything else
 //! (control, command, alert, reconciliation, subscriptions, acks, disconnects) on its
 //! **urgent** channel, and the shard always empties the urgent one first. A full channel makes
 //! the sending stream reader wait, which is the backpressure that reaches the publisher through

@@ -136,9 +136,6 @@ pub struct ShardLog {
     events: tokio::sync::mpsc::UnboundedSender<LogEvent>,
     /// Swarms with a compaction running.
     compacting: HashSet<Arc<str>>,
-    /// Swarms whose name starts with this prefix append through a writer of their own (see
-    /// [`ShardLog::with_writer_for`]).
-    prefixed: Option<(String, LogWriter)>,
 }
 
 impl ShardLog {
@@ -164,16 +161,7 @@ impl ShardLog {
             retention,
             events,
             compacting: HashSet::new(),
-            prefixed: None,
         }
-    }
-
-    /// Swarms whose name starts with `prefix` append through `writer`, with group commits
-    /// (and syncs) of their own: the router gives the job queue's records one, so that a
-    /// command's acknowledgement never waits for a sync of a batch of job records.
-    pub fn with_writer_for(mut self, prefix: &str, writer: LogWriter) -> Self {
-        self.prefixed = Some((prefix.to_owned(), writer));
-        self
     }
 }
 
@@ -216,11 +204,7 @@ impl LogBackend for ShardLog {
             });
         }
         let (path, offset, new_file) = log.place(op, record.len() as u64, self.segment_bytes);
-        let writer = match &self.prefixed {
-            Some((prefix, writer)) if swarm.starts_with(prefix.as_str()) => writer,
-            _ => &self.writer,
-        };
-        writer
+        self.writer
             .submit(writer::WriteRequest {
                 path: Arc::new(path),
                 offset,
