@@ -73,13 +73,19 @@ enum Scenario {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    // The probes (publishers and receivers whose latency is measured) run here; like the
-    // router's main threads they ask for short time slices, so the load the scenarios
-    // generate on their niced side runtimes does not hold them off the CPU.
+    // In the scenarios that measure commands beside a disturbance (flood, storm), the probes
+    // (publishers and receivers whose latency is measured) run here and, like the router's
+    // main threads, ask for short time slices, so the load generated on the niced side
+    // runtimes does not hold them off the CPU. The throughput scenarios leave the kernel's
+    // default: there the loadgen is the load, and short slices would only make it preempt
+    // the router's bulk threads more often.
+    let probes_first = matches!(cli.scenario, Scenario::Flood(_) | Scenario::Storm(_));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_start(|| {
-            swarmbus_router::bulk::request_short_slice(swarmbus_router::bulk::SHORT_SLICE);
+        .on_thread_start(move || {
+            if probes_first {
+                swarmbus_router::bulk::request_short_slice(swarmbus_router::bulk::SHORT_SLICE);
+            }
         })
         .build()
     {
