@@ -262,3 +262,63 @@ async fn an_attach_needs_the_sessions_agent_and_token_once() {
     assert_eq!(t.router.stats().bulk_attached, 1);
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn attaches_go_to_the_bulk_listener_and_end_with_their_session() {
+    let t = bulk_router().await;
+    let bulk_addr = t.router.bulk_addr().unwrap();
+    let offered = || async {
+        let (main, welcome) = raw_hello(
+            &t,
+            t.router.local_addr(),
+            Hello {
+                bulk: true,
+                ..hello("agent")
+            },
+        )
+        .await;
+        match welcome {
+            Some(Message::Welcome(Welcome {
+                session_id,
+                bulk: Some(offer),
+                ..
+            })) => (main, session_id, offer.token),
+            other => panic!("expected a Welcome with a bulk offer, got {other:?}"),
+        }
+    };
+    // An attach on the main listener is refused.
+    let (main, session_id, token) = offered().await;
+    let (wrong_listener, _) = raw_hello(
+        &t,
+        t.router.local_addr(),
+        attach("agent", session_id, token),
+    )
+    .await;
+    assert_eq!(
+        close_code(&wrong_listener).await,
+        u64::from(ErrorCode::InvalidRequest.as_u16())
+    );
+    // Ending the session ends its bulk connection.
+    let (bulk, answer) = raw_hello(&t, bulk_addr, attach("agent", session_id, token)).await;
+    assert!(matches!(answer, Some(Message::Welcome(_))), "{answer:?}");
+    main.close(quinn::VarInt::from_u32(0), b"done");
+    assert_eq!(close_code(&bulk).await, 0);
+
+    // A protocol fault on the bulk connection ends the session with the fault's code, on
+    // the main connection too (where the application reads why its session ended).
+    let (main, session_id, token) = offered().await;
+    let (bulk, _) = raw_hello(&t, bulk_addr, attach("agent", session_id, token)).await;
+    let mut stream = bulk.open_uni().await.unwrap();
+    let misplaced = encode(&Message::Subscribe(swarmbus_schema::Subscription {
+        request_id: 1,
+        swarm: "s".into(),
+        class: Class::Telemetry,
+        agent_filter: None,
+    }));
+    stream.write_all(&misplaced.to_vec()).await.unwrap();
+    let wrong_stream = u64::from(ErrorCode::WrongStream.as_u16());
+    assert_eq!(close_code(&main).await, wrong_stream);
+    let _ = close_code(&bulk).await;
+    wait_for_open_connections(&t, 0).await;
+    t.router.shutdown().await;
+}

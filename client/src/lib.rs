@@ -398,10 +398,14 @@ impl Connector {
         let bulk_connector = self.bulk.as_deref().unwrap_or(self);
         let bulk = match welcome.bulk {
             Some(offer) if session.bulk_connection => {
-                match bulk_connector
-                    .attach_bulk(router, &session, &welcome, offer)
+                let attach = bulk_connector.attach_bulk(router, &session, &welcome, offer);
+                let attached = tokio::time::timeout(ATTACH_TIMEOUT, attach)
                     .await
-                {
+                    .unwrap_or(Err(ClientError::Timeout {
+                        during: "attaching the bulk connection",
+                        after_ms: ATTACH_TIMEOUT.as_millis() as u64,
+                    }));
+                match attached {
                     Ok(bulk) => Some(bulk),
                     Err(error) => {
                         tracing::warn!(%error, "bulk connection not attached; telemetry and jobs share the session's connection");
@@ -712,6 +716,10 @@ impl Drop for Owner {
         }
     }
 }
+
+/// How long a session tries to attach its bulk connection (the router waits about as long
+/// for it) before it carries everything on its one connection.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long the session waits, once its bulk connection was closed by the router, for the
 /// router to close the main one (with the reason the application should see).

@@ -102,9 +102,9 @@ pub const SHORT_SLICE: std::time::Duration = std::time::Duration::from_micros(10
 /// running preempts it as soon as it wakes, instead of waiting until the running thread's
 /// slice, or the next timer tick (4 ms at 250 Hz), is over: a command's thread that wakes
 /// while a niced bulk thread runs gets the CPU at once. Needs no privilege. Returns whether
-/// the kernel took the request; older kernels (and other systems) refuse it and nothing
-/// changes.
-#[allow(unsafe_code)] // one system call with a struct the call only reads
+/// the kernel took the request: older kernels ignore it, other systems lack it, and a
+/// thread with another policy than `SCHED_OTHER` (set by `chrt`) is left as it is.
+#[allow(unsafe_code)] // system calls with a struct of the kernel's layout
 pub fn request_short_slice(slice: std::time::Duration) -> bool {
     #[cfg(target_os = "linux")]
     {
@@ -121,6 +121,11 @@ pub fn request_short_slice(slice: std::time::Duration) -> bool {
             sched_period: u64,
             sched_util_min: u32,
             sched_util_max: u32,
+        }
+        // SAFETY: sched_getscheduler reads its integer argument only; 0 is this thread.
+        if unsafe { libc::sched_getscheduler(0) } != libc::SCHED_OTHER {
+            // A thread the operator gave another policy (chrt) keeps it.
+            return false;
         }
         // SAFETY: getpriority reads its integer arguments only; who = 0 is this thread.
         let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
@@ -140,7 +145,24 @@ pub fn request_short_slice(slice: std::time::Duration) -> bool {
         // that size; pid 0 is the calling thread; flags 0.
         let result =
             unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
-        result == 0
+        if result != 0 {
+            return false;
+        }
+        // Kernels before 6.12 accept the call but ignore `sched_runtime` for SCHED_OTHER:
+        // read it back to tell.
+        let mut current = SchedAttr { ..attr };
+        // SAFETY: the kernel writes at most `size` bytes into a live struct of that size;
+        // pid 0 is the calling thread; flags 0.
+        let read = unsafe {
+            libc::syscall(
+                libc::SYS_sched_getattr,
+                0,
+                &mut current as *mut SchedAttr,
+                std::mem::size_of::<SchedAttr>() as u32,
+                0,
+            )
+        };
+        read == 0 && current.sched_runtime == attr.sched_runtime
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -201,6 +223,15 @@ mod tests {
             let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
             let policy = unsafe { libc::sched_getscheduler(0) };
             assert_eq!((nice, policy), (3, libc::SCHED_OTHER), "took: {took}");
+            // Kernels from 6.12 on keep the slice asked for.
+            let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+            let mut numbers = release
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|n| n.parse::<u32>().ok());
+            let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+            if version >= (6, 12) {
+                assert!(took, "kernel {release}");
+            }
         })
         .join()
         .unwrap();

@@ -101,6 +101,8 @@ struct PendingAttach {
     token: u64,
     agent: Arc<str>,
     attached: tokio::sync::oneshot::Sender<Connection>,
+    /// Changes (or closes) when the session ends: the attached connection ends with it.
+    ended: watch::Receiver<bool>,
 }
 
 /// Where a session's bulk lanes (telemetry, jobs) are written and its bulk publishes read.
@@ -517,8 +519,22 @@ impl Router {
             ),
             None => None,
         };
+        // Clients attach at the offered port on the address they reached the router at, so
+        // bulk connections are offered only when both listeners share their address.
         let bulk_port = match &bulk_socket {
-            Some(socket) => Some(config_bulk_addr(socket, &config)?.port()),
+            Some(bulk_socket) => {
+                let bulk_addr = config_bulk_addr(bulk_socket, &config)?;
+                let main_ip = socket.local_addr().map_err(bind_error)?.ip();
+                if bulk_addr.ip() == main_ip {
+                    Some(bulk_addr.port())
+                } else {
+                    tracing::warn!(
+                        %bulk_addr, %main_ip,
+                        "the bulk listener's address differs from listen's: sessions are not offered bulk connections (clients may still connect to it directly)"
+                    );
+                    None
+                }
+            }
             None => None,
         };
         let endpoint = quinn::Endpoint::new(
@@ -2216,7 +2232,15 @@ async fn run_connection(
         }
     };
     if let Some(attach) = hello.attach {
-        attach_bulk_connection(connection, send, &hello, attach, &context).await;
+        if listener == Listener::Bulk {
+            attach_bulk_connection(connection, send, &hello, attach, &context).await;
+        } else {
+            let fault = Fault::new(
+                ErrorCode::InvalidRequest,
+                "a bulk connection attaches on the bulk listener, at the port Welcome offered",
+            );
+            close_with(&connection, &stats, &fault);
+        }
         stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         return;
     }
@@ -2253,6 +2277,7 @@ async fn run_connection(
                                          // telemetry and job traffic then has a socket, a connection and a congestion window of
                                          // its own, all driven on the bulk runtime.
     let (bulk_path_tx, bulk_path) = watch::channel(BulkPath::Main);
+    let (ended_tx, ended) = watch::channel(false);
     let mut attached_rx = None;
     let bulk_offer = match context.bulk_port {
         Some(port) if hello.bulk && listener == Listener::Main => {
@@ -2266,6 +2291,7 @@ async fn run_connection(
                         token,
                         agent: Arc::from(hello.agent_id.as_str()),
                         attached,
+                        ended: ended.clone(),
                     },
                 );
                 bulk_path_tx.send_replace(BulkPath::Waiting);
@@ -2401,13 +2427,21 @@ async fn run_connection(
         .jobs()
         .connect(conn, &session.agent, &outbox, worker_swarms.as_deref());
     context.apply_job_effects(joined);
-    let uni_task =
-        tokio::spawn(accept_publish_streams(connection.clone(), session.clone()).in_current_span());
+    let uni_task = tokio::spawn(
+        accept_publish_streams(connection.clone(), session.clone(), connection.clone())
+            .in_current_span(),
+    );
     let attach_wait = ATTACH_WAIT.min(hello_timeout);
     let bulk_task = attached_rx.map(|attached| {
         tokio::spawn(
-            serve_bulk_connection(attached, bulk_path_tx, session.clone(), attach_wait)
-                .in_current_span(),
+            serve_bulk_connection(
+                attached,
+                bulk_path_tx,
+                session.clone(),
+                connection.clone(),
+                attach_wait,
+            )
+            .in_current_span(),
         )
     });
 
@@ -2448,7 +2482,7 @@ async fn run_connection(
                     connection.close(close.error_code, &close.reason)
                 }
                 other => connection.close(
-                    VarInt::from_u32(0),
+                    VarInt::from_u32(ErrorCode::WrongStream.as_u16().into()),
                     format!("the session's bulk connection was lost: {other}").as_bytes(),
                 ),
             }
@@ -2458,10 +2492,13 @@ async fn run_connection(
     // stream reader then finds it closed and leaves nothing behind.
     outbox.close();
     uni_task.abort();
+    context.attachments().remove(&conn.0);
+    // The attached connection (if any, even one handed over just now) ends with the session.
+    ended_tx.send_replace(true);
     if let Some(task) = bulk_task {
         task.abort();
+        let _ = task.await;
     }
-    context.attachments().remove(&conn.0);
     if let BulkPath::Attached(bulk) = &*bulk_path.borrow() {
         bulk.close(VarInt::from_u32(0), b"session ended");
     }
@@ -2549,14 +2586,27 @@ async fn bulk_connection_closed(mut path: watch::Receiver<BulkPath>) -> quinn::C
 /// streams the client opens on it, as the session's. Not attached in time: the session's
 /// bulk lanes go on its main connection and a late attach finds no offer.
 async fn serve_bulk_connection(
-    attached: oneshot::Receiver<Connection>,
+    mut attached: oneshot::Receiver<Connection>,
     path: watch::Sender<BulkPath>,
     session: Arc<Session>,
+    main: Connection,
     wait: Duration,
 ) {
     let context = &session.context;
-    let Ok(Ok(bulk)) = tokio::time::timeout(wait, attached).await else {
-        context.attachments().remove(&session.conn.0);
+    let bulk = match tokio::time::timeout(wait, &mut attached).await {
+        Ok(Ok(bulk)) => Some(bulk),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            // Withdraw the offer; if an attach has taken it already, its connection is on
+            // the way (it is handed over before it is welcomed): wait for it.
+            if context.attachments().remove(&session.conn.0).is_some() {
+                None
+            } else {
+                attached.await.ok()
+            }
+        }
+    };
+    let Some(bulk) = bulk else {
         path.send_replace(BulkPath::Main);
         debug!(agent = %session.agent, "no bulk connection attached; bulk classes use the main one");
         return;
@@ -2564,9 +2614,11 @@ async fn serve_bulk_connection(
     path.send_replace(BulkPath::Attached(bulk.clone()));
     context.stats.bulk_attached.fetch_add(1, Ordering::Relaxed);
     let handle = context.bulk.handle().clone();
-    // Aborting this task (the session ended) aborts the accept loop with it.
-    let mut accepting =
-        AbortOnDrop(handle.spawn(accept_publish_streams(bulk, session.clone()).in_current_span()));
+    // Aborting this task (the session ended) aborts the accept loop with it. A fault on a
+    // bulk stream closes the session's main connection, whose close the application sees.
+    let mut accepting = AbortOnDrop(
+        handle.spawn(accept_publish_streams(bulk, session.clone(), main).in_current_span()),
+    );
     let _ = (&mut accepting.0).await;
 }
 
@@ -2603,6 +2655,17 @@ async fn attach_bulk_connection(
         close_with(&connection, &context.stats, &fault);
         return;
     };
+    // Handed over before it is welcomed: a client that has its Welcome finds the session
+    // using the connection.
+    let PendingAttach {
+        attached,
+        mut ended,
+        ..
+    } = offer;
+    if attached.send(connection.clone()).is_err() {
+        connection.close(VarInt::from_u32(0), b"the session ended");
+        return;
+    }
     let welcome = encode(&Message::Welcome(Welcome {
         session_id: attach.session,
         router_name: context.config.router_name.clone(),
@@ -2612,20 +2675,26 @@ async fn attach_bulk_connection(
     if send
         .write_all_chunks(&mut [welcome.head, welcome.body])
         .await
-        .is_err()
+        .is_ok()
     {
-        return;
-    }
-    let _ = send.finish();
-    if offer.attached.send(connection.clone()).is_err() {
-        connection.close(VarInt::from_u32(0), b"the session ended");
-        return;
+        let _ = send.finish();
     }
     debug!(agent = %hello.agent_id, session = attach.session.0, "bulk connection attached");
-    connection.closed().await;
+    tokio::select! {
+        _ = connection.closed() => {}
+        _ = ended.wait_for(|ended| *ended) => {
+            connection.close(VarInt::from_u32(0), b"session ended");
+        }
+    }
 }
 
-async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
+/// Accepts the publish streams the client opens on `connection`; a protocol fault on one
+/// closes `faults_to` (the session's main connection).
+async fn accept_publish_streams(
+    connection: Connection,
+    session: Arc<Session>,
+    faults_to: Connection,
+) {
     let max_frame = session.context.config.limits.max_frame_bytes as usize;
     // Stream readers live in this set, so aborting this task (when the connection ends)
     // aborts them too.
@@ -2635,7 +2704,7 @@ async fn accept_publish_streams(connection: Connection, session: Arc<Session>) {
         while readers.try_join_next().is_some() {}
         let reader = FrameReader::new(recv, max_frame);
         readers.spawn(
-            read_publish_stream(reader, session.clone(), connection.clone()).in_current_span(),
+            read_publish_stream(reader, session.clone(), faults_to.clone()).in_current_span(),
         );
     }
 }

@@ -41,8 +41,9 @@ pub use types::*;
 
 /// The ALPN protocol id every swarmbus connection negotiates.
 pub const ALPN: &[u8] = b"swarmbus/1";
-/// The protocol version carried in Hello.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version carried in Hello. Version 2: bulk connections (Hello's `bulk` and
+/// attach fields, Welcome's offer) and answers to job submits and results on the job stream.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Longest swarm name, agent id, agent filter, target agent or key, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
