@@ -116,6 +116,9 @@ enum BulkPath {
     Main,
 }
 
+/// How long a shutdown waits for the bulk endpoint's connections to close.
+const BULK_SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
 /// How long a session that was offered a bulk connection waits for it before its bulk
 /// lanes go on its main connection (capped by `limits.hello_timeout_ms`).
 const ATTACH_WAIT: Duration = Duration::from_secs(2);
@@ -804,15 +807,17 @@ impl Router {
             endpoint.close(code, b"router shutting down");
             task.abort();
         }
-        let idle = async {
-            let bulk = async {
-                if let Some((endpoint, _, _)) = &self.bulk_listener {
-                    endpoint.wait_idle().await;
-                }
-            };
-            tokio::join!(self.endpoint.wait_idle(), bulk);
+        // Waiting for idle endpoints lets the peers receive the close (and reconnect at once
+        // rather than time out). The bulk endpoint gets a short grace only: its driver runs
+        // on the niced bulk threads, which a reconnecting crowd can starve, and a session's
+        // client learns of the end from its main connection anyway.
+        let bulk = async {
+            if let Some((endpoint, _, _)) = &self.bulk_listener {
+                let _ = tokio::time::timeout(BULK_SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+            }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(5), idle).await;
+        let main = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle());
+        let _ = tokio::join!(main, bulk);
     }
 
     /// The bulk listener's address (with the port the OS picked), when `bulk_listen` is set.
