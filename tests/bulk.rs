@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::{Connection, RecvStream};
 use swarmbus_client::{Connector, PublishOptions, Session};
+use swarmbus_router::config::BulkListen;
 use swarmbus_schema::{
     encode, Attach, BulkOffer, Class, DecodeOptions, ErrorCode, FrameDecoder, Hello, Message, Role,
     SessionId, Welcome, PROTOCOL_VERSION,
@@ -13,8 +14,9 @@ use swarmbus_schema::{
 
 use crate::common::{recv_n, start_router, TestRouter};
 
+/// A router with the default bulk listener (`auto`: listen's address, a port of its own).
 async fn bulk_router() -> TestRouter {
-    start_router(|c| c.bulk_listen = Some("127.0.0.1:0".parse().unwrap())).await
+    start_router(|c| assert_eq!(c.bulk_listen, BulkListen::Auto)).await
 }
 
 fn ack() -> PublishOptions {
@@ -114,7 +116,7 @@ async fn without_an_offer_everything_shares_the_one_connection() {
     t.router.shutdown().await;
 
     // A router without a bulk listener offers none.
-    let t = start_router(|_| {}).await;
+    let t = start_router(|c| c.bulk_listen = BulkListen::Off).await;
     let (client, _rx) = t.connect("a", Role::Agent, &["s"]).await;
     assert!(client.welcome().bulk.is_none() && !client.has_bulk_connection());
     t.router.shutdown().await;

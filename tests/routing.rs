@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 use swarmbus_client::{IdempotentApply, PublishOptions, Session};
+use swarmbus_router::config::BulkListen;
 use swarmbus_schema::{Class, OpId, Publish, Role};
 
 use crate::common::{recv_keyed, recv_n, recv_until, start_router};
@@ -295,7 +296,9 @@ async fn dropping_the_client_closes_its_connection() {
     let t = start_router(|_| {}).await;
     let (client, deliveries) = t.connect("a", Role::Agent, &["s"]).await;
     client.subscribe("s", Class::Telemetry, None).await.unwrap();
-    assert_eq!(t.router.stats().connections_open, 1);
+    // Its connection and the bulk connection it attached.
+    assert!(client.has_bulk_connection());
+    assert_eq!(t.router.stats().connections_open, 2);
     let clone = client.clone();
     drop(client);
     // A clone keeps the session alive.
@@ -785,7 +788,7 @@ async fn telemetry_streams_are_read_on_the_bulk_runtime_and_commands_on_the_main
 
 #[tokio::test]
 async fn sessions_on_the_bulk_listener_route_like_any_other() {
-    let t = start_router(|c| c.bulk_listen = Some("127.0.0.1:0".parse().unwrap())).await;
+    let t = start_router(|c| c.bulk_listen = BulkListen::At("127.0.0.1:0".parse().unwrap())).await;
     let bulk = t.router.bulk_addr().expect("bulk listener");
     assert_ne!(bulk, t.router.local_addr());
     // A sensor on the bulk listener, a controller on the main one, in one swarm.

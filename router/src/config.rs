@@ -26,9 +26,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// A second QUIC endpoint on the bulk runtime: sessions on the main listener attach
     /// their bulk connections (telemetry and jobs) to it, and sessions that connect to it
-    /// directly run there entirely (their connection's driver included). Unset: no bulk
-    /// listener, and no session is offered a bulk connection.
-    pub bulk_listen: Option<SocketAddr>,
+    /// directly run there entirely (their connection's driver included). Default `auto`:
+    /// `listen`'s address, a port the OS picks; `off`: none, and no session is offered a
+    /// bulk connection.
+    pub bulk_listen: BulkListen,
     /// Directory for the router's state (development TLS material now; the event log later).
     pub data_dir: PathBuf,
     /// Name announced in Welcome.
@@ -63,6 +64,37 @@ impl Default for RuntimeConfig {
             bulk_threads: 0,
             bulk_priority: BulkPriority::Nice(10),
         }
+    }
+}
+
+/// Where the bulk listener listens (`bulk_listen`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum BulkListen {
+    /// `listen`'s IP address and a port the OS picks (announced in Welcome).
+    Auto,
+    /// No bulk listener.
+    Off,
+    At(SocketAddr),
+}
+
+impl std::str::FromStr for BulkListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BulkListen::Auto),
+            "off" => Ok(BulkListen::Off),
+            other => other.parse().map(BulkListen::At).map_err(|_| {
+                format!("bulk_listen {other:?}: expected auto, off or an address (IP:PORT)")
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for BulkListen {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
     }
 }
 
@@ -416,7 +448,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("constant address parses"),
-            bulk_listen: None,
+            bulk_listen: BulkListen::Auto,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             router_name: "swarmbus".into(),
             shards: 0,
@@ -518,7 +550,7 @@ impl Config {
         for (key, value) in vars {
             match key.as_str() {
                 "SWARMBUS_LISTEN" => self.listen = parse(&key, &value)?,
-                "SWARMBUS_BULK_LISTEN" => self.bulk_listen = Some(parse(&key, &value)?),
+                "SWARMBUS_BULK_LISTEN" => self.bulk_listen = parse(&key, &value)?,
                 "SWARMBUS_DATA_DIR" => self.data_dir = PathBuf::from(value),
                 "SWARMBUS_ROUTER_NAME" => self.router_name = value,
                 "SWARMBUS_SHARDS" => self.shards = parse(&key, &value)?,
@@ -542,12 +574,21 @@ impl Config {
         Ok(())
     }
 
+    /// The bulk listener's address to bind (port 0: the OS picks), if there is one.
+    pub fn bulk_listen_addr(&self) -> Option<SocketAddr> {
+        match self.bulk_listen {
+            BulkListen::Auto => Some(SocketAddr::new(self.listen.ip(), 0)),
+            BulkListen::Off => None,
+            BulkListen::At(addr) => Some(addr),
+        }
+    }
+
     /// Checks values that would otherwise fail later or behave surprisingly.
     pub fn validate(&self) -> Result<(), RouterError> {
         if !self.listen.ip().is_loopback() {
             return Err(RouterError::NonLoopbackListen { addr: self.listen });
         }
-        if let Some(bulk) = self.bulk_listen {
+        if let BulkListen::At(bulk) = self.bulk_listen {
             if !bulk.ip().is_loopback() {
                 return Err(RouterError::NonLoopbackListen { addr: bulk });
             }
@@ -797,10 +838,25 @@ mod tests {
     }
 
     #[test]
-    fn bulk_listen_is_optional_loopback_and_apart_from_listen() {
-        assert_eq!(Config::default().bulk_listen, None);
+    fn bulk_listen_is_auto_off_or_a_loopback_address_apart_from_listen() {
+        let auto = Config::default();
+        assert_eq!(auto.bulk_listen, BulkListen::Auto);
+        assert_eq!(
+            auto.bulk_listen_addr(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        let off = Config::from_toml("bulk_listen = \"off\"\n").unwrap();
+        assert_eq!(off.bulk_listen_addr(), None);
+        let mut env = Config::default();
+        env.apply_env([("SWARMBUS_BULK_LISTEN".to_string(), "off".to_string())])
+            .unwrap();
+        assert_eq!(env.bulk_listen, BulkListen::Off);
+        assert!(Config::from_toml("bulk_listen = \"sometimes\"\n").is_err());
         let c = Config::from_toml("bulk_listen = \"127.0.0.1:4434\"\n").unwrap();
-        assert_eq!(c.bulk_listen, Some("127.0.0.1:4434".parse().unwrap()));
+        assert_eq!(
+            c.bulk_listen,
+            BulkListen::At("127.0.0.1:4434".parse().unwrap())
+        );
         c.validate().unwrap();
         let same = Config::from_toml("bulk_listen = \"127.0.0.1:4433\"\n").unwrap();
         assert!(same.validate().is_err());

@@ -513,7 +513,7 @@ impl Router {
         let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
         // Bound now, so a busy address fails the start before anything else; the endpoint
         // is made on the bulk runtime once it runs.
-        let bulk_socket = match config.bulk_listen {
+        let bulk_socket = match config.bulk_listen_addr() {
             Some(addr) => Some(
                 std::net::UdpSocket::bind(addr).map_err(|e| RouterError::Bind {
                     addr,
@@ -832,7 +832,7 @@ fn config_bulk_addr(
     config: &Config,
 ) -> Result<SocketAddr, RouterError> {
     socket.local_addr().map_err(|e| RouterError::Bind {
-        addr: config.bulk_listen.unwrap_or(config.listen),
+        addr: config.bulk_listen_addr().unwrap_or(config.listen),
         detail: e.to_string(),
     })
 }

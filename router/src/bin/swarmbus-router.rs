@@ -21,10 +21,10 @@ struct Args {
     /// UDP address to listen on (loopback only until authentication lands).
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// UDP address of the bulk listener, for sessions that mostly publish or receive
-    /// telemetry (port 0: one the OS picks; printed at start).
-    #[arg(long, value_name = "ADDR")]
-    bulk_listen: Option<SocketAddr>,
+    /// The bulk listener: auto (listen's address, a port the OS picks; the default), off,
+    /// or a UDP address (port 0: one the OS picks). Printed at start.
+    #[arg(long, value_name = "auto|off|ADDR")]
+    bulk_listen: Option<swarmbus_router::config::BulkListen>,
     /// Directory for router state (TLS material; the event log later).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -46,7 +46,7 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
         config.listen = listen;
     }
     if let Some(bulk) = args.bulk_listen {
-        config.bulk_listen = Some(bulk);
+        config.bulk_listen = bulk;
     }
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
