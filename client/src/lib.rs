@@ -942,9 +942,15 @@ async fn accept_deliveries(connection: Connection, inbound: Inbound, max_frame: 
                             reply.send(Ok(ReplyValue::Job(status)));
                         }
                     }
-                    Ok(Some(Message::Error(error))) if error.request_id != 0 => {
-                        if let Some(reply) = inbound.shared.pending().remove(&error.request_id) {
-                            reply.send(Err(ClientError::refused(error)));
+                    Ok(Some(Message::Error(error))) => {
+                        let reply = inbound.shared.pending().remove(&error.request_id);
+                        match reply {
+                            Some(reply) => reply.send(Err(ClientError::refused(error))),
+                            None => tracing::warn!(
+                                code = error.code,
+                                message = %error.message,
+                                "router reported an error on the job stream"
+                            ),
                         }
                     }
                     Ok(Some(other)) => {
