@@ -225,12 +225,11 @@ fn attach(agent: &str, session: SessionId, token: u64) -> Hello {
     }
 }
 
-#[tokio::test]
-async fn an_attach_needs_the_sessions_agent_and_token_once() {
-    let t = bulk_router().await;
-    let bulk_addr = t.router.bulk_addr().unwrap();
-    let (_main, welcome) = raw_hello(
-        &t,
+/// A raw session of agent "agent" on the main listener that can attach: its connection,
+/// session id and the bulk offer its Welcome made.
+async fn offered(t: &TestRouter) -> (Connection, SessionId, BulkOffer) {
+    let (main, welcome) = raw_hello(
+        t,
         t.router.local_addr(),
         Hello {
             bulk: true,
@@ -238,14 +237,21 @@ async fn an_attach_needs_the_sessions_agent_and_token_once() {
         },
     )
     .await;
-    let Some(Message::Welcome(Welcome {
-        session_id,
-        bulk: Some(BulkOffer { port, token }),
-        ..
-    })) = welcome
-    else {
-        panic!("expected a Welcome with a bulk offer, got {welcome:?}");
-    };
+    match welcome {
+        Some(Message::Welcome(Welcome {
+            session_id,
+            bulk: Some(offer),
+            ..
+        })) => (main, session_id, offer),
+        other => panic!("expected a Welcome with a bulk offer, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_attach_needs_the_sessions_agent_and_token_once() {
+    let t = bulk_router().await;
+    let bulk_addr = t.router.bulk_addr().unwrap();
+    let (_main, session_id, BulkOffer { port, token }) = offered(&t).await;
     assert_eq!(port, bulk_addr.port());
     let invalid = u64::from(ErrorCode::InvalidRequest.as_u16());
     // A wrong token, or another agent with the right one, is refused and spends nothing.
@@ -269,27 +275,8 @@ async fn an_attach_needs_the_sessions_agent_and_token_once() {
 async fn attaches_go_to_the_bulk_listener_and_end_with_their_session() {
     let t = bulk_router().await;
     let bulk_addr = t.router.bulk_addr().unwrap();
-    let offered = || async {
-        let (main, welcome) = raw_hello(
-            &t,
-            t.router.local_addr(),
-            Hello {
-                bulk: true,
-                ..hello("agent")
-            },
-        )
-        .await;
-        match welcome {
-            Some(Message::Welcome(Welcome {
-                session_id,
-                bulk: Some(offer),
-                ..
-            })) => (main, session_id, offer.token),
-            other => panic!("expected a Welcome with a bulk offer, got {other:?}"),
-        }
-    };
     // An attach on the main listener is refused.
-    let (main, session_id, token) = offered().await;
+    let (main, session_id, BulkOffer { token, .. }) = offered(&t).await;
     let (wrong_listener, _) = raw_hello(
         &t,
         t.router.local_addr(),
@@ -308,7 +295,7 @@ async fn attaches_go_to_the_bulk_listener_and_end_with_their_session() {
 
     // A protocol fault on the bulk connection ends the session with the fault's code, on
     // the main connection too (where the application reads why its session ended).
-    let (main, session_id, token) = offered().await;
+    let (main, session_id, BulkOffer { token, .. }) = offered(&t).await;
     let (bulk, _) = raw_hello(&t, bulk_addr, attach("agent", session_id, token)).await;
     let mut stream = bulk.open_uni().await.unwrap();
     let misplaced = encode(&Message::Subscribe(swarmbus_schema::Subscription {

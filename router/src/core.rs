@@ -140,6 +140,23 @@ pub struct ReplayedOp {
     pub frame: Bytes,
 }
 
+/// The Deliver header of `publish` from `source_agent` (op and epoch: `OpId::NONE` and
+/// the default epoch for unordered classes); the payload follows it unchanged.
+pub fn deliver_head(publish: &Publish, source_agent: &str, op_id: OpId, epoch: Epoch) -> Bytes {
+    encode_deliver_head(
+        &publish.swarm,
+        publish.class,
+        op_id,
+        epoch,
+        source_agent,
+        publish.target_agent.as_deref(),
+        publish.key.as_deref(),
+        publish.payload.len(),
+        publish.fencing_token,
+        publish.lease.as_deref(),
+    )
+}
+
 /// Whether an op targeted at `target` is for someone other than `agent`.
 pub fn targeted_elsewhere(target: Option<&str>, agent: &str) -> bool {
     target.is_some_and(|t| t != agent)
@@ -822,20 +839,8 @@ impl<H: Clone> Core<H> {
     ) -> Result<PublishOutcome, CoreError> {
         let class = publish.class;
         let target = publish.target_agent.as_deref();
-        let head_for = |op_id: OpId, epoch: Epoch| {
-            encode_deliver_head(
-                &publish.swarm,
-                class,
-                op_id,
-                epoch,
-                source_agent,
-                target,
-                publish.key.as_deref(),
-                publish.payload.len(),
-                publish.fencing_token,
-                publish.lease.as_deref(),
-            )
-        };
+        let head_for =
+            |op_id: OpId, epoch: Epoch| deliver_head(publish, source_agent, op_id, epoch);
         if !class.is_ordered() {
             // Unordered messages to a swarm nobody subscribes in go nowhere; creating the
             // swarm for them would only cost memory.

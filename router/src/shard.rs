@@ -19,13 +19,13 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use swarmbus_schema::{
-    decode, encode, encode_deliver_head, Class, DecodeOptions, DeltaAck, Epoch, ErrorMessage,
-    Message, OpId, OutFrame, Publish, Subscription,
+    decode, encode, Class, DecodeOptions, DeltaAck, Epoch, ErrorMessage, Message, OpId, OutFrame,
+    Publish, Subscription,
 };
 use tokio::sync::mpsc;
 
 use crate::core::{
-    targeted_elsewhere, Action, ConnId, Core, CoreConfig, CoreError, Now, ReplayedOp,
+    deliver_head, targeted_elsewhere, Action, ConnId, Core, CoreConfig, CoreError, Now, ReplayedOp,
     TelemetryRoute,
 };
 use crate::log::{LogBackend, LogEvent};
@@ -152,18 +152,7 @@ impl TelemetryRoutes {
             let target = publish.target_agent.as_deref();
             if route.wanted(agent, target) {
                 let frame = OutFrame {
-                    head: encode_deliver_head(
-                        &publish.swarm,
-                        Class::Telemetry,
-                        OpId::NONE,
-                        Epoch::default(),
-                        agent,
-                        target,
-                        publish.key.as_deref(),
-                        publish.payload.len(),
-                        publish.fencing_token,
-                        publish.lease.as_deref(),
-                    ),
+                    head: deliver_head(publish, agent, OpId::NONE, Epoch::default()),
                     body: publish.payload.clone(),
                 };
                 for to in route.recipients(agent, target) {
