@@ -104,7 +104,20 @@ async fn a_resilient_client_survives_a_router_restart_without_loss_or_duplicates
         [4, 5, 6],
         "resumed after the last op handed over: nothing lost, nothing twice"
     );
-    // Telemetry subscriptions came back too.
+    // Telemetry subscriptions came back too. Telemetry reaches the subscriptions in place
+    // when it is published (it is not logged), so wait until the agent has resubscribed
+    // to both classes (the commands above may arrive before the telemetry subscription is
+    // back).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !events.lock().unwrap().iter().any(
+        |e| matches!(e, ReconnectEvent::Resubscribed { subscriptions, .. } if *subscriptions == 2),
+    ) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent resubscribes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     ctl.client()
         .await
         .unwrap()

@@ -717,9 +717,12 @@ impl Drop for Owner {
     }
 }
 
-/// How long a session tries to attach its bulk connection (the router waits about as long
-/// for it) before it carries everything on its one connection.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a session tries to attach its bulk connection before it carries everything on
+/// its one connection. Longer than the router waits for the attach (2 s), so that the
+/// router decides first: it either takes the attach (and the client gets its Welcome) or
+/// withdraws the offer (and the client gets a refusal). A client that gave up on an attach
+/// the router had taken would close the connection the session's bulk traffic now uses.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long the session waits, once its bulk connection was closed by the router, for the
 /// router to close the main one (with the reason the application should see).
