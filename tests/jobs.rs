@@ -414,3 +414,40 @@ async fn cancellation_reaches_the_worker_and_ends_the_job_cancelled() {
     let again = agent.cancel_job(running).await.unwrap();
     assert_eq!(again.state, JobState::Cancelled);
 }
+
+#[tokio::test]
+async fn answers_to_submits_do_not_wait_behind_unread_job_updates() {
+    let t = start_router(|_| {}).await;
+    // A submitter that buffers two job updates and reads none until the end.
+    let session = swarmbus_client::Session {
+        delivery_buffer: 2,
+        ..swarmbus_client::Session::new("slow-reader", Role::Agent, ["s"])
+    };
+    let (submitter, _deliveries) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    let mut updates = submitter.job_updates().unwrap();
+    let (worker, mut events) = worker(&t, "w", &["s"], 16).await;
+    let jobs = 10;
+    for i in 0..jobs {
+        let status = tokio::time::timeout(WAIT, submitter.submit_job(job("s", &format!("k{i}"))))
+            .await
+            .expect("the submit is answered although job updates are unread")
+            .unwrap();
+        let lease = next_lease(&mut events).await;
+        assert_eq!(lease.job_id, status.job_id);
+        assert_eq!(
+            finish(&worker, &lease, "ok").await.unwrap(),
+            JobState::Completed
+        );
+    }
+    // Every end arrives once the submitter reads them.
+    let mut dedup = JobDedup::default();
+    let mut ended = HashSet::new();
+    while ended.len() < jobs {
+        ended.insert(next_end(&mut updates, &mut dedup).await.job_id);
+    }
+    t.router.shutdown().await;
+}

@@ -1184,7 +1184,8 @@ impl Client {
         self.request_on(&self.shared.session_tx, build).await
     }
 
-    /// A request written on `stream` (its answer comes on the session stream).
+    /// A request written on `stream`; its answer comes on the session stream, or for the
+    /// job stream's requests (submits, results) on the job answer stream.
     async fn request_on(
         &self,
         stream: &mpsc::Sender<OutFrame>,

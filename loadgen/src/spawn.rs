@@ -264,9 +264,9 @@ impl RouterArgs {
         Ok((addr, self.ca.clone().unwrap_or_default(), None))
     }
 
-    /// Like [`RouterArgs::resolve`], for a spawned router that also opens a bulk listener
-    /// (`bulk_listen` on a port the OS picks, put before the scenario's or `--router-config`'s
-    /// own keys); returns the bulk listener's address too.
+    /// Like [`RouterArgs::resolve`], for a spawned router with a bulk listener (the router's
+    /// default, `bulk_listen = "auto"`, unless `--router-config` sets another address);
+    /// returns the bulk listener's address too.
     pub async fn resolve_with_bulk_listener(
         &self,
     ) -> anyhow::Result<(SocketAddr, SocketAddr, PathBuf, SpawnedRouter)> {
@@ -278,11 +278,21 @@ impl RouterArgs {
                 .with_context(|| format!("reading {}", path.display()))?,
             None => String::new(),
         };
-        // A top-level key must come before the first [table].
-        let config_toml = format!("bulk_listen = \"127.0.0.1:0\"\n{user}");
+        let config = swarmbus_router::Config::from_toml(&user).map_err(|e| {
+            anyhow!(
+                "reading {}: {e}",
+                self.router_config
+                    .as_deref()
+                    .unwrap_or(Path::new("-"))
+                    .display()
+            )
+        })?;
+        if config.bulk_listen == swarmbus_router::config::BulkListen::Off {
+            bail!("this run needs the router's bulk listener: --router-config sets bulk_listen = \"off\"");
+        }
         let spawned = spawn_router_with(&SpawnOptions {
             binary: self.router_bin.clone(),
-            config_toml: Some(config_toml),
+            config_toml: Some(user),
         })
         .await?;
         let bulk = spawned

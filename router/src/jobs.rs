@@ -929,8 +929,8 @@ impl Jobs {
                 job.durable = true;
                 for (index, (outbox, request_id)) in waiters.into_iter().enumerate() {
                     let frame = status_frame(request_id, job_id, JobState::Queued, 0, index > 0);
-                    // Submits are answered on the job stream they came on.
-                    fx.frames.push((outbox, Lane::Jobs, frame));
+                    // Submits are answered on the job answer stream, beside the job stream.
+                    fx.frames.push((outbox, Lane::JobAnswers, frame));
                 }
                 if job.spec.deadline_ms > 0 {
                     self.deadlines.insert((job.spec.deadline_ms, job_id));
@@ -957,7 +957,7 @@ impl Jobs {
                         retry_after_ms: 1_000,
                     };
                     fx.frames
-                        .push((outbox, Lane::Jobs, refusal.frame(request_id)));
+                        .push((outbox, Lane::JobAnswers, refusal.frame(request_id)));
                 }
             }
         }
@@ -1346,11 +1346,12 @@ impl Jobs {
                 (j.state, j.attempt)
             });
         let answer = status_frame(result.request_id, job_id, state, attempt, false);
-        // Results are answered on the job stream they came on.
+        // Results are answered on the job answer stream, beside the job stream.
         if fx.finals.is_empty() {
-            fx.frames.push((outbox.clone(), Lane::Jobs, answer));
+            fx.frames.push((outbox.clone(), Lane::JobAnswers, answer));
         } else {
-            fx.after_finals.push((outbox.clone(), Lane::Jobs, answer));
+            fx.after_finals
+                .push((outbox.clone(), Lane::JobAnswers, answer));
         }
         self.dispatch(now_ms, &mut fx);
         Ok(fx)

@@ -35,23 +35,28 @@ pub enum Lane {
     /// Job traffic (leases and cancels to workers, updates to submitters) on the job
     /// stream, whose priority is below command's.
     Jobs,
+    /// Answers to the requests that come on the client's job stream (submits, results) on
+    /// a stream of their own: a client that reads its job updates slowly holds back only
+    /// the job stream, never the answers its submits wait for.
+    JobAnswers,
 }
 
 impl Lane {
-    pub const COUNT: usize = 2 + Class::COUNT;
+    pub const COUNT: usize = 3 + Class::COUNT;
 
     pub fn index(self) -> usize {
         match self {
             Lane::Session => 0,
             Lane::Class(class) => 1 + class.index(),
             Lane::Jobs => 1 + Class::COUNT,
+            Lane::JobAnswers => 2 + Class::COUNT,
         }
     }
 
     pub fn all() -> impl Iterator<Item = Lane> {
         std::iter::once(Lane::Session)
             .chain(Class::ALL.into_iter().map(Lane::Class))
-            .chain(std::iter::once(Lane::Jobs))
+            .chain([Lane::Jobs, Lane::JobAnswers])
     }
 
     /// The QUIC stream priority of the lane's stream.
@@ -59,13 +64,16 @@ impl Lane {
         match self {
             Lane::Session => i32::MAX,
             Lane::Class(class) => class.stream_priority(),
-            Lane::Jobs => swarmbus_schema::JOB_STREAM_PRIORITY,
+            Lane::Jobs | Lane::JobAnswers => swarmbus_schema::JOB_STREAM_PRIORITY,
         }
     }
 
     /// Telemetry and job lanes are written from the bulk runtime ([`crate::bulk`]).
     pub fn is_bulk(self) -> bool {
-        matches!(self, Lane::Class(Class::Telemetry) | Lane::Jobs)
+        matches!(
+            self,
+            Lane::Class(Class::Telemetry) | Lane::Jobs | Lane::JobAnswers
+        )
     }
 
     fn sheddable(self) -> bool {
@@ -110,7 +118,7 @@ impl Outbox {
         let capacity = |lane: Lane| match lane {
             Lane::Session => queues.session,
             Lane::Class(class) => queues.for_class(class),
-            Lane::Jobs => queues.jobs,
+            Lane::Jobs | Lane::JobAnswers => queues.jobs,
         };
         let lane = |index: usize| {
             let lane = Lane::all().nth(index).unwrap_or(Lane::Session);

@@ -703,6 +703,10 @@ impl Router {
         }
         tokio::spawn(presence_maintenance(Arc::downgrade(&context)));
         tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
+        context
+            .bulk
+            .handle()
+            .spawn(job_maintenance(Arc::downgrade(&context)));
         let bulk_listener = match bulk_socket {
             Some(socket) => {
                 let addr = config_bulk_addr(&socket, &context.config)?;
@@ -1884,15 +1888,17 @@ impl Session {
                 let outcome = context
                     .jobs()
                     .submit(&self.agent, &self.outbox, submit, now_ms);
-                // Answered on the job stream, like the submit came: a backlog of submissions
-                // and their answers stays off the session stream (and, with a bulk
-                // connection, off the main connection).
+                // Answered on the job answer stream, beside the job stream: a backlog of
+                // submissions and their answers stays off the session stream (and, with a
+                // bulk connection, off the main connection).
                 match outcome {
                     Err(refusal) => {
-                        let _ = self.outbox.push(Lane::Jobs, refusal.frame(request_id));
+                        let _ = self
+                            .outbox
+                            .push(Lane::JobAnswers, refusal.frame(request_id));
                     }
                     Ok(Submitted::Answer(frame)) => {
-                        let _ = self.outbox.push(Lane::Jobs, frame);
+                        let _ = self.outbox.push(Lane::JobAnswers, frame);
                     }
                     Ok(Submitted::Waiting) => {}
                     Ok(Submitted::New { job_id, record }) => {
@@ -1960,7 +1966,9 @@ impl Session {
                     Ok(effects) => self.context.apply_job_effects(effects),
                     Err(refusal) => {
                         debug!(code = %refusal.code, message = %refusal.message, "job result rejected");
-                        let _ = self.outbox.push(Lane::Jobs, refusal.frame(request_id));
+                        let _ = self
+                            .outbox
+                            .push(Lane::JobAnswers, refusal.frame(request_id));
                     }
                 }
             }
@@ -2487,7 +2495,7 @@ async fn run_connection(
                     connection.close(close.error_code, &close.reason)
                 }
                 other => connection.close(
-                    VarInt::from_u32(ErrorCode::WrongStream.as_u16().into()),
+                    VarInt::from_u32(0),
                     format!("the session's bulk connection was lost: {other}").as_bytes(),
                 ),
             }
@@ -2905,6 +2913,21 @@ fn read_job_records(recovered: &[log::SwarmLog]) -> Vec<JobRecord> {
 /// Fails requests past their deadline and runs the job queue's clock (lease expiry,
 /// backoff, deadlines; every 10 ms), and closes unused affine sessions (every 10 s), until
 /// the router stops.
+/// The job queue's clock (lease expiry, backoff, deadlines), on the bulk runtime with the
+/// rest of the job traffic.
+async fn job_maintenance(context: std::sync::Weak<Context>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let Some(context) = context.upgrade() else {
+            return;
+        };
+        let due = context.jobs().tick(context.now_ms());
+        context.apply_job_effects(due);
+    }
+}
+
 async fn worker_maintenance(context: std::sync::Weak<Context>) {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -2916,9 +2939,6 @@ async fn worker_maintenance(context: std::sync::Weak<Context>) {
         };
         let now = std::time::Instant::now();
         push_all(context.workers.expire(now));
-        let now_ms = context.now_ms();
-        let due = context.jobs().tick(now_ms);
-        context.apply_job_effects(due);
         if now.duration_since(last_reap) >= Duration::from_secs(10) {
             last_reap = now;
             let pins = context.workers.reap(now);
