@@ -2285,10 +2285,11 @@ async fn run_connection(
     debug!(agent = %hello.agent_id, role = ?hello.role, swarms = hello.swarms.len(), "session established");
     let config = &context.config;
     let outbox = Arc::new(Outbox::new(conn, &config.queues, stats.clone()));
-    let _ = send.set_priority(i32::MAX); // replies outrank every class stream
-                                         // A client that can attach a bulk connection is offered the bulk listener: its
-                                         // telemetry and job traffic then has a socket, a connection and a congestion window of
-                                         // its own, all driven on the bulk runtime.
+    // Replies outrank every class stream.
+    let _ = send.set_priority(i32::MAX);
+    // A client that can attach a bulk connection is offered the bulk listener: its
+    // telemetry and job traffic then has a socket, a connection and a congestion window of
+    // its own, all driven on the bulk runtime.
     let (bulk_path_tx, bulk_path) = watch::channel(BulkPath::Main);
     let (ended_tx, ended) = watch::channel(false);
     let mut attached_rx = None;
