@@ -2205,6 +2205,15 @@ async fn lane_writer(
     }
 }
 
+/// Counts a connection in `connections_open` while it lives.
+struct OpenConnection(Arc<Stats>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn run_connection(
     conn: ConnId,
     connection: Connection,
@@ -2214,6 +2223,8 @@ async fn run_connection(
     let stats = context.stats.clone();
     stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
     let open = stats.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
+    // Counted open until this function returns, whichever way it does.
+    let _open = OpenConnection(stats.clone());
     if open > context.config.limits.max_connections as u64 {
         stats
             .connections_refused_busy
@@ -2222,7 +2233,6 @@ async fn run_connection(
             VarInt::from(ErrorCode::Busy.as_u16()),
             b"router at its connection limit",
         );
-        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         return;
     }
     let hello_timeout = Duration::from_millis(context.config.limits.hello_timeout_ms);
@@ -2231,7 +2241,6 @@ async fn run_connection(
         Ok(Ok(ok)) => ok,
         Ok(Err(fault)) => {
             close_with(&connection, &stats, &fault);
-            stats.connections_open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
         Err(_) => {
@@ -2240,7 +2249,6 @@ async fn run_connection(
                 "no Hello within the hello timeout",
             );
             close_with(&connection, &stats, &fault);
-            stats.connections_open.fetch_sub(1, Ordering::Relaxed);
             return;
         }
     };
@@ -2254,7 +2262,6 @@ async fn run_connection(
             );
             close_with(&connection, &stats, &fault);
         }
-        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         return;
     }
     // A stopped agent is refused until its stop runs out, with the time left.
@@ -2279,7 +2286,6 @@ async fn run_connection(
             VarInt::from(ErrorCode::Stopped.as_u16()),
             b"stopped by a controller",
         );
-        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         return;
     }
     debug!(agent = %hello.agent_id, role = ?hello.role, swarms = hello.swarms.len(), "session established");
@@ -2424,7 +2430,6 @@ async fn run_connection(
             writer.abort();
         }
         context.attachments().remove(&conn.0);
-        stats.connections_open.fetch_sub(1, Ordering::Relaxed);
         return;
     };
     match joined {
@@ -2542,7 +2547,6 @@ async fn run_connection(
     for writer in writers {
         writer.abort();
     }
-    stats.connections_open.fetch_sub(1, Ordering::Relaxed);
     debug!("connection closed");
 }
 
