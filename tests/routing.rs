@@ -1,12 +1,15 @@
 //! Routing: commands reach exactly the right agents in op-id order, targeted commands reach
 //! only their agent, telemetry stays within its swarm.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use bytes::Bytes;
 use swarmbus_client::{IdempotentApply, PublishOptions, Session};
 use swarmbus_router::config::BulkListen;
 use swarmbus_schema::{Class, OpId, Publish, Role};
 
-use crate::common::{recv_keyed, recv_n, recv_until, start_router};
+use crate::common::{recv_keyed, recv_n, recv_until, start_router, TestRouter};
 
 fn targeted(agent: &str) -> PublishOptions {
     PublishOptions {
@@ -685,6 +688,90 @@ async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anyt
     assert_eq!(stats.telemetry_shed, 0, "{stats:?}");
     assert_eq!(stats.rate_limited_dropped, 0, "{stats:?}");
     t.router.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_governor_holds_bulk_intake_while_commands_flow_and_lifts_it_after() {
+    use swarmbus_router::governor::GovernorConfig;
+    // A reserve of 1 governs whenever commands flow, whatever the host's load, so the test
+    // does not depend on the machine: the budget sits at min_per_s.
+    let t = start_router(|c| {
+        c.governor = GovernorConfig {
+            cpu_idle_reserve: 1.0,
+            min_per_s: 640.0,
+            interval_ms: 20,
+            ordered_quiet_ms: 500,
+            ..GovernorConfig::default()
+        }
+    })
+    .await;
+    let (controller, _c) = t.connect("controller", Role::Controller, &["s"]).await;
+    let (publisher, _p) = t.connect("sensor", Role::Agent, &["s"]).await;
+    let (reader, mut rx) = t.connect("reader", Role::Agent, &["s"]).await;
+    reader.subscribe("s", Class::Telemetry, None).await.unwrap();
+    let commanding = Arc::new(AtomicBool::new(true));
+    let commands = tokio::spawn({
+        let commanding = commanding.clone();
+        async move {
+            while commanding.load(Ordering::Relaxed) {
+                controller
+                    .publish(
+                        "s",
+                        Class::Command,
+                        Bytes::from_static(b"go"),
+                        PublishOptions {
+                            ack: true,
+                            ..PublishOptions::default()
+                        },
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let governed = wait_for_stats(&t, |s| s.governed_intake_per_s == 640).await;
+    assert!(governed.governor_cuts > 0, "{governed:?}");
+    // 1,000 telemetry messages at 640/s (a burst of one batch of 64, and a reader may hold
+    // one batch more): not read in under (1000 - 64 - 64) / 640 s; none dropped.
+    let started = std::time::Instant::now();
+    publisher
+        .publish_batch(Class::Telemetry, numbered_telemetry("s", 1_000))
+        .await
+        .unwrap();
+    let got = recv_n(&mut rx, 1_000).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1_300),
+        "1,000 messages were read in {elapsed:?} with commands flowing"
+    );
+    let order: Vec<u32> = got.iter().map(number_of).collect();
+    assert_eq!(order, (0..1_000).collect::<Vec<_>>());
+    // Commands stop: ordered_quiet_ms later the budget is lifted.
+    commanding.store(false, Ordering::Relaxed);
+    commands.await.unwrap();
+    let lifted = wait_for_stats(&t, |s| s.governed_intake_per_s == 0).await;
+    assert_eq!(lifted.telemetry_shed, 0, "{lifted:?}");
+    assert_eq!(lifted.rate_limited_dropped, 0, "{lifted:?}");
+    t.router.shutdown().await;
+}
+
+/// Polls the router's counters until `done` holds, failing the test after 10 s.
+async fn wait_for_stats(
+    t: &TestRouter,
+    done: impl Fn(&swarmbus_router::StatsSnapshot) -> bool,
+) -> swarmbus_router::StatsSnapshot {
+    for _ in 0..500 {
+        let stats = t.router.stats();
+        if done(&stats) {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!(
+        "the router's counters never got there: {:?}",
+        t.router.stats()
+    );
 }
 
 #[tokio::test]

@@ -45,6 +45,7 @@ pub struct Config {
     pub presence: crate::control::PresenceConfig,
     pub jobs: crate::jobs::JobsConfig,
     pub runtime: RuntimeConfig,
+    pub governor: crate::governor::GovernorConfig,
 }
 
 /// The router's threads (see [`crate::bulk`]).
@@ -379,6 +380,12 @@ pub struct LimitsConfig {
     pub receive_window_bytes: u32,
     /// The same per stream (each publish stream, the session stream).
     pub stream_receive_window_bytes: u32,
+    /// The same two windows for connections on the bulk listener (bulk connections carry
+    /// telemetry and jobs). Smaller by default: a telemetry sender needs little more than
+    /// its bandwidth-delay product, and whatever a flood of them sends before the router
+    /// reads it is buffered, decrypted and acknowledged first, CPU taken from commands.
+    pub bulk_receive_window_bytes: u32,
+    pub bulk_stream_receive_window_bytes: u32,
     /// Largest payload a publish of each class may carry (never more than the frame limit
     /// allows). Heavy work belongs in the job queue, off the real-time path.
     pub max_payload_bytes: ClassPayloadLimits,
@@ -461,6 +468,7 @@ impl Default for Config {
             presence: crate::control::PresenceConfig::default(),
             jobs: crate::jobs::JobsConfig::default(),
             runtime: RuntimeConfig::default(),
+            governor: crate::governor::GovernorConfig::default(),
         }
     }
 }
@@ -478,6 +486,8 @@ impl Default for LimitsConfig {
             shard_queue: 8_192,
             receive_window_bytes: 2 << 20,
             stream_receive_window_bytes: 1 << 20,
+            bulk_receive_window_bytes: 256 << 10,
+            bulk_stream_receive_window_bytes: 128 << 10,
             max_payload_bytes: ClassPayloadLimits::default(),
         }
     }
@@ -687,6 +697,7 @@ impl Config {
                 "rate_limits.router_telemetry_per_s must be a finite number >= 0",
             ));
         }
+        self.governor.check().map_err(config_error)?;
         for (name, breaker) in [
             ("breaker", &self.rate_limits.breaker),
             ("swarm_breaker", &self.rate_limits.swarm_breaker),
@@ -698,13 +709,25 @@ impl Config {
             }
         }
         // Frames larger than a window still pass: the reader frees the window as it reads.
-        if limits.stream_receive_window_bytes < 65_536
-            || limits.receive_window_bytes < limits.stream_receive_window_bytes
-        {
-            return Err(config_error(
-                "limits.stream_receive_window_bytes must be at least 65536 and \
-                 limits.receive_window_bytes at least limits.stream_receive_window_bytes",
-            ));
+        for (prefix, connection, stream) in [
+            (
+                "",
+                limits.receive_window_bytes,
+                limits.stream_receive_window_bytes,
+            ),
+            (
+                "bulk_",
+                limits.bulk_receive_window_bytes,
+                limits.bulk_stream_receive_window_bytes,
+            ),
+        ] {
+            if stream < 65_536 || connection < stream {
+                return Err(config_error(format!(
+                    "limits.{prefix}stream_receive_window_bytes must be at least 65536 and \
+                     limits.{prefix}receive_window_bytes at least \
+                     limits.{prefix}stream_receive_window_bytes"
+                )));
+            }
         }
         if self.presence.heartbeat_interval_ms == 0 || self.presence.max_lease_ttl_ms == 0 {
             return Err(config_error(
@@ -814,6 +837,32 @@ mod tests {
         assert!(matches!(err, RouterError::NonLoopbackListen { .. }));
         assert!(err.to_string().contains("loopback"));
         Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn receive_windows_are_checked_for_each_listener() {
+        let c = Config::default();
+        assert_eq!(c.limits.bulk_receive_window_bytes, 256 << 10);
+        assert_eq!(c.limits.bulk_stream_receive_window_bytes, 128 << 10);
+        let ok = "[limits]\nbulk_receive_window_bytes = 65536\nbulk_stream_receive_window_bytes = 65536\n";
+        Config::from_toml(ok).unwrap().validate().unwrap();
+        for (bad, names) in [
+            (
+                "[limits]\nstream_receive_window_bytes = 1000\n",
+                "limits.stream_",
+            ),
+            (
+                "[limits]\nbulk_stream_receive_window_bytes = 1000\n",
+                "limits.bulk_stream_",
+            ),
+            (
+                "[limits]\nbulk_receive_window_bytes = 100000\n",
+                "limits.bulk_stream_",
+            ),
+        ] {
+            let err = Config::from_toml(bad).unwrap().validate().unwrap_err();
+            assert!(err.to_string().contains(names), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`outbox`]: per-connection bounded outbound lanes (session + one per class).
 //! - [`server`]: the QUIC endpoint, connection lifecycle, stream readers and lane writers.
 //! - [`limits`]: token buckets for per-session, per-class rate limits.
+//! - [`governor`]: the telemetry governor (intake budget that follows the host's idle CPU).
 //! - [`workers`]: worker nodes, affine sessions and request/reply (GPU affinity).
 //! - [`jobs`]: the async job queue (durable jobs, leases, retries, dead letters).
 //! - [`stats`]: router-wide counters.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod error;
+pub mod governor;
 pub mod jobs;
 pub mod limits;
 pub mod log;

@@ -78,6 +78,9 @@ struct Context {
     shutting_down: std::sync::atomic::AtomicBool,
     /// `rate_limits.router_telemetry_per_s`, when set.
     telemetry_intake: Option<crate::limits::IntakeBudget>,
+    /// The budget the telemetry governor sets for telemetry and job messages, when it is
+    /// enabled (unlimited unless it governs).
+    bulk_intake: Option<crate::limits::IntakeBudget>,
     /// Where telemetry and job streams are read and written (see [`crate::bulk`]).
     bulk: BulkRuntime,
     /// The bulk listener's port, offered in Welcome to sessions that can attach a bulk
@@ -497,7 +500,7 @@ impl Router {
             }
         };
         let mut server_config = tls::server_config(&cert, &key)?;
-        server_config.transport_config(Arc::new(transport_config(&config)));
+        server_config.transport_config(Arc::new(transport_config(&config, Listener::Main)));
         let bind_error = |e: std::io::Error| RouterError::Bind {
             addr: config.listen,
             detail: e.to_string(),
@@ -659,8 +662,12 @@ impl Router {
         drop(writer);
         drop(jobs_writer);
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
-        let telemetry_intake =
-            (telemetry_per_s > 0.0).then(|| crate::limits::IntakeBudget::new(telemetry_per_s));
+        let telemetry_intake = (telemetry_per_s > 0.0)
+            .then(|| crate::limits::IntakeBudget::new(Some(telemetry_per_s)));
+        let bulk_intake = config
+            .governor
+            .enabled
+            .then(|| crate::limits::IntakeBudget::new(None));
         let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
         alert_sink.close();
         let context = Arc::new(Context {
@@ -674,6 +681,7 @@ impl Router {
             workers,
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
+            bulk_intake,
             bulk,
             bulk_port,
             attachments: Mutex::new(HashMap::new()),
@@ -702,6 +710,9 @@ impl Router {
                 .await;
         }
         tokio::spawn(presence_maintenance(Arc::downgrade(&context)));
+        if context.config.governor.enabled {
+            tokio::spawn(govern_telemetry(Arc::downgrade(&context)));
+        }
         tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
         context
             .bulk
@@ -713,6 +724,9 @@ impl Router {
                 // quinn spawns the endpoint's driver, and each connection's, on the runtime
                 // it is called from: the bulk one.
                 let _inside = context.bulk.handle().enter();
+                let mut server_config = server_config;
+                server_config
+                    .transport_config(Arc::new(transport_config(&context.config, Listener::Bulk)));
                 let bulk_endpoint = quinn::Endpoint::new(
                     endpoint_config,
                     Some(server_config),
@@ -841,7 +855,7 @@ fn config_bulk_addr(
     })
 }
 
-fn transport_config(config: &Config) -> quinn::TransportConfig {
+fn transport_config(config: &Config, listener: Listener) -> quinn::TransportConfig {
     let mut transport = quinn::TransportConfig::default();
     // Streams per connection: one session stream, one uni stream per class, plus slack.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(4));
@@ -849,8 +863,19 @@ fn transport_config(config: &Config) -> quinn::TransportConfig {
     // Windows sized for bursts of fan-out on a LAN/loopback hop.
     // Inbound windows bound what a connection can make the router buffer before it reads;
     // they are what holds a flooding sender back once the router stops reading it.
-    transport.stream_receive_window(VarInt::from_u32(config.limits.stream_receive_window_bytes));
-    transport.receive_window(VarInt::from_u32(config.limits.receive_window_bytes));
+    let limits = &config.limits;
+    let (connection_window, stream_window) = match listener {
+        Listener::Main => (
+            limits.receive_window_bytes,
+            limits.stream_receive_window_bytes,
+        ),
+        Listener::Bulk => (
+            limits.bulk_receive_window_bytes,
+            limits.bulk_stream_receive_window_bytes,
+        ),
+    };
+    transport.stream_receive_window(VarInt::from_u32(stream_window));
+    transport.receive_window(VarInt::from_u32(connection_window));
     transport.send_window(16 << 20);
     // Ask the peer to acknowledge every 16th packet (or after 5 ms) instead of every
     // second: a fan-out hop sends many small packets, and the ACKs it gets back cost as much
@@ -1544,6 +1569,14 @@ impl Session {
                         self.refuse_fast(&publish, ErrorCode::CircuitOpen, why, wait);
                         return Ok(());
                     }
+                }
+                if publish.class.is_ordered() {
+                    // The governor's signal that commands are flowing (sessions' own only:
+                    // the router's internal records are control publishes too).
+                    self.context
+                        .stats
+                        .ordered_published
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 let swarm = publish.swarm.clone();
                 self.to_shard(
@@ -2780,8 +2813,10 @@ async fn read_publishes(
     let decode = session.context.decode.clone();
     let result = async {
         // Telemetry this reader may still read before it takes another batch from the
-        // router-wide intake budget.
-        let mut allowance = 0u32;
+        // router-wide intake budget, and the same for the governed budget (telemetry and
+        // job messages).
+        let mut telemetry_allowance = 0u32;
+        let mut governed_allowance = 0u32;
         loop {
             let read = match first.take() {
                 Some(message) => Read::Message(message),
@@ -2798,13 +2833,18 @@ async fn read_publishes(
                 ) => {
                     let telemetry =
                         matches!(&message, Message::Publish(p) if p.class == Class::Telemetry);
+                    let governed = telemetry
+                        || matches!(
+                            &message,
+                            Message::SubmitJob(_) | Message::JobResult(_) | Message::JobProgress(_)
+                        );
                     session.dispatch(message).await?;
-                    if let (true, Some(budget)) = (telemetry, &session.context.telemetry_intake) {
-                        if allowance == 0 {
-                            budget.take_batch().await;
-                            allowance = crate::limits::IntakeBudget::BATCH;
-                        }
-                        allowance -= 1;
+                    let context = &session.context;
+                    if let (true, Some(budget)) = (telemetry, &context.telemetry_intake) {
+                        budget.spend_one(&mut telemetry_allowance).await;
+                    }
+                    if let (true, Some(budget)) = (governed, &context.bulk_intake) {
+                        budget.spend_one(&mut governed_allowance).await;
                     }
                 }
                 Read::Message(other) => {
@@ -2956,6 +2996,47 @@ async fn worker_maintenance(context: std::sync::Weak<Context>) {
 
 /// Declares agents without a heartbeat for the heartbeat timeout gone (every 100 ms): their
 /// leave is announced and their connection closed with HeartbeatTimeout.
+/// The telemetry governor's loop (see [`crate::governor`]): samples the host's idle CPU and
+/// the router's counters, and sets the telemetry intake budget.
+async fn govern_telemetry(context: std::sync::Weak<Context>) {
+    let Some(mut host) = crate::governor::HostCpu::open() else {
+        tracing::warn!("the telemetry governor cannot read /proc/stat: it stays idle");
+        return;
+    };
+    let Some(config) = context.upgrade().map(|c| c.config.governor.clone()) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut governor = crate::governor::Governor::new(config);
+    loop {
+        tick.tick().await;
+        let Some(context) = context.upgrade() else {
+            return;
+        };
+        let Some(budget) = &context.bulk_intake else {
+            return;
+        };
+        let stats = &context.stats;
+        let before = (governor.rate(), governor.cuts());
+        let rate = governor.step(crate::governor::Sample {
+            now: std::time::Instant::now(),
+            idle: host.idle_since_last(),
+            ordered: stats.ordered_published.load(Ordering::Relaxed),
+            intake: budget.taken(),
+        });
+        if (rate, governor.cuts()) != before {
+            budget.set(rate);
+            stats
+                .governed_intake_per_s
+                .store(rate.map_or(0, |rate| rate.ceil() as u64), Ordering::Relaxed);
+            stats
+                .governor_cuts
+                .store(governor.cuts(), Ordering::Relaxed);
+        }
+    }
+}
+
 async fn presence_maintenance(context: std::sync::Weak<Context>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

@@ -36,6 +36,14 @@ pub struct Stats {
     pub main_streams: AtomicU64,
     /// Bulk connections attached to their sessions, since start.
     pub bulk_attached: AtomicU64,
+    /// Control and command publishes sessions sent, since start (the governor's activity
+    /// signal; the router's own records are not counted).
+    pub ordered_published: AtomicU64,
+    /// The governed intake budget for telemetry and job messages now, messages per second
+    /// (0: unlimited).
+    pub governed_intake_per_s: AtomicU64,
+    /// Times the telemetry governor cut that budget, since start.
+    pub governor_cuts: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -61,6 +69,9 @@ pub struct StatsSnapshot {
     pub bulk_streams: u64,
     pub main_streams: u64,
     pub bulk_attached: u64,
+    pub ordered_published: u64,
+    pub governed_intake_per_s: u64,
+    pub governor_cuts: u64,
 }
 
 impl Stats {
@@ -87,6 +98,9 @@ impl Stats {
             bulk_streams: get(&self.bulk_streams),
             main_streams: get(&self.main_streams),
             bulk_attached: get(&self.bulk_attached),
+            ordered_published: get(&self.ordered_published),
+            governed_intake_per_s: get(&self.governed_intake_per_s),
+            governor_cuts: get(&self.governor_cuts),
         }
     }
 }
