@@ -97,7 +97,8 @@ fn appends(c: &mut Criterion) {
                 None => tempfile::tempdir().unwrap(),
             };
             let (tx, mut events) = mpsc::unbounded_channel();
-            let Ok(writer) = LogWriter::start(kind, SyncPolicy::Always, 65_536, vec![tx.clone()])
+            let Ok(writer) =
+                LogWriter::start(kind, SyncPolicy::Always, 65_536, vec![tx.clone()], None)
             else {
                 eprintln!("{kind} writer unavailable here; skipped");
                 continue;

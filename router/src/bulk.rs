@@ -81,7 +81,9 @@ impl BulkRuntime {
 /// Lowers the calling thread's scheduling priority (Linux schedules threads one by one).
 /// Best effort: lowering needs no privilege, but if it fails the thread keeps its priority.
 #[allow(unsafe_code)] // one libc call with integer arguments; no memory is shared
-fn lower_thread_priority(priority: BulkPriority) {
+/// Lowers the calling thread's scheduling priority to `priority` (Linux; a no-op elsewhere
+/// and for `shared`).
+pub(crate) fn lower_thread_priority(priority: BulkPriority) {
     #[cfg(target_os = "linux")]
     if let BulkPriority::Nice(nice) = priority {
         // SAFETY: setpriority only reads its integer arguments; who = 0 is the calling

@@ -592,21 +592,22 @@ impl Router {
         .map_err(|e| RouterError::Config {
             detail: format!("starting the bulk runtime: {e}"),
         })?;
-        let start_writer = || {
+        let start_writer = |bulk| {
             LogWriter::start(
                 config.log.writer,
                 config.log.sync,
                 config.log.writer_queue,
                 event_senders.clone(),
+                bulk,
             )
             .map_err(|e| RouterError::Config {
                 detail: format!("starting the event log writer: {e}"),
             })
         };
-        let writer = start_writer()?;
-        // The job queue's records get a writer of their own: commands never wait for the
-        // sync of a batch of job records.
-        let jobs_writer = start_writer()?;
+        let writer = start_writer(None)?;
+        // The job queue's records get a writer of their own, at the bulk threads' priority:
+        // commands never wait for the sync of a batch of job records, nor for its thread.
+        let jobs_writer = start_writer(Some(config.runtime.bulk_priority))?;
         info!(writer = %writer.kind(), sync = %config.log.sync, swarms = recovered.len(), "event log ready");
         let mut per_shard: Vec<Vec<log::SwarmLog>> = (0..shard_count + job_shard_count)
             .map(|_| Vec::new())

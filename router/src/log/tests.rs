@@ -36,7 +36,7 @@ fn kinds() -> Vec<WriterKind> {
 
 fn writer_probe() -> bool {
     let (tx, _rx) = mpsc::unbounded_channel();
-    LogWriter::start(WriterKind::Uring, SyncPolicy::Always, 16, vec![tx]).is_ok()
+    LogWriter::start(WriterKind::Uring, SyncPolicy::Always, 16, vec![tx], None).is_ok()
 }
 
 fn record(epoch: Epoch, op: u64, payload: &str) -> RecordParts {
@@ -101,7 +101,7 @@ fn open_with(
     Vec<RecoveryNote>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = LogWriter::start(kind, SyncPolicy::Always, 1024, vec![tx.clone()]).unwrap();
+    let writer = LogWriter::start(kind, SyncPolicy::Always, 1024, vec![tx.clone()], None).unwrap();
     assert_eq!(writer.kind(), kind);
     let (logs, notes) = recover_all(dir).unwrap();
     (
@@ -264,7 +264,8 @@ fn interval_and_never_policies_complete_without_waiting_for_sync() {
     for policy in [SyncPolicy::IntervalMs(5), SyncPolicy::NeverDanger] {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let writer = LogWriter::start(WriterKind::File, policy, 1024, vec![tx.clone()]).unwrap();
+        let writer =
+            LogWriter::start(WriterKind::File, policy, 1024, vec![tx.clone()], None).unwrap();
         let mut log = ShardLog::new(
             0,
             dir.path(),

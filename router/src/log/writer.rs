@@ -83,22 +83,36 @@ pub struct LogWriter {
 
 impl LogWriter {
     /// Starts the writer thread. `shards` receive the events of the requests they sent.
+    /// `bulk`: the writer serves bulk work (job records) and runs at that priority (its
+    /// io_uring workers with it); otherwise commands wait for it and it asks for short time
+    /// slices.
     pub fn start(
         kind: WriterKind,
         policy: SyncPolicy,
         capacity: usize,
         shards: Vec<UnboundedSender<LogEvent>>,
+        bulk: Option<crate::config::BulkPriority>,
     ) -> std::io::Result<LogWriter> {
         let (tx, rx) = crossbeam::channel::bounded(capacity.max(1));
         let mut state = WriterState::new(policy, shards);
         // The backend is chosen on the writer thread itself: io_uring runtimes cannot be
         // started (not even probed) from a thread that already runs tokio.
         let (chosen_tx, chosen_rx) = std::sync::mpsc::sync_channel(1);
+        let name = match bulk {
+            Some(_) => "swarmbus-log-bulk",
+            None => "swarmbus-log-writer",
+        };
         std::thread::Builder::new()
-            .name("swarmbus-log-writer".into())
+            .name(name.into())
             .spawn(move || {
-                // Commands wait for this thread: it preempts bulk work when it wakes.
-                crate::bulk::request_short_slice(crate::bulk::SHORT_SLICE);
+                match bulk {
+                    // Before the io_uring instance exists: its workers inherit the priority.
+                    Some(priority) => crate::bulk::lower_thread_priority(priority),
+                    // Commands wait for this thread: it preempts bulk work when it wakes.
+                    None => {
+                        crate::bulk::request_short_slice(crate::bulk::SHORT_SLICE);
+                    }
+                }
                 let runtime = match kind {
                     WriterKind::File => None,
                     WriterKind::Uring | WriterKind::Auto => match uring_runtime() {
