@@ -8,7 +8,7 @@
 //! - [`outbox`]: per-connection bounded outbound lanes (session + one per class).
 //! - [`server`]: the QUIC endpoint, connection lifecycle, stream readers and lane writers.
 //! - [`limits`]: token buckets for per-session, per-class rate limits.
-//! - [`governor`]: the telemetry governor (intake budget that follows the host's idle CPU).
+//! - [`governor`]: the governor (bulk intake budget that follows the host's idle CPU while commands flow).
 //! - [`workers`]: worker nodes, affine sessions and request/reply (GPU affinity).
 //! - [`jobs`]: the async job queue (durable jobs, leases, retries, dead letters).
 //! - [`stats`]: router-wide counters.

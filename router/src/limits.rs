@@ -98,7 +98,7 @@ impl ClassBuckets {
 /// stops the senders (no CPU spent on messages that would be shed anyway). Readers take
 /// tokens in batches to keep the shared lock off the per-message path. The budget may be
 /// unlimited (readers only count what they read) and is changed at run time by the
-/// telemetry governor ([`crate::governor`]).
+/// governor ([`crate::governor`]).
 #[derive(Debug)]
 pub struct IntakeBudget {
     bucket: std::sync::Mutex<TokenBucket>,

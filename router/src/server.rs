@@ -78,8 +78,8 @@ struct Context {
     shutting_down: std::sync::atomic::AtomicBool,
     /// `rate_limits.router_telemetry_per_s`, when set.
     telemetry_intake: Option<crate::limits::IntakeBudget>,
-    /// The budget the telemetry governor sets for telemetry and job messages, when it is
-    /// enabled (unlimited unless it governs).
+    /// The budget the governor sets for telemetry and job messages, when it is enabled
+    /// (unlimited unless it governs).
     bulk_intake: Option<crate::limits::IntakeBudget>,
     /// Where telemetry and job streams are read and written (see [`crate::bulk`]).
     bulk: BulkRuntime,
@@ -712,7 +712,7 @@ impl Router {
         }
         tokio::spawn(presence_maintenance(Arc::downgrade(&context)));
         if context.config.governor.enabled {
-            tokio::spawn(govern_telemetry(Arc::downgrade(&context)));
+            tokio::spawn(govern_bulk_intake(Arc::downgrade(&context)));
         }
         tokio::spawn(worker_maintenance(Arc::downgrade(&context)));
         context
@@ -2995,13 +2995,11 @@ async fn worker_maintenance(context: std::sync::Weak<Context>) {
     }
 }
 
-/// Declares agents without a heartbeat for the heartbeat timeout gone (every 100 ms): their
-/// leave is announced and their connection closed with HeartbeatTimeout.
-/// The telemetry governor's loop (see [`crate::governor`]): samples the host's idle CPU and
-/// the router's counters, and sets the telemetry intake budget.
-async fn govern_telemetry(context: std::sync::Weak<Context>) {
+/// The governor's loop (see [`crate::governor`]): samples the host's idle CPU and the
+/// router's counters, and sets the budget for bulk intake (telemetry and job messages).
+async fn govern_bulk_intake(context: std::sync::Weak<Context>) {
     let Some(mut host) = crate::governor::HostCpu::open() else {
-        tracing::warn!("the telemetry governor cannot read /proc/stat: it stays idle");
+        tracing::warn!("the governor cannot read /proc/stat: it stays idle");
         return;
     };
     let Some(config) = context.upgrade().map(|c| c.config.governor.clone()) else {
@@ -3038,6 +3036,8 @@ async fn govern_telemetry(context: std::sync::Weak<Context>) {
     }
 }
 
+/// Declares agents without a heartbeat for the heartbeat timeout gone (every 100 ms): their
+/// leave is announced and their connection closed with HeartbeatTimeout.
 async fn presence_maintenance(context: std::sync::Weak<Context>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

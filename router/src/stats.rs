@@ -42,7 +42,7 @@ pub struct Stats {
     /// The governed intake budget for telemetry and job messages now, messages per second
     /// (0: unlimited).
     pub governed_intake_per_s: AtomicU64,
-    /// Times the telemetry governor cut that budget, since start.
+    /// Times the governor cut that budget, since start.
     pub governor_cuts: AtomicU64,
 }
 
