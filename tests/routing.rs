@@ -670,20 +670,7 @@ async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anyt
     let (publisher, _p) = t.connect("sensor", Role::Agent, &["s"]).await;
     let (reader, mut rx) = t.connect("reader", Role::Agent, &["s"]).await;
     reader.subscribe("s", Class::Telemetry, None).await.unwrap();
-    let started = std::time::Instant::now();
-    let batch = numbered_telemetry("s", 1_000);
-    publisher
-        .publish_batch(Class::Telemetry, batch)
-        .await
-        .unwrap();
-    let got = recv_n(&mut rx, 1_000).await;
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed >= std::time::Duration::from_millis(1_300),
-        "1,000 messages were read in {elapsed:?}, above the budget"
-    );
-    let order: Vec<u32> = got.iter().map(number_of).collect();
-    assert_eq!(order, (0..1_000).collect::<Vec<_>>());
+    thousand_telemetry_at_640_per_s(&publisher, &mut rx).await;
     let stats = t.router.stats();
     assert_eq!(stats.telemetry_shed, 0, "{stats:?}");
     assert_eq!(stats.rate_limited_dropped, 0, "{stats:?}");
@@ -732,21 +719,7 @@ async fn the_governor_holds_bulk_intake_while_commands_flow_and_lifts_it_after()
     });
     let governed = wait_for_stats(&t, |s| s.governed_intake_per_s == 640).await;
     assert!(governed.governor_cuts > 0, "{governed:?}");
-    // 1,000 telemetry messages at 640/s (a burst of one batch of 64, and a reader may hold
-    // one batch more): not read in under (1000 - 64 - 64) / 640 s; none dropped.
-    let started = std::time::Instant::now();
-    publisher
-        .publish_batch(Class::Telemetry, numbered_telemetry("s", 1_000))
-        .await
-        .unwrap();
-    let got = recv_n(&mut rx, 1_000).await;
-    let elapsed = started.elapsed();
-    assert!(
-        elapsed >= std::time::Duration::from_millis(1_300),
-        "1,000 messages were read in {elapsed:?} with commands flowing"
-    );
-    let order: Vec<u32> = got.iter().map(number_of).collect();
-    assert_eq!(order, (0..1_000).collect::<Vec<_>>());
+    thousand_telemetry_at_640_per_s(&publisher, &mut rx).await;
     // Commands stop: ordered_quiet_ms later the budget is lifted.
     commanding.store(false, Ordering::Relaxed);
     commands.await.unwrap();
@@ -754,6 +727,29 @@ async fn the_governor_holds_bulk_intake_while_commands_flow_and_lifts_it_after()
     assert_eq!(lifted.telemetry_shed, 0, "{lifted:?}");
     assert_eq!(lifted.rate_limited_dropped, 0, "{lifted:?}");
     t.router.shutdown().await;
+}
+
+/// Publishes 1,000 numbered telemetry messages to swarm `s` through a router-wide budget of
+/// 640/s (a burst of one batch of 64, and a reader may hold one batch more), so they cannot
+/// be read in under (1000 - 64 - 64) / 640 s whatever the machine's speed; and all arrive,
+/// in order.
+async fn thousand_telemetry_at_640_per_s(
+    publisher: &swarmbus_client::Client,
+    rx: &mut swarmbus_client::Deliveries,
+) {
+    let started = std::time::Instant::now();
+    publisher
+        .publish_batch(Class::Telemetry, numbered_telemetry("s", 1_000))
+        .await
+        .unwrap();
+    let got = recv_n(rx, 1_000).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1_300),
+        "1,000 messages were read in {elapsed:?}, above the budget"
+    );
+    let order: Vec<u32> = got.iter().map(number_of).collect();
+    assert_eq!(order, (0..1_000).collect::<Vec<_>>());
 }
 
 /// Polls the router's counters until `done` holds, failing the test after 10 s.
