@@ -93,9 +93,10 @@ impl ClassBuckets {
     }
 }
 
-/// The router-wide budget for telemetry intake: publish-stream readers take tokens before
-/// they read on, so above the budget telemetry is not read at all and QUIC flow control
-/// stops the senders (no CPU spent on messages that would be shed anyway). Readers take
+/// A router-wide intake budget (the static one for telemetry, `router_telemetry_per_s`, or
+/// the governed one for telemetry and job messages): publish-stream readers take tokens
+/// before they read on, so above the budget those messages are not read at all and QUIC
+/// flow control stops the senders (no CPU spent on messages that would be shed anyway). Readers take
 /// tokens in batches to keep the shared lock off the per-message path. The budget may be
 /// unlimited (readers only count what they read) and is changed at run time by the
 /// governor ([`crate::governor`]).
@@ -103,7 +104,7 @@ impl ClassBuckets {
 pub struct IntakeBudget {
     bucket: std::sync::Mutex<TokenBucket>,
     limited: std::sync::atomic::AtomicBool,
-    /// Telemetry messages read since start (counted a batch at a time).
+    /// Messages read against this budget since start (counted a batch at a time).
     taken: std::sync::atomic::AtomicU64,
 }
 
@@ -143,7 +144,7 @@ impl IntakeBudget {
             .store(rate_per_s.is_some(), std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Telemetry messages read since start, in batches of [`Self::BATCH`].
+    /// Messages read against this budget since start, in batches of [`Self::BATCH`].
     pub fn taken(&self) -> u64 {
         self.taken.load(std::sync::atomic::Ordering::Relaxed)
     }
