@@ -686,7 +686,7 @@ async fn the_governor_holds_bulk_intake_while_commands_flow_and_lifts_it_after()
         c.governor = GovernorConfig {
             cpu_idle_reserve: 1.0,
             min_per_s: 640.0,
-            interval_ms: 20,
+            interval_ms: 50,
             ordered_quiet_ms: 500,
             ..GovernorConfig::default()
         }

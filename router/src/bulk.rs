@@ -78,11 +78,10 @@ impl BulkRuntime {
     }
 }
 
-/// Lowers the calling thread's scheduling priority (Linux schedules threads one by one).
-/// Best effort: lowering needs no privilege, but if it fails the thread keeps its priority.
+/// Lowers the calling thread's scheduling priority to `priority` (Linux schedules threads
+/// one by one; a no-op elsewhere and for `shared`). Best effort: lowering needs no
+/// privilege, but if it fails the thread keeps its priority.
 #[allow(unsafe_code)] // one libc call with integer arguments; no memory is shared
-/// Lowers the calling thread's scheduling priority to `priority` (Linux; a no-op elsewhere
-/// and for `shared`).
 pub(crate) fn lower_thread_priority(priority: BulkPriority) {
     #[cfg(target_os = "linux")]
     if let BulkPriority::Nice(nice) = priority {

@@ -10,7 +10,7 @@
 //! it samples the host's idle CPU time; while ordered traffic (control or command
 //! publishes) was seen within `ordered_quiet_ms` and the idle share is below
 //! `cpu_idle_reserve`, it sets the router-wide budget for bulk messages to a fifth less than
-//! the intake it measured (multiplicative decrease), and raises it by a twentieth per
+//! the lower of the budget and the intake it measured (multiplicative decrease), and raises it by a twentieth per
 //! interval while there is headroom. Readers over the budget stop reading, so QUIC flow
 //! control holds the senders back before the router spends anything on their messages.
 //! With no ordered traffic the budget is lifted. `rate_limits.router_telemetry_per_s`, a
@@ -59,11 +59,14 @@ impl GovernorConfig {
         if !(0.0..=1.0).contains(&self.cpu_idle_reserve) {
             return Err("governor.cpu_idle_reserve must be from 0 to 1".into());
         }
-        if !(self.min_per_s.is_finite() && self.min_per_s >= 1.0) {
-            return Err("governor.min_per_s must be a finite number >= 1".into());
+        // A floor of ten batches a second: a stream waits at most a tenth of a second per
+        // batch, far inside a lease's visibility timeout.
+        if !(640.0..UNLIMITED_ABOVE).contains(&self.min_per_s) {
+            return Err("governor.min_per_s must be at least 640 and below 100000000".into());
         }
-        if !(10..=10_000).contains(&self.interval_ms) {
-            return Err("governor.interval_ms must be from 10 to 10000".into());
+        // /proc/stat counts in clock ticks (10 ms): shorter intervals see too few of them.
+        if !(50..=10_000).contains(&self.interval_ms) {
+            return Err("governor.interval_ms must be from 50 to 10000".into());
         }
         if self.ordered_quiet_ms < self.interval_ms {
             return Err("governor.ordered_quiet_ms must be at least governor.interval_ms".into());
@@ -134,8 +137,12 @@ impl Governor {
             && self
                 .last_ordered_at
                 .is_some_and(|at| sample.now.saturating_duration_since(at) < quiet);
-        let (true, Some(idle)) = (governing, sample.idle) else {
+        if !governing {
             self.rate = None;
+            return self.rate;
+        }
+        // No idle figure this tick (no clock tick of CPU time passed): keep the budget.
+        let Some(idle) = sample.idle else {
             return self.rate;
         };
         let seconds = sample.now.saturating_duration_since(last.now).as_secs_f64();
@@ -302,14 +309,17 @@ mod tests {
     }
 
     #[test]
-    fn unknown_idle_or_a_disabled_governor_lifts_the_budget() {
+    fn unknown_idle_keeps_the_budget_and_a_disabled_governor_lifts_it() {
         let mut governor = Governor::new(GovernorConfig::default());
         let mut clock = Clock::new();
         governor.step(clock.tick(0.9, 0, true));
         assert!(governor.step(clock.tick(0.0, 50_000, true)).is_some());
+        let governed = governor.rate();
+        assert!(governed.is_some());
+        // An unknown idle share while commands flow keeps the budget as it is.
         let mut sample = clock.tick(0.0, 50_000, true);
         sample.idle = None;
-        assert_eq!(governor.step(sample), None);
+        assert_eq!(governor.step(sample), governed);
         let disabled = GovernorConfig {
             enabled: false,
             ..GovernorConfig::default()
@@ -353,6 +363,14 @@ mod tests {
             },
             GovernorConfig {
                 interval_ms: 1,
+                ..GovernorConfig::default()
+            },
+            GovernorConfig {
+                interval_ms: 20,
+                ..GovernorConfig::default()
+            },
+            GovernorConfig {
+                min_per_s: 100.0,
                 ..GovernorConfig::default()
             },
             GovernorConfig {

@@ -162,7 +162,10 @@ impl IntakeBudget {
     /// Waits until a batch of [`Self::BATCH`] messages may be read.
     pub async fn take_batch(&self) {
         use std::sync::atomic::Ordering::Relaxed;
-        self.taken.fetch_add(u64::from(Self::BATCH), Relaxed);
+        // Counted once granted, so a reader still waiting is not counted as reading.
+        let granted = || {
+            self.taken.fetch_add(u64::from(Self::BATCH), Relaxed);
+        };
         while self.limited.load(Relaxed) {
             let verdict = self
                 .bucket
@@ -170,7 +173,7 @@ impl IntakeBudget {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .try_take_n(f64::from(Self::BATCH), Instant::now());
             match verdict {
-                Ok(()) => return,
+                Ok(()) => return granted(),
                 Err(wait) => {
                     tokio::time::sleep(
                         wait.clamp(Duration::from_millis(1), Duration::from_millis(20)),
@@ -179,6 +182,7 @@ impl IntakeBudget {
                 }
             }
         }
+        granted();
     }
 }
 
