@@ -7,7 +7,7 @@ use swarmbus_client::{FileOffsetStore, IdempotentApply, PublishOptions, Session}
 use swarmbus_router::{Config, Router};
 use swarmbus_schema::{Class, Deliver, OpId, Role};
 
-use crate::common::{recv_n, recv_until, start_router, TestRouter};
+use crate::common::{recv_keyed, recv_n, recv_until, start_router, TestRouter};
 
 async fn publish_commands(
     client: &swarmbus_client::Client,
@@ -492,5 +492,86 @@ async fn a_flood_stays_within_the_memory_caps_and_loses_no_command() {
     let stats = t.router.stats();
     assert_eq!(stats.lagging_disconnects, 0, "{stats:?}");
     assert!(stats.queued_bytes_max <= router_cap as u64, "{stats:?}");
+    t.router.shutdown().await;
+}
+
+/// An agent at the router's advertised `max_swarms_per_session`, with a resume point for
+/// both ordered classes in every swarm, reconnects with them all and gets only new ops.
+#[tokio::test]
+async fn an_agent_at_the_swarm_limit_resumes_with_every_resume_point() {
+    let t = start_router(|_| {}).await;
+    let limit = swarmbus_router::Config::default()
+        .limits
+        .max_swarms_per_session as usize;
+    let names: Vec<String> = (0..limit).map(|i| format!("fleet-{i}")).collect();
+    let swarms: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (ctl, _) = t.connect("ctl", Role::Controller, &swarms).await;
+    let mut apply = IdempotentApply::new();
+    {
+        let (agent, mut rx) = t.connect("a1", Role::Agent, &swarms).await;
+        for swarm in &swarms {
+            agent.subscribe(swarm, Class::Control, None).await.unwrap();
+            agent.subscribe(swarm, Class::Command, None).await.unwrap();
+        }
+        for swarm in &swarms {
+            for class in [Class::Control, Class::Command] {
+                let options = PublishOptions {
+                    key: Some("k".into()),
+                    ..PublishOptions::default()
+                };
+                ctl.publish(swarm, class, Bytes::from_static(b"x"), options)
+                    .await
+                    .unwrap();
+            }
+        }
+        for d in recv_keyed(&mut rx, "k", 2 * limit).await {
+            assert!(apply.apply(&d, |_| ()).is_some());
+        }
+        agent.close();
+    }
+    let session = Session::new("a1", Role::Agent, swarms.iter().copied()).resume_from(&apply);
+    assert_eq!(session.resume.len(), 2 * limit);
+    let (agent, mut rx) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .expect("an agent at the swarm limit connects with all its resume points");
+    for swarm in &swarms {
+        agent.subscribe(swarm, Class::Control, None).await.unwrap();
+        agent.subscribe(swarm, Class::Command, None).await.unwrap();
+    }
+    for swarm in &swarms {
+        let options = PublishOptions {
+            key: Some("end".into()),
+            ..PublishOptions::default()
+        };
+        ctl.publish(swarm, Class::Command, Bytes::from_static(b"END"), options)
+            .await
+            .unwrap();
+    }
+    // Nothing applied before the disconnect comes again: the first delivery in each swarm
+    // after the resume is new to the agent.
+    let mut ends = 0;
+    while ends < limit {
+        let d = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("deliveries after the resume")
+            .expect("the session stays open");
+        assert_eq!(
+            d.key.as_deref(),
+            Some("end"),
+            "{} op {} again",
+            d.swarm,
+            d.op_id.0
+        );
+        assert!(
+            apply.apply(&d, |_| ()).is_some(),
+            "{} op {}",
+            d.swarm,
+            d.op_id.0
+        );
+        ends += 1;
+    }
+    assert!(agent.epoch_changes().is_empty());
     t.router.shutdown().await;
 }

@@ -618,6 +618,21 @@ impl Config {
                 "limits.max_frame_bytes must be between 1024 and 67108864",
             ));
         }
+        let max_swarms = limits.max_swarms_per_session;
+        if max_swarms == 0 || max_swarms > swarmbus_schema::MAX_SWARMS_PER_SESSION {
+            return Err(config_error(format!(
+                "limits.max_swarms_per_session must be between 1 and {}",
+                swarmbus_schema::MAX_SWARMS_PER_SESSION
+            )));
+        }
+        let hello_bytes = swarmbus_schema::max_hello_frame_bytes(max_swarms);
+        if (limits.max_frame_bytes as usize) < hello_bytes {
+            return Err(config_error(format!(
+                "limits.max_frame_bytes must be at least {hello_bytes} for \
+                 limits.max_swarms_per_session = {max_swarms}: a Hello joining that many swarms \
+                 with its resume points must fit one frame"
+            )));
+        }
         let q = &self.queues;
         for (name, value) in [
             ("session", q.session),

@@ -672,7 +672,7 @@ impl Router {
         let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
         alert_sink.close();
         let context = Arc::new(Context {
-            decode: DecodeOptions::default(),
+            decode: DecodeOptions::for_swarms_per_session(config.limits.max_swarms_per_session),
             config,
             shards,
             job_shards,
@@ -2151,7 +2151,18 @@ fn check_hello(hello: &Hello, config: &Config) -> Result<(), Fault> {
             ));
         }
     }
+    let mut seen = HashSet::with_capacity(hello.resume.len());
     for point in &hello.resume {
+        if !point.class.is_ordered() || !seen.insert((point.swarm.as_str(), point.class)) {
+            return Err(Fault::new(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "resume point for swarm {:?} and class {:?}: at most one per swarm and \
+                     ordered class (control, command)",
+                    point.swarm, point.class
+                ),
+            ));
+        }
         if !hello.swarms.contains(&point.swarm) {
             return Err(Fault::new(
                 ErrorCode::InvalidRequest,

@@ -14,20 +14,38 @@ use crate::types::*;
 const HEADER_LEN_BYTES: usize = 4;
 
 /// Bounds for the FlatBuffers verifier. Every inbound frame is verified once with these.
+///
+/// The table budget must cover the largest message the protocol allows: a Hello that joins
+/// `max_swarms_per_session` swarms with a resume point per ordered class in each is
+/// `2 + ORDERED_CLASS_COUNT * max_swarms_per_session` tables (Frame, Hello, the Resumes).
+/// Every other message has at most four.
 #[derive(Clone, Debug)]
 pub struct DecodeOptions {
-    /// Deepest table nesting accepted (the protocol needs 3).
+    /// Deepest table nesting accepted (the protocol needs 3: Frame, message, Resume).
     pub max_depth: usize,
-    /// Most tables in one header (the protocol needs 3).
+    /// Most tables in one header.
     pub max_tables: usize,
 }
 
-impl Default for DecodeOptions {
-    fn default() -> Self {
+impl DecodeOptions {
+    /// Tables in messages other than Hello (Frame, message and at most two nested tables).
+    const FIXED_TABLES: usize = 8;
+
+    /// Bounds that admit a Hello joining `max_swarms_per_session` swarms with every resume
+    /// point (what a router advertising that limit must accept).
+    pub fn for_swarms_per_session(max_swarms_per_session: u32) -> Self {
         DecodeOptions {
             max_depth: 8,
-            max_tables: 16,
+            max_tables: Self::FIXED_TABLES
+                + crate::ORDERED_CLASS_COUNT * max_swarms_per_session as usize,
         }
+    }
+}
+
+impl Default for DecodeOptions {
+    /// Bounds for any limit a router may advertise ([`crate::MAX_SWARMS_PER_SESSION`]).
+    fn default() -> Self {
+        Self::for_swarms_per_session(crate::MAX_SWARMS_PER_SESSION)
     }
 }
 
@@ -1512,11 +1530,23 @@ mod tests {
                 ".{0,16}"
             )
                 .prop_flat_map(|(swarms, agent_id, role, n, v)| {
+                    let points = swarms.len() * crate::ORDERED_CLASS_COUNT;
                     (
                         any::<bool>(),
                         proptest::option::of((any::<u64>(), 1..=u64::MAX)),
+                        proptest::collection::vec((any::<u64>(), any::<u64>()), points),
                     )
-                        .prop_map(move |(bulk, attach)| {
+                        .prop_map(move |(bulk, attach, positions)| {
+                            let resume = positions
+                                .iter()
+                                .enumerate()
+                                .map(|(i, &(epoch, op))| ResumePoint {
+                                    swarm: swarms[i / crate::ORDERED_CLASS_COUNT].clone(),
+                                    class: [Class::Control, Class::Command][i % 2],
+                                    epoch: Epoch(epoch),
+                                    last_applied: OpId(op),
+                                })
+                                .collect();
                             Message::Hello(Hello {
                                 protocol_version: 1,
                                 swarms: swarms.clone(),
@@ -1524,7 +1554,7 @@ mod tests {
                                 role: [Role::Agent, Role::Controller, Role::Worker][role as usize],
                                 client_name: n.clone(),
                                 client_version: v.clone(),
-                                resume: Vec::new(),
+                                resume,
                                 metadata: v.clone(),
                                 bulk,
                                 attach: attach.map(|(session, token)| Attach {
@@ -2025,6 +2055,96 @@ mod tests {
                 }
             }),
         ]
+    }
+
+    /// A Hello joining `swarms` swarms (names of `name_len` bytes) with a resume point per
+    /// ordered class in each, and text fields at their documented maximum.
+    fn hello_at_limit(swarms: u32, name_len: usize, seed: u64) -> Hello {
+        let names: Vec<String> = (0..swarms)
+            .map(|i| {
+                let unique = format!("{seed:x}-{i}");
+                let pad = name_len.saturating_sub(unique.len());
+                format!("{unique}{}", "s".repeat(pad))
+            })
+            .collect();
+        let resume = names
+            .iter()
+            .enumerate()
+            .flat_map(|(i, swarm)| {
+                [Class::Control, Class::Command].map(|class| ResumePoint {
+                    swarm: swarm.clone(),
+                    class,
+                    epoch: Epoch(seed.wrapping_add(i as u64) | 1),
+                    last_applied: OpId(u64::MAX - i as u64),
+                })
+            })
+            .collect();
+        let text = "t".repeat(crate::HELLO_TEXT_BYTES);
+        Hello {
+            protocol_version: crate::PROTOCOL_VERSION,
+            swarms: names,
+            agent_id: "a".repeat(crate::MAX_NAME_BYTES),
+            role: Role::Agent,
+            client_name: text.clone(),
+            client_version: text.clone(),
+            resume,
+            metadata: text,
+            bulk: true,
+            attach: None,
+        }
+    }
+
+    fn decode_one(message: &Message, options: &DecodeOptions) -> Result<Message, DecodeError> {
+        let out = encode(message);
+        let mut dec = FrameDecoder::new(crate::DEFAULT_MAX_FRAME_BYTES);
+        dec.push(Bytes::from(out.to_vec()));
+        decode(dec.next_frame().unwrap().unwrap(), options)
+    }
+
+    #[test]
+    fn a_hello_at_the_highest_limit_any_router_may_advertise_decodes() {
+        let hello = Message::Hello(hello_at_limit(
+            crate::MAX_SWARMS_PER_SESSION,
+            crate::MAX_NAME_BYTES,
+            7,
+        ));
+        let wire = encode(&hello).wire_len() - LENGTH_PREFIX_BYTES;
+        assert!(wire <= crate::max_hello_frame_bytes(crate::MAX_SWARMS_PER_SESSION));
+        assert_eq!(
+            decode_one(&hello, &DecodeOptions::default()).unwrap(),
+            hello
+        );
+    }
+
+    #[test]
+    fn the_table_budget_refuses_more_resume_points_than_the_limit_allows() {
+        let mut hello = hello_at_limit(64, 8, 1);
+        let options = DecodeOptions::for_swarms_per_session(64);
+        // Six tables of slack over a full Hello, then the verifier refuses.
+        let extra = hello.resume[0].clone();
+        hello.resume.extend(std::iter::repeat_n(extra, 64));
+        let error = decode_one(&Message::Hello(hello), &options).unwrap_err();
+        assert!(error.to_string().contains("Too many tables"), "{error}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Every limit a router may advertise (1 ..= MAX_SWARMS_PER_SESSION swarms, names up
+        /// to MAX_NAME_BYTES): a Hello using it in full decodes under the bounds derived from
+        /// it, and fits the frame bound the router's configuration is checked against.
+        #[test]
+        fn a_hello_at_every_advertised_limit_decodes(
+            limit in prop_oneof![1u32..=8, 56u32..=72, (crate::MAX_SWARMS_PER_SESSION - 8)..=crate::MAX_SWARMS_PER_SESSION],
+            name_len in prop_oneof![Just(1usize), 1..=crate::MAX_NAME_BYTES, Just(crate::MAX_NAME_BYTES)],
+            seed in any::<u64>(),
+        ) {
+            let hello = Message::Hello(hello_at_limit(limit, name_len, seed));
+            let wire = encode(&hello).wire_len() - LENGTH_PREFIX_BYTES;
+            prop_assert!(wire <= crate::max_hello_frame_bytes(limit));
+            let options = DecodeOptions::for_swarms_per_session(limit);
+            prop_assert_eq!(decode_one(&hello, &options).unwrap(), hello);
+        }
     }
 
     proptest! {

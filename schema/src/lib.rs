@@ -48,6 +48,31 @@ pub const PROTOCOL_VERSION: u16 = 2;
 /// Longest swarm name, agent id, agent filter, target agent or key, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
 
+/// The most swarms any router may let one session join (`limits.max_swarms_per_session` is
+/// held to it): the decoder's table budget is derived from it, so every limit a router can
+/// advertise can be used in full, resume points and all.
+pub const MAX_SWARMS_PER_SESSION: u32 = 1024;
+
+/// Classes an agent tracks and resumes on their own in each swarm (control and command):
+/// a Hello carries at most this many resume points per swarm it joins.
+pub const ORDERED_CLASS_COUNT: usize = 2;
+
+/// Bytes of Hello text fields other than names (metadata, client name and version) that
+/// [`max_hello_frame_bytes`] allows for, each.
+pub const HELLO_TEXT_BYTES: usize = 1024;
+
+/// Upper bound of the frame of a Hello that joins `swarms` swarms with a resume point per
+/// ordered class in each, names of at most [`MAX_NAME_BYTES`] and other text fields of at most
+/// [`HELLO_TEXT_BYTES`]. A router's `limits.max_frame_bytes` must be at least this for its
+/// `max_swarms_per_session`, so an agent at the limit can always say Hello.
+pub fn max_hello_frame_bytes(swarms: u32) -> usize {
+    // Per swarm: the name in `swarms` (offset, length, bytes, NUL, padding) and, per ordered
+    // class, a Resume table (offset, vtable offset, fields) with its own copy of the name.
+    let name = 4 + 4 + MAX_NAME_BYTES + 4;
+    let per_swarm = 4 + name + ORDERED_CLASS_COUNT * (4 + 40 + name);
+    1024 + 4 * HELLO_TEXT_BYTES + swarms as usize * per_swarm
+}
+
 /// Upper bound of a Deliver frame's header (prefix fields, FlatBuffers tables and five
 /// names of at most [`MAX_NAME_BYTES`]). Publishers are held to [`max_payload_bytes`] so that
 /// the Deliver the router makes of their message always fits the frame limit.
