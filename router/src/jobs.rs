@@ -1434,8 +1434,13 @@ impl Jobs {
             return fx;
         }
         let state = job.state;
-        fx.records
-            .push(Self::end_record(job, EndKind::Acknowledged(state)));
+        // Kept for the dedup window only: the key and state, not the result or reason.
+        let mut acknowledged = Self::end_record(job, EndKind::Acknowledged(state));
+        if let JobRecord::End(end) = &mut acknowledged {
+            end.reason.clear();
+            end.payload = Bytes::new();
+        }
+        fx.records.push(acknowledged);
         let swarm = job.spec.swarm.clone();
         let key = job.spec.idempotency_key.clone();
         fx.records.push(JobRecord::Forget {

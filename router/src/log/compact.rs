@@ -9,7 +9,9 @@
 //! thread, so appends never wait for it.
 //!
 //! Size retention then deletes the oldest segments while the swarm's log is above
-//! `max_bytes`. Either way the swarm's *horizon* moves: a resync from before it gets the
+//! `max_bytes`. The router's internal logs (`$control`, `$affinity`, `$jobs.*`) are compacted
+//! by key only: they never age out and size retention never deletes their segments, and the
+//! latest record of a key is dropped once it is a tombstone (empty payload). Either way the swarm's *horizon* moves: a resync from before it gets the
 //! compacted delta (the latest record per key), never the full history.
 
 use std::collections::HashMap;
@@ -59,6 +61,10 @@ pub struct CompactionJob {
     pub inputs: Vec<Segment>,
     pub now_ms: u64,
     pub max_age_ms: [Option<u64>; Class::COUNT],
+    /// Drop the latest record of a key when its payload is empty (an internal log's
+    /// tombstone). Sound because the inputs are always a prefix of the log: no older record
+    /// of that key survives elsewhere to come back.
+    pub drop_tombstones: bool,
 }
 
 /// A finished compaction.
@@ -102,13 +108,21 @@ pub fn plan(
     if inputs.iter().all(|s| s.compacted) {
         return None; // nothing new to compact (also when there are no inputs)
     }
+    let internal = log.is_internal();
     Some(CompactionJob {
         swarm: swarm.clone(),
         epoch: log.epoch,
         dir: log.dir.clone(),
         inputs: inputs.to_vec(),
         now_ms,
-        max_age_ms: retention.max_age_ms,
+        // The router's own state (leases' tokens, safety actions, pins, live jobs) is the
+        // latest record per key however old it is: it never ages out.
+        max_age_ms: if internal {
+            [None; Class::COUNT]
+        } else {
+            retention.max_age_ms
+        },
+        drop_tombstones: internal,
     })
 }
 
@@ -155,7 +169,8 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
             let superseded = !record.key.is_empty() && latest.get(&record.key) != Some(&record.op);
             let expired = job.max_age_ms[record.class.index()]
                 .is_some_and(|age| job.now_ms.saturating_sub(record.timestamp_ms) > age);
-            if superseded || expired {
+            let tombstone = job.drop_tombstones && !superseded && is_tombstone(&record.frame);
+            if superseded || expired || tombstone {
                 continue;
             }
             let parts = encode_record(
@@ -199,6 +214,15 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
     })
 }
 
+/// Whether a stored Deliver frame (with its length prefix) carries an empty payload.
+fn is_tombstone(frame: &Bytes) -> bool {
+    frame.len() > 4
+        && matches!(
+            swarmbus_schema::decode(frame.slice(4..), &swarmbus_schema::DecodeOptions::default()),
+            Ok(swarmbus_schema::Message::Deliver(deliver)) if deliver.payload.is_empty()
+        )
+}
+
 /// Puts a finished compaction into `log` (if the log still starts with its inputs), deletes
 /// the replaced files, then applies size retention. Returns the files deleted.
 pub fn install(
@@ -237,6 +261,11 @@ pub fn enforce_max_bytes(log: &mut SwarmLog, retention: &Retention) -> std::io::
     let Some(max) = retention.max_bytes else {
         return Ok(0);
     };
+    // Deleting a segment of an internal log would forget live state; they are bounded by
+    // compaction (latest record per key, tombstones dropped) instead.
+    if log.is_internal() {
+        return Ok(0);
+    }
     let mut deleted = 0;
     while log.bytes() > max && log.segments.len() > 1 && log.segments[0].covers_to <= log.durable_op
     {

@@ -192,6 +192,12 @@ impl SwarmLog {
         Ok(())
     }
 
+    /// Whether this is one of the router's internal logs (names starting with `$`, which
+    /// clients cannot use): compacted by key only, never aged out or size-trimmed.
+    pub fn is_internal(&self) -> bool {
+        self.name.starts_with('$')
+    }
+
     /// The last op stored (0 when empty).
     pub fn last_op(&self) -> OpId {
         self.segments.last().map_or(OpId(0), |s| s.covers_to)

@@ -488,3 +488,102 @@ fn age_and_size_retention_remove_old_records() {
         .sum();
     assert!(bytes < 1_000 + 300, "{bytes} bytes on disk");
 }
+
+/// A record holding a real Deliver frame, as the shards write them (`payload` empty: a
+/// tombstone).
+fn delivered(
+    swarm: &str,
+    op: u64,
+    key: &str,
+    payload: &'static [u8],
+    timestamp_ms: u64,
+) -> RecordParts {
+    let frame = swarmbus_schema::encode(&swarmbus_schema::Message::Deliver(
+        swarmbus_schema::Deliver {
+            swarm: swarm.into(),
+            class: Class::Control,
+            op_id: OpId(op),
+            epoch: Epoch(1),
+            source_agent: "swarmbus-router".into(),
+            target_agent: None,
+            key: Some(key.into()),
+            payload: Bytes::from_static(payload),
+            fencing_token: 0,
+            lease: None,
+        },
+    ));
+    encode_record(
+        Epoch(1),
+        OpId(op),
+        timestamp_ms,
+        Class::Control,
+        key.as_bytes(),
+        frame.head,
+        frame.body,
+    )
+}
+
+/// Internal logs (`$control`, `$affinity`, `$jobs.*`) keep their latest record per key
+/// however old it is and whatever the size limit, and drop keys whose latest record is a
+/// tombstone; a user swarm under the same retention loses its old records.
+#[test]
+fn internal_logs_are_compacted_by_key_and_never_aged_out() {
+    let day_ms = 24 * 3600 * 1000;
+    let mut kept = Vec::new();
+    for name in ["$control", "user"] {
+        let retention = Retention {
+            hot_bytes: 0,
+            // A user swarm's segments would be deleted before compaction could run.
+            max_bytes: name.starts_with('$').then_some(1),
+            ..Retention::default()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let swarm: Arc<str> = name.into();
+        let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention);
+        log.create(&swarm, Epoch(1)).unwrap();
+        // lease-a twice, pin-b then its tombstone, then enough to roll segments.
+        let records = [
+            ("lease-a", &b"1"[..]),
+            ("pin-b", &b"node"[..]),
+            ("lease-a", &b"2"[..]),
+            ("pin-b", &b""[..]),
+        ];
+        for (i, (key, payload)) in records.iter().enumerate() {
+            let op = i as u64 + 1;
+            log.append(&swarm, OpId(op), delivered(name, op, key, payload, 0))
+                .unwrap();
+        }
+        for op in 5..=12 {
+            log.append(&swarm, OpId(op), delivered(name, op, "filler", b"x", 0))
+                .unwrap();
+        }
+        let mut durable = OpId(0);
+        while durable < OpId(12) {
+            if let LogEvent::Durable { swarm, up_to } = next_event(&mut events) {
+                log.on_durable(&swarm, up_to);
+                durable = up_to;
+            }
+        }
+        // 31 days later (past the 30-day control age and the 1-byte size limit).
+        compact_now(&mut log, &mut events, 31 * day_ms);
+        kept.push(read_ops(&log, &swarm));
+    }
+    let (internal, user) = (&kept[0], &kept[1]);
+    assert!(
+        internal.contains(&3),
+        "lease-a's latest token aged out: {internal:?}"
+    );
+    assert!(
+        !internal.contains(&1),
+        "lease-a's superseded record kept: {internal:?}"
+    );
+    assert!(
+        !internal.contains(&2) && !internal.contains(&4),
+        "pin-b's record or tombstone kept: {internal:?}"
+    );
+    assert_eq!(internal.last(), Some(&12));
+    assert!(
+        !user.contains(&3),
+        "a user swarm's old control record kept: {user:?}"
+    );
+}
