@@ -2,9 +2,10 @@
 //! agents. Sans-IO: every call takes the time (router milliseconds, see [`Clock`]) and
 //! returns what to do; the driver pushes frames, publishes events and logs records.
 //!
-//! Durable state lives in the router's own swarm [`CONTROL_SWARM`], latest record per key:
-//! `lease/<swarm>/<name>` (the newest fencing token granted, so tokens never go backwards
-//! across a restart), `pause/<swarm>`, `stop/<agent>` and `drain/<node>`.
+//! Durable state lives in the router's own swarm [`CONTROL_SWARM`], latest record per key
+//! (keys built by [`crate::record_key`], each name length-prefixed): `lease` (swarm, name:
+//! the newest fencing token granted, so tokens never go backwards across a restart),
+//! `pause` (swarm), `stop` (agent) and `drain` (node).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,7 @@ use swarmbus_schema::{LeaseGrant, Member, Role};
 
 use crate::core::ConnId;
 use crate::outbox::Outbox;
+use crate::record_key;
 
 /// The router's own swarm holding control-plane records.
 pub const CONTROL_SWARM: &str = "$control";
@@ -376,10 +378,30 @@ impl Stops {
 /// A control record's key and payload (see the module docs).
 pub fn lease_record(swarm: &str, name: &str, token: u64) -> (String, Bytes) {
     (
-        format!("lease/{swarm}/{name}"),
+        record_key::encode(LEASE, &[swarm, name]),
         Bytes::from(token.to_be_bytes().to_vec()),
     )
 }
+
+/// The key of a swarm's pause flag (payload `1` paused, `0` resumed).
+pub fn pause_key(swarm: &str) -> String {
+    record_key::encode(PAUSE, &[swarm])
+}
+
+/// The key of an agent's stop (payload: until when, router ms, big-endian u64).
+pub fn stop_key(agent: &str) -> String {
+    record_key::encode(STOP, &[agent])
+}
+
+/// The key of a node's drain flag set by a controller (payload `1` drained, `0` not).
+pub fn drain_key(node: &str) -> String {
+    record_key::encode(DRAIN, &[node])
+}
+
+const LEASE: &str = "lease";
+const PAUSE: &str = "pause";
+const STOP: &str = "stop";
+const DRAIN: &str = "drain";
 
 /// Control-plane state read back from the log at start.
 #[derive(Debug, Default)]
@@ -394,36 +416,75 @@ impl Restored {
     /// Applies one record (in log order; later ones win).
     pub fn apply(&mut self, key: &str, payload: &[u8]) {
         let u64_of = |payload: &[u8]| payload.try_into().ok().map(u64::from_be_bytes);
+        if let Some([swarm, name]) = record_key::decode_as::<2>(key, LEASE) {
+            if let Some(token) = u64_of(payload) {
+                self.lease_token(swarm, name, token);
+            }
+        } else if let Some([swarm]) = record_key::decode_as::<1>(key, PAUSE) {
+            self.pause(swarm, payload);
+        } else if let Some([agent]) = record_key::decode_as::<1>(key, STOP) {
+            self.stop(agent, u64_of(payload));
+        } else if let Some([node]) = record_key::decode_as::<1>(key, DRAIN) {
+            self.drain(node, payload);
+        } else {
+            self.apply_legacy(key, payload);
+        }
+    }
+
+    /// Keys written before [`record_key`]: `lease/<swarm>/<name>` is ambiguous when a name
+    /// holds `/`, so its token goes to every reading of it (tokens only ever grow, so a
+    /// lease that never existed merely starts higher); the others have one variable part.
+    fn apply_legacy(&mut self, key: &str, payload: &[u8]) {
+        let u64_of = |payload: &[u8]| payload.try_into().ok().map(u64::from_be_bytes);
         if let Some(rest) = key.strip_prefix("lease/") {
-            // The swarm name may contain '/': the lease name is after the last one.
-            if let (Some((swarm, name)), Some(token)) = (rest.rsplit_once('/'), u64_of(payload)) {
-                // The largest token logged wins, whatever order the records landed in.
-                let key = (swarm.to_owned(), name.to_owned());
-                let newest = self
-                    .lease_tokens
-                    .iter()
-                    .filter(|(k, _)| *k == key)
-                    .map(|(_, t)| *t)
-                    .max()
-                    .unwrap_or_default();
-                self.lease_tokens.retain(|(k, _)| *k != key);
-                self.lease_tokens.push((key, token.max(newest)));
+            let Some(token) = u64_of(payload) else {
+                return;
+            };
+            let splits: Vec<usize> = rest.match_indices('/').map(|(at, _)| at).collect();
+            for at in splits {
+                self.lease_token(&rest[..at], &rest[at + 1..], token);
             }
         } else if let Some(swarm) = key.strip_prefix("pause/") {
-            self.paused.retain(|s| s != swarm);
-            if payload == b"1" {
-                self.paused.push(swarm.to_owned());
-            }
+            self.pause(swarm, payload);
         } else if let Some(agent) = key.strip_prefix("stop/") {
-            self.stops.retain(|(a, _)| a != agent);
-            if let Some(until) = u64_of(payload) {
-                self.stops.push((agent.to_owned(), until));
-            }
+            self.stop(agent, u64_of(payload));
         } else if let Some(node) = key.strip_prefix("drain/") {
-            self.drained.retain(|n| n != node);
-            if payload == b"1" {
-                self.drained.push(node.to_owned());
-            }
+            self.drain(node, payload);
+        }
+    }
+
+    fn lease_token(&mut self, swarm: &str, name: &str, token: u64) {
+        // The largest token logged wins, whatever order the records landed in.
+        let key = (swarm.to_owned(), name.to_owned());
+        let newest = self
+            .lease_tokens
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap_or_default();
+        self.lease_tokens.retain(|(k, _)| *k != key);
+        self.lease_tokens.push((key, token.max(newest)));
+    }
+
+    fn pause(&mut self, swarm: &str, payload: &[u8]) {
+        self.paused.retain(|s| s != swarm);
+        if payload == b"1" {
+            self.paused.push(swarm.to_owned());
+        }
+    }
+
+    fn stop(&mut self, agent: &str, until: Option<u64>) {
+        self.stops.retain(|(a, _)| a != agent);
+        if let Some(until) = until {
+            self.stops.push((agent.to_owned(), until));
+        }
+    }
+
+    fn drain(&mut self, node: &str, payload: &[u8]) {
+        self.drained.retain(|n| n != node);
+        if payload == b"1" {
+            self.drained.push(node.to_owned());
         }
     }
 }
@@ -519,6 +580,68 @@ mod tests {
                 .token,
             8
         );
+    }
+
+    /// Lease names and swarms may hold `/`: every lease restores under its own key, so a
+    /// lease named `a/b` continues its tokens after a restart and two leases never collide.
+    #[test]
+    fn lease_tokens_restore_under_their_own_names() {
+        let a = agent("a");
+        let mut restored = Restored::default();
+        for (swarm, name, token) in [
+            ("s", "a/b", 5),
+            ("s/a", "b", 9),
+            ("a/b", "c", 3),
+            ("a", "b/c", 4),
+        ] {
+            let (key, payload) = lease_record(swarm, name, token);
+            restored.apply(&key, &payload);
+        }
+        let (pause, stop, drain) = (pause_key("p/q"), stop_key("x/y"), drain_key("n/1"));
+        restored.apply(&pause, b"1");
+        restored.apply(&stop, &7u64.to_be_bytes());
+        restored.apply(&drain, b"1");
+        assert_eq!(restored.paused, ["p/q"]);
+        assert_eq!(restored.stops, [("x/y".to_owned(), 7)]);
+        assert_eq!(restored.drained, ["n/1"]);
+        let mut leases = Leases::restore(restored.lease_tokens);
+        for (swarm, name, next) in [
+            ("s", "a/b", 6),
+            ("s/a", "b", 10),
+            ("a/b", "c", 4),
+            ("a", "b/c", 5),
+        ] {
+            let token = leases
+                .acquire(swarm, name, &a, 1_000, 0)
+                .unwrap()
+                .grant
+                .token;
+            assert_eq!(token, next, "{swarm} {name}");
+        }
+    }
+
+    /// Keys of the earlier `lease/<swarm>/<name>` form are still read; an ambiguous one
+    /// gives its token to every reading, so the real lease never goes backwards.
+    #[test]
+    fn legacy_control_keys_are_still_read() {
+        let a = agent("a");
+        let mut restored = Restored::default();
+        restored.apply("lease/s/a/b", &5u64.to_be_bytes());
+        restored.apply("pause/p", b"1");
+        restored.apply("stop/x", &7u64.to_be_bytes());
+        restored.apply("drain/n", b"1");
+        assert_eq!(restored.paused, ["p"]);
+        assert_eq!(restored.stops, [("x".to_owned(), 7)]);
+        assert_eq!(restored.drained, ["n"]);
+        let mut leases = Leases::restore(restored.lease_tokens);
+        for (swarm, name) in [("s", "a/b"), ("s/a", "b")] {
+            let token = leases
+                .acquire(swarm, name, &a, 1_000, 0)
+                .unwrap()
+                .grant
+                .token;
+            assert_eq!(token, 6, "{swarm} {name}");
+        }
     }
 
     #[test]

@@ -312,7 +312,12 @@ impl JobRecord {
 
     /// Reads a record back from its key and payload (`None` for a malformed one).
     pub fn parse(key: &str, payload: &Bytes) -> Option<JobRecord> {
+        // `<kind><id:016x>`: one letter and exactly 16 hex digits, so no two records share
+        // a key (the job's swarm is the log the record is in).
         let (kind, id) = key.split_at_checked(1)?;
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
         let key_id = JobId(u64::from_str_radix(id, 16).ok()?);
         if payload.is_empty() {
             return (kind == "s").then(|| JobRecord::Forget {
@@ -1794,6 +1799,10 @@ mod tests {
             );
         }
         assert!(JobRecord::parse("s000000000000002a", &Bytes::from_static(&[1, 0])).is_none());
+        // Only the exact key form is read: no sign, no short or long ids.
+        for bad in ["s+00000000000002a", "s2a", "s000000000000002a0", "s"] {
+            assert!(JobRecord::parse(bad, &Bytes::new()).is_none(), "{bad}");
+        }
         assert!(matches!(
             JobRecord::parse("s000000000000002a", &Bytes::new()),
             Some(JobRecord::Forget { .. })

@@ -11,6 +11,7 @@
 //! - [`governor`]: the governor (bulk intake budget that follows the host's idle CPU while commands flow).
 //! - [`workers`]: worker nodes, affine sessions and request/reply (GPU affinity).
 //! - [`jobs`]: the async job queue (durable jobs, leases, retries, dead letters).
+//! - [`record_key`]: unambiguous keys of the router's internal records.
 //! - [`stats`]: router-wide counters.
 //! - [`error`]: the crate's error type.
 
@@ -24,6 +25,7 @@ pub mod jobs;
 pub mod limits;
 pub mod log;
 pub mod outbox;
+pub mod record_key;
 pub mod server;
 pub mod shard;
 pub mod stats;

@@ -243,7 +243,7 @@ impl Context {
             .into_iter()
             .map(|pin| InternalRecord {
                 swarm: PINS_SWARM.to_owned(),
-                key: pin.session_key.clone(),
+                key: crate::workers::pin_key(&pin.session_key),
                 payload: pin.payload(),
             })
             .collect();
@@ -1455,7 +1455,7 @@ impl Session {
                     "0"
                 };
                 (
-                    (format!("pause/{}", action.swarm), Bytes::from(flag)),
+                    (crate::control::pause_key(&action.swarm), Bytes::from(flag)),
                     vec![action.swarm.clone()],
                 )
             }
@@ -1470,7 +1470,7 @@ impl Session {
                     .unwrap_or_default();
                 (
                     (
-                        format!("stop/{}", action.target),
+                        crate::control::stop_key(&action.target),
                         Bytes::from(until.to_be_bytes().to_vec()),
                     ),
                     swarms,
@@ -1484,7 +1484,7 @@ impl Session {
                     "0"
                 };
                 (
-                    (format!("drain/{}", action.target), Bytes::from(flag)),
+                    (crate::control::drain_key(&action.target), Bytes::from(flag)),
                     Vec::new(),
                 )
             }
@@ -2898,7 +2898,9 @@ fn push_all(frames: Vec<crate::workers::Outgoing>) {
 fn read_pins(recovered: &[log::SwarmLog]) -> Vec<PinWrite> {
     read_records(recovered, PINS_SWARM)
         .into_iter()
-        .filter_map(|(key, payload)| PinWrite::parse(&key, &payload))
+        .filter_map(|(key, payload)| {
+            PinWrite::parse(crate::workers::pin_session_of(&key), &payload)
+        })
         .collect()
 }
 

@@ -72,6 +72,20 @@ impl Default for AffinityConfig {
     }
 }
 
+/// The key of a session's pin record in [`PINS_SWARM`] (see [`crate::record_key`]).
+pub fn pin_key(session_key: &str) -> String {
+    crate::record_key::encode("pin", &[session_key])
+}
+
+/// The session key a pin record is about: from a [`pin_key`], or a bare session key as
+/// written before that format.
+pub fn pin_session_of(key: &str) -> &str {
+    match crate::record_key::decode_as::<1>(key, "pin") {
+        Some([session]) => session,
+        None => key,
+    }
+}
+
 /// A pin to write to the log: the session's node and model, or `None` when it ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PinWrite {
@@ -913,6 +927,15 @@ mod tests {
             payload: Bytes::new(),
         };
         assert!(workers.reply(ConnId(1), late).is_none());
+    }
+
+    #[test]
+    fn pin_keys_read_back_as_the_session_key_and_legacy_keys_are_kept() {
+        for session in ["plain", "a/b", "pin:1:x", "with:colons:"] {
+            assert_eq!(pin_session_of(&pin_key(session)), session);
+        }
+        assert_ne!(pin_key("a"), "a");
+        assert_eq!(pin_session_of("legacy-session"), "legacy-session");
     }
 
     #[test]
