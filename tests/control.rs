@@ -324,3 +324,52 @@ async fn a_stopped_agent_is_disconnected_and_refused_for_a_while() {
     assert!(refused.retry_after_ms() > 20_000, "{refused:?}");
     t.router.shutdown().await;
 }
+
+/// A `$control` log damaged before its tail refuses the start with an error that names the
+/// directory and the way out, instead of starting with the swarm's pause forgotten.
+#[tokio::test]
+async fn a_damaged_control_log_refuses_the_start_instead_of_forgetting_a_pause() {
+    let data = tempfile::tempdir().unwrap();
+    let config = || Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.path().to_owned(),
+        ..Config::default()
+    };
+    let router = Router::start(config()).await.unwrap();
+    let connector =
+        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
+    let t = TestRouter::from_parts(router, connector);
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    ctl.pause("s").await.unwrap();
+    ctl.pause("other").await.unwrap();
+    drop(ctl);
+    t.router.shutdown().await;
+
+    // Flip a byte inside the first record: a valid record follows, so this is not a torn
+    // tail but damage to acknowledged state.
+    let dir = data
+        .path()
+        .join("log")
+        .join(swarmbus_router::log::store::swarm_dir_name("$control"));
+    let segment = dir.join(format!("{:020}.log", 1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes[40] ^= 0xff;
+    std::fs::write(&segment, bytes).unwrap();
+
+    let error = Router::start(config())
+        .await
+        .expect_err("a damaged $control log must not be skipped");
+    assert!(
+        matches!(error, swarmbus_router::RouterError::DamagedInternalLog { .. }),
+        "{error}"
+    );
+    let text = error.to_string();
+    assert!(text.contains(&dir.display().to_string()), "{text}");
+    assert!(text.contains("paused swarms"), "{text}");
+    assert!(text.contains("move it"), "{text}");
+
+    // Moved away, as the error says: the router starts without that state.
+    std::fs::rename(&dir, data.path().join("control-damaged")).unwrap();
+    let router = Router::start(config()).await.unwrap();
+    router.shutdown().await;
+}

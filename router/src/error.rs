@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use thiserror::Error;
 
 /// Errors of the router crate. Start-up errors (`Config`, `Tls`, `NonLoopbackListen`,
-/// `Bind`) are fatal; per-connection failures never surface here, they close that
+/// `Bind`, `DataDir`, `DamagedInternalLog`) are fatal; per-connection failures never surface here, they close that
 /// connection with a wire [`swarmbus_schema::ErrorCode`].
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -26,4 +26,19 @@ pub enum RouterError {
     Bind { addr: SocketAddr, detail: String },
     #[error("data dir {path}: {detail}")]
     DataDir { path: PathBuf, detail: String },
+    /// One of the router's own logs (`$control`, `$affinity`, `$jobs.*`) is damaged before
+    /// its tail. Starting without it would silently forget paused swarms, stopped agents,
+    /// lease tokens, pins or accepted jobs, so the router does not start.
+    #[error(
+        "the router's own log {swarm:?} in {path} is damaged: {reason}. It holds {holds}; the \
+         router does not start without it. Restore that directory from a backup, or move it \
+         out of the data dir to start without that state (then {without})"
+    )]
+    DamagedInternalLog {
+        swarm: String,
+        path: PathBuf,
+        reason: String,
+        holds: &'static str,
+        without: &'static str,
+    },
 }

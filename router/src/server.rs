@@ -563,9 +563,10 @@ impl Router {
                 path: log_dir.clone(),
                 detail: format!("recovering the event log: {e}"),
             })?;
-        let workers = Workers::new(config.affinity.clone(), read_pins(&recovered));
+        check_internal_logs(&recovered)?;
+        let workers = Workers::new(config.affinity.clone(), read_pins(&recovered)?);
         let mut restored = Restored::default();
-        for (key, payload) in read_records(&recovered, CONTROL_SWARM) {
+        for (key, payload) in read_records(&recovered, CONTROL_SWARM)? {
             restored.apply(&key, &payload);
         }
         for node in &restored.drained {
@@ -574,7 +575,7 @@ impl Router {
         let clock = Clock::new();
         let jobs = Jobs::new(
             config.jobs.clone(),
-            read_job_records(&recovered),
+            read_job_records(&recovered)?,
             clock.now_ms(),
             log::store::new_epoch().0,
         );
@@ -2894,79 +2895,114 @@ fn push_all(frames: Vec<crate::workers::Outgoing>) {
     }
 }
 
+/// Refuses to start on a damaged internal log (see [`RouterError::DamagedInternalLog`]).
+fn check_internal_logs(recovered: &[log::SwarmLog]) -> Result<(), RouterError> {
+    match recovered
+        .iter()
+        .find(|s| s.is_internal() && s.unavailable.is_some())
+    {
+        Some(swarm) => Err(damaged(
+            swarm,
+            swarm.unavailable.clone().unwrap_or_default(),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn damaged(swarm: &log::SwarmLog, reason: String) -> RouterError {
+    let (holds, without) = if swarm.name == CONTROL_SWARM {
+        (
+            "the lease tokens, paused swarms, stopped agents and drained nodes",
+            "paused swarms run, stopped agents may reconnect, and lease tokens start again \
+             at 1, so fenced resources must reset their token checks",
+        )
+    } else if swarm.name == PINS_SWARM {
+        (
+            "the affine sessions' pins",
+            "sessions are placed afresh and may move to other nodes",
+        )
+    } else {
+        (
+            "the swarm's accepted jobs, their attempts and their results",
+            "those jobs are gone: submitters must submit them again",
+        )
+    };
+    RouterError::DamagedInternalLog {
+        swarm: swarm.name.clone(),
+        path: swarm.dir.clone(),
+        reason,
+        holds,
+        without,
+    }
+}
+
 /// The session pins in the router's pin log, oldest first (the latest per key wins).
-fn read_pins(recovered: &[log::SwarmLog]) -> Vec<PinWrite> {
-    read_records(recovered, PINS_SWARM)
+fn read_pins(recovered: &[log::SwarmLog]) -> Result<Vec<PinWrite>, RouterError> {
+    Ok(read_records(recovered, PINS_SWARM)?
         .into_iter()
         .filter_map(|(key, payload)| {
             PinWrite::parse(crate::workers::pin_session_of(&key), &payload)
         })
-        .collect()
+        .collect())
+}
+
+/// The Deliver frames of one of the router's own logs, oldest first; a log that cannot be
+/// read refuses the start (never a silent fresh state).
+fn read_internal(swarm: &log::SwarmLog) -> Result<Vec<swarmbus_schema::Deliver>, RouterError> {
+    let records = swarm
+        .read_from(OpId(1), usize::MAX, usize::MAX)
+        .map_err(|error| damaged(swarm, format!("reading it failed: {error}")))?;
+    let options = DecodeOptions::default();
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
+        let mut decoder = FrameDecoder::new(record.frame.len().max(1024));
+        decoder.push(record.frame);
+        match decoder.next_message(&options) {
+            Ok(Some(Message::Deliver(deliver))) => out.push(deliver),
+            other => {
+                let what = match other {
+                    Err(error) => error.to_string(),
+                    _ => "not a Deliver frame".to_owned(),
+                };
+                return Err(damaged(swarm, format!("op {}: {what}", record.op.0)));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The (key, payload) records of one of the router's own swarms, oldest first.
-fn read_records(recovered: &[log::SwarmLog], name: &str) -> Vec<(String, Bytes)> {
-    let Some(swarm) = recovered
-        .iter()
-        .find(|s| s.name == name && s.unavailable.is_none())
-    else {
-        return Vec::new();
+fn read_records(
+    recovered: &[log::SwarmLog],
+    name: &str,
+) -> Result<Vec<(String, Bytes)>, RouterError> {
+    let Some(swarm) = recovered.iter().find(|s| s.name == name) else {
+        return Ok(Vec::new());
     };
-    let records = match swarm.read_from(OpId(1), usize::MAX, usize::MAX) {
-        Ok(records) => records,
-        Err(error) => {
-            tracing::warn!(%error, swarm = name, "reading the router's own log; starting without it");
-            return Vec::new();
-        }
-    };
-    let options = DecodeOptions::default();
-    records
+    Ok(read_internal(swarm)?
         .into_iter()
-        .filter_map(|record| {
-            let mut decoder = FrameDecoder::new(record.frame.len().max(1024));
-            decoder.push(record.frame);
-            match decoder.next_message(&options) {
-                Ok(Some(Message::Deliver(deliver))) => Some((deliver.key?, deliver.payload)),
-                _ => None,
-            }
-        })
-        .collect()
+        .filter_map(|deliver| Some((deliver.key?, deliver.payload)))
+        .collect())
 }
 
 /// The job records in the router's job logs (`$jobs.*`), in log order per swarm.
-fn read_job_records(recovered: &[log::SwarmLog]) -> Vec<JobRecord> {
-    let options = DecodeOptions::default();
+fn read_job_records(recovered: &[log::SwarmLog]) -> Result<Vec<JobRecord>, RouterError> {
     let mut out = Vec::new();
     for swarm in recovered
         .iter()
         .filter(|s| s.name.starts_with(JOBS_SWARM_PREFIX))
     {
-        if let Some(why) = &swarm.unavailable {
-            tracing::warn!(swarm = %swarm.name, %why, "a job log is damaged; its jobs are not restored");
-            continue;
-        }
-        let records = match swarm.read_from(OpId(1), usize::MAX, usize::MAX) {
-            Ok(records) => records,
-            Err(error) => {
-                tracing::warn!(swarm = %swarm.name, %error, "reading a job log; its jobs are not restored");
-                continue;
-            }
-        };
-        for record in records {
-            let mut decoder = FrameDecoder::new(record.frame.len().max(1024));
-            decoder.push(record.frame);
-            if let Ok(Some(Message::Deliver(deliver))) = decoder.next_message(&options) {
-                if let Some(parsed) = deliver
-                    .key
-                    .as_deref()
-                    .and_then(|key| JobRecord::parse(key, &deliver.payload))
-                {
-                    out.push(parsed);
-                }
+        for deliver in read_internal(swarm)? {
+            if let Some(parsed) = deliver
+                .key
+                .as_deref()
+                .and_then(|key| JobRecord::parse(key, &deliver.payload))
+            {
+                out.push(parsed);
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// Fails requests past their deadline and runs the job queue's clock (lease expiry,
