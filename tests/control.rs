@@ -189,6 +189,12 @@ async fn a_paused_leader_loses_its_lease_and_its_late_commands_are_refused() {
         swarmbus_client::Connector::new(&data.path().join("tls/ca.pem"), "localhost").unwrap(),
     );
     let (c, _rc) = t.connect("leader-c", Role::Controller, &["s"]).await;
+    // b's holding may still run at b (the router cannot know when b last renewed): it is
+    // restored for its TTL, and nobody else gets the lease until then.
+    let restarted = std::time::Instant::now();
+    let held = c.acquire_lease("s", "leader", ttl).await.unwrap_err();
+    assert_eq!(held.code(), Some(27), "LeaseHeld after the restart: {held}");
+    tokio::time::sleep(ttl.saturating_sub(restarted.elapsed()) + Duration::from_millis(100)).await;
     let grant_c = c.acquire_lease("s", "leader", ttl).await.unwrap();
     assert_eq!(grant_c.token, 3);
     // The lease holder can release early.
@@ -360,7 +366,10 @@ async fn a_damaged_control_log_refuses_the_start_instead_of_forgetting_a_pause()
         .await
         .expect_err("a damaged $control log must not be skipped");
     assert!(
-        matches!(error, swarmbus_router::RouterError::DamagedInternalLog { .. }),
+        matches!(
+            error,
+            swarmbus_router::RouterError::DamagedInternalLog { .. }
+        ),
         "{error}"
     );
     let text = error.to_string();
@@ -372,4 +381,48 @@ async fn a_damaged_control_log_refuses_the_start_instead_of_forgetting_a_pause()
     std::fs::rename(&dir, data.path().join("control-damaged")).unwrap();
     let router = Router::start(config()).await.unwrap();
     router.shutdown().await;
+}
+
+/// An expired holder's stamped commands are refused at its expiry, before anyone else has
+/// acquired the lease; a session of another agent cannot use the holder's token either.
+#[tokio::test]
+async fn an_expired_holders_stamped_commands_are_refused_at_expiry() {
+    let t = start_router(|_| {}).await;
+    let (a, _ra) = t.connect("leader-a", Role::Controller, &["s"]).await;
+    let (other, _ro) = t.connect("other", Role::Controller, &["s"]).await;
+    let ttl = Duration::from_millis(300);
+    let grant = a.acquire_lease("s", "leader", ttl).await.unwrap();
+    let stamped = PublishOptions {
+        fencing_token: grant.token,
+        ..PublishOptions::default()
+    };
+    a.publish(
+        "s",
+        Class::Command,
+        Bytes::from_static(b"held"),
+        stamped.clone(),
+    )
+    .await
+    .unwrap();
+    let borrowed = other
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"x"),
+            stamped.clone(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        borrowed.code(),
+        Some(29),
+        "another agent's token: {borrowed}"
+    );
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    let late = a
+        .publish("s", Class::Command, Bytes::from_static(b"late"), stamped)
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Some(29), "StaleFencingToken at expiry: {late}");
+    t.router.shutdown().await;
 }

@@ -198,6 +198,9 @@ struct Held {
     token: u64,
     granted_at_ms: u64,
     expires_at_ms: u64,
+    /// The longest TTL in this holding's records: after a restart the holding is assumed
+    /// to run for this long (its last renewal may have been just before the crash).
+    logged_ttl_ms: u64,
 }
 
 /// Why a lease request was refused.
@@ -209,12 +212,35 @@ pub enum LeaseRefusal {
     Lost { newest_token: u64 },
 }
 
-/// A lease decision: the grant to answer with, and whether a new token was granted (then
-/// it must be logged before the answer goes out).
+/// A lease decision: the grant to answer with, whether a new token was granted, and
+/// whether the holding must be logged before the answer goes out (a new token, or a TTL
+/// longer than any logged for this holding, so a restart never ends it early).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Granted {
     pub grant: LeaseGrant,
     pub new_token: bool,
+    pub must_log: bool,
+}
+
+/// A lease as its latest record left it: the newest token and, while held, its holder and
+/// the TTL it was granted or renewed for (`None` in records written before TTLs were
+/// logged).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RestoredLease {
+    pub token: u64,
+    /// Empty once released.
+    pub holder: String,
+    pub ttl_ms: Option<u64>,
+}
+
+/// Why a stamped publish is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StampRefusal {
+    /// The token is not the newest granted.
+    Stale { newest_token: u64 },
+    /// The newest token, but its holding ended (expired or released) or it is not the
+    /// publisher's.
+    NotHeld { newest_token: u64 },
 }
 
 /// Named leases per swarm. At most one holder at a time (by the router's clock); every
@@ -227,11 +253,59 @@ pub struct Leases {
 }
 
 impl Leases {
-    /// Starts from the newest tokens granted before (read from the log).
-    pub fn restore(tokens: impl IntoIterator<Item = ((String, String), u64)>) -> Self {
-        Leases {
-            held: HashMap::new(),
-            newest: tokens.into_iter().collect(),
+    /// Starts from the leases read back from the log at `now_ms`. Tokens continue from the
+    /// newest granted. A lease held at the crash is held again by the same holder for the
+    /// TTL it was logged with (it may still run at its holder, whose renewal can have come
+    /// just before the crash): nobody else is granted it before then, and its holder may
+    /// renew it with its token. A lease whose record has no TTL (an older format) is held by
+    /// nobody for `unknown_ttl_ms` (the longest TTL the router grants).
+    pub fn restore(
+        leases: impl IntoIterator<Item = ((String, String), RestoredLease)>,
+        now_ms: u64,
+        unknown_ttl_ms: u64,
+    ) -> Self {
+        let mut restored = Leases::default();
+        for (key, lease) in leases {
+            restored.newest.insert(key.clone(), lease.token);
+            let ttl_ms = match (lease.ttl_ms, lease.holder.is_empty()) {
+                (Some(ttl), false) => ttl,
+                (Some(_), true) => continue, // released
+                (None, _) => unknown_ttl_ms,
+            };
+            let held = Held {
+                holder: Arc::from(lease.holder.as_str()),
+                token: lease.token,
+                granted_at_ms: now_ms,
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+                logged_ttl_ms: ttl_ms,
+            };
+            restored.held.insert(key, held);
+        }
+        restored
+    }
+
+    /// Whether a publish stamped with `token` of lease `name` passes: only from the lease's
+    /// current holder, with its current token, before the holding expires.
+    pub fn check_stamp(
+        &self,
+        swarm: &str,
+        name: &str,
+        agent: &str,
+        token: u64,
+        now_ms: u64,
+    ) -> Result<(), StampRefusal> {
+        let key = (swarm.to_owned(), name.to_owned());
+        let newest_token = self.newest.get(&key).copied().unwrap_or_default();
+        if token != newest_token {
+            return Err(StampRefusal::Stale { newest_token });
+        }
+        match self.held.get(&key) {
+            Some(held)
+                if held.token == token && &*held.holder == agent && held.expires_at_ms > now_ms =>
+            {
+                Ok(())
+            }
+            _ => Err(StampRefusal::NotHeld { newest_token }),
         }
     }
 
@@ -262,10 +336,13 @@ impl Leases {
                 }
                 // The holder asking again: same token, extended.
                 held.expires_at_ms = now_ms + ttl_ms;
+                let must_log = ttl_ms > held.logged_ttl_ms;
+                held.logged_ttl_ms = held.logged_ttl_ms.max(ttl_ms);
                 let held = held.clone();
                 return Ok(Granted {
                     grant: grant(swarm, name, &held),
                     new_token: false,
+                    must_log,
                 });
             }
         }
@@ -275,12 +352,14 @@ impl Leases {
             token,
             granted_at_ms: now_ms,
             expires_at_ms: now_ms + ttl_ms,
+            logged_ttl_ms: ttl_ms,
         };
         self.newest.insert(key.clone(), token);
         self.held.insert(key, held.clone());
         Ok(Granted {
             grant: grant(swarm, name, &held),
             new_token: true,
+            must_log: true,
         })
     }
 
@@ -300,10 +379,13 @@ impl Leases {
                 if held.token == token && held.holder == *agent && held.expires_at_ms > now_ms =>
             {
                 held.expires_at_ms = now_ms + ttl_ms;
+                let must_log = ttl_ms > held.logged_ttl_ms;
+                held.logged_ttl_ms = held.logged_ttl_ms.max(ttl_ms);
                 let held = held.clone();
                 Ok(Granted {
                     grant: grant(swarm, name, &held),
                     new_token: false,
+                    must_log,
                 })
             }
             _ => Err(LeaseRefusal::Lost { newest_token }),
@@ -375,12 +457,42 @@ impl Stops {
     }
 }
 
-/// A control record's key and payload (see the module docs).
-pub fn lease_record(swarm: &str, name: &str, token: u64) -> (String, Bytes) {
+/// A lease's record: its key and payload (token and TTL as big-endian u64s, then the
+/// holder's agent id; an empty holder and TTL 0 once released).
+pub fn lease_record(
+    swarm: &str,
+    name: &str,
+    token: u64,
+    holder: &str,
+    ttl_ms: u64,
+) -> (String, Bytes) {
+    let mut payload = Vec::with_capacity(16 + holder.len());
+    payload.extend_from_slice(&token.to_be_bytes());
+    payload.extend_from_slice(&ttl_ms.to_be_bytes());
+    payload.extend_from_slice(holder.as_bytes());
     (
         record_key::encode(LEASE, &[swarm, name]),
-        Bytes::from(token.to_be_bytes().to_vec()),
+        Bytes::from(payload),
     )
+}
+
+/// Reads a lease record's payload (a bare 8-byte token in records of the older format).
+fn parse_lease(payload: &[u8]) -> Option<RestoredLease> {
+    let token = u64::from_be_bytes(payload.get(..8)?.try_into().ok()?);
+    if payload.len() == 8 {
+        return Some(RestoredLease {
+            token,
+            holder: String::new(),
+            ttl_ms: None,
+        });
+    }
+    let ttl_ms = u64::from_be_bytes(payload.get(8..16)?.try_into().ok()?);
+    let holder = std::str::from_utf8(&payload[16..]).ok()?.to_owned();
+    Some(RestoredLease {
+        token,
+        holder,
+        ttl_ms: Some(ttl_ms),
+    })
 }
 
 /// The key of a swarm's pause flag (payload `1` paused, `0` resumed).
@@ -406,7 +518,9 @@ const DRAIN: &str = "drain";
 /// Control-plane state read back from the log at start.
 #[derive(Debug, Default)]
 pub struct Restored {
-    pub lease_tokens: Vec<((String, String), u64)>,
+    /// The latest state of each lease (the newest token wins; among records of one token,
+    /// the later).
+    pub leases: Vec<((String, String), RestoredLease)>,
     pub paused: Vec<String>,
     pub stops: Vec<(String, u64)>,
     pub drained: Vec<String>,
@@ -417,8 +531,8 @@ impl Restored {
     pub fn apply(&mut self, key: &str, payload: &[u8]) {
         let u64_of = |payload: &[u8]| payload.try_into().ok().map(u64::from_be_bytes);
         if let Some([swarm, name]) = record_key::decode_as::<2>(key, LEASE) {
-            if let Some(token) = u64_of(payload) {
-                self.lease_token(swarm, name, token);
+            if let Some(lease) = parse_lease(payload) {
+                self.lease(swarm, name, lease);
             }
         } else if let Some([swarm]) = record_key::decode_as::<1>(key, PAUSE) {
             self.pause(swarm, payload);
@@ -437,12 +551,12 @@ impl Restored {
     fn apply_legacy(&mut self, key: &str, payload: &[u8]) {
         let u64_of = |payload: &[u8]| payload.try_into().ok().map(u64::from_be_bytes);
         if let Some(rest) = key.strip_prefix("lease/") {
-            let Some(token) = u64_of(payload) else {
+            let Some(lease) = parse_lease(payload) else {
                 return;
             };
             let splits: Vec<usize> = rest.match_indices('/').map(|(at, _)| at).collect();
             for at in splits {
-                self.lease_token(&rest[..at], &rest[at + 1..], token);
+                self.lease(&rest[..at], &rest[at + 1..], lease.clone());
             }
         } else if let Some(swarm) = key.strip_prefix("pause/") {
             self.pause(swarm, payload);
@@ -453,18 +567,14 @@ impl Restored {
         }
     }
 
-    fn lease_token(&mut self, swarm: &str, name: &str, token: u64) {
+    fn lease(&mut self, swarm: &str, name: &str, lease: RestoredLease) {
         // The largest token logged wins, whatever order the records landed in.
         let key = (swarm.to_owned(), name.to_owned());
-        let newest = self
-            .lease_tokens
-            .iter()
-            .filter(|(k, _)| *k == key)
-            .map(|(_, t)| *t)
-            .max()
-            .unwrap_or_default();
-        self.lease_tokens.retain(|(k, _)| *k != key);
-        self.lease_tokens.push((key, token.max(newest)));
+        match self.leases.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, known)) if known.token > lease.token => {}
+            Some((_, known)) => *known = lease,
+            None => self.leases.push((key, lease)),
+        }
     }
 
     fn pause(&mut self, swarm: &str, payload: &[u8]) {
@@ -567,11 +677,11 @@ mod tests {
         );
         // After a restart, tokens continue from the newest logged one.
         let mut restored = Restored::default();
-        let (key, payload) = lease_record("s/with/slashes", "leader", 2);
+        let (key, payload) = lease_record("s/with/slashes", "leader", 2, "", 0);
         restored.apply(&key, &payload);
-        let (key, payload) = lease_record("s/with/slashes", "leader", 7);
+        let (key, payload) = lease_record("s/with/slashes", "leader", 7, "", 0);
         restored.apply(&key, &payload);
-        let mut leases = Leases::restore(restored.lease_tokens);
+        let mut leases = Leases::restore(restored.leases, 0, 600_000);
         assert_eq!(
             leases
                 .acquire("s/with/slashes", "leader", &a, 1_000, 0)
@@ -594,7 +704,7 @@ mod tests {
             ("a/b", "c", 3),
             ("a", "b/c", 4),
         ] {
-            let (key, payload) = lease_record(swarm, name, token);
+            let (key, payload) = lease_record(swarm, name, token, "", 0);
             restored.apply(&key, &payload);
         }
         let (pause, stop, drain) = (pause_key("p/q"), stop_key("x/y"), drain_key("n/1"));
@@ -604,7 +714,7 @@ mod tests {
         assert_eq!(restored.paused, ["p/q"]);
         assert_eq!(restored.stops, [("x/y".to_owned(), 7)]);
         assert_eq!(restored.drained, ["n/1"]);
-        let mut leases = Leases::restore(restored.lease_tokens);
+        let mut leases = Leases::restore(restored.leases, 0, 600_000);
         for (swarm, name, next) in [
             ("s", "a/b", 6),
             ("s/a", "b", 10),
@@ -633,15 +743,100 @@ mod tests {
         assert_eq!(restored.paused, ["p"]);
         assert_eq!(restored.stops, [("x".to_owned(), 7)]);
         assert_eq!(restored.drained, ["n"]);
-        let mut leases = Leases::restore(restored.lease_tokens);
+        // Its record has no TTL: nobody is granted it for the longest TTL there is.
+        let mut leases = Leases::restore(restored.leases, 0, 1_000);
         for (swarm, name) in [("s", "a/b"), ("s/a", "b")] {
+            assert!(leases.acquire(swarm, name, &a, 1_000, 999).is_err());
             let token = leases
-                .acquire(swarm, name, &a, 1_000, 0)
+                .acquire(swarm, name, &a, 1_000, 1_000)
                 .unwrap()
                 .grant
                 .token;
             assert_eq!(token, 6, "{swarm} {name}");
         }
+    }
+
+    /// A lease held when the router stopped is held again after the restart by the same
+    /// holder for its logged TTL: nobody else gets it while the old holding may still run,
+    /// the holder may renew it with its token, and a release restores as free.
+    #[test]
+    fn a_lease_held_at_a_restart_stays_its_holders_for_its_ttl() {
+        let (a, b) = (agent("a"), agent("b"));
+        let mut leases = Leases::default();
+        let granted = leases.acquire("s", "leader", &a, 1_000, 0).unwrap();
+        assert!(granted.must_log);
+        // A longer TTL on renewal is logged too; a shorter one is not.
+        assert!(
+            leases
+                .renew("s", "leader", &a, 1, 5_000, 10)
+                .unwrap()
+                .must_log
+        );
+        assert!(
+            !leases
+                .renew("s", "leader", &a, 1, 2_000, 20)
+                .unwrap()
+                .must_log
+        );
+        let mut restored = Restored::default();
+        for (token, holder, ttl) in [(1, "a", 1_000), (1, "a", 5_000)] {
+            let (key, payload) = lease_record("s", "leader", token, holder, ttl);
+            restored.apply(&key, &payload);
+        }
+        let (key, payload) = lease_record("s", "free", 4, "", 0);
+        restored.apply(&key, &payload);
+        // The router restarts at router time 100.
+        let mut leases = Leases::restore(restored.leases, 100, 600_000);
+        assert_eq!(
+            leases.acquire("s", "leader", &b, 1_000, 5_099),
+            Err(LeaseRefusal::Held {
+                holder: "a".into(),
+                remaining_ms: 1
+            })
+        );
+        assert_eq!(leases.check_stamp("s", "leader", "a", 1, 5_099), Ok(()));
+        let renewed = leases.renew("s", "leader", &a, 1, 1_000, 5_000).unwrap();
+        assert_eq!(renewed.grant.token, 1);
+        assert_eq!(
+            leases
+                .acquire("s", "free", &b, 1_000, 100)
+                .unwrap()
+                .grant
+                .token,
+            5
+        );
+    }
+
+    /// A stamped publish passes only from the current holder, with the newest token, before
+    /// expiry: an expired holder is refused at once, before anyone else acquires.
+    #[test]
+    fn stamps_pass_only_from_the_holder_before_expiry() {
+        let (a, b) = (agent("a"), agent("b"));
+        let mut leases = Leases::default();
+        leases.acquire("s", "leader", &a, 1_000, 0).unwrap();
+        assert_eq!(leases.check_stamp("s", "leader", "a", 1, 999), Ok(()));
+        assert_eq!(
+            leases.check_stamp("s", "leader", "a", 1, 1_000),
+            Err(StampRefusal::NotHeld { newest_token: 1 })
+        );
+        assert_eq!(
+            leases.check_stamp("s", "leader", "b", 1, 10),
+            Err(StampRefusal::NotHeld { newest_token: 1 })
+        );
+        assert_eq!(
+            leases.check_stamp("s", "leader", "a", 0, 10),
+            Err(StampRefusal::Stale { newest_token: 1 })
+        );
+        leases.acquire("s", "leader", &b, 1_000, 1_000).unwrap();
+        assert_eq!(
+            leases.check_stamp("s", "leader", "a", 1, 1_001),
+            Err(StampRefusal::Stale { newest_token: 2 })
+        );
+        leases.release("s", "leader", &b, 2).unwrap();
+        assert_eq!(
+            leases.check_stamp("s", "leader", "b", 2, 1_002),
+            Err(StampRefusal::NotHeld { newest_token: 2 })
+        );
     }
 
     #[test]

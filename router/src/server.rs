@@ -564,6 +564,7 @@ impl Router {
                 detail: format!("recovering the event log: {e}"),
             })?;
         check_internal_logs(&recovered)?;
+        let unknown_lease_ttl_ms = u64::from(config.presence.max_lease_ttl_ms);
         let workers = Workers::new(config.affinity.clone(), read_pins(&recovered)?);
         let mut restored = Restored::default();
         for (key, payload) in read_records(&recovered, CONTROL_SWARM)? {
@@ -690,7 +691,7 @@ impl Router {
             alert_sink,
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
-                leases: Leases::restore(restored.lease_tokens),
+                leases: Leases::restore(restored.leases, clock.now_ms(), unknown_lease_ttl_ms),
                 stops: {
                     let mut stops = Stops::default();
                     for (agent, until) in restored.stops {
@@ -1165,12 +1166,26 @@ impl Session {
         }
         if publish.fencing_token != 0 {
             let lease = publish.lease.as_deref().unwrap_or(DEFAULT_LEASE);
-            let newest = self.context.control().leases.newest(&publish.swarm, lease);
-            if publish.fencing_token != newest {
-                let text = format!(
-                    "fencing token {} of lease {lease:?} is not the newest ({newest})",
-                    publish.fencing_token
-                );
+            let now_ms = self.context.clock.now_ms();
+            let checked = self.context.control().leases.check_stamp(
+                &publish.swarm,
+                lease,
+                &self.agent,
+                publish.fencing_token,
+                now_ms,
+            );
+            if let Err(refusal) = checked {
+                let text = match refusal {
+                    crate::control::StampRefusal::Stale { newest_token } => format!(
+                        "fencing token {} of lease {lease:?} is not the newest ({newest_token})",
+                        publish.fencing_token
+                    ),
+                    crate::control::StampRefusal::NotHeld { .. } => format!(
+                        "fencing token {} of lease {lease:?} is not held by this agent \
+                         (expired, released or another's)",
+                        publish.fencing_token
+                    ),
+                };
                 self.refuse_publish(publish, ErrorCode::StaleFencingToken, text);
                 return false;
             }
@@ -1369,18 +1384,22 @@ impl Session {
         };
         match decision {
             Ok(Some(granted)) => {
-                if granted.new_token {
+                if granted.must_log {
                     let record = crate::control::lease_record(
                         &request.swarm,
                         &request.name,
                         granted.grant.token,
+                        &self.agent,
+                        ttl_ms,
                     );
                     if let Err(error) = self
                         .context
                         .write_records(vec![control_record(record)], true)
                         .await
                     {
-                        // The token must never go backwards: no grant without its record.
+                        // The token must never go backwards, and a restart must not end a
+                        // holding early: no grant without its record. (A renewal that could
+                        // not be logged ends the holding too: its holder learns at once.)
                         self.context.control().leases.revoke(
                             &request.swarm,
                             &request.name,
@@ -1404,6 +1423,22 @@ impl Session {
                     .push(Lane::Session, encode(&Message::LeaseGrant(grant)));
             }
             Ok(None) => {
+                // Logged so a restart does not hold the lease for its TTL; if the record is
+                // lost, the restart holds it for the old holder until then (safe).
+                let record = crate::control::lease_record(
+                    &request.swarm,
+                    &request.name,
+                    request.token,
+                    "",
+                    0,
+                );
+                if let Err(error) = self
+                    .context
+                    .write_records(vec![control_record(record)], true)
+                    .await
+                {
+                    tracing::warn!(swarm = %request.swarm, lease = %request.name, %error, "a lease release was not logged");
+                }
                 let _ = self
                     .outbox
                     .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
