@@ -6,6 +6,7 @@ mod common;
 mod control;
 mod hostile;
 mod jobs;
+mod log_faults;
 mod reconnect;
 mod resync;
 mod routing;

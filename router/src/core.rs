@@ -980,6 +980,17 @@ impl<H: Clone> Core<H> {
         }
     }
 
+    /// The swarm's log takes appends again after a failure (the refused ops were voided and
+    /// are durable): the swarm is served again. Op ids continue after the voided ones.
+    pub fn handle_log_recovered(&mut self, swarm_name: &str) {
+        let Some(swarm) = self.swarms.get_mut(swarm_name) else {
+            return;
+        };
+        debug_assert!(swarm.pending.is_empty() && swarm.durable_op.0 + 1 == swarm.next_op);
+        swarm.unavailable = None;
+        self.telemetry_changed.insert(swarm.name.clone());
+    }
+
     /// Records a subscriber's cumulative acknowledgement (kept for redelivery, which the
     /// event log drives). Acks never move backwards.
     pub fn handle_ack(

@@ -1218,6 +1218,17 @@ impl Jobs {
 
     /// The ends in `job_ids` are durable: their submitters are told (and told again on
     /// every reconnect until they acknowledge).
+    /// The end records of `job_ids` still to be made durable (jobs that are still ended
+    /// and not yet durable; a job re-driven or forgotten meanwhile needs none).
+    pub fn unwritten_finals(&self, job_ids: &[JobId]) -> Vec<JobRecord> {
+        job_ids
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|job| job.state.is_final() && !job.final_durable)
+            .map(|job| Self::end_record(job, EndKind::Ended(job.state)))
+            .collect()
+    }
+
     pub fn finals_written(&mut self, job_ids: &[JobId]) -> Effects {
         let mut fx = Effects::default();
         for id in job_ids {

@@ -316,9 +316,25 @@ impl Context {
             }
             Ok(())
         };
-        let result = tokio::time::timeout(Duration::from_secs(30), wait)
-            .await
-            .unwrap_or_else(|_| Err("writing to the router's log timed out".to_owned()));
+        // The shard answers every record, durable or refused, so the outcome is never
+        // guessed: a slow disk is waited for (and logged every 30 s); only a router shutting
+        // down gives up waiting, and then says the outcome is unknown.
+        tokio::pin!(wait);
+        let result = loop {
+            match tokio::time::timeout(Duration::from_secs(30), &mut wait).await {
+                Ok(result) => break result,
+                Err(_) if self.shutting_down.load(Ordering::Acquire) => {
+                    break Err(
+                        "the router shut down before the record was durable (it may still be)"
+                            .to_owned(),
+                    )
+                }
+                Err(_) => tracing::warn!(
+                    records = count,
+                    "internal records not durable after 30 s; still waiting"
+                ),
+            }
+        };
         outbox.close();
         result
     }
@@ -365,11 +381,27 @@ impl Context {
                 return;
             }
             let ids: Vec<_> = finals.iter().map(JobRecord::job_id).collect();
-            let finals: Vec<InternalRecord> = finals.into_iter().map(Into::into).collect();
-            if let Err(error) = context.write_records(finals, true).await {
-                // Told anyway (the submitter is better off with the result); a crash before
-                // the end is durable runs the job again, and the client drops the second end.
-                tracing::warn!(%error, "job ends not written to the log");
+            let mut finals: Vec<InternalRecord> = finals.into_iter().map(Into::into).collect();
+            // Only a durable end is announced: a refused write (its bytes truncated away) is
+            // written again, from the job's state now, until the log takes it.
+            let mut backoff = Duration::from_millis(100);
+            while let Err(error) = context.write_records(finals, true).await {
+                if context.shutting_down.load(Ordering::Acquire) {
+                    debug!(%error, "job ends not announced: the router is shutting down");
+                    return;
+                }
+                tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "job ends not written to the log; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                finals = context
+                    .jobs()
+                    .unwritten_finals(&ids)
+                    .into_iter()
+                    .map(Into::into)
+                    .collect();
+                if finals.is_empty() {
+                    break;
+                }
             }
             let announced = context.jobs().finals_written(&ids);
             for (outbox, lane, frame) in announced.frames.into_iter().chain(after_finals) {
@@ -2990,6 +3022,9 @@ fn read_internal(swarm: &log::SwarmLog) -> Result<Vec<swarmbus_schema::Deliver>,
     let options = DecodeOptions::default();
     let mut out = Vec::with_capacity(records.len());
     for record in records {
+        if record.frame.is_empty() {
+            continue; // a void record: an op refused when the log failed
+        }
         let mut decoder = FrameDecoder::new(record.frame.len().max(1024));
         decoder.push(record.frame);
         match decoder.next_message(&options) {

@@ -244,6 +244,7 @@ pub fn spawn_shard(
         stats: stats.clone(),
         maintenance_interval,
         telemetry: telemetry.clone(),
+        recovering: HashMap::new(),
     };
     tokio::spawn(shard.run(urgent_rx, bulk_rx, events));
     ShardSender {
@@ -310,6 +311,24 @@ struct Shard {
     maintenance_interval: std::time::Duration,
     /// The copies of the telemetry subscribers that sessions route telemetry from.
     telemetry: Arc<TelemetryRoutes>,
+    /// Swarms whose log failed, being brought back.
+    recovering: HashMap<Arc<str>, Recovery>,
+}
+
+/// A swarm whose log write failed, on its way back.
+#[derive(Debug)]
+struct Recovery {
+    /// Failed tries so far (the backoff doubles with each).
+    attempts: u32,
+    next_try: std::time::Instant,
+    /// The last void record of the try in flight.
+    voiding_to: Option<OpId>,
+}
+
+/// How long a swarm waits before its log is tried again: 100 ms, doubling, at most 30 s.
+fn recovery_backoff(attempts: u32) -> std::time::Duration {
+    let ms = 100u64.saturating_mul(1 << attempts.min(9));
+    std::time::Duration::from_millis(ms.min(30_000))
 }
 
 impl Shard {
@@ -344,6 +363,7 @@ impl Shard {
                 _ = tick.tick() => {
                     let now = Now::system();
                     self.core.handle_tick(now.instant);
+                    self.try_recoveries(now);
                     if now.instant.duration_since(last_maintenance) >= self.maintenance_interval {
                         last_maintenance = now.instant;
                         self.log.maintain(now.unix_ms);
@@ -357,15 +377,15 @@ impl Shard {
                     LogEvent::Durable { swarm, up_to } => {
                         self.log.on_durable(&swarm, up_to);
                         self.core.handle_durable(&swarm, up_to, now.instant);
+                        self.recovery_progress(&swarm, up_to);
                     }
                     LogEvent::Failed {
                         swarm,
                         from,
+                        generation,
                         detail,
-                    } => {
-                        tracing::error!(%swarm, op = from.0, %detail, "event log append failed; swarm unavailable");
-                        self.core.handle_log_failed(&swarm, from, &detail);
-                    }
+                        truncated,
+                    } => self.log_failed(swarm, from, generation, &detail, truncated, now),
                     LogEvent::Compacted { swarm, result } => {
                         self.log.on_compacted(&swarm, result);
                     }
@@ -377,6 +397,97 @@ impl Shard {
             self.flush();
             catching_up = self.pump_catch_ups(now);
             self.flush();
+        }
+    }
+
+    /// A write of `swarm` failed: its pending publishers are refused, the log is rolled
+    /// back to its last durable op (the writer cut the bytes off), and the swarm is
+    /// unavailable until [`Shard::try_recoveries`] gets the log to take appends again.
+    fn log_failed(
+        &mut self,
+        swarm: Arc<str>,
+        from: OpId,
+        generation: u64,
+        detail: &str,
+        truncated: bool,
+        now: Now,
+    ) {
+        if !self.log.on_failed(&swarm, from, generation) {
+            return; // an earlier generation's failure, handled already
+        }
+        self.stats
+            .log_write_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::error!(%swarm, op = from.0, %detail, truncated, "event log append failed; the swarm is unavailable until its log takes writes again");
+        self.core.handle_log_failed(&swarm, from, detail);
+        let recovery = self.recovering.entry(swarm).or_insert(Recovery {
+            attempts: 0,
+            next_try: now.instant,
+            voiding_to: None,
+        });
+        if recovery.voiding_to.take().is_some() {
+            recovery.attempts += 1;
+        } else {
+            self.stats
+                .log_unavailable_swarms
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        recovery.next_try = now.instant + recovery_backoff(recovery.attempts);
+    }
+
+    /// Tries again, for each swarm whose log failed and whose backoff has passed, to make
+    /// the log take writes: the refused ops are written as void records (the first write
+    /// cuts the file back to the last durable record first). Once they are durable the
+    /// swarm is served again ([`Shard::recovery_progress`]).
+    fn try_recoveries(&mut self, now: Now) {
+        let due: Vec<Arc<str>> = self
+            .recovering
+            .iter()
+            .filter(|(_, r)| r.voiding_to.is_none() && r.next_try <= now.instant)
+            .map(|(swarm, _)| swarm.clone())
+            .collect();
+        for swarm in due {
+            let from = OpId(self.core.durable_op(&swarm).0 + 1);
+            let to = OpId(self.core.next_op(&swarm).0 - 1);
+            let result = match self.core.epoch(&swarm) {
+                Some(epoch) if !self.log.exists(&swarm) => self.log.create(&swarm, epoch),
+                _ => Ok(()),
+            }
+            .and_then(|()| self.log.append_voids(&swarm, from, to, now.unix_ms));
+            let Some(recovery) = self.recovering.get_mut(&swarm) else {
+                continue;
+            };
+            match result {
+                Ok(()) => recovery.voiding_to = Some(to),
+                Err(error) => {
+                    recovery.attempts += 1;
+                    recovery.next_try = now.instant + recovery_backoff(recovery.attempts);
+                    tracing::warn!(%swarm, %error, attempts = recovery.attempts, "the event log still refuses the swarm's writes");
+                }
+            }
+            if from > to {
+                // Nothing was refused (the failure came before any op): served again now.
+                self.recovery_progress(&swarm, to);
+            }
+        }
+    }
+
+    /// Ops of `swarm` up to `up_to` are durable: a recovering swarm whose void records all
+    /// are is served again.
+    fn recovery_progress(&mut self, swarm: &Arc<str>, up_to: OpId) {
+        let done = self
+            .recovering
+            .get(swarm)
+            .is_some_and(|r| r.voiding_to.is_some_and(|to| up_to >= to));
+        if done {
+            if let Some(recovery) = self.recovering.remove(swarm) {
+                self.core.handle_log_recovered(swarm);
+                self.stats.log_recoveries.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .log_unavailable_swarms
+                    .fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(%swarm, attempts = recovery.attempts, "the event log takes the swarm's writes again; the swarm is served");
+            }
         }
     }
 
@@ -478,14 +589,15 @@ impl Shard {
                 Action::Reply { to, message } => reply(&to, &message),
                 Action::CreateLog { swarm, epoch } => {
                     if let Err(error) = self.log.create(&swarm, epoch) {
-                        tracing::error!(%swarm, %error, "creating the swarm's event log failed");
-                        self.core
-                            .handle_log_failed(&swarm, OpId(1), &error.to_string());
+                        let detail = format!("creating the swarm's event log: {error}");
+                        self.log_failed(swarm, OpId(1), 0, &detail, true, Now::system());
                     }
                 }
                 Action::Append { swarm, op, record } => {
                     if let Err(error) = self.log.append(&swarm, op, record) {
-                        self.core.handle_log_failed(&swarm, op, &error.to_string());
+                        let generation = self.log.generation(&swarm);
+                        let detail = error.to_string();
+                        self.log_failed(swarm, op, generation, &detail, true, Now::system());
                     }
                 }
                 Action::ReadDelta {

@@ -44,6 +44,13 @@ pub struct Stats {
     pub governed_intake_per_s: AtomicU64,
     /// Times the governor cut that budget, since start.
     pub governor_cuts: AtomicU64,
+    /// Event log appends that failed (each takes its swarm offline until it recovers).
+    pub log_write_failures: AtomicU64,
+    /// Swarms whose log took writes again after a failure, since start.
+    pub log_recoveries: AtomicU64,
+    /// Swarms unavailable now because their log failed (not counting damage found at
+    /// start-up).
+    pub log_unavailable_swarms: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -72,6 +79,9 @@ pub struct StatsSnapshot {
     pub ordered_published: u64,
     pub governed_intake_per_s: u64,
     pub governor_cuts: u64,
+    pub log_write_failures: u64,
+    pub log_recoveries: u64,
+    pub log_unavailable_swarms: u64,
 }
 
 impl Stats {
@@ -101,6 +111,9 @@ impl Stats {
             ordered_published: get(&self.ordered_published),
             governed_intake_per_s: get(&self.governed_intake_per_s),
             governor_cuts: get(&self.governor_cuts),
+            log_write_failures: get(&self.log_write_failures),
+            log_recoveries: get(&self.log_recoveries),
+            log_unavailable_swarms: get(&self.log_unavailable_swarms),
         }
     }
 }

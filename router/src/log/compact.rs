@@ -144,6 +144,9 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
         created: true,
         horizon: OpId(0),
         durable_op: segment.covers_to,
+        in_flight: Default::default(),
+        generation: 0,
+        cut_before_next: false,
     };
     let mut latest: HashMap<Bytes, OpId> = HashMap::new();
     let mut records_before = 0u64;

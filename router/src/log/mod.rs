@@ -120,6 +120,25 @@ pub trait LogBackend: Send {
     fn on_compacted(&mut self, swarm: &Arc<str>, result: Result<Compacted, String>);
     /// The writer reported `swarm` durable up to `up_to` (from [`LogEvent::Durable`]).
     fn on_durable(&mut self, swarm: &str, up_to: OpId);
+    /// The writer reported a failed append of `swarm` from op `from` in `generation` (from
+    /// [`LogEvent::Failed`]). Returns whether it is news: the log forgets the ops from
+    /// `from` on (the next append cuts the file back there first); a report of an earlier
+    /// generation, already handled, returns false.
+    fn on_failed(&mut self, swarm: &str, from: OpId, generation: u64) -> bool;
+    /// Whether the log of `swarm` exists (was created, or recovered at start).
+    fn exists(&self, swarm: &str) -> bool;
+    /// The swarm's current write generation (0 for a swarm without a log).
+    fn generation(&self, swarm: &str) -> u64;
+    /// Appends void records for ops `from..=to` (refused ops whose bytes were cut off), so
+    /// the log stays gap-free and op ids are never given out twice. Void records hold no
+    /// frame: they are never delivered, replayed or read back as anything.
+    fn append_voids(
+        &mut self,
+        swarm: &Arc<str>,
+        from: OpId,
+        to: OpId,
+        now_ms: u64,
+    ) -> Result<(), LogError>;
 }
 
 /// The embedded log of one shard: the swarms hashed to it, appending through the shared
@@ -204,6 +223,7 @@ impl LogBackend for ShardLog {
             });
         }
         let (path, offset, new_file) = log.place(op, record.len() as u64, self.segment_bytes);
+        let truncate_to = std::mem::take(&mut log.cut_before_next).then_some(offset);
         self.writer
             .submit(writer::WriteRequest {
                 path: Arc::new(path),
@@ -213,6 +233,8 @@ impl LogBackend for ShardLog {
                 shard: self.shard,
                 swarm: swarm.clone(),
                 op,
+                generation: log.generation,
+                truncate_to,
             })
             .map_err(|_| LogError::Stopped)
     }
@@ -277,8 +299,64 @@ impl LogBackend for ShardLog {
 
     fn on_durable(&mut self, swarm: &str, up_to: OpId) {
         if let Some(log) = self.swarms.get_mut(swarm) {
-            log.durable_op = log.durable_op.max(up_to);
+            log.durable(up_to);
         }
+    }
+
+    fn on_failed(&mut self, swarm: &str, from: OpId, generation: u64) -> bool {
+        let Some(log) = self.swarms.get_mut(swarm) else {
+            return true;
+        };
+        if generation != log.generation {
+            return false;
+        }
+        let Some(dropped) = log.roll_back(from) else {
+            return true;
+        };
+        // Segments begun after the failed op (two rolls within the ops in flight: rare):
+        // their files go, so recovery never finds them after the cut.
+        for path in dropped {
+            if let Err(error) = std::fs::remove_file(&path) {
+                if error.kind() != std::io::ErrorKind::NotFound {
+                    tracing::error!(path = %path.display(), %error, "removing a segment begun after a failed append");
+                }
+            }
+        }
+        true
+    }
+
+    fn exists(&self, swarm: &str) -> bool {
+        self.swarms.contains_key(swarm)
+    }
+
+    fn generation(&self, swarm: &str) -> u64 {
+        self.swarms.get(swarm).map_or(0, |log| log.generation)
+    }
+
+    fn append_voids(
+        &mut self,
+        swarm: &Arc<str>,
+        from: OpId,
+        to: OpId,
+        now_ms: u64,
+    ) -> Result<(), LogError> {
+        let epoch = match self.swarms.get(swarm) {
+            Some(log) => log.epoch,
+            None => return Err(LogError::Stopped),
+        };
+        for op in from.0..=to.0 {
+            let void = encode_record(
+                epoch,
+                OpId(op),
+                now_ms,
+                swarmbus_schema::Class::Command,
+                b"",
+                bytes::Bytes::new(),
+                bytes::Bytes::new(),
+            );
+            self.append(swarm, OpId(op), void)?;
+        }
+        Ok(())
     }
 
     fn on_compacted(&mut self, swarm: &Arc<str>, result: Result<Compacted, String>) {

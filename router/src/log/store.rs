@@ -78,6 +78,22 @@ pub struct SwarmLog {
     pub horizon: OpId,
     /// The highest op the writer reported durable (everything recovered is).
     pub durable_op: OpId,
+    /// Where each op placed but not yet durable went, in op order (what a failed write is
+    /// rolled back to).
+    pub in_flight: std::collections::VecDeque<Placed>,
+    /// The write generation, moved on by each rollback (see `WriteRequest::generation`).
+    pub generation: u64,
+    /// After a rollback: the next write first cuts its file to its offset.
+    pub cut_before_next: bool,
+}
+
+/// Where one op not yet durable was placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placed {
+    pub op: OpId,
+    /// The first op of the segment it went to.
+    pub segment: OpId,
+    pub offset: u64,
 }
 
 /// A problem found while recovering, reported but not fatal to the router.
@@ -164,6 +180,9 @@ impl SwarmLog {
             created: false,
             horizon: OpId(0),
             durable_op: OpId(0),
+            in_flight: Default::default(),
+            generation: 0,
+            cut_before_next: false,
         }
     }
 
@@ -230,7 +249,47 @@ impl SwarmLog {
         segment.len += len;
         segment.last_op = op;
         segment.covers_to = op;
+        self.in_flight.push_back(Placed {
+            op,
+            segment: segment.first_op,
+            offset,
+        });
         (segment.path.clone(), offset, offset == 0)
+    }
+
+    /// The writer reported ops up to `up_to` durable.
+    pub fn durable(&mut self, up_to: OpId) {
+        self.durable_op = self.durable_op.max(up_to);
+        while self.in_flight.front().is_some_and(|p| p.op <= up_to) {
+            self.in_flight.pop_front();
+        }
+    }
+
+    /// Forgets every op from `from` on (a write failed there): the log ends again where op
+    /// `from` began, the next write cuts the file there first, and the generation moves on.
+    /// Returns the files of segments that began after that point (to delete), or `None`
+    /// when `from` was not in flight (nothing to roll back).
+    pub fn roll_back(&mut self, from: OpId) -> Option<Vec<PathBuf>> {
+        let placed = *self.in_flight.iter().find(|p| p.op >= from)?;
+        let at = self
+            .segments
+            .iter()
+            .position(|s| s.first_op == placed.segment)?;
+        let dropped = self
+            .segments
+            .split_off(at + 1)
+            .into_iter()
+            .map(|s| s.path)
+            .collect();
+        let segment = &mut self.segments[at];
+        segment.len = placed.offset;
+        segment.last_op = OpId(placed.op.0 - 1);
+        segment.covers_to = segment.last_op;
+        segment.index.retain(|(op, _)| *op < placed.op);
+        self.in_flight.retain(|p| p.op < placed.op);
+        self.generation += 1;
+        self.cut_before_next = true;
+        Some(dropped)
     }
 
     /// Reads records from op `from` on, at most `max_records` and about `max_bytes`.
@@ -445,6 +504,9 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         created: true,
         horizon: OpId(0),
         durable_op: OpId(0),
+        in_flight: Default::default(),
+        generation: 0,
+        cut_before_next: false,
     };
     match read_epoch(&dir) {
         Ok(epoch) => log.epoch = epoch,

@@ -10,7 +10,7 @@
 //! touched files in flight at once), and plain positional file I/O. The io_uring one is
 //! picked when the kernel allows it; otherwise the plain one, logged once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -44,6 +44,12 @@ pub struct WriteRequest {
     pub shard: usize,
     pub swarm: Arc<str>,
     pub op: OpId,
+    /// The swarm's write generation: it moves on after each failure, and the writer refuses
+    /// requests of a generation that failed (they were placed after the failed bytes).
+    pub generation: u64,
+    /// Cut the file to this length before writing (the first write after a failure: the
+    /// failed bytes may still be there, and must never be read back).
+    pub truncate_to: Option<u64>,
 }
 
 /// What the writer reports to a shard.
@@ -51,11 +57,15 @@ pub struct WriteRequest {
 pub enum LogEvent {
     /// Every op of `swarm` up to `up_to` is durable under the sync policy.
     Durable { swarm: Arc<str>, up_to: OpId },
-    /// Writing failed; the ops from `from` on are not durable and never will be.
+    /// Writing failed; the ops from `from` on are not durable and never will be. The writer
+    /// cut the files back to the last durable record (when it could: `truncated`), and
+    /// refuses the swarm's later requests of `generation`.
     Failed {
         swarm: Arc<str>,
         from: OpId,
+        generation: u64,
         detail: String,
+        truncated: bool,
     },
     /// A background compaction of `swarm` finished.
     Compacted {
@@ -213,6 +223,7 @@ struct FileBatch {
     offset: u64,
     bytes: BytesMut,
     new_file: bool,
+    truncate_to: Option<u64>,
 }
 
 /// Batch planning and completion bookkeeping shared by both backends.
@@ -222,8 +233,9 @@ struct WriterState {
     last_sync: Instant,
     /// Files written since the last sync (interval policy).
     unsynced: Vec<Arc<PathBuf>>,
-    /// Swarms whose appends failed: their later requests are not written.
-    failed: HashSet<Arc<str>>,
+    /// Swarms whose appends failed, with the generation that failed: their later requests
+    /// of that generation are not written.
+    failed: HashMap<Arc<str>, u64>,
 }
 
 impl WriterState {
@@ -233,7 +245,7 @@ impl WriterState {
             shards,
             last_sync: Instant::now(),
             unsynced: Vec::new(),
-            failed: HashSet::new(),
+            failed: HashMap::new(),
         }
     }
 
@@ -269,13 +281,13 @@ impl WriterState {
     }
 
     /// Coalesces a batch into per-file contiguous buffers (one copy of each record).
-    fn plan(batch: &[WriteRequest], failed: &HashSet<Arc<str>>) -> Vec<FileBatch> {
+    fn plan(batch: &[WriteRequest], failed: &HashMap<Arc<str>, u64>) -> Vec<FileBatch> {
         let mut files: Vec<FileBatch> = Vec::new();
         let mut open: HashMap<Arc<PathBuf>, usize> = HashMap::new();
-        for request in batch.iter().filter(|r| !failed.contains(&r.swarm)) {
+        for request in batch.iter().filter(|r| !refused(failed, r)) {
             let slot = open.get(&request.path).copied().filter(|&i| {
                 let f = &files[i];
-                f.offset + f.bytes.len() as u64 == request.offset
+                f.offset + f.bytes.len() as u64 == request.offset && request.truncate_to.is_none()
             });
             let index = match slot {
                 Some(i) => i,
@@ -285,6 +297,7 @@ impl WriterState {
                         offset: request.offset,
                         bytes: BytesMut::new(),
                         new_file: request.new_file,
+                        truncate_to: request.truncate_to,
                     });
                     open.insert(request.path.clone(), files.len() - 1);
                     files.len() - 1
@@ -316,19 +329,19 @@ impl WriterState {
     }
 
     /// Reports durability (or failure) of a batch to the shards. Once an append of a swarm
-    /// failed, that swarm is failed for good: nothing after the failed op is reported
-    /// durable (even if its write happened to succeed), and later requests are refused.
+    /// failed, nothing after the failed op is reported durable (even if its write happened
+    /// to succeed), its bytes are cut off, and the swarm's later requests of the same
+    /// generation are refused; the shard starts a new generation to recover.
     fn complete(&mut self, batch: Vec<WriteRequest>, failed: &HashMap<Arc<PathBuf>, String>) {
         let mut highest: HashMap<(usize, Arc<str>), OpId> = HashMap::new();
         let mut failures: HashMap<(usize, Arc<str>), (OpId, String)> = HashMap::new();
-        for request in &batch {
+        // Requests of a generation that failed before this batch were not written; their
+        // shard refused their publishers when it heard of that failure.
+        let written: Vec<&WriteRequest> =
+            batch.iter().filter(|r| !refused(&self.failed, r)).collect();
+        for request in &written {
             let key = (request.shard, request.swarm.clone());
-            let failure = failed.get(&request.path).cloned().or_else(|| {
-                self.failed
-                    .contains(&request.swarm)
-                    .then(|| "an earlier append of this swarm failed".to_string())
-            });
-            match failure {
+            match failed.get(&request.path).cloned() {
                 Some(detail) => {
                     failures
                         .entry(key)
@@ -355,16 +368,73 @@ impl WriterState {
             }
         }
         for ((shard, swarm), (from, detail)) in failures {
-            self.failed.insert(swarm.clone());
+            let generation = written
+                .iter()
+                .filter(|r| r.swarm == swarm)
+                .map(|r| r.generation)
+                .max()
+                .unwrap_or_default();
+            self.failed.insert(swarm.clone(), generation);
+            let truncated = truncate_failed(&written, &swarm, from);
             if let Some(tx) = self.shards.get(shard) {
                 let _ = tx.send(LogEvent::Failed {
                     swarm,
                     from,
+                    generation,
                     detail,
+                    truncated,
                 });
             }
         }
     }
+}
+
+/// Whether `request` belongs to a generation of its swarm that failed.
+fn refused(failed: &HashMap<Arc<str>, u64>, request: &WriteRequest) -> bool {
+    failed
+        .get(&request.swarm)
+        .is_some_and(|&generation| request.generation <= generation)
+}
+
+/// Cuts every file of `swarm` that this batch wrote at or after op `from` back to where that
+/// op's bytes begin, and syncs it: bytes whose publishers are told "failed" must never be
+/// read back (after a failed fsync the page cache may still hold them, and write them back
+/// later). Plain positional I/O on the writer thread: this runs only after a failure.
+/// Returns whether every cut was made.
+fn truncate_failed(batch: &[&WriteRequest], swarm: &Arc<str>, from: OpId) -> bool {
+    let mut cuts: HashMap<&Arc<PathBuf>, u64> = HashMap::new();
+    for request in batch.iter().filter(|r| r.swarm == *swarm && r.op >= from) {
+        let cut = cuts.entry(&request.path).or_insert(request.offset);
+        *cut = (*cut).min(request.offset);
+    }
+    let mut all = true;
+    for (path, len) in cuts {
+        let result = OpenOptions::new()
+            .write(true)
+            .open(&**path)
+            .and_then(|file| file.set_len(len).and_then(|()| file.sync_data()));
+        match result {
+            Ok(()) => {}
+            // Nothing was created, so nothing is there to read back.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "cutting failed appends off the event log failed");
+                all = false;
+            }
+        }
+    }
+    all
+}
+
+/// Cuts `path` to `len` (the first write after a failure), synced.
+fn truncate_before_write(path: &Path, len: u64) -> std::io::Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    file.set_len(len)?;
+    file.sync_data()
 }
 
 /// The channel closed: every sender is gone.
@@ -385,6 +455,9 @@ fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
                 files.clear();
             }
             let result = (|| -> std::io::Result<()> {
+                if let Some(len) = f.truncate_to {
+                    truncate_before_write(&f.path, len)?;
+                }
                 let file = match files.get(&f.path) {
                     Some(file) => file,
                     None => {
@@ -438,6 +511,13 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
             }
             let mut tasks = Vec::with_capacity(planned.len());
             for f in planned {
+                if let Some(len) = f.truncate_to {
+                    // Rare (the first write after a failure): plain I/O on this thread.
+                    if let Err(error) = truncate_before_write(&f.path, len) {
+                        tasks.push((f.path.clone(), None, Some(error.to_string())));
+                        continue;
+                    }
+                }
                 let file = match files.get(&f.path) {
                     Some(file) => Ok(file.clone()),
                     None => tokio_uring::fs::OpenOptions::new()

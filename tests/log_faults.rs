@@ -1,0 +1,252 @@
+//! Event log faults under a live router: a disk that refuses writes for a while.
+//!
+//! The fault: directories stand where the swarm's next segment files would be created, so
+//! the writer's open of the next segment fails (EISDIR) exactly as on a disk that refuses
+//! new files, until the test removes them.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use swarmbus_client::{Client, PublishOptions};
+use swarmbus_router::{Config, Router};
+use swarmbus_schema::{Class, OpId, Role};
+
+use crate::common::TestRouter;
+
+fn config(data: &Path) -> Config {
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.to_owned(),
+        shards: 1,
+        ..Config::default()
+    };
+    config.log.segment_bytes = 4096;
+    config.presence.heartbeat_timeout_ms = 60_000;
+    config
+}
+
+/// Blocks the creation of segments starting at ops 2..=limit of `swarm`.
+fn block_new_segments(data: &Path, swarm: &str, limit: u64) -> Vec<PathBuf> {
+    let dir = data
+        .join("log")
+        .join(swarmbus_router::log::store::swarm_dir_name(swarm));
+    (2..=limit)
+        .map(|op| dir.join(format!("{op:020}.log")))
+        .inspect(|path| std::fs::create_dir(path).unwrap())
+        .collect()
+}
+
+async fn command(client: &Client, text: String) -> Result<OpId, swarmbus_client::ClientError> {
+    client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from(text),
+            PublishOptions::default(),
+        )
+        .await
+}
+
+/// A failed append refuses that batch with SwarmUnavailable; once the disk takes writes
+/// again the swarm recovers by itself, op ids continue past the refused ones (never given
+/// out twice), nothing refused is ever delivered or read back, and a restart finds the log
+/// undamaged.
+#[tokio::test]
+async fn a_swarm_recovers_by_itself_when_the_disk_takes_writes_again() {
+    let data = tempfile::tempdir().unwrap();
+    let router = Router::start(config(data.path())).await.unwrap();
+    let connector =
+        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
+    let t = TestRouter::from_parts(router, connector);
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut rx) = t.connect("agent", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    let mut acked = vec![command(&ctl, "ok-0".into()).await.unwrap()];
+    let blocked = block_new_segments(data.path(), "s", 400);
+
+    // Fill the first segment until the roll to a new one fails.
+    let mut refused = None;
+    for i in 1..400 {
+        match command(&ctl, format!("ok-{i}")).await {
+            Ok(op) => acked.push(op),
+            Err(error) => {
+                refused = Some(error);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("an append into a new segment fails");
+    assert_eq!(refused.code(), Some(19), "SwarmUnavailable: {refused}");
+    // Refused while the disk refuses; the router carries on (other work is unaffected).
+    let again = command(&ctl, "refused".into()).await.unwrap_err();
+    assert_eq!(again.code(), Some(19), "{again}");
+    assert!(t.router.stats().log_write_failures >= 1);
+    assert_eq!(t.router.stats().log_unavailable_swarms, 1);
+
+    for path in &blocked {
+        std::fs::remove_dir(path).unwrap();
+    }
+    // It recovers by itself within its backoff (tries 100 ms, 200 ms, ... apart).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let recovered_op = loop {
+        match command(&ctl, "after".into()).await {
+            Ok(op) => break op,
+            Err(error) if Instant::now() < deadline => {
+                assert_eq!(error.code(), Some(19), "{error}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("the swarm did not recover: {error}"),
+        }
+    };
+    let last_acked = *acked.last().unwrap();
+    assert!(
+        recovered_op.0 > last_acked.0 + 1,
+        "refused op ids given out again: {recovered_op:?} after {last_acked:?}"
+    );
+    assert_eq!(t.router.stats().log_recoveries, 1);
+    assert_eq!(t.router.stats().log_unavailable_swarms, 0);
+
+    // The subscriber gets every acknowledged command in order, then the one after the
+    // recovery, and nothing that was refused.
+    let mut expected: Vec<(u64, String)> = acked
+        .iter()
+        .enumerate()
+        .map(|(i, op)| (op.0, format!("ok-{i}")))
+        .collect();
+    expected.push((recovered_op.0, "after".into()));
+    let got = crate::common::recv_n(&mut rx, expected.len()).await;
+    let got: Vec<(u64, String)> = got
+        .iter()
+        .map(|d| (d.op_id.0, String::from_utf8_lossy(&d.payload).into_owned()))
+        .collect();
+    assert_eq!(got, expected);
+    drop((ctl, agent, rx));
+
+    // After a restart: nothing damaged, nothing refused read back, op ids continue.
+    let TestRouter { router, .. } = t;
+    router.shutdown().await;
+    let (logs, notes) = swarmbus_router::log::recover_all(&data.path().join("log")).unwrap();
+    assert!(notes.is_empty(), "{notes:?}");
+    let log = logs.iter().find(|l| l.name == "s").unwrap();
+    assert!(log.unavailable.is_none());
+    let stored: Vec<(u64, Bytes)> = log
+        .read_from(OpId(1), usize::MAX, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.op.0, r.frame))
+        .collect();
+    let ops: Vec<u64> = stored.iter().map(|(op, _)| *op).collect();
+    assert_eq!(ops, (1..=recovered_op.0).collect::<Vec<_>>(), "gap-free");
+    for (op, frame) in &stored {
+        let text = String::from_utf8_lossy(frame);
+        assert!(
+            !text.contains("refused"),
+            "op {op}: refused bytes read back"
+        );
+        if !acked.iter().any(|a| a.0 == *op) && *op != recovered_op.0 {
+            assert!(frame.is_empty(), "op {op} was refused but holds a frame");
+        }
+    }
+    let router = Router::start(config(data.path())).await.unwrap();
+    let connector =
+        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
+    let t = TestRouter::from_parts(router, connector);
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let next = command(&ctl, "restarted".into()).await.unwrap();
+    assert_eq!(next.0, recovered_op.0 + 1);
+    t.router.shutdown().await;
+}
+
+/// A job's end is announced only once its record is durable: while the job log refuses
+/// writes the submitter hears nothing and the worker's finish is not answered; once the
+/// disk takes writes again the end is written, announced once, and the worker answered.
+#[tokio::test]
+async fn a_job_end_is_announced_only_once_durable() {
+    use swarmbus_client::JobDedup;
+    use swarmbus_schema::{JobState, SubmitJob};
+    let data = tempfile::tempdir().unwrap();
+    let router = Router::start(config(data.path())).await.unwrap();
+    let connector =
+        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
+    let t = TestRouter::from_parts(router, connector);
+    let (agent, _d) = t.connect("agent", Role::Agent, &["s"]).await;
+    let mut updates = agent.job_updates().unwrap();
+    // A spec of ~4 KB fills the job log's first 4 KiB segment: the next record rolls.
+    let submit = SubmitJob {
+        swarm: "s".into(),
+        idempotency_key: "k".into(),
+        payload: Bytes::from(vec![b'p'; 4_000]),
+        ..SubmitJob::default()
+    };
+    let accepted = agent.submit_job(submit).await.unwrap();
+    let job_log = swarmbus_router::jobs::log_swarm("s");
+    let blocked = block_new_segments(data.path(), &job_log, 100);
+
+    let (worker, _w) = t.connect("gpu", Role::Worker, &["s"]).await;
+    let mut events = worker.job_events().unwrap();
+    worker.set_job_credits(1).await.unwrap();
+    let lease = loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("a lease")
+            .expect("worker connected");
+        if let swarmbus_client::JobEvent::Lease(lease) = event {
+            break lease;
+        }
+    };
+    assert_eq!(lease.job_id, accepted.job_id);
+    let finishing = tokio::spawn(async move {
+        let status = worker
+            .finish_job(
+                lease.job_id,
+                lease.attempt,
+                true,
+                false,
+                Bytes::from_static(b"result"),
+            )
+            .await;
+        (worker, status)
+    });
+    // Not durable, so not announced.
+    let early = tokio::time::timeout(Duration::from_millis(1_500), async {
+        loop {
+            match updates.recv().await {
+                Some(update) if update.state.is_final() => return update,
+                Some(_) => {}
+                None => std::future::pending().await,
+            }
+        }
+    })
+    .await;
+    assert!(
+        early.is_err(),
+        "a job end announced before it was durable: {early:?}"
+    );
+    assert!(
+        !finishing.is_finished(),
+        "the worker was answered before the end was durable"
+    );
+
+    for path in &blocked {
+        std::fs::remove_dir(path).unwrap();
+    }
+    let mut dedup = JobDedup::default();
+    let end = loop {
+        let update = tokio::time::timeout(Duration::from_secs(20), updates.recv())
+            .await
+            .expect("the end after the disk recovered")
+            .expect("submitter connected");
+        if update.state.is_final() && dedup.first_time(&update) {
+            break update;
+        }
+    };
+    assert_eq!(end.state, JobState::Completed);
+    assert_eq!(end.payload.as_ref(), b"result");
+    let (_worker, status) = tokio::time::timeout(Duration::from_secs(10), finishing)
+        .await
+        .expect("the worker is answered")
+        .unwrap();
+    assert_eq!(status.unwrap().state, JobState::Completed);
+    t.router.shutdown().await;
+}
