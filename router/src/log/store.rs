@@ -441,7 +441,11 @@ fn scan_segment(
         };
         if let Some(reason) = problem {
             // A bit flip leaves the records after it intact; a torn write leaves nothing valid.
-            scan.damage_is_mid = valid_record_follows(&data, offset);
+            let next = match covers_to {
+                None => OpId(expected.0 + 1),
+                Some(_) => expected,
+            };
+            scan.damage_is_mid = valid_record_follows(&data, offset, epoch, next);
             scan.damage = Some((offset as u64, reason));
             break;
         }
@@ -451,10 +455,51 @@ fn scan_segment(
     Ok(scan)
 }
 
-/// Whether any valid record starts after `from` (searching each byte offset).
-fn valid_record_follows(data: &Bytes, from: usize) -> bool {
-    ((from + 1)..data.len().saturating_sub(RECORD_HEADER_BYTES - 1))
-        .any(|at| parse_record(&data.slice(at..)).is_ok())
+/// Whether records of this log continue after damage at `from`: a record of `epoch` with
+/// an op of at least `next` starts at some later offset, and the records after it follow
+/// in op order to the end of the data (or to a torn last one). A payload can hold bytes
+/// that parse as a record (a copy of an earlier one, say): its epoch or op gives it away,
+/// or the bytes after it do. Each offset costs a comparison of the header's epoch and op
+/// before any CRC is computed, so the scan is linear in practice.
+fn valid_record_follows(data: &Bytes, from: usize, epoch: Epoch, next: OpId) -> bool {
+    const EPOCH_AT: usize = 8;
+    const OP_AT: usize = 16;
+    let end = data.len().saturating_sub(RECORD_HEADER_BYTES - 1);
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&data[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    // Ops after the damage cannot exceed one per header's worth of the remaining bytes.
+    let most_ops = ((data.len() - from) / RECORD_HEADER_BYTES) as u64;
+    ((from + 1)..end).any(|at| {
+        let op = u64_at(at + OP_AT);
+        if u64_at(at + EPOCH_AT) != epoch.0 || op < next.0 || op > next.0.saturating_add(most_ops) {
+            return false;
+        }
+        chain_reaches_the_end(data, at, epoch)
+    })
+}
+
+/// Whether the records from `at` on follow one another (each op one more than the last,
+/// all of `epoch`) to the end of `data`, a torn last record allowed.
+fn chain_reaches_the_end(data: &Bytes, mut at: usize, epoch: Epoch) -> bool {
+    let mut last: Option<OpId> = None;
+    while at < data.len() {
+        match parse_record(&data.slice(at..)) {
+            Ok((record, used)) => {
+                let in_order = last.is_none_or(|op| record.op.0 == op.0 + 1);
+                if record.epoch != epoch || !in_order {
+                    return false;
+                }
+                last = Some(record.op);
+                at += used;
+            }
+            Err(ParseError::Incomplete { .. }) => return last.is_some(),
+            Err(ParseError::Corrupt { .. }) => return false,
+        }
+    }
+    last.is_some()
 }
 
 fn read_epoch(dir: &Path) -> Result<Epoch, String> {

@@ -587,3 +587,43 @@ fn internal_logs_are_compacted_by_key_and_never_aged_out() {
         "a user swarm's old control record kept: {user:?}"
     );
 }
+
+/// A torn last record whose payload holds bytes that parse as a record (here a copy of an
+/// earlier record of the same log) is a torn tail, not mid-log damage: the tail scanner
+/// checks epoch and op continuity, not only that some record parses.
+#[test]
+fn a_torn_record_holding_a_record_lookalike_is_a_torn_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "lookalike".into();
+    {
+        let (mut log, mut events, _) = open(dir.path(), WriterKind::File, 1 << 20);
+        log.create(&swarm, Epoch(1)).unwrap();
+        append_all(&mut log, &mut events, &swarm, Epoch(1), 1, 3);
+    }
+    // Op 4 carries a copy of op 2's record (and op 5's, a record from the future of another
+    // epoch) in its payload, and is torn after them.
+    let mut payload = record(Epoch(1), 2, "copied").to_bytes().to_vec();
+    payload.extend_from_slice(&record(Epoch(9), 5, "other epoch").to_bytes());
+    payload.extend_from_slice(&[0u8; 64]);
+    let torn = encode_record(
+        Epoch(1),
+        OpId(4),
+        0,
+        Class::Command,
+        b"",
+        Bytes::from_static(b"H"),
+        Bytes::from(payload),
+    )
+    .to_bytes();
+    let segment = last_segment(dir.path(), &swarm);
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend_from_slice(&torn[..torn.len() - 32]);
+    std::fs::write(&segment, bytes).unwrap();
+    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1 << 20);
+    assert_eq!(state(&log, &swarm).unavailable, None, "{notes:?}");
+    assert_eq!(state(&log, &swarm).last_op, OpId(3));
+    assert!(
+        notes[0].detail.contains("truncated a torn tail"),
+        "{notes:?}"
+    );
+}
