@@ -1216,8 +1216,6 @@ impl Jobs {
         self.queue(&swarm).dead.insert(job_id);
     }
 
-    /// The ends in `job_ids` are durable: their submitters are told (and told again on
-    /// every reconnect until they acknowledge).
     /// The end records of `job_ids` still to be made durable (jobs that are still ended
     /// and not yet durable; a job re-driven or forgotten meanwhile needs none).
     pub fn unwritten_finals(&self, job_ids: &[JobId]) -> Vec<JobRecord> {
@@ -1229,6 +1227,8 @@ impl Jobs {
             .collect()
     }
 
+    /// The ends in `job_ids` are durable: their submitters are told (and told again on
+    /// every reconnect until they acknowledge).
     pub fn finals_written(&mut self, job_ids: &[JobId]) -> Effects {
         let mut fx = Effects::default();
         for id in job_ids {

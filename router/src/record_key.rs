@@ -61,6 +61,30 @@ pub fn decode_as<'a, const N: usize>(key: &'a str, kind: &str) -> Option<[&'a st
     }
 }
 
+/// The key compaction compares records of internal swarm `swarm` by: a key of the former
+/// form is mapped to the key that replaced it (`pause/<swarm>` to `pause:…`, a bare pin
+/// key to `pin:…`), so a newer record under the new key supersedes the older one under the
+/// old key, and dropping a tombstone can never bring an older record back. Legacy lease
+/// keys are ambiguous and kept as they are (their tokens only raise the new ones).
+pub fn canonical<'a>(swarm: &str, key: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+    use std::borrow::Cow;
+    let Ok(text) = std::str::from_utf8(key) else {
+        return Cow::Borrowed(key);
+    };
+    if swarm == crate::workers::PINS_SWARM {
+        if decode_as::<1>(text, "pin").is_none() {
+            return Cow::Owned(encode("pin", &[text]).into_bytes());
+        }
+    } else if swarm == crate::control::CONTROL_SWARM {
+        for kind in ["pause", "stop", "drain"] {
+            if let Some(name) = text.strip_prefix(kind).and_then(|r| r.strip_prefix('/')) {
+                return Cow::Owned(encode(kind, &[name]).into_bytes());
+            }
+        }
+    }
+    Cow::Borrowed(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +109,22 @@ mod tests {
         ] {
             assert_eq!(decode(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn legacy_keys_compare_as_the_keys_that_replaced_them() {
+        assert_eq!(
+            &*canonical("$affinity", b"sess"),
+            encode("pin", &["sess"]).as_bytes()
+        );
+        let new = encode("pin", &["sess"]);
+        assert_eq!(&*canonical("$affinity", new.as_bytes()), new.as_bytes());
+        assert_eq!(
+            &*canonical("$control", b"pause/a/b"),
+            encode("pause", &["a/b"]).as_bytes()
+        );
+        assert_eq!(&*canonical("$control", b"lease/a/b"), b"lease/a/b");
+        assert_eq!(&*canonical("user", b"sess"), b"sess");
     }
 
     proptest! {

@@ -315,11 +315,17 @@ impl LogBackend for ShardLog {
         };
         // Segments begun after the failed op (two rolls within the ops in flight: rare):
         // their files go, so recovery never finds them after the cut.
+        let removed = !dropped.is_empty();
         for path in dropped {
             if let Err(error) = std::fs::remove_file(&path) {
                 if error.kind() != std::io::ErrorKind::NotFound {
                     tracing::error!(path = %path.display(), %error, "removing a segment begun after a failed append");
                 }
+            }
+        }
+        if removed {
+            if let Err(error) = std::fs::File::open(&log.dir).and_then(|d| d.sync_all()) {
+                tracing::error!(dir = %log.dir.display(), %error, "syncing a swarm's log directory");
             }
         }
         true

@@ -627,3 +627,38 @@ fn a_torn_record_holding_a_record_lookalike_is_a_torn_tail() {
         "{notes:?}"
     );
 }
+
+/// A pin written under the former bare key and ended under the new one: compaction drops
+/// both (the new tombstone supersedes the old key), so the ended pin never comes back.
+#[test]
+fn a_legacy_pin_ended_under_the_new_key_does_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "$affinity".into();
+    let retention = Retention {
+        hot_bytes: 0,
+        ..Retention::default()
+    };
+    let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention);
+    log.create(&swarm, Epoch(1)).unwrap();
+    let new_key = crate::workers::pin_key("sess");
+    let records = [("sess", &b"node"[..]), (new_key.as_str(), &b""[..])];
+    for (i, (key, payload)) in records.iter().enumerate() {
+        let op = i as u64 + 1;
+        log.append(&swarm, OpId(op), delivered(&swarm, op, key, payload, 0))
+            .unwrap();
+    }
+    for op in 3..=10 {
+        log.append(&swarm, OpId(op), delivered(&swarm, op, "filler", b"x", 0))
+            .unwrap();
+    }
+    let mut durable = OpId(0);
+    while durable < OpId(10) {
+        if let LogEvent::Durable { swarm, up_to } = next_event(&mut events) {
+            log.on_durable(&swarm, up_to);
+            durable = up_to;
+        }
+    }
+    compact_now(&mut log, &mut events, 0);
+    let kept = read_ops(&log, &swarm);
+    assert!(!kept.contains(&1) && !kept.contains(&2), "{kept:?}");
+}

@@ -458,6 +458,11 @@ fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
                 if let Some(len) = f.truncate_to {
                     truncate_before_write(&f.path, len)?;
                 }
+                if f.new_file || f.truncate_to.is_some() {
+                    // A path can name a new file after a rollback removed the old one: never
+                    // write through a handle to an unlinked inode.
+                    files.remove(&f.path);
+                }
                 let file = match files.get(&f.path) {
                     Some(file) => file,
                     None => {
@@ -517,6 +522,10 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
                         tasks.push((f.path.clone(), None, Some(error.to_string())));
                         continue;
                     }
+                }
+                if f.new_file || f.truncate_to.is_some() {
+                    // Never write through a handle to an unlinked inode (see run_file).
+                    files.remove(&f.path);
                 }
                 let file = match files.get(&f.path) {
                     Some(file) => Ok(file.clone()),
