@@ -51,7 +51,26 @@ pub async fn start_retrying(config: impl Fn() -> Config) -> Router {
     }
 }
 
+/// A router on loopback port 0 keeping its data in `data` (a test that restarts the router
+/// on the same data dir manages the dir itself).
+pub fn config_in(data: &std::path::Path) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.to_owned(),
+        ..Config::default()
+    }
+}
+
 impl TestRouter {
+    /// Starts a router on `config`, with a connector that trusts its development CA; the
+    /// data dir is the test's to manage.
+    pub async fn start_on(config: Config) -> Self {
+        let router = Router::start(config).await.expect("router starts");
+        let connector = Connector::new(router.ca_path().expect("development CA"), "localhost")
+            .expect("connector");
+        TestRouter::from_parts(router, connector)
+    }
+
     /// A router started by the test itself (its data dir is the test's to manage).
     pub fn from_parts(router: Router, connector: Connector) -> Self {
         TestRouter {

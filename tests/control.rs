@@ -336,15 +336,8 @@ async fn a_stopped_agent_is_disconnected_and_refused_for_a_while() {
 #[tokio::test]
 async fn a_damaged_control_log_refuses_the_start_instead_of_forgetting_a_pause() {
     let data = tempfile::tempdir().unwrap();
-    let config = || Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data.path().to_owned(),
-        ..Config::default()
-    };
-    let router = Router::start(config()).await.unwrap();
-    let connector =
-        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
-    let t = TestRouter::from_parts(router, connector);
+    let config = || crate::common::config_in(data.path());
+    let t = TestRouter::start_on(config()).await;
     let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
     ctl.pause("s").await.unwrap();
     ctl.pause("other").await.unwrap();

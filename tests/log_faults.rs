@@ -9,18 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use swarmbus_client::{Client, PublishOptions};
-use swarmbus_router::{Config, Router};
+use swarmbus_router::Config;
 use swarmbus_schema::{Class, OpId, Role};
 
 use crate::common::TestRouter;
 
 fn config(data: &Path) -> Config {
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data.to_owned(),
-        shards: 1,
-        ..Config::default()
-    };
+    let mut config = crate::common::config_in(data);
+    config.shards = 1;
     config.log.segment_bytes = 4096;
     config.presence.heartbeat_timeout_ms = 60_000;
     config
@@ -55,10 +51,7 @@ async fn command(client: &Client, text: String) -> Result<OpId, swarmbus_client:
 #[tokio::test]
 async fn a_swarm_recovers_by_itself_when_the_disk_takes_writes_again() {
     let data = tempfile::tempdir().unwrap();
-    let router = Router::start(config(data.path())).await.unwrap();
-    let connector =
-        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
-    let t = TestRouter::from_parts(router, connector);
+    let t = TestRouter::start_on(config(data.path())).await;
     let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
     let (agent, mut rx) = t.connect("agent", Role::Agent, &["s"]).await;
     agent.subscribe("s", Class::Command, None).await.unwrap();
@@ -148,10 +141,7 @@ async fn a_swarm_recovers_by_itself_when_the_disk_takes_writes_again() {
             assert!(frame.is_empty(), "op {op} was refused but holds a frame");
         }
     }
-    let router = Router::start(config(data.path())).await.unwrap();
-    let connector =
-        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
-    let t = TestRouter::from_parts(router, connector);
+    let t = TestRouter::start_on(config(data.path())).await;
     let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
     let next = command(&ctl, "restarted".into()).await.unwrap();
     assert_eq!(next.0, recovered_op.0 + 1);
@@ -166,10 +156,7 @@ async fn a_job_end_is_announced_only_once_durable() {
     use swarmbus_client::JobDedup;
     use swarmbus_schema::{JobState, SubmitJob};
     let data = tempfile::tempdir().unwrap();
-    let router = Router::start(config(data.path())).await.unwrap();
-    let connector =
-        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
-    let t = TestRouter::from_parts(router, connector);
+    let t = TestRouter::start_on(config(data.path())).await;
     let (agent, _d) = t.connect("agent", Role::Agent, &["s"]).await;
     let mut updates = agent.job_updates().unwrap();
     // A spec of ~4 KB fills the job log's first 4 KiB segment: the next record rolls.

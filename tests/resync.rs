@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use swarmbus_client::{FileOffsetStore, IdempotentApply, PublishOptions, Session};
-use swarmbus_router::{Config, Router};
+use swarmbus_router::Router;
 use swarmbus_schema::{Class, Deliver, OpId, Role};
 
 use crate::common::{recv_keyed, recv_n, recv_until, start_router, TestRouter};
@@ -83,15 +83,8 @@ async fn a_reconnecting_agent_gets_exactly_the_ops_it_missed() {
 #[tokio::test]
 async fn a_lost_log_is_reported_as_a_new_epoch() {
     let data = tempfile::tempdir().unwrap();
-    let config = || Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data.path().to_owned(),
-        ..Config::default()
-    };
-    let router = Router::start(config()).await.unwrap();
-    let connector =
-        swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
-    let t = TestRouter::from_parts(router, connector);
+    let config = || crate::common::config_in(data.path());
+    let t = TestRouter::start_on(config()).await;
     let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
     let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
     agent.subscribe("s", Class::Command, None).await.unwrap();
