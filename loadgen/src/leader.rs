@@ -41,7 +41,7 @@ use crate::units::parse_duration;
 /// The lease contended for.
 const LEASE: &str = "leader";
 
-/// Error codes the scenario expects (see the README's error table).
+/// Error codes the scenario expects (see docs/protocol.md's error table).
 const LEASE_HELD: u64 = 27;
 const LEASE_LOST: u64 = 28;
 const STALE_FENCING_TOKEN: u64 = 29;

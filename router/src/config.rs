@@ -575,8 +575,8 @@ impl Config {
                 "SWARMBUS_LOG" => {} // read by the binary's log filter
                 other if other.starts_with("SWARMBUS_") => {
                     return Err(config_error(format!(
-                    "unknown environment variable {other} (see the README's configuration section)"
-                )))
+                        "unknown environment variable {other} (see docs/configuration.md)"
+                    )))
                 }
                 _ => {}
             }
