@@ -419,3 +419,64 @@ async fn an_expired_holders_stamped_commands_are_refused_at_expiry() {
     assert_eq!(late.code(), Some(29), "StaleFencingToken at expiry: {late}");
     t.router.shutdown().await;
 }
+
+/// PresenceQuery is answered within `presence.queries_per_s` per session; past it the
+/// query is refused with Busy and a retry hint, and other sessions are not held to it.
+#[tokio::test]
+async fn presence_queries_are_throttled_per_session() {
+    let t = start_router(|c| c.presence.queries_per_s = 2).await;
+    let (greedy, _rx) = t.connect("greedy", Role::Agent, &["s"]).await;
+    let (other, _rx2) = t.connect("other", Role::Agent, &["s"]).await;
+    let mut refused = 0;
+    for _ in 0..10 {
+        match greedy.presence("s").await {
+            Ok(members) => assert_eq!(members.len(), 2),
+            Err(swarmbus_client::ClientError::Refused {
+                code,
+                retry_after_ms,
+                ..
+            }) => {
+                assert_eq!(code, swarmbus_schema::ErrorCode::Busy.as_u16());
+                assert!(retry_after_ms > 0);
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    // Ten queries within fewer than four seconds pass at most eight.
+    assert!(refused >= 2, "{refused} refused");
+    assert_eq!(other.presence("s").await.unwrap().len(), 2);
+    t.router.shutdown().await;
+}
+
+/// Leases are capped: an agent holds at most `limits.max_leases_per_agent` at once and the
+/// router knows at most `limits.max_leases`; past either an acquire is refused with Busy,
+/// and a release gives the holder's place back.
+#[tokio::test]
+async fn leases_are_capped_per_agent_and_router_wide() {
+    let t = start_router(|c| {
+        c.limits.max_leases = 3;
+        c.limits.max_leases_per_agent = 2;
+    })
+    .await;
+    let busy =
+        |result: Result<swarmbus_schema::LeaseGrant, swarmbus_client::ClientError>| match result {
+            Err(swarmbus_client::ClientError::Refused { code, .. }) => {
+                assert_eq!(code, swarmbus_schema::ErrorCode::Busy.as_u16())
+            }
+            other => panic!("expected Busy, got {other:?}"),
+        };
+    let ttl = Duration::from_secs(60);
+    let (a, _rx) = t.connect("a", Role::Agent, &["s"]).await;
+    let (b, _rx2) = t.connect("b", Role::Agent, &["s"]).await;
+    let one = a.acquire_lease("s", "one", ttl).await.unwrap();
+    a.acquire_lease("s", "two", ttl).await.unwrap();
+    busy(a.acquire_lease("s", "three", ttl).await);
+    b.acquire_lease("s", "three", ttl).await.unwrap();
+    busy(b.acquire_lease("s", "four", ttl).await);
+    a.release_lease(&one).await.unwrap();
+    // "one" stays known (its token never goes back), so b may take it, not a new name.
+    busy(b.acquire_lease("s", "four", ttl).await);
+    assert_eq!(b.acquire_lease("s", "one", ttl).await.unwrap().token, 2);
+    t.router.shutdown().await;
+}

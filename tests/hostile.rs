@@ -28,10 +28,9 @@ fn hello_frame() -> Vec<u8> {
     .to_vec()
 }
 
-/// Opens a raw session stream, optionally says Hello (and reads Welcome), then writes
-/// `bytes` (finishing the stream when `finish`), and returns the close code the router
-/// chose.
-async fn close_code_after(t: &TestRouter, hello: bool, bytes: &[u8], finish: bool) -> u64 {
+/// Connects and opens a raw session stream; with `hello`, says Hello and reads the
+/// Welcome's length prefix (so the session is established).
+async fn raw_session(t: &TestRouter, hello: bool) -> (quinn::Connection, quinn::SendStream) {
     let connection = t
         .connector
         .connect_quic(t.router.local_addr())
@@ -40,14 +39,14 @@ async fn close_code_after(t: &TestRouter, hello: bool, bytes: &[u8], finish: boo
     let (mut send, mut recv) = connection.open_bi().await.unwrap();
     if hello {
         send.write_all(&hello_frame()).await.unwrap();
-        // Read at least the Welcome's length prefix so the session is established.
         let mut prefix = [0u8; 4];
         recv.read_exact(&mut prefix).await.unwrap();
     }
-    let _ = send.write_all(bytes).await;
-    if finish {
-        let _ = send.finish();
-    }
+    (connection, send)
+}
+
+/// The code the router closes `connection` with (it must, within 10 s).
+async fn close_code(connection: &quinn::Connection) -> u64 {
     let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
         .await
         .expect("router closes the connection");
@@ -55,6 +54,18 @@ async fn close_code_after(t: &TestRouter, hello: bool, bytes: &[u8], finish: boo
         quinn::ConnectionError::ApplicationClosed(close) => close.error_code.into_inner(),
         other => panic!("expected an application close, got {other}"),
     }
+}
+
+/// Opens a raw session stream, optionally says Hello (and reads Welcome), then writes
+/// `bytes` (finishing the stream when `finish`), and returns the close code the router
+/// chose.
+async fn close_code_after(t: &TestRouter, hello: bool, bytes: &[u8], finish: bool) -> u64 {
+    let (connection, mut send) = raw_session(t, hello).await;
+    let _ = send.write_all(bytes).await;
+    if finish {
+        let _ = send.finish();
+    }
+    close_code(&connection).await
 }
 
 fn framed(body: &[u8]) -> Vec<u8> {
@@ -207,27 +218,13 @@ async fn hostile_connections_are_closed_alone_with_their_error_code() {
 #[tokio::test]
 async fn garbage_on_a_publish_stream_closes_that_connection() {
     let t = start_router(|_| {}).await;
-    let connection = t
-        .connector
-        .connect_quic(t.router.local_addr())
-        .await
-        .unwrap();
-    let (mut send, mut recv) = connection.open_bi().await.unwrap();
-    send.write_all(&hello_frame()).await.unwrap();
-    let mut prefix = [0u8; 4];
-    recv.read_exact(&mut prefix).await.unwrap();
+    let (connection, _session) = raw_session(&t, true).await;
     let mut uni = connection.open_uni().await.unwrap();
     uni.write_all(&[0xFF, 0xFF, 0xFF, 0xFF, 0, 0])
         .await
         .unwrap();
-    let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed())
-        .await
-        .unwrap();
-    let quinn::ConnectionError::ApplicationClosed(close) = closed else {
-        panic!("expected an application close, got {closed}");
-    };
     assert_eq!(
-        close.error_code.into_inner(),
+        close_code(&connection).await,
         code(ErrorCode::FrameTooLarge)
     );
     t.router.shutdown().await;
@@ -394,5 +391,104 @@ async fn only_publish_is_accepted_on_publish_streams() {
         panic!("expected an application close, got {closed}");
     };
     assert_eq!(close.error_code.into_inner(), code(ErrorCode::WrongStream));
+    t.router.shutdown().await;
+}
+
+/// Unfinished frames count against the connection as their bytes arrive: a client that
+/// starts large frames on several streams and never finishes them is closed with `Busy`
+/// once they hold more than `limits.partial_frame_bytes`; a client sending frames of that
+/// size whole carries on.
+#[tokio::test]
+async fn unfinished_frames_are_capped_per_connection() {
+    let max_frame = 64 << 10;
+    let t = start_router(|c| {
+        c.limits.max_frame_bytes = max_frame;
+        c.limits.max_payload_bytes.command = max_frame / 2;
+        c.limits.partial_frame_bytes = 2 * (max_frame as usize + 4);
+        c.queues.connection_bytes = 4 * (max_frame as usize + 4);
+    })
+    .await;
+    let (good, mut good_rx) = t.connect("good", Role::Agent, &["s"]).await;
+    good.subscribe("s", Class::Command, None).await.unwrap();
+
+    let (connection, _session) = raw_session(&t, true).await;
+    // Three streams, each with 90% of a largest frame: each alone is within the cap, all
+    // three are not.
+    let body = vec![0u8; max_frame as usize * 9 / 10];
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut uni = connection.open_uni().await.unwrap();
+        let _ = uni.write_all(&max_frame.to_le_bytes()).await;
+        let _ = uni.write_all(&body).await;
+        streams.push(uni);
+    }
+    assert_eq!(close_code(&connection).await, code(ErrorCode::Busy));
+
+    // Frames of the largest payload, sent whole, pass.
+    let payload = Bytes::from(vec![7u8; max_frame as usize / 2]);
+    for _ in 0..4 {
+        good.publish(
+            "s",
+            Class::Command,
+            payload.clone(),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(recv_n(&mut good_rx, 4).await.len(), 4);
+    t.router.shutdown().await;
+}
+
+/// `limits.max_swarms` counts every shard's swarms together, a swarm that holds nothing
+/// (no log, no member) is freed, and one agent may not take every place.
+#[tokio::test]
+async fn swarms_are_capped_router_wide_and_freed_when_empty() {
+    let t = start_router(|c| {
+        c.shards = 2;
+        c.limits.max_swarms = 4;
+        c.limits.max_swarms_per_agent = 3;
+    })
+    .await;
+    let busy = |result: Result<(), swarmbus_client::ClientError>| match result {
+        Err(swarmbus_client::ClientError::Refused { code, .. }) => {
+            assert_eq!(code, ErrorCode::Busy.as_u16())
+        }
+        other => panic!("expected Busy, got {other:?}"),
+    };
+    let names = ["a", "b", "c", "d", "e", "f"];
+    let (first, _rx1) = t.connect("first", Role::Agent, &names).await;
+    for swarm in &names[..3] {
+        first
+            .subscribe(swarm, Class::Telemetry, None)
+            .await
+            .unwrap();
+    }
+    // The agent's quota.
+    busy(first.subscribe("d", Class::Telemetry, None).await);
+    let (second, _rx2) = t.connect("second", Role::Agent, &names).await;
+    second.subscribe("d", Class::Telemetry, None).await.unwrap();
+    // The router-wide cap, over both shards.
+    busy(second.subscribe("e", Class::Telemetry, None).await);
+    // Subscribing where a swarm exists creates nothing.
+    second.subscribe("a", Class::Telemetry, None).await.unwrap();
+    drop(first);
+    second
+        .unsubscribe("a", Class::Telemetry, None)
+        .await
+        .unwrap();
+    // a, b and c are empty now: freed within a tick or so, then there is room again.
+    let mut tries = 0;
+    loop {
+        match second.subscribe("e", Class::Telemetry, None).await {
+            Ok(()) => break,
+            Err(_) if tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("empty swarms were not freed: {error}"),
+        }
+    }
+    second.subscribe("f", Class::Telemetry, None).await.unwrap();
     t.router.shutdown().await;
 }

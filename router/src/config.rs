@@ -366,8 +366,26 @@ pub struct LimitsConfig {
     pub max_subscriptions: u32,
     /// Swarms one session may join in Hello.
     pub max_swarms_per_session: u32,
-    /// Swarms the router keeps in memory; publishing to a new swarm past this is refused.
+    /// Swarms the router keeps in memory, all shards together; a subscribe or publish that
+    /// would create one more is refused with `Busy`.
     pub max_swarms: u32,
+    /// Swarms in memory one agent may have created (refused with `Busy` past it). A swarm
+    /// with no log and no members is collected and stops counting; one with a log counts
+    /// until the router restarts.
+    pub max_swarms_per_agent: u32,
+    /// Distinct leases the router keeps (each keeps its newest token for good, so its
+    /// fencing never goes backwards); acquiring a new one past this is refused with `Busy`.
+    pub max_leases: u32,
+    /// Leases one agent may hold at once; acquiring one more is refused with `Busy`. An
+    /// expired holding counts until the sweep a second later.
+    pub max_leases_per_agent: u32,
+    /// Bytes that the unfinished frames of one connection's streams may hold, counted as
+    /// they arrive; a chunk that would take it past this closes the connection with `Busy`.
+    /// At least twice `max_frame_bytes` + 4.
+    pub partial_frame_bytes: usize,
+    /// The same for all connections together; past it the connection whose chunk did not
+    /// fit is closed with `Busy`.
+    pub router_partial_frame_bytes: usize,
     /// Milliseconds a new connection has to send Hello.
     pub hello_timeout_ms: u64,
     /// Milliseconds without traffic before a connection is closed (clients keep alive).
@@ -481,6 +499,11 @@ impl Default for LimitsConfig {
             max_subscriptions: 1_024,
             max_swarms_per_session: 64,
             max_swarms: 100_000,
+            max_swarms_per_agent: 1_024,
+            max_leases: 100_000,
+            max_leases_per_agent: 1_024,
+            partial_frame_bytes: 16 << 20,
+            router_partial_frame_bytes: 1 << 30,
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
             shard_queue: 8_192,
@@ -744,14 +767,35 @@ impl Config {
                 )));
             }
         }
-        if self.presence.heartbeat_interval_ms == 0 || self.presence.max_lease_ttl_ms == 0 {
+        if self.presence.heartbeat_interval_ms == 0
+            || self.presence.max_lease_ttl_ms == 0
+            || self.presence.queries_per_s == 0
+        {
             return Err(config_error(
-                "presence.heartbeat_interval_ms and presence.max_lease_ttl_ms must be at least 1",
+                "presence.heartbeat_interval_ms, presence.max_lease_ttl_ms and \
+                 presence.queries_per_s must be at least 1",
             ));
         }
-        if limits.max_connections == 0 || limits.shard_queue == 0 || limits.max_swarms == 0 {
+        if limits.partial_frame_bytes < frame_room
+            || limits.router_partial_frame_bytes < limits.partial_frame_bytes
+        {
+            return Err(config_error(format!(
+                "limits.partial_frame_bytes must be at least twice limits.max_frame_bytes + 4 \
+                 ({frame_room}), and limits.router_partial_frame_bytes at least \
+                 limits.partial_frame_bytes"
+            )));
+        }
+        if limits.max_connections == 0
+            || limits.shard_queue == 0
+            || limits.max_swarms == 0
+            || limits.max_swarms_per_agent == 0
+            || limits.max_leases == 0
+            || limits.max_leases_per_agent == 0
+        {
             return Err(config_error(
-                "limits.max_connections, limits.shard_queue and limits.max_swarms must be at least 1",
+                "limits.max_connections, limits.shard_queue, limits.max_swarms, \
+                 limits.max_swarms_per_agent, limits.max_leases and limits.max_leases_per_agent \
+                 must be at least 1",
             ));
         }
         Ok(())

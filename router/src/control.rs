@@ -7,7 +7,7 @@
 //! the newest fencing token granted, so tokens never go backwards across a restart),
 //! `pause` (swarm), `stop` (agent) and `drain` (node).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +33,9 @@ pub struct PresenceConfig {
     pub heartbeat_timeout_ms: u32,
     /// Longest TTL a lease may be granted for.
     pub max_lease_ttl_ms: u32,
+    /// PresenceQuery requests one session may make per second; more are refused with
+    /// `Busy` (retry after 1 s).
+    pub queries_per_s: u32,
 }
 
 impl Default for PresenceConfig {
@@ -41,6 +44,7 @@ impl Default for PresenceConfig {
             heartbeat_interval_ms: 1_000,
             heartbeat_timeout_ms: 0,
             max_lease_ttl_ms: 600_000,
+            queries_per_s: 20,
         }
     }
 }
@@ -111,6 +115,9 @@ impl Present {
 #[derive(Debug, Default)]
 pub struct Presence {
     members: HashMap<Arc<str>, Present>,
+    /// The members of each swarm, in agent order: a swarm's list costs what it returns,
+    /// not the whole router's membership.
+    by_swarm: HashMap<String, BTreeSet<Arc<str>>>,
 }
 
 /// What a join did.
@@ -125,10 +132,40 @@ pub enum Joined {
 
 impl Presence {
     pub fn join(&mut self, agent: Arc<str>, present: Present) -> Joined {
-        match self.members.insert(agent, present) {
-            Some(old) => Joined::Replaced(old),
+        for swarm in &present.swarms {
+            self.by_swarm
+                .entry(swarm.clone())
+                .or_default()
+                .insert(agent.clone());
+        }
+        let new_swarms = present.swarms.clone();
+        match self.members.insert(agent.clone(), present) {
+            Some(old) => {
+                for swarm in old.swarms.iter().filter(|s| !new_swarms.contains(s)) {
+                    self.unindex(swarm, &agent);
+                }
+                Joined::Replaced(old)
+            }
             None => Joined::New,
         }
+    }
+
+    /// Removes `agent` from `swarm`'s index.
+    fn unindex(&mut self, swarm: &str, agent: &str) {
+        if let Some(agents) = self.by_swarm.get_mut(swarm) {
+            agents.remove(agent);
+            if agents.is_empty() {
+                self.by_swarm.remove(swarm);
+            }
+        }
+    }
+
+    fn remove(&mut self, agent: &str) -> Option<Present> {
+        let present = self.members.remove(agent)?;
+        for swarm in &present.swarms {
+            self.unindex(swarm, agent);
+        }
+        Some(present)
     }
 
     /// A heartbeat (or any sign of life) from `agent` on `conn`.
@@ -143,7 +180,7 @@ impl Presence {
     /// `conn` of `agent` closed: the member leaves unless a newer connection replaced it.
     pub fn leave(&mut self, agent: &str, conn: ConnId) -> Option<Present> {
         if self.members.get(agent).is_some_and(|m| m.conn == conn) {
-            return self.members.remove(agent);
+            return self.remove(agent);
         }
         None
     }
@@ -157,7 +194,7 @@ impl Presence {
             .map(|(agent, _)| agent.clone())
             .collect();
         gone.into_iter()
-            .filter_map(|agent| self.members.remove(&agent).map(|m| (agent, m)))
+            .filter_map(|agent| self.remove(&agent).map(|m| (agent, m)))
             .collect()
     }
 
@@ -165,21 +202,25 @@ impl Presence {
         self.members.get(agent)
     }
 
-    /// Every member that joined `swarm`, by agent id.
-    pub fn list(&self, swarm: &str) -> Vec<Member> {
-        let mut members: Vec<Member> = self
-            .members
-            .iter()
-            .filter(|(_, m)| m.swarms.iter().any(|s| s == swarm))
-            .map(|(agent, m)| Member {
-                agent: agent.to_string(),
-                role: m.role,
-                last_seen_ms: m.last_seen_ms(),
-                metadata: m.metadata.clone(),
+    /// The members that joined `swarm`, by agent id, as many as fit `budget_bytes` (each
+    /// counts its agent id, its metadata and 32 bytes).
+    pub fn list(&self, swarm: &str, budget_bytes: usize) -> Vec<Member> {
+        let mut used = 0;
+        self.by_swarm
+            .get(swarm)
+            .into_iter()
+            .flatten()
+            .filter_map(|agent| Some((agent, self.members.get(agent)?)))
+            .map_while(|(agent, m)| {
+                used += agent.len() + m.metadata.len() + 32;
+                (used <= budget_bytes).then(|| Member {
+                    agent: agent.to_string(),
+                    role: m.role,
+                    last_seen_ms: m.last_seen_ms(),
+                    metadata: m.metadata.clone(),
+                })
             })
-            .collect();
-        members.sort_by(|a, b| a.agent.cmp(&b.agent));
-        members
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -210,6 +251,26 @@ pub enum LeaseRefusal {
     Held { holder: String, remaining_ms: u64 },
     /// The token is not the lease's current one, or it expired.
     Lost { newest_token: u64 },
+    /// A new lease past `limits.max_leases`, or a holding past the agent's
+    /// `limits.max_leases_per_agent`.
+    Limit(String),
+}
+
+/// Caps on leases: distinct leases the router knows (each keeps its newest token for
+/// good), and leases one agent holds at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseLimits {
+    pub max_leases: usize,
+    pub max_held_per_agent: usize,
+}
+
+impl Default for LeaseLimits {
+    fn default() -> Self {
+        LeaseLimits {
+            max_leases: usize::MAX,
+            max_held_per_agent: usize::MAX,
+        }
+    }
 }
 
 /// A lease decision: the grant to answer with, whether a new token was granted, and
@@ -250,6 +311,9 @@ pub struct Leases {
     held: HashMap<(String, String), Held>,
     /// The newest token granted per lease, restored from the log at start.
     newest: HashMap<(String, String), u64>,
+    /// Entries of `held` per holder (expired ones until [`Leases::sweep`] drops them).
+    held_by: HashMap<Arc<str>, usize>,
+    limits: LeaseLimits,
 }
 
 impl Leases {
@@ -259,12 +323,17 @@ impl Leases {
     /// just before the crash): nobody else is granted it before then, and its holder may
     /// renew it with its token. A lease whose record has no TTL (an older format) is held by
     /// nobody for `unknown_ttl_ms` (the longest TTL the router grants).
+    /// Leases restored count against `limits` but are never refused.
     pub fn restore(
         leases: impl IntoIterator<Item = ((String, String), RestoredLease)>,
         now_ms: u64,
         unknown_ttl_ms: u64,
+        limits: LeaseLimits,
     ) -> Self {
-        let mut restored = Leases::default();
+        let mut restored = Leases {
+            limits,
+            ..Leases::default()
+        };
         for (key, lease) in leases {
             restored.newest.insert(key.clone(), lease.token);
             let ttl_ms = match (lease.ttl_ms, lease.holder.is_empty()) {
@@ -279,9 +348,53 @@ impl Leases {
                 expires_at_ms: now_ms.saturating_add(ttl_ms),
                 logged_ttl_ms: ttl_ms,
             };
-            restored.held.insert(key, held);
+            restored.hold(key, held);
         }
         restored
+    }
+
+    /// Records `held` as the holding of `key`, keeping the per-holder counts.
+    fn hold(&mut self, key: (String, String), held: Held) {
+        *self.held_by.entry(held.holder.clone()).or_default() += 1;
+        if let Some(old) = self.held.insert(key, held) {
+            self.unhold(&old.holder);
+        }
+    }
+
+    /// Ends the holding of `key`, if any.
+    fn end(&mut self, key: &(String, String)) {
+        if let Some(old) = self.held.remove(key) {
+            self.unhold(&old.holder);
+        }
+    }
+
+    fn unhold(&mut self, holder: &Arc<str>) {
+        if let Some(count) = self.held_by.get_mut(holder) {
+            *count -= 1;
+            if *count == 0 {
+                self.held_by.remove(holder);
+            }
+        }
+    }
+
+    /// Drops holdings that expired by `now_ms` (they already count as free; this gives
+    /// their holders' places back). Returns how many.
+    pub fn sweep(&mut self, now_ms: u64) -> usize {
+        let expired: Vec<(String, String)> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.expires_at_ms <= now_ms)
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in &expired {
+            self.end(key);
+        }
+        expired.len()
+    }
+
+    /// Leases known (each keeps its newest token), and holdings not yet swept.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.newest.len(), self.held.len())
     }
 
     /// Whether a publish stamped with `token` of lease `name` passes: only from the lease's
@@ -346,7 +459,20 @@ impl Leases {
                 });
             }
         }
-        let token = self.newest.get(&key).copied().unwrap_or_default() + 1;
+        let newest = self.newest.get(&key).copied();
+        if newest.is_none() && self.newest.len() >= self.limits.max_leases {
+            return Err(LeaseRefusal::Limit(format!(
+                "the router knows {} leases (limits.max_leases)",
+                self.limits.max_leases
+            )));
+        }
+        if self.held_by.get(agent).copied().unwrap_or_default() >= self.limits.max_held_per_agent {
+            return Err(LeaseRefusal::Limit(format!(
+                "this agent holds {} leases (limits.max_leases_per_agent)",
+                self.limits.max_held_per_agent
+            )));
+        }
+        let token = newest.unwrap_or_default() + 1;
         let held = Held {
             holder: agent.clone(),
             token,
@@ -355,7 +481,7 @@ impl Leases {
             logged_ttl_ms: ttl_ms,
         };
         self.newest.insert(key.clone(), token);
-        self.held.insert(key, held.clone());
+        self.hold(key, held.clone());
         Ok(Granted {
             grant: grant(swarm, name, &held),
             new_token: true,
@@ -397,7 +523,7 @@ impl Leases {
     pub fn revoke(&mut self, swarm: &str, name: &str, token: u64) {
         let key = (swarm.to_owned(), name.to_owned());
         if self.held.get(&key).is_some_and(|held| held.token == token) {
-            self.held.remove(&key);
+            self.end(&key);
         }
     }
 
@@ -411,7 +537,7 @@ impl Leases {
         let key = (swarm.to_owned(), name.to_owned());
         match self.held.get(&key) {
             Some(held) if held.token == token && held.holder == *agent => {
-                self.held.remove(&key);
+                self.end(&key);
                 Ok(())
             }
             _ => Err(LeaseRefusal::Lost {
@@ -520,7 +646,7 @@ const DRAIN: &str = "drain";
 pub struct Restored {
     /// The latest state of each lease (the newest token wins; among records of one token,
     /// the later).
-    pub leases: Vec<((String, String), RestoredLease)>,
+    pub leases: HashMap<(String, String), RestoredLease>,
     pub paused: Vec<String>,
     pub stops: Vec<(String, u64)>,
     pub drained: Vec<String>,
@@ -570,10 +696,15 @@ impl Restored {
     fn lease(&mut self, swarm: &str, name: &str, lease: RestoredLease) {
         // The largest token logged wins, whatever order the records landed in.
         let key = (swarm.to_owned(), name.to_owned());
-        match self.leases.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, known)) if known.token > lease.token => {}
-            Some((_, known)) => *known = lease,
-            None => self.leases.push((key, lease)),
+        match self.leases.entry(key) {
+            std::collections::hash_map::Entry::Occupied(known)
+                if known.get().token > lease.token => {}
+            std::collections::hash_map::Entry::Occupied(mut known) => {
+                known.insert(lease);
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(lease);
+            }
         }
     }
 
@@ -605,6 +736,58 @@ mod tests {
 
     fn agent(name: &str) -> Arc<str> {
         Arc::from(name)
+    }
+
+    #[test]
+    fn leases_are_capped_router_wide_and_per_holder() {
+        let limits = LeaseLimits {
+            max_leases: 3,
+            max_held_per_agent: 2,
+        };
+        let mut leases = Leases::restore([], 0, 1_000, limits);
+        let (a, b) = (agent("a"), agent("b"));
+        leases.acquire("s", "one", &a, 100, 0).unwrap();
+        leases.acquire("s", "two", &a, 100, 0).unwrap();
+        assert!(matches!(
+            leases.acquire("s", "three", &a, 100, 0),
+            Err(LeaseRefusal::Limit(_))
+        ));
+        leases.acquire("s", "three", &b, 100, 0).unwrap();
+        // A fourth lease is past the router's cap, even for a holder with room.
+        assert!(matches!(
+            leases.acquire("s", "four", &b, 100, 0),
+            Err(LeaseRefusal::Limit(_))
+        ));
+        // A release gives the holder's place back; known leases stay known.
+        leases.release("s", "one", &a, 1).unwrap();
+        // b's holding of "three" ran out: a takes it over (and b's place is given back).
+        leases.acquire("s", "three", &a, 100, 200).unwrap();
+        assert_eq!(leases.counts(), (3, 2));
+        // An expired holding ("two") is swept: its holder's place comes back.
+        assert_eq!(leases.sweep(250), 1);
+        assert_eq!(leases.counts(), (3, 1));
+        leases.acquire("s", "one", &a, 100, 250).unwrap();
+        leases.acquire("s", "two", &b, 100, 250).unwrap();
+        assert!(matches!(
+            leases.acquire("s", "four", &b, 100, 250),
+            Err(LeaseRefusal::Limit(_))
+        ));
+    }
+
+    #[test]
+    fn many_leases_restore_each_under_its_key() {
+        let mut restored = Restored::default();
+        for n in 0..20_000u64 {
+            let name = format!("lease-{n}");
+            let (key, payload) = lease_record("s", &name, n + 1, "a", 1_000);
+            restored.apply(&key, &payload);
+            // An older record of the same lease, logged later, loses.
+            let (key, payload) = lease_record("s", &name, n, "", 0);
+            restored.apply(&key, &payload);
+        }
+        let leases = Leases::restore(restored.leases, 0, 1_000, LeaseLimits::default());
+        assert_eq!(leases.counts(), (20_000, 20_000));
+        assert_eq!(leases.newest("s", "lease-19999"), 20_000);
     }
 
     #[test]
@@ -681,7 +864,7 @@ mod tests {
         restored.apply(&key, &payload);
         let (key, payload) = lease_record("s/with/slashes", "leader", 7, "", 0);
         restored.apply(&key, &payload);
-        let mut leases = Leases::restore(restored.leases, 0, 600_000);
+        let mut leases = Leases::restore(restored.leases, 0, 600_000, LeaseLimits::default());
         assert_eq!(
             leases
                 .acquire("s/with/slashes", "leader", &a, 1_000, 0)
@@ -714,7 +897,7 @@ mod tests {
         assert_eq!(restored.paused, ["p/q"]);
         assert_eq!(restored.stops, [("x/y".to_owned(), 7)]);
         assert_eq!(restored.drained, ["n/1"]);
-        let mut leases = Leases::restore(restored.leases, 0, 600_000);
+        let mut leases = Leases::restore(restored.leases, 0, 600_000, LeaseLimits::default());
         for (swarm, name, next) in [
             ("s", "a/b", 6),
             ("s/a", "b", 10),
@@ -744,7 +927,7 @@ mod tests {
         assert_eq!(restored.stops, [("x".to_owned(), 7)]);
         assert_eq!(restored.drained, ["n"]);
         // Its record has no TTL: nobody is granted it for the longest TTL there is.
-        let mut leases = Leases::restore(restored.leases, 0, 1_000);
+        let mut leases = Leases::restore(restored.leases, 0, 1_000, LeaseLimits::default());
         for (swarm, name) in [("s", "a/b"), ("s/a", "b")] {
             assert!(leases.acquire(swarm, name, &a, 1_000, 999).is_err());
             let token = leases
@@ -786,7 +969,7 @@ mod tests {
         let (key, payload) = lease_record("s", "free", 4, "", 0);
         restored.apply(&key, &payload);
         // The router restarts at router time 100.
-        let mut leases = Leases::restore(restored.leases, 100, 600_000);
+        let mut leases = Leases::restore(restored.leases, 100, 600_000, LeaseLimits::default());
         assert_eq!(
             leases.acquire("s", "leader", &b, 1_000, 5_099),
             Err(LeaseRefusal::Held {
@@ -872,10 +1055,10 @@ mod tests {
             panic!("not replaced")
         };
         assert_eq!(old.conn, ConnId(1));
-        assert_eq!(presence.list("s").len(), 2);
+        assert_eq!(presence.list("s", usize::MAX).len(), 2);
         // The old connection closing does not remove the new one.
         assert!(presence.leave("a", ConnId(1)).is_none());
-        assert_eq!(presence.list("s")[0].metadata, "conn 3");
+        assert_eq!(presence.list("s", usize::MAX)[0].metadata, "conn 3");
         // Heartbeats keep a member; silence past the timeout expires it.
         presence.seen("a", ConnId(3), 2_000);
         presence.seen("b", ConnId(99), 2_000); // another connection's: ignored
@@ -884,6 +1067,42 @@ mod tests {
         assert_eq!(&*gone[0].0, "b");
         assert_eq!(presence.leave("a", ConnId(3)).unwrap().conn, ConnId(3));
         assert!(presence.is_empty());
+        assert!(presence.by_swarm.is_empty());
+    }
+
+    #[test]
+    fn a_swarm_lists_its_own_members_in_order_within_the_budget() {
+        use crate::config::QueueConfig;
+        use crate::stats::Stats;
+        let present = |conn: u64, swarms: &[&str]| Present {
+            conn: ConnId(conn),
+            role: Role::Agent,
+            swarms: swarms.iter().map(|s| s.to_string()).collect(),
+            metadata: String::new(),
+            last_seen: Arc::new(AtomicU64::new(0)),
+            outbox: Arc::new(Outbox::new(
+                ConnId(conn),
+                &QueueConfig::default(),
+                Arc::new(Stats::default()),
+            )),
+        };
+        let mut presence = Presence::default();
+        presence.join(agent("c"), present(1, &["s", "t"]));
+        presence.join(agent("a"), present(2, &["s"]));
+        presence.join(agent("b"), present(3, &["t"]));
+        let names = |p: &Presence, swarm, budget| -> Vec<String> {
+            p.list(swarm, budget).into_iter().map(|m| m.agent).collect()
+        };
+        assert_eq!(names(&presence, "s", usize::MAX), ["a", "c"]);
+        assert_eq!(names(&presence, "t", usize::MAX), ["b", "c"]);
+        // 33 bytes per member of these: the budget cuts the list, in order.
+        assert_eq!(names(&presence, "t", 40), ["b"]);
+        // c reconnects in "s" only: it leaves "t"'s list.
+        presence.join(agent("c"), present(4, &["s"]));
+        assert_eq!(names(&presence, "t", usize::MAX), ["b"]);
+        presence.leave("b", ConnId(3));
+        assert!(names(&presence, "t", usize::MAX).is_empty());
+        assert!(!presence.by_swarm.contains_key("t"));
     }
 
     #[test]

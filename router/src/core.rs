@@ -33,6 +33,7 @@ use swarmbus_schema::{
 use thiserror::Error;
 
 use crate::log::{encode_record, RecordParts};
+use crate::quota::{SwarmBudget, SwarmRefused};
 
 /// Router-wide connection id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,8 +64,10 @@ impl Now {
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CoreError {
-    #[error("the router holds its maximum of {max} swarms")]
+    #[error("the router holds its maximum of {max} swarms (limits.max_swarms)")]
     TooManySwarms { max: usize },
+    #[error("this agent created {max} of the swarms in memory (limits.max_swarms_per_agent)")]
+    AgentSwarmQuota { max: usize },
     #[error("swarm {swarm:?} is unavailable: {reason}")]
     Unavailable { swarm: String, reason: String },
 }
@@ -72,7 +75,7 @@ pub enum CoreError {
 impl CoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
-            CoreError::TooManySwarms { .. } => ErrorCode::Busy,
+            CoreError::TooManySwarms { .. } | CoreError::AgentSwarmQuota { .. } => ErrorCode::Busy,
             CoreError::Unavailable { .. } => ErrorCode::SwarmUnavailable,
         }
     }
@@ -165,7 +168,8 @@ pub fn targeted_elsewhere(target: Option<&str>, agent: &str) -> bool {
 /// Tunables of the core.
 #[derive(Clone, Debug)]
 pub struct CoreConfig {
-    pub max_swarms: usize,
+    /// Swarms in memory, router-wide and per creating agent (shared by every shard).
+    pub swarms: Arc<SwarmBudget>,
     /// Seed of the generator that gives new swarms their epochs.
     pub epoch_seed: u64,
     /// An ordered op delivered but not acknowledged for this long is sent again (from the
@@ -178,7 +182,7 @@ pub struct CoreConfig {
 impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
-            max_swarms: 100_000,
+            swarms: SwarmBudget::new(100_000, usize::MAX),
             epoch_seed: 0x5EED,
             redelivery_timeout: Duration::from_secs(10),
             delta_max_ops: 4096,
@@ -310,6 +314,10 @@ struct Swarm<H> {
     /// Paused by a controller: commands are sequenced and made durable but not delivered;
     /// their subscribers catch up from the log on resume.
     paused: bool,
+    /// The agent whose request created the swarm (counted against its quota while the
+    /// swarm is in memory); `None` for swarms recovered from the log or created by a
+    /// safety action.
+    creator: Option<Arc<str>>,
 }
 
 impl<H> Swarm<H> {
@@ -326,6 +334,7 @@ impl<H> Swarm<H> {
             acked: HashMap::new(),
             last_publish: None,
             paused: false,
+            creator: None,
         }
     }
 
@@ -415,10 +424,11 @@ pub struct Core<H> {
 }
 
 impl<H: Clone> Core<H> {
-    /// A core with default tunables and a fixed epoch seed (tests and benches).
+    /// A core with default tunables and a fixed epoch seed (tests and benches), holding at
+    /// most `max_swarms` swarms.
     pub fn new(max_swarms: usize) -> Self {
         Self::with_config(CoreConfig {
-            max_swarms,
+            swarms: SwarmBudget::new(max_swarms, usize::MAX),
             ..CoreConfig::default()
         })
     }
@@ -449,20 +459,38 @@ impl<H: Clone> Core<H> {
         }
         swarm.unavailable = unavailable;
         swarm.log_created = true;
-        self.swarms.insert(swarm.name.clone(), swarm);
+        if self.swarms.insert(swarm.name.clone(), swarm).is_none() {
+            self.config.swarms.restored();
+        }
     }
 
-    /// The swarm named `name`, created (with a new epoch and a `CreateLog` action) when
-    /// missing and the cap allows.
-    fn swarm_entry(&mut self, name: &str) -> Result<&mut Swarm<H>, CoreError> {
+    /// The swarm named `name`, created for `creator` (`None`: a controller's safety
+    /// action) with a new epoch when missing and the router-wide cap and the creator's
+    /// quota allow.
+    fn swarm_entry(
+        &mut self,
+        name: &str,
+        creator: Option<&str>,
+    ) -> Result<&mut Swarm<H>, CoreError> {
         if !self.swarms.contains_key(name) {
-            if self.swarms.len() >= self.config.max_swarms {
-                return Err(CoreError::TooManySwarms {
-                    max: self.config.max_swarms,
-                });
+            if crate::log::is_internal(name) {
+                // The router's own swarms are counted but never refused: the control
+                // plane and the job queue must not fail because users filled the router.
+                self.config.swarms.restored();
+            } else {
+                self.config
+                    .swarms
+                    .take(creator)
+                    .map_err(|refused| match refused {
+                        SwarmRefused::Router { max } => CoreError::TooManySwarms { max },
+                        SwarmRefused::Agent { max } => CoreError::AgentSwarmQuota { max },
+                    })?;
             }
             let epoch = Epoch(splitmix64(&mut self.epoch_rng).max(1));
-            let swarm = Swarm::new(name, epoch, OpId(0));
+            let mut swarm = Swarm::new(name, epoch, OpId(0));
+            swarm.creator = creator
+                .filter(|_| !crate::log::is_internal(name))
+                .map(Arc::from);
             self.swarms.insert(swarm.name.clone(), swarm);
         }
         Ok(self
@@ -476,7 +504,7 @@ impl<H: Clone> Core<H> {
     /// subscribers; on resume every command subscriber catches up from the log, in op order.
     /// Control messages are never held.
     pub fn handle_pause(&mut self, swarm_name: &str, paused: bool) -> Result<(), CoreError> {
-        let swarm = self.swarm_entry(swarm_name)?;
+        let swarm = self.swarm_entry(swarm_name, None)?;
         swarm.paused = paused;
         let name = swarm.name.clone();
         if !paused {
@@ -509,7 +537,7 @@ impl<H: Clone> Core<H> {
         resume: Option<(Epoch, OpId)>,
     ) -> Result<bool, CoreError> {
         let handle_for_reply = handle.clone();
-        let swarm = self.swarm_entry(swarm_name)?;
+        let swarm = self.swarm_entry(swarm_name, Some(agent))?;
         swarm.check_available()?;
         let mut cursor = None;
         let mut epoch_changed = None;
@@ -734,6 +762,30 @@ impl<H: Clone> Core<H> {
         rewound
     }
 
+    /// Frees the swarms that hold nothing: no log, no subscriber, nothing in flight, not
+    /// paused, available. Such a swarm is only a name (subscribed to and left, or created
+    /// by a refused request); a later request creates it again, with a new epoch, which no
+    /// one can notice as it never gave out an op. Returns how many were freed.
+    pub fn collect_idle(&mut self) -> usize {
+        let budget = &self.config.swarms;
+        let catching = &mut self.catching_swarms;
+        let before = self.swarms.len();
+        self.swarms.retain(|name, swarm| {
+            let idle = !swarm.log_created
+                && swarm.pending.is_empty()
+                && swarm.subscribers.iter().all(Vec::is_empty)
+                && swarm.acked.is_empty()
+                && !swarm.paused
+                && swarm.unavailable.is_none();
+            if idle {
+                budget.give_back(swarm.creator.as_deref());
+                catching.remove(name);
+            }
+            !idle
+        });
+        before - self.swarms.len()
+    }
+
     /// A DeltaRequest from `agent`: ops `from..=to` (`to` 0: the latest durable op) of the
     /// swarm, at most `delta_max_ops`, answered through a `ReadDelta` action.
     #[allow(clippy::too_many_arguments)]
@@ -879,7 +931,7 @@ impl<H: Clone> Core<H> {
                 awaiting_durability: false,
             });
         }
-        let swarm = self.swarm_entry(&publish.swarm)?;
+        let swarm = self.swarm_entry(&publish.swarm, Some(source_agent))?;
         swarm.check_available()?;
         let create_log = (!swarm.log_created).then(|| (swarm.name.clone(), swarm.epoch));
         swarm.log_created = true;
@@ -1610,9 +1662,66 @@ mod tests {
     }
 
     #[test]
+    fn the_swarm_cap_is_shared_by_shards_and_idle_swarms_are_freed() {
+        let swarms = SwarmBudget::new(3, 2);
+        let config = CoreConfig {
+            swarms: swarms.clone(),
+            ..CoreConfig::default()
+        };
+        let (mut one, mut two) = (
+            Core::<u64>::with_config(config.clone()),
+            Core::<u64>::with_config(config),
+        );
+        let subscribe = |core: &mut Core<u64>, conn: u64, who: &str, swarm: &str| {
+            core.handle_subscribe(
+                ConnId(conn),
+                &agent(who),
+                conn,
+                swarm,
+                Class::Telemetry,
+                None,
+                None,
+            )
+        };
+        subscribe(&mut one, 1, "a", "s1").unwrap();
+        subscribe(&mut one, 1, "a", "s2").unwrap();
+        // The agent's quota is full: in either shard.
+        assert_eq!(
+            subscribe(&mut two, 1, "a", "s3"),
+            Err(CoreError::AgentSwarmQuota { max: 2 })
+        );
+        // An ordered publish gives s3 a log: it stays in memory.
+        two.handle_publish(
+            "b",
+            PUBLISHER,
+            &publish("s3", Class::Command, None, b"x"),
+            now(),
+        )
+        .unwrap();
+        drain(&mut two);
+        // The router-wide cap counts both shards.
+        assert_eq!(
+            subscribe(&mut two, 2, "b", "s4"),
+            Err(CoreError::TooManySwarms { max: 3 })
+        );
+        // Subscribed swarms, and swarms with a log, are not freed.
+        assert_eq!(one.collect_idle() + two.collect_idle(), 0);
+        one.handle_disconnect(ConnId(1));
+        assert_eq!(one.collect_idle(), 2);
+        assert_eq!(
+            (one.swarm_count(), two.swarm_count(), swarms.held()),
+            (0, 1, 1)
+        );
+        assert_eq!(two.collect_idle(), 0);
+        // Room again, and the agent's quota was given back.
+        subscribe(&mut two, 1, "a", "s1").unwrap();
+        subscribe(&mut one, 1, "a", "s2").unwrap();
+        assert_eq!(swarms.held(), 3);
+    }
+
+    #[test]
     fn redelivery_rewinds_to_the_last_ack_never_before_the_subscription() {
         let mut core = Core::<u64>::with_config(CoreConfig {
-            max_swarms: 10,
             redelivery_timeout: Duration::from_secs(1),
             ..CoreConfig::default()
         });

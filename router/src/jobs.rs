@@ -71,6 +71,12 @@ pub struct JobsConfig {
     pub max_jobs_per_swarm: usize,
     /// The `retry_after_ms` of that Busy.
     pub busy_retry_after_ms: u32,
+    /// Bytes the router's jobs may hold in memory (payloads, results, progress, and 256
+    /// bytes of bookkeeping per job), all swarms together; a submit past it is refused with
+    /// Busy.
+    pub max_bytes: u64,
+    /// The same for the jobs of one submitting agent.
+    pub max_bytes_per_agent: u64,
     /// A submit with an idempotency key seen within this window returns the earlier job.
     pub dedup_window_ms: u64,
     /// Idempotency keys remembered router-wide; past it the oldest are forgotten first.
@@ -97,6 +103,8 @@ impl Default for JobsConfig {
         JobsConfig {
             max_jobs_per_swarm: 100_000,
             busy_retry_after_ms: 100,
+            max_bytes: 1 << 30,
+            max_bytes_per_agent: 256 << 20,
             dedup_window_ms: 600_000,
             max_dedup_keys: 1_000_000,
             visibility_timeout_ms: 30_000,
@@ -113,18 +121,19 @@ impl Default for JobsConfig {
 impl JobsConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.max_jobs_per_swarm == 0
+            || self.max_bytes == 0
+            || self.max_bytes_per_agent == 0
             || self.visibility_timeout_ms == 0
             || self.max_attempts == 0
             || self.max_attempts_limit < self.max_attempts
             || self.default_weight == 0
             || self.backoff_cap_ms < self.backoff_base_ms
         {
-            return Err(
-                "jobs: max_jobs_per_swarm, visibility_timeout_ms, max_attempts and \
-                        default_weight must be at least 1, max_attempts_limit at least \
+            return Err("jobs: max_jobs_per_swarm, max_bytes, max_bytes_per_agent, \
+                        visibility_timeout_ms, max_attempts and default_weight must be at \
+                        least 1, max_attempts_limit at least \
                         max_attempts, backoff_cap_ms at least backoff_base_ms"
-                    .into(),
-            );
+                .into());
         }
         if let Some((swarm, _)) = self.swarm_weights.iter().find(|(_, w)| **w == 0) {
             return Err(format!("jobs.swarm_weights.{swarm:?} must be at least 1"));
@@ -470,6 +479,25 @@ struct Job {
     /// The latest progress of the running attempt (attempt, payload), resent to the
     /// submitter when it reconnects.
     progress: Option<(u32, Bytes)>,
+    /// What this job is counted for against `max_bytes` and its submitter's
+    /// `max_bytes_per_agent` (see [`Jobs::account`]).
+    charged: u64,
+}
+
+/// Bytes a job is counted for besides its payloads: its names and bookkeeping. So jobs
+/// with empty payloads are bounded by the byte caps too.
+const JOB_OVERHEAD_BYTES: u64 = 256;
+
+/// What `job` holds in memory, as the byte caps count it.
+fn job_bytes(job: &Job) -> u64 {
+    let spec = &job.spec;
+    let held = spec.payload.len()
+        + spec.idempotency_key.len()
+        + spec.swarm.len()
+        + job.result.len()
+        + job.reason.len()
+        + job.progress.as_ref().map_or(0, |(_, p)| p.len());
+    JOB_OVERHEAD_BYTES + held as u64
 }
 
 #[derive(Debug, Default)]
@@ -526,6 +554,9 @@ pub struct Jobs {
     rng: u64,
     fenced_results: u64,
     leases_made: u64,
+    /// Bytes counted for all jobs, and per submitter (see [`Jobs::account`]).
+    bytes_held: u64,
+    bytes_by_agent: HashMap<String, u64>,
 }
 
 impl Jobs {
@@ -552,6 +583,8 @@ impl Jobs {
             rng: seed,
             fenced_results: 0,
             leases_made: 0,
+            bytes_held: 0,
+            bytes_by_agent: HashMap::new(),
         };
         jobs.restore(records, now_ms);
         jobs
@@ -613,6 +646,7 @@ impl Jobs {
                 result: Bytes::new(),
                 final_durable: false,
                 progress: None,
+                charged: 0,
             };
             let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
             match f.end {
@@ -632,6 +666,7 @@ impl Jobs {
                     }
                     self.pending.entry(submitter).or_default().insert(id);
                     self.jobs.insert(id, job);
+                    self.account(id);
                 }
                 other => {
                     if let Some(end) = other {
@@ -642,6 +677,7 @@ impl Jobs {
                         self.deadlines.insert((job.spec.deadline_ms, id));
                     }
                     self.jobs.insert(id, job);
+                    self.account(id);
                     self.make_ready(id, now_ms);
                 }
             }
@@ -871,6 +907,30 @@ impl Jobs {
                 retry_after_ms,
             });
         }
+        let asked_bytes = JOB_OVERHEAD_BYTES
+            + (submit.payload.len() + submit.idempotency_key.len() + submit.swarm.len()) as u64;
+        let agent_bytes = self.bytes_by_agent.get(agent).copied().unwrap_or_default();
+        let over = if self.bytes_held + asked_bytes > self.config.max_bytes {
+            Some(format!(
+                "the router's jobs hold {} bytes (jobs.max_bytes = {})",
+                self.bytes_held, self.config.max_bytes
+            ))
+        } else if agent_bytes + asked_bytes > self.config.max_bytes_per_agent {
+            Some(format!(
+                "this agent's jobs hold {agent_bytes} bytes (jobs.max_bytes_per_agent = {})",
+                self.config.max_bytes_per_agent
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = over {
+            return Err(Refusal {
+                code: ErrorCode::Busy,
+                message,
+                retry_after_ms,
+            });
+        }
+        let queue = self.queue(&submit.swarm);
         queue.held += 1;
         let max_attempts = match submit.max_attempts {
             0 => self.config.max_attempts,
@@ -911,8 +971,10 @@ impl Jobs {
                 result: Bytes::new(),
                 final_durable: false,
                 progress: None,
+                charged: 0,
             },
         );
+        self.account(job_id);
         Ok(Submitted::New { job_id, record })
     }
 
@@ -945,7 +1007,7 @@ impl Jobs {
             }
             Err(why) => {
                 let spec = job.spec.clone();
-                self.jobs.remove(&job_id);
+                self.drop_job(job_id);
                 let queue = self.queue(&spec.swarm);
                 queue.held = queue.held.saturating_sub(1);
                 if queue
@@ -1184,7 +1246,45 @@ impl Jobs {
         job.reason = reason.to_owned();
         job.result = result;
         job.final_durable = false;
+        self.account(job_id);
         true
+    }
+
+    /// Counts what job `job_id` holds now against the byte caps (after it was inserted or
+    /// its result, reason or progress changed).
+    fn account(&mut self, job_id: JobId) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let now = job_bytes(job);
+        let before = std::mem::replace(&mut job.charged, now);
+        self.bytes_held = self.bytes_held - before + now;
+        let agent = self
+            .bytes_by_agent
+            .entry(job.spec.submitter.clone())
+            .or_default();
+        *agent = *agent - before + now;
+    }
+
+    /// Removes job `job_id` and gives back what it was counted for.
+    fn drop_job(&mut self, job_id: JobId) -> Option<Job> {
+        let job = self.jobs.remove(&job_id)?;
+        self.bytes_held -= job.charged;
+        if let Some(agent) = self.bytes_by_agent.get_mut(&job.spec.submitter) {
+            *agent -= job.charged;
+            if *agent == 0 {
+                self.bytes_by_agent.remove(&job.spec.submitter);
+            }
+        }
+        Some(job)
+    }
+
+    /// Bytes the jobs hold as the caps count them: all, and `agent`'s.
+    pub fn bytes_held(&self, agent: &str) -> (u64, u64) {
+        (
+            self.bytes_held,
+            self.bytes_by_agent.get(agent).copied().unwrap_or_default(),
+        )
     }
 
     fn end_record(job: &Job, kind: EndKind) -> JobRecord {
@@ -1299,6 +1399,7 @@ impl Jobs {
                         .push((session.outbox.clone(), Lane::Jobs, frame.clone()));
                 }
             }
+            self.account(job_id);
         }
         fx
     }
@@ -1463,7 +1564,7 @@ impl Jobs {
             swarm: swarm.clone(),
             job_id,
         });
-        self.jobs.remove(&job_id);
+        self.drop_job(job_id);
         let queue = self.queue(&swarm);
         queue.held = queue.held.saturating_sub(1);
         if let Some(entry) = queue.dedup.get_mut(&key) {
@@ -1538,6 +1639,7 @@ impl Jobs {
         let deadline = job.spec.deadline_ms;
         let mut fx = Effects::default();
         fx.finals.push(Self::end_record(job, EndKind::Redriven));
+        self.account(job_id);
         self.queue(swarm).dead.remove(&job_id);
         if let Some(pending) = self.pending.get_mut(submitter.as_str()) {
             pending.remove(&job_id);
@@ -1987,6 +2089,52 @@ mod tests {
         let acked = jobs.ack("submitter", id);
         assert_eq!(acked.records.len(), 2);
         assert_eq!(jobs.counts().jobs, 0);
+    }
+
+    #[test]
+    fn job_bytes_are_capped_per_agent_and_router_wide_until_acknowledged() {
+        let config = JobsConfig {
+            max_bytes: 3_000,
+            max_bytes_per_agent: 2_000,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config, [], 0, 1);
+        let who = outbox(1);
+        jobs.connect(ConnId(1), "submitter", &who, None);
+        let big = |key: &str| SubmitJob {
+            payload: Bytes::from(vec![0u8; 1_000]),
+            ..submit("s", key, None)
+        };
+        let busy = |result: Result<Submitted, Refusal>| match result {
+            Err(refusal) => assert_eq!(refusal.code, ErrorCode::Busy),
+            Ok(other) => panic!("expected Busy, got {other:?}"),
+        };
+        let (id, _) = accept(&mut jobs, &who, big("one"), 0);
+        // Each job counts its payload, names and 256 bytes: a second is past the quota.
+        let (held, mine) = jobs.bytes_held("submitter");
+        assert!(held == mine && mine > 1_000 + JOB_OVERHEAD_BYTES);
+        busy(jobs.submit("submitter", &who, big("two"), 0));
+        // Another agent has room, up to the router's cap.
+        let other = outbox(3);
+        assert!(matches!(
+            jobs.submit("other", &other, big("three"), 0),
+            Ok(Submitted::New { .. })
+        ));
+        busy(jobs.submit("third", &other, big("four"), 0));
+        // The result counts to the submitter too, until the submitter acknowledges it.
+        let (out, fx) = worker(&mut jobs, 2, &["s"], 1);
+        let lease = leases(&fx).pop().unwrap().1;
+        assert_eq!(lease.job_id, id);
+        let result = JobResult {
+            payload: Bytes::from(vec![1u8; 500]),
+            ..ok_result(&lease)
+        };
+        jobs.result(ConnId(2), &out, result, 1).unwrap();
+        assert_eq!(jobs.bytes_held("submitter").1, mine + 500);
+        jobs.finals_written(&[id]);
+        jobs.ack("submitter", id);
+        assert_eq!(jobs.bytes_held("submitter").1, 0);
+        accept(&mut jobs, &who, big("two"), 2);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`workers`]: worker nodes, affine sessions and request/reply (GPU affinity).
 //! - [`jobs`]: the async job queue (durable jobs, leases, retries, dead letters).
 //! - [`record_key`]: unambiguous keys of the router's internal records.
+//! - [`quota`]: router-wide caps and per-agent quotas (unfinished frames, swarms).
 //! - [`stats`]: router-wide counters.
 //! - [`error`]: the crate's error type.
 
@@ -25,6 +26,7 @@ pub mod jobs;
 pub mod limits;
 pub mod log;
 pub mod outbox;
+pub mod quota;
 pub mod record_key;
 pub mod server;
 pub mod shard;

@@ -44,10 +44,13 @@ const DEFAULT_LEASE: &str = "leader";
 
 /// The source agent of messages the router itself publishes (breaker alerts).
 pub const ROUTER_AGENT: &str = "swarmbus-router";
-use crate::control::{Clock, Joined, Leases, Presence, Present, Restored, Stops, CONTROL_SWARM};
+use crate::control::{
+    Clock, Joined, LeaseLimits, Leases, Presence, Present, Restored, Stops, CONTROL_SWARM,
+};
 use crate::jobs::{Effects, JobCounts, JobRecord, Jobs, Submitted, JOBS_SWARM_PREFIX};
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
+use crate::quota::{PartialFrames, RouterPartialFrames, SwarmBudget};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls;
@@ -96,6 +99,8 @@ struct Context {
     clock: Clock,
     /// The job queue (sans-IO, under one lock like `workers`).
     jobs: Mutex<Jobs>,
+    /// Bytes of unfinished frames across the router (see [`crate::quota`]).
+    partial_frames: Arc<RouterPartialFrames>,
 }
 
 /// A session's offer of a bulk connection, until a connection attaches with its token.
@@ -153,6 +158,14 @@ impl Context {
         } else {
             &self.shards[shard_of(swarm, self.shards.len())]
         }
+    }
+
+    /// A new connection's budget for unfinished frames.
+    fn partial_frames(&self) -> Arc<PartialFrames> {
+        PartialFrames::new(
+            self.config.limits.partial_frame_bytes,
+            self.partial_frames.clone(),
+        )
     }
 
     fn attachments(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingAttach>> {
@@ -655,6 +668,11 @@ impl Router {
             per_shard[index].push(swarm);
         }
         let retention = config.log.retention();
+        // One count of swarms for every shard: `limits.max_swarms` is router-wide.
+        let swarm_budget = SwarmBudget::new(
+            config.limits.max_swarms as usize,
+            config.limits.max_swarms_per_agent as usize,
+        );
         let mut shards: Vec<ShardSender> = per_shard
             .into_iter()
             .zip(event_receivers.into_iter().zip(event_senders))
@@ -677,7 +695,7 @@ impl Router {
                 // A shard runs on the runtime it is started from.
                 let _inside = job_shard.then(|| bulk.handle().enter());
                 let core_config = CoreConfig {
-                    max_swarms: config.limits.max_swarms as usize,
+                    swarms: swarm_budget.clone(),
                     epoch_seed: log::store::new_epoch().0,
                     redelivery_timeout: Duration::from_millis(config.log.redelivery_timeout_ms),
                     delta_max_ops: config.log.delta_max_ops,
@@ -705,6 +723,11 @@ impl Router {
             .then(|| crate::limits::IntakeBudget::new(None));
         let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
         alert_sink.close();
+        let partial_frames = RouterPartialFrames::new(config.limits.router_partial_frame_bytes);
+        let lease_limits = LeaseLimits {
+            max_leases: config.limits.max_leases as usize,
+            max_held_per_agent: config.limits.max_leases_per_agent as usize,
+        };
         let context = Arc::new(Context {
             decode: DecodeOptions::for_swarms_per_session(config.limits.max_swarms_per_session),
             config,
@@ -723,7 +746,12 @@ impl Router {
             alert_sink,
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
-                leases: Leases::restore(restored.leases, clock.now_ms(), unknown_lease_ttl_ms),
+                leases: Leases::restore(
+                    restored.leases,
+                    clock.now_ms(),
+                    unknown_lease_ttl_ms,
+                    lease_limits,
+                ),
                 stops: {
                     let mut stops = Stops::default();
                     for (agent, until) in restored.stops {
@@ -734,6 +762,7 @@ impl Router {
             }),
             clock,
             jobs: Mutex::new(jobs),
+            partial_frames,
         });
         for swarm in restored.paused {
             let shard = context.shard_for(&swarm);
@@ -980,21 +1009,41 @@ enum Read {
 struct FrameReader {
     recv: RecvStream,
     decoder: FrameDecoder,
+    /// The connection's budget for unfinished frames, and what this reader holds of it.
+    partial: Arc<PartialFrames>,
+    charged: usize,
 }
 
 impl FrameReader {
-    fn new(recv: RecvStream, max_frame_bytes: usize) -> Self {
+    fn new(recv: RecvStream, max_frame_bytes: usize, partial: Arc<PartialFrames>) -> Self {
         FrameReader {
             recv,
             decoder: FrameDecoder::new(max_frame_bytes),
+            partial,
+            charged: 0,
+        }
+    }
+
+    /// Charges what the decoder holds now against the connection's budget.
+    fn settle(&mut self) -> Result<(), Fault> {
+        let held = self.decoder.held_bytes();
+        match self.partial.recharge(self.charged, held) {
+            Ok(()) => {
+                self.charged = held;
+                Ok(())
+            }
+            Err(refused) => Err(Fault::new(ErrorCode::Busy, refused.to_string())),
         }
     }
 
     async fn next(&mut self, options: &DecodeOptions) -> Result<Read, Fault> {
         loop {
             match self.decoder.next_message(options) {
-                Ok(Some(message)) => return Ok(Read::Message(message)),
-                Ok(None) => {}
+                Ok(Some(message)) => {
+                    self.settle()?;
+                    return Ok(Read::Message(message));
+                }
+                Ok(None) => self.settle()?,
                 Err(error) => return Err(Fault::new(error.code(), error.to_string())),
             }
             match self.recv.read_chunk(usize::MAX, true).await {
@@ -1012,6 +1061,12 @@ impl FrameReader {
                 Err(_) => return Ok(Read::Gone),
             }
         }
+    }
+}
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        self.partial.give_back(self.charged);
     }
 }
 
@@ -1068,6 +1123,8 @@ struct Session {
     max_payload_bytes: usize,
     /// DeltaRequests answered in the current one-second window: (window start, count).
     delta_window: Mutex<(std::time::Instant, u32)>,
+    /// The same for PresenceQuery requests.
+    presence_window: Mutex<(std::time::Instant, u32)>,
     /// Rate limits and circuit breaker.
     limits: Mutex<SessionLimits>,
     /// The breakers of the joined swarms.
@@ -1487,6 +1544,15 @@ impl Session {
                 ),
                 remaining_ms.clamp(1, u64::from(u32::MAX)) as u32,
             ),
+            Err(LeaseRefusal::Limit(why)) => self.refuse_with_retry(
+                ErrorCode::Busy,
+                request_id,
+                format!(
+                    "lease {:?} of {:?} refused: {why}",
+                    request.name, request.swarm
+                ),
+                1_000,
+            ),
             Err(LeaseRefusal::Lost { newest_token }) => self.refuse(
                 ErrorCode::LeaseLost,
                 request_id,
@@ -1755,18 +1821,7 @@ impl Session {
                 }
                 // Deltas are read from disk on the shard: each session gets a budget.
                 let max_per_s = self.context.config.log.delta_requests_per_s;
-                let over_budget = {
-                    let mut window = self
-                        .delta_window
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
-                    if window.0.elapsed() >= Duration::from_secs(1) {
-                        *window = (std::time::Instant::now(), 0);
-                    }
-                    window.1 += 1;
-                    window.1 > max_per_s
-                };
-                if over_budget {
+                if over_per_second(&self.delta_window, max_per_s) {
                     self.refuse(
                         ErrorCode::Busy,
                         request_id,
@@ -1795,15 +1850,21 @@ impl Session {
                     self.not_joined(&swarm, request_id);
                     return Ok(());
                 }
-                let mut members = self.context.control().presence.list(&swarm);
+                // Each session gets a budget (the list is built under the control lock).
+                let max_per_s = self.context.config.presence.queries_per_s;
+                if over_per_second(&self.presence_window, max_per_s) {
+                    self.refuse_with_retry(
+                        ErrorCode::Busy,
+                        request_id,
+                        format!("at most {max_per_s} presence queries per second per session"),
+                        1_000,
+                    );
+                    return Ok(());
+                }
                 // Keep the answer well within a frame (agent ids and metadata are bounded,
                 // so this cuts only very large swarms; the list is sorted by agent id).
                 let budget = self.context.config.limits.max_frame_bytes as usize / 2;
-                let mut used = 0;
-                members.retain(|m| {
-                    used += m.agent.len() + m.metadata.len() + 32;
-                    used <= budget
-                });
+                let members = self.context.control().presence.list(&swarm, budget);
                 let _ = self.outbox.push(
                     Lane::Session,
                     encode(&Message::PresenceList {
@@ -2152,6 +2213,19 @@ impl Session {
     }
 }
 
+/// Counts one request in a one-second window (start, requests so far): whether it is past
+/// `max_per_s`.
+fn over_per_second(window: &Mutex<(std::time::Instant, u32)>, max_per_s: u32) -> bool {
+    let mut window = window
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if window.0.elapsed() >= Duration::from_secs(1) {
+        *window = (std::time::Instant::now(), 0);
+    }
+    window.1 = window.1.saturating_add(1);
+    window.1 > max_per_s
+}
+
 fn subscription_key(s: &Subscription) -> (String, Class, Option<String>) {
     (s.swarm.clone(), s.class, s.agent_filter.clone())
 }
@@ -2248,6 +2322,7 @@ fn check_hello(hello: &Hello, config: &Config) -> Result<(), Fault> {
 async fn handshake(
     connection: &Connection,
     context: &Context,
+    partial: Arc<PartialFrames>,
 ) -> Result<(SendStream, FrameReader, Hello), Fault> {
     let max_frame = context.config.limits.max_frame_bytes as usize;
     // Publish streams a client opens right behind its Hello (pipelining) wait, unaccepted,
@@ -2256,7 +2331,7 @@ async fn handshake(
         .accept_bi()
         .await
         .map_err(|e| Fault::new(ErrorCode::HelloRequired, e.to_string()))?;
-    let mut reader = FrameReader::new(recv, max_frame);
+    let mut reader = FrameReader::new(recv, max_frame, partial);
     match reader.next(&context.decode).await? {
         Read::Message(Message::Hello(hello)) => {
             check_hello(&hello, &context.config)?;
@@ -2349,7 +2424,13 @@ async fn run_connection(
         return;
     }
     let hello_timeout = Duration::from_millis(context.config.limits.hello_timeout_ms);
-    let handshake = tokio::time::timeout(hello_timeout, handshake(&connection, &context)).await;
+    // One budget for the unfinished frames of all this connection's streams.
+    let partial = context.partial_frames();
+    let handshake = tokio::time::timeout(
+        hello_timeout,
+        handshake(&connection, &context, partial.clone()),
+    )
+    .await;
     let (send, mut session_reader, hello) = match handshake {
         Ok(Ok(ok)) => ok,
         Ok(Err(fault)) => {
@@ -2492,6 +2573,7 @@ async fn run_connection(
         context: context.clone(),
         max_payload_bytes: max_payload_bytes(config.limits.max_frame_bytes as usize),
         delta_window: Mutex::new((std::time::Instant::now(), 0)),
+        presence_window: Mutex::new((std::time::Instant::now(), 0)),
         limits: Mutex::new(SessionLimits {
             buckets: ClassBuckets::new(
                 config.rate_limits.rates_for(hello.role),
@@ -2560,8 +2642,13 @@ async fn run_connection(
         .connect(conn, &session.agent, &outbox, worker_swarms.as_deref());
     context.apply_job_effects(joined);
     let uni_task = tokio::spawn(
-        accept_publish_streams(connection.clone(), session.clone(), connection.clone())
-            .in_current_span(),
+        accept_publish_streams(
+            connection.clone(),
+            partial,
+            session.clone(),
+            connection.clone(),
+        )
+        .in_current_span(),
     );
     let attach_wait = ATTACH_WAIT.min(hello_timeout);
     let bulk_task = attached_rx.map(|attached| {
@@ -2748,7 +2835,10 @@ async fn serve_bulk_connection(
     // Aborting this task (the session ended) aborts the accept loop with it. A fault on a
     // bulk stream closes the session's main connection, whose close the application sees.
     let mut accepting = AbortOnDrop(
-        handle.spawn(accept_publish_streams(bulk, session.clone(), main).in_current_span()),
+        handle.spawn(
+            accept_publish_streams(bulk, context.partial_frames(), session.clone(), main)
+                .in_current_span(),
+        ),
     );
     let _ = (&mut accepting.0).await;
 }
@@ -2823,6 +2913,7 @@ async fn attach_bulk_connection(
 /// closes `faults_to` (the session's main connection).
 async fn accept_publish_streams(
     connection: Connection,
+    partial: Arc<PartialFrames>,
     session: Arc<Session>,
     faults_to: Connection,
 ) {
@@ -2833,7 +2924,7 @@ async fn accept_publish_streams(
     while let Ok(recv) = connection.accept_uni().await {
         // Reap finished readers so the set stays as small as the open streams.
         while readers.try_join_next().is_some() {}
-        let reader = FrameReader::new(recv, max_frame);
+        let reader = FrameReader::new(recv, max_frame, partial.clone());
         readers.spawn(
             read_publish_stream(reader, session.clone(), faults_to.clone()).in_current_span(),
         );
@@ -3159,6 +3250,7 @@ async fn govern_bulk_intake(context: std::sync::Weak<Context>) {
 /// leave is announced and their connection closed with HeartbeatTimeout.
 async fn presence_maintenance(context: std::sync::Weak<Context>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sweeps = 0u64;
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tick.tick().await;
@@ -3170,6 +3262,11 @@ async fn presence_maintenance(context: std::sync::Weak<Context>) {
             continue;
         }
         let now_ms = context.clock.now_ms();
+        sweeps += 1;
+        if sweeps.is_multiple_of(10) {
+            // Once a second: expired lease holdings give their holders' places back.
+            context.control().leases.sweep(now_ms);
+        }
         let gone = context.control().presence.expire(now_ms, timeout);
         for (agent, present) in gone {
             present.outbox.request_close(ErrorCode::HeartbeatTimeout);

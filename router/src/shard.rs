@@ -363,6 +363,7 @@ impl Shard {
                 _ = tick.tick() => {
                     let now = Now::system();
                     self.core.handle_tick(now.instant);
+                    self.core.collect_idle();
                     self.try_recoveries(now);
                     if now.instant.duration_since(last_maintenance) >= self.maintenance_interval {
                         last_maintenance = now.instant;

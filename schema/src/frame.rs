@@ -52,8 +52,26 @@ impl FrameDecoder {
             self.chunk = chunk;
         } else {
             self.spill();
+            self.grow_for(chunk.len());
             self.partial.extend_from_slice(&chunk);
         }
+    }
+
+    /// Makes room for `incoming` more bytes of the frame in assembly: the buffer at least
+    /// doubles (few copies) but never grows past the frame's announced end, so what it holds
+    /// stays within twice what arrived and within the frame's size.
+    fn grow_for(&mut self, incoming: usize) {
+        let wanted = self.partial.len() + incoming;
+        if wanted <= self.partial.capacity() {
+            return;
+        }
+        let frame_end = match self.frame_len(&self.partial) {
+            Ok(Some(len)) => LENGTH_PREFIX_BYTES + len,
+            // No length yet, or one past the limit (refused by the next `next_frame`).
+            _ => wanted,
+        };
+        let target = wanted.max((2 * self.partial.len()).min(frame_end));
+        self.partial.reserve(target - self.partial.len());
     }
 
     /// Moves the rest of `chunk` into `partial` (a frame crosses the chunk boundary).
@@ -97,12 +115,10 @@ impl FrameDecoder {
                 frame.advance(LENGTH_PREFIX_BYTES);
                 Ok(Some(frame.freeze()))
             }
-            Some(len) => {
-                self.partial
-                    .reserve(LENGTH_PREFIX_BYTES + len - self.partial.len());
-                Ok(None)
-            }
-            None => Ok(None),
+            // Nothing is reserved for the announced length: the buffer grows as the bytes
+            // arrive, so a peer that announces a large frame and stops costs only what it
+            // sent.
+            _ => Ok(None),
         }
     }
 
@@ -125,6 +141,13 @@ impl FrameDecoder {
     /// Bytes buffered and not yet returned as frames.
     pub fn buffered_bytes(&self) -> usize {
         self.chunk.len() + self.partial.len()
+    }
+
+    /// Memory the decoder holds for frames not yet returned: the buffered rest of the
+    /// latest chunk and the assembly buffer's capacity. What a reader charges against its
+    /// connection's budget for partial frames.
+    pub fn held_bytes(&self) -> usize {
+        self.chunk.len() + self.partial.capacity()
     }
 }
 
@@ -262,6 +285,40 @@ mod tests {
         dec.push(Bytes::from_static(&[8, 0, 0, 0, 1, 2]));
         assert!(dec.next_frame().unwrap().is_none());
         assert!(!dec.is_idle());
+    }
+
+    #[test]
+    fn an_announced_length_reserves_nothing_until_its_bytes_arrive() {
+        // A 5-byte chunk announcing a 1 MiB frame must not make the decoder hold 1 MiB.
+        let mut dec = FrameDecoder::new(1 << 20);
+        let mut header = (1u32 << 20).to_le_bytes().to_vec();
+        header.push(7);
+        dec.push(Bytes::from(header));
+        assert!(dec.next_frame().unwrap().is_none());
+        assert!(
+            dec.held_bytes() < 4096,
+            "{} bytes held for 5 received",
+            dec.held_bytes()
+        );
+        // The rest arrives in pieces: what is held grows with it (at most twice what came,
+        // as a growing buffer does) and the frame comes out whole.
+        let mut received = 5;
+        let piece = vec![7u8; 64 << 10];
+        while received < 4 + (1 << 20) {
+            let n = piece.len().min(4 + (1 << 20) - received);
+            dec.push(Bytes::copy_from_slice(&piece[..n]));
+            received += n;
+            if received < 4 + (1 << 20) {
+                assert!(dec.next_frame().unwrap().is_none());
+                let held = dec.held_bytes();
+                assert!(held <= 2 * received, "{held} held for {received}");
+                assert!(held <= (1 << 20) + 4096, "{held} held for a frame of 1 MiB");
+            }
+        }
+        let frame = dec.next_frame().unwrap().unwrap();
+        assert_eq!(frame.len(), 1 << 20);
+        assert!(frame.iter().all(|b| *b == 7));
+        assert!(dec.is_idle());
     }
 
     fn out_frame(head: &[u8], body: Vec<u8>) -> crate::codec::OutFrame {

@@ -23,7 +23,7 @@ use thiserror::Error;
 
 pub use compact::{Compacted, Retention};
 pub use record::{encode_record, Record, RecordParts};
-pub use store::{recover_all, RecoveryNote, SwarmLog};
+pub use store::{is_internal, recover_all, RecoveryNote, SwarmLog};
 pub use writer::{LogEvent, LogWriter, WriterKind};
 
 /// When appends are made durable. A publisher's command is acknowledged once it is durable

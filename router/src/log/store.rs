@@ -104,6 +104,12 @@ pub struct RecoveryNote {
 }
 
 /// Directory name for a swarm: a filesystem-safe prefix of its name and a hash of it.
+/// Whether `swarm` is one of the router's internal swarms (names starting with `$`, which
+/// clients cannot use).
+pub fn is_internal(swarm: &str) -> bool {
+    swarm.starts_with('$')
+}
+
 pub fn swarm_dir_name(name: &str) -> String {
     let prefix: String = name
         .chars()
@@ -214,7 +220,7 @@ impl SwarmLog {
     /// Whether this is one of the router's internal logs (names starting with `$`, which
     /// clients cannot use): compacted by key only, never aged out or size-trimmed.
     pub fn is_internal(&self) -> bool {
-        self.name.starts_with('$')
+        is_internal(&self.name)
     }
 
     /// The last op stored (0 when empty).
