@@ -1,8 +1,10 @@
-//! Event log faults under a live router: a disk that refuses writes for a while.
+//! Event log faults under a live router: a disk that refuses writes for a while, and one
+//! that does not answer.
 //!
-//! The fault: directories stand where the swarm's next segment files would be created, so
+//! The faults: directories stand where the swarm's next segment files would be created, so
 //! the writer's open of the next segment fails (EISDIR) exactly as on a disk that refuses
-//! new files, until the test removes them.
+//! new files, until the test removes them; a FIFO stands where a file is read or created,
+//! so opening it blocks until the test opens its other end.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -235,5 +237,132 @@ async fn a_job_end_is_announced_only_once_durable() {
         .expect("the worker is answered")
         .unwrap();
     assert_eq!(status.unwrap().state, JobState::Completed);
+    t.router.shutdown().await;
+}
+
+/// Makes `path` a FIFO: opening it blocks until the other end is opened, as a read or a
+/// file creation on a disk that does not answer. Returns what stood there.
+fn stall_at(path: &Path) -> Option<PathBuf> {
+    let moved = path.with_extension("moved");
+    let had = std::fs::rename(path, &moved).is_ok().then_some(moved);
+    let made = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo {}", path.display());
+    had
+}
+
+/// Opens the other end of the FIFO at `path` without waiting (so a stalled open goes on,
+/// and finds the FIFO empty or closed), then puts back what stood there. Returns whether
+/// the router had the FIFO open to write (a read end opens without a writer, so for a
+/// stalled read it is `true` when the router was there to be let go).
+fn unstall(path: &Path, had: Option<PathBuf>, stalled_opens_for_reading: bool) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.custom_flags(libc::O_NONBLOCK);
+    if stalled_opens_for_reading {
+        // Fails (ENXIO) unless a reader, the stalled open, is there.
+        options.write(true);
+    } else {
+        options.read(true);
+    }
+    let opened = options.open(path).is_ok();
+    // The stalled side sees the other end close: its read ends, its write fails.
+    std::thread::sleep(Duration::from_millis(50));
+    std::fs::remove_file(path).unwrap();
+    if let Some(had) = had {
+        std::fs::rename(had, path).unwrap();
+    }
+    opened
+}
+
+fn segment_of(data: &Path, swarm: &str, first_op: u64) -> PathBuf {
+    data.join("log")
+        .join(swarmbus_router::log::store::swarm_dir_name(swarm))
+        .join(format!("{first_op:020}.log"))
+}
+
+/// A log read that blocks (a slow disk, a long catch-up) holds up only the request that
+/// needs it: the shard's other swarms go on. Here one shard holds both swarms and a delta
+/// read of "s" waits on a file that does not answer, while commands to "t" are acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_read_does_not_hold_up_the_shard() {
+    let data = tempfile::tempdir().unwrap();
+    let t = TestRouter::start_on(config(data.path())).await;
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s", "t"]).await;
+    for i in 0..3 {
+        command(&ctl, format!("s-{i}")).await.unwrap();
+    }
+    let segment = segment_of(data.path(), "s", 1);
+    let had = stall_at(&segment);
+    let (agent, _rx) = t.connect("agent", Role::Agent, &["s"]).await;
+    let reading = tokio::spawn(async move { agent.delta("s", OpId(1), OpId(3)).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let other_swarm = tokio::time::timeout(
+        Duration::from_secs(10),
+        ctl.publish(
+            "t",
+            Class::Command,
+            Bytes::from_static(b"t-0"),
+            PublishOptions::default(),
+        ),
+    )
+    .await;
+    assert!(
+        unstall(&segment, had, true),
+        "the delta never read the file"
+    );
+    assert!(
+        matches!(other_swarm, Ok(Ok(_))),
+        "a command to another swarm waited for the stalled read: {other_swarm:?}"
+    );
+    // The stalled read ends (the FIFO gives no records) and the swarm is read again as
+    // it is.
+    let _ = tokio::time::timeout(Duration::from_secs(10), reading)
+        .await
+        .expect("the stalled delta is answered");
+    let (agent, _rx) = t.connect("agent2", Role::Agent, &["s"]).await;
+    let ack = agent.delta("s", OpId(1), OpId(3)).await.unwrap();
+    assert_eq!(ack.count, 3);
+    t.router.shutdown().await;
+}
+
+/// A writer that cannot take more (its queue full behind a file creation that does not
+/// answer) holds back only appends: the shard holds them in order and goes on serving its
+/// other work (here a subscription to another swarm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_writer_queue_does_not_hold_up_the_shard() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config(data.path());
+    config.log.writer_queue = 4;
+    let t = TestRouter::start_on(config).await;
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s", "t"]).await;
+    // The first segment of "s" is a FIFO: the writer's open of it stalls.
+    let segment = segment_of(data.path(), "s", 1);
+    std::fs::create_dir_all(segment.parent().unwrap()).unwrap();
+    let had = stall_at(&segment);
+    // Sent, not waited for: their acknowledgements wait for the writer.
+    let mut publishing = Vec::new();
+    for i in 0..400 {
+        let payload = Bytes::from(format!("{i}-{}", "x".repeat(200)));
+        let options = PublishOptions::default();
+        publishing.push(
+            ctl.publish_start("s", Class::Command, payload, options)
+                .await,
+        );
+    }
+    let (agent, _rx) = t.connect("agent", Role::Agent, &["t"]).await;
+    let subscribed = tokio::time::timeout(
+        Duration::from_secs(10),
+        agent.subscribe("t", Class::Command, None),
+    )
+    .await;
+    unstall(&segment, had, false);
+    assert!(
+        matches!(subscribed, Ok(Ok(()))),
+        "a subscription waited for the writer: {subscribed:?}"
+    );
+    drop(publishing);
     t.router.shutdown().await;
 }

@@ -104,19 +104,23 @@ pub enum Action<H> {
         op: OpId,
         record: RecordParts,
     },
-    /// Answer a DeltaRequest: read `from..=to` of the swarm's log, queue the ops not targeted
-    /// at other agents than `agent` on `to_handle`'s reconciliation stream, then reply with
-    /// a DeltaAck (`more` tells whether the requested range goes on past `to`).
-    ReadDelta {
-        to_handle: H,
-        agent: Arc<str>,
-        swarm: Arc<str>,
-        epoch: Epoch,
-        request_id: u64,
-        from: OpId,
-        to: OpId,
-        more: bool,
-    },
+    /// Answer a DeltaRequest.
+    ReadDelta(DeltaQuery<H>),
+}
+
+/// A DeltaRequest to answer: read `from..=to` of the swarm's log, queue the ops not targeted
+/// at other agents than `agent` on `to_handle`'s reconciliation stream, then reply with a
+/// DeltaAck (`more` tells whether the requested range goes on past `to`).
+#[derive(Debug)]
+pub struct DeltaQuery<H> {
+    pub to_handle: H,
+    pub agent: Arc<str>,
+    pub swarm: Arc<str>,
+    pub epoch: Epoch,
+    pub request_id: u64,
+    pub from: OpId,
+    pub to: OpId,
+    pub more: bool,
 }
 
 /// A subscriber catching up from the log (after a resume point, a redelivery timeout):
@@ -663,12 +667,16 @@ impl<H: Clone> Core<H> {
 
     /// The driver read `ops` (every op of the swarm from the catch-up's `from` through
     /// `read_up_to`, any class) from the log for the subscriber `conn`: queue those it wants,
-    /// in order, and move its cursor on. Once past the durable op it receives live ops.
+    /// in order, and move its cursor on. Once past the durable op it receives live ops. A
+    /// read for a cursor the subscriber no longer has (it subscribed again meanwhile) is
+    /// dropped: the driver reads again from the cursor it has.
+    #[allow(clippy::too_many_arguments)]
     pub fn handle_replayed(
         &mut self,
         conn: ConnId,
         swarm_name: &str,
         class: Class,
+        from: OpId,
         ops: &[ReplayedOp],
         read_up_to: OpId,
         now: Instant,
@@ -683,7 +691,7 @@ impl<H: Clone> Core<H> {
         else {
             return 0;
         };
-        let Some(cursor) = subscriber.cursor else {
+        let Some(cursor) = subscriber.cursor.filter(|cursor| *cursor == from) else {
             return 0;
         };
         let mut queued = 0;
@@ -821,7 +829,7 @@ impl<H: Clone> Core<H> {
                 .0
                 .min(from.0.saturating_add(self.config.delta_max_ops) - 1),
         );
-        self.actions.push_back(Action::ReadDelta {
+        self.actions.push_back(Action::ReadDelta(DeltaQuery {
             to_handle: handle,
             agent: agent.clone(),
             swarm: swarm.name.clone(),
@@ -830,7 +838,7 @@ impl<H: Clone> Core<H> {
             from,
             to: capped,
             more: capped < wanted_end,
-        });
+        }));
         Ok(())
     }
 
@@ -1213,7 +1221,7 @@ mod tests {
                         out.appends.push((swarm.clone(), op));
                         durable.push((swarm, op));
                     }
-                    Action::ReadDelta { .. } => {}
+                    Action::ReadDelta(_) => {}
                 }
             }
             if durable.is_empty() {
@@ -1749,7 +1757,7 @@ mod tests {
         // Ops 1..=5 were durable before it subscribed: only op 6 is sent again.
         assert_eq!((catch_up[0].from, catch_up[0].to), (OpId(6), OpId(6)));
         // Acknowledged: no more redelivery.
-        core.handle_replayed(ConnId(1), "s", Class::Command, &[], OpId(6), start);
+        core.handle_replayed(ConnId(1), "s", Class::Command, OpId(6), &[], OpId(6), start);
         core.handle_ack(ConnId(1), "s", Class::Command, OpId(6), start);
         assert_eq!(core.handle_tick(start + Duration::from_secs(10)), 0);
     }
@@ -1798,10 +1806,22 @@ mod tests {
                 frame: Bytes::from(vec![op as u8]),
             })
             .collect();
+        // A read planned from another cursor (it finished late) is dropped.
         core.handle_replayed(
             ConnId(1),
             "s",
             Class::Command,
+            OpId(4),
+            &replayed,
+            OpId(10),
+            Instant::now(),
+        );
+        assert!(drain(&mut core).deliveries.is_empty());
+        core.handle_replayed(
+            ConnId(1),
+            "s",
+            Class::Command,
+            OpId(5),
             &replayed,
             OpId(10),
             Instant::now(),
@@ -1814,6 +1834,7 @@ mod tests {
             ConnId(1),
             "s",
             Class::Command,
+            OpId(11),
             &[],
             OpId(11),
             Instant::now(),

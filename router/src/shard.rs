@@ -25,8 +25,8 @@ use swarmbus_schema::{
 use tokio::sync::mpsc;
 
 use crate::core::{
-    deliver_head, targeted_elsewhere, Action, ConnId, Core, CoreConfig, CoreError, Now, ReplayedOp,
-    TelemetryRoute,
+    deliver_head, targeted_elsewhere, Action, ConnId, Core, CoreConfig, CoreError, DeltaQuery, Now,
+    ReplayedOp, TelemetryRoute,
 };
 use crate::log::{LogBackend, LogEvent};
 use crate::outbox::{Lane, Outbox};
@@ -238,6 +238,7 @@ pub fn spawn_shard(
     }
     let telemetry = Arc::new(TelemetryRoutes::default());
     telemetry.apply(core.take_telemetry_changes());
+    let (reads_done, reads_rx) = mpsc::unbounded_channel();
     let shard = Shard {
         core,
         log,
@@ -245,8 +246,12 @@ pub fn spawn_shard(
         maintenance_interval,
         telemetry: telemetry.clone(),
         recovering: HashMap::new(),
+        reads_done,
+        catch_up_reads: HashSet::new(),
+        delta_reads: 0,
+        waiting_deltas: std::collections::VecDeque::new(),
     };
-    tokio::spawn(shard.run(urgent_rx, bulk_rx, events));
+    tokio::spawn(shard.run(urgent_rx, bulk_rx, events, reads_rx));
     ShardSender {
         urgent: urgent_tx,
         bulk: bulk_tx,
@@ -313,6 +318,117 @@ struct Shard {
     telemetry: Arc<TelemetryRoutes>,
     /// Swarms whose log failed, being brought back.
     recovering: HashMap<Arc<str>, Recovery>,
+    /// Log reads run on the blocking pool (a slow disk or a long catch-up must not hold up
+    /// the shard's other swarms); they report here.
+    reads_done: mpsc::UnboundedSender<ReadDone>,
+    /// Catch-up reads in flight, by subscriber (connection, swarm, class).
+    catch_up_reads: HashSet<(ConnId, Arc<str>, Class)>,
+    /// Delta reads in flight.
+    delta_reads: usize,
+    /// Delta answers waiting for a read slot.
+    waiting_deltas: std::collections::VecDeque<DeltaRead>,
+}
+
+/// Appends a shard holds while the writer's queue is full before it stops taking input
+/// (its other work goes on meanwhile: acknowledgements, deliveries, catch-ups).
+const MAX_BACKLOG: usize = 4096;
+
+/// How soon a shard holding appends offers them to the writer again.
+const BACKLOG_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Log reads one shard runs at once (catch-ups and deltas together); more wait.
+const MAX_READS: usize = 8;
+
+/// How often a read that found its file removed (a compaction or retention ran meanwhile)
+/// is planned again before it is reported failed.
+const READ_RETRIES: u32 = 3;
+
+/// A log read that finished on the blocking pool.
+#[derive(Debug)]
+enum ReadDone {
+    CatchUp {
+        conn: ConnId,
+        swarm: Arc<str>,
+        class: Class,
+        from: OpId,
+        to: OpId,
+        handle: Arc<Outbox>,
+        result: Result<Vec<crate::log::Record>, crate::log::ReadFailed>,
+    },
+    /// A delta was answered (or its read found a file gone and is to be planned again).
+    Delta {
+        retry: Option<(DeltaRead, std::path::PathBuf)>,
+    },
+}
+
+/// A DeltaRequest being answered, and how often its read was planned again.
+#[derive(Debug)]
+struct DeltaRead {
+    query: DeltaQuery<Arc<Outbox>>,
+    tries: u32,
+}
+
+impl DeltaRead {
+    /// Answers from `records` (read from `from` with at most `limit` records).
+    fn answer(
+        &self,
+        records: Result<Vec<crate::log::Record>, String>,
+        limit: usize,
+        span: usize,
+        horizon: OpId,
+    ) {
+        let query = &self.query;
+        let (from, to) = (query.from, query.to);
+        let lane = Lane::Class(Class::Reconciliation);
+        match records {
+            Ok(records) => {
+                let records: Vec<_> = records.into_iter().filter(|r| r.op <= to).collect();
+                // Where this answer stops: the last op read when a bound cut it short, else
+                // the end of the range.
+                let cut_short = limit < span || records.len() >= limit;
+                let last_op = match records.last() {
+                    Some(last) if cut_short => last.op,
+                    None if cut_short => OpId(from.0.saturating_sub(1)),
+                    _ => to,
+                };
+                let mut sent = 0u32;
+                for record in records {
+                    let wanted = deliver_meta(&record.frame).is_some_and(|(_, _, target)| {
+                        !targeted_elsewhere(target.as_deref(), &query.agent)
+                    });
+                    if wanted {
+                        let frame = OutFrame {
+                            head: record.frame,
+                            body: bytes::Bytes::new(),
+                        };
+                        if query.to_handle.push(lane, frame).is_ok() {
+                            sent += 1;
+                        }
+                    }
+                }
+                reply(
+                    &query.to_handle,
+                    &Message::DeltaAck(DeltaAck {
+                        request_id: query.request_id,
+                        epoch: query.epoch,
+                        first_op: from,
+                        last_op,
+                        count: sent,
+                        more: query.more || last_op < to,
+                        compacted: from <= horizon,
+                    }),
+                );
+            }
+            Err(reason) => refuse(
+                &query.to_handle,
+                query.request_id,
+                &CoreError::Unavailable {
+                    swarm: query.swarm.to_string(),
+                    reason,
+                },
+            ),
+        }
+    }
 }
 
 /// A swarm whose log write failed, on its way back.
@@ -339,10 +455,12 @@ impl Shard {
         mut urgent: mpsc::Receiver<ShardCommand>,
         mut bulk: mpsc::Receiver<ShardCommand>,
         mut events: mpsc::UnboundedReceiver<LogEvent>,
+        mut reads: mpsc::UnboundedReceiver<ReadDone>,
     ) {
         let mut urgent_batch = Vec::with_capacity(BATCH);
         let mut bulk_batch = Vec::with_capacity(BATCH);
         let mut event_batch = Vec::with_capacity(BATCH);
+        let mut read_batch = Vec::with_capacity(BATCH);
         let mut urgent_open = true;
         let mut bulk_open = true;
         let mut tick = tokio::time::interval(TICK);
@@ -350,6 +468,8 @@ impl Shard {
         let mut catching_up = false;
         let mut last_maintenance = std::time::Instant::now();
         while urgent_open || bulk_open {
+            let backlog = self.log.backlog();
+            let taking = backlog < MAX_BACKLOG;
             tokio::select! {
                 biased;
                 n = events.recv_many(&mut event_batch, BATCH) => {
@@ -358,8 +478,11 @@ impl Shard {
                         break;
                     }
                 }
-                n = urgent.recv_many(&mut urgent_batch, BATCH), if urgent_open => urgent_open = n > 0,
-                n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open => bulk_open = n > 0,
+                // The sender lives in `self`: this channel never closes while the loop runs.
+                _ = reads.recv_many(&mut read_batch, BATCH) => {}
+                n = urgent.recv_many(&mut urgent_batch, BATCH), if urgent_open && taking => urgent_open = n > 0,
+                n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open && taking => bulk_open = n > 0,
+                _ = tokio::time::sleep(BACKLOG_RETRY), if backlog > 0 => {}
                 _ = tick.tick() => {
                     let now = Now::system();
                     self.core.handle_tick(now.instant);
@@ -373,6 +496,12 @@ impl Shard {
                 _ = tokio::time::sleep(CATCH_UP_RETRY), if catching_up => {}
             }
             let now = Now::system();
+            if backlog > 0 {
+                if let Err(error) = self.log.flush_backlog() {
+                    // Only at shutdown: nothing more becomes durable.
+                    tracing::warn!(%error, "the event log writer stopped with appends held");
+                }
+            }
             for event in event_batch.drain(..) {
                 match event {
                     LogEvent::Durable { swarm, up_to } => {
@@ -392,11 +521,14 @@ impl Shard {
                     }
                 }
             }
+            for done in read_batch.drain(..) {
+                self.read_done(done, now);
+            }
             for command in urgent_batch.drain(..).chain(bulk_batch.drain(..)) {
                 self.handle(command, now);
             }
             self.flush();
-            catching_up = self.pump_catch_ups(now);
+            catching_up = self.pump_catch_ups();
             self.flush();
         }
     }
@@ -492,9 +624,10 @@ impl Shard {
         }
     }
 
-    /// Feeds subscribers that catch up from the log, one chunk each while their queue has
-    /// room. Returns whether any is still catching up.
-    fn pump_catch_ups(&mut self, now: Now) -> bool {
+    /// Starts a log read for each subscriber that catches up from the log and has room in
+    /// its queue, one chunk each (at most [`MAX_READS`] reads at once). Returns whether one
+    /// waits for room in its queue (reads in flight wake the shard when they finish).
+    fn pump_catch_ups(&mut self) -> bool {
         let catch_ups = self.core.catching_up();
         let mut pending = false;
         for c in catch_ups {
@@ -503,51 +636,150 @@ impl Shard {
             if c.handle.is_closed() {
                 continue;
             }
-            if c.handle.queued(lane) >= room {
+            let key = (c.conn, c.swarm.clone(), c.class);
+            if self.catch_up_reads.contains(&key) {
+                continue;
+            }
+            if c.handle.queued(lane) >= room || self.reads_in_flight() >= MAX_READS {
                 pending = true;
                 continue;
             }
             let chunk = CATCH_UP_CHUNK_OPS.min(room - c.handle.queued(lane)).max(1);
-            match self
-                .log
-                .read_from(&c.swarm, c.from, chunk, CATCH_UP_CHUNK_BYTES)
-            {
-                Ok(records) => {
-                    let read_up_to = records.last().map(|r| r.op).unwrap_or(c.to).min(c.to);
-                    let ops: Vec<ReplayedOp> = records
-                        .into_iter()
-                        .filter(|r| r.op <= c.to)
-                        .filter_map(|r| {
-                            let (class, source, target) = deliver_meta(&r.frame)?;
-                            Some(ReplayedOp {
-                                op: r.op,
-                                class,
-                                source,
-                                target,
-                                frame: r.frame,
+            let Some(plan) = self.log.plan_read(&c.swarm, c.from) else {
+                continue;
+            };
+            self.catch_up_reads.insert(key);
+            let done = self.reads_done.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = plan.read_noting_file(chunk, CATCH_UP_CHUNK_BYTES);
+                let _ = done.send(ReadDone::CatchUp {
+                    conn: c.conn,
+                    swarm: c.swarm,
+                    class: c.class,
+                    from: c.from,
+                    to: c.to,
+                    handle: c.handle,
+                    result,
+                });
+            });
+        }
+        pending
+    }
+
+    fn reads_in_flight(&self) -> usize {
+        self.catch_up_reads.len() + self.delta_reads
+    }
+
+    /// A read finished: a catch-up step is handed to the core, a delta's slot is freed.
+    fn read_done(&mut self, done: ReadDone, now: Now) {
+        match done {
+            ReadDone::CatchUp {
+                conn,
+                swarm,
+                class,
+                from,
+                to,
+                handle,
+                result,
+            } => {
+                self.catch_up_reads.remove(&(conn, swarm.clone(), class));
+                match result {
+                    Ok(records) => {
+                        let read_up_to = records.last().map(|r| r.op).unwrap_or(to).min(to);
+                        let ops: Vec<ReplayedOp> = records
+                            .into_iter()
+                            .filter(|r| r.op <= to)
+                            .filter_map(|r| {
+                                let (class, source, target) = deliver_meta(&r.frame)?;
+                                Some(ReplayedOp {
+                                    op: r.op,
+                                    class,
+                                    source,
+                                    target,
+                                    frame: r.frame,
+                                })
                             })
-                        })
-                        .collect();
-                    self.core.handle_replayed(
-                        c.conn,
-                        &c.swarm,
-                        c.class,
-                        &ops,
-                        read_up_to,
-                        now.instant,
-                    );
-                    pending |= read_up_to < c.to;
+                            .collect();
+                        self.core.handle_replayed(
+                            conn,
+                            &swarm,
+                            class,
+                            from,
+                            &ops,
+                            read_up_to,
+                            now.instant,
+                        );
+                    }
+                    // The file went (a compaction or retention ran while the read was on
+                    // its way): the next pump plans the read again from the log as it is.
+                    Err(failed)
+                        if failed.error.kind() == std::io::ErrorKind::NotFound
+                            && !self.log.has_segment(&swarm, &failed.path) => {}
+                    Err(failed) => {
+                        // The swarm's appends are unaffected; this subscriber cannot be
+                        // caught up, so it is disconnected and may resume later.
+                        tracing::error!(%swarm, error = %failed, "reading the event log for a catch-up failed");
+                        handle.request_close(swarmbus_schema::ErrorCode::SwarmUnavailable);
+                    }
                 }
-                Err(error) => {
-                    // The swarm's appends are unaffected; this subscriber cannot be caught up,
-                    // so it is disconnected and may resume later.
-                    tracing::error!(swarm = %c.swarm, %error, "reading the event log for a catch-up failed");
-                    c.handle
-                        .request_close(swarmbus_schema::ErrorCode::SwarmUnavailable);
+            }
+            ReadDone::Delta { retry } => {
+                self.delta_reads -= 1;
+                if let Some((mut read, path)) = retry {
+                    if self.log.has_segment(&read.query.swarm, &path) || read.tries >= READ_RETRIES
+                    {
+                        let reason = format!("{}: not found", path.display());
+                        read.answer(Err(reason), 0, 0, OpId(0));
+                    } else {
+                        read.tries += 1;
+                        self.waiting_deltas.push_front(read);
+                    }
                 }
             }
         }
-        pending
+        self.start_deltas();
+    }
+
+    /// Starts the delta reads waiting, while read slots are free.
+    fn start_deltas(&mut self) {
+        while self.reads_in_flight() < MAX_READS {
+            let Some(read) = self.waiting_deltas.pop_front() else {
+                return;
+            };
+            // Never more than the reconciliation queue has room for, so an answer cannot
+            // overflow it; the rest is asked for again (`more`).
+            let query = &read.query;
+            let lane = Lane::Class(Class::Reconciliation);
+            let room = query
+                .to_handle
+                .capacity(lane)
+                .saturating_sub(query.to_handle.queued(lane));
+            let span = (query.to.0.saturating_add(1)).saturating_sub(query.from.0) as usize;
+            let limit = span.min(room);
+            let horizon = self.log.horizon(&query.swarm);
+            let plan = match self.log.plan_read(&query.swarm, query.from) {
+                Some(plan) if limit > 0 => plan,
+                _ => {
+                    read.answer(Ok(Vec::new()), limit, span, horizon);
+                    continue;
+                }
+            };
+            self.delta_reads += 1;
+            let done = self.reads_done.clone();
+            tokio::task::spawn_blocking(move || {
+                let retry = match plan.read_noting_file(limit, CATCH_UP_CHUNK_BYTES) {
+                    Err(failed) if failed.error.kind() == std::io::ErrorKind::NotFound => {
+                        Some((read, failed.path))
+                    }
+                    result => {
+                        let result = result.map_err(|failed| failed.to_string());
+                        read.answer(result, limit, span, horizon);
+                        None
+                    }
+                };
+                let _ = done.send(ReadDone::Delta { retry });
+            });
+        }
     }
 
     /// Carries out what the core asked for.
@@ -601,80 +833,9 @@ impl Shard {
                         self.log_failed(swarm, op, generation, &detail, true, Now::system());
                     }
                 }
-                Action::ReadDelta {
-                    to_handle,
-                    agent,
-                    swarm,
-                    epoch,
-                    request_id,
-                    from,
-                    to,
-                    more,
-                } => {
-                    // Never more than the reconciliation queue has room for, so an answer
-                    // cannot overflow it; the rest is asked for again (`more`).
-                    let lane = Lane::Class(Class::Reconciliation);
-                    let room = to_handle
-                        .capacity(lane)
-                        .saturating_sub(to_handle.queued(lane));
-                    let span = (to.0.saturating_add(1)).saturating_sub(from.0) as usize;
-                    let limit = span.min(room);
-                    let records = if limit == 0 {
-                        Ok(Vec::new())
-                    } else {
-                        self.log
-                            .read_from(&swarm, from, limit, CATCH_UP_CHUNK_BYTES)
-                    };
-                    match records {
-                        Ok(records) => {
-                            let records: Vec<_> =
-                                records.into_iter().filter(|r| r.op <= to).collect();
-                            // Where this answer stops: the last op read when a bound cut it
-                            // short, else the end of the range.
-                            let cut_short = limit < span || records.len() >= limit;
-                            let last_op = match records.last() {
-                                Some(last) if cut_short => last.op,
-                                None if cut_short => OpId(from.0.saturating_sub(1)),
-                                _ => to,
-                            };
-                            let mut sent = 0u32;
-                            for record in records {
-                                let wanted =
-                                    deliver_meta(&record.frame).is_some_and(|(_, _, target)| {
-                                        !targeted_elsewhere(target.as_deref(), &agent)
-                                    });
-                                if wanted {
-                                    let frame = OutFrame {
-                                        head: record.frame,
-                                        body: bytes::Bytes::new(),
-                                    };
-                                    if to_handle.push(lane, frame).is_ok() {
-                                        sent += 1;
-                                    }
-                                }
-                            }
-                            reply(
-                                &to_handle,
-                                &Message::DeltaAck(DeltaAck {
-                                    request_id,
-                                    epoch,
-                                    first_op: from,
-                                    last_op,
-                                    count: sent,
-                                    more: more || last_op < to,
-                                    compacted: from <= self.log.horizon(&swarm),
-                                }),
-                            );
-                        }
-                        Err(error) => refuse(
-                            &to_handle,
-                            request_id,
-                            &CoreError::Unavailable {
-                                swarm: swarm.to_string(),
-                                reason: error.to_string(),
-                            },
-                        ),
-                    }
+                Action::ReadDelta(query) => {
+                    self.waiting_deltas.push_back(DeltaRead { query, tries: 0 });
+                    self.start_deltas();
                 }
             }
         }

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -229,13 +229,16 @@ fn is_tombstone(frame: &Bytes) -> bool {
         )
 }
 
-/// Puts a finished compaction into `log` (if the log still starts with its inputs), deletes
-/// the replaced files, then applies size retention. Returns the files deleted.
+/// Puts a finished compaction into `log` (if the log still starts with its inputs), then
+/// applies size retention. Returns the files that are no longer part of the log, for
+/// [`remove_files`] (the replaced inputs and what retention dropped). When the log changed
+/// under the compaction its output is dropped: `Err` with that file, which must be deleted
+/// before another compaction may write a file of that name.
 pub fn install(
     log: &mut SwarmLog,
     done: Compacted,
     retention: &Retention,
-) -> std::io::Result<usize> {
+) -> Result<Vec<PathBuf>, PathBuf> {
     // The new file's name holds a longer range than any input's, so it never is one of them.
     let count = done.replaced.len();
     let prefix_matches = log.segments.len() > count
@@ -246,42 +249,49 @@ pub fn install(
     if !prefix_matches {
         // The log changed under the compaction (it was removed, or retention ran): drop the
         // result; the inputs are still the truth.
-        let _ = fs::remove_file(&done.segment.path);
-        return Ok(0);
+        return Err(done.segment.path);
     }
     log.horizon = log.horizon.max(done.segment.covers_to);
     log.segments.splice(..count, [done.segment]);
-    let mut deleted = 0;
-    for path in &done.replaced {
-        fs::remove_file(path)?;
-        deleted += 1;
-    }
-    deleted += enforce_max_bytes(log, retention)?;
-    File::open(&log.dir)?.sync_all()?;
-    Ok(deleted)
+    let mut gone = done.replaced;
+    gone.extend(enforce_max_bytes(log, retention));
+    Ok(gone)
 }
 
-/// Deletes the oldest segments (never the one being appended to) while the log is above
-/// `max_bytes`.
-pub fn enforce_max_bytes(log: &mut SwarmLog, retention: &Retention) -> std::io::Result<usize> {
+/// Drops the oldest segments (never the one being appended to) from `log` while it is above
+/// `max_bytes`; returns their files, for [`remove_files`].
+pub fn enforce_max_bytes(log: &mut SwarmLog, retention: &Retention) -> Vec<PathBuf> {
+    let mut gone = Vec::new();
     let Some(max) = retention.max_bytes else {
-        return Ok(0);
+        return gone;
     };
     // Deleting a segment of an internal log would forget live state; they are bounded by
     // compaction (latest record per key, tombstones dropped) instead.
     if log.is_internal() {
-        return Ok(0);
+        return gone;
     }
-    let mut deleted = 0;
     while log.bytes() > max && log.segments.len() > 1 && log.segments[0].covers_to <= log.durable_op
     {
         let oldest = log.segments.remove(0);
         log.horizon = log.horizon.max(oldest.covers_to);
-        fs::remove_file(&oldest.path)?;
-        deleted += 1;
+        gone.push(oldest.path);
     }
-    if deleted > 0 {
-        File::open(&log.dir)?.sync_all()?;
+    gone
+}
+
+/// Deletes files a log no longer holds (a file already gone is fine), then syncs `dir`.
+/// Names of replaced inputs and of retained-away segments are never written again (the log
+/// has moved past their ranges), so this may run after the log moved on. Returns the files
+/// deleted.
+pub fn remove_files(dir: &Path, paths: &[PathBuf]) -> std::io::Result<usize> {
+    let mut deleted = 0;
+    for path in paths {
+        match fs::remove_file(path) {
+            Ok(()) => deleted += 1,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
     }
+    File::open(dir)?.sync_all()?;
     Ok(deleted)
 }

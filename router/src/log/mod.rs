@@ -23,7 +23,7 @@ use thiserror::Error;
 
 pub use compact::{Compacted, Retention};
 pub use record::{encode_record, Record, RecordParts};
-pub use store::{is_internal, recover_all, RecoveryNote, SwarmLog};
+pub use store::{is_internal, recover_all, ReadFailed, ReadPlan, RecoveryNote, SwarmLog};
 pub use writer::{LogEvent, LogWriter, WriterKind};
 
 /// When appends are made durable. A publisher's command is acknowledged once it is durable
@@ -101,9 +101,22 @@ pub trait LogBackend: Send {
     fn swarms(&self) -> Vec<(Arc<str>, LogState)>;
     /// Starts the log of a new swarm with `epoch`.
     fn create(&mut self, swarm: &Arc<str>, epoch: Epoch) -> Result<(), LogError>;
-    /// Appends op `op` (the next one of the swarm).
+    /// Appends op `op` (the next one of the swarm). Never waits: when the writer's queue is
+    /// full the append is held in order (see [`LogBackend::backlog`]).
     fn append(&mut self, swarm: &Arc<str>, op: OpId, record: RecordParts) -> Result<(), LogError>;
-    /// Reads durable records from op `from` on, bounded by count and bytes.
+    /// Appends held because the writer's queue was full.
+    fn backlog(&self) -> usize;
+    /// Offers the held appends to the writer again, in order, as far as its queue takes
+    /// them. Returns how many are still held.
+    fn flush_backlog(&mut self) -> Result<usize, LogError>;
+    /// Plans a read of records from op `from` on, to be carried out off the shard (the file
+    /// reads of [`ReadPlan::read`] may block on the disk); `None` when the swarm has no log.
+    fn plan_read(&self, swarm: &str, from: OpId) -> Option<ReadPlan>;
+    /// Whether `path` is still one of `swarm`'s segments (a planned read that found its file
+    /// gone raced a compaction or retention and may be planned again).
+    fn has_segment(&self, swarm: &str, path: &Path) -> bool;
+    /// Reads durable records from op `from` on, bounded by count and bytes, on the calling
+    /// thread.
     fn read_from(
         &self,
         swarm: &str,
@@ -155,6 +168,8 @@ pub struct ShardLog {
     events: tokio::sync::mpsc::UnboundedSender<LogEvent>,
     /// Swarms with a compaction running.
     compacting: HashSet<Arc<str>>,
+    /// Appends the writer's full queue did not take yet, in order.
+    backlog: std::collections::VecDeque<writer::WriteRequest>,
 }
 
 impl ShardLog {
@@ -180,6 +195,7 @@ impl ShardLog {
             retention,
             events,
             compacting: HashSet::new(),
+            backlog: std::collections::VecDeque::new(),
         }
     }
 }
@@ -201,12 +217,10 @@ impl LogBackend for ShardLog {
             .collect()
     }
 
+    /// In memory only: the writer thread creates the directory before the swarm's first
+    /// append (a failure there fails that append, like a failed write).
     fn create(&mut self, swarm: &Arc<str>, epoch: Epoch) -> Result<(), LogError> {
-        let mut log = SwarmLog::new(&self.log_dir, swarm, epoch);
-        log.create_on_disk().map_err(|e| LogError::Io {
-            swarm: swarm.to_string(),
-            detail: e.to_string(),
-        })?;
+        let log = SwarmLog::new(&self.log_dir, swarm, epoch);
         self.swarms.insert(swarm.clone(), log);
         Ok(())
     }
@@ -224,19 +238,53 @@ impl LogBackend for ShardLog {
         }
         let (path, offset, new_file) = log.place(op, record.len() as u64, self.segment_bytes);
         let truncate_to = std::mem::take(&mut log.cut_before_next).then_some(offset);
-        self.writer
-            .submit(writer::WriteRequest {
-                path: Arc::new(path),
-                offset,
-                record,
-                new_file,
-                shard: self.shard,
-                swarm: swarm.clone(),
-                op,
-                generation: log.generation,
-                truncate_to,
-            })
-            .map_err(|_| LogError::Stopped)
+        let create = (!std::mem::replace(&mut log.created, true)).then(|| Arc::new(log.new_dir()));
+        let request = writer::WriteRequest {
+            path: Arc::new(path),
+            offset,
+            record,
+            new_file,
+            shard: self.shard,
+            swarm: swarm.clone(),
+            op,
+            generation: log.generation,
+            truncate_to,
+            create,
+        };
+        if !self.backlog.is_empty() {
+            // Behind appends held already: in order, after them.
+            self.backlog.push_back(request);
+            return Ok(());
+        }
+        match self.writer.try_submit(request) {
+            Ok(None) => Ok(()),
+            Ok(Some(request)) => {
+                self.backlog.push_back(request);
+                Ok(())
+            }
+            Err(_) => Err(LogError::Stopped),
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
+    fn flush_backlog(&mut self) -> Result<usize, LogError> {
+        while let Some(request) = self.backlog.pop_front() {
+            match self.writer.try_submit(request) {
+                Ok(None) => {}
+                Ok(Some(request)) => {
+                    self.backlog.push_front(request);
+                    break;
+                }
+                Err(_) => {
+                    self.backlog.clear();
+                    return Err(LogError::Stopped);
+                }
+            }
+        }
+        Ok(self.backlog.len())
     }
 
     fn read_from(
@@ -256,6 +304,16 @@ impl LogBackend for ShardLog {
             })
     }
 
+    fn plan_read(&self, swarm: &str, from: OpId) -> Option<ReadPlan> {
+        self.swarms.get(swarm).map(|log| log.plan_read(from))
+    }
+
+    fn has_segment(&self, swarm: &str, path: &Path) -> bool {
+        self.swarms
+            .get(swarm)
+            .is_some_and(|log| log.has_segment(path))
+    }
+
     fn horizon(&self, swarm: &str) -> OpId {
         self.swarms.get(swarm).map_or(OpId(0), |log| log.horizon)
     }
@@ -265,9 +323,8 @@ impl LogBackend for ShardLog {
             if log.unavailable.is_some() {
                 continue;
             }
-            if let Err(error) = compact::enforce_max_bytes(log, &self.retention) {
-                tracing::error!(swarm = %name, %error, "log retention failed");
-            }
+            let gone = compact::enforce_max_bytes(log, &self.retention);
+            remove_off_thread(name, &log.dir, gone);
             // One compaction per shard at a time bounds the threads and memory it uses.
             if !self.compacting.is_empty() {
                 continue;
@@ -309,6 +366,11 @@ impl LogBackend for ShardLog {
         };
         if generation != log.generation {
             return false;
+        }
+        if log.durable_op.is_none() {
+            // Nothing of the swarm was ever durable: its directory may not exist (its
+            // creation may be what failed), so the next append creates it again.
+            log.created = false;
         }
         let Some(dropped) = log.roll_back(from) else {
             return true;
@@ -374,15 +436,43 @@ impl LogBackend for ShardLog {
             Ok(done) => {
                 let (before, after) = (done.records_before, done.records_after);
                 match compact::install(log, done, &self.retention) {
-                    Ok(deleted) => tracing::info!(
-                        %swarm, records_before = before, records_after = after, files_deleted = deleted,
-                        horizon = log.horizon.0, "log compacted"
-                    ),
-                    Err(error) => tracing::error!(%swarm, %error, "installing a compaction failed"),
+                    Ok(gone) => {
+                        tracing::info!(
+                            %swarm, records_before = before, records_after = after, files_deleted = gone.len(),
+                            horizon = log.horizon.0, "log compacted"
+                        );
+                        remove_off_thread(swarm, &log.dir, gone);
+                    }
+                    Err(output) => {
+                        // Rare (the log changed under the compaction), and the name may be
+                        // written again by the next compaction: deleted here and now.
+                        if let Err(error) = compact::remove_files(&log.dir, &[output]) {
+                            tracing::error!(%swarm, %error, "removing a compaction's discarded output failed");
+                        }
+                    }
                 }
             }
             Err(error) => tracing::error!(%swarm, %error, "log compaction failed; will retry"),
         }
+    }
+}
+
+/// Deletes the files `swarm`'s log no longer holds on the blocking pool, so that neither
+/// the shard nor its other swarms wait for the unlinks and the directory sync (inline when
+/// called outside a runtime, as in the log's own tests).
+fn remove_off_thread(swarm: &str, dir: &Path, paths: Vec<PathBuf>) {
+    if paths.is_empty() {
+        return;
+    }
+    let (swarm, dir) = (swarm.to_owned(), dir.to_owned());
+    let remove = move || {
+        if let Err(error) = compact::remove_files(&dir, &paths) {
+            tracing::error!(%swarm, %error, "deleting segments the log no longer holds failed");
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => drop(runtime.spawn_blocking(remove)),
+        Err(_) => remove(),
     }
 }
 

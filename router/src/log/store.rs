@@ -173,6 +173,38 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// A swarm log's directory to create: the directory, then its epoch and name files, each
+/// synced, then the directory entries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewSwarmDir {
+    pub dir: PathBuf,
+    pub epoch: Epoch,
+    pub name: String,
+}
+
+impl NewSwarmDir {
+    /// Creates it (again: the files are rewritten with the same contents).
+    pub fn create(&self) -> std::io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        // The name file goes last: it marks the directory as a complete swarm log.
+        for (file, contents) in [
+            ("epoch", self.epoch.0.to_string()),
+            ("name", self.name.clone()),
+        ] {
+            let tmp = self.dir.join(format!("{file}.tmp"));
+            let mut f = File::create(&tmp)?;
+            f.write_all(contents.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, self.dir.join(file))?;
+        }
+        sync_dir(&self.dir)?;
+        if let Some(parent) = self.dir.parent() {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+}
+
 impl SwarmLog {
     /// A log for a swarm not on disk yet; [`SwarmLog::create_on_disk`] makes it durable.
     pub fn new(log_dir: &Path, name: &str, epoch: Epoch) -> Self {
@@ -192,29 +224,25 @@ impl SwarmLog {
         }
     }
 
-    /// Writes the directory, name and epoch files (synced) before the first append.
+    /// Writes the directory, name and epoch files (synced) before the first append, on the
+    /// calling thread.
     pub fn create_on_disk(&mut self) -> std::io::Result<()> {
         if self.created {
             return Ok(());
         }
-        fs::create_dir_all(&self.dir)?;
-        // The name file goes last: it marks the directory as a complete swarm log.
-        for (file, contents) in [
-            ("epoch", self.epoch.0.to_string()),
-            ("name", self.name.clone()),
-        ] {
-            let tmp = self.dir.join(format!("{file}.tmp"));
-            let mut f = File::create(&tmp)?;
-            f.write_all(contents.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, self.dir.join(file))?;
-        }
-        sync_dir(&self.dir)?;
-        if let Some(parent) = self.dir.parent() {
-            sync_dir(parent)?;
-        }
+        self.new_dir().create()?;
         self.created = true;
         Ok(())
+    }
+
+    /// What creating the log's directory takes (for the writer thread, which creates it
+    /// before the first append).
+    pub fn new_dir(&self) -> NewSwarmDir {
+        NewSwarmDir {
+            dir: self.dir.clone(),
+            epoch: self.epoch,
+            name: self.name.clone(),
+        }
     }
 
     /// Whether this is one of the router's internal logs (names starting with `$`, which
@@ -306,29 +334,90 @@ impl SwarmLog {
         max_records: usize,
         max_bytes: usize,
     ) -> std::io::Result<Vec<Record>> {
-        let mut out = Vec::new();
-        let mut bytes_out = 0;
+        self.plan_read(from).read(max_records, max_bytes)
+    }
+
+    /// What reading from op `from` on needs (the files, where to start in the first, and
+    /// each file's length now): taken on the log's owner thread in memory, carried out
+    /// anywhere with [`ReadPlan::read`].
+    pub fn plan_read(&self, from: OpId) -> ReadPlan {
         let start = self
             .segments
             .partition_point(|s| s.last_op < from)
             .min(self.segments.len());
-        for segment in &self.segments[start..] {
-            if segment.len == 0 {
-                continue;
-            }
-            let offset = match segment.index.partition_point(|(op, _)| *op <= from) {
-                0 => 0,
-                n => segment.index[n - 1].1,
+        let files = self.segments[start..]
+            .iter()
+            .filter(|segment| segment.len > 0)
+            .map(|segment| {
+                let offset = match segment.index.partition_point(|(op, _)| *op <= from) {
+                    0 => 0,
+                    n => segment.index[n - 1].1,
+                };
+                (segment.path.clone(), offset, segment.len)
+            })
+            .collect();
+        ReadPlan { from, files }
+    }
+
+    /// Whether `path` is one of the log's segments now (a read that found it gone raced a
+    /// compaction or retention, and can be planned again).
+    pub fn has_segment(&self, path: &Path) -> bool {
+        self.segments.iter().any(|s| s.path == path)
+    }
+}
+
+/// A read of a swarm's log planned by [`SwarmLog::plan_read`]: plain file reads, to run off
+/// the thread that owns the log.
+#[derive(Clone, Debug)]
+pub struct ReadPlan {
+    pub from: OpId,
+    /// (file, offset to start at, length when planned).
+    files: Vec<(PathBuf, u64, u64)>,
+}
+
+/// A planned read failed.
+#[derive(Debug)]
+pub struct ReadFailed {
+    /// The file it failed on.
+    pub path: PathBuf,
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for ReadFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path.display(), self.error)
+    }
+}
+
+impl ReadPlan {
+    /// Reads the planned files: the records from `from` on, bounded by count and bytes.
+    pub fn read(&self, max_records: usize, max_bytes: usize) -> std::io::Result<Vec<Record>> {
+        self.read_noting_file(max_records, max_bytes)
+            .map_err(|failed| std::io::Error::new(failed.error.kind(), failed.to_string()))
+    }
+
+    /// [`ReadPlan::read`], saying which file failed.
+    pub fn read_noting_file(
+        &self,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, ReadFailed> {
+        let mut out = Vec::new();
+        let mut bytes_out = 0;
+        for (path, offset, len) in &self.files {
+            let failed = |error| ReadFailed {
+                path: path.clone(),
+                error,
             };
-            let file = File::open(&segment.path)?;
-            let mut position = offset;
+            let file = File::open(path).map_err(failed)?;
+            let mut position = *offset;
             let mut pending = BytesMut::new();
-            while position < segment.len {
-                let want = READ_CHUNK_BYTES.min((segment.len - position) as usize);
+            while position < *len {
+                let want = READ_CHUNK_BYTES.min((len - position) as usize);
                 let mut chunk = vec![0u8; want];
                 // Appends are placed before they are written: the file may still be shorter
                 // than `len`. Read what is there; callers only use durable ops.
-                let got = read_at_most(&file, &mut chunk, position)?;
+                let got = read_at_most(&file, &mut chunk, position).map_err(failed)?;
                 if got == 0 {
                     break;
                 }
@@ -340,7 +429,7 @@ impl SwarmLog {
                     match parse_record(&buf) {
                         Ok((record, used)) => {
                             bytes::Buf::advance(&mut buf, used);
-                            if record.op < from {
+                            if record.op < self.from {
                                 continue;
                             }
                             bytes_out += record.frame.len();
@@ -351,10 +440,10 @@ impl SwarmLog {
                         }
                         Err(ParseError::Incomplete { .. }) => break,
                         Err(ParseError::Corrupt { reason }) => {
-                            return Err(std::io::Error::new(
+                            return Err(failed(std::io::Error::new(
                                 std::io::ErrorKind::InvalidData,
-                                format!("{}: {reason}", segment.path.display()),
-                            ))
+                                reason,
+                            )))
                         }
                     }
                 }

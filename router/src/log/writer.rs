@@ -50,6 +50,9 @@ pub struct WriteRequest {
     /// Cut the file to this length before writing (the first write after a failure: the
     /// failed bytes may still be there, and must never be read back).
     pub truncate_to: Option<u64>,
+    /// The swarm's first append: create its log directory first (done here, not on the
+    /// shard, whose other swarms must not wait for four syncs).
+    pub create: Option<Arc<super::store::NewSwarmDir>>,
 }
 
 /// What the writer reports to a shard.
@@ -164,15 +167,14 @@ impl LogWriter {
         self.kind
     }
 
-    /// Queues a request; blocks the calling thread while the queue is full (the writer
-    /// drains it continuously and never waits on shards, so this wait is bounded by disk
-    /// speed; it is the backpressure that slows publishers of logged classes).
-    pub fn submit(&self, request: WriteRequest) -> Result<(), WriterStopped> {
+    /// Queues a request without waiting: a full queue gives it back (`Ok(Some)`), for the
+    /// caller to hold and offer again (the writer drains the queue continuously and never
+    /// waits on shards, so the wait is bounded by disk speed; it is the backpressure that
+    /// slows publishers of logged classes).
+    pub fn try_submit(&self, request: WriteRequest) -> Result<Option<WriteRequest>, WriterStopped> {
         match self.requests.try_send(request) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(request)) => {
-                self.requests.send(request).map_err(|_| WriterStopped)
-            }
+            Ok(()) => Ok(None),
+            Err(TrySendError::Full(request)) => Ok(Some(request)),
             Err(TrySendError::Disconnected(_)) => Err(WriterStopped),
         }
     }
@@ -225,6 +227,9 @@ struct FileBatch {
     new_file: bool,
     truncate_to: Option<u64>,
 }
+
+/// Files of a batch that failed, with why.
+type FailedFiles = HashMap<Arc<PathBuf>, String>;
 
 /// Batch planning and completion bookkeeping shared by both backends.
 struct WriterState {
@@ -280,11 +285,43 @@ impl WriterState {
         Ok(batch)
     }
 
-    /// Coalesces a batch into per-file contiguous buffers (one copy of each record).
-    fn plan(batch: &[WriteRequest], failed: &HashMap<Arc<str>, u64>) -> Vec<FileBatch> {
+    /// Creates the directories of new swarms in the batch. A swarm whose directory could not
+    /// be created fails its requests of the batch: returns their files, with why.
+    fn create_dirs(batch: &[WriteRequest], failed: &HashMap<Arc<str>, u64>) -> FailedFiles {
+        let mut failures = FailedFiles::new();
+        let mut tried = Vec::new();
+        for request in batch.iter().filter(|r| !refused(failed, r)) {
+            let Some(dir) = &request.create else {
+                continue;
+            };
+            if tried.contains(&request.swarm) {
+                continue;
+            }
+            tried.push(request.swarm.clone());
+            if let Err(error) = dir.create() {
+                let detail = format!("creating {}: {error}", dir.dir.display());
+                tracing::error!(swarm = %request.swarm, %detail, "creating a swarm's event log failed");
+                for r in batch.iter().filter(|r| r.swarm == request.swarm) {
+                    failures.insert(r.path.clone(), detail.clone());
+                }
+            }
+        }
+        failures
+    }
+
+    /// Coalesces a batch into per-file contiguous buffers (one copy of each record), leaving
+    /// out the requests of failed generations and of files that failed already.
+    fn plan(
+        batch: &[WriteRequest],
+        failed: &HashMap<Arc<str>, u64>,
+        failed_files: &FailedFiles,
+    ) -> Vec<FileBatch> {
         let mut files: Vec<FileBatch> = Vec::new();
         let mut open: HashMap<Arc<PathBuf>, usize> = HashMap::new();
-        for request in batch.iter().filter(|r| !refused(failed, r)) {
+        for request in batch
+            .iter()
+            .filter(|r| !refused(failed, r) && !failed_files.contains_key(&r.path))
+        {
             let slot = open.get(&request.path).copied().filter(|&i| {
                 let f = &files[i];
                 f.offset + f.bytes.len() as u64 == request.offset && request.truncate_to.is_none()
@@ -447,8 +484,8 @@ fn parent_of(path: &Path) -> &Path {
 fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
     let mut files: HashMap<Arc<PathBuf>, std::fs::File> = HashMap::new();
     while let Ok(batch) = state.next_batch(&rx) {
-        let planned = WriterState::plan(&batch, &state.failed);
-        let mut failed = HashMap::new();
+        let mut failed = WriterState::create_dirs(&batch, &state.failed);
+        let planned = WriterState::plan(&batch, &state.failed, &failed);
         let (sync, flush_interval) = state.sync_plan(&planned);
         for f in &planned {
             if files.len() >= MAX_OPEN_FILES && !files.contains_key(&f.path) {
@@ -509,7 +546,9 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
         // Blocking on the channel is fine here: nothing else runs on this thread, and every
         // operation of the previous batch has completed before we wait again.
         while let Ok(batch) = state.next_batch(&rx) {
-            let planned = WriterState::plan(&batch, &state.failed);
+            // Rare (a swarm's first append): plain I/O on this thread.
+            let mut failed = WriterState::create_dirs(&batch, &state.failed);
+            let planned = WriterState::plan(&batch, &state.failed, &failed);
             let (sync, flush_interval) = state.sync_plan(&planned);
             if files.len() >= MAX_OPEN_FILES {
                 files.clear();
@@ -564,7 +603,6 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
                 });
                 tasks.push((f.path.clone(), Some(handle), None));
             }
-            let mut failed = HashMap::new();
             for (path, handle, error) in tasks {
                 let error = match (handle, error) {
                     (_, Some(error)) => Some(error),
