@@ -2,6 +2,7 @@
 
 mod affinity;
 mod bulk;
+mod clock;
 mod common;
 mod control;
 mod hostile;

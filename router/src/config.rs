@@ -46,6 +46,25 @@ pub struct Config {
     pub jobs: crate::jobs::JobsConfig,
     pub runtime: RuntimeConfig,
     pub governor: crate::governor::GovernorConfig,
+    pub clock: ClockConfig,
+}
+
+/// `[clock]`: the router's clock across restarts (see [`crate::clock`]).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClockConfig {
+    /// When the router restarts on the same boot of its host, how far its clock may differ
+    /// from the time that really passed (measured by the boot clock): a wall-clock step
+    /// while it was down moves the router's clock by at most this much.
+    pub max_restart_step_ms: u64,
+}
+
+impl Default for ClockConfig {
+    fn default() -> Self {
+        ClockConfig {
+            max_restart_step_ms: 60_000,
+        }
+    }
 }
 
 /// The router's threads (see [`crate::bulk`]).
@@ -487,6 +506,7 @@ impl Default for Config {
             jobs: crate::jobs::JobsConfig::default(),
             runtime: RuntimeConfig::default(),
             governor: crate::governor::GovernorConfig::default(),
+            clock: ClockConfig::default(),
         }
     }
 }

@@ -58,8 +58,9 @@ impl PresenceConfig {
     }
 }
 
-/// The router's clock: Unix milliseconds that never go backwards (wall time at start plus
-/// monotonic time since). Lease validity intervals are stated in it.
+/// The router's clock: Unix milliseconds that never go backwards (the time chosen at start,
+/// see [`crate::clock`], plus monotonic time since). Every time the router stores or
+/// compares is stated in it.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
     start: Instant,
@@ -67,13 +68,23 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// Starts at the wall clock (tests and tools; the router starts from
+    /// [`crate::clock::RouterClock`]).
     pub fn new() -> Self {
-        Clock {
-            start: Instant::now(),
-            start_unix_ms: SystemTime::now()
+        Self::starting_at(
+            Instant::now(),
+            SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or_default(),
+        )
+    }
+
+    /// A clock that reads `unix_ms` at `start`.
+    pub fn starting_at(start: Instant, unix_ms: u64) -> Self {
+        Clock {
+            start,
+            start_unix_ms: unix_ms,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The swarmbus router.
 //!
 //! Layout:
+//! - [`clock`]: the router's clock, monotonic while it runs and bounded across restarts.
 //! - [`config`]: typed configuration, TOML file, `SWARMBUS_*` overrides, validation.
 //! - [`tls`]: development CA (rcgen) and the rustls/quinn server configuration.
 //! - [`core`]: the sans-IO routing state machine (swarms, subscriptions, op sequencer).
@@ -17,6 +18,7 @@
 //! - [`error`]: the crate's error type.
 
 pub mod bulk;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod core;

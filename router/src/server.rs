@@ -526,17 +526,59 @@ pub struct Router {
     bulk_listener: Option<(quinn::Endpoint, SocketAddr, JoinHandle<()>)>,
     recovery_notes: Vec<RecoveryNote>,
     writer_kind: WriterKind,
+    /// The clock's checkpoint thread: dropping the sender stops it (after a last
+    /// checkpoint); shutdown waits for it.
+    clock_checkpoints: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
 }
 
 impl Router {
     /// Validates `config`, prepares TLS and binds the endpoint. Must be called within a
     /// tokio runtime.
     pub async fn start(config: Config) -> Result<Router, RouterError> {
+        Self::start_with_clock(config, Arc::new(crate::clock::SystemClock)).await
+    }
+
+    /// [`Router::start`], reading the time at start from `clock` (tests step it to show
+    /// what a clock step across a restart does).
+    pub async fn start_with_clock(
+        config: Config,
+        clock: Arc<dyn crate::clock::ClockSource>,
+    ) -> Result<Router, RouterError> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| RouterError::DataDir {
             path: config.data_dir.clone(),
             detail: e.to_string(),
         })?;
+        let clock_path = config.data_dir.join("clock");
+        let router_clock =
+            crate::clock::RouterClock::start(&clock_path, clock, config.clock.max_restart_step_ms)
+                .map_err(|e| RouterError::DataDir {
+                    path: clock_path.clone(),
+                    detail: format!("the clock checkpoint: {e}"),
+                })?;
+        match router_clock.started {
+            crate::clock::Started::SameBoot {
+                stepped_ms,
+                bounded: true,
+            } => tracing::warn!(
+                stepped_ms,
+                max_restart_step_ms = config.clock.max_restart_step_ms,
+                "the wall clock moved while the router was down; the router's clock moved by at most max_restart_step_ms"
+            ),
+            crate::clock::Started::Rebooted { behind_ms } if behind_ms > 0 => tracing::warn!(
+                behind_ms,
+                "the wall clock is behind the router's last checkpoint; the router's clock starts at the checkpoint"
+            ),
+            _ => {}
+        }
+        let router_clock = Arc::new(router_clock);
+        let (clock_stop, clock_stopped) = std::sync::mpsc::channel();
+        let clock_thread = router_clock
+            .keep_checkpoint(Duration::from_secs(1), clock_stopped)
+            .map_err(|e| RouterError::DataDir {
+                path: clock_path.clone(),
+                detail: format!("starting the clock checkpoint thread: {e}"),
+            })?;
         let (cert, key, ca_path) = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
             _ => {
@@ -618,7 +660,7 @@ impl Router {
         for node in &restored.drained {
             workers.set_admin_drain(node, true);
         }
-        let clock = Clock::new();
+        let clock = router_clock.clock;
         let jobs = Jobs::new(
             config.jobs.clone(),
             read_job_records(&recovered)?,
@@ -707,6 +749,7 @@ impl Router {
                     Box::new(shard_log),
                     events,
                     stats.clone(),
+                    clock,
                 )
             })
             .collect();
@@ -842,6 +885,7 @@ impl Router {
             bulk_listener,
             recovery_notes,
             writer_kind,
+            clock_checkpoints: Some((clock_stop, clock_thread)),
         })
     }
 
@@ -880,8 +924,13 @@ impl Router {
 
     /// Closes every connection with `ShuttingDown` and waits (up to 5 s) for the peers to
     /// be told.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.context.shutting_down.store(true, Ordering::Release);
+        if let Some((stop, thread)) = self.clock_checkpoints.take() {
+            // The last checkpoint is written before the next router may start.
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
         let code = VarInt::from(ErrorCode::ShuttingDown.as_u16());
         self.endpoint.close(code, b"router shutting down");
         self.accept_task.abort();

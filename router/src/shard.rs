@@ -229,6 +229,7 @@ pub fn spawn_shard(
     log: Box<dyn LogBackend>,
     events: mpsc::UnboundedReceiver<LogEvent>,
     stats: Arc<Stats>,
+    clock: crate::control::Clock,
 ) -> ShardSender {
     let (urgent_tx, urgent_rx) = mpsc::channel(capacity);
     let (bulk_tx, bulk_rx) = mpsc::channel(capacity);
@@ -246,6 +247,7 @@ pub fn spawn_shard(
         maintenance_interval,
         telemetry: telemetry.clone(),
         recovering: HashMap::new(),
+        clock,
         reads_done,
         catch_up_reads: HashSet::new(),
         delta_reads: 0,
@@ -318,6 +320,8 @@ struct Shard {
     telemetry: Arc<TelemetryRoutes>,
     /// Swarms whose log failed, being brought back.
     recovering: HashMap<Arc<str>, Recovery>,
+    /// The router's clock: what log records are stamped with and retention ages by.
+    clock: crate::control::Clock,
     /// Log reads run on the blocking pool (a slow disk or a long catch-up must not hold up
     /// the shard's other swarms); they report here.
     reads_done: mpsc::UnboundedSender<ReadDone>,
@@ -484,7 +488,7 @@ impl Shard {
                 n = bulk.recv_many(&mut bulk_batch, BATCH), if bulk_open && taking => bulk_open = n > 0,
                 _ = tokio::time::sleep(BACKLOG_RETRY), if backlog > 0 => {}
                 _ = tick.tick() => {
-                    let now = Now::system();
+                    let now = self.now();
                     self.core.handle_tick(now.instant);
                     self.core.collect_idle();
                     self.try_recoveries(now);
@@ -495,7 +499,7 @@ impl Shard {
                 }
                 _ = tokio::time::sleep(CATCH_UP_RETRY), if catching_up => {}
             }
-            let now = Now::system();
+            let now = self.now();
             if backlog > 0 {
                 if let Err(error) = self.log.flush_backlog() {
                     // Only at shutdown: nothing more becomes durable.
@@ -666,6 +670,15 @@ impl Shard {
         pending
     }
 
+    /// The time now, on the router's clock.
+    fn now(&self) -> Now {
+        let instant = std::time::Instant::now();
+        Now {
+            instant,
+            unix_ms: self.clock.at(instant),
+        }
+    }
+
     fn reads_in_flight(&self) -> usize {
         self.catch_up_reads.len() + self.delta_reads
     }
@@ -823,14 +836,14 @@ impl Shard {
                 Action::CreateLog { swarm, epoch } => {
                     if let Err(error) = self.log.create(&swarm, epoch) {
                         let detail = format!("creating the swarm's event log: {error}");
-                        self.log_failed(swarm, OpId(1), 0, &detail, true, Now::system());
+                        self.log_failed(swarm, OpId(1), 0, &detail, true, self.now());
                     }
                 }
                 Action::Append { swarm, op, record } => {
                     if let Err(error) = self.log.append(&swarm, op, record) {
                         let generation = self.log.generation(&swarm);
                         let detail = error.to_string();
-                        self.log_failed(swarm, op, generation, &detail, true, Now::system());
+                        self.log_failed(swarm, op, generation, &detail, true, self.now());
                     }
                 }
                 Action::ReadDelta(query) => {
