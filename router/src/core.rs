@@ -414,8 +414,9 @@ fn splitmix64(state: &mut u64) -> u64 {
 #[derive(Debug)]
 pub struct Core<H> {
     swarms: HashMap<Arc<str>, Swarm<H>>,
-    /// Swarms each connection holds state in, for cleanup on disconnect.
-    conn_swarms: HashMap<ConnId, Vec<Box<str>>>,
+    /// Swarms each connection holds state in, for cleanup on disconnect (a swarm leaves
+    /// the set when the connection holds nothing there any more).
+    conn_swarms: HashMap<ConnId, HashSet<Box<str>>>,
     config: CoreConfig,
     epoch_rng: u64,
     actions: VecDeque<Action<H>>,
@@ -845,8 +846,8 @@ impl<H: Clone> Core<H> {
     /// Remembers that `conn` holds state in `swarm_name`, so disconnect frees it.
     fn track(&mut self, conn: ConnId, swarm_name: &str) {
         let swarms = self.conn_swarms.entry(conn).or_default();
-        if !swarms.iter().any(|s| **s == *swarm_name) {
-            swarms.push(swarm_name.into());
+        if !swarms.contains(swarm_name) {
+            swarms.insert(swarm_name.into());
         }
     }
 
@@ -876,6 +877,19 @@ impl<H: Clone> Core<H> {
         };
         if !entry.all_sources && entry.sources.is_empty() {
             list.swap_remove(at);
+            // Its acknowledgements are of no use any more (a new subscription starts from
+            // the live end or its resume point), and they would keep the swarm in memory.
+            swarm.acked.remove(&(conn, class));
+            let holds_more = swarm.subscribers.iter().flatten().any(|s| s.conn == conn)
+                || swarm.acked.keys().any(|(c, _)| *c == conn);
+            if !holds_more {
+                if let Some(swarms) = self.conn_swarms.get_mut(&conn) {
+                    swarms.remove(swarm_name);
+                    if swarms.is_empty() {
+                        self.conn_swarms.remove(&conn);
+                    }
+                }
+            }
         }
         if class == Class::Telemetry && removed {
             self.telemetry_changed.insert(swarm.name.clone());
@@ -1725,6 +1739,24 @@ mod tests {
         subscribe(&mut two, 1, "a", "s1").unwrap();
         subscribe(&mut one, 1, "a", "s2").unwrap();
         assert_eq!(swarms.held(), 3);
+    }
+
+    #[test]
+    fn a_left_ordered_subscription_frees_its_swarm_and_its_tracking() {
+        let mut core = Core::<u64>::new(10);
+        for name in ["o", "p"] {
+            core.handle_subscribe(ConnId(5), &agent("c"), 5, name, Class::Command, None, None)
+                .unwrap();
+        }
+        core.handle_ack(ConnId(5), "o", Class::Command, OpId(0), Instant::now());
+        assert!(core.handle_unsubscribe(ConnId(5), "o", Class::Command, None));
+        // "o" is no longer the connection's; "p" still is.
+        assert_eq!(core.conn_swarms[&ConnId(5)].len(), 1);
+        assert_eq!(core.collect_idle(), 1);
+        assert_eq!(core.swarm_count(), 1);
+        assert!(core.handle_unsubscribe(ConnId(5), "p", Class::Command, None));
+        assert!(!core.conn_swarms.contains_key(&ConnId(5)));
+        assert_eq!(core.collect_idle(), 1);
     }
 
     #[test]

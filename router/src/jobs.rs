@@ -479,9 +479,10 @@ struct Job {
     /// The latest progress of the running attempt (attempt, payload), resent to the
     /// submitter when it reconnects.
     progress: Option<(u32, Bytes)>,
-    /// What this job is counted for against `max_bytes` and its submitter's
+    /// What this job is counted for against `max_bytes`, and against its submitter's
     /// `max_bytes_per_agent` (see [`Jobs::account`]).
     charged: u64,
+    charged_agent: u64,
 }
 
 /// Bytes a job is counted for besides its payloads: its names and bookkeeping. So jobs
@@ -647,6 +648,7 @@ impl Jobs {
                 final_durable: false,
                 progress: None,
                 charged: 0,
+                charged_agent: 0,
             };
             let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
             match f.end {
@@ -972,6 +974,7 @@ impl Jobs {
                 final_durable: false,
                 progress: None,
                 charged: 0,
+                charged_agent: 0,
             },
         );
         self.account(job_id);
@@ -1250,20 +1253,31 @@ impl Jobs {
         true
     }
 
-    /// Counts what job `job_id` holds now against the byte caps (after it was inserted or
-    /// its result, reason or progress changed).
+    /// Counts what job `job_id` holds now against the byte caps (after it was inserted, or
+    /// its state, result, reason or progress changed). A dead letter counts router-wide
+    /// only: it stays until a controller re-drives it, which its submitter cannot do, so it
+    /// must not use up the submitter's quota.
     fn account(&mut self, job_id: JobId) {
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
         let now = job_bytes(job);
+        let now_agent = if job.state == JobState::DeadLettered {
+            0
+        } else {
+            now
+        };
         let before = std::mem::replace(&mut job.charged, now);
+        let before_agent = std::mem::replace(&mut job.charged_agent, now_agent);
         self.bytes_held = self.bytes_held - before + now;
         let agent = self
             .bytes_by_agent
             .entry(job.spec.submitter.clone())
             .or_default();
-        *agent = *agent - before + now;
+        *agent = *agent - before_agent + now_agent;
+        if *agent == 0 {
+            self.bytes_by_agent.remove(&job.spec.submitter);
+        }
     }
 
     /// Removes job `job_id` and gives back what it was counted for.
@@ -1271,7 +1285,7 @@ impl Jobs {
         let job = self.jobs.remove(&job_id)?;
         self.bytes_held -= job.charged;
         if let Some(agent) = self.bytes_by_agent.get_mut(&job.spec.submitter) {
-            *agent -= job.charged;
+            *agent -= job.charged_agent;
             if *agent == 0 {
                 self.bytes_by_agent.remove(&job.spec.submitter);
             }
@@ -2135,6 +2149,33 @@ mod tests {
         jobs.ack("submitter", id);
         assert_eq!(jobs.bytes_held("submitter").1, 0);
         accept(&mut jobs, &who, big("two"), 2);
+    }
+
+    #[test]
+    fn a_dead_letter_counts_router_wide_not_against_its_submitter() {
+        let config = JobsConfig {
+            visibility_timeout_ms: 100,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config, [], 0, 7);
+        let who = outbox(1);
+        let mut job = submit("s", "k", None);
+        job.max_attempts = 1;
+        let (id, _) = accept(&mut jobs, &who, job, 0);
+        let (_, fx) = worker(&mut jobs, 2, &["s"], 1);
+        assert_eq!(leases(&fx).len(), 1);
+        let (held, mine) = jobs.bytes_held("submitter");
+        assert!(held > 0 && mine == held);
+        // Its only attempt expires: dead-lettered.
+        jobs.tick(200);
+        assert_eq!(jobs.counts().dead_lettered, 1);
+        let (router_wide, mine) = jobs.bytes_held("submitter");
+        assert!(router_wide >= held, "its reason is counted too");
+        assert_eq!(mine, 0);
+        // Re-driven: the submitter's again.
+        jobs.finals_written(&[id]);
+        jobs.redrive("s", &who, 5, id, 300).unwrap();
+        assert_eq!(jobs.bytes_held("submitter"), (held, held));
     }
 
     #[test]

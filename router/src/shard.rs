@@ -250,7 +250,7 @@ pub fn spawn_shard(
         clock,
         reads_done,
         catch_up_reads: HashSet::new(),
-        delta_reads: 0,
+        delta_reads: HashSet::new(),
         waiting_deltas: std::collections::VecDeque::new(),
     };
     tokio::spawn(shard.run(urgent_rx, bulk_rx, events, reads_rx));
@@ -327,8 +327,9 @@ struct Shard {
     reads_done: mpsc::UnboundedSender<ReadDone>,
     /// Catch-up reads in flight, by subscriber (connection, swarm, class).
     catch_up_reads: HashSet<(ConnId, Arc<str>, Class)>,
-    /// Delta reads in flight.
-    delta_reads: usize,
+    /// Connections with a delta read in flight: one each, so that the room each answer
+    /// counts on in the connection's reconciliation queue is not counted twice.
+    delta_reads: HashSet<ConnId>,
     /// Delta answers waiting for a read slot.
     waiting_deltas: std::collections::VecDeque<DeltaRead>,
 }
@@ -359,8 +360,10 @@ enum ReadDone {
         handle: Arc<Outbox>,
         result: Result<Vec<crate::log::Record>, crate::log::ReadFailed>,
     },
-    /// A delta was answered (or its read found a file gone and is to be planned again).
+    /// A delta for `conn` was answered (or its read found a file gone and is to be planned
+    /// again).
     Delta {
+        conn: ConnId,
         retry: Option<(DeltaRead, std::path::PathBuf)>,
     },
 }
@@ -535,6 +538,15 @@ impl Shard {
             catching_up = self.pump_catch_ups();
             self.flush();
         }
+        // Shutting down: appends the writer's queue did not take yet get a last chance (at
+        // most a second; they were never acknowledged, so nothing promised is lost if not).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while self.log.backlog() > 0 && std::time::Instant::now() < deadline {
+            match self.log.flush_backlog() {
+                Ok(0) | Err(_) => break,
+                Ok(_) => tokio::time::sleep(BACKLOG_RETRY).await,
+            }
+        }
     }
 
     /// A write of `swarm` failed: its pending publishers are refused, the log is rolled
@@ -680,7 +692,7 @@ impl Shard {
     }
 
     fn reads_in_flight(&self) -> usize {
-        self.catch_up_reads.len() + self.delta_reads
+        self.catch_up_reads.len() + self.delta_reads.len()
     }
 
     /// A read finished: a catch-up step is handed to the core, a delta's slot is freed.
@@ -736,8 +748,8 @@ impl Shard {
                     }
                 }
             }
-            ReadDone::Delta { retry } => {
-                self.delta_reads -= 1;
+            ReadDone::Delta { conn, retry } => {
+                self.delta_reads.remove(&conn);
                 if let Some((mut read, path)) = retry {
                     if self.log.has_segment(&read.query.swarm, &path) || read.tries >= READ_RETRIES
                     {
@@ -753,10 +765,15 @@ impl Shard {
         self.start_deltas();
     }
 
-    /// Starts the delta reads waiting, while read slots are free.
+    /// Starts the delta reads waiting, in order, while read slots are free (one per
+    /// connection at a time).
     fn start_deltas(&mut self) {
         while self.reads_in_flight() < MAX_READS {
-            let Some(read) = self.waiting_deltas.pop_front() else {
+            let next = self
+                .waiting_deltas
+                .iter()
+                .position(|read| !self.delta_reads.contains(&read.query.to_handle.conn()));
+            let Some(read) = next.and_then(|at| self.waiting_deltas.remove(at)) else {
                 return;
             };
             // Never more than the reconciliation queue has room for, so an answer cannot
@@ -777,7 +794,8 @@ impl Shard {
                     continue;
                 }
             };
-            self.delta_reads += 1;
+            let conn = query.to_handle.conn();
+            self.delta_reads.insert(conn);
             let done = self.reads_done.clone();
             tokio::task::spawn_blocking(move || {
                 let retry = match plan.read_noting_file(limit, CATCH_UP_CHUNK_BYTES) {
@@ -790,7 +808,7 @@ impl Shard {
                         None
                     }
                 };
-                let _ = done.send(ReadDone::Delta { retry });
+                let _ = done.send(ReadDone::Delta { conn, retry });
             });
         }
     }

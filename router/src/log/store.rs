@@ -103,13 +103,13 @@ pub struct RecoveryNote {
     pub detail: String,
 }
 
-/// Directory name for a swarm: a filesystem-safe prefix of its name and a hash of it.
 /// Whether `swarm` is one of the router's internal swarms (names starting with `$`, which
 /// clients cannot use).
 pub fn is_internal(swarm: &str) -> bool {
     swarm.starts_with('$')
 }
 
+/// Directory name for a swarm: a filesystem-safe prefix of its name and a hash of it.
 pub fn swarm_dir_name(name: &str) -> String {
     let prefix: String = name
         .chars()
@@ -345,9 +345,11 @@ impl SwarmLog {
             .segments
             .partition_point(|s| s.last_op < from)
             .min(self.segments.len());
+        // Only what is durable is read: a segment that begins past the durable op may not
+        // exist on disk yet (its first append can still be queued for the writer).
         let files = self.segments[start..]
             .iter()
-            .filter(|segment| segment.len > 0)
+            .filter(|segment| segment.len > 0 && segment.first_op <= self.durable_op)
             .map(|segment| {
                 let offset = match segment.index.partition_point(|(op, _)| *op <= from) {
                     0 => 0,
