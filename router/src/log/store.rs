@@ -599,6 +599,56 @@ fn chain_reaches_the_end(data: &Bytes, mut at: usize, epoch: Epoch) -> bool {
     last.is_some()
 }
 
+/// The durable watermark's file in a swarm's directory: the highest op the writer synced and
+/// reported durable (so acknowledged, under `log.sync = always`). It is a lower bound (the
+/// writer updates it a little after the ops themselves, see [`super::writer`]): recovery
+/// knows every op up to it was acknowledged, and that damage past it is a write the crash
+/// cut short.
+pub const WATERMARK_FILE: &str = "durable";
+
+/// Two slots, written in turn, so a torn write of one leaves the other.
+const WATERMARK_SLOT: usize = 32;
+const WATERMARK_MAGIC: &[u8; 4] = b"SBWM";
+
+/// Writes the watermark `op` (the `seq`th write: it picks the slot) and syncs it.
+pub fn write_watermark(dir: &Path, op: OpId, seq: u64) -> std::io::Result<()> {
+    let mut slot = [0u8; WATERMARK_SLOT];
+    slot[..4].copy_from_slice(WATERMARK_MAGIC);
+    slot[4..12].copy_from_slice(&seq.to_le_bytes());
+    slot[12..20].copy_from_slice(&op.0.to_le_bytes());
+    let crc = crc32c::crc32c(&slot[..20]);
+    slot[20..24].copy_from_slice(&crc.to_le_bytes());
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(WATERMARK_FILE))?;
+    file.write_all_at(&slot, (seq % 2) * WATERMARK_SLOT as u64)?;
+    file.sync_data()
+}
+
+/// The watermark of a swarm's directory: the op of its newest intact slot (`None`: no
+/// watermark, or none intact).
+pub fn read_watermark(dir: &Path) -> Option<OpId> {
+    let bytes = fs::read(dir.join(WATERMARK_FILE)).ok()?;
+    bytes
+        .chunks_exact(WATERMARK_SLOT)
+        .take(2)
+        .filter_map(|slot| {
+            let crc = u32::from_le_bytes(slot[20..24].try_into().ok()?);
+            let intact = &slot[..4] == WATERMARK_MAGIC && crc32c::crc32c(&slot[..20]) == crc;
+            intact.then(|| {
+                let seq = u64::from_le_bytes(slot[4..12].try_into().unwrap_or_default());
+                let op = u64::from_le_bytes(slot[12..20].try_into().unwrap_or_default());
+                (seq, OpId(op))
+            })
+        })
+        // The highest op wins: a swarm's watermark only grows (the write count restarts
+        // with the router, so it only picks the slot to write).
+        .map(|(_, op)| op)
+        .max()
+}
+
 fn read_epoch(dir: &Path) -> Result<Epoch, String> {
     let text = fs::read_to_string(dir.join("epoch")).map_err(|e| format!("epoch file: {e}"))?;
     text.trim()
@@ -702,10 +752,36 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         .collect();
     segments.sort_by_key(|(first, _, _)| *first);
     let count = segments.len();
+    // Every op up to the watermark was acknowledged; damage past it is a write the crash
+    // cut short (a torn record, a page written back before the one before it, a segment
+    // begun while the previous one's tail was not on disk yet).
+    let watermark = read_watermark(&dir);
+    let unacknowledged = |op: OpId| watermark.is_some_and(|w| op > w);
+    let paths: Vec<PathBuf> = segments.iter().map(|(_, _, path)| path.clone()).collect();
+    // Removes the segments from the `from`th on (all past the damage: never acknowledged).
+    let drop_segments_from = |from: usize, notes: &mut Vec<RecoveryNote>| -> std::io::Result<()> {
+        for path in &paths[from..] {
+            fs::remove_file(path)?;
+            notes.push(note(format!(
+                "removed {}: it begins past a write the crash cut short, after the \
+                 durable watermark",
+                path.display()
+            )));
+        }
+        if from < paths.len() {
+            sync_dir(&dir)?;
+        }
+        Ok(())
+    };
     for (i, (first_op, covers_to, path)) in segments.into_iter().enumerate() {
         let is_last = i + 1 == count;
         let expected_first = OpId(log.last_op().0 + 1);
         if i > 0 && first_op != expected_first {
+            if unacknowledged(expected_first) {
+                // The previous segment is short: its tail never reached the disk.
+                drop_segments_from(i, &mut notes)?;
+                break;
+            }
             let detail = format!(
                 "segment {} starts at op {} but op {} was expected",
                 path.display(),
@@ -717,9 +793,18 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             break;
         }
         let scan = scan_segment(&path, first_op, covers_to, log.epoch)?;
+        let mut cut_after = false;
         if let Some((offset, reason)) = &scan.damage {
             let file_len = fs::metadata(&path)?.len();
-            if is_last && covers_to.is_none() && !scan.damage_is_mid {
+            let damaged_op = OpId(scan.last_op.0 + 1);
+            let torn = match watermark {
+                Some(_) => covers_to.is_none() && unacknowledged(damaged_op),
+                // No watermark (written before there was one, or not under `always`):
+                // the shape of the damage decides.
+                None => is_last && covers_to.is_none() && !scan.damage_is_mid,
+            };
+            if torn {
+                cut_after = !is_last;
                 // Torn tail: cut it off; acknowledged ops all precede it.
                 OpenOptions::new()
                     .write(true)
@@ -734,9 +819,17 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
                 tracing::warn!(swarm = %name, "{detail}");
                 notes.push(note(detail));
             } else {
+                let acknowledged = match watermark {
+                    Some(w) if damaged_op <= w => format!(
+                        "; op {} and those before it up to {} were acknowledged (the durable \
+                         watermark)",
+                        damaged_op.0, w.0
+                    ),
+                    _ => String::new(),
+                };
                 let detail = format!(
-                    "damaged record at offset {offset} of {} ({reason}); the swarm is \
-                     unavailable until the log is repaired or removed",
+                    "damaged record at offset {offset} of {} ({reason}){acknowledged}; the \
+                     swarm is unavailable until the log is repaired or removed",
                     path.display()
                 );
                 tracing::error!(swarm = %name, "{detail}");
@@ -763,6 +856,23 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         if log.unavailable.is_some() {
             break;
         }
+        if cut_after {
+            drop_segments_from(i + 1, &mut notes)?;
+            break;
+        }
+    }
+    if let Some(w) = watermark.filter(|w| log.unavailable.is_none() && log.last_op() < *w) {
+        // Acknowledged ops are missing (a file shortened or removed by hand, or a disk
+        // that lost synced data): never hand their op ids out again.
+        let detail = format!(
+            "the log ends at op {} but ops up to {} were acknowledged (the durable \
+             watermark); the swarm is unavailable until the log is repaired or removed",
+            log.last_op().0,
+            w.0
+        );
+        tracing::error!(swarm = %name, "{detail}");
+        notes.push(note(detail.clone()));
+        log.unavailable = Some(detail);
     }
     log.durable_op = log.last_op();
     match log.segments.last() {

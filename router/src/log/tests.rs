@@ -158,6 +158,186 @@ fn appends_survive_reopen_and_read_back_across_segments() {
     }
 }
 
+/// Sets `swarm`'s durable watermark back to `op` (as a crash before the writer synced the
+/// ops after it leaves it), once the writer wrote its own, past `op`.
+fn set_watermark(dir: &std::path::Path, swarm: &str, op: u64) {
+    let swarm_dir = dir.join(store::swarm_dir_name(swarm));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store::read_watermark(&swarm_dir).is_none_or(|w| w.0 <= op) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer wrote no watermark"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::remove_file(swarm_dir.join(store::WATERMARK_FILE)).unwrap();
+    store::write_watermark(&swarm_dir, OpId(op), 0).unwrap();
+}
+
+/// Where each record of the segment at `path` starts and ends, with its op.
+fn record_spans(path: &std::path::Path) -> Vec<(u64, usize, usize)> {
+    let data = Bytes::from(std::fs::read(path).unwrap());
+    let mut at = 0;
+    let mut spans = Vec::new();
+    while at < data.len() {
+        let (record, used) = record::parse_record(&data.slice(at..)).unwrap();
+        spans.push((record.op.0, at, at + used));
+        at += used;
+    }
+    spans
+}
+
+fn segments_of(dir: &std::path::Path, swarm: &str) -> Vec<std::path::PathBuf> {
+    let mut logs: Vec<_> = std::fs::read_dir(dir.join(store::swarm_dir_name(swarm)))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs
+}
+
+/// 40 ops in segments of 1 KiB (20 records each), all durable; returns the segments.
+fn forty_ops(dir: &std::path::Path, swarm: &Arc<str>) -> Vec<std::path::PathBuf> {
+    let (mut log, mut events, _) = open(dir, WriterKind::File, 1024);
+    log.create(swarm, Epoch(3)).unwrap();
+    append_all(&mut log, &mut events, swarm, Epoch(3), 1, 40);
+    drop(log);
+    let segments = segments_of(dir, swarm);
+    assert!(segments.len() >= 2, "{segments:?}");
+    // The writer leaves its watermark at the last durable op (within 100 ms, or when it
+    // stops).
+    let swarm_dir = dir.join(store::swarm_dir_name(swarm));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store::read_watermark(&swarm_dir) != Some(OpId(40)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no watermark at op 40"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    segments
+}
+
+#[test]
+fn bit_rot_in_the_last_acknowledged_record_makes_the_swarm_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "rot".into();
+    let segments = forty_ops(dir.path(), &swarm);
+    // Op 40 was synced and acknowledged; a bit of it rots on the disk.
+    let last = segments.last().unwrap();
+    let mut bytes = std::fs::read(last).unwrap();
+    let end = bytes.len();
+    bytes[end - 3] ^= 0x10;
+    std::fs::write(last, bytes).unwrap();
+    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+    let recovered = state(&log, &swarm);
+    assert!(recovered.unavailable.is_some(), "{notes:?}");
+    assert!(notes[0].detail.contains("acknowledged"), "{notes:?}");
+    // Never given out again: the swarm takes no appends until the log is repaired.
+    let mut log = log;
+    assert!(matches!(
+        log.append(&swarm, OpId(40), record(Epoch(3), 40, "x")),
+        Err(LogError::Unavailable { .. })
+    ));
+}
+
+#[test]
+fn a_crash_during_a_segment_roll_is_cut_back_to_the_watermark() {
+    for watermark in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let swarm: Arc<str> = "roll".into();
+        let segments = forty_ops(dir.path(), &swarm);
+        // The crash hit a batch that rolled: the old segment's last record is torn, the new
+        // segment's records are on disk, nothing of the batch was synced.
+        let old = &segments[segments.len() - 2];
+        let spans = record_spans(old);
+        let (torn_op, start, end) = *spans.last().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(old).unwrap();
+        file.set_len(((start + end) / 2) as u64).unwrap();
+        if watermark {
+            set_watermark(dir.path(), &swarm, torn_op - 1);
+        } else {
+            std::fs::remove_file(
+                dir.path()
+                    .join(store::swarm_dir_name(&swarm))
+                    .join(store::WATERMARK_FILE),
+            )
+            .unwrap();
+        }
+        let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+        let recovered = state(&log, &swarm);
+        if watermark {
+            assert_eq!(recovered.unavailable, None, "{notes:?}");
+            assert_eq!(recovered.last_op, OpId(torn_op - 1));
+            assert_eq!(segments_of(dir.path(), &swarm).len(), segments.len() - 1);
+            let ops = read_ops(&log, &swarm);
+            assert_eq!(ops, (1..torn_op).collect::<Vec<_>>());
+        } else {
+            // Without a watermark the router cannot tell this from damage: refused.
+            assert!(recovered.unavailable.is_some(), "{notes:?}");
+        }
+    }
+}
+
+#[test]
+fn a_short_segment_before_a_new_one_is_cut_back_to_the_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "short".into();
+    let segments = forty_ops(dir.path(), &swarm);
+    // The old segment's last record never reached the disk at all (cut at its start).
+    let old = &segments[segments.len() - 2];
+    let (lost_op, start, _) = *record_spans(old).last().unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(old)
+        .unwrap()
+        .set_len(start as u64)
+        .unwrap();
+    set_watermark(dir.path(), &swarm, lost_op - 1);
+    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+    let recovered = state(&log, &swarm);
+    assert_eq!(recovered.unavailable, None, "{notes:?}");
+    assert_eq!(recovered.last_op, OpId(lost_op - 1));
+}
+
+#[test]
+fn pages_written_back_out_of_order_are_cut_back_to_the_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "pages".into();
+    let segments = forty_ops(dir.path(), &swarm);
+    // A batch's later page reached the disk, an earlier one did not: a hole of zeros, then
+    // valid records (ops 38..=40 of the last segment).
+    let last = segments.last().unwrap();
+    let spans = record_spans(last);
+    let (hole_op, start, end) = spans[spans.len() - 3];
+    let mut bytes = std::fs::read(last).unwrap();
+    bytes[start..end].fill(0);
+    std::fs::write(last, bytes).unwrap();
+    set_watermark(dir.path(), &swarm, hole_op - 1);
+    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+    let recovered = state(&log, &swarm);
+    assert_eq!(recovered.unavailable, None, "{notes:?}");
+    assert_eq!(recovered.last_op, OpId(hole_op - 1));
+}
+
+#[test]
+fn acknowledged_ops_missing_from_the_log_make_the_swarm_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "missing".into();
+    let segments = forty_ops(dir.path(), &swarm);
+    // The last segment is gone (removed by hand, or lost by the disk): ops up to 40 were
+    // acknowledged, so their ids must never be given out again.
+    std::fs::remove_file(segments.last().unwrap()).unwrap();
+    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+    let recovered = state(&log, &swarm);
+    assert!(recovered.unavailable.is_some(), "{notes:?}");
+    assert!(
+        notes.iter().any(|n| n.detail.contains("were acknowledged")),
+        "{notes:?}"
+    );
+}
+
 fn last_segment(dir: &std::path::Path, swarm: &str) -> std::path::PathBuf {
     let mut logs: Vec<_> = std::fs::read_dir(dir.join(store::swarm_dir_name(swarm)))
         .unwrap()
@@ -178,7 +358,9 @@ fn torn_tail_is_truncated_and_appends_continue() {
             log.create(&swarm, Epoch(1)).unwrap();
             append_all(&mut log, &mut events, &swarm, Epoch(1), 1, 20);
         }
-        // Tear the last record: cut 5 bytes off the end, as a crash mid-write would.
+        // Tear the last record: cut 5 bytes off the end, as a crash mid-write would (so op
+        // 20 was never synced, nor acknowledged: the watermark is at 19).
+        set_watermark(dir.path(), &swarm, 19);
         let segment = last_segment(dir.path(), &swarm);
         let len = std::fs::metadata(&segment).unwrap().len();
         std::fs::OpenOptions::new()
@@ -236,7 +418,10 @@ fn bit_flips_with(kind: WriterKind) {
         std::fs::write(&segment, bytes).unwrap();
     };
     flip(&damaged, None);
+    // The tail's last record was never synced (the crash hit while it was written): the
+    // watermark is before it.
     flip(&tail, Some(3));
+    set_watermark(dir.path(), &tail, 29);
     let (log, _events, notes) = open(dir.path(), kind, 1 << 20);
     assert!(state(&log, &damaged).unavailable.is_some(), "{notes:?}");
     assert_eq!(state(&log, &healthy).unavailable, None);

@@ -107,14 +107,18 @@ impl LogWriter {
         bulk: Option<crate::config::BulkPriority>,
     ) -> std::io::Result<LogWriter> {
         let (tx, rx) = crossbeam::channel::bounded(capacity.max(1));
-        let mut state = WriterState::new(policy, shards);
-        // The backend is chosen on the writer thread itself: io_uring runtimes cannot be
-        // started (not even probed) from a thread that already runs tokio.
-        let (chosen_tx, chosen_rx) = std::sync::mpsc::sync_channel(1);
         let name = match bulk {
             Some(_) => "swarmbus-log-bulk",
             None => "swarmbus-log-writer",
         };
+        let marks = match policy {
+            SyncPolicy::Always => Some(start_watermarks(name)?),
+            _ => None,
+        };
+        let mut state = WriterState::new(policy, shards, marks);
+        // The backend is chosen on the writer thread itself: io_uring runtimes cannot be
+        // started (not even probed) from a thread that already runs tokio.
+        let (chosen_tx, chosen_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
@@ -241,16 +245,68 @@ struct WriterState {
     /// Swarms whose appends failed, with the generation that failed: their later requests
     /// of that generation are not written.
     failed: HashMap<Arc<str>, u64>,
+    /// The watermark thread (only under `always`: what is reported durable otherwise need
+    /// not be synced): each swarm directory's highest durable op goes there.
+    marks: Option<Sender<(PathBuf, OpId)>>,
+}
+
+/// How long a durable op may wait to be in its swarm's watermark file. A watermark that
+/// lags only narrows what recovery can tell was acknowledged.
+const MARK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Starts the thread that keeps the swarms' durable watermarks (see
+/// [`super::store::WATERMARK_FILE`]): it takes (directory, durable op) from the writer,
+/// keeps the highest per directory, and writes and syncs the files every `MARK_INTERVAL`,
+/// off the writer's thread so that appends never wait for these syncs. It writes what it
+/// holds and stops when the writer is gone.
+fn start_watermarks(name: &str) -> std::io::Result<Sender<(PathBuf, OpId)>> {
+    let (tx, rx) = crossbeam::channel::unbounded::<(PathBuf, OpId)>();
+    std::thread::Builder::new()
+        .name(format!("{name}-marks"))
+        .spawn(move || {
+            let mut pending: HashMap<PathBuf, OpId> = HashMap::new();
+            // Writes so far per directory: they alternate between its two slots.
+            let mut writes: HashMap<PathBuf, u64> = HashMap::new();
+            let mut last = Instant::now();
+            let mut open = true;
+            while open {
+                match rx.recv_deadline(last + MARK_INTERVAL) {
+                    Ok((dir, op)) => {
+                        let mark = pending.entry(dir).or_insert(op);
+                        *mark = (*mark).max(op);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => open = false,
+                }
+                last = Instant::now();
+                for (dir, op) in pending.drain() {
+                    let seq = writes.entry(dir.clone()).or_default();
+                    if let Err(error) = super::store::write_watermark(&dir, op, *seq) {
+                        // Recovery then knows a little less of what was acknowledged; the
+                        // swarm's next durable op tries again.
+                        tracing::warn!(dir = %dir.display(), %error, "writing a durable watermark failed");
+                    }
+                    *seq += 1;
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 impl WriterState {
-    fn new(policy: SyncPolicy, shards: Vec<UnboundedSender<LogEvent>>) -> Self {
+    fn new(
+        policy: SyncPolicy,
+        shards: Vec<UnboundedSender<LogEvent>>,
+        marks: Option<Sender<(PathBuf, OpId)>>,
+    ) -> Self {
         WriterState {
             policy,
             shards,
             last_sync: Instant::now(),
             unsynced: Vec::new(),
             failed: HashMap::new(),
+            marks,
         }
     }
 
@@ -372,6 +428,8 @@ impl WriterState {
     fn complete(&mut self, batch: Vec<WriteRequest>, failed: &HashMap<Arc<PathBuf>, String>) {
         let mut highest: HashMap<(usize, Arc<str>), OpId> = HashMap::new();
         let mut failures: HashMap<(usize, Arc<str>), (OpId, String)> = HashMap::new();
+        // A file each swarm wrote (its directory holds the swarm's watermark).
+        let mut files: HashMap<(usize, Arc<str>), &Arc<PathBuf>> = HashMap::new();
         // Requests of a generation that failed before this batch were not written; their
         // shard refused their publishers when it heard of that failure.
         let written: Vec<&WriteRequest> =
@@ -386,8 +444,9 @@ impl WriterState {
                         .or_insert((request.op, detail));
                 }
                 None => {
-                    let entry = highest.entry(key).or_insert(request.op);
+                    let entry = highest.entry(key.clone()).or_insert(request.op);
                     *entry = (*entry).max(request.op);
+                    files.entry(key).or_insert(&request.path);
                 }
             }
         }
@@ -399,6 +458,9 @@ impl WriterState {
             };
             if up_to.is_none() {
                 continue;
+            }
+            if let (Some(marks), Some(path)) = (&self.marks, files.get(&(shard, swarm.clone()))) {
+                let _ = marks.send((parent_of(path).to_owned(), up_to));
             }
             if let Some(tx) = self.shards.get(shard) {
                 let _ = tx.send(LogEvent::Durable { swarm, up_to });
