@@ -256,7 +256,8 @@ fn a_crash_during_a_segment_roll_is_cut_back_to_the_watermark() {
         let file = std::fs::OpenOptions::new().write(true).open(old).unwrap();
         file.set_len(((start + end) / 2) as u64).unwrap();
         if watermark {
-            set_watermark(dir.path(), &swarm, torn_op - 1);
+            reopen_cut_back_to(dir.path(), &swarm, torn_op - 1);
+            assert_eq!(segments_of(dir.path(), &swarm).len(), segments.len() - 1);
         } else {
             std::fs::remove_file(
                 dir.path()
@@ -264,18 +265,9 @@ fn a_crash_during_a_segment_roll_is_cut_back_to_the_watermark() {
                     .join(store::WATERMARK_FILE),
             )
             .unwrap();
-        }
-        let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
-        let recovered = state(&log, &swarm);
-        if watermark {
-            assert_eq!(recovered.unavailable, None, "{notes:?}");
-            assert_eq!(recovered.last_op, OpId(torn_op - 1));
-            assert_eq!(segments_of(dir.path(), &swarm).len(), segments.len() - 1);
-            let ops = read_ops(&log, &swarm);
-            assert_eq!(ops, (1..torn_op).collect::<Vec<_>>());
-        } else {
             // Without a watermark the router cannot tell this from damage: refused.
-            assert!(recovered.unavailable.is_some(), "{notes:?}");
+            let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+            assert!(state(&log, &swarm).unavailable.is_some(), "{notes:?}");
         }
     }
 }
@@ -294,11 +286,19 @@ fn a_short_segment_before_a_new_one_is_cut_back_to_the_watermark() {
         .unwrap()
         .set_len(start as u64)
         .unwrap();
-    set_watermark(dir.path(), &swarm, lost_op - 1);
-    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
-    let recovered = state(&log, &swarm);
+    reopen_cut_back_to(dir.path(), &swarm, lost_op - 1);
+}
+
+/// Sets the watermark at `op` (where the crash left it), recovers, and checks that the
+/// swarm's log was cut back to it and is served.
+fn reopen_cut_back_to(dir: &std::path::Path, swarm: &str, op: u64) -> ShardLog {
+    set_watermark(dir, swarm, op);
+    let (log, _events, notes) = open(dir, WriterKind::File, 1024);
+    let recovered = state(&log, swarm);
     assert_eq!(recovered.unavailable, None, "{notes:?}");
-    assert_eq!(recovered.last_op, OpId(lost_op - 1));
+    assert_eq!(recovered.last_op, OpId(op));
+    assert_eq!(read_ops(&log, swarm), (1..=op).collect::<Vec<_>>());
+    log
 }
 
 #[test]
@@ -314,11 +314,7 @@ fn pages_written_back_out_of_order_are_cut_back_to_the_watermark() {
     let mut bytes = std::fs::read(last).unwrap();
     bytes[start..end].fill(0);
     std::fs::write(last, bytes).unwrap();
-    set_watermark(dir.path(), &swarm, hole_op - 1);
-    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
-    let recovered = state(&log, &swarm);
-    assert_eq!(recovered.unavailable, None, "{notes:?}");
-    assert_eq!(recovered.last_op, OpId(hole_op - 1));
+    reopen_cut_back_to(dir.path(), &swarm, hole_op - 1);
 }
 
 #[test]
