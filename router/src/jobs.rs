@@ -8,11 +8,16 @@
 //!   written once when the job is submitted, before the submitter is answered; emptied once
 //!   the submitter acknowledged the job's end;
 //! - `l<id>` the latest attempt leased (written without waiting: an attempt lost to a crash
-//!   is simply run again);
+//!   is simply run again); emptied with the spec;
 //! - `j<id>` the job's end (completed, failed, cancelled, dead-lettered, with the result),
-//!   its re-drive, or the submitter's acknowledgement. Ends are durable before anyone hears
-//!   of them. Lease and end records use different keys, so their order in the log never
-//!   matters.
+//!   its re-drive, or the submitter's acknowledgement (which keeps only the idempotency key
+//!   and state, for deduplication); emptied once the key leaves the dedup window. Ends are
+//!   durable before anyone hears of them. Lease and end records use different keys, so
+//!   their order in the log never matters.
+//!
+//! Compaction drops empty records, so an acknowledged job leaves the log entirely; `n` +
+//! 16 zeros holds the next job id, written before the first end of a log is emptied, so
+//! ids never go back after a restart.
 //!
 //! [`Jobs`] is sans-IO: every method takes `now` (milliseconds on the router's clock) and
 //! returns [`Effects`]: frames to push, records to append, and job ends to make durable
@@ -77,6 +82,10 @@ pub struct JobsConfig {
     pub max_bytes: u64,
     /// The same for the jobs of one submitting agent.
     pub max_bytes_per_agent: u64,
+    /// Swarms whose job logs (`$jobs.*`) the router keeps: every swarm that ever had a job
+    /// on this data directory (job logs are compacted, never removed). A submit to one
+    /// more swarm is refused with Busy.
+    pub max_swarms: usize,
     /// A submit with an idempotency key seen within this window returns the earlier job.
     pub dedup_window_ms: u64,
     /// Idempotency keys remembered router-wide; past it the oldest are forgotten first.
@@ -105,6 +114,7 @@ impl Default for JobsConfig {
             busy_retry_after_ms: 100,
             max_bytes: 1 << 30,
             max_bytes_per_agent: 256 << 20,
+            max_swarms: 10_000,
             dedup_window_ms: 600_000,
             max_dedup_keys: 1_000_000,
             visibility_timeout_ms: 30_000,
@@ -123,17 +133,20 @@ impl JobsConfig {
         if self.max_jobs_per_swarm == 0
             || self.max_bytes == 0
             || self.max_bytes_per_agent == 0
+            || self.max_swarms == 0
             || self.visibility_timeout_ms == 0
             || self.max_attempts == 0
             || self.max_attempts_limit < self.max_attempts
             || self.default_weight == 0
             || self.backoff_cap_ms < self.backoff_base_ms
         {
-            return Err("jobs: max_jobs_per_swarm, max_bytes, max_bytes_per_agent, \
+            return Err(
+                "jobs: max_jobs_per_swarm, max_bytes, max_bytes_per_agent, max_swarms, \
                         visibility_timeout_ms, max_attempts and default_weight must be at \
                         least 1, max_attempts_limit at least \
                         max_attempts, backoff_cap_ms at least backoff_base_ms"
-                .into());
+                    .into(),
+            );
         }
         if let Some((swarm, _)) = self.swarm_weights.iter().find(|(_, w)| **w == 0) {
             return Err(format!("jobs.swarm_weights.{swarm:?} must be at least 1"));
@@ -207,6 +220,24 @@ pub enum JobRecord {
         swarm: String,
         job_id: JobId,
     },
+    /// The job's lease record is no longer needed (empty `l` record): written when its
+    /// submitter acknowledges the end.
+    ForgetLease {
+        swarm: String,
+        job_id: JobId,
+    },
+    /// The job's end is no longer needed (empty `j` record): written once its
+    /// idempotency key is past the dedup window. Compaction then drops all of the job.
+    ForgetEnd {
+        swarm: String,
+        job_id: JobId,
+    },
+    /// Job ids below `next` were given out (key `n` + 16 zeros, compacted to the latest):
+    /// once a job's records are all gone, the ids still never go back.
+    NextJob {
+        swarm: String,
+        next: JobId,
+    },
 }
 
 fn put_str(out: &mut BytesMut, s: &str) {
@@ -244,8 +275,12 @@ impl JobRecord {
     pub fn job_id(&self) -> JobId {
         match self {
             JobRecord::Spec(spec) => spec.job_id,
-            JobRecord::Lease { job_id, .. } | JobRecord::Forget { job_id, .. } => *job_id,
+            JobRecord::Lease { job_id, .. }
+            | JobRecord::Forget { job_id, .. }
+            | JobRecord::ForgetLease { job_id, .. }
+            | JobRecord::ForgetEnd { job_id, .. } => *job_id,
             JobRecord::End(end) => end.job_id,
+            JobRecord::NextJob { .. } => JobId(0),
         }
     }
 
@@ -253,7 +288,11 @@ impl JobRecord {
     pub fn swarm(&self) -> &str {
         match self {
             JobRecord::Spec(spec) => &spec.swarm,
-            JobRecord::Lease { swarm, .. } | JobRecord::Forget { swarm, .. } => swarm,
+            JobRecord::Lease { swarm, .. }
+            | JobRecord::Forget { swarm, .. }
+            | JobRecord::ForgetLease { swarm, .. }
+            | JobRecord::ForgetEnd { swarm, .. }
+            | JobRecord::NextJob { swarm, .. } => swarm,
             JobRecord::End(end) => &end.swarm,
         }
     }
@@ -263,15 +302,22 @@ impl JobRecord {
         let id = self.job_id().0;
         match self {
             JobRecord::Spec(_) | JobRecord::Forget { .. } => format!("s{id:016x}"),
-            JobRecord::Lease { .. } => format!("l{id:016x}"),
-            JobRecord::End(_) => format!("j{id:016x}"),
+            JobRecord::Lease { .. } | JobRecord::ForgetLease { .. } => format!("l{id:016x}"),
+            JobRecord::End(_) | JobRecord::ForgetEnd { .. } => format!("j{id:016x}"),
+            JobRecord::NextJob { .. } => format!("n{:016x}", 0),
         }
     }
 
     pub fn payload(&self) -> Bytes {
         let mut out = BytesMut::new();
         match self {
-            JobRecord::Forget { .. } => return Bytes::new(),
+            JobRecord::Forget { .. }
+            | JobRecord::ForgetLease { .. }
+            | JobRecord::ForgetEnd { .. } => return Bytes::new(),
+            JobRecord::NextJob { next, .. } => {
+                out.put_u8(RECORD_VERSION);
+                out.put_u64(next.0);
+            }
             JobRecord::Spec(spec) => {
                 out.reserve(64 + spec.payload.len());
                 out.put_u8(RECORD_VERSION);
@@ -329,14 +375,25 @@ impl JobRecord {
         }
         let key_id = JobId(u64::from_str_radix(id, 16).ok()?);
         if payload.is_empty() {
-            return (kind == "s").then(|| JobRecord::Forget {
-                swarm: String::new(),
-                job_id: key_id,
-            });
+            let (swarm, job_id) = (String::new(), key_id);
+            return match kind {
+                "s" => Some(JobRecord::Forget { swarm, job_id }),
+                "l" => Some(JobRecord::ForgetLease { swarm, job_id }),
+                "j" => Some(JobRecord::ForgetEnd { swarm, job_id }),
+                _ => None,
+            };
         }
         let mut input: &[u8] = payload;
         if get_u8(&mut input)? != RECORD_VERSION {
             return None;
+        }
+        if kind == "n" {
+            return (key_id == JobId(0)).then_some(()).and_then(|()| {
+                Some(JobRecord::NextJob {
+                    swarm: String::new(),
+                    next: JobId(get_u64(&mut input)?),
+                })
+            });
         }
         let job_id = JobId(get_u64(&mut input)?);
         if job_id != key_id {
@@ -558,6 +615,11 @@ pub struct Jobs {
     /// Bytes counted for all jobs, and per submitter (see [`Jobs::account`]).
     bytes_held: u64,
     bytes_by_agent: HashMap<String, u64>,
+    /// The job logs that exist (see [`JobsConfig::max_swarms`]).
+    logs: HashSet<String>,
+    /// Acknowledged jobs whose keys left the dedup window: their end records are to be
+    /// emptied (by the next [`Jobs::tick`]).
+    forgotten: Vec<(String, JobId)>,
 }
 
 impl Jobs {
@@ -586,6 +648,8 @@ impl Jobs {
             leases_made: 0,
             bytes_held: 0,
             bytes_by_agent: HashMap::new(),
+            logs: HashSet::new(),
+            forgotten: Vec::new(),
         };
         jobs.restore(records, now_ms);
         jobs
@@ -599,6 +663,10 @@ impl Jobs {
         }
         let mut found: HashMap<JobId, Found> = HashMap::new();
         for record in records {
+            if let JobRecord::NextJob { next, .. } = record {
+                self.next_job = self.next_job.max(next.0);
+                continue;
+            }
             let id = record.job_id();
             self.next_job = self.next_job.max(id.0 + 1);
             let entry = found.entry(id).or_insert(Found {
@@ -609,6 +677,9 @@ impl Jobs {
             match record {
                 JobRecord::Spec(spec) => entry.spec = Some(spec),
                 JobRecord::Forget { .. } => entry.spec = None,
+                JobRecord::ForgetLease { .. } => {}
+                JobRecord::ForgetEnd { .. } => entry.end = None,
+                JobRecord::NextJob { .. } => {}
                 JobRecord::Lease { attempt, .. } => entry.attempt = entry.attempt.max(attempt),
                 JobRecord::End(end) => {
                     entry.attempt = entry.attempt.max(end.attempt);
@@ -686,6 +757,12 @@ impl Jobs {
         }
     }
 
+    /// The job logs recovered at start (names of `$jobs.*` swarms): they count against
+    /// `max_swarms`.
+    pub fn logs_exist(&mut self, names: impl IntoIterator<Item = String>) {
+        self.logs.extend(names);
+    }
+
     fn queue(&mut self, swarm: &str) -> &mut SwarmQueue {
         if !self.swarms.contains_key(swarm) {
             let weight = self.config.weight(swarm);
@@ -728,7 +805,11 @@ impl Jobs {
                 break;
             };
             if let Some(queue) = self.swarms.get_mut(&swarm) {
-                if queue.dedup.get(&key).is_some_and(|entry| entry.0 == job) {
+                if let Some(entry) = queue.dedup.get(&key).filter(|entry| entry.0 == job) {
+                    if entry.2.is_some() {
+                        // Acknowledged: its end record only kept the key; now it may go.
+                        self.forgotten.push((swarm.clone(), job));
+                    }
                     queue.dedup.remove(&key);
                 }
             }
@@ -898,6 +979,20 @@ impl Jobs {
         }
         let max_jobs = self.config.max_jobs_per_swarm;
         let retry_after_ms = self.config.busy_retry_after_ms;
+        let log = log_swarm(&submit.swarm);
+        if !self.logs.contains(&log) {
+            if self.logs.len() >= self.config.max_swarms {
+                return Err(Refusal {
+                    code: ErrorCode::Busy,
+                    message: format!(
+                        "the router keeps the job logs of {} swarms (jobs.max_swarms)",
+                        self.logs.len()
+                    ),
+                    retry_after_ms,
+                });
+            }
+            self.logs.insert(log);
+        }
         let queue = self.queue(&submit.swarm);
         if queue.held >= max_jobs {
             return Err(Refusal {
@@ -1578,6 +1673,10 @@ impl Jobs {
             swarm: swarm.clone(),
             job_id,
         });
+        fx.records.push(JobRecord::ForgetLease {
+            swarm: swarm.clone(),
+            job_id,
+        });
         self.drop_job(job_id);
         let queue = self.queue(&swarm);
         queue.held = queue.held.saturating_sub(1);
@@ -1680,6 +1779,21 @@ impl Jobs {
     /// dead-lettered), dead-letters queued jobs past their deadline, and dispatches.
     pub fn tick(&mut self, now_ms: u64) -> Effects {
         let mut fx = Effects::default();
+        self.prune_keys(now_ms);
+        if !self.forgotten.is_empty() {
+            // The id high-water mark goes first, in the same log: once the job's records
+            // are compacted away, the ids still never go back.
+            let mut marked = HashSet::new();
+            for (swarm, job_id) in std::mem::take(&mut self.forgotten) {
+                if marked.insert(swarm.clone()) {
+                    fx.records.push(JobRecord::NextJob {
+                        swarm: swarm.clone(),
+                        next: JobId(self.next_job),
+                    });
+                }
+                fx.records.push(JobRecord::ForgetEnd { swarm, job_id });
+            }
+        }
         while let Some(&(expires, job_id, attempt)) = self.leases.first() {
             if expires > now_ms {
                 break;
@@ -2101,7 +2215,8 @@ mod tests {
         assert_eq!(fx.finals.len(), 1);
         jobs.finals_written(&[id]);
         let acked = jobs.ack("submitter", id);
-        assert_eq!(acked.records.len(), 2);
+        // The end (key and state only), the spec emptied, and the lease record emptied.
+        assert_eq!(acked.records.len(), 3);
         assert_eq!(jobs.counts().jobs, 0);
     }
 
@@ -2149,6 +2264,87 @@ mod tests {
         jobs.ack("submitter", id);
         assert_eq!(jobs.bytes_held("submitter").1, 0);
         accept(&mut jobs, &who, big("two"), 2);
+    }
+
+    #[test]
+    fn an_acknowledged_job_leaves_the_log_after_the_dedup_window_and_ids_never_go_back() {
+        let config = JobsConfig {
+            dedup_window_ms: 1_000,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config.clone(), [], 0, 1);
+        let who = outbox(1);
+        jobs.connect(ConnId(1), "submitter", &who, None);
+        let mut log: Vec<JobRecord> = Vec::new();
+        let Submitted::New { job_id, record } = jobs
+            .submit("submitter", &who, submit("s", "k", None), 0)
+            .unwrap()
+        else {
+            panic!("a new job")
+        };
+        log.push(record);
+        jobs.submitted(job_id, Ok(()), 0);
+        let (out, fx) = worker(&mut jobs, 2, &["s"], 1);
+        let lease = leases(&fx).pop().unwrap().1;
+        log.extend(fx.records);
+        let fx = jobs.result(ConnId(2), &out, ok_result(&lease), 10).unwrap();
+        log.extend(fx.finals);
+        jobs.finals_written(&[job_id]);
+        log.extend(jobs.ack("submitter", job_id).records);
+        // Within the dedup window the key is still known; past it, the end record goes too.
+        assert!(jobs.tick(500).records.is_empty());
+        let fx = jobs.tick(1_500);
+        assert!(fx
+            .records
+            .iter()
+            .any(|r| matches!(r, JobRecord::NextJob { next, .. } if *next > job_id)));
+        assert!(fx
+            .records
+            .iter()
+            .any(|r| matches!(r, JobRecord::ForgetEnd { job_id: id, .. } if *id == job_id)));
+        log.extend(fx.records);
+        // Every record of the job is now empty under its key: compaction keeps only the
+        // latest per key and drops the empty ones, leaving the id mark.
+        let mut latest: HashMap<String, JobRecord> = HashMap::new();
+        for record in log {
+            let record = JobRecord::parse(&record.key(), &record.payload()).unwrap();
+            latest.insert(record.key(), record);
+        }
+        let kept: Vec<JobRecord> = latest
+            .into_values()
+            .filter(|r| !r.payload().is_empty())
+            .collect();
+        assert!(
+            matches!(kept.as_slice(), [JobRecord::NextJob { .. }]),
+            "{kept:?}"
+        );
+        // Restarted from what is left: no job, and the next id is new.
+        let mut restarted = Jobs::new(config, kept, 2_000, 1);
+        assert_eq!(restarted.counts().jobs, 0);
+        match restarted.submit("submitter", &who, submit("s", "k2", None), 2_000) {
+            Ok(Submitted::New { job_id: next, .. }) => assert!(next > job_id),
+            other => panic!("expected a new job, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn job_logs_are_capped_counting_those_recovered() {
+        let config = JobsConfig {
+            max_swarms: 3,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config, [], 0, 1);
+        jobs.logs_exist([log_swarm("old")]);
+        let who = outbox(1);
+        accept(&mut jobs, &who, submit("a", "k", None), 0);
+        accept(&mut jobs, &who, submit("b", "k", None), 0);
+        match jobs.submit("submitter", &who, submit("c", "k", None), 0) {
+            Err(refusal) => assert_eq!(refusal.code, ErrorCode::Busy),
+            Ok(other) => panic!("expected Busy, got {other:?}"),
+        }
+        // Swarms whose logs exist go on taking jobs.
+        accept(&mut jobs, &who, submit("a", "k2", None), 0);
+        accept(&mut jobs, &who, submit("old", "k", None), 0);
     }
 
     #[test]

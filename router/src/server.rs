@@ -661,11 +661,17 @@ impl Router {
             workers.set_admin_drain(node, true);
         }
         let clock = router_clock.clock;
-        let jobs = Jobs::new(
+        let mut jobs = Jobs::new(
             config.jobs.clone(),
             read_job_records(&recovered)?,
             clock.now_ms(),
             log::store::new_epoch().0,
+        );
+        jobs.logs_exist(
+            recovered
+                .iter()
+                .filter(|log| log.name.starts_with(JOBS_SWARM_PREFIX))
+                .map(|log| log.name.clone()),
         );
         let shard_count = config.shard_count();
         // The job queue's swarms get shards of their own, on the bulk runtime, after the
