@@ -76,6 +76,31 @@ async fn publish_60(t: &TestRouter) {
     }
 }
 
+/// Waits until a compaction of "s" covered ops past `op` (so the old segments were
+/// compacted again, after the restart).
+async fn compacted_past(data: &Path, op: u64) {
+    let dir = data
+        .join("log")
+        .join(swarmbus_router::log::store::swarm_dir_name("s"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let covered = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter_map(|name| {
+                let range = name.strip_suffix(".compacted.log")?;
+                range.split_once('-')?.1.parse::<u64>().ok()
+            })
+            .max()
+            .unwrap_or(0);
+        if covered > op {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no compaction past op {op}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Ops 1..=60 of "s" (the first 60 published) a delta finds.
 async fn kept(t: &TestRouter) -> u32 {
     let (reader, _rx) = t.connect("reader", Role::Agent, &["s"]).await;
@@ -106,7 +131,7 @@ async fn a_wall_clock_step_while_the_router_is_down_does_not_age_out_history() {
     clock.step(2_000, 30 * DAY, false);
     let t = start(data.path(), &clock).await;
     publish_60(&t).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    compacted_past(data.path(), 60).await;
     assert_eq!(kept(&t).await, 60, "history aged out by a clock step");
     t.router.shutdown().await;
 

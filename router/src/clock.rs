@@ -34,8 +34,8 @@ pub trait ClockSource: Send + Sync + std::fmt::Debug {
     fn boot(&self) -> Option<(String, u64)>;
 }
 
-/// The host's clocks: `SystemTime`, `/proc/sys/kernel/random/boot_id` and `/proc/uptime`
-/// (`CLOCK_BOOTTIME`; Linux: elsewhere there is no boot clock, and every start counts as
+/// The host's clocks: `SystemTime`, `/proc/sys/kernel/random/boot_id` and
+/// `CLOCK_BOOTTIME` (Linux: elsewhere there is no boot clock, and every start counts as
 /// after a reboot).
 #[derive(Debug, Default)]
 pub struct SystemClock;
@@ -50,10 +50,29 @@ impl ClockSource for SystemClock {
 
     fn boot(&self) -> Option<(String, u64)> {
         let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-        // The first field of /proc/uptime is CLOCK_BOOTTIME in seconds, to 10 ms.
-        let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
-        let seconds: f64 = uptime.split_whitespace().next()?.parse().ok()?;
-        Some((id.trim().to_owned(), (seconds * 1_000.0) as u64))
+        Some((id.trim().to_owned(), boot_clock_ms()?))
+    }
+}
+
+/// The boot clock (`CLOCK_BOOTTIME`), milliseconds: monotonic, counting time suspended,
+/// unmoved by wall-clock steps, and the host's even inside a container (where
+/// `/proc/uptime` may be the container's). `None` off Linux.
+pub fn boot_clock_ms() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes one timespec through the pointer, which points at a
+        // live local of that type.
+        #[allow(unsafe_code)] // one clock_gettime into a timespec we own
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+        (rc == 0).then(|| now.tv_sec as u64 * 1_000 + now.tv_nsec as u64 / 1_000_000)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
     }
 }
 
@@ -63,38 +82,52 @@ struct Checkpoint {
     boot_id: Option<String>,
     boot_ms: u64,
     router_ms: u64,
+    /// Router time minus boot time as chosen at the first start of this boot: restarts on
+    /// the same boot stay within the step bound of it, so repeated restarts (a crash loop)
+    /// cannot add their steps up.
+    base_offset_ms: i64,
 }
 
 impl Checkpoint {
     fn parse(text: &str) -> Option<Checkpoint> {
         let mut fields = text.split_whitespace();
         let boot_id = fields.next()?;
-        let boot_ms = fields.next()?.parse().ok()?;
-        let router_ms = fields.next()?.parse().ok()?;
+        let boot_ms: u64 = fields.next()?.parse().ok()?;
+        let router_ms: u64 = fields.next()?.parse().ok()?;
+        let base_offset_ms = match fields.next() {
+            Some(base) => base.parse().ok()?,
+            None => router_ms as i64 - boot_ms as i64,
+        };
         Some(Checkpoint {
             boot_id: (boot_id != "-").then(|| boot_id.to_owned()),
             boot_ms,
             router_ms,
+            base_offset_ms,
         })
     }
 
     fn render(&self) -> String {
         format!(
-            "{} {} {}\n",
+            "{} {} {} {}\n",
             self.boot_id.as_deref().unwrap_or("-"),
             self.boot_ms,
-            self.router_ms
+            self.router_ms,
+            self.base_offset_ms
         )
     }
 }
+
+/// How often the checkpoint is rewritten. What the router stamped after its last one is
+/// at most this much later, so a start never comes before the checkpoint plus this.
+pub const CHECKPOINT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How the start time was chosen (for the start-up log line and tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Started {
     /// No checkpoint: the wall clock.
     Fresh,
-    /// Same boot: the wall clock, or the nearest time within the step bound of the time
-    /// measured by the boot clock (`stepped_ms`: how far the wall clock was off it).
+    /// Same boot: the wall clock, or the nearest time within the step bound (`stepped_ms`:
+    /// how far the wall clock was from the time measured by the boot clock).
     SameBoot { stepped_ms: i64, bounded: bool },
     /// After a reboot: the wall clock, or the checkpoint when the wall clock is before it.
     Rebooted { behind_ms: u64 },
@@ -107,22 +140,35 @@ pub struct RouterClock {
     pub started: Started,
     path: PathBuf,
     source: Arc<dyn ClockSource>,
+    /// The boot this run started in, and that boot's base offset.
+    base: (Option<String>, i64),
 }
 
 impl RouterClock {
     /// Chooses the start time from `source` and the checkpoint at `path` (see the module
-    /// docs) and writes a checkpoint for it.
+    /// docs) and writes a checkpoint for it. A checkpoint that cannot be read counts as
+    /// none and one that cannot be written leaves the clock as chosen: both are logged and
+    /// neither stops the router (it then cannot bound a step at its next start).
     pub fn start(
         path: &Path,
         source: Arc<dyn ClockSource>,
         max_restart_step_ms: u64,
-    ) -> std::io::Result<RouterClock> {
+    ) -> RouterClock {
         let wall = source.wall_ms();
         let boot = source.boot();
-        let checkpoint = match std::fs::read_to_string(path) {
-            Ok(text) => Checkpoint::parse(&text),
+        let checkpoint = match std::fs::read(path) {
+            Ok(bytes) => {
+                let parsed = std::str::from_utf8(&bytes).ok().and_then(Checkpoint::parse);
+                if parsed.is_none() {
+                    tracing::warn!(path = %path.display(), "the clock checkpoint is unreadable; the router's clock starts at the wall clock");
+                }
+                parsed
+            }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
-            Err(error) => return Err(error),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "the clock checkpoint cannot be read; the router's clock starts at the wall clock");
+                None
+            }
         };
         let (start_ms, started) = choose(
             wall,
@@ -130,15 +176,21 @@ impl RouterClock {
             checkpoint.as_ref(),
             max_restart_step_ms,
         );
-        let clock = Clock::starting_at(Instant::now(), start_ms);
+        let base_offset_ms = match (&checkpoint, started) {
+            (Some(checkpoint), Started::SameBoot { .. }) => checkpoint.base_offset_ms,
+            _ => start_ms as i64 - boot.as_ref().map_or(0, |(_, ms)| *ms as i64),
+        };
         let router = RouterClock {
-            clock,
+            clock: Clock::starting_at(Instant::now(), start_ms),
             started,
             path: path.to_owned(),
+            base: (boot.map(|(id, _)| id), base_offset_ms),
             source,
         };
-        router.checkpoint()?;
-        Ok(router)
+        if let Err(error) = router.checkpoint() {
+            tracing::warn!(path = %path.display(), %error, "writing the clock checkpoint failed");
+        }
+        router
     }
 
     /// Writes the checkpoint (the router's time now, with the boot clock's), atomically.
@@ -147,10 +199,17 @@ impl RouterClock {
             Some((id, ms)) => (Some(id), ms),
             None => (None, 0),
         };
+        let router_ms = self.clock.now_ms();
+        let base_offset_ms = if boot_id == self.base.0 {
+            self.base.1
+        } else {
+            router_ms as i64 - boot_ms as i64
+        };
         let checkpoint = Checkpoint {
             boot_id,
             boot_ms,
-            router_ms: self.clock.now_ms(),
+            router_ms,
+            base_offset_ms,
         };
         // A name of its own: a router shutting down may write its last checkpoint while the
         // next one on the same data directory writes its first.
@@ -159,32 +218,41 @@ impl RouterClock {
         let tmp = self
             .path
             .with_extension(format!("{}.{n}.tmp", std::process::id()));
-        std::fs::write(&tmp, checkpoint.render())?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &self.path)
+        let written = (|| {
+            std::fs::write(&tmp, checkpoint.render())?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &self.path)?;
+            // Its directory entry too, so that the first checkpoint survives a power loss.
+            match self.path.parent() {
+                Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                None => Ok(()),
+            }
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
-    /// Rewrites the checkpoint every `interval` until `stop` is dropped (on a thread: it
-    /// syncs a file).
+    /// Rewrites the checkpoint every [`CHECKPOINT_INTERVAL`] until `stop` is dropped (on a
+    /// thread: it syncs a file), and once more then.
     pub fn keep_checkpoint(
         self: &Arc<Self>,
-        interval: Duration,
         stop: std::sync::mpsc::Receiver<()>,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
         let clock = self.clone();
         std::thread::Builder::new()
             .name("swarmbus-clock".into())
             .spawn(move || loop {
-                match stop.recv_timeout(interval) {
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        if let Err(error) = clock.checkpoint() {
-                            tracing::warn!(%error, path = %clock.path.display(), "writing the clock checkpoint failed");
-                        }
-                    }
-                    _ => {
-                        let _ = clock.checkpoint();
-                        return;
-                    }
+                let stopping = !matches!(
+                    stop.recv_timeout(CHECKPOINT_INTERVAL),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+                );
+                if let Err(error) = clock.checkpoint() {
+                    tracing::warn!(%error, path = %clock.path.display(), "writing the clock checkpoint failed");
+                }
+                if stopping {
+                    return;
                 }
             })
     }
@@ -200,22 +268,24 @@ fn choose(
     let Some(checkpoint) = checkpoint else {
         return (wall, Started::Fresh);
     };
+    // Stamps after the last checkpoint are at most an interval later: never start before.
+    let floor = checkpoint
+        .router_ms
+        .saturating_add(CHECKPOINT_INTERVAL.as_millis() as u64);
     let same_boot = match (boot, &checkpoint.boot_id) {
-        (Some((id, ms)), Some(was)) if id == was && *ms >= checkpoint.boot_ms => {
-            Some(ms - checkpoint.boot_ms)
-        }
+        (Some((id, ms)), Some(was)) if id == was && *ms >= checkpoint.boot_ms => Some(*ms),
         _ => None,
     };
     match same_boot {
-        Some(elapsed) => {
-            let measured = checkpoint.router_ms.saturating_add(elapsed);
-            let low = measured
-                .saturating_sub(max_step_ms)
-                .max(checkpoint.router_ms);
-            let high = measured.saturating_add(max_step_ms);
+        Some(boot_now) => {
+            // What the first start of this boot would read now: the bound is around it, so
+            // that restarts cannot add their steps up.
+            let based = (checkpoint.base_offset_ms + boot_now as i64).max(0) as u64;
+            let low = based.saturating_sub(max_step_ms).max(floor);
+            let high = based.saturating_add(max_step_ms).max(low);
             let start = wall.clamp(low, high);
             let stepped_ms =
-                (wall as i128 - measured as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+                (wall as i128 - based as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
             (
                 start,
                 Started::SameBoot {
@@ -225,9 +295,9 @@ fn choose(
             )
         }
         None => (
-            wall.max(checkpoint.router_ms),
+            wall.max(floor),
             Started::Rebooted {
-                behind_ms: checkpoint.router_ms.saturating_sub(wall),
+                behind_ms: floor.saturating_sub(wall),
             },
         ),
     }
@@ -269,46 +339,47 @@ mod tests {
         *source.boot_id.lock().unwrap() = "boot-a".into();
         source.wall.store(100 * DAY, Ordering::Relaxed);
         source.boot_ms.store(5_000, Ordering::Relaxed);
-        let first = RouterClock::start(&path, source.clone(), 60_000).unwrap();
+        let first = RouterClock::start(&path, source.clone(), 60_000);
         assert_eq!(first.started, Started::Fresh);
         let t0 = first.clock.now_ms();
         assert!((100 * DAY..100 * DAY + 1_000).contains(&t0));
         drop(first);
 
-        // Ten seconds later by the boot clock, but the wall clock jumped 30 days ahead.
+        // Ten seconds later by the boot clock, the wall clock 5 s ahead of that (a small
+        // correction): taken.
         source.boot_ms.store(15_000, Ordering::Relaxed);
-        source.wall.store(130 * DAY, Ordering::Relaxed);
-        let second = RouterClock::start(&path, source.clone(), 60_000).unwrap();
-        let t1 = second.clock.now_ms();
+        source.wall.store(100 * DAY + 15_000, Ordering::Relaxed);
+        let second = RouterClock::start(&path, source.clone(), 60_000);
         assert!(matches!(
             second.started,
-            Started::SameBoot { bounded: true, .. }
-        ));
-        assert!(
-            t1 >= t0 + 10_000 && t1 <= t0 + 10_000 + 60_000 + 1_000,
-            "{t1} vs {t0}"
-        );
-        // A wall clock running the router's own time plus a small correction is taken.
-        let now = second.clock.now_ms();
-        drop(second);
-        source.boot_ms.store(16_000, Ordering::Relaxed);
-        source.wall.store(now + 1_000 + 5_000, Ordering::Relaxed);
-        let third = RouterClock::start(&path, source.clone(), 60_000).unwrap();
-        assert!(matches!(
-            third.started,
             Started::SameBoot { bounded: false, .. }
         ));
+        let t1 = second.clock.now_ms();
+        assert!(
+            (100 * DAY + 15_000..100 * DAY + 16_000).contains(&t1),
+            "{t1}"
+        );
+        drop(second);
+
+        // Another ten seconds, and the wall clock jumped 30 days ahead: the router moves by
+        // at most the bound past the time the boot clock measured.
+        source.boot_ms.store(25_000, Ordering::Relaxed);
+        source.wall.store(130 * DAY, Ordering::Relaxed);
+        let third = RouterClock::start(&path, source.clone(), 60_000);
+        assert!(matches!(
+            third.started,
+            Started::SameBoot { bounded: true, .. }
+        ));
         let t2 = third.clock.now_ms();
-        assert!((now + 6_000..now + 7_000).contains(&t2), "{t2} vs {now}");
+        assert!(t2 <= 100 * DAY + 20_000 + 60_000 + 1_000, "{t2}");
+        drop(third);
 
         // Stepped back a day while down: the router never goes back past its checkpoint.
-        drop(third);
         let last = read_checkpoint(&path).router_ms;
-        source.boot_ms.store(17_000, Ordering::Relaxed);
+        source.boot_ms.store(26_000, Ordering::Relaxed);
         source.wall.store(t2 - DAY, Ordering::Relaxed);
-        let fourth = RouterClock::start(&path, source.clone(), 60_000).unwrap();
-        assert!(fourth.clock.now_ms() >= last + 1_000 - 60_000);
-        assert!(fourth.clock.now_ms() >= last);
+        let fourth = RouterClock::start(&path, source.clone(), 60_000);
+        assert!(fourth.clock.now_ms() >= last + CHECKPOINT_INTERVAL.as_millis() as u64);
     }
 
     fn read_checkpoint(path: &Path) -> Checkpoint {
@@ -322,26 +393,27 @@ mod tests {
         let source = Arc::new(Stepped::default());
         *source.boot_id.lock().unwrap() = "boot-a".into();
         source.wall.store(100 * DAY, Ordering::Relaxed);
-        let before = RouterClock::start(&path, source.clone(), 60_000).unwrap();
+        let before = RouterClock::start(&path, source.clone(), 60_000);
         drop(before);
         let t0 = read_checkpoint(&path).router_ms;
-        // Rebooted with a clock a day behind: the checkpoint's time.
+        // Rebooted with a clock a day behind: the checkpoint's time (plus the interval the
+        // last stamps may have come after it).
         *source.boot_id.lock().unwrap() = "boot-b".into();
         source.boot_ms.store(1_000, Ordering::Relaxed);
         source.wall.store(99 * DAY, Ordering::Relaxed);
-        let after = RouterClock::start(&path, source.clone(), 60_000).unwrap();
+        let after = RouterClock::start(&path, source.clone(), 60_000);
         assert_eq!(
             after.started,
             Started::Rebooted {
-                behind_ms: t0 - 99 * DAY
+                behind_ms: t0 + 1_000 - 99 * DAY
             }
         );
-        assert!(after.clock.now_ms() >= t0);
+        assert!(after.clock.now_ms() >= t0 + 1_000);
         drop(after);
         // Rebooted again, a week later by the wall clock: taken (downtime looks the same).
         *source.boot_id.lock().unwrap() = "boot-c".into();
         source.wall.store(107 * DAY, Ordering::Relaxed);
-        let later = RouterClock::start(&path, source.clone(), 60_000).unwrap();
+        let later = RouterClock::start(&path, source.clone(), 60_000);
         assert!(later.clock.now_ms() >= 107 * DAY);
     }
 
@@ -351,14 +423,69 @@ mod tests {
             boot_id: Some("abc".into()),
             boot_ms: 7,
             router_ms: 9,
+            base_offset_ms: -3,
         };
         assert_eq!(Checkpoint::parse(&checkpoint.render()), Some(checkpoint));
         let anonymous = Checkpoint {
             boot_id: None,
             boot_ms: 0,
             router_ms: 9,
+            base_offset_ms: 9,
         };
         assert_eq!(Checkpoint::parse(&anonymous.render()), Some(anonymous));
+        // Three fields (no base offset yet): the offset of the checkpoint itself.
+        assert_eq!(
+            Checkpoint::parse("abc 7 9").map(|c| c.base_offset_ms),
+            Some(2)
+        );
         assert_eq!(Checkpoint::parse("garbage"), None);
+    }
+
+    #[test]
+    fn restarts_in_a_row_cannot_add_their_steps_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("clock");
+        let source = Arc::new(Stepped::default());
+        *source.boot_id.lock().unwrap() = "boot-a".into();
+        source.wall.store(100 * DAY, Ordering::Relaxed);
+        source.boot_ms.store(1_000, Ordering::Relaxed);
+        let first = RouterClock::start(&path, source.clone(), 60_000);
+        let t0 = first.clock.now_ms();
+        drop(first);
+        // The wall clock jumps 30 days ahead; the router crashes and restarts 100 times, a
+        // second apart by the boot clock.
+        source.wall.store(130 * DAY, Ordering::Relaxed);
+        let mut last = t0;
+        for restart in 1..=100u64 {
+            source
+                .boot_ms
+                .store(1_000 + restart * 1_000, Ordering::Relaxed);
+            let clock = RouterClock::start(&path, source.clone(), 60_000);
+            last = clock.clock.now_ms();
+        }
+        // 100 s passed by the boot clock: the router is at most one step past that.
+        assert!(
+            last <= t0 + 100_000 + 60_000 + 1_000,
+            "{} ms ahead",
+            last - t0
+        );
+    }
+
+    #[test]
+    fn an_unreadable_or_unwritable_checkpoint_does_not_stop_the_router() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Arc::new(Stepped::default());
+        source.wall.store(100 * DAY, Ordering::Relaxed);
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, [0xff, 0xfe, 0x00]).unwrap();
+        let clock = RouterClock::start(&junk, source.clone(), 60_000);
+        assert_eq!(clock.started, Started::Fresh);
+        // A checkpoint path in a directory that does not exist: nothing can be written.
+        let nowhere = dir.path().join("missing").join("clock");
+        let clock = RouterClock::start(&nowhere, source, 60_000);
+        assert!(clock.clock.now_ms() >= 100 * DAY);
+        assert!(clock.checkpoint().is_err());
+        // No temporary file left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

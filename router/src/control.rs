@@ -59,12 +59,14 @@ impl PresenceConfig {
 }
 
 /// The router's clock: Unix milliseconds that never go backwards (the time chosen at start,
-/// see [`crate::clock`], plus monotonic time since). Every time the router stores or
-/// compares is stated in it.
+/// see [`crate::clock`], plus the time passed since on the boot clock, which counts suspend
+/// and ignores wall-clock steps; on hosts without one, monotonic time). Every time the
+/// router stores or compares is stated in it.
 #[derive(Clone, Copy, Debug)]
 pub struct Clock {
     start: Instant,
     start_unix_ms: u64,
+    start_boot_ms: Option<u64>,
 }
 
 impl Clock {
@@ -80,20 +82,31 @@ impl Clock {
         )
     }
 
-    /// A clock that reads `unix_ms` at `start`.
+    /// A clock that reads `unix_ms` now (`start`).
     pub fn starting_at(start: Instant, unix_ms: u64) -> Self {
         Clock {
             start,
             start_unix_ms: unix_ms,
+            start_boot_ms: crate::clock::boot_clock_ms(),
         }
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.at(Instant::now())
+        match (self.start_boot_ms, crate::clock::boot_clock_ms()) {
+            (Some(start), Some(now)) => self.start_unix_ms + now.saturating_sub(start),
+            _ => {
+                self.start_unix_ms
+                    + Instant::now()
+                        .saturating_duration_since(self.start)
+                        .as_millis() as u64
+            }
+        }
     }
 
+    /// The clock's reading at `instant` (one of the recent past).
     pub fn at(&self, instant: Instant) -> u64 {
-        self.start_unix_ms + instant.saturating_duration_since(self.start).as_millis() as u64
+        let since = Instant::now().saturating_duration_since(instant);
+        self.now_ms().saturating_sub(since.as_millis() as u64)
     }
 }
 

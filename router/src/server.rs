@@ -551,11 +551,7 @@ impl Router {
         })?;
         let clock_path = config.data_dir.join("clock");
         let router_clock =
-            crate::clock::RouterClock::start(&clock_path, clock, config.clock.max_restart_step_ms)
-                .map_err(|e| RouterError::DataDir {
-                    path: clock_path.clone(),
-                    detail: format!("the clock checkpoint: {e}"),
-                })?;
+            crate::clock::RouterClock::start(&clock_path, clock, config.clock.max_restart_step_ms);
         match router_clock.started {
             crate::clock::Started::SameBoot {
                 stepped_ms,
@@ -573,12 +569,13 @@ impl Router {
         }
         let router_clock = Arc::new(router_clock);
         let (clock_stop, clock_stopped) = std::sync::mpsc::channel();
-        let clock_thread = router_clock
-            .keep_checkpoint(Duration::from_secs(1), clock_stopped)
-            .map_err(|e| RouterError::DataDir {
-                path: clock_path.clone(),
-                detail: format!("starting the clock checkpoint thread: {e}"),
-            })?;
+        let clock_thread =
+            router_clock
+                .keep_checkpoint(clock_stopped)
+                .map_err(|e| RouterError::DataDir {
+                    path: clock_path.clone(),
+                    detail: format!("starting the clock checkpoint thread: {e}"),
+                })?;
         let (cert, key, ca_path) = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
             _ => {
@@ -646,7 +643,9 @@ impl Router {
         // last durable op.
         let log_dir = config.data_dir.join("log");
         let (recovered, recovery_notes) =
-            log::recover_all(&log_dir).map_err(|e| RouterError::DataDir {
+            // Only a router that syncs before it acknowledges keeps watermarks up to date.
+            log::store::recover_all_with(&log_dir, config.log.sync == log::SyncPolicy::Always)
+                .map_err(|e| RouterError::DataDir {
                 path: log_dir.clone(),
                 detail: format!("recovering the event log: {e}"),
             })?;
@@ -932,11 +931,6 @@ impl Router {
     /// be told.
     pub async fn shutdown(mut self) {
         self.context.shutting_down.store(true, Ordering::Release);
-        if let Some((stop, thread)) = self.clock_checkpoints.take() {
-            // The last checkpoint is written before the next router may start.
-            drop(stop);
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
         let code = VarInt::from(ErrorCode::ShuttingDown.as_u16());
         self.endpoint.close(code, b"router shutting down");
         self.accept_task.abort();
@@ -955,6 +949,12 @@ impl Router {
         };
         let main = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle());
         let _ = tokio::join!(main, bulk);
+        if let Some((stop, thread)) = self.clock_checkpoints.take() {
+            // The last checkpoint, after the connections closed, before the next router on
+            // this data directory may start.
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
     }
 
     /// The bulk listener's address (with the port the OS picked), when `bulk_listen` is set.

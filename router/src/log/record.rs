@@ -42,6 +42,15 @@ impl RecordParts {
         self.len() == 0
     }
 
+    /// The epoch in the record's head (after its length and CRC).
+    pub fn epoch(&self) -> Epoch {
+        let mut bytes = [0u8; 8];
+        if let Some(epoch) = self.head.get(8..16) {
+            bytes.copy_from_slice(epoch);
+        }
+        Epoch(u64::from_le_bytes(bytes))
+    }
+
     /// The record as one buffer (tests and tools).
     pub fn to_bytes(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(self.len());

@@ -610,14 +610,16 @@ pub const WATERMARK_FILE: &str = "durable";
 const WATERMARK_SLOT: usize = 32;
 const WATERMARK_MAGIC: &[u8; 4] = b"SBWM";
 
-/// Writes the watermark `op` (the `seq`th write: it picks the slot) and syncs it.
-pub fn write_watermark(dir: &Path, op: OpId, seq: u64) -> std::io::Result<()> {
+/// Writes the watermark `op` of the log of `epoch` (the `seq`th write: it picks the slot)
+/// and syncs it.
+pub fn write_watermark(dir: &Path, epoch: Epoch, op: OpId, seq: u64) -> std::io::Result<()> {
     let mut slot = [0u8; WATERMARK_SLOT];
     slot[..4].copy_from_slice(WATERMARK_MAGIC);
     slot[4..12].copy_from_slice(&seq.to_le_bytes());
     slot[12..20].copy_from_slice(&op.0.to_le_bytes());
-    let crc = crc32c::crc32c(&slot[..20]);
-    slot[20..24].copy_from_slice(&crc.to_le_bytes());
+    slot[20..28].copy_from_slice(&epoch.0.to_le_bytes());
+    let crc = crc32c::crc32c(&slot[..28]);
+    slot[28..32].copy_from_slice(&crc.to_le_bytes());
     let file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -627,21 +629,21 @@ pub fn write_watermark(dir: &Path, op: OpId, seq: u64) -> std::io::Result<()> {
     file.sync_data()
 }
 
-/// The watermark of a swarm's directory: the op of its newest intact slot (`None`: no
-/// watermark, or none intact).
-pub fn read_watermark(dir: &Path) -> Option<OpId> {
+/// The watermark of a swarm's directory for the log of `epoch`: the op of its highest
+/// intact slot of that epoch (`None`: no watermark, or none intact).
+pub fn read_watermark(dir: &Path, epoch: Epoch) -> Option<OpId> {
     let bytes = fs::read(dir.join(WATERMARK_FILE)).ok()?;
     bytes
         .chunks_exact(WATERMARK_SLOT)
         .take(2)
         .filter_map(|slot| {
-            let crc = u32::from_le_bytes(slot[20..24].try_into().ok()?);
-            let intact = &slot[..4] == WATERMARK_MAGIC && crc32c::crc32c(&slot[..20]) == crc;
-            intact.then(|| {
-                let seq = u64::from_le_bytes(slot[4..12].try_into().unwrap_or_default());
-                let op = u64::from_le_bytes(slot[12..20].try_into().unwrap_or_default());
-                (seq, OpId(op))
-            })
+            let u64_at =
+                |at: usize| u64::from_le_bytes(slot[at..at + 8].try_into().unwrap_or_default());
+            let crc = u32::from_le_bytes(slot[28..32].try_into().ok()?);
+            let intact = &slot[..4] == WATERMARK_MAGIC
+                && crc32c::crc32c(&slot[..28]) == crc
+                && u64_at(20) == epoch.0;
+            intact.then(|| (u64_at(4), OpId(u64_at(12))))
         })
         // The highest op wins: a swarm's watermark only grows (the write count restarts
         // with the router, so it only picks the slot to write).
@@ -657,9 +659,19 @@ fn read_epoch(dir: &Path) -> Result<Epoch, String> {
         .map_err(|e| format!("epoch file: {e}"))
 }
 
-/// Recovers every swarm log under `log_dir`, truncating torn tails. Returns the logs and
-/// notes on what was repaired or found damaged.
+/// Recovers every swarm log under `log_dir`, truncating torn tails, using the swarms'
+/// durable watermarks. Returns the logs and notes on what was repaired or found damaged.
 pub fn recover_all(log_dir: &Path) -> std::io::Result<(Vec<SwarmLog>, Vec<RecoveryNote>)> {
+    recover_all_with(log_dir, true)
+}
+
+/// [`recover_all`]; without `watermarks` (a router that does not sync before it
+/// acknowledges keeps none up to date) the watermark files are ignored and removed, so a
+/// stale one never speaks for ops written since.
+pub fn recover_all_with(
+    log_dir: &Path,
+    watermarks: bool,
+) -> std::io::Result<(Vec<SwarmLog>, Vec<RecoveryNote>)> {
     fs::create_dir_all(log_dir)?;
     let mut logs = Vec::new();
     let mut notes = Vec::new();
@@ -674,6 +686,12 @@ pub fn recover_all(log_dir: &Path) -> std::io::Result<(Vec<SwarmLog>, Vec<Recove
         let Ok(name) = fs::read_to_string(dir.join("name")) else {
             continue;
         };
+        if !watermarks {
+            match fs::remove_file(dir.join(WATERMARK_FILE)) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            }
+        }
         let (log, mut found) = recover_swarm(dir, name)?;
         notes.append(&mut found);
         logs.push(log);
@@ -755,7 +773,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
     // Every op up to the watermark was acknowledged; damage past it is a write the crash
     // cut short (a torn record, a page written back before the one before it, a segment
     // begun while the previous one's tail was not on disk yet).
-    let watermark = read_watermark(&dir);
+    let watermark = read_watermark(&dir, log.epoch);
     let unacknowledged = |op: OpId| watermark.is_some_and(|w| op > w);
     let paths: Vec<PathBuf> = segments.iter().map(|(_, _, path)| path.clone()).collect();
     // Removes the segments from the `from`th on (all past the damage: never acknowledged).
@@ -777,7 +795,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         let is_last = i + 1 == count;
         let expected_first = OpId(log.last_op().0 + 1);
         if i > 0 && first_op != expected_first {
-            if unacknowledged(expected_first) {
+            if is_last && unacknowledged(expected_first) {
                 // The previous segment is short: its tail never reached the disk.
                 drop_segments_from(i, &mut notes)?;
                 break;
@@ -797,8 +815,12 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         if let Some((offset, reason)) = &scan.damage {
             let file_len = fs::metadata(&path)?.len();
             let damaged_op = OpId(scan.last_op.0 + 1);
+            // Only near the tail (the last segment, or the one before it when the crash hit
+            // a roll): damage deeper in the log is not a write cut short, whatever a
+            // watermark that may lag says.
+            let near_tail = i + 2 >= count;
             let torn = match watermark {
-                Some(_) => covers_to.is_none() && unacknowledged(damaged_op),
+                Some(_) => covers_to.is_none() && near_tail && unacknowledged(damaged_op),
                 // No watermark (written before there was one, or not under `always`):
                 // the shape of the damage decides.
                 None => is_last && covers_to.is_none() && !scan.damage_is_mid,
@@ -860,6 +882,16 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             drop_segments_from(i + 1, &mut notes)?;
             break;
         }
+    }
+    if let (true, Some(w)) = (log.segments.is_empty(), watermark) {
+        // Retention removed every segment and the crash came before the next one was on
+        // disk: the log goes on after the ops acknowledged, never giving their ids out again.
+        log.horizon = w;
+        log.segments.push(Segment::empty(&dir, OpId(w.0 + 1)));
+        notes.push(note(format!(
+            "no segment left; the log goes on after op {} (the durable watermark)",
+            w.0
+        )));
     }
     if let Some(w) = watermark.filter(|w| log.unavailable.is_none() && log.last_op() < *w) {
         // Acknowledged ops are missing (a file shortened or removed by hand, or a disk

@@ -163,7 +163,7 @@ fn appends_survive_reopen_and_read_back_across_segments() {
 fn set_watermark(dir: &std::path::Path, swarm: &str, op: u64) {
     let swarm_dir = dir.join(store::swarm_dir_name(swarm));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while store::read_watermark(&swarm_dir).is_none_or(|w| w.0 <= op) {
+    while store::read_watermark(&swarm_dir, epoch_of(&swarm_dir)).is_none_or(|w| w.0 <= op) {
         assert!(
             std::time::Instant::now() < deadline,
             "the writer wrote no watermark"
@@ -171,7 +171,18 @@ fn set_watermark(dir: &std::path::Path, swarm: &str, op: u64) {
         std::thread::sleep(Duration::from_millis(10));
     }
     std::fs::remove_file(swarm_dir.join(store::WATERMARK_FILE)).unwrap();
-    store::write_watermark(&swarm_dir, OpId(op), 0).unwrap();
+    store::write_watermark(&swarm_dir, epoch_of(&swarm_dir), OpId(op), 0).unwrap();
+}
+
+/// The epoch of the swarm log in `swarm_dir`.
+fn epoch_of(swarm_dir: &std::path::Path) -> Epoch {
+    Epoch(
+        std::fs::read_to_string(swarm_dir.join("epoch"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap(),
+    )
 }
 
 /// Where each record of the segment at `path` starts and ends, with its op.
@@ -199,9 +210,14 @@ fn segments_of(dir: &std::path::Path, swarm: &str) -> Vec<std::path::PathBuf> {
 
 /// 40 ops in segments of 1 KiB (20 records each), all durable; returns the segments.
 fn forty_ops(dir: &std::path::Path, swarm: &Arc<str>) -> Vec<std::path::PathBuf> {
+    ops_in_segments(dir, swarm, 40)
+}
+
+/// `n` ops in segments of 1 KiB (20 records each), all durable, the watermark at `n`.
+fn ops_in_segments(dir: &std::path::Path, swarm: &Arc<str>, n: u64) -> Vec<std::path::PathBuf> {
     let (mut log, mut events, _) = open(dir, WriterKind::File, 1024);
     log.create(swarm, Epoch(3)).unwrap();
-    append_all(&mut log, &mut events, swarm, Epoch(3), 1, 40);
+    append_all(&mut log, &mut events, swarm, Epoch(3), 1, n);
     drop(log);
     let segments = segments_of(dir, swarm);
     assert!(segments.len() >= 2, "{segments:?}");
@@ -209,10 +225,10 @@ fn forty_ops(dir: &std::path::Path, swarm: &Arc<str>) -> Vec<std::path::PathBuf>
     // stops).
     let swarm_dir = dir.join(store::swarm_dir_name(swarm));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while store::read_watermark(&swarm_dir) != Some(OpId(40)) {
+    while store::read_watermark(&swarm_dir, Epoch(3)) != Some(OpId(n)) {
         assert!(
             std::time::Instant::now() < deadline,
-            "no watermark at op 40"
+            "no watermark at op {n}"
         );
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -315,6 +331,72 @@ fn pages_written_back_out_of_order_are_cut_back_to_the_watermark() {
     bytes[start..end].fill(0);
     std::fs::write(last, bytes).unwrap();
     reopen_cut_back_to(dir.path(), &swarm, hole_op - 1);
+}
+
+#[test]
+fn damage_deep_in_the_log_past_a_stale_watermark_is_not_taken_for_a_torn_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "stale".into();
+    let segments = ops_in_segments(dir.path(), &swarm, 100);
+    assert!(segments.len() >= 4, "{segments:?}");
+    // A watermark left far behind (it lags, or a write of it failed) and a bit flip in the
+    // second segment: not a write the crash cut short, so the segments after it stay and the
+    // swarm is refused.
+    set_watermark(dir.path(), &swarm, 10);
+    let mut bytes = std::fs::read(&segments[1]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&segments[1], bytes).unwrap();
+    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+    assert!(state(&log, &swarm).unavailable.is_some(), "{notes:?}");
+    assert_eq!(segments_of(dir.path(), &swarm), segments);
+}
+
+#[test]
+fn without_watermarks_recovery_ignores_and_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "nomarks".into();
+    let segments = forty_ops(dir.path(), &swarm);
+    // The last record torn, a watermark that says it was acknowledged: under a policy that
+    // keeps no watermark the shape decides (a torn tail), and the stale file goes.
+    let last = segments.last().unwrap();
+    let len = std::fs::metadata(last).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(last)
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    let (logs, notes) = store::recover_all_with(dir.path(), false).unwrap();
+    let log = logs.iter().find(|l| l.name == *swarm).unwrap();
+    assert_eq!(
+        (log.unavailable.clone(), log.last_op()),
+        (None, OpId(39)),
+        "{notes:?}"
+    );
+    let swarm_dir = dir.path().join(store::swarm_dir_name(&swarm));
+    assert!(!swarm_dir.join(store::WATERMARK_FILE).exists());
+}
+
+#[test]
+fn a_log_whose_every_segment_is_gone_goes_on_after_its_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "emptied".into();
+    // Retention removed the old segments and the crash came before the next one was on
+    // disk: nothing is left but the watermark.
+    for segment in forty_ops(dir.path(), &swarm) {
+        std::fs::remove_file(segment).unwrap();
+    }
+    let (mut log, mut events, notes) = open(dir.path(), WriterKind::File, 1024);
+    let recovered = state(&log, &swarm);
+    assert_eq!(
+        (recovered.unavailable, recovered.last_op),
+        (None, OpId(40)),
+        "{notes:?}"
+    );
+    assert_eq!(log.horizon(&swarm), OpId(40));
+    append_all(&mut log, &mut events, &swarm, Epoch(3), 41, 45);
+    assert_eq!(read_ops(&log, &swarm), (41..=45).collect::<Vec<_>>());
 }
 
 #[test]

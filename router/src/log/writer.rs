@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use swarmbus_schema::OpId;
+use swarmbus_schema::{Epoch, OpId};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::record::RecordParts;
@@ -235,6 +235,9 @@ struct FileBatch {
 /// Files of a batch that failed, with why.
 type FailedFiles = HashMap<Arc<PathBuf>, String>;
 
+/// A swarm of a shard.
+type SwarmKey = (usize, Arc<str>);
+
 /// Batch planning and completion bookkeeping shared by both backends.
 struct WriterState {
     policy: SyncPolicy,
@@ -247,7 +250,7 @@ struct WriterState {
     failed: HashMap<Arc<str>, u64>,
     /// The watermark thread (only under `always`: what is reported durable otherwise need
     /// not be synced): each swarm directory's highest durable op goes there.
-    marks: Option<Sender<(PathBuf, OpId)>>,
+    marks: Option<Sender<(PathBuf, Epoch, OpId)>>,
 }
 
 /// How long a durable op may wait to be in its swarm's watermark file. A watermark that
@@ -259,30 +262,30 @@ const MARK_INTERVAL: Duration = Duration::from_millis(100);
 /// keeps the highest per directory, and writes and syncs the files every `MARK_INTERVAL`,
 /// off the writer's thread so that appends never wait for these syncs. It writes what it
 /// holds and stops when the writer is gone.
-fn start_watermarks(name: &str) -> std::io::Result<Sender<(PathBuf, OpId)>> {
-    let (tx, rx) = crossbeam::channel::unbounded::<(PathBuf, OpId)>();
+fn start_watermarks(name: &str) -> std::io::Result<Sender<(PathBuf, Epoch, OpId)>> {
+    let (tx, rx) = crossbeam::channel::unbounded::<(PathBuf, Epoch, OpId)>();
     std::thread::Builder::new()
         .name(format!("{name}-marks"))
         .spawn(move || {
-            let mut pending: HashMap<PathBuf, OpId> = HashMap::new();
+            let mut pending: HashMap<PathBuf, (Epoch, OpId)> = HashMap::new();
             // Writes so far per directory: they alternate between its two slots.
             let mut writes: HashMap<PathBuf, u64> = HashMap::new();
             let mut last = Instant::now();
             let mut open = true;
             while open {
                 match rx.recv_deadline(last + MARK_INTERVAL) {
-                    Ok((dir, op)) => {
-                        let mark = pending.entry(dir).or_insert(op);
-                        *mark = (*mark).max(op);
+                    Ok((dir, epoch, op)) => {
+                        let mark = pending.entry(dir).or_insert((epoch, op));
+                        *mark = (epoch, mark.1.max(op));
                         continue;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => open = false,
                 }
                 last = Instant::now();
-                for (dir, op) in pending.drain() {
+                for (dir, (epoch, op)) in pending.drain() {
                     let seq = writes.entry(dir.clone()).or_default();
-                    if let Err(error) = super::store::write_watermark(&dir, op, *seq) {
+                    if let Err(error) = super::store::write_watermark(&dir, epoch, op, *seq) {
                         // Recovery then knows a little less of what was acknowledged; the
                         // swarm's next durable op tries again.
                         tracing::warn!(dir = %dir.display(), %error, "writing a durable watermark failed");
@@ -298,7 +301,7 @@ impl WriterState {
     fn new(
         policy: SyncPolicy,
         shards: Vec<UnboundedSender<LogEvent>>,
-        marks: Option<Sender<(PathBuf, OpId)>>,
+        marks: Option<Sender<(PathBuf, Epoch, OpId)>>,
     ) -> Self {
         WriterState {
             policy,
@@ -428,8 +431,8 @@ impl WriterState {
     fn complete(&mut self, batch: Vec<WriteRequest>, failed: &HashMap<Arc<PathBuf>, String>) {
         let mut highest: HashMap<(usize, Arc<str>), OpId> = HashMap::new();
         let mut failures: HashMap<(usize, Arc<str>), (OpId, String)> = HashMap::new();
-        // A file each swarm wrote (its directory holds the swarm's watermark).
-        let mut files: HashMap<(usize, Arc<str>), &Arc<PathBuf>> = HashMap::new();
+        // A file each swarm wrote (its directory holds the swarm's watermark), and its epoch.
+        let mut files: HashMap<SwarmKey, (&Arc<PathBuf>, Epoch)> = HashMap::new();
         // Requests of a generation that failed before this batch were not written; their
         // shard refused their publishers when it heard of that failure.
         let written: Vec<&WriteRequest> =
@@ -446,7 +449,9 @@ impl WriterState {
                 None => {
                     let entry = highest.entry(key.clone()).or_insert(request.op);
                     *entry = (*entry).max(request.op);
-                    files.entry(key).or_insert(&request.path);
+                    files
+                        .entry(key)
+                        .or_insert((&request.path, request.record.epoch()));
                 }
             }
         }
@@ -459,8 +464,10 @@ impl WriterState {
             if up_to.is_none() {
                 continue;
             }
-            if let (Some(marks), Some(path)) = (&self.marks, files.get(&(shard, swarm.clone()))) {
-                let _ = marks.send((parent_of(path).to_owned(), up_to));
+            if let (Some(marks), Some((path, epoch))) =
+                (&self.marks, files.get(&(shard, swarm.clone())))
+            {
+                let _ = marks.send((parent_of(path).to_owned(), *epoch, up_to));
             }
             if let Some(tx) = self.shards.get(shard) {
                 let _ = tx.send(LogEvent::Durable { swarm, up_to });
