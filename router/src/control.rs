@@ -305,6 +305,9 @@ pub struct Granted {
     pub grant: LeaseGrant,
     pub new_token: bool,
     pub must_log: bool,
+    /// For an extension of a holding: its expiry and logged TTL before it (what
+    /// [`Leases::undo_extension`] puts back when the longer TTL could not be logged).
+    pub previous: Option<(u64, u64)>,
 }
 
 /// A lease as its latest record left it: the newest token and, while held, its holder and
@@ -472,6 +475,7 @@ impl Leases {
                     });
                 }
                 // The holder asking again: same token, extended.
+                let previous = Some((held.expires_at_ms, held.logged_ttl_ms));
                 held.expires_at_ms = now_ms + ttl_ms;
                 let must_log = ttl_ms > held.logged_ttl_ms;
                 held.logged_ttl_ms = held.logged_ttl_ms.max(ttl_ms);
@@ -480,6 +484,7 @@ impl Leases {
                     grant: grant(swarm, name, &held),
                     new_token: false,
                     must_log,
+                    previous,
                 });
             }
         }
@@ -510,6 +515,7 @@ impl Leases {
             grant: grant(swarm, name, &held),
             new_token: true,
             must_log: true,
+            previous: None,
         })
     }
 
@@ -528,6 +534,7 @@ impl Leases {
             Some(held)
                 if held.token == token && held.holder == *agent && held.expires_at_ms > now_ms =>
             {
+                let previous = Some((held.expires_at_ms, held.logged_ttl_ms));
                 held.expires_at_ms = now_ms + ttl_ms;
                 let must_log = ttl_ms > held.logged_ttl_ms;
                 held.logged_ttl_ms = held.logged_ttl_ms.max(ttl_ms);
@@ -536,9 +543,20 @@ impl Leases {
                     grant: grant(swarm, name, &held),
                     new_token: false,
                     must_log,
+                    previous,
                 })
             }
             _ => Err(LeaseRefusal::Lost { newest_token }),
+        }
+    }
+
+    /// Puts back the expiry and logged TTL a holding had before an extension whose longer
+    /// TTL could not be logged: the holding goes on as before (a restart must not end it
+    /// earlier than a TTL it was told, and it was told only the old one).
+    pub fn undo_extension(&mut self, swarm: &str, name: &str, token: u64, previous: (u64, u64)) {
+        let key = (swarm.to_owned(), name.to_owned());
+        if let Some(held) = self.held.get_mut(&key).filter(|held| held.token == token) {
+            (held.expires_at_ms, held.logged_ttl_ms) = previous;
         }
     }
 
@@ -961,6 +979,28 @@ mod tests {
                 .token;
             assert_eq!(token, 6, "{swarm} {name}");
         }
+    }
+
+    /// A longer renewal whose record could not be logged leaves the holding as it was: the
+    /// holder keeps it until its old expiry, and the longer TTL must still be logged.
+    #[test]
+    fn a_longer_renewal_that_was_not_logged_leaves_the_holding_as_it_was() {
+        let a = agent("a");
+        let mut leases = Leases::default();
+        leases.acquire("s", "leader", &a, 1_000, 0).unwrap();
+        let longer = leases.renew("s", "leader", &a, 1, 60_000, 500).unwrap();
+        assert!(longer.must_log);
+        // Its record failed: undone.
+        leases.undo_extension("s", "leader", 1, longer.previous.unwrap());
+        assert_eq!(leases.check_stamp("s", "leader", "a", 1, 900), Ok(()));
+        assert!(leases.check_stamp("s", "leader", "a", 1, 1_000).is_err());
+        // Not lost: renewed again in time, the longer TTL is still to be logged.
+        assert!(
+            leases
+                .renew("s", "leader", &a, 1, 60_000, 900)
+                .unwrap()
+                .must_log
+        );
     }
 
     /// A lease held when the router stopped is held again after the restart by the same

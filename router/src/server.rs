@@ -1542,13 +1542,24 @@ impl Session {
                         .await
                     {
                         // The token must never go backwards, and a restart must not end a
-                        // holding early: no grant without its record. (A renewal that could
-                        // not be logged ends the holding too: its holder learns at once.)
-                        self.context.control().leases.revoke(
-                            &request.swarm,
-                            &request.name,
-                            granted.grant.token,
-                        );
+                        // holding early: no grant without its record. A longer renewal that
+                        // could not be logged leaves the holding as it was (its holder is
+                        // refused, and keeps the expiry it was told before).
+                        let mut control = self.context.control();
+                        match granted.previous {
+                            Some(previous) => control.leases.undo_extension(
+                                &request.swarm,
+                                &request.name,
+                                granted.grant.token,
+                                previous,
+                            ),
+                            None => control.leases.revoke(
+                                &request.swarm,
+                                &request.name,
+                                granted.grant.token,
+                            ),
+                        }
+                        drop(control);
                         self.refuse_with_retry(
                             ErrorCode::SwarmUnavailable,
                             request_id,
