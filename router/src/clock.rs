@@ -2,21 +2,23 @@
 //!
 //! In a running router every time that is stored or compared (log record timestamps and
 //! retention, lease validity, stops, job deadlines and dedup windows, presence) is
-//! [`Clock`] time: the router's Unix milliseconds at start plus monotonic time since, so a
+//! [`Clock`] time: the router's Unix milliseconds at start plus the time passed since on
+//! the boot clock (`CLOCK_BOOTTIME`: it counts suspend and ignores wall-clock steps), so a
 //! wall-clock step while it runs changes nothing.
 //!
 //! At start the clock is chosen against a checkpoint it keeps in the data directory
-//! (`DATA_DIR/clock`: the host's boot id, milliseconds since boot, and the router's time,
-//! rewritten every second):
-//! - Same boot (the router restarted, the host did not): the time that really passed is
-//!   known from the boot clock (`CLOCK_BOOTTIME`, which counts suspend and ignores wall
-//!   steps). The router takes the wall clock only within `clock.max_restart_step_ms` of the
-//!   time so measured: a step of the wall clock while the router was down moves the
-//!   router's clock by at most that much.
+//! (`DATA_DIR/clock`: the host's boot id, the boot clock, the router's time, and the offset
+//! between them chosen at the first start of this boot; rewritten every second). It never
+//! starts before the checkpoint plus what the router can have stamped after it (the
+//! checkpoint interval, or on the same boot the time passed if less):
+//! - Same boot (the router restarted, the host did not): the router takes the wall clock
+//!   only within `clock.max_restart_step_ms` of the time its first start on this boot would
+//!   read now: a step of the wall clock while the router was down moves the router's clock
+//!   by at most that much, however often it restarts.
 //! - After a reboot the downtime cannot be measured: the router takes the wall clock, but
 //!   never a time before its checkpoint (a clock stepped back never makes history or
 //!   deadlines move backwards). A forward step across a reboot cannot be told from downtime.
-//! - No checkpoint (a new data directory): the wall clock.
+//! - No checkpoint, or one that cannot be read: the wall clock.
 //!
 //! The sources (wall clock, boot id, boot clock) are a trait so tests can step them.
 
@@ -96,7 +98,7 @@ impl Checkpoint {
         let router_ms: u64 = fields.next()?.parse().ok()?;
         let base_offset_ms = match fields.next() {
             Some(base) => base.parse().ok()?,
-            None => router_ms as i64 - boot_ms as i64,
+            None => (router_ms as i64).saturating_sub(boot_ms as i64),
         };
         Some(Checkpoint {
             boot_id: (boot_id != "-").then(|| boot_id.to_owned()),
@@ -268,19 +270,25 @@ fn choose(
     let Some(checkpoint) = checkpoint else {
         return (wall, Started::Fresh);
     };
-    // Stamps after the last checkpoint are at most an interval later: never start before.
-    let floor = checkpoint
-        .router_ms
-        .saturating_add(CHECKPOINT_INTERVAL.as_millis() as u64);
+    // Stamps after the last checkpoint are at most an interval later (and, on the same
+    // boot, no later than the time passed since): never start before.
+    let interval = CHECKPOINT_INTERVAL.as_millis() as u64;
+    let floor = checkpoint.router_ms.saturating_add(interval);
     let same_boot = match (boot, &checkpoint.boot_id) {
         (Some((id, ms)), Some(was)) if id == was && *ms >= checkpoint.boot_ms => Some(*ms),
         _ => None,
     };
     match same_boot {
         Some(boot_now) => {
+            let floor = checkpoint
+                .router_ms
+                .saturating_add(interval.min(boot_now - checkpoint.boot_ms));
             // What the first start of this boot would read now: the bound is around it, so
             // that restarts cannot add their steps up.
-            let based = (checkpoint.base_offset_ms + boot_now as i64).max(0) as u64;
+            let based = checkpoint
+                .base_offset_ms
+                .saturating_add(boot_now.min(i64::MAX as u64) as i64)
+                .max(0) as u64;
             let low = based.saturating_sub(max_step_ms).max(floor);
             let high = based.saturating_add(max_step_ms).max(low);
             let start = wall.clamp(low, high);
@@ -452,22 +460,23 @@ mod tests {
         let first = RouterClock::start(&path, source.clone(), 60_000);
         let t0 = first.clock.now_ms();
         drop(first);
-        // The wall clock jumps 30 days ahead; the router crashes and restarts 100 times, a
-        // second apart by the boot clock.
+        // The wall clock jumps 30 days ahead; the router crashes and restarts 300 times, a
+        // second apart by the boot clock, then 300 times 100 ms apart.
         source.wall.store(130 * DAY, Ordering::Relaxed);
+        let mut boot_ms = 1_000;
         let mut last = t0;
-        for restart in 1..=100u64 {
-            source
-                .boot_ms
-                .store(1_000 + restart * 1_000, Ordering::Relaxed);
+        for restart in 0..600u64 {
+            boot_ms += if restart < 300 { 1_000 } else { 100 };
+            source.boot_ms.store(boot_ms, Ordering::Relaxed);
             let clock = RouterClock::start(&path, source.clone(), 60_000);
             last = clock.clock.now_ms();
         }
-        // 100 s passed by the boot clock: the router is at most one step past that.
+        // 330 s passed by the boot clock: the router is at most one step past that.
+        let passed = boot_ms - 1_000;
         assert!(
-            last <= t0 + 100_000 + 60_000 + 1_000,
-            "{} ms ahead",
-            last - t0
+            last <= t0 + passed + 60_000 + 1_000,
+            "{} ms past",
+            last - t0 - passed
         );
     }
 

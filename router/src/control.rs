@@ -305,9 +305,9 @@ pub struct Granted {
     pub grant: LeaseGrant,
     pub new_token: bool,
     pub must_log: bool,
-    /// For an extension of a holding: its expiry and logged TTL before it (what
+    /// For an extension of a holding: its expiry before it (what
     /// [`Leases::undo_extension`] puts back when the longer TTL could not be logged).
-    pub previous: Option<(u64, u64)>,
+    pub previous: Option<u64>,
 }
 
 /// A lease as its latest record left it: the newest token and, while held, its holder and
@@ -475,10 +475,9 @@ impl Leases {
                     });
                 }
                 // The holder asking again: same token, extended.
-                let previous = Some((held.expires_at_ms, held.logged_ttl_ms));
+                let previous = Some(held.expires_at_ms);
                 held.expires_at_ms = now_ms + ttl_ms;
                 let must_log = ttl_ms > held.logged_ttl_ms;
-                held.logged_ttl_ms = held.logged_ttl_ms.max(ttl_ms);
                 let held = held.clone();
                 return Ok(Granted {
                     grant: grant(swarm, name, &held),
@@ -507,7 +506,8 @@ impl Leases {
             token,
             granted_at_ms: now_ms,
             expires_at_ms: now_ms + ttl_ms,
-            logged_ttl_ms: ttl_ms,
+            // Nothing is logged until the grant's record is durable (see `logged`).
+            logged_ttl_ms: 0,
         };
         self.newest.insert(key.clone(), token);
         self.hold(key, held.clone());
@@ -534,10 +534,9 @@ impl Leases {
             Some(held)
                 if held.token == token && held.holder == *agent && held.expires_at_ms > now_ms =>
             {
-                let previous = Some((held.expires_at_ms, held.logged_ttl_ms));
+                let previous = Some(held.expires_at_ms);
                 held.expires_at_ms = now_ms + ttl_ms;
                 let must_log = ttl_ms > held.logged_ttl_ms;
-                held.logged_ttl_ms = held.logged_ttl_ms.max(ttl_ms);
                 let held = held.clone();
                 Ok(Granted {
                     grant: grant(swarm, name, &held),
@@ -550,13 +549,35 @@ impl Leases {
         }
     }
 
-    /// Puts back the expiry and logged TTL a holding had before an extension whose longer
-    /// TTL could not be logged: the holding goes on as before (a restart must not end it
-    /// earlier than a TTL it was told, and it was told only the old one).
-    pub fn undo_extension(&mut self, swarm: &str, name: &str, token: u64, previous: (u64, u64)) {
+    /// The record of holding `token` with `ttl_ms` is durable: a restart holds the lease
+    /// for that long (what later extensions are compared with to know whether they must
+    /// be logged).
+    pub fn logged(&mut self, swarm: &str, name: &str, token: u64, ttl_ms: u64) {
         let key = (swarm.to_owned(), name.to_owned());
         if let Some(held) = self.held.get_mut(&key).filter(|held| held.token == token) {
-            (held.expires_at_ms, held.logged_ttl_ms) = previous;
+            held.logged_ttl_ms = held.logged_ttl_ms.max(ttl_ms);
+        }
+    }
+
+    /// Puts back the expiry a holding had before an extension (to `extended_to`) whose
+    /// longer TTL could not be logged: the holding goes on as before (a restart must not
+    /// end it earlier than a TTL it was told, and it was told only the old one). A later
+    /// extension meanwhile (the expiry moved on since) is left alone.
+    pub fn undo_extension(
+        &mut self,
+        swarm: &str,
+        name: &str,
+        token: u64,
+        previous: u64,
+        extended_to: u64,
+    ) {
+        let key = (swarm.to_owned(), name.to_owned());
+        if let Some(held) = self
+            .held
+            .get_mut(&key)
+            .filter(|held| held.token == token && held.expires_at_ms == extended_to)
+        {
+            held.expires_at_ms = previous;
         }
     }
 
@@ -988,19 +1009,34 @@ mod tests {
         let a = agent("a");
         let mut leases = Leases::default();
         leases.acquire("s", "leader", &a, 1_000, 0).unwrap();
+        leases.logged("s", "leader", 1, 1_000);
         let longer = leases.renew("s", "leader", &a, 1, 60_000, 500).unwrap();
         assert!(longer.must_log);
-        // Its record failed: undone.
-        leases.undo_extension("s", "leader", 1, longer.previous.unwrap());
-        assert_eq!(leases.check_stamp("s", "leader", "a", 1, 900), Ok(()));
-        assert!(leases.check_stamp("s", "leader", "a", 1, 1_000).is_err());
-        // Not lost: renewed again in time, the longer TTL is still to be logged.
-        assert!(
-            leases
-                .renew("s", "leader", &a, 1, 60_000, 900)
-                .unwrap()
-                .must_log
+        // A second renewal while the first one's record is on its way must log too.
+        let second = leases.renew("s", "leader", &a, 1, 60_000, 501).unwrap();
+        assert!(second.must_log);
+        // The first one's record failed: its undo leaves the later extension alone.
+        let extended_to = longer.grant.expires_at_ms;
+        leases.undo_extension("s", "leader", 1, longer.previous.unwrap(), extended_to);
+        assert_eq!(leases.check_stamp("s", "leader", "a", 1, 60_000), Ok(()));
+        // The second one's failed too, and nothing moved the expiry since: back to the old.
+        let extended_to = second.grant.expires_at_ms;
+        leases.undo_extension("s", "leader", 1, second.previous.unwrap(), extended_to);
+        // (The second's previous expiry is the first's extension, which its own undo
+        // left: the holding ends when the first extension would have.)
+        assert_eq!(leases.check_stamp("s", "leader", "a", 1, 60_000), Ok(()));
+        assert!(leases.check_stamp("s", "leader", "a", 1, 60_500).is_err());
+        // Undone when nothing moved it since: back to the expiry before it.
+        let again = leases.renew("s", "leader", &a, 1, 90_000, 600).unwrap();
+        assert!(again.must_log);
+        leases.undo_extension(
+            "s",
+            "leader",
+            1,
+            again.previous.unwrap(),
+            again.grant.expires_at_ms,
         );
+        assert!(leases.check_stamp("s", "leader", "a", 1, 60_500).is_err());
     }
 
     /// A lease held when the router stopped is held again after the restart by the same
@@ -1012,6 +1048,7 @@ mod tests {
         let mut leases = Leases::default();
         let granted = leases.acquire("s", "leader", &a, 1_000, 0).unwrap();
         assert!(granted.must_log);
+        leases.logged("s", "leader", 1, 1_000);
         // A longer TTL on renewal is logged too; a shorter one is not.
         assert!(
             leases
@@ -1019,6 +1056,7 @@ mod tests {
                 .unwrap()
                 .must_log
         );
+        leases.logged("s", "leader", 1, 5_000);
         assert!(
             !leases
                 .renew("s", "leader", &a, 1, 2_000, 20)

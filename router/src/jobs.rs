@@ -678,7 +678,11 @@ impl Jobs {
                 JobRecord::Spec(spec) => entry.spec = Some(spec),
                 JobRecord::Forget { .. } => entry.spec = None,
                 JobRecord::ForgetLease { .. } => {}
-                JobRecord::ForgetEnd { .. } => entry.end = None,
+                // Only an acknowledged job is forgotten: nothing of it is to come back.
+                JobRecord::ForgetEnd { .. } => {
+                    entry.end = None;
+                    entry.spec = None;
+                }
                 JobRecord::NextJob { .. } => {}
                 JobRecord::Lease { attempt, .. } => entry.attempt = entry.attempt.max(attempt),
                 JobRecord::End(end) => {
@@ -979,27 +983,25 @@ impl Jobs {
         }
         let max_jobs = self.config.max_jobs_per_swarm;
         let retry_after_ms = self.config.busy_retry_after_ms;
+        // Nothing is kept for a refused submit (no queue, no place among the job logs).
         let log = log_swarm(&submit.swarm);
-        if !self.logs.contains(&log) {
-            if self.logs.len() >= self.config.max_swarms {
-                return Err(Refusal {
-                    code: ErrorCode::Busy,
-                    message: format!(
-                        "the router keeps the job logs of {} swarms (jobs.max_swarms)",
-                        self.logs.len()
-                    ),
-                    retry_after_ms,
-                });
-            }
-            self.logs.insert(log);
-        }
-        let queue = self.queue(&submit.swarm);
-        if queue.held >= max_jobs {
+        if !self.logs.contains(&log) && self.logs.len() >= self.config.max_swarms {
             return Err(Refusal {
                 code: ErrorCode::Busy,
                 message: format!(
-                    "swarm {:?} holds {} jobs (jobs.max_jobs_per_swarm)",
-                    submit.swarm, queue.held
+                    "the router keeps the job logs of {} swarms (jobs.max_swarms)",
+                    self.logs.len()
+                ),
+                retry_after_ms,
+            });
+        }
+        let held = self.swarms.get(&submit.swarm).map_or(0, |q| q.held);
+        if held >= max_jobs {
+            return Err(Refusal {
+                code: ErrorCode::Busy,
+                message: format!(
+                    "swarm {:?} holds {held} jobs (jobs.max_jobs_per_swarm)",
+                    submit.swarm
                 ),
                 retry_after_ms,
             });
@@ -1027,6 +1029,7 @@ impl Jobs {
                 retry_after_ms,
             });
         }
+        self.logs.insert(log);
         let queue = self.queue(&submit.swarm);
         queue.held += 1;
         let max_attempts = match submit.max_attempts {
@@ -1680,10 +1683,11 @@ impl Jobs {
         self.drop_job(job_id);
         let queue = self.queue(&swarm);
         queue.held = queue.held.saturating_sub(1);
-        if let Some(entry) = queue.dedup.get_mut(&key) {
-            if entry.0 == job_id {
-                entry.2 = Some(state);
-            }
+        match queue.dedup.get_mut(&key) {
+            Some(entry) if entry.0 == job_id => entry.2 = Some(state),
+            // The key left the dedup window before the end was acknowledged: nothing will
+            // forget the end later, so it is forgotten now (by the next tick).
+            _ => self.forgotten.push((swarm, job_id)),
         }
         fx
     }
@@ -1791,6 +1795,16 @@ impl Jobs {
                         next: JobId(self.next_job),
                     });
                 }
+                // All three emptied again, the end last: whichever of the acknowledgement's
+                // records a crash lost, no full spec outlives the end that masked it.
+                fx.records.push(JobRecord::Forget {
+                    swarm: swarm.clone(),
+                    job_id,
+                });
+                fx.records.push(JobRecord::ForgetLease {
+                    swarm: swarm.clone(),
+                    job_id,
+                });
                 fx.records.push(JobRecord::ForgetEnd { swarm, job_id });
             }
         }
@@ -2325,6 +2339,115 @@ mod tests {
             Ok(Submitted::New { job_id: next, .. }) => assert!(next > job_id),
             other => panic!("expected a new job, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_refused_submit_takes_no_place_among_the_job_logs() {
+        let config = JobsConfig {
+            max_swarms: 2,
+            max_bytes: 2_000,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config, [], 0, 1);
+        let who = outbox(1);
+        jobs.connect(ConnId(1), "submitter", &who, None);
+        let big = |swarm: &str| SubmitJob {
+            payload: Bytes::from(vec![0u8; 1_200]),
+            ..submit(swarm, "k", None)
+        };
+        let (id, _) = accept(&mut jobs, &who, big("a"), 0);
+        // Refused for the bytes: "c" gets no job log.
+        assert!(jobs.submit("submitter", &who, big("c"), 0).is_err());
+        // The job of "a" ends and is acknowledged: room again, and "b" is the second log.
+        let (out, fx) = worker(&mut jobs, 2, &["a"], 1);
+        let lease = leases(&fx).pop().unwrap().1;
+        jobs.result(ConnId(2), &out, ok_result(&lease), 1).unwrap();
+        jobs.finals_written(&[id]);
+        jobs.ack("submitter", id);
+        accept(&mut jobs, &who, big("b"), 2);
+    }
+
+    #[test]
+    fn a_job_forgotten_with_its_spec_record_lost_does_not_come_back() {
+        // The acknowledgement's emptied spec was lost in a crash; the end (key only) and
+        // the full spec were kept. Once the key leaves the window the forget batch empties
+        // the spec again, and an emptied end alone also keeps the job gone.
+        let spec = JobSpec {
+            job_id: JobId(7),
+            swarm: "s".into(),
+            idempotency_key: "k".into(),
+            model: None,
+            submitter: "submitter".into(),
+            priority: 0,
+            deadline_ms: 0,
+            max_attempts: 1,
+            submitted_ms: 0,
+            payload: Bytes::from_static(b"work"),
+        };
+        let acknowledged = JobRecord::End(EndRecord {
+            job_id: JobId(7),
+            swarm: "s".into(),
+            idempotency_key: "k".into(),
+            kind: EndKind::Acknowledged(JobState::Completed),
+            attempt: 1,
+            budget_base: 0,
+            submitted_ms: 0,
+            reason: String::new(),
+            payload: Bytes::new(),
+        });
+        let config = JobsConfig {
+            dedup_window_ms: 1_000,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(
+            config.clone(),
+            [JobRecord::Spec(spec.clone()), acknowledged],
+            0,
+            1,
+        );
+        assert_eq!(jobs.counts().jobs, 0);
+        let forgets = jobs.tick(2_000).records;
+        for wanted in ["s", "l", "j"] {
+            let key = format!("{wanted}{:016x}", 7);
+            assert!(
+                forgets
+                    .iter()
+                    .any(|r| r.key() == key && r.payload().is_empty()),
+                "{key} not emptied: {forgets:?}"
+            );
+        }
+        // Only the emptied end survived with the full spec: still gone.
+        let forgotten = JobRecord::ForgetEnd {
+            swarm: "s".into(),
+            job_id: JobId(7),
+        };
+        let restarted = Jobs::new(config, [JobRecord::Spec(spec), forgotten], 0, 1);
+        assert_eq!(restarted.counts().jobs, 0);
+    }
+
+    #[test]
+    fn an_end_acknowledged_after_its_key_left_the_window_is_forgotten_too() {
+        let config = JobsConfig {
+            dedup_window_ms: 1_000,
+            ..JobsConfig::default()
+        };
+        let mut jobs = Jobs::new(config, [], 0, 1);
+        let who = outbox(1);
+        jobs.connect(ConnId(1), "submitter", &who, None);
+        let (id, _) = accept(&mut jobs, &who, submit("s", "k", None), 0);
+        let (out, fx) = worker(&mut jobs, 2, &["s"], 1);
+        let lease = leases(&fx).pop().unwrap().1;
+        // The key expires while the job runs.
+        jobs.tick(5_000);
+        jobs.result(ConnId(2), &out, ok_result(&lease), 5_001)
+            .unwrap();
+        jobs.finals_written(&[id]);
+        jobs.ack("submitter", id);
+        let fx = jobs.tick(5_002);
+        assert!(fx
+            .records
+            .iter()
+            .any(|r| matches!(r, JobRecord::ForgetEnd { job_id, .. } if *job_id == id)));
     }
 
     #[test]

@@ -1552,6 +1552,7 @@ impl Session {
                                 &request.name,
                                 granted.grant.token,
                                 previous,
+                                granted.grant.expires_at_ms,
                             ),
                             None => control.leases.revoke(
                                 &request.swarm,
@@ -1568,6 +1569,12 @@ impl Session {
                         );
                         return Ok(());
                     }
+                    self.context.control().leases.logged(
+                        &request.swarm,
+                        &request.name,
+                        granted.grant.token,
+                        ttl_ms,
+                    );
                 }
                 let grant = swarmbus_schema::LeaseGrant {
                     request_id,

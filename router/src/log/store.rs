@@ -776,6 +776,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
     let watermark = read_watermark(&dir, log.epoch);
     let unacknowledged = |op: OpId| watermark.is_some_and(|w| op > w);
     let paths: Vec<PathBuf> = segments.iter().map(|(_, _, path)| path.clone()).collect();
+    let first_ops: Vec<OpId> = segments.iter().map(|(first, _, _)| *first).collect();
     // Removes the segments from the `from`th on (all past the damage: never acknowledged).
     let drop_segments_from = |from: usize, notes: &mut Vec<RecoveryNote>| -> std::io::Result<()> {
         for path in &paths[from..] {
@@ -815,10 +816,16 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         if let Some((offset, reason)) = &scan.damage {
             let file_len = fs::metadata(&path)?.len();
             let damaged_op = OpId(scan.last_op.0 + 1);
-            // Only near the tail (the last segment, or the one before it when the crash hit
-            // a roll): damage deeper in the log is not a write cut short, whatever a
-            // watermark that may lag says.
-            let near_tail = i + 2 >= count;
+            // Only in the tail the crash can have cut short: the last segment, or the one
+            // before it when the crash hit a roll, and every segment after it begins past
+            // the watermark. Damage deeper in the log is not a write cut short, whatever a
+            // watermark that may lag says (a batch that spans more than two segments, only
+            // possible with `log.segment_bytes` below the writer's 16 MiB batch, is refused
+            // rather than guessed at).
+            let near_tail = i + 2 >= count
+                && first_ops[i + 1..]
+                    .iter()
+                    .all(|first| unacknowledged(*first));
             let torn = match watermark {
                 Some(_) => covers_to.is_none() && near_tail && unacknowledged(damaged_op),
                 // No watermark (written before there was one, or not under `always`):
@@ -883,7 +890,9 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             break;
         }
     }
-    if let (true, Some(w)) = (log.segments.is_empty(), watermark) {
+    // (Not for the router's own logs, which retention never trims: one without segments
+    // lost its state, and refuses the start below.)
+    if let (true, false, Some(w)) = (log.segments.is_empty(), is_internal(&name), watermark) {
         // Retention removed every segment and the crash came before the next one was on
         // disk: the log goes on after the ops acknowledged, never giving their ids out again.
         log.horizon = w;

@@ -400,6 +400,18 @@ fn a_log_whose_every_segment_is_gone_goes_on_after_its_watermark() {
 }
 
 #[test]
+fn an_internal_log_whose_every_segment_is_gone_is_unavailable() {
+    // The router's own logs are never trimmed by retention: no segments is lost state.
+    let dir = tempfile::tempdir().unwrap();
+    let swarm: Arc<str> = "$control".into();
+    for segment in forty_ops(dir.path(), &swarm) {
+        std::fs::remove_file(segment).unwrap();
+    }
+    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
+    assert!(state(&log, &swarm).unavailable.is_some(), "{notes:?}");
+}
+
+#[test]
 fn acknowledged_ops_missing_from_the_log_make_the_swarm_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let swarm: Arc<str> = "missing".into();

@@ -276,7 +276,12 @@ fn start_watermarks(name: &str) -> std::io::Result<Sender<(PathBuf, Epoch, OpId)
                 match rx.recv_deadline(last + MARK_INTERVAL) {
                     Ok((dir, epoch, op)) => {
                         let mark = pending.entry(dir).or_insert((epoch, op));
-                        *mark = (epoch, mark.1.max(op));
+                        // A new epoch (a swarm made again) starts over.
+                        *mark = if mark.0 == epoch {
+                            (epoch, mark.1.max(op))
+                        } else {
+                            (epoch, op)
+                        };
                         continue;
                     }
                     Err(RecvTimeoutError::Timeout) => {}
