@@ -2014,6 +2014,33 @@ mod tests {
         }
     }
 
+    /// A job queue on `config` with the submitter's session connected (conn 1).
+    fn with_submitter(config: JobsConfig) -> (Jobs, Arc<Outbox>) {
+        let mut jobs = Jobs::new(config, [], 0, 1);
+        let who = outbox(1);
+        jobs.connect(ConnId(1), "submitter", &who, None);
+        (jobs, who)
+    }
+
+    /// A submit to `swarm` with key `key` and a payload of `bytes` bytes.
+    fn sized(swarm: &str, key: &str, bytes: usize) -> SubmitJob {
+        SubmitJob {
+            payload: Bytes::from(vec![0u8; bytes]),
+            ..submit(swarm, key, None)
+        }
+    }
+
+    /// A worker (conn 2) leases job `id`, finishes it, and the submitter acknowledges it.
+    fn finish_and_ack(jobs: &mut Jobs, id: JobId, swarm: &str, now: u64) {
+        let (out, fx) = worker(jobs, 2, &[swarm], 1);
+        let lease = leases(&fx).pop().unwrap().1;
+        assert_eq!(lease.job_id, id);
+        jobs.result(ConnId(2), &out, ok_result(&lease), now)
+            .unwrap();
+        jobs.finals_written(&[id]);
+        jobs.ack("submitter", id);
+    }
+
     #[test]
     fn records_round_trip_through_their_payload() {
         let spec = JobSpec {
@@ -2343,28 +2370,19 @@ mod tests {
 
     #[test]
     fn a_refused_submit_takes_no_place_among_the_job_logs() {
-        let config = JobsConfig {
+        let (mut jobs, who) = with_submitter(JobsConfig {
             max_swarms: 2,
             max_bytes: 2_000,
             ..JobsConfig::default()
-        };
-        let mut jobs = Jobs::new(config, [], 0, 1);
-        let who = outbox(1);
-        jobs.connect(ConnId(1), "submitter", &who, None);
-        let big = |swarm: &str| SubmitJob {
-            payload: Bytes::from(vec![0u8; 1_200]),
-            ..submit(swarm, "k", None)
-        };
-        let (id, _) = accept(&mut jobs, &who, big("a"), 0);
+        });
+        let (id, _) = accept(&mut jobs, &who, sized("a", "k", 1_200), 0);
         // Refused for the bytes: "c" gets no job log.
-        assert!(jobs.submit("submitter", &who, big("c"), 0).is_err());
+        assert!(jobs
+            .submit("submitter", &who, sized("c", "k", 1_200), 0)
+            .is_err());
         // The job of "a" ends and is acknowledged: room again, and "b" is the second log.
-        let (out, fx) = worker(&mut jobs, 2, &["a"], 1);
-        let lease = leases(&fx).pop().unwrap().1;
-        jobs.result(ConnId(2), &out, ok_result(&lease), 1).unwrap();
-        jobs.finals_written(&[id]);
-        jobs.ack("submitter", id);
-        accept(&mut jobs, &who, big("b"), 2);
+        finish_and_ack(&mut jobs, id, "a", 1);
+        accept(&mut jobs, &who, sized("b", "k", 1_200), 2);
     }
 
     #[test]
@@ -2427,22 +2445,14 @@ mod tests {
 
     #[test]
     fn an_end_acknowledged_after_its_key_left_the_window_is_forgotten_too() {
-        let config = JobsConfig {
+        let (mut jobs, who) = with_submitter(JobsConfig {
             dedup_window_ms: 1_000,
             ..JobsConfig::default()
-        };
-        let mut jobs = Jobs::new(config, [], 0, 1);
-        let who = outbox(1);
-        jobs.connect(ConnId(1), "submitter", &who, None);
+        });
         let (id, _) = accept(&mut jobs, &who, submit("s", "k", None), 0);
-        let (out, fx) = worker(&mut jobs, 2, &["s"], 1);
-        let lease = leases(&fx).pop().unwrap().1;
-        // The key expires while the job runs.
+        // The key expires before the job runs and ends.
         jobs.tick(5_000);
-        jobs.result(ConnId(2), &out, ok_result(&lease), 5_001)
-            .unwrap();
-        jobs.finals_written(&[id]);
-        jobs.ack("submitter", id);
+        finish_and_ack(&mut jobs, id, "s", 5_001);
         let fx = jobs.tick(5_002);
         assert!(fx
             .records
