@@ -451,3 +451,56 @@ async fn answers_to_submits_do_not_wait_behind_unread_job_updates() {
     }
     t.router.shutdown().await;
 }
+
+/// Payloads past `jobs.payload_cache_bytes` are not kept in memory: each lease reads its
+/// payload back from the job log, before and after a restart, and the worker gets it
+/// whole.
+#[tokio::test]
+async fn payloads_past_the_cache_are_read_back_from_the_log() {
+    let data = tempfile::tempdir().unwrap();
+    let config = |listen| {
+        let mut config = Config {
+            listen,
+            data_dir: data.path().to_owned(),
+            shards: 1,
+            ..Config::default()
+        };
+        // Room for the first payload only.
+        config.jobs.payload_cache_bytes = 10;
+        config
+    };
+    let router = Router::start(config("127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let addr = router.local_addr();
+    let connector = Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
+    let test = TestRouter::from_parts(router, connector.clone());
+    let (agent, _updates) = submitter(&test, "agent", &["s"]).await;
+    for i in 0..4 {
+        agent.submit_job(job("s", &format!("k{i}"))).await.unwrap();
+    }
+    let (gpu, mut events) = worker(&test, "gpu", &["s"], 2).await;
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let lease = next_lease(&mut events).await;
+        got.push(lease.payload.clone());
+        finish(&gpu, &lease, "done").await.unwrap();
+    }
+    drop((gpu, events, agent));
+    test.router.shutdown().await;
+
+    // After a restart the two left are read back from the log too.
+    let router = start_retrying(|| config(addr)).await;
+    let test = TestRouter::from_parts(router, connector);
+    let (gpu, mut events) = worker(&test, "gpu", &["s"], 2).await;
+    for _ in 0..2 {
+        got.push(next_lease(&mut events).await.payload);
+    }
+    got.sort();
+    let want: Vec<Bytes> = (0..4)
+        .map(|i| Bytes::from(format!("payload-k{i}")))
+        .collect();
+    assert_eq!(got, want);
+    drop((gpu, events));
+    test.router.shutdown().await;
+}

@@ -42,7 +42,7 @@ use serde::Deserialize;
 use swarmbus_affinity::hash::key_hash;
 use swarmbus_schema::{
     encode, DeadLetter, DeadLetters, ErrorCode, JobId, JobLease, JobProgress, JobResult, JobState,
-    JobStatus, JobUpdate, Message, OutFrame, SubmitJob,
+    JobStatus, JobUpdate, Message, OpId, OutFrame, SubmitJob,
 };
 
 use crate::core::ConnId;
@@ -82,6 +82,9 @@ pub struct JobsConfig {
     pub max_bytes: u64,
     /// The same for the jobs of one submitting agent.
     pub max_bytes_per_agent: u64,
+    /// Bytes of job payloads kept in memory once their specs are durable; past it a
+    /// payload is read back from the job log when its job is leased.
+    pub payload_cache_bytes: u64,
     /// Swarms whose job logs (`$jobs.*`) the router keeps: every swarm that ever had a job
     /// on this data directory (job logs are compacted, never removed). A submit to one
     /// more swarm is refused with Busy.
@@ -114,6 +117,7 @@ impl Default for JobsConfig {
             busy_retry_after_ms: 100,
             max_bytes: 1 << 30,
             max_bytes_per_agent: 256 << 20,
+            payload_cache_bytes: 256 << 20,
             max_swarms: 10_000,
             dedup_window_ms: 600_000,
             max_dedup_keys: 1_000_000,
@@ -468,6 +472,20 @@ pub struct Effects {
     pub records: Vec<JobRecord>,
     pub finals: Vec<JobRecord>,
     pub after_finals: Vec<(Arc<Outbox>, Lane, OutFrame)>,
+    /// Leases whose payload is on disk only: read it back from the job log, then send.
+    pub loads: Vec<PayloadLoad>,
+}
+
+/// A lease to send once its job's payload is read back from the job log (the payload was
+/// not kept in memory: `jobs.payload_cache_bytes`).
+#[derive(Debug)]
+pub struct PayloadLoad {
+    pub to: Arc<Outbox>,
+    /// The job log (`$jobs.*`) and the op of the job's spec record in it.
+    pub log: String,
+    pub op: OpId,
+    /// The lease, its payload empty.
+    pub lease: JobLease,
 }
 
 impl Effects {
@@ -476,6 +494,7 @@ impl Effects {
             && self.records.is_empty()
             && self.finals.is_empty()
             && self.after_finals.is_empty()
+            && self.loads.is_empty()
     }
 
     pub fn merge(&mut self, other: Effects) {
@@ -483,6 +502,7 @@ impl Effects {
         self.records.extend(other.records);
         self.finals.extend(other.finals);
         self.after_finals.extend(other.after_finals);
+        self.loads.extend(other.loads);
     }
 }
 
@@ -540,6 +560,11 @@ struct Job {
     /// `max_bytes_per_agent` (see [`Jobs::account`]).
     charged: u64,
     charged_agent: u64,
+    /// The op of the job's spec record in its job log, once durable.
+    spec_op: Option<OpId>,
+    /// The payload was dropped from memory (`spec.payload` is empty): it is read back from
+    /// the job log at `spec_op` for each lease.
+    payload_on_disk: bool,
 }
 
 /// Bytes a job is counted for besides its payloads: its names and bookkeeping. So jobs
@@ -620,6 +645,8 @@ pub struct Jobs {
     /// Acknowledged jobs whose keys left the dedup window: their end records are to be
     /// emptied (by the next [`Jobs::tick`]).
     forgotten: Vec<(String, JobId)>,
+    /// Payload bytes kept in memory of jobs whose specs are durable.
+    cached_payload_bytes: u64,
 }
 
 impl Jobs {
@@ -650,6 +677,7 @@ impl Jobs {
             bytes_by_agent: HashMap::new(),
             logs: HashSet::new(),
             forgotten: Vec::new(),
+            cached_payload_bytes: 0,
         };
         jobs.restore(records, now_ms);
         jobs
@@ -724,6 +752,8 @@ impl Jobs {
                 progress: None,
                 charged: 0,
                 charged_agent: 0,
+                spec_op: None,
+                payload_on_disk: false,
             };
             let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
             match f.end {
@@ -757,6 +787,41 @@ impl Jobs {
                     self.account(id);
                     self.make_ready(id, now_ms);
                 }
+            }
+        }
+    }
+
+    /// The spec record of `job_id` is durable at op `op` of its job log. Its payload stays
+    /// in memory while the payload cache has room, else it is dropped from memory and read
+    /// back from the log for each lease.
+    pub fn spec_written_at(&mut self, job_id: JobId, op: OpId) {
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        if job.spec_op.is_some() {
+            return;
+        }
+        job.spec_op = Some(op);
+        let len = job.spec.payload.len() as u64;
+        if self.cached_payload_bytes + len <= self.config.payload_cache_bytes {
+            self.cached_payload_bytes += len;
+            return;
+        }
+        let mut spec = (*job.spec).clone();
+        spec.payload = Bytes::new();
+        job.spec = Arc::new(spec);
+        job.payload_on_disk = true;
+        self.account(job_id);
+    }
+
+    /// The ops of the spec records read back at start, by job: the jobs restored get them
+    /// (and their payloads leave memory past the payload cache, as at submit).
+    pub fn restored_spec_ops(&mut self, ops: &HashMap<JobId, OpId>) {
+        let mut ids: Vec<JobId> = self.jobs.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            if let Some(op) = ops.get(&id) {
+                self.spec_written_at(id, *op);
             }
         }
     }
@@ -1073,6 +1138,8 @@ impl Jobs {
                 progress: None,
                 charged: 0,
                 charged_agent: 0,
+                spec_op: None,
+                payload_on_disk: false,
             },
         );
         self.account(job_id);
@@ -1284,7 +1351,7 @@ impl Jobs {
         self.leases.insert((expires_ms, job_id, job.attempt));
         self.deadlines.remove(&(job.spec.deadline_ms, job_id));
         self.leases_made += 1;
-        let frame = encode(&Message::JobLease(JobLease {
+        let lease = JobLease {
             job_id,
             attempt: job.attempt,
             swarm: job.spec.swarm.clone(),
@@ -1293,8 +1360,19 @@ impl Jobs {
             priority: job.spec.priority,
             lease_ms,
             payload: job.spec.payload.clone(),
-        }));
-        fx.frames.push((worker.outbox.clone(), Lane::Jobs, frame));
+        };
+        match (job.payload_on_disk, job.spec_op) {
+            (true, Some(op)) => fx.loads.push(PayloadLoad {
+                to: worker.outbox.clone(),
+                log: log_swarm(&job.spec.swarm),
+                op,
+                lease,
+            }),
+            _ => {
+                let frame = encode(&Message::JobLease(lease));
+                fx.frames.push((worker.outbox.clone(), Lane::Jobs, frame));
+            }
+        }
         fx.records.push(JobRecord::Lease {
             swarm: job.spec.swarm.clone(),
             job_id,
@@ -1381,6 +1459,9 @@ impl Jobs {
     /// Removes job `job_id` and gives back what it was counted for.
     fn drop_job(&mut self, job_id: JobId) -> Option<Job> {
         let job = self.jobs.remove(&job_id)?;
+        if job.spec_op.is_some() && !job.payload_on_disk {
+            self.cached_payload_bytes -= job.spec.payload.len() as u64;
+        }
         self.bytes_held -= job.charged;
         if let Some(agent) = self.bytes_by_agent.get_mut(&job.spec.submitter) {
             *agent -= job.charged_agent;
@@ -2366,6 +2447,37 @@ mod tests {
             Ok(Submitted::New { job_id: next, .. }) => assert!(next > job_id),
             other => panic!("expected a new job, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn payloads_past_the_cache_leave_memory_and_are_leased_from_the_log() {
+        let (mut jobs, who) = with_submitter(JobsConfig {
+            payload_cache_bytes: 1_500,
+            ..JobsConfig::default()
+        });
+        let mut ids = Vec::new();
+        for (n, key) in ["a", "b"].into_iter().enumerate() {
+            let Submitted::New { job_id, .. } = jobs
+                .submit("submitter", &who, sized("s", key, 1_000), 0)
+                .unwrap()
+            else {
+                panic!("a new job")
+            };
+            jobs.spec_written_at(job_id, OpId(10 + n as u64));
+            jobs.submitted(job_id, Ok(()), 0);
+            ids.push(job_id);
+        }
+        // The first payload fits the cache; the second is dropped from memory (its bytes no
+        // longer count against the caps).
+        let (held, _) = jobs.bytes_held("submitter");
+        assert!(held < 2_000 && held > 1_000, "{held}");
+        let (_, fx) = worker(&mut jobs, 2, &["s"], 2);
+        assert_eq!(leases(&fx).len(), 1, "the cached one is leased at once");
+        assert_eq!(fx.loads.len(), 1, "the other is read back first");
+        let load = &fx.loads[0];
+        assert_eq!((load.lease.job_id, load.op), (ids[1], OpId(11)));
+        assert_eq!(load.log, log_swarm("s"));
+        assert!(load.lease.payload.is_empty());
     }
 
     #[test]

@@ -268,8 +268,18 @@ impl Context {
     /// until every one is durable (or refused). Records of one swarm are written in order;
     /// the latest per key wins on recovery and in compaction.
     async fn write_records(&self, records: Vec<InternalRecord>, wait: bool) -> Result<(), String> {
+        self.write_records_at(records, wait).await.map(|_| ())
+    }
+
+    /// [`Context::write_records`], returning with `wait` the op id each record got (in
+    /// order; empty without `wait`).
+    async fn write_records_at(
+        &self,
+        records: Vec<InternalRecord>,
+        wait: bool,
+    ) -> Result<Vec<OpId>, String> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let outbox = Arc::new(Outbox::new(conn, &self.config.queues, self.stats.clone()));
@@ -301,10 +311,11 @@ impl Context {
                 .map_err(|_| "the router is shutting down".to_owned())?;
         }
         if !wait {
-            return Ok(());
+            return Ok(Vec::new());
         }
         // The shard answers each publish on the session lane once it is durable.
         let mut answered = 0;
+        let mut ops = vec![OpId::NONE; count];
         let mut decoder = FrameDecoder::new(self.config.limits.max_frame_bytes as usize);
         let mut chunks = Vec::new();
         let wait = async {
@@ -319,7 +330,14 @@ impl Context {
                 }
                 while let Ok(Some(message)) = decoder.next_message(&self.decode) {
                     match message {
-                        Message::PublishAck { .. } => answered += 1,
+                        Message::PublishAck {
+                            request_id, op_id, ..
+                        } => {
+                            if let Some(slot) = ops.get_mut((request_id as usize).wrapping_sub(1)) {
+                                *slot = op_id;
+                            }
+                            answered += 1
+                        }
                         Message::Error(error) => {
                             return Err(format!("writing to the router's log: {}", error.message))
                         }
@@ -327,7 +345,7 @@ impl Context {
                     }
                 }
             }
-            Ok(())
+            Ok(ops)
         };
         // The shard answers every record, durable or refused, so the outcome is never
         // guessed: a slow disk is waited for (and logged every 30 s); only a router shutting
@@ -352,6 +370,37 @@ impl Context {
         result
     }
 
+    /// Reads a leased job's payload back from its job log and sends the lease. When it
+    /// cannot be read the lease is not sent: it expires (`jobs.visibility_timeout_ms`) and
+    /// the attempt counts as lost, like one whose worker went silent.
+    async fn send_loaded_lease(&self, load: crate::jobs::PayloadLoad) {
+        let crate::jobs::PayloadLoad { to, log, op, lease } = load;
+        let (reply, read) = oneshot::channel();
+        let asked = self
+            .shard_for(&log)
+            .send(ShardCommand::ReadRecord {
+                swarm: log.clone(),
+                op,
+                reply,
+            })
+            .await;
+        let payload = match (asked, read.await) {
+            (Ok(()), Ok(Ok(frame))) => spec_payload(&frame),
+            (Ok(()), Ok(Err(error))) => Err(error),
+            _ => Err("the router is shutting down".to_owned()),
+        };
+        match payload {
+            Ok(payload) => {
+                let lease = swarmbus_schema::JobLease { payload, ..lease };
+                let _ = to.push(Lane::Jobs, encode(&Message::JobLease(lease)));
+            }
+            Err(error) => tracing::error!(
+                job = lease.job_id.0, %log, op = op.0, %error,
+                "a job's payload could not be read back from its log; the lease will expire"
+            ),
+        }
+    }
+
     /// The job queue's clock: milliseconds.
     fn now_ms(&self) -> u64 {
         self.clock.now_ms()
@@ -374,9 +423,14 @@ impl Context {
             records,
             finals,
             after_finals,
+            loads,
         } = effects;
         for (outbox, lane, frame) in frames {
             let _ = outbox.push(lane, frame);
+        }
+        for load in loads {
+            let context = self.clone();
+            tokio::spawn(async move { context.send_loaded_lease(load).await });
         }
         if records.is_empty() && finals.is_empty() {
             for (outbox, lane, frame) in after_finals {
@@ -660,12 +714,14 @@ impl Router {
             workers.set_admin_drain(node, true);
         }
         let clock = router_clock.clock;
+        let (job_records, spec_ops) = read_job_records(&recovered)?;
         let mut jobs = Jobs::new(
             config.jobs.clone(),
-            read_job_records(&recovered)?,
+            job_records,
             clock.now_ms(),
             log::store::new_epoch().0,
         );
+        jobs.restored_spec_ops(&spec_ops);
         jobs.logs_exist(
             recovered
                 .iter()
@@ -2142,9 +2198,14 @@ impl Session {
                         // group commit makes them durable together.
                         let context = context.clone();
                         tokio::spawn(async move {
-                            let written = context.write_records(vec![record.into()], true).await;
+                            let written = context.write_records_at(vec![record.into()], true).await;
                             let now_ms = context.now_ms();
-                            let effects = context.jobs().submitted(job_id, written, now_ms);
+                            let mut jobs = context.jobs();
+                            if let Some(op) = written.as_ref().ok().and_then(|ops| ops.first()) {
+                                jobs.spec_written_at(job_id, *op);
+                            }
+                            let effects = jobs.submitted(job_id, written.map(|_| ()), now_ms);
+                            drop(jobs);
                             context.apply_job_effects(effects);
                         });
                     }
@@ -3110,6 +3171,22 @@ async fn read_publishes(
     }
 }
 
+/// The payload of the job spec in a job log's record (a Deliver frame with its prefix).
+fn spec_payload(frame: &Bytes) -> Result<Bytes, String> {
+    let deliver = match frame
+        .get(4..)
+        .map(|_| swarmbus_schema::decode(frame.slice(4..), &DecodeOptions::default()))
+    {
+        Some(Ok(Message::Deliver(deliver))) => deliver,
+        _ => return Err("the record holds no Deliver frame".to_owned()),
+    };
+    let key = deliver.key.as_deref().unwrap_or_default();
+    match JobRecord::parse(key, &deliver.payload) {
+        Some(JobRecord::Spec(spec)) => Ok(spec.payload),
+        _ => Err(format!("the record {key:?} is not a job's spec")),
+    }
+}
+
 /// A record of the router's control swarm.
 fn control_record((key, payload): (String, Bytes)) -> InternalRecord {
     InternalRecord {
@@ -3220,8 +3297,10 @@ fn read_records(
 }
 
 /// The job records in the router's job logs (`$jobs.*`), in log order per swarm.
-fn read_job_records(recovered: &[log::SwarmLog]) -> Result<Vec<JobRecord>, RouterError> {
+/// The job logs' records, in log order per log, and the op of each job's spec record.
+fn read_job_records(recovered: &[log::SwarmLog]) -> Result<JobLogs, RouterError> {
     let mut out = Vec::new();
+    let mut spec_ops = HashMap::new();
     for swarm in recovered
         .iter()
         .filter(|s| s.name.starts_with(JOBS_SWARM_PREFIX))
@@ -3232,12 +3311,18 @@ fn read_job_records(recovered: &[log::SwarmLog]) -> Result<Vec<JobRecord>, Route
                 .as_deref()
                 .and_then(|key| JobRecord::parse(key, &deliver.payload))
             {
+                if let JobRecord::Spec(spec) = &parsed {
+                    spec_ops.insert(spec.job_id, deliver.op_id);
+                }
                 out.push(parsed);
             }
         }
     }
-    Ok(out)
+    Ok((out, spec_ops))
 }
+
+/// What [`read_job_records`] returns.
+type JobLogs = (Vec<JobRecord>, HashMap<swarmbus_schema::JobId, OpId>);
 
 /// Fails requests past their deadline and runs the job queue's clock (lease expiry,
 /// backoff, deadlines; every 10 ms), and closes unused affine sessions (every 10 s), until

@@ -79,15 +79,27 @@ pub enum ShardCommand {
         swarm: String,
         paused: bool,
     },
+    /// Reads back the record of op `op` of `swarm` (a job's payload kept on disk only):
+    /// its Deliver frame, with its length prefix.
+    ReadRecord {
+        swarm: String,
+        op: OpId,
+        reply: tokio::sync::oneshot::Sender<Result<bytes::Bytes, String>>,
+    },
 }
 
 impl ShardCommand {
     /// The job queue's records (and telemetry, were it sent through the channels) go to the
     /// bulk channel; everything else is urgent, so a job backlog does not delay commands.
     fn is_bulk(&self) -> bool {
-        matches!(self, ShardCommand::Publish { publish, .. }
-            if publish.class == Class::Telemetry
-                || publish.swarm.starts_with(crate::jobs::JOBS_SWARM_PREFIX))
+        match self {
+            ShardCommand::Publish { publish, .. } => {
+                publish.class == Class::Telemetry
+                    || publish.swarm.starts_with(crate::jobs::JOBS_SWARM_PREFIX)
+            }
+            ShardCommand::ReadRecord { .. } => true,
+            _ => false,
+        }
     }
 }
 
@@ -998,6 +1010,26 @@ impl Shard {
                 }
             }
             ShardCommand::Disconnect { conn } => core.handle_disconnect(conn),
+            ShardCommand::ReadRecord { swarm, op, reply } => {
+                let Some(plan) = self.log.plan_read(&swarm, op) else {
+                    let _ = reply.send(Err(format!("no log for swarm {swarm:?}")));
+                    return;
+                };
+                // Like catch-up reads: file reads off the shard.
+                tokio::task::spawn_blocking(move || {
+                    let record = plan
+                        .read(1, usize::MAX)
+                        .map_err(|error| error.to_string())
+                        .and_then(|records| {
+                            records
+                                .into_iter()
+                                .find(|record| record.op == op)
+                                .map(|record| record.frame)
+                                .ok_or_else(|| format!("op {} is not in the log", op.0))
+                        });
+                    let _ = reply.send(record);
+                });
+            }
             ShardCommand::Pause { swarm, paused } => {
                 if let Err(error) = core.handle_pause(&swarm, paused) {
                     tracing::warn!(%swarm, %error, "pausing the swarm");
