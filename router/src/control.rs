@@ -628,9 +628,22 @@ pub struct Stops {
     until: HashMap<String, u64>,
 }
 
+/// Agents stopped at once, at most (a stop of one more is refused with Busy).
+pub const MAX_STOPS: usize = 100_000;
+
 impl Stops {
     pub fn stop(&mut self, agent: &str, until_ms: u64) {
         self.until.insert(agent.to_owned(), until_ms);
+    }
+
+    /// Whether a stop of `agent` fits: it is stopped already, or fewer than [`MAX_STOPS`]
+    /// agents are (expired stops are dropped first when the map is full).
+    pub fn has_room_for(&mut self, agent: &str, now_ms: u64) -> bool {
+        if self.until.contains_key(agent) || self.until.len() < MAX_STOPS {
+            return true;
+        }
+        self.until.retain(|_, until| *until > now_ms);
+        self.until.len() < MAX_STOPS
     }
 
     /// How long `agent` is still refused, if it is.
@@ -1205,6 +1218,21 @@ mod tests {
         presence.leave("b", ConnId(3));
         assert!(names(&presence, "t", usize::MAX).is_empty());
         assert!(!presence.by_swarm.contains_key("t"));
+    }
+
+    #[test]
+    fn stops_are_capped_and_expired_ones_make_room() {
+        let mut stops = Stops::default();
+        for n in 0..MAX_STOPS {
+            stops.stop(&format!("agent-{n}"), 10);
+        }
+        assert!(!stops.has_room_for("one-more", 5));
+        assert!(
+            stops.has_room_for("agent-7", 5),
+            "a stopped agent may be stopped again"
+        );
+        assert!(stops.has_room_for("one-more", 10), "all expired: dropped");
+        assert!(stops.until.is_empty());
     }
 
     #[test]

@@ -567,6 +567,10 @@ struct Job {
     payload_on_disk: bool,
 }
 
+/// Submits of one idempotency key that may wait for its job's spec to be durable; more
+/// are refused with Busy (a client repeating a submit in a loop holds no more).
+const MAX_WAITERS: usize = 1_024;
+
 /// Bytes a job is counted for besides its payloads: its names and bookkeeping. So jobs
 /// with empty payloads are bounded by the byte caps too.
 const JOB_OVERHEAD_BYTES: u64 = 256;
@@ -1026,6 +1030,15 @@ impl Jobs {
         if let Some((job_id, _, ended)) = existing {
             if let Some(job) = self.jobs.get_mut(&job_id) {
                 if !job.durable {
+                    if job.waiters.len() >= MAX_WAITERS {
+                        return Err(Refusal {
+                            code: ErrorCode::Busy,
+                            message: format!(
+                                "{MAX_WAITERS} submits of this key wait for its job to be durable"
+                            ),
+                            retry_after_ms: self.config.busy_retry_after_ms,
+                        });
+                    }
                     job.waiters.push((outbox.clone(), submit.request_id));
                     return Ok(Submitted::Waiting);
                 }
@@ -2478,6 +2491,25 @@ mod tests {
         assert_eq!((load.lease.job_id, load.op), (ids[1], OpId(11)));
         assert_eq!(load.log, log_swarm("s"));
         assert!(load.lease.payload.is_empty());
+    }
+
+    #[test]
+    fn duplicate_submits_waiting_for_a_spec_are_capped() {
+        let (mut jobs, who) = with_submitter(JobsConfig::default());
+        assert!(matches!(
+            jobs.submit("submitter", &who, submit("s", "k", None), 0),
+            Ok(Submitted::New { .. })
+        ));
+        for _ in 0..MAX_WAITERS - 1 {
+            assert!(matches!(
+                jobs.submit("submitter", &who, submit("s", "k", None), 0),
+                Ok(Submitted::Waiting)
+            ));
+        }
+        match jobs.submit("submitter", &who, submit("s", "k", None), 0) {
+            Err(refusal) => assert_eq!(refusal.code, ErrorCode::Busy),
+            Ok(other) => panic!("expected Busy, got {other:?}"),
+        }
     }
 
     #[test]

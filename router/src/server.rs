@@ -1724,6 +1724,18 @@ impl Session {
             }
             SafetyKind::Stop => {
                 check_name("agent", &action.target)?;
+                if !context.control().stops.has_room_for(&action.target, now_ms) {
+                    self.refuse_with_retry(
+                        ErrorCode::Busy,
+                        request_id,
+                        format!(
+                            "{} agents are stopped already (the most at once)",
+                            crate::control::MAX_STOPS
+                        ),
+                        1_000,
+                    );
+                    return Ok(());
+                }
                 let until = now_ms.saturating_add(action.duration_ms);
                 let swarms = context
                     .control()
