@@ -565,6 +565,9 @@ struct Job {
     /// The payload was dropped from memory (`spec.payload` is empty): it is read back from
     /// the job log at `spec_op` for each lease.
     payload_on_disk: bool,
+    /// The payload's length, in memory or not: the byte caps count it either way (they
+    /// bound what the job queue holds, memory and disk).
+    payload_len: usize,
 }
 
 /// Submits of one idempotency key that may wait for its job's spec to be durable; more
@@ -578,7 +581,7 @@ const JOB_OVERHEAD_BYTES: u64 = 256;
 /// What `job` holds in memory, as the byte caps count it.
 fn job_bytes(job: &Job) -> u64 {
     let spec = &job.spec;
-    let held = spec.payload.len()
+    let held = job.payload_len
         + spec.idempotency_key.len()
         + spec.swarm.len()
         + job.result.len()
@@ -741,6 +744,7 @@ impl Jobs {
             let Some(spec) = f.spec else { continue };
             let swarm = spec.swarm.clone();
             self.remember_key(&swarm, &spec.idempotency_key, id, spec.submitted_ms, None);
+            let spec_len = spec.payload.len();
             let mut job = Job {
                 spec: Arc::new(spec),
                 state: JobState::Queued,
@@ -758,6 +762,7 @@ impl Jobs {
                 charged_agent: 0,
                 spec_op: None,
                 payload_on_disk: false,
+                payload_len: spec_len,
             };
             let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
             match f.end {
@@ -807,7 +812,8 @@ impl Jobs {
         }
         job.spec_op = Some(op);
         let len = job.spec.payload.len() as u64;
-        if self.cached_payload_bytes + len <= self.config.payload_cache_bytes {
+        let runs_again = !job.state.is_final() || job.state == JobState::DeadLettered;
+        if runs_again && self.cached_payload_bytes + len <= self.config.payload_cache_bytes {
             self.cached_payload_bytes += len;
             return;
         }
@@ -1133,6 +1139,7 @@ impl Jobs {
             payload: submit.payload,
         };
         self.remember_key(&spec.swarm, &spec.idempotency_key, job_id, now_ms, None);
+        let spec_len = spec.payload.len();
         let record = JobRecord::Spec(spec.clone());
         self.jobs.insert(
             job_id,
@@ -1153,6 +1160,7 @@ impl Jobs {
                 charged_agent: 0,
                 spec_op: None,
                 payload_on_disk: false,
+                payload_len: spec_len,
             },
         );
         self.account(job_id);
@@ -1393,6 +1401,25 @@ impl Jobs {
         });
     }
 
+    /// A lease that could not be sent (its payload could not be read back): the attempt
+    /// ends now, as lost, with `why` (retried with backoff, dead-lettered with that reason
+    /// once the attempts are used).
+    pub fn lease_undeliverable(
+        &mut self,
+        conn: ConnId,
+        job_id: JobId,
+        attempt: u32,
+        why: &str,
+        now_ms: u64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        if self.holds_lease(conn, job_id, attempt) {
+            self.lose_attempt(job_id, why, now_ms, &mut fx);
+            self.dispatch(now_ms, &mut fx);
+        }
+        fx
+    }
+
     /// Ends the current lease of a job (if any), freeing its worker's credit. Returns the
     /// worker's outbox.
     fn end_lease(&mut self, job_id: JobId) -> Option<Arc<Outbox>> {
@@ -1438,6 +1465,17 @@ impl Jobs {
         job.reason = reason.to_owned();
         job.result = result;
         job.final_durable = false;
+        if state != JobState::DeadLettered && !job.payload_on_disk {
+            // It never runs again (only dead letters are re-driven): its payload leaves
+            // memory, and the cache.
+            if job.spec_op.is_some() {
+                self.cached_payload_bytes -= job.spec.payload.len() as u64;
+            }
+            let mut spec = (*job.spec).clone();
+            spec.payload = Bytes::new();
+            job.spec = Arc::new(spec);
+            job.payload_on_disk = true;
+        }
         self.account(job_id);
         true
     }
@@ -1559,7 +1597,7 @@ impl Jobs {
     }
 
     /// Checks that `conn` holds the current lease of attempt `attempt` of `job_id`.
-    fn holds_lease(&self, conn: ConnId, job_id: JobId, attempt: u32) -> bool {
+    pub fn holds_lease(&self, conn: ConnId, job_id: JobId, attempt: u32) -> bool {
         self.jobs.get(&job_id).is_some_and(|job| {
             job.attempt == attempt
                 && job.state == JobState::Running
@@ -2480,10 +2518,10 @@ mod tests {
             jobs.submitted(job_id, Ok(()), 0);
             ids.push(job_id);
         }
-        // The first payload fits the cache; the second is dropped from memory (its bytes no
-        // longer count against the caps).
+        // The first payload fits the cache; the second is dropped from memory (both still
+        // count against the byte caps, which bound what the queue holds anywhere).
         let (held, _) = jobs.bytes_held("submitter");
-        assert!(held < 2_000 && held > 1_000, "{held}");
+        assert!(held > 2_000, "{held}");
         let (_, fx) = worker(&mut jobs, 2, &["s"], 2);
         assert_eq!(leases(&fx).len(), 1, "the cached one is leased at once");
         assert_eq!(fx.loads.len(), 1, "the other is read back first");
@@ -2510,6 +2548,37 @@ mod tests {
             Err(refusal) => assert_eq!(refusal.code, ErrorCode::Busy),
             Ok(other) => panic!("expected Busy, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_lease_whose_payload_cannot_be_read_is_a_lost_attempt_with_its_reason() {
+        let (mut jobs, who) = with_submitter(JobsConfig {
+            payload_cache_bytes: 0,
+            ..JobsConfig::default()
+        });
+        let mut job = sized("s", "k", 100);
+        job.max_attempts = 1;
+        let Submitted::New { job_id, .. } = jobs.submit("submitter", &who, job, 0).unwrap() else {
+            panic!("a new job")
+        };
+        jobs.spec_written_at(job_id, OpId(3));
+        jobs.submitted(job_id, Ok(()), 0);
+        let (_, fx) = worker(&mut jobs, 2, &["s"], 1);
+        let load = &fx.loads[0];
+        assert!(jobs.holds_lease(ConnId(2), job_id, load.lease.attempt));
+        let fx = jobs.lease_undeliverable(ConnId(2), job_id, load.lease.attempt, "disk on fire", 1);
+        assert_eq!(
+            fx.finals.len(),
+            1,
+            "its only attempt is used: dead-lettered"
+        );
+        assert!(!jobs.holds_lease(ConnId(2), job_id, 1));
+        let page = jobs.dead_letters("s", JobId(0), 10);
+        assert!(
+            page.jobs[0].reason.contains("disk on fire"),
+            "{:?}",
+            page.jobs[0]
+        );
     }
 
     #[test]

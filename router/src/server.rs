@@ -370,34 +370,47 @@ impl Context {
         result
     }
 
-    /// Reads a leased job's payload back from its job log and sends the lease. When it
-    /// cannot be read the lease is not sent: it expires (`jobs.visibility_timeout_ms`) and
-    /// the attempt counts as lost, like one whose worker went silent.
-    async fn send_loaded_lease(&self, load: crate::jobs::PayloadLoad) {
+    /// Reads a leased job's payload back from its job log and sends the lease, if it is
+    /// still the job's current one (it may have been cancelled or expired meanwhile). A read
+    /// that found its file gone (a compaction ran) is tried again; one that fails ends the
+    /// attempt at once, as lost, with why.
+    async fn send_loaded_lease(self: &Arc<Self>, load: crate::jobs::PayloadLoad) {
         let crate::jobs::PayloadLoad { to, log, op, lease } = load;
-        let (reply, read) = oneshot::channel();
-        let asked = self
-            .shard_for(&log)
-            .send(ShardCommand::ReadRecord {
-                swarm: log.clone(),
-                op,
-                reply,
-            })
-            .await;
-        let payload = match (asked, read.await) {
-            (Ok(()), Ok(Ok(frame))) => spec_payload(&frame),
-            (Ok(()), Ok(Err(error))) => Err(error),
-            _ => Err("the router is shutting down".to_owned()),
+        let mut tries = 0;
+        let payload = loop {
+            let (reply, read) = oneshot::channel();
+            let asked = self
+                .shard_for(&log)
+                .send(ShardCommand::ReadRecord {
+                    swarm: log.clone(),
+                    op,
+                    reply,
+                })
+                .await;
+            match (asked, read.await) {
+                (Ok(()), Ok(Ok(frame))) => break spec_payload(&frame),
+                (Ok(()), Ok(Err((true, _)))) if tries < 3 => tries += 1,
+                (Ok(()), Ok(Err((_, error)))) => break Err(error),
+                _ => return, // the router is shutting down
+            }
         };
+        let (job_id, attempt) = (lease.job_id, lease.attempt);
         match payload {
             Ok(payload) => {
-                let lease = swarmbus_schema::JobLease { payload, ..lease };
-                let _ = to.push(Lane::Jobs, encode(&Message::JobLease(lease)));
+                if self.jobs().holds_lease(to.conn(), job_id, attempt) {
+                    let lease = swarmbus_schema::JobLease { payload, ..lease };
+                    let _ = to.push(Lane::Jobs, encode(&Message::JobLease(lease)));
+                }
             }
-            Err(error) => tracing::error!(
-                job = lease.job_id.0, %log, op = op.0, %error,
-                "a job's payload could not be read back from its log; the lease will expire"
-            ),
+            Err(error) => {
+                tracing::error!(job = job_id.0, %log, op = op.0, %error, "a job's payload could not be read back from its log");
+                let why = format!("its payload could not be read back from the job log: {error}");
+                let now_ms = self.now_ms();
+                let effects =
+                    self.jobs()
+                        .lease_undeliverable(to.conn(), job_id, attempt, &why, now_ms);
+                self.apply_job_effects(effects);
+            }
         }
     }
 
@@ -3308,8 +3321,8 @@ fn read_records(
         .collect())
 }
 
-/// The job records in the router's job logs (`$jobs.*`), in log order per swarm.
-/// The job logs' records, in log order per log, and the op of each job's spec record.
+/// The job logs' records (`$jobs.*`), in log order per log, and the op of each job's spec
+/// record.
 fn read_job_records(recovered: &[log::SwarmLog]) -> Result<JobLogs, RouterError> {
     let mut out = Vec::new();
     let mut spec_ops = HashMap::new();
@@ -3336,11 +3349,8 @@ fn read_job_records(recovered: &[log::SwarmLog]) -> Result<JobLogs, RouterError>
 /// What [`read_job_records`] returns.
 type JobLogs = (Vec<JobRecord>, HashMap<swarmbus_schema::JobId, OpId>);
 
-/// Fails requests past their deadline and runs the job queue's clock (lease expiry,
-/// backoff, deadlines; every 10 ms), and closes unused affine sessions (every 10 s), until
-/// the router stops.
-/// The job queue's clock (lease expiry, backoff, deadlines), on the bulk runtime with the
-/// rest of the job traffic.
+/// The job queue's clock (lease expiry, backoff, deadlines; every 10 ms), on the bulk
+/// runtime with the rest of the job traffic.
 async fn job_maintenance(context: std::sync::Weak<Context>) {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

@@ -80,17 +80,19 @@ pub enum ShardCommand {
         paused: bool,
     },
     /// Reads back the record of op `op` of `swarm` (a job's payload kept on disk only):
-    /// its Deliver frame, with its length prefix.
+    /// its Deliver frame, with its length prefix; or why not, and whether to ask again (a
+    /// compaction removed the file the read was planned on).
     ReadRecord {
         swarm: String,
         op: OpId,
-        reply: tokio::sync::oneshot::Sender<Result<bytes::Bytes, String>>,
+        reply: tokio::sync::oneshot::Sender<Result<bytes::Bytes, (bool, String)>>,
     },
 }
 
 impl ShardCommand {
-    /// The job queue's records (and telemetry, were it sent through the channels) go to the
-    /// bulk channel; everything else is urgent, so a job backlog does not delay commands.
+    /// The job queue's records and reads (and telemetry, were it sent through the channels)
+    /// go to the bulk channel; everything else is urgent, so a job backlog does not delay
+    /// commands.
     fn is_bulk(&self) -> bool {
         match self {
             ShardCommand::Publish { publish, .. } => {
@@ -1012,21 +1014,22 @@ impl Shard {
             ShardCommand::Disconnect { conn } => core.handle_disconnect(conn),
             ShardCommand::ReadRecord { swarm, op, reply } => {
                 let Some(plan) = self.log.plan_read(&swarm, op) else {
-                    let _ = reply.send(Err(format!("no log for swarm {swarm:?}")));
+                    let _ = reply.send(Err((false, format!("no log for swarm {swarm:?}"))));
                     return;
                 };
                 // Like catch-up reads: file reads off the shard.
                 tokio::task::spawn_blocking(move || {
-                    let record = plan
-                        .read(1, usize::MAX)
-                        .map_err(|error| error.to_string())
-                        .and_then(|records| {
-                            records
-                                .into_iter()
-                                .find(|record| record.op == op)
-                                .map(|record| record.frame)
-                                .ok_or_else(|| format!("op {} is not in the log", op.0))
-                        });
+                    let record = match plan.read_noting_file(1, usize::MAX) {
+                        Err(failed) => {
+                            let again = failed.error.kind() == std::io::ErrorKind::NotFound;
+                            Err((again, failed.to_string()))
+                        }
+                        Ok(records) => records
+                            .into_iter()
+                            .find(|record| record.op == op)
+                            .map(|record| record.frame)
+                            .ok_or_else(|| (false, format!("op {} is not in the log", op.0))),
+                    };
                     let _ = reply.send(record);
                 });
             }
