@@ -8,6 +8,7 @@ mod control;
 mod hostile;
 mod jobs;
 mod log_faults;
+mod readme;
 mod reconnect;
 mod resync;
 mod routing;
