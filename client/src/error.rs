@@ -69,16 +69,20 @@ impl ClientError {
     /// errors of the client's own making: TLS setup, invalid arguments, protocol
     /// violations, and refusals of its Hello (unsupported version, too many swarms).
     pub fn is_transient(&self) -> bool {
-        // Wire codes that say the client is wrong, not that the router is unavailable:
-        // malformed frames (1-5, 7, 12, 16, 17), unsupported version (6), invalid request
-        // (11) and too many swarms (14).
-        const PERMANENT: [u64; 12] = [1, 2, 3, 4, 5, 6, 7, 11, 12, 14, 16, 17];
+        // Codes that say the client is wrong, not that the router is unavailable now, are
+        // permanent (see `ErrorCode::is_permanent`); unknown codes count as transient.
+        let permanent = |code: u64| {
+            u16::try_from(code)
+                .ok()
+                .and_then(swarmbus_schema::ErrorCode::from_u16)
+                .is_some_and(swarmbus_schema::ErrorCode::is_permanent)
+        };
         match self {
             ClientError::Tls { .. }
             | ClientError::Protocol { .. }
             | ClientError::InvalidArgument { .. } => false,
-            ClientError::Refused { code, .. } => !PERMANENT.contains(&u64::from(*code)),
-            ClientError::Closed { code, .. } => !code.is_some_and(|c| PERMANENT.contains(&c)),
+            ClientError::Refused { code, .. } => !permanent(u64::from(*code)),
+            ClientError::Closed { code, .. } => !code.is_some_and(permanent),
             ClientError::Connect { .. }
             | ClientError::Timeout { .. }
             | ClientError::InFlightFull { .. } => true,

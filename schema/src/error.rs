@@ -90,6 +90,25 @@ impl ErrorCode {
         self as u16
     }
 
+    /// Whether the code says the client is wrong (a malformed or unexpected frame, an
+    /// unsupported version, an invalid request, too many swarms), so doing the same again
+    /// fails the same way; every other code is about the router's state now (busy, rate
+    /// limited, unavailable, a lease held...) and may pass later. Every code is decided
+    /// here, so a new one must be.
+    pub fn is_permanent(self) -> bool {
+        use ErrorCode::*;
+        match self {
+            MalformedFrame | FrameTooLarge | VerificationFailed | UnknownMessage
+            | HelloRequired | UnsupportedVersion | TruncatedFrame | InvalidRequest
+            | UnexpectedMessage | TooManySwarms | DuplicateHello | WrongStream => true,
+            SwarmNotJoined | TooManySubscriptions | Lagging | ShuttingDown | Busy
+            | PayloadTooLarge | SwarmUnavailable | RateLimited | CircuitOpen | NodeGone
+            | DeadlineExceeded | NoWorker | Forbidden | Replaced | LeaseHeld | LeaseLost
+            | StaleFencingToken | HeartbeatTimeout | Stopped | LeaseFenced | UnknownJob
+            | JobFinished => false,
+        }
+    }
+
     /// Maps a number received on the wire back to a code; unknown numbers give `None`.
     pub fn from_u16(code: u16) -> Option<Self> {
         use ErrorCode::*;
@@ -183,5 +202,13 @@ mod tests {
         assert_eq!(ErrorCode::FrameTooLarge.as_u16(), 2);
         assert_eq!(ErrorCode::Lagging.as_u16(), 10);
         assert_eq!(ErrorCode::from_u16(0), None);
+    }
+
+    #[test]
+    fn only_the_codes_that_blame_the_client_are_permanent() {
+        let permanent: Vec<u16> = (0..64u16)
+            .filter(|n| ErrorCode::from_u16(*n).is_some_and(ErrorCode::is_permanent))
+            .collect();
+        assert_eq!(permanent, [1, 2, 3, 4, 5, 6, 7, 11, 12, 14, 16, 17]);
     }
 }
