@@ -32,7 +32,21 @@ fn check_against_the_example(path: &str, heading: &str) {
         body, region,
         "README.md's agent example differs from client/examples/agent.rs"
     );
-    // Everything the README imports, the example imports too.
+    // Everything the README imports, the example imports too (its `use` items joined into
+    // one line each).
+    let mut example_uses: Vec<String> = Vec::new();
+    let mut open: Option<String> = None;
+    for line in example.lines() {
+        if let Some(item) = open.as_mut() {
+            item.push(' ');
+            item.push_str(line.trim());
+        } else if line.starts_with("use ") {
+            open = Some(line.to_owned());
+        }
+        if open.as_ref().is_some_and(|item| item.ends_with(';')) {
+            example_uses.extend(open.take());
+        }
+    }
     for line in uses {
         let names = line
             .trim_start_matches("use ")
@@ -46,9 +60,9 @@ fn check_against_the_example(path: &str, heading: &str) {
             .filter(|n| !n.is_empty())
         {
             assert!(
-                example
-                    .lines()
-                    .any(|l| l.starts_with(&format!("use {krate}")) && l.contains(name)),
+                example_uses
+                    .iter()
+                    .any(|u| u.starts_with(&format!("use {krate}")) && u.contains(name)),
                 "the example does not import {krate}::{name} ({path})"
             );
         }

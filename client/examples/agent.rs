@@ -12,8 +12,10 @@
 //! `agent-7.offsets`).
 
 use bytes::Bytes;
-use swarmbus_client::{Connector, FileOffsetStore, IdempotentApply, PublishOptions, Session};
-use swarmbus_schema::{Class, Deliver, OpId, Role};
+use swarmbus_client::{
+    Class, Connector, Deliver, FileOffsetStore, IdempotentApply, OpId, PublishOptions, Role,
+    Session,
+};
 
 /// What the agent does with a command: here, print it.
 fn handle(d: &Deliver) {
@@ -37,7 +39,7 @@ async fn run(payload: Bytes) -> Result<OpId, Box<dyn std::error::Error>> {
     client.subscribe("swarm-a", Class::Command, None).await?;   // missed ops first, then live
     let op = client.publish("swarm-a", Class::Command, payload, PublishOptions::default()).await?;
     while let Some(d) = deliveries.recv().await {
-        if apply.apply(&d, |d| handle(d)).is_some() {            // each op applied once
+        if apply.apply(&d, handle).is_some() {                   // each op applied once
             apply.save(&store)?;                                 // atomic write-rename
             client.ack(&d.swarm, d.class, d.op_id).await?;       // or every N ops
         }

@@ -10,8 +10,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use swarmbus_client::{Connector, PublishOptions, Session};
-use swarmbus_schema::{Class, Role, SafetyKind};
+use swarmbus_client::{Class, Connector, PublishOptions, Role, SafetyKind, Session};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -11,8 +11,7 @@
 
 use bytes::Bytes;
 use swarmbus_client::gpu::detect;
-use swarmbus_client::{Connector, JobEvent, Session};
-use swarmbus_schema::Role;
+use swarmbus_client::{Connector, JobEvent, Role, Session};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -47,12 +47,10 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
-    encode, max_payload_bytes, valid_name, Attach, BulkOffer, Class, Coalescer, DeadLetters,
-    DecodeOptions, Deliver, DeltaAck, Epoch, FrameDecoder, Hello, JobId, JobProgress, JobResult,
-    JobStatus, JobUpdate, LeaseAction, LeaseGrant, LeaseRequest, Member, Message, OpId, OutFrame,
-    Publish, Reply as WireReply, Request, ResumePoint, Role, SafetyAction, SafetyKind,
-    SessionPinned, SubmitJob, Subscription, Welcome, WorkerStatus, ALPN, DEFAULT_MAX_FRAME_BYTES,
-    JOB_STREAM_PRIORITY, MAX_NAME_BYTES, PROTOCOL_VERSION,
+    encode, max_payload_bytes, valid_name, Attach, BulkOffer, Coalescer, DecodeOptions,
+    FrameDecoder, Hello, JobProgress, JobResult, LeaseAction, LeaseRequest, Message, OutFrame,
+    Publish, Reply as WireReply, Request, SafetyAction, Subscription, Welcome, ALPN,
+    DEFAULT_MAX_FRAME_BYTES, JOB_STREAM_PRIORITY, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
@@ -62,6 +60,13 @@ pub use error::ClientError;
 pub use jobs::{JobDedup, JobEvent, JobEvents, JobUpdates};
 pub use reconnect::{ReconnectEvent, ReconnectOptions, ResilientClient};
 pub use retry::{Backoff, RetryPolicy};
+/// The schema's types that this crate's API takes and returns, so that an agent depends on
+/// this crate alone.
+pub use swarmbus_schema::{
+    Class, DeadLetter, DeadLetters, Deliver, DeltaAck, Epoch, ErrorCode, JobId, JobLease, JobState,
+    JobStatus, JobUpdate, LeaseGrant, Member, OpId, ResumePoint, Role, SafetyKind, SessionPinned,
+    SubmitJob, WorkerStatus,
+};
 
 /// How a session presents itself in Hello, plus client-side limits.
 #[derive(Clone, Debug)]
