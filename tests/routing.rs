@@ -954,3 +954,40 @@ fn numbered_telemetry(swarm: &str, n: u32) -> Vec<Publish> {
 fn number_of(d: &swarmbus_schema::Deliver) -> u32 {
     u32::from_be_bytes(d.payload[..4].try_into().unwrap())
 }
+
+/// A router named by `host:port` is resolved and reached; a name that does not resolve is a
+/// `Connect` error saying so.
+#[tokio::test]
+async fn a_router_is_reached_by_host_name() {
+    let t = start_router(|_| {}).await;
+    let port = t.router.local_addr().port();
+    let session = Session::new("named", Role::Agent, ["s"]);
+    let (client, mut rx) = t
+        .connector
+        .connect_to(&format!("localhost:{port}"), session.clone())
+        .await
+        .unwrap();
+    client.subscribe("s", Class::Command, None).await.unwrap();
+    client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"hi"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv_n(&mut rx, 1).await[0].payload.as_ref(), b"hi");
+    match t
+        .connector
+        .connect_to("no-such-host.invalid:4433", session)
+        .await
+    {
+        Err(swarmbus_client::ClientError::Connect { detail, .. }) => {
+            assert!(detail.contains("resolving"), "{detail}")
+        }
+        Err(other) => panic!("expected a Connect error, got {other}"),
+        Ok(_) => panic!("connected to a name that does not resolve"),
+    }
+    t.router.shutdown().await;
+}

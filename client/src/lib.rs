@@ -315,6 +315,38 @@ impl Connector {
         }
     }
 
+    /// [`Connector::connect`] to `router` given as `host:port` (a name or an address): the
+    /// name is resolved and its addresses are tried in order until one answers. The TLS
+    /// name checked is still the connector's.
+    pub async fn connect_to(
+        &self,
+        router: &str,
+        session: Session,
+    ) -> Result<(Client, Deliveries), ClientError> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(router)
+            .await
+            .map_err(|error| ClientError::Connect {
+                router: router.to_owned(),
+                detail: format!("resolving it: {error}"),
+            })?
+            .collect();
+        let mut last = None;
+        for addr in addrs {
+            match self.connect(addr, session.clone()).await {
+                Ok(connected) => return Ok(connected),
+                // Only a failure to reach the address moves on to the next one.
+                Err(error @ (ClientError::Connect { .. } | ClientError::Timeout { .. })) => {
+                    last = Some(error)
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::Connect {
+            router: router.to_owned(),
+            detail: "the name has no address".to_owned(),
+        }))
+    }
+
     /// Connects, says Hello and waits for Welcome.
     pub async fn connect(
         &self,
