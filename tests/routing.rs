@@ -991,3 +991,34 @@ async fn a_router_is_reached_by_host_name() {
     }
     t.router.shutdown().await;
 }
+
+/// `Deliveries` is a `futures` stream: polled as one, it yields what `recv` would.
+#[tokio::test]
+async fn deliveries_are_a_stream() {
+    use futures_core::Stream;
+    let t = start_router(|_| {}).await;
+    let (client, mut rx) = t.connect("streamed", Role::Agent, &["s"]).await;
+    client.subscribe("s", Class::Command, None).await.unwrap();
+    for text in ["one", "two"] {
+        client
+            .publish(
+                "s",
+                Class::Command,
+                Bytes::from(text),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let next = std::future::poll_fn(|cx| std::pin::Pin::new(&mut rx).poll_next(cx));
+        let deliver = tokio::time::timeout(std::time::Duration::from_secs(10), next)
+            .await
+            .expect("a delivery")
+            .expect("the stream goes on");
+        got.push(deliver.payload);
+    }
+    assert_eq!(got, [Bytes::from("one"), Bytes::from("two")]);
+    t.router.shutdown().await;
+}

@@ -1058,6 +1058,19 @@ pub struct Deliveries {
     classes: [mpsc::Receiver<Deliver>; Class::COUNT],
 }
 
+/// Deliveries are a stream too, highest-priority class first, ending once the connection is
+/// closed and everything was read.
+impl futures_core::Stream for Deliveries {
+    type Item = Deliver;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Deliver>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
 impl Deliveries {
     pub(crate) fn channels(buffer: usize) -> (DeliverySink, Deliveries) {
         let channels: [(mpsc::Sender<Deliver>, mpsc::Receiver<Deliver>); Class::COUNT] =
@@ -1081,26 +1094,32 @@ impl Deliveries {
     /// The next delivery, highest-priority class first; `None` once the connection is
     /// closed and everything was read.
     pub async fn recv(&mut self) -> Option<Deliver> {
-        std::future::poll_fn(|cx| {
-            let mut open = false;
-            // Class::ALL is in priority order: control, command, alert, reconciliation,
-            // telemetry.
-            for rx in &mut self.classes {
-                match rx.poll_recv(cx) {
-                    std::task::Poll::Ready(Some(deliver)) => {
-                        return std::task::Poll::Ready(Some(deliver))
-                    }
-                    std::task::Poll::Ready(None) => {}
-                    std::task::Poll::Pending => open = true,
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`Deliveries::recv`] as a poll (what the [`futures_core::Stream`] implementation
+    /// calls).
+    pub fn poll_recv(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Deliver>> {
+        let mut open = false;
+        // Class::ALL is in priority order: control, command, alert, reconciliation,
+        // telemetry.
+        for rx in &mut self.classes {
+            match rx.poll_recv(cx) {
+                std::task::Poll::Ready(Some(deliver)) => {
+                    return std::task::Poll::Ready(Some(deliver))
                 }
+                std::task::Poll::Ready(None) => {}
+                std::task::Poll::Pending => open = true,
             }
-            if open {
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(None)
-            }
-        })
-        .await
+        }
+        if open {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(None)
+        }
     }
 
     /// Up to `limit` deliveries appended to `out`, highest-priority class first (waiting
