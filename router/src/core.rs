@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use swarmbus_schema::{
-    encode_deliver_head, Class, Epoch, ErrorCode, ErrorMessage, Message, OpId, OutFrame, Publish,
+    encode_deliver_head, Class, Epoch, ErrorCode, Message, OpId, OutFrame, Publish,
 };
 use thiserror::Error;
 
@@ -1044,12 +1044,8 @@ impl<H: Clone> Core<H> {
         for op in swarm.pending.drain(..) {
             self.actions.push_back(Action::Reply {
                 to: op.publisher,
-                message: Message::Error(ErrorMessage {
-                    code: ErrorCode::SwarmUnavailable.as_u16(),
-                    message: reason.clone(),
-                    request_id: op.request_id,
-                    retry_after_ms: 0,
-                }),
+                message: crate::refusal::Refusal::new(ErrorCode::SwarmUnavailable, reason.clone())
+                    .message(op.request_id),
             });
         }
     }

@@ -47,7 +47,7 @@ use swarmbus_schema::{
 
 use crate::core::ConnId;
 use crate::outbox::{Lane, Outbox};
-use crate::workers::Refusal;
+use crate::refusal::Refusal;
 
 /// Prefix of the internal swarms holding job records.
 pub const JOBS_SWARM_PREFIX: &str = "$jobs.";

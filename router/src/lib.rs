@@ -12,6 +12,7 @@
 //! - [`governor`]: the governor (bulk intake budget that follows the host's idle CPU while commands flow).
 //! - [`workers`]: worker nodes, affine sessions and request/reply (GPU affinity).
 //! - [`jobs`]: the async job queue (durable jobs, leases, retries, dead letters).
+//! - [`refusal`]: a refused request and its `Error` frame, built in one place.
 //! - [`record_key`]: unambiguous keys of the router's internal records.
 //! - [`quota`]: router-wide caps and per-agent quotas (unfinished frames, swarms).
 //! - [`stats`]: router-wide counters.
@@ -30,6 +31,7 @@ pub mod log;
 pub mod outbox;
 pub mod quota;
 pub mod record_key;
+pub mod refusal;
 pub mod server;
 pub mod shard;
 pub mod stats;

@@ -23,8 +23,8 @@ use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use swarmbus_schema::{
     encode, max_payload_bytes, valid_name, Class, Coalescer, DecodeOptions, Epoch, ErrorCode,
-    ErrorMessage, FrameDecoder, Hello, Limits, Message, OpId, OutFrame, Publish, Role, SessionId,
-    Subscription, Welcome, MAX_NAME_BYTES, PROTOCOL_VERSION,
+    FrameDecoder, Hello, Limits, Message, OpId, OutFrame, Publish, Role, SessionId, Subscription,
+    Welcome, MAX_NAME_BYTES, PROTOCOL_VERSION,
 };
 use swarmbus_schema::{Attach, BulkOffer};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -51,6 +51,7 @@ use crate::jobs::{Effects, JobCounts, JobRecord, Jobs, Submitted, JOBS_SWARM_PRE
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::{Lane, Outbox};
 use crate::quota::{PartialFrames, RouterPartialFrames, SwarmBudget};
+use crate::refusal::Refusal;
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls;
@@ -1281,15 +1282,8 @@ impl Session {
         message: String,
         retry_after_ms: u32,
     ) {
-        let _ = self.outbox.push(
-            Lane::Session,
-            encode(&Message::Error(ErrorMessage {
-                code: code.as_u16(),
-                message,
-                request_id,
-                retry_after_ms,
-            })),
-        );
+        let refusal = Refusal::new(code, message).retry_after(retry_after_ms);
+        let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
     }
 
     async fn to_shard(&self, swarm: &str, command: ShardCommand) {
@@ -2084,7 +2078,7 @@ impl Session {
                 ) {
                     Ok(opened) => match self.context.write_pins(opened.pins).await {
                         Ok(()) => opened.frame,
-                        Err(error) => crate::workers::Refusal {
+                        Err(error) => crate::refusal::Refusal {
                             code: ErrorCode::SwarmUnavailable,
                             message: error,
                             retry_after_ms: 1_000,
@@ -2624,12 +2618,12 @@ async fn run_connection(
     };
     if let Some(left) = stopped_for {
         let mut send = send;
-        let refusal = encode(&Message::Error(ErrorMessage {
-            code: ErrorCode::Stopped.as_u16(),
-            message: format!("agent {:?} was stopped by a controller", hello.agent_id),
-            request_id: 0,
-            retry_after_ms: left.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
-        }));
+        let refusal = Refusal::new(
+            ErrorCode::Stopped,
+            format!("agent {:?} was stopped by a controller", hello.agent_id),
+        )
+        .retry_after(left.as_millis().clamp(1, u128::from(u32::MAX)) as u32)
+        .frame(0);
         let _ = send
             .write_all_chunks(&mut [refusal.head, refusal.body])
             .await;

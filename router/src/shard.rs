@@ -19,8 +19,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock};
 
 use swarmbus_schema::{
-    decode, encode, Class, DecodeOptions, DeltaAck, Epoch, ErrorMessage, Message, OpId, OutFrame,
-    Publish, Subscription,
+    decode, encode, Class, DecodeOptions, DeltaAck, Epoch, Message, OpId, OutFrame, Publish,
+    Subscription,
 };
 use tokio::sync::mpsc;
 
@@ -311,15 +311,9 @@ fn reply(outbox: &Outbox, message: &Message) {
 }
 
 fn refuse(outbox: &Outbox, request_id: u64, error: &CoreError) {
-    let code = error.code();
     reply(
         outbox,
-        &Message::Error(ErrorMessage {
-            code: code.as_u16(),
-            message: error.to_string(),
-            request_id,
-            retry_after_ms: 0,
-        }),
+        &crate::refusal::Refusal::new(error.code(), error.to_string()).message(request_id),
     );
 }
 

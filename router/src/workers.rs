@@ -24,7 +24,7 @@ use swarmbus_affinity::{
     PlacementConfig, SessionConfig, SessionTable, Zone,
 };
 use swarmbus_schema::{
-    encode, ErrorCode, ErrorMessage, Message, OutFrame, Reply, Request, SessionPinned, WorkerStatus,
+    encode, ErrorCode, Message, OutFrame, Reply, Request, SessionPinned, WorkerStatus,
 };
 
 use crate::core::ConnId;
@@ -135,37 +135,7 @@ impl PinWrite {
     }
 }
 
-/// A refusal: the error code, a message, and a retry hint in ms (0: none).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: ErrorCode,
-    pub message: String,
-    pub retry_after_ms: u32,
-}
-
-impl Refusal {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Refusal {
-            code,
-            message: message.into(),
-            retry_after_ms: 0,
-        }
-    }
-
-    /// The Error frame answering request `request_id`.
-    pub fn frame(&self, request_id: u64) -> OutFrame {
-        error_frame(request_id, self.code, &self.message, self.retry_after_ms)
-    }
-}
-
-fn error_frame(request_id: u64, code: ErrorCode, message: &str, retry_after_ms: u32) -> OutFrame {
-    encode(&Message::Error(ErrorMessage {
-        code: code.as_u16(),
-        message: message.to_owned(),
-        request_id,
-        retry_after_ms,
-    }))
-}
+use crate::refusal::Refusal;
 
 fn no_worker(error: AffinityError) -> Refusal {
     Refusal::new(ErrorCode::NoWorker, error.to_string())
@@ -659,12 +629,11 @@ impl Workers {
                 let node = state.names.get(&call.node).cloned().unwrap_or_default();
                 out.push((
                     call.requester,
-                    error_frame(
-                        call.request_id,
+                    Refusal::new(
                         ErrorCode::DeadlineExceeded,
-                        &format!("no reply from worker node {node:?} within the timeout"),
-                        0,
-                    ),
+                        format!("no reply from worker node {node:?} within the timeout"),
+                    )
+                    .frame(call.request_id),
                 ));
             } else {
                 state.deadlines.pop_first();
@@ -718,12 +687,11 @@ fn fail_calls_to(state: &mut State, node: NodeId, why: &str) -> Vec<Outgoing> {
     ids.into_iter()
         .filter_map(|id| remove_call(state, id))
         .map(|call| {
-            let frame = error_frame(
-                call.request_id,
+            let frame = Refusal::new(
                 ErrorCode::NodeGone,
-                &format!("{why} ({name}) before replying; retrying goes to the session's new node"),
-                0,
-            );
+                format!("{why} ({name}) before replying; retrying goes to the session's new node"),
+            )
+            .frame(call.request_id);
             (call.requester, frame)
         })
         .collect()
