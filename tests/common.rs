@@ -33,6 +33,25 @@ pub async fn start_router(adjust: impl FnOnce(&mut Config)) -> TestRouter {
     }
 }
 
+/// Starts a router on `config` at a port the OS picks, for a test that restarts it at the
+/// same address (with [`start_retrying`]); returns it, that address, and a connector that
+/// trusts its development CA (which stays in its data dir across the restart).
+pub async fn start_restartable(
+    config: impl Fn(std::net::SocketAddr) -> Config,
+) -> (TestRouter, std::net::SocketAddr, Connector) {
+    let router = Router::start(config("127.0.0.1:0".parse().unwrap()))
+        .await
+        .expect("router starts");
+    let addr = router.local_addr();
+    let connector =
+        Connector::new(router.ca_path().expect("development CA"), "localhost").expect("connector");
+    (
+        TestRouter::from_parts(router, connector.clone()),
+        addr,
+        connector,
+    )
+}
+
 /// Starts a router on `config()`'s address, retrying for a few seconds: the port of a
 /// router that just shut down may take a moment to be free again.
 pub async fn start_retrying(config: impl Fn() -> Config) -> Router {

@@ -5,11 +5,11 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use swarmbus_client::{Client, ClientError, Connector, JobDedup, JobEvent, JobEvents, JobUpdates};
-use swarmbus_router::{Config, Router};
+use swarmbus_client::{Client, ClientError, JobDedup, JobEvent, JobEvents, JobUpdates};
+use swarmbus_router::Config;
 use swarmbus_schema::{ErrorCode, JobId, JobLease, JobState, JobUpdate, Role, SubmitJob};
 
-use crate::common::{start_retrying, start_router, TestRouter};
+use crate::common::{start_restartable, start_retrying, start_router, TestRouter};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -191,12 +191,7 @@ async fn a_router_restart_loses_no_accepted_job_and_results_still_arrive() {
         shards: 2,
         ..Config::default()
     };
-    let router = Router::start(config("127.0.0.1:0".parse().unwrap()))
-        .await
-        .unwrap();
-    let addr = router.local_addr();
-    let connector = Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
-    let test = TestRouter::from_parts(router, connector.clone());
+    let (test, addr, connector) = start_restartable(config).await;
     let (agent, updates) = submitter(&test, "agent", &["s"]).await;
     let mut ids = HashSet::new();
     for i in 0..10 {
@@ -469,12 +464,7 @@ async fn payloads_past_the_cache_are_read_back_from_the_log() {
         config.jobs.payload_cache_bytes = 10;
         config
     };
-    let router = Router::start(config("127.0.0.1:0".parse().unwrap()))
-        .await
-        .unwrap();
-    let addr = router.local_addr();
-    let connector = Connector::new(router.ca_path().unwrap(), "localhost").unwrap();
-    let test = TestRouter::from_parts(router, connector.clone());
+    let (test, addr, connector) = start_restartable(config).await;
     let (agent, _updates) = submitter(&test, "agent", &["s"]).await;
     for i in 0..4 {
         agent.submit_job(job("s", &format!("k{i}"))).await.unwrap();

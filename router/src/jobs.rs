@@ -1497,13 +1497,17 @@ impl Jobs {
         let before = std::mem::replace(&mut job.charged, now);
         let before_agent = std::mem::replace(&mut job.charged_agent, now_agent);
         self.bytes_held = self.bytes_held - before + now;
-        let agent = self
-            .bytes_by_agent
-            .entry(job.spec.submitter.clone())
-            .or_default();
+        if before_agent == now_agent {
+            return; // the common case (a heartbeat, a re-account): no lookup at all
+        }
+        let submitter = &job.spec.submitter;
+        let agent = match self.bytes_by_agent.get_mut(submitter) {
+            Some(agent) => agent,
+            None => self.bytes_by_agent.entry(submitter.clone()).or_default(),
+        };
         *agent = *agent - before_agent + now_agent;
         if *agent == 0 {
-            self.bytes_by_agent.remove(&job.spec.submitter);
+            self.bytes_by_agent.remove(submitter);
         }
     }
 

@@ -1164,10 +1164,9 @@ impl FrameReader {
     async fn next(&mut self, options: &DecodeOptions) -> Result<Read, Fault> {
         loop {
             match self.decoder.next_message(options) {
-                Ok(Some(message)) => {
-                    self.settle()?;
-                    return Ok(Read::Message(message));
-                }
+                Ok(Some(message)) => return Ok(Read::Message(message)),
+                // Every whole frame is out: what is left is unfinished, charged before more
+                // is read (once per chunk, not per message, on counters shared router-wide).
                 Ok(None) => self.settle()?,
                 Err(error) => return Err(Fault::new(error.code(), error.to_string())),
             }

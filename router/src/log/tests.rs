@@ -185,6 +185,23 @@ fn epoch_of(swarm_dir: &std::path::Path) -> Epoch {
     )
 }
 
+/// Cuts the file at `path` to `len` bytes (what a crash leaves of a write).
+fn cut_to(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
+/// Recovers the logs under `dir` and checks that `swarm` is refused; returns the notes.
+fn reopen_unavailable(dir: &std::path::Path, swarm: &str) -> Vec<RecoveryNote> {
+    let (log, _events, notes) = open(dir, WriterKind::File, 1024);
+    assert!(state(&log, swarm).unavailable.is_some(), "{notes:?}");
+    notes
+}
+
 /// Where each record of the segment at `path` starts and ends, with its op.
 fn record_spans(path: &std::path::Path) -> Vec<(u64, usize, usize)> {
     let data = Bytes::from(std::fs::read(path).unwrap());
@@ -269,8 +286,7 @@ fn a_crash_during_a_segment_roll_is_cut_back_to_the_watermark() {
         let old = &segments[segments.len() - 2];
         let spans = record_spans(old);
         let (torn_op, start, end) = *spans.last().unwrap();
-        let file = std::fs::OpenOptions::new().write(true).open(old).unwrap();
-        file.set_len(((start + end) / 2) as u64).unwrap();
+        cut_to(old, ((start + end) / 2) as u64);
         if watermark {
             reopen_cut_back_to(dir.path(), &swarm, torn_op - 1);
             assert_eq!(segments_of(dir.path(), &swarm).len(), segments.len() - 1);
@@ -282,8 +298,7 @@ fn a_crash_during_a_segment_roll_is_cut_back_to_the_watermark() {
             )
             .unwrap();
             // Without a watermark the router cannot tell this from damage: refused.
-            let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
-            assert!(state(&log, &swarm).unavailable.is_some(), "{notes:?}");
+            reopen_unavailable(dir.path(), &swarm);
         }
     }
 }
@@ -296,12 +311,7 @@ fn a_short_segment_before_a_new_one_is_cut_back_to_the_watermark() {
     // The old segment's last record never reached the disk at all (cut at its start).
     let old = &segments[segments.len() - 2];
     let (lost_op, start, _) = *record_spans(old).last().unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(old)
-        .unwrap()
-        .set_len(start as u64)
-        .unwrap();
+    cut_to(old, start as u64);
     reopen_cut_back_to(dir.path(), &swarm, lost_op - 1);
 }
 
@@ -347,8 +357,7 @@ fn damage_deep_in_the_log_past_a_stale_watermark_is_not_taken_for_a_torn_write()
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x10;
     std::fs::write(&segments[1], bytes).unwrap();
-    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
-    assert!(state(&log, &swarm).unavailable.is_some(), "{notes:?}");
+    reopen_unavailable(dir.path(), &swarm);
     assert_eq!(segments_of(dir.path(), &swarm), segments);
 }
 
@@ -361,12 +370,7 @@ fn without_watermarks_recovery_ignores_and_removes_them() {
     // keeps no watermark the shape decides (a torn tail), and the stale file goes.
     let last = segments.last().unwrap();
     let len = std::fs::metadata(last).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(last)
-        .unwrap()
-        .set_len(len - 5)
-        .unwrap();
+    cut_to(last, len - 5);
     let (logs, notes) = store::recover_all_with(dir.path(), false).unwrap();
     let log = logs.iter().find(|l| l.name == *swarm).unwrap();
     assert_eq!(
@@ -407,8 +411,7 @@ fn an_internal_log_whose_every_segment_is_gone_is_unavailable() {
     for segment in forty_ops(dir.path(), &swarm) {
         std::fs::remove_file(segment).unwrap();
     }
-    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
-    assert!(state(&log, &swarm).unavailable.is_some(), "{notes:?}");
+    reopen_unavailable(dir.path(), &swarm);
 }
 
 #[test]
@@ -419,9 +422,7 @@ fn acknowledged_ops_missing_from_the_log_make_the_swarm_unavailable() {
     // The last segment is gone (removed by hand, or lost by the disk): ops up to 40 were
     // acknowledged, so their ids must never be given out again.
     std::fs::remove_file(segments.last().unwrap()).unwrap();
-    let (log, _events, notes) = open(dir.path(), WriterKind::File, 1024);
-    let recovered = state(&log, &swarm);
-    assert!(recovered.unavailable.is_some(), "{notes:?}");
+    let notes = reopen_unavailable(dir.path(), &swarm);
     assert!(
         notes.iter().any(|n| n.detail.contains("were acknowledged")),
         "{notes:?}"
@@ -453,12 +454,7 @@ fn torn_tail_is_truncated_and_appends_continue() {
         set_watermark(dir.path(), &swarm, 19);
         let segment = last_segment(dir.path(), &swarm);
         let len = std::fs::metadata(&segment).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&segment)
-            .unwrap()
-            .set_len(len - 5)
-            .unwrap();
+        cut_to(&segment, len - 5);
         let (mut log, mut events, notes) = open(dir.path(), kind, 1 << 20);
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(
