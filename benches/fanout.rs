@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use swarmbus_proto::core::{Action, Core};
+use swarmbus_proto::ConnId;
+use swarmbus_proto::Lane;
 use swarmbus_router::config::QueueConfig;
-use swarmbus_router::core::{Action, ConnId, Core, Now};
-use swarmbus_router::outbox::{Lane, Outbox};
+use swarmbus_router::outbox::Outbox;
 use swarmbus_router::stats::Stats;
 use swarmbus_schema::{Class, Publish};
 
@@ -54,7 +56,7 @@ fn fanout(c: &mut Criterion) {
                 fencing_token: 0,
                 lease: None,
             };
-            let now = Now::system();
+            let now = swarmbus_router::clock::Clock::new().now();
             let mut chunks = Vec::with_capacity(1 << 16);
             let mut published = 0u64;
             group.throughput(Throughput::Elements(subscribers));

@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use swarmbus_proto::limits::{Breaker, BreakerConfig, ClassBuckets, Rate, TokenBucket};
+use swarmbus_proto::ConnId;
+use swarmbus_proto::Lane;
 use swarmbus_router::config::QueueConfig;
-use swarmbus_router::core::ConnId;
-use swarmbus_router::limits::{Breaker, BreakerConfig, ClassBuckets, Rate, TokenBucket};
-use swarmbus_router::outbox::{Lane, Outbox};
+use swarmbus_router::outbox::Outbox;
 use swarmbus_router::stats::Stats;
 use swarmbus_schema::{Class, Coalescer, OutFrame};
 

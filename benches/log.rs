@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use swarmbus_router::log::record::parse_record;
+use swarmbus_proto::record::parse_record;
 use swarmbus_router::log::{
     encode_record, LogBackend, LogEvent, LogWriter, ShardLog, SyncPolicy, WriterKind,
 };

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use swarmbus_affinity::{Fleet, Gpus, NodeSpec, PlacementRequest, Zone};
 use swarmbus_client::{Client, ClientError, Connector, Session};
-use swarmbus_router::workers::node_id;
+use swarmbus_proto::workers::node_id;
 use swarmbus_router::{Config, Router};
 use swarmbus_schema::{Role, WorkerStatus};
 

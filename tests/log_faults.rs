@@ -169,7 +169,7 @@ async fn a_job_end_is_announced_only_once_durable() {
         ..SubmitJob::default()
     };
     let accepted = agent.submit_job(submit).await.unwrap();
-    let job_log = swarmbus_router::jobs::log_swarm("s");
+    let job_log = swarmbus_proto::jobs::log_swarm("s");
     let blocked = block_new_segments(data.path(), &job_log, 100);
 
     let (worker, _w) = t.connect("gpu", Role::Worker, &["s"]).await;

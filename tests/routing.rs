@@ -322,8 +322,8 @@ async fn dropping_the_client_closes_its_connection() {
 #[tokio::test]
 async fn publishes_above_the_rate_limit_are_refused_or_dropped() {
     let t = start_router(|c| {
-        c.rate_limits.command = swarmbus_router::limits::Rate::new(0.1, 5.0);
-        c.rate_limits.telemetry = swarmbus_router::limits::Rate::new(0.1, 1.0);
+        c.rate_limits.command = swarmbus_proto::limits::Rate::new(0.1, 5.0);
+        c.rate_limits.telemetry = swarmbus_proto::limits::Rate::new(0.1, 1.0);
     })
     .await;
     let (client, _rx) = t.connect("noisy", Role::Agent, &["s"]).await;
@@ -399,8 +399,8 @@ async fn publishes_above_the_rate_limit_are_refused_or_dropped() {
 #[tokio::test]
 async fn a_retry_storm_opens_the_breaker_and_every_transition_is_alerted() {
     let t = start_router(|c| {
-        c.rate_limits.command = swarmbus_router::limits::Rate::new(1.0, 1.0);
-        c.rate_limits.breaker = swarmbus_router::limits::BreakerConfig {
+        c.rate_limits.command = swarmbus_proto::limits::Rate::new(1.0, 1.0);
+        c.rate_limits.breaker = swarmbus_proto::limits::BreakerConfig {
             failures: 3,
             window_ms: 10_000,
             open_ms: 2_000,
@@ -464,8 +464,8 @@ async fn a_retry_storm_opens_the_breaker_and_every_transition_is_alerted() {
 
 #[tokio::test]
 async fn retries_honour_the_routers_advice_and_the_unacknowledged_queue_is_capped() {
-    let t = start_router(|c| c.rate_limits.command = swarmbus_router::limits::Rate::new(2.0, 1.0))
-        .await;
+    let t =
+        start_router(|c| c.rate_limits.command = swarmbus_proto::limits::Rate::new(2.0, 1.0)).await;
     let (client, _rx) = t.connect("paced", Role::Agent, &["s"]).await;
     // Five commands against a bucket of one (refilled 20/s): each refusal is retried after
     // the router's retry_after_ms, and all five get through, in order.
@@ -554,7 +554,7 @@ async fn command(
 
 #[tokio::test]
 async fn rate_overrides_per_swarm_and_role_pick_the_bucket() {
-    use swarmbus_router::limits::Rate;
+    use swarmbus_proto::limits::Rate;
     let t = start_router(|c| {
         c.rate_limits = swarmbus_router::config::RateLimitsConfig::default();
         let mut tight = swarmbus_router::config::SwarmRates {
@@ -592,10 +592,10 @@ async fn rate_overrides_per_swarm_and_role_pick_the_bucket() {
 #[tokio::test]
 async fn a_swarm_wide_storm_opens_the_swarm_breaker_which_spares_control_and_other_swarms() {
     let t = start_router(|c| {
-        c.rate_limits.command = swarmbus_router::limits::Rate::new(0.0, 1.0);
+        c.rate_limits.command = swarmbus_proto::limits::Rate::new(0.0, 1.0);
         // Session breakers stay closed: only the swarm's adds the sessions up.
         c.rate_limits.breaker.failures = 1_000;
-        c.rate_limits.swarm_breaker = swarmbus_router::limits::BreakerConfig {
+        c.rate_limits.swarm_breaker = swarmbus_proto::limits::BreakerConfig {
             failures: 4,
             window_ms: 10_000,
             open_ms: 2_000,
@@ -679,7 +679,7 @@ async fn the_router_wide_telemetry_budget_holds_senders_back_without_losing_anyt
 
 #[tokio::test]
 async fn the_governor_holds_bulk_intake_while_commands_flow_and_lifts_it_after() {
-    use swarmbus_router::governor::GovernorConfig;
+    use swarmbus_proto::governor::GovernorConfig;
     // A reserve of 1 governs whenever commands flow, whatever the host's load, so the test
     // does not depend on the machine: the budget sits at min_per_s.
     let t = start_router(|c| {

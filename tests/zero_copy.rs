@@ -10,9 +10,11 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use swarmbus_proto::core::{Action, Core};
+use swarmbus_proto::ConnId;
+use swarmbus_proto::Lane;
 use swarmbus_router::config::QueueConfig;
-use swarmbus_router::core::{Action, ConnId, Core, Now};
-use swarmbus_router::outbox::{Lane, Outbox};
+use swarmbus_router::outbox::Outbox;
 use swarmbus_router::stats::Stats;
 use swarmbus_schema::{Class, Publish};
 
@@ -90,7 +92,7 @@ fn bytes_per_delivery(payload_bytes: usize) -> f64 {
             lease: None,
         })
         .collect();
-    let now = Now::system();
+    let now = swarmbus_router::clock::Clock::new().now();
     let mut chunks = Vec::with_capacity(4 * MESSAGES);
     let mut round = |count: bool| -> (u64, usize) {
         COUNTING.with(|c| c.set(count));

@@ -26,8 +26,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-pub use crate::control::Clock;
-
 /// Where the router reads the time from at start.
 pub trait ClockSource: Send + Sync + std::fmt::Debug {
     /// The wall clock, Unix milliseconds.
@@ -75,6 +73,66 @@ pub fn boot_clock_ms() -> Option<u64> {
     #[cfg(not(target_os = "linux"))]
     {
         None
+    }
+}
+
+/// The router's clock: Unix milliseconds that never go backwards (the time chosen at start,
+/// see the module doc, plus the time passed since on the boot clock, which counts suspend
+/// and ignores wall-clock steps; on hosts without one, monotonic time). Every time the
+/// router stores or compares is stated in it.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    start: Instant,
+    start_unix_ms: u64,
+    start_boot_ms: Option<u64>,
+}
+
+impl Clock {
+    /// Starts at the wall clock (tests and tools; the router starts from
+    /// [`RouterClock`]).
+    pub fn new() -> Self {
+        Self::starting_at(
+            Instant::now(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or_default(),
+        )
+    }
+
+    /// A clock that reads `unix_ms` now (`start`).
+    pub fn starting_at(start: Instant, unix_ms: u64) -> Self {
+        Clock {
+            start,
+            start_unix_ms: unix_ms,
+            start_boot_ms: boot_clock_ms(),
+        }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        match (self.start_boot_ms, boot_clock_ms()) {
+            (Some(start), Some(now)) => self.start_unix_ms + now.saturating_sub(start),
+            _ => {
+                self.start_unix_ms
+                    + Instant::now()
+                        .saturating_duration_since(self.start)
+                        .as_millis() as u64
+            }
+        }
+    }
+
+    /// The time to pass to the protocol's state machines.
+    pub fn now(&self) -> swarmbus_proto::Now {
+        swarmbus_proto::Now {
+            instant: Instant::now(),
+            unix_ms: self.now_ms(),
+        }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

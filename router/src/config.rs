@@ -13,8 +13,8 @@ use swarmbus_schema::{valid_name, Class, Role, MAX_NAME_BYTES};
 use std::collections::HashMap;
 
 use crate::error::RouterError;
-use crate::limits::{BreakerConfig, Rate};
 use crate::log::{SyncPolicy, WriterKind};
+use swarmbus_proto::limits::{BreakerConfig, Rate};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 pub const DEFAULT_DATA_DIR: &str = "./swarmbus-data";
@@ -41,11 +41,11 @@ pub struct Config {
     pub queues: QueueConfig,
     pub log: LogConfig,
     pub rate_limits: RateLimitsConfig,
-    pub affinity: crate::workers::AffinityConfig,
-    pub presence: crate::control::PresenceConfig,
-    pub jobs: crate::jobs::JobsConfig,
+    pub affinity: swarmbus_proto::workers::AffinityConfig,
+    pub presence: swarmbus_proto::control::PresenceConfig,
+    pub jobs: swarmbus_proto::jobs::JobsConfig,
     pub runtime: RuntimeConfig,
-    pub governor: crate::governor::GovernorConfig,
+    pub governor: swarmbus_proto::governor::GovernorConfig,
     pub clock: ClockConfig,
 }
 
@@ -175,7 +175,7 @@ impl RuntimeConfig {
     }
 }
 
-/// Per-session token buckets, one per class (see [`crate::limits`]).
+/// Per-session token buckets, one per class (see [`swarmbus_proto::limits`]).
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitsConfig {
@@ -501,11 +501,11 @@ impl Default for Config {
             queues: QueueConfig::default(),
             log: LogConfig::default(),
             rate_limits: RateLimitsConfig::default(),
-            affinity: crate::workers::AffinityConfig::default(),
-            presence: crate::control::PresenceConfig::default(),
-            jobs: crate::jobs::JobsConfig::default(),
+            affinity: swarmbus_proto::workers::AffinityConfig::default(),
+            presence: swarmbus_proto::control::PresenceConfig::default(),
+            jobs: swarmbus_proto::jobs::JobsConfig::default(),
             runtime: RuntimeConfig::default(),
-            governor: crate::governor::GovernorConfig::default(),
+            governor: swarmbus_proto::governor::GovernorConfig::default(),
             clock: ClockConfig::default(),
         }
     }

@@ -18,66 +18,17 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use swarmbus_schema::{Class, ErrorCode, OutFrame};
+use swarmbus_schema::{ErrorCode, OutFrame};
 use tokio::sync::Notify;
 
 use crate::config::QueueConfig;
-use crate::core::ConnId;
 use crate::stats::Stats;
+use swarmbus_proto::{ConnId, Handle, Lane};
 
-/// Which outbound queue of a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Lane {
-    /// Replies on the session stream: Welcome, SubscribeAck, PublishAck, Error.
-    Session,
-    /// Deliveries of one class on that class's stream.
-    Class(Class),
-    /// Job traffic (leases and cancels to workers, updates to submitters) on the job
-    /// stream, whose priority is below command's.
-    Jobs,
-    /// Answers to the requests that come on the client's job stream (submits, results) on
-    /// a stream of their own: a client that reads its job updates slowly holds back only
-    /// the job stream, never the answers its submits wait for.
-    JobAnswers,
-}
-
-impl Lane {
-    pub const COUNT: usize = 3 + Class::COUNT;
-
-    pub fn index(self) -> usize {
-        match self {
-            Lane::Session => 0,
-            Lane::Class(class) => 1 + class.index(),
-            Lane::Jobs => 1 + Class::COUNT,
-            Lane::JobAnswers => 2 + Class::COUNT,
-        }
-    }
-
-    pub fn all() -> impl Iterator<Item = Lane> {
-        std::iter::once(Lane::Session)
-            .chain(Class::ALL.into_iter().map(Lane::Class))
-            .chain([Lane::Jobs, Lane::JobAnswers])
-    }
-
-    /// The QUIC stream priority of the lane's stream.
-    pub fn stream_priority(self) -> i32 {
-        match self {
-            Lane::Session => i32::MAX,
-            Lane::Class(class) => class.stream_priority(),
-            Lane::Jobs | Lane::JobAnswers => swarmbus_schema::JOB_STREAM_PRIORITY,
-        }
-    }
-
-    /// Telemetry and job lanes are written from the bulk runtime ([`crate::bulk`]).
-    pub fn is_bulk(self) -> bool {
-        matches!(
-            self,
-            Lane::Class(Class::Telemetry) | Lane::Jobs | Lane::JobAnswers
-        )
-    }
-
-    fn sheddable(self) -> bool {
-        matches!(self, Lane::Class(class) if class.is_sheddable())
+/// The protocol's state machines address a connection through its outbox.
+impl Handle for Outbox {
+    fn conn(&self) -> ConnId {
+        self.conn
     }
 }
 
@@ -364,6 +315,7 @@ impl Drop for Outbox {
 mod tests {
     use super::*;
     use bytes::Bytes;
+    use swarmbus_schema::Class;
 
     fn frame(n: u8) -> OutFrame {
         OutFrame {

@@ -33,9 +33,10 @@ use tracing::{debug, info, Instrument};
 
 use crate::bulk::{AbortOnDrop, BulkRuntime};
 use crate::config::Config;
-use crate::core::{ConnId, CoreConfig};
 use crate::error::RouterError;
-use crate::limits::{Breaker, BreakerState, ClassBuckets};
+use swarmbus_proto::core::CoreConfig;
+use swarmbus_proto::limits::{Breaker, BreakerState, ClassBuckets};
+use swarmbus_proto::ConnId;
 
 /// Control-class keys of a swarm's configuration document (controllers only).
 const CONFIG_KEY_PREFIX: &str = "config/";
@@ -44,18 +45,28 @@ const DEFAULT_LEASE: &str = "leader";
 
 /// The source agent of messages the router itself publishes (breaker alerts).
 pub const ROUTER_AGENT: &str = "swarmbus-router";
-use crate::control::{
-    Clock, Joined, LeaseLimits, Leases, Presence, Present, Restored, Stops, CONTROL_SWARM,
-};
-use crate::jobs::{Effects, JobCounts, JobRecord, Jobs, Submitted, JOBS_SWARM_PREFIX};
+use crate::clock::Clock;
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
-use crate::outbox::{Lane, Outbox};
-use crate::quota::{PartialFrames, RouterPartialFrames, SwarmBudget};
-use crate::refusal::Refusal;
+use crate::outbox::Outbox;
+use crate::partial_frames::{PartialFrames, RouterPartialFrames};
 use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls;
-use crate::workers::{PinWrite, Workers, PINS_SWARM};
+use swarmbus_proto::control::{Joined, LeaseLimits, Leases, Restored, Stops, CONTROL_SWARM};
+use swarmbus_proto::jobs::{JobCounts, JobRecord, Submitted, JOBS_SWARM_PREFIX};
+use swarmbus_proto::quota::SwarmBudget;
+use swarmbus_proto::refusal::Refusal;
+use swarmbus_proto::workers::{PinWrite, PINS_SWARM};
+use swarmbus_proto::Lane;
+
+// The protocol's machines address connections through their outboxes.
+type Jobs = swarmbus_proto::jobs::Jobs<Arc<Outbox>>;
+type Effects = swarmbus_proto::jobs::Effects<Arc<Outbox>>;
+type PayloadLoad = swarmbus_proto::jobs::PayloadLoad<Arc<Outbox>>;
+type Presence = swarmbus_proto::control::Presence<Arc<Outbox>>;
+type Present = swarmbus_proto::control::Present<Arc<Outbox>>;
+type Workers = swarmbus_proto::workers::Workers<Arc<Outbox>>;
+type Outgoing = swarmbus_proto::workers::Outgoing<Arc<Outbox>>;
 
 /// Frames a lane writer takes per write.
 const WRITE_BATCH_FRAMES: usize = 256;
@@ -76,15 +87,15 @@ struct Context {
     /// breaker lives while sessions hold it).
     swarm_guards: Mutex<HashMap<String, std::sync::Weak<SwarmGuard>>>,
     /// Worker nodes, affine sessions and requests in flight.
-    workers: Workers,
+    workers: Mutex<Workers>,
     /// Set by [`Router::shutdown`]: connections closing now are not worker failures (their
     /// sessions stay pinned for after the restart).
     shutting_down: std::sync::atomic::AtomicBool,
     /// `rate_limits.router_telemetry_per_s`, when set.
-    telemetry_intake: Option<crate::limits::IntakeBudget>,
+    telemetry_intake: Option<crate::intake::IntakeBudget>,
     /// The budget the governor sets for telemetry and job messages, when it is enabled
     /// (unlimited unless it governs).
-    bulk_intake: Option<crate::limits::IntakeBudget>,
+    bulk_intake: Option<crate::intake::IntakeBudget>,
     /// Where telemetry and job streams are read and written (see [`crate::bulk`]).
     bulk: BulkRuntime,
     /// The bulk listener's port, offered in Welcome to sessions that can attach a bulk
@@ -100,7 +111,7 @@ struct Context {
     clock: Clock,
     /// The job queue (sans-IO, under one lock like `workers`).
     jobs: Mutex<Jobs>,
-    /// Bytes of unfinished frames across the router (see [`crate::quota`]).
+    /// Bytes of unfinished frames across the router (see [`crate::partial_frames`]).
     partial_frames: Arc<RouterPartialFrames>,
 }
 
@@ -242,7 +253,7 @@ struct InternalRecord {
 impl From<JobRecord> for InternalRecord {
     fn from(record: JobRecord) -> Self {
         InternalRecord {
-            swarm: crate::jobs::log_swarm(record.swarm()),
+            swarm: swarmbus_proto::jobs::log_swarm(record.swarm()),
             key: record.key(),
             payload: record.payload(),
         }
@@ -257,7 +268,7 @@ impl Context {
             .into_iter()
             .map(|pin| InternalRecord {
                 swarm: PINS_SWARM.to_owned(),
-                key: crate::workers::pin_key(&pin.session_key),
+                key: swarmbus_proto::workers::pin_key(&pin.session_key),
                 payload: pin.payload(),
             })
             .collect();
@@ -375,8 +386,8 @@ impl Context {
     /// still the job's current one (it may have been cancelled or expired meanwhile). A read
     /// that found its file gone (a compaction ran) is tried again; one that fails ends the
     /// attempt at once, as lost, with why.
-    async fn send_loaded_lease(self: &Arc<Self>, load: crate::jobs::PayloadLoad) {
-        let crate::jobs::PayloadLoad { to, log, op, lease } = load;
+    async fn send_loaded_lease(self: &Arc<Self>, load: PayloadLoad) {
+        let swarmbus_proto::jobs::PayloadLoad { to, log, op, lease } = load;
         let mut tries = 0;
         let payload = loop {
             let (reply, read) = oneshot::channel();
@@ -418,6 +429,13 @@ impl Context {
     /// The job queue's clock: milliseconds.
     fn now_ms(&self) -> u64 {
         self.clock.now_ms()
+    }
+
+    fn workers(&self) -> std::sync::MutexGuard<'_, Workers> {
+        // As for the job queue: every change completes under the lock.
+        self.workers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, Jobs> {
@@ -534,7 +552,7 @@ struct SwarmGuard {
 }
 
 impl SwarmGuard {
-    fn new(config: crate::limits::BreakerConfig) -> Self {
+    fn new(config: swarmbus_proto::limits::BreakerConfig) -> Self {
         SwarmGuard {
             closed: std::sync::atomic::AtomicBool::new(true),
             breaker: Mutex::new(Breaker::new(config, std::time::Instant::now())),
@@ -719,7 +737,11 @@ impl Router {
             })?;
         check_internal_logs(&recovered)?;
         let unknown_lease_ttl_ms = u64::from(config.presence.max_lease_ttl_ms);
-        let workers = Workers::new(config.affinity.clone(), read_pins(&recovered)?);
+        let mut workers = Workers::new(
+            config.affinity.clone(),
+            read_pins(&recovered)?,
+            router_clock.clock.now(),
+        );
         let mut restored = Restored::default();
         for (key, payload) in read_records(&recovered, CONTROL_SWARM)? {
             restored.apply(&key, &payload);
@@ -834,11 +856,11 @@ impl Router {
         drop(jobs_writer);
         let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
         let telemetry_intake = (telemetry_per_s > 0.0)
-            .then(|| crate::limits::IntakeBudget::new(Some(telemetry_per_s)));
+            .then(|| crate::intake::IntakeBudget::new(Some(telemetry_per_s)));
         let bulk_intake = config
             .governor
             .enabled
-            .then(|| crate::limits::IntakeBudget::new(None));
+            .then(|| crate::intake::IntakeBudget::new(None));
         let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
         alert_sink.close();
         let partial_frames = RouterPartialFrames::new(config.limits.router_partial_frame_bytes);
@@ -854,7 +876,7 @@ impl Router {
             stats: stats.clone(),
             next_conn: AtomicU64::new(1),
             swarm_guards: Mutex::new(HashMap::new()),
-            workers,
+            workers: Mutex::new(workers),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             telemetry_intake,
             bulk_intake,
@@ -985,7 +1007,7 @@ impl Router {
 
     /// Requests to worker nodes awaiting their replies.
     pub fn worker_requests_pending(&self) -> usize {
-        self.context.workers.pending_requests()
+        self.context.workers().pending_requests()
     }
 
     pub fn stats(&self) -> StatsSnapshot {
@@ -1293,7 +1315,7 @@ impl Session {
     /// Largest job payload (spec or result): the record holding it must fit a frame.
     fn max_job_payload_bytes(&self) -> usize {
         self.max_payload_bytes
-            .saturating_sub(crate::jobs::JOB_RECORD_OVERHEAD_BYTES)
+            .saturating_sub(swarmbus_proto::jobs::JOB_RECORD_OVERHEAD_BYTES)
     }
 
     /// Whether this session is a controller that joined `swarm`; refuses the request
@@ -1382,11 +1404,11 @@ impl Session {
             );
             if let Err(refusal) = checked {
                 let text = match refusal {
-                    crate::control::StampRefusal::Stale { newest_token } => format!(
+                    swarmbus_proto::control::StampRefusal::Stale { newest_token } => format!(
                         "fencing token {} of lease {lease:?} is not the newest ({newest_token})",
                         publish.fencing_token
                     ),
-                    crate::control::StampRefusal::NotHeld { .. } => format!(
+                    swarmbus_proto::control::StampRefusal::NotHeld { .. } => format!(
                         "fencing token {} of lease {lease:?} is not held by this agent \
                          (expired, released or another's)",
                         publish.fencing_token
@@ -1555,7 +1577,7 @@ impl Session {
 
     /// Acquire, renew or release a lease; a new token is logged before it is granted.
     async fn lease(&self, request: swarmbus_schema::LeaseRequest) -> Result<(), Fault> {
-        use crate::control::LeaseRefusal;
+        use swarmbus_proto::control::LeaseRefusal;
         use swarmbus_schema::LeaseAction;
         let request_id = request.request_id;
         if !self.joined(&request.swarm) {
@@ -1591,7 +1613,7 @@ impl Session {
         match decision {
             Ok(Some(granted)) => {
                 if granted.must_log {
-                    let record = crate::control::lease_record(
+                    let record = swarmbus_proto::control::lease_record(
                         &request.swarm,
                         &request.name,
                         granted.grant.token,
@@ -1649,7 +1671,7 @@ impl Session {
             Ok(None) => {
                 // Logged so a restart does not hold the lease for its TTL; if the record is
                 // lost, the restart holds it for the old holder until then (safe).
-                let record = crate::control::lease_record(
+                let record = swarmbus_proto::control::lease_record(
                     &request.swarm,
                     &request.name,
                     request.token,
@@ -1724,7 +1746,10 @@ impl Session {
                     "0"
                 };
                 (
-                    (crate::control::pause_key(&action.swarm), Bytes::from(flag)),
+                    (
+                        swarmbus_proto::control::pause_key(&action.swarm),
+                        Bytes::from(flag),
+                    ),
                     vec![action.swarm.clone()],
                 )
             }
@@ -1736,7 +1761,7 @@ impl Session {
                         request_id,
                         format!(
                             "{} agents are stopped already (the most at once)",
-                            crate::control::MAX_STOPS
+                            swarmbus_proto::control::MAX_STOPS
                         ),
                         1_000,
                     );
@@ -1751,7 +1776,7 @@ impl Session {
                     .unwrap_or_default();
                 (
                     (
-                        crate::control::stop_key(&action.target),
+                        swarmbus_proto::control::stop_key(&action.target),
                         Bytes::from(until.to_be_bytes().to_vec()),
                     ),
                     swarms,
@@ -1765,7 +1790,10 @@ impl Session {
                     "0"
                 };
                 (
-                    (crate::control::drain_key(&action.target), Bytes::from(flag)),
+                    (
+                        swarmbus_proto::control::drain_key(&action.target),
+                        Bytes::from(flag),
+                    ),
                     Vec::new(),
                 )
             }
@@ -1804,8 +1832,8 @@ impl Session {
             }
             SafetyKind::Drain | SafetyKind::Undrain => {
                 let draining = action.kind == SafetyKind::Drain;
-                let pins = context.workers.set_admin_drain(&action.target, draining);
-                if let Some(conn) = context.workers.conn_of(&action.target) {
+                let pins = context.workers().set_admin_drain(&action.target, draining);
+                if let Some(conn) = context.workers().conn_of(&action.target) {
                     context.jobs().worker_draining(conn, draining);
                 }
                 if let Err(error) = context.write_pins(pins).await {
@@ -2033,12 +2061,17 @@ impl Session {
                     return Ok(());
                 }
                 check_name("node", &status.node)?;
-                let workers = &self.context.workers;
-                let now = std::time::Instant::now();
-                match workers.register(self.conn, &self.outbox, &status, now) {
-                    Ok((node_id, failed, pins)) => {
-                        push_all(failed);
-                        let draining = workers.conn_draining(self.conn);
+                let now = self.context.clock.now();
+                let registered = {
+                    let mut workers = self.context.workers();
+                    workers
+                        .register(self.conn, &self.outbox, &status, now)
+                        .map(|done| (done, workers.conn_draining(self.conn)))
+                };
+                match registered {
+                    Ok((registered, draining)) => {
+                        let (node_id, pins) = (registered.node, registered.pins);
+                        push_all(registered.failed);
                         {
                             let mut jobs = self.context.jobs();
                             jobs.worker_models(self.conn, &status.models);
@@ -2068,16 +2101,17 @@ impl Session {
                 model,
             } => {
                 check_name("session_key", &session_key)?;
-                let now = std::time::Instant::now();
-                let frame = match self.context.workers.open_session(
+                let now = self.context.clock.now();
+                let opened = self.context.workers().open_session(
                     request_id,
                     &session_key,
                     model.as_deref(),
                     now,
-                ) {
+                );
+                let frame = match opened {
                     Ok(opened) => match self.context.write_pins(opened.pins).await {
                         Ok(()) => opened.frame,
-                        Err(error) => crate::refusal::Refusal {
+                        Err(error) => swarmbus_proto::refusal::Refusal {
                             code: ErrorCode::SwarmUnavailable,
                             message: error,
                             retry_after_ms: 1_000,
@@ -2092,7 +2126,8 @@ impl Session {
                 request_id,
                 session_key,
             } => {
-                if let Some(pin) = self.context.workers.close_session(&session_key) {
+                let closed = self.context.workers().close_session(&session_key);
+                if let Some(pin) = closed {
                     if let Err(error) = self.context.write_pins(vec![pin]).await {
                         tracing::warn!(%error, "end of a session pin not written");
                     }
@@ -2127,12 +2162,12 @@ impl Session {
                     );
                     return Ok(());
                 }
-                let now = std::time::Instant::now();
-                match self
+                let now = self.context.clock.now();
+                let routed = self
                     .context
-                    .workers
-                    .route(&self.outbox, &self.agent, request, now)
-                {
+                    .workers()
+                    .route(&self.outbox, &self.agent, request, now);
+                match routed {
                     Ok(routed) => {
                         if let Err(error) = self.context.write_pins(routed.pins).await {
                             tracing::warn!(%error, "session pin not written");
@@ -2153,7 +2188,7 @@ impl Session {
                     );
                     return Ok(());
                 }
-                match self.context.workers.reply(self.conn, reply) {
+                match self.context.workers().reply(self.conn, reply) {
                     Some((requester, frame)) => {
                         let _ = requester.push(Lane::Session, frame);
                     }
@@ -2890,7 +2925,7 @@ async fn run_connection(
         let now_ms = context.now_ms();
         let left = context.jobs().disconnect(conn, now_ms);
         context.apply_job_effects(left);
-        let (failed, pins) = context.workers.disconnect(conn);
+        let (failed, pins) = context.workers().disconnect(conn);
         push_all(failed);
         if let Err(error) = context.write_pins(pins).await {
             tracing::warn!(%error, "moved session pins not written");
@@ -3215,7 +3250,7 @@ fn control_record((key, payload): (String, Bytes)) -> InternalRecord {
 }
 
 /// Pushes frames to the session lanes they are for.
-fn push_all(frames: Vec<crate::workers::Outgoing>) {
+fn push_all(frames: Vec<Outgoing>) {
     for (outbox, frame) in frames {
         let _ = outbox.push(Lane::Session, frame);
     }
@@ -3267,7 +3302,7 @@ fn read_pins(recovered: &[log::SwarmLog]) -> Result<Vec<PinWrite>, RouterError> 
     Ok(read_records(recovered, PINS_SWARM)?
         .into_iter()
         .filter_map(|(key, payload)| {
-            PinWrite::parse(crate::workers::pin_session_of(&key), &payload)
+            PinWrite::parse(swarmbus_proto::workers::pin_session_of(&key), &payload)
         })
         .collect())
 }
@@ -3366,11 +3401,11 @@ async fn worker_maintenance(context: std::sync::Weak<Context>) {
         let Some(context) = context.upgrade() else {
             return;
         };
-        let now = std::time::Instant::now();
-        push_all(context.workers.expire(now));
-        if now.duration_since(last_reap) >= Duration::from_secs(10) {
-            last_reap = now;
-            let pins = context.workers.reap(now);
+        let now = context.clock.now();
+        push_all(context.workers().expire(now));
+        if now.instant.duration_since(last_reap) >= Duration::from_secs(10) {
+            last_reap = now.instant;
+            let pins = context.workers().reap(now);
             if let Err(error) = context.write_pins(pins).await {
                 tracing::warn!(%error, "ends of expired session pins not written");
             }
@@ -3378,10 +3413,10 @@ async fn worker_maintenance(context: std::sync::Weak<Context>) {
     }
 }
 
-/// The governor's loop (see [`crate::governor`]): samples the host's idle CPU and the
+/// The governor's loop (see [`swarmbus_proto::governor`]): samples the host's idle CPU and the
 /// router's counters, and sets the budget for bulk intake (telemetry and job messages).
 async fn govern_bulk_intake(context: std::sync::Weak<Context>) {
-    let Some(mut host) = crate::governor::HostCpu::open() else {
+    let Some(mut host) = crate::host_cpu::HostCpu::open() else {
         tracing::warn!("the governor cannot read /proc/stat: it stays idle");
         return;
     };
@@ -3390,7 +3425,7 @@ async fn govern_bulk_intake(context: std::sync::Weak<Context>) {
     };
     let mut tick = tokio::time::interval(Duration::from_millis(config.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut governor = crate::governor::Governor::new(config);
+    let mut governor = swarmbus_proto::governor::Governor::new(config);
     loop {
         tick.tick().await;
         let Some(context) = context.upgrade() else {
@@ -3401,7 +3436,7 @@ async fn govern_bulk_intake(context: std::sync::Weak<Context>) {
         };
         let stats = &context.stats;
         let before = (governor.rate(), governor.cuts());
-        let rate = governor.step(crate::governor::Sample {
+        let rate = governor.step(swarmbus_proto::governor::Sample {
             now: std::time::Instant::now(),
             idle: host.idle_since_last(),
             ordered: stats.ordered_published.load(Ordering::Relaxed),

@@ -24,13 +24,15 @@ use swarmbus_schema::{
 };
 use tokio::sync::mpsc;
 
-use crate::core::{
-    deliver_head, targeted_elsewhere, Action, ConnId, Core, CoreConfig, CoreError, DeltaQuery, Now,
-    ReplayedOp, TelemetryRoute,
-};
 use crate::log::{LogBackend, LogEvent};
-use crate::outbox::{Lane, Outbox};
+use crate::outbox::Outbox;
 use crate::stats::Stats;
+use swarmbus_proto::core::{
+    deliver_head, targeted_elsewhere, Action, Core, CoreConfig, CoreError, DeltaQuery, ReplayedOp,
+    TelemetryRoute,
+};
+use swarmbus_proto::Lane;
+use swarmbus_proto::{ConnId, Now};
 
 /// The subscriptions a session holds, as (swarm, class, agent filter).
 pub type HeldSubscriptions = Arc<Mutex<HashSet<(String, Class, Option<String>)>>>;
@@ -97,7 +99,9 @@ impl ShardCommand {
         match self {
             ShardCommand::Publish { publish, .. } => {
                 publish.class == Class::Telemetry
-                    || publish.swarm.starts_with(crate::jobs::JOBS_SWARM_PREFIX)
+                    || publish
+                        .swarm
+                        .starts_with(swarmbus_proto::jobs::JOBS_SWARM_PREFIX)
             }
             ShardCommand::ReadRecord { .. } => true,
             _ => false,
@@ -243,7 +247,7 @@ pub fn spawn_shard(
     log: Box<dyn LogBackend>,
     events: mpsc::UnboundedReceiver<LogEvent>,
     stats: Arc<Stats>,
-    clock: crate::control::Clock,
+    clock: crate::clock::Clock,
 ) -> ShardSender {
     let (urgent_tx, urgent_rx) = mpsc::channel(capacity);
     let (bulk_tx, bulk_rx) = mpsc::channel(capacity);
@@ -313,7 +317,7 @@ fn reply(outbox: &Outbox, message: &Message) {
 fn refuse(outbox: &Outbox, request_id: u64, error: &CoreError) {
     reply(
         outbox,
-        &crate::refusal::Refusal::new(error.code(), error.to_string()).message(request_id),
+        &swarmbus_proto::refusal::Refusal::new(error.code(), error.to_string()).message(request_id),
     );
 }
 
@@ -329,7 +333,7 @@ struct Shard {
     /// Swarms whose log failed, being brought back.
     recovering: HashMap<Arc<str>, Recovery>,
     /// The router's clock: what log records are stamped with and retention ages by.
-    clock: crate::control::Clock,
+    clock: crate::clock::Clock,
     /// Log reads run on the blocking pool (a slow disk or a long catch-up must not hold up
     /// the shard's other swarms); they report here.
     reads_done: mpsc::UnboundedSender<ReadDone>,
@@ -692,11 +696,7 @@ impl Shard {
 
     /// The time now, on the router's clock.
     fn now(&self) -> Now {
-        let instant = std::time::Instant::now();
-        Now {
-            instant,
-            unix_ms: self.clock.at(instant),
-        }
+        self.clock.now()
     }
 
     fn reads_in_flight(&self) -> usize {

@@ -154,7 +154,8 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
         for record in segment_reader(segment).read_from(segment.first_op, usize::MAX, usize::MAX)? {
             records_before += 1;
             if !record.key.is_empty() {
-                let key = crate::record_key::canonical(&job.swarm, &record.key).into_owned();
+                let key =
+                    swarmbus_proto::record_key::canonical(&job.swarm, &record.key).into_owned();
                 latest.insert(Bytes::from(key), record.op);
             }
         }
@@ -171,8 +172,10 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
             &segment_reader(segment).read_from(segment.first_op, usize::MAX, usize::MAX)?
         {
             let superseded = !record.key.is_empty()
-                && latest.get(&*crate::record_key::canonical(&job.swarm, &record.key))
-                    != Some(&record.op);
+                && latest.get(&*swarmbus_proto::record_key::canonical(
+                    &job.swarm,
+                    &record.key,
+                )) != Some(&record.op);
             let expired = job.max_age_ms[record.class.index()]
                 .is_some_and(|age| job.now_ms.saturating_sub(record.timestamp_ms) > age);
             let tombstone = job.drop_tombstones && !superseded && is_tombstone(&record.frame);

@@ -1,6 +1,7 @@
 //! The event log: the source of truth for coordination.
 //!
-//! - [`record`]: the record format (length, CRC32C, epoch, op, timestamp, class, key, frame).
+//! - [`record`]: the record format (length, CRC32C, epoch, op, timestamp, class, key, frame),
+//!   defined in the protocol crate and re-exported here.
 //! - [`store`]: per-swarm segmented files, sparse index, recovery and reads.
 //! - [`writer`]: the writer thread with group commit (io_uring or plain file backend).
 //! - [`compact`]: compaction (latest record per key, age limits) and size retention.
@@ -10,7 +11,6 @@
 //! existing distributed engine can implement the same trait later.
 
 pub mod compact;
-pub mod record;
 pub mod store;
 pub mod writer;
 
@@ -22,8 +22,10 @@ use swarmbus_schema::{Epoch, OpId};
 use thiserror::Error;
 
 pub use compact::{Compacted, Retention};
-pub use record::{encode_record, Record, RecordParts};
-pub use store::{is_internal, recover_all, ReadFailed, ReadPlan, RecoveryNote, SwarmLog};
+pub use record::{encode_record, is_internal, Record, RecordParts};
+pub use store::{recover_all, ReadFailed, ReadPlan, RecoveryNote, SwarmLog};
+/// The record format is the protocol crate's: the routing core builds records, the log stores them.
+pub use swarmbus_proto::record;
 pub use writer::{LogEvent, LogWriter, WriterKind};
 
 /// When appends are made durable. A publisher's command is acknowledged once it is durable

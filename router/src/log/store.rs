@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use bytes::{Bytes, BytesMut};
 use swarmbus_schema::{Epoch, OpId};
 
-use super::record::{parse_record, ParseError, Record, RECORD_HEADER_BYTES};
+use super::record::{is_internal, parse_record, ParseError, Record, RECORD_HEADER_BYTES};
 
 /// Sparse index density.
 pub const INDEX_EVERY_RECORDS: u64 = 64;
@@ -101,12 +101,6 @@ pub struct Placed {
 pub struct RecoveryNote {
     pub swarm: String,
     pub detail: String,
-}
-
-/// Whether `swarm` is one of the router's internal swarms (names starting with `$`, which
-/// clients cannot use).
-pub fn is_internal(swarm: &str) -> bool {
-    swarm.starts_with('$')
 }
 
 /// Directory name for a swarm: a filesystem-safe prefix of its name and a hash of it.

@@ -911,7 +911,7 @@ fn a_legacy_pin_ended_under_the_new_key_does_not_come_back() {
     };
     let (mut log, mut events, _) = open_with(dir.path(), WriterKind::File, 300, retention);
     log.create(&swarm, Epoch(1)).unwrap();
-    let new_key = crate::workers::pin_key("sess");
+    let new_key = swarmbus_proto::workers::pin_key("sess");
     let records = [("sess", &b"node"[..]), (new_key.as_str(), &b""[..])];
     for (i, (key, payload)) in records.iter().enumerate() {
         let op = i as u64 + 1;

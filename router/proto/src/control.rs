@@ -1,5 +1,5 @@
 //! The control plane's state: presence, leader leases with fencing tokens, and stopped
-//! agents. Sans-IO: every call takes the time (router milliseconds, see [`Clock`]) and
+//! agents. Sans-IO: every call takes the time (router-clock milliseconds, see [`crate::Now`]) and
 //! returns what to do; the driver pushes frames, publishes events and logs records.
 //!
 //! Durable state lives in the router's own swarm [`CONTROL_SWARM`], latest record per key
@@ -10,14 +10,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
 use swarmbus_schema::{LeaseGrant, Member, Role};
 
-use crate::core::ConnId;
-use crate::outbox::Outbox;
+use crate::conn::ConnId;
 use crate::record_key;
 
 /// The router's own swarm holding control-plane records.
@@ -58,67 +57,9 @@ impl PresenceConfig {
     }
 }
 
-/// The router's clock: Unix milliseconds that never go backwards (the time chosen at start,
-/// see [`crate::clock`], plus the time passed since on the boot clock, which counts suspend
-/// and ignores wall-clock steps; on hosts without one, monotonic time). Every time the
-/// router stores or compares is stated in it.
-#[derive(Clone, Copy, Debug)]
-pub struct Clock {
-    start: Instant,
-    start_unix_ms: u64,
-    start_boot_ms: Option<u64>,
-}
-
-impl Clock {
-    /// Starts at the wall clock (tests and tools; the router starts from
-    /// [`crate::clock::RouterClock`]).
-    pub fn new() -> Self {
-        Self::starting_at(
-            Instant::now(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default(),
-        )
-    }
-
-    /// A clock that reads `unix_ms` now (`start`).
-    pub fn starting_at(start: Instant, unix_ms: u64) -> Self {
-        Clock {
-            start,
-            start_unix_ms: unix_ms,
-            start_boot_ms: crate::clock::boot_clock_ms(),
-        }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        match (self.start_boot_ms, crate::clock::boot_clock_ms()) {
-            (Some(start), Some(now)) => self.start_unix_ms + now.saturating_sub(start),
-            _ => {
-                self.start_unix_ms
-                    + Instant::now()
-                        .saturating_duration_since(self.start)
-                        .as_millis() as u64
-            }
-        }
-    }
-
-    /// The clock's reading at `instant` (one of the recent past).
-    pub fn at(&self, instant: Instant) -> u64 {
-        let since = Instant::now().saturating_duration_since(instant);
-        self.now_ms().saturating_sub(since.as_millis() as u64)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// One present agent.
+/// One present agent, reached through the runtime's handle `H` (its outbox).
 #[derive(Debug, Clone)]
-pub struct Present {
+pub struct Present<H> {
     pub conn: ConnId,
     pub role: Role,
     pub swarms: Vec<String>,
@@ -126,19 +67,19 @@ pub struct Present {
     /// Router clock (ms) of its last sign of life. Shared with its session, which updates
     /// it on every message without taking the control plane's lock.
     pub last_seen: Arc<AtomicU64>,
-    pub outbox: Arc<Outbox>,
+    pub outbox: H,
 }
 
-impl Present {
+impl<H> Present<H> {
     pub fn last_seen_ms(&self) -> u64 {
         self.last_seen.load(Ordering::Relaxed)
     }
 }
 
 /// Who is present, by agent id: one entry per agent, whatever its connections did.
-#[derive(Debug, Default)]
-pub struct Presence {
-    members: HashMap<Arc<str>, Present>,
+#[derive(Debug)]
+pub struct Presence<H> {
+    members: HashMap<Arc<str>, Present<H>>,
     /// The members of each swarm, in agent order: a swarm's list costs what it returns,
     /// not the whole router's membership.
     by_swarm: HashMap<String, BTreeSet<Arc<str>>>,
@@ -146,16 +87,25 @@ pub struct Presence {
 
 /// What a join did.
 #[derive(Debug)]
-pub enum Joined {
+pub enum Joined<H> {
     /// A new member: announce it.
     New,
     /// The agent was present on another connection, which must be closed (newest wins);
     /// nothing to announce (the member never left).
-    Replaced(Present),
+    Replaced(Present<H>),
 }
 
-impl Presence {
-    pub fn join(&mut self, agent: Arc<str>, present: Present) -> Joined {
+impl<H> Default for Presence<H> {
+    fn default() -> Self {
+        Presence {
+            members: HashMap::new(),
+            by_swarm: HashMap::new(),
+        }
+    }
+}
+
+impl<H> Presence<H> {
+    pub fn join(&mut self, agent: Arc<str>, present: Present<H>) -> Joined<H> {
         for swarm in &present.swarms {
             self.by_swarm
                 .entry(swarm.clone())
@@ -184,7 +134,7 @@ impl Presence {
         }
     }
 
-    fn remove(&mut self, agent: &str) -> Option<Present> {
+    fn remove(&mut self, agent: &str) -> Option<Present<H>> {
         let present = self.members.remove(agent)?;
         for swarm in &present.swarms {
             self.unindex(swarm, agent);
@@ -202,7 +152,7 @@ impl Presence {
     }
 
     /// `conn` of `agent` closed: the member leaves unless a newer connection replaced it.
-    pub fn leave(&mut self, agent: &str, conn: ConnId) -> Option<Present> {
+    pub fn leave(&mut self, agent: &str, conn: ConnId) -> Option<Present<H>> {
         if self.members.get(agent).is_some_and(|m| m.conn == conn) {
             return self.remove(agent);
         }
@@ -210,7 +160,7 @@ impl Presence {
     }
 
     /// Members without a heartbeat for `timeout_ms`: removed and returned.
-    pub fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<(Arc<str>, Present)> {
+    pub fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<(Arc<str>, Present<H>)> {
         let gone: Vec<Arc<str>> = self
             .members
             .iter()
@@ -222,7 +172,7 @@ impl Presence {
             .collect()
     }
 
-    pub fn get(&self, agent: &str) -> Option<&Present> {
+    pub fn get(&self, agent: &str) -> Option<&Present<H>> {
         self.members.get(agent)
     }
 
@@ -1139,15 +1089,8 @@ mod tests {
 
     #[test]
     fn presence_newest_wins_and_timeouts_expire_members() {
-        use crate::config::QueueConfig;
-        use crate::stats::Stats;
-        let outbox = |conn| {
-            Arc::new(Outbox::new(
-                ConnId(conn),
-                &QueueConfig::default(),
-                Arc::new(Stats::default()),
-            ))
-        };
+        // The handle is the connection id itself.
+        let outbox = ConnId;
         let present = |conn, at| Present {
             conn: ConnId(conn),
             role: Role::Agent,
@@ -1187,25 +1130,19 @@ mod tests {
 
     #[test]
     fn a_swarm_lists_its_own_members_in_order_within_the_budget() {
-        use crate::config::QueueConfig;
-        use crate::stats::Stats;
         let present = |conn: u64, swarms: &[&str]| Present {
             conn: ConnId(conn),
             role: Role::Agent,
             swarms: swarms.iter().map(|s| s.to_string()).collect(),
             metadata: String::new(),
             last_seen: Arc::new(AtomicU64::new(0)),
-            outbox: Arc::new(Outbox::new(
-                ConnId(conn),
-                &QueueConfig::default(),
-                Arc::new(Stats::default()),
-            )),
+            outbox: ConnId(conn),
         };
         let mut presence = Presence::default();
         presence.join(agent("c"), present(1, &["s", "t"]));
         presence.join(agent("a"), present(2, &["s"]));
         presence.join(agent("b"), present(3, &["t"]));
-        let names = |p: &Presence, swarm, budget| -> Vec<String> {
+        let names = |p: &Presence<ConnId>, swarm, budget| -> Vec<String> {
             p.list(swarm, budget).into_iter().map(|m| m.agent).collect()
         };
         assert_eq!(names(&presence, "s", usize::MAX), ["a", "c"]);

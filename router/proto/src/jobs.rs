@@ -20,7 +20,7 @@
 //! ids never go back after a restart.
 //!
 //! [`Jobs`] is sans-IO: every method takes `now` (milliseconds on the router's clock) and
-//! returns [`Effects`]: frames to push, records to append, and job ends to make durable
+//! returns [`Effects<H>`]: frames to push, records to append, and job ends to make durable
 //! before [`Jobs::finals_written`] releases their notifications. Call order for a driver:
 //! `connect` when a session is established, then any of `submit` (then `submitted` once the
 //! spec is durable), `credits`, `progress`, `result`, `cancel`, `ack`, `dead_letters`,
@@ -45,8 +45,8 @@ use swarmbus_schema::{
     JobStatus, JobUpdate, Message, OpId, OutFrame, SubmitJob,
 };
 
-use crate::core::ConnId;
-use crate::outbox::{Lane, Outbox};
+use crate::conn::ConnId;
+use crate::conn::{Handle, Lane};
 use crate::refusal::Refusal;
 
 /// Prefix of the internal swarms holding job records.
@@ -466,21 +466,21 @@ impl JobRecord {
 /// What the driver does after a call: push `frames` now; append `records` to the log
 /// without waiting; make `finals` durable, then call [`Jobs::finals_written`] with their
 /// job ids and push what it returns, then push `after_finals`.
-#[derive(Debug, Default)]
-pub struct Effects {
-    pub frames: Vec<(Arc<Outbox>, Lane, OutFrame)>,
+#[derive(Debug)]
+pub struct Effects<H> {
+    pub frames: Vec<(H, Lane, OutFrame)>,
     pub records: Vec<JobRecord>,
     pub finals: Vec<JobRecord>,
-    pub after_finals: Vec<(Arc<Outbox>, Lane, OutFrame)>,
+    pub after_finals: Vec<(H, Lane, OutFrame)>,
     /// Leases whose payload is on disk only: read it back from the job log, then send.
-    pub loads: Vec<PayloadLoad>,
+    pub loads: Vec<PayloadLoad<H>>,
 }
 
 /// A lease to send once its job's payload is read back from the job log (the payload was
 /// not kept in memory: `jobs.payload_cache_bytes`).
 #[derive(Debug)]
-pub struct PayloadLoad {
-    pub to: Arc<Outbox>,
+pub struct PayloadLoad<H> {
+    pub to: H,
     /// The job log (`$jobs.*`) and the op of the job's spec record in it.
     pub log: String,
     pub op: OpId,
@@ -488,7 +488,19 @@ pub struct PayloadLoad {
     pub lease: JobLease,
 }
 
-impl Effects {
+impl<H> Default for Effects<H> {
+    fn default() -> Self {
+        Effects {
+            frames: Vec::new(),
+            records: Vec::new(),
+            finals: Vec::new(),
+            after_finals: Vec::new(),
+            loads: Vec::new(),
+        }
+    }
+}
+
+impl<H> Effects<H> {
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
             && self.records.is_empty()
@@ -497,7 +509,7 @@ impl Effects {
             && self.loads.is_empty()
     }
 
-    pub fn merge(&mut self, other: Effects) {
+    pub fn merge(&mut self, other: Effects<H>) {
         self.frames.extend(other.frames);
         self.records.extend(other.records);
         self.finals.extend(other.finals);
@@ -536,7 +548,7 @@ struct Lease {
 }
 
 #[derive(Debug)]
-struct Job {
+struct Job<H> {
     spec: Arc<JobSpec>,
     state: JobState,
     attempt: u32,
@@ -547,7 +559,7 @@ struct Job {
     /// The spec is durable (the job may run and be reported).
     durable: bool,
     /// Submits answered once the spec is durable: (outbox, request id).
-    waiters: Vec<(Arc<Outbox>, u64)>,
+    waiters: Vec<(H, u64)>,
     /// The end's reason and result.
     reason: String,
     result: Bytes,
@@ -579,7 +591,7 @@ const MAX_WAITERS: usize = 1_024;
 const JOB_OVERHEAD_BYTES: u64 = 256;
 
 /// What `job` holds in memory, as the byte caps count it.
-fn job_bytes(job: &Job) -> u64 {
+fn job_bytes<H>(job: &Job<H>) -> u64 {
     let spec = &job.spec;
     let held = job.payload_len
         + spec.idempotency_key.len()
@@ -606,8 +618,8 @@ struct SwarmQueue {
 }
 
 #[derive(Debug)]
-struct WorkerSlot {
-    outbox: Arc<Outbox>,
+struct WorkerSlot<H> {
+    outbox: H,
     swarms: HashSet<String>,
     credits: u32,
     leases: HashSet<JobId>,
@@ -617,21 +629,21 @@ struct WorkerSlot {
 }
 
 #[derive(Debug)]
-struct SessionEntry {
+struct SessionEntry<H> {
     agent: Arc<str>,
-    outbox: Arc<Outbox>,
+    outbox: H,
 }
 
 /// The job queue's state (see the module doc for the call order).
 #[derive(Debug)]
-pub struct Jobs {
+pub struct Jobs<H> {
     config: JobsConfig,
-    jobs: HashMap<JobId, Job>,
+    jobs: HashMap<JobId, Job<H>>,
     swarms: HashMap<String, SwarmQueue>,
     /// Swarms with ready jobs, in round-robin order.
     round: VecDeque<String>,
-    workers: HashMap<ConnId, WorkerSlot>,
-    sessions: HashMap<ConnId, SessionEntry>,
+    workers: HashMap<ConnId, WorkerSlot<H>>,
+    sessions: HashMap<ConnId, SessionEntry<H>>,
     /// Agent id -> its connected sessions.
     online: HashMap<Arc<str>, Vec<ConnId>>,
     /// Agent id -> ended jobs whose end it has not acknowledged.
@@ -656,7 +668,7 @@ pub struct Jobs {
     cached_payload_bytes: u64,
 }
 
-impl Jobs {
+impl<H: Handle + Clone> Jobs<H> {
     /// Starts from the records read back from the log (in log order per internal swarm).
     pub fn new(
         config: JobsConfig,
@@ -945,9 +957,9 @@ impl Jobs {
         &mut self,
         conn: ConnId,
         agent: &str,
-        outbox: &Arc<Outbox>,
+        outbox: &H,
         worker_swarms: Option<&[String]>,
-    ) -> Effects {
+    ) -> Effects<H> {
         let agent: Arc<str> = Arc::from(agent);
         self.sessions.insert(
             conn,
@@ -1010,7 +1022,7 @@ impl Jobs {
     }
 
     /// A worker says how many jobs it can run at once.
-    pub fn credits(&mut self, conn: ConnId, credits: u32, now_ms: u64) -> Effects {
+    pub fn credits(&mut self, conn: ConnId, credits: u32, now_ms: u64) -> Effects<H> {
         let mut fx = Effects::default();
         if let Some(worker) = self.workers.get_mut(&conn) {
             worker.credits = credits;
@@ -1023,7 +1035,7 @@ impl Jobs {
     pub fn submit(
         &mut self,
         agent: &str,
-        outbox: &Arc<Outbox>,
+        outbox: &H,
         submit: SubmitJob,
         now_ms: u64,
     ) -> Result<Submitted, Refusal> {
@@ -1174,7 +1186,7 @@ impl Jobs {
         job_id: JobId,
         written: Result<(), String>,
         now_ms: u64,
-    ) -> Effects {
+    ) -> Effects<H> {
         let mut fx = Effects::default();
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return fx;
@@ -1300,7 +1312,7 @@ impl Jobs {
 
     /// Leases ready jobs to workers: deficit round robin over the swarms by weight, by
     /// priority within a swarm.
-    fn dispatch(&mut self, now_ms: u64, fx: &mut Effects) {
+    fn dispatch(&mut self, now_ms: u64, fx: &mut Effects<H>) {
         self.promote(now_ms);
         let mut budget = DISPATCH_BUDGET;
         let mut stalled = 0;
@@ -1355,7 +1367,7 @@ impl Jobs {
         }
     }
 
-    fn lease(&mut self, job_id: JobId, conn: ConnId, now_ms: u64, fx: &mut Effects) {
+    fn lease(&mut self, job_id: JobId, conn: ConnId, now_ms: u64, fx: &mut Effects<H>) {
         let lease_ms = self.config.visibility_timeout_ms;
         let (Some(job), Some(worker)) = (self.jobs.get_mut(&job_id), self.workers.get_mut(&conn))
         else {
@@ -1411,7 +1423,7 @@ impl Jobs {
         attempt: u32,
         why: &str,
         now_ms: u64,
-    ) -> Effects {
+    ) -> Effects<H> {
         let mut fx = Effects::default();
         if self.holds_lease(conn, job_id, attempt) {
             self.lose_attempt(job_id, why, now_ms, &mut fx);
@@ -1422,7 +1434,7 @@ impl Jobs {
 
     /// Ends the current lease of a job (if any), freeing its worker's credit. Returns the
     /// worker's outbox.
-    fn end_lease(&mut self, job_id: JobId) -> Option<Arc<Outbox>> {
+    fn end_lease(&mut self, job_id: JobId) -> Option<H> {
         let job = self.jobs.get_mut(&job_id)?;
         let lease = job.lease.take()?;
         self.leases.remove(&(lease.expires_ms, job_id, job.attempt));
@@ -1433,7 +1445,7 @@ impl Jobs {
 
     /// An attempt was lost (lease expired, worker gone, worker asked for a retry): the job
     /// is queued again after a backoff, or dead-lettered after its last attempt.
-    fn lose_attempt(&mut self, job_id: JobId, why: &str, now_ms: u64, fx: &mut Effects) {
+    fn lose_attempt(&mut self, job_id: JobId, why: &str, now_ms: u64, fx: &mut Effects<H>) {
         self.end_lease(job_id);
         let Some(job) = self.jobs.get(&job_id) else {
             return;
@@ -1512,7 +1524,7 @@ impl Jobs {
     }
 
     /// Removes job `job_id` and gives back what it was counted for.
-    fn drop_job(&mut self, job_id: JobId) -> Option<Job> {
+    fn drop_job(&mut self, job_id: JobId) -> Option<Job<H>> {
         let job = self.jobs.remove(&job_id)?;
         if job.spec_op.is_some() && !job.payload_on_disk {
             self.cached_payload_bytes -= job.spec.payload.len() as u64;
@@ -1535,7 +1547,7 @@ impl Jobs {
         )
     }
 
-    fn end_record(job: &Job, kind: EndKind) -> JobRecord {
+    fn end_record(job: &Job<H>, kind: EndKind) -> JobRecord {
         JobRecord::End(EndRecord {
             job_id: job.spec.job_id,
             swarm: job.spec.swarm.clone(),
@@ -1549,7 +1561,7 @@ impl Jobs {
         })
     }
 
-    fn dead_letter(&mut self, job_id: JobId, reason: &str, fx: &mut Effects) {
+    fn dead_letter(&mut self, job_id: JobId, reason: &str, fx: &mut Effects<H>) {
         if !self.finish(job_id, JobState::DeadLettered, reason, Bytes::new()) {
             return;
         }
@@ -1577,7 +1589,7 @@ impl Jobs {
 
     /// The ends in `job_ids` are durable: their submitters are told (and told again on
     /// every reconnect until they acknowledge).
-    pub fn finals_written(&mut self, job_ids: &[JobId]) -> Effects {
+    pub fn finals_written(&mut self, job_ids: &[JobId]) -> Effects<H> {
         let mut fx = Effects::default();
         for id in job_ids {
             let Some(job) = self.jobs.get_mut(id) else {
@@ -1611,7 +1623,7 @@ impl Jobs {
 
     /// A worker's heartbeat (with progress when the payload is not empty). A heartbeat for
     /// a fenced attempt is answered with a JobCancel: the worker should stop.
-    pub fn progress(&mut self, conn: ConnId, progress: JobProgress, now_ms: u64) -> Effects {
+    pub fn progress(&mut self, conn: ConnId, progress: JobProgress, now_ms: u64) -> Effects<H> {
         let mut fx = Effects::default();
         let JobProgress {
             job_id,
@@ -1658,10 +1670,10 @@ impl Jobs {
     pub fn result(
         &mut self,
         conn: ConnId,
-        outbox: &Arc<Outbox>,
+        outbox: &H,
         result: JobResult,
         now_ms: u64,
-    ) -> Result<Effects, Refusal> {
+    ) -> Result<Effects<H>, Refusal> {
         let job_id = result.job_id;
         if !self.jobs.contains_key(&job_id) {
             self.fenced_results += 1;
@@ -1728,11 +1740,11 @@ impl Jobs {
         &mut self,
         agent: &str,
         is_controller: bool,
-        outbox: &Arc<Outbox>,
+        outbox: &H,
         request_id: u64,
         job_id: JobId,
         now_ms: u64,
-    ) -> Result<Effects, Refusal> {
+    ) -> Result<Effects<H>, Refusal> {
         let Some(job) = self.jobs.get(&job_id) else {
             return Err(unknown_job(job_id));
         };
@@ -1781,7 +1793,7 @@ impl Jobs {
     /// The submitter handled a job's end. A completed, failed or cancelled job is then
     /// forgotten (its idempotency key stays for the dedup window); a dead letter stays in
     /// its queue until re-driven.
-    pub fn ack(&mut self, agent: &str, job_id: JobId) -> Effects {
+    pub fn ack(&mut self, agent: &str, job_id: JobId) -> Effects<H> {
         let mut fx = Effects::default();
         let Some(job) = self.jobs.get(&job_id) else {
             return fx;
@@ -1856,11 +1868,11 @@ impl Jobs {
     pub fn redrive(
         &mut self,
         swarm: &str,
-        outbox: &Arc<Outbox>,
+        outbox: &H,
         request_id: u64,
         job_id: JobId,
         now_ms: u64,
-    ) -> Result<Effects, Refusal> {
+    ) -> Result<Effects<H>, Refusal> {
         let Some(job) = self.jobs.get_mut(&job_id).filter(|j| j.spec.swarm == swarm) else {
             return Err(unknown_job(job_id));
         };
@@ -1917,7 +1929,7 @@ impl Jobs {
 
     /// Expires leases (the attempt is fenced, its worker told, the job retried or
     /// dead-lettered), dead-letters queued jobs past their deadline, and dispatches.
-    pub fn tick(&mut self, now_ms: u64) -> Effects {
+    pub fn tick(&mut self, now_ms: u64) -> Effects<H> {
         let mut fx = Effects::default();
         self.prune_keys(now_ms);
         if !self.forgotten.is_empty() {
@@ -1995,7 +2007,7 @@ impl Jobs {
 
     /// A connection ended: a worker's attempts are fenced and their jobs retried (or
     /// dead-lettered); the session stops receiving job ends.
-    pub fn disconnect(&mut self, conn: ConnId, now_ms: u64) -> Effects {
+    pub fn disconnect(&mut self, conn: ConnId, now_ms: u64) -> Effects<H> {
         let mut fx = Effects::default();
         if let Some(session) = self.sessions.remove(&conn) {
             if let Some(conns) = self.online.get_mut(&session.agent) {
@@ -2052,7 +2064,7 @@ fn cancel_frame(job_id: JobId, attempt: u32) -> OutFrame {
 }
 
 /// A JobUpdate with the job's latest progress (the caller checked there is one).
-fn progress_frame(job: &Job) -> OutFrame {
+fn progress_frame<H>(job: &Job<H>) -> OutFrame {
     let (attempt, payload) = job.progress.clone().unwrap_or_default();
     encode(&Message::JobUpdate(JobUpdate {
         job_id: job.spec.job_id,
@@ -2065,7 +2077,7 @@ fn progress_frame(job: &Job) -> OutFrame {
     }))
 }
 
-fn end_frame(job: &Job) -> OutFrame {
+fn end_frame<H>(job: &Job<H>) -> OutFrame {
     encode(&Message::JobUpdate(JobUpdate {
         job_id: job.spec.job_id,
         swarm: job.spec.swarm.clone(),
@@ -2080,16 +2092,14 @@ fn end_frame(job: &Job) -> OutFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::QueueConfig;
-    use crate::stats::Stats;
+
+    // The tests address connections by their ids.
+    type Jobs = super::Jobs<ConnId>;
+    type Effects = super::Effects<ConnId>;
     use swarmbus_schema::{decode, DecodeOptions, FrameDecoder};
 
-    fn outbox(conn: u64) -> Arc<Outbox> {
-        Arc::new(Outbox::new(
-            ConnId(conn),
-            &QueueConfig::default(),
-            Arc::new(Stats::default()),
-        ))
+    fn outbox(conn: u64) -> ConnId {
+        ConnId(conn)
     }
 
     fn message(frame: &OutFrame) -> Message {
@@ -2124,14 +2134,14 @@ mod tests {
     }
 
     /// Submits and makes the spec durable; returns the job id and the effects.
-    fn accept(jobs: &mut Jobs, who: &Arc<Outbox>, job: SubmitJob, now: u64) -> (JobId, Effects) {
+    fn accept(jobs: &mut Jobs, who: &ConnId, job: SubmitJob, now: u64) -> (JobId, Effects) {
         match jobs.submit("submitter", who, job, now).unwrap() {
             Submitted::New { job_id, .. } => (job_id, jobs.submitted(job_id, Ok(()), now)),
             other => panic!("expected a new job, got {other:?}"),
         }
     }
 
-    fn worker(jobs: &mut Jobs, conn: u64, swarms: &[&str], credits: u32) -> (Arc<Outbox>, Effects) {
+    fn worker(jobs: &mut Jobs, conn: u64, swarms: &[&str], credits: u32) -> (ConnId, Effects) {
         let out = outbox(conn);
         let swarms: Vec<String> = swarms.iter().map(|s| s.to_string()).collect();
         jobs.connect(ConnId(conn), &format!("worker-{conn}"), &out, Some(&swarms));
@@ -2151,7 +2161,7 @@ mod tests {
     }
 
     /// A job queue on `config` with the submitter's session connected (conn 1).
-    fn with_submitter(config: JobsConfig) -> (Jobs, Arc<Outbox>) {
+    fn with_submitter(config: JobsConfig) -> (Jobs, ConnId) {
         let mut jobs = Jobs::new(config, [], 0, 1);
         let who = outbox(1);
         jobs.connect(ConnId(1), "submitter", &who, None);

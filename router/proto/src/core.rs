@@ -32,33 +32,10 @@ use swarmbus_schema::{
 };
 use thiserror::Error;
 
-use crate::log::{encode_record, RecordParts};
+use crate::conn::ConnId;
 use crate::quota::{SwarmBudget, SwarmRefused};
-
-/// Router-wide connection id.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId(pub u64);
-
-/// The current time, passed in by the driver (the core never reads a clock).
-#[derive(Clone, Copy, Debug)]
-pub struct Now {
-    pub instant: Instant,
-    /// Milliseconds since the Unix epoch, stamped on log records.
-    pub unix_ms: u64,
-}
-
-impl Now {
-    /// The system clocks (for drivers; tests may build any value).
-    pub fn system() -> Now {
-        Now {
-            instant: Instant::now(),
-            unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or_default(),
-        }
-    }
-}
+use crate::record::{encode_record, RecordParts};
+use crate::time::Now;
 
 /// Refusals of the core. All are recoverable: the request is refused, the session goes on.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -478,7 +455,7 @@ impl<H: Clone> Core<H> {
         creator: Option<&str>,
     ) -> Result<&mut Swarm<H>, CoreError> {
         if !self.swarms.contains_key(name) {
-            if crate::log::is_internal(name) {
+            if crate::record::is_internal(name) {
                 // The router's own swarms are counted but never refused: the control
                 // plane and the job queue must not fail because users filled the router.
                 self.config.swarms.restored();
@@ -494,7 +471,7 @@ impl<H: Clone> Core<H> {
             let epoch = Epoch(splitmix64(&mut self.epoch_rng).max(1));
             let mut swarm = Swarm::new(name, epoch, OpId(0));
             swarm.creator = creator
-                .filter(|_| !crate::log::is_internal(name))
+                .filter(|_| !crate::record::is_internal(name))
                 .map(Arc::from);
             self.swarms.insert(swarm.name.clone(), swarm);
         }
@@ -1248,13 +1225,16 @@ mod tests {
     }
 
     fn now() -> Now {
-        Now::system()
+        Now {
+            instant: Instant::now(),
+            unix_ms: 1_700_000_000_000,
+        }
     }
 
     #[test]
     fn a_paused_swarm_holds_commands_and_resume_releases_them_in_order() {
         let mut core: Core<u64> = Core::new(16);
-        let now = Now::system();
+        let now = now();
         core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None, None)
             .unwrap();
         core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Control, None, None)
@@ -1338,7 +1318,7 @@ mod tests {
         while let Some(action) = core.poll_action() {
             match action {
                 Action::Append { op, record, .. } => {
-                    let (parsed, _) = crate::log::record::parse_record(&record.to_bytes()).unwrap();
+                    let (parsed, _) = crate::record::parse_record(&record.to_bytes()).unwrap();
                     assert_eq!(parsed.op, op);
                     appends.push(op);
                 }

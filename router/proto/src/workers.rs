@@ -14,8 +14,10 @@
 //! it returns and writes the pins it returns to the log.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use crate::conn::Handle;
+use crate::time::Now;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
@@ -27,8 +29,7 @@ use swarmbus_schema::{
     encode, ErrorCode, Message, OutFrame, Reply, Request, SessionPinned, WorkerStatus,
 };
 
-use crate::core::ConnId;
-use crate::outbox::Outbox;
+use crate::conn::ConnId;
 
 /// The router's own swarm holding session pins (names starting with `$` are reserved).
 pub const PINS_SWARM: &str = "$affinity";
@@ -142,20 +143,20 @@ fn no_worker(error: AffinityError) -> Refusal {
 }
 
 /// A frame for some connection's session lane.
-pub type Outgoing = (Arc<Outbox>, OutFrame);
+pub type Outgoing<H> = (H, OutFrame);
 
 /// A registered worker's connection.
 #[derive(Debug)]
-struct Node {
+struct Node<H> {
     conn: ConnId,
-    outbox: Arc<Outbox>,
+    outbox: H,
     in_flight: u32,
 }
 
 /// A request awaiting its worker's reply.
 #[derive(Debug)]
-struct Call {
-    requester: Arc<Outbox>,
+struct Call<H> {
+    requester: H,
     request_id: u64,
     node: NodeId,
     deadline: Instant,
@@ -169,14 +170,14 @@ struct RestoredPin {
 }
 
 #[derive(Debug)]
-struct State {
+struct State<H> {
     fleet: Fleet,
     sessions: SessionTable,
     /// Connected workers.
-    nodes: HashMap<NodeId, Node>,
+    nodes: HashMap<NodeId, Node<H>>,
     /// Names of every node registered since the start (or named by a restored pin).
     names: HashMap<NodeId, String>,
-    calls: HashMap<u64, Call>,
+    calls: HashMap<u64, Call<H>>,
     deadlines: BTreeSet<(Instant, u64)>,
     next_call: u64,
     restored: HashMap<String, RestoredPin>,
@@ -186,17 +187,27 @@ struct State {
 
 /// What the router knows about workers, sessions and requests in flight.
 #[derive(Debug)]
-pub struct Workers {
+pub struct Workers<H> {
     config: AffinityConfig,
-    state: Mutex<State>,
+    state: State<H>,
     started: Instant,
 }
 
 /// A request routed to a worker: push `frame` to `worker`, after writing `pins`.
 #[derive(Debug)]
-pub struct Routed {
-    pub worker: Arc<Outbox>,
+pub struct Routed<H> {
+    pub worker: H,
     pub frame: OutFrame,
+    pub pins: Vec<PinWrite>,
+}
+
+/// A worker registered (see [`Workers::register`]).
+#[derive(Debug)]
+pub struct Registered<H> {
+    pub node: NodeId,
+    /// Requests failed because another connection took the node over: push them.
+    pub failed: Vec<Outgoing<H>>,
+    /// Pins to write: sessions moved off a node that started draining.
     pub pins: Vec<PinWrite>,
 }
 
@@ -213,9 +224,9 @@ pub fn node_id(name: &str) -> NodeId {
     NodeId(key_hash(name))
 }
 
-impl Workers {
+impl<H: Handle + Clone> Workers<H> {
     /// Starts with the pins read from the log (latest per session key, ended ones removed).
-    pub fn new(config: AffinityConfig, pins: impl IntoIterator<Item = PinWrite>) -> Self {
+    pub fn new(config: AffinityConfig, pins: impl IntoIterator<Item = PinWrite>, now: Now) -> Self {
         let placement = PlacementConfig {
             load_epsilon: config.load_epsilon,
             cold_load_cost: config.cold_load_cost.unwrap_or(f64::INFINITY),
@@ -241,7 +252,7 @@ impl Workers {
         }
         Workers {
             config,
-            state: Mutex::new(State {
+            state: State {
                 fleet: Fleet::new(placement),
                 sessions,
                 nodes: HashMap::new(),
@@ -251,46 +262,40 @@ impl Workers {
                 next_call: 1,
                 restored,
                 admin_drained: std::collections::HashSet::new(),
-            }),
-            started: Instant::now(),
+            },
+            started: now.instant,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn now_ms(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.started).as_millis() as u64
+    /// Milliseconds since the start: the affinity session table's time.
+    fn now_ms(&self, now: Now) -> u64 {
+        now.instant
+            .saturating_duration_since(self.started)
+            .as_millis() as u64
     }
 
     /// Sessions pinned (live leases and restored pins waiting for their node).
     pub fn sessions(&self) -> usize {
-        let state = self.lock();
+        let state = &self.state;
         state.sessions.len() + state.restored.len()
     }
 
     /// Requests awaiting a reply.
     pub fn pending_requests(&self) -> usize {
-        self.lock().calls.len()
+        self.state.calls.len()
     }
 
-    /// Registers a worker or applies its restated status. Returns the node id, frames to
-    /// push (requests failed because another connection took the node over), and pins to
-    /// write (sessions moved off a node that started draining).
+    /// Registers a worker or applies its restated status.
     pub fn register(
-        &self,
+        &mut self,
         conn: ConnId,
-        outbox: &Arc<Outbox>,
+        outbox: &H,
         status: &WorkerStatus,
-        now: Instant,
-    ) -> Result<(NodeId, Vec<Outgoing>, Vec<PinWrite>), Refusal> {
+        now: Now,
+    ) -> Result<Registered<H>, Refusal> {
         let id = node_id(&status.node);
         let now_ms = self.now_ms(now);
-        let mut state = self.lock();
-        let state = &mut *state;
+        let state = &mut self.state;
         let mut out = Vec::new();
         // Newest wins: another connection registering the same node takes it over, and the
         // requests sent to the old one are failed (they will never be answered there).
@@ -355,14 +360,17 @@ impl Workers {
                 );
             }
         }
-        Ok((id, out, pins))
+        Ok(Registered {
+            node: id,
+            failed: out,
+            pins,
+        })
     }
 
     /// A connection ended: a worker's sessions move to their next choices (pins to write)
     /// and its requests fail with NodeGone; requests it made are forgotten.
-    pub fn disconnect(&self, conn: ConnId) -> (Vec<Outgoing>, Vec<PinWrite>) {
-        let mut state = self.lock();
-        let state = &mut *state;
+    pub fn disconnect(&mut self, conn: ConnId) -> (Vec<Outgoing<H>>, Vec<PinWrite>) {
+        let state = &mut self.state;
         // Requests this connection was waiting for: their replies have nowhere to go.
         let orphaned: Vec<u64> = state
             .calls
@@ -396,14 +404,14 @@ impl Workers {
 
     /// Opens or renews an affine session.
     pub fn open_session(
-        &self,
+        &mut self,
         request_id: u64,
         session_key: &str,
         model: Option<&str>,
-        now: Instant,
+        now: Now,
     ) -> Result<Opened, Refusal> {
-        let mut state = self.lock();
-        let (node, outcome, pins) = self.pin(&mut state, session_key, model, now)?;
+        let (node, outcome, pins) = self.pin(session_key, model, now)?;
+        let state = &self.state;
         let frame = encode(&Message::SessionPinned(SessionPinned {
             request_id,
             session_key: session_key.to_owned(),
@@ -417,14 +425,15 @@ impl Workers {
 
     /// The session's node (placing it if needed), and the pins to write.
     fn pin(
-        &self,
-        state: &mut State,
+        &mut self,
         session_key: &str,
         model: Option<&str>,
-        now: Instant,
+        now: Now,
     ) -> Result<(NodeId, PinOutcome, Vec<PinWrite>), Refusal> {
+        let now_ms = self.now_ms(now);
+        let state = &mut self.state;
         if let Some(restored) = state.restored.get(session_key) {
-            let waited = now.saturating_duration_since(self.started);
+            let waited = now.instant.saturating_duration_since(self.started);
             let grace = Duration::from_millis(self.config.restore_grace_ms);
             if waited < grace {
                 let node = state.names.get(&restored.node).cloned().unwrap_or_default();
@@ -439,7 +448,6 @@ impl Workers {
             }
             state.restored.remove(session_key);
         }
-        let now_ms = self.now_ms(now);
         let pin = state
             .sessions
             .open(&mut state.fleet, session_key, model, now_ms)
@@ -458,9 +466,8 @@ impl Workers {
     }
 
     /// Ends an affine session; the pin to write when there was one.
-    pub fn close_session(&self, session_key: &str) -> Option<PinWrite> {
-        let mut state = self.lock();
-        let state = &mut *state;
+    pub fn close_session(&mut self, session_key: &str) -> Option<PinWrite> {
+        let state = &mut self.state;
         let had = state.restored.remove(session_key).is_some()
             | state
                 .sessions
@@ -475,34 +482,33 @@ impl Workers {
     /// Routes a request to its worker: the session's pinned node, or the least-loaded
     /// eligible node that has the model (any eligible node when none has it).
     pub fn route(
-        &self,
-        requester: &Arc<Outbox>,
+        &mut self,
+        requester: &H,
         agent: &str,
         request: Request,
-        now: Instant,
-    ) -> Result<Routed, Refusal> {
-        let mut state = self.lock();
-        if state.calls.len() >= self.config.max_pending_requests {
+        now: Now,
+    ) -> Result<Routed<H>, Refusal> {
+        if self.state.calls.len() >= self.config.max_pending_requests {
             return Err(Refusal {
                 code: ErrorCode::Busy,
                 message: format!(
                     "{} requests are awaiting replies (affinity.max_pending_requests)",
-                    state.calls.len()
+                    self.state.calls.len()
                 ),
                 retry_after_ms: 100,
             });
         }
         let (node, pins) = match request.session_key.as_deref() {
             Some(key) => {
-                let (node, _, pins) = self.pin(&mut state, key, request.model.as_deref(), now)?;
+                let (node, _, pins) = self.pin(key, request.model.as_deref(), now)?;
                 (node, pins)
             }
             None => {
                 let node = request
                     .model
                     .as_deref()
-                    .and_then(|model| state.fleet.least_loaded_with_model(model))
-                    .or_else(|| state.fleet.least_loaded())
+                    .and_then(|model| self.state.fleet.least_loaded_with_model(model))
+                    .or_else(|| self.state.fleet.least_loaded())
                     .ok_or_else(|| {
                         Refusal::new(
                             ErrorCode::NoWorker,
@@ -512,7 +518,7 @@ impl Workers {
                 (node, Vec::new())
             }
         };
-        let state = &mut *state;
+        let state = &mut self.state;
         let Some(worker) = state.nodes.get_mut(&node) else {
             return Err(Refusal::new(
                 ErrorCode::NodeGone,
@@ -531,7 +537,7 @@ impl Workers {
         .min(max);
         let call_id = state.next_call;
         state.next_call += 1;
-        let deadline = now + Duration::from_millis(u64::from(timeout_ms));
+        let deadline = now.instant + Duration::from_millis(u64::from(timeout_ms));
         state.calls.insert(
             call_id,
             Call {
@@ -559,9 +565,8 @@ impl Workers {
 
     /// A worker's reply: the frame for the requester, or `None` when the call is unknown
     /// (answered already, timed out, failed over) or was not sent to this worker.
-    pub fn reply(&self, conn: ConnId, reply: Reply) -> Option<Outgoing> {
-        let mut state = self.lock();
-        let state = &mut *state;
+    pub fn reply(&mut self, conn: ConnId, reply: Reply) -> Option<Outgoing<H>> {
+        let state = &mut self.state;
         let call = state.calls.get(&reply.request_id)?;
         let node = state.nodes.get(&call.node)?;
         if node.conn != conn {
@@ -580,10 +585,9 @@ impl Workers {
     /// A controller drains node `name` (no new sessions; its sessions move, requests in
     /// flight finish) or takes it back. Sticky: the node's own status cannot undo it.
     /// Returns the pins to write.
-    pub fn set_admin_drain(&self, name: &str, draining: bool) -> Vec<PinWrite> {
+    pub fn set_admin_drain(&mut self, name: &str, draining: bool) -> Vec<PinWrite> {
         let id = node_id(name);
-        let mut state = self.lock();
-        let state = &mut *state;
+        let state = &mut self.state;
         state.names.entry(id).or_insert_with(|| name.to_owned());
         if draining {
             state.admin_drained.insert(id);
@@ -604,25 +608,24 @@ impl Workers {
 
     /// Whether a node registered on `conn` is draining (by itself or by a controller).
     pub fn conn_draining(&self, conn: ConnId) -> bool {
-        let state = self.lock();
+        let state = &self.state;
         state
             .nodes
             .iter()
-            .any(|(id, node)| node.conn == conn && spec_draining(&state, *id))
+            .any(|(id, node)| node.conn == conn && spec_draining(state, *id))
     }
 
     /// The connection node `name` is registered on.
     pub fn conn_of(&self, name: &str) -> Option<ConnId> {
-        self.lock().nodes.get(&node_id(name)).map(|node| node.conn)
+        self.state.nodes.get(&node_id(name)).map(|node| node.conn)
     }
 
     /// Fails the requests whose deadline passed (DeadlineExceeded).
-    pub fn expire(&self, now: Instant) -> Vec<Outgoing> {
-        let mut state = self.lock();
-        let state = &mut *state;
+    pub fn expire(&mut self, now: Now) -> Vec<Outgoing<H>> {
+        let state = &mut self.state;
         let mut out = Vec::new();
         while let Some(&(deadline, id)) = state.deadlines.first() {
-            if deadline > now {
+            if deadline > now.instant {
                 break;
             }
             if let Some(call) = remove_call(state, id) {
@@ -643,10 +646,9 @@ impl Workers {
     }
 
     /// Closes sessions unused for `session_ttl_ms`; the pins to write.
-    pub fn reap(&self, now: Instant) -> Vec<PinWrite> {
+    pub fn reap(&mut self, now: Now) -> Vec<PinWrite> {
         let now_ms = self.now_ms(now);
-        let mut state = self.lock();
-        let state = &mut *state;
+        let state = &mut self.state;
         state
             .sessions
             .reap(&mut state.fleet, now_ms)
@@ -659,12 +661,12 @@ impl Workers {
     }
 }
 
-fn spec_draining(state: &State, id: NodeId) -> bool {
+fn spec_draining<H>(state: &State<H>, id: NodeId) -> bool {
     state.fleet.node(id).is_some_and(|n| n.draining)
 }
 
 /// Removes a call and its deadline, counting it off its node.
-fn remove_call(state: &mut State, id: u64) -> Option<Call> {
+fn remove_call<H>(state: &mut State<H>, id: u64) -> Option<Call<H>> {
     let call = state.calls.remove(&id)?;
     state.deadlines.remove(&(call.deadline, id));
     if let Some(node) = state.nodes.get_mut(&call.node) {
@@ -676,7 +678,7 @@ fn remove_call(state: &mut State, id: u64) -> Option<Call> {
 }
 
 /// Fails every request sent to `node` with NodeGone.
-fn fail_calls_to(state: &mut State, node: NodeId, why: &str) -> Vec<Outgoing> {
+fn fail_calls_to<H>(state: &mut State<H>, node: NodeId, why: &str) -> Vec<Outgoing<H>> {
     let ids: Vec<u64> = state
         .calls
         .iter()
@@ -697,7 +699,7 @@ fn fail_calls_to(state: &mut State, node: NodeId, why: &str) -> Vec<Outgoing> {
         .collect()
 }
 
-fn moves_to_pins(state: &State, moves: &[Move]) -> Vec<PinWrite> {
+fn moves_to_pins<H>(state: &State<H>, moves: &[Move]) -> Vec<PinWrite> {
     moves
         .iter()
         .map(|m| PinWrite {
@@ -716,16 +718,18 @@ fn moves_to_pins(state: &State, moves: &[Move]) -> Vec<PinWrite> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::QueueConfig;
-    use crate::stats::Stats;
     use swarmbus_schema::{decode, DecodeOptions, FrameDecoder};
 
-    fn outbox(conn: u64) -> Arc<Outbox> {
-        Arc::new(Outbox::new(
-            ConnId(conn),
-            &QueueConfig::default(),
-            Arc::new(Stats::default()),
-        ))
+    /// The handle is the connection id itself.
+    fn outbox(conn: u64) -> ConnId {
+        ConnId(conn)
+    }
+
+    fn start() -> Now {
+        Now {
+            instant: Instant::now(),
+            unix_ms: 1_700_000_000_000,
+        }
     }
 
     fn status(node: &str, models: &[&str]) -> WorkerStatus {
@@ -776,8 +780,8 @@ mod tests {
 
     #[test]
     fn sessions_go_to_the_node_with_the_model_and_replies_come_back() {
-        let workers = Workers::new(AffinityConfig::default(), []);
-        let now = Instant::now();
+        let now = start();
+        let mut workers = Workers::new(AffinityConfig::default(), [], now);
         let (a, b, agent) = (outbox(1), outbox(2), outbox(3));
         workers
             .register(ConnId(1), &a, &status("a", &["llama"]), now)
@@ -804,7 +808,7 @@ mod tests {
                 now,
             )
             .unwrap();
-        assert_eq!(routed.worker.conn(), ConnId(2));
+        assert_eq!(routed.worker, ConnId(2));
         let Message::Request(sent) = message(&routed.frame) else {
             panic!()
         };
@@ -818,7 +822,7 @@ mod tests {
         };
         assert!(workers.reply(ConnId(1), reply()).is_none());
         let (to, frame) = workers.reply(ConnId(2), reply()).unwrap();
-        assert_eq!(to.conn(), ConnId(3));
+        assert_eq!(to, ConnId(3));
         let Message::Reply(back) = message(&frame) else {
             panic!()
         };
@@ -829,13 +833,13 @@ mod tests {
         let routed = workers
             .route(&agent, "agent", request(None, Some("llama"), 0), now)
             .unwrap();
-        assert_eq!(routed.worker.conn(), ConnId(1));
+        assert_eq!(routed.worker, ConnId(1));
     }
 
     #[test]
     fn a_disconnected_worker_fails_its_requests_and_its_sessions_move() {
-        let workers = Workers::new(AffinityConfig::default(), []);
-        let now = Instant::now();
+        let now = start();
+        let mut workers = Workers::new(AffinityConfig::default(), [], now);
         let (a, b, agent) = (outbox(1), outbox(2), outbox(3));
         workers
             .register(ConnId(1), &a, &status("a", &["m"]), now)
@@ -864,13 +868,13 @@ mod tests {
         let routed = workers
             .route(&agent, "agent", request(Some("k"), Some("m"), 0), now)
             .unwrap();
-        assert_eq!(routed.worker.conn(), ConnId(2));
+        assert_eq!(routed.worker, ConnId(2));
     }
 
     #[test]
     fn requests_past_their_deadline_fail_and_late_replies_are_dropped() {
-        let workers = Workers::new(AffinityConfig::default(), []);
-        let now = Instant::now();
+        let now = start();
+        let mut workers = Workers::new(AffinityConfig::default(), [], now);
         let (a, agent) = (outbox(1), outbox(3));
         workers
             .register(ConnId(1), &a, &status("a", &[]), now)
@@ -926,9 +930,9 @@ mod tests {
                 pin: None,
             },
         ];
-        let workers = Workers::new(config, pins);
+        let now = start();
+        let mut workers = Workers::new(config, pins, now);
         assert_eq!(workers.sessions(), 1);
-        let now = Instant::now();
         let agent = outbox(3);
         // Another node registers first: the session waits for its own node.
         workers
@@ -945,7 +949,7 @@ mod tests {
         let routed = workers
             .route(&agent, "agent", request(Some("k"), None, 0), now)
             .unwrap();
-        assert_eq!(routed.worker.conn(), ConnId(1));
+        assert_eq!(routed.worker, ConnId(1));
         assert!(routed.pins.is_empty(), "the pin was kept, not placed again");
     }
 }

@@ -164,6 +164,12 @@ pub fn parse_record(buf: &Bytes) -> Result<(Record, usize), ParseError> {
     Ok((record, total))
 }
 
+/// Whether `swarm` is one of the router's internal swarms (names starting with `$`, which
+/// clients cannot use).
+pub fn is_internal(swarm: &str) -> bool {
+    swarm.starts_with('$')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
