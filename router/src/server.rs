@@ -49,7 +49,9 @@ use crate::clock::Clock;
 use crate::log::{self, LogWriter, RecoveryNote, ShardLog, WriterKind};
 use crate::outbox::Outbox;
 use crate::partial_frames::{PartialFrames, RouterPartialFrames};
-use crate::shard::{shard_of, spawn_shard, HeldSubscriptions, ShardCommand, ShardSender};
+use crate::shard::{
+    shard_of, spawn_shard, HeldSubscriptions, RouterPublish, ShardCommand, ShardSender,
+};
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls;
 use swarmbus_proto::control::{Joined, LeaseLimits, Leases, Restored, Stops, CONTROL_SWARM};
@@ -105,9 +107,6 @@ struct Context {
     attachments: Mutex<HashMap<u64, PendingAttach>>,
     /// Presence, leases and stopped agents.
     control: Mutex<ControlState>,
-    /// The publisher of the router's own alerts: closed, so the (absent) replies to them
-    /// are dropped.
-    alert_sink: Arc<Outbox>,
     clock: Clock,
     /// The job queue (sans-IO, under one lock like `workers`).
     jobs: Mutex<Jobs>,
@@ -200,26 +199,18 @@ impl Context {
         key: &str,
         payload: String,
     ) {
-        let router: Arc<str> = Arc::from(ROUTER_AGENT);
         let payload = Bytes::from(payload);
         for swarm in swarms {
-            let publish = Publish {
-                request_id: 0,
+            let publish = RouterPublish {
                 swarm: swarm.to_owned(),
                 class: Class::Alert,
-                target_agent: None,
-                key: Some(key.to_owned()),
+                key: key.to_owned(),
                 payload: payload.clone(),
-                fencing_token: 0,
-                lease: None,
+                reply: None,
             };
-            let shard = self.shard_for(swarm);
-            let _ = shard
-                .send(ShardCommand::Publish {
-                    agent: router.clone(),
-                    outbox: self.alert_sink.clone(),
-                    publish,
-                })
+            let _ = self
+                .shard_for(swarm)
+                .send(ShardCommand::RouterPublish(publish))
                 .await;
         }
     }
@@ -290,71 +281,35 @@ impl Context {
         records: Vec<InternalRecord>,
         wait: bool,
     ) -> Result<Vec<OpId>, String> {
-        if records.is_empty() {
-            return Ok(Vec::new());
-        }
-        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
-        let outbox = Arc::new(Outbox::new(conn, &self.config.queues, self.stats.clone()));
-        if !wait {
-            // Acknowledgements pushed to a closed outbox are discarded.
-            outbox.close();
-        }
-        let router: Arc<str> = Arc::from(ROUTER_AGENT);
-        let count = records.len();
-        for (index, record) in records.into_iter().enumerate() {
-            let shard = self.shard_for(&record.swarm);
-            let publish = Publish {
-                request_id: index as u64 + 1,
-                swarm: record.swarm,
-                class: Class::Control,
-                target_agent: None,
-                key: Some(record.key),
-                payload: record.payload,
-                fencing_token: 0,
-                lease: None,
+        let mut answers = Vec::with_capacity(if wait { records.len() } else { 0 });
+        for record in records {
+            let (reply, answer) = if wait {
+                let (reply, answer) = oneshot::channel();
+                (Some(reply), Some(answer))
+            } else {
+                (None, None)
             };
-            shard
-                .send(ShardCommand::Publish {
-                    agent: router.clone(),
-                    outbox: outbox.clone(),
-                    publish,
-                })
+            // Records of one swarm go to one shard's channel, in order.
+            self.shard_for(&record.swarm)
+                .send(ShardCommand::RouterPublish(RouterPublish {
+                    swarm: record.swarm,
+                    class: Class::Control,
+                    key: record.key,
+                    payload: record.payload,
+                    reply,
+                }))
                 .await
                 .map_err(|_| "the router is shutting down".to_owned())?;
+            answers.extend(answer);
         }
-        if !wait {
-            return Ok(Vec::new());
-        }
-        // The shard answers each publish on the session lane once it is durable.
-        let mut answered = 0;
-        let mut ops = vec![OpId::NONE; count];
-        let mut decoder = FrameDecoder::new(self.config.limits.max_frame_bytes as usize);
-        let mut chunks = Vec::new();
+        let count = answers.len();
         let wait = async {
-            while answered < count {
-                if outbox.drain(Lane::Session, 64, usize::MAX, &mut chunks) == 0 {
-                    outbox.ready(Lane::Session).await;
-                    continue;
-                }
-                for frame in chunks.drain(..) {
-                    decoder.push(frame.head);
-                    decoder.push(frame.body);
-                }
-                while let Ok(Some(message)) = decoder.next_message(&self.decode) {
-                    match message {
-                        Message::PublishAck {
-                            request_id, op_id, ..
-                        } => {
-                            if let Some(slot) = ops.get_mut((request_id as usize).wrapping_sub(1)) {
-                                *slot = op_id;
-                            }
-                            answered += 1
-                        }
-                        Message::Error(error) => {
-                            return Err(format!("writing to the router's log: {}", error.message))
-                        }
-                        _ => {}
-                    }
+            let mut ops = Vec::with_capacity(count);
+            for answer in answers {
+                match answer.await {
+                    Ok(Ok(op)) => ops.push(op),
+                    Ok(Err(why)) => return Err(format!("writing to the router's log: {why}")),
+                    Err(_) => return Err("the router is shutting down".to_owned()),
                 }
             }
             Ok(ops)
@@ -363,11 +318,11 @@ impl Context {
         // guessed: a slow disk is waited for (and logged every 30 s); only a router shutting
         // down gives up waiting, and then says the outcome is unknown.
         tokio::pin!(wait);
-        let result = loop {
+        loop {
             match tokio::time::timeout(Duration::from_secs(30), &mut wait).await {
-                Ok(result) => break result,
+                Ok(result) => return result,
                 Err(_) if self.shutting_down.load(Ordering::Acquire) => {
-                    break Err(
+                    return Err(
                         "the router shut down before the record was durable (it may still be)"
                             .to_owned(),
                     )
@@ -377,9 +332,7 @@ impl Context {
                     "internal records not durable after 30 s; still waiting"
                 ),
             }
-        };
-        outbox.close();
-        result
+        }
     }
 
     /// Reads a leased job's payload back from its job log and sends the lease, if it is
@@ -861,8 +814,6 @@ impl Router {
             .governor
             .enabled
             .then(|| crate::intake::IntakeBudget::new(None));
-        let alert_sink = Arc::new(Outbox::new(ConnId(0), &config.queues, stats.clone()));
-        alert_sink.close();
         let partial_frames = RouterPartialFrames::new(config.limits.router_partial_frame_bytes);
         let lease_limits = LeaseLimits {
             max_leases: config.limits.max_leases as usize,
@@ -883,7 +834,6 @@ impl Router {
             bulk,
             bulk_port,
             attachments: Mutex::new(HashMap::new()),
-            alert_sink,
             control: Mutex::new(ControlState {
                 presence: Presence::default(),
                 leases: Leases::restore(

@@ -81,6 +81,8 @@ pub enum ShardCommand {
         swarm: String,
         paused: bool,
     },
+    /// A message the router itself publishes.
+    RouterPublish(RouterPublish),
     /// Reads back the record of op `op` of `swarm` (a job's payload kept on disk only):
     /// its Deliver frame, with its length prefix; or why not, and whether to ask again (a
     /// compaction removed the file the read was planned on).
@@ -90,6 +92,28 @@ pub enum ShardCommand {
         reply: tokio::sync::oneshot::Sender<Result<bytes::Bytes, (bool, String)>>,
     },
 }
+
+/// A message the router itself publishes, as agent `swarmbus-router`: a record of one of
+/// its internal swarms (class control, to `$control`, `$pins`, `$jobs.*`), sequenced and
+/// made durable like any control message, or an alert (breaker and presence events).
+/// `reply`, when given, gets the op id once durable (`OpId::NONE` at once for an unordered
+/// class), or why it was refused.
+#[derive(Debug)]
+pub struct RouterPublish {
+    pub swarm: String,
+    pub class: Class,
+    pub key: String,
+    pub payload: bytes::Bytes,
+    pub reply: Option<InternalReply>,
+}
+
+/// The answer to a [`RouterPublish`]: the op id once durable.
+pub type InternalReply = tokio::sync::oneshot::Sender<Result<OpId, String>>;
+
+/// The publisher handle of the router's own publishes in every shard's core: the shard
+/// answers what the core replies to it through the publishes' [`InternalReply`]s, so
+/// nothing is ever queued on it. Connection ids are counted up from 1 and never reach it.
+const INTERNAL_CONN: ConnId = ConnId(u64::MAX);
 
 impl ShardCommand {
     /// The job queue's records and reads (and telemetry, were it sent through the channels)
@@ -103,6 +127,9 @@ impl ShardCommand {
                         .swarm
                         .starts_with(swarmbus_proto::jobs::JOBS_SWARM_PREFIX)
             }
+            ShardCommand::RouterPublish(publish) => publish
+                .swarm
+                .starts_with(swarmbus_proto::jobs::JOBS_SWARM_PREFIX),
             ShardCommand::ReadRecord { .. } => true,
             _ => false,
         }
@@ -270,6 +297,13 @@ pub fn spawn_shard(
         catch_up_reads: HashSet::new(),
         delta_reads: HashSet::new(),
         waiting_deltas: std::collections::VecDeque::new(),
+        internal: Arc::new(Outbox::new(
+            INTERNAL_CONN,
+            &crate::config::QueueConfig::default(),
+            stats.clone(),
+        )),
+        internal_waiters: HashMap::new(),
+        next_internal: 1,
     };
     tokio::spawn(shard.run(urgent_rx, bulk_rx, events, reads_rx));
     ShardSender {
@@ -344,6 +378,11 @@ struct Shard {
     delta_reads: HashSet<ConnId>,
     /// Delta answers waiting for a read slot.
     waiting_deltas: std::collections::VecDeque<DeltaRead>,
+    /// The publisher handle of the router's own publishes (see [`INTERNAL_CONN`]).
+    internal: Arc<Outbox>,
+    /// Router publishes waiting to be durable, by the request id the core answers with.
+    internal_waiters: HashMap<u64, InternalReply>,
+    next_internal: u64,
 }
 
 /// Appends a shard holds while the writer's queue is full before it stops taking input
@@ -821,6 +860,67 @@ impl Shard {
         }
     }
 
+    /// Publishes for the router itself (see [`RouterPublish`]).
+    fn router_publish(&mut self, publish: RouterPublish, now: Now) {
+        let RouterPublish {
+            swarm,
+            class,
+            key,
+            payload,
+            reply,
+        } = publish;
+        let request_id = self.next_internal;
+        self.next_internal += 1;
+        let publish = Publish {
+            request_id,
+            swarm,
+            class,
+            target_agent: None,
+            key: Some(key),
+            payload,
+            fencing_token: 0,
+            lease: None,
+        };
+        let router: &str = crate::server::ROUTER_AGENT;
+        match self
+            .core
+            .handle_publish(router, self.internal.clone(), &publish, now)
+        {
+            Ok(outcome) => {
+                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                match reply {
+                    Some(reply) if outcome.awaiting_durability => {
+                        self.internal_waiters.insert(request_id, reply);
+                    }
+                    Some(reply) => {
+                        let _ = reply.send(Ok(outcome.op_id));
+                    }
+                    None => {}
+                }
+            }
+            Err(error) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+        }
+    }
+
+    /// What the core replied to a router publish: its acknowledgement once durable, or its
+    /// refusal (the swarm's log failed).
+    fn answer_internal(&mut self, message: Message) {
+        let (request_id, result) = match message {
+            Message::PublishAck {
+                request_id, op_id, ..
+            } => (request_id, Ok(op_id)),
+            Message::Error(error) => (error.request_id, Err(error.message)),
+            _ => return,
+        };
+        if let Some(reply) = self.internal_waiters.remove(&request_id) {
+            let _ = reply.send(result);
+        }
+    }
+
     /// Carries out what the core asked for.
     fn flush(&mut self) {
         let mut delivered = 0u64;
@@ -857,6 +957,9 @@ impl Shard {
                     // driver, which then sends Disconnect; until then pushes are discarded.
                     let _ = to.push(Lane::Class(class), frame);
                     delivered += 1;
+                }
+                Action::Reply { to, message } if to.conn() == INTERNAL_CONN => {
+                    self.answer_internal(message)
                 }
                 Action::Reply { to, message } => reply(&to, &message),
                 Action::CreateLog { swarm, epoch } => {
@@ -981,6 +1084,7 @@ impl Shard {
                     }
                 }
             },
+            ShardCommand::RouterPublish(publish) => self.router_publish(publish, now),
             ShardCommand::Ack {
                 outbox,
                 swarm,
@@ -1039,6 +1143,92 @@ impl Shard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
+
+    /// A shard on an empty log in `dir`, with the plain file writer.
+    fn shard_in(dir: &std::path::Path) -> ShardSender {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let writer = crate::log::LogWriter::start(
+            crate::log::WriterKind::File,
+            crate::log::SyncPolicy::Always,
+            64,
+            vec![events_tx.clone()],
+            None,
+        )
+        .unwrap();
+        let log = crate::log::ShardLog::new(
+            0,
+            dir,
+            1 << 20,
+            writer,
+            Vec::new(),
+            crate::log::Retention::default(),
+            events_tx,
+        );
+        let config = CoreConfig {
+            swarms: swarmbus_proto::quota::SwarmBudget::new(100, 100),
+            epoch_seed: 7,
+            redelivery_timeout: std::time::Duration::from_secs(5),
+            delta_max_ops: 100,
+        };
+        let stats = Arc::new(Stats::default());
+        let clock = crate::clock::Clock::new();
+        let interval = std::time::Duration::from_secs(60);
+        spawn_shard(16, config, interval, Box::new(log), events, stats, clock)
+    }
+
+    fn publish(
+        swarm: &str,
+        class: Class,
+        key: &str,
+    ) -> (RouterPublish, oneshot::Receiver<Result<OpId, String>>) {
+        let (reply, answer) = oneshot::channel();
+        let publish = RouterPublish {
+            swarm: swarm.into(),
+            class,
+            key: key.into(),
+            payload: bytes::Bytes::from_static(b"{}"),
+            reply: Some(reply),
+        };
+        (publish, answer)
+    }
+
+    #[tokio::test]
+    async fn router_publishes_are_answered_with_their_op_ids_once_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let shard = shard_in(dir.path());
+        let mut answers = Vec::new();
+        for key in ["a", "b", "c"] {
+            let (publish, answer) = publish("$control", Class::Control, key);
+            shard
+                .send(ShardCommand::RouterPublish(publish))
+                .await
+                .unwrap();
+            answers.push(answer);
+        }
+        let mut ops = Vec::new();
+        for answer in answers {
+            ops.push(answer.await.unwrap().unwrap());
+        }
+        assert_eq!(ops, [OpId(1), OpId(2), OpId(3)]);
+        // An alert (unordered) is answered at once, without an op id.
+        let (alert, answer) = publish("fleet", Class::Alert, "breaker");
+        shard
+            .send(ShardCommand::RouterPublish(alert))
+            .await
+            .unwrap();
+        assert_eq!(answer.await.unwrap(), Ok(OpId::NONE));
+        // Nobody waits: no answer is kept.
+        let (mut quiet, _) = publish("$control", Class::Control, "d");
+        quiet.reply = None;
+        shard
+            .send(ShardCommand::RouterPublish(quiet))
+            .await
+            .unwrap();
+        let (next, answer) = publish("$control", Class::Control, "e");
+        shard.send(ShardCommand::RouterPublish(next)).await.unwrap();
+        assert_eq!(answer.await.unwrap(), Ok(OpId(5)));
+    }
 
     #[test]
     fn shard_placement_is_stable_and_in_range() {
