@@ -1,0 +1,166 @@
+//! Affinity handlers of a session: worker registration, affine sessions, requests and
+//! replies routed through the worker registry ([`swarmbus_proto::workers`]).
+
+use super::*;
+use swarmbus_schema::{Reply, Request, WorkerStatus};
+
+impl Session {
+    pub(super) async fn register_worker(&self, status: WorkerStatus) -> Result<(), Fault> {
+        if self.role != Role::Worker {
+            self.refuse(
+                ErrorCode::Forbidden,
+                status.request_id,
+                "only sessions of role worker may register worker nodes".into(),
+            );
+            return Ok(());
+        }
+        check_name("node", &status.node)?;
+        let now = self.context.clock.now();
+        let registered = {
+            let mut workers = self.context.workers();
+            workers
+                .register(self.conn, &self.outbox, &status, now)
+                .map(|done| (done, workers.conn_draining(self.conn)))
+        };
+        match registered {
+            Ok((registered, draining)) => {
+                let (node_id, pins) = (registered.node, registered.pins);
+                push_all(registered.failed);
+                {
+                    let mut jobs = self.context.jobs();
+                    jobs.worker_models(self.conn, &status.models);
+                    jobs.worker_draining(self.conn, draining);
+                }
+                if let Err(error) = self.context.write_pins(pins).await {
+                    tracing::warn!(%error, "session pins of a draining node not written");
+                }
+                let _ = self.outbox.push(
+                    Lane::Session,
+                    encode(&Message::WorkerAck {
+                        request_id: status.request_id,
+                        node_id: node_id.0,
+                    }),
+                );
+            }
+            Err(refusal) => {
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, refusal.frame(status.request_id));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn open_session(
+        &self,
+        request_id: u64,
+        session_key: String,
+        model: Option<String>,
+    ) -> Result<(), Fault> {
+        check_name("session_key", &session_key)?;
+        let now = self.context.clock.now();
+        let opened =
+            self.context
+                .workers()
+                .open_session(request_id, &session_key, model.as_deref(), now);
+        let frame = match opened {
+            Ok(opened) => match self.context.write_pins(opened.pins).await {
+                Ok(()) => opened.frame,
+                Err(error) => swarmbus_proto::refusal::Refusal {
+                    code: ErrorCode::SwarmUnavailable,
+                    message: error,
+                    retry_after_ms: 1_000,
+                }
+                .frame(request_id),
+            },
+            Err(refusal) => refusal.frame(request_id),
+        };
+        let _ = self.outbox.push(Lane::Session, frame);
+        Ok(())
+    }
+
+    pub(super) async fn close_session(
+        &self,
+        request_id: u64,
+        session_key: String,
+    ) -> Result<(), Fault> {
+        let closed = self.context.workers().close_session(&session_key);
+        if let Some(pin) = closed {
+            if let Err(error) = self.context.write_pins(vec![pin]).await {
+                tracing::warn!(%error, "end of a session pin not written");
+            }
+        }
+        let _ = self
+            .outbox
+            .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+        Ok(())
+    }
+
+    pub(super) async fn request(&self, request: Request) -> Result<(), Fault> {
+        let request_id = request.request_id;
+        if request_id == 0 {
+            return Err(Fault::new(
+                ErrorCode::InvalidRequest,
+                "a Request needs a non-zero request_id",
+            ));
+        }
+        for name in [request.session_key.as_deref(), request.model.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            check_name("session_key and model", name)?;
+        }
+        if request.payload.len() > self.max_payload_bytes {
+            self.refuse(
+                ErrorCode::PayloadTooLarge,
+                request_id,
+                format!(
+                    "payload of {} bytes exceeds the maximum of {} bytes",
+                    request.payload.len(),
+                    self.max_payload_bytes
+                ),
+            );
+            return Ok(());
+        }
+        let now = self.context.clock.now();
+        let routed = self
+            .context
+            .workers()
+            .route(&self.outbox, &self.agent, request, now);
+        match routed {
+            Ok(routed) => {
+                if let Err(error) = self.context.write_pins(routed.pins).await {
+                    tracing::warn!(%error, "session pin not written");
+                }
+                let _ = routed.worker.push(Lane::Session, routed.frame);
+            }
+            Err(refusal) => {
+                let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) async fn reply(&self, reply: Reply) -> Result<(), Fault> {
+        if self.role != Role::Worker {
+            self.refuse(
+                ErrorCode::Forbidden,
+                0,
+                "only sessions of role worker may reply to requests".into(),
+            );
+            return Ok(());
+        }
+        match self.context.workers().reply(self.conn, reply) {
+            Some((requester, frame)) => {
+                let _ = requester.push(Lane::Session, frame);
+            }
+            None => {
+                self.context
+                    .stats
+                    .late_replies
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}

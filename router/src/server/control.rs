@@ -1,0 +1,369 @@
+//! Control-plane handlers of a session: presence queries, fenced leases and safety actions.
+
+use super::*;
+
+impl Session {
+    pub(super) async fn presence_query(&self, request_id: u64, swarm: String) -> Result<(), Fault> {
+        if !self.joined(&swarm) {
+            self.not_joined(&swarm, request_id);
+            return Ok(());
+        }
+        // Each session gets a budget (the list is built under the control lock).
+        let max_per_s = self.context.config.presence.queries_per_s;
+        if over_per_second(&self.presence_window, max_per_s) {
+            self.refuse_with_retry(
+                ErrorCode::Busy,
+                request_id,
+                format!("at most {max_per_s} presence queries per second per session"),
+                1_000,
+            );
+            return Ok(());
+        }
+        // Keep the answer well within a frame (agent ids and metadata are bounded,
+        // so this cuts only very large swarms; the list is sorted by agent id).
+        let budget = self.context.config.limits.max_frame_bytes as usize / 2;
+        let members = self.context.control().presence.list(&swarm, budget);
+        let _ = self.outbox.push(
+            Lane::Session,
+            encode(&Message::PresenceList {
+                request_id,
+                swarm,
+                members,
+            }),
+        );
+        Ok(())
+    }
+
+    /// Acquire, renew or release a lease; a new token is logged before it is granted.
+    pub(super) async fn lease(&self, request: swarmbus_schema::LeaseRequest) -> Result<(), Fault> {
+        use swarmbus_schema::LeaseAction;
+        let request_id = request.request_id;
+        if !self.joined(&request.swarm) {
+            self.not_joined(&request.swarm, request_id);
+            return Ok(());
+        }
+        check_name("lease name", &request.name)?;
+        let max_ttl = self.context.config.presence.max_lease_ttl_ms;
+        let ttl_ms = u64::from(request.ttl_ms.min(max_ttl).max(1));
+        let now_ms = self.context.clock.now_ms();
+        let decision = {
+            let mut control = self.context.control();
+            let leases = &mut control.leases;
+            match request.action {
+                LeaseAction::Acquire => leases
+                    .acquire(&request.swarm, &request.name, &self.agent, ttl_ms, now_ms)
+                    .map(Some),
+                LeaseAction::Renew => leases
+                    .renew(
+                        &request.swarm,
+                        &request.name,
+                        &self.agent,
+                        request.token,
+                        ttl_ms,
+                        now_ms,
+                    )
+                    .map(Some),
+                LeaseAction::Release => leases
+                    .release(&request.swarm, &request.name, &self.agent, request.token)
+                    .map(|()| None),
+            }
+        };
+        match decision {
+            Ok(Some(granted)) => self.grant_lease(&request, granted, ttl_ms).await,
+            Ok(None) => self.release_lease(&request).await,
+            Err(refusal) => self.refuse_lease(&request, refusal),
+        }
+        Ok(())
+    }
+
+    /// Logs a new or extended holding before it is granted.
+    async fn grant_lease(
+        &self,
+        request: &swarmbus_schema::LeaseRequest,
+        granted: swarmbus_proto::control::Granted,
+        ttl_ms: u64,
+    ) {
+        let request_id = request.request_id;
+        if granted.must_log {
+            let record = swarmbus_proto::control::lease_record(
+                &request.swarm,
+                &request.name,
+                granted.grant.token,
+                &self.agent,
+                ttl_ms,
+            );
+            if let Err(error) = self
+                .context
+                .write_records(vec![control_record(record)], true)
+                .await
+            {
+                // The token must never go backwards, and a restart must not end a
+                // holding early: no grant without its record. A longer renewal that
+                // could not be logged leaves the holding as it was (its holder is
+                // refused, and keeps the expiry it was told before).
+                let mut control = self.context.control();
+                match granted.previous {
+                    Some(previous) => control.leases.undo_extension(
+                        &request.swarm,
+                        &request.name,
+                        granted.grant.token,
+                        previous,
+                        granted.grant.expires_at_ms,
+                    ),
+                    None => {
+                        control
+                            .leases
+                            .revoke(&request.swarm, &request.name, granted.grant.token)
+                    }
+                }
+                drop(control);
+                self.refuse_with_retry(
+                    ErrorCode::SwarmUnavailable,
+                    request_id,
+                    format!("the grant could not be logged: {error}"),
+                    1_000,
+                );
+                return;
+            }
+            self.context.control().leases.logged(
+                &request.swarm,
+                &request.name,
+                granted.grant.token,
+                ttl_ms,
+            );
+        }
+        let grant = swarmbus_schema::LeaseGrant {
+            request_id,
+            ..granted.grant
+        };
+        let _ = self
+            .outbox
+            .push(Lane::Session, encode(&Message::LeaseGrant(grant)));
+    }
+
+    /// Logs a release so a restart does not hold the lease for its TTL; if the record is
+    /// lost, the restart holds it for the old holder until then (safe).
+    async fn release_lease(&self, request: &swarmbus_schema::LeaseRequest) {
+        let request_id = request.request_id;
+        // Logged so a restart does not hold the lease for its TTL; if the record is
+        // lost, the restart holds it for the old holder until then (safe).
+        let record = swarmbus_proto::control::lease_record(
+            &request.swarm,
+            &request.name,
+            request.token,
+            "",
+            0,
+        );
+        if let Err(error) = self
+            .context
+            .write_records(vec![control_record(record)], true)
+            .await
+        {
+            tracing::warn!(swarm = %request.swarm, lease = %request.name, %error, "a lease release was not logged");
+        }
+        let _ = self
+            .outbox
+            .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+    }
+
+    fn refuse_lease(
+        &self,
+        request: &swarmbus_schema::LeaseRequest,
+        refusal: swarmbus_proto::control::LeaseRefusal,
+    ) {
+        use swarmbus_proto::control::LeaseRefusal;
+        let request_id = request.request_id;
+        match refusal {
+            LeaseRefusal::Held {
+                holder,
+                remaining_ms,
+            } => self.refuse_with_retry(
+                ErrorCode::LeaseHeld,
+                request_id,
+                format!(
+                    "lease {:?} of {:?} is held by {holder:?}",
+                    request.name, request.swarm
+                ),
+                remaining_ms.clamp(1, u64::from(u32::MAX)) as u32,
+            ),
+            LeaseRefusal::Limit(why) => self.refuse_with_retry(
+                ErrorCode::Busy,
+                request_id,
+                format!(
+                    "lease {:?} of {:?} refused: {why}",
+                    request.name, request.swarm
+                ),
+                1_000,
+            ),
+            LeaseRefusal::Lost { newest_token } => self.refuse(
+                ErrorCode::LeaseLost,
+                request_id,
+                format!(
+                    "token {} of lease {:?} is not held (newest token {newest_token})",
+                    request.token, request.name
+                ),
+            ),
+        }
+    }
+
+    /// A controller's safety action: logged, applied, announced on the swarm's alert class,
+    /// then acknowledged.
+    pub(super) async fn safety(&self, action: swarmbus_schema::SafetyAction) -> Result<(), Fault> {
+        let request_id = action.request_id;
+        if self.role != Role::Controller {
+            self.refuse(
+                ErrorCode::Forbidden,
+                request_id,
+                "only sessions of role controller may take safety actions".into(),
+            );
+            return Ok(());
+        }
+        let context = &self.context;
+        let now_ms = context.clock.now_ms();
+        let Some((record, announce_on)) = self.safety_record(&action, now_ms)? else {
+            return Ok(());
+        };
+        if let Err(error) = context
+            .write_records(vec![control_record(record)], true)
+            .await
+        {
+            self.refuse_with_retry(
+                ErrorCode::SwarmUnavailable,
+                request_id,
+                format!("the action could not be logged: {error}"),
+                1_000,
+            );
+            return Ok(());
+        }
+        self.apply_safety(&action, now_ms).await;
+        let kind = format!("{:?}", action.kind).to_lowercase();
+        tracing::info!(controller = %self.agent, action = %kind, swarm = %action.swarm, target = %action.target, "safety action");
+        let payload = format!(
+            "{{\"event\":\"safety\",\"action\":\"{kind}\",\"by\":{},\"swarm\":{},\"target\":{},\"duration_ms\":{}}}",
+            json_string(&self.agent),
+            json_string(&action.swarm),
+            json_string(&action.target),
+            action.duration_ms
+        );
+        let swarms = announce_on.iter().map(String::as_str);
+        context.announce(swarms, "safety", payload).await;
+        let _ = self
+            .outbox
+            .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+        Ok(())
+    }
+
+    /// The record of a safety action and the swarms to announce it on; `None` when it was
+    /// refused (answered already).
+    fn safety_record(
+        &self,
+        action: &swarmbus_schema::SafetyAction,
+        now_ms: u64,
+    ) -> Result<Option<SafetyRecord>, Fault> {
+        use swarmbus_schema::SafetyKind;
+        let context = &self.context;
+        let request_id = action.request_id;
+        let chosen = match action.kind {
+            SafetyKind::Pause | SafetyKind::Resume => {
+                check_name("swarm", &action.swarm)?;
+                let flag = if action.kind == SafetyKind::Pause {
+                    "1"
+                } else {
+                    "0"
+                };
+                (
+                    (
+                        swarmbus_proto::control::pause_key(&action.swarm),
+                        Bytes::from(flag),
+                    ),
+                    vec![action.swarm.clone()],
+                )
+            }
+            SafetyKind::Stop => {
+                check_name("agent", &action.target)?;
+                if !context.control().stops.has_room_for(&action.target, now_ms) {
+                    self.refuse_with_retry(
+                        ErrorCode::Busy,
+                        request_id,
+                        format!(
+                            "{} agents are stopped already (the most at once)",
+                            swarmbus_proto::control::MAX_STOPS
+                        ),
+                        1_000,
+                    );
+                    return Ok(None);
+                }
+                let until = now_ms.saturating_add(action.duration_ms);
+                let swarms = context
+                    .control()
+                    .presence
+                    .get(&action.target)
+                    .map(|p| p.swarms.clone())
+                    .unwrap_or_default();
+                (
+                    (
+                        swarmbus_proto::control::stop_key(&action.target),
+                        Bytes::from(until.to_be_bytes().to_vec()),
+                    ),
+                    swarms,
+                )
+            }
+            SafetyKind::Drain | SafetyKind::Undrain => {
+                check_name("node", &action.target)?;
+                let flag = if action.kind == SafetyKind::Drain {
+                    "1"
+                } else {
+                    "0"
+                };
+                (
+                    (
+                        swarmbus_proto::control::drain_key(&action.target),
+                        Bytes::from(flag),
+                    ),
+                    Vec::new(),
+                )
+            }
+        };
+        Ok(Some(chosen))
+    }
+
+    /// Applies a logged safety action.
+    async fn apply_safety(&self, action: &swarmbus_schema::SafetyAction, now_ms: u64) {
+        use swarmbus_schema::SafetyKind;
+        let context = &self.context;
+        match action.kind {
+            SafetyKind::Pause | SafetyKind::Resume => {
+                self.to_shard(
+                    &action.swarm,
+                    ShardCommand::Pause {
+                        swarm: action.swarm.clone(),
+                        paused: action.kind == SafetyKind::Pause,
+                    },
+                )
+                .await;
+            }
+            SafetyKind::Stop => {
+                let mut control = context.control();
+                control
+                    .stops
+                    .stop(&action.target, now_ms.saturating_add(action.duration_ms));
+                if let Some(present) = control.presence.get(&action.target) {
+                    present.outbox.request_close(ErrorCode::Stopped);
+                }
+            }
+            SafetyKind::Drain | SafetyKind::Undrain => {
+                let draining = action.kind == SafetyKind::Drain;
+                let pins = context.workers().set_admin_drain(&action.target, draining);
+                if let Some(conn) = context.workers().conn_of(&action.target) {
+                    context.jobs().worker_draining(conn, draining);
+                }
+                if let Err(error) = context.write_pins(pins).await {
+                    tracing::warn!(%error, "pins of a drained node's sessions not written");
+                }
+            }
+        }
+    }
+}
+
+/// A safety action's record (key, payload) and the swarms it is announced on.
+type SafetyRecord = ((String, Bytes), Vec<String>);

@@ -1,0 +1,644 @@
+//! Starting the router: recovery of the event log and the internal swarms, the log writers,
+//! shards, runtimes and endpoints; its accessors and shutdown.
+
+use super::*;
+
+impl Router {
+    /// Validates `config`, prepares TLS and binds the endpoint. Must be called within a
+    /// tokio runtime.
+    pub async fn start(config: Config) -> Result<Router, RouterError> {
+        Self::start_with_clock(config, Arc::new(crate::clock::SystemClock)).await
+    }
+
+    /// [`Router::start`], reading the time at start from `clock` (tests step it to show
+    /// what a clock step across a restart does). The steps, in order: the clock, the
+    /// listeners (bound first, so a busy address fails the start before anything else),
+    /// recovery of the event log and the internal swarms, the writers and shards, the
+    /// shared context, the maintenance tasks, then the accept loops.
+    pub async fn start_with_clock(
+        config: Config,
+        clock: Arc<dyn crate::clock::ClockSource>,
+    ) -> Result<Router, RouterError> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| RouterError::DataDir {
+            path: config.data_dir.clone(),
+            detail: e.to_string(),
+        })?;
+        let (router_clock, clock_checkpoints) = start_clock(&config, clock)?;
+        let listeners = bind_listeners(&config)?;
+        let recovered = recover(&config, &router_clock.clock)?;
+        let clock = router_clock.clock;
+        let stats = Arc::new(Stats::default());
+        let started = start_shards(&config, recovered.logs, clock, &stats)?;
+        let writer_kind = started.writer_kind;
+        let context = shared_context(
+            config,
+            started,
+            recovered.state,
+            listeners.bulk_port,
+            clock,
+            &stats,
+        );
+        for swarm in recovered.paused {
+            let shard = context.shard_for(&swarm);
+            let _ = shard
+                .send(ShardCommand::Pause {
+                    swarm,
+                    paused: true,
+                })
+                .await;
+        }
+        spawn_maintenance(&context);
+        let Listeners {
+            endpoint,
+            endpoint_config,
+            server_config,
+            bulk_socket,
+            local_addr,
+            ca_path,
+            ..
+        } = listeners;
+        let bulk_listener = match bulk_socket {
+            Some(socket) => Some(start_bulk_listener(
+                &context,
+                socket,
+                endpoint_config,
+                server_config,
+            )?),
+            None => None,
+        };
+        let accept_task = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            context.clone(),
+            Listener::Main,
+        ));
+        info!(%local_addr, "router listening");
+        Ok(Router {
+            context,
+            endpoint,
+            local_addr,
+            ca_path,
+            stats,
+            accept_task,
+            bulk_listener,
+            recovery_notes: recovered.notes,
+            writer_kind,
+            clock_checkpoints: Some(clock_checkpoints),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The development CA clients should trust, when the router runs on one.
+    pub fn ca_path(&self) -> Option<&std::path::Path> {
+        self.ca_path.as_deref()
+    }
+
+    /// What recovery repaired (torn tails truncated) or found damaged at start-up.
+    pub fn recovery_notes(&self) -> &[RecoveryNote] {
+        &self.recovery_notes
+    }
+
+    /// The event log writer backend in use (`Uring` or `File`).
+    pub fn writer_kind(&self) -> WriterKind {
+        self.writer_kind
+    }
+
+    /// Requests to worker nodes awaiting their replies.
+    pub fn worker_requests_pending(&self) -> usize {
+        self.context.workers().pending_requests()
+    }
+
+    pub fn stats(&self) -> StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// What the job queue holds now.
+    pub fn job_counts(&self) -> JobCounts {
+        self.context.jobs().counts()
+    }
+
+    /// Closes every connection with `ShuttingDown` and waits (up to 5 s) for the peers to
+    /// be told.
+    pub async fn shutdown(mut self) {
+        self.context.shutting_down.store(true, Ordering::Release);
+        let code = VarInt::from(ErrorCode::ShuttingDown.as_u16());
+        self.endpoint.close(code, b"router shutting down");
+        self.accept_task.abort();
+        if let Some((endpoint, _, task)) = &self.bulk_listener {
+            endpoint.close(code, b"router shutting down");
+            task.abort();
+        }
+        // Waiting for idle endpoints lets the peers receive the close (and reconnect at once
+        // rather than time out). The bulk endpoint gets a short grace only: its driver runs
+        // on the niced bulk threads, which a reconnecting crowd can starve, and a session's
+        // client learns of the end from its main connection anyway.
+        let bulk = async {
+            if let Some((endpoint, _, _)) = &self.bulk_listener {
+                let _ = tokio::time::timeout(BULK_SHUTDOWN_GRACE, endpoint.wait_idle()).await;
+            }
+        };
+        let main = tokio::time::timeout(Duration::from_secs(5), self.endpoint.wait_idle());
+        let _ = tokio::join!(main, bulk);
+        if let Some((stop, thread)) = self.clock_checkpoints.take() {
+            // The last checkpoint, after the connections closed, before the next router on
+            // this data directory may start.
+            drop(stop);
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    /// The bulk listener's address (with the port the OS picked), when `bulk_listen` is set.
+    pub fn bulk_addr(&self) -> Option<SocketAddr> {
+        self.bulk_listener.as_ref().map(|(_, addr, _)| *addr)
+    }
+}
+
+/// The bound address of the bulk listener's socket.
+pub(super) fn config_bulk_addr(
+    socket: &std::net::UdpSocket,
+    config: &Config,
+) -> Result<SocketAddr, RouterError> {
+    socket.local_addr().map_err(|e| RouterError::Bind {
+        addr: config.bulk_listen_addr().unwrap_or(config.listen),
+        detail: e.to_string(),
+    })
+}
+
+pub(super) fn transport_config(config: &Config, listener: Listener) -> quinn::TransportConfig {
+    let mut transport = quinn::TransportConfig::default();
+    // Streams per connection: one session stream, one uni stream per class, plus slack.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(4));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(16));
+    // Windows sized for bursts of fan-out on a LAN/loopback hop.
+    // Inbound windows bound what a connection can make the router buffer before it reads;
+    // they are what holds a flooding sender back once the router stops reading it.
+    let limits = &config.limits;
+    let (connection_window, stream_window) = match listener {
+        Listener::Main => (
+            limits.receive_window_bytes,
+            limits.stream_receive_window_bytes,
+        ),
+        Listener::Bulk => (
+            limits.bulk_receive_window_bytes,
+            limits.bulk_stream_receive_window_bytes,
+        ),
+    };
+    transport.stream_receive_window(VarInt::from_u32(stream_window));
+    transport.receive_window(VarInt::from_u32(connection_window));
+    transport.send_window(16 << 20);
+    // Ask the peer to acknowledge every 16th packet (or after 5 ms) instead of every
+    // second: a fan-out hop sends many small packets, and the ACKs it gets back cost as much
+    // CPU and softirq time as the data.
+    let mut ack_frequency = quinn::AckFrequencyConfig::default();
+    ack_frequency
+        .ack_eliciting_threshold(VarInt::from_u32(15))
+        .max_ack_delay(Some(Duration::from_millis(5)));
+    transport.ack_frequency_config(Some(ack_frequency));
+    let idle = Duration::from_millis(config.limits.idle_timeout_ms);
+    transport.max_idle_timeout(idle.try_into().ok());
+    transport
+}
+
+pub(super) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    context: Arc<Context>,
+    listener: Listener,
+) {
+    while let Some(incoming) = endpoint.accept().await {
+        let context = context.clone();
+        let conn = ConnId(context.next_conn.fetch_add(1, Ordering::Relaxed));
+        let span = tracing::debug_span!("conn", id = conn.0, remote = %incoming.remote_address());
+        tokio::spawn(
+            async move {
+                match incoming.await {
+                    Ok(connection) => run_connection(conn, connection, context, listener).await,
+                    // Handshake failures (wrong ALPN, bad TLS) end here.
+                    Err(error) => debug!(%error, "handshake failed"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// The router's clock, started from its checkpoint, and the thread that keeps the
+/// checkpoint (its stop sender and handle).
+type ClockCheckpoints = (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>);
+
+fn start_clock(
+    config: &Config,
+    clock: Arc<dyn crate::clock::ClockSource>,
+) -> Result<(Arc<crate::clock::RouterClock>, ClockCheckpoints), RouterError> {
+    let clock_path = config.data_dir.join("clock");
+    let router_clock =
+        crate::clock::RouterClock::start(&clock_path, clock, config.clock.max_restart_step_ms);
+    match router_clock.started {
+        crate::clock::Started::SameBoot {
+            stepped_ms,
+            bounded: true,
+        } => tracing::warn!(
+            stepped_ms,
+            max_restart_step_ms = config.clock.max_restart_step_ms,
+            "the wall clock moved while the router was down; the router's clock moved by at most max_restart_step_ms"
+        ),
+        crate::clock::Started::Rebooted { behind_ms } if behind_ms > 0 => tracing::warn!(
+            behind_ms,
+            "the wall clock is behind the router's last checkpoint; the router's clock starts at the checkpoint"
+        ),
+        _ => {}
+    }
+    let router_clock = Arc::new(router_clock);
+    let (clock_stop, clock_stopped) = std::sync::mpsc::channel();
+    let clock_thread =
+        router_clock
+            .keep_checkpoint(clock_stopped)
+            .map_err(|e| RouterError::DataDir {
+                path: clock_path.clone(),
+                detail: format!("starting the clock checkpoint thread: {e}"),
+            })?;
+    Ok((router_clock, (clock_stop, clock_thread)))
+}
+
+/// The main endpoint, bound, and the bulk listener's socket, bound (its endpoint is made
+/// on the bulk runtime once that runs).
+struct Listeners {
+    endpoint: quinn::Endpoint,
+    endpoint_config: quinn::EndpointConfig,
+    server_config: quinn::ServerConfig,
+    bulk_socket: Option<std::net::UdpSocket>,
+    /// The port sessions are offered for their bulk connection, if any.
+    bulk_port: Option<u16>,
+    local_addr: SocketAddr,
+    ca_path: Option<PathBuf>,
+}
+
+fn bind_listeners(config: &Config) -> Result<Listeners, RouterError> {
+    let (cert, key, ca_path) = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
+        _ => {
+            let paths = tls::ensure_dev_tls(&config.data_dir)?;
+            (paths.server_cert, paths.server_key, Some(paths.ca_cert))
+        }
+    };
+    let mut server_config = tls::server_config(&cert, &key)?;
+    server_config.transport_config(Arc::new(transport_config(config, Listener::Main)));
+    let bind_error = |e: std::io::Error| RouterError::Bind {
+        addr: config.listen,
+        detail: e.to_string(),
+    };
+    let (reset_key, cid_key) = tls::stateless_reset_key(&config.data_dir)?;
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // Stateless resets tell clients of the previous process at once that it is gone;
+    // quinn's default spacing (20 ms) would take 20 s to reach 1,000 of them.
+    endpoint_config.min_reset_interval(Duration::from_millis(1));
+    let socket = std::net::UdpSocket::bind(config.listen).map_err(bind_error)?;
+    // Bound now, so a busy address fails the start before anything else; the endpoint
+    // is made on the bulk runtime once it runs.
+    let bulk_socket = match config.bulk_listen_addr() {
+        Some(addr) => Some(
+            std::net::UdpSocket::bind(addr).map_err(|e| RouterError::Bind {
+                addr,
+                detail: e.to_string(),
+            })?,
+        ),
+        None => None,
+    };
+    // Clients attach at the offered port on the address they reached the router at, so
+    // bulk connections are offered only when both listeners share their address.
+    let bulk_port = match &bulk_socket {
+        Some(bulk_socket) => {
+            let bulk_addr = config_bulk_addr(bulk_socket, config)?;
+            let main_ip = socket.local_addr().map_err(bind_error)?.ip();
+            if bulk_addr.ip() == main_ip {
+                Some(bulk_addr.port())
+            } else {
+                tracing::warn!(
+                    %bulk_addr, %main_ip,
+                    "the bulk listener's address differs from listen's: sessions are not offered bulk connections (clients may still connect to it directly)"
+                );
+                None
+            }
+        }
+        None => None,
+    };
+    let endpoint = quinn::Endpoint::new(
+        endpoint_config.clone(),
+        Some(server_config.clone()),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)?;
+    let local_addr = endpoint.local_addr().map_err(|e| RouterError::Bind {
+        addr: config.listen,
+        detail: e.to_string(),
+    })?;
+    Ok(Listeners {
+        endpoint,
+        endpoint_config,
+        server_config,
+        bulk_socket,
+        bulk_port,
+        local_addr,
+        ca_path,
+    })
+}
+
+/// What the router recovered at start: the swarms' logs (for the shards), the control
+/// plane, job queue and worker registry restored from the internal swarms, and the swarms
+/// to pause again.
+struct Recovered {
+    logs: Vec<log::SwarmLog>,
+    notes: Vec<RecoveryNote>,
+    state: RestoredState,
+    paused: Vec<String>,
+}
+
+/// The internal swarms' state, read back.
+struct RestoredState {
+    workers: Workers,
+    jobs: Jobs,
+    control: ControlState,
+}
+
+/// Recovers every swarm's log before anyone is accepted: sequencers continue after the last
+/// durable op, and the internal swarms give back leases, stops, pauses, drains, pins and
+/// jobs.
+fn recover(config: &Config, clock: &Clock) -> Result<Recovered, RouterError> {
+    // Recover every swarm's log before accepting anyone: sequencers continue after the
+    // last durable op.
+    let log_dir = config.data_dir.join("log");
+    let (recovered, recovery_notes) =
+        // Only a router that syncs before it acknowledges keeps watermarks up to date.
+        log::store::recover_all_with(&log_dir, config.log.sync == log::SyncPolicy::Always)
+            .map_err(|e| RouterError::DataDir {
+            path: log_dir.clone(),
+            detail: format!("recovering the event log: {e}"),
+        })?;
+    check_internal_logs(&recovered)?;
+    let unknown_lease_ttl_ms = u64::from(config.presence.max_lease_ttl_ms);
+    let lease_limits = LeaseLimits {
+        max_leases: config.limits.max_leases as usize,
+        max_held_per_agent: config.limits.max_leases_per_agent as usize,
+    };
+    let mut workers = Workers::new(config.affinity.clone(), read_pins(&recovered)?, clock.now());
+    let mut restored = Restored::default();
+    for (key, payload) in read_records(&recovered, CONTROL_SWARM)? {
+        restored.apply(&key, &payload);
+    }
+    for node in &restored.drained {
+        workers.set_admin_drain(node, true);
+    }
+    let (job_records, spec_ops) = read_job_records(&recovered)?;
+    let mut jobs = Jobs::new(
+        config.jobs.clone(),
+        job_records,
+        clock.now_ms(),
+        log::store::new_epoch().0,
+    );
+    jobs.restored_spec_ops(&spec_ops);
+    jobs.logs_exist(
+        recovered
+            .iter()
+            .filter(|log| log.name.starts_with(JOBS_SWARM_PREFIX))
+            .map(|log| log.name.clone()),
+    );
+    let mut control = ControlState {
+        presence: Presence::default(),
+        leases: Leases::restore(
+            restored.leases,
+            clock.now_ms(),
+            unknown_lease_ttl_ms,
+            lease_limits,
+        ),
+        stops: Stops::default(),
+    };
+    for (agent, until) in restored.stops {
+        control.stops.stop(&agent, until);
+    }
+    Ok(Recovered {
+        logs: recovered,
+        notes: recovery_notes,
+        state: RestoredState {
+            workers,
+            jobs,
+            control,
+        },
+        paused: restored.paused,
+    })
+}
+
+/// The shards (main ones, then the job queue's) and what the writers report.
+struct StartedShards {
+    shards: Vec<ShardSender>,
+    job_shards: Vec<ShardSender>,
+    bulk: BulkRuntime,
+    writer_kind: WriterKind,
+}
+
+/// Starts the bulk runtime, the two log writers and the shards, each with its swarms.
+fn start_shards(
+    config: &Config,
+    recovered: Vec<log::SwarmLog>,
+    clock: Clock,
+    stats: &Arc<Stats>,
+) -> Result<StartedShards, RouterError> {
+    let log_dir = config.data_dir.join("log");
+    let shard_count = config.shard_count();
+    // The job queue's swarms get shards of their own, on the bulk runtime, after the
+    // main ones (their log events are numbered after the main shards').
+    let job_shard_count = shard_count;
+    let (event_senders, event_receivers): (Vec<_>, Vec<_>) = (0..shard_count + job_shard_count)
+        .map(|_| mpsc::unbounded_channel())
+        .unzip();
+    let bulk = BulkRuntime::start(
+        config.runtime.bulk_thread_count(),
+        config.runtime.bulk_priority,
+    )
+    .map_err(|e| RouterError::Config {
+        detail: format!("starting the bulk runtime: {e}"),
+    })?;
+    let start_writer = |bulk| {
+        LogWriter::start(
+            config.log.writer,
+            config.log.sync,
+            config.log.writer_queue,
+            event_senders.clone(),
+            bulk,
+        )
+        .map_err(|e| RouterError::Config {
+            detail: format!("starting the event log writer: {e}"),
+        })
+    };
+    let writer = start_writer(None)?;
+    // The job queue's records get a writer of their own, at the bulk threads' priority:
+    // commands never wait for the sync of a batch of job records, nor for its thread.
+    let jobs_writer = start_writer(Some(config.runtime.bulk_priority))?;
+    info!(writer = %writer.kind(), sync = %config.log.sync, swarms = recovered.len(), "event log ready");
+    let mut per_shard: Vec<Vec<log::SwarmLog>> = (0..shard_count + job_shard_count)
+        .map(|_| Vec::new())
+        .collect();
+    for swarm in recovered {
+        let index = if swarm.name.starts_with(JOBS_SWARM_PREFIX) {
+            shard_count + shard_of(&swarm.name, job_shard_count)
+        } else {
+            shard_of(&swarm.name, shard_count)
+        };
+        per_shard[index].push(swarm);
+    }
+    let retention = config.log.retention();
+    // One count of swarms for every shard: `limits.max_swarms` is router-wide.
+    let swarm_budget = SwarmBudget::new(
+        config.limits.max_swarms as usize,
+        config.limits.max_swarms_per_agent as usize,
+    );
+    let mut shards: Vec<ShardSender> = per_shard
+        .into_iter()
+        .zip(event_receivers.into_iter().zip(event_senders))
+        .enumerate()
+        .map(|(index, (logs, (events, events_tx)))| {
+            let job_shard = index >= shard_count;
+            let shard_log = ShardLog::new(
+                index,
+                &log_dir,
+                config.log.segment_bytes,
+                if job_shard {
+                    jobs_writer.clone()
+                } else {
+                    writer.clone()
+                },
+                logs,
+                retention.clone(),
+                events_tx,
+            );
+            // A shard runs on the runtime it is started from.
+            let _inside = job_shard.then(|| bulk.handle().enter());
+            let core_config = CoreConfig {
+                swarms: swarm_budget.clone(),
+                epoch_seed: log::store::new_epoch().0,
+                redelivery_timeout: Duration::from_millis(config.log.redelivery_timeout_ms),
+                delta_max_ops: config.log.delta_max_ops,
+            };
+            spawn_shard(
+                config.limits.shard_queue,
+                core_config,
+                Duration::from_millis(config.log.compaction_interval_ms),
+                Box::new(shard_log),
+                events,
+                stats.clone(),
+                clock,
+            )
+        })
+        .collect();
+    let job_shards = shards.split_off(shard_count);
+    Ok(StartedShards {
+        shards,
+        job_shards,
+        bulk,
+        writer_kind: writer.kind(),
+    })
+}
+
+/// The context every session shares.
+fn shared_context(
+    config: Config,
+    started: StartedShards,
+    restored: RestoredState,
+    bulk_port: Option<u16>,
+    clock: Clock,
+    stats: &Arc<Stats>,
+) -> Arc<Context> {
+    let telemetry_per_s = config.rate_limits.router_telemetry_per_s;
+    let telemetry_intake =
+        (telemetry_per_s > 0.0).then(|| crate::intake::IntakeBudget::new(Some(telemetry_per_s)));
+    let bulk_intake = config
+        .governor
+        .enabled
+        .then(|| crate::intake::IntakeBudget::new(None));
+    let partial_frames = RouterPartialFrames::new(config.limits.router_partial_frame_bytes);
+    Arc::new(Context {
+        decode: DecodeOptions::for_swarms_per_session(config.limits.max_swarms_per_session),
+        config,
+        shards: started.shards,
+        job_shards: started.job_shards,
+        stats: stats.clone(),
+        next_conn: AtomicU64::new(1),
+        swarm_guards: Mutex::new(HashMap::new()),
+        workers: Mutex::new(restored.workers),
+        shutting_down: std::sync::atomic::AtomicBool::new(false),
+        telemetry_intake,
+        bulk_intake,
+        bulk: started.bulk,
+        bulk_port,
+        attachments: Mutex::new(HashMap::new()),
+        control: Mutex::new(restored.control),
+        clock,
+        jobs: Mutex::new(restored.jobs),
+        partial_frames,
+    })
+}
+
+/// The router's periodic work (see [`super::maintenance`]).
+fn spawn_maintenance(context: &Arc<Context>) {
+    tokio::spawn(presence_maintenance(Arc::downgrade(context)));
+    if context.config.governor.enabled {
+        tokio::spawn(govern_bulk_intake(Arc::downgrade(context)));
+    }
+    tokio::spawn(worker_maintenance(Arc::downgrade(context)));
+    context
+        .bulk
+        .handle()
+        .spawn(job_maintenance(Arc::downgrade(context)));
+}
+
+/// The bulk listener's endpoint, on the bulk runtime, and its accept loop.
+fn start_bulk_listener(
+    context: &Arc<Context>,
+    socket: std::net::UdpSocket,
+    endpoint_config: quinn::EndpointConfig,
+    server_config: quinn::ServerConfig,
+) -> Result<(quinn::Endpoint, SocketAddr, JoinHandle<()>), RouterError> {
+    let addr = config_bulk_addr(&socket, &context.config)?;
+    // quinn spawns the endpoint's driver, and each connection's, on the runtime
+    // it is called from: the bulk one.
+    let _inside = context.bulk.handle().enter();
+    let mut server_config = server_config;
+    server_config.transport_config(Arc::new(transport_config(&context.config, Listener::Bulk)));
+    let bulk_endpoint = quinn::Endpoint::new(
+        endpoint_config,
+        Some(server_config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| RouterError::Bind {
+        addr,
+        detail: e.to_string(),
+    })?;
+    let task = context.bulk.handle().spawn(accept_loop(
+        bulk_endpoint.clone(),
+        context.clone(),
+        Listener::Bulk,
+    ));
+    // The bulk listener lives as long as the main runtime: when that runtime
+    // goes (even without a shutdown), this guard task is dropped with it and
+    // closes the bulk endpoint and its accept loop.
+    let guard = (bulk_endpoint.clone(), task.abort_handle());
+    tokio::spawn(async move {
+        struct Guard(quinn::Endpoint, tokio::task::AbortHandle);
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                self.1.abort();
+                self.0.close(VarInt::from_u32(0), b"router stopped");
+            }
+        }
+        let _guard = Guard(guard.0, guard.1);
+        std::future::pending::<()>().await
+    });
+    info!(%addr, "bulk listener ready");
+    Ok((bulk_endpoint, addr, task))
+}
