@@ -1,10 +1,14 @@
-//! Control-plane helpers for applications: fencing (a stale leader cannot act) and a
-//! swarm's versioned configuration document.
+//! The control plane: the session's lease, safety, presence and configuration requests
+//! (methods of [`crate::Client`]), and helpers for applications: fencing (a stale leader
+//! cannot act) and a swarm's versioned configuration document.
 
 use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use swarmbus_schema::{Class, Deliver, LeaseGrant, OpId};
+
+// The session methods of this plane (`impl Client` below) use the crate root's types.
+use super::*;
 
 /// The lease a fencing token belongs to when a publish names none.
 pub const DEFAULT_LEASE: &str = "leader";
@@ -147,6 +151,167 @@ impl ConfigView {
 
     pub fn entries(&self) -> impl Iterator<Item = (&str, &Bytes)> {
         self.values.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+impl Client {
+    /// Sets entry `name` of `swarm`'s configuration document (controllers only): a control
+    /// op keyed `config/<name>`, delivered to the swarm's control subscribers as a change.
+    /// An empty value removes the entry. Resolves with the op id, the document's new version.
+    pub async fn set_config(
+        &self,
+        swarm: &str,
+        name: &str,
+        value: Bytes,
+    ) -> Result<OpId, ClientError> {
+        let options = PublishOptions {
+            key: Some(format!("{}{name}", control::CONFIG_PREFIX)),
+            ..PublishOptions::default()
+        };
+        self.publish(swarm, Class::Control, value, options).await
+    }
+
+    /// Every agent present in `swarm`: role, the router-clock time of its last heartbeat
+    /// (Unix ms) and the metadata it registered in Hello.
+    pub async fn presence(&self, swarm: &str) -> Result<Vec<Member>, ClientError> {
+        let value = self
+            .request(|request_id| Message::PresenceQuery {
+                request_id,
+                swarm: swarm.to_owned(),
+            })
+            .await?;
+        match value {
+            ReplyValue::Presence(members) => Ok(members),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected a PresenceList, got {other:?}"),
+            }),
+        }
+    }
+
+    pub(super) async fn lease(&self, request: LeaseRequest) -> Result<ReplyValue, ClientError> {
+        self.request(|request_id| {
+            Message::LeaseRequest(LeaseRequest {
+                request_id,
+                ..request
+            })
+        })
+        .await
+    }
+
+    pub(super) fn expect_grant(value: ReplyValue) -> Result<LeaseGrant, ClientError> {
+        match value {
+            ReplyValue::Lease(grant) => Ok(grant),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected a LeaseGrant, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Acquires lease `name` of `swarm` for `ttl`: granted with a fencing token larger than
+    /// every token granted for it before (across router restarts too), or refused with
+    /// `LeaseHeld` (27) and the time the holder's lease has left. The holder asking again
+    /// gets its grant extended, same token.
+    pub async fn acquire_lease(
+        &self,
+        swarm: &str,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<LeaseGrant, ClientError> {
+        let value = self
+            .lease(LeaseRequest {
+                swarm: swarm.to_owned(),
+                name: name.to_owned(),
+                action: LeaseAction::Acquire,
+                ttl_ms: ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                ..LeaseRequest::default()
+            })
+            .await?;
+        Self::expect_grant(value)
+    }
+
+    /// Renews a held lease for `ttl` from now; `LeaseLost` (28) once it expired or a newer
+    /// token was granted (stop acting as the holder then).
+    pub async fn renew_lease(
+        &self,
+        grant: &LeaseGrant,
+        ttl: Duration,
+    ) -> Result<LeaseGrant, ClientError> {
+        let value = self
+            .lease(LeaseRequest {
+                swarm: grant.swarm.clone(),
+                name: grant.name.clone(),
+                action: LeaseAction::Renew,
+                token: grant.token,
+                ttl_ms: ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u32,
+                ..LeaseRequest::default()
+            })
+            .await?;
+        Self::expect_grant(value)
+    }
+
+    /// Gives a held lease up before its TTL runs out.
+    pub async fn release_lease(&self, grant: &LeaseGrant) -> Result<(), ClientError> {
+        self.lease(LeaseRequest {
+            swarm: grant.swarm.clone(),
+            name: grant.name.clone(),
+            action: LeaseAction::Release,
+            token: grant.token,
+            ..LeaseRequest::default()
+        })
+        .await
+        .and_then(expect_receipt)
+        .map(|_| ())
+    }
+
+    /// A safety action (controller sessions only; others get `Forbidden`, 25). Returns once
+    /// the router logged and applied it.
+    pub async fn safety(
+        &self,
+        kind: SafetyKind,
+        swarm: &str,
+        target: &str,
+        duration: Duration,
+    ) -> Result<(), ClientError> {
+        self.request(|request_id| {
+            Message::SafetyAction(SafetyAction {
+                request_id,
+                kind,
+                swarm: swarm.to_owned(),
+                target: target.to_owned(),
+                duration_ms: duration.as_millis() as u64,
+            })
+        })
+        .await
+        .and_then(expect_receipt)
+        .map(|_| ())
+    }
+
+    /// Holds `swarm`'s commands (sequenced and durable, not delivered) until [`Client::resume`].
+    pub async fn pause(&self, swarm: &str) -> Result<(), ClientError> {
+        self.safety(SafetyKind::Pause, swarm, "", Duration::ZERO)
+            .await
+    }
+
+    /// Releases the commands held by [`Client::pause`], in order.
+    pub async fn resume(&self, swarm: &str) -> Result<(), ClientError> {
+        self.safety(SafetyKind::Resume, swarm, "", Duration::ZERO)
+            .await
+    }
+
+    /// Disconnects `agent` (closed with `Stopped`, 36) and refuses its sessions for `for_`.
+    pub async fn stop_agent(&self, agent: &str, for_: Duration) -> Result<(), ClientError> {
+        self.safety(SafetyKind::Stop, "", agent, for_).await
+    }
+
+    /// Drains worker node `node` (no new sessions or jobs; its sessions move; requests in
+    /// flight finish), or with `draining` false takes it back.
+    pub async fn drain_node(&self, node: &str, draining: bool) -> Result<(), ClientError> {
+        let kind = if draining {
+            SafetyKind::Drain
+        } else {
+            SafetyKind::Undrain
+        };
+        self.safety(kind, "", node, Duration::ZERO).await
     }
 }
 

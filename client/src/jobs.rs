@@ -1,4 +1,6 @@
-//! Job queue helpers: [`JobDedup`] (a submitter sees each job's end once) and the streams a
+//! The job queue's client side: the session's submit, credit, progress, result, cancel,
+//! ack, dead-letter and re-drive requests (methods of [`crate::Client`]), and helpers:
+//! [`JobDedup`] (a submitter sees each job's end once) and the streams a
 //! session receives job traffic on ([`JobEvents`] for workers, [`JobUpdates`] for
 //! submitters).
 //!
@@ -11,6 +13,9 @@ use std::collections::{HashSet, VecDeque};
 
 use swarmbus_schema::{JobId, JobState, JobUpdate};
 use tokio::sync::mpsc;
+
+// The session methods of this plane (`impl Client` below) use the crate root's types.
+use super::*;
 
 /// What a worker receives on the job stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +106,189 @@ impl JobDedup {
     /// Updates dropped as already seen.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+}
+
+impl Client {
+    pub(super) fn max_job_payload_bytes(&self) -> usize {
+        // The router keeps room for the job record's fields (its JOB_RECORD_OVERHEAD_BYTES).
+        self.shared.max_payload_bytes.saturating_sub(2048)
+    }
+
+    pub(super) fn check_job_payload(&self, payload: &Bytes) -> Result<(), ClientError> {
+        let max = self.max_job_payload_bytes();
+        if payload.len() > max {
+            return Err(ClientError::InvalidArgument {
+                detail: format!(
+                    "job payload of {} bytes exceeds the maximum of {max} bytes",
+                    payload.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Submits a job (its `request_id` is set here) and waits until the router holds it
+    /// durably. With an idempotency key already used within the router's dedup window, the
+    /// answer names the earlier job (`duplicate`), which runs once. Refusals: `Busy` (the
+    /// swarm's queue is full; retry after `retry_after_ms`), `SwarmNotJoined`,
+    /// `PayloadTooLarge`.
+    pub async fn submit_job(&self, job: SubmitJob) -> Result<JobStatus, ClientError> {
+        check_name("swarm", &job.swarm)?;
+        check_name("idempotency_key", &job.idempotency_key)?;
+        if let Some(model) = job.model.as_deref() {
+            check_name("model", model)?;
+        }
+        self.check_job_payload(&job.payload)?;
+        let value = self
+            .request_on(&self.shared.jobs_tx, |request_id| {
+                Message::SubmitJob(SubmitJob { request_id, ..job })
+            })
+            .await?;
+        expect_job(value)
+    }
+
+    /// Progress and ends of the jobs this agent submitted; `None` after the first call.
+    /// Ends not acknowledged with [`Client::ack_job`] are sent again after a reconnect (to
+    /// any session of the same agent id) and after a router restart: pass each through a
+    /// [`JobDedup`]. Take it before submitting, or the updates wait in a bounded buffer.
+    pub fn job_updates(&self) -> Option<JobUpdates> {
+        self.shared
+            .job_updates_rx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .map(|rx| JobUpdates { rx })
+    }
+
+    /// Tells the router the job's end was handled: it stops resending it (and forgets the
+    /// job, except its idempotency key for the dedup window).
+    pub async fn ack_job(&self, job_id: JobId) -> Result<(), ClientError> {
+        // On the job stream, in order with the session's other job traffic.
+        self.shared
+            .jobs_tx
+            .send(encode(&Message::JobAck { job_id }))
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
+    }
+
+    /// Cancels a job (its submitter or a controller): a running attempt's worker is told,
+    /// and the job ends `cancelled`. Refusals: `UnknownJob`, `JobFinished`, `Forbidden`.
+    pub async fn cancel_job(&self, job_id: JobId) -> Result<JobStatus, ClientError> {
+        let value = self
+            .request(|request_id| Message::JobCancel {
+                request_id,
+                job_id,
+                attempt: 0,
+            })
+            .await?;
+        expect_job(value)
+    }
+
+    /// Leases and cancels for this worker session; `None` after the first call.
+    pub fn job_events(&self) -> Option<JobEvents> {
+        self.shared
+            .job_events_rx
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take()
+            .map(|rx| JobEvents { rx })
+    }
+
+    /// Says how many jobs this worker session can run at once (0 pauses it); the router
+    /// leases jobs of the swarms the session joined while it holds fewer leases. Restate it
+    /// whenever it changes.
+    pub async fn set_job_credits(&self, credits: u32) -> Result<(), ClientError> {
+        // On the job stream, in order with the session's other job traffic.
+        self.shared
+            .jobs_tx
+            .send(encode(&Message::JobCredits { credits }))
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
+    }
+
+    /// A heartbeat for a running attempt (extends its lease); a non-empty `payload` is
+    /// progress, forwarded to the submitter. A heartbeat of a fenced attempt is answered
+    /// with a `JobEvent::Cancel`.
+    pub async fn job_progress(
+        &self,
+        job_id: JobId,
+        attempt: u32,
+        payload: Bytes,
+    ) -> Result<(), ClientError> {
+        self.check_job_payload(&payload)?;
+        self.shared
+            .jobs_tx
+            .send(encode(&Message::JobProgress(JobProgress {
+                job_id,
+                attempt,
+                payload,
+            })))
+            .await
+            .map_err(|_| closed_error(&self.shared.connection))
+    }
+
+    /// Reports an attempt's outcome: `ok` (the payload is the result), a failure (`ok`
+    /// false: the job ends failed), or a failure to retry (`retry`: another attempt after a
+    /// backoff, or the dead-letter queue after the last). Resolves once the end is durable;
+    /// refused with `LeaseFenced` when the attempt was fenced (its result is dropped).
+    pub async fn finish_job(
+        &self,
+        job_id: JobId,
+        attempt: u32,
+        ok: bool,
+        retry: bool,
+        payload: Bytes,
+    ) -> Result<JobStatus, ClientError> {
+        self.check_job_payload(&payload)?;
+        let value = self
+            .request_on(&self.shared.jobs_tx, |request_id| {
+                Message::JobResult(JobResult {
+                    request_id,
+                    job_id,
+                    attempt,
+                    ok,
+                    retry,
+                    payload,
+                })
+            })
+            .await?;
+        expect_job(value)
+    }
+
+    /// A page of the swarm's dead-letter queue after `after` (controllers only).
+    pub async fn dead_letters(
+        &self,
+        swarm: &str,
+        after: JobId,
+        limit: u32,
+    ) -> Result<DeadLetters, ClientError> {
+        let value = self
+            .request(|request_id| Message::ListDeadLetters {
+                request_id,
+                swarm: swarm.to_owned(),
+                after_job_id: after,
+                limit,
+            })
+            .await?;
+        match value {
+            ReplyValue::DeadLetters(page) => Ok(page),
+            other => Err(ClientError::Protocol {
+                detail: format!("expected DeadLetters, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Queues a dead-lettered job again with a fresh attempt budget (controllers only).
+    pub async fn redrive_job(&self, swarm: &str, job_id: JobId) -> Result<JobStatus, ClientError> {
+        let value = self
+            .request(|request_id| Message::RedriveJob {
+                request_id,
+                swarm: swarm.to_owned(),
+                job_id,
+            })
+            .await?;
+        expect_job(value)
     }
 }
 

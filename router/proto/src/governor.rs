@@ -17,7 +17,7 @@
 //! static budget for telemetry alone, applies besides.
 //!
 //! The decision ([`Governor::step`]) is a pure function of its samples, tested with
-//! injected values; [`HostCpu`] reads `/proc/stat` (Linux; elsewhere the governor stays
+//! injected values; the router's `HostCpu` reads `/proc/stat` (Linux; elsewhere the governor stays
 //! idle and says so at start).
 
 use std::time::{Duration, Instant};

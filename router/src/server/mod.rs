@@ -13,14 +13,14 @@
 //! the QUIC application close code and a human-readable reason.
 //!
 //! Layout: this file holds the types every part shares; the parts are
-//! - [`start`]: recovery, the writers, shards, runtimes and endpoints; accessors, shutdown;
-//! - [`connection`]: handshake, session loop, lane writers, publish stream readers;
-//! - [`bulk_path`]: the second connection on the bulk runtime (telemetry, job streams);
-//! - [`context`]: what sessions share, and the router's own publishes;
-//! - [`session`]: admission (roles, rate limits, breakers) and the dispatch, which hands
-//!   each message to its handler family: [`routing`], [`control`], [`affinity`], [`jobs`];
-//! - [`recovery`]: the internal swarms read back at start;
-//! - [`maintenance`]: the periodic work (deadlines, governor, presence timeouts).
+//! - `start`: recovery, the writers, shards, runtimes and endpoints; accessors, shutdown;
+//! - `connection`: handshake, session loop, lane writers, publish stream readers;
+//! - `bulk_path`: the second connection on the bulk runtime (telemetry, job streams);
+//! - `context`: what sessions share, and the router's own publishes;
+//! - `session`: admission (roles, rate limits, breakers) and the dispatch, which hands
+//!   each message to its handler family: `routing`, `control`, `affinity`, `jobs`;
+//! - `recovery`: the internal swarms read back at start;
+//! - `maintenance`: the periodic work (deadlines, governor, presence timeouts).
 
 mod affinity;
 mod bulk_path;
