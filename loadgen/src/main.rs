@@ -84,7 +84,7 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .on_thread_start(move || {
             if probes_first {
-                swarmbus_router::bulk::request_short_slice(swarmbus_router::bulk::SHORT_SLICE);
+                swarmbus_host::sched::request_short_slice(swarmbus_host::sched::SHORT_SLICE);
             }
         })
         .build()

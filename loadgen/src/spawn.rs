@@ -278,7 +278,7 @@ impl RouterArgs {
                 .with_context(|| format!("reading {}", path.display()))?,
             None => String::new(),
         };
-        let config = swarmbus_router::Config::from_toml(&user).map_err(|e| {
+        check_bulk_listener(&user).map_err(|e| {
             anyhow!(
                 "reading {}: {e}",
                 self.router_config
@@ -287,9 +287,6 @@ impl RouterArgs {
                     .display()
             )
         })?;
-        if config.bulk_listen == swarmbus_router::config::BulkListen::Off {
-            bail!("this run needs the router's bulk listener: --router-config sets bulk_listen = \"off\"");
-        }
         let spawned = spawn_router_with(&SpawnOptions {
             binary: self.router_bin.clone(),
             config_toml: Some(user),
@@ -309,6 +306,19 @@ impl RouterArgs {
     pub fn server_name(&self) -> &str {
         &self.server_name
     }
+}
+
+/// Refuses a router configuration (TOML) that turns the bulk listener off. The router checks
+/// the whole file when it starts; the loadgen reads this one key of it (and so does not link
+/// the router).
+fn check_bulk_listener(config_toml: &str) -> anyhow::Result<()> {
+    let table: toml::Table = toml::from_str(config_toml)?;
+    if table.get("bulk_listen").and_then(toml::Value::as_str) == Some("off") {
+        bail!(
+            "this run needs the router's bulk listener: --router-config sets bulk_listen = \"off\""
+        );
+    }
+    Ok(())
 }
 
 /// Samples a process's resident memory (`VmRSS` in `/proc/<pid>/status`) at a fixed interval
@@ -363,6 +373,16 @@ fn vm_rss_bytes(status: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_config_without_the_bulk_listener_is_refused() {
+        use super::check_bulk_listener;
+        check_bulk_listener("").unwrap();
+        check_bulk_listener("bulk_listen = \"127.0.0.1:0\"\nshards = 2").unwrap();
+        let off = check_bulk_listener("bulk_listen = \"off\"").unwrap_err();
+        assert!(off.to_string().contains("bulk_listen = \"off\""), "{off}");
+        assert!(check_bulk_listener("bulk_listen = ").is_err());
+    }
+
     #[test]
     fn start_lines_give_the_main_and_bulk_addresses() {
         use super::parse_start_line;

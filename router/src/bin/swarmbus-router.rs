@@ -76,7 +76,7 @@ fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_start(|| {
-            swarmbus_router::bulk::request_short_slice(swarmbus_router::bulk::SHORT_SLICE);
+            swarmbus_host::sched::request_short_slice(swarmbus_host::sched::SHORT_SLICE);
         })
         .build()
     {

@@ -12,6 +12,9 @@
 //! the sending stream reader wait, which is the backpressure that reaches the publisher through
 //! QUIC flow control - on that class's stream only, so neither a telemetry flood nor a job
 //! backlog can hold up a command on its way in or take the shard's time.
+//!
+//! Layout: this file holds the commands, the senders and the shard's loop; `reads` the log
+//! reads on the blocking pool (catch-ups, deltas); `recovery` a swarm whose log failed.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -23,6 +26,9 @@ use swarmbus_schema::{
     Subscription,
 };
 use tokio::sync::mpsc;
+
+mod reads;
+mod recovery;
 
 use crate::log::{LogBackend, LogEvent};
 use crate::outbox::Outbox;
@@ -426,69 +432,6 @@ struct DeltaRead {
     tries: u32,
 }
 
-impl DeltaRead {
-    /// Answers from `records` (read from `from` with at most `limit` records).
-    fn answer(
-        &self,
-        records: Result<Vec<crate::log::Record>, String>,
-        limit: usize,
-        span: usize,
-        horizon: OpId,
-    ) {
-        let query = &self.query;
-        let (from, to) = (query.from, query.to);
-        let lane = Lane::Class(Class::Reconciliation);
-        match records {
-            Ok(records) => {
-                let records: Vec<_> = records.into_iter().filter(|r| r.op <= to).collect();
-                // Where this answer stops: the last op read when a bound cut it short, else
-                // the end of the range.
-                let cut_short = limit < span || records.len() >= limit;
-                let last_op = match records.last() {
-                    Some(last) if cut_short => last.op,
-                    None if cut_short => OpId(from.0.saturating_sub(1)),
-                    _ => to,
-                };
-                let mut sent = 0u32;
-                for record in records {
-                    let wanted = deliver_meta(&record.frame).is_some_and(|(_, _, target)| {
-                        !targeted_elsewhere(target.as_deref(), &query.agent)
-                    });
-                    if wanted {
-                        let frame = OutFrame {
-                            head: record.frame,
-                            body: bytes::Bytes::new(),
-                        };
-                        if query.to_handle.push(lane, frame).is_ok() {
-                            sent += 1;
-                        }
-                    }
-                }
-                reply(
-                    &query.to_handle,
-                    &Message::DeltaAck(DeltaAck {
-                        request_id: query.request_id,
-                        epoch: query.epoch,
-                        first_op: from,
-                        last_op,
-                        count: sent,
-                        more: query.more || last_op < to,
-                        compacted: from <= horizon,
-                    }),
-                );
-            }
-            Err(reason) => refuse(
-                &query.to_handle,
-                query.request_id,
-                &CoreError::Unavailable {
-                    swarm: query.swarm.to_string(),
-                    reason,
-                },
-            ),
-        }
-    }
-}
-
 /// A swarm whose log write failed, on its way back.
 #[derive(Debug)]
 struct Recovery {
@@ -497,12 +440,6 @@ struct Recovery {
     next_try: std::time::Instant,
     /// The last void record of the try in flight.
     voiding_to: Option<OpId>,
-}
-
-/// How long a swarm waits before its log is tried again: 100 ms, doubling, at most 30 s.
-fn recovery_backoff(attempts: u32) -> std::time::Duration {
-    let ms = 100u64.saturating_mul(1 << attempts.min(9));
-    std::time::Duration::from_millis(ms.min(30_000))
 }
 
 impl Shard {
@@ -600,264 +537,9 @@ impl Shard {
         }
     }
 
-    /// A write of `swarm` failed: its pending publishers are refused, the log is rolled
-    /// back to its last durable op (the writer cut the bytes off), and the swarm is
-    /// unavailable until [`Shard::try_recoveries`] gets the log to take appends again.
-    fn log_failed(
-        &mut self,
-        swarm: Arc<str>,
-        from: OpId,
-        generation: u64,
-        detail: &str,
-        truncated: bool,
-        now: Now,
-    ) {
-        if !self.log.on_failed(&swarm, from, generation) {
-            return; // an earlier generation's failure, handled already
-        }
-        self.stats
-            .log_write_failures
-            .fetch_add(1, Ordering::Relaxed);
-        tracing::error!(%swarm, op = from.0, %detail, truncated, "event log append failed; the swarm is unavailable until its log takes writes again");
-        self.core.handle_log_failed(&swarm, from, detail);
-        let recovery = self.recovering.entry(swarm).or_insert(Recovery {
-            attempts: 0,
-            next_try: now.instant,
-            voiding_to: None,
-        });
-        if recovery.voiding_to.take().is_some() {
-            recovery.attempts += 1;
-        } else {
-            self.stats
-                .log_unavailable_swarms
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        recovery.next_try = now.instant + recovery_backoff(recovery.attempts);
-    }
-
-    /// Tries again, for each swarm whose log failed and whose backoff has passed, to make
-    /// the log take writes: the refused ops are written as void records (the first write
-    /// cuts the file back to the last durable record first). Once they are durable the
-    /// swarm is served again ([`Shard::recovery_progress`]).
-    fn try_recoveries(&mut self, now: Now) {
-        let due: Vec<Arc<str>> = self
-            .recovering
-            .iter()
-            .filter(|(_, r)| r.voiding_to.is_none() && r.next_try <= now.instant)
-            .map(|(swarm, _)| swarm.clone())
-            .collect();
-        for swarm in due {
-            let from = OpId(self.core.durable_op(&swarm).0 + 1);
-            let to = OpId(self.core.next_op(&swarm).0 - 1);
-            let result = match self.core.epoch(&swarm) {
-                Some(epoch) if !self.log.exists(&swarm) => self.log.create(&swarm, epoch),
-                _ => Ok(()),
-            }
-            .and_then(|()| self.log.append_voids(&swarm, from, to, now.unix_ms));
-            let Some(recovery) = self.recovering.get_mut(&swarm) else {
-                continue;
-            };
-            match result {
-                Ok(()) => recovery.voiding_to = Some(to),
-                Err(error) => {
-                    recovery.attempts += 1;
-                    recovery.next_try = now.instant + recovery_backoff(recovery.attempts);
-                    tracing::warn!(%swarm, %error, attempts = recovery.attempts, "the event log still refuses the swarm's writes");
-                }
-            }
-            if from > to {
-                // Nothing was refused (the failure came before any op): served again now.
-                self.recovery_progress(&swarm, to);
-            }
-        }
-    }
-
-    /// Ops of `swarm` up to `up_to` are durable: a recovering swarm whose void records all
-    /// are is served again.
-    fn recovery_progress(&mut self, swarm: &Arc<str>, up_to: OpId) {
-        let done = self
-            .recovering
-            .get(swarm)
-            .is_some_and(|r| r.voiding_to.is_some_and(|to| up_to >= to));
-        if done {
-            if let Some(recovery) = self.recovering.remove(swarm) {
-                self.core.handle_log_recovered(swarm);
-                self.stats.log_recoveries.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .log_unavailable_swarms
-                    .fetch_sub(1, Ordering::Relaxed);
-                tracing::warn!(%swarm, attempts = recovery.attempts, "the event log takes the swarm's writes again; the swarm is served");
-            }
-        }
-    }
-
-    /// Starts a log read for each subscriber that catches up from the log and has room in
-    /// its queue, one chunk each (at most [`MAX_READS`] reads at once). Returns whether one
-    /// waits for room in its queue (reads in flight wake the shard when they finish).
-    fn pump_catch_ups(&mut self) -> bool {
-        let catch_ups = self.core.catching_up();
-        let mut pending = false;
-        for c in catch_ups {
-            let lane = Lane::Class(c.class);
-            let room = c.handle.capacity(lane) / 2;
-            if c.handle.is_closed() {
-                continue;
-            }
-            let key = (c.conn, c.swarm.clone(), c.class);
-            if self.catch_up_reads.contains(&key) {
-                continue;
-            }
-            if c.handle.queued(lane) >= room || self.reads_in_flight() >= MAX_READS {
-                pending = true;
-                continue;
-            }
-            let chunk = CATCH_UP_CHUNK_OPS.min(room - c.handle.queued(lane)).max(1);
-            let Some(plan) = self.log.plan_read(&c.swarm, c.from) else {
-                continue;
-            };
-            self.catch_up_reads.insert(key);
-            let done = self.reads_done.clone();
-            tokio::task::spawn_blocking(move || {
-                let result = plan.read_noting_file(chunk, CATCH_UP_CHUNK_BYTES);
-                let _ = done.send(ReadDone::CatchUp {
-                    conn: c.conn,
-                    swarm: c.swarm,
-                    class: c.class,
-                    from: c.from,
-                    to: c.to,
-                    handle: c.handle,
-                    result,
-                });
-            });
-        }
-        pending
-    }
-
     /// The time now, on the router's clock.
     fn now(&self) -> Now {
         self.clock.now()
-    }
-
-    fn reads_in_flight(&self) -> usize {
-        self.catch_up_reads.len() + self.delta_reads.len()
-    }
-
-    /// A read finished: a catch-up step is handed to the core, a delta's slot is freed.
-    fn read_done(&mut self, done: ReadDone, now: Now) {
-        match done {
-            ReadDone::CatchUp {
-                conn,
-                swarm,
-                class,
-                from,
-                to,
-                handle,
-                result,
-            } => {
-                self.catch_up_reads.remove(&(conn, swarm.clone(), class));
-                match result {
-                    Ok(records) => {
-                        let read_up_to = records.last().map(|r| r.op).unwrap_or(to).min(to);
-                        let ops: Vec<ReplayedOp> = records
-                            .into_iter()
-                            .filter(|r| r.op <= to)
-                            .filter_map(|r| {
-                                let (class, source, target) = deliver_meta(&r.frame)?;
-                                Some(ReplayedOp {
-                                    op: r.op,
-                                    class,
-                                    source,
-                                    target,
-                                    frame: r.frame,
-                                })
-                            })
-                            .collect();
-                        self.core.handle_replayed(
-                            conn,
-                            &swarm,
-                            class,
-                            from,
-                            &ops,
-                            read_up_to,
-                            now.instant,
-                        );
-                    }
-                    // The file went (a compaction or retention ran while the read was on
-                    // its way): the next pump plans the read again from the log as it is.
-                    Err(failed)
-                        if failed.error.kind() == std::io::ErrorKind::NotFound
-                            && !self.log.has_segment(&swarm, &failed.path) => {}
-                    Err(failed) => {
-                        // The swarm's appends are unaffected; this subscriber cannot be
-                        // caught up, so it is disconnected and may resume later.
-                        tracing::error!(%swarm, error = %failed, "reading the event log for a catch-up failed");
-                        handle.request_close(swarmbus_schema::ErrorCode::SwarmUnavailable);
-                    }
-                }
-            }
-            ReadDone::Delta { conn, retry } => {
-                self.delta_reads.remove(&conn);
-                if let Some((mut read, path)) = retry {
-                    if self.log.has_segment(&read.query.swarm, &path) || read.tries >= READ_RETRIES
-                    {
-                        let reason = format!("{}: not found", path.display());
-                        read.answer(Err(reason), 0, 0, OpId(0));
-                    } else {
-                        read.tries += 1;
-                        self.waiting_deltas.push_front(read);
-                    }
-                }
-            }
-        }
-        self.start_deltas();
-    }
-
-    /// Starts the delta reads waiting, in order, while read slots are free (one per
-    /// connection at a time).
-    fn start_deltas(&mut self) {
-        while self.reads_in_flight() < MAX_READS {
-            let next = self
-                .waiting_deltas
-                .iter()
-                .position(|read| !self.delta_reads.contains(&read.query.to_handle.conn()));
-            let Some(read) = next.and_then(|at| self.waiting_deltas.remove(at)) else {
-                return;
-            };
-            // Never more than the reconciliation queue has room for, so an answer cannot
-            // overflow it; the rest is asked for again (`more`).
-            let query = &read.query;
-            let lane = Lane::Class(Class::Reconciliation);
-            let room = query
-                .to_handle
-                .capacity(lane)
-                .saturating_sub(query.to_handle.queued(lane));
-            let span = (query.to.0.saturating_add(1)).saturating_sub(query.from.0) as usize;
-            let limit = span.min(room);
-            let horizon = self.log.horizon(&query.swarm);
-            let plan = match self.log.plan_read(&query.swarm, query.from) {
-                Some(plan) if limit > 0 => plan,
-                _ => {
-                    read.answer(Ok(Vec::new()), limit, span, horizon);
-                    continue;
-                }
-            };
-            let conn = query.to_handle.conn();
-            self.delta_reads.insert(conn);
-            let done = self.reads_done.clone();
-            tokio::task::spawn_blocking(move || {
-                let retry = match plan.read_noting_file(limit, CATCH_UP_CHUNK_BYTES) {
-                    Err(failed) if failed.error.kind() == std::io::ErrorKind::NotFound => {
-                        Some((read, failed.path))
-                    }
-                    result => {
-                        let result = result.map_err(|failed| failed.to_string());
-                        read.answer(result, limit, span, horizon);
-                        None
-                    }
-                };
-                let _ = done.send(ReadDone::Delta { conn, retry });
-            });
-        }
     }
 
     /// Publishes for the router itself (see [`RouterPublish`]).
@@ -1141,103 +823,4 @@ impl Shard {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::sync::oneshot;
-
-    /// A shard on an empty log in `dir`, with the plain file writer.
-    fn shard_in(dir: &std::path::Path) -> ShardSender {
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let writer = crate::log::LogWriter::start(
-            crate::log::WriterKind::File,
-            crate::log::SyncPolicy::Always,
-            64,
-            vec![events_tx.clone()],
-            None,
-        )
-        .unwrap();
-        let log = crate::log::ShardLog::new(
-            0,
-            dir,
-            1 << 20,
-            writer,
-            Vec::new(),
-            crate::log::Retention::default(),
-            events_tx,
-        );
-        let config = CoreConfig {
-            swarms: swarmbus_proto::quota::SwarmBudget::new(100, 100),
-            epoch_seed: 7,
-            redelivery_timeout: std::time::Duration::from_secs(5),
-            delta_max_ops: 100,
-        };
-        let stats = Arc::new(Stats::default());
-        let clock = crate::clock::Clock::new();
-        let interval = std::time::Duration::from_secs(60);
-        spawn_shard(16, config, interval, Box::new(log), events, stats, clock)
-    }
-
-    fn publish(
-        swarm: &str,
-        class: Class,
-        key: &str,
-    ) -> (RouterPublish, oneshot::Receiver<Result<OpId, String>>) {
-        let (reply, answer) = oneshot::channel();
-        let publish = RouterPublish {
-            swarm: swarm.into(),
-            class,
-            key: key.into(),
-            payload: bytes::Bytes::from_static(b"{}"),
-            reply: Some(reply),
-        };
-        (publish, answer)
-    }
-
-    #[tokio::test]
-    async fn router_publishes_are_answered_with_their_op_ids_once_durable() {
-        let dir = tempfile::tempdir().unwrap();
-        let shard = shard_in(dir.path());
-        let mut answers = Vec::new();
-        for key in ["a", "b", "c"] {
-            let (publish, answer) = publish("$control", Class::Control, key);
-            shard
-                .send(ShardCommand::RouterPublish(publish))
-                .await
-                .unwrap();
-            answers.push(answer);
-        }
-        let mut ops = Vec::new();
-        for answer in answers {
-            ops.push(answer.await.unwrap().unwrap());
-        }
-        assert_eq!(ops, [OpId(1), OpId(2), OpId(3)]);
-        // An alert (unordered) is answered at once, without an op id.
-        let (alert, answer) = publish("fleet", Class::Alert, "breaker");
-        shard
-            .send(ShardCommand::RouterPublish(alert))
-            .await
-            .unwrap();
-        assert_eq!(answer.await.unwrap(), Ok(OpId::NONE));
-        // Nobody waits: no answer is kept.
-        let (mut quiet, _) = publish("$control", Class::Control, "d");
-        quiet.reply = None;
-        shard
-            .send(ShardCommand::RouterPublish(quiet))
-            .await
-            .unwrap();
-        let (next, answer) = publish("$control", Class::Control, "e");
-        shard.send(ShardCommand::RouterPublish(next)).await.unwrap();
-        assert_eq!(answer.await.unwrap(), Ok(OpId(5)));
-    }
-
-    #[test]
-    fn shard_placement_is_stable_and_in_range() {
-        for shards in 1..8 {
-            for swarm in ["a", "b", "swarm-17", ""] {
-                let s = shard_of(swarm, shards);
-                assert!(s < shards);
-                assert_eq!(s, shard_of(swarm, shards));
-            }
-        }
-    }
-}
+mod tests;
