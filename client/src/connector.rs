@@ -56,9 +56,9 @@ impl Connector {
             .or_else(|_| {
                 quinn::Endpoint::client("0.0.0.0:0".parse().expect("constant address parses"))
             })
-            .map_err(|e| ClientError::Connect {
-                router: "-".into(),
-                detail: format!("binding a UDP socket: {e}"),
+            .map_err(|source| ClientError::Io {
+                during: "binding a UDP socket",
+                source: source.into(),
             })?;
         let mut endpoint = endpoint;
         endpoint.set_default_client_config(config);

@@ -14,6 +14,13 @@ pub enum ClientError {
     Tls { detail: String },
     #[error("connecting to {router}: {detail}")]
     Connect { router: String, detail: String },
+    /// A local I/O call failed (binding the connector's UDP socket).
+    #[error("{during}")]
+    Io {
+        during: &'static str,
+        #[source]
+        source: IoError,
+    },
     #[error("timed out after {after_ms} ms while {during}")]
     Timeout { during: &'static str, after_ms: u64 },
     /// The router refused one request with a wire error code. `retry_after_ms` is the
@@ -84,6 +91,7 @@ impl ClientError {
             ClientError::Refused { code, .. } => !permanent(u64::from(*code)),
             ClientError::Closed { code, .. } => !code.is_some_and(permanent),
             ClientError::Connect { .. }
+            | ClientError::Io { .. }
             | ClientError::Timeout { .. }
             | ClientError::InFlightFull { .. } => true,
         }
@@ -104,5 +112,60 @@ impl ClientError {
             ClientError::Closed { code, .. } => *code,
             _ => None,
         }
+    }
+}
+
+/// An [`std::io::Error`] that [`ClientError`] can clone and compare (by kind and message).
+/// It is transparent: it displays as the I/O error, and its source is the I/O error's.
+#[derive(Debug, Clone)]
+pub struct IoError(std::sync::Arc<std::io::Error>);
+
+impl IoError {
+    pub fn kind(&self) -> std::io::ErrorKind {
+        self.0.kind()
+    }
+}
+
+impl From<std::io::Error> for IoError {
+    fn from(error: std::io::Error) -> Self {
+        IoError(std::sync::Arc::new(error))
+    }
+}
+
+impl PartialEq for IoError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl Eq for IoError {}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for IoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_errors_keep_their_kind_and_are_transient() {
+        let error = ClientError::Io {
+            during: "binding a UDP socket",
+            source: std::io::Error::new(std::io::ErrorKind::AddrInUse, "in use").into(),
+        };
+        assert!(error.is_transient());
+        assert_eq!(error.to_string(), "binding a UDP socket");
+        let source = std::error::Error::source(&error).unwrap();
+        assert_eq!(source.to_string(), "in use");
+        assert_eq!(error.clone(), error);
     }
 }

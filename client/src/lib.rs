@@ -74,7 +74,7 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 pub use apply::{FileOffsetStore, IdempotentApply, OffsetStore};
 pub use control::{ConfigView, FencingFilter, DEFAULT_LEASE};
-pub use error::ClientError;
+pub use error::{ClientError, IoError};
 pub use jobs::{JobDedup, JobEvent, JobEvents, JobUpdates};
 pub use reconnect::{ReconnectEvent, ReconnectOptions, ResilientClient};
 pub use retry::{Backoff, RetryPolicy};

@@ -577,9 +577,9 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config, RouterError> {
-        let text = std::fs::read_to_string(path).map_err(|e| RouterError::ConfigFile {
+        let text = std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
             path: path.to_owned(),
-            detail: e.to_string(),
+            source,
         })?;
         Config::from_toml(&text).map_err(|detail| RouterError::ConfigFile {
             path: path.to_owned(),

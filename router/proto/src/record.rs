@@ -75,6 +75,13 @@ pub fn encode_record(
     let key = &key[..key_len];
     let total_after_len =
         RECORD_HEADER_BYTES - LEN_BYTES + key.len() + frame_head.len() + frame_body.len();
+    // Frames are at most `limits.max_frame_bytes` (64 MiB, checked at start), names and keys
+    // a few KiB: every record fits what recovery accepts. One compare, always on: a record
+    // recovery would refuse must never be written.
+    assert!(
+        total_after_len <= MAX_RECORD_BYTES,
+        "a record of {total_after_len} bytes is over MAX_RECORD_BYTES"
+    );
     let mut head = BytesMut::with_capacity(RECORD_HEADER_BYTES + key.len());
     head.put_u32_le(total_after_len as u32);
     head.put_u32_le(0); // crc, filled in below
@@ -88,11 +95,19 @@ pub fn encode_record(
     crc = crc32c::crc32c_append(crc, &frame_head);
     crc = crc32c::crc32c_append(crc, &frame_body);
     head[4..8].copy_from_slice(&crc.to_le_bytes());
-    RecordParts {
+    let parts = RecordParts {
         head: head.freeze(),
         frame_head,
         frame_body,
-    }
+    };
+    // Checked before it is written as it will be after it is read (tests and debug builds).
+    debug_assert!(
+        parse_record(&parts.to_bytes()).is_ok_and(|(record, used)| {
+            used == parts.len() && record.op == op && record.epoch == epoch
+        }),
+        "a record does not read back as written"
+    );
+    parts
 }
 
 /// A record read back from the log. `frame` is a slice of the read buffer.

@@ -74,15 +74,22 @@ impl std::fmt::Display for SyncPolicy {
     }
 }
 
-/// Errors of the log. `Unavailable` is per swarm (others are served); `Io` and `Stopped`
-/// mean the append was not made and will not be.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
+/// Errors of the log. `Unavailable` is per swarm (others are served); `Io`, `NotCreated`
+/// and `Stopped` mean the request was not carried out and will not be.
+#[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum LogError {
     #[error("swarm {swarm:?} is unavailable: {reason}")]
     Unavailable { swarm: String, reason: String },
-    #[error("event log I/O for swarm {swarm:?}: {detail}")]
-    Io { swarm: String, detail: String },
+    #[error("event log I/O for swarm {swarm:?}")]
+    Io {
+        swarm: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An append to a swarm whose log the shard never created (a bug in the caller).
+    #[error("append to swarm {swarm:?}, whose log was never created")]
+    NotCreated { swarm: String },
     #[error("the event log writer has stopped")]
     Stopped,
 }
@@ -228,10 +235,12 @@ impl LogBackend for ShardLog {
     }
 
     fn append(&mut self, swarm: &Arc<str>, op: OpId, record: RecordParts) -> Result<(), LogError> {
-        let log = self.swarms.get_mut(swarm).ok_or_else(|| LogError::Io {
-            swarm: swarm.to_string(),
-            detail: "append to a swarm log that was never created".into(),
-        })?;
+        let log = self
+            .swarms
+            .get_mut(swarm)
+            .ok_or_else(|| LogError::NotCreated {
+                swarm: swarm.to_string(),
+            })?;
         if let Some(reason) = &log.unavailable {
             return Err(LogError::Unavailable {
                 swarm: swarm.to_string(),
@@ -300,9 +309,9 @@ impl LogBackend for ShardLog {
             return Ok(Vec::new());
         };
         log.read_from(from, max_records, max_bytes)
-            .map_err(|e| LogError::Io {
+            .map_err(|source| LogError::Io {
                 swarm: swarm.to_owned(),
-                detail: e.to_string(),
+                source,
             })
     }
 

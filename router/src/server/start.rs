@@ -20,9 +20,10 @@ impl Router {
         clock: Arc<dyn crate::clock::ClockSource>,
     ) -> Result<Router, RouterError> {
         config.validate()?;
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| RouterError::DataDir {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| RouterError::DataDir {
             path: config.data_dir.clone(),
-            detail: e.to_string(),
+            context: "creating it",
+            source,
         })?;
         let (router_clock, clock_checkpoints) = start_clock(&config, clock)?;
         let listeners = bind_listeners(&config)?;
@@ -161,9 +162,9 @@ pub(super) fn config_bulk_addr(
     socket: &std::net::UdpSocket,
     config: &Config,
 ) -> Result<SocketAddr, RouterError> {
-    socket.local_addr().map_err(|e| RouterError::Bind {
+    socket.local_addr().map_err(|source| RouterError::Bind {
         addr: config.bulk_listen_addr().unwrap_or(config.listen),
-        detail: e.to_string(),
+        source,
     })
 }
 
@@ -252,13 +253,13 @@ fn start_clock(
     }
     let router_clock = Arc::new(router_clock);
     let (clock_stop, clock_stopped) = std::sync::mpsc::channel();
-    let clock_thread =
-        router_clock
-            .keep_checkpoint(clock_stopped)
-            .map_err(|e| RouterError::DataDir {
-                path: clock_path.clone(),
-                detail: format!("starting the clock checkpoint thread: {e}"),
-            })?;
+    let clock_thread = router_clock
+        .keep_checkpoint(clock_stopped)
+        .map_err(|source| RouterError::DataDir {
+            path: clock_path.clone(),
+            context: "starting the clock checkpoint thread",
+            source,
+        })?;
     Ok((router_clock, (clock_stop, clock_thread)))
 }
 
@@ -285,9 +286,9 @@ fn bind_listeners(config: &Config) -> Result<Listeners, RouterError> {
     };
     let mut server_config = tls::server_config(&cert, &key)?;
     server_config.transport_config(Arc::new(transport_config(config, Listener::Main)));
-    let bind_error = |e: std::io::Error| RouterError::Bind {
+    let bind_error = |source: std::io::Error| RouterError::Bind {
         addr: config.listen,
-        detail: e.to_string(),
+        source,
     };
     let (reset_key, cid_key) = tls::stateless_reset_key(&config.data_dir)?;
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
@@ -302,10 +303,7 @@ fn bind_listeners(config: &Config) -> Result<Listeners, RouterError> {
     // is made on the bulk runtime once it runs.
     let bulk_socket = match config.bulk_listen_addr() {
         Some(addr) => Some(
-            std::net::UdpSocket::bind(addr).map_err(|e| RouterError::Bind {
-                addr,
-                detail: e.to_string(),
-            })?,
+            std::net::UdpSocket::bind(addr).map_err(|source| RouterError::Bind { addr, source })?,
         ),
         None => None,
     };
@@ -334,9 +332,9 @@ fn bind_listeners(config: &Config) -> Result<Listeners, RouterError> {
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(bind_error)?;
-    let local_addr = endpoint.local_addr().map_err(|e| RouterError::Bind {
+    let local_addr = endpoint.local_addr().map_err(|source| RouterError::Bind {
         addr: config.listen,
-        detail: e.to_string(),
+        source,
     })?;
     Ok(Listeners {
         endpoint,
@@ -376,9 +374,10 @@ fn recover(config: &Config, clock: &Clock) -> Result<Recovered, RouterError> {
     let (recovered, recovery_notes) =
         // Only a router that syncs before it acknowledges keeps watermarks up to date.
         log::store::recover_all_with(&log_dir, config.log.sync == log::SyncPolicy::Always)
-            .map_err(|e| RouterError::DataDir {
+            .map_err(|source| RouterError::DataDir {
             path: log_dir.clone(),
-            detail: format!("recovering the event log: {e}"),
+            context: "recovering the event log",
+            source,
         })?;
     check_internal_logs(&recovered)?;
     let unknown_lease_ttl_ms = u64::from(config.presence.max_lease_ttl_ms);
@@ -615,10 +614,7 @@ fn start_bulk_listener(
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|e| RouterError::Bind {
-        addr,
-        detail: e.to_string(),
-    })?;
+    .map_err(|source| RouterError::Bind { addr, source })?;
     let task = context.bulk.handle().spawn(accept_loop(
         bulk_endpoint.clone(),
         context.clone(),

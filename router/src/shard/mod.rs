@@ -646,14 +646,17 @@ impl Shard {
                 Action::Reply { to, message } => reply(&to, &message),
                 Action::CreateLog { swarm, epoch } => {
                     if let Err(error) = self.log.create(&swarm, epoch) {
-                        let detail = format!("creating the swarm's event log: {error}");
+                        let detail = format!(
+                            "creating the swarm's event log: {}",
+                            crate::error::report(&error)
+                        );
                         self.log_failed(swarm, OpId(1), 0, &detail, true, self.now());
                     }
                 }
                 Action::Append { swarm, op, record } => {
                     if let Err(error) = self.log.append(&swarm, op, record) {
                         let generation = self.log.generation(&swarm);
-                        let detail = error.to_string();
+                        let detail = crate::error::report(&error);
                         self.log_failed(swarm, op, generation, &detail, true, self.now());
                     }
                 }

@@ -66,7 +66,7 @@ impl Shard {
                 Err(error) => {
                     recovery.attempts += 1;
                     recovery.next_try = now.instant + recovery_backoff(recovery.attempts);
-                    tracing::warn!(%swarm, %error, attempts = recovery.attempts, "the event log still refuses the swarm's writes");
+                    tracing::warn!(%swarm, error = %crate::error::report(&error), attempts = recovery.attempts, "the event log still refuses the swarm's writes");
                 }
             }
             if from > to {

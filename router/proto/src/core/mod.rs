@@ -627,6 +627,14 @@ impl<H: Clone> Core<H> {
         swarm.log_created = true;
         let op = OpId(swarm.next_op);
         swarm.next_op += 1;
+        // Op ids are gap-free: each pending op follows the one before it (or the last
+        // durable op), so the log never holds a hole a subscriber would wait on for ever.
+        debug_assert_eq!(
+            swarm.pending.back().map_or(swarm.durable_op, |p| p.op).0 + 1,
+            op.0,
+            "op ids of {} are not gap-free",
+            swarm.name
+        );
         swarm.last_publish = Some(now.instant);
         let frame = OutFrame {
             head: head_for(op, swarm.epoch),
@@ -672,6 +680,15 @@ impl<H: Clone> Core<H> {
         let Some(swarm) = self.swarms.get_mut(swarm_name) else {
             return 0;
         };
+        // The log reports only ops the core gave out: durable <= next - 1. A report past
+        // that would acknowledge ops nobody published; it is ignored, loudly in tests.
+        debug_assert!(
+            up_to.0 < swarm.next_op,
+            "{swarm_name}: durable {} reported past the last op given out ({})",
+            up_to.0,
+            swarm.next_op - 1
+        );
+        let up_to = OpId(up_to.0.min(swarm.next_op - 1));
         swarm.durable_op = swarm.durable_op.max(up_to);
         let mut delivered = 0;
         while swarm.pending.front().is_some_and(|p| p.op <= up_to) {
