@@ -98,6 +98,8 @@ fn code(c: ErrorCode) -> u64 {
     u64::from(c.as_u16())
 }
 
+// One connection per kind of hostile input, each checked for its error code while a
+// well-behaved session goes on: a table of cases, long by design.
 #[tokio::test]
 async fn hostile_connections_are_closed_alone_with_their_error_code() {
     let t = start_router(|c| c.limits.max_frame_bytes = 64 * 1024).await;

@@ -57,6 +57,8 @@ async fn publish(ctl: &swarmbus_client::ResilientClient, payload: &'static [u8])
     .unwrap()
 }
 
+// One scenario, step by step (publish, restart, resume, compare): each step builds on
+// what the ones before it observed.
 #[tokio::test]
 async fn a_resilient_client_survives_a_router_restart_without_loss_or_duplicates() {
     let data = tempfile::tempdir().unwrap();

@@ -18,6 +18,8 @@ fn targeted(agent: &str) -> PublishOptions {
     }
 }
 
+// One scenario, step by step (targets, filters, order, acks): each step builds on the
+// state the ones before it left.
 #[tokio::test]
 async fn commands_reach_the_right_agents_in_op_order() {
     // One shard, so that publishes acknowledged in sequence are routed in that sequence

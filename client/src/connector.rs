@@ -227,6 +227,8 @@ impl Connector {
 
     /// Connects into `sink` when given (a reconnecting session keeps its application's
     /// delivery channels), else into new channels returned with the client.
+    // The handshake in the order it happens on the wire (session stream, Hello, Welcome, the
+    // tasks of the session, the bulk connection): each step needs the ones before it.
     pub(crate) async fn establish(
         &self,
         router: SocketAddr,

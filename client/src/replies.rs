@@ -19,6 +19,8 @@ impl Shared {
 }
 
 /// Reads the session stream: resolves pending requests from acks and errors.
+// One arm per kind of answer the router sends on the session stream, each handed to the
+// request that waits for it: a dispatch, long by design.
 pub(super) async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
     loop {
         match reader.next().await {

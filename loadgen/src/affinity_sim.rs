@@ -459,6 +459,8 @@ fn max_over_avg(assigned: &[NodeId], live: &BTreeSet<NodeId>) -> f64 {
     }
 }
 
+// The simulation in the order it runs (fleet, sessions, failures, the checks, the JSON):
+// its steps share the fleet and the counters, and read best in sequence.
 pub fn run(args: AffinitySimArgs) -> anyhow::Result<()> {
     if args.nodes < 2 {
         bail!("--nodes must be at least 2 (one fails during the run)");

@@ -68,6 +68,9 @@ struct PublisherResult {
     error: Option<anyhow::Error>,
 }
 
+// The scenario from set-up to report, in the order it runs (publishers, the measured
+// window, the JSON): its phases share the run's clients and histograms, and read best in
+// sequence.
 pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
     if args.swarms == 0 || args.window == 0 {
         bail!("--swarms and --window must be at least 1");
@@ -329,6 +332,8 @@ struct Recorded {
     sha256: String,
 }
 
+// The crash check in the order it runs (publish, kill, restart, read back, compare): its
+// steps share what was acknowledged before the kill, and read best in sequence.
 pub async fn run_check(args: CheckArgs) -> anyhow::Result<()> {
     let file = std::fs::File::open(&args.record)
         .with_context(|| format!("opening {}", args.record.display()))?;

@@ -87,6 +87,9 @@ fn stamp(buf: &mut BytesMut, seq: u64, epoch: Instant, size: usize) -> Bytes {
     buf.split().freeze()
 }
 
+// The scenario from set-up to report, in the order it runs (subscribers, publishers, the
+// measured window, the JSON): its phases share the run's clients and histograms, and read
+// best in sequence.
 pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     if args.payload < STAMP_BYTES {
         bail!("--payload must be at least {STAMP_BYTES} bytes (sequence number and send time)");

@@ -82,6 +82,9 @@ pub struct FloodArgs {
 
 const SWARM: &str = "flood";
 
+// The scenario from set-up to report, in the order it runs (routers, the flood, the
+// probes, the checks, the JSON): its phases share the run's clients and counters, and
+// read best in sequence.
 pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     if args.agents == 0 || args.receivers == 0 || args.flood_batch == 0 || args.flood_threads == 0 {
         bail!("--agents, --receivers, --flood-batch and --flood-threads must be at least 1");

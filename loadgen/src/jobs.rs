@@ -116,6 +116,9 @@ fn micros(start: Instant) -> u64 {
     start.elapsed().as_micros() as u64
 }
 
+// The scenario from set-up to report, in the order it runs (router, workers, submitters,
+// the measured phase, the checks, the JSON): its phases share the run's clients and
+// counters, and read best in sequence.
 pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     if args.submitters == 0 || args.submitters > 64 || args.workers == 0 || args.jobs == 0 {
         bail!("--submitters must be 1 to 64, --workers and --jobs at least 1");

@@ -175,6 +175,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+// The scenario from set-up to report, in the order it runs (contenders, the kills, the
+// checks, the JSON): its phases share the run's clients and what each observed, and read
+// best in sequence.
 pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     if args.contenders == 0 || args.observers == 0 {
         bail!("--contenders and --observers must be at least 1");
@@ -602,6 +605,8 @@ struct Analysis {
 ///   command with a smaller op id: the router sequenced a command of a deposed leader
 ///   after its successor's (its check and its sequencing are not atomic); the observers'
 ///   filters must drop these.
+// Every check of the leader scenario over what each side observed, one after another:
+// each is a few lines over the same timelines. Long by design.
 fn analyse(contenders: &[ContenderLog], observers: &[ObserverLog]) -> anyhow::Result<Analysis> {
     // Intervals per token; a token logged by two contenders is shared.
     let mut by_token: BTreeMap<u64, (usize, Interval)> = BTreeMap::new();

@@ -136,6 +136,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+// The scenario from set-up to report, in the order it runs (members, the churn, the
+// queries, the checks, the JSON): its phases share the run's clients and counters, and
+// read best in sequence.
 pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
     if args.agents == 0 || args.watchers == 0 || args.heartbeat_ms == 0 {
         bail!("--agents, --watchers and --heartbeat-ms must be at least 1");

@@ -122,6 +122,8 @@ pub async fn run(args: ReconnectArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+// One round in the order it runs (crowd, restart, reconnects, the checks): its steps
+// share the crowd's clients and what each observed, and read best in sequence.
 async fn run_once(
     args: &ReconnectArgs,
     router: &mut crate::spawn::SpawnedRouter,

@@ -124,6 +124,9 @@ struct Transitions {
     other_alerts: u64,
 }
 
+// The scenario from set-up to report, in the order it runs (the crowd, the storm, the
+// probes, the checks, the JSON): its phases share the run's clients and counters, and
+// read best in sequence.
 pub async fn run(args: StormArgs) -> anyhow::Result<()> {
     if args.agents == 0 || args.storm_concurrency == 0 {
         bail!("--agents and --storm-concurrency must be at least 1");

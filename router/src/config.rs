@@ -637,6 +637,8 @@ impl Config {
     }
 
     /// Checks values that would otherwise fail later or behave surprisingly.
+    // One check per setting, in the order of `router/swarmbus.example.toml`, each with the
+    // message an operator sees: a list, long by design.
     pub fn validate(&self) -> Result<(), RouterError> {
         if !self.listen.ip().is_loopback() {
             return Err(RouterError::NonLoopbackListen { addr: self.listen });

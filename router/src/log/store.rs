@@ -693,6 +693,9 @@ pub fn recover_all_with(
     Ok((logs, notes))
 }
 
+// The scan of one swarm's segments in op order, with the rules for its tail: one pass,
+// so each segment is judged knowing the ones before it (the damage itself is
+// `settle_damage`).
 fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<RecoveryNote>)> {
     let mut notes = Vec::new();
     let note = |detail: String| RecoveryNote {
@@ -720,49 +723,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             return Ok((log, notes));
         }
     }
-    let mut plain: Vec<(OpId, PathBuf)> = Vec::new();
-    let mut compacted: Vec<(OpId, OpId, PathBuf)> = Vec::new();
-    for entry in fs::read_dir(&dir)?.filter_map(|e| e.ok()) {
-        let path = entry.path();
-        if path.extension().is_some_and(|e| e == "tmp") {
-            // An interrupted compaction: its inputs are still in place.
-            fs::remove_file(&path)?;
-            continue;
-        }
-        match parse_segment_name(&path) {
-            Some(SegmentName::Plain(first)) => plain.push((first, path)),
-            Some(SegmentName::Compacted(first, last)) => compacted.push((first, last, path)),
-            None => {}
-        }
-    }
-    // A compacted file replaces everything in its range; files still inside a range are
-    // leftovers of a compaction interrupted after its rename, and are removed now.
-    compacted.sort_by_key(|(first, last, _)| (*first, std::cmp::Reverse(*last)));
-    let mut kept: Vec<(OpId, OpId, PathBuf)> = Vec::new();
-    for (first, last, path) in compacted {
-        if kept.iter().any(|(f, l, _)| *f <= first && last <= *l) {
-            fs::remove_file(&path)?;
-        } else {
-            kept.push((first, last, path));
-        }
-    }
-    let mut removed_leftovers = false;
-    plain.retain(|(first, path)| {
-        let inside = kept.iter().any(|(f, l, _)| f <= first && first <= l);
-        if inside {
-            removed_leftovers |= fs::remove_file(path).is_ok();
-        }
-        !inside
-    });
-    if removed_leftovers {
-        sync_dir(&dir)?;
-    }
-    let mut segments: Vec<(OpId, Option<OpId>, PathBuf)> = kept
-        .into_iter()
-        .map(|(first, last, path)| (first, Some(last), path))
-        .chain(plain.into_iter().map(|(first, path)| (first, None, path)))
-        .collect();
-    segments.sort_by_key(|(first, _, _)| *first);
+    let segments = list_segments(&dir)?;
     let count = segments.len();
     // Every op up to the watermark was acknowledged; damage past it is a write the crash
     // cut short (a torn record, a page written back before the one before it, a segment
@@ -806,60 +767,20 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             break;
         }
         let scan = scan_segment(&path, first_op, covers_to, log.epoch)?;
-        let mut cut_after = false;
-        if let Some((offset, reason)) = &scan.damage {
-            let file_len = fs::metadata(&path)?.len();
-            let damaged_op = OpId(scan.last_op.0 + 1);
-            // Only in the tail the crash can have cut short: the last segment, or the one
-            // before it when the crash hit a roll, and every segment after it begins past
-            // the watermark. Damage deeper in the log is not a write cut short, whatever a
-            // watermark that may lag says (a batch that spans more than two segments, only
-            // possible with `log.segment_bytes` below the writer's 16 MiB batch, is refused
-            // rather than guessed at).
-            let near_tail = i + 2 >= count
-                && first_ops[i + 1..]
-                    .iter()
-                    .all(|first| unacknowledged(*first));
-            let torn = match watermark {
-                Some(_) => covers_to.is_none() && near_tail && unacknowledged(damaged_op),
-                // No watermark (written before there was one, or not under `always`):
-                // the shape of the damage decides.
-                None => is_last && covers_to.is_none() && !scan.damage_is_mid,
-            };
-            if torn {
-                cut_after = !is_last;
-                // Torn tail: cut it off; acknowledged ops all precede it.
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)?
-                    .set_len(scan.len)?;
-                File::open(&path)?.sync_all()?;
-                let detail = format!(
-                    "truncated a torn tail of {} bytes at offset {offset} of {} ({reason})",
-                    file_len - scan.len,
-                    path.display()
-                );
-                tracing::warn!(swarm = %name, "{detail}");
-                notes.push(note(detail));
-            } else {
-                let acknowledged = match watermark {
-                    Some(w) if damaged_op <= w => format!(
-                        "; op {} and those before it up to {} were acknowledged (the durable \
-                         watermark)",
-                        damaged_op.0, w.0
-                    ),
-                    _ => String::new(),
+        let cut_after = match &scan.damage {
+            Some(damage) => {
+                let tail = Tail {
+                    is_last,
+                    near_tail: i + 2 >= count
+                        && first_ops[i + 1..]
+                            .iter()
+                            .all(|first| unacknowledged(*first)),
+                    compacted: covers_to.is_some(),
                 };
-                let detail = format!(
-                    "damaged record at offset {offset} of {} ({reason}){acknowledged}; the \
-                     swarm is unavailable until the log is repaired or removed",
-                    path.display()
-                );
-                tracing::error!(swarm = %name, "{detail}");
-                notes.push(note(detail.clone()));
-                log.unavailable = Some(detail);
+                settle_damage(&mut log, &path, &scan, damage, tail, watermark, &mut notes)?
             }
-        }
+            None => false,
+        };
         if i == 0 && first_op > OpId(1) {
             // Retention removed the ops before this segment.
             log.horizon = OpId(first_op.0 - 1);
@@ -884,6 +805,98 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
             break;
         }
     }
+    finish_recovery(&mut log, watermark, &mut notes);
+    Ok((log, notes))
+}
+
+/// Where a damaged segment lies: the last one; in the tail a crash can have cut short (the
+/// last segment, or the one before it when the crash hit a roll, with every segment after
+/// it beginning past the watermark: damage deeper in the log is not a write cut short,
+/// whatever a watermark that may lag says; a batch that spans more than two segments, only
+/// possible with `log.segment_bytes` below the writer's 16 MiB batch, is refused rather
+/// than guessed at); a compacted file.
+#[derive(Clone, Copy, Debug)]
+struct Tail {
+    is_last: bool,
+    near_tail: bool,
+    compacted: bool,
+}
+
+/// A segment's damage: a torn tail (a write the crash cut short) is cut off; anything else
+/// makes the swarm unavailable. Returns whether the segments after this one are to be
+/// removed (they begin past the torn write).
+fn settle_damage(
+    log: &mut SwarmLog,
+    path: &Path,
+    scan: &Scan,
+    damage: &(u64, String),
+    tail: Tail,
+    watermark: Option<OpId>,
+    notes: &mut Vec<RecoveryNote>,
+) -> std::io::Result<bool> {
+    let name = log.name.clone();
+    let note = |detail: String| RecoveryNote {
+        swarm: name.clone(),
+        detail,
+    };
+    let unacknowledged = |op: OpId| watermark.is_some_and(|w| op > w);
+    let mut cut_after = false;
+    let (offset, reason) = damage;
+    let file_len = fs::metadata(path)?.len();
+    let damaged_op = OpId(scan.last_op.0 + 1);
+    let torn = match watermark {
+        Some(_) => !tail.compacted && tail.near_tail && unacknowledged(damaged_op),
+        // No watermark (written before there was one, or not under `always`):
+        // the shape of the damage decides.
+        None => tail.is_last && !tail.compacted && !scan.damage_is_mid,
+    };
+    if torn {
+        cut_after = !tail.is_last;
+        // Torn tail: cut it off; acknowledged ops all precede it.
+        OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(scan.len)?;
+        File::open(path)?.sync_all()?;
+        let detail = format!(
+            "truncated a torn tail of {} bytes at offset {offset} of {} ({reason})",
+            file_len - scan.len,
+            path.display()
+        );
+        tracing::warn!(swarm = %name, "{detail}");
+        notes.push(note(detail));
+    } else {
+        let acknowledged = match watermark {
+            Some(w) if damaged_op <= w => format!(
+                "; op {} and those before it up to {} were acknowledged (the durable \
+                 watermark)",
+                damaged_op.0, w.0
+            ),
+            _ => String::new(),
+        };
+        let detail = format!(
+            "damaged record at offset {offset} of {} ({reason}){acknowledged}; the \
+             swarm is unavailable until the log is repaired or removed",
+            path.display()
+        );
+        tracing::error!(swarm = %name, "{detail}");
+        notes.push(note(detail.clone()));
+        log.unavailable = Some(detail);
+    }
+
+    Ok(cut_after)
+}
+
+/// After the scan: a log with no segment left goes on after its watermark; a log that ends
+/// before its watermark is unavailable (acknowledged ops are missing); appends go into a
+/// plain segment after the last one.
+fn finish_recovery(log: &mut SwarmLog, watermark: Option<OpId>, notes: &mut Vec<RecoveryNote>) {
+    let name = log.name.clone();
+    let dir = log.dir.clone();
+    let note = |detail: String| RecoveryNote {
+        swarm: name.clone(),
+        detail,
+    };
     // (Not for the router's own logs, which retention never trims: one without segments
     // lost its state, and refuses the start below.)
     if let (true, false, Some(w)) = (log.segments.is_empty(), is_internal(&name), watermark) {
@@ -919,5 +932,55 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         }
         Some(_) => {}
     }
-    Ok((log, notes))
+}
+
+/// The segment files of a swarm's directory, in op order: (first op, last op of a
+/// compacted file, path). Leftovers of interrupted compactions are removed: `.tmp` files
+/// (their inputs are still in place) and files inside a compacted file's range (the
+/// compaction was interrupted after its rename).
+fn list_segments(dir: &Path) -> std::io::Result<Vec<(OpId, Option<OpId>, PathBuf)>> {
+    let mut plain: Vec<(OpId, PathBuf)> = Vec::new();
+    let mut compacted: Vec<(OpId, OpId, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(dir)?.filter_map(|e| e.ok()) {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "tmp") {
+            // An interrupted compaction: its inputs are still in place.
+            fs::remove_file(&path)?;
+            continue;
+        }
+        match parse_segment_name(&path) {
+            Some(SegmentName::Plain(first)) => plain.push((first, path)),
+            Some(SegmentName::Compacted(first, last)) => compacted.push((first, last, path)),
+            None => {}
+        }
+    }
+    // A compacted file replaces everything in its range; files still inside a range are
+    // leftovers of a compaction interrupted after its rename, and are removed now.
+    compacted.sort_by_key(|(first, last, _)| (*first, std::cmp::Reverse(*last)));
+    let mut kept: Vec<(OpId, OpId, PathBuf)> = Vec::new();
+    for (first, last, path) in compacted {
+        if kept.iter().any(|(f, l, _)| *f <= first && last <= *l) {
+            fs::remove_file(&path)?;
+        } else {
+            kept.push((first, last, path));
+        }
+    }
+    let mut removed_leftovers = false;
+    plain.retain(|(first, path)| {
+        let inside = kept.iter().any(|(f, l, _)| f <= first && first <= l);
+        if inside {
+            removed_leftovers |= fs::remove_file(path).is_ok();
+        }
+        !inside
+    });
+    if removed_leftovers {
+        sync_dir(dir)?;
+    }
+    let mut segments: Vec<(OpId, Option<OpId>, PathBuf)> = kept
+        .into_iter()
+        .map(|(first, last, path)| (first, Some(last), path))
+        .chain(plain.into_iter().map(|(first, path)| (first, None, path)))
+        .collect();
+    segments.sort_by_key(|(first, _, _)| *first);
+    Ok(segments)
 }

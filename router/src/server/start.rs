@@ -441,6 +441,8 @@ struct StartedShards {
 }
 
 /// Starts the bulk runtime, the two log writers and the shards, each with its swarms.
+// Writers, then each shard with its swarms and log: the shards are built in one pass over
+// the recovered logs.
 fn start_shards(
     config: &Config,
     recovered: Vec<log::SwarmLog>,

@@ -677,6 +677,8 @@ impl Shard {
         self.telemetry.apply(self.core.take_telemetry_changes());
     }
 
+    // One arm per shard command, each the core call and the replies it needs: a dispatch,
+    // long by design (the longer steps are methods of their own).
     fn handle_command(&mut self, command: ShardCommand, now: Now) {
         let core = &mut self.core;
         match command {

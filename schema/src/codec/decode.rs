@@ -43,6 +43,8 @@ pub(super) fn missing(kind: &'static str) -> DecodeError {
 
 /// Verifies and decodes one frame (the bytes after the length prefix, as returned by
 /// [`crate::FrameDecoder::next_frame`]). Payloads are slices of `frame`, never copies.
+// One arm per message kind, in the schema's order, mirroring `encode`: each arm checks
+// that message's required fields and limits. Long by design.
 pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeError> {
     if frame.len() < HEADER_LEN_BYTES {
         return Err(DecodeError::Malformed {

@@ -27,6 +27,7 @@ fn payload() -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(any::<u8>(), 0..2048).prop_map(Bytes::from)
 }
 
+// One sample of every message kind, for the round-trip tests: a list, long by design.
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         (

@@ -572,6 +572,8 @@ impl<H: Clone> Core<H> {
     /// acknowledged (`Reply` to `publisher`) and delivered only when the log reports them
     /// durable through [`Core::handle_durable`]. `payload` is shared, not copied, with every
     /// recipient.
+    // Unordered then ordered classes, each from admission to its action, in one place so the
+    // path of a publish reads in order.
     pub fn handle_publish(
         &mut self,
         source_agent: &str,

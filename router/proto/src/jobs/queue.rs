@@ -181,6 +181,9 @@ impl<H: Handle + Clone> Jobs<H> {
     }
 
     /// A submit (the driver checked the session joined the swarm and the sizes).
+    // A submit's checks in the order they apply (payload, deadline, swarm caps, the
+    // duplicate window with its answers, byte caps), then the new job: each check may answer
+    // alone, and they read best in sequence.
     pub fn submit(
         &mut self,
         agent: &str,

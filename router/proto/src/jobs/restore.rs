@@ -36,6 +36,7 @@ impl<H: Handle + Clone> Jobs<H> {
         jobs
     }
 
+    // One arm per record kind, applied in log order: a replay, long by design.
     pub(super) fn restore(&mut self, records: impl IntoIterator<Item = JobRecord>, now_ms: u64) {
         struct Found {
             spec: Option<JobSpec>,
