@@ -22,7 +22,7 @@ pub enum RouterError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {detail}")]
+    #[error("reading config file {path}: {detail}")]
     ConfigFile { path: PathBuf, detail: String },
     #[error("TLS: {context}: {detail}")]
     Tls { context: String, detail: String },

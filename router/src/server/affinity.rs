@@ -150,7 +150,8 @@ impl Session {
             );
             return Ok(());
         }
-        match self.context.workers().reply(self.conn, reply) {
+        let answered = self.context.workers().reply(self.conn, reply);
+        match answered {
             Some((requester, frame)) => {
                 let _ = requester.push(Lane::Session, frame);
             }

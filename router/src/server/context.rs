@@ -148,17 +148,22 @@ impl Context {
             answers.extend(answer);
         }
         let count = answers.len();
-        let wait = async {
-            let mut ops = Vec::with_capacity(count);
-            for answer in answers {
-                match answer.await {
-                    Ok(Ok(op)) => ops.push(op),
-                    Ok(Err(why)) => return Err(format!("writing to the router's log: {why}")),
-                    Err(_) => return Err("the router is shutting down".to_owned()),
+        let wait =
+            async {
+                let mut ops = Vec::with_capacity(count);
+                for answer in answers {
+                    match answer.await {
+                        Ok(Ok(op)) => ops.push(op),
+                        Ok(Err(why)) => return Err(format!("writing to the router's log: {why}")),
+                        // The shard went away with the record queued or in the log.
+                        Err(_) => return Err(
+                            "the router shut down before the record was durable (it may still be)"
+                                .to_owned(),
+                        ),
+                    }
                 }
-            }
-            Ok(ops)
-        };
+                Ok(ops)
+            };
         // The shard answers every record, durable or refused, so the outcome is never
         // guessed: a slow disk is waited for (and logged every 30 s); only a router shutting
         // down gives up waiting, and then says the outcome is unknown.

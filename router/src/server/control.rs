@@ -354,7 +354,9 @@ impl Session {
             SafetyKind::Drain | SafetyKind::Undrain => {
                 let draining = action.kind == SafetyKind::Drain;
                 let pins = context.workers().set_admin_drain(&action.target, draining);
-                if let Some(conn) = context.workers().conn_of(&action.target) {
+                // One lock at a time: the registry's is released before the job queue's.
+                let conn = context.workers().conn_of(&action.target);
+                if let Some(conn) = conn {
                     context.jobs().worker_draining(conn, draining);
                 }
                 if let Err(error) = context.write_pins(pins).await {

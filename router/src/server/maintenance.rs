@@ -35,7 +35,8 @@ pub(super) async fn worker_maintenance(context: std::sync::Weak<Context>) {
             return;
         };
         let now = context.clock.now();
-        push_all(context.workers().expire(now));
+        let expired = context.workers().expire(now);
+        push_all(expired);
         if now.instant.duration_since(last_reap) >= Duration::from_secs(10) {
             last_reap = now.instant;
             let pins = context.workers().reap(now);

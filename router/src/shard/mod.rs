@@ -100,7 +100,7 @@ pub enum ShardCommand {
 }
 
 /// A message the router itself publishes, as agent `swarmbus-router`: a record of one of
-/// its internal swarms (class control, to `$control`, `$pins`, `$jobs.*`), sequenced and
+/// its internal swarms (class control, to `$control`, `$affinity`, `$jobs.*`), sequenced and
 /// made durable like any control message, or an alert (breaker and presence events).
 /// `reply`, when given, gets the op id once durable (`OpId::NONE` at once for an unordered
 /// class), or why it was refused.

@@ -86,6 +86,33 @@ async fn router_publishes_are_answered_with_their_op_ids_once_durable() {
     assert_eq!(answer.await.unwrap(), Ok(OpId(5)));
 }
 
+#[tokio::test]
+async fn a_router_publish_whose_write_fails_is_answered_with_the_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = shard_in(dir.path());
+    // The swarm's first segment cannot be opened as a file: the writer's open fails (EISDIR)
+    // as on a disk that refuses writes.
+    let swarm_dir = dir
+        .path()
+        .join(crate::log::store::swarm_dir_name("$control"));
+    std::fs::create_dir_all(swarm_dir.join(format!("{:020}.log", 1))).unwrap();
+    let (first, answer) = publish("$control", Class::Control, "a");
+    shard
+        .send(ShardCommand::RouterPublish(first))
+        .await
+        .unwrap();
+    let refused = tokio::time::timeout(std::time::Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .unwrap()
+        .unwrap_err();
+    assert!(!refused.is_empty(), "the refusal says why");
+    // The swarm is unavailable now: the next record is refused too, at once.
+    let (next, answer) = publish("$control", Class::Control, "b");
+    shard.send(ShardCommand::RouterPublish(next)).await.unwrap();
+    assert!(answer.await.unwrap().is_err());
+}
+
 #[test]
 fn shard_placement_is_stable_and_in_range() {
     for shards in 1..8 {
