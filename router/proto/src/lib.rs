@@ -24,6 +24,7 @@
 //! - [`governor`]: the bulk-intake governor's decision step.
 //! - [`quota`]: the router-wide and per-agent swarm budget.
 //! - [`refusal`]: a refused request and its `Error` frame, built in one place.
+//! - `test_support` (tests only): what the machines' tests share.
 
 // Tests build times from the real clock; the machines themselves never read it.
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
@@ -40,6 +41,9 @@ pub mod record_key;
 pub mod refusal;
 pub mod time;
 pub mod workers;
+
+#[cfg(test)]
+mod test_support;
 
 pub use conn::{ConnId, Handle, Lane};
 pub use refusal::Refusal;

@@ -718,7 +718,7 @@ fn moves_to_pins<H>(state: &State<H>, moves: &[Move]) -> Vec<PinWrite> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use swarmbus_schema::{decode, DecodeOptions, FrameDecoder};
+    use crate::test_support::message;
 
     /// The handle is the connection id itself.
     fn outbox(conn: u64) -> ConnId {
@@ -750,16 +750,6 @@ mod tests {
             source_agent: None,
             payload: Bytes::from_static(b"prompt"),
         }
-    }
-
-    fn message(frame: &OutFrame) -> Message {
-        let mut decoder = FrameDecoder::new(1 << 20);
-        decoder.push(Bytes::from(frame.to_vec()));
-        decode(
-            decoder.next_frame().unwrap().unwrap(),
-            &DecodeOptions::default(),
-        )
-        .unwrap()
     }
 
     #[test]

@@ -3,20 +3,10 @@ use super::*;
 // The tests address connections by their ids.
 type Jobs = super::Jobs<ConnId>;
 type Effects = super::Effects<ConnId>;
-use swarmbus_schema::{decode, DecodeOptions, FrameDecoder};
+use crate::test_support::message;
 
 fn outbox(conn: u64) -> ConnId {
     ConnId(conn)
-}
-
-fn message(frame: &OutFrame) -> Message {
-    let mut decoder = FrameDecoder::new(1 << 20);
-    decoder.push(Bytes::from(frame.to_vec()));
-    decode(
-        decoder.next_frame().unwrap().unwrap(),
-        &DecodeOptions::default(),
-    )
-    .unwrap()
 }
 
 fn leases(fx: &Effects) -> Vec<(ConnId, JobLease)> {
