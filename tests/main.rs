@@ -5,6 +5,7 @@ mod bulk;
 mod clock;
 mod common;
 mod control;
+mod examples;
 mod hostile;
 mod jobs;
 mod log_faults;

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run -p swarmbus-router --release &             # a router on its defaults
 //! cargo run -p swarmbus-client --example controller     # this controller, against it
+//! cargo run -p swarmbus-client --example controller -- HOST:PORT CA.pem   # another router
 //! ```
 
 use std::time::Duration;
@@ -14,11 +15,15 @@ use swarmbus_client::{Class, Connector, PublishOptions, Role, SafetyKind, Sessio
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let connector = Connector::new("swarmbus-data/tls/ca.pem".as_ref(), "localhost")?;
+    // The router and the CA it was started with; by default, a router on its defaults.
+    let mut args = std::env::args().skip(1);
+    let router = args.next().unwrap_or_else(|| "127.0.0.1:4433".into());
+    let ca = args
+        .next()
+        .unwrap_or_else(|| "swarmbus-data/tls/ca.pem".into());
+    let connector = Connector::new(ca.as_ref(), "localhost")?;
     let session = Session::new("controller-1", Role::Controller, ["swarm-a"]);
-    let (client, _deliveries) = connector
-        .connect("127.0.0.1:4433".parse()?, session)
-        .await?;
+    let (client, _deliveries) = connector.connect_to(&router, session).await?;
 
     // One leader at a time: a second controller is refused with LeaseHeld (27) and the
     // time left.
