@@ -71,6 +71,7 @@ async fn presence_sees_joins_and_leaves_on_close_and_on_timeout() {
         metadata: String::new(),
         bulk: false,
         attach: None,
+        credential: None,
     }));
     send.write_all(&hello.to_vec()).await.unwrap();
     let events = recv_keyed(&mut alerts, "presence", 2).await;

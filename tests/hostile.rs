@@ -24,6 +24,7 @@ fn hello_frame() -> Vec<u8> {
         metadata: String::new(),
         bulk: false,
         attach: None,
+        credential: None,
     }))
     .to_vec()
 }
@@ -264,6 +265,7 @@ async fn an_unsupported_protocol_version_is_refused() {
             metadata: String::new(),
             bulk: false,
             attach: None,
+            credential: None,
         }))
         .to_vec(),
     );

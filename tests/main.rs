@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per suite. Routers bind 127.0.0.1:0.
 
 mod affinity;
+mod auth;
 mod bulk;
 mod clock;
 mod common;

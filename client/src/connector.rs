@@ -249,6 +249,11 @@ impl Connector {
             metadata: session.metadata.clone(),
             bulk: session.bulk_connection,
             attach: None,
+            credential: session
+                .credential
+                .as_ref()
+                .map(Credential::token)
+                .transpose()?,
         };
         let hello = encode(&Message::Hello(hello));
         send.write_all_chunks(&mut [hello.head, hello.body])

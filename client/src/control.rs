@@ -286,6 +286,20 @@ impl Client {
         .map(|_| ())
     }
 
+    /// Shows the router a fresh credential for this session (the same agent id) before the
+    /// current one expires: the session goes on under the new one. Refused with
+    /// `Unauthenticated` (invalid) or `Forbidden` (it no longer grants the session's swarms
+    /// and role); the session then keeps the credential it had, until that expires.
+    pub async fn refresh_credential(&self, token: &str) -> Result<(), ClientError> {
+        self.request(|request_id| Message::Authenticate {
+            request_id,
+            credential: token.to_owned(),
+        })
+        .await
+        .and_then(expect_receipt)
+        .map(|_| ())
+    }
+
     /// Holds `swarm`'s commands (sequenced and durable, not delivered) until [`Client::resume`].
     pub async fn pause(&self, swarm: &str) -> Result<(), ClientError> {
         self.safety(SafetyKind::Pause, swarm, "", Duration::ZERO)

@@ -116,6 +116,38 @@ pub struct Session {
     /// and connection driver, apart from commands. When the attach fails the session carries
     /// everything on its one connection. Default true.
     pub bulk_connection: bool,
+    /// The session's credential, for a router that requires one (`auth.mode = "required"`):
+    /// see [`Session::with_credential`] and [`Session::credential_from`].
+    pub credential: Option<Credential>,
+}
+
+/// A session's credential (a compact JWT): a fixed token, or a source asked for a fresh one
+/// at every connect (a resilient client's reconnects too). Its `Debug` never shows it.
+#[derive(Clone)]
+pub enum Credential {
+    Token(String),
+    Source(Arc<dyn Fn() -> Result<String, String> + Send + Sync>),
+}
+
+impl Credential {
+    /// The token to send now.
+    pub fn token(&self) -> Result<String, ClientError> {
+        match self {
+            Credential::Token(token) => Ok(token.clone()),
+            Credential::Source(source) => source().map_err(|detail| ClientError::InvalidArgument {
+                detail: format!("the credential source failed: {detail}"),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credential::Token(_) => f.write_str("Credential::Token(..)"),
+            Credential::Source(_) => f.write_str("Credential::Source(..)"),
+        }
+    }
 }
 
 impl Session {
@@ -137,7 +169,23 @@ impl Session {
             resume: Vec::new(),
             metadata: String::new(),
             bulk_connection: true,
+            credential: None,
         }
+    }
+
+    /// Shows `token` (a JWT issued for this agent id) in Hello.
+    pub fn with_credential(mut self, token: impl Into<String>) -> Self {
+        self.credential = Some(Credential::Token(token.into()));
+        self
+    }
+
+    /// Asks `source` for a credential at every connect (and reconnect).
+    pub fn credential_from(
+        mut self,
+        source: impl Fn() -> Result<String, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.credential = Some(Credential::Source(Arc::new(source)));
+        self
     }
 
     /// Resumes from the state of `applied` (its resume points for the swarms joined).

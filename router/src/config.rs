@@ -37,6 +37,7 @@ pub struct Config {
     /// Routing shards (swarms are spread over them by hash); 0 = one per CPU core.
     pub shards: usize,
     pub tls: TlsConfig,
+    pub auth: crate::auth::AuthConfig,
     pub limits: LimitsConfig,
     pub queues: QueueConfig,
     pub log: LogConfig,
@@ -497,6 +498,7 @@ impl Default for Config {
             router_name: "swarmbus".into(),
             shards: 0,
             tls: TlsConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
             limits: LimitsConfig::default(),
             queues: QueueConfig::default(),
             log: LogConfig::default(),
@@ -609,6 +611,17 @@ impl Config {
                 "SWARMBUS_SHARDS" => self.shards = parse(&key, &value)?,
                 "SWARMBUS_TLS_CERT" => self.tls.cert = Some(PathBuf::from(value)),
                 "SWARMBUS_TLS_KEY" => self.tls.key = Some(PathBuf::from(value)),
+                "SWARMBUS_AUTH_MODE" => {
+                    self.auth.mode = match value.as_str() {
+                        "none" => crate::auth::AuthMode::None,
+                        "required" => crate::auth::AuthMode::Required,
+                        _ => {
+                            return Err(config_error(format!(
+                                "{key}={value:?}: expected none or required"
+                            )))
+                        }
+                    }
+                }
                 "SWARMBUS_MAX_FRAME_BYTES" => self.limits.max_frame_bytes = parse(&key, &value)?,
                 "SWARMBUS_MAX_CONNECTIONS" => self.limits.max_connections = parse(&key, &value)?,
                 "SWARMBUS_LOG_SYNC" => self.log.sync = parse(&key, &value)?,
@@ -640,11 +653,13 @@ impl Config {
     // One check per setting, in the order of `router/swarmbus.example.toml`, each with the
     // message an operator sees: a list, long by design.
     pub fn validate(&self) -> Result<(), RouterError> {
-        if !self.listen.ip().is_loopback() {
+        // Without credentials nobody is identified: loopback only.
+        let open = self.auth.mode == crate::auth::AuthMode::None;
+        if open && !self.listen.ip().is_loopback() {
             return Err(RouterError::NonLoopbackListen { addr: self.listen });
         }
         if let BulkListen::At(bulk) = self.bulk_listen {
-            if !bulk.ip().is_loopback() {
+            if open && !bulk.ip().is_loopback() {
                 return Err(RouterError::NonLoopbackListen { addr: bulk });
             }
             if bulk == self.listen && bulk.port() != 0 {
@@ -663,6 +678,7 @@ impl Config {
                 "limits.max_frame_bytes must be between 1024 and 67108864",
             ));
         }
+        self.auth.check().map_err(config_error)?;
         let max_swarms = limits.max_swarms_per_session;
         if max_swarms == 0 || max_swarms > swarmbus_schema::MAX_SWARMS_PER_SESSION {
             return Err(config_error(format!(

@@ -27,8 +27,9 @@ pub enum RouterError {
     #[error("TLS: {context}: {detail}")]
     Tls { context: String, detail: String },
     #[error(
-        "refusing to listen on {addr}: swarmbus has no client authentication yet, so it only \
-         listens on loopback addresses (127.0.0.0/8, ::1); use e.g. --listen 127.0.0.1:4433"
+        "refusing to listen on {addr}: with auth.mode = \"none\" nobody is identified, so the \
+         router only listens on loopback addresses (127.0.0.0/8, ::1); set auth.mode = \
+         \"required\" (see docs/security.md) or use e.g. --listen 127.0.0.1:4433"
     )]
     NonLoopbackListen { addr: SocketAddr },
     #[error("binding {addr}")]

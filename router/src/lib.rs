@@ -2,6 +2,7 @@
 //! ([`swarmbus_proto`]: routing, control plane, affinity, jobs) over QUIC and the event log.
 //!
 //! Layout:
+//! - [`auth`]: credentials (Ed25519 JWTs), the keys trusted, what grants allow.
 //! - [`clock`]: the router's clock, monotonic while it runs and bounded across restarts.
 //! - [`config`]: typed configuration, TOML file, `SWARMBUS_*` overrides, validation.
 //! - [`tls`]: development CA (rcgen) and the rustls/quinn server configuration.
@@ -14,6 +15,7 @@
 //! - [`stats`]: router-wide counters.
 //! - [`error`]: the crate's error type.
 
+pub mod auth;
 pub mod bulk;
 pub mod clock;
 pub mod config;

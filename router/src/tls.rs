@@ -67,6 +67,12 @@ fn ca_params() -> CertificateParams {
 }
 
 fn write_private(path: &Path, contents: &str) -> Result<(), RouterError> {
+    write_private_file(path, contents)
+        .map_err(|e| tls_error(format!("writing {}", path.display()), e))
+}
+
+/// Writes a file only its owner may read (private keys).
+pub(crate) fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -75,11 +81,7 @@ fn write_private(path: &Path, contents: &str) -> Result<(), RouterError> {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options
-        .open(path)
-        .map_err(|e| tls_error(format!("writing {}", path.display()), e))?;
-    file.write_all(contents.as_bytes())
-        .map_err(|e| tls_error(format!("writing {}", path.display()), e))
+    options.open(path)?.write_all(contents.as_bytes())
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<(), RouterError> {

@@ -19,8 +19,14 @@ impl Drop for Running {
 
 /// Starts the router in `dir` with `args` and returns it with its `listening on` line.
 fn start(dir: &std::path::Path, args: &[&str]) -> (Running, String) {
+    start_with(dir, args, &[])
+}
+
+/// [`start`] with environment variables.
+fn start_with(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Running, String) {
     let mut child = Command::new(ROUTER)
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(dir)
         .env("SWARMBUS_LOG", "warn")
         .stdout(Stdio::piped())
@@ -133,4 +139,89 @@ fn a_bad_config_file_is_reported() {
         stderr.contains("router.toml") && stderr.contains("listne"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn with_required_auth_it_listens_on_any_address_and_serves_issued_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let (_router, line) = start_with(
+        dir.path(),
+        &["--listen", "0.0.0.0:0", "--data-dir", data_arg],
+        &[("SWARMBUS_AUTH_MODE", "required")],
+    );
+    assert!(line.contains("listening on 0.0.0.0:"), "{line}");
+    assert!(line.contains("auth: required"), "{line}");
+    let port: u16 = line
+        .split("listening on 0.0.0.0:")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|port| port.parse().ok())
+        .expect("a port on the start line");
+    let issued = Command::new(ROUTER)
+        .args(["creds", "issue", "--data-dir", data_arg, "--agent", "a1"])
+        .args(["--role", "agent", "--swarm", "fleet.*", "--ttl", "10m"])
+        .env("SWARMBUS_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let token = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let connector = swarmbus_client::Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
+    let session = swarmbus_client::Session::new("a1", swarmbus_client::Role::Agent, ["fleet.x"])
+        .with_credential(token);
+    let (client, _) = connector
+        .connect(([127, 0, 0, 1], port).into(), session)
+        .await
+        .expect("an issued credential is served");
+    client
+        .publish(
+            "fleet.x",
+            swarmbus_client::Class::Command,
+            bytes::Bytes::from_static(b"go"),
+            swarmbus_client::PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    // Without one: refused with Unauthenticated (37).
+    let bare = swarmbus_client::Session::new("a2", swarmbus_client::Role::Agent, ["fleet.x"]);
+    let refused = connector
+        .connect(([127, 0, 0, 1], port).into(), bare)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(37), "{refused}");
+}
+
+#[test]
+fn creds_issue_refuses_an_unknown_role_and_a_bad_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for (args, expect) in [
+        (["--role", "root", "--ttl", "1h"], "--role"),
+        (["--role", "agent", "--ttl", "1y"], "--ttl"),
+    ] {
+        let output = Command::new(ROUTER)
+            .args([
+                "creds",
+                "issue",
+                "--data-dir",
+                data,
+                "--agent",
+                "a",
+                "--swarm",
+                "s",
+            ])
+            .args(args)
+            .env("SWARMBUS_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expect), "{stderr}");
+    }
 }

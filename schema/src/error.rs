@@ -83,6 +83,10 @@ pub enum ErrorCode {
     UnknownJob = 31,
     /// The job already ended (cancel of a finished job; re-drive of a job not dead-lettered).
     JobFinished = 32,
+    /// The router requires a credential and this session's is missing, malformed, expired,
+    /// not yet valid, not signed by a key it trusts, or revoked. A fresh credential (or a
+    /// router that trusts its key) may pass.
+    Unauthenticated = 37,
 }
 
 impl ErrorCode {
@@ -105,7 +109,7 @@ impl ErrorCode {
             | PayloadTooLarge | SwarmUnavailable | RateLimited | CircuitOpen | NodeGone
             | DeadlineExceeded | NoWorker | Forbidden | Replaced | LeaseHeld | LeaseLost
             | StaleFencingToken | HeartbeatTimeout | Stopped | LeaseFenced | UnknownJob
-            | JobFinished => false,
+            | JobFinished | Unauthenticated => false,
         }
     }
 
@@ -147,6 +151,7 @@ impl ErrorCode {
             30 => LeaseFenced,
             31 => UnknownJob,
             32 => JobFinished,
+            37 => Unauthenticated,
             _ => return None,
         })
     }

@@ -61,16 +61,20 @@ pub const ORDERED_CLASS_COUNT: usize = 2;
 /// [`max_hello_frame_bytes`] allows for, each.
 pub const HELLO_TEXT_BYTES: usize = 1024;
 
+/// Bytes of the credential a Hello or an Authenticate may carry (a compact JWT: its grants
+/// make most of it). A longer one is refused when decoded.
+pub const MAX_CREDENTIAL_BYTES: usize = 2048;
+
 /// Upper bound of the frame of a Hello that joins `swarms` swarms with a resume point per
 /// ordered class in each, names of at most [`MAX_NAME_BYTES`] and other text fields of at most
-/// [`HELLO_TEXT_BYTES`]. A router's `limits.max_frame_bytes` must be at least this for its
+/// [`HELLO_TEXT_BYTES`], and a credential of at most [`MAX_CREDENTIAL_BYTES`]. A router's `limits.max_frame_bytes` must be at least this for its
 /// `max_swarms_per_session`, so an agent at the limit can always say Hello.
 pub fn max_hello_frame_bytes(swarms: u32) -> usize {
     // Per swarm: the name in `swarms` (offset, length, bytes, NUL, padding) and, per ordered
     // class, a Resume table (offset, vtable offset, fields) with its own copy of the name.
     let name = 4 + 4 + MAX_NAME_BYTES + 4;
     let per_swarm = 4 + name + ORDERED_CLASS_COUNT * (4 + 40 + name);
-    1024 + 4 * HELLO_TEXT_BYTES + swarms as usize * per_swarm
+    1024 + 4 * HELLO_TEXT_BYTES + (8 + MAX_CREDENTIAL_BYTES) + swarms as usize * per_swarm
 }
 
 /// Upper bound of a Deliver frame's header (prefix fields, FlatBuffers tables and five

@@ -137,6 +137,8 @@ pub struct Hello {
     pub bulk: bool,
     /// Set on a connection that attaches to an existing session as its bulk connection.
     pub attach: Option<Attach>,
+    /// The session's credential (a compact JWT), at most [`crate::MAX_CREDENTIAL_BYTES`].
+    pub credential: Option<String>,
 }
 
 /// Which session a bulk connection attaches to, and the token its Welcome gave.
@@ -589,6 +591,12 @@ pub enum Message {
         swarm: String,
         job_id: JobId,
     },
+    /// Client -> router: a fresh credential for the session, before the current one
+    /// expires (at most [`crate::MAX_CREDENTIAL_BYTES`]).
+    Authenticate {
+        request_id: u64,
+        credential: String,
+    },
 }
 
 impl Message {
@@ -632,6 +640,7 @@ impl Message {
             Message::ListDeadLetters { .. } => "ListDeadLetters",
             Message::DeadLetters(_) => "DeadLetters",
             Message::RedriveJob { .. } => "RedriveJob",
+            Message::Authenticate { .. } => "Authenticate",
         }
     }
 }

@@ -16,9 +16,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// With no arguments it listens on 127.0.0.1:4433 with data in ./swarmbus-data and a
 /// development CA (clients trust ./swarmbus-data/tls/ca.pem).
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
-    /// UDP address to listen on (loopback only until authentication lands).
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// UDP address to listen on (loopback only unless auth.mode = "required").
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
     /// The bulk listener: auto (listen's address, a port the OS picks; the default), off,
@@ -34,6 +36,99 @@ struct Args {
     /// Routing shards (0 = one per core).
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Development credentials.
+    #[command(subcommand)]
+    Creds(Creds),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Creds {
+    /// Prints a credential (an Ed25519 JWT) for AGENT, granting ROLE in the swarms PATTERN
+    /// names, signed with the data dir's development key (made if missing) or `--key`.
+    Issue {
+        /// The router's data dir, whose development key signs (DATA_DIR/auth/dev-signing.pem).
+        #[arg(long, value_name = "DIR", default_value = "./swarmbus-data")]
+        data_dir: PathBuf,
+        /// Sign with this Ed25519 private key (PKCS#8 PEM) instead.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// The agent id (the credential's sub).
+        #[arg(long, value_name = "ID")]
+        agent: String,
+        /// agent, controller, worker or admin.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// A swarm name, `prefix.*` or `*`; repeat for more.
+        #[arg(long = "swarm", value_name = "PATTERN", required = true)]
+        swarms: Vec<String>,
+        /// How long it is valid: 90s, 30m, 1h, 7d (plain numbers are seconds).
+        #[arg(long, value_name = "TTL", default_value = "1h")]
+        ttl: String,
+    },
+}
+
+/// Seconds of a TTL such as `90s`, `30m`, `1h` or `7d` (plain numbers are seconds).
+fn ttl_seconds(text: &str) -> anyhow::Result<u64> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let number: u64 = number
+        .parse()
+        .with_context(|| format!("--ttl {text:?}: expected a number and s, m, h or d"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => anyhow::bail!("--ttl {text:?}: the unit is s, m, h or d"),
+    };
+    match number.checked_mul(scale) {
+        Some(0) | None => anyhow::bail!("--ttl {text:?}: must be between 1 s and many years"),
+        Some(seconds) => Ok(seconds),
+    }
+}
+
+fn issue_credential(creds: Creds) -> anyhow::Result<()> {
+    let Creds::Issue {
+        data_dir,
+        key,
+        agent,
+        role,
+        swarms,
+        ttl,
+    } = creds;
+    let role = swarmbus_router::auth::GrantRole::parse(&role)
+        .with_context(|| format!("--role {role:?}: expected agent, controller, worker or admin"))?;
+    if !swarmbus_schema::valid_name(&agent) {
+        anyhow::bail!("--agent {agent:?}: not a valid agent id");
+    }
+    let key = match key {
+        Some(path) => path,
+        None => swarmbus_router::auth::ensure_dev_key(&data_dir)?.0,
+    };
+    let pem = std::fs::read(&key).with_context(|| format!("reading {}", key.display()))?;
+    let mut jti = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut jti)
+        .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the wall clock is before 1970")?
+        .as_secs();
+    let issue = swarmbus_router::auth::Issue {
+        agent,
+        grants: swarms.into_iter().map(|swarm| (swarm, role)).collect(),
+        ttl_s: ttl_seconds(&ttl)?,
+        now_s,
+        jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
+    };
+    let token = swarmbus_router::auth::issue(&pem, &issue).map_err(anyhow::Error::msg)?;
+    println!("{token}");
+    Ok(())
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
@@ -104,7 +199,10 @@ async fn run() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Command::Creds(creds)) = args.command.take() {
+        return issue_credential(creds);
+    }
     let config = load_config(&args)?;
     let router = Router::start(config).await.context("starting the router")?;
     {
@@ -118,20 +216,16 @@ async fn run() -> anyhow::Result<()> {
         if let Some(ca) = router.ca_path() {
             notes.push(format!("development CA: {}", ca.display()));
         }
-        if notes.is_empty() {
-            writeln!(
-                stdout,
-                "swarmbus-router listening on {}",
-                router.local_addr()
-            )?;
-        } else {
-            writeln!(
-                stdout,
-                "swarmbus-router listening on {} ({})",
-                router.local_addr(),
-                notes.join("; ")
-            )?;
-        }
+        notes.push(match router.auth_mode() {
+            swarmbus_router::auth::AuthMode::None => "auth: none, unauthenticated".to_owned(),
+            swarmbus_router::auth::AuthMode::Required => "auth: required".to_owned(),
+        });
+        writeln!(
+            stdout,
+            "swarmbus-router listening on {} ({})",
+            router.local_addr(),
+            notes.join("; ")
+        )?;
         stdout.flush()?;
     }
     shutdown_signal().await;

@@ -103,6 +103,12 @@ pub(super) fn check_hello(hello: &Hello, config: &Config) -> Result<(), Fault> {
         ));
     }
     check_name("agent_id", &hello.agent_id)?;
+    if hello.agent_id == ROUTER_AGENT {
+        return Err(Fault::new(
+            ErrorCode::Forbidden,
+            format!("agent id {ROUTER_AGENT:?} is the router's own"),
+        ));
+    }
     for swarm in &hello.swarms {
         check_name("swarm name", swarm)?;
         if swarm.starts_with('$') {
@@ -243,7 +249,7 @@ pub(super) async fn run_connection(
     }
     // One budget for the unfinished frames of all this connection's streams.
     let partial = context.partial_frames();
-    let Some((send, session_reader, hello)) =
+    let Some((send, session_reader, hello, credential_expires_s)) =
         greet(&connection, &context, listener, partial.clone()).await
     else {
         return;
@@ -263,6 +269,9 @@ pub(super) async fn run_connection(
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
     let metadata = hello.metadata.clone();
     let session = new_session(conn, hello, &outbox, &context);
+    session
+        .credential_expires_s
+        .store(credential_expires_s, Ordering::Relaxed);
     if !join(&session, metadata, &context).await {
         outbox.request_close(ErrorCode::Stopped);
         connection.close(
@@ -329,7 +338,7 @@ async fn greet(
     context: &Arc<Context>,
     listener: Listener,
     partial: Arc<PartialFrames>,
-) -> Option<(SendStream, FrameReader, Hello)> {
+) -> Option<(SendStream, FrameReader, Hello, u64)> {
     let stats = &context.stats;
     let hello_timeout = Duration::from_millis(context.config.limits.hello_timeout_ms);
     let handshake =
@@ -361,6 +370,17 @@ async fn greet(
         }
         return None;
     }
+    let expires_s = match &context.auth {
+        Some(auth) => match authenticate(auth, &hello) {
+            Ok(expires_s) => expires_s,
+            Err(fault) => {
+                context.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
+                close_with(connection, stats, &fault);
+                return None;
+            }
+        },
+        None => 0,
+    };
     // A stopped agent is refused until its stop runs out, with the time left.
     let stopped_for = {
         let now_ms = context.clock.now_ms();
@@ -385,7 +405,46 @@ async fn greet(
         );
         return None;
     }
-    Some((send, session_reader, hello))
+    Some((send, session_reader, hello, expires_s))
+}
+
+/// The Hello's credential, checked: signed by a trusted key, for this agent id, granting
+/// the Hello's role in every swarm it joins. Returns when it expires (Unix seconds).
+fn authenticate(auth: &crate::auth::Authenticator, hello: &Hello) -> Result<u64, Fault> {
+    let Some(token) = hello.credential.as_deref() else {
+        return Err(Fault::new(
+            ErrorCode::Unauthenticated,
+            "this router requires a credential (auth.mode = \"required\")",
+        ));
+    };
+    let identity = auth
+        .verify(token)
+        .map_err(|refusal| Fault::new(refusal.code, refusal.reason))?;
+    admit(&identity, &hello.agent_id, hello.role, &hello.swarms)
+        .map_err(|refusal| Fault::new(refusal.code, refusal.reason))?;
+    Ok(identity.expires_at_s)
+}
+
+/// Whether `identity` may be agent `agent` in `role` in every one of `swarms`.
+pub(super) fn admit(
+    identity: &crate::auth::Identity,
+    agent: &str,
+    role: Role,
+    swarms: &[String],
+) -> Result<(), crate::auth::AuthRefusal> {
+    if identity.agent != agent {
+        return Err(crate::auth::AuthRefusal::forbidden(format!(
+            "the credential is for agent {:?}, not {agent:?}",
+            identity.agent
+        )));
+    }
+    if let Some(swarm) = identity.refused_swarm(role, swarms) {
+        return Err(crate::auth::AuthRefusal::forbidden(format!(
+            "the credential grants no {} role in swarm {swarm:?}",
+            format!("{role:?}").to_lowercase()
+        )));
+    }
+    Ok(())
 }
 
 /// A session's bulk side: the offer in its Welcome, and the path its bulk lanes take (the
@@ -526,6 +585,7 @@ fn new_session(
                 .checked_sub(Duration::from_secs(1))
                 .unwrap_or_else(std::time::Instant::now),
         )),
+        credential_expires_s: AtomicU64::new(0),
     })
 }
 
@@ -619,6 +679,10 @@ async fn serve_session(
             close_with(connection, stats, &Fault::new(code, reason));
         }
         _ = connection.closed() => {}
+        () = credential_expired(session) => {
+            let fault = Fault::new(ErrorCode::Unauthenticated, "the session's credential expired");
+            close_with(connection, stats, &fault);
+        }
         error = bulk_connection_closed(bulk_path.clone()) => {
             // The session's two connections live and end together.
             match error {
@@ -631,6 +695,31 @@ async fn serve_session(
                 ),
             }
         }
+    }
+}
+
+/// Returns once the session's credential has expired (never for a session without one). A
+/// refresh moves the expiry; this looks again when it wakes.
+async fn credential_expired(session: &Session) {
+    loop {
+        let expires_s = session.credential_expires_s.load(Ordering::Relaxed);
+        if expires_s == 0 {
+            return std::future::pending().await;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        // Credentials are stated in wall-clock seconds (their issuer's clock); the leeway
+        // allowed at verification applies here too.
+        let leeway_s = session.context.config.auth.leeway_s;
+        let deadline_ms = expires_s.saturating_add(leeway_s).saturating_mul(1_000);
+        if now_ms >= deadline_ms
+            && session.credential_expires_s.load(Ordering::Relaxed) == expires_s
+        {
+            return;
+        }
+        let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms).clamp(10, 60_000));
+        tokio::time::sleep(wait).await;
     }
 }
 

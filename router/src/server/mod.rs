@@ -18,11 +18,13 @@
 //! - `bulk_path`: the second connection on the bulk runtime (telemetry, job streams);
 //! - `context`: what sessions share, and the router's own publishes;
 //! - `session`: admission (roles, rate limits, breakers) and the dispatch, which hands
-//!   each message to its handler family: `routing`, `control`, `affinity`, `jobs`;
+//!   each message to its handler family: `routing`, `control`, `affinity`, `jobs`, `auth`
+//!   (credential refresh);
 //! - `recovery`: the internal swarms read back at start;
 //! - `maintenance`: the periodic work (deadlines, governor, presence timeouts).
 
 mod affinity;
+mod auth;
 mod bulk_path;
 mod connection;
 mod context;
@@ -107,6 +109,8 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 struct Context {
     config: Config,
+    /// Checks credentials when `auth.mode = "required"`.
+    auth: Option<crate::auth::Authenticator>,
     shards: Vec<ShardSender>,
     /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
     job_shards: Vec<ShardSender>,
@@ -302,6 +306,9 @@ struct Session {
     /// Fire-and-forget publishes dropped (rate limit, open breaker) since the last notice,
     /// and when the last notice went out.
     fast_refusals: Mutex<(u64, std::time::Instant)>,
+    /// When the session's credential expires (Unix seconds; 0: no credential). A refresh
+    /// moves it; the session is closed with `Unauthenticated` once it passes.
+    credential_expires_s: AtomicU64,
 }
 
 /// Largest presence metadata an agent may register (bytes): presence events and lists carry

@@ -371,6 +371,10 @@ impl Session {
                 self.list_dead_letters(request_id, swarm, after_job_id, limit)
                     .await?
             }
+            Message::Authenticate {
+                request_id,
+                credential,
+            } => self.authenticate(request_id, credential).await?,
             Message::RedriveJob {
                 request_id,
                 swarm,

@@ -25,6 +25,7 @@ impl Router {
             context: "creating it",
             source,
         })?;
+        let auth = crate::auth::Authenticator::start(&config.auth, &config.data_dir)?;
         let (router_clock, clock_checkpoints) = start_clock(&config, clock)?;
         let listeners = bind_listeners(&config)?;
         let recovered = recover(&config, &router_clock.clock)?;
@@ -34,6 +35,7 @@ impl Router {
         let writer_kind = started.writer_kind;
         let context = shared_context(
             config,
+            auth,
             started,
             recovered.state,
             listeners.bulk_port,
@@ -149,6 +151,11 @@ impl Router {
             drop(stop);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
         }
+    }
+
+    /// Whether sessions must show a credential (`auth.mode`).
+    pub fn auth_mode(&self) -> crate::auth::AuthMode {
+        self.context.config.auth.mode
     }
 
     /// The bulk listener's address (with the port the OS picked), when `bulk_listen` is set.
@@ -548,6 +555,7 @@ fn start_shards(
 /// The context every session shares.
 fn shared_context(
     config: Config,
+    auth: Option<crate::auth::Authenticator>,
     started: StartedShards,
     restored: RestoredState,
     bulk_port: Option<u16>,
@@ -565,6 +573,7 @@ fn shared_context(
     Arc::new(Context {
         decode: DecodeOptions::for_swarms_per_session(config.limits.max_swarms_per_session),
         config,
+        auth,
         shards: started.shards,
         job_shards: started.job_shards,
         stats: stats.clone(),

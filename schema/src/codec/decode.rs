@@ -37,6 +37,16 @@ pub(super) fn optional(value: Option<&str>) -> Option<String> {
     value.filter(|s| !s.is_empty()).map(str::to_owned)
 }
 
+/// A credential: not empty, at most [`crate::MAX_CREDENTIAL_BYTES`].
+pub(super) fn credential_of(credential: &str) -> Result<String, DecodeError> {
+    if credential.is_empty() || credential.len() > crate::MAX_CREDENTIAL_BYTES {
+        return Err(DecodeError::InvalidField {
+            reason: "credential empty or longer than MAX_CREDENTIAL_BYTES",
+        });
+    }
+    Ok(credential.to_owned())
+}
+
 pub(super) fn missing(kind: &'static str) -> DecodeError {
     DecodeError::Malformed { reason: kind }
 }
@@ -123,6 +133,10 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                     session: SessionId(m.attach_session()),
                     token: m.attach_token(),
                 }),
+                credential: match m.credential() {
+                    Some(credential) => Some(credential_of(credential)?),
+                    None => None,
+                },
             })
         }
         w::Message::Welcome => {
@@ -654,6 +668,16 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 request_id: m.request_id(),
                 swarm: required(m.swarm(), "RedriveJob without swarm")?,
                 job_id: JobId(m.job_id()),
+            }
+        }
+        w::Message::Authenticate => {
+            let m = root
+                .message_as_authenticate()
+                .ok_or(missing("empty Authenticate"))?;
+            no_body()?;
+            Message::Authenticate {
+                request_id: m.request_id(),
+                credential: credential_of(m.credential().unwrap_or_default())?,
             }
         }
         other => return Err(DecodeError::UnknownMessage { kind: other.0 }),

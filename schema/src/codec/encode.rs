@@ -134,6 +134,7 @@ pub fn encode(message: &Message) -> OutFrame {
                     })
                     .collect();
                 let resume = fbb.create_vector(&resume);
+                let credential = m.credential.as_deref().map(|c| fbb.create_string(c));
                 let metadata = (!m.metadata.is_empty()).then(|| fbb.create_string(&m.metadata));
                 let t = w::Hello::create(
                     fbb,
@@ -149,6 +150,7 @@ pub fn encode(message: &Message) -> OutFrame {
                         bulk: m.bulk,
                         attach_session: m.attach.map_or(0, |a| a.session.0),
                         attach_token: m.attach.map_or(0, |a| a.token),
+                        credential,
                     },
                 );
                 (w::Message::Hello, t.as_union_value())
@@ -746,6 +748,20 @@ pub fn encode(message: &Message) -> OutFrame {
                     },
                 );
                 (w::Message::RedriveJob, t.as_union_value())
+            }
+            Message::Authenticate {
+                request_id,
+                credential,
+            } => {
+                let credential = fbb.create_string(credential);
+                let t = w::Authenticate::create(
+                    fbb,
+                    &w::AuthenticateArgs {
+                        request_id: *request_id,
+                        credential: Some(credential),
+                    },
+                );
+                (w::Message::Authenticate, t.as_union_value())
             }
             Message::DeltaAck(m) => {
                 let t = w::DeltaAck::create(

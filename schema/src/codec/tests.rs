@@ -69,6 +69,8 @@ fn message() -> impl Strategy<Value = Message> {
                                 session: SessionId(session),
                                 token,
                             }),
+                            // A credential when the client name is long enough to be one.
+                            credential: (n.len() > 4).then(|| n.clone()),
                         })
                     })
             }),
@@ -202,6 +204,7 @@ fn message() -> impl Strategy<Value = Message> {
                         last_applied: OpId(op),
                     })
                     .collect(),
+                credential: None,
                 metadata: String::new(),
                 bulk: false,
                 attach: None,
@@ -562,6 +565,12 @@ fn message() -> impl Strategy<Value = Message> {
                 job_id: JobId(id),
             }
         }),
+        (any::<u64>(), "[A-Za-z0-9._-]{1,64}").prop_map(|(request_id, credential)| {
+            Message::Authenticate {
+                request_id,
+                credential,
+            }
+        }),
     ]
 }
 
@@ -599,6 +608,7 @@ fn hello_at_limit(swarms: u32, name_len: usize, seed: u64) -> Hello {
         metadata: text,
         bulk: true,
         attach: None,
+        credential: Some("c".repeat(crate::MAX_CREDENTIAL_BYTES)),
     }
 }
 

@@ -484,10 +484,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for JobState {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_MESSAGE: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_MESSAGE: u8 = 38;
+pub const ENUM_MAX_MESSAGE: u8 = 39;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_MESSAGE: [Message; 39] = [
+pub const ENUM_VALUES_MESSAGE: [Message; 40] = [
   Message::NONE,
   Message::Hello,
   Message::Welcome,
@@ -527,6 +527,7 @@ pub const ENUM_VALUES_MESSAGE: [Message; 39] = [
   Message::ListDeadLetters,
   Message::DeadLetters,
   Message::RedriveJob,
+  Message::Authenticate,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -573,9 +574,10 @@ impl Message {
   pub const ListDeadLetters: Self = Self(36);
   pub const DeadLetters: Self = Self(37);
   pub const RedriveJob: Self = Self(38);
+  pub const Authenticate: Self = Self(39);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 38;
+  pub const ENUM_MAX: u8 = 39;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Hello,
@@ -616,6 +618,7 @@ impl Message {
     Self::ListDeadLetters,
     Self::DeadLetters,
     Self::RedriveJob,
+    Self::Authenticate,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -659,6 +662,7 @@ impl Message {
       Self::ListDeadLetters => Some("ListDeadLetters"),
       Self::DeadLetters => Some("DeadLetters"),
       Self::RedriveJob => Some("RedriveJob"),
+      Self::Authenticate => Some("Authenticate"),
       _ => None,
     }
   }
@@ -894,6 +898,7 @@ impl<'a> Hello<'a> {
   pub const VT_BULK: ::flatbuffers::VOffsetT = 20;
   pub const VT_ATTACH_SESSION: ::flatbuffers::VOffsetT = 22;
   pub const VT_ATTACH_TOKEN: ::flatbuffers::VOffsetT = 24;
+  pub const VT_CREDENTIAL: ::flatbuffers::VOffsetT = 26;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -907,6 +912,7 @@ impl<'a> Hello<'a> {
     let mut builder = HelloBuilder::new(_fbb);
     builder.add_attach_token(args.attach_token);
     builder.add_attach_session(args.attach_session);
+    if let Some(x) = args.credential { builder.add_credential(x); }
     if let Some(x) = args.metadata { builder.add_metadata(x); }
     if let Some(x) = args.resume { builder.add_resume(x); }
     if let Some(x) = args.client_version { builder.add_client_version(x); }
@@ -1005,6 +1011,15 @@ impl<'a> Hello<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(Hello::VT_ATTACH_TOKEN, Some(0)).unwrap()}
   }
+  /// The session's credential (a JWT signed with EdDSA) when the router requires one
+  /// (`auth.mode = "required"`); its `sub` must be `agent_id`.
+  #[inline]
+  pub fn credential(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Hello::VT_CREDENTIAL, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Hello<'_> {
@@ -1024,6 +1039,7 @@ impl ::flatbuffers::Verifiable for Hello<'_> {
      .visit_field::<bool>("bulk", Self::VT_BULK, false)?
      .visit_field::<u64>("attach_session", Self::VT_ATTACH_SESSION, false)?
      .visit_field::<u64>("attach_token", Self::VT_ATTACH_TOKEN, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("credential", Self::VT_CREDENTIAL, false)?
      .finish();
     Ok(())
   }
@@ -1040,6 +1056,7 @@ pub struct HelloArgs<'a> {
     pub bulk: bool,
     pub attach_session: u64,
     pub attach_token: u64,
+    pub credential: Option<::flatbuffers::WIPOffset<&'a str>>,
 }
 impl<'a> Default for HelloArgs<'a> {
   #[inline]
@@ -1056,6 +1073,7 @@ impl<'a> Default for HelloArgs<'a> {
       bulk: false,
       attach_session: 0,
       attach_token: 0,
+      credential: None,
     }
   }
 }
@@ -1110,6 +1128,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> HelloBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<u64>(Hello::VT_ATTACH_TOKEN, attach_token, 0);
   }
   #[inline]
+  pub fn add_credential(&mut self, credential: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Hello::VT_CREDENTIAL, credential);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> HelloBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     HelloBuilder {
@@ -1138,6 +1160,7 @@ impl ::core::fmt::Debug for Hello<'_> {
       ds.field("bulk", &self.bulk());
       ds.field("attach_session", &self.attach_session());
       ds.field("attach_token", &self.attach_token());
+      ds.field("credential", &self.credential());
       ds.finish()
   }
 }
@@ -7294,6 +7317,121 @@ impl ::core::fmt::Debug for RedriveJob<'_> {
       ds.finish()
   }
 }
+pub enum AuthenticateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Client -> router: a fresh credential for the session (same subject), before the current
+/// one expires. Answered with SubscribeAck, or Error(Unauthenticated | Forbidden).
+pub struct Authenticate<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Authenticate<'a> {
+  type Inner = Authenticate<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Authenticate<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CREDENTIAL: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Authenticate { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AuthenticateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Authenticate<'bldr>> {
+    let mut builder = AuthenticateBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    if let Some(x) = args.credential { builder.add_credential(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Authenticate::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn credential(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Authenticate::VT_CREDENTIAL, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Authenticate<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("credential", Self::VT_CREDENTIAL, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AuthenticateArgs<'a> {
+    pub request_id: u64,
+    pub credential: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for AuthenticateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AuthenticateArgs {
+      request_id: 0,
+      credential: None,
+    }
+  }
+}
+
+pub struct AuthenticateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AuthenticateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u64) {
+    self.fbb_.push_slot::<u64>(Authenticate::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_credential(&mut self, credential: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Authenticate::VT_CREDENTIAL, credential);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AuthenticateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AuthenticateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Authenticate<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Authenticate<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Authenticate");
+      ds.field("request_id", &self.request_id());
+      ds.field("credential", &self.credential());
+      ds.finish()
+  }
+}
 pub enum FrameOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -7913,6 +8051,21 @@ impl<'a> Frame<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn message_as_authenticate(&self) -> Option<Authenticate<'a>> {
+    if self.message_type() == Message::Authenticate {
+      self.message().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Authenticate::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Frame<'_> {
@@ -7961,6 +8114,7 @@ impl ::flatbuffers::Verifiable for Frame<'_> {
           Message::ListDeadLetters => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListDeadLetters>>("Message::ListDeadLetters", pos),
           Message::DeadLetters => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeadLetters>>("Message::DeadLetters", pos),
           Message::RedriveJob => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<RedriveJob>>("Message::RedriveJob", pos),
+          Message::Authenticate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Authenticate>>("Message::Authenticate", pos),
           _ => Ok(()),
         }
      })?
@@ -8276,6 +8430,13 @@ impl ::core::fmt::Debug for Frame<'_> {
         },
         Message::RedriveJob => {
           if let Some(x) = self.message_as_redrive_job() {
+            ds.field("message", &x)
+          } else {
+            ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Message::Authenticate => {
+          if let Some(x) = self.message_as_authenticate() {
             ds.field("message", &x)
           } else {
             ds.field("message", &"InvalidFlatbuffer: Union discriminant does not match value.")

@@ -1,0 +1,405 @@
+//! Who a session is: credentials (JWTs signed with Ed25519, `alg: EdDSA`) checked at Hello
+//! and on `Authenticate`, against the public keys the router trusts (`[auth]`).
+//!
+//! A credential's claims: `sub` (the agent id, which the Hello must carry), `grants` (swarm
+//! name or pattern -> role), `exp`, `iat`, `jti`, and optionally `nbf`. Nothing else:
+//! a credential with a claim the router does not know is refused, so a typo in a grant's
+//! key never widens or narrows what it allows unnoticed. Signature, algorithm and times
+//! are checked by `jsonwebtoken` (ring's Ed25519); this module only decides what the
+//! verified claims allow.
+//!
+//! Patterns: a swarm name matches itself; `prefix.*` matches every swarm whose name starts
+//! with `prefix.`; `*` matches every swarm. Names starting with `$` (the router's own
+//! swarms) are never matched: no credential can join them.
+//!
+//! Roles: a grant's role is `agent`, `controller`, `worker` or `admin`; a session may join
+//! a swarm in the role its Hello names when a grant matching that swarm gives that role, or
+//! `admin` (which gives every role).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use swarmbus_schema::{ErrorCode, Role};
+
+use crate::error::RouterError;
+
+/// `[auth]` in the router's configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// `none`: no credential is asked for (loopback only); `required`: every session shows
+    /// one, and the router may listen on any address.
+    pub mode: AuthMode,
+    /// Ed25519 public keys (SPKI PEM files) whose credentials the router accepts. Empty with
+    /// `mode = "required"`: the router makes a development signing key under
+    /// `DATA_DIR/auth/` on first start and trusts it.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Clock skew allowed on `exp` and `nbf`, seconds.
+    pub leeway_s: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mode: AuthMode::None,
+            trusted_keys: Vec::new(),
+            leeway_s: 30,
+        }
+    }
+}
+
+/// Whether sessions must show a credential.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    None,
+    Required,
+}
+
+impl AuthConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if self.leeway_s > 3_600 {
+            return Err("auth.leeway_s must be at most 3600".into());
+        }
+        if self.mode == AuthMode::None && !self.trusted_keys.is_empty() {
+            return Err(
+                "auth.trusted_keys is set but auth.mode is \"none\": set mode = \"required\""
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A grant's role.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantRole {
+    Agent,
+    Controller,
+    Worker,
+    Admin,
+}
+
+impl GrantRole {
+    /// Whether a session of `role` may act under this grant.
+    fn gives(self, role: Role) -> bool {
+        matches!(
+            (self, role),
+            (GrantRole::Admin, _)
+                | (GrantRole::Agent, Role::Agent)
+                | (GrantRole::Controller, Role::Controller)
+                | (GrantRole::Worker, Role::Worker)
+        )
+    }
+
+    pub fn parse(text: &str) -> Option<GrantRole> {
+        match text {
+            "agent" => Some(GrantRole::Agent),
+            "controller" => Some(GrantRole::Controller),
+            "worker" => Some(GrantRole::Worker),
+            "admin" => Some(GrantRole::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// A credential's claims, exactly (unknown claims are refused).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Claims {
+    pub sub: String,
+    pub grants: BTreeMap<String, GrantRole>,
+    pub exp: u64,
+    pub iat: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    pub jti: String,
+}
+
+/// A verified credential.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub agent: String,
+    pub grants: BTreeMap<String, GrantRole>,
+    /// `exp`, Unix seconds.
+    pub expires_at_s: u64,
+    pub jti: String,
+}
+
+/// Whether swarm `name` matches grant pattern `pattern` (see the module doc).
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    if name.starts_with('$') {
+        return false;
+    }
+    match pattern.strip_suffix('*') {
+        Some("") => true,
+        Some(prefix) if prefix.ends_with('.') => name.starts_with(prefix),
+        _ => pattern == name,
+    }
+}
+
+impl Identity {
+    /// Whether this identity may join `swarm` in `role`.
+    pub fn admits(&self, role: Role, swarm: &str) -> bool {
+        self.grants
+            .iter()
+            .any(|(pattern, grant)| pattern_matches(pattern, swarm) && grant.gives(role))
+    }
+
+    /// The first of `swarms` this identity may not join in `role`, if any.
+    pub fn refused_swarm<'a>(&self, role: Role, swarms: &'a [String]) -> Option<&'a str> {
+        swarms
+            .iter()
+            .find(|swarm| !self.admits(role, swarm))
+            .map(String::as_str)
+    }
+}
+
+/// Why a credential was refused: the wire code and what to tell the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuthRefusal {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+impl AuthRefusal {
+    fn unauthenticated(reason: impl Into<String>) -> Self {
+        AuthRefusal {
+            code: ErrorCode::Unauthenticated,
+            reason: reason.into(),
+        }
+    }
+
+    pub fn forbidden(reason: impl Into<String>) -> Self {
+        AuthRefusal {
+            code: ErrorCode::Forbidden,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Checks credentials against the trusted keys.
+pub struct Authenticator {
+    keys: Vec<(PathBuf, DecodingKey)>,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field(
+                "keys",
+                &self.keys.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Where the development signing key lives: `DATA_DIR/auth/dev-signing.pem` (PKCS#8,
+/// readable by the owner only) and its public half beside it.
+pub fn dev_key_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    let dir = data_dir.join("auth");
+    (dir.join("dev-signing.pem"), dir.join("dev-signing.pub.pem"))
+}
+
+impl Authenticator {
+    /// The authenticator for `config`: `None` with `mode = "none"`. With `required` and no
+    /// trusted key, the development key under `data_dir` is made (first start) and trusted.
+    pub fn start(config: &AuthConfig, data_dir: &Path) -> Result<Option<Self>, RouterError> {
+        if config.mode == AuthMode::None {
+            return Ok(None);
+        }
+        let paths = if config.trusted_keys.is_empty() {
+            let (_, public) = ensure_dev_key(data_dir)?;
+            vec![public]
+        } else {
+            config.trusted_keys.clone()
+        };
+        let mut keys = Vec::with_capacity(paths.len());
+        for path in paths {
+            let pem = std::fs::read(&path).map_err(|source| RouterError::DataDir {
+                path: path.clone(),
+                context: "reading a trusted key",
+                source,
+            })?;
+            let key = DecodingKey::from_ed_pem(&pem).map_err(|e| RouterError::Config {
+                detail: format!(
+                    "auth.trusted_keys: {} is not an Ed25519 public key in PEM: {e}",
+                    path.display()
+                ),
+            })?;
+            keys.push((path, key));
+        }
+        let mut validation = Validation::new(Algorithm::EdDSA);
+        validation.leeway = config.leeway_s;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Ok(Some(Authenticator { keys, validation }))
+    }
+
+    /// Verifies `token`: signed by a trusted key with EdDSA, within its times, with exactly
+    /// the known claims. Never panics on any input.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthRefusal> {
+        if token.len() > swarmbus_schema::MAX_CREDENTIAL_BYTES {
+            return Err(AuthRefusal::unauthenticated("the credential is too long"));
+        }
+        let mut last = None;
+        for (_, key) in &self.keys {
+            match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
+                Ok(data) => {
+                    let claims = data.claims;
+                    if claims.sub.is_empty() || claims.jti.is_empty() {
+                        return Err(AuthRefusal::unauthenticated(
+                            "the credential's sub and jti must not be empty",
+                        ));
+                    }
+                    return Ok(Identity {
+                        agent: claims.sub,
+                        grants: claims.grants,
+                        expires_at_s: claims.exp,
+                        jti: claims.jti,
+                    });
+                }
+                Err(error) => {
+                    use jsonwebtoken::errors::ErrorKind;
+                    match error.kind() {
+                        // Another trusted key may have signed it.
+                        ErrorKind::InvalidSignature => last = Some(error),
+                        _ => return Err(refusal_of(&error)),
+                    }
+                }
+            }
+        }
+        Err(last.map_or_else(
+            || AuthRefusal::unauthenticated("no trusted key"),
+            |error| refusal_of(&error),
+        ))
+    }
+}
+
+fn refusal_of(error: &jsonwebtoken::errors::Error) -> AuthRefusal {
+    use jsonwebtoken::errors::ErrorKind;
+    let why = match error.kind() {
+        ErrorKind::InvalidSignature => "not signed by a key this router trusts".to_owned(),
+        ErrorKind::ExpiredSignature => "the credential expired".to_owned(),
+        ErrorKind::ImmatureSignature => "the credential is not valid yet (nbf)".to_owned(),
+        ErrorKind::InvalidAlgorithm => "the credential is not signed with EdDSA".to_owned(),
+        ErrorKind::MissingRequiredClaim(claim) => format!("the credential has no {claim} claim"),
+        ErrorKind::Json(e) => format!(
+            "the credential's header or claims are not the expected ones (alg EdDSA; claims \
+             sub, grants, exp, iat, jti and nbf only): {e}"
+        ),
+        _ => format!("the credential is malformed: {error}"),
+    };
+    AuthRefusal::unauthenticated(why)
+}
+
+/// Makes the development signing key under `data_dir` unless it is there; returns its
+/// paths (private, public).
+pub fn ensure_dev_key(data_dir: &Path) -> Result<(PathBuf, PathBuf), RouterError> {
+    let (private, public) = dev_key_paths(data_dir);
+    if private.exists() && public.exists() {
+        return Ok((private, public));
+    }
+    let dir = private.parent().expect("the key lies in a directory");
+    std::fs::create_dir_all(dir).map_err(|source| RouterError::DataDir {
+        path: dir.to_owned(),
+        context: "creating the auth directory",
+        source,
+    })?;
+    let key =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| RouterError::Config {
+            detail: format!("making the development signing key: {e}"),
+        })?;
+    let written = |path: &Path| {
+        let path = path.to_owned();
+        move |source| RouterError::DataDir {
+            path,
+            context: "writing the development signing key",
+            source,
+        }
+    };
+    crate::tls::write_private_file(&private, &key.serialize_pem()).map_err(written(&private))?;
+    std::fs::write(&public, key.public_key_pem()).map_err(written(&public))?;
+    tracing::info!(key = %private.display(), "made a development signing key for credentials");
+    Ok((private, public))
+}
+
+/// What `swarmbus-router creds issue` signs.
+#[derive(Clone, Debug)]
+pub struct Issue {
+    pub agent: String,
+    pub grants: BTreeMap<String, GrantRole>,
+    pub ttl_s: u64,
+    pub now_s: u64,
+    pub jti: String,
+}
+
+/// A credential for `issue`, signed with the PKCS#8 Ed25519 key in `key_pem`.
+pub fn issue(key_pem: &[u8], issue: &Issue) -> Result<String, String> {
+    let claims = Claims {
+        sub: issue.agent.clone(),
+        grants: issue.grants.clone(),
+        exp: issue.now_s + issue.ttl_s,
+        iat: issue.now_s,
+        nbf: None,
+        jti: issue.jti.clone(),
+    };
+    sign(key_pem, &claims)
+}
+
+/// Any claims, signed with EdDSA and the PKCS#8 Ed25519 key in `key_pem` (tools and tests;
+/// the router accepts only [`Claims`]).
+pub fn sign(key_pem: &[u8], claims: &impl Serialize) -> Result<String, String> {
+    let key = EncodingKey::from_ed_pem(key_pem)
+        .map_err(|e| format!("the signing key is not an Ed25519 key in PEM: {e}"))?;
+    jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), claims, &key)
+        .map_err(|e| format!("signing the credential: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_match_names_prefixes_and_never_the_routers_swarms() {
+        assert!(pattern_matches("fleet-a", "fleet-a"));
+        assert!(!pattern_matches("fleet-a", "fleet-ab"));
+        assert!(pattern_matches("fleet-a.*", "fleet-a.gpu-1"));
+        assert!(!pattern_matches("fleet-a.*", "fleet-a"));
+        assert!(!pattern_matches("fleet-a.*", "fleet-ab.x"));
+        assert!(pattern_matches("*", "anything"));
+        assert!(!pattern_matches("*", "$control"));
+        assert!(!pattern_matches("$control", "$control"));
+        // A `*` inside a name is not a wildcard.
+        assert!(!pattern_matches("fleet*", "fleet-a"));
+    }
+
+    #[test]
+    fn grants_give_their_role_and_admin_gives_every_role() {
+        let identity = Identity {
+            agent: "a".into(),
+            grants: [
+                ("ops".to_string(), GrantRole::Controller),
+                ("fleet.*".to_string(), GrantRole::Agent),
+                ("lab".to_string(), GrantRole::Admin),
+            ]
+            .into(),
+            expires_at_s: 0,
+            jti: "j".into(),
+        };
+        assert!(identity.admits(Role::Controller, "ops"));
+        assert!(!identity.admits(Role::Agent, "ops"));
+        assert!(identity.admits(Role::Agent, "fleet.x"));
+        assert!(!identity.admits(Role::Worker, "fleet.x"));
+        for role in [Role::Agent, Role::Controller, Role::Worker] {
+            assert!(identity.admits(role, "lab"));
+        }
+        let swarms = ["fleet.x".to_string(), "other".to_string()];
+        assert_eq!(identity.refused_swarm(Role::Agent, &swarms), Some("other"));
+    }
+}

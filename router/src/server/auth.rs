@@ -1,0 +1,38 @@
+//! Credential refresh: a session shows a fresh credential before its current one expires.
+
+use super::*;
+
+impl Session {
+    /// A fresh credential for this session: the same agent id, still granting the session's
+    /// role in every swarm it joined. Accepted, the session's expiry moves to the new one's;
+    /// refused, the session keeps the credential it had until that expires.
+    pub(super) async fn authenticate(
+        &self,
+        request_id: u64,
+        credential: String,
+    ) -> Result<(), Fault> {
+        let Some(auth) = &self.context.auth else {
+            self.refuse(
+                ErrorCode::InvalidRequest,
+                request_id,
+                "this router does not use credentials (auth.mode = \"none\")".into(),
+            );
+            return Ok(());
+        };
+        let swarms: Vec<String> = self.swarms.iter().cloned().collect();
+        let checked = auth.verify(&credential).and_then(|identity| {
+            admit(&identity, &self.agent, self.role, &swarms).map(|()| identity)
+        });
+        match checked {
+            Ok(identity) => {
+                self.credential_expires_s
+                    .store(identity.expires_at_s, Ordering::Relaxed);
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+            }
+            Err(refusal) => self.refuse(refusal.code, request_id, refusal.reason),
+        }
+        Ok(())
+    }
+}

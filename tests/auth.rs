@@ -1,0 +1,330 @@
+//! Credentials: a router with `auth.mode = "required"` serves the sessions whose credential
+//! it trusts, for their own agent id and within their grants, and refuses the others with a
+//! stable code while it carries on.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use swarmbus_client::{Class, ClientError, PublishOptions, Role, Session};
+use swarmbus_router::auth::{AuthMode, GrantRole, Issue};
+
+use crate::common::{start_router, TestRouter};
+
+const UNAUTHENTICATED: u64 = 37;
+const FORBIDDEN: u64 = 25;
+const INVALID_REQUEST: u64 = 11;
+
+fn now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A router that requires credentials, signed with the development key of its data dir.
+async fn secured(leeway_s: u64) -> (TestRouter, Vec<u8>) {
+    let t = start_router(|c| {
+        c.auth.mode = AuthMode::Required;
+        c.auth.leeway_s = leeway_s;
+    })
+    .await;
+    let key = signing_key(t._data.as_ref().unwrap().path());
+    (t, key)
+}
+
+fn signing_key(data_dir: &Path) -> Vec<u8> {
+    let (private, _) = swarmbus_router::auth::dev_key_paths(data_dir);
+    std::fs::read(private).expect("the router made its development key")
+}
+
+fn credential(key: &[u8], agent: &str, grants: &[(&str, GrantRole)], ttl_s: u64) -> String {
+    let issue = Issue {
+        agent: agent.into(),
+        grants: grants
+            .iter()
+            .map(|(pattern, role)| (pattern.to_string(), *role))
+            .collect::<BTreeMap<_, _>>(),
+        ttl_s,
+        now_s: now_s(),
+        jti: format!("{agent}-{ttl_s}"),
+    };
+    swarmbus_router::auth::issue(key, &issue).unwrap()
+}
+
+async fn connect(
+    t: &TestRouter,
+    agent: &str,
+    role: Role,
+    swarms: &[&str],
+    token: Option<String>,
+) -> Result<swarmbus_client::Client, ClientError> {
+    let mut session = Session::new(agent, role, swarms.iter().copied());
+    if let Some(token) = token {
+        session = session.with_credential(token);
+    }
+    t.connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .map(|(client, _)| client)
+}
+
+/// A session of `agent` in swarm `s`, with a credential of its own granting it.
+async fn agent_in_s(t: &TestRouter, key: &[u8], agent: &str) -> swarmbus_client::Client {
+    let token = credential(key, agent, &[("s", GrantRole::Agent)], 600);
+    connect(t, agent, Role::Agent, &["s"], Some(token))
+        .await
+        .unwrap()
+}
+
+async fn works(client: &swarmbus_client::Client, swarm: &str) {
+    client
+        .publish(
+            swarm,
+            Class::Command,
+            bytes::Bytes::from_static(b"x"),
+            PublishOptions::default(),
+        )
+        .await
+        .expect("the session is served");
+}
+
+#[tokio::test]
+async fn a_valid_credential_is_served_and_a_missing_one_refused() {
+    let (t, key) = secured(30).await;
+    let token = credential(&key, "a", &[("fleet.*", GrantRole::Agent)], 600);
+    let a = connect(&t, "a", Role::Agent, &["fleet.one"], Some(token))
+        .await
+        .unwrap();
+    works(&a, "fleet.one").await;
+    let refused = connect(&t, "b", Role::Agent, &["fleet.one"], None)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(UNAUTHENTICATED), "{refused}");
+    works(&a, "fleet.one").await;
+    assert_eq!(t.router.stats().auth_refused, 1);
+}
+
+#[tokio::test]
+async fn bad_credentials_are_refused_with_their_code_and_the_router_carries_on() {
+    let (t, key) = secured(0).await;
+    let good = agent_in_s(&t, &key, "good").await;
+    let now = now_s();
+    let signed = |claims: serde_json::Value| swarmbus_router::auth::sign(&key, &claims).unwrap();
+    let claims = serde_json::json!({
+        "sub": "a", "grants": {"s": "agent"}, "exp": now + 600, "iat": now, "jti": "j",
+    });
+    let with = |key: &str, value: serde_json::Value| {
+        let mut claims = claims.clone();
+        claims[key] = value;
+        claims
+    };
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    // A valid token whose payload is changed afterwards (to grant every swarm).
+    let tampered = {
+        let valid = signed(claims.clone());
+        let parts: Vec<&str> = valid.split('.').collect();
+        let more = with("grants", serde_json::json!({"*": "admin"}));
+        format!("{}.{}.{}", parts[0], b64.encode(more.to_string()), parts[2])
+    };
+    // The same claims, unsigned, under `alg: none`.
+    let unsigned = format!(
+        "{}.{}.",
+        b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(claims.to_string())
+    );
+    // Another key, the same claims.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other_key, _) = swarmbus_router::auth::ensure_dev_key(other_dir.path()).unwrap();
+    let other_key = std::fs::read(other_key).unwrap();
+    let without_jti = {
+        let mut claims = claims.clone();
+        claims.as_object_mut().unwrap().remove("jti");
+        claims
+    };
+    let cases: Vec<(&str, String, u64, &str)> = vec![
+        (
+            "expired",
+            signed(with("exp", (now - 60).into())),
+            UNAUTHENTICATED,
+            "expired",
+        ),
+        (
+            "not yet valid",
+            signed(with("nbf", (now + 3_600).into())),
+            UNAUTHENTICATED,
+            "not valid yet",
+        ),
+        (
+            "another key",
+            swarmbus_router::auth::sign(&other_key, &claims).unwrap(),
+            UNAUTHENTICATED,
+            "not signed by a key",
+        ),
+        ("alg none", unsigned, UNAUTHENTICATED, "alg EdDSA"),
+        (
+            "tampered payload",
+            tampered,
+            UNAUTHENTICATED,
+            "not signed by a key",
+        ),
+        (
+            "an unknown claim",
+            signed(with("admin", true.into())),
+            UNAUTHENTICATED,
+            "claims",
+        ),
+        ("no jti", signed(without_jti), UNAUTHENTICATED, "claims"),
+        (
+            "not a JWT",
+            "not-a-jwt".into(),
+            UNAUTHENTICATED,
+            "malformed",
+        ),
+        (
+            "oversized",
+            "x".repeat(4_096),
+            INVALID_REQUEST,
+            "credential",
+        ),
+    ];
+    for (what, token, code, reason) in cases {
+        let refused = connect(&t, "a", Role::Agent, &["s"], Some(token))
+            .await
+            .expect_err(what);
+        assert_eq!(refused.code(), Some(code), "{what}: {refused}");
+        assert!(refused.to_string().contains(reason), "{what}: {refused}");
+    }
+    works(&good, "s").await;
+}
+
+#[tokio::test]
+async fn a_credential_is_bound_to_its_agent_id_and_its_grants() {
+    let (t, key) = secured(30).await;
+    let grants = [
+        ("fleet.*", GrantRole::Agent),
+        ("ops", GrantRole::Controller),
+    ];
+    let token = || Some(credential(&key, "a", &grants, 600));
+    let cases: Vec<(&str, &str, Role, &[&str])> = vec![
+        ("another agent id", "b", Role::Agent, &["fleet.x"]),
+        (
+            "a swarm not granted",
+            "a",
+            Role::Agent,
+            &["fleet.x", "other"],
+        ),
+        ("a role not granted", "a", Role::Worker, &["fleet.x"]),
+        (
+            "the agent role where controller is granted",
+            "a",
+            Role::Agent,
+            &["ops"],
+        ),
+        (
+            "the router's agent id",
+            "swarmbus-router",
+            Role::Agent,
+            &["fleet.x"],
+        ),
+    ];
+    for (what, agent, role, swarms) in cases {
+        let refused = connect(&t, agent, role, swarms, token())
+            .await
+            .expect_err(what);
+        assert_eq!(refused.code(), Some(FORBIDDEN), "{what}: {refused}");
+    }
+    let controller = connect(&t, "a", Role::Controller, &["ops"], token())
+        .await
+        .unwrap();
+    works(&controller, "ops").await;
+    // Admin grants every role.
+    let admin = credential(&key, "root", &[("*", GrantRole::Admin)], 600);
+    let worker = connect(&t, "root", Role::Worker, &["any"], Some(admin))
+        .await
+        .unwrap();
+    works(&worker, "any").await;
+}
+
+#[tokio::test]
+async fn another_identity_cannot_take_over_an_agent_id() {
+    let (t, key) = secured(30).await;
+    let a = agent_in_s(&t, &key, "a").await;
+    // b's own credential, claiming to be a: refused, and a is not replaced.
+    let b = credential(&key, "b", &[("s", GrantRole::Agent)], 600);
+    let refused = connect(&t, "a", Role::Agent, &["s"], Some(b))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(FORBIDDEN), "{refused}");
+    works(&a, "s").await;
+}
+
+#[tokio::test]
+async fn a_refreshed_credential_keeps_the_session_past_the_first_ones_expiry() {
+    let (t, key) = secured(0).await;
+    let grants = [("s", GrantRole::Agent)];
+    let short = || Some(credential(&key, "a", &grants, 2));
+    let refreshed = connect(&t, "a", Role::Agent, &["s"], short())
+        .await
+        .unwrap();
+    let unrefreshed = connect(&t, "b", Role::Agent, &["s"], {
+        Some(credential(&key, "b", &grants, 2))
+    })
+    .await
+    .unwrap();
+    // A refresh for another agent id, or one that no longer grants the swarm, is refused;
+    // the session keeps its credential.
+    let wrong = refreshed
+        .refresh_credential(&credential(&key, "b", &grants, 600))
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Some(FORBIDDEN), "{wrong}");
+    let narrower = refreshed
+        .refresh_credential(&credential(&key, "a", &[("t", GrantRole::Agent)], 600))
+        .await
+        .unwrap_err();
+    assert_eq!(narrower.code(), Some(FORBIDDEN), "{narrower}");
+    refreshed
+        .refresh_credential(&credential(&key, "a", &grants, 600))
+        .await
+        .unwrap();
+    // Past the first credential's expiry (2 s, whole seconds): the refreshed session goes
+    // on; the other one was closed with Unauthenticated.
+    let closed = tokio::time::timeout(Duration::from_secs(10), unrefreshed.closed())
+        .await
+        .expect("the session without a fresh credential is closed");
+    assert_eq!(closed.code(), Some(UNAUTHENTICATED), "{closed}");
+    works(&refreshed, "s").await;
+}
+
+#[tokio::test]
+async fn a_router_without_auth_answers_a_refresh_with_invalid_request() {
+    let t = start_router(|_| {}).await;
+    let (client, _) = t.connect("a", Role::Agent, &["s"]).await;
+    let refused = client.refresh_credential("x.y.z").await.unwrap_err();
+    assert_eq!(refused.code(), Some(INVALID_REQUEST), "{refused}");
+}
+
+#[tokio::test]
+async fn only_a_router_that_requires_credentials_listens_beyond_loopback() {
+    let data = tempfile::tempdir().unwrap();
+    let config = |mode| swarmbus_router::Config {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        data_dir: data.path().to_owned(),
+        auth: swarmbus_router::auth::AuthConfig {
+            mode,
+            ..Default::default()
+        },
+        ..swarmbus_router::Config::default()
+    };
+    let refused = swarmbus_router::Router::start(config(AuthMode::None))
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("auth.mode"), "{refused}");
+    let router = swarmbus_router::Router::start(config(AuthMode::Required))
+        .await
+        .unwrap();
+    assert!(router.local_addr().ip().is_unspecified());
+    router.shutdown().await;
+}
