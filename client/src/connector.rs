@@ -67,7 +67,20 @@ impl Connector {
             server_name: server_name.to_owned(),
             runtime,
             bulk: None,
+            credentials: None,
         })
+    }
+
+    /// Gives each session that brings no credential of its own one from `source`, asked
+    /// with the session's agent id at every connect: for a process that runs many agents
+    /// (a test harness, the loadgen, a host of agents) against a router that requires
+    /// credentials.
+    pub fn with_credentials(
+        mut self,
+        source: impl Fn(&str) -> Result<String, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.credentials = Some(AgentCredentials(Arc::new(source)));
+        self
     }
 
     /// Makes sessions' bulk connections (see [`Session::bulk_connection`]) from `bulk`'s
@@ -249,11 +262,15 @@ impl Connector {
             metadata: session.metadata.clone(),
             bulk: session.bulk_connection,
             attach: None,
-            credential: session
-                .credential
-                .as_ref()
-                .map(Credential::token)
-                .transpose()?,
+            credential: match (&session.credential, &self.credentials) {
+                (Some(own), _) => Some(own.token()?),
+                (None, Some(source)) => Some((source.0)(&session.agent_id).map_err(|detail| {
+                    ClientError::InvalidArgument {
+                        detail: format!("the connector's credential source failed: {detail}"),
+                    }
+                })?),
+                (None, None) => None,
+            },
         };
         let hello = encode(&Message::Hello(hello));
         send.write_all_chunks(&mut [hello.head, hello.body])

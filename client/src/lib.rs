@@ -223,6 +223,22 @@ pub struct Connector {
     runtime: tokio::runtime::Handle,
     /// Where sessions make their bulk connections, when not from this connector.
     bulk: Option<Box<Connector>>,
+    /// Credentials for sessions that bring none (see [`Connector::with_credentials`]).
+    credentials: Option<AgentCredentials>,
+}
+
+/// A credential source for many agents: asked with the agent id at every connect of a
+/// session that has no credential of its own. Its `Debug` shows nothing of it.
+#[derive(Clone)]
+pub struct AgentCredentials(Arc<CredentialFor>);
+
+/// The function behind [`AgentCredentials`]: agent id -> credential, or why not.
+type CredentialFor = dyn Fn(&str) -> Result<String, String> + Send + Sync;
+
+impl std::fmt::Debug for AgentCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentCredentials(..)")
+    }
 }
 
 /// Leases and cancels a worker may have waiting before the job stream stops being read.

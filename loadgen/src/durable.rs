@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use sha2::{Digest, Sha256};
-use swarmbus_client::{Client, Connector, PendingAck, PublishOptions, Session};
+use swarmbus_client::{Client, PendingAck, PublishOptions, Session};
 use swarmbus_schema::{Class, OpId, Role};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
@@ -88,7 +88,9 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
         })),
         None => None,
     };
-    let connector = Connector::new(&ca, args.router.server_name())
+    let connector = args
+        .router
+        .connector(&ca)
         .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
     let acked_live = Arc::new(AtomicU64::new(0));
     let mut clients = Vec::new();
@@ -374,7 +376,7 @@ pub async fn run_check(args: CheckArgs) -> anyhow::Result<()> {
         }
     }
     let (router, ca, spawned) = args.router.resolve().await?;
-    let connector = Connector::new(&ca, args.router.server_name())?;
+    let connector = args.router.connector(&ca)?;
     let mut checked = 0u64;
     let mut missing = 0u64;
     let mut mismatched = 0u64;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
-use swarmbus_client::{Client, Connector, Deliveries, IdempotentApply, PublishOptions, Session};
+use swarmbus_client::{Client, Deliveries, IdempotentApply, PublishOptions, Session};
 use swarmbus_schema::{Class, Publish, Role};
 
 use crate::spawn::RouterArgs;
@@ -107,7 +107,9 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     for s in 0..args.swarms {
         let swarm = format!("swarm-{s}");
         // One endpoint (UDP socket) per swarm spreads packet I/O over the runtime's threads.
-        let connector = Connector::new(&ca, args.router.server_name())
+        let connector = args
+            .router
+            .connector(&ca)
             .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
         for a in 0..args.agents {
             let session = Session::new(format!("agent-{s}-{a}"), Role::Agent, [swarm.clone()]);

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use swarmbus_client::{Client, Connector, Session};
+use swarmbus_client::{Client, Session};
 use swarmbus_schema::{Class, Publish, Role};
 
 use crate::probe::{self, Live, PublishPlan, SideRuntime, Timeline, STAMP_BYTES};
@@ -116,7 +116,9 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         };
         (router, flood_router, ca, spawned)
     };
-    let connector = Connector::new(&ca, args.router.server_name())
+    let connector = args
+        .router
+        .connector(&ca)
         .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
     let epoch = Instant::now();
     let live = Arc::new(Live::default());
@@ -128,7 +130,9 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let receiver_bulk_runtime = SideRuntime::new(1, "receiver-bulk")?;
     let receiver_connector = {
         let _inside = receiver_bulk_runtime.enter();
-        let bulk = Connector::new(&ca, args.router.server_name())
+        let bulk = args
+            .router
+            .connector(&ca)
             .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
         connector.clone().with_bulk_connector(&bulk)
     };
@@ -161,7 +165,8 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let flood_connector = {
         // The endpoint's I/O driver runs on the runtime it is made in.
         let _inside = flood_runtime.enter();
-        Connector::new(&ca, args.router.server_name())
+        args.router
+            .connector(&ca)
             .with_context(|| format!("TLS setup with CA {}", ca.display()))?
     };
     let mut flooders = Vec::new();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::{BufMut, BytesMut};
 use hdrhistogram::Histogram;
-use swarmbus_client::{ClientError, Connector, JobDedup, JobEvent, Session};
+use swarmbus_client::{ClientError, JobDedup, JobEvent, Session};
 use swarmbus_schema::{JobId, JobState, Role, SubmitJob};
 use tokio::sync::Semaphore;
 
@@ -124,7 +124,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         bail!("--submitters must be 1 to 64, --workers and --jobs at least 1");
     }
     let (router, ca, spawned) = args.router.resolve().await?;
-    let connector = Connector::new(&ca, args.router.server_name()).context("TLS setup")?;
+    let connector = args.router.connector(&ca).context("TLS setup")?;
     let swarms: Vec<String> = (0..args.submitters).map(|i| format!("jobs-{i}")).collect();
     let totals = Arc::new(Totals::default());
     let runs: Arc<Mutex<HashMap<JobId, u32>>> = Arc::default();

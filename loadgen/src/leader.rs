@@ -195,7 +195,9 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
         bail!("--ttl must be at least 3ms (the holder renews every third of it)");
     }
     let (router, ca, spawned) = args.router.resolve().await?;
-    let connector = Connector::new(&ca, args.router.server_name())
+    let connector = args
+        .router
+        .connector(&ca)
         .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
     let run_tag = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -2,6 +2,7 @@
 //! runs a scenario from the library modules.
 
 mod affinity_sim;
+mod creds;
 mod durable;
 mod fanout;
 mod flood;

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context};
 use hdrhistogram::Histogram;
 use serde::Deserialize;
-use swarmbus_client::{Client, Connector, Deliveries, Session};
+use swarmbus_client::{Client, Deliveries, Session};
 use swarmbus_schema::{Class, Role};
 use tokio::sync::oneshot;
 
@@ -166,7 +166,9 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
     };
 
     // Watchers first: they must see every join.
-    let watcher_connector = Connector::new(&ca, args.router.server_name())
+    let watcher_connector = args
+        .router
+        .connector(&ca)
         .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
     let mut watchers = Vec::new();
     let mut logs = Vec::new();
@@ -219,6 +221,7 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
     let plan = ConnectPlan {
         ca: ca.clone(),
         server_name: args.router.server_name().to_owned(),
+        signer: args.router.signer(),
         router,
         swarm: swarm.clone(),
         concurrency: args.connect_concurrency.max(1),
@@ -444,6 +447,8 @@ async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
 struct ConnectPlan {
     ca: PathBuf,
     server_name: String,
+    /// Credentials, for a router that requires them.
+    signer: Option<std::sync::Arc<crate::creds::Signer>>,
     router: SocketAddr,
     swarm: String,
     concurrency: usize,
@@ -457,7 +462,7 @@ async fn connect_agents(
     names: &[String],
 ) -> anyhow::Result<Vec<(Client, Deliveries)>> {
     let connectors = (0..names.len().div_ceil(CLIENTS_PER_SOCKET))
-        .map(|_| Connector::new(&plan.ca, &plan.server_name))
+        .map(|_| crate::spawn::connector(&plan.ca, &plan.server_name, plan.signer.as_ref()))
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("TLS setup with CA {}", plan.ca.display()))?;
     let mut clients = Vec::with_capacity(names.len());

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use swarmbus_client::{Connector, ReconnectEvent, ReconnectOptions, RetryPolicy, Session};
+use swarmbus_client::{ReconnectEvent, ReconnectOptions, RetryPolicy, Session};
 use swarmbus_schema::{Class, Role};
 
 use crate::spawn::RouterArgs;
@@ -133,7 +133,7 @@ async fn run_once(
     // and a thousand connections behind one socket lose packets in its receive buffer when
     // they all hear from the router at once.
     let connectors = (0..args.clients.div_ceil(CLIENTS_PER_SOCKET))
-        .map(|_| Connector::new(&router.ca, args.router.server_name()))
+        .map(|_| args.router.connector(&router.ca))
         .collect::<Result<Vec<_>, _>>()?;
     let observed = Arc::new(Mutex::new(Observed {
         attempts: Vec::new(),

@@ -26,6 +26,12 @@ pub struct SpawnedRouter {
 }
 
 impl SpawnedRouter {
+    /// The development signing key a router with `auth.mode = "required"` made in its data
+    /// dir.
+    pub fn dev_signing_key(&self) -> PathBuf {
+        self._data.path().join("auth").join("dev-signing.pem")
+    }
+
     /// The child's process id; `None` once it has exited and been reaped.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
@@ -79,6 +85,8 @@ impl SpawnedRouter {
 pub struct SpawnOptions {
     /// The router binary (default: `swarmbus-router` beside this executable, else on PATH).
     pub binary: Option<PathBuf>,
+    /// Run it with `auth.mode = "required"` (its development key signs the credentials).
+    pub auth: bool,
     /// A TOML configuration (see `router/swarmbus.example.toml`), written into the data dir
     /// and passed with `--config`. The listen address and data dir come from flags, which
     /// win over the file.
@@ -97,15 +105,6 @@ fn router_binary(explicit: Option<&Path>) -> PathBuf {
         }
     }
     PathBuf::from("swarmbus-router")
-}
-
-/// Starts a router with its defaults; see [`spawn_router_with`].
-pub async fn spawn_router(explicit: Option<&Path>) -> anyhow::Result<SpawnedRouter> {
-    spawn_router_with(&SpawnOptions {
-        binary: explicit.map(Path::to_owned),
-        config_toml: None,
-    })
-    .await
 }
 
 /// Starts a router on 127.0.0.1, port 0, with a fresh temporary data dir, and waits until
@@ -144,6 +143,9 @@ async fn start(
         let path = data.join("router.toml");
         std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
         command.arg("--config").arg(path);
+    }
+    if options.auth {
+        command.env("SWARMBUS_AUTH_MODE", "required");
     }
     let mut child = command
         .env(
@@ -221,6 +223,17 @@ pub struct RouterArgs {
     /// router/swarmbus.example.toml); replaces the scenario's own, if it has one.
     #[arg(long, value_name = "FILE", requires = "spawn_router")]
     router_config: Option<PathBuf>,
+    /// With --spawn-router: the router requires credentials (`auth.mode = "required"`),
+    /// and the loadgen gives each agent one signed with the router's development key.
+    #[arg(long, requires = "spawn_router")]
+    auth: bool,
+    /// An Ed25519 signing key (PKCS#8 PEM) the router trusts: each agent shows a
+    /// credential signed with it (for a router with `auth.mode = "required"`).
+    #[arg(long, value_name = "FILE", conflicts_with = "auth")]
+    creds: Option<PathBuf>,
+    /// The signer, once the router is known (set by `resolve`).
+    #[arg(skip)]
+    signer: std::sync::OnceLock<Option<std::sync::Arc<crate::creds::Signer>>>,
 }
 
 impl RouterArgs {
@@ -243,18 +256,16 @@ impl RouterArgs {
                 ),
                 None => default_toml.map(str::to_owned),
             };
-            let spawned = match config_toml {
-                None => spawn_router(self.router_bin.as_deref()).await?,
-                Some(config_toml) => {
-                    spawn_router_with(&SpawnOptions {
-                        binary: self.router_bin.clone(),
-                        config_toml: Some(config_toml),
-                    })
-                    .await?
-                }
-            };
+            let spawned = spawn_router_with(&SpawnOptions {
+                binary: self.router_bin.clone(),
+                auth: self.auth,
+                config_toml,
+            })
+            .await?;
+            self.sign_for(Some(&spawned))?;
             return Ok((spawned.addr, spawned.ca.clone(), Some(spawned)));
         }
+        self.sign_for(None)?;
         let router = self.router.as_deref().unwrap_or_default();
         let addr = tokio::net::lookup_host(router)
             .await
@@ -289,13 +300,42 @@ impl RouterArgs {
         })?;
         let spawned = spawn_router_with(&SpawnOptions {
             binary: self.router_bin.clone(),
+            auth: self.auth,
             config_toml: Some(user),
         })
         .await?;
+        self.sign_for(Some(&spawned))?;
         let bulk = spawned
             .bulk_addr
             .ok_or_else(|| anyhow!("the spawned router printed no bulk listener"))?;
         Ok((spawned.addr, bulk, spawned.ca.clone(), spawned))
+    }
+
+    /// Loads the signer of the run's credentials: `--creds`, or the spawned router's
+    /// development key with `--auth`.
+    fn sign_for(&self, spawned: Option<&SpawnedRouter>) -> anyhow::Result<()> {
+        let key = match (&self.creds, spawned) {
+            (Some(path), _) => Some(path.clone()),
+            (None, Some(spawned)) if self.auth => Some(spawned.dev_signing_key()),
+            _ => None,
+        };
+        let signer = key
+            .map(|key| crate::creds::Signer::load(&key))
+            .transpose()?;
+        let _ = self.signer.set(signer);
+        Ok(())
+    }
+
+    /// A connector that trusts `ca` and, on a router that requires them, gives each
+    /// session a credential of its own.
+    pub fn connector(&self, ca: &Path) -> anyhow::Result<swarmbus_client::Connector> {
+        connector(ca, &self.server_name, self.signer().as_ref())
+    }
+
+    /// The signer of the run's credentials, once the router is resolved (none when the
+    /// router does not require them).
+    pub fn signer(&self) -> Option<Arc<crate::creds::Signer>> {
+        self.signer.get().cloned().flatten()
     }
 
     /// Whether the run starts its own router (`--spawn-router`).
@@ -306,6 +346,21 @@ impl RouterArgs {
     pub fn server_name(&self) -> &str {
         &self.server_name
     }
+}
+
+/// A connector that trusts `ca` for `server_name` and, with a `signer`, gives each session a
+/// credential of its own.
+pub fn connector(
+    ca: &Path,
+    server_name: &str,
+    signer: Option<&Arc<crate::creds::Signer>>,
+) -> anyhow::Result<swarmbus_client::Connector> {
+    let connector = swarmbus_client::Connector::new(ca, server_name)
+        .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
+    Ok(match signer.cloned() {
+        Some(signer) => connector.with_credentials(move |agent| signer.credential(agent)),
+        None => connector,
+    })
 }
 
 /// Refuses a router configuration (TOML) that turns the bulk listener off. The router checks

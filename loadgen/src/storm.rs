@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::BytesMut;
-use swarmbus_client::{Client, ClientError, Connector, Deliveries, PublishOptions, Session};
+use swarmbus_client::{Client, ClientError, Deliveries, PublishOptions, Session};
 use swarmbus_schema::{Class, ErrorCode, Role};
 
 use crate::probe::{self, Live, Phase, PublishPlan, SideRuntime, Stamp, Timeline, STAMP_BYTES};
@@ -138,7 +138,9 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
         bail!("--payload must be at least {STAMP_BYTES} bytes (the command stamp)");
     }
     let (router, ca, spawned) = args.router.resolve_with_config(Some(ROUTER_CONFIG)).await?;
-    let connector = Connector::new(&ca, args.router.server_name())
+    let connector = args
+        .router
+        .connector(&ca)
         .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
     let epoch = Instant::now();
     let live = Arc::new(Live::default());
@@ -175,7 +177,8 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
     let stormer = {
         let connector = {
             let _inside = storm_runtime.enter();
-            Connector::new(&ca, args.router.server_name())
+            args.router
+                .connector(&ca)
                 .with_context(|| format!("TLS setup with CA {}", ca.display()))?
         };
         let (client, _deliveries) = storm_runtime

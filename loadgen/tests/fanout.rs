@@ -95,3 +95,51 @@ fn bad_arguments_are_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("at least 16 bytes"));
 }
+
+/// Against a router that requires credentials, `--creds` (a key it trusts) gives every
+/// agent its own; without it the run fails on the first connect.
+#[test]
+fn fanout_runs_against_a_router_that_requires_credentials() {
+    let data = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data.path().to_owned(),
+        ..Config::default()
+    };
+    config.auth.mode = swarmbus_router::auth::AuthMode::Required;
+    let router = runtime.block_on(Router::start(config)).unwrap();
+    let (key, _) = swarmbus_router::auth::dev_key_paths(data.path());
+    let run = |creds: Option<&std::path::Path>| {
+        let mut command = Command::new(LOADGEN);
+        command
+            .args(["fanout", "--router"])
+            .arg(router.local_addr().to_string())
+            .arg("--ca")
+            .arg(router.ca_path().unwrap())
+            .args(["--swarms", "1", "--agents", "2", "--payload", "64B"])
+            .args(["--rate", "100", "--duration", "300ms", "--json"]);
+        if let Some(creds) = creds {
+            command.arg("--creds").arg(creds);
+        }
+        command.output().unwrap()
+    };
+    let output = run(Some(&key));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert!(report["delivered"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["lost"], 0, "{report}");
+    let refused = run(None);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("37"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    runtime.block_on(router.shutdown());
+}
