@@ -328,3 +328,35 @@ async fn only_a_router_that_requires_credentials_listens_beyond_loopback() {
     assert!(router.local_addr().ip().is_unspecified());
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn safety_actions_stay_within_what_the_credential_grants() {
+    let (t, key) = secured(30).await;
+    let ops = credential(&key, "ctl", &[("ops", GrantRole::Controller)], 600);
+    let controller = connect(&t, "ctl", Role::Controller, &["ops"], Some(ops))
+        .await
+        .unwrap();
+    controller.pause("ops").await.unwrap();
+    controller.resume("ops").await.unwrap();
+    let elsewhere = controller.pause("fleet").await.unwrap_err();
+    assert_eq!(elsewhere.code(), Some(FORBIDDEN), "{elsewhere}");
+    let stop = controller
+        .stop_agent("someone", Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(stop.code(), Some(FORBIDDEN), "{stop}");
+    // Controller granted everywhere: stops and drains pass.
+    let all = credential(&key, "boss", &[("*", GrantRole::Controller)], 600);
+    let boss = connect(&t, "boss", Role::Controller, &["ops"], Some(all))
+        .await
+        .unwrap();
+    boss.stop_agent("someone", Duration::from_secs(1))
+        .await
+        .unwrap();
+    // A session joining no swarm still needs its role granted somewhere.
+    let agent_only = credential(&key, "a", &[("fleet.*", GrantRole::Agent)], 600);
+    let refused = connect(&t, "a", Role::Controller, &[], Some(agent_only))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(FORBIDDEN), "{refused}");
+}

@@ -150,6 +150,19 @@ impl Identity {
             .any(|(pattern, grant)| pattern_matches(pattern, swarm) && grant.gives(role))
     }
 
+    /// Whether some grant gives `role`, whatever its swarms.
+    pub fn has_role(&self, role: Role) -> bool {
+        self.grants.values().any(|grant| grant.gives(role))
+    }
+
+    /// Whether `role` is granted in every swarm (a grant of `*`): what a safety action on
+    /// an agent or a node, which no swarm bounds, needs.
+    pub fn everywhere(&self, role: Role) -> bool {
+        self.grants
+            .iter()
+            .any(|(pattern, grant)| pattern == "*" && grant.gives(role))
+    }
+
     /// The first of `swarms` this identity may not join in `role`, if any.
     pub fn refused_swarm<'a>(&self, role: Role, swarms: &'a [String]) -> Option<&'a str> {
         swarms

@@ -27,6 +27,7 @@ impl Session {
             Ok(identity) => {
                 self.credential_expires_s
                     .store(identity.expires_at_s, Ordering::Relaxed);
+                *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
                 let _ = self
                     .outbox
                     .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));

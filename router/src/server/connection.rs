@@ -249,7 +249,7 @@ pub(super) async fn run_connection(
     }
     // One budget for the unfinished frames of all this connection's streams.
     let partial = context.partial_frames();
-    let Some((send, session_reader, hello, credential_expires_s)) =
+    let Some((send, session_reader, hello, identity)) =
         greet(&connection, &context, listener, partial.clone()).await
     else {
         return;
@@ -269,9 +269,12 @@ pub(super) async fn run_connection(
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
     let metadata = hello.metadata.clone();
     let session = new_session(conn, hello, &outbox, &context);
-    session
-        .credential_expires_s
-        .store(credential_expires_s, Ordering::Relaxed);
+    if let Some(identity) = identity {
+        session
+            .credential_expires_s
+            .store(identity.expires_at_s, Ordering::Relaxed);
+        *session.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
+    }
     if !join(&session, metadata, &context).await {
         outbox.request_close(ErrorCode::Stopped);
         connection.close(
@@ -338,7 +341,12 @@ async fn greet(
     context: &Arc<Context>,
     listener: Listener,
     partial: Arc<PartialFrames>,
-) -> Option<(SendStream, FrameReader, Hello, u64)> {
+) -> Option<(
+    SendStream,
+    FrameReader,
+    Hello,
+    Option<crate::auth::Identity>,
+)> {
     let stats = &context.stats;
     let hello_timeout = Duration::from_millis(context.config.limits.hello_timeout_ms);
     let handshake =
@@ -370,16 +378,16 @@ async fn greet(
         }
         return None;
     }
-    let expires_s = match &context.auth {
+    let identity = match &context.auth {
         Some(auth) => match authenticate(auth, &hello) {
-            Ok(expires_s) => expires_s,
+            Ok(identity) => Some(identity),
             Err(fault) => {
                 context.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
                 close_with(connection, stats, &fault);
                 return None;
             }
         },
-        None => 0,
+        None => None,
     };
     // A stopped agent is refused until its stop runs out, with the time left.
     let stopped_for = {
@@ -405,12 +413,15 @@ async fn greet(
         );
         return None;
     }
-    Some((send, session_reader, hello, expires_s))
+    Some((send, session_reader, hello, identity))
 }
 
 /// The Hello's credential, checked: signed by a trusted key, for this agent id, granting
 /// the Hello's role in every swarm it joins. Returns when it expires (Unix seconds).
-fn authenticate(auth: &crate::auth::Authenticator, hello: &Hello) -> Result<u64, Fault> {
+fn authenticate(
+    auth: &crate::auth::Authenticator,
+    hello: &Hello,
+) -> Result<crate::auth::Identity, Fault> {
     let Some(token) = hello.credential.as_deref() else {
         return Err(Fault::new(
             ErrorCode::Unauthenticated,
@@ -422,7 +433,7 @@ fn authenticate(auth: &crate::auth::Authenticator, hello: &Hello) -> Result<u64,
         .map_err(|refusal| Fault::new(refusal.code, refusal.reason))?;
     admit(&identity, &hello.agent_id, hello.role, &hello.swarms)
         .map_err(|refusal| Fault::new(refusal.code, refusal.reason))?;
-    Ok(identity.expires_at_s)
+    Ok(identity)
 }
 
 /// Whether `identity` may be agent `agent` in `role` in every one of `swarms`.
@@ -436,6 +447,12 @@ pub(super) fn admit(
         return Err(crate::auth::AuthRefusal::forbidden(format!(
             "the credential is for agent {:?}, not {agent:?}",
             identity.agent
+        )));
+    }
+    if swarms.is_empty() && !identity.has_role(role) {
+        return Err(crate::auth::AuthRefusal::forbidden(format!(
+            "the credential grants no {} role",
+            format!("{role:?}").to_lowercase()
         )));
     }
     if let Some(swarm) = identity.refused_swarm(role, swarms) {
@@ -586,6 +603,7 @@ fn new_session(
                 .unwrap_or_else(std::time::Instant::now),
         )),
         credential_expires_s: AtomicU64::new(0),
+        identity: Mutex::new(None),
     })
 }
 

@@ -218,6 +218,10 @@ impl Session {
             );
             return Ok(());
         }
+        if let Some(why) = self.safety_not_granted(&action) {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
+            return Ok(());
+        }
         let context = &self.context;
         let now_ms = context.clock.now_ms();
         let Some((record, announce_on)) = self.safety_record(&action, now_ms)? else {
@@ -251,6 +255,31 @@ impl Session {
             .outbox
             .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
         Ok(())
+    }
+
+    /// With credentials, what a safety action needs beyond the controller role: a pause or
+    /// resume names a swarm the session joined (so its credential grants it as
+    /// controller); a stop or a drain, which no swarm bounds, needs controller (or admin)
+    /// granted in every swarm (`*`). `None`: allowed.
+    fn safety_not_granted(&self, action: &swarmbus_schema::SafetyAction) -> Option<String> {
+        use swarmbus_schema::SafetyKind;
+        let identity = self.identity.lock().unwrap_or_else(|p| p.into_inner());
+        let identity = identity.as_ref()?;
+        match action.kind {
+            SafetyKind::Pause | SafetyKind::Resume if !self.joined(&action.swarm) => Some(format!(
+                "a pause or resume needs swarm {:?} joined, granted as controller",
+                action.swarm
+            )),
+            SafetyKind::Stop | SafetyKind::Drain | SafetyKind::Undrain
+                if !identity.everywhere(Role::Controller) =>
+            {
+                Some(
+                    "stopping an agent or draining a node needs controller granted in every swarm (\"*\")"
+                        .into(),
+                )
+            }
+            _ => None,
+        }
     }
 
     /// The record of a safety action and the swarms to announce it on; `None` when it was

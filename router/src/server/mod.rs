@@ -309,6 +309,9 @@ struct Session {
     /// When the session's credential expires (Unix seconds; 0: no credential). A refresh
     /// moves it; the session is closed with `Unauthenticated` once it passes.
     credential_expires_s: AtomicU64,
+    /// What the session's credential grants (`auth.mode = "required"`); a refresh
+    /// replaces it.
+    identity: Mutex<Option<crate::auth::Identity>>,
 }
 
 /// Largest presence metadata an agent may register (bytes): presence events and lists carry
