@@ -360,3 +360,28 @@ async fn safety_actions_stay_within_what_the_credential_grants() {
         .unwrap_err();
     assert_eq!(refused.code(), Some(FORBIDDEN), "{refused}");
 }
+
+#[tokio::test]
+async fn a_controller_cancels_others_jobs_only_in_the_swarms_it_joined() {
+    let (t, key) = secured(30).await;
+    let submitter = agent_in_s(&t, &key, "submitter").await;
+    let submit = |k: &str| swarmbus_client::SubmitJob {
+        swarm: "s".into(),
+        idempotency_key: k.into(),
+        payload: bytes::Bytes::from_static(b"work"),
+        ..swarmbus_client::SubmitJob::default()
+    };
+    let first = submitter.submit_job(submit("k1")).await.unwrap();
+    let second = submitter.submit_job(submit("k2")).await.unwrap();
+    let grants = [("ops", GrantRole::Controller), ("s", GrantRole::Controller)];
+    let token = |_: ()| Some(credential(&key, "ctl", &grants, 600));
+    let outside = connect(&t, "ctl", Role::Controller, &["ops"], token(()))
+        .await
+        .unwrap();
+    let refused = outside.cancel_job(first.job_id).await.unwrap_err();
+    assert_eq!(refused.code(), Some(FORBIDDEN), "{refused}");
+    let inside = connect(&t, "ctl", Role::Controller, &["s"], token(()))
+        .await
+        .unwrap();
+    inside.cancel_job(second.job_id).await.unwrap();
+}

@@ -270,7 +270,8 @@ impl Connector {
                     }
                 })?),
                 (None, None) => None,
-            },
+            }
+            .map(swarmbus_schema::Token),
         };
         let hello = encode(&Message::Hello(hello));
         send.write_all_chunks(&mut [hello.head, hello.body])

@@ -291,9 +291,18 @@ impl Client {
     /// `Unauthenticated` (invalid) or `Forbidden` (it no longer grants the session's swarms
     /// and role); the session then keeps the credential it had, until that expires.
     pub async fn refresh_credential(&self, token: &str) -> Result<(), ClientError> {
+        // The router cannot decode a longer (or empty) one, and would end the session.
+        if token.is_empty() || token.len() > swarmbus_schema::MAX_CREDENTIAL_BYTES {
+            return Err(ClientError::InvalidArgument {
+                detail: format!(
+                    "a credential is 1 to {} bytes",
+                    swarmbus_schema::MAX_CREDENTIAL_BYTES
+                ),
+            });
+        }
         self.request(|request_id| Message::Authenticate {
             request_id,
-            credential: token.to_owned(),
+            credential: swarmbus_schema::Token(token.to_owned()),
         })
         .await
         .and_then(expect_receipt)

@@ -2,7 +2,8 @@
 //! and on `Authenticate`, against the public keys the router trusts (`[auth]`).
 //!
 //! A credential's claims: `sub` (the agent id, which the Hello must carry), `grants` (swarm
-//! name or pattern -> role), `exp`, `iat`, `jti`, and optionally `nbf`. Nothing else:
+//! name or pattern -> role), `exp`, `iat`, `jti`, and optionally `nbf` (and `iss`, `aud`,
+//! accepted and not checked yet). Nothing else:
 //! a credential with a claim the router does not know is refused, so a typo in a grant's
 //! key never widens or narrows what it allows unnoticed. Signature, algorithm and times
 //! are checked by `jsonwebtoken` (ring's Ed25519); this module only decides what the
@@ -118,6 +119,11 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
     pub jti: String,
+    /// Accepted as identity providers set them; not checked yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aud: Option<serde_json::Value>,
 }
 
 /// A verified credential.
@@ -128,6 +134,17 @@ pub struct Identity {
     /// `exp`, Unix seconds.
     pub expires_at_s: u64,
     pub jti: String,
+}
+
+/// Whether `pattern` can match a swarm: a swarm name, `prefix.*` or `*`, not naming the
+/// router's own swarms.
+pub fn valid_pattern(pattern: &str) -> bool {
+    let name = pattern.strip_suffix(".*").unwrap_or(pattern);
+    pattern == "*"
+        || (!name.is_empty()
+            && !name.starts_with('$')
+            && !name.contains('*')
+            && swarmbus_schema::valid_name(pattern))
 }
 
 /// Whether swarm `name` matches grant pattern `pattern` (see the module doc).
@@ -251,11 +268,14 @@ impl Authenticator {
         validation.leeway = config.leeway_s;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // `aud` and `iss` are accepted, not checked (see Claims).
+        validation.validate_aud = false;
         Ok(Some(Authenticator { keys, validation }))
     }
 
     /// Verifies `token`: signed by a trusted key with EdDSA, within its times, with exactly
-    /// the known claims. Never panics on any input.
+    /// the known claims. No input makes it panic (a system clock before 1970 would:
+    /// jsonwebtoken reads the time).
     pub fn verify(&self, token: &str) -> Result<Identity, AuthRefusal> {
         if token.len() > swarmbus_schema::MAX_CREDENTIAL_BYTES {
             return Err(AuthRefusal::unauthenticated("the credential is too long"));
@@ -324,10 +344,27 @@ pub fn ensure_dev_key(data_dir: &Path) -> Result<(PathBuf, PathBuf), RouterError
         context: "creating the auth directory",
         source,
     })?;
-    let key =
-        rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| RouterError::Config {
-            detail: format!("making the development signing key: {e}"),
-        })?;
+    let key_error = |e: rcgen::Error| RouterError::Config {
+        detail: format!("the development signing key {}: {e}", private.display()),
+    };
+    // A private key without its public half keeps its credentials good: the public half
+    // is made again from it, never a new pair.
+    let existing = match std::fs::read_to_string(&private) {
+        Ok(pem) => Some(rcgen::KeyPair::from_pem(&pem).map_err(key_error)?),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(RouterError::DataDir {
+                path: private.clone(),
+                context: "reading the development signing key",
+                source,
+            })
+        }
+    };
+    let made = existing.is_none();
+    let key = match existing {
+        Some(key) => key,
+        None => rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(key_error)?,
+    };
     let written = |path: &Path| {
         let path = path.to_owned();
         move |source| RouterError::DataDir {
@@ -336,9 +373,12 @@ pub fn ensure_dev_key(data_dir: &Path) -> Result<(PathBuf, PathBuf), RouterError
             source,
         }
     };
-    crate::tls::write_private_file(&private, &key.serialize_pem()).map_err(written(&private))?;
+    if made {
+        crate::tls::write_private_file(&private, &key.serialize_pem())
+            .map_err(written(&private))?;
+        tracing::info!(key = %private.display(), "made a development signing key for credentials");
+    }
     std::fs::write(&public, key.public_key_pem()).map_err(written(&public))?;
-    tracing::info!(key = %private.display(), "made a development signing key for credentials");
     Ok((private, public))
 }
 
@@ -357,10 +397,15 @@ pub fn issue(key_pem: &[u8], issue: &Issue) -> Result<String, String> {
     let claims = Claims {
         sub: issue.agent.clone(),
         grants: issue.grants.clone(),
-        exp: issue.now_s + issue.ttl_s,
+        exp: issue
+            .now_s
+            .checked_add(issue.ttl_s)
+            .ok_or("the credential's ttl is too long")?,
         iat: issue.now_s,
         nbf: None,
         jti: issue.jti.clone(),
+        iss: None,
+        aud: None,
     };
     sign(key_pem, &claims)
 }
@@ -390,6 +435,54 @@ mod tests {
         assert!(!pattern_matches("$control", "$control"));
         // A `*` inside a name is not a wildcard.
         assert!(!pattern_matches("fleet*", "fleet-a"));
+    }
+
+    #[test]
+    fn patterns_that_could_never_match_are_not_valid() {
+        for good in ["fleet", "fleet.*", "*", "a.b.*"] {
+            assert!(valid_pattern(good), "{good}");
+        }
+        for bad in ["", "$control", "$x.*", "fleet*", ".*", "a*b"] {
+            assert!(!valid_pattern(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_lost_public_key_is_made_again_from_the_private_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (private, public) = ensure_dev_key(dir.path()).unwrap();
+        let (key, first_public) = (
+            std::fs::read(&private).unwrap(),
+            std::fs::read(&public).unwrap(),
+        );
+        std::fs::remove_file(&public).unwrap();
+        ensure_dev_key(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read(&private).unwrap(),
+            key,
+            "the private key was kept"
+        );
+        assert_eq!(std::fs::read(&public).unwrap(), first_public);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+
+    #[test]
+    fn a_ttl_past_the_end_of_time_is_refused_when_issuing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (private, _) = ensure_dev_key(dir.path()).unwrap();
+        let issue = Issue {
+            agent: "a".into(),
+            grants: BTreeMap::new(),
+            ttl_s: u64::MAX,
+            now_s: 10,
+            jti: "j".into(),
+        };
+        assert!(super::issue(&std::fs::read(private).unwrap(), &issue).is_err());
     }
 
     #[test]

@@ -81,7 +81,14 @@ pub(crate) fn write_private_file(path: &Path, contents: &str) -> std::io::Result
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    options.open(path)?.write_all(contents.as_bytes())
+    let mut file = options.open(path)?;
+    // A file that was there keeps the mode it had: narrow it too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
+    file.write_all(contents.as_bytes())
 }
 
 fn write_public(path: &Path, contents: &str) -> Result<(), RouterError> {

@@ -138,7 +138,24 @@ pub struct Hello {
     /// Set on a connection that attaches to an existing session as its bulk connection.
     pub attach: Option<Attach>,
     /// The session's credential (a compact JWT), at most [`crate::MAX_CREDENTIAL_BYTES`].
-    pub credential: Option<String>,
+    pub credential: Option<Token>,
+}
+
+/// A credential as it travels: its `Debug` never shows it, so a logged Hello or message
+/// leaks no token.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Token(pub String);
+
+impl Token {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token({} bytes)", self.0.len())
+    }
 }
 
 /// Which session a bulk connection attaches to, and the token its Welcome gave.
@@ -595,7 +612,7 @@ pub enum Message {
     /// expires (at most [`crate::MAX_CREDENTIAL_BYTES`]).
     Authenticate {
         request_id: u64,
-        credential: String,
+        credential: Token,
     },
 }
 

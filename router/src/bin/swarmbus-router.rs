@@ -87,9 +87,11 @@ fn ttl_seconds(text: &str) -> anyhow::Result<u64> {
         "d" => 86_400,
         _ => anyhow::bail!("--ttl {text:?}: the unit is s, m, h or d"),
     };
+    // No revocation yet: a credential is good until it expires, so it may not live long.
+    const MAX_TTL_S: u64 = 365 * 86_400;
     match number.checked_mul(scale) {
-        Some(0) | None => anyhow::bail!("--ttl {text:?}: must be between 1 s and many years"),
-        Some(seconds) => Ok(seconds),
+        Some(seconds @ 1..=MAX_TTL_S) => Ok(seconds),
+        _ => anyhow::bail!("--ttl {text:?}: must be between 1 s and 365 d"),
     }
 }
 
@@ -106,6 +108,14 @@ fn issue_credential(creds: Creds) -> anyhow::Result<()> {
         .with_context(|| format!("--role {role:?}: expected agent, controller, worker or admin"))?;
     if !swarmbus_schema::valid_name(&agent) {
         anyhow::bail!("--agent {agent:?}: not a valid agent id");
+    }
+    if let Some(pattern) = swarms
+        .iter()
+        .find(|p| !swarmbus_router::auth::valid_pattern(p))
+    {
+        anyhow::bail!(
+            "--swarm {pattern:?}: a swarm name, prefix.* or * (names starting with $ are the router's)"
+        );
     }
     let key = match key {
         Some(path) => path,

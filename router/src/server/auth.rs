@@ -9,7 +9,7 @@ impl Session {
     pub(super) async fn authenticate(
         &self,
         request_id: u64,
-        credential: String,
+        credential: swarmbus_schema::Token,
     ) -> Result<(), Fault> {
         let Some(auth) = &self.context.auth else {
             self.refuse(
@@ -20,7 +20,7 @@ impl Session {
             return Ok(());
         };
         let swarms: Vec<String> = self.swarms.iter().cloned().collect();
-        let checked = auth.verify(&credential).and_then(|identity| {
+        let checked = auth.verify(credential.as_str()).and_then(|identity| {
             admit(&identity, &self.agent, self.role, &swarms).map(|()| identity)
         });
         match checked {

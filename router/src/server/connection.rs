@@ -422,7 +422,11 @@ fn authenticate(
     auth: &crate::auth::Authenticator,
     hello: &Hello,
 ) -> Result<crate::auth::Identity, Fault> {
-    let Some(token) = hello.credential.as_deref() else {
+    let Some(token) = hello
+        .credential
+        .as_ref()
+        .map(swarmbus_schema::Token::as_str)
+    else {
         return Err(Fault::new(
             ErrorCode::Unauthenticated,
             "this router requires a credential (auth.mode = \"required\")",

@@ -137,14 +137,29 @@ impl Session {
 
     pub(super) async fn cancel_job(&self, request_id: u64, job_id: JobId) -> Result<(), Fault> {
         let now_ms = self.context.now_ms();
-        let outcome = self.context.jobs().cancel(
+        // With credentials, a controller cancels others' jobs only in swarms it joined (its
+        // credential grants them to it as controller); elsewhere it is one submitter among
+        // others.
+        let scoped = self
+            .identity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let mut jobs = self.context.jobs();
+        let controls = self.role == Role::Controller
+            && (!scoped
+                || jobs
+                    .swarm_of(job_id)
+                    .is_some_and(|swarm| self.joined(swarm)));
+        let outcome = jobs.cancel(
             &self.agent,
-            self.role == Role::Controller,
+            controls,
             &self.outbox,
             request_id,
             job_id,
             now_ms,
         );
+        drop(jobs);
         match outcome {
             Ok(effects) => self.context.apply_job_effects(effects),
             Err(refusal) => {

@@ -38,13 +38,13 @@ pub(super) fn optional(value: Option<&str>) -> Option<String> {
 }
 
 /// A credential: not empty, at most [`crate::MAX_CREDENTIAL_BYTES`].
-pub(super) fn credential_of(credential: &str) -> Result<String, DecodeError> {
+pub(super) fn credential_of(credential: &str) -> Result<Token, DecodeError> {
     if credential.is_empty() || credential.len() > crate::MAX_CREDENTIAL_BYTES {
         return Err(DecodeError::InvalidField {
             reason: "credential empty or longer than MAX_CREDENTIAL_BYTES",
         });
     }
-    Ok(credential.to_owned())
+    Ok(Token(credential.to_owned()))
 }
 
 pub(super) fn missing(kind: &'static str) -> DecodeError {

@@ -134,7 +134,7 @@ pub fn encode(message: &Message) -> OutFrame {
                     })
                     .collect();
                 let resume = fbb.create_vector(&resume);
-                let credential = m.credential.as_deref().map(|c| fbb.create_string(c));
+                let credential = m.credential.as_ref().map(|c| fbb.create_string(c.as_str()));
                 let metadata = (!m.metadata.is_empty()).then(|| fbb.create_string(&m.metadata));
                 let t = w::Hello::create(
                     fbb,
@@ -753,7 +753,7 @@ pub fn encode(message: &Message) -> OutFrame {
                 request_id,
                 credential,
             } => {
-                let credential = fbb.create_string(credential);
+                let credential = fbb.create_string(credential.as_str());
                 let t = w::Authenticate::create(
                     fbb,
                     &w::AuthenticateArgs {

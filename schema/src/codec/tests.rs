@@ -70,7 +70,7 @@ fn message() -> impl Strategy<Value = Message> {
                                 token,
                             }),
                             // A credential when the client name is long enough to be one.
-                            credential: (n.len() > 4).then(|| n.clone()),
+                            credential: (n.len() > 4).then(|| crate::Token(n.clone())),
                         })
                     })
             }),
@@ -568,7 +568,7 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u64>(), "[A-Za-z0-9._-]{1,64}").prop_map(|(request_id, credential)| {
             Message::Authenticate {
                 request_id,
-                credential,
+                credential: crate::Token(credential),
             }
         }),
     ]
@@ -608,7 +608,7 @@ fn hello_at_limit(swarms: u32, name_len: usize, seed: u64) -> Hello {
         metadata: text,
         bulk: true,
         attach: None,
-        credential: Some("c".repeat(crate::MAX_CREDENTIAL_BYTES)),
+        credential: Some(crate::Token("c".repeat(crate::MAX_CREDENTIAL_BYTES))),
     }
 }
 
@@ -617,6 +617,23 @@ fn decode_one(message: &Message, options: &DecodeOptions) -> Result<Message, Dec
     let mut dec = FrameDecoder::new(crate::DEFAULT_MAX_FRAME_BYTES);
     dec.push(Bytes::from(out.to_vec()));
     decode(dec.next_frame().unwrap().unwrap(), options)
+}
+
+#[test]
+fn a_credential_never_shows_in_debug_output() {
+    let token = crate::Token("eyJhbGciOiJFZERTQSJ9.secret.sig".into());
+    let hello = Hello {
+        credential: Some(token.clone()),
+        ..Hello::default()
+    };
+    let refresh = Message::Authenticate {
+        request_id: 1,
+        credential: token,
+    };
+    for shown in [format!("{hello:?}"), format!("{refresh:?}")] {
+        assert!(!shown.contains("secret"), "{shown}");
+        assert!(shown.contains("Token(31 bytes)"), "{shown}");
+    }
 }
 
 #[test]
