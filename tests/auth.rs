@@ -385,3 +385,45 @@ async fn a_controller_cancels_others_jobs_only_in_the_swarms_it_joined() {
         .unwrap();
     inside.cancel_job(second.job_id).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_reload_closes_the_sessions_whose_credentials_are_revoked() {
+    let revocations = tempfile::NamedTempFile::new().unwrap();
+    let path = revocations.path().to_owned();
+    let t = start_router(|c| {
+        c.auth.mode = AuthMode::Required;
+        c.auth.revocations = Some(path.clone());
+    })
+    .await;
+    let key = signing_key(t._data.as_ref().unwrap().path());
+    let a = agent_in_s(&t, &key, "a").await;
+    let b = agent_in_s(&t, &key, "b").await;
+    let c = agent_in_s(&t, &key, "c").await;
+    assert_eq!(t.router.reload_auth().unwrap(), 0, "nothing revoked yet");
+    // a's credential by its jti (see `credential`), and every credential of b issued
+    // before a minute from now.
+    std::fs::write(
+        &path,
+        format!("jti = [\"a-600\"]\n[issued_before]\nb = {}\n", now_s() + 60),
+    )
+    .unwrap();
+    assert_eq!(t.router.reload_auth().unwrap(), 2);
+    for client in [&a, &b] {
+        let closed = tokio::time::timeout(Duration::from_secs(10), client.closed())
+            .await
+            .expect("a revoked session is closed");
+        assert_eq!(closed.code(), Some(UNAUTHENTICATED), "{closed}");
+    }
+    works(&c, "s").await;
+    // A revoked credential is refused at connect too, saying so.
+    let token = credential(&key, "a", &[("s", GrantRole::Agent)], 600);
+    let refused = connect(&t, "a", Role::Agent, &["s"], Some(token))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(UNAUTHENTICATED), "{refused}");
+    assert!(refused.to_string().contains("revoked"), "{refused}");
+    // A revocation file that does not parse changes nothing.
+    std::fs::write(&path, "jti = 7\n").unwrap();
+    assert!(t.router.reload_auth().is_err());
+    works(&c, "s").await;
+}

@@ -39,6 +39,51 @@ pub struct AuthConfig {
     pub trusted_keys: Vec<PathBuf>,
     /// Clock skew allowed on `exp` and `nbf`, seconds.
     pub leeway_s: u64,
+    /// A TOML file of revoked credentials (see [`Revocations`]), read at start and on
+    /// every reload (SIGHUP).
+    pub revocations: Option<PathBuf>,
+}
+
+/// Credentials refused before they expire: by `jti`, and every credential of a subject
+/// issued before a time (`[issued_before]`, agent id = Unix seconds):
+///
+/// ```toml
+/// jti = ["3f2a..."]
+/// [issued_before]
+/// "agent-7" = 1796170000
+/// ```
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Revocations {
+    pub jti: std::collections::BTreeSet<String>,
+    pub issued_before: BTreeMap<String, u64>,
+}
+
+impl Revocations {
+    fn load(path: &Path) -> Result<Revocations, RouterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| RouterError::ConfigFile {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Why `claims` are revoked, if they are.
+    fn revoked(&self, claims: &Claims) -> Option<String> {
+        if self.jti.contains(&claims.jti) {
+            return Some(format!("the credential {:?} was revoked", claims.jti));
+        }
+        match self.issued_before.get(&claims.sub) {
+            Some(&before) if claims.iat < before => Some(format!(
+                "the credentials of {:?} issued before {before} were revoked",
+                claims.sub
+            )),
+            _ => None,
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -47,6 +92,7 @@ impl Default for AuthConfig {
             mode: AuthMode::None,
             trusted_keys: Vec::new(),
             leeway_s: 30,
+            revocations: None,
         }
     }
 }
@@ -65,9 +111,11 @@ impl AuthConfig {
         if self.leeway_s > 3_600 {
             return Err("auth.leeway_s must be at most 3600".into());
         }
-        if self.mode == AuthMode::None && !self.trusted_keys.is_empty() {
+        if self.mode == AuthMode::None
+            && (!self.trusted_keys.is_empty() || self.revocations.is_some())
+        {
             return Err(
-                "auth.trusted_keys is set but auth.mode is \"none\": set mode = \"required\""
+                "auth.trusted_keys or auth.revocations is set but auth.mode is \"none\": set mode = \"required\""
                     .into(),
             );
         }
@@ -216,6 +264,7 @@ impl AuthRefusal {
 pub struct Authenticator {
     keys: Vec<(PathBuf, DecodingKey)>,
     validation: Validation,
+    revocations: Revocations,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -270,7 +319,15 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "sub"]);
         // `aud` and `iss` are accepted, not checked (see Claims).
         validation.validate_aud = false;
-        Ok(Some(Authenticator { keys, validation }))
+        let revocations = match &config.revocations {
+            Some(path) => Revocations::load(path)?,
+            None => Revocations::default(),
+        };
+        Ok(Some(Authenticator {
+            keys,
+            validation,
+            revocations,
+        }))
     }
 
     /// Verifies `token`: signed by a trusted key with EdDSA, within its times, with exactly
@@ -289,6 +346,9 @@ impl Authenticator {
                         return Err(AuthRefusal::unauthenticated(
                             "the credential's sub and jti must not be empty",
                         ));
+                    }
+                    if let Some(why) = self.revocations.revoked(&claims) {
+                        return Err(AuthRefusal::unauthenticated(why));
                     }
                     return Ok(Identity {
                         agent: claims.sub,

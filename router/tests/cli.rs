@@ -225,3 +225,69 @@ fn creds_issue_refuses_an_unknown_role_and_a_bad_ttl() {
         assert!(stderr.contains(expect), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn sighup_reloads_revocations_and_closes_the_revoked_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let revocations = dir.path().join("revocations.toml");
+    std::fs::write(&revocations, "").unwrap();
+    let config = dir.path().join("router.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[auth]\nmode = \"required\"\nrevocations = {:?}\n",
+            revocations.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let (router, line) = start(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data_arg,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let addr: std::net::SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .expect("an address on the start line");
+    let issued = Command::new(ROUTER)
+        .args(["creds", "issue", "--data-dir", data_arg, "--agent", "a1"])
+        .args(["--role", "agent", "--swarm", "s"])
+        .env("SWARMBUS_LOG", "warn")
+        .output()
+        .unwrap();
+    let token = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    let connector = swarmbus_client::Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
+    let session = swarmbus_client::Session::new("a1", swarmbus_client::Role::Agent, ["s"])
+        .with_credential(token);
+    let (client, _) = connector.connect(addr, session).await.unwrap();
+    // Revoke every credential of a1 issued until a minute from now, then SIGHUP.
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 60;
+    std::fs::write(&revocations, format!("[issued_before]\na1 = {later}\n")).unwrap();
+    let status = Command::new("kill")
+        .args(["-HUP", &router.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let closed = tokio::time::timeout(Duration::from_secs(10), client.closed())
+        .await
+        .expect("the revoked session is closed");
+    assert_eq!(closed.code(), Some(37), "{closed}");
+    // The router is still up: a SIGHUP is not a stop.
+    let bare = swarmbus_client::Session::new("a2", swarmbus_client::Role::Agent, ["s"]);
+    let refused = connector.connect(addr, bare).await.unwrap_err();
+    assert_eq!(refused.code(), Some(37), "{refused}");
+}

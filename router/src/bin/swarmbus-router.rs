@@ -177,6 +177,31 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Resolves at the next SIGHUP (never where there are no such signals).
+async fn hangup() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            hup.recv().await;
+            return;
+        }
+    }
+    std::future::pending::<()>().await
+}
+
+/// SIGHUP: the trusted keys and the revocations are read again, and live sessions whose
+/// credential is no longer accepted are closed. A reload that fails changes nothing.
+fn reload(router: &Router) {
+    match router.reload_auth() {
+        Ok(closed) => tracing::info!(closed, "reloaded the trusted keys and revocations"),
+        Err(error) => tracing::error!(
+            error = %format!("{:#}", anyhow::Error::from(error)),
+            "reload failed; the trusted keys and revocations are as they were"
+        ),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -238,7 +263,14 @@ async fn run() -> anyhow::Result<()> {
         )?;
         stdout.flush()?;
     }
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = hangup() => reload(&router),
+        }
+    }
     tracing::info!("shutting down");
     router.shutdown().await;
     Ok(())

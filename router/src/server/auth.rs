@@ -11,7 +11,7 @@ impl Session {
         request_id: u64,
         credential: swarmbus_schema::Token,
     ) -> Result<(), Fault> {
-        let Some(auth) = &self.context.auth else {
+        let Some(auth) = self.context.authenticator() else {
             self.refuse(
                 ErrorCode::InvalidRequest,
                 request_id,
@@ -28,6 +28,7 @@ impl Session {
                 self.credential_expires_s
                     .store(identity.expires_at_s, Ordering::Relaxed);
                 *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
+                *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(credential);
                 let _ = self
                     .outbox
                     .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));

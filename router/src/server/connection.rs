@@ -268,12 +268,19 @@ pub(super) async fn run_connection(
     };
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
     let metadata = hello.metadata.clone();
+    let session_token = hello.credential.clone();
     let session = new_session(conn, hello, &outbox, &context);
     if let Some(identity) = identity {
         session
             .credential_expires_s
             .store(identity.expires_at_s, Ordering::Relaxed);
         *session.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
+        *session.token.lock().unwrap_or_else(|p| p.into_inner()) = session_token;
+        context
+            .credentialed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(conn, Arc::downgrade(&session));
     }
     if !join(&session, metadata, &context).await {
         outbox.request_close(ErrorCode::Stopped);
@@ -378,8 +385,8 @@ async fn greet(
         }
         return None;
     }
-    let identity = match &context.auth {
-        Some(auth) => match authenticate(auth, &hello) {
+    let identity = match context.authenticator() {
+        Some(auth) => match authenticate(&auth, &hello) {
             Ok(identity) => Some(identity),
             Err(fault) => {
                 context.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
@@ -608,6 +615,7 @@ fn new_session(
         )),
         credential_expires_s: AtomicU64::new(0),
         identity: Mutex::new(None),
+        token: Mutex::new(None),
     })
 }
 
@@ -696,6 +704,9 @@ async fn serve_session(
                 ErrorCode::Replaced => "another session with this agent id connected",
                 ErrorCode::HeartbeatTimeout => "no heartbeat within the heartbeat timeout",
                 ErrorCode::Stopped => "stopped by a controller",
+                ErrorCode::Unauthenticated => {
+                    "the session's credential was revoked or its key is no longer trusted"
+                }
                 _ => "outbound queue overflow: the subscriber is lagging and missed messages",
             };
             close_with(connection, stats, &Fault::new(code, reason));
@@ -748,6 +759,11 @@ async fn credential_expired(session: &Session) {
 /// What a session leaves behind: its subscriptions (the shards drop them), its presence
 /// (announced), its job queue side and, for a worker, its affine sessions and requests.
 async fn leave(conn: ConnId, session: &Arc<Session>, context: &Arc<Context>) {
+    context
+        .credentialed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&conn);
     for shard in context.shards.iter().chain(&context.job_shards) {
         let _ = shard.send(ShardCommand::Disconnect { conn }).await;
     }

@@ -5,6 +5,14 @@
 use super::*;
 
 impl Context {
+    /// The credential checker now (`None`: `auth.mode = "none"`).
+    pub(super) fn authenticator(&self) -> Option<Arc<crate::auth::Authenticator>> {
+        self.auth
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// The shard that owns `swarm`: the job queue's swarms have shards of their own.
     pub(super) fn shard_for(&self, swarm: &str) -> &ShardSender {
         if swarm.starts_with(JOBS_SWARM_PREFIX) {

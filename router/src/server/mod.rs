@@ -109,8 +109,10 @@ const WRITE_BATCH_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 struct Context {
     config: Config,
-    /// Checks credentials when `auth.mode = "required"`.
-    auth: Option<crate::auth::Authenticator>,
+    /// Checks credentials when `auth.mode = "required"`; replaced by a reload.
+    auth: std::sync::RwLock<Option<Arc<crate::auth::Authenticator>>>,
+    /// Live sessions that showed a credential, re-checked on a reload.
+    credentialed: Mutex<HashMap<ConnId, std::sync::Weak<Session>>>,
     shards: Vec<ShardSender>,
     /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
     job_shards: Vec<ShardSender>,
@@ -312,6 +314,8 @@ struct Session {
     /// What the session's credential grants (`auth.mode = "required"`); a refresh
     /// replaces it.
     identity: Mutex<Option<crate::auth::Identity>>,
+    /// The credential itself, re-verified when the trusted keys or revocations change.
+    token: Mutex<Option<swarmbus_schema::Token>>,
 }
 
 /// Largest presence metadata an agent may register (bytes): presence events and lists carry

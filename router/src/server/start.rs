@@ -153,6 +153,44 @@ impl Router {
         }
     }
 
+    /// Reads the trusted keys and the revocations again (the paths in the configuration it
+    /// started with) and re-checks every live session's credential: one no longer trusted,
+    /// or revoked, is closed with `Unauthenticated`. Returns how many were closed. A reload
+    /// that fails (a key or file that cannot be read) changes nothing.
+    pub fn reload_auth(&self) -> Result<usize, RouterError> {
+        let context = &self.context;
+        let Some(fresh) =
+            crate::auth::Authenticator::start(&context.config.auth, &context.config.data_dir)?
+        else {
+            return Ok(0);
+        };
+        let fresh = Arc::new(fresh);
+        *context.auth.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
+        let sessions: Vec<Arc<Session>> = {
+            let mut live = context
+                .credentialed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            live.retain(|_, session| session.strong_count() > 0);
+            live.values().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        let mut closed = 0;
+        for session in sessions {
+            let token = session
+                .token
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let Some(token) = token else { continue };
+            if let Err(refusal) = fresh.verify(token.as_str()) {
+                tracing::info!(agent = %session.agent, reason = %refusal.reason, "closing a session whose credential is no longer accepted");
+                session.outbox.request_close(ErrorCode::Unauthenticated);
+                closed += 1;
+            }
+        }
+        Ok(closed)
+    }
+
     /// Whether sessions must show a credential (`auth.mode`).
     pub fn auth_mode(&self) -> crate::auth::AuthMode {
         self.context.config.auth.mode
@@ -573,7 +611,8 @@ fn shared_context(
     Arc::new(Context {
         decode: DecodeOptions::for_swarms_per_session(config.limits.max_swarms_per_session),
         config,
-        auth,
+        auth: std::sync::RwLock::new(auth.map(Arc::new)),
+        credentialed: Mutex::new(HashMap::new()),
         shards: started.shards,
         job_shards: started.job_shards,
         stats: stats.clone(),
