@@ -177,17 +177,31 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Resolves at the next SIGHUP (never where there are no such signals).
-async fn hangup() {
+/// SIGHUPs, once registered (none where there are no such signals). Registered before
+/// the start line is printed: from then on a SIGHUP reloads and never stops the router.
+struct Hangups {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            hup.recv().await;
-            return;
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    fn register() -> Hangups {
+        Hangups {
+            #[cfg(unix)]
+            signal: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
         }
     }
-    std::future::pending::<()>().await
+
+    /// Resolves at the next SIGHUP.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.signal {
+            if signal.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
 }
 
 /// SIGHUP: the trusted keys and the revocations are read again, and live sessions whose
@@ -240,6 +254,7 @@ async fn run() -> anyhow::Result<()> {
     }
     let config = load_config(&args)?;
     let router = Router::start(config).await.context("starting the router")?;
+    let mut hangups = Hangups::register();
     {
         let mut stdout = std::io::stdout().lock();
         // One line; scripts take the address after "listening on" and, when there is one,
@@ -268,7 +283,7 @@ async fn run() -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            () = hangup() => reload(&router),
+            () = hangups.next() => reload(&router),
         }
     }
     tracing::info!("shutting down");
