@@ -427,3 +427,23 @@ async fn a_reload_closes_the_sessions_whose_credentials_are_revoked() {
     assert!(t.router.reload_auth().is_err());
     works(&c, "s").await;
 }
+
+#[tokio::test]
+async fn a_reload_reads_keys_and_never_makes_one() {
+    let (t, key) = secured(30).await;
+    let a = agent_in_s(&t, &key, "a").await;
+    let data = t._data.as_ref().unwrap().path();
+    let (private, public) = swarmbus_router::auth::dev_key_paths(data);
+    let moved = data.join("moved.pem");
+    std::fs::rename(&public, &moved).unwrap();
+    assert!(
+        t.router.reload_auth().is_err(),
+        "a missing key fails the reload"
+    );
+    assert!(!public.exists(), "and no key is made in its place");
+    assert_eq!(std::fs::read(&private).unwrap(), key);
+    works(&a, "s").await;
+    std::fs::rename(&moved, &public).unwrap();
+    assert_eq!(t.router.reload_auth().unwrap(), 0);
+    works(&a, "s").await;
+}

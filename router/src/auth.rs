@@ -287,13 +287,21 @@ pub fn dev_key_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
 
 impl Authenticator {
     /// The authenticator for `config`: `None` with `mode = "none"`. With `required` and no
-    /// trusted key, the development key under `data_dir` is made (first start) and trusted.
-    pub fn start(config: &AuthConfig, data_dir: &Path) -> Result<Option<Self>, RouterError> {
+    /// trusted key, the development key under `data_dir` is trusted; `at_start`, it is made
+    /// when missing (a reload only reads it: it never makes a new key).
+    pub fn start(
+        config: &AuthConfig,
+        data_dir: &Path,
+        at_start: bool,
+    ) -> Result<Option<Self>, RouterError> {
         if config.mode == AuthMode::None {
             return Ok(None);
         }
         let paths = if config.trusted_keys.is_empty() {
-            let (_, public) = ensure_dev_key(data_dir)?;
+            let public = match at_start {
+                true => ensure_dev_key(data_dir)?.1,
+                false => dev_key_paths(data_dir).1,
+            };
             vec![public]
         } else {
             config.trusted_keys.clone()

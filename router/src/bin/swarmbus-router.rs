@@ -87,7 +87,7 @@ fn ttl_seconds(text: &str) -> anyhow::Result<u64> {
         "d" => 86_400,
         _ => anyhow::bail!("--ttl {text:?}: the unit is s, m, h or d"),
     };
-    // No revocation yet: a credential is good until it expires, so it may not live long.
+    // A credential is good until it expires or is revoked: it may not live for ever.
     const MAX_TTL_S: u64 = 365 * 86_400;
     match number.checked_mul(scale) {
         Some(seconds @ 1..=MAX_TTL_S) => Ok(seconds),
@@ -137,6 +137,8 @@ fn issue_credential(creds: Creds) -> anyhow::Result<()> {
         jti: jti.iter().map(|b| format!("{b:02x}")).collect(),
     };
     let token = swarmbus_router::auth::issue(&pem, &issue).map_err(anyhow::Error::msg)?;
+    // The jti on stderr, for `auth.revocations`; the token alone on stdout, for scripts.
+    eprintln!("jti {}", issue.jti);
     println!("{token}");
     Ok(())
 }
@@ -207,7 +209,12 @@ impl Hangups {
 /// SIGHUP: the trusted keys and the revocations are read again, and live sessions whose
 /// credential is no longer accepted are closed. A reload that fails changes nothing.
 fn reload(router: &Router) {
-    match router.reload_auth() {
+    if router.auth_mode() == swarmbus_router::auth::AuthMode::None {
+        tracing::info!("SIGHUP: auth.mode is \"none\", nothing to reload");
+        return;
+    }
+    // Files and one signature check per session: off the runtime's other work.
+    match tokio::task::block_in_place(|| router.reload_auth()) {
         Ok(closed) => tracing::info!(closed, "reloaded the trusted keys and revocations"),
         Err(error) => tracing::error!(
             error = %format!("{:#}", anyhow::Error::from(error)),

@@ -3,6 +3,36 @@
 use super::*;
 
 impl Session {
+    /// Whether the session showed a credential.
+    pub(super) fn credentialed(&self) -> bool {
+        self.credential
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Keeps `identity` and `token`, verified with `used`. A reload may have swapped the
+    /// authenticator meanwhile, after it re-checked the live sessions: then the token is
+    /// checked again with the current one, and the session closed when it fails.
+    pub(super) fn keep_credential(
+        &self,
+        identity: crate::auth::Identity,
+        token: swarmbus_schema::Token,
+        used: &Arc<crate::auth::Authenticator>,
+    ) {
+        self.credential_expires_s
+            .store(identity.expires_at_s, Ordering::Relaxed);
+        *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = Some(SessionCredential {
+            identity,
+            token: token.clone(),
+        });
+        if let Some(current) = self.context.authenticator() {
+            if !Arc::ptr_eq(&current, used) && current.verify(token.as_str()).is_err() {
+                self.outbox.request_close(ErrorCode::Unauthenticated);
+            }
+        }
+    }
+
     /// A fresh credential for this session: the same agent id, still granting the session's
     /// role in every swarm it joined. Accepted, the session's expiry moves to the new one's;
     /// refused, the session keeps the credential it had until that expires.
@@ -25,10 +55,7 @@ impl Session {
         });
         match checked {
             Ok(identity) => {
-                self.credential_expires_s
-                    .store(identity.expires_at_s, Ordering::Relaxed);
-                *self.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
-                *self.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(credential);
+                self.keep_credential(identity, credential, &auth);
                 let _ = self
                     .outbox
                     .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));

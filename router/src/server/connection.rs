@@ -270,19 +270,22 @@ pub(super) async fn run_connection(
     let metadata = hello.metadata.clone();
     let session_token = hello.credential.clone();
     let session = new_session(conn, hello, &outbox, &context);
-    if let Some(identity) = identity {
-        session
-            .credential_expires_s
-            .store(identity.expires_at_s, Ordering::Relaxed);
-        *session.identity.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity);
-        *session.token.lock().unwrap_or_else(|p| p.into_inner()) = session_token;
+    if let (Some((identity, used)), Some(token)) = (identity, session_token) {
+        // Registered first, so that a reload from now on re-checks it; kept second, which
+        // re-checks it if a reload came in between.
         context
             .credentialed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(conn, Arc::downgrade(&session));
+        session.keep_credential(identity, token, &used);
     }
     if !join(&session, metadata, &context).await {
+        context
+            .credentialed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&conn);
         outbox.request_close(ErrorCode::Stopped);
         connection.close(
             VarInt::from(ErrorCode::Stopped.as_u16()),
@@ -348,12 +351,7 @@ async fn greet(
     context: &Arc<Context>,
     listener: Listener,
     partial: Arc<PartialFrames>,
-) -> Option<(
-    SendStream,
-    FrameReader,
-    Hello,
-    Option<crate::auth::Identity>,
-)> {
+) -> Option<(SendStream, FrameReader, Hello, Option<Verified>)> {
     let stats = &context.stats;
     let hello_timeout = Duration::from_millis(context.config.limits.hello_timeout_ms);
     let handshake =
@@ -387,7 +385,7 @@ async fn greet(
     }
     let identity = match context.authenticator() {
         Some(auth) => match authenticate(&auth, &hello) {
-            Ok(identity) => Some(identity),
+            Ok(identity) => Some((identity, auth)),
             Err(fault) => {
                 context.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
                 close_with(connection, stats, &fault);
@@ -422,6 +420,9 @@ async fn greet(
     }
     Some((send, session_reader, hello, identity))
 }
+
+/// A Hello's credential, verified, and the authenticator that verified it.
+type Verified = (crate::auth::Identity, Arc<crate::auth::Authenticator>);
 
 /// The Hello's credential, checked: signed by a trusted key, for this agent id, granting
 /// the Hello's role in every swarm it joins. Returns when it expires (Unix seconds).
@@ -614,8 +615,7 @@ fn new_session(
                 .unwrap_or_else(std::time::Instant::now),
         )),
         credential_expires_s: AtomicU64::new(0),
-        identity: Mutex::new(None),
-        token: Mutex::new(None),
+        credential: Mutex::new(None),
     })
 }
 

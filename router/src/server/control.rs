@@ -263,8 +263,8 @@ impl Session {
     /// granted in every swarm (`*`). `None`: allowed.
     fn safety_not_granted(&self, action: &swarmbus_schema::SafetyAction) -> Option<String> {
         use swarmbus_schema::SafetyKind;
-        let identity = self.identity.lock().unwrap_or_else(|p| p.into_inner());
-        let identity = identity.as_ref()?;
+        let credential = self.credential.lock().unwrap_or_else(|p| p.into_inner());
+        let identity = &credential.as_ref()?.identity;
         match action.kind {
             SafetyKind::Pause | SafetyKind::Resume if !self.joined(&action.swarm) => Some(format!(
                 "a pause or resume needs swarm {:?} joined, granted as controller",

@@ -140,11 +140,7 @@ impl Session {
         // With credentials, a controller cancels others' jobs only in swarms it joined (its
         // credential grants them to it as controller); elsewhere it is one submitter among
         // others.
-        let scoped = self
-            .identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
+        let scoped = self.credentialed();
         let mut jobs = self.context.jobs();
         let controls = self.role == Role::Controller
             && (!scoped

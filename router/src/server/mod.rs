@@ -311,11 +311,16 @@ struct Session {
     /// When the session's credential expires (Unix seconds; 0: no credential). A refresh
     /// moves it; the session is closed with `Unauthenticated` once it passes.
     credential_expires_s: AtomicU64,
-    /// What the session's credential grants (`auth.mode = "required"`); a refresh
-    /// replaces it.
-    identity: Mutex<Option<crate::auth::Identity>>,
-    /// The credential itself, re-verified when the trusted keys or revocations change.
-    token: Mutex<Option<swarmbus_schema::Token>>,
+    /// The session's credential and what it grants (`auth.mode = "required"`), replaced
+    /// together by a refresh; re-verified when the trusted keys or revocations change.
+    credential: Mutex<Option<SessionCredential>>,
+}
+
+/// A session's verified credential (the token's `Debug` does not show it).
+#[derive(Debug)]
+struct SessionCredential {
+    identity: crate::auth::Identity,
+    token: swarmbus_schema::Token,
 }
 
 /// Largest presence metadata an agent may register (bytes): presence events and lists carry

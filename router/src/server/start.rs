@@ -25,7 +25,7 @@ impl Router {
             context: "creating it",
             source,
         })?;
-        let auth = crate::auth::Authenticator::start(&config.auth, &config.data_dir)?;
+        let auth = crate::auth::Authenticator::start(&config.auth, &config.data_dir, true)?;
         let (router_clock, clock_checkpoints) = start_clock(&config, clock)?;
         let listeners = bind_listeners(&config)?;
         let recovered = recover(&config, &router_clock.clock)?;
@@ -159,8 +159,11 @@ impl Router {
     /// that fails (a key or file that cannot be read) changes nothing.
     pub fn reload_auth(&self) -> Result<usize, RouterError> {
         let context = &self.context;
-        let Some(fresh) =
-            crate::auth::Authenticator::start(&context.config.auth, &context.config.data_dir)?
+        let Some(fresh) = crate::auth::Authenticator::start(
+            &context.config.auth,
+            &context.config.data_dir,
+            false,
+        )?
         else {
             return Ok(0);
         };
@@ -177,10 +180,11 @@ impl Router {
         let mut closed = 0;
         for session in sessions {
             let token = session
-                .token
+                .credential
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .clone();
+                .as_ref()
+                .map(|credential| credential.token.clone());
             let Some(token) = token else { continue };
             if let Err(refusal) = fresh.verify(token.as_str()) {
                 tracing::info!(agent = %session.agent, reason = %refusal.reason, "closing a session whose credential is no longer accepted");

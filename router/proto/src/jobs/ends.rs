@@ -307,13 +307,13 @@ impl<H: Handle + Clone> Jobs<H> {
         Ok(fx)
     }
 
-    /// Cancels a job for its submitter or a controller: a running attempt's worker is told
-    /// (JobCancel) and the job ends `cancelled`.
     /// The swarm a job was submitted to, while the queue holds it.
     pub fn swarm_of(&self, job_id: JobId) -> Option<&str> {
         self.jobs.get(&job_id).map(|job| job.spec.swarm.as_str())
     }
 
+    /// Cancels a job for its submitter or a controller: a running attempt's worker is told
+    /// (JobCancel) and the job ends `cancelled`.
     pub fn cancel(
         &mut self,
         agent: &str,
