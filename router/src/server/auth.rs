@@ -1,4 +1,5 @@
-//! Credential refresh: a session shows a fresh credential before its current one expires.
+//! A session's credential: kept with what it grants, checked again when a reload swapped
+//! the authenticator, and refreshed in-band before it expires (`Authenticate`).
 
 use super::*;
 

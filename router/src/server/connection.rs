@@ -424,8 +424,8 @@ async fn greet(
 /// A Hello's credential, verified, and the authenticator that verified it.
 type Verified = (crate::auth::Identity, Arc<crate::auth::Authenticator>);
 
-/// The Hello's credential, checked: signed by a trusted key, for this agent id, granting
-/// the Hello's role in every swarm it joins. Returns when it expires (Unix seconds).
+/// The Hello's credential, checked: signed by a trusted key, not revoked, for this agent
+/// id, granting the Hello's role in every swarm it joins.
 fn authenticate(
     auth: &crate::auth::Authenticator,
     hello: &Hello,
