@@ -6,6 +6,7 @@ mod creds;
 mod durable;
 mod fanout;
 mod flood;
+mod handshake;
 mod jobs;
 mod leader;
 mod presence;
@@ -66,6 +67,9 @@ enum Scenario {
     /// observers that filter them. Reports grants, overlapping validity intervals and stale
     /// commands accepted (both must be 0); exits 1 on a safety violation.
     Leader(leader::LeaderArgs),
+    /// Workers connect sessions and close them again, as fast as the router admits them;
+    /// reports handshakes/s and the connect latency (with `--auth`: with credentials).
+    Handshake(handshake::HandshakeArgs),
     /// Agents join one swarm and heartbeat; some are killed (frozen without a close, or
     /// closed); reports how long until watchers saw each leave (p50/p99/max) and the ghosts
     /// the router still lists (must be 0).
@@ -108,6 +112,7 @@ fn main() -> std::process::ExitCode {
             Scenario::Jobs(args) => jobs::run(args).await,
             Scenario::Leader(args) => leader::run(args).await,
             Scenario::Presence(args) => presence::run(args).await,
+            Scenario::Handshake(args) => handshake::run(args).await,
         }
     });
     match result {
