@@ -453,9 +453,10 @@ pub(super) async fn tie_connections(main: Connection, bulk: Connection) {
     tokio::select! {
         _ = main.closed() => bulk.close(VarInt::from_u32(0), b"session closed"),
         why = bulk.closed() => {
-            if !matches!(why, quinn::ConnectionError::LocallyClosed)
-                && tokio::time::timeout(BULK_CLOSE_GRACE, main.closed()).await.is_ok()
-            {
+            // Closed by the router, or here because the router stopped reading a bulk
+            // stream (a session it is ending): the main connection's close, which carries
+            // the reason the application should see, is on its way.
+            if tokio::time::timeout(BULK_CLOSE_GRACE, main.closed()).await.is_ok() {
                 return;
             }
             main.close(VarInt::from_u32(0), format!("the session's bulk connection closed: {why}").as_bytes());
@@ -490,7 +491,15 @@ pub(super) async fn stream_writer(
         };
         let chunks = coalescer.chunks();
         if send.write_all_chunks(chunks).await.is_err() {
-            connection.close(VarInt::from_u32(0), b"stream write failed");
+            // The router stopped reading this stream: it is ending the session, and its
+            // close, with the reason the application should see, is on its way. Closed here
+            // only if it does not come.
+            if tokio::time::timeout(BULK_CLOSE_GRACE, connection.closed())
+                .await
+                .is_err()
+            {
+                connection.close(VarInt::from_u32(0), b"stream write failed");
+            }
             return;
         }
         chunks.clear();

@@ -269,7 +269,7 @@ async fn sighup_reloads_revocations_and_closes_the_revoked_sessions() {
     let connector = swarmbus_client::Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
     let session = swarmbus_client::Session::new("a1", swarmbus_client::Role::Agent, ["s"])
         .with_credential(token);
-    let (client, _) = connector.connect(addr, session).await.unwrap();
+    let (client, _deliveries) = connector.connect(addr, session).await.unwrap();
     // Revoke every credential of a1 issued until a minute from now, then SIGHUP.
     let later = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
