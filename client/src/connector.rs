@@ -493,7 +493,8 @@ pub(super) async fn stream_writer(
         if send.write_all_chunks(chunks).await.is_err() {
             // The router stopped reading this stream: it is ending the session, and its
             // close, with the reason the application should see, is on its way. Closed here
-            // only if it does not come.
+            // only if it does not come. Frames queued meanwhile are not sent (the session
+            // is ending); requests waiting for a reply fail with the close.
             if tokio::time::timeout(BULK_CLOSE_GRACE, connection.closed())
                 .await
                 .is_err()

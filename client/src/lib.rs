@@ -333,8 +333,9 @@ struct Owner {
 /// the router had taken would close the connection the session's bulk traffic now uses.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long the session waits, once its bulk connection was closed by the router, for the
-/// router to close the main one (with the reason the application should see).
+/// How long the client waits for the router's close of a connection (with the reason the
+/// application should see) once the router stopped reading one of its streams, or closed
+/// the session's bulk connection, before it closes the connection itself.
 const BULK_CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Removes a registered request from the pending map unless its frame was queued: a

@@ -1,6 +1,7 @@
 //! `handshake`: how many sessions per second the router admits. Each of `--concurrency`
 //! workers connects a session (QUIC and TLS handshake, Hello with its credential when the
-//! router requires one, Welcome), closes it, and connects the next, for `--duration`.
+//! router requires one, Welcome, and the bulk connection's attach when the router offers
+//! one: two handshakes per session), closes it, and connects the next, for `--duration`.
 //! Reports handshakes/s, the connect latency and the errors; run it with `--auth` and
 //! without, in turn, to see what credentials cost at admission.
 
@@ -54,7 +55,9 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
             };
             let mut i = 0u64;
             while Instant::now() < deadline {
-                let session = Session::new(format!("handshake-{w}-{i}"), Role::Agent, ["hs"]);
+                let mut session = Session::new(format!("handshake-{w}-{i}"), Role::Agent, ["hs"]);
+                // A router that stops answering ends the run soon after its duration.
+                session.connect_timeout = Duration::from_secs(2);
                 i += 1;
                 let started = Instant::now();
                 match connector.connect(router, session).await {
@@ -98,6 +101,7 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
             "scenario": "handshake",
             "concurrency": args.concurrency,
             "duration_s": args.duration.as_secs_f64(),
+            "elapsed_s": (elapsed * 1000.0).round() / 1000.0,
             "handshakes": handshakes,
             "handshakes_per_s": per_s,
             "errors": errors,
