@@ -14,4 +14,5 @@ mod readme;
 mod reconnect;
 mod resync;
 mod routing;
+mod tls;
 mod zero_copy;

@@ -206,21 +206,31 @@ impl Hangups {
     }
 }
 
-/// SIGHUP: the trusted keys and the revocations are read again, and live sessions whose
-/// credential is no longer accepted are closed. A reload that fails changes nothing.
+/// SIGHUP: the server certificate and key (when configured) are read again for new
+/// connections, and the trusted keys and the revocations, closing the live sessions whose
+/// credential is no longer accepted. Each reload that fails changes nothing of its own.
 fn reload(router: &Router) {
-    if router.auth_mode() == swarmbus_router::auth::AuthMode::None {
-        tracing::info!("SIGHUP: auth.mode is \"none\", nothing to reload");
-        return;
-    }
     // Files and one signature check per session: off the runtime's other work.
-    match tokio::task::block_in_place(|| router.reload_auth()) {
-        Ok(closed) => tracing::info!(closed, "reloaded the trusted keys and revocations"),
-        Err(error) => tracing::error!(
-            error = %format!("{:#}", anyhow::Error::from(error)),
-            "reload failed; the trusted keys and revocations are as they were"
-        ),
-    }
+    tokio::task::block_in_place(|| {
+        match router.reload_tls() {
+            Ok(true) => tracing::info!("reloaded the server certificate and key"),
+            Ok(false) => {}
+            Err(error) => tracing::error!(
+                error = %format!("{:#}", anyhow::Error::from(error)),
+                "TLS reload failed; the certificate and key are as they were"
+            ),
+        }
+        if router.auth_mode() == swarmbus_router::auth::AuthMode::None {
+            return;
+        }
+        match router.reload_auth() {
+            Ok(closed) => tracing::info!(closed, "reloaded the trusted keys and revocations"),
+            Err(error) => tracing::error!(
+                error = %format!("{:#}", anyhow::Error::from(error)),
+                "reload failed; the trusted keys and revocations are as they were"
+            ),
+        }
+    });
 }
 
 fn main() -> std::process::ExitCode {

@@ -195,6 +195,29 @@ impl Router {
         Ok(closed)
     }
 
+    /// Reads the server certificate and key again (`tls.cert`, `tls.key`) and serves them to
+    /// new connections on both listeners; connections made before keep theirs. Returns
+    /// whether there was anything to reload (not with the development CA, whose files the
+    /// router itself made). A reload that fails changes nothing.
+    pub fn reload_tls(&self) -> Result<bool, RouterError> {
+        let config = &self.context.config;
+        let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
+            return Ok(false);
+        };
+        let with = |listener| -> Result<quinn::ServerConfig, RouterError> {
+            let mut server = tls::server_config(cert, key)?;
+            server.transport_config(Arc::new(transport_config(config, listener)));
+            Ok(server)
+        };
+        let main = with(Listener::Main)?;
+        let bulk = with(Listener::Bulk)?;
+        self.endpoint.set_server_config(Some(main));
+        if let Some((endpoint, _, _)) = &self.bulk_listener {
+            endpoint.set_server_config(Some(bulk));
+        }
+        Ok(true)
+    }
+
     /// Whether sessions must show a credential (`auth.mode`).
     pub fn auth_mode(&self) -> crate::auth::AuthMode {
         self.context.config.auth.mode
