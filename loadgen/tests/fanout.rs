@@ -4,6 +4,8 @@ use std::process::Command;
 
 use swarmbus_router::{Config, Router};
 
+mod common;
+
 const LOADGEN: &str = env!("CARGO_BIN_EXE_swarmbus-loadgen");
 
 fn run_fanout(class: &str) -> serde_json::Value {
@@ -100,46 +102,26 @@ fn bad_arguments_are_refused() {
 /// agent its own; without it the run fails on the first connect.
 #[test]
 fn fanout_runs_against_a_router_that_requires_credentials() {
-    let data = tempfile::tempdir().unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let mut config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: data.path().to_owned(),
-        ..Config::default()
-    };
-    config.auth.mode = swarmbus_router::auth::AuthMode::Required;
-    let router = runtime.block_on(Router::start(config)).unwrap();
-    let (key, _) = swarmbus_router::auth::dev_key_paths(data.path());
-    let run = |creds: Option<&std::path::Path>| {
-        let mut command = Command::new(LOADGEN);
+    let router = common::router(true);
+    let run = |creds: bool| {
+        let mut command = router.loadgen("fanout");
         command
-            .args(["fanout", "--router"])
-            .arg(router.local_addr().to_string())
-            .arg("--ca")
-            .arg(router.ca_path().unwrap())
             .args(["--swarms", "1", "--agents", "2", "--payload", "64B"])
             .args(["--rate", "100", "--duration", "300ms", "--json"]);
-        if let Some(creds) = creds {
-            command.arg("--creds").arg(creds);
+        if creds {
+            command.arg("--creds").arg(router.creds());
         }
         command.output().unwrap()
     };
-    let output = run(Some(&key));
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "loadgen failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = common::last_json(&run(true));
     assert!(report["delivered"].as_u64().unwrap() > 0, "{report}");
     assert_eq!(report["lost"], 0, "{report}");
-    let refused = run(None);
+    let refused = run(false);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("37"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
-    runtime.block_on(router.shutdown());
+    router.shutdown();
 }
