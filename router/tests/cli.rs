@@ -141,6 +141,33 @@ fn a_bad_config_file_is_reported() {
     );
 }
 
+/// The address on a start line.
+fn listening_on(line: &str) -> std::net::SocketAddr {
+    line.split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .expect("an address on the start line")
+}
+
+/// `creds issue` for `agent` as an agent in `swarm`, signed with the data dir's key.
+fn issue(data_dir: &str, agent: &str, swarm: &str) -> String {
+    let issued = Command::new(ROUTER)
+        .args(["creds", "issue", "--data-dir", data_dir, "--agent", agent])
+        .args(["--role", "agent", "--swarm", swarm, "--ttl", "10m"])
+        .env("SWARMBUS_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let token = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    token
+}
+
 #[tokio::test]
 async fn with_required_auth_it_listens_on_any_address_and_serves_issued_credentials() {
     let dir = tempfile::tempdir().unwrap();
@@ -153,24 +180,8 @@ async fn with_required_auth_it_listens_on_any_address_and_serves_issued_credenti
     );
     assert!(line.contains("listening on 0.0.0.0:"), "{line}");
     assert!(line.contains("auth: required"), "{line}");
-    let port: u16 = line
-        .split("listening on 0.0.0.0:")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|port| port.parse().ok())
-        .expect("a port on the start line");
-    let issued = Command::new(ROUTER)
-        .args(["creds", "issue", "--data-dir", data_arg, "--agent", "a1"])
-        .args(["--role", "agent", "--swarm", "fleet.*", "--ttl", "10m"])
-        .env("SWARMBUS_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        issued.status.success(),
-        "{}",
-        String::from_utf8_lossy(&issued.stderr)
-    );
-    let token = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    let port = listening_on(&line).port();
+    let token = issue(data_arg, "a1", "fleet.*");
     assert_eq!(token.split('.').count(), 3, "{token}");
     let connector = swarmbus_client::Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
     let session = swarmbus_client::Session::new("a1", swarmbus_client::Role::Agent, ["fleet.x"])
@@ -253,19 +264,8 @@ async fn sighup_reloads_revocations_and_closes_the_revoked_sessions() {
             config.to_str().unwrap(),
         ],
     );
-    let addr: std::net::SocketAddr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|addr| addr.parse().ok())
-        .expect("an address on the start line");
-    let issued = Command::new(ROUTER)
-        .args(["creds", "issue", "--data-dir", data_arg, "--agent", "a1"])
-        .args(["--role", "agent", "--swarm", "s"])
-        .env("SWARMBUS_LOG", "warn")
-        .output()
-        .unwrap();
-    let token = String::from_utf8(issued.stdout).unwrap().trim().to_owned();
+    let addr = listening_on(&line);
+    let token = issue(data_arg, "a1", "s");
     let connector = swarmbus_client::Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
     let session = swarmbus_client::Session::new("a1", swarmbus_client::Role::Agent, ["s"])
         .with_credential(token);
