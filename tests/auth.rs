@@ -447,3 +447,77 @@ async fn a_reload_reads_keys_and_never_makes_one() {
     assert_eq!(t.router.reload_auth().unwrap(), 0);
     works(&a, "s").await;
 }
+
+#[tokio::test]
+async fn the_policy_denies_by_role_and_identity_and_reloads() {
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        "[roles.agent]\ndeny = [\"publish:*:control\", \"subscribe:secret\"]\n\
+         [identities.boss]\ndeny = [\"lease:ops:leader\", \"safety:ops\"]\n",
+    )
+    .unwrap();
+    let path = policy.path().to_owned();
+    let t = start_router(|c| {
+        c.auth.mode = AuthMode::Required;
+        c.auth.policy = Some(path.clone());
+    })
+    .await;
+    let key = signing_key(t._data.as_ref().unwrap().path());
+    let grants = [("s", GrantRole::Agent), ("secret", GrantRole::Agent)];
+    let agent = connect(
+        &t,
+        "a",
+        Role::Agent,
+        &["s", "secret"],
+        Some(credential(&key, "a", &grants, 600)),
+    )
+    .await
+    .unwrap();
+    let control = agent
+        .publish(
+            "s",
+            Class::Control,
+            bytes::Bytes::from_static(b"x"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(control.code(), Some(FORBIDDEN), "{control}");
+    assert!(
+        control.to_string().contains("publish:*:control"),
+        "{control}"
+    );
+    works(&agent, "s").await;
+    let secret = agent
+        .subscribe("secret", Class::Command, None)
+        .await
+        .unwrap_err();
+    assert_eq!(secret.code(), Some(FORBIDDEN), "{secret}");
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    let boss = connect(
+        &t,
+        "boss",
+        Role::Controller,
+        &["ops"],
+        Some(credential(
+            &key,
+            "boss",
+            &[("ops", GrantRole::Controller)],
+            600,
+        )),
+    )
+    .await
+    .unwrap();
+    let ttl = Duration::from_secs(10);
+    let leader = boss.acquire_lease("ops", "leader", ttl).await.unwrap_err();
+    assert_eq!(leader.code(), Some(FORBIDDEN), "{leader}");
+    boss.acquire_lease("ops", "other", ttl).await.unwrap();
+    let pause = boss.pause("ops").await.unwrap_err();
+    assert_eq!(pause.code(), Some(FORBIDDEN), "{pause}");
+    // The policy is read again on a reload: without its denials, the lease is granted.
+    std::fs::write(policy.path(), "").unwrap();
+    t.router.reload_auth().unwrap();
+    boss.acquire_lease("ops", "leader", ttl).await.unwrap();
+    boss.pause("ops").await.unwrap();
+}

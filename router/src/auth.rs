@@ -42,6 +42,187 @@ pub struct AuthConfig {
     /// A TOML file of revoked credentials (see [`Revocations`]), read at start and on
     /// every reload (SIGHUP).
     pub revocations: Option<PathBuf>,
+    /// A TOML file of permissions taken away per role and per identity (see [`Policy`]),
+    /// read at start and on every reload.
+    pub policy: Option<PathBuf>,
+}
+
+/// What a session may be denied (see [`Policy`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Publish,
+    Subscribe,
+    Lease,
+    Safety,
+    Worker,
+    Affinity,
+    JobsSubmit,
+    JobsTake,
+    JobsCancel,
+    JobsRedrive,
+    Presence,
+}
+
+impl Action {
+    const ALL: [(&'static str, Action); 11] = [
+        ("publish", Action::Publish),
+        ("subscribe", Action::Subscribe),
+        ("lease", Action::Lease),
+        ("safety", Action::Safety),
+        ("worker", Action::Worker),
+        ("affinity", Action::Affinity),
+        ("jobs.submit", Action::JobsSubmit),
+        ("jobs.take", Action::JobsTake),
+        ("jobs.cancel", Action::JobsCancel),
+        ("jobs.redrive", Action::JobsRedrive),
+        ("presence", Action::Presence),
+    ];
+
+    fn parse(text: &str) -> Option<Action> {
+        Self::ALL
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, action)| *action)
+    }
+}
+
+/// One denied permission: `action:swarm-pattern[:detail]`, e.g. `publish:fleet.*:control`
+/// (the detail is a class for publish and subscribe, a lease name for lease; absent or
+/// `*`: any). Actions no swarm bounds (worker, affinity, jobs.take, and safety on an agent
+/// or a node) are matched with the swarm pattern `*` only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    text: String,
+    action: Action,
+    pattern: String,
+    detail: Option<String>,
+}
+
+impl Rule {
+    fn parse(text: &str) -> Result<Rule, String> {
+        let mut parts = text.splitn(3, ':');
+        let action = parts.next().unwrap_or_default();
+        let action = Action::parse(action).ok_or_else(|| {
+            let known: Vec<&str> = Action::ALL.iter().map(|(name, _)| *name).collect();
+            format!("{text:?}: the action is one of {}", known.join(", "))
+        })?;
+        let pattern = parts.next().unwrap_or("*").to_owned();
+        if !valid_pattern(&pattern) {
+            return Err(format!(
+                "{text:?}: {pattern:?} is not a swarm name, prefix.* or *"
+            ));
+        }
+        let detail = parts.next().filter(|d| *d != "*").map(str::to_owned);
+        Ok(Rule {
+            text: text.to_owned(),
+            action,
+            pattern,
+            detail,
+        })
+    }
+
+    fn matches(&self, action: Action, swarm: &str, detail: Option<&str>) -> bool {
+        let swarm_matches = match swarm {
+            "" => self.pattern == "*",
+            swarm => pattern_matches(&self.pattern, swarm),
+        };
+        self.action == action
+            && swarm_matches
+            && self
+                .detail
+                .as_deref()
+                .is_none_or(|wanted| detail == Some(wanted))
+    }
+}
+
+/// `auth.policy`: permissions taken away, per role and per identity; a denial always wins
+/// over what a role or a credential's grants allow. With credentials only (`auth.mode =
+/// "required"`):
+///
+/// ```toml
+/// [roles.agent]
+/// deny = ["publish:*:control"]           # agents publish no control message anywhere
+/// [identities."agent-7"]
+/// deny = ["jobs.submit:*", "lease:fleet.*:leader"]
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    roles: BTreeMap<String, Vec<Rule>>,
+    identities: BTreeMap<String, Vec<Rule>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyFile {
+    #[serde(default)]
+    roles: BTreeMap<String, RulesFile>,
+    #[serde(default)]
+    identities: BTreeMap<String, RulesFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    #[serde(default)]
+    deny: Vec<String>,
+}
+
+impl Policy {
+    /// Parses a policy file's text.
+    pub fn parse(text: &str) -> Result<Policy, String> {
+        let file: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let rules = |deny: Vec<String>| -> Result<Vec<Rule>, String> {
+            deny.iter().map(|r| Rule::parse(r)).collect()
+        };
+        let mut policy = Policy::default();
+        for (role, entry) in file.roles {
+            if !matches!(role.as_str(), "agent" | "controller" | "worker") {
+                return Err(format!(
+                    "[roles.{role}]: the roles are agent, controller and worker"
+                ));
+            }
+            policy.roles.insert(role, rules(entry.deny)?);
+        }
+        for (agent, entry) in file.identities {
+            policy.identities.insert(agent, rules(entry.deny)?);
+        }
+        Ok(policy)
+    }
+
+    fn load(path: &Path) -> Result<Policy, RouterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
+            path: path.to_owned(),
+            source,
+        })?;
+        Policy::parse(&text).map_err(|detail| RouterError::ConfigFile {
+            path: path.to_owned(),
+            detail,
+        })
+    }
+
+    /// The rule that denies `action` on `swarm` (with `detail`) to `agent` in `role`, if
+    /// one does. `swarm` empty: an action no swarm bounds.
+    pub fn denies(
+        &self,
+        role: Role,
+        agent: &str,
+        action: Action,
+        swarm: &str,
+        detail: Option<&str>,
+    ) -> Option<&str> {
+        let role = match role {
+            Role::Agent => "agent",
+            Role::Controller => "controller",
+            Role::Worker => "worker",
+        };
+        self.roles
+            .get(role)
+            .into_iter()
+            .chain(self.identities.get(agent))
+            .flatten()
+            .find(|rule| rule.matches(action, swarm, detail))
+            .map(|rule| rule.text.as_str())
+    }
 }
 
 /// Credentials refused before they expire: by `jti`, and every credential of a subject
@@ -93,6 +274,7 @@ impl Default for AuthConfig {
             trusted_keys: Vec::new(),
             leeway_s: 30,
             revocations: None,
+            policy: None,
         }
     }
 }
@@ -112,10 +294,12 @@ impl AuthConfig {
             return Err("auth.leeway_s must be at most 3600".into());
         }
         if self.mode == AuthMode::None
-            && (!self.trusted_keys.is_empty() || self.revocations.is_some())
+            && (!self.trusted_keys.is_empty()
+                || self.revocations.is_some()
+                || self.policy.is_some())
         {
             return Err(
-                "auth.trusted_keys or auth.revocations is set but auth.mode is \"none\": set mode = \"required\""
+                "auth.trusted_keys, auth.revocations or auth.policy is set but auth.mode is \"none\": set mode = \"required\""
                     .into(),
             );
         }
@@ -265,6 +449,8 @@ pub struct Authenticator {
     keys: Vec<(PathBuf, DecodingKey)>,
     validation: Validation,
     revocations: Revocations,
+    /// Permissions taken away (`auth.policy`).
+    pub policy: Policy,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -331,10 +517,15 @@ impl Authenticator {
             Some(path) => Revocations::load(path)?,
             None => Revocations::default(),
         };
+        let policy = match &config.policy {
+            Some(path) => Policy::load(path)?,
+            None => Policy::default(),
+        };
         Ok(Some(Authenticator {
             keys,
             validation,
             revocations,
+            policy,
         }))
     }
 
@@ -551,6 +742,70 @@ mod tests {
             jti: "j".into(),
         };
         assert!(super::issue(&std::fs::read(private).unwrap(), &issue).is_err());
+    }
+
+    #[test]
+    fn a_policy_denies_by_role_and_identity_and_refuses_unknown_rules() {
+        let policy = Policy::parse(
+            "[roles.agent]\ndeny = [\"publish:*:control\"]\n\
+             [identities.a7]\ndeny = [\"lease:fleet.*:leader\", \"worker\"]\n",
+        )
+        .unwrap();
+        let denies = |role, agent, action, swarm, detail| {
+            policy.denies(role, agent, action, swarm, detail).is_some()
+        };
+        assert!(denies(
+            Role::Agent,
+            "x",
+            Action::Publish,
+            "s",
+            Some("control")
+        ));
+        assert!(!denies(
+            Role::Agent,
+            "x",
+            Action::Publish,
+            "s",
+            Some("command")
+        ));
+        assert!(!denies(
+            Role::Controller,
+            "x",
+            Action::Publish,
+            "s",
+            Some("control")
+        ));
+        assert!(denies(
+            Role::Controller,
+            "a7",
+            Action::Lease,
+            "fleet.x",
+            Some("leader")
+        ));
+        assert!(!denies(
+            Role::Controller,
+            "a7",
+            Action::Lease,
+            "fleet.x",
+            Some("other")
+        ));
+        assert!(!denies(
+            Role::Controller,
+            "a7",
+            Action::Lease,
+            "ops",
+            Some("leader")
+        ));
+        // `worker` without a pattern: every swarm, and the actions no swarm bounds.
+        assert!(denies(Role::Worker, "a7", Action::Worker, "", None));
+        for bad in [
+            "[roles.admin]\ndeny = []",
+            "[roles.agent]\ndeny = [\"fly:*\"]",
+            "[roles.agent]\ndeny = [\"publish:$control\"]",
+            "[roles.agent]\nallow = [\"publish:*\"]",
+        ] {
+            assert!(Policy::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -15,6 +15,10 @@ impl Session {
             return Ok(());
         }
         check_name("node", &status.node)?;
+        if let Some(why) = self.denied(crate::auth::Action::Worker, "", None) {
+            self.refuse(ErrorCode::Forbidden, status.request_id, why);
+            return Ok(());
+        }
         let now = self.context.clock.now();
         let registered = {
             let mut workers = self.context.workers();
@@ -58,6 +62,10 @@ impl Session {
         model: Option<String>,
     ) -> Result<(), Fault> {
         check_name("session_key", &session_key)?;
+        if let Some(why) = self.denied(crate::auth::Action::Affinity, "", None) {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
+            return Ok(());
+        }
         let now = self.context.clock.now();
         let opened =
             self.context
@@ -103,6 +111,10 @@ impl Session {
                 ErrorCode::InvalidRequest,
                 "a Request needs a non-zero request_id",
             ));
+        }
+        if let Some(why) = self.denied(crate::auth::Action::Affinity, "", None) {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
+            return Ok(());
         }
         for name in [request.session_key.as_deref(), request.model.as_deref()]
             .into_iter()

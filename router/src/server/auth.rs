@@ -4,6 +4,21 @@
 use super::*;
 
 impl Session {
+    /// Why the policy denies this session `action` on `swarm` (with `detail`), if it does
+    /// (`auth.policy`; nothing is denied without credentials). `swarm` empty: an action no
+    /// swarm bounds.
+    pub(super) fn denied(
+        &self,
+        action: crate::auth::Action,
+        swarm: &str,
+        detail: Option<&str>,
+    ) -> Option<String> {
+        let auth = self.context.authenticator()?;
+        auth.policy
+            .denies(self.role, &self.agent, action, swarm, detail)
+            .map(|rule| format!("denied by the policy ({rule})"))
+    }
+
     /// Whether the session showed a credential.
     pub(super) fn credentialed(&self) -> bool {
         self.credential

@@ -8,6 +8,10 @@ impl Session {
             self.not_joined(&swarm, request_id);
             return Ok(());
         }
+        if let Some(why) = self.denied(crate::auth::Action::Presence, &swarm, None) {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
+            return Ok(());
+        }
         // Each session gets a budget (the list is built under the control lock).
         let max_per_s = self.context.config.presence.queries_per_s;
         if over_per_second(&self.presence_window, max_per_s) {
@@ -43,6 +47,15 @@ impl Session {
             return Ok(());
         }
         check_name("lease name", &request.name)?;
+        // A release is never denied: a holder must be able to let go.
+        let action = crate::auth::Action::Lease;
+        let denied = (request.action != LeaseAction::Release)
+            .then(|| self.denied(action, &request.swarm, Some(&request.name)))
+            .flatten();
+        if let Some(why) = denied {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
+            return Ok(());
+        }
         let max_ttl = self.context.config.presence.max_lease_ttl_ms;
         let ttl_ms = u64::from(request.ttl_ms.min(max_ttl).max(1));
         let now_ms = self.context.clock.now_ms();
@@ -218,7 +231,10 @@ impl Session {
             );
             return Ok(());
         }
-        if let Some(why) = self.safety_not_granted(&action) {
+        if let Some(why) = self
+            .safety_not_granted(&action)
+            .or_else(|| self.denied(crate::auth::Action::Safety, &action.swarm, None))
+        {
             self.refuse(ErrorCode::Forbidden, request_id, why);
             return Ok(());
         }

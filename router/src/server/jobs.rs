@@ -14,6 +14,13 @@ impl Session {
             ));
         }
         check_name("idempotency_key", &submit.idempotency_key)?;
+        if let Some(why) = self.denied(crate::auth::Action::JobsSubmit, &submit.swarm, None) {
+            let refusal = Refusal::new(ErrorCode::Forbidden, why);
+            let _ = self
+                .outbox
+                .push(Lane::JobAnswers, refusal.frame(request_id));
+            return Ok(());
+        }
         if let Some(model) = submit.model.as_deref() {
             check_name("model", model)?;
         }
@@ -80,6 +87,10 @@ impl Session {
             );
             return Ok(());
         }
+        if let Some(why) = self.denied(crate::auth::Action::JobsTake, "", None) {
+            self.refuse(ErrorCode::Forbidden, 0, why);
+            return Ok(());
+        }
         let now_ms = self.context.now_ms();
         let effects = self.context.jobs().credits(self.conn, credits, now_ms);
         self.context.apply_job_effects(effects);
@@ -142,6 +153,15 @@ impl Session {
         // others.
         let scoped = self.credentialed();
         let mut jobs = self.context.jobs();
+        let swarm = jobs.swarm_of(job_id).unwrap_or_default().to_owned();
+        if let Some(why) = self.denied(crate::auth::Action::JobsCancel, &swarm, None) {
+            drop(jobs);
+            let _ = self.outbox.push(
+                Lane::Session,
+                Refusal::new(ErrorCode::Forbidden, why).frame(request_id),
+            );
+            return Ok(());
+        }
         let controls = self.role == Role::Controller
             && (!scoped
                 || jobs
@@ -199,6 +219,10 @@ impl Session {
         job_id: JobId,
     ) -> Result<(), Fault> {
         if !self.controller_of(&swarm, request_id) {
+            return Ok(());
+        }
+        if let Some(why) = self.denied(crate::auth::Action::JobsRedrive, &swarm, None) {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
             return Ok(());
         }
         let now_ms = self.context.now_ms();

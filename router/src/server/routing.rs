@@ -49,6 +49,12 @@ impl Session {
             self.not_joined(&subscription.swarm, subscription.request_id);
             return Ok(());
         }
+        let class = Some(class_name(subscription.class));
+        let action = crate::auth::Action::Subscribe;
+        if let Some(why) = self.denied(action, &subscription.swarm, class) {
+            self.refuse(ErrorCode::Forbidden, subscription.request_id, why);
+            return Ok(());
+        }
         if !subscription.agent_filter.as_deref().is_none_or(valid_name) {
             self.refuse(
                 ErrorCode::InvalidRequest,

@@ -2,6 +2,7 @@
 //! hands each message to its handler family (routing, control, affinity, jobs).
 
 use super::*;
+use crate::auth::Action;
 
 impl SessionLimits {
     pub(super) fn buckets_for(&mut self, swarm: &str) -> &mut ClassBuckets {
@@ -102,6 +103,11 @@ impl Session {
         if !self.joined(&publish.swarm) {
             let text = format!("swarm {:?} was not joined in Hello", publish.swarm);
             self.refuse_publish(publish, ErrorCode::SwarmNotJoined, text);
+            return false;
+        }
+        let class = class_name(publish.class);
+        if let Some(why) = self.denied(Action::Publish, &publish.swarm, Some(class)) {
+            self.refuse_publish(publish, ErrorCode::Forbidden, why);
             return false;
         }
         let names_ok = [publish.target_agent.as_deref(), publish.key.as_deref()]
@@ -438,4 +444,15 @@ pub(super) fn json_string(text: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// A class as policy rules name it.
+pub(super) fn class_name(class: Class) -> &'static str {
+    match class {
+        Class::Control => "control",
+        Class::Command => "command",
+        Class::Alert => "alert",
+        Class::Reconciliation => "reconciliation",
+        Class::Telemetry => "telemetry",
+    }
 }
