@@ -454,7 +454,8 @@ async fn the_policy_denies_by_role_and_identity_and_reloads() {
     std::fs::write(
         policy.path(),
         "[roles.agent]\ndeny = [\"publish:*:control\", \"subscribe:secret\"]\n\
-         [identities.boss]\ndeny = [\"lease:ops:leader\", \"safety:ops\"]\n",
+         [identities.boss]\ndeny = [\"lease:ops:leader\", \"safety:ops\"]\n\
+         [identities.chief]\ndeny = [\"safety:ops\"]\n",
     )
     .unwrap();
     let path = policy.path().to_owned();
@@ -494,6 +495,12 @@ async fn the_policy_denies_by_role_and_identity_and_reloads() {
         .await
         .unwrap_err();
     assert_eq!(secret.code(), Some(FORBIDDEN), "{secret}");
+    // Nor can it read them through a delta.
+    let delta = agent
+        .delta("secret", swarmbus_client::OpId(1), swarmbus_client::OpId(0))
+        .await
+        .unwrap_err();
+    assert_eq!(delta.code(), Some(FORBIDDEN), "{delta}");
     agent.subscribe("s", Class::Command, None).await.unwrap();
     let boss = connect(
         &t,
@@ -515,6 +522,29 @@ async fn the_policy_denies_by_role_and_identity_and_reloads() {
     boss.acquire_lease("ops", "other", ttl).await.unwrap();
     let pause = boss.pause("ops").await.unwrap_err();
     assert_eq!(pause.code(), Some(FORBIDDEN), "{pause}");
+    // `safety:ops` bounds pauses of ops, not a stop, which names no swarm.
+    let chief = connect(
+        &t,
+        "chief",
+        Role::Controller,
+        &["ops"],
+        Some(credential(
+            &key,
+            "chief",
+            &[("*", GrantRole::Controller)],
+            600,
+        )),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        chief.pause("ops").await.unwrap_err().code(),
+        Some(FORBIDDEN)
+    );
+    chief
+        .stop_agent("someone", Duration::from_secs(1))
+        .await
+        .unwrap();
     // The policy is read again on a reload: without its denials, the lease is granted.
     std::fs::write(policy.path(), "").unwrap();
     t.router.reload_auth().unwrap();

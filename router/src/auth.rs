@@ -113,6 +113,28 @@ impl Rule {
             ));
         }
         let detail = parts.next().filter(|d| *d != "*").map(str::to_owned);
+        // A rule that could never match would deny nothing, silently: refused instead.
+        const CLASSES: [&str; 5] = ["control", "command", "alert", "reconciliation", "telemetry"];
+        match (action, detail.as_deref()) {
+            (Action::Publish | Action::Subscribe, Some(class)) if !CLASSES.contains(&class) => {
+                return Err(format!(
+                    "{text:?}: the detail of {} is a class: {}",
+                    text.split(':').next().unwrap_or_default(),
+                    CLASSES.join(", ")
+                ))
+            }
+            (Action::Lease, Some(name)) if !swarmbus_schema::valid_name(name) => {
+                return Err(format!("{text:?}: {name:?} is not a lease name"))
+            }
+            (Action::Publish | Action::Subscribe | Action::Lease, _) | (_, None) => {}
+            (_, Some(_)) => return Err(format!("{text:?}: this action takes no detail")),
+        }
+        if matches!(action, Action::Worker | Action::Affinity | Action::JobsTake) && pattern != "*"
+        {
+            return Err(format!(
+                "{text:?}: no swarm bounds this action: its pattern is * (or none)"
+            ));
+        }
         Ok(Rule {
             text: text.to_owned(),
             action,
@@ -198,6 +220,14 @@ impl Policy {
             path: path.to_owned(),
             detail,
         })
+    }
+
+    /// Whether the policy denies anything at all.
+    pub fn is_empty(&self) -> bool {
+        self.roles
+            .values()
+            .chain(self.identities.values())
+            .all(Vec::is_empty)
     }
 
     /// The rule that denies `action` on `swarm` (with `detail`) to `agent` in `role`, if
@@ -803,6 +833,10 @@ mod tests {
             "[roles.agent]\ndeny = [\"fly:*\"]",
             "[roles.agent]\ndeny = [\"publish:$control\"]",
             "[roles.agent]\nallow = [\"publish:*\"]",
+            "[roles.agent]\ndeny = [\"publish:*:Control\"]",
+            "[roles.agent]\ndeny = [\"publish:*:\"]",
+            "[roles.agent]\ndeny = [\"safety:ops:x\"]",
+            "[roles.worker]\ndeny = [\"worker:ops\"]",
         ] {
             assert!(Policy::parse(bad).is_err(), "{bad}");
         }

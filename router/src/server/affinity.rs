@@ -92,6 +92,10 @@ impl Session {
         request_id: u64,
         session_key: String,
     ) -> Result<(), Fault> {
+        if let Some(why) = self.denied(crate::auth::Action::Affinity, "", None) {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
+            return Ok(());
+        }
         let closed = self.context.workers().close_session(&session_key);
         if let Some(pin) = closed {
             if let Err(error) = self.context.write_pins(vec![pin]).await {

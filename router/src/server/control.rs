@@ -231,9 +231,16 @@ impl Session {
             );
             return Ok(());
         }
+        // A stop or a drain names no swarm (whatever `swarm` says): only `safety:*` matches.
+        let scope = match action.kind {
+            swarmbus_schema::SafetyKind::Pause | swarmbus_schema::SafetyKind::Resume => {
+                action.swarm.as_str()
+            }
+            _ => "",
+        };
         if let Some(why) = self
             .safety_not_granted(&action)
-            .or_else(|| self.denied(crate::auth::Action::Safety, &action.swarm, None))
+            .or_else(|| self.denied(crate::auth::Action::Safety, scope, None))
         {
             self.refuse(ErrorCode::Forbidden, request_id, why);
             return Ok(());

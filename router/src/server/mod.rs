@@ -111,6 +111,9 @@ struct Context {
     config: Config,
     /// Checks credentials when `auth.mode = "required"`; replaced by a reload.
     auth: std::sync::RwLock<Option<Arc<crate::auth::Authenticator>>>,
+    /// Whether the authenticator's policy denies anything (set with it, at start and on a
+    /// reload): sessions skip the policy entirely when it does not.
+    policy_active: std::sync::atomic::AtomicBool,
     /// Live sessions that showed a credential, re-checked on a reload.
     credentialed: Mutex<HashMap<ConnId, std::sync::Weak<Session>>>,
     shards: Vec<ShardSender>,

@@ -148,6 +148,16 @@ impl Session {
             self.not_joined(&swarm, request_id);
             return Ok(());
         }
+        // A delta reads the swarm's control and command ops: denied when subscribing to
+        // either is.
+        let action = crate::auth::Action::Subscribe;
+        let denied = [Class::Control, Class::Command]
+            .into_iter()
+            .find_map(|class| self.denied(action, &swarm, Some(class_name(class))));
+        if let Some(why) = denied {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
+            return Ok(());
+        }
         // Deltas are read from disk on the shard: each session gets a budget.
         let max_per_s = self.context.config.log.delta_requests_per_s;
         if over_per_second(&self.delta_window, max_per_s) {

@@ -105,11 +105,6 @@ impl Session {
             self.refuse_publish(publish, ErrorCode::SwarmNotJoined, text);
             return false;
         }
-        let class = class_name(publish.class);
-        if let Some(why) = self.denied(Action::Publish, &publish.swarm, Some(class)) {
-            self.refuse_publish(publish, ErrorCode::Forbidden, why);
-            return false;
-        }
         let names_ok = [publish.target_agent.as_deref(), publish.key.as_deref()]
             .into_iter()
             .flatten()
@@ -285,6 +280,13 @@ impl Session {
         now: std::time::Instant,
         changes: &mut Vec<(BreakerScope, BreakerState)>,
     ) -> Admission {
+        // Before the breakers: a denial is the policy working, not a failure that should
+        // trip this session's breaker or the swarm's.
+        let class = class_name(publish.class);
+        if let Some(why) = self.denied(Action::Publish, &publish.swarm, Some(class)) {
+            self.refuse_publish(publish, ErrorCode::Forbidden, why);
+            return Admission::Refused;
+        }
         let mut limits = self
             .limits
             .lock()

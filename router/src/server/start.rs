@@ -168,6 +168,9 @@ impl Router {
             return Ok(0);
         };
         let fresh = Arc::new(fresh);
+        context
+            .policy_active
+            .store(!fresh.policy.is_empty(), Ordering::Relaxed);
         *context.auth.write().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
         let sessions: Vec<Arc<Session>> = {
             let mut live = context
@@ -638,6 +641,9 @@ fn shared_context(
     Arc::new(Context {
         decode: DecodeOptions::for_swarms_per_session(config.limits.max_swarms_per_session),
         config,
+        policy_active: std::sync::atomic::AtomicBool::new(
+            auth.as_ref().is_some_and(|auth| !auth.policy.is_empty()),
+        ),
         auth: std::sync::RwLock::new(auth.map(Arc::new)),
         credentialed: Mutex::new(HashMap::new()),
         shards: started.shards,
