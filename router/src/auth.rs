@@ -114,13 +114,13 @@ impl Rule {
         }
         let detail = parts.next().filter(|d| *d != "*").map(str::to_owned);
         // A rule that could never match would deny nothing, silently: refused instead.
-        const CLASSES: [&str; 5] = ["control", "command", "alert", "reconciliation", "telemetry"];
+        let classes = swarmbus_schema::Class::ALL.map(swarmbus_schema::Class::name);
         match (action, detail.as_deref()) {
-            (Action::Publish | Action::Subscribe, Some(class)) if !CLASSES.contains(&class) => {
+            (Action::Publish | Action::Subscribe, Some(class)) if !classes.contains(&class) => {
                 return Err(format!(
                     "{text:?}: the detail of {} is a class: {}",
                     text.split(':').next().unwrap_or_default(),
-                    CLASSES.join(", ")
+                    classes.join(", ")
                 ))
             }
             (Action::Lease, Some(name)) if !swarmbus_schema::valid_name(name) => {
@@ -240,13 +240,8 @@ impl Policy {
         swarm: &str,
         detail: Option<&str>,
     ) -> Option<&str> {
-        let role = match role {
-            Role::Agent => "agent",
-            Role::Controller => "controller",
-            Role::Worker => "worker",
-        };
         self.roles
-            .get(role)
+            .get(role.name())
             .into_iter()
             .chain(self.identities.get(agent))
             .flatten()

@@ -239,14 +239,6 @@ impl Default for RateLimitsConfig {
     }
 }
 
-fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Agent => "agent",
-        Role::Controller => "controller",
-        Role::Worker => "worker",
-    }
-}
-
 impl RoleRates {
     fn as_array(&self) -> [Option<Rate>; Class::COUNT] {
         [
@@ -269,7 +261,7 @@ impl RateLimitsConfig {
             self.reconciliation,
             self.telemetry,
         ];
-        let role = self.roles.get(role_name(role)).cloned().unwrap_or_default();
+        let role = self.roles.get(role.name()).cloned().unwrap_or_default();
         let overrides = role.as_array();
         std::array::from_fn(|i| overrides[i].unwrap_or(defaults[i]))
     }
@@ -289,7 +281,7 @@ impl RateLimitsConfig {
         ];
         let for_role = swarm_rates
             .roles
-            .get(role_name(role))
+            .get(role.name())
             .cloned()
             .unwrap_or_default()
             .as_array();

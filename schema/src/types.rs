@@ -91,6 +91,17 @@ pub enum Role {
     Worker,
 }
 
+impl Role {
+    /// The role as configuration, credentials and events name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Controller => "controller",
+            Role::Worker => "worker",
+        }
+    }
+}
+
 /// Operation id given by a swarm's sequencer to control and command messages.
 /// Ids start at 1 and increase by one per op; 0 means "no op id" (unordered classes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]

@@ -464,13 +464,13 @@ pub(super) fn admit(
     if swarms.is_empty() && !identity.has_role(role) {
         return Err(crate::auth::AuthRefusal::forbidden(format!(
             "the credential grants no {} role",
-            format!("{role:?}").to_lowercase()
+            role.name()
         )));
     }
     if let Some(swarm) = identity.refused_swarm(role, swarms) {
         return Err(crate::auth::AuthRefusal::forbidden(format!(
             "the credential grants no {} role in swarm {swarm:?}",
-            format!("{role:?}").to_lowercase()
+            role.name()
         )));
     }
     Ok(())

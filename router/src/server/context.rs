@@ -74,11 +74,7 @@ impl Context {
         event: &str,
         reason: &str,
     ) {
-        let role = match present.role {
-            Role::Agent => "agent",
-            Role::Controller => "controller",
-            Role::Worker => "worker",
-        };
+        let role = present.role.name();
         let payload = format!(
             "{{\"event\":\"{event}\",\"agent\":{},\"role\":\"{role}\",\"reason\":\"{reason}\",\"last_seen_ms\":{},\"metadata\":{}}}",
             json_string(agent),

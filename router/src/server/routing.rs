@@ -49,7 +49,7 @@ impl Session {
             self.not_joined(&subscription.swarm, subscription.request_id);
             return Ok(());
         }
-        let class = Some(class_name(subscription.class));
+        let class = Some(subscription.class.name());
         let action = crate::auth::Action::Subscribe;
         if let Some(why) = self.denied(action, &subscription.swarm, class) {
             self.refuse(ErrorCode::Forbidden, subscription.request_id, why);
@@ -153,7 +153,7 @@ impl Session {
         let action = crate::auth::Action::Subscribe;
         let denied = [Class::Control, Class::Command]
             .into_iter()
-            .find_map(|class| self.denied(action, &swarm, Some(class_name(class))));
+            .find_map(|class| self.denied(action, &swarm, Some(class.name())));
         if let Some(why) = denied {
             self.refuse(ErrorCode::Forbidden, request_id, why);
             return Ok(());

@@ -282,7 +282,7 @@ impl Session {
     ) -> Admission {
         // Before the breakers: a denial is the policy working, not a failure that should
         // trip this session's breaker or the swarm's.
-        let class = class_name(publish.class);
+        let class = publish.class.name();
         if let Some(why) = self.denied(Action::Publish, &publish.swarm, Some(class)) {
             self.refuse_publish(publish, ErrorCode::Forbidden, why);
             return Admission::Refused;
@@ -446,15 +446,4 @@ pub(super) fn json_string(text: &str) -> String {
     }
     out.push('"');
     out
-}
-
-/// A class as policy rules name it.
-pub(super) fn class_name(class: Class) -> &'static str {
-    match class {
-        Class::Control => "control",
-        Class::Command => "command",
-        Class::Alert => "alert",
-        Class::Reconciliation => "reconciliation",
-        Class::Telemetry => "telemetry",
-    }
 }

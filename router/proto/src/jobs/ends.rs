@@ -398,14 +398,7 @@ impl<H: Handle + Clone> Jobs<H> {
         fx.records.push(acknowledged);
         let swarm = job.spec.swarm.clone();
         let key = job.spec.idempotency_key.clone();
-        fx.records.push(JobRecord::Forget {
-            swarm: swarm.clone(),
-            job_id,
-        });
-        fx.records.push(JobRecord::ForgetLease {
-            swarm: swarm.clone(),
-            job_id,
-        });
+        forget_spec_and_lease(&mut fx, &swarm, job_id);
         self.drop_job(job_id);
         let queue = self.queue(&swarm);
         queue.held = queue.held.saturating_sub(1);
@@ -523,14 +516,7 @@ impl<H: Handle + Clone> Jobs<H> {
                 }
                 // All three emptied again, the end last: whichever of the acknowledgement's
                 // records a crash lost, no full spec outlives the end that masked it.
-                fx.records.push(JobRecord::Forget {
-                    swarm: swarm.clone(),
-                    job_id,
-                });
-                fx.records.push(JobRecord::ForgetLease {
-                    swarm: swarm.clone(),
-                    job_id,
-                });
+                forget_spec_and_lease(&mut fx, &swarm, job_id);
                 fx.records.push(JobRecord::ForgetEnd { swarm, job_id });
             }
         }
@@ -665,4 +651,16 @@ pub(super) fn end_frame<H>(job: &Job<H>) -> OutFrame {
         reason: job.reason.clone(),
         payload: job.result.clone(),
     }))
+}
+
+/// Empties a job's spec and lease records (compaction then drops them).
+fn forget_spec_and_lease<H>(fx: &mut Effects<H>, swarm: &str, job_id: JobId) {
+    fx.records.push(JobRecord::Forget {
+        swarm: swarm.to_owned(),
+        job_id,
+    });
+    fx.records.push(JobRecord::ForgetLease {
+        swarm: swarm.to_owned(),
+        job_id,
+    });
 }

@@ -297,6 +297,33 @@ struct Job<H> {
     payload_len: usize,
 }
 
+impl<H> Job<H> {
+    /// A job of `spec` queued at `now_ms`, first attempt not yet leased, its spec not yet
+    /// durable, nothing charged yet.
+    fn queued(spec: JobSpec, now_ms: u64) -> Self {
+        let payload_len = spec.payload.len();
+        Job {
+            spec: Arc::new(spec),
+            state: JobState::Queued,
+            attempt: 0,
+            budget_base: 0,
+            lease: None,
+            ready_at_ms: now_ms,
+            durable: false,
+            waiters: Vec::new(),
+            reason: String::new(),
+            result: Bytes::new(),
+            final_durable: false,
+            progress: None,
+            charged: 0,
+            charged_agent: 0,
+            spec_op: None,
+            payload_on_disk: false,
+            payload_len,
+        }
+    }
+}
+
 /// Submits of one idempotency key that may wait for its job's spec to be durable; more
 /// are refused with Busy (a client repeating a submit in a loop holds no more).
 const MAX_WAITERS: usize = 1_024;

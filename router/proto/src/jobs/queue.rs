@@ -303,30 +303,10 @@ impl<H: Handle + Clone> Jobs<H> {
             payload: submit.payload,
         };
         self.remember_key(&spec.swarm, &spec.idempotency_key, job_id, now_ms, None);
-        let spec_len = spec.payload.len();
         let record = JobRecord::Spec(spec.clone());
-        self.jobs.insert(
-            job_id,
-            Job {
-                spec: Arc::new(spec),
-                state: JobState::Queued,
-                attempt: 0,
-                budget_base: 0,
-                lease: None,
-                ready_at_ms: now_ms,
-                durable: false,
-                waiters: vec![(outbox.clone(), submit.request_id)],
-                reason: String::new(),
-                result: Bytes::new(),
-                final_durable: false,
-                progress: None,
-                charged: 0,
-                charged_agent: 0,
-                spec_op: None,
-                payload_on_disk: false,
-                payload_len: spec_len,
-            },
-        );
+        let mut job = Job::queued(spec, now_ms);
+        job.waiters.push((outbox.clone(), submit.request_id));
+        self.jobs.insert(job_id, job);
         self.account(job_id);
         Ok(Submitted::New { job_id, record })
     }

@@ -91,26 +91,10 @@ impl<H: Handle + Clone> Jobs<H> {
             let Some(spec) = f.spec else { continue };
             let swarm = spec.swarm.clone();
             self.remember_key(&swarm, &spec.idempotency_key, id, spec.submitted_ms, None);
-            let spec_len = spec.payload.len();
-            let mut job = Job {
-                spec: Arc::new(spec),
-                state: JobState::Queued,
-                attempt: f.attempt,
-                budget_base: 0,
-                lease: None,
-                ready_at_ms: now_ms,
-                durable: true,
-                waiters: Vec::new(),
-                reason: String::new(),
-                result: Bytes::new(),
-                final_durable: false,
-                progress: None,
-                charged: 0,
-                charged_agent: 0,
-                spec_op: None,
-                payload_on_disk: false,
-                payload_len: spec_len,
-            };
+            let mut job = Job::queued(spec, now_ms);
+            job.attempt = f.attempt;
+            // Read back from the log: durable already.
+            job.durable = true;
             let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
             match f.end {
                 Some(end) if matches!(end.kind, EndKind::Ended(_)) => {
