@@ -3,25 +3,17 @@
 //! stable code while it carries on.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use swarmbus_client::{Class, ClientError, PublishOptions, Role, Session};
 use swarmbus_router::auth::{AuthMode, GrantRole, Issue};
 
-use crate::common::{start_router, TestRouter};
+use crate::common::{now_s, signing_key, start_router, works, TestRouter};
 
 const UNAUTHENTICATED: u64 = 37;
 const FORBIDDEN: u64 = 25;
 const INVALID_REQUEST: u64 = 11;
-
-fn now_s() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
 
 /// A router that requires credentials, signed with the development key of its data dir.
 async fn secured(leeway_s: u64) -> (TestRouter, Vec<u8>) {
@@ -32,11 +24,6 @@ async fn secured(leeway_s: u64) -> (TestRouter, Vec<u8>) {
     .await;
     let key = signing_key(t._data.as_ref().unwrap().path());
     (t, key)
-}
-
-fn signing_key(data_dir: &Path) -> Vec<u8> {
-    let (private, _) = swarmbus_router::auth::dev_key_paths(data_dir);
-    std::fs::read(private).expect("the router made its development key")
 }
 
 fn credential(key: &[u8], agent: &str, grants: &[(&str, GrantRole)], ttl_s: u64) -> String {
@@ -76,18 +63,6 @@ async fn agent_in_s(t: &TestRouter, key: &[u8], agent: &str) -> swarmbus_client:
     connect(t, agent, Role::Agent, &["s"], Some(token))
         .await
         .unwrap()
-}
-
-async fn works(client: &swarmbus_client::Client, swarm: &str) {
-    client
-        .publish(
-            swarm,
-            Class::Command,
-            bytes::Bytes::from_static(b"x"),
-            PublishOptions::default(),
-        )
-        .await
-        .expect("the session is served");
 }
 
 #[tokio::test]
@@ -550,4 +525,69 @@ async fn the_policy_denies_by_role_and_identity_and_reloads() {
     t.router.reload_auth().unwrap();
     boss.acquire_lease("ops", "leader", ttl).await.unwrap();
     boss.pause("ops").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_policy_reload_drops_the_subscriptions_it_now_denies() {
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    let path = policy.path().to_owned();
+    let t = start_router(|c| {
+        c.auth.mode = AuthMode::Required;
+        c.auth.policy = Some(path.clone());
+    })
+    .await;
+    let key = signing_key(t._data.as_ref().unwrap().path());
+    let subscriber = |agent: &'static str, role: Role, grant: GrantRole| {
+        let token = credential(&key, agent, &[("s", grant)], 600);
+        let session = Session::new(agent, role, ["s"]).with_credential(token);
+        t.connector.connect(t.router.local_addr(), session)
+    };
+    let (agent, mut agent_deliveries) = subscriber("a", Role::Agent, GrantRole::Agent)
+        .await
+        .unwrap();
+    let (controller, mut controller_deliveries) =
+        subscriber("boss", Role::Controller, GrantRole::Controller)
+            .await
+            .unwrap();
+    for client in [&agent, &controller] {
+        client.subscribe("s", Class::Command, None).await.unwrap();
+        client
+            .subscribe("s", Class::Reconciliation, None)
+            .await
+            .unwrap();
+    }
+    std::fs::write(&path, "[roles.agent]\ndeny = [\"subscribe:s:command\"]\n").unwrap();
+    assert_eq!(t.router.reload_auth().unwrap(), 0, "no session is closed");
+    let publish = |class| {
+        controller.publish(
+            "s",
+            class,
+            bytes::Bytes::from_static(b"after"),
+            PublishOptions::default(),
+        )
+    };
+    publish(Class::Command).await.unwrap();
+    publish(Class::Reconciliation).await.unwrap();
+    // The controller, not denied, gets both; the agent only the status, its command
+    // subscription dropped.
+    for _ in 0..2 {
+        tokio::time::timeout(Duration::from_secs(10), controller_deliveries.recv())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let first = tokio::time::timeout(Duration::from_secs(10), agent_deliveries.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.class, Class::Reconciliation);
+    let more = tokio::time::timeout(Duration::from_millis(300), agent_deliveries.recv()).await;
+    assert!(more.is_err(), "nothing more for the agent: {more:?}");
+    // Subscribing again is refused by the policy now.
+    let again = agent
+        .subscribe("s", Class::Command, None)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Some(FORBIDDEN), "{again}");
+    works(&agent, "s").await;
 }

@@ -153,3 +153,30 @@ pub async fn recv_keyed(deliveries: &mut Deliveries, key: &str, n: usize) -> Vec
     }
     out
 }
+
+/// Unix seconds now (credentials' times).
+pub fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The development signing key a router that requires credentials made in `data_dir`.
+pub fn signing_key(data_dir: &std::path::Path) -> Vec<u8> {
+    let (private, _) = swarmbus_router::auth::dev_key_paths(data_dir);
+    std::fs::read(private).expect("the router made its development key")
+}
+
+/// Publishes a command to `swarm`: the session is served.
+pub async fn works(client: &Client, swarm: &str) {
+    client
+        .publish(
+            swarm,
+            swarmbus_schema::Class::Command,
+            bytes::Bytes::from_static(b"x"),
+            swarmbus_client::PublishOptions::default(),
+        )
+        .await
+        .expect("the session is served");
+}

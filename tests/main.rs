@@ -10,6 +10,7 @@ mod examples;
 mod hostile;
 mod jobs;
 mod log_faults;
+mod mtls;
 mod readme;
 mod reconnect;
 mod resync;

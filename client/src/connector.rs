@@ -6,29 +6,42 @@ use super::*;
 impl Connector {
     /// Trusts the CA certificates in `ca_pem` (the router's `DATA_DIR/tls/ca.pem` for a
     /// development router) and expects the router's certificate to name `server_name`.
+    /// [`Connector::builder`] takes trust roots from memory or the system, and a client
+    /// certificate.
     pub fn new(ca_pem: &Path, server_name: &str) -> Result<Self, ClientError> {
-        Self::with_alpn(ca_pem, server_name, ALPN)
+        Self::builder(server_name).trust_file(ca_pem).build()
     }
 
     /// Like [`Connector::new`] but offering another ALPN id (tests of refusal use this).
     pub fn with_alpn(ca_pem: &Path, server_name: &str, alpn: &[u8]) -> Result<Self, ClientError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(ca_pem)
-            .map_err(|e| tls_error(format!("reading {}: {e}", ca_pem.display())))?;
-        for cert in certs {
-            let cert = cert.map_err(|e| tls_error(format!("parsing {}: {e}", ca_pem.display())))?;
-            roots.add(cert).map_err(tls_error)?;
-        }
-        if roots.is_empty() {
-            return Err(tls_error(format!("no certificate in {}", ca_pem.display())));
-        }
+        Self::builder(server_name)
+            .trust_file(ca_pem)
+            .alpn(alpn)
+            .build()
+    }
+
+    /// A connector to routers whose certificate names `server_name`, trusting the
+    /// system's roots unless told otherwise (see [`ConnectorBuilder`]).
+    pub fn builder(server_name: &str) -> ConnectorBuilder {
+        ConnectorBuilder::new(server_name)
+    }
+
+    /// The connector `builder` describes (see [`ConnectorBuilder::build`]).
+    pub(crate) fn from_builder(builder: ConnectorBuilder) -> Result<Self, ClientError> {
+        let (roots, client_certificate) = builder.tls_material()?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(tls_error)?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![alpn.to_vec()];
+            .with_root_certificates(roots);
+        let mut tls = match client_certificate {
+            Some((chain, key)) => tls
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| tls_error(format!("the client certificate and key: {e}")))?,
+            None => tls.with_no_client_auth(),
+        };
+        tls.alpn_protocols = vec![builder.alpn.clone()];
+        let server_name = builder.server_name;
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         let mut transport = quinn::TransportConfig::default();

@@ -48,6 +48,7 @@ pub mod jobs;
 pub mod reconnect;
 mod replies;
 pub mod retry;
+mod trust;
 
 use connector::*;
 use deliveries::*;
@@ -62,8 +63,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use swarmbus_schema::{
     encode, max_payload_bytes, valid_name, Attach, BulkOffer, Coalescer, DecodeOptions,
     FrameDecoder, Hello, JobProgress, JobResult, LeaseAction, LeaseRequest, Message, OutFrame,
@@ -85,6 +84,7 @@ pub use swarmbus_schema::{
     JobStatus, JobUpdate, LeaseGrant, Member, OpId, ResumePoint, Role, SafetyKind, SessionPinned,
     SubmitJob, WorkerStatus,
 };
+pub use trust::{ConnectorBuilder, TrustRoots};
 
 /// How a session presents itself in Hello, plus client-side limits.
 #[derive(Clone, Debug)]

@@ -20,7 +20,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
 use serde::{Deserialize, Serialize};
 use swarmbus_schema::{ErrorCode, Role};
 
@@ -45,6 +49,15 @@ pub struct AuthConfig {
     /// A TOML file of permissions taken away per role and per identity (see [`Policy`]),
     /// read at start and on every reload.
     pub policy: Option<PathBuf>,
+    /// PEM CA certificates of client certificates (mTLS): a client may present a
+    /// certificate signed by one of them instead of a credential; its agent id is taken from
+    /// the certificate and its grants from the policy. Read at start and on every reload.
+    pub client_ca: Option<PathBuf>,
+    /// PEM CRLs of revoked client certificates, read with `client_ca`.
+    pub client_crls: Vec<PathBuf>,
+    /// A client certificate names its agent id in a URI SAN starting with this prefix (the
+    /// rest is the id); without one, its subject's common name is the id.
+    pub cert_uri_prefix: String,
 }
 
 /// What a session may be denied (see [`Policy`]).
@@ -171,7 +184,15 @@ impl Rule {
 pub struct Policy {
     roles: BTreeMap<String, Vec<Rule>>,
     identities: BTreeMap<String, Vec<Rule>>,
+    /// What client certificates grant (mTLS, which carries no grants of its own): per
+    /// agent id (`[identities."ID"] grants`), and to every other certificate identity
+    /// (`[certificates] grants`).
+    grants: BTreeMap<String, Grants>,
+    certificate_grants: Grants,
 }
+
+/// Swarm pattern -> role, as in a credential's `grants` claim.
+pub type Grants = BTreeMap<String, GrantRole>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -179,7 +200,9 @@ struct PolicyFile {
     #[serde(default)]
     roles: BTreeMap<String, RulesFile>,
     #[serde(default)]
-    identities: BTreeMap<String, RulesFile>,
+    identities: BTreeMap<String, IdentityFile>,
+    #[serde(default)]
+    certificates: CertificatesFile,
 }
 
 #[derive(Deserialize)]
@@ -187,6 +210,31 @@ struct PolicyFile {
 struct RulesFile {
     #[serde(default)]
     deny: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFile {
+    #[serde(default)]
+    deny: Vec<String>,
+    #[serde(default)]
+    grants: Grants,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertificatesFile {
+    #[serde(default)]
+    grants: Grants,
+}
+
+fn check_grants(section: &str, grants: &Grants) -> Result<(), String> {
+    match grants.keys().find(|pattern| !valid_pattern(pattern)) {
+        Some(pattern) => Err(format!(
+            "{section} grants: {pattern:?} is not a swarm name, prefix.* or *"
+        )),
+        None => Ok(()),
+    }
 }
 
 impl Policy {
@@ -206,9 +254,23 @@ impl Policy {
             policy.roles.insert(role, rules(entry.deny)?);
         }
         for (agent, entry) in file.identities {
+            check_grants(&format!("[identities.{agent:?}]"), &entry.grants)?;
+            if !entry.grants.is_empty() {
+                policy.grants.insert(agent.clone(), entry.grants);
+            }
             policy.identities.insert(agent, rules(entry.deny)?);
         }
+        check_grants("[certificates]", &file.certificates.grants)?;
+        policy.certificate_grants = file.certificates.grants;
         Ok(policy)
+    }
+
+    /// What the policy grants the client certificate of `agent`: its own grants, or
+    /// those of every certificate identity; `None` when it grants it nothing.
+    pub fn certificate_grants(&self, agent: &str) -> Option<&Grants> {
+        self.grants
+            .get(agent)
+            .or((!self.certificate_grants.is_empty()).then_some(&self.certificate_grants))
     }
 
     fn load(path: &Path) -> Result<Policy, RouterError> {
@@ -222,7 +284,7 @@ impl Policy {
         })
     }
 
-    /// Whether the policy denies anything at all.
+    /// Whether the policy denies anything at all (its grants deny nothing).
     pub fn is_empty(&self) -> bool {
         self.roles
             .values()
@@ -300,9 +362,16 @@ impl Default for AuthConfig {
             leeway_s: 30,
             revocations: None,
             policy: None,
+            client_ca: None,
+            client_crls: Vec::new(),
+            cert_uri_prefix: DEFAULT_CERT_URI_PREFIX.to_owned(),
         }
     }
 }
+
+/// `auth.cert_uri_prefix` unless set: a certificate for agent `agent-7` carries the URI SAN
+/// `swarmbus://agent/agent-7`.
+pub const DEFAULT_CERT_URI_PREFIX: &str = "swarmbus://agent/";
 
 /// Whether sessions must show a credential.
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -321,12 +390,19 @@ impl AuthConfig {
         if self.mode == AuthMode::None
             && (!self.trusted_keys.is_empty()
                 || self.revocations.is_some()
-                || self.policy.is_some())
+                || self.policy.is_some()
+                || self.client_ca.is_some())
         {
             return Err(
-                "auth.trusted_keys, auth.revocations or auth.policy is set but auth.mode is \"none\": set mode = \"required\""
+                "auth.trusted_keys, auth.revocations, auth.policy or auth.client_ca is set but auth.mode is \"none\": set mode = \"required\""
                     .into(),
             );
+        }
+        if !self.client_crls.is_empty() && self.client_ca.is_none() {
+            return Err("auth.client_crls is set without auth.client_ca".into());
+        }
+        if self.cert_uri_prefix.is_empty() {
+            return Err("auth.cert_uri_prefix must not be empty".into());
         }
         Ok(())
     }
@@ -474,8 +550,29 @@ pub struct Authenticator {
     keys: Vec<(PathBuf, DecodingKey)>,
     validation: Validation,
     revocations: Revocations,
-    /// Permissions taken away (`auth.policy`).
+    /// Permissions taken away (`auth.policy`), and what client certificates grant.
     pub policy: Policy,
+    /// Client certificates' verifier (`auth.client_ca`, `auth.client_crls`).
+    clients: Option<Arc<dyn ClientCertVerifier>>,
+    cert_uri_prefix: String,
+}
+
+/// What a session proved its identity with, kept to check it again on a reload.
+#[derive(Clone)]
+pub enum Proof {
+    /// A credential (Hello's, or the last refresh).
+    Token(swarmbus_schema::Token),
+    /// A client certificate chain, the session's own first, verified in the handshake.
+    Certificate(Arc<[CertificateDer<'static>]>),
+}
+
+impl std::fmt::Debug for Proof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Proof::Token(token) => f.debug_tuple("Token").field(token).finish(),
+            Proof::Certificate(chain) => write!(f, "Certificate({} certificates)", chain.len()),
+        }
+    }
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -546,12 +643,87 @@ impl Authenticator {
             Some(path) => Policy::load(path)?,
             None => Policy::default(),
         };
+        let clients = match &config.client_ca {
+            Some(ca) => Some(crate::tls::client_verifier(ca, &config.client_crls)?),
+            None => None,
+        };
         Ok(Some(Authenticator {
             keys,
             validation,
             revocations,
             policy,
+            clients,
+            cert_uri_prefix: config.cert_uri_prefix.clone(),
         }))
+    }
+
+    /// The verifier of client certificates for the TLS handshake, when `auth.client_ca` is
+    /// set.
+    pub fn client_verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {
+        self.clients.clone()
+    }
+
+    /// The identity a client certificate chain proves: its agent id (the URI SAN that
+    /// starts with `auth.cert_uri_prefix`, else the subject's common name), the grants the
+    /// policy gives that id, and the certificate's expiry. `verify`: check the chain
+    /// against the client CA and CRLs first (a reload; the handshake checked it already).
+    pub fn identify_certificate(
+        &self,
+        chain: &[CertificateDer<'static>],
+        verify: bool,
+    ) -> Result<Identity, AuthRefusal> {
+        let Some(verifier) = &self.clients else {
+            return Err(AuthRefusal::unauthenticated(
+                "this router trusts no client certificates (auth.client_ca)",
+            ));
+        };
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return Err(AuthRefusal::unauthenticated("no client certificate"));
+        };
+        if verify {
+            verifier
+                .verify_client_cert(end_entity, intermediates, UnixTime::now())
+                .map_err(|e| {
+                    AuthRefusal::unauthenticated(format!(
+                        "the client certificate is not accepted: {e}"
+                    ))
+                })?;
+        }
+        let (_, cert) = x509_parser::parse_x509_certificate(end_entity.as_ref()).map_err(|e| {
+            AuthRefusal::unauthenticated(format!("the client certificate cannot be read: {e}"))
+        })?;
+        let agent = certificate_agent(&cert, &self.cert_uri_prefix).ok_or_else(|| {
+            AuthRefusal::unauthenticated(format!(
+                "the client certificate names no agent id (a URI SAN {}ID, or a common name)",
+                self.cert_uri_prefix
+            ))
+        })?;
+        if !swarmbus_schema::valid_name(&agent) {
+            return Err(AuthRefusal::unauthenticated(format!(
+                "the client certificate's agent id {agent:?} is not a valid name"
+            )));
+        }
+        let grants = self.policy.certificate_grants(&agent).ok_or_else(|| {
+            AuthRefusal::forbidden(format!(
+                "the policy grants the certificate identity {agent:?} nothing \
+                 ([identities.{agent:?}] grants or [certificates] grants in auth.policy)"
+            ))
+        })?;
+        Ok(Identity {
+            grants: grants.clone(),
+            expires_at_s: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+            jti: format!("certificate serial {}", cert.raw_serial_as_string()),
+            agent,
+        })
+    }
+
+    /// Checks `proof` again (after a reload): the credential, or the certificate chain
+    /// against the client CA and CRLs now trusted, and what the policy now grants it.
+    pub fn recheck(&self, proof: &Proof) -> Result<Identity, AuthRefusal> {
+        match proof {
+            Proof::Token(token) => self.verify(token.as_str()),
+            Proof::Certificate(chain) => self.identify_certificate(chain, true),
+        }
     }
 
     /// Verifies `token`: signed by a trusted key with EdDSA, within its times, with exactly
@@ -596,6 +768,26 @@ impl Authenticator {
             |error| refusal_of(&error),
         ))
     }
+}
+
+/// The agent id a certificate names: the rest of its first URI SAN that starts with
+/// `prefix`, else its subject's first common name.
+fn certificate_agent(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    prefix: &str,
+) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        let from_uri = san.value.general_names.iter().find_map(|name| match name {
+            GeneralName::URI(uri) => uri.strip_prefix(prefix),
+            _ => None,
+        });
+        if let Some(agent) = from_uri {
+            return Some(agent.to_owned());
+        }
+    }
+    let common_name = cert.subject().iter_common_name().next()?;
+    common_name.as_str().ok().map(str::to_owned)
 }
 
 fn refusal_of(error: &jsonwebtoken::errors::Error) -> AuthRefusal {

@@ -167,26 +167,85 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, RouterError> {
         .map_err(|e| tls_error(format!("reading {}", path.display()), e))
 }
 
+/// The certificate chain and key the router serves, read from their files.
+#[derive(Debug)]
+pub struct ServerIdentity {
+    pub certs: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl ServerIdentity {
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, RouterError> {
+        Ok(ServerIdentity {
+            certs: load_certs(cert_path)?,
+            key: load_key(key_path)?,
+        })
+    }
+}
+
 /// The rustls server configuration: TLS 1.3 only (QUIC), ALPN `swarmbus/1` only, so a
-/// client offering any other protocol is refused during the handshake.
+/// client offering any other protocol is refused during the handshake. With `clients`
+/// (`auth.client_ca`), a client may present a certificate and must then present one that
+/// verifier accepts; a client without one is still served (its Hello must then carry a
+/// credential).
 pub fn server_config(
-    cert_path: &Path,
-    key_path: &Path,
+    identity: &ServerIdentity,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<quinn::ServerConfig, RouterError> {
-    let certs = load_certs(cert_path)?;
-    let key = load_key(key_path)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| tls_error("TLS versions", e))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
+        .map_err(|e| tls_error("TLS versions", e))?;
+    let builder = match clients {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    };
+    let mut tls = builder
+        .with_single_cert(identity.certs.clone(), identity.key.clone_key())
         .map_err(|e| tls_error("server certificate and key", e))?;
     tls.alpn_protocols = vec![swarmbus_schema::ALPN.to_vec()];
     tls.max_early_data_size = 0;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| tls_error("QUIC TLS configuration", e))?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// The verifier of client certificates (mTLS): signed by one of the CA certificates in
+/// `ca_path`, and not revoked by the CRLs in `crl_paths` (PEM; every CA of a chain needs
+/// its CRL once any is given, or its certificates are refused as of unknown status). Clients
+/// without a certificate are let through to the Hello, which must then carry a credential.
+pub fn client_verifier(
+    ca_path: &Path,
+    crl_paths: &[PathBuf],
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, RouterError> {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca_path)? {
+        roots
+            .add(cert)
+            .map_err(|e| tls_error(format!("auth.client_ca {}", ca_path.display()), e))?;
+    }
+    let mut crls = Vec::new();
+    for path in crl_paths {
+        let before = crls.len();
+        for crl in CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| tls_error(format!("reading {}", path.display()), e))?
+        {
+            crls.push(crl.map_err(|e| tls_error(format!("parsing {}", path.display()), e))?);
+        }
+        if crls.len() == before {
+            return Err(tls_error(
+                format!("reading {}", path.display()),
+                "no CRL in file (PEM, -----BEGIN X509 CRL-----)",
+            ));
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .with_crls(crls)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| tls_error("auth.client_ca and auth.client_crls", e))
 }
 
 #[cfg(test)]
@@ -224,7 +283,11 @@ mod tests {
         let reissued = ensure_dev_tls(dir.path()).unwrap();
         assert_eq!(std::fs::read(&reissued.ca_cert).unwrap(), ca);
         assert_ne!(std::fs::read(&reissued.server_cert).unwrap(), server);
-        server_config(&reissued.server_cert, &reissued.server_key).unwrap();
+        server_config(
+            &ServerIdentity::load(&reissued.server_cert, &reissued.server_key).unwrap(),
+            None,
+        )
+        .unwrap();
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -23,6 +23,36 @@ impl Session {
             .map(|rule| format!("denied by the policy ({rule})"))
     }
 
+    /// Drops the subscriptions the policy now denies (after a reload) from what the session
+    /// holds, tells the session which and why (a notice: a refusal of request 0), and
+    /// returns them for the shards to forget.
+    pub(super) fn drop_denied_subscriptions(&self) -> Vec<swarmbus_schema::Subscription> {
+        let mut held = self
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut dropped = Vec::new();
+        held.retain(|(swarm, class, agent_filter)| {
+            let action = crate::auth::Action::Subscribe;
+            let Some(why) = self.denied(action, swarm, Some(class.name())) else {
+                return true;
+            };
+            let notice = format!(
+                "the subscription to {} messages of swarm {swarm:?} was dropped: {why}",
+                class.name()
+            );
+            self.refuse(ErrorCode::Forbidden, 0, notice);
+            dropped.push(swarmbus_schema::Subscription {
+                request_id: 0,
+                swarm: swarm.clone(),
+                class: *class,
+                agent_filter: agent_filter.clone(),
+            });
+            false
+        });
+        dropped
+    }
+
     /// Whether the session showed a credential.
     pub(super) fn credentialed(&self) -> bool {
         self.credential
@@ -31,26 +61,46 @@ impl Session {
             .is_some()
     }
 
-    /// Keeps `identity` and `token`, verified with `used`. A reload may have swapped the
-    /// authenticator meanwhile, after it re-checked the live sessions: then the token is
-    /// checked again with the current one, and the session closed when it fails.
+    /// Keeps `identity` and its `proof`, verified with `used`. A reload may have swapped
+    /// the authenticator meanwhile, after it re-checked the live sessions: then the proof
+    /// is checked again with the current one, and the session closed when it fails.
     pub(super) fn keep_credential(
         &self,
         identity: crate::auth::Identity,
-        token: swarmbus_schema::Token,
+        proof: crate::auth::Proof,
         used: &Arc<crate::auth::Authenticator>,
     ) {
         self.credential_expires_s
             .store(identity.expires_at_s, Ordering::Relaxed);
         *self.credential.lock().unwrap_or_else(|p| p.into_inner()) = Some(SessionCredential {
             identity,
-            token: token.clone(),
+            proof: proof.clone(),
         });
         if let Some(current) = self.context.authenticator() {
-            if !Arc::ptr_eq(&current, used) && current.verify(token.as_str()).is_err() {
-                self.outbox.request_close(ErrorCode::Unauthenticated);
+            if !Arc::ptr_eq(&current, used) {
+                if let Err(refusal) = self.still_allowed(&current, &proof) {
+                    self.outbox.request_close(refusal.code);
+                }
             }
         }
+    }
+
+    /// Whether `auth` (a reloaded authenticator) still accepts this session: its proof,
+    /// and what that proof now grants for the session's agent id, role and swarms. Keeps
+    /// the identity it finds (what a certificate grants comes from the policy).
+    pub(super) fn still_allowed(
+        &self,
+        auth: &crate::auth::Authenticator,
+        proof: &crate::auth::Proof,
+    ) -> Result<(), crate::auth::AuthRefusal> {
+        let swarms: Vec<String> = self.swarms.iter().cloned().collect();
+        let identity = auth.recheck(proof)?;
+        admit(&identity, &self.agent, self.role, &swarms)?;
+        let mut credential = self.credential.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(credential) = credential.as_mut() {
+            credential.identity = identity;
+        }
+        Ok(())
     }
 
     /// A fresh credential for this session: the same agent id, still granting the session's
@@ -75,7 +125,7 @@ impl Session {
         });
         match checked {
             Ok(identity) => {
-                self.keep_credential(identity, credential, &auth);
+                self.keep_credential(identity, crate::auth::Proof::Token(credential), &auth);
                 let _ = self
                     .outbox
                     .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));

@@ -2,6 +2,7 @@
 //! stream readers and the close.
 
 use super::*;
+use rustls::pki_types::CertificateDer;
 
 impl Fault {
     pub(super) fn new(code: ErrorCode, reason: impl Into<String>) -> Self {
@@ -268,9 +269,8 @@ pub(super) async fn run_connection(
     };
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
     let metadata = hello.metadata.clone();
-    let session_token = hello.credential.clone();
     let session = new_session(conn, hello, &outbox, &context);
-    if let (Some((identity, used)), Some(token)) = (identity, session_token) {
+    if let Some((identity, proof, used)) = identity {
         // Registered first, so that a reload from now on re-checks it; kept second, which
         // re-checks it if a reload came in between.
         context
@@ -278,7 +278,7 @@ pub(super) async fn run_connection(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(conn, Arc::downgrade(&session));
-        session.keep_credential(identity, token, &used);
+        session.keep_credential(identity, proof, &used);
     }
     if !join(&session, metadata, &context).await {
         context
@@ -384,8 +384,8 @@ async fn greet(
         return None;
     }
     let identity = match context.authenticator() {
-        Some(auth) => match authenticate(&auth, &hello) {
-            Ok(identity) => Some((identity, auth)),
+        Some(auth) => match authenticate(&auth, &hello, peer_certificates(connection)) {
+            Ok((identity, proof)) => Some((identity, proof, auth)),
             Err(fault) => {
                 context.stats.auth_refused.fetch_add(1, Ordering::Relaxed);
                 close_with(connection, stats, &fault);
@@ -421,31 +421,54 @@ async fn greet(
     Some((send, session_reader, hello, identity))
 }
 
-/// A Hello's credential, verified, and the authenticator that verified it.
-type Verified = (crate::auth::Identity, Arc<crate::auth::Authenticator>);
+/// A session's identity, what proved it, and the authenticator that verified it.
+type Verified = (
+    crate::auth::Identity,
+    crate::auth::Proof,
+    Arc<crate::auth::Authenticator>,
+);
 
-/// The Hello's credential, checked: signed by a trusted key, not revoked, for this agent
-/// id, granting the Hello's role in every swarm it joins.
+/// The client certificate chain the connection's handshake verified, if it presented one.
+fn peer_certificates(connection: &Connection) -> Option<Arc<[CertificateDer<'static>]>> {
+    let chain = connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    (!chain.is_empty()).then(|| Arc::from(*chain))
+}
+
+/// Who the session is: the Hello's credential when it carries one (signed by a trusted
+/// key, not revoked), else the client certificate the handshake verified (its agent id,
+/// and what the policy grants it); for this agent id, granting the Hello's role in every
+/// swarm it joins.
 fn authenticate(
     auth: &crate::auth::Authenticator,
     hello: &Hello,
-) -> Result<crate::auth::Identity, Fault> {
-    let Some(token) = hello
-        .credential
-        .as_ref()
-        .map(swarmbus_schema::Token::as_str)
-    else {
-        return Err(Fault::new(
-            ErrorCode::Unauthenticated,
-            "this router requires a credential (auth.mode = \"required\")",
-        ));
+    certificates: Option<Arc<[CertificateDer<'static>]>>,
+) -> Result<(crate::auth::Identity, crate::auth::Proof), Fault> {
+    let refused = |refusal: crate::auth::AuthRefusal| Fault::new(refusal.code, refusal.reason);
+    let (identity, proof) = match (&hello.credential, certificates) {
+        (Some(token), _) => (
+            auth.verify(token.as_str()).map_err(refused)?,
+            crate::auth::Proof::Token(token.clone()),
+        ),
+        (None, Some(chain)) => (
+            auth.identify_certificate(&chain, false).map_err(refused)?,
+            crate::auth::Proof::Certificate(chain),
+        ),
+        (None, None) => {
+            let what = match auth.client_verifier() {
+                Some(_) => "a credential or a client certificate",
+                None => "a credential",
+            };
+            return Err(Fault::new(
+                ErrorCode::Unauthenticated,
+                format!("this router requires {what} (auth.mode = \"required\")"),
+            ));
+        }
     };
-    let identity = auth
-        .verify(token)
-        .map_err(|refusal| Fault::new(refusal.code, refusal.reason))?;
-    admit(&identity, &hello.agent_id, hello.role, &hello.swarms)
-        .map_err(|refusal| Fault::new(refusal.code, refusal.reason))?;
-    Ok(identity)
+    admit(&identity, &hello.agent_id, hello.role, &hello.swarms).map_err(refused)?;
+    Ok((identity, proof))
 }
 
 /// Whether `identity` may be agent `agent` in `role` in every one of `swarms`.

@@ -226,6 +226,9 @@ pub struct Router {
     /// The bulk listener (`bulk_listen`), when configured: its endpoint, address and accept
     /// loop, all on the bulk runtime.
     bulk_listener: Option<(quinn::Endpoint, SocketAddr, JoinHandle<()>)>,
+    /// The certificate and key served, as last read (a reload of the client CA serves them
+    /// again with the new verifier).
+    served_tls: Mutex<tls::ServerIdentity>,
     recovery_notes: Vec<RecoveryNote>,
     writer_kind: WriterKind,
     /// The clock's checkpoint thread: dropping the sender stops it (after a last
@@ -319,11 +322,11 @@ struct Session {
     credential: Mutex<Option<SessionCredential>>,
 }
 
-/// A session's verified credential (the token's `Debug` does not show it).
+/// A session's verified identity and what proved it (a token's `Debug` does not show it).
 #[derive(Debug)]
 struct SessionCredential {
     identity: crate::auth::Identity,
-    token: swarmbus_schema::Token,
+    proof: crate::auth::Proof,
 }
 
 /// Largest presence metadata an agent may register (bytes): presence events and lists carry

@@ -27,7 +27,11 @@ impl Router {
         })?;
         let auth = crate::auth::Authenticator::start(&config.auth, &config.data_dir, true)?;
         let (router_clock, clock_checkpoints) = start_clock(&config, clock)?;
-        let listeners = bind_listeners(&config)?;
+        let listeners = bind_listeners(
+            &config,
+            auth.as_ref()
+                .and_then(crate::auth::Authenticator::client_verifier),
+        )?;
         let recovered = recover(&config, &router_clock.clock)?;
         let clock = router_clock.clock;
         let stats = Arc::new(Stats::default());
@@ -59,6 +63,7 @@ impl Router {
             bulk_socket,
             local_addr,
             ca_path,
+            served_tls,
             ..
         } = listeners;
         let bulk_listener = match bulk_socket {
@@ -84,6 +89,7 @@ impl Router {
             stats,
             accept_task,
             bulk_listener,
+            served_tls: Mutex::new(served_tls),
             recovery_notes: recovered.notes,
             writer_kind,
             clock_checkpoints: Some(clock_checkpoints),
@@ -153,10 +159,14 @@ impl Router {
         }
     }
 
-    /// Reads the trusted keys and the revocations again (the paths in the configuration it
-    /// started with) and re-checks every live session's credential: one no longer trusted,
-    /// or revoked, is closed with `Unauthenticated`. Returns how many were closed. A reload
-    /// that fails (a key or file that cannot be read) changes nothing.
+    /// Reads the trusted keys, the revocations, the policy and the client CA and CRLs again
+    /// (the paths in the configuration it started with) and re-checks every live session:
+    /// one whose credential is no longer trusted or is revoked, or whose client certificate
+    /// is revoked or no longer signed by a trusted CA, is closed with `Unauthenticated`;
+    /// one no longer granted its role in its swarms, with `Forbidden`; the subscriptions the
+    /// policy now denies are dropped (each with a notice to its session). Returns how many
+    /// sessions were closed. A reload that fails (a key or file that cannot be read)
+    /// changes nothing. Must be called within the router's tokio runtime.
     pub fn reload_auth(&self) -> Result<usize, RouterError> {
         let context = &self.context;
         let Some(fresh) = crate::auth::Authenticator::start(
@@ -168,6 +178,11 @@ impl Router {
             return Ok(0);
         };
         let fresh = Arc::new(fresh);
+        if let Some(verifier) = fresh.client_verifier() {
+            // New handshakes are verified against the new client CA and CRLs.
+            let served = self.served_tls.lock().unwrap_or_else(|p| p.into_inner());
+            self.serve_tls(&served, Some(verifier))?;
+        }
         context
             .policy_active
             .store(!fresh.policy.is_empty(), Ordering::Relaxed);
@@ -182,17 +197,33 @@ impl Router {
         };
         let mut closed = 0;
         for session in sessions {
-            let token = session
+            let proof = session
                 .credential
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
-                .map(|credential| credential.token.clone());
-            let Some(token) = token else { continue };
-            if let Err(refusal) = fresh.verify(token.as_str()) {
-                tracing::info!(agent = %session.agent, reason = %refusal.reason, "closing a session whose credential is no longer accepted");
-                session.outbox.request_close(ErrorCode::Unauthenticated);
+                .map(|credential| credential.proof.clone());
+            let Some(proof) = proof else { continue };
+            if let Err(refusal) = session.still_allowed(&fresh, &proof) {
+                tracing::info!(agent = %session.agent, reason = %refusal.reason, "closing a session no longer accepted");
+                session.outbox.request_close(refusal.code);
                 closed += 1;
+                continue;
+            }
+            let dropped = session.drop_denied_subscriptions();
+            if !dropped.is_empty() {
+                tracing::info!(agent = %session.agent, dropped = dropped.len(), "dropping subscriptions the policy now denies");
+                tokio::spawn(async move {
+                    for subscription in dropped {
+                        let swarm = subscription.swarm.clone();
+                        let outbox = session.outbox.clone();
+                        let command = ShardCommand::Unsubscribe {
+                            outbox,
+                            subscription,
+                        };
+                        session.to_shard(&swarm, command).await;
+                    }
+                });
             }
         }
         Ok(closed)
@@ -207,8 +238,28 @@ impl Router {
         let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) else {
             return Ok(false);
         };
+        let fresh = tls::ServerIdentity::load(cert, key)?;
+        let verifier = self
+            .context
+            .authenticator()
+            .and_then(|auth| auth.client_verifier());
+        let mut served = self.served_tls.lock().unwrap_or_else(|p| p.into_inner());
+        self.serve_tls(&fresh, verifier)?;
+        *served = fresh;
+        Ok(true)
+    }
+
+    /// Serves `identity` (and verifies client certificates with `clients`) on both
+    /// listeners, to connections from now on; changes nothing when a configuration cannot
+    /// be made.
+    fn serve_tls(
+        &self,
+        identity: &tls::ServerIdentity,
+        clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+    ) -> Result<(), RouterError> {
+        let config = &self.context.config;
         let with = |listener| -> Result<quinn::ServerConfig, RouterError> {
-            let mut server = tls::server_config(cert, key)?;
+            let mut server = tls::server_config(identity, clients.clone())?;
             server.transport_config(Arc::new(transport_config(config, listener)));
             Ok(server)
         };
@@ -218,7 +269,7 @@ impl Router {
         if let Some((endpoint, _, _)) = &self.bulk_listener {
             endpoint.set_server_config(Some(bulk));
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Whether sessions must show a credential (`auth.mode`).
@@ -349,9 +400,13 @@ struct Listeners {
     bulk_port: Option<u16>,
     local_addr: SocketAddr,
     ca_path: Option<PathBuf>,
+    served_tls: tls::ServerIdentity,
 }
 
-fn bind_listeners(config: &Config) -> Result<Listeners, RouterError> {
+fn bind_listeners(
+    config: &Config,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<Listeners, RouterError> {
     let (cert, key, ca_path) = match (&config.tls.cert, &config.tls.key) {
         (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
         _ => {
@@ -359,7 +414,8 @@ fn bind_listeners(config: &Config) -> Result<Listeners, RouterError> {
             (paths.server_cert, paths.server_key, Some(paths.ca_cert))
         }
     };
-    let mut server_config = tls::server_config(&cert, &key)?;
+    let served_tls = tls::ServerIdentity::load(&cert, &key)?;
+    let mut server_config = tls::server_config(&served_tls, clients)?;
     server_config.transport_config(Arc::new(transport_config(config, Listener::Main)));
     let bind_error = |source: std::io::Error| RouterError::Bind {
         addr: config.listen,
@@ -419,6 +475,7 @@ fn bind_listeners(config: &Config) -> Result<Listeners, RouterError> {
         bulk_port,
         local_addr,
         ca_path,
+        served_tls,
     })
 }
 
