@@ -591,3 +591,48 @@ async fn a_policy_reload_drops_the_subscriptions_it_now_denies() {
     assert_eq!(again.code(), Some(FORBIDDEN), "{again}");
     works(&agent, "s").await;
 }
+
+#[tokio::test]
+async fn an_affine_session_belongs_to_the_identity_that_opened_it() {
+    let (t, key) = secured(30).await;
+    let worker_token = credential(&key, "gpu-1", &[("fleet", GrantRole::Worker)], 600);
+    let worker = connect(&t, "gpu-1", Role::Worker, &["fleet"], Some(worker_token))
+        .await
+        .unwrap();
+    let status = swarmbus_client::WorkerStatus {
+        node: "gpu-1".into(),
+        zone: "z1".into(),
+        gpu_count: 1,
+        models: vec!["llama".into()],
+        ..Default::default()
+    };
+    worker.register_worker(status).await.unwrap();
+    let owner = agent_in_s(&t, &key, "a").await;
+    let other = agent_in_s(&t, &key, "b").await;
+    owner.open_session("chat-1", Some("llama")).await.unwrap();
+    // Another identity can neither renew, close nor send requests into it.
+    let renew = other
+        .open_session("chat-1", Some("llama"))
+        .await
+        .unwrap_err();
+    assert_eq!(renew.code(), Some(FORBIDDEN), "{renew}");
+    let close = other.close_session("chat-1").await.unwrap_err();
+    assert_eq!(close.code(), Some(FORBIDDEN), "{close}");
+    let request = other
+        .request_worker(
+            Some("chat-1"),
+            None,
+            bytes::Bytes::from_static(b"x"),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(request.code(), Some(FORBIDDEN), "{request}");
+    assert!(request.to_string().contains("\"a\""), "{request}");
+    // Its own key is its own; the owner keeps its session and closes it.
+    other.open_session("chat-2", Some("llama")).await.unwrap();
+    owner.open_session("chat-1", Some("llama")).await.unwrap();
+    owner.close_session("chat-1").await.unwrap();
+    // Once closed, the key is free again.
+    other.open_session("chat-1", Some("llama")).await.unwrap();
+}

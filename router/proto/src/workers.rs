@@ -92,18 +92,26 @@ pub fn pin_session_of(key: &str) -> &str {
 pub struct PinWrite {
     pub session_key: String,
     pub pin: Option<(String, Option<String>)>,
+    /// The identity that opened the session (with credentials), kept with the pin so that
+    /// a restart keeps it that identity's.
+    pub owner: Option<String>,
 }
 
 impl PinWrite {
-    /// The record payload: node and model, each as a u16 length and bytes; empty for an
-    /// ended session.
+    /// The record payload: node, model and (when there is one) owner, each as a u16 length
+    /// and bytes; empty for an ended session.
     pub fn payload(&self) -> Bytes {
         let Some((node, model)) = &self.pin else {
             return Bytes::new();
         };
         let model = model.as_deref().unwrap_or_default();
-        let mut out = BytesMut::with_capacity(4 + node.len() + model.len());
-        for part in [node.as_str(), model] {
+        let owner = self.owner.as_deref();
+        let size = 6 + node.len() + model.len() + owner.map_or(0, str::len);
+        let mut out = BytesMut::with_capacity(size);
+        for part in [Some(node.as_str()), Some(model), owner]
+            .into_iter()
+            .flatten()
+        {
             out.put_u16(part.len() as u16);
             out.put_slice(part.as_bytes());
         }
@@ -116,22 +124,29 @@ impl PinWrite {
             return Some(PinWrite {
                 session_key: session_key.to_owned(),
                 pin: None,
+                owner: None,
             });
         }
-        let mut parts = Vec::with_capacity(2);
+        // Node and model, then the owner in records written with one.
+        let mut parts = Vec::with_capacity(3);
         let mut rest = payload;
-        for _ in 0..2 {
+        while !rest.is_empty() && parts.len() < 3 {
             let (len, tail) = rest.split_at_checked(2)?;
             let len = u16::from_be_bytes([len[0], len[1]]) as usize;
             let (part, tail) = tail.split_at_checked(len)?;
             parts.push(std::str::from_utf8(part).ok()?.to_owned());
             rest = tail;
         }
+        if parts.len() < 2 || !rest.is_empty() {
+            return None;
+        }
+        let owner = (parts.len() == 3).then(|| parts.pop()).flatten();
         let model = parts.pop().filter(|m| !m.is_empty());
         let node = parts.pop()?;
         Some(PinWrite {
             session_key: session_key.to_owned(),
             pin: Some((node, model)),
+            owner,
         })
     }
 }
@@ -181,6 +196,9 @@ struct State<H> {
     deadlines: BTreeSet<(Instant, u64)>,
     next_call: u64,
     restored: HashMap<String, RestoredPin>,
+    /// Session key -> the identity that opened it (sessions opened with credentials). An
+    /// entry whose session ended is forgotten when the key is next used.
+    owners: HashMap<String, String>,
     /// Nodes a controller drained: they stay draining whatever they report themselves.
     admin_drained: std::collections::HashSet<NodeId>,
 }
@@ -238,14 +256,20 @@ impl<H: Handle + Clone> Workers<H> {
         });
         let mut names = HashMap::new();
         let mut restored = HashMap::new();
+        let mut owners = HashMap::new();
         for pin in pins {
             match pin.pin {
                 Some((node, model)) => {
                     let id = node_id(&node);
                     names.insert(id, node);
+                    match pin.owner {
+                        Some(owner) => owners.insert(pin.session_key.clone(), owner),
+                        None => owners.remove(&pin.session_key),
+                    };
                     restored.insert(pin.session_key, RestoredPin { node: id, model });
                 }
                 None => {
+                    owners.remove(&pin.session_key);
                     restored.remove(&pin.session_key);
                 }
             }
@@ -261,6 +285,7 @@ impl<H: Handle + Clone> Workers<H> {
                 deadlines: BTreeSet::new(),
                 next_call: 1,
                 restored,
+                owners,
                 admin_drained: std::collections::HashSet::new(),
             },
             started: now.instant,
@@ -402,15 +427,17 @@ impl<H: Handle + Clone> Workers<H> {
         (out, pins)
     }
 
-    /// Opens or renews an affine session.
+    /// Opens or renews an affine session. `owner`: the caller's verified identity (with
+    /// credentials), to whom the session then belongs; another identity is refused it.
     pub fn open_session(
         &mut self,
         request_id: u64,
         session_key: &str,
         model: Option<&str>,
+        owner: Option<&str>,
         now: Now,
     ) -> Result<Opened, Refusal> {
-        let (node, outcome, pins) = self.pin(session_key, model, now)?;
+        let (node, outcome, pins) = self.pin_owned(session_key, model, owner, now)?;
         let state = &self.state;
         let frame = encode(&Message::SessionPinned(SessionPinned {
             request_id,
@@ -421,6 +448,54 @@ impl<H: Handle + Clone> Workers<H> {
             kept: outcome == PinOutcome::Kept,
         }));
         Ok(Opened { frame, pins })
+    }
+
+    /// [`Workers::pin`] for `owner` (see [`Workers::open_session`]): refused when another
+    /// identity holds the session; the session is `owner`'s from then on.
+    fn pin_owned(
+        &mut self,
+        session_key: &str,
+        model: Option<&str>,
+        owner: Option<&str>,
+        now: Now,
+    ) -> Result<(NodeId, PinOutcome, Vec<PinWrite>), Refusal> {
+        let Some(owner) = owner else {
+            return self.pin(session_key, model, now);
+        };
+        self.check_owner(session_key, owner)?;
+        let claimed = !self.state.owners.contains_key(session_key);
+        if claimed {
+            self.state
+                .owners
+                .insert(session_key.to_owned(), owner.to_owned());
+        }
+        let pinned = self.pin(session_key, model, now);
+        if pinned.is_err() && claimed {
+            self.state.owners.remove(session_key);
+        }
+        pinned
+    }
+
+    /// Refuses `caller` a session another identity opened. An owner whose session has
+    /// ended (closed, reaped, or lost with its node) is forgotten here.
+    fn check_owner(&mut self, session_key: &str, caller: &str) -> Result<(), Refusal> {
+        let state = &mut self.state;
+        let Some(owner) = state.owners.get(session_key) else {
+            return Ok(());
+        };
+        let live =
+            state.sessions.get(session_key).is_some() || state.restored.contains_key(session_key);
+        if !live {
+            state.owners.remove(session_key);
+            return Ok(());
+        }
+        if owner == caller {
+            return Ok(());
+        }
+        Err(Refusal::new(
+            ErrorCode::Forbidden,
+            format!("the affine session {session_key:?} belongs to agent {owner:?}"),
+        ))
     }
 
     /// The session's node (placing it if needed), and the pins to write.
@@ -460,32 +535,47 @@ impl<H: Handle + Clone> Workers<H> {
                     state.names.get(&pin.node).cloned().unwrap_or_default(),
                     model.map(str::to_owned),
                 )),
+                owner: state.owners.get(session_key).cloned(),
             });
         }
         Ok((pin.node, pin.outcome, pins))
     }
 
-    /// Ends an affine session; the pin to write when there was one.
-    pub fn close_session(&mut self, session_key: &str) -> Option<PinWrite> {
+    /// Ends an affine session; the pin to write when there was one. `owner`: the caller's
+    /// verified identity (with credentials); another identity's session is refused.
+    pub fn close_session(
+        &mut self,
+        session_key: &str,
+        owner: Option<&str>,
+    ) -> Result<Option<PinWrite>, Refusal> {
+        if let Some(owner) = owner {
+            self.check_owner(session_key, owner)?;
+        }
         let state = &mut self.state;
+        state.owners.remove(session_key);
         let had = state.restored.remove(session_key).is_some()
             | state
                 .sessions
                 .close(&mut state.fleet, session_key)
                 .is_some();
-        had.then(|| PinWrite {
+        Ok(had.then(|| PinWrite {
             session_key: session_key.to_owned(),
             pin: None,
-        })
+            owner: None,
+        }))
     }
 
     /// Routes a request to its worker: the session's pinned node, or the least-loaded
     /// eligible node that has the model (any eligible node when none has it).
+    ///
+    /// `owner`: the requester's verified identity (with credentials): a request into
+    /// another identity's session is refused, and a session it opens is its own.
     pub fn route(
         &mut self,
         requester: &H,
         agent: &str,
         request: Request,
+        owner: Option<&str>,
         now: Now,
     ) -> Result<Routed<H>, Refusal> {
         if self.state.calls.len() >= self.config.max_pending_requests {
@@ -500,7 +590,7 @@ impl<H: Handle + Clone> Workers<H> {
         }
         let (node, pins) = match request.session_key.as_deref() {
             Some(key) => {
-                let (node, _, pins) = self.pin(key, request.model.as_deref(), now)?;
+                let (node, _, pins) = self.pin_owned(key, request.model.as_deref(), owner, now)?;
                 (node, pins)
             }
             None => {
@@ -653,9 +743,13 @@ impl<H: Handle + Clone> Workers<H> {
             .sessions
             .reap(&mut state.fleet, now_ms)
             .into_iter()
-            .map(|session_key| PinWrite {
-                session_key,
-                pin: None,
+            .map(|session_key| {
+                state.owners.remove(&session_key);
+                PinWrite {
+                    session_key,
+                    pin: None,
+                    owner: None,
+                }
             })
             .collect()
     }
@@ -711,6 +805,7 @@ fn moves_to_pins<H>(state: &State<H>, moves: &[Move]) -> Vec<PinWrite> {
                     .and_then(|lease| lease.model.clone());
                 (state.names.get(&to).cloned().unwrap_or_default(), model)
             }),
+            owner: state.owners.get(&m.session_key).cloned(),
         })
         .collect()
 }
@@ -759,13 +854,19 @@ mod tests {
             Some(("gpu-b".to_string(), None)),
             None,
         ] {
-            let write = PinWrite {
-                session_key: "s".into(),
-                pin,
-            };
-            assert_eq!(PinWrite::parse("s", &write.payload()), Some(write));
+            for owner in [None, Some("agent-7".to_string())] {
+                let write = PinWrite {
+                    session_key: "s".into(),
+                    owner: owner.filter(|_| pin.is_some()),
+                    pin: pin.clone(),
+                };
+                assert_eq!(PinWrite::parse("s", &write.payload()), Some(write));
+            }
         }
         assert_eq!(PinWrite::parse("s", &[0, 9, 1]), None);
+        // A record with a fourth part, or bytes after its parts, is malformed.
+        assert_eq!(PinWrite::parse("s", &[0, 1, b'a', 0, 0, 0, 0, 0, 0]), None);
+        assert_eq!(PinWrite::parse("s", &[0, 1, b'a', 0, 0, 7]), None);
     }
 
     #[test]
@@ -780,14 +881,18 @@ mod tests {
             .register(ConnId(2), &b, &status("b", &["mistral"]), now)
             .unwrap();
         for key in ["k1", "k2"] {
-            let opened = workers.open_session(1, key, Some("mistral"), now).unwrap();
+            let opened = workers
+                .open_session(1, key, Some("mistral"), None, now)
+                .unwrap();
             let Message::SessionPinned(pin) = message(&opened.frame) else {
                 panic!()
             };
             assert_eq!(pin.node, "b");
             assert_eq!(opened.pins.len(), 1);
             // Opening again keeps the pin and writes nothing.
-            let again = workers.open_session(2, key, Some("mistral"), now).unwrap();
+            let again = workers
+                .open_session(2, key, Some("mistral"), None, now)
+                .unwrap();
             assert!(again.pins.is_empty());
         }
         let routed = workers
@@ -795,6 +900,7 @@ mod tests {
                 &agent,
                 "agent",
                 request(Some("k1"), Some("mistral"), 0),
+                None,
                 now,
             )
             .unwrap();
@@ -821,7 +927,7 @@ mod tests {
         assert!(workers.reply(ConnId(2), reply()).is_none());
         // Without a session: the least-loaded node with the model.
         let routed = workers
-            .route(&agent, "agent", request(None, Some("llama"), 0), now)
+            .route(&agent, "agent", request(None, Some("llama"), 0), None, now)
             .unwrap();
         assert_eq!(routed.worker, ConnId(1));
     }
@@ -834,12 +940,12 @@ mod tests {
         workers
             .register(ConnId(1), &a, &status("a", &["m"]), now)
             .unwrap();
-        workers.open_session(1, "k", Some("m"), now).unwrap();
+        workers.open_session(1, "k", Some("m"), None, now).unwrap();
         workers
             .register(ConnId(2), &b, &status("b", &[]), now)
             .unwrap();
         workers
-            .route(&agent, "agent", request(Some("k"), Some("m"), 0), now)
+            .route(&agent, "agent", request(Some("k"), Some("m"), 0), None, now)
             .unwrap();
         let (failed, pins) = workers.disconnect(ConnId(1));
         assert_eq!(failed.len(), 1);
@@ -851,12 +957,13 @@ mod tests {
             pins,
             vec![PinWrite {
                 session_key: "k".into(),
-                pin: Some(("b".into(), Some("m".into())))
+                pin: Some(("b".into(), Some("m".into()))),
+                owner: None,
             }]
         );
         assert_eq!(workers.pending_requests(), 0);
         let routed = workers
-            .route(&agent, "agent", request(Some("k"), Some("m"), 0), now)
+            .route(&agent, "agent", request(Some("k"), Some("m"), 0), None, now)
             .unwrap();
         assert_eq!(routed.worker, ConnId(2));
     }
@@ -870,7 +977,7 @@ mod tests {
             .register(ConnId(1), &a, &status("a", &[]), now)
             .unwrap();
         let routed = workers
-            .route(&agent, "agent", request(None, None, 50), now)
+            .route(&agent, "agent", request(None, None, 50), None, now)
             .unwrap();
         let Message::Request(sent) = message(&routed.frame) else {
             panic!()
@@ -892,6 +999,43 @@ mod tests {
     }
 
     #[test]
+    fn an_owned_session_is_refused_to_other_identities_and_its_owner_survives_a_restart() {
+        let now = start();
+        let mut workers = Workers::new(AffinityConfig::default(), [], now);
+        let (a, agent) = (outbox(1), outbox(3));
+        workers
+            .register(ConnId(1), &a, &status("a", &["m"]), now)
+            .unwrap();
+        let opened = workers
+            .open_session(1, "k", Some("m"), Some("alice"), now)
+            .unwrap();
+        assert_eq!(opened.pins[0].owner.as_deref(), Some("alice"));
+        let forbidden = |refusal: Refusal| assert_eq!(refusal.code, ErrorCode::Forbidden);
+        forbidden(
+            workers
+                .open_session(2, "k", Some("m"), Some("bob"), now)
+                .unwrap_err(),
+        );
+        let into_k = || request(Some("k"), None, 0);
+        let refused = workers.route(&agent, "bob", into_k(), Some("bob"), now);
+        forbidden(refused.err().unwrap());
+        forbidden(workers.close_session("k", Some("bob")).unwrap_err());
+        // Without credentials (no owner given) nothing is checked.
+        workers.route(&agent, "x", into_k(), None, now).unwrap();
+        // The owner comes back with the pins after a restart.
+        let restarted = Workers::<ConnId>::new(AffinityConfig::default(), opened.pins, now);
+        assert_eq!(
+            restarted.state.owners.get("k").map(String::as_str),
+            Some("alice")
+        );
+        // Closed by its owner, the key is free for anyone.
+        assert!(workers.close_session("k", Some("alice")).unwrap().is_some());
+        workers
+            .open_session(3, "k", Some("m"), Some("bob"), now)
+            .unwrap();
+    }
+
+    #[test]
     fn pin_keys_read_back_as_the_session_key_and_legacy_keys_are_kept() {
         for session in ["plain", "a/b", "pin:1:x", "with:colons:"] {
             assert_eq!(pin_session_of(&pin_key(session)), session);
@@ -910,14 +1054,17 @@ mod tests {
             PinWrite {
                 session_key: "k".into(),
                 pin: Some(("a".into(), None)),
+                owner: None,
             },
             PinWrite {
                 session_key: "gone".into(),
                 pin: Some(("a".into(), None)),
+                owner: None,
             },
             PinWrite {
                 session_key: "gone".into(),
                 pin: None,
+                owner: None,
             },
         ];
         let now = start();
@@ -929,7 +1076,7 @@ mod tests {
             .register(ConnId(2), &outbox(2), &status("b", &[]), now)
             .unwrap();
         let refused = workers
-            .route(&agent, "agent", request(Some("k"), None, 0), now)
+            .route(&agent, "agent", request(Some("k"), None, 0), None, now)
             .unwrap_err();
         assert_eq!(refused.code, ErrorCode::Busy);
         assert!(refused.retry_after_ms > 0);
@@ -937,7 +1084,7 @@ mod tests {
             .register(ConnId(1), &outbox(1), &status("a", &[]), now)
             .unwrap();
         let routed = workers
-            .route(&agent, "agent", request(Some("k"), None, 0), now)
+            .route(&agent, "agent", request(Some("k"), None, 0), None, now)
             .unwrap();
         assert_eq!(routed.worker, ConnId(1));
         assert!(routed.pins.is_empty(), "the pin was kept, not placed again");

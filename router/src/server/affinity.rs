@@ -5,6 +5,12 @@ use super::*;
 use swarmbus_schema::{Reply, Request, WorkerStatus};
 
 impl Session {
+    /// Whom the affine sessions this session opens belong to: its verified identity (with
+    /// credentials); `None` without, when affine sessions belong to no one.
+    fn affinity_owner(&self) -> Option<Arc<str>> {
+        self.credentialed().then(|| self.agent.clone())
+    }
+
     pub(super) async fn register_worker(&self, status: WorkerStatus) -> Result<(), Fault> {
         if self.role != Role::Worker {
             self.refuse(
@@ -67,10 +73,14 @@ impl Session {
             return Ok(());
         }
         let now = self.context.clock.now();
-        let opened =
-            self.context
-                .workers()
-                .open_session(request_id, &session_key, model.as_deref(), now);
+        let owner = self.affinity_owner();
+        let opened = self.context.workers().open_session(
+            request_id,
+            &session_key,
+            model.as_deref(),
+            owner.as_deref(),
+            now,
+        );
         let frame = match opened {
             Ok(opened) => match self.context.write_pins(opened.pins).await {
                 Ok(()) => opened.frame,
@@ -96,10 +106,21 @@ impl Session {
             self.refuse(ErrorCode::Forbidden, request_id, why);
             return Ok(());
         }
-        let closed = self.context.workers().close_session(&session_key);
-        if let Some(pin) = closed {
-            if let Err(error) = self.context.write_pins(vec![pin]).await {
-                tracing::warn!(%error, "end of a session pin not written");
+        let owner = self.affinity_owner();
+        let closed = self
+            .context
+            .workers()
+            .close_session(&session_key, owner.as_deref());
+        match closed {
+            Ok(Some(pin)) => {
+                if let Err(error) = self.context.write_pins(vec![pin]).await {
+                    tracing::warn!(%error, "end of a session pin not written");
+                }
+            }
+            Ok(None) => {}
+            Err(refusal) => {
+                let _ = self.outbox.push(Lane::Session, refusal.frame(request_id));
+                return Ok(());
             }
         }
         let _ = self
@@ -139,10 +160,11 @@ impl Session {
             return Ok(());
         }
         let now = self.context.clock.now();
-        let routed = self
-            .context
-            .workers()
-            .route(&self.outbox, &self.agent, request, now);
+        let owner = self.affinity_owner();
+        let routed =
+            self.context
+                .workers()
+                .route(&self.outbox, &self.agent, request, owner.as_deref(), now);
         match routed {
             Ok(routed) => {
                 if let Err(error) = self.context.write_pins(routed.pins).await {
