@@ -3,6 +3,7 @@
 mod affinity;
 mod auth;
 mod bulk;
+mod client_edges;
 mod clock;
 mod common;
 mod control;

@@ -69,6 +69,12 @@ impl Client {
         let id = self.shared.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.shared.pending().insert(id, Reply { tx, _slot: slot });
+        // The session reader fails every pending request once the connection's close is
+        // visible here: a request registered after that would wait forever.
+        if let Some(reason) = self.shared.connection.close_reason() {
+            self.shared.pending().remove(&id);
+            return Err(ClientError::from_connection(&reason));
+        }
         Ok((id, rx))
     }
 

@@ -12,13 +12,12 @@ pub(super) async fn accept_deliveries(connection: Connection, inbound: Inbound, 
         tokio::spawn(async move {
             let mut reader = FrameReader::new(recv, max_frame);
             loop {
-                // A send fails when the application dropped (or never took) that stream:
-                // its messages are then dropped, the others still flow.
                 match reader.next().await {
                     Ok(Some(Message::Deliver(deliver))) => {
-                        if inbound.deliveries.send(deliver).await.is_err() {
-                            return; // the application dropped Deliveries
-                        }
+                        // A send fails once the application dropped Deliveries: the stream
+                        // is still read and its deliveries dropped. Leaving it unread would
+                        // stop it, and the router ends a session whose stream is stopped.
+                        let _ = inbound.deliveries.send(deliver).await;
                     }
                     Ok(Some(Message::JobLease(lease))) => {
                         let _ = inbound.job_events.send(jobs::JobEvent::Lease(lease)).await;
