@@ -636,3 +636,157 @@ async fn an_affine_session_belongs_to_the_identity_that_opened_it() {
     // Once closed, the key is free again.
     other.open_session("chat-1", Some("llama")).await.unwrap();
 }
+
+/// What each role may do in a matrix: every action of [`attempt`], by role.
+const ACTIONS: [&str; 11] = [
+    "publish",
+    "subscribe",
+    "lease",
+    "pause",
+    "stop",
+    "config",
+    "presence",
+    "jobs.submit",
+    "dead-letters",
+    "worker",
+    "affinity",
+];
+
+/// Tries `action` in swarm `s` (pauses in `p`): `true` unless refused with `Forbidden` (an
+/// action allowed may still fail for other reasons, e.g. no worker for an affine session).
+async fn attempt(client: &swarmbus_client::Client, role: Role, action: &str) -> bool {
+    let x = || bytes::Bytes::from_static(b"x");
+    let result: Result<(), ClientError> = match action {
+        "publish" => client
+            .publish("s", Class::Command, x(), PublishOptions::default())
+            .await
+            .map(drop),
+        "subscribe" => client.subscribe("s", Class::Command, None).await,
+        "lease" => client
+            .acquire_lease("s", "leader", Duration::from_secs(30))
+            .await
+            .map(drop),
+        "pause" => match client.pause("p").await {
+            Ok(()) => client.resume("p").await,
+            Err(error) => Err(error),
+        },
+        "stop" => client.stop_agent("nobody", Duration::from_secs(1)).await,
+        "config" => client.set_config("s", "k", x()).await.map(drop),
+        "presence" => client.presence("s").await.map(drop),
+        "jobs.submit" => client
+            .submit_job(swarmbus_client::SubmitJob {
+                swarm: "s".into(),
+                idempotency_key: format!("{role:?}-{}", now_s()),
+                payload: x(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "dead-letters" => client
+            .dead_letters("s", swarmbus_client::JobId(0), 10)
+            .await
+            .map(drop),
+        "worker" => client
+            .register_worker(swarmbus_client::WorkerStatus {
+                node: format!("node-{role:?}"),
+                zone: "z".into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+        "affinity" => client
+            .open_session(&format!("chat-{role:?}"), None)
+            .await
+            .map(drop),
+        other => panic!("no action {other}"),
+    };
+    !matches!(result, Err(error) if error.code() == Some(FORBIDDEN))
+}
+
+/// The actions `client` (in `role`) may take, of [`ACTIONS`].
+async fn allowed_actions(client: &swarmbus_client::Client, role: Role) -> Vec<&'static str> {
+    let mut allowed = Vec::new();
+    for action in ACTIONS {
+        let tried = tokio::time::timeout(Duration::from_secs(20), attempt(client, role, action));
+        if tried
+            .await
+            .unwrap_or_else(|_| panic!("{role:?} {action}: no answer"))
+        {
+            allowed.push(action);
+        }
+    }
+    allowed
+}
+
+#[tokio::test]
+async fn a_role_by_action_matrix_follows_the_roles_and_the_policy() {
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    let path = policy.path().to_owned();
+    let t = start_router(|c| {
+        c.auth.mode = AuthMode::Required;
+        c.auth.policy = Some(path.clone());
+    })
+    .await;
+    let key = signing_key(t._data.as_ref().unwrap().path());
+    let mut sessions = Vec::new();
+    for (agent, role) in [
+        ("an-agent", Role::Agent),
+        ("a-controller", Role::Controller),
+        ("a-worker", Role::Worker),
+    ] {
+        // Granted everything: what is refused is what the role or the policy refuses.
+        let token = credential(&key, agent, &[("*", GrantRole::Admin)], 600);
+        let client = connect(&t, agent, role, &["s", "p"], Some(token))
+            .await
+            .unwrap();
+        sessions.push((role, client));
+    }
+    let everyone = [
+        "publish",
+        "subscribe",
+        "lease",
+        "presence",
+        "jobs.submit",
+        "affinity",
+    ];
+    let with = |more: &[&'static str]| {
+        let mut actions: Vec<&str> = everyone.to_vec();
+        actions.extend_from_slice(more);
+        ACTIONS
+            .into_iter()
+            .filter(|a| actions.contains(a))
+            .collect::<Vec<_>>()
+    };
+    let controller_only = ["pause", "stop", "config", "dead-letters"];
+    let by_default = [with(&[]), with(&controller_only), with(&["worker"])];
+    for ((role, client), expected) in sessions.iter().zip(&by_default) {
+        assert_eq!(&allowed_actions(client, *role).await, expected, "{role:?}");
+    }
+    // The policy gives agents a pause of p, the configuration of s and its dead letters,
+    // and takes actions away from each role; a denial wins over an allow.
+    std::fs::write(
+        &path,
+        "[roles.agent]\nallow = [\"safety:p\", \"config:s\", \"jobs.redrive:s\", \"safety:ops\"]\n\
+         deny = [\"presence:s\", \"safety:ops\"]\n\
+         [roles.controller]\ndeny = [\"config:s\", \"lease:s:leader\", \"jobs.submit:s\"]\n\
+         [roles.worker]\ndeny = [\"worker\", \"affinity\"]\n",
+    )
+    .unwrap();
+    assert_eq!(t.router.reload_auth().unwrap(), 0);
+    let drop_from = |actions: Vec<&'static str>, gone: &[&str]| -> Vec<&'static str> {
+        actions.into_iter().filter(|a| !gone.contains(a)).collect()
+    };
+    let under_policy = [
+        drop_from(with(&["pause", "config", "dead-letters"]), &["presence"]),
+        drop_from(with(&controller_only), &["config", "lease", "jobs.submit"]),
+        drop_from(with(&[]), &["affinity"]),
+    ];
+    for ((role, client), expected) in sessions.iter().zip(&under_policy) {
+        assert_eq!(&allowed_actions(client, *role).await, expected, "{role:?}");
+    }
+    // An allow of an action that every role has, or that needs the worker role, is refused.
+    for bad in ["publish:*", "worker", "jobs.take", "presence:s"] {
+        std::fs::write(&path, format!("[roles.agent]\nallow = [\"{bad}\"]\n")).unwrap();
+        assert!(t.router.reload_auth().is_err(), "{bad}");
+    }
+}

@@ -67,6 +67,7 @@ pub enum Action {
     Subscribe,
     Lease,
     Safety,
+    Config,
     Worker,
     Affinity,
     JobsSubmit,
@@ -77,11 +78,12 @@ pub enum Action {
 }
 
 impl Action {
-    const ALL: [(&'static str, Action); 11] = [
+    const ALL: [(&'static str, Action); 12] = [
         ("publish", Action::Publish),
         ("subscribe", Action::Subscribe),
         ("lease", Action::Lease),
         ("safety", Action::Safety),
+        ("config", Action::Config),
         ("worker", Action::Worker),
         ("affinity", Action::Affinity),
         ("jobs.submit", Action::JobsSubmit),
@@ -89,6 +91,16 @@ impl Action {
         ("jobs.cancel", Action::JobsCancel),
         ("jobs.redrive", Action::JobsRedrive),
         ("presence", Action::Presence),
+    ];
+
+    /// The actions only some roles have by default, which the policy may allow others:
+    /// the controller's (safety actions, the configuration, dead letters, cancelling
+    /// others' jobs). The worker's need the worker role (grant it instead).
+    const ALLOWABLE: [Action; 4] = [
+        Action::Safety,
+        Action::Config,
+        Action::JobsRedrive,
+        Action::JobsCancel,
     ];
 
     fn parse(text: &str) -> Option<Action> {
@@ -170,25 +182,58 @@ impl Rule {
     }
 }
 
-/// `auth.policy`: permissions taken away, per role and per identity; a denial always wins
-/// over what a role or a credential's grants allow. With credentials only (`auth.mode =
+/// `auth.policy`: permissions taken away and given, per role and per identity; a denial
+/// always wins over what a role, an allow or a credential's grants allow. An allow gives a
+/// role (or an identity) a controller's action it does not have by default, within the
+/// swarms it joined. With credentials or client certificates only (`auth.mode =
 /// "required"`):
 ///
 /// ```toml
 /// [roles.agent]
 /// deny = ["publish:*:control"]           # agents publish no control message anywhere
+/// allow = ["safety:fleet.*"]             # and may pause and resume their fleet swarms
 /// [identities."agent-7"]
 /// deny = ["jobs.submit:*", "lease:fleet.*:leader"]
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
-    roles: BTreeMap<String, Vec<Rule>>,
-    identities: BTreeMap<String, Vec<Rule>>,
+    roles: BTreeMap<String, Rules>,
+    identities: BTreeMap<String, Rules>,
     /// What client certificates grant (mTLS, which carries no grants of its own): per
     /// agent id (`[identities."ID"] grants`), and to every other certificate identity
     /// (`[certificates] grants`).
     grants: BTreeMap<String, Grants>,
     certificate_grants: Grants,
+}
+
+/// The rules of one role or identity.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Rules {
+    deny: Vec<Rule>,
+    allow: Vec<Rule>,
+}
+
+impl Rules {
+    fn parse(deny: &[String], allow: &[String]) -> Result<Rules, String> {
+        let parse = |rules: &[String]| -> Result<Vec<Rule>, String> {
+            rules.iter().map(|r| Rule::parse(r)).collect()
+        };
+        let allow = parse(allow)?;
+        if let Some(rule) = allow
+            .iter()
+            .find(|r| !Action::ALLOWABLE.contains(&r.action))
+        {
+            return Err(format!(
+                "allow {:?}: only safety, config, jobs.redrive and jobs.cancel can be allowed \
+                 (every role has the others, and the worker's need the worker role)",
+                rule.text
+            ));
+        }
+        Ok(Rules {
+            deny: parse(deny)?,
+            allow,
+        })
+    }
 }
 
 /// Swarm pattern -> role, as in a credential's `grants` claim.
@@ -210,6 +255,8 @@ struct PolicyFile {
 struct RulesFile {
     #[serde(default)]
     deny: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -217,6 +264,8 @@ struct RulesFile {
 struct IdentityFile {
     #[serde(default)]
     deny: Vec<String>,
+    #[serde(default)]
+    allow: Vec<String>,
     #[serde(default)]
     grants: Grants,
 }
@@ -241,9 +290,6 @@ impl Policy {
     /// Parses a policy file's text.
     pub fn parse(text: &str) -> Result<Policy, String> {
         let file: PolicyFile = toml::from_str(text).map_err(|e| e.to_string())?;
-        let rules = |deny: Vec<String>| -> Result<Vec<Rule>, String> {
-            deny.iter().map(|r| Rule::parse(r)).collect()
-        };
         let mut policy = Policy::default();
         for (role, entry) in file.roles {
             if !matches!(role.as_str(), "agent" | "controller" | "worker") {
@@ -251,14 +297,18 @@ impl Policy {
                     "[roles.{role}]: the roles are agent, controller and worker"
                 ));
             }
-            policy.roles.insert(role, rules(entry.deny)?);
+            policy
+                .roles
+                .insert(role, Rules::parse(&entry.deny, &entry.allow)?);
         }
         for (agent, entry) in file.identities {
             check_grants(&format!("[identities.{agent:?}]"), &entry.grants)?;
             if !entry.grants.is_empty() {
                 policy.grants.insert(agent.clone(), entry.grants);
             }
-            policy.identities.insert(agent, rules(entry.deny)?);
+            policy
+                .identities
+                .insert(agent, Rules::parse(&entry.deny, &entry.allow)?);
         }
         check_grants("[certificates]", &file.certificates.grants)?;
         policy.certificate_grants = file.certificates.grants;
@@ -284,12 +334,21 @@ impl Policy {
         })
     }
 
-    /// Whether the policy denies anything at all (its grants deny nothing).
+    /// Whether the policy denies or allows anything at all (its grants are checked at
+    /// admission, not here).
     pub fn is_empty(&self) -> bool {
         self.roles
             .values()
             .chain(self.identities.values())
-            .all(Vec::is_empty)
+            .all(|rules| rules.deny.is_empty() && rules.allow.is_empty())
+    }
+
+    /// The rules that apply to `agent` in `role`: its role's, then its own.
+    fn rules_of<'a>(&'a self, role: Role, agent: &str) -> impl Iterator<Item = &'a Rules> {
+        self.roles
+            .get(role.name())
+            .into_iter()
+            .chain(self.identities.get(agent))
     }
 
     /// The rule that denies `action` on `swarm` (with `detail`) to `agent` in `role`, if
@@ -302,13 +361,18 @@ impl Policy {
         swarm: &str,
         detail: Option<&str>,
     ) -> Option<&str> {
-        self.roles
-            .get(role.name())
-            .into_iter()
-            .chain(self.identities.get(agent))
-            .flatten()
+        self.rules_of(role, agent)
+            .flat_map(|rules| &rules.deny)
             .find(|rule| rule.matches(action, swarm, detail))
             .map(|rule| rule.text.as_str())
+    }
+
+    /// Whether a rule allows `action` on `swarm` to `agent` in `role` beyond what the role
+    /// has (a denial still wins: ask [`Policy::denies`] too).
+    pub fn allows(&self, role: Role, agent: &str, action: Action, swarm: &str) -> bool {
+        self.rules_of(role, agent)
+            .flat_map(|rules| &rules.allow)
+            .any(|rule| rule.matches(action, swarm, None))
     }
 }
 

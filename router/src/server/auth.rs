@@ -53,6 +53,24 @@ impl Session {
         dropped
     }
 
+    /// Whether the policy allows this session `action` on `swarm` beyond its role's
+    /// defaults (`allow` rules; nothing without credentials). `swarm` empty: an action no
+    /// swarm bounds. A denial still wins (see [`Session::denied`]).
+    pub(super) fn allowed(&self, action: crate::auth::Action, swarm: &str) -> bool {
+        if !self.context.policy_active.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.context
+            .authenticator()
+            .is_some_and(|auth| auth.policy.allows(self.role, &self.agent, action, swarm))
+    }
+
+    /// Whether the session is a controller, or the policy allows it `action` on `swarm` as
+    /// if it were one.
+    pub(super) fn controls(&self, action: crate::auth::Action, swarm: &str) -> bool {
+        self.role == Role::Controller || self.allowed(action, swarm)
+    }
+
     /// Whether the session showed a credential.
     pub(super) fn credentialed(&self) -> bool {
         self.credential

@@ -223,14 +223,6 @@ impl Session {
     /// then acknowledged.
     pub(super) async fn safety(&self, action: swarmbus_schema::SafetyAction) -> Result<(), Fault> {
         let request_id = action.request_id;
-        if self.role != Role::Controller {
-            self.refuse(
-                ErrorCode::Forbidden,
-                request_id,
-                "only sessions of role controller may take safety actions".into(),
-            );
-            return Ok(());
-        }
         // A stop or a drain names no swarm (whatever `swarm` says): only `safety:*` matches.
         let scope = match action.kind {
             swarmbus_schema::SafetyKind::Pause | swarmbus_schema::SafetyKind::Resume => {
@@ -238,6 +230,16 @@ impl Session {
             }
             _ => "",
         };
+        if !self.controls(crate::auth::Action::Safety, scope) {
+            self.refuse(
+                ErrorCode::Forbidden,
+                request_id,
+                "only sessions of role controller (or that the policy allows safety) may take \
+                 safety actions"
+                    .into(),
+            );
+            return Ok(());
+        }
         if let Some(why) = self
             .safety_not_granted(&action)
             .or_else(|| self.denied(crate::auth::Action::Safety, scope, None))
@@ -283,7 +285,8 @@ impl Session {
     /// With credentials, what a safety action needs beyond the controller role: a pause or
     /// resume names a swarm the session joined (so its credential grants it as
     /// controller); a stop or a drain, which no swarm bounds, needs controller (or admin)
-    /// granted in every swarm (`*`). `None`: allowed.
+    /// granted in every swarm (`*`), or the policy's `safety` allowed on `*`. `None`:
+    /// allowed.
     fn safety_not_granted(&self, action: &swarmbus_schema::SafetyAction) -> Option<String> {
         use swarmbus_schema::SafetyKind;
         let credential = self.credential.lock().unwrap_or_else(|p| p.into_inner());
@@ -294,7 +297,8 @@ impl Session {
                 action.swarm
             )),
             SafetyKind::Stop | SafetyKind::Drain | SafetyKind::Undrain
-                if !identity.everywhere(Role::Controller) =>
+                if !identity.everywhere(Role::Controller)
+                    && !self.allowed(crate::auth::Action::Safety, "") =>
             {
                 Some(
                     "stopping an agent or draining a node needs controller granted in every swarm (\"*\")"

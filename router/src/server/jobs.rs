@@ -162,7 +162,7 @@ impl Session {
             );
             return Ok(());
         }
-        let controls = self.role == Role::Controller
+        let controls = self.controls(crate::auth::Action::JobsCancel, &swarm)
             && (!scoped
                 || jobs
                     .swarm_of(job_id)

@@ -54,11 +54,13 @@ impl Session {
     /// Whether this session is a controller that joined `swarm`; refuses the request
     /// otherwise.
     pub(super) fn controller_of(&self, swarm: &str, request_id: u64) -> bool {
-        if self.role != Role::Controller {
+        if !self.controls(crate::auth::Action::JobsRedrive, swarm) {
             self.refuse(
                 ErrorCode::Forbidden,
                 request_id,
-                "only controllers may list and re-drive dead letters".into(),
+                "only controllers (or sessions the policy allows jobs.redrive) may list and \
+                 re-drive dead letters"
+                    .into(),
             );
             return false;
         }
@@ -114,16 +116,25 @@ impl Session {
             self.refuse_publish(publish, ErrorCode::InvalidRequest, text);
             return false;
         }
-        if publish.class == Class::Control
-            && self.role != Role::Controller
+        let sets_config = publish.class == Class::Control
             && publish
                 .key
                 .as_deref()
-                .is_some_and(|k| k.starts_with(CONFIG_KEY_PREFIX))
-        {
-            let text = "only controllers may change a swarm's configuration".to_owned();
-            self.refuse_publish(publish, ErrorCode::Forbidden, text);
-            return false;
+                .is_some_and(|k| k.starts_with(CONFIG_KEY_PREFIX));
+        if sets_config {
+            let action = crate::auth::Action::Config;
+            let refused = match self.controls(action, &publish.swarm) {
+                false => Some(
+                    "only controllers (or sessions the policy allows config) may change a \
+                     swarm's configuration"
+                        .to_owned(),
+                ),
+                true => self.denied(action, &publish.swarm, None),
+            };
+            if let Some(text) = refused {
+                self.refuse_publish(publish, ErrorCode::Forbidden, text);
+                return false;
+            }
         }
         if publish.fencing_token != 0 {
             let lease = publish.lease.as_deref().unwrap_or(DEFAULT_LEASE);
