@@ -40,6 +40,19 @@ fn credential(key: &[u8], agent: &str, grants: &[(&str, GrantRole)], ttl_s: u64)
     swarmbus_router::auth::issue(key, &issue).unwrap()
 }
 
+/// A router that requires credentials and reads its policy from `path`, with its
+/// development signing key.
+async fn with_policy(path: &std::path::Path) -> (TestRouter, Vec<u8>) {
+    let path = path.to_owned();
+    let t = start_router(|c| {
+        c.auth.mode = AuthMode::Required;
+        c.auth.policy = Some(path);
+    })
+    .await;
+    let key = signing_key(t._data.as_ref().unwrap().path());
+    (t, key)
+}
+
 async fn connect(
     t: &TestRouter,
     agent: &str,
@@ -434,12 +447,7 @@ async fn the_policy_denies_by_role_and_identity_and_reloads() {
     )
     .unwrap();
     let path = policy.path().to_owned();
-    let t = start_router(|c| {
-        c.auth.mode = AuthMode::Required;
-        c.auth.policy = Some(path.clone());
-    })
-    .await;
-    let key = signing_key(t._data.as_ref().unwrap().path());
+    let (t, key) = with_policy(&path).await;
     let grants = [("s", GrantRole::Agent), ("secret", GrantRole::Agent)];
     let agent = connect(
         &t,
@@ -531,12 +539,7 @@ async fn the_policy_denies_by_role_and_identity_and_reloads() {
 async fn a_policy_reload_drops_the_subscriptions_it_now_denies() {
     let policy = tempfile::NamedTempFile::new().unwrap();
     let path = policy.path().to_owned();
-    let t = start_router(|c| {
-        c.auth.mode = AuthMode::Required;
-        c.auth.policy = Some(path.clone());
-    })
-    .await;
-    let key = signing_key(t._data.as_ref().unwrap().path());
+    let (t, key) = with_policy(&path).await;
     let subscriber = |agent: &'static str, role: Role, grant: GrantRole| {
         let token = credential(&key, agent, &[("s", grant)], 600);
         let session = Session::new(agent, role, ["s"]).with_credential(token);
@@ -722,12 +725,7 @@ async fn allowed_actions(client: &swarmbus_client::Client, role: Role) -> Vec<&'
 async fn a_role_by_action_matrix_follows_the_roles_and_the_policy() {
     let policy = tempfile::NamedTempFile::new().unwrap();
     let path = policy.path().to_owned();
-    let t = start_router(|c| {
-        c.auth.mode = AuthMode::Required;
-        c.auth.policy = Some(path.clone());
-    })
-    .await;
-    let key = signing_key(t._data.as_ref().unwrap().path());
+    let (t, key) = with_policy(&path).await;
     let mut sessions = Vec::new();
     for (agent, role) in [
         ("an-agent", Role::Agent),
