@@ -2,8 +2,9 @@
 //! workers connects a session (QUIC and TLS handshake, Hello with its credential when the
 //! router requires one, Welcome, and the bulk connection's attach when the router offers
 //! one: two handshakes per session), closes it, and connects the next, for `--duration`.
-//! Reports handshakes/s, the connect latency and the errors; run it with `--auth` and
-//! without, in turn, to see what credentials cost at admission.
+//! Reports handshakes/s, the connect latency and the errors; run it with `--auth`, with
+//! `--client-certs` and with neither, in turn, to see what each kind of identity costs at
+//! admission.
 
 use std::time::{Duration, Instant};
 
@@ -24,9 +25,85 @@ pub struct HandshakeArgs {
     /// How long to connect, e.g. 5s.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     duration: Duration,
+    /// With --spawn-router: sessions show client certificates (mTLS) instead of
+    /// credentials. The loadgen makes a client CA and one certificate per worker (its agent
+    /// id in the URI SAN), and the spawned router trusts that CA and grants every
+    /// certificate identity every swarm.
+    #[arg(long, requires = "spawn_router", conflicts_with_all = ["auth", "creds", "router_config"])]
+    client_certs: bool,
     /// Print one JSON object as the last stdout line instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// A client CA for `--client-certs`, with the files the spawned router reads.
+struct ClientCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl ClientCa {
+    fn new() -> anyhow::Result<ClientCa> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+        let key = KeyPair::generate().context("making the client CA key")?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "swarmbus-loadgen client CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).context("signing the client CA")?;
+        let dir = tempfile::Builder::new()
+            .prefix("swarmbus-loadgen-ca-")
+            .tempdir()
+            .context("creating a directory for the client CA")?;
+        std::fs::write(dir.path().join("client-ca.pem"), cert.pem())?;
+        std::fs::write(
+            dir.path().join("policy.toml"),
+            "[certificates]\ngrants = { \"*\" = \"admin\" }\n",
+        )?;
+        Ok(ClientCa {
+            issuer: rcgen::Issuer::new(params, key),
+            dir,
+        })
+    }
+
+    /// The spawned router's configuration: this CA trusted, the policy that grants.
+    fn router_toml(&self) -> String {
+        let path = |name: &str| self.dir.path().join(name).display().to_string();
+        format!(
+            "[auth]\nmode = \"required\"\nclient_ca = {:?}\npolicy = {:?}\n",
+            path("client-ca.pem"),
+            path("policy.toml")
+        )
+    }
+
+    /// A connector presenting a certificate for `agent`.
+    fn connector(
+        &self,
+        ca: &std::path::Path,
+        server_name: &str,
+        agent: &str,
+    ) -> anyhow::Result<swarmbus_client::Connector> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, agent);
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("swarmbus://agent/{agent}").try_into()?,
+        )];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        swarmbus_client::Connector::builder(server_name)
+            .trust_file(ca)
+            .client_certificate_pem(cert.pem(), key.serialize_pem())
+            .build()
+            .with_context(|| format!("TLS setup with CA {}", ca.display()))
+    }
 }
 
 /// What one worker saw.
@@ -41,11 +118,24 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
     if args.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }
-    let (router, ca, spawned) = args.router.resolve().await?;
+    let client_ca = args.client_certs.then(ClientCa::new).transpose()?;
+    let router_toml = client_ca.as_ref().map(ClientCa::router_toml);
+    let (router, ca, spawned) = args
+        .router
+        .resolve_with_config(router_toml.as_deref())
+        .await?;
     let deadline = Instant::now() + args.duration;
     let mut workers = tokio::task::JoinSet::new();
     for w in 0..args.concurrency {
-        let connector = args.router.connector(&ca)?;
+        // With certificates, a worker's sessions are all its certificate's agent.
+        let (connector, fixed_agent) = match &client_ca {
+            Some(client_ca) => {
+                let agent = format!("handshake-{w}");
+                let server_name = args.router.server_name();
+                (client_ca.connector(&ca, server_name, &agent)?, Some(agent))
+            }
+            None => (args.router.connector(&ca)?, None),
+        };
         workers.spawn(async move {
             let mut seen = Worker {
                 handshakes: 0,
@@ -55,7 +145,10 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
             };
             let mut i = 0u64;
             while Instant::now() < deadline {
-                let mut session = Session::new(format!("handshake-{w}-{i}"), Role::Agent, ["hs"]);
+                let agent = fixed_agent
+                    .clone()
+                    .unwrap_or_else(|| format!("handshake-{w}-{i}"));
+                let mut session = Session::new(agent, Role::Agent, ["hs"]);
                 // A router that stops answering ends the run soon after its duration.
                 session.connect_timeout = Duration::from_secs(2);
                 i += 1;
@@ -99,6 +192,11 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
     if args.json {
         let report = serde_json::json!({
             "scenario": "handshake",
+            "identity": match (args.client_certs, args.router.signer().is_some()) {
+                (true, _) => "certificate",
+                (false, true) => "credential",
+                (false, false) => "none",
+            },
             "concurrency": args.concurrency,
             "duration_s": args.duration.as_secs_f64(),
             "elapsed_s": (elapsed * 1000.0).round() / 1000.0,

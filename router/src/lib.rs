@@ -25,6 +25,7 @@ pub mod intake;
 pub mod log;
 pub mod outbox;
 pub mod partial_frames;
+pub mod reload;
 pub mod server;
 pub mod shard;
 pub mod stats;

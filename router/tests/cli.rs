@@ -237,14 +237,24 @@ fn creds_issue_refuses_an_unknown_role_and_a_bad_ttl() {
     }
 }
 
-#[tokio::test]
-async fn sighup_reloads_revocations_and_closes_the_revoked_sessions() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
+/// A router that requires credentials and reads `revocations.toml` in `dir`, with a
+/// session of agent a1 in swarm s.
+struct Revocable {
+    router: Running,
+    data: std::path::PathBuf,
+    revocations: std::path::PathBuf,
+    addr: std::net::SocketAddr,
+    connector: swarmbus_client::Connector,
+    client: swarmbus_client::Client,
+    _deliveries: swarmbus_client::Deliveries,
+}
+
+async fn revocable(dir: &std::path::Path) -> Revocable {
+    let data = dir.join("data");
     let data_arg = data.to_str().unwrap();
-    let revocations = dir.path().join("revocations.toml");
+    let revocations = dir.join("revocations.toml");
     std::fs::write(&revocations, "").unwrap();
-    let config = dir.path().join("router.toml");
+    let config = dir.join("router.toml");
     std::fs::write(
         &config,
         format!(
@@ -253,41 +263,123 @@ async fn sighup_reloads_revocations_and_closes_the_revoked_sessions() {
         ),
     )
     .unwrap();
-    let (router, line) = start(
-        dir.path(),
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data_arg,
-            "--config",
-            config.to_str().unwrap(),
-        ],
-    );
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_arg,
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let (router, line) = start(dir, &args);
     let addr = listening_on(&line);
-    let token = issue(data_arg, "a1", "s");
     let connector = swarmbus_client::Connector::new(&data.join("tls/ca.pem"), "localhost").unwrap();
     let session = swarmbus_client::Session::new("a1", swarmbus_client::Role::Agent, ["s"])
-        .with_credential(token);
+        .with_credential(issue(data_arg, "a1", "s"));
     let (client, _deliveries) = connector.connect(addr, session).await.unwrap();
-    // Revoke every credential of a1 issued until a minute from now, then SIGHUP.
-    let later = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 60;
-    std::fs::write(&revocations, format!("[issued_before]\na1 = {later}\n")).unwrap();
+    Revocable {
+        router,
+        data,
+        revocations,
+        addr,
+        connector,
+        client,
+        _deliveries,
+    }
+}
+
+impl Revocable {
+    /// Revokes every credential of a1 issued until a minute from now.
+    fn revoke_a1(&self) {
+        let later = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        std::fs::write(
+            &self.revocations,
+            format!("[issued_before]\na1 = {later}\n"),
+        )
+        .unwrap();
+    }
+
+    /// Waits for a1's session to be closed as revoked.
+    async fn a1_closed(&self) {
+        let closed = tokio::time::timeout(Duration::from_secs(10), self.client.closed())
+            .await
+            .expect("the revoked session is closed");
+        assert_eq!(closed.code(), Some(37), "{closed}");
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_revocations_and_closes_the_revoked_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = revocable(dir.path()).await;
+    r.revoke_a1();
     let status = Command::new("kill")
-        .args(["-HUP", &router.0.id().to_string()])
+        .args(["-HUP", &r.router.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let closed = tokio::time::timeout(Duration::from_secs(10), client.closed())
-        .await
-        .expect("the revoked session is closed");
-    assert_eq!(closed.code(), Some(37), "{closed}");
+    r.a1_closed().await;
     // The router is still up: a SIGHUP is not a stop.
     let bare = swarmbus_client::Session::new("a2", swarmbus_client::Role::Agent, ["s"]);
-    let refused = connector.connect(addr, bare).await.unwrap_err();
+    let refused = r.connector.connect(r.addr, bare).await.unwrap_err();
     assert_eq!(refused.code(), Some(37), "{refused}");
+}
+
+/// `swarmbus-router reload --data-dir DIR` reloads the router running there and prints
+/// the outcome; it fails when a part failed, and when no router runs there.
+#[tokio::test]
+async fn reload_signals_the_running_router_and_reports_the_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap().to_owned();
+    let reload = || {
+        Command::new(ROUTER)
+            .args(["reload", "--data-dir", &data_arg, "--timeout-s", "10"])
+            .output()
+            .unwrap()
+    };
+    let nothing = reload();
+    assert!(!nothing.status.success());
+    let stderr = String::from_utf8_lossy(&nothing.stderr);
+    assert!(stderr.contains("is a router running"), "{stderr}");
+    let r = revocable(dir.path()).await;
+    assert_eq!(r.data, data);
+    r.revoke_a1();
+    let done = reload();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(report["pid"], r.router.0.id(), "{report}");
+    assert_eq!(report["ok"], true, "{report}");
+    assert_eq!(report["auth"], "reloaded", "{report}");
+    assert_eq!(report["tls"], "unchanged", "{report}");
+    assert_eq!(report["closed"], 1, "{report}");
+    r.a1_closed().await;
+    // A revocation file that does not parse: the reload fails in part, and says why.
+    std::fs::write(&r.revocations, "jti = 7\n").unwrap();
+    let failed = reload();
+    assert!(!failed.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&failed.stdout).unwrap();
+    assert_eq!(report["ok"], false, "{report}");
+    assert_eq!(report["sequence"], 2, "{report}");
+    assert!(
+        report["auth"]
+            .as_str()
+            .unwrap()
+            .contains("revocations.toml"),
+        "{report}"
+    );
+    // Killed, the router leaves its pid file: the pid is found not to run.
+    drop(r);
+    let stale = reload();
+    assert!(!stale.status.success());
+    let stderr = String::from_utf8_lossy(&stale.stderr);
+    assert!(stderr.contains("stale"), "{stderr}");
 }

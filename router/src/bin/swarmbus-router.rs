@@ -43,6 +43,17 @@ enum Command {
     /// Development credentials.
     #[command(subcommand)]
     Creds(Creds),
+    /// Reloads the router running on DIR (as SIGHUP does: the server certificate, the
+    /// trusted keys, revocations, policy, client CA and CRLs) and prints the outcome as
+    /// JSON; exits non-zero when a part failed (that part keeps what it had).
+    Reload {
+        /// The running router's data dir (its pid is in DATA_DIR/router.pid).
+        #[arg(long, value_name = "DIR", default_value = "./swarmbus-data")]
+        data_dir: PathBuf,
+        /// How long to wait for the router's report.
+        #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+        timeout_s: u64,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -206,31 +217,62 @@ impl Hangups {
     }
 }
 
-/// SIGHUP: the server certificate and key (when configured) are read again for new
-/// connections, and the trusted keys and the revocations, closing the live sessions whose
-/// credential is no longer accepted. Each reload that fails changes nothing of its own.
-fn reload(router: &Router) {
+/// SIGHUP (and `swarmbus-router reload`): the server certificate and key (when configured)
+/// are read again for new connections, and the trusted keys, revocations, policy, client CA
+/// and CRLs, closing the live sessions no longer accepted. Each part that fails changes
+/// nothing of its own. The outcome goes to the log and to `DATA_DIR/reload.json`.
+fn reload(router: &Router, data_dir: &std::path::Path, sequence: u64) {
     // Files and one signature check per session: off the runtime's other work.
-    tokio::task::block_in_place(|| {
-        match router.reload_tls() {
-            Ok(true) => tracing::info!("reloaded the server certificate and key"),
-            Ok(false) => {}
-            Err(error) => tracing::error!(
-                error = %format!("{:#}", anyhow::Error::from(error)),
-                "TLS reload failed; the certificate and key are as they were"
-            ),
-        }
-        if router.auth_mode() == swarmbus_router::auth::AuthMode::None {
-            return;
-        }
-        match router.reload_auth() {
-            Ok(closed) => tracing::info!(closed, "reloaded the trusted keys and revocations"),
-            Err(error) => tracing::error!(
-                error = %format!("{:#}", anyhow::Error::from(error)),
-                "reload failed; the trusted keys and revocations are as they were"
-            ),
-        }
+    let report = tokio::task::block_in_place(|| {
+        let mut report = swarmbus_router::reload::ReloadReport {
+            pid: std::process::id(),
+            sequence,
+            ok: true,
+            ..Default::default()
+        };
+        report.tls = match router.reload_tls() {
+            Ok(true) => {
+                tracing::info!("reloaded the server certificate and key");
+                "reloaded".into()
+            }
+            Ok(false) => "unchanged".into(),
+            Err(error) => {
+                let error = format!("{:#}", anyhow::Error::from(error));
+                tracing::error!(%error, "TLS reload failed; the certificate and key are as they were");
+                report.ok = false;
+                error
+            }
+        };
+        report.auth = match router.auth_mode() {
+            swarmbus_router::auth::AuthMode::None => "off".into(),
+            swarmbus_router::auth::AuthMode::Required => match router.reload_auth() {
+                Ok(closed) => {
+                    tracing::info!(
+                        closed,
+                        "reloaded the trusted keys, revocations, policy and client CA"
+                    );
+                    report.closed = closed;
+                    "reloaded".into()
+                }
+                Err(error) => {
+                    let error = format!("{:#}", anyhow::Error::from(error));
+                    tracing::error!(%error, "reload failed; the trusted keys, revocations, policy and client CA are as they were");
+                    report.ok = false;
+                    error
+                }
+            },
+        };
+        report
     });
+    let report = swarmbus_router::reload::ReloadReport {
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64),
+        ..report
+    };
+    if let Err(error) = report.write(data_dir) {
+        tracing::warn!(%error, "the reload report was not written");
+    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -266,11 +308,36 @@ async fn run() -> anyhow::Result<()> {
         )
         .init();
     let mut args = Args::parse();
-    if let Some(Command::Creds(creds)) = args.command.take() {
-        return issue_credential(creds);
+    match args.command.take() {
+        Some(Command::Creds(creds)) => return issue_credential(creds),
+        Some(Command::Reload {
+            data_dir,
+            timeout_s,
+        }) => {
+            let timeout = std::time::Duration::from_secs(timeout_s);
+            let report = tokio::task::spawn_blocking(move || {
+                swarmbus_router::reload::signal_reload(&data_dir, timeout)
+            })
+            .await??;
+            println!("{}", serde_json::to_string(&report)?);
+            if !report.ok {
+                anyhow::bail!(
+                    "the reload failed in part (see tls and auth above); that part is unchanged"
+                );
+            }
+            return Ok(());
+        }
+        None => {}
     }
     let config = load_config(&args)?;
+    let data_dir = config.data_dir.clone();
     let router = Router::start(config).await.context("starting the router")?;
+    let _pid_file = swarmbus_router::reload::PidFile::write(&data_dir).with_context(|| {
+        format!(
+            "writing {}",
+            swarmbus_router::reload::pid_path(&data_dir).display()
+        )
+    })?;
     let mut hangups = Hangups::register();
     {
         let mut stdout = std::io::stdout().lock();
@@ -297,10 +364,14 @@ async fn run() -> anyhow::Result<()> {
     }
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
+    let mut reloads = 0;
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            () = hangups.next() => reload(&router),
+            () = hangups.next() => {
+                reloads += 1;
+                reload(&router, &data_dir, reloads);
+            }
         }
     }
     tracing::info!("shutting down");
