@@ -760,12 +760,12 @@ async fn a_role_by_action_matrix_follows_the_roles_and_the_policy() {
     for ((role, client), expected) in sessions.iter().zip(&by_default) {
         assert_eq!(&allowed_actions(client, *role).await, expected, "{role:?}");
     }
-    // The policy gives agents a pause of p, the configuration of s and its dead letters,
-    // and takes actions away from each role; a denial wins over an allow.
+    // The policy gives agents a pause of p and the dead letters of s, allows and denies
+    // them the configuration of s (the denial wins), and takes actions away from each role.
     std::fs::write(
         &path,
-        "[roles.agent]\nallow = [\"safety:p\", \"config:s\", \"jobs.redrive:s\", \"safety:ops\"]\n\
-         deny = [\"presence:s\", \"safety:ops\"]\n\
+        "[roles.agent]\nallow = [\"safety:p\", \"config:s\", \"jobs.redrive:s\"]\n\
+         deny = [\"presence:s\", \"config:s\"]\n\
          [roles.controller]\ndeny = [\"config:s\", \"lease:s:leader\", \"jobs.submit:s\"]\n\
          [roles.worker]\ndeny = [\"worker\", \"affinity\"]\n",
     )
@@ -775,7 +775,8 @@ async fn a_role_by_action_matrix_follows_the_roles_and_the_policy() {
         actions.into_iter().filter(|a| !gone.contains(a)).collect()
     };
     let under_policy = [
-        drop_from(with(&["pause", "config", "dead-letters"]), &["presence"]),
+        // config is allowed and denied: the denial wins.
+        drop_from(with(&["pause", "dead-letters"]), &["presence"]),
         drop_from(with(&controller_only), &["config", "lease", "jobs.submit"]),
         drop_from(with(&[]), &["affinity"]),
     ];

@@ -189,8 +189,18 @@ async fn a_client_certificate_names_the_agent_and_the_policy_grants_it() {
             "{agent} {role:?} {swarm}: {refused}"
         );
     }
-    // No URI SAN under the prefix: the common name is the id, with its own grants.
-    let ctl = presenting(&t, &ca.leaf("ctl", &["spiffe://x/ctl"], 2));
+    // URI SANs, none under the prefix: no agent id (the common name does not count then).
+    let other_workload = presenting(&t, &ca.leaf("ctl", &["spiffe://x/ctl"], 2));
+    let refused = connect(&t, &other_workload, "ctl", Role::Controller, "ops")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(UNAUTHENTICATED), "{refused}");
+    assert!(
+        refused.to_string().contains("names no agent id"),
+        "{refused}"
+    );
+    // No URI SAN at all: the common name is the id, with its own grants.
+    let ctl = presenting(&t, &ca.leaf("ctl", &[], 4));
     let controller = connect(&t, &ctl, "ctl", Role::Controller, "ops")
         .await
         .unwrap();
@@ -244,7 +254,8 @@ async fn a_certificate_of_another_ca_is_refused_and_the_router_carries_on() {
     let stranger = ClientCa::new("someone else's CA");
     let forged = presenting(&t, &stranger.leaf("a2", &[], 1));
     let refused = connect(&t, &forged, "a2", Role::Agent, "fleet.one").await;
-    assert!(refused.is_err(), "a certificate of another CA is refused");
+    let refused = refused.expect_err("a certificate of another CA is refused");
+    assert!(refused.to_string().contains("UnknownIssuer"), "{refused}");
     // The same agent id under the wrong CA does not displace the session that holds it.
     let impostor = presenting(&t, &stranger.leaf("a1", &[], 1));
     assert!(connect(&t, &impostor, "a1", Role::Agent, "fleet.one")
@@ -337,8 +348,30 @@ async fn client_certificates_need_auth_required_and_readable_files() {
             c.auth.client_crls = vec![ca.clone()];
         }),
     ];
-    for refused in refusals {
+    let reasons = [
+        "auth.mode",
+        "client_crls is set without",
+        "missing.pem",
+        "no CRL",
+    ];
+    for (refused, reason) in refusals.into_iter().zip(reasons) {
         let error = swarmbus_router::Router::start(refused).await.err();
-        assert!(error.is_some(), "the router refuses to start");
+        let error = format!(
+            "{:#}",
+            anyhow_chain(error.expect("the router refuses to start"))
+        );
+        assert!(error.contains(reason), "{reason}: {error}");
     }
+}
+
+/// An error and its sources, one line.
+fn anyhow_chain(error: impl std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

@@ -156,10 +156,10 @@ impl ConnectorBuilder {
                     let why = found
                         .errors
                         .first()
-                        .map(ToString::to_string)
+                        .map(|error| format!(": {error}"))
                         .unwrap_or_default();
                     return Err(tls_error(format!(
-                        "the system's trust store has no certificate {why}"
+                        "the system's trust store has no certificate{why}"
                     )));
                 }
                 // A store with some unreadable entries still verifies with the rest.

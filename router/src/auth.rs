@@ -630,6 +630,17 @@ pub enum Proof {
     Certificate(Arc<[CertificateDer<'static>]>),
 }
 
+impl Proof {
+    /// Whether `other` is this very proof (the same token, the same verified chain).
+    pub fn same(&self, other: &Proof) -> bool {
+        match (self, other) {
+            (Proof::Token(a), Proof::Token(b)) => a.as_str() == b.as_str(),
+            (Proof::Certificate(a), Proof::Certificate(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
 impl std::fmt::Debug for Proof {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -728,13 +739,13 @@ impl Authenticator {
     }
 
     /// The identity a client certificate chain proves: its agent id (the URI SAN that
-    /// starts with `auth.cert_uri_prefix`, else the subject's common name), the grants the
-    /// policy gives that id, and the certificate's expiry. `verify`: check the chain
-    /// against the client CA and CRLs first (a reload; the handshake checked it already).
+    /// starts with `auth.cert_uri_prefix`; the subject's common name when it has no URI SAN
+    /// at all), the grants the policy gives that id, and the certificate's expiry. The
+    /// chain is checked against the client CA and CRLs of this authenticator: the
+    /// handshake may have been verified against those of a reload before.
     pub fn identify_certificate(
         &self,
         chain: &[CertificateDer<'static>],
-        verify: bool,
     ) -> Result<Identity, AuthRefusal> {
         let Some(verifier) = &self.clients else {
             return Err(AuthRefusal::unauthenticated(
@@ -744,21 +755,18 @@ impl Authenticator {
         let Some((end_entity, intermediates)) = chain.split_first() else {
             return Err(AuthRefusal::unauthenticated("no client certificate"));
         };
-        if verify {
-            verifier
-                .verify_client_cert(end_entity, intermediates, UnixTime::now())
-                .map_err(|e| {
-                    AuthRefusal::unauthenticated(format!(
-                        "the client certificate is not accepted: {e}"
-                    ))
-                })?;
-        }
+        verifier
+            .verify_client_cert(end_entity, intermediates, UnixTime::now())
+            .map_err(|e| {
+                AuthRefusal::unauthenticated(format!("the client certificate is not accepted: {e}"))
+            })?;
         let (_, cert) = x509_parser::parse_x509_certificate(end_entity.as_ref()).map_err(|e| {
             AuthRefusal::unauthenticated(format!("the client certificate cannot be read: {e}"))
         })?;
         let agent = certificate_agent(&cert, &self.cert_uri_prefix).ok_or_else(|| {
             AuthRefusal::unauthenticated(format!(
-                "the client certificate names no agent id (a URI SAN {}ID, or a common name)",
+                "the client certificate names no agent id (a URI SAN {}ID, or a common name \
+                 and no URI SAN)",
                 self.cert_uri_prefix
             ))
         })?;
@@ -775,7 +783,8 @@ impl Authenticator {
         })?;
         Ok(Identity {
             grants: grants.clone(),
-            expires_at_s: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0),
+            // Before 1970 (never accepted by the verifier): expired at once, never "no expiry".
+            expires_at_s: u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(1),
             jti: format!("certificate serial {}", cert.raw_serial_as_string()),
             agent,
         })
@@ -786,7 +795,7 @@ impl Authenticator {
     pub fn recheck(&self, proof: &Proof) -> Result<Identity, AuthRefusal> {
         match proof {
             Proof::Token(token) => self.verify(token.as_str()),
-            Proof::Certificate(chain) => self.identify_certificate(chain, true),
+            Proof::Certificate(chain) => self.identify_certificate(chain),
         }
     }
 
@@ -835,20 +844,33 @@ impl Authenticator {
 }
 
 /// The agent id a certificate names: the rest of its first URI SAN that starts with
-/// `prefix`, else its subject's first common name.
+/// `prefix`; for a certificate with no URI SAN at all, its subject's first common name. A
+/// certificate whose URIs all name something else (another workload's SPIFFE ID) names no
+/// agent: its common name is not trusted to name one then.
 fn certificate_agent(
     cert: &x509_parser::certificate::X509Certificate<'_>,
     prefix: &str,
 ) -> Option<String> {
     use x509_parser::extensions::GeneralName;
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        let from_uri = san.value.general_names.iter().find_map(|name| match name {
-            GeneralName::URI(uri) => uri.strip_prefix(prefix),
-            _ => None,
-        });
-        if let Some(agent) = from_uri {
-            return Some(agent.to_owned());
-        }
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        // An extension that does not parse names nobody.
+        Err(_) => return None,
+    };
+    if !uris.is_empty() {
+        return uris
+            .iter()
+            .find_map(|uri| uri.strip_prefix(prefix))
+            .map(str::to_owned);
     }
     let common_name = cert.subject().iter_common_name().next()?;
     common_name.as_str().ok().map(str::to_owned)

@@ -469,9 +469,26 @@ impl<H: Handle + Clone> Workers<H> {
                 .owners
                 .insert(session_key.to_owned(), owner.to_owned());
         }
-        let pinned = self.pin(session_key, model, now);
-        if pinned.is_err() && claimed {
-            self.state.owners.remove(session_key);
+        let mut pinned = self.pin(session_key, model, now);
+        match &mut pinned {
+            Err(_) if claimed => {
+                self.state.owners.remove(session_key);
+            }
+            // A session kept on its node writes no pin: one that just got its owner (a pin
+            // written without one) is written again, with it, so a restart keeps it.
+            Ok((node, PinOutcome::Kept, pins)) if claimed => {
+                let state = &self.state;
+                let model = state
+                    .sessions
+                    .get(session_key)
+                    .and_then(|lease| lease.model.clone());
+                pins.push(PinWrite {
+                    session_key: session_key.to_owned(),
+                    pin: Some((state.names.get(node).cloned().unwrap_or_default(), model)),
+                    owner: Some(owner.to_owned()),
+                });
+            }
+            _ => {}
         }
         pinned
     }
@@ -1028,6 +1045,18 @@ mod tests {
             restarted.state.owners.get("k").map(String::as_str),
             Some("alice")
         );
+        // A session opened without credentials is claimed by the first identity that uses
+        // it, and the claim is written.
+        workers.open_session(4, "u", Some("m"), None, now).unwrap();
+        let claimed = workers
+            .open_session(5, "u", Some("m"), Some("carol"), now)
+            .unwrap();
+        assert_eq!(claimed.pins.len(), 1);
+        assert_eq!(claimed.pins[0].owner.as_deref(), Some("carol"));
+        let again = workers
+            .open_session(6, "u", Some("m"), Some("carol"), now)
+            .unwrap();
+        assert!(again.pins.is_empty(), "kept and owned: nothing to write");
         // Closed by its owner, the key is free for anyone.
         assert!(workers.close_session("k", Some("alice")).unwrap().is_some());
         workers

@@ -48,7 +48,12 @@ enum Command {
     /// JSON; exits non-zero when a part failed (that part keeps what it had).
     Reload {
         /// The running router's data dir (its pid is in DATA_DIR/router.pid).
-        #[arg(long, value_name = "DIR", default_value = "./swarmbus-data")]
+        #[arg(
+            long,
+            value_name = "DIR",
+            env = "SWARMBUS_DATA_DIR",
+            default_value = "./swarmbus-data"
+        )]
         data_dir: PathBuf,
         /// How long to wait for the router's report.
         #[arg(long, value_name = "SECONDS", default_value_t = 10)]
@@ -332,13 +337,14 @@ async fn run() -> anyhow::Result<()> {
     let config = load_config(&args)?;
     let data_dir = config.data_dir.clone();
     let router = Router::start(config).await.context("starting the router")?;
+    let mut hangups = Hangups::register();
+    // Written once a SIGHUP reloads: `swarmbus-router reload` may signal from then on.
     let _pid_file = swarmbus_router::reload::PidFile::write(&data_dir).with_context(|| {
         format!(
             "writing {}",
             swarmbus_router::reload::pid_path(&data_dir).display()
         )
     })?;
-    let mut hangups = Hangups::register();
     {
         let mut stdout = std::io::stdout().lock();
         // One line; scripts take the address after "listening on" and, when there is one,

@@ -115,7 +115,8 @@ impl Session {
         let identity = auth.recheck(proof)?;
         admit(&identity, &self.agent, self.role, &swarms)?;
         let mut credential = self.credential.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(credential) = credential.as_mut() {
+        // Unless a refresh replaced the proof meanwhile (its identity is the newer one).
+        if let Some(credential) = credential.as_mut().filter(|c| c.proof.same(proof)) {
             credential.identity = identity;
         }
         Ok(())

@@ -453,7 +453,7 @@ fn authenticate(
             crate::auth::Proof::Token(token.clone()),
         ),
         (None, Some(chain)) => (
-            auth.identify_certificate(&chain, false).map_err(refused)?,
+            auth.identify_certificate(&chain).map_err(refused)?,
             crate::auth::Proof::Certificate(chain),
         ),
         (None, None) => {
@@ -736,7 +736,7 @@ async fn serve_session(
         }
         _ = connection.closed() => {}
         () = credential_expired(session) => {
-            let fault = Fault::new(ErrorCode::Unauthenticated, "the session's credential expired");
+            let fault = Fault::new(ErrorCode::Unauthenticated, "the session's credential or client certificate expired");
             close_with(connection, stats, &fault);
         }
         error = bulk_connection_closed(bulk_path.clone()) => {

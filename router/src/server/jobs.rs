@@ -221,10 +221,6 @@ impl Session {
         if !self.controller_of(&swarm, request_id) {
             return Ok(());
         }
-        if let Some(why) = self.denied(crate::auth::Action::JobsRedrive, &swarm, None) {
-            self.refuse(ErrorCode::Forbidden, request_id, why);
-            return Ok(());
-        }
         let now_ms = self.context.now_ms();
         let outcome = self
             .context

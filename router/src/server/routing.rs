@@ -49,12 +49,6 @@ impl Session {
             self.not_joined(&subscription.swarm, subscription.request_id);
             return Ok(());
         }
-        let class = Some(subscription.class.name());
-        let action = crate::auth::Action::Subscribe;
-        if let Some(why) = self.denied(action, &subscription.swarm, class) {
-            self.refuse(ErrorCode::Forbidden, subscription.request_id, why);
-            return Ok(());
-        }
         if !subscription.agent_filter.as_deref().is_none_or(valid_name) {
             self.refuse(
                 ErrorCode::InvalidRequest,
@@ -64,12 +58,21 @@ impl Session {
             return Ok(());
         }
         let max = self.context.config.limits.max_subscriptions as usize;
+        let key = subscription_key(&subscription);
         {
             let mut held = self
                 .subscriptions
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let key = subscription_key(&subscription);
+            // Checked under the lock a policy reload drops denied subscriptions under: the
+            // reload either sees this one held, or this check sees the reloaded policy.
+            let class = Some(subscription.class.name());
+            let action = crate::auth::Action::Subscribe;
+            if let Some(why) = self.denied(action, &subscription.swarm, class) {
+                drop(held);
+                self.refuse(ErrorCode::Forbidden, subscription.request_id, why);
+                return Ok(());
+            }
             if !held.contains(&key) && held.len() >= max {
                 drop(held);
                 self.refuse(
@@ -79,13 +82,14 @@ impl Session {
                 );
                 return Ok(());
             }
-            held.insert(key);
+            held.insert(key.clone());
         }
         let swarm = subscription.swarm.clone();
         let resume = self
             .resume
             .get(&(swarm.clone(), subscription.class))
             .copied();
+        let forget = subscription.clone();
         self.to_shard(
             &swarm,
             ShardCommand::Subscribe {
@@ -98,6 +102,21 @@ impl Session {
             },
         )
         .await;
+        // A policy reload that dropped it while the Subscribe was on its way may have told
+        // the shard to forget it first: forgotten again, after the Subscribe.
+        let dropped = self.credentialed()
+            && !self
+                .subscriptions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .contains(&key);
+        if dropped {
+            let command = ShardCommand::Unsubscribe {
+                outbox: self.outbox.clone(),
+                subscription: forget,
+            };
+            self.to_shard(&swarm, command).await;
+        }
         Ok(())
     }
 

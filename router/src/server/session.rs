@@ -51,8 +51,9 @@ impl Session {
             .saturating_sub(swarmbus_proto::jobs::JOB_RECORD_OVERHEAD_BYTES)
     }
 
-    /// Whether this session is a controller that joined `swarm`; refuses the request
-    /// otherwise.
+    /// Whether this session may list and re-drive the dead letters of `swarm`: a controller
+    /// (or allowed `jobs.redrive`) that joined it, not denied `jobs.redrive` there; refuses
+    /// the request otherwise.
     pub(super) fn controller_of(&self, swarm: &str, request_id: u64) -> bool {
         if !self.controls(crate::auth::Action::JobsRedrive, swarm) {
             self.refuse(
@@ -66,6 +67,10 @@ impl Session {
         }
         if !self.joined(swarm) {
             self.not_joined(swarm, request_id);
+            return false;
+        }
+        if let Some(why) = self.denied(crate::auth::Action::JobsRedrive, swarm, None) {
+            self.refuse(ErrorCode::Forbidden, request_id, why);
             return false;
         }
         true

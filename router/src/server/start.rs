@@ -203,7 +203,11 @@ impl Router {
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
                 .map(|credential| credential.proof.clone());
+            // Not yet verified (its Hello re-checks it), or closing already.
             let Some(proof) = proof else { continue };
+            if session.outbox.is_closed() {
+                continue;
+            }
             if let Err(refusal) = session.still_allowed(&fresh, &proof) {
                 tracing::info!(agent = %session.agent, reason = %refusal.reason, "closing a session no longer accepted");
                 session.outbox.request_close(refusal.code);
