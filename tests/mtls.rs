@@ -356,22 +356,8 @@ async fn client_certificates_need_auth_required_and_readable_files() {
     ];
     for (refused, reason) in refusals.into_iter().zip(reasons) {
         let error = swarmbus_router::Router::start(refused).await.err();
-        let error = format!(
-            "{:#}",
-            anyhow_chain(error.expect("the router refuses to start"))
-        );
+        let error = error.expect("the router refuses to start");
+        let error = swarmbus_router::error::report(&error);
         assert!(error.contains(reason), "{reason}: {error}");
     }
-}
-
-/// An error and its sources, one line.
-fn anyhow_chain(error: impl std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
