@@ -224,6 +224,7 @@ async fn a_pin_survives_a_router_restart() {
     let config = |listen| Config {
         listen,
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         shards: 2,
         ..Config::default()
     };

@@ -300,6 +300,7 @@ async fn only_a_router_that_requires_credentials_listens_beyond_loopback() {
     let config = |mode| swarmbus_router::Config {
         listen: "0.0.0.0:0".parse().unwrap(),
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         auth: swarmbus_router::auth::AuthConfig {
             mode,
             ..Default::default()

@@ -17,6 +17,7 @@ pub async fn start_router(adjust: impl FnOnce(&mut Config)) -> TestRouter {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         shards: 2,
         ..Config::default()
     };
@@ -76,6 +77,7 @@ pub fn config_in(data: &std::path::Path) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         ..Config::default()
     }
 }

@@ -136,6 +136,7 @@ async fn a_paused_leader_loses_its_lease_and_its_late_commands_are_refused() {
     let config = |listen| Config {
         listen,
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         shards: 2,
         ..Config::default()
     };

@@ -188,6 +188,7 @@ async fn a_router_restart_loses_no_accepted_job_and_results_still_arrive() {
     let config = |listen| Config {
         listen,
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         shards: 2,
         ..Config::default()
     };
@@ -457,6 +458,7 @@ async fn payloads_past_the_cache_are_read_back_from_the_log() {
         let mut config = Config {
             listen,
             data_dir: data.path().to_owned(),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
             shards: 1,
             ..Config::default()
         };

@@ -25,7 +25,7 @@ fn config(data: &Path) -> Config {
 }
 
 /// Blocks the creation of segments starting at ops 2..=limit of `swarm`.
-fn block_new_segments(data: &Path, swarm: &str, limit: u64) -> Vec<PathBuf> {
+pub(crate) fn block_new_segments(data: &Path, swarm: &str, limit: u64) -> Vec<PathBuf> {
     let dir = data
         .join("log")
         .join(swarmbus_router::log::store::swarm_dir_name(swarm));

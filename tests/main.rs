@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per suite. Routers bind 127.0.0.1:0.
 
+mod admin;
 mod affinity;
 mod auth;
 mod bulk;

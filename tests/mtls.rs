@@ -324,6 +324,7 @@ async fn client_certificates_need_auth_required_and_readable_files() {
         let mut config = swarmbus_router::Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: dir.path().to_owned(),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
             ..swarmbus_router::Config::default()
         };
         adjust(&mut config);

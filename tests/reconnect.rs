@@ -17,6 +17,7 @@ async fn start(data: &std::path::Path, listen: std::net::SocketAddr) -> Router {
     start_retrying(|| Config {
         listen,
         data_dir: data.to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         shards: 2,
         ..Config::default()
     })

@@ -25,6 +25,7 @@ async fn a_reloaded_certificate_is_served_to_new_connections_and_old_ones_carry_
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         ..Config::default()
     };
     config.tls.cert = Some(cert.clone());

@@ -147,6 +147,9 @@ async fn start(
     if options.auth {
         command.env("SWARMBUS_AUTH_MODE", "required");
     }
+    // Runs side by side (and the loadgen's tests at once): each admin listener on a port of
+    // its own, whatever a --router-config says.
+    command.env("SWARMBUS_ADMIN_LISTEN", "127.0.0.1:0");
     let mut child = command
         .env(
             "SWARMBUS_LOG",

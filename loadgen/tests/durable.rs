@@ -26,6 +26,7 @@ fn recorded_commands_are_all_found_in_the_log() {
         .block_on(Router::start(Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data.path().join("router"),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
             ..Config::default()
         }))
         .unwrap();

@@ -15,6 +15,7 @@ fn run_fanout(class: &str) -> serde_json::Value {
         .block_on(Router::start(Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data.path().to_owned(),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
             ..Config::default()
         }))
         .unwrap();

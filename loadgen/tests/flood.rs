@@ -14,6 +14,7 @@ fn flood_reports_command_latency_loss_and_shedding() {
         .block_on(Router::start(Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data.path().to_owned(),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
             ..Config::default()
         }))
         .unwrap();

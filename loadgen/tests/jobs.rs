@@ -14,6 +14,7 @@ fn jobs_with_worker_kills_lose_nothing_and_deliver_each_end_once() {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.path().join("router"),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         ..Config::default()
     };
     config.jobs.backoff_base_ms = 10;

@@ -15,6 +15,7 @@ fn paused_and_killed_leaders_never_overlap_and_stale_commands_are_not_acted_on()
         .block_on(Router::start(Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data.path().to_owned(),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
             ..Config::default()
         }))
         .unwrap();

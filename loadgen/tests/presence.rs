@@ -14,6 +14,7 @@ fn run_presence(kill_mode: &str, agents: &str, kill: &str) -> serde_json::Value 
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         ..Config::default()
     };
     config.presence.heartbeat_interval_ms = 100;

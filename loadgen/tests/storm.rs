@@ -29,6 +29,7 @@ fn storm_reports_refusals_breaker_transitions_and_no_loss() {
         .block_on(Router::start(Config {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data.path().to_owned(),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
             ..Config::from_toml(LIMITS).unwrap()
         }))
         .unwrap();

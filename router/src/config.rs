@@ -30,6 +30,9 @@ pub struct Config {
     /// `listen`'s address, a port the OS picks; `off`: none, and no session is offered a
     /// bulk connection.
     pub bulk_listen: BulkListen,
+    /// The admin listener (HTTP: `/metrics`, `/healthz`, `/readyz`): a loopback TCP address
+    /// (default 127.0.0.1:9464; port 0: one the OS picks), or `off`.
+    pub admin_listen: AdminListen,
     /// Directory for the router's state (development TLS material now; the event log later).
     pub data_dir: PathBuf,
     /// Name announced in Welcome.
@@ -113,6 +116,36 @@ impl std::str::FromStr for BulkListen {
 }
 
 impl TryFrom<String> for BulkListen {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+/// Where the admin listener listens (`admin_listen`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(try_from = "String")]
+pub enum AdminListen {
+    Off,
+    At(SocketAddr),
+}
+
+/// `admin_listen` unless set.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "off" => Ok(AdminListen::Off),
+            other => other.parse().map(AdminListen::At).map_err(|_| {
+                format!("admin_listen {other:?}: expected off or an address (IP:PORT)")
+            }),
+        }
+    }
+}
+
+impl TryFrom<String> for AdminListen {
     type Error = String;
     fn try_from(value: String) -> Result<Self, Self::Error> {
         value.parse()
@@ -486,6 +519,11 @@ impl Default for Config {
         Config {
             listen: DEFAULT_LISTEN.parse().expect("constant address parses"),
             bulk_listen: BulkListen::Auto,
+            admin_listen: AdminListen::At(
+                DEFAULT_ADMIN_LISTEN
+                    .parse()
+                    .expect("constant address parses"),
+            ),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             router_name: "swarmbus".into(),
             shards: 0,
@@ -598,6 +636,7 @@ impl Config {
             match key.as_str() {
                 "SWARMBUS_LISTEN" => self.listen = parse(&key, &value)?,
                 "SWARMBUS_BULK_LISTEN" => self.bulk_listen = parse(&key, &value)?,
+                "SWARMBUS_ADMIN_LISTEN" => self.admin_listen = parse(&key, &value)?,
                 "SWARMBUS_DATA_DIR" => self.data_dir = PathBuf::from(value),
                 "SWARMBUS_ROUTER_NAME" => self.router_name = value,
                 "SWARMBUS_SHARDS" => self.shards = parse(&key, &value)?,
@@ -656,6 +695,15 @@ impl Config {
             }
             if bulk == self.listen && bulk.port() != 0 {
                 return Err(config_error("bulk_listen must differ from listen"));
+            }
+        }
+        if let AdminListen::At(admin) = self.admin_listen {
+            // Nothing on it asks who is calling yet.
+            if !admin.ip().is_loopback() {
+                return Err(config_error(format!(
+                    "admin_listen {admin}: the admin listener serves loopback addresses only \
+                     (it does not authenticate callers); scrape it through a local agent or proxy"
+                )));
             }
         }
         if self.tls.cert.is_some() != self.tls.key.is_some() {

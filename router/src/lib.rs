@@ -23,6 +23,7 @@ pub mod error;
 pub mod host_cpu;
 pub mod intake;
 pub mod log;
+pub mod metrics;
 pub mod outbox;
 pub mod partial_frames;
 pub mod reload;
@@ -33,5 +34,5 @@ pub mod tls;
 
 pub use config::Config;
 pub use error::RouterError;
-pub use server::Router;
+pub use server::{Router, Stopped};
 pub use stats::StatsSnapshot;

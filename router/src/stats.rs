@@ -10,8 +10,15 @@ pub struct Stats {
     /// Sessions refused at Hello for their credential (missing, invalid, not granting).
     pub auth_refused: AtomicU64,
     pub protocol_errors: AtomicU64,
-    pub published: AtomicU64,
-    pub delivered: AtomicU64,
+    /// Publishes accepted, by class ([`swarmbus_schema::Class::index`]).
+    pub published_by_class: [AtomicU64; 5],
+    /// Messages handed to subscribers' queues, by class.
+    pub delivered_by_class: [AtomicU64; 5],
+    /// Sessions open now, by role (agent, controller, worker).
+    pub sessions_by_role: [AtomicU64; 3],
+    /// Internal swarms (`$`-prefixed: the control plane, pins, jobs) whose log is
+    /// unavailable now; the router is not ready while any is.
+    pub internal_log_unavailable: AtomicU64,
     pub telemetry_shed: AtomicU64,
     pub lagging_disconnects: AtomicU64,
     /// Ordered-class subscribers switched to catching up from the log (queue full).
@@ -87,6 +94,15 @@ pub struct StatsSnapshot {
     pub log_unavailable_swarms: u64,
 }
 
+/// The index of `role` in [`Stats::sessions_by_role`].
+pub fn role_index(role: swarmbus_schema::Role) -> usize {
+    match role {
+        swarmbus_schema::Role::Agent => 0,
+        swarmbus_schema::Role::Controller => 1,
+        swarmbus_schema::Role::Worker => 2,
+    }
+}
+
 impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -96,8 +112,8 @@ impl Stats {
             connections_refused_busy: get(&self.connections_refused_busy),
             auth_refused: get(&self.auth_refused),
             protocol_errors: get(&self.protocol_errors),
-            published: get(&self.published),
-            delivered: get(&self.delivered),
+            published: self.published_by_class.iter().map(get).sum(),
+            delivered: self.delivered_by_class.iter().map(get).sum(),
             telemetry_shed: get(&self.telemetry_shed),
             lagging_disconnects: get(&self.lagging_disconnects),
             lagging_catch_ups: get(&self.lagging_catch_ups),

@@ -29,6 +29,8 @@ fn start_with(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Ru
         .envs(env.iter().copied())
         .current_dir(dir)
         .env("SWARMBUS_LOG", "warn")
+        // Tests run at once: each admin listener on a port of its own.
+        .env("SWARMBUS_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -75,12 +77,14 @@ fn runs_on_embedded_defaults_and_reuses_its_ca() {
         let status = running.0.wait().unwrap();
         let mut stderr = String::new();
         std::io::Read::read_to_string(&mut running.0.stderr.take().unwrap(), &mut stderr).unwrap();
+        let busy = ["binding 127.0.0.1:4433", "binding 127.0.0.1:9464"];
         assert!(
-            !status.success() && stderr.contains("binding 127.0.0.1:4433"),
+            !status.success() && busy.iter().any(|b| stderr.contains(b)),
             "{stderr}"
         );
     } else {
         assert!(first.contains("listening on 127.0.0.1:4433"), "{first}");
+        assert!(first.contains("admin on http://127.0.0.1:9464"), "{first}");
         assert!(dir.path().join("swarmbus-data/tls/ca.pem").exists());
     }
     drop(running);

@@ -29,6 +29,7 @@ fn start_router_on(data: &Path, writer: &str, listen: &str) -> (Child, SocketAdd
         .arg(data)
         .env("SWARMBUS_LOG", "warn")
         .env("SWARMBUS_LOG_WRITER", writer)
+        .env("SWARMBUS_ADMIN_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

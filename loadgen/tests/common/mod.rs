@@ -21,6 +21,7 @@ pub fn router(auth: bool) -> InProcess {
     let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: data.path().to_owned(),
+        admin_listen: swarmbus_router::config::AdminListen::Off,
         ..Config::default()
     };
     if auth {

@@ -27,6 +27,10 @@ struct Args {
     /// or a UDP address (port 0: one the OS picks). Printed at start.
     #[arg(long, value_name = "auto|off|ADDR")]
     bulk_listen: Option<swarmbus_router::config::BulkListen>,
+    /// The admin listener (HTTP: /metrics, /healthz, /readyz): a loopback TCP address
+    /// (default 127.0.0.1:9464) or off.
+    #[arg(long, value_name = "ADDR|off")]
+    admin_listen: Option<swarmbus_router::config::AdminListen>,
     /// Directory for router state (TLS material; the event log later).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
@@ -170,6 +174,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(bulk) = args.bulk_listen {
         config.bulk_listen = bulk;
+    }
+    if let Some(admin) = args.admin_listen {
+        config.admin_listen = admin;
     }
     if let Some(dir) = &args.data_dir {
         config.data_dir = dir.clone();
@@ -353,6 +360,9 @@ async fn run() -> anyhow::Result<()> {
         if let Some(bulk) = router.bulk_addr() {
             notes.push(format!("bulk listener on {bulk}"));
         }
+        if let Some(admin) = router.admin_addr() {
+            notes.push(format!("admin on http://{admin}"));
+        }
         if let Some(ca) = router.ca_path() {
             notes.push(format!("development CA: {}", ca.display()));
         }
@@ -381,6 +391,7 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     tracing::info!("shutting down");
-    router.shutdown().await;
+    // Held until the process exits: /readyz says "shutting down" to the end.
+    let _stopped = router.shutdown().await;
     Ok(())
 }

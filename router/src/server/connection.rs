@@ -298,6 +298,8 @@ pub(super) async fn run_connection(
         context.attachments().remove(&conn.0);
         return;
     }
+    let role = crate::stats::role_index(session.role);
+    stats.sessions_by_role[role].fetch_add(1, Ordering::Relaxed);
     let uni_task = tokio::spawn(
         accept_publish_streams(
             connection.clone(),
@@ -336,6 +338,7 @@ pub(super) async fn run_connection(
     if let BulkPath::Attached(bulk) = &*bulk.path.borrow() {
         bulk.close(VarInt::from_u32(0), b"session ended");
     }
+    stats.sessions_by_role[role].fetch_sub(1, Ordering::Relaxed);
     leave(conn, &session, &context).await;
     for writer in writers {
         writer.abort();

@@ -23,6 +23,7 @@
 //! - `recovery`: the internal swarms read back at start;
 //! - `maintenance`: the periodic work (deadlines, governor, presence timeouts).
 
+mod admin;
 mod affinity;
 mod auth;
 mod bulk_path;
@@ -226,6 +227,10 @@ pub struct Router {
     /// The bulk listener (`bulk_listen`), when configured: its endpoint, address and accept
     /// loop, all on the bulk runtime.
     bulk_listener: Option<(quinn::Endpoint, SocketAddr, JoinHandle<()>)>,
+    /// The admin listener (`admin_listen`): its address and task (stopped when the router
+    /// is dropped), and what it serves from.
+    admin: Option<(SocketAddr, AbortOnDrop<()>)>,
+    admin_state: Arc<admin::AdminState>,
     /// The certificate and key served, as last read (a reload of the client CA serves them
     /// again with the new verifier).
     served_tls: Mutex<tls::ServerIdentity>,
@@ -234,6 +239,13 @@ pub struct Router {
     /// The clock's checkpoint thread: dropping the sender stops it (after a last
     /// checkpoint); shutdown waits for it.
     clock_checkpoints: Option<(std::sync::mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+}
+
+/// A router that has shut down; its admin listener answers `/readyz` with "shutting down"
+/// until this is dropped.
+#[derive(Debug)]
+pub struct Stopped {
+    _admin: Option<(SocketAddr, AbortOnDrop<()>)>,
 }
 
 /// Which endpoint a connection came in on.

@@ -25,6 +25,9 @@ impl Router {
             context: "creating it",
             source,
         })?;
+        // First, so that /readyz answers "starting" while the log is recovered.
+        let admin_state = admin::AdminState::new();
+        let admin = admin::start_admin(&config, &admin_state)?;
         let auth = crate::auth::Authenticator::start(&config.auth, &config.data_dir, true)?;
         let (router_clock, clock_checkpoints) = start_clock(&config, clock)?;
         let listeners = bind_listeners(
@@ -56,6 +59,7 @@ impl Router {
                 .await;
         }
         spawn_maintenance(&context);
+        admin_state.set_context(&context);
         let Listeners {
             endpoint,
             endpoint_config,
@@ -81,7 +85,10 @@ impl Router {
             Listener::Main,
         ));
         info!(%local_addr, "router listening");
+        admin_state.set_phase(admin::Phase::Ready);
         Ok(Router {
+            admin,
+            admin_state,
             context,
             endpoint,
             local_addr,
@@ -130,8 +137,11 @@ impl Router {
     }
 
     /// Closes every connection with `ShuttingDown` and waits (up to 5 s) for the peers to
-    /// be told.
-    pub async fn shutdown(mut self) {
+    /// be told. From its start `/readyz` answers "shutting down"; the admin listener goes on
+    /// answering so until the returned [`Stopped`] is dropped (a process holds it until it
+    /// exits, so that a probe never mistakes the end for a hang).
+    pub async fn shutdown(mut self) -> Stopped {
+        self.admin_state.set_phase(admin::Phase::ShuttingDown);
         self.context.shutting_down.store(true, Ordering::Release);
         let code = VarInt::from(ErrorCode::ShuttingDown.as_u16());
         self.endpoint.close(code, b"router shutting down");
@@ -156,6 +166,9 @@ impl Router {
             // this data directory may start.
             drop(stop);
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        Stopped {
+            _admin: self.admin.take(),
         }
     }
 
@@ -279,6 +292,12 @@ impl Router {
     /// Whether sessions must show a credential (`auth.mode`).
     pub fn auth_mode(&self) -> crate::auth::AuthMode {
         self.context.config.auth.mode
+    }
+
+    /// The admin listener's address (with the port the OS picked), unless `admin_listen` is
+    /// `off`.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
     }
 
     /// The bulk listener's address (with the port the OS picked), when `bulk_listen` is set.

@@ -89,6 +89,10 @@ pub enum ShardCommand {
     },
     /// A message the router itself publishes.
     RouterPublish(RouterPublish),
+    /// The shard's event lag histograms, for a scrape of `/metrics`.
+    Metrics {
+        reply: tokio::sync::oneshot::Sender<ShardMetrics>,
+    },
     /// Reads back the record of op `op` of `swarm` (a job's payload kept on disk only):
     /// its Deliver frame, with its length prefix; or why not, and whether to ask again (a
     /// compaction removed the file the read was planned on).
@@ -214,8 +218,9 @@ impl TelemetryRoutes {
                 }
             }
         }
-        stats.published.fetch_add(1, Ordering::Relaxed);
-        stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+        let telemetry = Class::Telemetry.index();
+        stats.published_by_class[telemetry].fetch_add(1, Ordering::Relaxed);
+        stats.delivered_by_class[telemetry].fetch_add(delivered, Ordering::Relaxed);
         if publish.request_id != 0 {
             reply(
                 outbox,
@@ -264,6 +269,13 @@ impl ShardSender {
         };
         channel.send(command).await.map_err(|_| ShardStopped)
     }
+}
+
+/// What a shard measured, since it started.
+#[derive(Debug, Clone)]
+pub struct ShardMetrics {
+    /// Publish received -> durable, per class, microseconds.
+    pub durable_lag_us: [swarmbus_proto::core::LagHistogram; 5],
 }
 
 /// The shard is gone (the router is shutting down).
@@ -569,7 +581,8 @@ impl Shard {
             .handle_publish(router, self.internal.clone(), &publish, now)
         {
             Ok(outcome) => {
-                self.stats.published.fetch_add(1, Ordering::Relaxed);
+                self.stats.published_by_class[Class::Control.index()]
+                    .fetch_add(1, Ordering::Relaxed);
                 match reply {
                     Some(reply) if outcome.awaiting_durability => {
                         self.internal_waiters.insert(request_id, reply);
@@ -605,7 +618,7 @@ impl Shard {
 
     /// Carries out what the core asked for.
     fn flush(&mut self) {
-        let mut delivered = 0u64;
+        let mut delivered = [0u64; 5];
         // Subscriptions (connection, class, swarm) that turned out lagging in this flush: their later
         // deliveries of the flush are skipped too, so they come from the log, in order.
         let mut lagged: Vec<(ConnId, Class, Arc<str>)> = Vec::new();
@@ -629,7 +642,7 @@ impl Shard {
                         self.core.handle_lagging(to.conn(), &key.2, class, op);
                         lagged.push(key);
                     } else {
-                        delivered += 1;
+                        delivered[class.index()] += 1;
                     }
                 }
                 Action::Deliver {
@@ -638,7 +651,7 @@ impl Shard {
                     // A lagging subscriber of another class is closed by its connection
                     // driver, which then sends Disconnect; until then pushes are discarded.
                     let _ = to.push(Lane::Class(class), frame);
-                    delivered += 1;
+                    delivered[class.index()] += 1;
                 }
                 Action::Reply { to, message } if to.conn() == INTERNAL_CONN => {
                     self.answer_internal(message)
@@ -666,7 +679,11 @@ impl Shard {
                 }
             }
         }
-        self.stats.delivered.fetch_add(delivered, Ordering::Relaxed);
+        for (class, count) in delivered.into_iter().enumerate() {
+            if count > 0 {
+                self.stats.delivered_by_class[class].fetch_add(count, Ordering::Relaxed);
+            }
+        }
         // A swarm whose log failed refuses telemetry too.
         self.telemetry.apply(self.core.take_telemetry_changes());
     }
@@ -752,7 +769,8 @@ impl Shard {
                 publish,
             } => match core.handle_publish(&agent, outbox.clone(), &publish, now) {
                 Ok(outcome) => {
-                    self.stats.published.fetch_add(1, Ordering::Relaxed);
+                    self.stats.published_by_class[publish.class.index()]
+                        .fetch_add(1, Ordering::Relaxed);
                     // Ordered ops are acknowledged by the core once durable.
                     if !outcome.awaiting_durability && publish.request_id != 0 {
                         reply(
@@ -772,6 +790,11 @@ impl Shard {
                 }
             },
             ShardCommand::RouterPublish(publish) => self.router_publish(publish, now),
+            ShardCommand::Metrics { reply } => {
+                let _ = reply.send(ShardMetrics {
+                    durable_lag_us: self.core.durable_lag().clone(),
+                });
+            }
             ShardCommand::Ack {
                 outbox,
                 swarm,

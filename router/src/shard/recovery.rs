@@ -24,6 +24,7 @@ impl Shard {
             .fetch_add(1, Ordering::Relaxed);
         tracing::error!(%swarm, op = from.0, %detail, truncated, "event log append failed; the swarm is unavailable until its log takes writes again");
         self.core.handle_log_failed(&swarm, from, detail);
+        let internal = swarm.starts_with('$');
         let recovery = self.recovering.entry(swarm).or_insert(Recovery {
             attempts: 0,
             next_try: now.instant,
@@ -35,6 +36,11 @@ impl Shard {
             self.stats
                 .log_unavailable_swarms
                 .fetch_add(1, Ordering::Relaxed);
+            if internal {
+                self.stats
+                    .internal_log_unavailable
+                    .fetch_add(1, Ordering::Relaxed);
+            }
         }
         recovery.next_try = now.instant + recovery_backoff(recovery.attempts);
     }
@@ -90,6 +96,11 @@ impl Shard {
                 self.stats
                     .log_unavailable_swarms
                     .fetch_sub(1, Ordering::Relaxed);
+                if swarm.starts_with('$') {
+                    self.stats
+                        .internal_log_unavailable
+                        .fetch_sub(1, Ordering::Relaxed);
+                }
                 tracing::warn!(%swarm, attempts = recovery.attempts, "the event log takes the swarm's writes again; the swarm is served");
             }
         }

@@ -1,0 +1,272 @@
+//! The router's metrics as Prometheus scrapes them (OpenMetrics text, `prometheus-client`):
+//! every value is read at scrape time from counters the router keeps anyway (relaxed
+//! atomics, histograms the shards keep on their own thread), so serving metrics adds no
+//! work to the path of a message. Names carry the `swarmbus_` prefix and base units;
+//! labels are bounded (class, role, outcome): never an agent or a swarm.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use swarmbus_proto::core::LagHistogram;
+use swarmbus_schema::Class;
+
+use crate::stats::Stats;
+
+/// The media type of [`encode`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Upper bounds of the event lag buckets, in seconds: 100 µs to 30 s.
+const LAG_BUCKETS_S: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 30.0,
+];
+
+/// What a scrape reads: the router's counters, and what the shards measured.
+#[derive(Debug)]
+pub struct Scrape {
+    pub stats: Arc<Stats>,
+    /// Publish received -> durable, per class, microseconds: every shard's, merged.
+    pub durable_lag_us: [LagHistogram; 5],
+    /// Whether `/readyz` answers ready.
+    pub ready: bool,
+}
+
+/// The exposition of `scrape`, ending with `# EOF`.
+pub fn encode(scrape: Scrape) -> String {
+    let mut registry = Registry::with_prefix("swarmbus");
+    registry.register_collector(Box::new(scrape));
+    let mut text = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+    text
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let stats = &self.stats;
+        let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let class_labels = |class: Class| [("class", class.name())];
+        {
+            let mut family = encoder.encode_descriptor(
+                "sessions",
+                "Sessions open now, by role.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (role, open) in ["agent", "controller", "worker"]
+                .iter()
+                .zip(&stats.sessions_by_role)
+            {
+                let open = ConstGauge::new(get(open) as i64);
+                open.encode(family.encode_family(&[("role", *role)])?)?;
+            }
+        }
+        for (name, help, counts) in [
+            (
+                "published",
+                "Publishes accepted, by class.",
+                &stats.published_by_class,
+            ),
+            (
+                "delivered",
+                "Messages handed to subscribers' queues, by class.",
+                &stats.delivered_by_class,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for class in Class::ALL {
+                let count = ConstCounter::new(get(&counts[class.index()]));
+                count.encode(family.encode_family(&class_labels(class))?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "rate_limited",
+                "Publishes over a rate limit: refused with a reply, or dropped (fire-and-forget).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, count) in [
+                ("refused", &stats.rate_limited_refused),
+                ("dropped", &stats.rate_limited_dropped),
+            ] {
+                ConstCounter::new(get(count))
+                    .encode(family.encode_family(&[("outcome", outcome)])?)?;
+            }
+        }
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 12] = [
+            (
+                "connections_accepted",
+                "Connections accepted.",
+                &stats.connections_accepted,
+            ),
+            (
+                "connections_refused_busy",
+                "Connections refused at the connection limit.",
+                &stats.connections_refused_busy,
+            ),
+            (
+                "auth_refused",
+                "Sessions refused at Hello for their identity (credential or certificate).",
+                &stats.auth_refused,
+            ),
+            (
+                "protocol_errors",
+                "Connections closed for a protocol error.",
+                &stats.protocol_errors,
+            ),
+            (
+                "telemetry_shed",
+                "Telemetry messages shed (a subscriber's queue full, or over the router's budget).",
+                &stats.telemetry_shed,
+            ),
+            (
+                "lagging_disconnects",
+                "Subscribers disconnected for lagging behind.",
+                &stats.lagging_disconnects,
+            ),
+            (
+                "catch_ups",
+                "Ordered-class subscribers switched to catching up from the log (queue full).",
+                &stats.lagging_catch_ups,
+            ),
+            (
+                "breaker_transitions",
+                "Circuit breaker state changes (session and swarm breakers).",
+                &stats.breaker_transitions,
+            ),
+            (
+                "late_replies",
+                "Worker replies that came after their request's deadline.",
+                &stats.late_replies,
+            ),
+            (
+                "governor_cuts",
+                "Times the governor cut the bulk intake budget for commands.",
+                &stats.governor_cuts,
+            ),
+            (
+                "log_write_failures",
+                "Event log appends or syncs that failed.",
+                &stats.log_write_failures,
+            ),
+            (
+                "log_recoveries",
+                "Swarms whose log took writes again after a failure.",
+                &stats.log_recoveries,
+            ),
+        ];
+        for (name, help, count) in counters {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(get(count)).encode(family)?;
+        }
+        let gauges: [(&str, &str, Option<&Unit>, i64); 5] = [
+            (
+                "queued",
+                "Bytes queued for subscribers, all connections together.",
+                Some(&Unit::Bytes),
+                get(&stats.queued_bytes) as i64,
+            ),
+            (
+                "governor_intake_per_second",
+                "The bulk intake budget the governor allows now (messages per second; 0: off).",
+                None,
+                get(&stats.governed_intake_per_s) as i64,
+            ),
+            (
+                "log_unavailable_swarms",
+                "Swarms whose event log is unavailable now.",
+                None,
+                get(&stats.log_unavailable_swarms) as i64,
+            ),
+            (
+                "internal_log_unavailable_swarms",
+                "The router's own swarms ($control, $affinity, $jobs.*) whose log is unavailable now.",
+                None,
+                get(&stats.internal_log_unavailable) as i64,
+            ),
+            (
+                "ready",
+                "1 while /readyz answers ready.",
+                None,
+                i64::from(self.ready),
+            ),
+        ];
+        for (name, help, unit, value) in gauges {
+            let family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+            ConstGauge::new(value).encode(family)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "event_lag_durable",
+            "Publish received -> durable in the event log (and acknowledged), by ordered class.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        for class in Class::ALL.into_iter().filter(|c| c.is_ordered()) {
+            let histogram = &self.durable_lag_us[class.index()];
+            let (sum, count, buckets) = buckets_of(histogram);
+            family
+                .encode_family(&class_labels(class))?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum, count, &buckets, None,
+                )?;
+        }
+        Ok(())
+    }
+}
+
+/// A microsecond histogram as Prometheus buckets in seconds: the sum, the count, and each
+/// bucket's own count (the encoder makes them cumulative), `+Inf` last.
+fn buckets_of(histogram: &LagHistogram) -> (f64, u64, Vec<(f64, u64)>) {
+    let mut buckets = Vec::with_capacity(LAG_BUCKETS_S.len() + 1);
+    let mut below = 0;
+    for bound in LAG_BUCKETS_S {
+        let bound_us = (bound * 1e6) as u64;
+        let upto = histogram.count_between(0, bound_us);
+        buckets.push((bound, upto.saturating_sub(below)));
+        below = upto;
+    }
+    let count = histogram.len();
+    buckets.push((f64::MAX, count.saturating_sub(below)));
+    let sum = histogram
+        .iter_recorded()
+        .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
+        .sum::<f64>()
+        / 1e6;
+    (sum, count, buckets)
+}
+
+/// Adds `from`'s samples to `into` (the shards' histograms, merged at scrape).
+pub fn merge(into: &mut [LagHistogram; 5], from: &[LagHistogram; 5]) {
+    for (into, from) in into.iter_mut().zip(from) {
+        // Same bounds on both sides: adding cannot fail.
+        let _ = into.add(from);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_buckets_count_each_sample_once_and_sum_in_seconds() {
+        let mut histogram = swarmbus_proto::core::lag_histogram();
+        for us in [50, 300, 300, 2_000_000, 100_000_000] {
+            histogram.record(us).unwrap();
+        }
+        let (sum, count, buckets) = buckets_of(&histogram);
+        assert_eq!(count, 5);
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), 5);
+        assert_eq!(buckets[0], (0.0001, 1), "50 us under 100 us");
+        assert_eq!(buckets[2], (0.0005, 2), "300 us under 500 us");
+        assert_eq!(buckets.last().unwrap().1, 1, "100 s above every bound");
+        // Two significant digits: within 1%.
+        assert!((sum - 102.00065).abs() < 1.1, "{sum}");
+    }
+}

@@ -1,0 +1,258 @@
+//! The admin listener: `/metrics` parsed as Prometheus parses it and moving with traffic,
+//! `/healthz`, and `/readyz` through a shutdown and an unavailable internal log.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use swarmbus_client::PublishOptions;
+use swarmbus_router::config::AdminListen;
+use swarmbus_schema::{Class, Role};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::{start_router, TestRouter};
+
+/// `GET path` on the admin listener: the status code and the body.
+async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        stream.read_to_string(&mut response),
+    )
+    .await
+    .expect("the admin listener answers")
+    .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    (status, body.to_owned())
+}
+
+async fn with_admin() -> (TestRouter, SocketAddr) {
+    let t =
+        start_router(|c| c.admin_listen = AdminListen::At("127.0.0.1:0".parse().unwrap())).await;
+    let admin = t.router.admin_addr().expect("an admin listener");
+    (t, admin)
+}
+
+/// The samples of a scrape, parsed by `prometheus-parse`: name and labels -> value.
+struct Samples {
+    samples: Vec<prometheus_parse::Sample>,
+    types: HashMap<String, String>,
+}
+
+impl Samples {
+    async fn scrape(admin: SocketAddr) -> Samples {
+        let (status, body) = get(admin, "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.ends_with("# EOF\n"),
+            "OpenMetrics text ends with # EOF"
+        );
+        let lines = body.lines().map(|line| Ok(line.to_owned()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("the exposition parses");
+        let types = body
+            .lines()
+            .filter_map(|line| line.strip_prefix("# TYPE "))
+            .filter_map(|rest| rest.split_once(' '))
+            .map(|(name, kind)| (name.to_owned(), kind.to_owned()))
+            .collect();
+        Samples {
+            samples: scrape.samples,
+            types,
+        }
+    }
+
+    /// The value of `metric` with `labels` (a counter, a gauge, or one histogram series).
+    fn value(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let sample = self
+            .samples
+            .iter()
+            .find(|s| s.metric == metric && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no {metric} {labels:?}"));
+        match &sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets.iter().map(|b| b.count).fold(0.0, f64::max)
+            }
+            other => panic!("{metric}: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn metrics_parse_as_prometheus_and_move_with_traffic() {
+    let (t, admin) = with_admin().await;
+    let before = Samples::scrape(admin).await;
+    // Every family is there from the start, with its type.
+    for (family, kind) in [
+        ("swarmbus_sessions", "gauge"),
+        ("swarmbus_published", "counter"),
+        ("swarmbus_delivered", "counter"),
+        ("swarmbus_rate_limited", "counter"),
+        ("swarmbus_telemetry_shed", "counter"),
+        ("swarmbus_catch_ups", "counter"),
+        ("swarmbus_breaker_transitions", "counter"),
+        ("swarmbus_queued_bytes", "gauge"),
+        ("swarmbus_governor_intake_per_second", "gauge"),
+        ("swarmbus_log_unavailable_swarms", "gauge"),
+        ("swarmbus_internal_log_unavailable_swarms", "gauge"),
+        ("swarmbus_ready", "gauge"),
+        ("swarmbus_event_lag_durable_seconds", "histogram"),
+    ] {
+        assert_eq!(
+            before.types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}"
+        );
+    }
+    assert_eq!(before.value("swarmbus_ready", &[]), 1.0);
+    let (controller, _c) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut deliveries) = t.connect("agent", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    for _ in 0..5 {
+        controller
+            .publish(
+                "s",
+                Class::Command,
+                Bytes::from_static(b"x"),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..5 {
+        deliveries.recv().await.unwrap();
+    }
+    let after = Samples::scrape(admin).await;
+    let command = [("class", "command")];
+    assert_eq!(after.value("swarmbus_sessions", &[("role", "agent")]), 1.0);
+    assert_eq!(
+        after.value("swarmbus_sessions", &[("role", "controller")]),
+        1.0
+    );
+    let moved = |metric: &str, labels: &[(&str, &str)]| {
+        after.value(metric, labels) - before.value(metric, labels)
+    };
+    assert_eq!(moved("swarmbus_published_total", &command), 5.0);
+    assert_eq!(moved("swarmbus_delivered_total", &command), 5.0);
+    assert_eq!(
+        moved("swarmbus_published_total", &[("class", "telemetry")]),
+        0.0
+    );
+    assert_eq!(
+        moved("swarmbus_event_lag_durable_seconds_count", &command),
+        5.0
+    );
+    assert!(after.value("swarmbus_event_lag_durable_seconds_sum", &command) > 0.0);
+    // Two sessions, each with its bulk connection.
+    assert_eq!(moved("swarmbus_connections_accepted_total", &[]), 4.0);
+    // The agent leaves: its role's gauge goes back.
+    drop(agent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = Samples::scrape(admin).await;
+        if now.value("swarmbus_sessions", &[("role", "agent")]) == 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent's session is still counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn health_readiness_and_unknown_paths() {
+    let (t, admin) = with_admin().await;
+    assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(get(admin, "/readyz").await, (200, "ready\n".to_owned()));
+    let (status, body) = get(admin, "/nothing").await;
+    assert_eq!(status, 404);
+    assert!(body.contains("/metrics"), "{body}");
+    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    stream
+        .write_all(
+            b"POST /readyz HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    // Shut down: not ready, while the listener still answers (and alive).
+    let stopped = t.router.shutdown().await;
+    let (status, body) = get(admin, "/readyz").await;
+    assert_eq!((status, body.as_str()), (503, "shutting down\n"));
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+    drop(stopped);
+    // Then the listener is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(admin).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the admin listener outlived its router"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An internal log that takes no writes makes the router not ready; its recovery makes it
+/// ready again.
+#[tokio::test]
+async fn an_unavailable_internal_log_makes_the_router_not_ready() {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = crate::common::config_in(data.path());
+    config.shards = 1;
+    config.log.segment_bytes = 4096;
+    config.admin_listen = AdminListen::At("127.0.0.1:0".parse().unwrap());
+    let t = TestRouter::start_on(config).await;
+    let admin = t.router.admin_addr().unwrap();
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    ctl.pause("s").await.unwrap();
+    let blocked = crate::log_faults::block_new_segments(data.path(), "$control", 400);
+    // Pauses and resumes are records of `$control`: fill its segment until one fails.
+    let mut failed = false;
+    for i in 0..400 {
+        let step = if i % 2 == 0 {
+            ctl.resume("s").await
+        } else {
+            ctl.pause("s").await
+        };
+        if step.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "a $control append into a new segment fails");
+    let (status, body) = get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("own swarms"), "{body}");
+    let samples = Samples::scrape(admin).await;
+    assert_eq!(
+        samples.value("swarmbus_internal_log_unavailable_swarms", &[]),
+        1.0
+    );
+    assert_eq!(samples.value("swarmbus_ready", &[]), 0.0);
+    for path in &blocked {
+        std::fs::remove_dir(path).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(admin, "/readyz").await.0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the router did not become ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
