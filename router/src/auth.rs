@@ -31,7 +31,7 @@ use swarmbus_schema::{ErrorCode, Role};
 use crate::error::RouterError;
 
 /// `[auth]` in the router's configuration.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     /// `none`: no credential is asked for (loopback only); `required`: every session shows
@@ -438,7 +438,7 @@ impl Default for AuthConfig {
 pub const DEFAULT_CERT_URI_PREFIX: &str = "swarmbus://agent/";
 
 /// Whether sessions must show a credential.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     #[default]

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use swarmbus_schema::{valid_name, Class, Role, MAX_NAME_BYTES};
 
 use std::collections::HashMap;
@@ -19,7 +19,7 @@ use swarmbus_proto::limits::{BreakerConfig, Rate};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4433";
 pub const DEFAULT_DATA_DIR: &str = "./swarmbus-data";
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// UDP address of the QUIC endpoint. Loopback only until authentication lands.
@@ -54,7 +54,7 @@ pub struct Config {
 }
 
 /// `[clock]`: the router's clock across restarts (see [`crate::clock`]).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClockConfig {
     /// When the router restarts on the same boot of its host, how far its clock may differ
@@ -72,7 +72,7 @@ impl Default for ClockConfig {
 }
 
 /// The router's threads (see [`crate::bulk`]).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Worker threads of the bulk runtime, which reads and writes telemetry and job
@@ -92,8 +92,8 @@ impl Default for RuntimeConfig {
 }
 
 /// Where the bulk listener listens (`bulk_listen`).
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(try_from = "String")]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(try_from = "String", into = "String")]
 pub enum BulkListen {
     /// `listen`'s IP address and a port the OS picks (announced in Welcome).
     Auto,
@@ -115,6 +115,16 @@ impl std::str::FromStr for BulkListen {
     }
 }
 
+impl From<BulkListen> for String {
+    fn from(value: BulkListen) -> String {
+        match value {
+            BulkListen::Auto => "auto".into(),
+            BulkListen::Off => "off".into(),
+            BulkListen::At(addr) => addr.to_string(),
+        }
+    }
+}
+
 impl TryFrom<String> for BulkListen {
     type Error = String;
     fn try_from(value: String) -> Result<Self, Self::Error> {
@@ -122,9 +132,36 @@ impl TryFrom<String> for BulkListen {
     }
 }
 
+/// An environment variable's value: a TOML value when it parses as one (a number, a
+/// boolean, an array, an inline table, a quoted string), else the text as a string.
+fn env_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+}
+
+/// Sets `table`'s key at `path` (tables made as needed) to `value`.
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("no key".into());
+    };
+    let mut at = table;
+    for part in parents {
+        let entry = at
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        at = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{part} is not a section"))?;
+    }
+    at.insert(last.clone(), value);
+    Ok(())
+}
+
 /// Where the admin listener listens (`admin_listen`).
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(try_from = "String")]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(try_from = "String", into = "String")]
 pub enum AdminListen {
     Off,
     At(SocketAddr),
@@ -145,6 +182,15 @@ impl std::str::FromStr for AdminListen {
     }
 }
 
+impl From<AdminListen> for String {
+    fn from(value: AdminListen) -> String {
+        match value {
+            AdminListen::Off => "off".into(),
+            AdminListen::At(addr) => addr.to_string(),
+        }
+    }
+}
+
 impl TryFrom<String> for AdminListen {
     type Error = String;
     fn try_from(value: String) -> Result<Self, Self::Error> {
@@ -153,8 +199,8 @@ impl TryFrom<String> for AdminListen {
 }
 
 /// Scheduling of the bulk threads (Linux; elsewhere they run like the others).
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(try_from = "String")]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(try_from = "String", into = "String")]
 pub enum BulkPriority {
     /// A nice value from 0 (the same footing as commands) to 19: bulk work gets a smaller
     /// share of a busy CPU (nice 10, the default: about a tenth against one busy main
@@ -178,6 +224,12 @@ impl std::str::FromStr for BulkPriority {
                 )),
             },
         }
+    }
+}
+
+impl From<BulkPriority> for String {
+    fn from(value: BulkPriority) -> String {
+        value.to_string()
     }
 }
 
@@ -210,7 +262,7 @@ impl RuntimeConfig {
 }
 
 /// Per-session token buckets, one per class (see [`swarmbus_proto::limits`]).
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitsConfig {
     pub control: Rate,
@@ -233,7 +285,7 @@ pub struct RateLimitsConfig {
 }
 
 /// Rate overrides of one swarm: for every role, then per role.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SwarmRates {
     pub control: Option<Rate>,
@@ -245,7 +297,7 @@ pub struct SwarmRates {
 }
 
 /// Rate overrides of one role; unset classes keep the defaults.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct RoleRates {
     pub control: Option<Rate>,
@@ -325,7 +377,7 @@ impl RateLimitsConfig {
 }
 
 /// The embedded event log.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
     /// `always` (fdatasync before acknowledging), `interval_ms:N` or `never_danger`.
@@ -354,6 +406,29 @@ pub struct LogConfig {
     pub control_max_age_ms: u64,
     /// Past this size a swarm's oldest segments are deleted (0: no limit).
     pub max_bytes: u64,
+    /// The router's own log lines on stderr (not the event log): `text` (the default) or
+    /// `json` (one JSON object per line, for log collectors).
+    pub format: LogFormat,
+}
+
+/// How the router writes its log lines (`log.format`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("log.format {other:?}: expected text or json")),
+        }
+    }
 }
 
 impl LogConfig {
@@ -387,11 +462,12 @@ impl Default for LogConfig {
             command_max_age_ms: 7 * 24 * 3600 * 1000,
             control_max_age_ms: 30 * 24 * 3600 * 1000,
             max_bytes: 0,
+            format: LogFormat::Text,
         }
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain; when unset a development CA under DATA_DIR/tls is used.
@@ -400,7 +476,7 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest frame accepted or sent (bytes after the 4-byte length prefix).
@@ -455,7 +531,7 @@ pub struct LimitsConfig {
 }
 
 /// `limits.max_payload_bytes`: the largest publish payload per class.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClassPayloadLimits {
     pub control: u32,
@@ -490,7 +566,7 @@ impl ClassPayloadLimits {
 }
 
 /// Outbound queue capacity per connection and class, in frames.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct QueueConfig {
     /// Replies on the session stream (Welcome, acks, errors).
@@ -617,6 +693,61 @@ impl Config {
             path: path.to_owned(),
             detail,
         })
+    }
+
+    /// The configuration from the embedded defaults, then `file` (TOML), then `vars` (pass
+    /// `std::env::vars()`): `SWARMBUS_<SECTION>__<KEY>` sets any key of any section
+    /// (`SWARMBUS_LOG__SEGMENT_BYTES=1048576`, `SWARMBUS_RATE_LIMITS__COMMAND__RATE_PER_S=5000`;
+    /// deeper tables take more `__`), its value read as a TOML value when it is one (a
+    /// number, `true`, `[...]`) and as a string otherwise; then the short names of
+    /// [`Config::apply_env`] (`SWARMBUS_LISTEN`, ...), which also set the top-level keys.
+    /// Not validated: see [`Config::validate`].
+    pub fn load(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, RouterError> {
+        let mut table = match file {
+            Some(path) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                // The file alone first, so that its own mistakes name it.
+                let file_error = |detail| RouterError::ConfigFile {
+                    path: path.to_owned(),
+                    detail,
+                };
+                Config::from_toml(&text).map_err(file_error)?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| file_error(e.to_string()))?
+            }
+            None => toml::Table::new(),
+        };
+        let mut short = Vec::new();
+        let mut nested = Vec::new();
+        for (key, value) in vars {
+            match key.strip_prefix("SWARMBUS_") {
+                Some(name) if name.contains("__") => {
+                    let path: Vec<String> = name.split("__").map(str::to_ascii_lowercase).collect();
+                    set_path(&mut table, &path, env_value(&value))
+                        .map_err(|detail| config_error(format!("{key}: {detail}")))?;
+                    nested.push(key);
+                }
+                _ => short.push((key, value)),
+            }
+        }
+        let mut config: Config = toml::Value::Table(table).try_into().map_err(|e| {
+            config_error(format!(
+                "the environment ({}): {e}",
+                if nested.is_empty() {
+                    "no SWARMBUS_*__* variable".to_owned()
+                } else {
+                    nested.join(", ")
+                }
+            ))
+        })?;
+        config.apply_env(short)?;
+        Ok(config)
     }
 
     /// Applies `SWARMBUS_*` overrides from `vars` (pass `std::env::vars()`).
@@ -894,6 +1025,71 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every leaf of `table` under `prefix`: its path and value (empty tables skipped).
+    fn leaves(table: &toml::Table, prefix: &[String], out: &mut Vec<(Vec<String>, toml::Value)>) {
+        for (key, value) in table {
+            let mut path = prefix.to_vec();
+            path.push(key.clone());
+            match value {
+                toml::Value::Table(inner) => leaves(inner, &path, out),
+                leaf => out.push((path, leaf.clone())),
+            }
+        }
+    }
+
+    /// The text an operator would put in a variable for `value`.
+    fn env_text(value: &toml::Value) -> String {
+        match value {
+            toml::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn every_key_can_be_set_from_the_environment() {
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
+        let mut all = Vec::new();
+        leaves(&defaults, &[], &mut all);
+        assert!(all.len() > 60, "only {} keys walked", all.len());
+        // Each key moved off its default where its type allows (numbers up, booleans
+        // flipped), set from its variable alone, lands where the file would put it.
+        let mut changed = defaults.clone();
+        let mut vars = Vec::new();
+        for (path, value) in &all {
+            let moved = match value {
+                toml::Value::Integer(n) => toml::Value::Integer(n + 1),
+                toml::Value::Float(x) => toml::Value::Float(x + 0.5),
+                toml::Value::Boolean(b) => toml::Value::Boolean(!b),
+                other => other.clone(),
+            };
+            set_path(&mut changed, path, moved.clone()).unwrap();
+            let name = match path.as_slice() {
+                // Top-level keys have short names.
+                [key] => format!("SWARMBUS_{}", key.to_ascii_uppercase()),
+                _ => format!("SWARMBUS_{}", path.join("__").to_ascii_uppercase()),
+            };
+            vars.push((name, env_text(&moved)));
+        }
+        let expected: Config = toml::Value::Table(changed).try_into().unwrap();
+        assert_ne!(expected, Config::default());
+        let from_env = Config::load(None, vars).unwrap();
+        assert_eq!(from_env, expected);
+        // The file is read first, the environment wins, and a typo names its variable.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("router.toml");
+        std::fs::write(&file, "shards = 3\n[log]\nsegment_bytes = 4096\n").unwrap();
+        let vars = [(
+            "SWARMBUS_LOG__SEGMENT_BYTES".to_string(),
+            "8192".to_string(),
+        )];
+        let both = Config::load(Some(&file), vars).unwrap();
+        assert_eq!((both.shards, both.log.segment_bytes), (3, 8192));
+        let typo = [("SWARMBUS_LOG__SEGMENT_BYTS".to_string(), "1".to_string())];
+        let error = Config::load(None, typo).unwrap_err().to_string();
+        assert!(error.contains("SWARMBUS_LOG__SEGMENT_BYTS"), "{error}");
+        assert!(error.contains("segment_byts"), "{error}");
+    }
 
     #[test]
     fn example_config_parses_to_the_defaults() {

@@ -387,3 +387,77 @@ async fn reload_signals_the_running_router_and_reports_the_outcome() {
     let stderr = String::from_utf8_lossy(&stale.stderr);
     assert!(stderr.contains("stale"), "{stderr}");
 }
+
+/// `--check-config` prints the effective configuration (defaults, file, environment, flags)
+/// and exits 0, or the error and 1; `--help` lists the environment variables.
+#[test]
+fn check_config_prints_the_effective_configuration_or_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("router.toml");
+    std::fs::write(&file, "shards = 3\n[log]\nsegment_bytes = 4096\n").unwrap();
+    let check = |env: &[(&str, &str)], extra: &[&str]| {
+        Command::new(ROUTER)
+            .args(["--config", file.to_str().unwrap(), "--check-config"])
+            .args(extra)
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let valid = check(
+        &[("SWARMBUS_LOG__SEGMENT_BYTES", "8192")],
+        &["--shards", "5"],
+    );
+    assert!(
+        valid.status.success(),
+        "{}",
+        String::from_utf8_lossy(&valid.stderr)
+    );
+    let printed: toml::Table = toml::from_str(&String::from_utf8_lossy(&valid.stdout)).unwrap();
+    assert_eq!(printed["shards"].as_integer(), Some(5), "the flag wins");
+    assert_eq!(
+        printed["log"]["segment_bytes"].as_integer(),
+        Some(8192),
+        "the environment wins over the file"
+    );
+    assert_eq!(printed["admin_listen"].as_str(), Some("127.0.0.1:9464"));
+    let typo = check(&[("SWARMBUS_LOG__SEGMENT_BYTS", "1")], &[]);
+    assert_eq!(typo.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert!(stderr.contains("SWARMBUS_LOG__SEGMENT_BYTS"), "{stderr}");
+    let invalid = check(&[("SWARMBUS_ADMIN_LISTEN", "0.0.0.0:9464")], &[]);
+    assert_eq!(invalid.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&invalid.stderr).contains("loopback"));
+    let help = Command::new(ROUTER).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for variable in [
+        "SWARMBUS_<SECTION>__<KEY>",
+        "SWARMBUS_LOG ",
+        "SWARMBUS_ADMIN_LISTEN",
+    ] {
+        assert!(help.contains(variable), "{variable} in --help");
+    }
+}
+
+/// `log.format = "json"`: one JSON object per log line on stderr.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(ROUTER)
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .env("SWARMBUS_LOG", "info")
+        .env("SWARMBUS_LOG__FORMAT", "json")
+        .env("SWARMBUS_ADMIN_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let running = Running(child);
+    let mut first = String::new();
+    BufReader::new(stderr).read_line(&mut first).unwrap();
+    drop(running);
+    let line: serde_json::Value = serde_json::from_str(&first).expect("a JSON log line");
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert!(line["fields"]["message"].is_string(), "{line}");
+}

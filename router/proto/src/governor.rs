@@ -22,10 +22,10 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// `[governor]` in the router's configuration.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GovernorConfig {
     /// Off: bulk intake is bounded by `rate_limits.router_telemetry_per_s` (telemetry) only.

@@ -6,11 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use swarmbus_schema::Class;
 
 /// A rate: `rate_per_s` tokens per second, at most `burst` saved up.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Rate {
     pub rate_per_s: f64,
@@ -94,7 +94,7 @@ impl ClassBuckets {
 }
 
 /// Circuit breaker settings.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
     /// Refused or failed publishes within `window_ms` that open the breaker.

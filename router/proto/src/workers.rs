@@ -20,7 +20,7 @@ use crate::conn::Handle;
 use crate::time::Now;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use swarmbus_affinity::{
     hash::key_hash, AffinityError, Fleet, Gpus, Health, Move, NodeId, NodeSpec, PinOutcome,
     PlacementConfig, SessionConfig, SessionTable, Zone,
@@ -35,7 +35,7 @@ use crate::conn::ConnId;
 pub const PINS_SWARM: &str = "$affinity";
 
 /// `[affinity]`: placement and request settings.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AffinityConfig {
     /// No node takes more than ceil((1 + epsilon) x its weighted share) of the sessions.

@@ -16,7 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// With no arguments it listens on 127.0.0.1:4433 with data in ./swarmbus-data and a
 /// development CA (clients trust ./swarmbus-data/tls/ca.pem).
 #[derive(Debug, Parser)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(version, args_conflicts_with_subcommands = true, after_help = ENVIRONMENT)]
 struct Args {
     #[command(subcommand)]
     command: Option<Command>,
@@ -40,7 +40,26 @@ struct Args {
     /// Routing shards (0 = one per core).
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
+    /// Validates the configuration (defaults, file, environment, flags), prints the
+    /// effective configuration as TOML and exits: 0 when valid, 1 with the error otherwise.
+    #[arg(long)]
+    check_config: bool,
 }
+
+/// The environment variables the router reads (`--help` lists them).
+const ENVIRONMENT: &str = "\
+Environment (each wins over the file; flags win over both):
+  SWARMBUS_<SECTION>__<KEY>   any key of any section, e.g. SWARMBUS_LOG__SEGMENT_BYTES=1048576,
+                              SWARMBUS_RATE_LIMITS__COMMAND__RATE_PER_S=5000 (a TOML value, or text)
+  SWARMBUS_LISTEN, SWARMBUS_BULK_LISTEN, SWARMBUS_ADMIN_LISTEN, SWARMBUS_DATA_DIR,
+  SWARMBUS_ROUTER_NAME, SWARMBUS_SHARDS                  the top-level keys
+  SWARMBUS_TLS_CERT, SWARMBUS_TLS_KEY                     tls.cert, tls.key
+  SWARMBUS_AUTH_MODE                                      auth.mode
+  SWARMBUS_MAX_FRAME_BYTES, SWARMBUS_MAX_CONNECTIONS      limits.max_frame_bytes, limits.max_connections
+  SWARMBUS_LOG_SYNC, SWARMBUS_LOG_WRITER                  log.sync, log.writer
+  SWARMBUS_BULK_THREADS, SWARMBUS_BULK_PRIORITY           runtime.bulk_threads, runtime.bulk_priority
+  SWARMBUS_LOG                the log filter (tracing), e.g. debug or swarmbus_router::shard=debug,info
+An unknown SWARMBUS_ variable is an error. See docs/configuration.md.";
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
@@ -164,11 +183,7 @@ fn issue_credential(creds: Creds) -> anyhow::Result<()> {
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
-    config.apply_env(std::env::vars())?;
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
@@ -311,15 +326,24 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+/// Logs to stderr, as `format` says, filtered by `SWARMBUS_LOG` (`info` by default).
+fn init_logging(format: swarmbus_router::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SWARMBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SWARMBUS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match format {
+        swarmbus_router::config::LogFormat::Text => logs.init(),
+        swarmbus_router::config::LogFormat::Json => logs.json().init(),
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    if args.command.is_some() {
+        init_logging(swarmbus_router::config::LogFormat::Text);
+    }
     match args.command.take() {
         Some(Command::Creds(creds)) => return issue_credential(creds),
         Some(Command::Reload {
@@ -342,6 +366,24 @@ async fn run() -> anyhow::Result<()> {
         None => {}
     }
     let config = load_config(&args)?;
+    if args.check_config {
+        config.validate()?;
+        // The files auth names too (keys, revocations, policy, client CA and CRLs); the
+        // development key is checked only once the router made it.
+        let auth = &config.auth;
+        let dev_key = swarmbus_router::auth::dev_key_paths(&config.data_dir).1;
+        if auth.mode == swarmbus_router::auth::AuthMode::Required
+            && (!auth.trusted_keys.is_empty() || dev_key.exists())
+        {
+            swarmbus_router::auth::Authenticator::start(auth, &config.data_dir, false)?;
+        }
+        print!(
+            "{}",
+            toml::to_string(&config).context("printing the configuration")?
+        );
+        return Ok(());
+    }
+    init_logging(config.log.format);
     let data_dir = config.data_dir.clone();
     let router = Router::start(config).await.context("starting the router")?;
     let mut hangups = Hangups::register();

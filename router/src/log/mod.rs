@@ -30,8 +30,8 @@ pub use writer::{LogEvent, LogWriter, WriterKind};
 
 /// When appends are made durable. A publisher's command is acknowledged once it is durable
 /// under this policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum SyncPolicy {
     /// fdatasync before acknowledging, one sync per file per group commit (default).
     Always,
@@ -53,6 +53,16 @@ impl std::str::FromStr for SyncPolicy {
                     "log.sync {other:?}: expected always, interval_ms:N (N > 0) or never_danger"
                 )),
             },
+        }
+    }
+}
+
+impl From<SyncPolicy> for String {
+    fn from(value: SyncPolicy) -> String {
+        match value {
+            SyncPolicy::Always => "always".into(),
+            SyncPolicy::IntervalMs(ms) => format!("interval_ms:{ms}"),
+            SyncPolicy::NeverDanger => "never_danger".into(),
         }
     }
 }

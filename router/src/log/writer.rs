@@ -78,7 +78,7 @@ pub enum LogEvent {
 }
 
 /// Which backend to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WriterKind {
     /// io_uring when available, else plain file I/O.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use swarmbus_schema::{LeaseGrant, Member, Role};
 
 use crate::conn::ConnId;
@@ -23,7 +23,7 @@ use crate::record_key;
 pub const CONTROL_SWARM: &str = "$control";
 
 /// `[presence]`: heartbeats and leases.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct PresenceConfig {
     /// How often clients send a heartbeat (announced in Welcome).

@@ -42,7 +42,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use swarmbus_affinity::hash::key_hash;
 use swarmbus_schema::{
     encode, DeadLetter, DeadLetters, ErrorCode, JobId, JobLease, JobProgress, JobResult, JobState,
@@ -79,7 +79,7 @@ pub fn log_swarm(swarm: &str) -> String {
 }
 
 /// `[jobs]`: the job queue's settings.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobsConfig {
     /// Jobs the router holds per swarm (queued, running, waiting to retry, dead-lettered,
