@@ -1092,6 +1092,19 @@ mod tests {
     }
 
     #[test]
+    fn the_production_sample_is_a_valid_configuration() {
+        let text = include_str!("../../deploy/router.production.toml");
+        let config = Config::from_toml(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.auth.mode, crate::auth::AuthMode::Required);
+        assert!(config.tls.cert.is_some() && config.auth.client_ca.is_some());
+        assert_eq!(
+            config.admin_listen,
+            AdminListen::At("127.0.0.1:9464".parse().unwrap())
+        );
+    }
+
+    #[test]
     fn example_config_parses_to_the_defaults() {
         let text = include_str!("../swarmbus.example.toml");
         assert_eq!(Config::from_toml(text).unwrap(), Config::default());

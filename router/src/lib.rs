@@ -24,6 +24,7 @@ pub mod host_cpu;
 pub mod intake;
 pub mod log;
 pub mod metrics;
+pub mod notify;
 pub mod outbox;
 pub mod partial_frames;
 pub mod reload;

@@ -461,3 +461,40 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(line["level"], "INFO", "{line}");
     assert!(line["fields"]["message"].is_string(), "{line}");
 }
+
+/// Under systemd (`Type=notify`, `NOTIFY_SOCKET`), the router says READY=1 once it serves
+/// and STOPPING=1 when it stops.
+#[cfg(unix)]
+#[test]
+fn the_service_manager_hears_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let data = dir.path().join("data");
+    let (router, _line) = start_with(
+        dir.path(),
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+        &[("NOTIFY_SOCKET", socket_path.to_str().unwrap())],
+    );
+    let mut buffer = [0u8; 256];
+    let received = |buffer: &mut [u8]| {
+        let n = socket.recv(buffer).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    assert_eq!(received(&mut buffer), "READY=1");
+    let status = Command::new("kill")
+        .args(["-TERM", &router.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(received(&mut buffer), "STOPPING=1");
+}

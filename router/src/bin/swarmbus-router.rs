@@ -420,6 +420,7 @@ async fn run() -> anyhow::Result<()> {
         )?;
         stdout.flush()?;
     }
+    swarmbus_router::notify::notify("READY=1");
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let mut reloads = 0;
@@ -428,11 +429,14 @@ async fn run() -> anyhow::Result<()> {
             () = &mut shutdown => break,
             () = hangups.next() => {
                 reloads += 1;
+                swarmbus_router::notify::notify("RELOADING=1");
                 reload(&router, &data_dir, reloads);
+                swarmbus_router::notify::notify("READY=1");
             }
         }
     }
     tracing::info!("shutting down");
+    swarmbus_router::notify::notify("STOPPING=1");
     // Held until the process exits: /readyz says "shutting down" to the end.
     let _stopped = router.shutdown().await;
     Ok(())
