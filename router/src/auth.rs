@@ -732,6 +732,28 @@ impl Authenticator {
         }))
     }
 
+    /// Reads every file `config` names (trusted keys, revocations, policy, client CA and
+    /// CRLs) as a start would, and never makes a development key (`--check-config`; one
+    /// not made yet is made at the first start).
+    pub fn check_files(config: &AuthConfig, data_dir: &Path) -> Result<(), RouterError> {
+        if config.mode == AuthMode::None {
+            return Ok(());
+        }
+        if !config.trusted_keys.is_empty() || dev_key_paths(data_dir).1.exists() {
+            return Authenticator::start(config, data_dir, false).map(drop);
+        }
+        if let Some(path) = &config.revocations {
+            Revocations::load(path)?;
+        }
+        if let Some(path) = &config.policy {
+            Policy::load(path)?;
+        }
+        if let Some(ca) = &config.client_ca {
+            crate::tls::client_verifier(ca, &config.client_crls)?;
+        }
+        Ok(())
+    }
+
     /// The verifier of client certificates for the TLS handshake, when `auth.client_ca` is
     /// set.
     pub fn client_verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {

@@ -706,7 +706,7 @@ impl Config {
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, RouterError> {
-        let mut table = match file {
+        let base = match file {
             Some(path) => {
                 let text =
                     std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
@@ -714,15 +714,17 @@ impl Config {
                         source,
                     })?;
                 // The file alone first, so that its own mistakes name it.
-                let file_error = |detail| RouterError::ConfigFile {
+                Config::from_toml(&text).map_err(|detail| RouterError::ConfigFile {
                     path: path.to_owned(),
                     detail,
-                };
-                Config::from_toml(&text).map_err(file_error)?;
-                toml::from_str::<toml::Table>(&text).map_err(|e| file_error(e.to_string()))?
+                })?
             }
-            None => toml::Table::new(),
+            None => Config::default(),
         };
+        // Every key present (the defaults filled in), so that a variable sets one key of a
+        // table and the table's other keys keep their values.
+        let mut table = toml::Table::try_from(&base)
+            .map_err(|e| config_error(format!("the configuration as a table: {e}")))?;
         let mut short = Vec::new();
         let mut nested = Vec::new();
         for (key, value) in vars {
@@ -1052,29 +1054,67 @@ mod tests {
         let mut all = Vec::new();
         leaves(&defaults, &[], &mut all);
         assert!(all.len() > 60, "only {} keys walked", all.len());
-        // Each key moved off its default where its type allows (numbers up, booleans
-        // flipped), set from its variable alone, lands where the file would put it.
-        let mut changed = defaults.clone();
-        let mut vars = Vec::new();
+        // Each key, moved off its default (numbers up, booleans flipped, texts to another
+        // value their key takes), set from its own variable alone, lands where the file
+        // would put it, and nothing else moves.
+        let strings = [
+            "off",
+            "shared",
+            "never_danger",
+            "json",
+            "required",
+            "file",
+            "/tmp/x",
+        ];
+        let mut moved_keys = 0;
         for (path, value) in &all {
-            let moved = match value {
-                toml::Value::Integer(n) => toml::Value::Integer(n + 1),
-                toml::Value::Float(x) => toml::Value::Float(x + 0.5),
-                toml::Value::Boolean(b) => toml::Value::Boolean(!b),
-                other => other.clone(),
+            let candidates: Vec<toml::Value> = match value {
+                toml::Value::Integer(n) => vec![toml::Value::Integer(n + 1)],
+                toml::Value::Float(x) => vec![toml::Value::Float(x + 0.5)],
+                toml::Value::Boolean(b) => vec![toml::Value::Boolean(!b)],
+                toml::Value::String(_) => strings
+                    .iter()
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+                other => vec![other.clone()],
             };
-            set_path(&mut changed, path, moved.clone()).unwrap();
+            let expected = candidates.into_iter().find_map(|moved| {
+                let mut changed = defaults.clone();
+                set_path(&mut changed, path, moved.clone()).unwrap();
+                let config: Config = toml::Value::Table(changed).try_into().ok()?;
+                (config != Config::default()).then_some((moved, config))
+            });
+            let (moved, expected) = match expected {
+                Some(found) => found,
+                // A text no candidate fits (a prefix, a name): set to its default.
+                None => (value.clone(), Config::default()),
+            };
+            moved_keys += usize::from(expected != Config::default());
             let name = match path.as_slice() {
                 // Top-level keys have short names.
                 [key] => format!("SWARMBUS_{}", key.to_ascii_uppercase()),
                 _ => format!("SWARMBUS_{}", path.join("__").to_ascii_uppercase()),
             };
-            vars.push((name, env_text(&moved)));
+            let from_env = Config::load(None, [(name.clone(), env_text(&moved))])
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(from_env, expected, "{name}");
         }
-        let expected: Config = toml::Value::Table(changed).try_into().unwrap();
-        assert_ne!(expected, Config::default());
-        let from_env = Config::load(None, vars).unwrap();
-        assert_eq!(from_env, expected);
+        assert!(
+            moved_keys + 5 > all.len(),
+            "{moved_keys} of {} keys moved",
+            all.len()
+        );
+        // The documented example: one key of a table, the table's others kept.
+        let vars = [(
+            "SWARMBUS_RATE_LIMITS__COMMAND__RATE_PER_S".to_string(),
+            "5000".to_string(),
+        )];
+        let rates = Config::load(None, vars).unwrap().rate_limits;
+        assert_eq!(rates.command.rate_per_s, 5000.0);
+        assert_eq!(
+            rates.command.burst,
+            Config::default().rate_limits.command.burst
+        );
         // The file is read first, the environment wins, and a typo names its variable.
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("router.toml");

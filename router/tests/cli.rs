@@ -399,6 +399,8 @@ fn check_config_prints_the_effective_configuration_or_the_error() {
         Command::new(ROUTER)
             .args(["--config", file.to_str().unwrap(), "--check-config"])
             .args(extra)
+            // Only the variables of the case: none of the caller's SWARMBUS_*.
+            .env_clear()
             .envs(env.iter().copied())
             .output()
             .unwrap()
@@ -424,6 +426,16 @@ fn check_config_prints_the_effective_configuration_or_the_error() {
     assert_eq!(typo.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&typo.stderr);
     assert!(stderr.contains("SWARMBUS_LOG__SEGMENT_BYTS"), "{stderr}");
+    // A file the configuration names, checked before any key was ever made.
+    let no_ca = check(
+        &[
+            ("SWARMBUS_AUTH_MODE", "required"),
+            ("SWARMBUS_AUTH__CLIENT_CA", "/nonexistent/client-ca.pem"),
+        ],
+        &["--data-dir", dir.path().join("fresh").to_str().unwrap()],
+    );
+    assert_eq!(no_ca.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("client-ca.pem"));
     let invalid = check(&[("SWARMBUS_ADMIN_LISTEN", "0.0.0.0:9464")], &[]);
     assert_eq!(invalid.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&invalid.stderr).contains("loopback"));

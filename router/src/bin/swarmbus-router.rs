@@ -368,15 +368,11 @@ async fn run() -> anyhow::Result<()> {
     let config = load_config(&args)?;
     if args.check_config {
         config.validate()?;
-        // The files auth names too (keys, revocations, policy, client CA and CRLs); the
-        // development key is checked only once the router made it.
-        let auth = &config.auth;
-        let dev_key = swarmbus_router::auth::dev_key_paths(&config.data_dir).1;
-        if auth.mode == swarmbus_router::auth::AuthMode::Required
-            && (!auth.trusted_keys.is_empty() || dev_key.exists())
-        {
-            swarmbus_router::auth::Authenticator::start(auth, &config.data_dir, false)?;
+        // The files it names too: the server certificate and key, and those of [auth].
+        if let (Some(cert), Some(key)) = (&config.tls.cert, &config.tls.key) {
+            swarmbus_router::tls::ServerIdentity::load(cert, key)?;
         }
+        swarmbus_router::auth::Authenticator::check_files(&config.auth, &config.data_dir)?;
         print!(
             "{}",
             toml::to_string(&config).context("printing the configuration")?

@@ -27,6 +27,9 @@ pub(super) enum Phase {
 pub(super) struct AdminState {
     phase: AtomicU8,
     context: OnceLock<Arc<Context>>,
+    /// Each shard's histograms as last answered: a shard that misses a scrape's deadline
+    /// is reported as it was, so that no histogram ever goes down.
+    last: tokio::sync::Mutex<Vec<Option<crate::shard::ShardMetrics>>>,
 }
 
 impl AdminState {
@@ -34,6 +37,7 @@ impl AdminState {
         Arc::new(AdminState {
             phase: AtomicU8::new(Phase::Starting as u8),
             context: OnceLock::new(),
+            last: tokio::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -91,8 +95,15 @@ async fn serve_admin(listener: tokio::net::TcpListener, state: Arc<AdminState>) 
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, most likely: try again a little later, not in a loop.
+                tracing::warn!(%error, "the admin listener failed to accept");
+                drop(permit);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
@@ -148,7 +159,7 @@ async fn answer(
         },
         "/metrics" => match state.context.get() {
             Some(context) => {
-                let scrape = scrape(context, state.not_ready().is_none()).await;
+                let scrape = scrape(state, context).await;
                 text(
                     StatusCode::OK,
                     crate::metrics::CONTENT_TYPE,
@@ -169,23 +180,39 @@ async fn answer(
     }
 }
 
-/// Reads the counters and asks every shard for its histograms.
-async fn scrape(context: &Context, ready: bool) -> crate::metrics::Scrape {
-    let mut durable_lag_us = std::array::from_fn(|_| swarmbus_proto::core::lag_histogram());
-    for shard in context.shards.iter().chain(&context.job_shards) {
-        let (reply, answer) = oneshot::channel();
-        if shard.send(ShardCommand::Metrics { reply }).await.is_err() {
-            continue;
+/// How long a scrape waits for the shards, all together.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Reads the counters and asks every shard for its histograms, within one deadline (a busy
+/// shard's channel can be full): a shard that does not answer in time is reported as it
+/// last answered. One scrape at a time.
+async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape {
+    let shards: Vec<&ShardSender> = context.shards.iter().chain(&context.job_shards).collect();
+    let mut last = state.last.lock().await;
+    last.resize(shards.len(), None);
+    let mut fresh: Vec<Option<crate::shard::ShardMetrics>> = vec![None; shards.len()];
+    let ask = async {
+        for (i, shard) in shards.iter().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            if shard.send(ShardCommand::Metrics { reply }).await.is_ok() {
+                fresh[i] = answer.await.ok();
+            }
         }
-        // A shard that does not answer within a second is left out of this scrape.
-        if let Ok(Ok(metrics)) = tokio::time::timeout(Duration::from_secs(1), answer).await {
+    };
+    let _ = tokio::time::timeout(SCRAPE_DEADLINE, ask).await;
+    let mut durable_lag_us = std::array::from_fn(|_| swarmbus_proto::core::lag_histogram());
+    for (kept, fresh) in last.iter_mut().zip(fresh) {
+        if fresh.is_some() {
+            *kept = fresh;
+        }
+        if let Some(metrics) = kept {
             crate::metrics::merge(&mut durable_lag_us, &metrics.durable_lag_us);
         }
     }
     crate::metrics::Scrape {
         stats: context.stats.clone(),
         durable_lag_us,
-        ready,
+        ready: state.not_ready().is_none(),
     }
 }
 

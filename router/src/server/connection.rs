@@ -219,6 +219,20 @@ pub(super) async fn lane_writer(
     }
 }
 
+impl SessionCount {
+    fn new(stats: &Arc<Stats>, role: Role) -> SessionCount {
+        let role = crate::stats::role_index(role);
+        stats.sessions_by_role[role].fetch_add(1, Ordering::Relaxed);
+        SessionCount(stats.clone(), role)
+    }
+}
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.sessions_by_role[self.1].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -298,8 +312,8 @@ pub(super) async fn run_connection(
         context.attachments().remove(&conn.0);
         return;
     }
-    let role = crate::stats::role_index(session.role);
-    stats.sessions_by_role[role].fetch_add(1, Ordering::Relaxed);
+    // Counted until this function returns, whichever way it does.
+    let _role = SessionCount::new(&stats, session.role);
     let uni_task = tokio::spawn(
         accept_publish_streams(
             connection.clone(),
@@ -338,7 +352,6 @@ pub(super) async fn run_connection(
     if let BulkPath::Attached(bulk) = &*bulk.path.borrow() {
         bulk.close(VarInt::from_u32(0), b"session ended");
     }
-    stats.sessions_by_role[role].fetch_sub(1, Ordering::Relaxed);
     leave(conn, &session, &context).await;
     for writer in writers {
         writer.abort();

@@ -348,5 +348,8 @@ pub const MAX_METADATA_BYTES: usize = 1024;
 /// Counts a connection in `connections_open` while it lives.
 struct OpenConnection(Arc<Stats>);
 
+/// Counts a session in `sessions_by_role` (by role index) while it lives.
+struct SessionCount(Arc<Stats>, usize);
+
 /// What [`read_job_records`] returns.
 type JobLogs = (Vec<JobRecord>, HashMap<swarmbus_schema::JobId, OpId>);

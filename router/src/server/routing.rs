@@ -38,6 +38,7 @@ impl Session {
                 agent: self.agent.clone(),
                 outbox: self.outbox.clone(),
                 publish,
+                received: std::time::Instant::now(),
             },
         )
         .await;

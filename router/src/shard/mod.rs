@@ -72,6 +72,8 @@ pub enum ShardCommand {
         agent: Arc<str>,
         outbox: Arc<Outbox>,
         publish: Publish,
+        /// When the session read it: its event lag counts the wait for the shard too.
+        received: std::time::Instant,
     },
     Ack {
         outbox: Arc<Outbox>,
@@ -252,6 +254,7 @@ impl ShardSender {
             agent,
             outbox,
             publish,
+            ..
         } = &command
         {
             if publish.class == Class::Telemetry {
@@ -581,7 +584,7 @@ impl Shard {
             .handle_publish(router, self.internal.clone(), &publish, now)
         {
             Ok(outcome) => {
-                self.stats.published_by_class[Class::Control.index()]
+                self.stats.published_by_class[publish.class.index()]
                     .fetch_add(1, Ordering::Relaxed);
                 match reply {
                     Some(reply) if outcome.awaiting_durability => {
@@ -767,7 +770,17 @@ impl Shard {
                 agent,
                 outbox,
                 publish,
-            } => match core.handle_publish(&agent, outbox.clone(), &publish, now) {
+                received,
+            } => match core.handle_publish(
+                &agent,
+                outbox.clone(),
+                &publish,
+                // The batch's time, or the read's when earlier: the lag starts there.
+                swarmbus_proto::time::Now {
+                    instant: received.min(now.instant),
+                    ..now
+                },
+            ) {
                 Ok(outcome) => {
                     self.stats.published_by_class[publish.class.index()]
                         .fetch_add(1, Ordering::Relaxed);
