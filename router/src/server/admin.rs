@@ -172,11 +172,285 @@ async fn answer(
                 "starting: metrics are served once the event log is recovered\n".into(),
             ),
         },
+        path if path.starts_with("/v1/") => match state.context.get() {
+            Some(context) => view(context, &request, path).await,
+            None => json_error(StatusCode::SERVICE_UNAVAILABLE, "starting"),
+        },
         other => text(
             StatusCode::NOT_FOUND,
             PLAIN,
-            format!("no {other:?}: the admin listener serves /metrics, /healthz and /readyz\n"),
+            format!(
+                "no {other:?}: the admin listener serves /metrics, /healthz, /readyz and the \
+                 JSON views under /v1/ (swarms, presence, leases, jobs, dead-letters)\n"
+            ),
         ),
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    text(status, "application/json", format!("{value}\n"))
+}
+
+fn json_error(status: StatusCode, error: &str) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": error }))
+}
+
+/// The query's parameters, percent-decoded. Hand-written: a few lines, and the views take
+/// only names and numbers (a malformed escape is kept as it is).
+fn query(request: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
+    let decode = |text: &str| {
+        let bytes = text.as_bytes();
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let hex = || std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok();
+            match (bytes[i], hex().and_then(|h| u8::from_str_radix(h, 16).ok())) {
+                (b'%', Some(byte)) => {
+                    out.push(byte);
+                    i += 3;
+                }
+                (b'+', _) => {
+                    out.push(b' ');
+                    i += 1;
+                }
+                (byte, _) => {
+                    out.push(byte);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    request
+        .uri()
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(key), decode(value))
+        })
+        .collect()
+}
+
+/// Items a page holds unless `limit` says fewer, and at most.
+const PAGE_DEFAULT: usize = 100;
+const PAGE_MAX: usize = 1000;
+
+/// Who may read the views: anyone on loopback without credentials (`auth.mode = "none"`);
+/// with them, a bearer credential granting `admin` on every swarm (`"*"`). Boxed: the
+/// refusal is the large side.
+fn admitted(
+    context: &Context,
+    request: &Request<hyper::body::Incoming>,
+) -> Result<(), Box<Response<Full<Bytes>>>> {
+    let Some(auth) = context.authenticator() else {
+        return Ok(());
+    };
+    let token = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    let Some(token) = token else {
+        let mut response = json_error(
+            StatusCode::UNAUTHORIZED,
+            "this router requires credentials: send Authorization: Bearer CREDENTIAL (admin on \"*\")",
+        );
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return Err(Box::new(response));
+    };
+    let identity = auth
+        .verify(token.trim())
+        .map_err(|refusal| Box::new(json_error(StatusCode::UNAUTHORIZED, &refusal.reason)))?;
+    let admin = identity
+        .grants
+        .get("*")
+        .is_some_and(|role| *role == crate::auth::GrantRole::Admin);
+    if !admin {
+        return Err(Box::new(json_error(
+            StatusCode::FORBIDDEN,
+            &format!(
+                "the credential of {:?} does not grant admin on \"*\"",
+                identity.agent
+            ),
+        )));
+    }
+    Ok(())
+}
+
+/// A page of `items` (sorted by `key`) after `after`, at most `limit`, and the key to ask
+/// the next page with.
+fn page<T: serde::Serialize>(
+    mut items: Vec<T>,
+    key: impl Fn(&T) -> String,
+    params: &HashMap<String, String>,
+) -> serde_json::Value {
+    items.sort_by_key(|item| key(item));
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(PAGE_DEFAULT)
+        .clamp(1, PAGE_MAX);
+    let after = params.get("after").cloned().unwrap_or_default();
+    let start = items.partition_point(|item| key(item) <= after);
+    let rest = items.len() - start;
+    let page: Vec<&T> = items[start..].iter().take(limit).collect();
+    let next = (rest > limit)
+        .then(|| page.last().map(|item| key(item)))
+        .flatten();
+    serde_json::json!({ "items": page, "next": next })
+}
+
+/// The JSON views: `/v1/swarms`, `/v1/presence?swarm=S`, `/v1/leases`, `/v1/jobs`,
+/// `/v1/dead-letters?swarm=S`; paged ones take `after` and `limit` and answer
+/// `{"items": [...], "next": KEY or null}`.
+async fn view(
+    context: &Context,
+    request: &Request<hyper::body::Incoming>,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    if let Err(refused) = admitted(context, request) {
+        return *refused;
+    }
+    let params = query(request);
+    let swarm_param = || params.get("swarm").filter(|s| !s.is_empty()).cloned();
+    match path {
+        "/v1/swarms" => {
+            let mut swarms = Vec::new();
+            for shard in context.shards.iter().chain(&context.job_shards) {
+                let (reply, answer) = oneshot::channel();
+                let asked = async {
+                    shard.send(ShardCommand::Swarms { reply }).await.ok()?;
+                    answer.await.ok()
+                };
+                match tokio::time::timeout(SCRAPE_DEADLINE, asked).await {
+                    Ok(Some(part)) => swarms.extend(part),
+                    _ => {
+                        return json_error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "a shard did not answer in time",
+                        )
+                    }
+                }
+            }
+            let members = {
+                let control = context.control();
+                swarms
+                    .iter()
+                    .map(|s| {
+                        (
+                            s.name.clone(),
+                            control.presence.list(&s.name, usize::MAX).len(),
+                        )
+                    })
+                    .collect::<HashMap<_, _>>()
+            };
+            let views: Vec<serde_json::Value> = swarms
+                .into_iter()
+                .map(|s| {
+                    let subscribers: serde_json::Map<String, serde_json::Value> = Class::ALL
+                        .iter()
+                        .map(|c| (c.name().to_owned(), s.subscribers[c.index()].into()))
+                        .collect();
+                    serde_json::json!({
+                        "name": s.name,
+                        "epoch": s.epoch,
+                        "last_op": s.last_op,
+                        "durable_op": s.durable_op,
+                        "members": members.get(&s.name).copied().unwrap_or(0),
+                        "subscribers": subscribers,
+                        "paused": s.paused,
+                        "unavailable": s.unavailable,
+                    })
+                })
+                .collect();
+            let key = |v: &serde_json::Value| v["name"].as_str().unwrap_or_default().to_owned();
+            json(StatusCode::OK, &page(views, key, &params))
+        }
+        "/v1/presence" => {
+            let Some(swarm) = swarm_param() else {
+                return json_error(StatusCode::BAD_REQUEST, "presence needs ?swarm=NAME");
+            };
+            let members: Vec<serde_json::Value> = context
+                .control()
+                .presence
+                .list(&swarm, usize::MAX)
+                .into_iter()
+                .map(|m| {
+                    serde_json::json!({
+                        "agent": m.agent,
+                        "role": m.role.name(),
+                        "last_seen_ms": m.last_seen_ms,
+                        "metadata": m.metadata,
+                    })
+                })
+                .collect();
+            let key = |v: &serde_json::Value| v["agent"].as_str().unwrap_or_default().to_owned();
+            json(StatusCode::OK, &page(members, key, &params))
+        }
+        "/v1/leases" => {
+            let now_ms = context.clock.now_ms();
+            let holdings = context.control().leases.holdings(now_ms);
+            let key = |h: &swarmbus_proto::control::Holding| format!("{}\u{0}{}", h.swarm, h.name);
+            json(StatusCode::OK, &page(holdings, key, &params))
+        }
+        "/v1/jobs" => {
+            let counts = context.jobs().counts();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "jobs": counts.jobs,
+                    "queued": counts.queued,
+                    "running": counts.running,
+                    "dead_lettered": counts.dead_lettered,
+                    "pending_results": counts.pending_results,
+                    "leases": counts.leases,
+                }),
+            )
+        }
+        "/v1/dead-letters" => {
+            let Some(swarm) = swarm_param() else {
+                return json_error(StatusCode::BAD_REQUEST, "dead-letters needs ?swarm=NAME");
+            };
+            let after = params
+                .get("after")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0);
+            let limit = params
+                .get("limit")
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(PAGE_DEFAULT)
+                .clamp(1, PAGE_MAX) as u32;
+            let letters = context
+                .jobs()
+                .dead_letters(&swarm, swarmbus_schema::JobId(after), limit);
+            let items: Vec<serde_json::Value> = letters
+                .jobs
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "job_id": d.job_id.0,
+                        "attempts": d.attempts,
+                        "idempotency_key": d.idempotency_key,
+                        "reason": d.reason,
+                    })
+                })
+                .collect();
+            let next = letters
+                .more
+                .then(|| letters.jobs.last().map(|d| d.job_id.0.to_string()))
+                .flatten();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "items": items, "next": next }),
+            )
+        }
+        other => json_error(StatusCode::NOT_FOUND, &format!("no view {other:?}")),
     }
 }
 

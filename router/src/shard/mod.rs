@@ -95,6 +95,10 @@ pub enum ShardCommand {
     Metrics {
         reply: tokio::sync::oneshot::Sender<ShardMetrics>,
     },
+    /// A summary of each of the shard's swarms, for the admin view.
+    Swarms {
+        reply: tokio::sync::oneshot::Sender<Vec<swarmbus_proto::core::SwarmSummary>>,
+    },
     /// Reads back the record of op `op` of `swarm` (a job's payload kept on disk only):
     /// its Deliver frame, with its length prefix; or why not, and whether to ask again (a
     /// compaction removed the file the read was planned on).
@@ -803,6 +807,9 @@ impl Shard {
                 }
             },
             ShardCommand::RouterPublish(publish) => self.router_publish(publish, now),
+            ShardCommand::Swarms { reply } => {
+                let _ = reply.send(self.core.swarm_summaries());
+            }
             ShardCommand::Metrics { reply } => {
                 let _ = reply.send(ShardMetrics {
                     durable_lag_us: self.core.durable_lag().clone(),

@@ -281,6 +281,18 @@ pub enum StampRefusal {
     NotHeld { newest_token: u64 },
 }
 
+/// A lease held now, as the admin view shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Holding {
+    pub swarm: String,
+    pub name: String,
+    pub holder: String,
+    /// Its fencing token.
+    pub token: u64,
+    /// Router clock, Unix ms.
+    pub expires_at_ms: u64,
+}
+
 /// Named leases per swarm. At most one holder at a time (by the router's clock); every
 /// grant to a new holder takes a token larger than any granted before.
 #[derive(Debug, Default)]
@@ -367,6 +379,24 @@ impl Leases {
             self.end(key);
         }
         expired.len()
+    }
+
+    /// The holdings in force at `now_ms`, by swarm and lease name (the admin view).
+    pub fn holdings(&self, now_ms: u64) -> Vec<Holding> {
+        let mut holdings: Vec<Holding> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.expires_at_ms > now_ms)
+            .map(|((swarm, name), held)| Holding {
+                swarm: swarm.clone(),
+                name: name.clone(),
+                holder: held.holder.to_string(),
+                token: held.token,
+                expires_at_ms: held.expires_at_ms,
+            })
+            .collect();
+        holdings.sort_by(|a, b| (&a.swarm, &a.name).cmp(&(&b.swarm, &b.name)));
+        holdings
     }
 
     /// Leases known (each keeps its newest token), and holdings not yet swept.

@@ -291,6 +291,21 @@ pub struct Core<H> {
     durable_lag: [LagHistogram; 5],
 }
 
+/// One swarm as the admin view shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwarmSummary {
+    pub name: String,
+    pub epoch: u64,
+    /// The last op id given out, and the last durable one.
+    pub last_op: u64,
+    pub durable_op: u64,
+    /// Subscribers (connections) per class, by [`Class::index`].
+    pub subscribers: [usize; 5],
+    pub paused: bool,
+    /// Why its log is unavailable, when it is.
+    pub unavailable: Option<String>,
+}
+
 /// Microseconds from 1 µs to 10 minutes, two significant digits (about 30 KiB).
 pub type LagHistogram = hdrhistogram::Histogram<u64>;
 
@@ -320,6 +335,22 @@ impl<H: Clone> Core<H> {
             telemetry_changed: HashSet::new(),
             durable_lag: std::array::from_fn(|_| lag_histogram()),
         }
+    }
+
+    /// A summary of every swarm of this core (the admin view), in no order.
+    pub fn swarm_summaries(&self) -> Vec<SwarmSummary> {
+        self.swarms
+            .values()
+            .map(|swarm| SwarmSummary {
+                name: swarm.name.to_string(),
+                epoch: swarm.epoch.0,
+                last_op: swarm.next_op.saturating_sub(1),
+                durable_op: swarm.durable_op.0,
+                subscribers: std::array::from_fn(|i| swarm.subscribers[i].len()),
+                paused: swarm.paused,
+                unavailable: swarm.unavailable.clone(),
+            })
+            .collect()
     }
 
     /// Publish received -> durable, per class ([`Class::index`]; telemetry, which is never
