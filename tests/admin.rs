@@ -35,6 +35,21 @@ async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// Publishes `n` commands to `swarm`, each acknowledged.
+async fn commands(client: &swarmbus_client::Client, swarm: &str, n: usize) {
+    for _ in 0..n {
+        client
+            .publish(
+                swarm,
+                Class::Command,
+                Bytes::from_static(b"x"),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+}
+
 async fn with_admin() -> (TestRouter, SocketAddr) {
     let t =
         start_router(|c| c.admin_listen = AdminListen::At("127.0.0.1:0".parse().unwrap())).await;
@@ -119,17 +134,7 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
     let (controller, _c) = t.connect("ctl", Role::Controller, &["s"]).await;
     let (agent, mut deliveries) = t.connect("agent", Role::Agent, &["s"]).await;
     agent.subscribe("s", Class::Command, None).await.unwrap();
-    for _ in 0..5 {
-        controller
-            .publish(
-                "s",
-                Class::Command,
-                Bytes::from_static(b"x"),
-                PublishOptions::default(),
-            )
-            .await
-            .unwrap();
-    }
+    commands(&controller, "s", 5).await;
     for _ in 0..5 {
         deliveries.recv().await.unwrap();
     }
@@ -278,26 +283,8 @@ async fn json_views_show_swarms_presence_leases_and_jobs() {
     let (controller, _c) = t.connect("ctl", Role::Controller, &["s", "t"]).await;
     let (agent, _d) = t.connect("agent", Role::Agent, &["s"]).await;
     agent.subscribe("s", Class::Command, None).await.unwrap();
-    for _ in 0..3 {
-        controller
-            .publish(
-                "s",
-                Class::Command,
-                Bytes::from_static(b"x"),
-                PublishOptions::default(),
-            )
-            .await
-            .unwrap();
-    }
-    controller
-        .publish(
-            "t",
-            Class::Command,
-            Bytes::from_static(b"x"),
-            PublishOptions::default(),
-        )
-        .await
-        .unwrap();
+    commands(&controller, "s", 3).await;
+    commands(&controller, "t", 1).await;
     controller
         .acquire_lease("s", "leader", Duration::from_secs(30))
         .await
