@@ -301,12 +301,24 @@ async fn json_views_show_swarms_presence_leases_and_jobs() {
     assert_eq!(s["durable_op"], 3, "{s}");
     assert_eq!(s["members"], 2, "{s}");
     assert_eq!(s["subscribers"]["command"], 1, "{s}");
-    // Pages: one at a time, then the next after it.
-    let (_, first) = get_json(admin, "/v1/swarms?limit=1", None).await;
-    assert_eq!(first["items"].as_array().unwrap().len(), 1);
-    let next = first["next"].as_str().expect("a next page").to_owned();
-    let (_, second) = get_json(admin, &format!("/v1/swarms?limit=1&after={next}"), None).await;
-    assert_ne!(second["items"][0]["name"], first["items"][0]["name"]);
+    // Pages of one, walked to the end, give the whole list once, in order.
+    let whole: Vec<serde_json::Value> = swarms["items"].as_array().unwrap().clone();
+    assert!(whole.len() >= 3, "s, t and the router's own: {swarms}");
+    let mut walked = Vec::new();
+    let mut path = "/v1/swarms?limit=1".to_owned();
+    loop {
+        let (status, page) = get_json(admin, &path, None).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["items"].as_array().unwrap().len(), 1, "{page}");
+        walked.push(page["items"][0]["name"].clone());
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/swarms?limit=1&after={next}"),
+            None => break,
+        }
+    }
+    let names: Vec<serde_json::Value> = whole.iter().map(|s| s["name"].clone()).collect();
+    assert_eq!(walked, names);
+    assert_eq!(get_json(admin, "/v1/swarms?limit=zero", None).await.0, 400);
     let (_, presence) = get_json(admin, "/v1/presence?swarm=s", None).await;
     let agents: Vec<&str> = presence["items"]
         .as_array()
@@ -362,6 +374,23 @@ async fn with_credentials_the_views_need_an_admin_credential() {
     assert_eq!(
         get_json(admin, "/v1/swarms", Some("not.a.token")).await.0,
         401
+    );
+    let expired = swarmbus_router::auth::issue(
+        &key,
+        &swarmbus_router::auth::Issue {
+            agent: "ops".into(),
+            grants: [("*".to_string(), swarmbus_router::auth::GrantRole::Admin)].into(),
+            ttl_s: 10,
+            now_s: crate::common::now_s() - 1_000,
+            jti: "ops-old".into(),
+        },
+    )
+    .unwrap();
+    let (status, body) = get_json(admin, "/v1/swarms", Some(&expired)).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("expired"),
+        "{body}"
     );
     let operator = issue("ops", swarmbus_router::auth::GrantRole::Admin);
     assert_eq!(get_json(admin, "/v1/swarms", Some(&operator)).await.0, 200);

@@ -835,7 +835,7 @@ impl Config {
             if !admin.ip().is_loopback() {
                 return Err(config_error(format!(
                     "admin_listen {admin}: the admin listener serves loopback addresses only \
-                     (it does not authenticate callers); scrape it through a local agent or proxy"
+                     (its metrics answer anyone who reaches it); scrape it through a local agent or proxy"
                 )));
             }
         }

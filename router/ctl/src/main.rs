@@ -118,6 +118,13 @@ fn unreachable(error: impl Into<anyhow::Error>) -> Failure {
     }
 }
 
+fn usage(error: impl Into<anyhow::Error>) -> Failure {
+    Failure {
+        code: 2,
+        error: error.into(),
+    }
+}
+
 fn refused(error: impl Into<anyhow::Error>) -> Failure {
     Failure {
         code: 1,
@@ -164,7 +171,11 @@ async fn run(args: Args) -> Result<(), Failure> {
     let output = match &args.command {
         Command::Status => {
             let (status, ready) = admin.get_text("/readyz").await?;
-            let jobs = admin.get("/v1/jobs").await?;
+            // A router that is starting answers no views yet: not ready, and no counts.
+            let jobs = match status {
+                200 => admin.get("/v1/jobs").await?,
+                _ => serde_json::json!({ "queued": null, "running": null, "dead_lettered": null }),
+            };
             let json = serde_json::json!({
                 "ready": status == 200,
                 "readiness": ready.trim(),
@@ -291,7 +302,13 @@ async fn act(args: &Args, credential: Option<String>, action: &Command) -> Resul
     let connector =
         swarmbus_client::Connector::new(&args.ca, &args.server_name).map_err(refused)?;
     let agent = match (&args.agent, &credential) {
-        (Some(agent), _) => agent.clone(),
+        // The Hello must carry the credential's own subject.
+        (Some(_), Some(_)) => {
+            return Err(usage(anyhow::anyhow!(
+                "--agent and --credential-file: the session is the credential's sub"
+            )))
+        }
+        (Some(agent), None) => agent.clone(),
         (None, Some(token)) => subject_of(token).map_err(refused)?,
         (None, None) => "swarmbus-ctl".to_owned(),
     };
@@ -339,7 +356,10 @@ async fn act(args: &Args, credential: Option<String>, action: &Command) -> Resul
         _ => unreachable_code(),
     }
     .map_err(refused)?;
+    // Closed before the process ends, so that the router drops the session at once (not at
+    // its idle timeout).
     client.close();
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.closed()).await;
     Ok(serde_json::json!({ "done": done }))
 }
 
@@ -375,21 +395,46 @@ struct Admin {
 }
 
 impl Admin {
-    /// `GET path`: the status and the body.
+    /// `GET path`: the status and the body, within 30 s in all.
     async fn get_text(&self, path: &str) -> Result<(u16, String), Failure> {
-        let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
+        tokio::time::timeout(Duration::from_secs(30), self.exchange(path))
+            .await
+            .map_err(|_| {
+                unreachable(anyhow::anyhow!(
+                    "the admin listener {} did not answer within 30 s",
+                    self.addr
+                ))
+            })?
+    }
+
+    async fn exchange(&self, path: &str) -> Result<(u16, String), Failure> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(&self.addr)
             .await
             .with_context(|| format!("resolving the admin listener {}", self.addr))
             .map_err(unreachable)?
-            .next()
-            .with_context(|| format!("{} resolves to no address", self.addr))
-            .map_err(unreachable)?;
-        let stream = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| {
-                format!("connecting to the admin listener {addr} (is admin_listen on?)")
-            })
-            .map_err(unreachable)?;
+            .collect();
+        // Each address in turn (localhost may resolve to ::1 first).
+        let mut last = None;
+        let mut connected = None;
+        for addr in addrs {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    connected = Some(stream);
+                    break;
+                }
+                Err(error) => last = Some((addr, error)),
+            }
+        }
+        let stream = connected.ok_or_else(|| {
+            let why = last.map_or_else(
+                || "no address".to_owned(),
+                |(addr, error)| format!("{addr}: {error}"),
+            );
+            unreachable(anyhow::anyhow!(
+                "connecting to the admin listener {} (is admin_listen on?): {why}",
+                self.addr
+            ))
+        })?;
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                 .await
@@ -404,10 +449,9 @@ impl Admin {
             .body(Empty::<Bytes>::new())
             .context("building the request")
             .map_err(refused)?;
-        let response = tokio::time::timeout(Duration::from_secs(30), sender.send_request(request))
+        let response = sender
+            .send_request(request)
             .await
-            .context("the admin listener did not answer within 30 s")
-            .map_err(unreachable)?
             .context("the admin listener's answer")
             .map_err(unreachable)?;
         let status = response.status().as_u16();
@@ -446,6 +490,12 @@ impl Admin {
             let page = self.get(&page_path).await?;
             items.extend(page["items"].as_array().cloned().unwrap_or_default());
             match page["next"].as_str() {
+                // A next page that does not move on would be asked for ever.
+                Some(next) if after.as_deref() == Some(next) => {
+                    return Err(refused(anyhow::anyhow!(
+                        "{path}: the page after {next:?} is itself"
+                    )))
+                }
                 Some(next) => after = Some(next.to_owned()),
                 None => return Ok(items),
             }

@@ -202,19 +202,40 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     Ok(config)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT (Ctrl-C), registered before the start line is printed: from then on
+/// either stops the router gracefully (registered at the first wait instead, one that came
+/// just after the start line ended the process at once).
+struct Stops {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl Stops {
+    fn register() -> Stops {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signals = signal(SignalKind::terminate())
+                .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)))
+                .ok();
+            Stops { signals }
+        }
+        #[cfg(not(unix))]
+        Stops {}
+    }
+
+    /// Resolves at the first SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((term, int)) = &mut self.signals {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = int.recv() => {}
             }
             return;
         }
+        let _ = tokio::signal::ctrl_c().await;
     }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// SIGHUPs, once registered (none where there are no such signals). Registered before
@@ -383,6 +404,7 @@ async fn run() -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
     let router = Router::start(config).await.context("starting the router")?;
     let mut hangups = Hangups::register();
+    let mut stops = Stops::register();
     // Written once a SIGHUP reloads: `swarmbus-router reload` may signal from then on.
     let _pid_file = swarmbus_router::reload::PidFile::write(&data_dir).with_context(|| {
         format!(
@@ -417,7 +439,7 @@ async fn run() -> anyhow::Result<()> {
         stdout.flush()?;
     }
     swarmbus_router::notify::notify("READY=1");
-    let shutdown = shutdown_signal();
+    let shutdown = stops.next();
     tokio::pin!(shutdown);
     let mut reloads = 0;
     loop {

@@ -288,16 +288,11 @@ fn admitted(
 fn page<T: serde::Serialize>(
     mut items: Vec<T>,
     key: impl Fn(&T) -> String,
-    params: &HashMap<String, String>,
+    limit: usize,
+    after: &str,
 ) -> serde_json::Value {
     items.sort_by_key(|item| key(item));
-    let limit = params
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(PAGE_DEFAULT)
-        .clamp(1, PAGE_MAX);
-    let after = params.get("after").cloned().unwrap_or_default();
-    let start = items.partition_point(|item| key(item) <= after);
+    let start = items.partition_point(|item| key(item).as_str() <= after);
     let rest = items.len() - start;
     let page: Vec<&T> = items[start..].iter().take(limit).collect();
     let next = (rest > limit)
@@ -318,68 +313,26 @@ async fn view(
         return *refused;
     }
     let params = query(request);
-    let swarm_param = || params.get("swarm").filter(|s| !s.is_empty()).cloned();
-    match path {
-        "/v1/swarms" => {
-            let mut swarms = Vec::new();
-            for shard in context.shards.iter().chain(&context.job_shards) {
-                let (reply, answer) = oneshot::channel();
-                let asked = async {
-                    shard.send(ShardCommand::Swarms { reply }).await.ok()?;
-                    answer.await.ok()
-                };
-                match tokio::time::timeout(SCRAPE_DEADLINE, asked).await {
-                    Ok(Some(part)) => swarms.extend(part),
-                    _ => {
-                        return json_error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "a shard did not answer in time",
-                        )
-                    }
-                }
-            }
-            let members = {
-                let control = context.control();
-                swarms
-                    .iter()
-                    .map(|s| {
-                        (
-                            s.name.clone(),
-                            control.presence.list(&s.name, usize::MAX).len(),
-                        )
-                    })
-                    .collect::<HashMap<_, _>>()
-            };
-            let views: Vec<serde_json::Value> = swarms
-                .into_iter()
-                .map(|s| {
-                    let subscribers: serde_json::Map<String, serde_json::Value> = Class::ALL
-                        .iter()
-                        .map(|c| (c.name().to_owned(), s.subscribers[c.index()].into()))
-                        .collect();
-                    serde_json::json!({
-                        "name": s.name,
-                        "epoch": s.epoch,
-                        "last_op": s.last_op,
-                        "durable_op": s.durable_op,
-                        "members": members.get(&s.name).copied().unwrap_or(0),
-                        "subscribers": subscribers,
-                        "paused": s.paused,
-                        "unavailable": s.unavailable,
-                    })
-                })
-                .collect();
-            let key = |v: &serde_json::Value| v["name"].as_str().unwrap_or_default().to_owned();
-            json(StatusCode::OK, &page(views, key, &params))
-        }
-        "/v1/presence" => {
-            let Some(swarm) = swarm_param() else {
-                return json_error(StatusCode::BAD_REQUEST, "presence needs ?swarm=NAME");
-            };
-            let members: Vec<serde_json::Value> = context
-                .control()
-                .presence
-                .list(&swarm, usize::MAX)
+    let swarm = params.get("swarm").filter(|s| !s.is_empty()).cloned();
+    // A page size or a position that does not parse is refused: taken as the default, a
+    // client walking pages could loop back to the start for ever.
+    let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+        None => PAGE_DEFAULT,
+        Some(Ok(limit)) if limit >= 1 => limit.min(PAGE_MAX),
+        Some(_) => return json_error(StatusCode::BAD_REQUEST, "limit is a number from 1"),
+    };
+    let after = params.get("after").cloned().unwrap_or_default();
+    match (path, swarm) {
+        ("/v1/swarms", _) => swarms_view(context, limit, &after).await,
+        ("/v1/presence", Some(swarm)) => {
+            // One more than the page, to know whether another follows.
+            let mut members = context.control().presence.page(&swarm, &after, limit + 1);
+            let more = members.len() > limit;
+            members.truncate(limit);
+            let next = more
+                .then(|| members.last().map(|m| m.agent.clone()))
+                .flatten();
+            let items: Vec<serde_json::Value> = members
                 .into_iter()
                 .map(|m| {
                     serde_json::json!({
@@ -390,16 +343,21 @@ async fn view(
                     })
                 })
                 .collect();
-            let key = |v: &serde_json::Value| v["agent"].as_str().unwrap_or_default().to_owned();
-            json(StatusCode::OK, &page(members, key, &params))
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "items": items, "next": next }),
+            )
         }
-        "/v1/leases" => {
+        ("/v1/leases", _) => {
             let now_ms = context.clock.now_ms();
             let holdings = context.control().leases.holdings(now_ms);
-            let key = |h: &swarmbus_proto::control::Holding| format!("{}\u{0}{}", h.swarm, h.name);
-            json(StatusCode::OK, &page(holdings, key, &params))
+            // The pair as JSON: a key no two leases share, whatever their names hold.
+            let key = |h: &swarmbus_proto::control::Holding| {
+                serde_json::json!([h.swarm, h.name]).to_string()
+            };
+            json(StatusCode::OK, &page(holdings, key, limit, &after))
         }
-        "/v1/jobs" => {
+        ("/v1/jobs", _) => {
             let counts = context.jobs().counts();
             json(
                 StatusCode::OK,
@@ -413,22 +371,19 @@ async fn view(
                 }),
             )
         }
-        "/v1/dead-letters" => {
-            let Some(swarm) = swarm_param() else {
-                return json_error(StatusCode::BAD_REQUEST, "dead-letters needs ?swarm=NAME");
+        ("/v1/dead-letters", Some(swarm)) => {
+            let after = match after.as_str() {
+                "" => 0,
+                text => match text.parse() {
+                    Ok(job) => job,
+                    Err(_) => return json_error(StatusCode::BAD_REQUEST, "after is a job id"),
+                },
             };
-            let after = params
-                .get("after")
-                .and_then(|a| a.parse().ok())
-                .unwrap_or(0);
-            let limit = params
-                .get("limit")
-                .and_then(|l| l.parse().ok())
-                .unwrap_or(PAGE_DEFAULT)
-                .clamp(1, PAGE_MAX) as u32;
-            let letters = context
-                .jobs()
-                .dead_letters(&swarm, swarmbus_schema::JobId(after), limit);
+            // The job queue's pages hold at most 256 (MAX_DEAD_LETTERS_PAGE).
+            let letters =
+                context
+                    .jobs()
+                    .dead_letters(&swarm, swarmbus_schema::JobId(after), limit as u32);
             let items: Vec<serde_json::Value> = letters
                 .jobs
                 .iter()
@@ -450,8 +405,57 @@ async fn view(
                 &serde_json::json!({ "items": items, "next": next }),
             )
         }
-        other => json_error(StatusCode::NOT_FOUND, &format!("no view {other:?}")),
+        ("/v1/presence" | "/v1/dead-letters", None) => json_error(
+            StatusCode::BAD_REQUEST,
+            &format!("{} needs ?swarm=NAME", &path[4..]),
+        ),
+        (other, _) => json_error(StatusCode::NOT_FOUND, &format!("no view {other:?}")),
     }
+}
+
+/// `/v1/swarms`: every shard asked within one deadline; those that miss it are counted in
+/// `missing_shards` (busy), and their swarms left out of the answer.
+async fn swarms_view(context: &Context, limit: usize, after: &str) -> Response<Full<Bytes>> {
+    let shards: Vec<&ShardSender> = context.shards.iter().chain(&context.job_shards).collect();
+    let mut parts: Vec<Option<Vec<swarmbus_proto::core::SwarmSummary>>> = vec![None; shards.len()];
+    let ask = async {
+        for (i, shard) in shards.iter().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            if shard.send(ShardCommand::Swarms { reply }).await.is_ok() {
+                parts[i] = answer.await.ok();
+            }
+        }
+    };
+    let _ = tokio::time::timeout(SCRAPE_DEADLINE, ask).await;
+    let missing = parts.iter().filter(|p| p.is_none()).count();
+    let swarms: Vec<swarmbus_proto::core::SwarmSummary> =
+        parts.into_iter().flatten().flatten().collect();
+    let views: Vec<serde_json::Value> = {
+        let control = context.control();
+        swarms
+            .into_iter()
+            .map(|s| {
+                let subscribers: serde_json::Map<String, serde_json::Value> = Class::ALL
+                    .iter()
+                    .map(|c| (c.name().to_owned(), s.subscribers[c.index()].into()))
+                    .collect();
+                serde_json::json!({
+                    "name": s.name,
+                    "epoch": s.epoch,
+                    "last_op": s.last_op,
+                    "durable_op": s.durable_op,
+                    "members": control.presence.count(&s.name),
+                    "subscribers": subscribers,
+                    "paused": s.paused,
+                    "unavailable": s.unavailable,
+                })
+            })
+            .collect()
+    };
+    let key = |v: &serde_json::Value| v["name"].as_str().unwrap_or_default().to_owned();
+    let mut answer = page(views, key, limit, after);
+    answer["missing_shards"] = missing.into();
+    json(StatusCode::OK, &answer)
 }
 
 /// How long a scrape waits for the shards, all together.

@@ -197,6 +197,32 @@ impl<H> Presence<H> {
             .collect()
     }
 
+    /// How many members `swarm` has.
+    pub fn count(&self, swarm: &str) -> usize {
+        self.by_swarm.get(swarm).map_or(0, BTreeSet::len)
+    }
+
+    /// Up to `limit` members of `swarm` whose agent id sorts after `after`, in agent order.
+    pub fn page(&self, swarm: &str, after: &str, limit: usize) -> Vec<Member> {
+        use std::ops::Bound;
+        let Some(agents) = self.by_swarm.get(swarm) else {
+            return Vec::new();
+        };
+        agents
+            .range::<str, _>((Bound::Excluded(after), Bound::Unbounded))
+            .filter_map(|agent| {
+                let m = self.members.get(agent)?;
+                Some(Member {
+                    agent: agent.to_string(),
+                    role: m.role,
+                    last_seen_ms: m.last_seen_ms(),
+                    metadata: m.metadata.clone(),
+                })
+            })
+            .take(limit)
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.members.len()
     }
