@@ -122,6 +122,9 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
         ("swarmbus_log_unavailable_swarms", "gauge"),
         ("swarmbus_internal_log_unavailable_swarms", "gauge"),
         ("swarmbus_ready", "gauge"),
+        ("swarmbus_presence_members", "gauge"),
+        ("swarmbus_leases_held", "gauge"),
+        ("swarmbus_jobs", "gauge"),
         ("swarmbus_event_lag_durable_seconds", "histogram"),
     ] {
         assert_eq!(
@@ -141,6 +144,8 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
     let after = Samples::scrape(admin).await;
     let command = [("class", "command")];
     assert_eq!(after.value("swarmbus_sessions", &[("role", "agent")]), 1.0);
+    assert_eq!(after.value("swarmbus_presence_members", &[]), 2.0);
+    assert_eq!(after.value("swarmbus_jobs", &[("state", "queued")]), 0.0);
     assert_eq!(
         after.value("swarmbus_sessions", &[("role", "controller")]),
         1.0

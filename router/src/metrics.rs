@@ -35,6 +35,19 @@ pub struct Scrape {
     pub durable_lag_us: [LagHistogram; 5],
     /// Whether `/readyz` answers ready.
     pub ready: bool,
+    /// The control plane and the job queue, counted at scrape.
+    pub state: StateCounts,
+}
+
+/// What the control plane and the job queue hold at a scrape.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StateCounts {
+    pub presence_members: u64,
+    pub leases_held: u64,
+    pub jobs_queued: u64,
+    pub jobs_running: u64,
+    pub jobs_dead_lettered: u64,
+    pub jobs_pending_results: u64,
 }
 
 /// The exposition of `scrape`, ending with `# EOF`.
@@ -201,6 +214,35 @@ impl Collector for Scrape {
         for (name, help, unit, value) in gauges {
             let family = encoder.encode_descriptor(name, help, unit, MetricType::Gauge)?;
             ConstGauge::new(value).encode(family)?;
+        }
+        let state = &self.state;
+        for (name, help, value) in [
+            (
+                "presence_members",
+                "Agents present, all swarms together (an agent in two swarms counts once).",
+                state.presence_members,
+            ),
+            ("leases_held", "Leases held now.", state.leases_held),
+        ] {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(value as i64).encode(family)?;
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "jobs",
+                "Jobs in the queue, by state (pending_result: finished, its result not yet taken).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (job_state, value) in [
+                ("queued", state.jobs_queued),
+                ("running", state.jobs_running),
+                ("dead_lettered", state.jobs_dead_lettered),
+                ("pending_result", state.jobs_pending_results),
+            ] {
+                ConstGauge::new(value as i64)
+                    .encode(family.encode_family(&[("state", job_state)])?)?;
+            }
         }
         let mut family = encoder.encode_descriptor(
             "event_lag_durable",

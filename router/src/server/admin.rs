@@ -487,10 +487,27 @@ async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape
             crate::metrics::merge(&mut durable_lag_us, &metrics.durable_lag_us);
         }
     }
+    let now_ms = context.clock.now_ms();
+    let (presence_members, leases_held) = {
+        let control = context.control();
+        (
+            control.presence.len(),
+            control.leases.holdings(now_ms).len(),
+        )
+    };
+    let jobs = context.jobs().counts();
     crate::metrics::Scrape {
         stats: context.stats.clone(),
         durable_lag_us,
         ready: state.not_ready().is_none(),
+        state: crate::metrics::StateCounts {
+            presence_members: presence_members as u64,
+            leases_held: leases_held as u64,
+            jobs_queued: jobs.queued as u64,
+            jobs_running: jobs.running as u64,
+            jobs_dead_lettered: jobs.dead_lettered as u64,
+            jobs_pending_results: jobs.pending_results as u64,
+        },
     }
 }
 
