@@ -125,6 +125,9 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
         ("swarmbus_presence_members", "gauge"),
         ("swarmbus_leases_held", "gauge"),
         ("swarmbus_jobs", "gauge"),
+        ("swarmbus_log_appended_bytes", "counter"),
+        ("swarmbus_log_commit_seconds", "histogram"),
+        ("swarmbus_log_batch_appends", "histogram"),
         ("swarmbus_event_lag_durable_seconds", "histogram"),
     ] {
         assert_eq!(
@@ -154,6 +157,12 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
         after.value(metric, labels) - before.value(metric, labels)
     };
     assert_eq!(moved("swarmbus_published_total", &command), 5.0);
+    // The five commands went to the log: at least their bytes, in one to five group
+    // commits (the router's own records may share them).
+    assert!(moved("swarmbus_log_appended_bytes_total", &[]) >= 5.0 * 20.0);
+    let commits = moved("swarmbus_log_commit_seconds_count", &[]);
+    assert!(commits >= 1.0, "{commits} commits");
+    assert!(moved("swarmbus_log_batch_appends_sum", &[]) >= 5.0);
     assert_eq!(moved("swarmbus_delivered_total", &command), 5.0);
     assert_eq!(
         moved("swarmbus_published_total", &[("class", "telemetry")]),

@@ -27,6 +27,11 @@ const LAG_BUCKETS_S: [f64; 16] = [
     10.0, 30.0,
 ];
 
+/// Upper bounds of the group-commit size buckets, in appends.
+const BATCH_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
 /// What a scrape reads: the router's counters, and what the shards measured.
 #[derive(Debug)]
 pub struct Scrape {
@@ -37,6 +42,11 @@ pub struct Scrape {
     pub ready: bool,
     /// The control plane and the job queue, counted at scrape.
     pub state: StateCounts,
+    /// The log writers' group commits: their time (µs) and size (appends), merged; and
+    /// the bytes appended.
+    pub log_commit_us: LagHistogram,
+    pub log_batch_appends: LagHistogram,
+    pub log_appended_bytes: u64,
 }
 
 /// What the control plane and the job queue hold at a scrape.
@@ -244,6 +254,39 @@ impl Collector for Scrape {
                     .encode(family.encode_family(&[("state", job_state)])?)?;
             }
         }
+        {
+            let family = encoder.encode_descriptor(
+                "log_appended",
+                "Bytes appended to the event logs (records, before compaction).",
+                Some(&Unit::Bytes),
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(self.log_appended_bytes).encode(family)?;
+        }
+        for (name, help, unit, histogram, bounds, scale) in [
+            (
+                "log_commit",
+                "One group commit of a log writer: its writes and syncs, from taking the batch to reporting it.",
+                Some(&Unit::Seconds),
+                &self.log_commit_us,
+                &LAG_BUCKETS_S[..],
+                1e6,
+            ),
+            (
+                "log_batch_appends",
+                "Appends per group commit (one fdatasync each under log.sync = always).",
+                None,
+                &self.log_batch_appends,
+                &BATCH_BUCKETS[..],
+                1.0,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Histogram)?;
+            let (sum, count, buckets) = buckets_scaled(histogram, bounds, scale);
+            family.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                sum, count, &buckets, None,
+            )?;
+        }
         let mut family = encoder.encode_descriptor(
             "event_lag_durable",
             "Publish received -> durable in the event log (and acknowledged), by ordered class.",
@@ -266,11 +309,21 @@ impl Collector for Scrape {
 /// A microsecond histogram as Prometheus buckets in seconds: the sum, the count, and each
 /// bucket's own count (the encoder makes them cumulative), `+Inf` last.
 fn buckets_of(histogram: &LagHistogram) -> (f64, u64, Vec<(f64, u64)>) {
-    let mut buckets = Vec::with_capacity(LAG_BUCKETS_S.len() + 1);
+    buckets_scaled(histogram, &LAG_BUCKETS_S, 1e6)
+}
+
+/// `histogram`'s values divided by `scale`, in buckets of `bounds` (in the scaled unit).
+/// An hdr bin that holds a bound counts under it whole: a bucket's edge is exact to the
+/// histogram's two significant digits.
+fn buckets_scaled(
+    histogram: &LagHistogram,
+    bounds: &[f64],
+    scale: f64,
+) -> (f64, u64, Vec<(f64, u64)>) {
+    let mut buckets = Vec::with_capacity(bounds.len() + 1);
     let mut below = 0;
-    for bound in LAG_BUCKETS_S {
-        let bound_us = (bound * 1e6) as u64;
-        let upto = histogram.count_between(0, bound_us);
+    for &bound in bounds {
+        let upto = histogram.count_between(0, (bound * scale) as u64);
         buckets.push((bound, upto.saturating_sub(below)));
         below = upto;
     }
@@ -280,7 +333,7 @@ fn buckets_of(histogram: &LagHistogram) -> (f64, u64, Vec<(f64, u64)>) {
         .iter_recorded()
         .map(|v| v.value_iterated_to() as f64 * v.count_at_value() as f64)
         .sum::<f64>()
-        / 1e6;
+        / scale;
     (sum, count, buckets)
 }
 
@@ -290,6 +343,26 @@ pub fn merge(into: &mut [LagHistogram; 5], from: &[LagHistogram; 5]) {
         // Same bounds on both sides: adding cannot fail.
         let _ = into.add(from);
     }
+}
+
+/// The log writers' figures, merged.
+pub fn log_figures(
+    writers: &[Arc<crate::log::writer::LogMetrics>],
+) -> (LagHistogram, LagHistogram, u64) {
+    let mut commit_us = swarmbus_proto::core::lag_histogram();
+    let mut batch_appends = swarmbus_proto::core::lag_histogram();
+    let mut bytes = 0;
+    for writer in writers {
+        let _ = commit_us.add(&*writer.commit_us.lock().unwrap_or_else(|p| p.into_inner()));
+        let _ = batch_appends.add(
+            &*writer
+                .batch_appends
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        bytes += writer.appended_bytes.load(Ordering::Relaxed);
+    }
+    (commit_us, batch_appends, bytes)
 }
 
 #[cfg(test)]

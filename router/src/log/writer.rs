@@ -92,6 +92,29 @@ pub enum WriterKind {
 pub struct LogWriter {
     requests: Sender<WriteRequest>,
     kind: WriterKind,
+    metrics: Arc<LogMetrics>,
+}
+
+/// What a writer measured since it started, read at a scrape of `/metrics`. The writer
+/// records once per group commit (one uncontended lock each), never per append.
+#[derive(Debug)]
+pub struct LogMetrics {
+    /// A group commit, from taking its batch to reporting it (writes and syncs), µs.
+    pub commit_us: std::sync::Mutex<swarmbus_proto::core::LagHistogram>,
+    /// Appends per group commit.
+    pub batch_appends: std::sync::Mutex<swarmbus_proto::core::LagHistogram>,
+    /// Bytes appended (records, before any compaction).
+    pub appended_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl LogMetrics {
+    fn new() -> Self {
+        LogMetrics {
+            commit_us: std::sync::Mutex::new(swarmbus_proto::core::lag_histogram()),
+            batch_appends: std::sync::Mutex::new(swarmbus_proto::core::lag_histogram()),
+            appended_bytes: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
 }
 
 impl LogWriter {
@@ -115,7 +138,8 @@ impl LogWriter {
             SyncPolicy::Always => Some(start_watermarks(name)?),
             _ => None,
         };
-        let mut state = WriterState::new(policy, shards, marks);
+        let metrics = Arc::new(LogMetrics::new());
+        let mut state = WriterState::new(policy, shards, marks, metrics.clone());
         // The backend is chosen on the writer thread itself: io_uring runtimes cannot be
         // started (not even probed) from a thread that already runs tokio.
         let (chosen_tx, chosen_rx) = std::sync::mpsc::sync_channel(1);
@@ -163,7 +187,13 @@ impl LogWriter {
         Ok(LogWriter {
             requests: tx,
             kind: resolved,
+            metrics,
         })
+    }
+
+    /// What this writer measured (group commits, bytes).
+    pub fn metrics(&self) -> Arc<LogMetrics> {
+        self.metrics.clone()
     }
 
     /// The backend in use (`Uring` or `File`).
@@ -251,6 +281,9 @@ struct WriterState {
     /// The watermark thread (only under `always`: what is reported durable otherwise need
     /// not be synced): each swarm directory's highest durable op goes there.
     marks: Option<Sender<(PathBuf, Epoch, OpId)>>,
+    metrics: Arc<LogMetrics>,
+    /// When the batch being written was taken.
+    batch_started: Instant,
 }
 
 /// How long a durable op may wait to be in its swarm's watermark file. A watermark that
@@ -307,6 +340,7 @@ impl WriterState {
         policy: SyncPolicy,
         shards: Vec<UnboundedSender<LogEvent>>,
         marks: Option<Sender<(PathBuf, Epoch, OpId)>>,
+        metrics: Arc<LogMetrics>,
     ) -> Self {
         WriterState {
             policy,
@@ -315,11 +349,13 @@ impl WriterState {
             unsynced: Vec::new(),
             failed: HashMap::new(),
             marks,
+            metrics,
+            batch_started: Instant::now(),
         }
     }
 
     /// Waits for the first request (or the interval deadline), then takes what is queued.
-    fn next_batch(&self, rx: &Receiver<WriteRequest>) -> Result<Vec<WriteRequest>, Stop> {
+    fn next_batch(&mut self, rx: &Receiver<WriteRequest>) -> Result<Vec<WriteRequest>, Stop> {
         let first = match self.policy {
             SyncPolicy::IntervalMs(ms) if !self.unsynced.is_empty() => {
                 let deadline = self.last_sync + Duration::from_millis(ms);
@@ -346,6 +382,10 @@ impl WriterState {
                 }
             }
         }
+        self.batch_started = Instant::now();
+        self.metrics
+            .appended_bytes
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(batch)
     }
 
@@ -434,6 +474,20 @@ impl WriterState {
     /// to succeed), its bytes are cut off, and the swarm's later requests of the same
     /// generation are refused; the shard starts a new generation to recover.
     fn complete(&mut self, batch: Vec<WriteRequest>, failed: &HashMap<Arc<PathBuf>, String>) {
+        if !batch.is_empty() {
+            let took = self.batch_started.elapsed().as_micros().max(1) as u64;
+            // A poisoned lock only held a histogram: go on with it.
+            self.metrics
+                .commit_us
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .saturating_record(took);
+            self.metrics
+                .batch_appends
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .saturating_record(batch.len() as u64);
+        }
         let mut highest: HashMap<(usize, Arc<str>), OpId> = HashMap::new();
         let mut failures: HashMap<(usize, Arc<str>), (OpId, String)> = HashMap::new();
         // A file each swarm wrote (its directory holds the swarm's watermark), and its epoch.

@@ -496,7 +496,12 @@ async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape
         )
     };
     let jobs = context.jobs().counts();
+    let (log_commit_us, log_batch_appends, log_appended_bytes) =
+        crate::metrics::log_figures(&context.log_metrics);
     crate::metrics::Scrape {
+        log_commit_us,
+        log_batch_appends,
+        log_appended_bytes,
         stats: context.stats.clone(),
         durable_lag_us,
         ready: state.not_ready().is_none(),

@@ -118,6 +118,8 @@ struct Context {
     /// Live sessions that showed a credential, re-checked on a reload.
     credentialed: Mutex<HashMap<ConnId, std::sync::Weak<Session>>>,
     shards: Vec<ShardSender>,
+    /// What the log writers measure (the main one's, the job queue's).
+    log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
     /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
     job_shards: Vec<ShardSender>,
     stats: Arc<Stats>,

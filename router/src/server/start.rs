@@ -593,6 +593,8 @@ struct StartedShards {
     job_shards: Vec<ShardSender>,
     bulk: BulkRuntime,
     writer_kind: WriterKind,
+    /// What the two log writers measure.
+    log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
 }
 
 /// Starts the bulk runtime, the two log writers and the shards, each with its swarms.
@@ -697,6 +699,7 @@ fn start_shards(
         job_shards,
         bulk,
         writer_kind: writer.kind(),
+        log_metrics: vec![writer.metrics(), jobs_writer.metrics()],
     })
 }
 
@@ -728,6 +731,7 @@ fn shared_context(
         credentialed: Mutex::new(HashMap::new()),
         shards: started.shards,
         job_shards: started.job_shards,
+        log_metrics: started.log_metrics,
         stats: stats.clone(),
         next_conn: AtomicU64::new(1),
         swarm_guards: Mutex::new(HashMap::new()),
