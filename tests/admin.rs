@@ -125,6 +125,9 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
         ("swarmbus_presence_members", "gauge"),
         ("swarmbus_leases_held", "gauge"),
         ("swarmbus_jobs", "gauge"),
+        ("swarmbus_lease_grants", "counter"),
+        ("swarmbus_lease_refusals", "counter"),
+        ("swarmbus_presence_leaves", "counter"),
         ("swarmbus_log_appended_bytes", "counter"),
         ("swarmbus_log_commit_seconds", "histogram"),
         ("swarmbus_log_batch_appends", "histogram"),
@@ -144,6 +147,10 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
     for _ in 0..5 {
         deliveries.recv().await.unwrap();
     }
+    // A lease granted, and refused to another holder.
+    let ttl = Duration::from_secs(30);
+    controller.acquire_lease("s", "leader", ttl).await.unwrap();
+    agent.acquire_lease("s", "leader", ttl).await.unwrap_err();
     let after = Samples::scrape(admin).await;
     let command = [("class", "command")];
     assert_eq!(after.value("swarmbus_sessions", &[("role", "agent")]), 1.0);
@@ -157,8 +164,11 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
         after.value(metric, labels) - before.value(metric, labels)
     };
     assert_eq!(moved("swarmbus_published_total", &command), 5.0);
-    // The five commands went to the log: at least their bytes, in one to five group
-    // commits (the router's own records may share them).
+    assert_eq!(moved("swarmbus_lease_grants_total", &[]), 1.0);
+    assert_eq!(moved("swarmbus_lease_refusals_total", &[]), 1.0);
+    assert_eq!(after.value("swarmbus_leases_held", &[]), 1.0);
+    // The five commands went to the log: at least their bytes, in group commits (the
+    // router's own records, such as the lease's, may share them).
     assert!(moved("swarmbus_log_appended_bytes_total", &[]) >= 5.0 * 20.0);
     let commits = moved("swarmbus_log_commit_seconds_count", &[]);
     assert!(commits >= 1.0, "{commits} commits");
@@ -181,6 +191,8 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
     loop {
         let now = Samples::scrape(admin).await;
         if now.value("swarmbus_sessions", &[("role", "agent")]) == 0.0 {
+            let leaves = now.value("swarmbus_presence_leaves_total", &[("reason", "closed")]);
+            assert_eq!(leaves, 1.0, "the agent left, closed");
             break;
         }
         assert!(

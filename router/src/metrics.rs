@@ -123,7 +123,32 @@ impl Collector for Scrape {
                     .encode(family.encode_family(&[("outcome", outcome)])?)?;
             }
         }
-        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 12] = [
+        {
+            let mut family = encoder.encode_descriptor(
+                "presence_leaves",
+                "Agents that left presence, by reason: closed (their session ended), timeout (no heartbeat), replaced (a newer session of the same agent).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, count) in ["closed", "timeout", "replaced"]
+                .iter()
+                .zip(&stats.presence_leaves)
+            {
+                ConstCounter::new(get(count))
+                    .encode(family.encode_family(&[("reason", *reason)])?)?;
+            }
+        }
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 14] = [
+            (
+                "lease_grants",
+                "Lease requests granted (acquire or renew).",
+                &stats.lease_grants,
+            ),
+            (
+                "lease_refusals",
+                "Lease requests refused (held by another, a stale token, a limit).",
+                &stats.lease_refusals,
+            ),
             (
                 "connections_accepted",
                 "Connections accepted.",

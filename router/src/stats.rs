@@ -16,6 +16,11 @@ pub struct Stats {
     pub delivered_by_class: [AtomicU64; 5],
     /// Sessions open now, by role (agent, controller, worker).
     pub sessions_by_role: [AtomicU64; 3],
+    /// Lease requests granted (acquire or renew) and refused.
+    pub lease_grants: AtomicU64,
+    pub lease_refusals: AtomicU64,
+    /// Agents that left presence, by reason: closed, timeout, replaced.
+    pub presence_leaves: [AtomicU64; 3],
     /// Internal swarms (`$`-prefixed: the control plane, pins, jobs) whose log is
     /// unavailable now; the router is not ready while any is.
     pub internal_log_unavailable: AtomicU64,

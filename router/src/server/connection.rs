@@ -692,7 +692,10 @@ async fn join(session: &Arc<Session>, metadata: String, context: &Arc<Context>) 
                 .announce_presence(&session.agent, &present, "join", "connected")
                 .await
         }
-        Joined::Replaced(old) => old.outbox.request_close(ErrorCode::Replaced),
+        Joined::Replaced(old) => {
+            context.stats.presence_leaves[2].fetch_add(1, Ordering::Relaxed);
+            old.outbox.request_close(ErrorCode::Replaced)
+        }
     }
     let worker_swarms: Option<Vec<String>> =
         (session.role == Role::Worker).then(|| session.swarms.iter().cloned().collect());
@@ -808,6 +811,7 @@ async fn leave(conn: ConnId, session: &Arc<Session>, context: &Arc<Context>) {
     }
     let left = context.control().presence.leave(&session.agent, conn);
     if let Some(present) = left {
+        context.stats.presence_leaves[0].fetch_add(1, Ordering::Relaxed);
         if !context.shutting_down.load(Ordering::Acquire) {
             context
                 .announce_presence(&session.agent, &present, "leave", "closed")

@@ -81,10 +81,17 @@ impl Session {
                     .map(|()| None),
             }
         };
+        let stats = &self.context.stats;
         match decision {
-            Ok(Some(granted)) => self.grant_lease(&request, granted, ttl_ms).await,
+            Ok(Some(granted)) => {
+                stats.lease_grants.fetch_add(1, Ordering::Relaxed);
+                self.grant_lease(&request, granted, ttl_ms).await
+            }
             Ok(None) => self.release_lease(&request).await,
-            Err(refusal) => self.refuse_lease(&request, refusal),
+            Err(refusal) => {
+                stats.lease_refusals.fetch_add(1, Ordering::Relaxed);
+                self.refuse_lease(&request, refusal)
+            }
         }
         Ok(())
     }

@@ -111,6 +111,7 @@ pub(super) async fn presence_maintenance(context: std::sync::Weak<Context>) {
         }
         let gone = context.control().presence.expire(now_ms, timeout);
         for (agent, present) in gone {
+            context.stats.presence_leaves[1].fetch_add(1, Ordering::Relaxed);
             present.outbox.request_close(ErrorCode::HeartbeatTimeout);
             context
                 .announce_presence(&agent, &present, "leave", "timeout")
