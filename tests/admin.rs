@@ -424,3 +424,90 @@ async fn with_credentials_the_views_need_an_admin_credential() {
     assert_eq!(get(admin, "/readyz").await.0, 200);
     assert_eq!(get(admin, "/metrics").await.0, 200);
 }
+
+/// A clock that keeps the router's start waiting until the test lets it go.
+#[derive(Debug, Default)]
+struct Gated {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gated {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
+
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+impl swarmbus_router::clock::ClockSource for Gated {
+    fn wall_ms(&self) -> u64 {
+        self.wait();
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    }
+    fn boot(&self) -> Option<(String, u64)> {
+        self.wait();
+        None
+    }
+}
+
+struct ReleaseOnDrop(std::sync::Arc<Gated>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// `/readyz` says "starting" from the moment the admin listener is bound until the router
+/// takes sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_starting_until_the_router_serves() {
+    // A free loopback port for the admin listener, known before the start returns.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let admin: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let mut config = crate::common::config_in(data.path());
+    config.admin_listen = AdminListen::At(admin);
+    let clock = std::sync::Arc::new(Gated::default());
+    // Released however the test ends: a start left waiting would hold the runtime.
+    let _release = ReleaseOnDrop(clock.clone());
+    let source: std::sync::Arc<dyn swarmbus_router::clock::ClockSource> = clock.clone();
+    // Started from a thread of its own (the clock blocks it): the tasks it spawns, the
+    // admin listener's among them, run on the runtime's workers meanwhile.
+    let runtime = tokio::runtime::Handle::current();
+    let starting = tokio::task::spawn_blocking(move || {
+        runtime.block_on(swarmbus_router::Router::start_with_clock(config, source))
+    });
+    // The start waits on the clock, after binding the admin listener.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the admin listener was never bound"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("starting"), "{body}");
+    assert_eq!(get(admin, "/metrics").await.0, 503);
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+    clock.release();
+    let router = starting.await.unwrap().expect("the router starts");
+    assert_eq!(get(admin, "/readyz").await, (200, "ready\n".to_owned()));
+    router.shutdown().await;
+}
