@@ -324,14 +324,7 @@ impl Policy {
     }
 
     fn load(path: &Path) -> Result<Policy, RouterError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
-            path: path.to_owned(),
-            source,
-        })?;
-        Policy::parse(&text).map_err(|detail| RouterError::ConfigFile {
-            path: path.to_owned(),
-            detail,
-        })
+        crate::config::read_config_file(path, Policy::parse)
     }
 
     /// Whether the policy denies or allows anything at all (its grants are checked at
@@ -393,13 +386,8 @@ pub struct Revocations {
 
 impl Revocations {
     fn load(path: &Path) -> Result<Revocations, RouterError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| RouterError::ConfigFile {
-            path: path.to_owned(),
-            detail: e.to_string(),
+        crate::config::read_config_file(path, |text| {
+            toml::from_str(text).map_err(|e| e.to_string())
         })
     }
 

@@ -672,6 +672,23 @@ impl QueueConfig {
     }
 }
 
+/// Reads the TOML file at `path` with `parse`: a file that cannot be read is `ConfigRead`,
+/// one that `parse` refuses is `ConfigFile`, each naming the path. The router's
+/// configuration, policy and revocations files are all read so.
+pub(crate) fn read_config_file<T>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<T, RouterError> {
+    let text = std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text).map_err(|detail| RouterError::ConfigFile {
+        path: path.to_owned(),
+        detail,
+    })
+}
+
 fn config_error(detail: impl Into<String>) -> RouterError {
     RouterError::Config {
         detail: detail.into(),
@@ -685,14 +702,7 @@ impl Config {
     }
 
     pub fn from_file(path: &Path) -> Result<Config, RouterError> {
-        let text = std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
-            path: path.to_owned(),
-            source,
-        })?;
-        Config::from_toml(&text).map_err(|detail| RouterError::ConfigFile {
-            path: path.to_owned(),
-            detail,
-        })
+        read_config_file(path, Config::from_toml)
     }
 
     /// The configuration from the embedded defaults, then `file` (TOML), then `vars` (pass
@@ -707,18 +717,8 @@ impl Config {
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, RouterError> {
         let base = match file {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| RouterError::ConfigRead {
-                        path: path.to_owned(),
-                        source,
-                    })?;
-                // The file alone first, so that its own mistakes name it.
-                Config::from_toml(&text).map_err(|detail| RouterError::ConfigFile {
-                    path: path.to_owned(),
-                    detail,
-                })?
-            }
+            // The file alone first, so that its own mistakes name it.
+            Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
         // Every key present (the defaults filled in), so that a variable sets one key of a
