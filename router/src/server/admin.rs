@@ -416,17 +416,7 @@ async fn view(
 /// `/v1/swarms`: every shard asked within one deadline; those that miss it are counted in
 /// `missing_shards` (busy), and their swarms left out of the answer.
 async fn swarms_view(context: &Context, limit: usize, after: &str) -> Response<Full<Bytes>> {
-    let shards: Vec<&ShardSender> = context.shards.iter().chain(&context.job_shards).collect();
-    let mut parts: Vec<Option<Vec<swarmbus_proto::core::SwarmSummary>>> = vec![None; shards.len()];
-    let ask = async {
-        for (i, shard) in shards.iter().enumerate() {
-            let (reply, answer) = oneshot::channel();
-            if shard.send(ShardCommand::Swarms { reply }).await.is_ok() {
-                parts[i] = answer.await.ok();
-            }
-        }
-    };
-    let _ = tokio::time::timeout(SCRAPE_DEADLINE, ask).await;
+    let parts = ask_shards(context, |reply| ShardCommand::Swarms { reply }).await;
     let missing = parts.iter().filter(|p| p.is_none()).count();
     let swarms: Vec<swarmbus_proto::core::SwarmSummary> =
         parts.into_iter().flatten().flatten().collect();
@@ -458,26 +448,37 @@ async fn swarms_view(context: &Context, limit: usize, after: &str) -> Response<F
     json(StatusCode::OK, &answer)
 }
 
-/// How long a scrape waits for the shards, all together.
+/// How long a scrape or a view waits for the shards, all together.
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Asks every shard (the job queue's too) the command `ask` makes with its reply channel,
+/// all within [`SCRAPE_DEADLINE`] (a busy shard's channel can be full): each shard's
+/// answer, in shard order, or `None` for one that did not answer in time.
+async fn ask_shards<T>(
+    context: &Context,
+    ask: impl Fn(oneshot::Sender<T>) -> ShardCommand,
+) -> Vec<Option<T>> {
+    let shards: Vec<&ShardSender> = context.shards.iter().chain(&context.job_shards).collect();
+    let mut answers: Vec<Option<T>> = shards.iter().map(|_| None).collect();
+    let asking = async {
+        for (i, shard) in shards.iter().enumerate() {
+            let (reply, answer) = oneshot::channel();
+            if shard.send(ask(reply)).await.is_ok() {
+                answers[i] = answer.await.ok();
+            }
+        }
+    };
+    let _ = tokio::time::timeout(SCRAPE_DEADLINE, asking).await;
+    answers
+}
 
 /// Reads the counters and asks every shard for its histograms, within one deadline (a busy
 /// shard's channel can be full): a shard that does not answer in time is reported as it
 /// last answered. One scrape at a time.
 async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape {
-    let shards: Vec<&ShardSender> = context.shards.iter().chain(&context.job_shards).collect();
     let mut last = state.last.lock().await;
-    last.resize(shards.len(), None);
-    let mut fresh: Vec<Option<crate::shard::ShardMetrics>> = vec![None; shards.len()];
-    let ask = async {
-        for (i, shard) in shards.iter().enumerate() {
-            let (reply, answer) = oneshot::channel();
-            if shard.send(ShardCommand::Metrics { reply }).await.is_ok() {
-                fresh[i] = answer.await.ok();
-            }
-        }
-    };
-    let _ = tokio::time::timeout(SCRAPE_DEADLINE, ask).await;
+    let fresh = ask_shards(context, |reply| ShardCommand::Metrics { reply }).await;
+    last.resize(fresh.len(), None);
     let mut durable_lag_us = std::array::from_fn(|_| swarmbus_proto::core::lag_histogram());
     for (kept, fresh) in last.iter_mut().zip(fresh) {
         if fresh.is_some() {
