@@ -75,21 +75,19 @@ impl Collector for Scrape {
         let stats = &self.stats;
         let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
         let class_labels = |class: Class| [("class", class.name())];
-        {
-            let mut family = encoder.encode_descriptor(
-                "sessions",
-                "Sessions open now, by role.",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (role, open) in ["agent", "controller", "worker"]
-                .iter()
-                .zip(&stats.sessions_by_role)
-            {
-                let open = ConstGauge::new(get(open) as i64);
-                open.encode(family.encode_family(&[("role", *role)])?)?;
-            }
-        }
+        let roles = ["agent", "controller", "worker"];
+        let by_role: Vec<(&str, u64)> = roles
+            .into_iter()
+            .zip(stats.sessions_by_role.iter().map(get))
+            .collect();
+        labelled(
+            &mut encoder,
+            "sessions",
+            "Sessions open now, by role.",
+            Kind::Gauge,
+            "role",
+            &by_role,
+        )?;
         for (name, help, counts) in [
             (
                 "published",
@@ -102,42 +100,36 @@ impl Collector for Scrape {
                 &stats.delivered_by_class,
             ),
         ] {
-            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for class in Class::ALL {
-                let count = ConstCounter::new(get(&counts[class.index()]));
-                count.encode(family.encode_family(&class_labels(class))?)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
-                "rate_limited",
-                "Publishes over a rate limit: refused with a reply, or dropped (fire-and-forget).",
-                None,
-                MetricType::Counter,
-            )?;
-            for (outcome, count) in [
-                ("refused", &stats.rate_limited_refused),
-                ("dropped", &stats.rate_limited_dropped),
-            ] {
-                ConstCounter::new(get(count))
-                    .encode(family.encode_family(&[("outcome", outcome)])?)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
-                "presence_leaves",
-                "Agents that left presence, by reason: closed (their session ended), timeout (no heartbeat), replaced (a newer session of the same agent).",
-                None,
-                MetricType::Counter,
-            )?;
-            for (reason, count) in ["closed", "timeout", "replaced"]
+            let by_class: Vec<(&str, u64)> = Class::ALL
                 .iter()
-                .zip(&stats.presence_leaves)
-            {
-                ConstCounter::new(get(count))
-                    .encode(family.encode_family(&[("reason", *reason)])?)?;
-            }
+                .map(|class| (class.name(), get(&counts[class.index()])))
+                .collect();
+            labelled(&mut encoder, name, help, Kind::Counter, "class", &by_class)?;
         }
+        labelled(
+            &mut encoder,
+            "rate_limited",
+            "Publishes over a rate limit: refused with a reply, or dropped (fire-and-forget).",
+            Kind::Counter,
+            "outcome",
+            &[
+                ("refused", get(&stats.rate_limited_refused)),
+                ("dropped", get(&stats.rate_limited_dropped)),
+            ],
+        )?;
+        let reasons = ["closed", "timeout", "replaced"];
+        let by_reason: Vec<(&str, u64)> = reasons
+            .into_iter()
+            .zip(stats.presence_leaves.iter().map(get))
+            .collect();
+        labelled(
+            &mut encoder,
+            "presence_leaves",
+            "Agents that left presence, by reason: closed (their session ended), timeout (no heartbeat), replaced (a newer session of the same agent).",
+            Kind::Counter,
+            "reason",
+            &by_reason,
+        )?;
         let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 14] = [
             (
                 "lease_grants",
@@ -262,23 +254,19 @@ impl Collector for Scrape {
             let family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             ConstGauge::new(value as i64).encode(family)?;
         }
-        {
-            let mut family = encoder.encode_descriptor(
-                "jobs",
-                "Jobs in the queue, by state (pending_result: finished, its result not yet taken).",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (job_state, value) in [
+        labelled(
+            &mut encoder,
+            "jobs",
+            "Jobs in the queue, by state (pending_result: finished, its result not yet taken).",
+            Kind::Gauge,
+            "state",
+            &[
                 ("queued", state.jobs_queued),
                 ("running", state.jobs_running),
                 ("dead_lettered", state.jobs_dead_lettered),
                 ("pending_result", state.jobs_pending_results),
-            ] {
-                ConstGauge::new(value as i64)
-                    .encode(family.encode_family(&[("state", job_state)])?)?;
-            }
-        }
+            ],
+        )?;
         {
             let family = encoder.encode_descriptor(
                 "log_appended",
@@ -329,6 +317,38 @@ impl Collector for Scrape {
         }
         Ok(())
     }
+}
+
+/// Whether a family's values are counters or gauges.
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A family of one label: each `(label value, number)` of `values`.
+fn labelled(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: Kind,
+    label: &str,
+    values: &[(&str, u64)],
+) -> Result<(), std::fmt::Error> {
+    let metric_type = match kind {
+        Kind::Counter => MetricType::Counter,
+        Kind::Gauge => MetricType::Gauge,
+    };
+    let mut family = encoder.encode_descriptor(name, help, None, metric_type)?;
+    for (value, number) in values {
+        let labels = [(label, *value)];
+        let metric = family.encode_family(&labels)?;
+        match kind {
+            Kind::Counter => ConstCounter::new(*number).encode(metric)?,
+            Kind::Gauge => ConstGauge::new(*number as i64).encode(metric)?,
+        }
+    }
+    Ok(())
 }
 
 /// A microsecond histogram as Prometheus buckets in seconds: the sum, the count, and each
