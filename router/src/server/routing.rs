@@ -32,13 +32,14 @@ impl Session {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let swarm = publish.swarm.clone();
+        let received = publish.class.is_ordered().then(std::time::Instant::now);
         self.to_shard(
             &swarm,
             ShardCommand::Publish {
                 agent: self.agent.clone(),
                 outbox: self.outbox.clone(),
                 publish,
-                received: std::time::Instant::now(),
+                received,
             },
         )
         .await;

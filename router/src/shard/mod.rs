@@ -72,8 +72,9 @@ pub enum ShardCommand {
         agent: Arc<str>,
         outbox: Arc<Outbox>,
         publish: Publish,
-        /// When the session read it: its event lag counts the wait for the shard too.
-        received: std::time::Instant,
+        /// When the session read an ordered publish: its event lag counts the wait for the
+        /// shard too. `None` for telemetry, which is never made durable (no clock read).
+        received: Option<std::time::Instant>,
     },
     Ack {
         outbox: Arc<Outbox>,
@@ -781,7 +782,7 @@ impl Shard {
                 &publish,
                 // The batch's time, or the read's when earlier: the lag starts there.
                 swarmbus_proto::time::Now {
-                    instant: received.min(now.instant),
+                    instant: received.map_or(now.instant, |read| read.min(now.instant)),
                     ..now
                 },
             ) {
