@@ -82,6 +82,7 @@ fn fanout(c: &mut Criterion) {
                                     usize::MAX,
                                     usize::MAX,
                                     &mut chunks,
+                                    &mut Vec::new(),
                                 );
                             }
                         }

@@ -83,6 +83,22 @@ fn frame(size: usize) -> OutFrame {
     }
 }
 
+/// Fills every class lane with `batch` frames as a shard's flush does: the ordered
+/// classes' stamped with the time they became durable (one clock reading per flush).
+fn push_all(outbox: &Outbox, batch: usize, proto: &OutFrame) {
+    let durable = Instant::now();
+    for class in Class::ALL {
+        let lane = Lane::Class(class);
+        for _ in 0..batch {
+            let _ = if class.is_ordered() {
+                outbox.try_push_durable(lane, proto.clone(), durable)
+            } else {
+                outbox.try_push(lane, proto.clone())
+            };
+        }
+    }
+}
+
 fn outbox_queues(c: &mut Criterion) {
     let mut group = c.benchmark_group("outbox");
     let queues = QueueConfig::default();
@@ -91,20 +107,21 @@ fn outbox_queues(c: &mut Criterion) {
     let proto = frame(256);
     let batch = 256usize;
     let mut chunks = Vec::with_capacity(2 * batch);
+    let mut durable_at = Vec::with_capacity(batch);
     // Fill every class lane with `batch` frames, then drain them in priority order, as the
     // lane writers do (control first, telemetry last): the cost per frame in and out.
     group.throughput(Throughput::Elements((batch * Class::COUNT) as u64));
     group.bench_function(BenchmarkId::new("enqueue_drain", "5x256_frames"), |b| {
         b.iter(|| {
-            for class in Class::ALL {
-                let lane = Lane::Class(class);
-                for _ in 0..batch {
-                    let _ = outbox.try_push(lane, proto.clone());
-                }
-            }
+            push_all(&outbox, batch, &proto);
             let mut drained = 0;
             for class in Class::ALL {
-                drained += outbox.drain(Lane::Class(class), batch, usize::MAX, &mut chunks);
+                let lane = Lane::Class(class);
+                drained += outbox.drain(lane, batch, usize::MAX, &mut chunks, &mut durable_at);
+                // As the lane writer does after its write: the event lag of the live
+                // ordered deliveries.
+                outbox.written(lane, &durable_at);
+                durable_at.clear();
                 chunks.clear();
             }
             drained
@@ -117,15 +134,13 @@ fn outbox_queues(c: &mut Criterion) {
         BenchmarkId::new("enqueue_drain_coalesce", "5x256_frames"),
         |b| {
             b.iter(|| {
-                for class in Class::ALL {
-                    let lane = Lane::Class(class);
-                    for _ in 0..batch {
-                        let _ = outbox.try_push(lane, proto.clone());
-                    }
-                }
+                push_all(&outbox, batch, &proto);
                 let mut written = 0;
                 for class in Class::ALL {
-                    outbox.drain(Lane::Class(class), batch, usize::MAX, &mut chunks);
+                    let lane = Lane::Class(class);
+                    outbox.drain(lane, batch, usize::MAX, &mut chunks, &mut durable_at);
+                    outbox.written(lane, &durable_at);
+                    durable_at.clear();
                     for frame in chunks.drain(..) {
                         coalescer.push(frame);
                     }

@@ -15,8 +15,16 @@ use crate::common::{start_router, TestRouter};
 
 /// `GET path` on the admin listener: the status code and the body.
 async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
+    get_as(admin, path, None).await
+}
+
+/// [`get`], with `Authorization: Bearer token` when there is one.
+async fn get_as(admin: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
     tokio::time::timeout(
@@ -203,6 +211,172 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
     }
 }
 
+/// Scrapes until `done` holds for the samples (acks and lane writes are counted a moment
+/// after the client saw their effect), failing after ten seconds.
+async fn scrape_until(admin: SocketAddr, done: impl Fn(&Samples) -> bool) -> Samples {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let samples = Samples::scrape(admin).await;
+        if done(&samples) {
+            return samples;
+        }
+        assert!(Instant::now() < deadline, "the metrics never got there");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn event_lag_jobs_and_quic_families_move_with_traffic() {
+    let (t, admin) = with_admin().await;
+    let before = Samples::scrape(admin).await;
+    for (family, kind) in [
+        ("swarmbus_event_lag_delivered_seconds", "histogram"),
+        ("swarmbus_event_lag_ack_seconds", "histogram"),
+        ("swarmbus_log_fsync_seconds", "histogram"),
+        ("swarmbus_redeliveries", "counter"),
+        ("swarmbus_job_queue_wait_seconds", "histogram"),
+        ("swarmbus_job_run_seconds", "histogram"),
+        ("swarmbus_job_redeliveries", "counter"),
+        ("swarmbus_jobs_dead_lettered", "counter"),
+        ("swarmbus_quic_sent_packets", "counter"),
+        ("swarmbus_quic_lost_packets", "counter"),
+        ("swarmbus_quic_lost_bytes", "counter"),
+        ("swarmbus_quic_congestion_events", "counter"),
+        ("swarmbus_quic_rtt_mean_seconds", "gauge"),
+        ("swarmbus_quic_rtt_max_seconds", "gauge"),
+    ] {
+        assert_eq!(
+            before.types.get(family).map(String::as_str),
+            Some(kind),
+            "{family}"
+        );
+    }
+    let command = [("class", "command")];
+    let (controller, _c) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut deliveries) = t.connect("agent", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    commands(&controller, "s", 3).await;
+    let mut last = None;
+    for _ in 0..3 {
+        last = deliveries.recv().await;
+    }
+    // A slow subscriber: it acknowledges a good while after the commands were published.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let op = last.expect("three deliveries").op_id;
+    agent.ack("s", Class::Command, op).await.unwrap();
+    // A job, leased to a worker and finished.
+    let (worker, _w) = t.connect("gpu", Role::Worker, &["s"]).await;
+    let mut events = worker.job_events().unwrap();
+    worker.set_job_credits(1).await.unwrap();
+    agent
+        .submit_job(swarmbus_schema::SubmitJob {
+            swarm: "s".into(),
+            idempotency_key: "k".into(),
+            payload: Bytes::from_static(b"work"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let lease = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await {
+            Ok(Some(swarmbus_client::JobEvent::Lease(lease))) => break lease,
+            Ok(Some(_)) => continue,
+            other => panic!("no lease: {other:?}"),
+        }
+    };
+    worker
+        .finish_job(lease.job_id, lease.attempt, true, false, Bytes::new())
+        .await
+        .unwrap();
+    let count = |s: &Samples, metric: &str, labels: &[(&str, &str)]| {
+        s.value(metric, labels) - before.value(metric, labels)
+    };
+    let after = scrape_until(admin, |s| {
+        count(s, "swarmbus_event_lag_ack_seconds_count", &command) >= 1.0
+            && count(s, "swarmbus_event_lag_delivered_seconds_count", &command) >= 3.0
+            && count(s, "swarmbus_job_run_seconds_count", &[]) >= 1.0
+    })
+    .await;
+    // One cumulative ack: one sample, of at least the 300 ms the subscriber took.
+    assert_eq!(
+        count(&after, "swarmbus_event_lag_ack_seconds_count", &command),
+        1.0
+    );
+    let ack_lag = after.value("swarmbus_event_lag_ack_seconds_sum", &command);
+    assert!(ack_lag >= 0.3, "{ack_lag} s");
+    // Each live delivery written to the agent's stream once.
+    assert_eq!(
+        count(
+            &after,
+            "swarmbus_event_lag_delivered_seconds_count",
+            &command
+        ),
+        3.0
+    );
+    assert_eq!(
+        count(
+            &after,
+            "swarmbus_event_lag_delivered_seconds_count",
+            &[("class", "control")]
+        ),
+        0.0
+    );
+    assert!(count(&after, "swarmbus_log_fsync_seconds_count", &[]) >= 1.0);
+    assert_eq!(
+        count(&after, "swarmbus_job_queue_wait_seconds_count", &[]),
+        1.0
+    );
+    assert_eq!(count(&after, "swarmbus_job_run_seconds_count", &[]), 1.0);
+    assert_eq!(count(&after, "swarmbus_job_redeliveries_total", &[]), 0.0);
+    assert_eq!(count(&after, "swarmbus_redeliveries_total", &[]), 0.0);
+    assert!(count(&after, "swarmbus_quic_sent_packets_total", &[]) > 0.0);
+    assert!(after.value("swarmbus_quic_rtt_max_seconds", &[]) > 0.0);
+    assert!(
+        after.value("swarmbus_quic_rtt_mean_seconds", &[])
+            <= after.value("swarmbus_quic_rtt_max_seconds", &[])
+    );
+    // The connections view: three sessions, who they are, their path.
+    let (status, view) = get_json(admin, "/v1/connections", None).await;
+    assert_eq!(status, 200, "{view}");
+    let items = view["items"].as_array().unwrap();
+    let mut agents: Vec<&str> = items.iter().filter_map(|c| c["agent"].as_str()).collect();
+    agents.sort();
+    assert_eq!(agents, ["agent", "ctl", "gpu"], "{view}");
+    let gpu = items.iter().find(|c| c["agent"] == "gpu").unwrap();
+    assert_eq!(gpu["role"], "worker", "{gpu}");
+    assert_eq!(gpu["swarms"], serde_json::json!(["s"]), "{gpu}");
+    assert!(gpu["sent_packets"].as_u64().unwrap() > 0, "{gpu}");
+    assert!(
+        gpu["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{gpu}"
+    );
+    // Pages of one walk every connection once, in id order.
+    let mut walked = Vec::new();
+    let mut path = "/v1/connections?limit=1".to_owned();
+    loop {
+        let (_, page) = get_json(admin, &path, None).await;
+        walked.push(page["items"][0]["id"].as_u64().unwrap());
+        match page["next"].as_str() {
+            Some(next) => path = format!("/v1/connections?limit=1&after={next}"),
+            None => break,
+        }
+    }
+    let ids: Vec<u64> = items.iter().map(|c| c["id"].as_u64().unwrap()).collect();
+    assert_eq!(walked, ids);
+    assert_eq!(
+        get_json(admin, "/v1/connections?after=x", None).await.0,
+        400
+    );
+    // A connection that ends leaves the view, and its packets stay counted.
+    let sent = after.value("swarmbus_quic_sent_packets_total", &[]);
+    drop((worker, events));
+    let later = scrape_until(admin, |s| {
+        s.value("swarmbus_sessions", &[("role", "worker")]) == 0.0
+    })
+    .await;
+    assert!(later.value("swarmbus_quic_sent_packets_total", &[]) >= sent);
+}
+
 #[tokio::test]
 async fn health_readiness_and_unknown_paths() {
     let (t, admin) = with_admin().await;
@@ -290,16 +464,7 @@ async fn an_unavailable_internal_log_makes_the_router_not_ready() {
 
 /// `GET path` with `Authorization: Bearer token`: the status and the JSON body.
 async fn get_json(admin: SocketAddr, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: admin\r\n{auth}Connection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let (status, body) = get_as(admin, path, token).await;
     (status, serde_json::from_str(body.trim()).unwrap())
 }
 
@@ -327,6 +492,9 @@ async fn json_views_show_swarms_presence_leases_and_jobs() {
     assert_eq!(s["durable_op"], 3, "{s}");
     assert_eq!(s["members"], 2, "{s}");
     assert_eq!(s["subscribers"]["command"], 1, "{s}");
+    // The agent acknowledged nothing of the three: it lags by all of them.
+    assert_eq!(s["ack_lag_ops"], 3, "{s}");
+    assert!(s["log_bytes"].as_u64().unwrap() >= 3 * 20, "{s}");
     // Pages of one, walked to the end, give the whole list once, in order.
     let whole: Vec<serde_json::Value> = swarms["items"].as_array().unwrap().clone();
     assert!(whole.len() >= 3, "s, t and the router's own: {swarms}");
@@ -423,6 +591,34 @@ async fn with_credentials_the_views_need_an_admin_credential() {
     // Metrics and health stay open on loopback.
     assert_eq!(get(admin, "/readyz").await.0, 200);
     assert_eq!(get(admin, "/metrics").await.0, 200);
+}
+
+#[tokio::test]
+async fn closed_metrics_need_the_admin_credential_too() {
+    let t = start_router(|c| {
+        c.admin_listen = AdminListen::At("127.0.0.1:0".parse().unwrap());
+        c.auth.mode = swarmbus_router::auth::AuthMode::Required;
+        c.admin_metrics_open = false;
+    })
+    .await;
+    let admin = t.router.admin_addr().unwrap();
+    let key = crate::common::signing_key(t._data.as_ref().unwrap().path());
+    let operator = swarmbus_router::auth::issue(
+        &key,
+        &swarmbus_router::auth::Issue {
+            agent: "ops".into(),
+            grants: [("*".to_string(), swarmbus_router::auth::GrantRole::Admin)].into(),
+            ttl_s: 600,
+            now_s: crate::common::now_s(),
+            jti: "ops-1".into(),
+        },
+    )
+    .unwrap();
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(get(admin, path).await.0, 401, "{path}");
+        let (status, _) = get_as(admin, path, Some(&operator)).await;
+        assert_eq!(status, 200, "{path}");
+    }
 }
 
 /// A clock that keeps the router's start waiting until the test lets it go.

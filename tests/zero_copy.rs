@@ -119,6 +119,7 @@ fn bytes_per_delivery(payload_bytes: usize) -> f64 {
                 usize::MAX,
                 usize::MAX,
                 &mut chunks,
+                &mut Vec::new(),
             );
         }
         (allocated, delivered)

@@ -33,6 +33,10 @@ pub struct Config {
     /// The admin listener (HTTP: `/metrics`, `/healthz`, `/readyz`): a loopback TCP address
     /// (default 127.0.0.1:9464; port 0: one the OS picks), or `off`.
     pub admin_listen: AdminListen,
+    /// Whether `/metrics`, `/healthz` and `/readyz` answer without a credential (default
+    /// true: scrapers and probes on the host need none). False: with
+    /// `auth.mode = "required"` they need the admin credential the JSON views need.
+    pub admin_metrics_open: bool,
     /// Directory for the router's state (development TLS material now; the event log later).
     pub data_dir: PathBuf,
     /// Name announced in Welcome.
@@ -600,6 +604,7 @@ impl Default for Config {
                     .parse()
                     .expect("constant address parses"),
             ),
+            admin_metrics_open: true,
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             router_name: "swarmbus".into(),
             shards: 0,
@@ -770,6 +775,7 @@ impl Config {
                 "SWARMBUS_LISTEN" => self.listen = parse(&key, &value)?,
                 "SWARMBUS_BULK_LISTEN" => self.bulk_listen = parse(&key, &value)?,
                 "SWARMBUS_ADMIN_LISTEN" => self.admin_listen = parse(&key, &value)?,
+                "SWARMBUS_ADMIN_METRICS_OPEN" => self.admin_metrics_open = parse(&key, &value)?,
                 "SWARMBUS_DATA_DIR" => self.data_dir = PathBuf::from(value),
                 "SWARMBUS_ROUTER_NAME" => self.router_name = value,
                 "SWARMBUS_SHARDS" => self.shards = parse(&key, &value)?,

@@ -36,17 +36,43 @@ const BATCH_BUCKETS: [f64; 12] = [
 #[derive(Debug)]
 pub struct Scrape {
     pub stats: Arc<Stats>,
-    /// Publish received -> durable, per class, microseconds: every shard's, merged.
+    /// Event lag per class, microseconds: publish received -> durable (every shard's,
+    /// merged), durable -> written to the subscriber's stream (every lane writer's), and
+    /// publish received -> the subscriber's acknowledgement (every shard's).
     pub durable_lag_us: [LagHistogram; 5],
+    pub delivered_lag_us: [LagHistogram; 5],
+    pub ack_lag_us: [LagHistogram; 5],
     /// Whether `/readyz` answers ready.
     pub ready: bool,
     /// The control plane and the job queue, counted at scrape.
     pub state: StateCounts,
-    /// The log writers' group commits: their time (µs) and size (appends), merged; and
-    /// the bytes appended.
-    pub log_commit_us: LagHistogram,
-    pub log_batch_appends: LagHistogram,
-    pub log_appended_bytes: u64,
+    pub job_timings: swarmbus_proto::jobs::JobTimings,
+    pub log: LogFigures,
+    pub quic: QuicFigures,
+}
+
+/// The log writers' figures, merged: group commits' time (µs) and size (appends), syncs'
+/// time (µs), and the bytes appended.
+#[derive(Debug)]
+pub struct LogFigures {
+    pub commit_us: LagHistogram,
+    pub batch_appends: LagHistogram,
+    pub fsync_us: LagHistogram,
+    pub appended_bytes: u64,
+}
+
+/// QUIC path counters of every connection served (ended and live, with their attached bulk
+/// connections), and the round-trip times of the live ones.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct QuicFigures {
+    pub sent_packets: u64,
+    pub lost_packets: u64,
+    pub lost_bytes: u64,
+    pub congestion_events: u64,
+    /// Live connections, the sum and the largest of their smoothed RTTs (seconds).
+    pub connections: u64,
+    pub rtt_sum_s: f64,
+    pub rtt_max_s: f64,
 }
 
 /// What the control plane and the job queue hold at a scrape.
@@ -206,6 +232,70 @@ impl Collector for Scrape {
             let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(get(count)).encode(family)?;
         }
+        let quic = &self.quic;
+        let jobs = &self.job_timings;
+        let totals: [(&str, &str, u64); 7] = [
+            (
+                "redeliveries",
+                "Ordered-class subscribers sent their unacknowledged ops again (no ack within the redelivery timeout).",
+                get(&stats.redeliveries),
+            ),
+            (
+                "job_redeliveries",
+                "Job leases of attempts after a job's first (retries, lost leases, re-drives).",
+                jobs.redeliveries,
+            ),
+            (
+                "jobs_dead_lettered",
+                "Jobs dead-lettered (attempts used, or their deadline passed).",
+                jobs.dead_lettered,
+            ),
+            (
+                "quic_sent_packets",
+                "QUIC packets sent, all connections together.",
+                quic.sent_packets,
+            ),
+            (
+                "quic_lost_packets",
+                "QUIC packets declared lost (their frames are sent again), all connections together.",
+                quic.lost_packets,
+            ),
+            (
+                "quic_lost_bytes",
+                "Bytes of the QUIC packets declared lost.",
+                quic.lost_bytes,
+            ),
+            (
+                "quic_congestion_events",
+                "QUIC congestion events (the congestion window cut), all connections together.",
+                quic.congestion_events,
+            ),
+        ];
+        for (name, help, value) in totals {
+            let family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(family)?;
+        }
+        let rtt_mean = if quic.connections == 0 {
+            0.0
+        } else {
+            quic.rtt_sum_s / quic.connections as f64
+        };
+        for (name, help, value) in [
+            (
+                "quic_rtt_mean",
+                "Mean smoothed round-trip time of the connections open now (0: none).",
+                rtt_mean,
+            ),
+            (
+                "quic_rtt_max",
+                "Largest smoothed round-trip time of the connections open now (0: none).",
+                quic.rtt_max_s,
+            ),
+        ] {
+            let family =
+                encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Gauge)?;
+            ConstGauge::new(value).encode(family)?;
+        }
         let gauges: [(&str, &str, Option<&Unit>, i64); 5] = [
             (
                 "queued",
@@ -274,14 +364,22 @@ impl Collector for Scrape {
                 Some(&Unit::Bytes),
                 MetricType::Counter,
             )?;
-            ConstCounter::new(self.log_appended_bytes).encode(family)?;
+            ConstCounter::new(self.log.appended_bytes).encode(family)?;
         }
         for (name, help, unit, histogram, bounds, scale) in [
             (
                 "log_commit",
                 "One group commit of a log writer: its writes and syncs, from taking the batch to reporting it.",
                 Some(&Unit::Seconds),
-                &self.log_commit_us,
+                &self.log.commit_us,
+                &LAG_BUCKETS_S[..],
+                1e6,
+            ),
+            (
+                "log_fsync",
+                "One fdatasync of one log file (with its directory's when the file is new).",
+                Some(&Unit::Seconds),
+                &self.log.fsync_us,
                 &LAG_BUCKETS_S[..],
                 1e6,
             ),
@@ -289,9 +387,25 @@ impl Collector for Scrape {
                 "log_batch_appends",
                 "Appends per group commit (one fdatasync each under log.sync = always).",
                 None,
-                &self.log_batch_appends,
+                &self.log.batch_appends,
                 &BATCH_BUCKETS[..],
                 1.0,
+            ),
+            (
+                "job_queue_wait",
+                "A job attempt's wait from ready (submitted, or its retry's backoff over) to leased to a worker.",
+                Some(&Unit::Seconds),
+                &self.job_timings.queue_wait_us,
+                &LAG_BUCKETS_S[..],
+                1e6,
+            ),
+            (
+                "job_run",
+                "A job attempt's run: leased -> its result, its loss (lease expired, worker gone) or its cancel.",
+                Some(&Unit::Seconds),
+                &self.job_timings.run_us,
+                &LAG_BUCKETS_S[..],
+                1e6,
             ),
         ] {
             let mut family = encoder.encode_descriptor(name, help, unit, MetricType::Histogram)?;
@@ -300,20 +414,33 @@ impl Collector for Scrape {
                 sum, count, &buckets, None,
             )?;
         }
-        let mut family = encoder.encode_descriptor(
-            "event_lag_durable",
-            "Publish received -> durable in the event log (and acknowledged), by ordered class.",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        for class in Class::ALL.into_iter().filter(|c| c.is_ordered()) {
-            let histogram = &self.durable_lag_us[class.index()];
-            let (sum, count, buckets) = buckets_of(histogram);
-            family
-                .encode_family(&class_labels(class))?
-                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                    sum, count, &buckets, None,
-                )?;
+        for (name, help, histograms) in [
+            (
+                "event_lag_durable",
+                "Publish received -> durable in the event log (and acknowledged to the publisher), by ordered class.",
+                &self.durable_lag_us,
+            ),
+            (
+                "event_lag_delivered",
+                "Durable -> written to a subscriber's stream, by ordered class (live deliveries; catch-ups from the log are not counted).",
+                &self.delivered_lag_us,
+            ),
+            (
+                "event_lag_ack",
+                "Publish received -> a subscriber's acknowledgement of it, by ordered class (publish -> apply for applications that ack after applying).",
+                &self.ack_lag_us,
+            ),
+        ] {
+            let mut family =
+                encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+            for class in Class::ALL.into_iter().filter(|c| c.is_ordered()) {
+                let (sum, count, buckets) = buckets_of(&histograms[class.index()]);
+                family
+                    .encode_family(&class_labels(class))?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        sum, count, &buckets, None,
+                    )?;
+            }
         }
         Ok(())
     }
@@ -391,23 +518,24 @@ pub fn merge(into: &mut [LagHistogram; 5], from: &[LagHistogram; 5]) {
 }
 
 /// The log writers' figures, merged.
-pub fn log_figures(
-    writers: &[Arc<crate::log::writer::LogMetrics>],
-) -> (LagHistogram, LagHistogram, u64) {
-    let mut commit_us = swarmbus_proto::core::lag_histogram();
-    let mut batch_appends = swarmbus_proto::core::lag_histogram();
-    let mut bytes = 0;
+pub fn log_figures(writers: &[Arc<crate::log::writer::LogMetrics>]) -> LogFigures {
+    let mut figures = LogFigures {
+        commit_us: swarmbus_proto::core::lag_histogram(),
+        batch_appends: swarmbus_proto::core::lag_histogram(),
+        fsync_us: swarmbus_proto::core::lag_histogram(),
+        appended_bytes: 0,
+    };
+    // A poisoned lock only held a histogram: read it anyway.
+    let read = |lock: &std::sync::Mutex<LagHistogram>, into: &mut LagHistogram| {
+        let _ = into.add(&*lock.lock().unwrap_or_else(|p| p.into_inner()));
+    };
     for writer in writers {
-        let _ = commit_us.add(&*writer.commit_us.lock().unwrap_or_else(|p| p.into_inner()));
-        let _ = batch_appends.add(
-            &*writer
-                .batch_appends
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        bytes += writer.appended_bytes.load(Ordering::Relaxed);
+        read(&writer.commit_us, &mut figures.commit_us);
+        read(&writer.batch_appends, &mut figures.batch_appends);
+        read(&writer.fsync_us, &mut figures.fsync_us);
+        figures.appended_bytes += writer.appended_bytes.load(Ordering::Relaxed);
     }
-    (commit_us, batch_appends, bytes)
+    figures
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use swarmbus_schema::{ErrorCode, OutFrame};
 use tokio::sync::Notify;
@@ -40,9 +41,13 @@ pub struct Lagging;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Full;
 
+/// A queued frame, with the time it became deliverable when it is a live ordered delivery
+/// (durable -> written to the stream is measured from it).
+type Queued = (OutFrame, Option<Instant>);
+
 #[derive(Debug)]
 struct LaneQueue {
-    frames: Mutex<VecDeque<OutFrame>>,
+    frames: Mutex<VecDeque<Queued>>,
     ready: Notify,
     capacity: usize,
     shed: AtomicU64,
@@ -97,7 +102,7 @@ impl Outbox {
         self.conn
     }
 
-    fn lock(&self, lane: Lane) -> MutexGuard<'_, VecDeque<OutFrame>> {
+    fn lock(&self, lane: Lane) -> MutexGuard<'_, VecDeque<Queued>> {
         // A panic while holding this lock cannot leave the deque inconsistent (every
         // operation under it is a single push/pop), so a poisoned lock is still usable.
         self.lanes[lane.index()]
@@ -110,7 +115,7 @@ impl Outbox {
     /// sheds its oldest frame; any other full lane marks the connection lagging and asks
     /// for it to be closed.
     pub fn push(&self, lane: Lane, frame: OutFrame) -> Result<(), Lagging> {
-        if self.enqueue(lane, frame, lane.sheddable()).is_ok() {
+        if self.enqueue(lane, frame, lane.sheddable(), None).is_ok() {
             return Ok(());
         }
         self.stats
@@ -123,14 +128,31 @@ impl Outbox {
     /// Queues a frame unless the lane is full; never closes the connection. Used for ordered
     /// classes, whose subscribers catch up from the log instead of being disconnected.
     pub fn try_push(&self, lane: Lane, frame: OutFrame) -> Result<(), Full> {
-        self.enqueue(lane, frame, false)
+        self.enqueue(lane, frame, false, None)
+    }
+
+    /// [`Outbox::try_push`] of a live ordered delivery, durable since `durable_at`: the
+    /// lane's writer records the time until it wrote the frame to its stream.
+    pub fn try_push_durable(
+        &self,
+        lane: Lane,
+        frame: OutFrame,
+        durable_at: Instant,
+    ) -> Result<(), Full> {
+        self.enqueue(lane, frame, false, Some(durable_at))
     }
 
     /// The one place frames enter a lane: at a limit (frames in the lane, bytes of the
     /// connection, bytes of the router), `shed` drops the oldest frames of the lane (and
     /// counts them) until the frame fits, or the frame itself when none are left; without
     /// `shed` the frame is refused.
-    fn enqueue(&self, lane: Lane, frame: OutFrame, shed: bool) -> Result<(), Full> {
+    fn enqueue(
+        &self,
+        lane: Lane,
+        frame: OutFrame,
+        shed: bool,
+        durable_at: Option<Instant>,
+    ) -> Result<(), Full> {
         if self.closed.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -152,13 +174,13 @@ impl Outbox {
             queue.shed.fetch_add(1, Ordering::Relaxed);
             self.stats.telemetry_shed.fetch_add(1, Ordering::Relaxed);
             match frames.pop_front() {
-                Some(oldest) => self.release(oldest.wire_len()),
+                Some((oldest, _)) => self.release(oldest.wire_len()),
                 // Nothing of this lane left to drop: the new frame is the one shed.
                 None => return Ok(()),
             }
         }
         let was_empty = frames.is_empty();
-        frames.push_back(frame);
+        frames.push_back((frame, durable_at));
         drop(frames);
         if was_empty {
             queue.ready.notify_one();
@@ -212,27 +234,40 @@ impl Outbox {
     }
 
     /// Moves up to `max_frames` frames (and about `max_bytes`) into `out`, in order,
-    /// returning how many frames were taken.
+    /// returning how many frames were taken; the durable times of those that carry one
+    /// (see [`Outbox::try_push_durable`]) go to `durable_at`.
     pub fn drain(
         &self,
         lane: Lane,
         max_frames: usize,
         max_bytes: usize,
         out: &mut Vec<OutFrame>,
+        durable_at: &mut Vec<Instant>,
     ) -> usize {
         let mut frames = self.lock(lane);
         let mut taken = 0;
         let mut bytes = 0;
         while taken < max_frames && bytes < max_bytes {
-            let Some(frame) = frames.pop_front() else {
+            let Some((frame, at)) = frames.pop_front() else {
                 break;
             };
+            durable_at.extend(at);
             bytes += frame.wire_len();
             self.release(frame.wire_len());
             out.push(frame);
             taken += 1;
         }
         taken
+    }
+
+    /// The frames of `lane` durable at `durable_at` were written to its stream just now:
+    /// counted in the router's durable -> delivered lag.
+    pub fn written(&self, lane: Lane, durable_at: &[Instant]) {
+        if let Lane::Class(class) = lane {
+            self.stats
+                .delivery_lag
+                .record(self.conn.0, class, durable_at, Instant::now());
+        }
     }
 
     /// Waits until `lane` may have frames (or the outbox closed).
@@ -271,7 +306,7 @@ impl Outbox {
         }
         for lane in Lane::all() {
             let mut frames = self.lock(lane);
-            for frame in frames.drain(..) {
+            for (frame, _) in frames.drain(..) {
                 self.release(frame.wire_len());
             }
             drop(frames);
@@ -283,7 +318,7 @@ impl Outbox {
     fn release_all(&self) {
         for lane in Lane::all() {
             let mut frames = self.lock(lane);
-            for frame in frames.drain(..) {
+            for (frame, _) in frames.drain(..) {
                 self.release(frame.wire_len());
             }
         }
@@ -378,7 +413,7 @@ mod tests {
         assert!(stats.connection_queued_bytes_max.load(Ordering::Relaxed) <= 1_000);
         // Draining gives the bytes back.
         let mut chunks = Vec::new();
-        out.drain(command, 100, usize::MAX, &mut chunks);
+        out.drain(command, 100, usize::MAX, &mut chunks, &mut Vec::new());
         assert_eq!(out.queued_bytes(), 100 * out.queued(telemetry));
         out.close();
         assert_eq!(out.queued_bytes(), 0);
@@ -416,7 +451,10 @@ mod tests {
         }
         assert_eq!(out.shed(lane), 2);
         let mut chunks = Vec::new();
-        assert_eq!(out.drain(lane, 10, usize::MAX, &mut chunks), 3);
+        assert_eq!(
+            out.drain(lane, 10, usize::MAX, &mut chunks, &mut Vec::new()),
+            3
+        );
         let firsts: Vec<u8> = chunks.iter().map(|c| c.head[0]).collect();
         assert_eq!(firsts, vec![2, 3, 4]);
     }
@@ -437,6 +475,21 @@ mod tests {
     }
 
     #[test]
+    fn drain_hands_out_the_durable_times_of_live_ordered_deliveries_only() {
+        let out = outbox(10);
+        let lane = Lane::Class(Class::Command);
+        let durable = Instant::now();
+        out.try_push_durable(lane, frame(0), durable).unwrap();
+        out.try_push(lane, frame(1)).unwrap(); // a catch-up from the log: not stamped
+        out.try_push_durable(lane, frame(2), durable).unwrap();
+        let (mut chunks, mut stamps) = (Vec::new(), Vec::new());
+        assert_eq!(out.drain(lane, 2, usize::MAX, &mut chunks, &mut stamps), 2);
+        assert_eq!(stamps, vec![durable]);
+        assert_eq!(out.drain(lane, 2, usize::MAX, &mut chunks, &mut stamps), 1);
+        assert_eq!(stamps, vec![durable, durable]);
+    }
+
+    #[test]
     fn drain_respects_frame_and_byte_budgets() {
         let out = outbox(100);
         let lane = Lane::Session;
@@ -444,9 +497,12 @@ mod tests {
             out.push(lane, frame(n)).unwrap();
         }
         let mut chunks = Vec::new();
-        assert_eq!(out.drain(lane, 4, usize::MAX, &mut chunks), 4);
+        assert_eq!(
+            out.drain(lane, 4, usize::MAX, &mut chunks, &mut Vec::new()),
+            4
+        );
         chunks.clear();
-        assert_eq!(out.drain(lane, 100, 2, &mut chunks), 2);
+        assert_eq!(out.drain(lane, 100, 2, &mut chunks, &mut Vec::new()), 2);
         assert_eq!(out.queued(lane), 4);
     }
 }

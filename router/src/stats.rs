@@ -1,6 +1,11 @@
 //! Router-wide counters (relaxed atomics; read with [`Stats::snapshot`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use swarmbus_proto::core::{lag_histogram, LagHistogram};
+use swarmbus_schema::Class;
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -65,6 +70,89 @@ pub struct Stats {
     /// Swarms unavailable now because their log failed (not counting damage found at
     /// start-up).
     pub log_unavailable_swarms: AtomicU64,
+    /// Ordered-class subscribers rewound to their last acknowledgement because it did not
+    /// come within the redelivery timeout (each is sent those ops again).
+    pub redeliveries: AtomicU64,
+    /// Durable -> written to the subscriber's stream, per class, of live deliveries.
+    pub delivery_lag: LagStripes,
+    /// The QUIC path figures of connections that ended (live ones are read at a scrape).
+    pub quic_ended: QuicTotals,
+}
+
+/// QUIC path counters summed over connections (quinn's `PathStats`).
+#[derive(Debug, Default)]
+pub struct QuicTotals {
+    pub sent_packets: AtomicU64,
+    pub lost_packets: AtomicU64,
+    pub lost_bytes: AtomicU64,
+    pub congestion_events: AtomicU64,
+}
+
+impl QuicTotals {
+    /// Adds what `connection` counted.
+    pub fn add(&self, connection: &quinn::Connection) {
+        let path = connection.stats().path;
+        for (total, value) in [
+            (&self.sent_packets, path.sent_packets),
+            (&self.lost_packets, path.lost_packets),
+            (&self.lost_bytes, path.lost_bytes),
+            (&self.congestion_events, path.congestion_events),
+        ] {
+            total.fetch_add(value, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Stripes of [`LagStripes`]: writers of different connections rarely share one.
+const LAG_STRIPES: usize = 8;
+
+/// Lag histograms (µs, per class) recorded by many tasks and merged at a scrape. A task
+/// records into the stripe of its connection, a batch of samples per lock, so the lanes of
+/// different connections seldom wait for each other (an hdr histogram cannot be updated
+/// through atomics, and one per connection would cost 150 KiB each).
+#[derive(Debug)]
+pub struct LagStripes {
+    stripes: Box<[Mutex<[LagHistogram; 5]>]>,
+}
+
+impl Default for LagStripes {
+    fn default() -> Self {
+        LagStripes {
+            stripes: (0..LAG_STRIPES)
+                .map(|_| Mutex::new(std::array::from_fn(|_| lag_histogram())))
+                .collect(),
+        }
+    }
+}
+
+impl LagStripes {
+    /// Records, for `class`, the time from each of `since` to `now`.
+    pub fn record(&self, key: u64, class: Class, since: &[Instant], now: Instant) {
+        if since.is_empty() {
+            return;
+        }
+        let stripe = &self.stripes[key as usize % self.stripes.len()];
+        // A poisoned lock only held histograms: go on with them.
+        let mut histograms = stripe.lock().unwrap_or_else(|p| p.into_inner());
+        let histogram = &mut histograms[class.index()];
+        for at in since {
+            let lag = now.saturating_duration_since(*at).as_micros();
+            histogram.saturating_record(lag.max(1) as u64);
+        }
+    }
+
+    /// Every stripe's samples together.
+    pub fn merged(&self) -> [LagHistogram; 5] {
+        let mut merged: [LagHistogram; 5] = std::array::from_fn(|_| lag_histogram());
+        for stripe in self.stripes.iter() {
+            let histograms = stripe.lock().unwrap_or_else(|p| p.into_inner());
+            for (into, from) in merged.iter_mut().zip(histograms.iter()) {
+                // Same bounds on both sides: adding cannot fail.
+                let _ = into.add(from);
+            }
+        }
+        merged
+    }
 }
 
 /// A copy of the counters at one moment.

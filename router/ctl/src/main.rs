@@ -73,8 +73,10 @@ struct Args {
 enum Command {
     /// Readiness and the job queue's counts.
     Status,
-    /// Every swarm: op ids, members, subscribers.
+    /// Every swarm: op ids, members, subscribers, the slowest subscriber's lag, log bytes.
     Swarms,
+    /// The connections being served: agent, role, remote address, RTT, packets lost.
+    Connections,
     /// The members of SWARM, with when each was last seen.
     Presence { swarm: String },
     /// The leases held now.
@@ -201,6 +203,8 @@ async fn run(args: Args) -> Result<(), Failure> {
                     s["durable_op"].to_string(),
                     s["members"].to_string(),
                     s["subscribers"]["command"].to_string(),
+                    s["ack_lag_ops"].to_string(),
+                    s["log_bytes"].to_string(),
                     if s["paused"] == true {
                         "paused".into()
                     } else {
@@ -209,7 +213,38 @@ async fn run(args: Args) -> Result<(), Failure> {
                 ]
             });
             let header = [
-                "SWARM", "EPOCH", "LAST OP", "DURABLE", "MEMBERS", "CMD SUBS", "",
+                "SWARM",
+                "EPOCH",
+                "LAST OP",
+                "DURABLE",
+                "MEMBERS",
+                "CMD SUBS",
+                "ACK LAG",
+                "LOG BYTES",
+                "",
+            ];
+            (Value::Array(items.clone()), table(&header, rows))
+        }
+        Command::Connections => {
+            let items = admin.all("/v1/connections?").await?;
+            let rows = items.iter().map(|c| {
+                vec![
+                    c["id"].to_string(),
+                    text(&c["agent"]),
+                    text(&c["role"]),
+                    text(&c["remote"]),
+                    format!("{:.2}", c["rtt_ms"].as_f64().unwrap_or_default()),
+                    c["lost_packets"].to_string(),
+                    c["queued_bytes"].to_string(),
+                    if c["bulk_attached"] == true {
+                        "bulk".into()
+                    } else {
+                        String::new()
+                    },
+                ]
+            });
+            let header = [
+                "ID", "AGENT", "ROLE", "REMOTE", "RTT (MS)", "LOST", "QUEUED", "",
             ];
             (Value::Array(items.clone()), table(&header, rows))
         }

@@ -104,6 +104,16 @@ async fn every_subcommand_answers_json_from_a_live_router() {
         .map(|m| m["agent"].as_str().unwrap())
         .collect();
     assert_eq!(agents, ["agent-1", "ctl-test"]);
+    let (code, connections, stderr) = t.ctl(&["connections"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let mut agents: Vec<&str> = connections
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["agent"].as_str())
+        .collect();
+    agents.sort();
+    assert_eq!(agents, ["agent-1", "ctl-test"], "{connections}");
     let (_, leases, _) = t.ctl(&["leases"]).await;
     assert_eq!(leases[0]["holder"], "ctl-test", "{leases}");
     let (code, jobs, _) = t.ctl(&["jobs"]).await;

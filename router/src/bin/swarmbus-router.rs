@@ -51,7 +51,8 @@ const ENVIRONMENT: &str = "\
 Environment (each wins over the file; flags win over both):
   SWARMBUS_<SECTION>__<KEY>   any key of any section, e.g. SWARMBUS_LOG__SEGMENT_BYTES=1048576,
                               SWARMBUS_RATE_LIMITS__COMMAND__RATE_PER_S=5000 (a TOML value, or text)
-  SWARMBUS_LISTEN, SWARMBUS_BULK_LISTEN, SWARMBUS_ADMIN_LISTEN, SWARMBUS_DATA_DIR,
+  SWARMBUS_LISTEN, SWARMBUS_BULK_LISTEN, SWARMBUS_ADMIN_LISTEN,
+  SWARMBUS_ADMIN_METRICS_OPEN, SWARMBUS_DATA_DIR,
   SWARMBUS_ROUTER_NAME, SWARMBUS_SHARDS                  the top-level keys
   SWARMBUS_TLS_CERT, SWARMBUS_TLS_KEY                     tls.cert, tls.key
   SWARMBUS_AUTH_MODE                                      auth.mode

@@ -111,6 +111,8 @@ pub struct LogState {
     pub last_op: OpId,
     /// Set when the swarm's log is damaged; such a swarm is not served.
     pub unavailable: Option<String>,
+    /// Bytes of its segments on disk.
+    pub bytes: u64,
 }
 
 /// The log as a shard sees it. Appends complete asynchronously: the backend reports
@@ -230,6 +232,7 @@ impl LogBackend for ShardLog {
                         epoch: log.epoch,
                         last_op: log.last_op(),
                         unavailable: log.unavailable.clone(),
+                        bytes: log.bytes(),
                     },
                 )
             })

@@ -103,6 +103,8 @@ pub struct LogMetrics {
     pub commit_us: std::sync::Mutex<swarmbus_proto::core::LagHistogram>,
     /// Appends per group commit.
     pub batch_appends: std::sync::Mutex<swarmbus_proto::core::LagHistogram>,
+    /// One `fdatasync` of one file (with its directory's sync when the file is new), µs.
+    pub fsync_us: std::sync::Mutex<swarmbus_proto::core::LagHistogram>,
     /// Bytes appended (records, before any compaction).
     pub appended_bytes: std::sync::atomic::AtomicU64,
 }
@@ -112,8 +114,19 @@ impl LogMetrics {
         LogMetrics {
             commit_us: std::sync::Mutex::new(swarmbus_proto::core::lag_histogram()),
             batch_appends: std::sync::Mutex::new(swarmbus_proto::core::lag_histogram()),
+            fsync_us: std::sync::Mutex::new(swarmbus_proto::core::lag_histogram()),
             appended_bytes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Records one sync that started at `started`.
+    fn synced(&self, started: Instant) {
+        let took = started.elapsed().as_micros().max(1) as u64;
+        // A poisoned lock only held a histogram: go on with it.
+        self.fsync_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .saturating_record(took);
     }
 }
 
@@ -641,10 +654,12 @@ fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
                 };
                 file.write_all_at(&f.bytes, f.offset)?;
                 if sync {
+                    let started = Instant::now();
                     file.sync_data()?;
                     if f.new_file {
                         std::fs::File::open(parent_of(&f.path))?.sync_all()?;
                     }
+                    state.metrics.synced(started);
                 }
                 Ok(())
             })();
@@ -657,9 +672,11 @@ fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
         if flush_interval {
             for path in std::mem::take(&mut state.unsynced) {
                 if let Some(file) = files.get(&path) {
+                    let started = Instant::now();
                     if let Err(error) = file.sync_data() {
                         tracing::error!(path = %path.display(), %error, "event log sync failed");
                     }
+                    state.metrics.synced(started);
                 }
             }
             state.last_sync = Instant::now();
@@ -715,17 +732,20 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
                 };
                 let path = f.path.clone();
                 let new_file = f.new_file;
+                let metrics = state.metrics.clone();
                 let handle = tokio_uring::spawn(async move {
                     let bytes: Bytes = f.bytes.freeze();
                     let (result, _) = file.write_all_at(bytes, f.offset).await;
                     result?;
                     if sync {
+                        let started = Instant::now();
                         file.sync_data().await?;
                         if new_file {
                             let dir = tokio_uring::fs::File::open(parent_of(&path)).await?;
                             dir.sync_all().await?;
                             dir.close().await?;
                         }
+                        metrics.synced(started);
                     }
                     Ok::<(), std::io::Error>(())
                 });
@@ -750,9 +770,11 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
             if flush_interval {
                 for path in std::mem::take(&mut state.unsynced) {
                     if let Some(file) = files.get(&path) {
+                        let started = Instant::now();
                         if let Err(error) = file.sync_data().await {
                             tracing::error!(path = %path.display(), %error, "event log sync failed");
                         }
+                        state.metrics.synced(started);
                     }
                 }
                 state.last_sync = Instant::now();

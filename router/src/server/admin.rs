@@ -151,7 +151,16 @@ async fn answer(
         );
         return response;
     }
-    match request.uri().path() {
+    let path = request.uri().path();
+    let gated = matches!(path, "/healthz" | "/readyz" | "/metrics");
+    if let (true, Some(context)) = (gated, state.context.get()) {
+        if !context.config.admin_metrics_open {
+            if let Err(refused) = admitted(context, &request) {
+                return *refused;
+            }
+        }
+    }
+    match path {
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
         "/readyz" => match state.not_ready() {
             None => text(StatusCode::OK, PLAIN, "ready\n".into()),
@@ -181,7 +190,8 @@ async fn answer(
             PLAIN,
             format!(
                 "no {other:?}: the admin listener serves /metrics, /healthz, /readyz and the \
-                 JSON views under /v1/ (swarms, presence, leases, jobs, dead-letters)\n"
+                 JSON views under /v1/ (swarms, connections, presence, leases, jobs, \
+                 dead-letters)\n"
             ),
         ),
     }
@@ -301,7 +311,7 @@ fn page<T: serde::Serialize>(
     serde_json::json!({ "items": page, "next": next })
 }
 
-/// The JSON views: `/v1/swarms`, `/v1/presence?swarm=S`, `/v1/leases`, `/v1/jobs`,
+/// The JSON views: `/v1/swarms`, `/v1/connections`, `/v1/presence?swarm=S`, `/v1/leases`, `/v1/jobs`,
 /// `/v1/dead-letters?swarm=S`; paged ones take `after` and `limit` and answer
 /// `{"items": [...], "next": KEY or null}`.
 async fn view(
@@ -324,6 +334,18 @@ async fn view(
     let after = params.get("after").cloned().unwrap_or_default();
     match (path, swarm) {
         ("/v1/swarms", _) => swarms_view(context, limit, &after).await,
+        ("/v1/connections", _) => {
+            let after = match after.as_str() {
+                "" => 0,
+                text => match text.parse::<u64>() {
+                    Ok(id) => id,
+                    Err(_) => {
+                        return json_error(StatusCode::BAD_REQUEST, "after is a connection id")
+                    }
+                },
+            };
+            json(StatusCode::OK, &connections_view(context, after, limit))
+        }
         ("/v1/presence", Some(swarm)) => {
             // One more than the page, to know whether another follows.
             let mut members = context.control().presence.page(&swarm, &after, limit + 1);
@@ -413,6 +435,92 @@ async fn view(
     }
 }
 
+/// `/v1/connections`: the connections being served after id `after`, in id order: who
+/// (once its session is established), where from, since when, what it has queued, and its
+/// QUIC path (an attached bulk connection's figures added in).
+fn connections_view(context: &Context, after: u64, limit: usize) -> serde_json::Value {
+    let live = context.live.lock().unwrap_or_else(|p| p.into_inner());
+    let mut items = Vec::new();
+    let mut last = after;
+    let mut rest = live.range(after.saturating_add(1)..);
+    for (id, tracked) in rest.by_ref().take(limit) {
+        last = *id;
+        let session = tracked.session.as_ref().and_then(std::sync::Weak::upgrade);
+        let bulk = tracked.bulk_connection();
+        let path = quic_path(&tracked.connection, bulk.as_ref());
+        let mut item = serde_json::json!({
+            "id": id,
+            "remote": tracked.connection.remote_address().to_string(),
+            "listener": match tracked.listener {
+                Listener::Main => "main",
+                Listener::Bulk => "bulk",
+            },
+            "since_ms": tracked.since_ms,
+            "bulk_attached": bulk.is_some(),
+            "rtt_ms": tracked.connection.rtt().as_secs_f64() * 1e3,
+            "sent_packets": path.sent_packets,
+            "lost_packets": path.lost_packets,
+            "lost_bytes": path.lost_bytes,
+            "congestion_events": path.congestion_events,
+        });
+        match session {
+            Some(session) => {
+                let mut swarms: Vec<&String> = session.swarms.iter().collect();
+                swarms.sort();
+                item["agent"] = session.agent.as_ref().into();
+                item["role"] = session.role.name().into();
+                item["swarms"] = serde_json::json!(swarms);
+                item["queued_bytes"] = session.outbox.queued_bytes().into();
+            }
+            None => item["agent"] = serde_json::Value::Null,
+        }
+        items.push(item);
+    }
+    let next = rest.next().is_some().then(|| last.to_string());
+    serde_json::json!({ "items": items, "next": next })
+}
+
+/// The path counters of `connection` and of its bulk connection, summed.
+fn quic_path(connection: &Connection, bulk: Option<&Connection>) -> crate::metrics::QuicFigures {
+    let mut figures = crate::metrics::QuicFigures::default();
+    for connection in std::iter::once(connection).chain(bulk) {
+        let path = connection.stats().path;
+        figures.sent_packets += path.sent_packets;
+        figures.lost_packets += path.lost_packets;
+        figures.lost_bytes += path.lost_bytes;
+        figures.congestion_events += path.congestion_events;
+    }
+    figures
+}
+
+/// The QUIC figures of every connection ever served: those that ended (their totals) and
+/// the live ones, read now, with the live ones' round-trip times.
+fn quic_figures(context: &Context) -> crate::metrics::QuicFigures {
+    let live = context.live.lock().unwrap_or_else(|p| p.into_inner());
+    let ended = &context.stats.quic_ended;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let mut figures = crate::metrics::QuicFigures {
+        sent_packets: get(&ended.sent_packets),
+        lost_packets: get(&ended.lost_packets),
+        lost_bytes: get(&ended.lost_bytes),
+        congestion_events: get(&ended.congestion_events),
+        ..Default::default()
+    };
+    for tracked in live.values() {
+        let bulk = tracked.bulk_connection();
+        let path = quic_path(&tracked.connection, bulk.as_ref());
+        figures.sent_packets += path.sent_packets;
+        figures.lost_packets += path.lost_packets;
+        figures.lost_bytes += path.lost_bytes;
+        figures.congestion_events += path.congestion_events;
+        let rtt = tracked.connection.rtt().as_secs_f64();
+        figures.rtt_sum_s += rtt;
+        figures.rtt_max_s = figures.rtt_max_s.max(rtt);
+        figures.connections += 1;
+    }
+    figures
+}
+
 /// `/v1/swarms`: every shard asked within one deadline; those that miss it are counted in
 /// `missing_shards` (busy), and their swarms left out of the answer.
 async fn swarms_view(context: &Context, limit: usize, after: &str) -> Response<Full<Bytes>> {
@@ -438,6 +546,8 @@ async fn swarms_view(context: &Context, limit: usize, after: &str) -> Response<F
                     "subscribers": subscribers,
                     "paused": s.paused,
                     "unavailable": s.unavailable,
+                    "ack_lag_ops": s.ack_lag_ops,
+                    "log_bytes": s.log_bytes,
                 })
             })
             .collect()
@@ -480,12 +590,14 @@ async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape
     let fresh = ask_shards(context, |reply| ShardCommand::Metrics { reply }).await;
     last.resize(fresh.len(), None);
     let mut durable_lag_us = std::array::from_fn(|_| swarmbus_proto::core::lag_histogram());
+    let mut ack_lag_us = std::array::from_fn(|_| swarmbus_proto::core::lag_histogram());
     for (kept, fresh) in last.iter_mut().zip(fresh) {
         if fresh.is_some() {
             *kept = fresh;
         }
         if let Some(metrics) = kept {
             crate::metrics::merge(&mut durable_lag_us, &metrics.durable_lag_us);
+            crate::metrics::merge(&mut ack_lag_us, &metrics.ack_lag_us);
         }
     }
     let now_ms = context.clock.now_ms();
@@ -496,15 +608,18 @@ async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape
             control.leases.holdings(now_ms).len(),
         )
     };
-    let jobs = context.jobs().counts();
-    let (log_commit_us, log_batch_appends, log_appended_bytes) =
-        crate::metrics::log_figures(&context.log_metrics);
+    let (jobs, job_timings) = {
+        let jobs = context.jobs();
+        (jobs.counts(), jobs.timings().clone())
+    };
     crate::metrics::Scrape {
-        log_commit_us,
-        log_batch_appends,
-        log_appended_bytes,
+        log: crate::metrics::log_figures(&context.log_metrics),
         stats: context.stats.clone(),
         durable_lag_us,
+        ack_lag_us,
+        delivered_lag_us: context.stats.delivery_lag.merged(),
+        quic: quic_figures(context),
+        job_timings,
         ready: state.not_ready().is_none(),
         state: crate::metrics::StateCounts {
             presence_members: presence_members as u64,

@@ -182,12 +182,20 @@ pub(super) async fn lane_writer(
     mut stream: Option<SendStream>,
 ) {
     let mut frames: Vec<OutFrame> = Vec::with_capacity(WRITE_BATCH_FRAMES);
+    let mut durable_at = Vec::new();
     let mut batch = Coalescer::new();
     loop {
         if outbox.is_closed() {
             break;
         }
-        if outbox.drain(lane, WRITE_BATCH_FRAMES, WRITE_BATCH_BYTES, &mut frames) == 0 {
+        let drained = outbox.drain(
+            lane,
+            WRITE_BATCH_FRAMES,
+            WRITE_BATCH_BYTES,
+            &mut frames,
+            &mut durable_at,
+        );
+        if drained == 0 {
             outbox.ready(lane).await;
             continue;
         }
@@ -216,6 +224,10 @@ pub(super) async fn lane_writer(
             break;
         }
         chunks.clear();
+        if !durable_at.is_empty() {
+            outbox.written(lane, &durable_at);
+            durable_at.clear();
+        }
     }
 }
 
@@ -252,6 +264,25 @@ pub(super) async fn run_connection(
     let open = stats.connections_open.fetch_add(1, Ordering::Relaxed) + 1;
     // Counted open until this function returns, whichever way it does.
     let _open = OpenConnection(stats.clone());
+    context
+        .live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            conn.0,
+            Tracked {
+                connection: connection.clone(),
+                listener,
+                since_ms: context.clock.now_ms(),
+                session: None,
+                bulk: None,
+            },
+        );
+    let mut tracking = Tracking {
+        context: context.clone(),
+        conn,
+        counted: true,
+    };
     if open > context.config.limits.max_connections as u64 {
         stats
             .connections_refused_busy
@@ -267,6 +298,9 @@ pub(super) async fn run_connection(
     let Some((send, session_reader, hello, identity)) =
         greet(&connection, &context, listener, partial.clone()).await
     else {
+        // Every refusal closed the connection: one still open was handed to its session
+        // as a bulk connection, and counts with it.
+        tracking.counted = connection.close_reason().is_some();
         return;
     };
     debug!(agent = %hello.agent_id, role = ?hello.role, swarms = hello.swarms.len(), "session established");
@@ -284,6 +318,15 @@ pub(super) async fn run_connection(
     let _ = outbox.push(Lane::Session, encode(&Message::Welcome(welcome)));
     let metadata = hello.metadata.clone();
     let session = new_session(conn, hello, &outbox, &context);
+    if let Some(tracked) = context
+        .live
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&conn.0)
+    {
+        tracked.session = Some(Arc::downgrade(&session));
+        tracked.bulk = Some(bulk.path.clone());
+    }
     if let Some((identity, proof, used)) = identity {
         // Registered first, so that a reload from now on re-checks it; kept second, which
         // re-checks it if a reload came in between.

@@ -117,6 +117,8 @@ struct Context {
     policy_active: std::sync::atomic::AtomicBool,
     /// Live sessions that showed a credential, re-checked on a reload.
     credentialed: Mutex<HashMap<ConnId, std::sync::Weak<Session>>>,
+    /// Every connection being served, by id (the connections view, the QUIC metrics).
+    live: Mutex<std::collections::BTreeMap<u64, Tracked>>,
     shards: Vec<ShardSender>,
     /// What the log writers measure (the main one's, the job queue's).
     log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
@@ -346,6 +348,55 @@ struct SessionCredential {
 /// Largest presence metadata an agent may register (bytes): presence events and lists carry
 /// it to every watcher, and must stay far below the frame limit.
 pub const MAX_METADATA_BYTES: usize = 1024;
+
+/// A connection as the connections view and the QUIC metrics see it.
+#[derive(Debug)]
+struct Tracked {
+    connection: Connection,
+    listener: Listener,
+    /// Router clock (Unix ms) when it was accepted.
+    since_ms: u64,
+    /// Its session, once established.
+    session: Option<std::sync::Weak<Session>>,
+    /// Where its session's bulk lanes go: an attached bulk connection counts with it.
+    bulk: Option<watch::Receiver<BulkPath>>,
+}
+
+impl Tracked {
+    /// Its bulk connection, when one is attached.
+    fn bulk_connection(&self) -> Option<Connection> {
+        match &*self.bulk.as_ref()?.borrow() {
+            BulkPath::Attached(bulk) => Some(bulk.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Keeps a connection in [`Context::live`] while it is served; when it ends, its QUIC
+/// figures (and its attached bulk connection's) join the router's totals, in the same lock
+/// so that a scrape counts them once.
+struct Tracking {
+    context: Arc<Context>,
+    conn: ConnId,
+    /// Cleared for a bulk connection handed to its session, which counts it.
+    counted: bool,
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        let mut live = self.context.live.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(tracked) = live.remove(&self.conn.0) else {
+            return;
+        };
+        if self.counted {
+            let totals = &self.context.stats.quic_ended;
+            totals.add(&tracked.connection);
+            if let Some(bulk) = tracked.bulk_connection() {
+                totals.add(&bulk);
+            }
+        }
+    }
+}
 
 /// Counts a connection in `connections_open` while it lives.
 struct OpenConnection(Arc<Stats>);

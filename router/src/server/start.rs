@@ -729,6 +729,7 @@ fn shared_context(
         ),
         auth: std::sync::RwLock::new(auth.map(Arc::new)),
         credentialed: Mutex::new(HashMap::new()),
+        live: Mutex::new(std::collections::BTreeMap::new()),
         shards: started.shards,
         job_shards: started.job_shards,
         log_metrics: started.log_metrics,

@@ -284,6 +284,8 @@ impl ShardSender {
 pub struct ShardMetrics {
     /// Publish received -> durable, per class, microseconds.
     pub durable_lag_us: [swarmbus_proto::core::LagHistogram; 5],
+    /// Publish received -> a subscriber's acknowledgement, per class, microseconds.
+    pub ack_lag_us: [swarmbus_proto::core::LagHistogram; 5],
 }
 
 /// The shard is gone (the router is shutting down).
@@ -500,7 +502,10 @@ impl Shard {
                 _ = tokio::time::sleep(BACKLOG_RETRY), if backlog > 0 => {}
                 _ = tick.tick() => {
                     let now = self.now();
-                    self.core.handle_tick(now.instant);
+                    let rewound = self.core.handle_tick(now.instant);
+                    self.stats
+                        .redeliveries
+                        .fetch_add(rewound as u64, Ordering::Relaxed);
                     self.core.collect_idle();
                     self.try_recoveries(now);
                     if now.instant.duration_since(last_maintenance) >= self.maintenance_interval {
@@ -630,6 +635,9 @@ impl Shard {
         // Subscriptions (connection, class, swarm) that turned out lagging in this flush: their later
         // deliveries of the flush are skipped too, so they come from the log, in order.
         let mut lagged: Vec<(ConnId, Class, Arc<str>)> = Vec::new();
+        // Live ordered deliveries leave the core as their ops become durable: one reading
+        // of the clock stamps all of this flush's.
+        let mut durable_at: Option<std::time::Instant> = None;
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Deliver {
@@ -645,7 +653,11 @@ impl Shard {
                     }
                     // A full queue does not disconnect an ordered-class subscriber: it
                     // catches up from the log once its queue drains.
-                    if to.try_push(Lane::Class(class), frame).is_err() {
+                    let durable_at = *durable_at.get_or_insert_with(std::time::Instant::now);
+                    if to
+                        .try_push_durable(Lane::Class(class), frame, durable_at)
+                        .is_err()
+                    {
                         self.stats.lagging_catch_ups.fetch_add(1, Ordering::Relaxed);
                         self.core.handle_lagging(to.conn(), &key.2, class, op);
                         lagged.push(key);
@@ -809,11 +821,22 @@ impl Shard {
             },
             ShardCommand::RouterPublish(publish) => self.router_publish(publish, now),
             ShardCommand::Swarms { reply } => {
-                let _ = reply.send(self.core.swarm_summaries());
+                let bytes: HashMap<Arc<str>, u64> = self
+                    .log
+                    .swarms()
+                    .into_iter()
+                    .map(|(name, state)| (name, state.bytes))
+                    .collect();
+                let mut summaries = self.core.swarm_summaries();
+                for summary in &mut summaries {
+                    summary.log_bytes = bytes.get(summary.name.as_str()).copied().unwrap_or(0);
+                }
+                let _ = reply.send(summaries);
             }
             ShardCommand::Metrics { reply } => {
                 let _ = reply.send(ShardMetrics {
                     durable_lag_us: self.core.durable_lag().clone(),
+                    ack_lag_us: self.core.ack_lag().clone(),
                 });
             }
             ShardCommand::Ack {

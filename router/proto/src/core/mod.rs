@@ -289,6 +289,42 @@ pub struct Core<H> {
     telemetry_changed: HashSet<Arc<str>>,
     /// Publish received -> durable, per class ([`Class::index`]), microseconds.
     durable_lag: [LagHistogram; 5],
+    /// Publish received -> a subscriber's acknowledgement of it, per class, microseconds.
+    ack_lag: [LagHistogram; 5],
+    /// When the most recent durable ops with subscribers were received, for `ack_lag`.
+    received: RecentOps,
+}
+
+/// Most ops whose receive time a core keeps for measuring acknowledgement lag. An ack of
+/// an op older than the last this many (of every swarm of the core together) is not
+/// measured: its subscriber is far behind, which the catch-up counters show.
+pub const ACK_LAG_WINDOW: usize = 16_384;
+
+/// The receive times of the last [`ACK_LAG_WINDOW`] durable ops that had subscribers, by
+/// swarm and op: bounded whatever the number of swarms (one entry per op, oldest first
+/// out), where a window per swarm would grow with them.
+#[derive(Debug, Default)]
+struct RecentOps {
+    at: HashMap<(Arc<str>, u64), Instant>,
+    order: VecDeque<(Arc<str>, u64)>,
+}
+
+impl RecentOps {
+    fn insert(&mut self, swarm: &Arc<str>, op: OpId, received: Instant) {
+        if self.order.len() >= ACK_LAG_WINDOW {
+            if let Some(oldest) = self.order.pop_front() {
+                self.at.remove(&oldest);
+            }
+        }
+        let key = (swarm.clone(), op.0);
+        if self.at.insert(key.clone(), received).is_none() {
+            self.order.push_back(key);
+        }
+    }
+
+    fn get(&self, swarm: &Arc<str>, op: OpId) -> Option<Instant> {
+        self.at.get(&(swarm.clone(), op.0)).copied()
+    }
 }
 
 /// One swarm as the admin view shows it.
@@ -304,6 +340,10 @@ pub struct SwarmSummary {
     pub paused: bool,
     /// Why its log is unavailable, when it is.
     pub unavailable: Option<String>,
+    /// Durable ops the slowest ordered-class subscriber has not acknowledged (0: none).
+    pub ack_lag_ops: u64,
+    /// Bytes of its event log (filled by the driver, which holds the log; 0 here).
+    pub log_bytes: u64,
 }
 
 /// Microseconds from 1 µs to 10 minutes, two significant digits (about 30 KiB).
@@ -334,6 +374,8 @@ impl<H: Clone> Core<H> {
             catching_swarms: HashSet::new(),
             telemetry_changed: HashSet::new(),
             durable_lag: std::array::from_fn(|_| lag_histogram()),
+            ack_lag: std::array::from_fn(|_| lag_histogram()),
+            received: RecentOps::default(),
         }
     }
 
@@ -349,6 +391,20 @@ impl<H: Clone> Core<H> {
                 subscribers: std::array::from_fn(|i| swarm.subscribers[i].len()),
                 paused: swarm.paused,
                 unavailable: swarm.unavailable.clone(),
+                ack_lag_ops: [Class::Control, Class::Command]
+                    .into_iter()
+                    .flat_map(|class| {
+                        swarm.subscribers[class.index()].iter().map(move |s| {
+                            let acked = swarm.acked.get(&(s.conn, class)).copied();
+                            swarm
+                                .durable_op
+                                .0
+                                .saturating_sub(acked.unwrap_or_default().0)
+                        })
+                    })
+                    .max()
+                    .unwrap_or(0),
+                log_bytes: 0,
             })
             .collect()
     }
@@ -357,6 +413,15 @@ impl<H: Clone> Core<H> {
     /// made durable, stays empty), in microseconds, since the core started.
     pub fn durable_lag(&self) -> &[LagHistogram; 5] {
         &self.durable_lag
+    }
+
+    /// Publish received -> a subscriber acknowledged it, per class, in microseconds, since
+    /// the core started: one sample per acknowledgement that moves a subscriber forward,
+    /// for the op it names (a cumulative ack of several ops counts once, for the newest),
+    /// while that op is among the core's last [`ACK_LAG_WINDOW`] with subscribers. An
+    /// application that acks after applying makes this publish -> apply.
+    pub fn ack_lag(&self) -> &[LagHistogram; 5] {
+        &self.ack_lag
     }
 
     /// Restores a swarm recovered from the log: its sequencer continues after `last_op`.
@@ -750,6 +815,9 @@ impl<H: Clone> Core<H> {
             };
             let lag = now.saturating_duration_since(op.received).as_micros();
             self.durable_lag[op.class.index()].saturating_record(lag.max(1) as u64);
+            if !swarm.subscribers[op.class.index()].is_empty() {
+                self.received.insert(&swarm.name, op.op, op.received);
+            }
             self.actions.push_back(Action::Reply {
                 to: op.publisher.clone(),
                 message: Message::PublishAck {
@@ -823,6 +891,10 @@ impl<H: Clone> Core<H> {
         }
         *acked = op_id;
         let acked = *acked;
+        if let Some(received) = self.received.get(&swarm.name, op_id) {
+            let lag = now.saturating_duration_since(received).as_micros();
+            self.ack_lag[class.index()].saturating_record(lag.max(1) as u64);
+        }
         // Progress restarts the redelivery clock; everything acknowledged stops it.
         for s in swarm.subscribers[class.index()]
             .iter_mut()

@@ -689,3 +689,59 @@ fn a_resume_point_catches_up_then_goes_live_without_gap_or_repeat() {
     .unwrap();
     assert_eq!(drain(&mut core).deliveries.len(), 1);
 }
+
+#[test]
+fn ack_lag_measures_publish_to_the_ack_of_the_newest_op_acknowledged() {
+    let mut core: Core<u64> = Core::new(16);
+    core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None, None)
+        .unwrap();
+    let published = now();
+    for _ in 0..3 {
+        core.handle_publish(
+            "c",
+            PUBLISHER,
+            &publish("s", Class::Command, None, b"x"),
+            published,
+        )
+        .unwrap();
+    }
+    assert_eq!(drain(&mut core).deliveries.len(), 3);
+    let command = Class::Command.index();
+    assert_eq!(core.ack_lag()[command].len(), 0, "nothing acknowledged yet");
+    let later = published.instant + Duration::from_millis(40);
+    // One cumulative ack of ops 1..=2 counts once; an ack that does not move is not a sample.
+    core.handle_ack(ConnId(1), "s", Class::Command, OpId(2), later);
+    core.handle_ack(ConnId(1), "s", Class::Command, OpId(2), later);
+    core.handle_ack(ConnId(1), "s", Class::Command, OpId(1), later);
+    assert_eq!(core.ack_lag()[command].len(), 1);
+    let lag_us = core.ack_lag()[command].max();
+    assert!((39_000..=41_000).contains(&lag_us), "{lag_us} us");
+    core.handle_ack(ConnId(1), "s", Class::Command, OpId(3), later);
+    assert_eq!(core.ack_lag()[command].len(), 2);
+    assert_eq!(core.ack_lag()[Class::Control.index()].len(), 0);
+}
+
+#[test]
+fn ack_lag_keeps_a_bounded_window_of_receive_times() {
+    let mut core: Core<u64> = Core::new(16);
+    core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None, None)
+        .unwrap();
+    let published = now();
+    for _ in 0..ACK_LAG_WINDOW + 10 {
+        core.handle_publish(
+            "c",
+            PUBLISHER,
+            &publish("s", Class::Command, None, b"x"),
+            published,
+        )
+        .unwrap();
+        drain(&mut core);
+    }
+    assert_eq!(core.received.at.len(), ACK_LAG_WINDOW);
+    assert_eq!(core.received.order.len(), ACK_LAG_WINDOW);
+    // Op 1 left the window: its ack moves the subscriber but is not measured.
+    core.handle_ack(ConnId(1), "s", Class::Command, OpId(1), published.instant);
+    assert_eq!(core.ack_lag()[Class::Command.index()].len(), 0);
+    core.handle_ack(ConnId(1), "s", Class::Command, OpId(20), published.instant);
+    assert_eq!(core.ack_lag()[Class::Command.index()].len(), 1);
+}

@@ -13,7 +13,7 @@ impl<H: Handle + Clone> Jobs<H> {
         now_ms: u64,
         fx: &mut Effects<H>,
     ) {
-        self.end_lease(job_id);
+        self.end_lease(job_id, now_ms);
         let Some(job) = self.jobs.get(&job_id) else {
             return;
         };
@@ -145,6 +145,7 @@ impl<H: Handle + Clone> Jobs<H> {
             job,
             EndKind::Ended(JobState::DeadLettered),
         ));
+        self.timings.dead_lettered += 1;
         let swarm = job.spec.swarm.clone();
         self.queue(&swarm).dead.insert(job_id);
     }
@@ -273,7 +274,7 @@ impl<H: Handle + Clone> Jobs<H> {
         if !result.ok && result.retry {
             self.lose_attempt(job_id, "the worker asked for a retry", now_ms, &mut fx);
         } else {
-            self.end_lease(job_id);
+            self.end_lease(job_id, now_ms);
             let state = if result.ok {
                 JobState::Completed
             } else {
@@ -350,7 +351,7 @@ impl<H: Handle + Clone> Jobs<H> {
             });
         }
         let attempt = job.attempt;
-        if let Some(worker) = self.end_lease(job_id) {
+        if let Some(worker) = self.end_lease(job_id, now_ms) {
             fx.frames
                 .push((worker, Lane::Jobs, cancel_frame(job_id, attempt)));
         }

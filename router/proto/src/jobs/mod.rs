@@ -260,6 +260,37 @@ pub struct JobCounts {
 struct Lease {
     worker: ConnId,
     expires_ms: u64,
+    /// When it was leased (the attempt's run time ends at its result, loss or cancel).
+    leased_ms: u64,
+}
+
+/// What the queue measured since it started: ready -> leased and leased -> the attempt's
+/// end, in microseconds (the queue's clock counts milliseconds), and counts of attempts
+/// after a job's first and of jobs dead-lettered.
+#[derive(Debug, Clone)]
+pub struct JobTimings {
+    pub queue_wait_us: crate::core::LagHistogram,
+    pub run_us: crate::core::LagHistogram,
+    /// Leases of attempts after a job's first (retries, re-drives, lost leases).
+    pub redeliveries: u64,
+    pub dead_lettered: u64,
+}
+
+impl Default for JobTimings {
+    fn default() -> Self {
+        JobTimings {
+            queue_wait_us: crate::core::lag_histogram(),
+            run_us: crate::core::lag_histogram(),
+            redeliveries: 0,
+            dead_lettered: 0,
+        }
+    }
+}
+
+impl JobTimings {
+    fn record(histogram: &mut crate::core::LagHistogram, from_ms: u64, to_ms: u64) {
+        histogram.saturating_record(to_ms.saturating_sub(from_ms).saturating_mul(1000).max(1));
+    }
 }
 
 #[derive(Debug)]
@@ -398,6 +429,7 @@ pub struct Jobs<H> {
     rng: u64,
     fenced_results: u64,
     leases_made: u64,
+    timings: JobTimings,
     /// Bytes counted for all jobs, and per submitter (see [`Jobs::account`]).
     bytes_held: u64,
     bytes_by_agent: HashMap<String, u64>,

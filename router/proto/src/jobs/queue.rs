@@ -81,6 +81,11 @@ impl<H: Handle + Clone> Jobs<H> {
         }
     }
 
+    /// Queue wait and run time histograms and counts, since the queue started.
+    pub fn timings(&self) -> &JobTimings {
+        &self.timings
+    }
+
     pub fn counts(&self) -> JobCounts {
         let mut counts = JobCounts {
             jobs: self.jobs.len(),
@@ -507,10 +512,15 @@ impl<H: Handle + Clone> Jobs<H> {
         };
         job.attempt += 1;
         job.state = JobState::Running;
+        JobTimings::record(&mut self.timings.queue_wait_us, job.ready_at_ms, now_ms);
+        if job.attempt > 1 {
+            self.timings.redeliveries += 1;
+        }
         let expires_ms = now_ms + u64::from(lease_ms);
         job.lease = Some(Lease {
             worker: conn,
             expires_ms,
+            leased_ms: now_ms,
         });
         worker.leases.insert(job_id);
         self.leases.insert((expires_ms, job_id, job.attempt));
@@ -564,11 +574,12 @@ impl<H: Handle + Clone> Jobs<H> {
         fx
     }
 
-    /// Ends the current lease of a job (if any), freeing its worker's credit. Returns the
-    /// worker's outbox.
-    pub(super) fn end_lease(&mut self, job_id: JobId) -> Option<H> {
+    /// Ends the current lease of a job (if any) at `now_ms`, freeing its worker's credit.
+    /// Returns the worker's outbox.
+    pub(super) fn end_lease(&mut self, job_id: JobId, now_ms: u64) -> Option<H> {
         let job = self.jobs.get_mut(&job_id)?;
         let lease = job.lease.take()?;
+        JobTimings::record(&mut self.timings.run_us, lease.leased_ms, now_ms);
         self.leases.remove(&(lease.expires_ms, job_id, job.attempt));
         let worker = self.workers.get_mut(&lease.worker)?;
         worker.leases.remove(&job_id);

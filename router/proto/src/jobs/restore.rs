@@ -26,6 +26,7 @@ impl<H: Handle + Clone> Jobs<H> {
             rng: seed,
             fenced_results: 0,
             leases_made: 0,
+            timings: JobTimings::default(),
             bytes_held: 0,
             bytes_by_agent: HashMap::new(),
             logs: HashSet::new(),

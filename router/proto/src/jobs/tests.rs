@@ -736,3 +736,38 @@ fn a_restart_requeues_unfinished_jobs_and_keeps_undelivered_ends() {
         panic!("a duplicate after the restart")
     };
 }
+
+#[test]
+fn timings_measure_queue_wait_and_run_time_and_count_redeliveries() {
+    let (mut jobs, who) = with_submitter(JobsConfig {
+        max_attempts: 1,
+        ..JobsConfig::default()
+    });
+    let (first, _) = accept(&mut jobs, &who, submit("s", "a", None), 1_000);
+    // Leased 250 ms after it was submitted, and retried once at the worker's request.
+    let out = outbox(2);
+    jobs.connect(ConnId(2), "worker-2", &out, Some(&["s".to_string()]));
+    let fx = jobs.credits(ConnId(2), 1, 1_250);
+    let lease = leases(&fx).pop().unwrap().1;
+    assert_eq!(lease.job_id, first);
+    assert_eq!(jobs.timings().queue_wait_us.len(), 1);
+    assert_eq!(jobs.timings().queue_wait_us.max() / 1000, 250);
+    assert_eq!(jobs.timings().run_us.len(), 0, "still running");
+    let retry = JobResult {
+        ok: false,
+        retry: true,
+        ..ok_result(&lease)
+    };
+    jobs.result(ConnId(2), &out, retry, 1_300).unwrap();
+    assert_eq!(jobs.timings().run_us.len(), 1);
+    assert_eq!(jobs.timings().run_us.max() / 1000, 50);
+    // One attempt allowed: the retry dead-letters it.
+    assert_eq!(jobs.timings().dead_lettered, 1);
+    assert_eq!(jobs.timings().redeliveries, 0);
+    jobs.finals_written(&[first]);
+    let fx = jobs.redrive("s", &who, 5, first, 1_400).unwrap();
+    let lease = leases(&fx).pop().expect("re-driven job leased again").1;
+    assert_eq!(lease.attempt, 2);
+    assert_eq!(jobs.timings().redeliveries, 1);
+    assert_eq!(jobs.timings().queue_wait_us.len(), 2);
+}
