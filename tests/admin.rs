@@ -232,6 +232,7 @@ async fn event_lag_jobs_and_quic_families_move_with_traffic() {
     for (family, kind) in [
         ("swarmbus_event_lag_delivered_seconds", "histogram"),
         ("swarmbus_event_lag_ack_seconds", "histogram"),
+        ("swarmbus_event_lag_ack_unmeasured", "counter"),
         ("swarmbus_log_fsync_seconds", "histogram"),
         ("swarmbus_redeliveries", "counter"),
         ("swarmbus_job_queue_wait_seconds", "histogram"),
@@ -321,6 +322,50 @@ async fn event_lag_jobs_and_quic_families_move_with_traffic() {
         ),
         0.0
     );
+    // Paused, then resumed: the subscriber catches up from the log, which is not a live
+    // delivery; a command targeted at another agent is never sent to it.
+    controller.pause("s").await.unwrap();
+    commands(&controller, "s", 2).await;
+    controller.resume("s").await.unwrap();
+    let mut caught_up = None;
+    for _ in 0..2 {
+        caught_up = deliveries.recv().await;
+    }
+    let elsewhere = PublishOptions {
+        target_agent: Some("someone-else".into()),
+        ..PublishOptions::default()
+    };
+    controller
+        .publish("s", Class::Command, Bytes::from_static(b"y"), elsewhere)
+        .await
+        .unwrap();
+    agent
+        .ack("s", Class::Command, caught_up.expect("two caught up").op_id)
+        .await
+        .unwrap();
+    let after = scrape_until(admin, |s| {
+        count(s, "swarmbus_event_lag_ack_seconds_count", &command) >= 2.0
+    })
+    .await;
+    assert_eq!(
+        count(
+            &after,
+            "swarmbus_event_lag_delivered_seconds_count",
+            &command
+        ),
+        3.0,
+        "catch-ups are not live deliveries"
+    );
+    let (_, swarms) = get_json(admin, "/v1/swarms", None).await;
+    let s = swarms["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "s")
+        .unwrap()
+        .clone();
+    assert_eq!(s["durable_op"], 6, "{s}");
+    assert_eq!(s["ack_lag_ops"], 0, "it acked all it was sent: {s}");
     assert!(count(&after, "swarmbus_log_fsync_seconds_count", &[]) >= 1.0);
     assert_eq!(
         count(&after, "swarmbus_job_queue_wait_seconds_count", &[]),
@@ -367,6 +412,25 @@ async fn event_lag_jobs_and_quic_families_move_with_traffic() {
         get_json(admin, "/v1/connections?after=x", None).await.0,
         400
     );
+    // Each connection counted once: a scrape's totals never exceed the rows read after it
+    // (a session's bulk connection is a row of its own, named by `bulk_of`).
+    let totals = Samples::scrape(admin).await;
+    let (_, view) = get_json(admin, "/v1/connections", None).await;
+    let rows = view["items"].as_array().unwrap();
+    let sent_rows: u64 = rows
+        .iter()
+        .map(|c| c["sent_packets"].as_u64().unwrap())
+        .sum();
+    let sent_total = totals.value("swarmbus_quic_sent_packets_total", &[])
+        - before.value("swarmbus_quic_sent_packets_total", &[]);
+    assert!(sent_total <= sent_rows as f64, "{sent_total} > {sent_rows}");
+    for bulk in rows.iter().filter(|c| c["listener"] == "bulk") {
+        let main = rows
+            .iter()
+            .find(|c| c["id"] == bulk["bulk_of"])
+            .unwrap_or_else(|| panic!("the session of {bulk}"));
+        assert_eq!(main["bulk_attached"], true, "{main}");
+    }
     // A connection that ends leaves the view, and its packets stay counted.
     let sent = after.value("swarmbus_quic_sent_packets_total", &[]);
     drop((worker, events));

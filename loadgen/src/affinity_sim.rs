@@ -462,6 +462,8 @@ fn max_over_avg(assigned: &[NodeId], live: &BTreeSet<NodeId>) -> f64 {
 // The simulation in the order it runs (fleet, sessions, failures, the checks, the JSON):
 // its steps share the fleet and the counters, and read best in sequence.
 pub fn run(args: AffinitySimArgs) -> anyhow::Result<()> {
+    // A simulation: no router, nothing timed; its report holds the summary.
+    crate::report::describe("placements", "no latency measured");
     if args.nodes < 2 {
         bail!("--nodes must be at least 2 (one fails during the run)");
     }
@@ -531,7 +533,7 @@ pub fn run(args: AffinitySimArgs) -> anyhow::Result<()> {
         figures.push(simulate(&plan, policy.as_mut())?);
     }
 
-    if args.json {
+    if args.json || crate::report::enabled() {
         let policies: Vec<_> = figures
             .iter()
             .map(|f| {
@@ -559,8 +561,12 @@ pub fn run(args: AffinitySimArgs) -> anyhow::Result<()> {
             "addition_at": plan.addition_at,
             "policies": policies,
         });
-        println!("{report}");
-    } else {
+        crate::report::summary(&report);
+        if args.json {
+            println!("{report}");
+        }
+    }
+    if !args.json {
         println!(
             "affinity-sim: {} nodes, {} models (zipf {}), {} sessions, {} models cached per \
              node, seed {}; {} fails at session {}, {} joins at session {}",

@@ -72,6 +72,7 @@ struct PublisherResult {
 // window, the JSON): its phases share the run's clients and histograms, and read best in
 // sequence.
 pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
+    crate::report::describe("acknowledged commands", "publish -> acknowledgement");
     if args.swarms == 0 || args.window == 0 {
         bail!("--swarms and --window must be at least 1");
     }
@@ -188,6 +189,7 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
         "ack_latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": latency.max()},
         "errors": errors.len(),
     });
+    crate::report::summary(&report);
     for error in &errors {
         eprintln!("publisher error: {error:#}");
     }
@@ -243,9 +245,10 @@ async fn publish(
             // Acknowledgements arrive in publish order (one stream, one sequencer).
             while let Some((at, payload, pending, permit)) = rx.recv().await {
                 let receipt = pending.wait_receipt().await?;
-                let _ = result
-                    .latency_us
-                    .record((at.elapsed().as_micros() as u64).max(1));
+                let us = (at.elapsed().as_micros() as u64).max(1);
+                let _ = result.latency_us.record(us);
+                crate::report::latency_us(us);
+                crate::report::count(1);
                 drop(permit);
                 result.acked += 1;
                 acked_live.fetch_add(1, Ordering::Relaxed);
@@ -337,6 +340,7 @@ struct Recorded {
 // The crash check in the order it runs (publish, kill, restart, read back, compare): its
 // steps share what was acknowledged before the kill, and read best in sequence.
 pub async fn run_check(args: CheckArgs) -> anyhow::Result<()> {
+    crate::report::describe("ops checked", "no latency measured");
     let file = std::fs::File::open(&args.record)
         .with_context(|| format!("opening {}", args.record.display()))?;
     let mut recorded: BTreeMap<String, BTreeMap<u64, Recorded>> = BTreeMap::new();
@@ -415,6 +419,7 @@ pub async fn run_check(args: CheckArgs) -> anyhow::Result<()> {
             }
             for (op, want) in &recorded[swarm] {
                 checked += 1;
+                crate::report::count(1);
                 match stored.get(op) {
                     None => missing += 1,
                     Some((epoch, sha)) if *epoch != want.epoch || *sha != want.sha256 => {
@@ -436,6 +441,7 @@ pub async fn run_check(args: CheckArgs) -> anyhow::Result<()> {
         "gaps": gaps,
         "duplicate_ops": duplicate_ops,
     });
+    crate::report::summary(&report);
     if args.json {
         println!("{report}");
     } else {
@@ -451,6 +457,10 @@ pub async fn run_check(args: CheckArgs) -> anyhow::Result<()> {
         }
     }
     if missing + mismatched + gaps + duplicate_ops > 0 {
+        // Exits here (with 1, not main's error path): the report first.
+        if let Err(error) = crate::report::finish() {
+            eprintln!("swarmbus-loadgen: {error:#}");
+        }
         std::process::exit(1);
     }
     Ok(())

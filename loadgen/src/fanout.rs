@@ -94,6 +94,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     if args.payload < STAMP_BYTES {
         bail!("--payload must be at least {STAMP_BYTES} bytes (sequence number and send time)");
     }
+    crate::report::describe("deliveries", "publish -> delivery");
     if args.swarms == 0 || args.agents == 0 {
         bail!("--swarms and --agents must be at least 1");
     }
@@ -168,6 +169,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
                     rate: args.rate,
                     batch: args.batch.max(1),
                     window: args.window.max(1),
+                    agents: args.agents as u64,
                     deadline,
                     epoch,
                 },
@@ -285,6 +287,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     for error in &publish_errors {
         eprintln!("publisher error: {error:#}");
     }
+    crate::report::summary(&report);
     if args.json {
         println!("{report}");
     } else {
@@ -352,6 +355,8 @@ struct PublisherPlan {
     rate: u64,
     batch: usize,
     window: usize,
+    /// Agents of the swarm: each message should reach every one.
+    agents: u64,
     deadline: Instant,
     epoch: Instant,
 }
@@ -404,6 +409,7 @@ async fn publish_until_deadline(
                 pending.push_back(ack);
                 *sent = seq;
                 live.sent.fetch_add(1, Ordering::Relaxed);
+                crate::report::offered(plan.agents);
                 if pending.len() >= plan.window {
                     if let Some(ack) = pending.pop_front() {
                         ack.wait().await?;
@@ -430,6 +436,7 @@ async fn publish_until_deadline(
             client.publish_batch(plan.class, batch).await?;
             *sent = seq;
             live.sent.fetch_add(due, Ordering::Relaxed);
+            crate::report::offered(due * plan.agents);
         }
     }
     for ack in pending {
@@ -477,6 +484,7 @@ async fn agent(
     let mut apply = IdempotentApply::new();
     let mut highest: Option<u64> = None;
     let mut batch = Vec::with_capacity(256);
+    let mut reported = Vec::with_capacity(256);
     while !stop.load(Ordering::Relaxed) {
         batch.clear();
         let got = match tokio::time::timeout(
@@ -523,9 +531,14 @@ async fn agent(
             highest = Some(highest.map_or(seq, |h| h.max(seq)));
             let latency_us = now_ns.saturating_sub(sent_ns) / 1000;
             let _ = result.latency_us.record(latency_us.max(1));
+            reported.push(latency_us);
             fresh += 1;
         }
         result.delivered += fresh;
+        crate::report::latencies_us(&reported);
+        crate::report::count(fresh);
+        crate::report::arrived(fresh);
+        reported.clear();
         if got > 0 {
             result.last_delivery = Some(Instant::now());
         }

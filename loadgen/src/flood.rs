@@ -86,6 +86,7 @@ const SWARM: &str = "flood";
 // probes, the checks, the JSON): its phases share the run's clients and counters, and
 // read best in sequence.
 pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
+    crate::report::describe("commands delivered", "publish -> delivery");
     if args.agents == 0 || args.receivers == 0 || args.flood_batch == 0 || args.flood_threads == 0 {
         bail!("--agents, --receivers, --flood-batch and --flood-threads must be at least 1");
     }
@@ -236,6 +237,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
                 client,
                 telemetry_payload.clone(),
                 args.flood_batch,
+                args.receivers as u64,
                 timeline,
                 live.clone(),
             ))
@@ -345,6 +347,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     for error in publisher.error.iter().chain(&flood_errors) {
         eprintln!("publisher error: {error:#}");
     }
+    crate::report::summary(&report);
     if args.json {
         println!("{report}");
     } else {
@@ -367,6 +370,7 @@ async fn flood(
     client: Client,
     payload: Bytes,
     batch: usize,
+    receivers: u64,
     timeline: Timeline,
     live: Arc<Live>,
 ) -> (Client, u64, Option<anyhow::Error>) {
@@ -388,6 +392,7 @@ async fn flood(
                 sent += count as u64;
                 live.telemetry_sent
                     .fetch_add(count as u64, Ordering::Relaxed);
+                crate::report::offered(count as u64 * receivers);
             }
             Err(error) => return (client, sent, Some(error.into())),
         }

@@ -115,6 +115,7 @@ struct Worker {
 }
 
 pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
+    crate::report::describe("handshakes", "connect -> Welcome");
     if args.concurrency == 0 {
         anyhow::bail!("--concurrency must be at least 1");
     }
@@ -157,6 +158,8 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
                     Ok((client, _deliveries)) => {
                         let us = started.elapsed().as_micros().max(1) as u64;
                         let _ = seen.latency_us.record(us);
+                        crate::report::latency_us(us);
+                        crate::report::count(1);
                         seen.handshakes += 1;
                         client.close();
                     }
@@ -189,7 +192,7 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
         .max(args.duration.as_secs_f64());
     drop(spawned);
     let per_s = (handshakes as f64 / elapsed).round();
-    if args.json {
+    if args.json || crate::report::enabled() {
         let report = serde_json::json!({
             "scenario": "handshake",
             "identity": match (args.client_certs, args.router.signer().is_some()) {
@@ -206,8 +209,12 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
             "first_error": first_error,
             "latency_us": latency_json(&latency_us),
         });
-        println!("{report}");
-    } else {
+        crate::report::summary(&report);
+        if args.json {
+            println!("{report}");
+        }
+    }
+    if !args.json {
         println!("handshakes {handshakes} ({per_s}/s), errors {errors}");
         println!(
             "connect latency p50 {} us, p99 {} us",

@@ -120,6 +120,7 @@ fn micros(start: Instant) -> u64 {
 // the measured phase, the checks, the JSON): its phases share the run's clients and
 // counters, and read best in sequence.
 pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
+    crate::report::describe("jobs ended", "submit -> end at the submitter");
     if args.submitters == 0 || args.submitters > 64 || args.workers == 0 || args.jobs == 0 {
         bail!("--submitters must be 1 to 64, --workers and --jobs at least 1");
     }
@@ -264,6 +265,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                                         ..
                                     }) => {
                                         totals.busy_retries.fetch_add(1, Ordering::Relaxed);
+                                        crate::report::refused(1);
                                         let wait = u64::from(retry_after_ms).max(1);
                                         tokio::time::sleep(Duration::from_millis(wait)).await;
                                     }
@@ -334,7 +336,9 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                     .copied();
                 if let Some(at) = submitted {
                     end_to_end_us.saturating_record(now.saturating_sub(at).max(1));
+                    crate::report::latency_us(now.saturating_sub(at));
                 }
+                crate::report::count(1);
                 last_end = Some(Instant::now());
                 let _ = client.ack_job(update.job_id).await;
             }
@@ -423,6 +427,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         "queue_wait_us": {"p50": queue_wait.value_at_quantile(0.5), "p99": queue_wait.value_at_quantile(0.99)},
         "end_to_end_us": {"p50": end_to_end.value_at_quantile(0.5), "p99": end_to_end.value_at_quantile(0.99)},
     });
+    crate::report::summary(&report);
     if args.json {
         println!("{report}");
     } else {

@@ -179,6 +179,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // checks, the JSON): its phases share the run's clients and what each observed, and read
 // best in sequence.
 pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
+    crate::report::describe("leases granted", "acquire -> grant");
     if args.contenders == 0 || args.observers == 0 {
         bail!("--contenders and --observers must be at least 1");
     }
@@ -329,6 +330,7 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     for message in logs.iter().flat_map(|log| &log.error_messages) {
         eprintln!("leader: contender error: {message}");
     }
+    crate::report::summary(&report);
     if args.json {
         println!("{report}");
     } else {
@@ -389,6 +391,8 @@ async fn contend(index: usize, plan: Arc<Plan>, mut rng: Rng) -> ContenderLog {
         let sent_at = Instant::now();
         match client.acquire_lease(&plan.swarm, LEASE, plan.ttl).await {
             Ok(grant) => {
+                crate::report::latency_us(sent_at.elapsed().as_micros() as u64);
+                crate::report::count(1);
                 if !log.believe(&grant) {
                     log.same_token_regrants += 1;
                 }
@@ -399,6 +403,7 @@ async fn contend(index: usize, plan: Arc<Plan>, mut rng: Rng) -> ContenderLog {
             }
             Err(error) if error.code() == Some(LEASE_HELD) => {
                 log.acquire_refused += 1;
+                crate::report::refused(1);
                 // Come back when the holder's time runs out (the router says when), with a
                 // little jitter so the contenders do not all ask at the same instant.
                 let wait = Duration::from_millis(u64::from(error.retry_after_ms())).min(plan.ttl)

@@ -12,6 +12,7 @@ mod leader;
 mod presence;
 mod probe;
 mod reconnect;
+mod report;
 mod rng;
 mod spawn;
 mod storm;
@@ -27,6 +28,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
+    /// Also write DIR/: the JSON summary, a per-second series (JSON and CSV), the latency
+    /// histograms as an HdrHistogram interval log, and SVG plots (see docs/loadgen.md).
+    #[arg(long, global = true, value_name = "DIR")]
+    report: Option<std::path::PathBuf>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -100,8 +105,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let report = cli.report.clone();
     let result = runtime.block_on(async {
-        match cli.scenario {
+        if let Some(dir) = &report {
+            report::start(dir)?;
+        }
+        let result = match cli.scenario {
             Scenario::Fanout(args) => fanout::run(args).await,
             Scenario::AffinitySim(args) => affinity_sim::run(args),
             Scenario::Durable(args) => durable::run(args).await,
@@ -113,7 +122,10 @@ fn main() -> std::process::ExitCode {
             Scenario::Leader(args) => leader::run(args).await,
             Scenario::Presence(args) => presence::run(args).await,
             Scenario::Handshake(args) => handshake::run(args).await,
-        }
+        };
+        // A failed run's report is written too: what it saw is what explains the failure.
+        let written = report::finish();
+        result.and(written)
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -140,6 +140,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 // queries, the checks, the JSON): its phases share the run's clients and counters, and
 // read best in sequence.
 pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
+    crate::report::describe("leaves seen", "kill -> every watcher saw the leave");
     if args.agents == 0 || args.watchers == 0 || args.heartbeat_ms == 0 {
         bail!("--agents, --watchers and --heartbeat-ms must be at least 1");
     }
@@ -330,7 +331,9 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
             if let Some(seen) = seen {
                 leaves_seen += 1;
                 let last = seen.into_iter().max().unwrap_or(killed_at);
-                detect_ms.record(last.saturating_duration_since(killed_at).as_millis() as u64)?;
+                let took = last.saturating_duration_since(killed_at);
+                detect_ms.record(took.as_millis() as u64)?;
+                crate::report::at(last, Some(took.as_micros() as u64));
             }
             if let Some((_, reason)) = logs[0].leaves.get(name) {
                 *reasons.entry(reason.clone()).or_default() += 1;
@@ -374,6 +377,7 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
         "setup_s": (setup_s * 10.0).round() / 10.0,
         "seed": args.seed,
     });
+    crate::report::summary(&report);
     if args.json {
         println!("{report}");
     } else {

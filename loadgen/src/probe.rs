@@ -246,7 +246,10 @@ pub async fn publish_probes(
                     report.acked.insert(stamp.seq);
                     live.commands_acked.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(ClientError::Refused { .. }) => report.refused += 1,
+                Err(ClientError::Refused { .. }) => {
+                    report.refused += 1;
+                    crate::report::refused(1);
+                }
                 Err(error) => {
                     report.error = Some(anyhow::Error::new(error));
                     break;
@@ -394,6 +397,8 @@ pub async fn receive(
                     }
                     let latency_us = now_ns.saturating_sub(stamp.sent_ns) / 1000;
                     let _ = report.latency_us[stamp.phase as usize].record(latency_us.max(1));
+                    crate::report::latency_us(latency_us);
+                    crate::report::count(1);
                     fresh += 1;
                 }
                 _ => report.other += 1,
@@ -405,6 +410,7 @@ pub async fn receive(
             report.last_telemetry = Some(received_at);
         }
         report.telemetry += telemetry;
+        crate::report::arrived(telemetry);
         live.telemetry_received
             .fetch_add(telemetry, Ordering::Relaxed);
         live.commands_received.fetch_add(fresh, Ordering::Relaxed);

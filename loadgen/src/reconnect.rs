@@ -88,6 +88,7 @@ struct RunResult {
 }
 
 pub async fn run(args: ReconnectArgs) -> anyhow::Result<()> {
+    crate::report::describe("clients subscribed again", "restart -> subscribed again");
     if args.clients == 0 || args.swarms == 0 {
         bail!("--clients and --swarms must be at least 1");
     }
@@ -221,7 +222,9 @@ async fn run_once(
     for at in observed.resubscribed.iter().flatten() {
         if *at > restart_at {
             back += 1;
-            resubscribe_ms.record(at.duration_since(restart_at).as_millis() as u64)?;
+            let took = at.duration_since(restart_at);
+            resubscribe_ms.record(took.as_millis() as u64)?;
+            crate::report::at(*at, Some(took.as_micros() as u64));
         }
     }
     // Attempts after the restart, counted per 100 ms window.
@@ -269,7 +272,7 @@ fn report(args: &ReconnectArgs, results: &[RunResult]) {
             })
         })
         .collect();
-    if args.json {
+    if args.json || crate::report::enabled() {
         let by_mode = |jitter: bool| {
             results
                 .iter()
@@ -285,8 +288,11 @@ fn report(args: &ReconnectArgs, results: &[RunResult]) {
             "jitter_on": by_mode(true),
             "jitter_off": by_mode(false),
         });
-        println!("{json}");
-        return;
+        crate::report::summary(&json);
+        if args.json {
+            println!("{json}");
+            return;
+        }
     }
     println!(
         "{:<8} {:>8} {:>10} {:>10} {:>10} {:>14} {:>10}",

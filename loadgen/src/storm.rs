@@ -128,6 +128,7 @@ struct Transitions {
 // probes, the checks, the JSON): its phases share the run's clients and counters, and
 // read best in sequence.
 pub async fn run(args: StormArgs) -> anyhow::Result<()> {
+    crate::report::describe("commands delivered", "publish -> delivery");
     if args.agents == 0 || args.storm_concurrency == 0 {
         bail!("--agents and --storm-concurrency must be at least 1");
     }
@@ -338,6 +339,7 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
             transitions.other_alerts
         );
     }
+    crate::report::summary(&report);
     if args.json {
         println!("{report}");
     } else {
@@ -387,11 +389,14 @@ async fn storm(client: Client, payload_bytes: usize, timeline: Timeline) -> Stor
                 seq += 1;
                 payload = next_payload(&mut buf, seq);
             }
-            Err(ClientError::Refused { code, .. }) => match ErrorCode::from_u16(code) {
-                Some(ErrorCode::RateLimited) => counts.rate_limited += 1,
-                Some(ErrorCode::CircuitOpen) => counts.circuit_open += 1,
-                _ => counts.refused_other += 1,
-            },
+            Err(ClientError::Refused { code, .. }) => {
+                crate::report::refused(1);
+                match ErrorCode::from_u16(code) {
+                    Some(ErrorCode::RateLimited) => counts.rate_limited += 1,
+                    Some(ErrorCode::CircuitOpen) => counts.circuit_open += 1,
+                    _ => counts.refused_other += 1,
+                }
+            }
             Err(error) => {
                 counts.error = Some(anyhow::Error::new(error).context("the stormer's session"));
                 break;

@@ -9,6 +9,10 @@ mod common;
 const LOADGEN: &str = env!("CARGO_BIN_EXE_swarmbus-loadgen");
 
 fn run_fanout(class: &str) -> serde_json::Value {
+    run_fanout_with(class, &[])
+}
+
+fn run_fanout_with(class: &str, extra: &[&std::ffi::OsStr]) -> serde_json::Value {
     let data = tempfile::tempdir().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let router = runtime
@@ -35,6 +39,7 @@ fn run_fanout(class: &str) -> serde_json::Value {
             "200",
         ])
         .args(["--duration", "500ms", "--class", class, "--json"])
+        .args(extra)
         .output()
         .unwrap();
     runtime.block_on(router.shutdown());
@@ -125,4 +130,44 @@ fn fanout_runs_against_a_router_that_requires_credentials() {
         String::from_utf8_lossy(&refused.stderr)
     );
     router.shutdown();
+}
+
+#[test]
+fn report_dir_holds_the_summary_series_interval_log_and_plots() {
+    let dir = tempfile::tempdir().unwrap();
+    let report_dir = dir.path().join("run");
+    let summary = run_fanout_with("command", &["--report".as_ref(), report_dir.as_os_str()]);
+    let read = |name: &str| {
+        std::fs::read_to_string(report_dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    // The summary is the JSON line the run printed.
+    let written: serde_json::Value = serde_json::from_str(&read("summary.json")).unwrap();
+    assert_eq!(written, summary);
+    // One row per second; together they count every delivery the summary counts.
+    let series: serde_json::Value = serde_json::from_str(&read("series.json")).unwrap();
+    let rows = series.as_array().unwrap();
+    assert!(!rows.is_empty(), "{series}");
+    let counted: u64 = rows.iter().map(|r| r["count"].as_u64().unwrap()).sum();
+    assert_eq!(counted, summary["delivered"].as_u64().unwrap());
+    assert!(
+        rows.iter().any(|r| r["p99_us"].as_u64().unwrap() > 0),
+        "{series}"
+    );
+    let csv = read("series.csv");
+    assert_eq!(csv.lines().count(), rows.len() + 1, "{csv}");
+    assert!(csv.starts_with("t_s,count,per_s,p50_us,"), "{csv}");
+    let hlog = read("latency.hlog");
+    let intervals = hlog.lines().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(intervals, rows.len(), "{hlog}");
+    for plot in [
+        "latency_over_time.svg",
+        "throughput.svg",
+        "latency_distribution.svg",
+    ] {
+        let svg = read(plot);
+        assert!(
+            svg.starts_with("<svg") && svg.contains("<polyline"),
+            "{plot}"
+        );
+    }
 }

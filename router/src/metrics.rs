@@ -1,8 +1,9 @@
 //! The router's metrics as Prometheus scrapes them (OpenMetrics text, `prometheus-client`):
-//! every value is read at scrape time from counters the router keeps anyway (relaxed
-//! atomics, histograms the shards keep on their own thread), so serving metrics adds no
-//! work to the path of a message. Names carry the `swarmbus_` prefix and base units;
-//! labels are bounded (class, role, outcome): never an agent or a swarm.
+//! every value is read at scrape time from counters and histograms kept where the work
+//! happens (relaxed atomics; histograms per shard, per log writer, and striped over the
+//! lane writers, recorded once per batch), so a scrape adds no work to the path of a
+//! message. Names carry the `swarmbus_` prefix and base units; labels are bounded (class,
+//! role, outcome, reason, state): never an agent or a swarm.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -27,6 +28,11 @@ const LAG_BUCKETS_S: [f64; 16] = [
     10.0, 30.0,
 ];
 
+/// Upper bounds of the job queue wait and run time buckets, in seconds: 1 ms to an hour.
+const JOB_BUCKETS_S: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+];
+
 /// Upper bounds of the group-commit size buckets, in appends.
 const BATCH_BUCKETS: [f64; 12] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
@@ -42,6 +48,8 @@ pub struct Scrape {
     pub durable_lag_us: [LagHistogram; 5],
     pub delivered_lag_us: [LagHistogram; 5],
     pub ack_lag_us: [LagHistogram; 5],
+    /// Acks that moved a subscriber but named an op too old to be measured.
+    pub ack_lag_unmeasured: u64,
     /// Whether `/readyz` answers ready.
     pub ready: bool,
     /// The control plane and the job queue, counted at scrape.
@@ -234,7 +242,12 @@ impl Collector for Scrape {
         }
         let quic = &self.quic;
         let jobs = &self.job_timings;
-        let totals: [(&str, &str, u64); 7] = [
+        let totals: [(&str, &str, u64); 8] = [
+            (
+                "event_lag_ack_unmeasured",
+                "Acknowledgements not in event_lag_ack: their op was older than the last 16,384 ops with subscribers of its shard (a subscriber far behind).",
+                self.ack_lag_unmeasured,
+            ),
             (
                 "redeliveries",
                 "Ordered-class subscribers sent their unacknowledged ops again (no ack within the redelivery timeout).",
@@ -396,7 +409,7 @@ impl Collector for Scrape {
                 "A job attempt's wait from ready (submitted, or its retry's backoff over) to leased to a worker.",
                 Some(&Unit::Seconds),
                 &self.job_timings.queue_wait_us,
-                &LAG_BUCKETS_S[..],
+                &JOB_BUCKETS_S[..],
                 1e6,
             ),
             (
@@ -404,7 +417,7 @@ impl Collector for Scrape {
                 "A job attempt's run: leased -> its result, its loss (lease expired, worker gone) or its cancel.",
                 Some(&Unit::Seconds),
                 &self.job_timings.run_us,
-                &LAG_BUCKETS_S[..],
+                &JOB_BUCKETS_S[..],
                 1e6,
             ),
         ] {

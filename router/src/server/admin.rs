@@ -437,17 +437,30 @@ async fn view(
 
 /// `/v1/connections`: the connections being served after id `after`, in id order: who
 /// (once its session is established), where from, since when, what it has queued, and its
-/// QUIC path (an attached bulk connection's figures added in).
+/// QUIC path. A session's attached bulk connection is a row of its own (listener `bulk`,
+/// `bulk_of` naming the session's connection).
 fn connections_view(context: &Context, after: u64, limit: usize) -> serde_json::Value {
-    let live = context.live.lock().unwrap_or_else(|p| p.into_inner());
-    let mut items = Vec::new();
-    let mut last = after;
-    let mut rest = live.range(after.saturating_add(1)..);
-    for (id, tracked) in rest.by_ref().take(limit) {
-        last = *id;
+    // Copied out under the lock, read outside it: connections come and go meanwhile, and
+    // a session dropped here must not end under the lock.
+    let (page, more, bulk_of) = {
+        let live = context.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rest = live.range(after.saturating_add(1)..);
+        let page: Vec<(u64, Tracked)> = rest
+            .by_ref()
+            .take(limit)
+            .map(|(id, tracked)| (*id, tracked.clone()))
+            .collect();
+        let more = rest.next().is_some();
+        let bulk_of: HashMap<usize, u64> = live
+            .iter()
+            .filter_map(|(id, t)| Some((t.bulk_connection()?.stable_id(), *id)))
+            .collect();
+        (page, more, bulk_of)
+    };
+    let mut items = Vec::with_capacity(page.len());
+    for (id, tracked) in &page {
         let session = tracked.session.as_ref().and_then(std::sync::Weak::upgrade);
-        let bulk = tracked.bulk_connection();
-        let path = quic_path(&tracked.connection, bulk.as_ref());
+        let path = tracked.connection.stats().path;
         let mut item = serde_json::json!({
             "id": id,
             "remote": tracked.connection.remote_address().to_string(),
@@ -456,64 +469,57 @@ fn connections_view(context: &Context, after: u64, limit: usize) -> serde_json::
                 Listener::Bulk => "bulk",
             },
             "since_ms": tracked.since_ms,
-            "bulk_attached": bulk.is_some(),
+            "bulk_attached": tracked.bulk_connection().is_some(),
+            "bulk_of": bulk_of.get(&tracked.connection.stable_id()),
             "rtt_ms": tracked.connection.rtt().as_secs_f64() * 1e3,
             "sent_packets": path.sent_packets,
             "lost_packets": path.lost_packets,
             "lost_bytes": path.lost_bytes,
             "congestion_events": path.congestion_events,
+            "agent": null,
         });
-        match session {
-            Some(session) => {
-                let mut swarms: Vec<&String> = session.swarms.iter().collect();
-                swarms.sort();
-                item["agent"] = session.agent.as_ref().into();
-                item["role"] = session.role.name().into();
-                item["swarms"] = serde_json::json!(swarms);
-                item["queued_bytes"] = session.outbox.queued_bytes().into();
-            }
-            None => item["agent"] = serde_json::Value::Null,
+        if let Some(session) = session {
+            let mut swarms: Vec<&String> = session.swarms.iter().collect();
+            swarms.sort();
+            item["agent"] = session.agent.as_ref().into();
+            item["role"] = session.role.name().into();
+            item["swarms"] = serde_json::json!(swarms);
+            item["queued_bytes"] = session.outbox.queued_bytes().into();
         }
         items.push(item);
     }
-    let next = rest.next().is_some().then(|| last.to_string());
+    let next = more
+        .then(|| page.last().map(|(id, _)| id.to_string()))
+        .flatten();
     serde_json::json!({ "items": items, "next": next })
 }
 
-/// The path counters of `connection` and of its bulk connection, summed.
-fn quic_path(connection: &Connection, bulk: Option<&Connection>) -> crate::metrics::QuicFigures {
-    let mut figures = crate::metrics::QuicFigures::default();
-    for connection in std::iter::once(connection).chain(bulk) {
+/// The QUIC figures of every connection ever served: the totals of those that ended and
+/// the live ones' (each connection once: a bulk connection is one of its own), with the
+/// live ones' round-trip times. The totals and the live set are taken under one lock, so a
+/// connection ending meanwhile is counted live and not again.
+fn quic_figures(context: &Context) -> crate::metrics::QuicFigures {
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    let (mut figures, live) = {
+        let live = context.live.lock().unwrap_or_else(|p| p.into_inner());
+        let ended = &context.stats.quic_ended;
+        let figures = crate::metrics::QuicFigures {
+            sent_packets: get(&ended.sent_packets),
+            lost_packets: get(&ended.lost_packets),
+            lost_bytes: get(&ended.lost_bytes),
+            congestion_events: get(&ended.congestion_events),
+            ..Default::default()
+        };
+        let connections: Vec<Connection> = live.values().map(|t| t.connection.clone()).collect();
+        (figures, connections)
+    };
+    for connection in live {
         let path = connection.stats().path;
         figures.sent_packets += path.sent_packets;
         figures.lost_packets += path.lost_packets;
         figures.lost_bytes += path.lost_bytes;
         figures.congestion_events += path.congestion_events;
-    }
-    figures
-}
-
-/// The QUIC figures of every connection ever served: those that ended (their totals) and
-/// the live ones, read now, with the live ones' round-trip times.
-fn quic_figures(context: &Context) -> crate::metrics::QuicFigures {
-    let live = context.live.lock().unwrap_or_else(|p| p.into_inner());
-    let ended = &context.stats.quic_ended;
-    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-    let mut figures = crate::metrics::QuicFigures {
-        sent_packets: get(&ended.sent_packets),
-        lost_packets: get(&ended.lost_packets),
-        lost_bytes: get(&ended.lost_bytes),
-        congestion_events: get(&ended.congestion_events),
-        ..Default::default()
-    };
-    for tracked in live.values() {
-        let bulk = tracked.bulk_connection();
-        let path = quic_path(&tracked.connection, bulk.as_ref());
-        figures.sent_packets += path.sent_packets;
-        figures.lost_packets += path.lost_packets;
-        figures.lost_bytes += path.lost_bytes;
-        figures.congestion_events += path.congestion_events;
-        let rtt = tracked.connection.rtt().as_secs_f64();
+        let rtt = connection.rtt().as_secs_f64();
         figures.rtt_sum_s += rtt;
         figures.rtt_max_s = figures.rtt_max_s.max(rtt);
         figures.connections += 1;
@@ -591,6 +597,7 @@ async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape
     last.resize(fresh.len(), None);
     let mut durable_lag_us = std::array::from_fn(|_| swarmbus_proto::core::lag_histogram());
     let mut ack_lag_us = std::array::from_fn(|_| swarmbus_proto::core::lag_histogram());
+    let mut ack_lag_unmeasured = 0;
     for (kept, fresh) in last.iter_mut().zip(fresh) {
         if fresh.is_some() {
             *kept = fresh;
@@ -598,6 +605,7 @@ async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape
         if let Some(metrics) = kept {
             crate::metrics::merge(&mut durable_lag_us, &metrics.durable_lag_us);
             crate::metrics::merge(&mut ack_lag_us, &metrics.ack_lag_us);
+            ack_lag_unmeasured += metrics.ack_lag_unmeasured;
         }
     }
     let now_ms = context.clock.now_ms();
@@ -617,6 +625,7 @@ async fn scrape(state: &AdminState, context: &Context) -> crate::metrics::Scrape
         stats: context.stats.clone(),
         durable_lag_us,
         ack_lag_us,
+        ack_lag_unmeasured,
         delivered_lag_us: context.stats.delivery_lag.merged(),
         quic: quic_figures(context),
         job_timings,

@@ -278,10 +278,11 @@ pub(super) async fn run_connection(
                 bulk: None,
             },
         );
-    let mut tracking = Tracking {
+    // Served until this function returns; a bulk connection's attach waits in `greet` for
+    // as long as the connection is used.
+    let _tracking = Tracking {
         context: context.clone(),
         conn,
-        counted: true,
     };
     if open > context.config.limits.max_connections as u64 {
         stats
@@ -298,9 +299,6 @@ pub(super) async fn run_connection(
     let Some((send, session_reader, hello, identity)) =
         greet(&connection, &context, listener, partial.clone()).await
     else {
-        // Every refusal closed the connection: one still open was handed to its session
-        // as a bulk connection, and counts with it.
-        tracking.counted = connection.close_reason().is_some();
         return;
     };
     debug!(agent = %hello.agent_id, role = ?hello.role, swarms = hello.swarms.len(), "session established");

@@ -349,8 +349,9 @@ struct SessionCredential {
 /// it to every watcher, and must stay far below the frame limit.
 pub const MAX_METADATA_BYTES: usize = 1024;
 
-/// A connection as the connections view and the QUIC metrics see it.
-#[derive(Debug)]
+/// A connection as the connections view and the QUIC metrics see it. A session's attached
+/// bulk connection is a connection of its own here (it came in on the bulk listener).
+#[derive(Debug, Clone)]
 struct Tracked {
     connection: Connection,
     listener: Listener,
@@ -358,7 +359,7 @@ struct Tracked {
     since_ms: u64,
     /// Its session, once established.
     session: Option<std::sync::Weak<Session>>,
-    /// Where its session's bulk lanes go: an attached bulk connection counts with it.
+    /// Where its session's bulk lanes go (names its attached bulk connection).
     bulk: Option<watch::Receiver<BulkPath>>,
 }
 
@@ -373,27 +374,18 @@ impl Tracked {
 }
 
 /// Keeps a connection in [`Context::live`] while it is served; when it ends, its QUIC
-/// figures (and its attached bulk connection's) join the router's totals, in the same lock
-/// so that a scrape counts them once.
+/// figures join the router's totals under the same lock, so that a scrape (which reads the
+/// totals and takes the live connections under it) counts them once.
 struct Tracking {
     context: Arc<Context>,
     conn: ConnId,
-    /// Cleared for a bulk connection handed to its session, which counts it.
-    counted: bool,
 }
 
 impl Drop for Tracking {
     fn drop(&mut self) {
         let mut live = self.context.live.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(tracked) = live.remove(&self.conn.0) else {
-            return;
-        };
-        if self.counted {
-            let totals = &self.context.stats.quic_ended;
-            totals.add(&tracked.connection);
-            if let Some(bulk) = tracked.bulk_connection() {
-                totals.add(&bulk);
-            }
+        if let Some(tracked) = live.remove(&self.conn.0) {
+            self.context.stats.quic_ended.add(&tracked.connection);
         }
     }
 }

@@ -286,6 +286,8 @@ pub struct ShardMetrics {
     pub durable_lag_us: [swarmbus_proto::core::LagHistogram; 5],
     /// Publish received -> a subscriber's acknowledgement, per class, microseconds.
     pub ack_lag_us: [swarmbus_proto::core::LagHistogram; 5],
+    /// Acks not measured in `ack_lag_us` (their op was out of the window).
+    pub ack_lag_unmeasured: u64,
 }
 
 /// The shard is gone (the router is shutting down).
@@ -635,9 +637,6 @@ impl Shard {
         // Subscriptions (connection, class, swarm) that turned out lagging in this flush: their later
         // deliveries of the flush are skipped too, so they come from the log, in order.
         let mut lagged: Vec<(ConnId, Class, Arc<str>)> = Vec::new();
-        // Live ordered deliveries leave the core as their ops become durable: one reading
-        // of the clock stamps all of this flush's.
-        let mut durable_at: Option<std::time::Instant> = None;
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Deliver {
@@ -646,6 +645,7 @@ impl Shard {
                     frame,
                     swarm,
                     op,
+                    durable_at,
                 } if class.is_ordered() && !op.is_none() => {
                     let key = (to.conn(), class, swarm);
                     if lagged.contains(&key) {
@@ -653,11 +653,13 @@ impl Shard {
                     }
                     // A full queue does not disconnect an ordered-class subscriber: it
                     // catches up from the log once its queue drains.
-                    let durable_at = *durable_at.get_or_insert_with(std::time::Instant::now);
-                    if to
-                        .try_push_durable(Lane::Class(class), frame, durable_at)
-                        .is_err()
-                    {
+                    let lane = Lane::Class(class);
+                    let pushed = match durable_at {
+                        Some(at) => to.try_push_durable(lane, frame, at),
+                        // Replayed from the log: its durable -> delivered is not measured.
+                        None => to.try_push(lane, frame),
+                    };
+                    if pushed.is_err() {
                         self.stats.lagging_catch_ups.fetch_add(1, Ordering::Relaxed);
                         self.core.handle_lagging(to.conn(), &key.2, class, op);
                         lagged.push(key);
@@ -837,6 +839,7 @@ impl Shard {
                 let _ = reply.send(ShardMetrics {
                     durable_lag_us: self.core.durable_lag().clone(),
                     ack_lag_us: self.core.ack_lag().clone(),
+                    ack_lag_unmeasured: self.core.ack_lag_unmeasured(),
                 });
             }
             ShardCommand::Ack {

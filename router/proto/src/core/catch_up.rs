@@ -87,6 +87,7 @@ impl<H: Clone> Core<H> {
                     },
                     swarm: swarm.name.clone(),
                     op: op.op,
+                    durable_at: None,
                 });
                 // Only ops actually sent count as awaiting an acknowledgement.
                 subscriber.delivered = subscriber.delivered.max(op.op);

@@ -79,6 +79,9 @@ pub enum Action<H> {
         frame: OutFrame,
         swarm: Arc<str>,
         op: OpId,
+        /// When the op became durable, for a live delivery of an ordered op (`None`: an
+        /// unordered message, or an op replayed from the log to a catching-up subscriber).
+        durable_at: Option<Instant>,
     },
     /// Send `message` on the session stream of `to` (acknowledgements, refusals).
     Reply { to: H, message: Message },
@@ -293,6 +296,8 @@ pub struct Core<H> {
     ack_lag: [LagHistogram; 5],
     /// When the most recent durable ops with subscribers were received, for `ack_lag`.
     received: RecentOps,
+    /// Acks that moved a subscriber forward but named an op out of `received`'s window.
+    ack_lag_unmeasured: u64,
 }
 
 /// Most ops whose receive time a core keeps for measuring acknowledgement lag. An ack of
@@ -340,7 +345,9 @@ pub struct SwarmSummary {
     pub paused: bool,
     /// Why its log is unavailable, when it is.
     pub unavailable: Option<String>,
-    /// Durable ops the slowest ordered-class subscriber has not acknowledged (0: none).
+    /// Ops the slowest ordered-class subscriber has not acknowledged (0: none): of those
+    /// sent to it, or, while it catches up from the log, of every durable op (an upper
+    /// bound: ops of the other class or filtered out count too).
     pub ack_lag_ops: u64,
     /// Bytes of its event log (filled by the driver, which holds the log; 0 here).
     pub log_bytes: u64,
@@ -376,6 +383,7 @@ impl<H: Clone> Core<H> {
             durable_lag: std::array::from_fn(|_| lag_histogram()),
             ack_lag: std::array::from_fn(|_| lag_histogram()),
             received: RecentOps::default(),
+            ack_lag_unmeasured: 0,
         }
     }
 
@@ -396,10 +404,14 @@ impl<H: Clone> Core<H> {
                     .flat_map(|class| {
                         swarm.subscribers[class.index()].iter().map(move |s| {
                             let acked = swarm.acked.get(&(s.conn, class)).copied();
-                            swarm
-                                .durable_op
-                                .0
-                                .saturating_sub(acked.unwrap_or_default().0)
+                            // Live: what it was sent (filtered and targeted ops are not);
+                            // catching up: everything durable, at most.
+                            let owed = if s.cursor.is_some() {
+                                swarm.durable_op
+                            } else {
+                                s.delivered
+                            };
+                            owed.0.saturating_sub(acked.unwrap_or_default().0)
                         })
                     })
                     .max()
@@ -422,6 +434,12 @@ impl<H: Clone> Core<H> {
     /// application that acks after applying makes this publish -> apply.
     pub fn ack_lag(&self) -> &[LagHistogram; 5] {
         &self.ack_lag
+    }
+
+    /// Acks that moved a subscriber forward without a sample in [`Core::ack_lag`]: their op
+    /// was older than the window (the subscriber is far behind).
+    pub fn ack_lag_unmeasured(&self) -> u64 {
+        self.ack_lag_unmeasured
     }
 
     /// Restores a swarm recovered from the log: its sequencer continues after `last_op`.
@@ -891,9 +909,12 @@ impl<H: Clone> Core<H> {
         }
         *acked = op_id;
         let acked = *acked;
-        if let Some(received) = self.received.get(&swarm.name, op_id) {
-            let lag = now.saturating_duration_since(received).as_micros();
-            self.ack_lag[class.index()].saturating_record(lag.max(1) as u64);
+        match self.received.get(&swarm.name, op_id) {
+            Some(received) => {
+                let lag = now.saturating_duration_since(received).as_micros();
+                self.ack_lag[class.index()].saturating_record(lag.max(1) as u64);
+            }
+            None => self.ack_lag_unmeasured += 1,
         }
         // Progress restarts the redelivery clock; everything acknowledged stops it.
         for s in swarm.subscribers[class.index()]

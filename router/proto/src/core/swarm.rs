@@ -72,6 +72,7 @@ impl<H> Swarm<H> {
                     frame: frame.clone(),
                     swarm: name.clone(),
                     op,
+                    durable_at: (!op.is_none()).then_some(now),
                 });
                 recipients += 1;
             }

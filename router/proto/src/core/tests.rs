@@ -718,6 +718,7 @@ fn ack_lag_measures_publish_to_the_ack_of_the_newest_op_acknowledged() {
     assert!((39_000..=41_000).contains(&lag_us), "{lag_us} us");
     core.handle_ack(ConnId(1), "s", Class::Command, OpId(3), later);
     assert_eq!(core.ack_lag()[command].len(), 2);
+    assert_eq!(core.ack_lag_unmeasured(), 0);
     assert_eq!(core.ack_lag()[Class::Control.index()].len(), 0);
 }
 
@@ -742,6 +743,7 @@ fn ack_lag_keeps_a_bounded_window_of_receive_times() {
     // Op 1 left the window: its ack moves the subscriber but is not measured.
     core.handle_ack(ConnId(1), "s", Class::Command, OpId(1), published.instant);
     assert_eq!(core.ack_lag()[Class::Command.index()].len(), 0);
+    assert_eq!(core.ack_lag_unmeasured(), 1, "counted as not measured");
     core.handle_ack(ConnId(1), "s", Class::Command, OpId(20), published.instant);
     assert_eq!(core.ack_lag()[Class::Command.index()].len(), 1);
 }

@@ -265,8 +265,9 @@ struct Lease {
 }
 
 /// What the queue measured since it started: ready -> leased and leased -> the attempt's
-/// end, in microseconds (the queue's clock counts milliseconds), and counts of attempts
-/// after a job's first and of jobs dead-lettered.
+/// end, in microseconds (the queue's clock counts milliseconds; up to a day, two
+/// significant digits), and counts of attempts after a job's first and of jobs
+/// dead-lettered.
 #[derive(Debug, Clone)]
 pub struct JobTimings {
     pub queue_wait_us: crate::core::LagHistogram,
@@ -279,12 +280,18 @@ pub struct JobTimings {
 impl Default for JobTimings {
     fn default() -> Self {
         JobTimings {
-            queue_wait_us: crate::core::lag_histogram(),
-            run_us: crate::core::lag_histogram(),
+            queue_wait_us: job_histogram(),
+            run_us: job_histogram(),
             redeliveries: 0,
             dead_lettered: 0,
         }
     }
+}
+
+/// A histogram of job times: 1 µs to a day (jobs wait and run far longer than messages).
+fn job_histogram() -> crate::core::LagHistogram {
+    crate::core::LagHistogram::new_with_bounds(1, 86_400_000_000, 2)
+        .expect("constant bounds are valid")
 }
 
 impl JobTimings {
