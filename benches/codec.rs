@@ -32,6 +32,7 @@ fn deliver(size: usize) -> Message {
         payload: Bytes::from(vec![0xA5; size]),
         fencing_token: 0,
         lease: None,
+        published_us: 0,
     })
 }
 
@@ -86,6 +87,7 @@ fn encode_benches(c: &mut Criterion) {
                 256,
                 0,
                 None,
+                1_700_000_000_000_000,
             )
         })
     });

@@ -5,6 +5,7 @@ mod affinity;
 mod auth;
 mod bulk;
 mod client_edges;
+mod client_stats;
 mod clock;
 mod common;
 mod control;

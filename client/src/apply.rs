@@ -22,6 +22,8 @@ pub struct IdempotentApply {
     /// (epoch, last applied op) per (swarm, ordered class).
     state: HashMap<(String, Class), (Epoch, OpId)>,
     epoch_changes: u64,
+    /// Where duplicates dropped and apply lags are counted, if anywhere.
+    stats: Option<crate::ClientStats>,
 }
 
 impl IdempotentApply {
@@ -38,7 +40,15 @@ impl IdempotentApply {
                 .map(|(swarm, class, epoch, op)| ((swarm, class), (epoch, op)))
                 .collect(),
             epoch_changes: 0,
+            stats: None,
         }
+    }
+
+    /// Counts what it drops, and the apply lag of what [`IdempotentApply::apply`] runs, in
+    /// `stats`.
+    pub fn with_stats(mut self, stats: crate::ClientStats) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// Whether op `op_id` of `class` in `swarm` (from the log of `epoch`) should be applied;
@@ -51,6 +61,9 @@ impl IdempotentApply {
         match self.state.get_mut(&(swarm.to_owned(), class)) {
             Some((known, last)) if *known == epoch => {
                 if op_id <= *last {
+                    if let Some(stats) = &self.stats {
+                        stats.duplicate_dropped();
+                    }
                     return false;
                 }
                 *last = op_id;
@@ -70,14 +83,21 @@ impl IdempotentApply {
     }
 
     /// Runs `apply` on `delivery` unless it was applied already; returns its result.
+    /// With stats, its publish -> apply lag is counted once `apply` returns.
     pub fn apply<T>(&mut self, delivery: &Deliver, apply: impl FnOnce(&Deliver) -> T) -> Option<T> {
-        self.admit(
+        let admitted = self.admit(
             &delivery.swarm,
             delivery.class,
             delivery.epoch,
             delivery.op_id,
-        )
-        .then(|| apply(delivery))
+        );
+        admitted.then(|| {
+            let done = apply(delivery);
+            if let Some(stats) = &self.stats {
+                stats.applied(delivery);
+            }
+            done
+        })
     }
 
     /// The last command op applied in `swarm` (see [`IdempotentApply::last_applied_of`]).

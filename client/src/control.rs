@@ -355,6 +355,7 @@ mod tests {
             payload: Bytes::from_static(payload),
             fencing_token: token,
             lease: None,
+            published_us: 0,
         }
     }
 

@@ -124,8 +124,18 @@ impl Deliveries {
                 classes,
                 handed_over: None,
             },
-            Deliveries { classes: receivers },
+            Deliveries {
+                classes: receivers,
+                stats: None,
+            },
         )
+    }
+
+    /// Counts every delivery handed out from now on in `stats` (redeliveries, out-of-order
+    /// arrivals, the last message of each swarm).
+    pub fn with_stats(mut self, stats: crate::ClientStats) -> Self {
+        self.stats = Some(stats);
+        self
     }
 
     /// The next delivery, highest-priority class first; `None` once the connection is
@@ -146,7 +156,10 @@ impl Deliveries {
         for rx in &mut self.classes {
             match rx.poll_recv(cx) {
                 std::task::Poll::Ready(Some(deliver)) => {
-                    return std::task::Poll::Ready(Some(deliver))
+                    if let Some(stats) = &self.stats {
+                        stats.received(&deliver);
+                    }
+                    return std::task::Poll::Ready(Some(deliver));
                 }
                 std::task::Poll::Ready(None) => {}
                 std::task::Poll::Pending => open = true,
@@ -174,6 +187,9 @@ impl Deliveries {
             while taken < limit {
                 match rx.try_recv() {
                     Ok(deliver) => {
+                        if let Some(stats) = &self.stats {
+                            stats.received(&deliver);
+                        }
                         out.push(deliver);
                         taken += 1;
                     }
@@ -201,6 +217,7 @@ mod delivery_tests {
             payload: Bytes::new(),
             fencing_token: 0,
             lease: None,
+            published_us: 0,
         }
     }
 

@@ -48,6 +48,7 @@ pub mod jobs;
 pub mod reconnect;
 mod replies;
 pub mod retry;
+pub mod stats;
 mod trust;
 
 use connector::*;
@@ -77,6 +78,7 @@ pub use error::{ClientError, IoError};
 pub use jobs::{JobDedup, JobEvent, JobEvents, JobUpdates};
 pub use reconnect::{ReconnectEvent, ReconnectOptions, ResilientClient};
 pub use retry::{Backoff, RetryPolicy};
+pub use stats::{ClientStats, LastMessage, StatsSnapshot};
 /// The schema's types that this crate's API takes and returns, so that an agent depends on
 /// this crate alone.
 pub use swarmbus_schema::{
@@ -371,6 +373,8 @@ pub(crate) struct DeliverySink {
 #[derive(Debug)]
 pub struct Deliveries {
     classes: [mpsc::Receiver<Deliver>; Class::COUNT],
+    /// Where every delivery handed out is counted, if anywhere.
+    stats: Option<ClientStats>,
 }
 
 /// Requests the router routes to this worker session (see [`Client::requests`]).

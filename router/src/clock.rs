@@ -123,10 +123,19 @@ impl Clock {
 
     /// The time to pass to the protocol's state machines.
     pub fn now(&self) -> swarmbus_proto::Now {
+        let instant = Instant::now();
         swarmbus_proto::Now {
-            instant: Instant::now(),
+            instant,
             unix_ms: self.now_ms(),
+            unix_us: self.unix_us_at(instant),
         }
+    }
+
+    /// The router's clock at `at` in microseconds, counted on the monotonic clock from the
+    /// start (where [`Clock::now_ms`] counts the boot clock: the same unless the host
+    /// suspended). For stamps that measure lag, not for stored times.
+    pub fn unix_us_at(&self, at: Instant) -> u64 {
+        self.start_unix_ms * 1_000 + at.saturating_duration_since(self.start).as_micros() as u64
     }
 }
 

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 pub struct Now {
     pub instant: Instant,
     pub unix_ms: u64,
+    /// The same reading in microseconds (stamped on deliveries: publish -> apply lag).
+    pub unix_us: u64,
 }
 
 /// Later by `elapsed` on both readings (tests step time this way).
@@ -24,6 +26,7 @@ impl Add<Duration> for Now {
         Now {
             instant: self.instant + elapsed,
             unix_ms: self.unix_ms + elapsed.as_millis() as u64,
+            unix_us: self.unix_us + elapsed.as_micros() as u64,
         }
     }
 }

@@ -841,6 +841,7 @@ mod tests {
         Now {
             instant: Instant::now(),
             unix_ms: 1_700_000_000_000,
+            unix_us: 1_700_000_000_000_000,
         }
     }
 

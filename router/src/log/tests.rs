@@ -781,6 +781,7 @@ fn delivered(
             payload: Bytes::from_static(payload),
             fencing_token: 0,
             lease: None,
+            published_us: 0,
         },
     ));
     encode_record(

@@ -195,7 +195,14 @@ impl TelemetryRoutes {
     /// core would: every subscriber that wants it gets it once on its telemetry lane (which
     /// sheds its oldest frames when full); a swarm nobody subscribes in takes nothing; an
     /// unavailable swarm refuses it. Acknowledged (`request_id` set) like any publish.
-    fn publish(&self, stats: &Stats, agent: &str, outbox: &Outbox, publish: &Publish) {
+    fn publish(
+        &self,
+        stats: &Stats,
+        agent: &str,
+        outbox: &Outbox,
+        publish: &Publish,
+        published_us: u64,
+    ) {
         let mut delivered = 0u64;
         if let Some(route) = self.route(&publish.swarm) {
             if let Some(reason) = &route.unavailable {
@@ -214,7 +221,7 @@ impl TelemetryRoutes {
             let target = publish.target_agent.as_deref();
             if route.wanted(agent, target) {
                 let frame = OutFrame {
-                    head: deliver_head(publish, agent, OpId::NONE, Epoch::default()),
+                    head: deliver_head(publish, agent, OpId::NONE, Epoch::default(), published_us),
                     body: publish.payload.clone(),
                 };
                 for to in route.recipients(agent, target) {
@@ -248,6 +255,8 @@ pub struct ShardSender {
     bulk: mpsc::Sender<ShardCommand>,
     telemetry: Arc<TelemetryRoutes>,
     stats: Arc<Stats>,
+    /// Stamps telemetry deliveries with the time the router took them.
+    clock: crate::clock::Clock,
 }
 
 impl ShardSender {
@@ -266,7 +275,9 @@ impl ShardSender {
                 if self.urgent.is_closed() {
                     return Err(ShardStopped);
                 }
-                self.telemetry.publish(&self.stats, agent, outbox, publish);
+                let published_us = self.clock.unix_us_at(std::time::Instant::now());
+                self.telemetry
+                    .publish(&self.stats, agent, outbox, publish, published_us);
                 return Ok(());
             }
         }
@@ -341,6 +352,7 @@ pub fn spawn_shard(
         bulk: bulk_tx,
         telemetry,
         stats,
+        clock,
     }
 }
 
@@ -795,9 +807,13 @@ impl Shard {
                 outbox.clone(),
                 &publish,
                 // The batch's time, or the read's when earlier: the lag starts there.
-                swarmbus_proto::time::Now {
-                    instant: received.map_or(now.instant, |read| read.min(now.instant)),
-                    ..now
+                match received {
+                    Some(read) if read < now.instant => swarmbus_proto::time::Now {
+                        instant: read,
+                        unix_us: self.clock.unix_us_at(read),
+                        ..now
+                    },
+                    _ => now,
                 },
             ) {
                 Ok(outcome) => {

@@ -243,6 +243,7 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
                 payload: check_body(m.payload_len())?,
                 fencing_token: m.fencing_token(),
                 lease: optional(m.lease()),
+                published_us: m.published_us(),
             })
         }
         w::Message::Ack => {

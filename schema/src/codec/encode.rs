@@ -78,6 +78,7 @@ pub fn encode_deliver_head(
     payload_len: usize,
     fencing_token: u64,
     lease: Option<&str>,
+    published_us: u64,
 ) -> Bytes {
     with_builder(|fbb| {
         let swarm = fbb.create_string(swarm);
@@ -98,6 +99,7 @@ pub fn encode_deliver_head(
                 payload_len: payload_len as u32,
                 fencing_token,
                 lease,
+                published_us,
             },
         );
         finish(fbb, w::Message::Deliver, msg.as_union_value(), payload_len)
@@ -280,6 +282,7 @@ pub fn encode(message: &Message) -> OutFrame {
                     m.payload.len(),
                     m.fencing_token,
                     m.lease.as_deref(),
+                    m.published_us,
                 );
             }
             Message::Ack {

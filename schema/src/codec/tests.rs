@@ -171,6 +171,7 @@ fn message() -> impl Strategy<Value = Message> {
                         key,
                         payload,
                         fencing_token: op / 5,
+                        published_us: op.rotate_left(13),
                     })
                 }
             ),
@@ -754,6 +755,7 @@ fn deliver_header_stays_within_its_bound() {
         u32::MAX as usize,
         u64::MAX,
         Some(&long),
+        u64::MAX,
     );
     // The head includes frame_len; the bound covers everything after it.
     assert!(

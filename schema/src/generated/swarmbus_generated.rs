@@ -2437,6 +2437,7 @@ impl<'a> Deliver<'a> {
   pub const VT_EPOCH: ::flatbuffers::VOffsetT = 18;
   pub const VT_FENCING_TOKEN: ::flatbuffers::VOffsetT = 20;
   pub const VT_LEASE: ::flatbuffers::VOffsetT = 22;
+  pub const VT_PUBLISHED_US: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -2448,6 +2449,7 @@ impl<'a> Deliver<'a> {
     args: &'args DeliverArgs<'args>
   ) -> ::flatbuffers::WIPOffset<Deliver<'bldr>> {
     let mut builder = DeliverBuilder::new(_fbb);
+    builder.add_published_us(args.published_us);
     builder.add_fencing_token(args.fencing_token);
     builder.add_epoch(args.epoch);
     builder.add_op_id(args.op_id);
@@ -2536,6 +2538,15 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Deliver::VT_LEASE, None)}
   }
+  /// When the router took the publish, on its clock (Unix microseconds; 0: not known, as
+  /// in records written before this field). Clients measure publish -> apply from it.
+  #[inline]
+  pub fn published_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Deliver::VT_PUBLISHED_US, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Deliver<'_> {
@@ -2554,6 +2565,7 @@ impl ::flatbuffers::Verifiable for Deliver<'_> {
      .visit_field::<u64>("epoch", Self::VT_EPOCH, false)?
      .visit_field::<u64>("fencing_token", Self::VT_FENCING_TOKEN, false)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("lease", Self::VT_LEASE, false)?
+     .visit_field::<u64>("published_us", Self::VT_PUBLISHED_US, false)?
      .finish();
     Ok(())
   }
@@ -2569,6 +2581,7 @@ pub struct DeliverArgs<'a> {
     pub epoch: u64,
     pub fencing_token: u64,
     pub lease: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub published_us: u64,
 }
 impl<'a> Default for DeliverArgs<'a> {
   #[inline]
@@ -2584,6 +2597,7 @@ impl<'a> Default for DeliverArgs<'a> {
       epoch: 0,
       fencing_token: 0,
       lease: None,
+      published_us: 0,
     }
   }
 }
@@ -2634,6 +2648,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeliverBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Deliver::VT_LEASE, lease);
   }
   #[inline]
+  pub fn add_published_us(&mut self, published_us: u64) {
+    self.fbb_.push_slot::<u64>(Deliver::VT_PUBLISHED_US, published_us, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeliverBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     DeliverBuilder {
@@ -2661,6 +2679,7 @@ impl ::core::fmt::Debug for Deliver<'_> {
       ds.field("epoch", &self.epoch());
       ds.field("fencing_token", &self.fencing_token());
       ds.field("lease", &self.lease());
+      ds.field("published_us", &self.published_us());
       ds.finish()
   }
 }

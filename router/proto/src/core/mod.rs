@@ -137,8 +137,15 @@ pub struct ReplayedOp {
 }
 
 /// The Deliver header of `publish` from `source_agent` (op and epoch: `OpId::NONE` and
-/// the default epoch for unordered classes); the payload follows it unchanged.
-pub fn deliver_head(publish: &Publish, source_agent: &str, op_id: OpId, epoch: Epoch) -> Bytes {
+/// the default epoch for unordered classes), taken by the router at `published_us` (its
+/// clock, Unix µs); the payload follows it unchanged.
+pub fn deliver_head(
+    publish: &Publish,
+    source_agent: &str,
+    op_id: OpId,
+    epoch: Epoch,
+    published_us: u64,
+) -> Bytes {
     encode_deliver_head(
         &publish.swarm,
         publish.class,
@@ -150,6 +157,7 @@ pub fn deliver_head(publish: &Publish, source_agent: &str, op_id: OpId, epoch: E
         publish.payload.len(),
         publish.fencing_token,
         publish.lease.as_deref(),
+        published_us,
     )
 }
 
@@ -716,8 +724,9 @@ impl<H: Clone> Core<H> {
     ) -> Result<PublishOutcome, CoreError> {
         let class = publish.class;
         let target = publish.target_agent.as_deref();
-        let head_for =
-            |op_id: OpId, epoch: Epoch| deliver_head(publish, source_agent, op_id, epoch);
+        let head_for = |op_id: OpId, epoch: Epoch| {
+            deliver_head(publish, source_agent, op_id, epoch, now.unix_us)
+        };
         if !class.is_ordered() {
             // Unordered messages to a swarm nobody subscribes in go nowhere; creating the
             // swarm for them would only cost memory.
