@@ -134,7 +134,7 @@ impl Deliveries {
     /// Counts every delivery handed out from now on in `stats` (redeliveries, out-of-order
     /// arrivals, the last message of each swarm).
     pub fn with_stats(mut self, stats: crate::ClientStats) -> Self {
-        self.stats = Some(stats);
+        self.stats = Some((stats, crate::stats::Arrivals::default()));
         self
     }
 
@@ -156,8 +156,8 @@ impl Deliveries {
         for rx in &mut self.classes {
             match rx.poll_recv(cx) {
                 std::task::Poll::Ready(Some(deliver)) => {
-                    if let Some(stats) = &self.stats {
-                        stats.received(&deliver);
+                    if let Some((stats, arrivals)) = &mut self.stats {
+                        stats.received(&deliver, arrivals);
                     }
                     return std::task::Poll::Ready(Some(deliver));
                 }
@@ -187,8 +187,8 @@ impl Deliveries {
             while taken < limit {
                 match rx.try_recv() {
                     Ok(deliver) => {
-                        if let Some(stats) = &self.stats {
-                            stats.received(&deliver);
+                        if let Some((stats, arrivals)) = &mut self.stats {
+                            stats.received(&deliver, arrivals);
                         }
                         out.push(deliver);
                         taken += 1;

@@ -373,8 +373,9 @@ pub(crate) struct DeliverySink {
 #[derive(Debug)]
 pub struct Deliveries {
     classes: [mpsc::Receiver<Deliver>; Class::COUNT],
-    /// Where every delivery handed out is counted, if anywhere.
-    stats: Option<ClientStats>,
+    /// Where every delivery handed out is counted, if anywhere, with what this stream
+    /// received so far.
+    stats: Option<(ClientStats, stats::Arrivals)>,
 }
 
 /// Requests the router routes to this worker session (see [`Client::requests`]).

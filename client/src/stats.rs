@@ -9,17 +9,18 @@
 //!   and the apply lag of each op [`IdempotentApply::apply`](crate::IdempotentApply::apply)
 //!   ran (an application applying by hand calls [`ClientStats::applied`]);
 //! - [`ClientStats::on_event`] as a [`ReconnectOptions`](crate::ReconnectOptions) hook:
-//!   reconnects.
+//!   reconnects (one hook per reconnecting client).
 //!
 //! With the `prometheus` feature, [`ClientStats::register`] adds it to a
 //! `prometheus-client` registry, read at scrape.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
-use swarmbus_schema::{Class, Deliver, OpId};
+use swarmbus_schema::{Class, Deliver, Epoch, OpId};
 
 use crate::reconnect::{EventHook, ReconnectEvent};
 
@@ -42,24 +43,104 @@ pub struct StatsSnapshot {
     pub apply_lag_us: [Histogram<u64>; Class::COUNT],
     /// Ordered ops the idempotent apply refused as applied already.
     pub duplicates_dropped: u64,
-    /// Ordered deliveries at or below the highest op id already received of their swarm
-    /// and class (sent again after a reconnect or a redelivery timeout).
+    /// Ordered deliveries of an op the same stream had received already (sent again after
+    /// a reconnect or a redelivery timeout).
     pub redeliveries: u64,
-    /// Ordered deliveries more than one op id above the highest received (an op between
-    /// them is missing or comes later).
+    /// Ordered deliveries that came after a later op of their swarm and class (they filled
+    /// a gap in the op ids the stream had received).
     pub out_of_order: u64,
-    /// Connections re-established (a reconnecting client's resubscribes after the first).
+    /// Connections re-established after a disconnection (see [`ClientStats::on_event`]).
     pub reconnects: u64,
     pub last_message: HashMap<String, LastMessage>,
 }
 
+/// What the figures are kept in.
 #[derive(Debug)]
 struct Inner {
     snapshot: StatsSnapshot,
-    /// Highest op id received per (swarm, class), for redeliveries and order.
-    highest: HashMap<(String, Class), OpId>,
-    /// Resubscribes seen (the first is the connection, not a reconnect).
-    resubscribes: u64,
+}
+
+/// What one delivery stream received of each swarm's ordered ops, to tell redeliveries and
+/// late arrivals from new ops (kept by the stream: two streams sharing a [`ClientStats`] do
+/// not see each other's ops as redeliveries).
+#[derive(Debug, Default)]
+pub(crate) struct Arrivals {
+    /// Per swarm, per ordered class (control, command).
+    swarms: HashMap<String, [ClassArrivals; 2]>,
+}
+
+#[derive(Debug, Default)]
+struct ClassArrivals {
+    /// The epoch of the ops seen (a new epoch starts over: op ids restart there).
+    epoch: Epoch,
+    highest: OpId,
+    /// Op id ranges skipped so far (`from..=to`), oldest first, at most [`MAX_GAPS`]: an op
+    /// in one arrived late; one below `highest` in none is a redelivery.
+    gaps: VecDeque<(u64, u64)>,
+}
+
+/// Gaps remembered per swarm and class; past it the oldest is forgotten (a subscriber
+/// that filters by source, or is sent only targeted ops, sees gaps that never fill).
+const MAX_GAPS: usize = 64;
+
+/// What an arrival was, as [`Arrivals::arrived`] tells it.
+#[derive(Debug, PartialEq, Eq)]
+enum Arrival {
+    New,
+    Late,
+    Again,
+}
+
+impl Arrivals {
+    fn arrived(&mut self, delivery: &Deliver) -> Arrival {
+        let slot = match delivery.class {
+            Class::Control => 0,
+            Class::Command => 1,
+            _ => return Arrival::New,
+        };
+        if delivery.op_id.is_none() {
+            return Arrival::New;
+        }
+        let class = match self.swarms.get_mut(delivery.swarm.as_str()) {
+            Some(classes) => &mut classes[slot],
+            None => &mut self.swarms.entry(delivery.swarm.clone()).or_default()[slot],
+        };
+        let op = delivery.op_id.0;
+        if class.epoch != delivery.epoch {
+            *class = ClassArrivals {
+                epoch: delivery.epoch,
+                ..ClassArrivals::default()
+            };
+        }
+        if op > class.highest.0 {
+            // Ops before the first one seen are not a gap: the stream started there.
+            if class.highest.0 > 0 && op > class.highest.0 + 1 {
+                if class.gaps.len() == MAX_GAPS {
+                    class.gaps.pop_front();
+                }
+                class.gaps.push_back((class.highest.0 + 1, op - 1));
+            }
+            class.highest = delivery.op_id;
+            return Arrival::New;
+        }
+        let Some(index) = class
+            .gaps
+            .iter()
+            .position(|(from, to)| (*from..=*to).contains(&op))
+        else {
+            return Arrival::Again;
+        };
+        // Filled: the gap splits around it.
+        let (from, to) = class.gaps[index];
+        class.gaps.remove(index);
+        if op < to {
+            class.gaps.insert(index, (op + 1, to));
+        }
+        if from < op {
+            class.gaps.insert(index, (from, op - 1));
+        }
+        Arrival::Late
+    }
 }
 
 /// What a client observed (see the module docs). Cloning shares it.
@@ -98,8 +179,6 @@ impl ClientStats {
                     reconnects: 0,
                     last_message: HashMap::new(),
                 },
-                highest: HashMap::new(),
-                resubscribes: 0,
             })),
         }
     }
@@ -109,26 +188,16 @@ impl ClientStats {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A delivery arrived (what [`Deliveries::with_stats`](crate::Deliveries::with_stats)
-    /// calls for each).
-    pub fn received(&self, delivery: &Deliver) {
+    /// A delivery arrived on a stream whose ops so far are `arrivals` (what
+    /// [`Deliveries::with_stats`](crate::Deliveries::with_stats) calls for each).
+    pub(crate) fn received(&self, delivery: &Deliver, arrivals: &mut Arrivals) {
+        let arrival = arrivals.arrived(delivery);
         let received_us = now_us();
         let mut inner = self.lock();
-        if delivery.class.is_ordered() && !delivery.op_id.is_none() {
-            let key = (delivery.swarm.clone(), delivery.class);
-            let highest = inner.highest.get(&key).copied();
-            match highest {
-                Some(highest) if delivery.op_id <= highest => {
-                    inner.snapshot.redeliveries += 1;
-                }
-                Some(highest) if delivery.op_id.0 > highest.0 + 1 => {
-                    inner.snapshot.out_of_order += 1;
-                    inner.highest.insert(key, delivery.op_id);
-                }
-                _ => {
-                    inner.highest.insert(key, delivery.op_id);
-                }
-            }
+        match arrival {
+            Arrival::New => {}
+            Arrival::Late => inner.snapshot.out_of_order += 1,
+            Arrival::Again => inner.snapshot.redeliveries += 1,
         }
         let last = LastMessage {
             class: delivery.class,
@@ -136,7 +205,7 @@ impl ClientStats {
             published_us: delivery.published_us,
             received_us,
         };
-        match inner.snapshot.last_message.get_mut(&delivery.swarm) {
+        match inner.snapshot.last_message.get_mut(delivery.swarm.as_str()) {
             Some(kept) => *kept = last,
             None => {
                 inner
@@ -147,9 +216,10 @@ impl ClientStats {
         }
     }
 
-    /// `delivery` was applied just now: its publish -> apply lag, from the router's stamp to
-    /// this host's clock (the two clocks must agree: one host, or hosts kept in step by
-    /// NTP or PTP; a stamp from the future counts as 1 µs, an unstamped one not at all).
+    /// `delivery` was applied just now: its publish -> apply lag, from the router's stamp
+    /// (its host's wall clock) to this host's wall clock (the two must agree: one host, or
+    /// hosts kept in step by NTP or PTP; a stamp from the future counts as 1 µs, an
+    /// unstamped one not at all).
     pub fn applied(&self, delivery: &Deliver) {
         if delivery.published_us == 0 {
             return;
@@ -163,20 +233,19 @@ impl ClientStats {
         self.lock().snapshot.duplicates_dropped += 1;
     }
 
-    /// Counts reconnects from a reconnecting client's events.
-    pub fn observe(&self, event: &ReconnectEvent) {
-        if let ReconnectEvent::Resubscribed { .. } = event {
-            let mut inner = self.lock();
-            inner.resubscribes += 1;
-            inner.snapshot.reconnects = inner.resubscribes.saturating_sub(1);
-        }
-    }
-
-    /// [`ClientStats::observe`] as a [`ReconnectOptions::on_event`](crate::ReconnectOptions)
-    /// hook (wrap it to call another hook as well).
+    /// A [`ReconnectOptions::on_event`](crate::ReconnectOptions) hook for one reconnecting
+    /// client: each resubscription after a disconnection counts as a reconnect (wrap it to
+    /// call another hook as well; give each client a hook of its own).
     pub fn on_event(&self) -> EventHook {
         let stats = self.clone();
-        Arc::new(move |event| stats.observe(event))
+        let disconnected = Arc::new(AtomicBool::new(false));
+        Arc::new(move |event| match event {
+            ReconnectEvent::Disconnected { .. } => disconnected.store(true, Ordering::Relaxed),
+            ReconnectEvent::Resubscribed { .. } if disconnected.swap(false, Ordering::Relaxed) => {
+                stats.lock().snapshot.reconnects += 1;
+            }
+            _ => {}
+        })
     }
 
     /// The figures now.
@@ -298,20 +367,30 @@ mod tests {
     }
 
     #[test]
-    fn arrivals_count_redeliveries_gaps_and_keep_the_last_message() {
+    fn arrivals_count_redeliveries_late_ops_and_keep_the_last_message() {
         let stats = ClientStats::new();
-        for op in [1, 2, 2, 5, 3, 6] {
-            stats.received(&deliver("s", Class::Command, op, 0));
+        let mut stream = Arrivals::default();
+        for op in [1, 2, 2, 5, 3, 6, 4, 4] {
+            stats.received(&deliver("s", Class::Command, op, 0), &mut stream);
         }
         // Control ops have their own sequence of arrivals.
-        stats.received(&deliver("s", Class::Control, 1, 0));
-        stats.received(&deliver("t", Class::Telemetry, 0, 7));
+        stats.received(&deliver("s", Class::Control, 1, 0), &mut stream);
+        stats.received(&deliver("t", Class::Telemetry, 0, 7), &mut stream);
         let snapshot = stats.snapshot();
-        assert_eq!(snapshot.redeliveries, 2, "2 again, and 3 below 5");
-        assert_eq!(snapshot.out_of_order, 1, "5 after 2");
+        assert_eq!(snapshot.redeliveries, 2, "2 again, 4 again");
+        assert_eq!(snapshot.out_of_order, 2, "3 and 4 after 5");
         assert_eq!(snapshot.last_message["s"].op_id, OpId(1));
         assert_eq!(snapshot.last_message["s"].class, Class::Control);
         assert_eq!(snapshot.last_message["t"].published_us, 7);
+        // Another stream sharing the stats: its first ops are new to it.
+        let mut other = Arrivals::default();
+        stats.received(&deliver("s", Class::Command, 1, 0), &mut other);
+        assert_eq!(stats.snapshot().redeliveries, 2);
+        // A new epoch starts over: op 1 of it is new.
+        let mut next = deliver("s", Class::Command, 1, 0);
+        next.epoch = Epoch(2);
+        stats.received(&next, &mut stream);
+        assert_eq!(stats.snapshot().redeliveries, 2);
     }
 
     #[test]
@@ -351,17 +430,28 @@ mod tests {
     }
 
     #[test]
-    fn reconnects_are_resubscribes_after_the_first() {
+    fn reconnects_are_resubscribes_after_a_disconnection() {
         let stats = ClientStats::new();
         let hook = stats.on_event();
+        let at = std::time::Instant::now();
         let resubscribed = ReconnectEvent::Resubscribed {
-            at: std::time::Instant::now(),
+            at,
             subscriptions: 1,
+        };
+        let disconnected = ReconnectEvent::Disconnected {
+            at,
+            error: crate::ClientError::Closed {
+                code: None,
+                reason: String::new(),
+            },
         };
         hook(&resubscribed);
         assert_eq!(stats.snapshot().reconnects, 0, "the first connection");
+        hook(&disconnected);
         hook(&resubscribed);
         hook(&resubscribed);
-        assert_eq!(stats.snapshot().reconnects, 2);
+        // A second client's hook: its first connection is not a reconnect.
+        stats.on_event()(&resubscribed);
+        assert_eq!(stats.snapshot().reconnects, 1);
     }
 }

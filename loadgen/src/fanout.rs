@@ -485,6 +485,7 @@ async fn agent(
     let mut highest: Option<u64> = None;
     let mut batch = Vec::with_capacity(256);
     let mut reported = Vec::with_capacity(256);
+    let reporting = crate::report::enabled();
     while !stop.load(Ordering::Relaxed) {
         batch.clear();
         let got = match tokio::time::timeout(
@@ -531,7 +532,9 @@ async fn agent(
             highest = Some(highest.map_or(seq, |h| h.max(seq)));
             let latency_us = now_ns.saturating_sub(sent_ns) / 1000;
             let _ = result.latency_us.record(latency_us.max(1));
-            reported.push(latency_us);
+            if reporting {
+                reported.push(latency_us);
+            }
             fresh += 1;
         }
         result.delivered += fresh;

@@ -4,13 +4,13 @@
 //!
 //! - `summary.json`: the scenario's JSON summary (the line `--json` prints);
 //! - `series.json` and `series.csv`: one row per second (`t_s`, `count`, `per_s`, `p50_us`,
-//!   `p90_us`, `p99_us`, `max_us`, `shed`, `refused`);
+//!   `p90_us`, `p99_us`, `max_us`, `shed`: offered and not arrived by then, `refused`);
 //! - `latency.hlog`: the per-second latency histograms as an HdrHistogram interval log
 //!   (compressed V2, microseconds), for HdrHistogram's own tools;
 //! - `latency_over_time.svg`, `throughput.svg`, `latency_distribution.svg` (plotters).
 //!
 //! Samples go to one of a few striped intervals (a lock each, the stripe fixed per
-//! thread), so recording from many tasks costs one uncontended lock per batch; a ticker
+//! thread), so recording from many tasks costs an uncontended lock per call; a ticker
 //! swaps the intervals out every second. Nothing is recorded without `--report`.
 
 use std::cell::Cell;
@@ -197,6 +197,8 @@ pub fn start(dir: &Path) -> anyhow::Result<()> {
     }
     tokio::spawn(async {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        // A late tick makes one long second, not a burst of short ones.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await; // the first tick is immediate
         loop {
             tick.tick().await;
@@ -211,6 +213,9 @@ fn close_second() {
     let Some(recorder) = RECORDER.get() else {
         return;
     };
+    // The series first: a tick racing `finish` waits here with the samples still in the
+    // stripes, where `finish`'s own close has taken them.
+    let mut seconds = recorder.seconds.lock().unwrap_or_else(|p| p.into_inner());
     let mut interval = Interval::new();
     for stripe in &recorder.stripes {
         let mut held = stripe.lock().unwrap_or_else(|p| p.into_inner());
@@ -218,7 +223,6 @@ fn close_second() {
         *held = Interval::new();
     }
     let at = recorder.started.elapsed();
-    let mut seconds = recorder.seconds.lock().unwrap_or_else(|p| p.into_inner());
     let before = seconds.last().map_or(Duration::ZERO, |s| s.at);
     seconds.push(Second {
         at,
@@ -302,9 +306,12 @@ const COLUMNS: [&str; 9] = [
 ];
 
 fn rows(seconds: &[Second]) -> Vec<serde_json::Value> {
+    // Offered and not arrived so far: in flight, or lost.
+    let mut missing: i64 = 0;
     seconds
         .iter()
         .map(|second| {
+            missing += second.interval.offered as i64 - second.interval.arrived as i64;
             let i = &second.interval;
             let q = |q: f64| {
                 if i.latency_us.is_empty() {
@@ -322,7 +329,7 @@ fn rows(seconds: &[Second]) -> Vec<serde_json::Value> {
                 "p90_us": q(0.9),
                 "p99_us": q(0.99),
                 "max_us": i.latency_us.max(),
-                "shed": i.offered.saturating_sub(i.arrived),
+                "shed": missing.max(0),
                 "refused": i.refused,
             })
         })
@@ -467,13 +474,21 @@ mod plot {
             .map_err(failed)
     }
 
-    /// Completed, shed and refused operations per second.
+    /// Completed and refused operations per second, and what has not arrived so far.
     pub fn throughput(path: &Path, rows: &[serde_json::Value], what: &str) -> anyhow::Result<()> {
         let per_s = column(rows, "per_s");
-        // Shed and refused counts are per second already (rows are one second long, the
-        // last one shorter).
+        // Refusals as a rate, like the operations (the last row is shorter); shed is what
+        // has not arrived so far, a level.
+        let mut previous = 0.0;
+        let refused: Vec<(f64, f64)> = column(rows, "refused")
+            .into_iter()
+            .map(|(t, n)| {
+                let length = (t - previous).max(1e-3);
+                previous = t;
+                (t, n / length)
+            })
+            .collect();
         let shed = column(rows, "shed");
-        let refused = column(rows, "refused");
         let t_max = per_s.last().map_or(1.0, |(t, _)| *t).max(1.0);
         let y_max = per_s
             .iter()
@@ -501,8 +516,8 @@ mod plot {
             .map_err(failed)?;
         let series = vec![
             (what, per_s, BLUE),
-            ("shed", shed, RED),
-            ("refused", refused, MAGENTA),
+            ("not arrived so far (shed or in flight)", shed, RED),
+            ("refused per second", refused, MAGENTA),
         ];
         lines(&mut chart, series)?;
         root.present().map_err(failed)
@@ -582,6 +597,8 @@ mod tests {
         assert_eq!(rows[0]["per_s"], 10.0);
         assert_eq!(rows[0]["max_us"].as_u64().unwrap() / 10, 30);
         assert_eq!(rows[1]["p99_us"], 0, "no samples: 0, not a panic");
+        // Each second offered 3 and 2 arrived: what has not arrived builds up.
+        assert_eq!((&rows[0]["shed"], &rows[1]["shed"]), (&1.into(), &2.into()));
         let text = csv(&rows);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3);

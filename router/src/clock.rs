@@ -127,17 +127,28 @@ impl Clock {
         swarmbus_proto::Now {
             instant,
             unix_ms: self.now_ms(),
-            unix_us: self.unix_us_at(instant),
+            wall_us: wall_us_now(),
         }
     }
-
-    /// The router's clock at `at` in microseconds, counted on the monotonic clock from the
-    /// start (where [`Clock::now_ms`] counts the boot clock: the same unless the host
-    /// suspended). For stamps that measure lag, not for stored times.
-    pub fn unix_us_at(&self, at: Instant) -> u64 {
-        self.start_unix_ms * 1_000 + at.saturating_duration_since(self.start).as_micros() as u64
-    }
 }
+
+/// The host's wall clock at `at` (Unix µs): read now, less the time since `at`. For stamps
+/// that measure lag across processes (the other side reads its wall clock), never for
+/// times the router stores or compares (those are the router's clock, which never steps
+/// back).
+pub fn wall_us_at(at: Instant) -> u64 {
+    let since = Instant::now().saturating_duration_since(at).as_micros() as u64;
+    wall_us_now().saturating_sub(since)
+}
+
+/// The host's wall clock now (Unix µs; see [`wall_us_at`]).
+pub fn wall_us_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Clock {}
 
 impl Default for Clock {
     fn default() -> Self {

@@ -254,7 +254,8 @@ pub struct Deliver {
     /// The publisher's fencing token and lease (0 / `None`: none).
     pub fencing_token: u64,
     pub lease: Option<String>,
-    /// When the router took the publish, on its clock, in Unix microseconds (0: unknown).
+    /// When the router took the publish, on its host's wall clock, in Unix microseconds
+    /// (0: unknown).
     pub published_us: u64,
 }
 

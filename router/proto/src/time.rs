@@ -15,8 +15,10 @@ use std::time::{Duration, Instant};
 pub struct Now {
     pub instant: Instant,
     pub unix_ms: u64,
-    /// The same reading in microseconds (stamped on deliveries: publish -> apply lag).
-    pub unix_us: u64,
+    /// The host's wall clock at this reading, Unix microseconds: stamped on deliveries for
+    /// measuring publish -> apply across processes, never stored as a time the router
+    /// compares (those are `unix_ms`, the router's clock).
+    pub wall_us: u64,
 }
 
 /// Later by `elapsed` on both readings (tests step time this way).
@@ -26,7 +28,7 @@ impl Add<Duration> for Now {
         Now {
             instant: self.instant + elapsed,
             unix_ms: self.unix_ms + elapsed.as_millis() as u64,
-            unix_us: self.unix_us + elapsed.as_micros() as u64,
+            wall_us: self.wall_us + elapsed.as_micros() as u64,
         }
     }
 }

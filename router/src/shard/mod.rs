@@ -195,14 +195,7 @@ impl TelemetryRoutes {
     /// core would: every subscriber that wants it gets it once on its telemetry lane (which
     /// sheds its oldest frames when full); a swarm nobody subscribes in takes nothing; an
     /// unavailable swarm refuses it. Acknowledged (`request_id` set) like any publish.
-    fn publish(
-        &self,
-        stats: &Stats,
-        agent: &str,
-        outbox: &Outbox,
-        publish: &Publish,
-        published_us: u64,
-    ) {
+    fn publish(&self, stats: &Stats, agent: &str, outbox: &Outbox, publish: &Publish) {
         let mut delivered = 0u64;
         if let Some(route) = self.route(&publish.swarm) {
             if let Some(reason) = &route.unavailable {
@@ -220,6 +213,9 @@ impl TelemetryRoutes {
             }
             let target = publish.target_agent.as_deref();
             if route.wanted(agent, target) {
+                // Stamped only when someone receives it: the clock is read once per
+                // publish that goes somewhere.
+                let published_us = crate::clock::wall_us_now();
                 let frame = OutFrame {
                     head: deliver_head(publish, agent, OpId::NONE, Epoch::default(), published_us),
                     body: publish.payload.clone(),
@@ -255,8 +251,6 @@ pub struct ShardSender {
     bulk: mpsc::Sender<ShardCommand>,
     telemetry: Arc<TelemetryRoutes>,
     stats: Arc<Stats>,
-    /// Stamps telemetry deliveries with the time the router took them.
-    clock: crate::clock::Clock,
 }
 
 impl ShardSender {
@@ -275,9 +269,7 @@ impl ShardSender {
                 if self.urgent.is_closed() {
                     return Err(ShardStopped);
                 }
-                let published_us = self.clock.unix_us_at(std::time::Instant::now());
-                self.telemetry
-                    .publish(&self.stats, agent, outbox, publish, published_us);
+                self.telemetry.publish(&self.stats, agent, outbox, publish);
                 return Ok(());
             }
         }
@@ -352,7 +344,6 @@ pub fn spawn_shard(
         bulk: bulk_tx,
         telemetry,
         stats,
-        clock,
     }
 }
 
@@ -810,7 +801,7 @@ impl Shard {
                 match received {
                     Some(read) if read < now.instant => swarmbus_proto::time::Now {
                         instant: read,
-                        unix_us: self.clock.unix_us_at(read),
+                        wall_us: crate::clock::wall_us_at(read),
                         ..now
                     },
                     _ => now,

@@ -2538,8 +2538,8 @@ impl<'a> Deliver<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Deliver::VT_LEASE, None)}
   }
-  /// When the router took the publish, on its clock (Unix microseconds; 0: not known, as
-  /// in records written before this field). Clients measure publish -> apply from it.
+  /// When the router took the publish, on its host's wall clock (Unix microseconds; 0: not
+  /// known, as in records written before this field). Clients measure publish -> apply.
   #[inline]
   pub fn published_us(&self) -> u64 {
     // Safety:

@@ -138,7 +138,7 @@ pub struct ReplayedOp {
 
 /// The Deliver header of `publish` from `source_agent` (op and epoch: `OpId::NONE` and
 /// the default epoch for unordered classes), taken by the router at `published_us` (its
-/// clock, Unix µs); the payload follows it unchanged.
+/// host's wall clock, Unix µs); the payload follows it unchanged.
 pub fn deliver_head(
     publish: &Publish,
     source_agent: &str,
@@ -725,7 +725,7 @@ impl<H: Clone> Core<H> {
         let class = publish.class;
         let target = publish.target_agent.as_deref();
         let head_for = |op_id: OpId, epoch: Epoch| {
-            deliver_head(publish, source_agent, op_id, epoch, now.unix_us)
+            deliver_head(publish, source_agent, op_id, epoch, now.wall_us)
         };
         if !class.is_ordered() {
             // Unordered messages to a swarm nobody subscribes in go nowhere; creating the

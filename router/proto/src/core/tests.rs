@@ -60,7 +60,7 @@ fn now() -> Now {
     Now {
         instant: Instant::now(),
         unix_ms: 1_700_000_000_000,
-        unix_us: 1_700_000_000_000_000,
+        wall_us: 1_700_000_000_000_000,
     }
 }
 
