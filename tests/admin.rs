@@ -122,6 +122,7 @@ async fn metrics_parse_as_prometheus_and_move_with_traffic() {
         ("swarmbus_published", "counter"),
         ("swarmbus_delivered", "counter"),
         ("swarmbus_rate_limited", "counter"),
+        ("swarmbus_breaker_refusals", "counter"),
         ("swarmbus_telemetry_shed", "counter"),
         ("swarmbus_catch_ups", "counter"),
         ("swarmbus_breaker_transitions", "counter"),

@@ -460,7 +460,10 @@ async fn a_retry_storm_opens_the_breaker_and_every_transition_is_alerted() {
     );
     assert!(states[1].contains("\"state\":\"half-open\""), "{states:?}");
     assert!(states[2].contains("\"state\":\"closed\""), "{states:?}");
-    assert_eq!(t.router.stats().breaker_transitions, 3);
+    let stats = t.router.stats();
+    assert_eq!(stats.breaker_transitions, 3);
+    // The three refusals were the rate limit's; the one while open, the breaker's.
+    assert_eq!((stats.rate_limited_refused, stats.breaker_refused), (3, 1));
     t.router.shutdown().await;
 }
 

@@ -143,12 +143,23 @@ impl Collector for Scrape {
         labelled(
             &mut encoder,
             "rate_limited",
-            "Publishes over a rate limit: refused with a reply, or dropped (fire-and-forget).",
+            "Publishes over a rate limit: refused with RateLimited, or dropped (fire-and-forget).",
             Kind::Counter,
             "outcome",
             &[
                 ("refused", get(&stats.rate_limited_refused)),
                 ("dropped", get(&stats.rate_limited_dropped)),
+            ],
+        )?;
+        labelled(
+            &mut encoder,
+            "breaker_refusals",
+            "Publishes an open circuit breaker stopped: refused with CircuitOpen, or dropped (fire-and-forget).",
+            Kind::Counter,
+            "outcome",
+            &[
+                ("refused", get(&stats.breaker_refused)),
+                ("dropped", get(&stats.breaker_dropped)),
             ],
         )?;
         let reasons = ["closed", "timeout", "replaced"];

@@ -37,10 +37,14 @@ pub struct Stats {
     pub refused_unacknowledged: AtomicU64,
     /// Publishes refused with RateLimited.
     pub rate_limited_refused: AtomicU64,
-    /// Fire-and-forget publishes dropped by the rate limit or an open breaker.
+    /// Fire-and-forget publishes dropped by the rate limit.
     pub rate_limited_dropped: AtomicU64,
     /// Circuit breaker state changes.
     pub breaker_transitions: AtomicU64,
+    /// Publishes refused with CircuitOpen (an open breaker), and fire-and-forget ones it
+    /// dropped.
+    pub breaker_refused: AtomicU64,
+    pub breaker_dropped: AtomicU64,
     /// Bytes queued for delivery in all connections' outboxes now, and the most ever.
     pub queued_bytes: AtomicU64,
     pub queued_bytes_max: AtomicU64,
@@ -172,6 +176,8 @@ pub struct StatsSnapshot {
     pub rate_limited_refused: u64,
     pub rate_limited_dropped: u64,
     pub breaker_transitions: u64,
+    pub breaker_refused: u64,
+    pub breaker_dropped: u64,
     pub queued_bytes: u64,
     pub queued_bytes_max: u64,
     pub connection_queued_bytes_max: u64,
@@ -214,6 +220,8 @@ impl Stats {
             rate_limited_refused: get(&self.rate_limited_refused),
             rate_limited_dropped: get(&self.rate_limited_dropped),
             breaker_transitions: get(&self.breaker_transitions),
+            breaker_refused: get(&self.breaker_refused),
+            breaker_dropped: get(&self.breaker_dropped),
             queued_bytes: get(&self.queued_bytes),
             queued_bytes_max: get(&self.queued_bytes_max),
             connection_queued_bytes_max: get(&self.connection_queued_bytes_max),

@@ -212,8 +212,13 @@ impl Session {
     ) {
         let retry_after_ms = wait.as_millis().clamp(1, u128::from(u32::MAX)) as u32;
         let stats = &self.context.stats;
+        let (refused, dropped) = if code == ErrorCode::CircuitOpen {
+            (&stats.breaker_refused, &stats.breaker_dropped)
+        } else {
+            (&stats.rate_limited_refused, &stats.rate_limited_dropped)
+        };
         if publish.request_id != 0 || publish.class.is_ordered() {
-            stats.rate_limited_refused.fetch_add(1, Ordering::Relaxed);
+            refused.fetch_add(1, Ordering::Relaxed);
             self.refuse_with_retry(
                 code,
                 publish.request_id,
@@ -222,7 +227,7 @@ impl Session {
             );
             return;
         }
-        stats.rate_limited_dropped.fetch_add(1, Ordering::Relaxed);
+        dropped.fetch_add(1, Ordering::Relaxed);
         let notice = {
             let mut state = self
                 .fast_refusals
