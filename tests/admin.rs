@@ -772,3 +772,118 @@ async fn readiness_is_starting_until_the_router_serves() {
     assert_eq!(get(admin, "/readyz").await, (200, "ready\n".to_owned()));
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn refusal_families_move_with_a_retry_storm() {
+    let (t, admin) = {
+        let t = start_router(|c| {
+            c.admin_listen = AdminListen::At("127.0.0.1:0".parse().unwrap());
+            c.rate_limits.command = swarmbus_proto::limits::Rate::new(1.0, 1.0);
+            c.rate_limits.breaker = swarmbus_proto::limits::BreakerConfig {
+                failures: 3,
+                window_ms: 10_000,
+                open_ms: 60_000,
+                probes: 1,
+            };
+        })
+        .await;
+        let admin = t.router.admin_addr().unwrap();
+        (t, admin)
+    };
+    let before = Samples::scrape(admin).await;
+    let (noisy, _rx) = t.connect("noisy", Role::Agent, &["s"]).await;
+    let send = || {
+        noisy.publish(
+            "s",
+            Class::Command,
+            Bytes::from_static(b"x"),
+            PublishOptions::default(),
+        )
+    };
+    send().await.unwrap();
+    // Three over the rate limit open the breaker; the next is the breaker's.
+    for _ in 0..3 {
+        assert_eq!(send().await.unwrap_err().code(), Some(20));
+    }
+    assert_eq!(send().await.unwrap_err().code(), Some(21));
+    let after = Samples::scrape(admin).await;
+    let moved = |metric: &str, labels: &[(&str, &str)]| {
+        after.value(metric, labels) - before.value(metric, labels)
+    };
+    let refused = [("outcome", "refused")];
+    assert_eq!(moved("swarmbus_rate_limited_total", &refused), 3.0);
+    assert_eq!(moved("swarmbus_breaker_refusals_total", &refused), 1.0);
+    assert_eq!(moved("swarmbus_breaker_transitions_total", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn backlog_families_move_when_a_subscriber_stops_reading() {
+    let t = start_router(|c| {
+        c.admin_listen = AdminListen::At("127.0.0.1:0".parse().unwrap());
+        c.queues.telemetry = 8;
+        c.queues.command = 4;
+    })
+    .await;
+    let admin = t.router.admin_addr().unwrap();
+    let before = Samples::scrape(admin).await;
+    let (ctl, _c) = t.connect("ctl", Role::Controller, &["s"]).await;
+    // An agent connects twice: its older session is replaced in presence.
+    let (_first, _f) = t.connect("twice", Role::Agent, &["s"]).await;
+    let (_second, _s) = t.connect("twice", Role::Agent, &["s"]).await;
+    let replaced = [("reason", "replaced")];
+    scrape_until(admin, |s| {
+        s.value("swarmbus_presence_leaves_total", &replaced)
+            - before.value("swarmbus_presence_leaves_total", &replaced)
+            == 1.0
+    })
+    .await;
+    // Subscribed, and never reads its deliveries (a buffer of one each in the client).
+    let mut session = swarmbus_client::Session::new("stuck", Role::Agent, ["s"]);
+    session.delivery_buffer = 1;
+    let (stuck, _unread) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    stuck.subscribe("s", Class::Telemetry, None).await.unwrap();
+    stuck.subscribe("s", Class::Command, None).await.unwrap();
+    let payload = Bytes::from(vec![7u8; 1024]);
+    let moved = |s: &Samples, metric: &str| s.value(metric, &[]) - before.value(metric, &[]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let shed = loop {
+        for _ in 0..500 {
+            ctl.publish(
+                "s",
+                Class::Telemetry,
+                payload.clone(),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+        }
+        // Shed once its queue is full; queued for good once its buffers and flow control
+        // windows are full too.
+        let now = Samples::scrape(admin).await;
+        if moved(&now, "swarmbus_telemetry_shed_total") > 0.0
+            && now.value("swarmbus_queued_bytes", &[]) > 0.0
+        {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "no telemetry was shed and held");
+    };
+    assert!(shed.value("swarmbus_queued_bytes", &[]) > 0.0);
+    // Commands past its buffers, flow control windows and command queue: it catches up
+    // from the log instead.
+    for _ in 0..40 {
+        ctl.publish(
+            "s",
+            Class::Command,
+            Bytes::from(vec![1u8; 256 * 1024]),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let caught = scrape_until(admin, |s| moved(s, "swarmbus_catch_ups_total") > 0.0).await;
+    assert_eq!(moved(&caught, "swarmbus_lagging_disconnects_total"), 0.0);
+}

@@ -30,8 +30,8 @@ pub struct LastMessage {
     pub class: Class,
     /// Its op id (`OpId::NONE` for unordered classes).
     pub op_id: OpId,
-    /// When the router took it (its clock, Unix µs; 0: not stamped) and when it arrived
-    /// here (this host's clock, Unix µs).
+    /// When the router took it (its host's wall clock, Unix µs; 0: not stamped) and when
+    /// it arrived here (this host's wall clock, Unix µs).
     pub published_us: u64,
     pub received_us: u64,
 }
@@ -292,12 +292,12 @@ mod prometheus {
                 ),
                 (
                     "swarmbus_client_redeliveries",
-                    "Ordered deliveries at or below the highest op id already received.",
+                    "Ordered deliveries of an op their stream had received already.",
                     snapshot.redeliveries,
                 ),
                 (
                     "swarmbus_client_out_of_order",
-                    "Ordered deliveries more than one op id above the highest received.",
+                    "Ordered deliveries that came after a later op (they filled a gap).",
                     snapshot.out_of_order,
                 ),
                 (

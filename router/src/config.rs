@@ -837,7 +837,8 @@ impl Config {
             }
         }
         if let AdminListen::At(admin) = self.admin_listen {
-            // Nothing on it asks who is calling yet.
+            // Plain HTTP: a credential sent to it crosses no network, and metrics and health
+            // (open by default) answer whoever reaches it.
             if !admin.ip().is_loopback() {
                 return Err(config_error(format!(
                     "admin_listen {admin}: the admin listener serves loopback addresses only \

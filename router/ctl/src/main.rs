@@ -81,8 +81,11 @@ enum Command {
     Presence { swarm: String },
     /// The leases held now.
     Leases,
-    /// The job queue's counts.
-    Jobs,
+    /// The job queue's counts and its jobs (of --swarm only, when given).
+    Jobs {
+        #[arg(long)]
+        swarm: Option<String>,
+    },
     /// The dead-lettered jobs of SWARM.
     DeadLetters { swarm: String },
     /// Queues a dead-lettered job of SWARM again.
@@ -235,7 +238,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                     text(&c["remote"]),
                     format!("{:.2}", c["rtt_ms"].as_f64().unwrap_or_default()),
                     c["lost_packets"].to_string(),
-                    c["queued_bytes"].to_string(),
+                    c.get("queued_bytes").map_or("-".into(), |q| q.to_string()),
                     if c["bulk_attached"] == true {
                         "bulk".into()
                     } else {
@@ -278,9 +281,14 @@ async fn run(args: Args) -> Result<(), Failure> {
             let header = ["SWARM", "LEASE", "HOLDER", "TOKEN", "EXPIRES (MS)"];
             (Value::Array(items.clone()), table(&header, rows))
         }
-        Command::Jobs => {
-            let jobs = admin.get("/v1/jobs").await?;
-            let rows = [
+        Command::Jobs { swarm } => {
+            let path = match swarm {
+                Some(swarm) => format!("/v1/jobs?swarm={}&", encode(swarm)),
+                None => "/v1/jobs?".to_owned(),
+            };
+            let mut jobs = admin.get(&format!("{path}limit=1")).await?;
+            let items = admin.all(&path).await?;
+            let counts = [
                 "jobs",
                 "queued",
                 "running",
@@ -291,7 +299,22 @@ async fn run(args: Args) -> Result<(), Failure> {
             .iter()
             .map(|key| vec![key.to_string(), jobs[*key].to_string()])
             .collect::<Vec<_>>();
-            let rendered = table(&["", "COUNT"], rows.into_iter());
+            let mut rendered = table(&["", "COUNT"], counts.into_iter());
+            let rows = items.iter().map(|j| {
+                vec![
+                    j["job_id"].to_string(),
+                    text(&j["swarm"]),
+                    text(&j["state"]),
+                    j["attempt"].to_string(),
+                    text(&j["submitter"]),
+                    text(&j["model"]),
+                ]
+            });
+            let header = ["JOB", "SWARM", "STATE", "ATTEMPT", "SUBMITTER", "MODEL"];
+            rendered.push('\n');
+            rendered.push_str(&table(&header, rows));
+            jobs["items"] = Value::Array(items);
+            jobs["next"] = Value::Null;
             (jobs, rendered)
         }
         Command::DeadLetters { swarm } => {

@@ -66,7 +66,7 @@ async fn every_subcommand_answers_json_from_a_live_router() {
         .connect(addr, Session::new("ctl-test", Role::Controller, ["s"]))
         .await
         .unwrap();
-    let (_agent, _d) = connector
+    let (agent, _d) = connector
         .connect(addr, Session::new("agent-1", Role::Agent, ["s"]))
         .await
         .unwrap();
@@ -120,6 +120,23 @@ async fn every_subcommand_answers_json_from_a_live_router() {
     assert_eq!((code, &jobs["queued"]), (0, &serde_json::json!(0)));
     let (code, letters, _) = t.ctl(&["dead-letters", "s"]).await;
     assert_eq!((code, letters), (0, serde_json::json!([])));
+    // A job no worker takes: listed, queued.
+    let job = agent
+        .submit_job(swarmbus_schema::SubmitJob {
+            swarm: "s".into(),
+            idempotency_key: "k".into(),
+            payload: Bytes::from_static(b"work"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (code, jobs, stderr) = t.ctl(&["jobs", "--swarm", "s"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(jobs["queued"], 1, "{jobs}");
+    assert_eq!(jobs["items"][0]["job_id"], job.job_id.0, "{jobs}");
+    assert_eq!(jobs["items"][0]["state"], "queued", "{jobs}");
+    let (_, none, _) = t.ctl(&["jobs", "--swarm", "other"]).await;
+    assert_eq!(none["items"], serde_json::json!([]), "{none}");
 
     // Actions, as a controller session of the ctl's own.
     let (code, done, stderr) = t.ctl(&["pause", "s"]).await;

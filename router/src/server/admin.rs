@@ -262,7 +262,10 @@ fn admitted(
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
+        // The scheme's name is case-insensitive (RFC 9110).
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token);
     let Some(token) = token else {
         let mut response = json_error(
             StatusCode::UNAUTHORIZED,
@@ -379,8 +382,38 @@ async fn view(
             };
             json(StatusCode::OK, &page(holdings, key, limit, &after))
         }
-        ("/v1/jobs", _) => {
-            let counts = context.jobs().counts();
+        ("/v1/jobs", swarm) => {
+            let after = match after.as_str() {
+                "" => 0,
+                text => match text.parse() {
+                    Ok(job) => job,
+                    Err(_) => return json_error(StatusCode::BAD_REQUEST, "after is a job id"),
+                },
+            };
+            let (counts, (jobs, more)) = {
+                let jobs = context.jobs();
+                let page = jobs.list(swarm.as_deref(), swarmbus_schema::JobId(after), limit);
+                (jobs.counts(), page)
+            };
+            let items: Vec<serde_json::Value> = jobs
+                .iter()
+                .map(|j| {
+                    serde_json::json!({
+                        "job_id": j.job_id.0,
+                        "swarm": j.swarm,
+                        "submitter": j.submitter,
+                        "state": j.state.name(),
+                        "attempt": j.attempt,
+                        "priority": j.priority,
+                        "model": j.model,
+                        "submitted_ms": j.submitted_ms,
+                        "lease_expires_ms": j.lease_expires_ms,
+                    })
+                })
+                .collect();
+            let next = more
+                .then(|| jobs.last().map(|j| j.job_id.0.to_string()))
+                .flatten();
             json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -390,6 +423,8 @@ async fn view(
                     "dead_lettered": counts.dead_lettered,
                     "pending_results": counts.pending_results,
                     "leases": counts.leases,
+                    "items": items,
+                    "next": next,
                 }),
             )
         }
@@ -576,15 +611,27 @@ async fn ask_shards<T>(
 ) -> Vec<Option<T>> {
     let shards: Vec<&ShardSender> = context.shards.iter().chain(&context.job_shards).collect();
     let mut answers: Vec<Option<T>> = shards.iter().map(|_| None).collect();
+    // Every shard is asked before any answer is awaited: they answer side by side, and one
+    // that misses the deadline loses only its own answer.
+    let mut waiting = Vec::with_capacity(shards.len());
     let asking = async {
         for (i, shard) in shards.iter().enumerate() {
             let (reply, answer) = oneshot::channel();
             if shard.send(ask(reply)).await.is_ok() {
-                answers[i] = answer.await.ok();
+                waiting.push((i, answer));
             }
+        }
+        for (i, answer) in &mut waiting {
+            answers[*i] = answer.await.ok();
         }
     };
     let _ = tokio::time::timeout(SCRAPE_DEADLINE, asking).await;
+    // Past the deadline: what came in meanwhile still counts.
+    for (i, mut answer) in waiting {
+        if answers[i].is_none() {
+            answers[i] = answer.try_recv().ok();
+        }
+    }
     answers
 }
 

@@ -412,6 +412,38 @@ impl<H: Handle + Clone> Jobs<H> {
         fx
     }
 
+    /// The jobs held (of `swarm` when given) after `after` in id order, at most `limit`,
+    /// and whether more follow (the admin view; sorts what it selects: not for a hot path).
+    pub fn list(&self, swarm: Option<&str>, after: JobId, limit: usize) -> (Vec<JobSummary>, bool) {
+        let mut ids: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|(id, job)| **id > after && swarm.is_none_or(|s| job.spec.swarm == s))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        let more = ids.len() > limit;
+        let page = ids
+            .into_iter()
+            .take(limit)
+            .filter_map(|id| {
+                let job = self.jobs.get(&id)?;
+                Some(JobSummary {
+                    job_id: id,
+                    swarm: job.spec.swarm.clone(),
+                    submitter: job.spec.submitter.clone(),
+                    state: job.state,
+                    attempt: job.attempt,
+                    priority: job.spec.priority,
+                    model: job.spec.model.clone(),
+                    submitted_ms: job.spec.submitted_ms,
+                    lease_expires_ms: job.lease.as_ref().map(|l| l.expires_ms),
+                })
+            })
+            .collect();
+        (page, more)
+    }
+
     /// A page of the swarm's dead letters after `after`.
     pub fn dead_letters(&self, swarm: &str, after: JobId, limit: u32) -> DeadLetters {
         let limit = limit.clamp(1, MAX_DEAD_LETTERS_PAGE) as usize;

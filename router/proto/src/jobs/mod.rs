@@ -256,6 +256,23 @@ pub struct JobCounts {
     pub leases: u64,
 }
 
+/// One job as the admin view lists it (see [`Jobs::list`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobSummary {
+    pub job_id: JobId,
+    pub swarm: String,
+    pub submitter: String,
+    pub state: JobState,
+    /// Attempts leased so far.
+    pub attempt: u32,
+    pub priority: u8,
+    pub model: Option<String>,
+    /// Router clock ms.
+    pub submitted_ms: u64,
+    /// When the running attempt's lease runs out (router clock ms), while one runs.
+    pub lease_expires_ms: Option<u64>,
+}
+
 #[derive(Debug)]
 struct Lease {
     worker: ConnId,
