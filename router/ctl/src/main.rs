@@ -71,7 +71,7 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Readiness and the job queue's counts.
+    /// Readiness and the job queue's counts; exits 1 when the router is not ready.
     Status,
     /// Every swarm: op ids, members, subscribers, the slowest subscriber's lag, log bytes.
     Swarms,
@@ -173,9 +173,15 @@ async fn run(args: Args) -> Result<(), Failure> {
         addr: args.admin.trim_start_matches("http://").to_owned(),
         credential: credential.clone(),
     };
+    // Set by `status` when the router is not ready: its output is printed, then it exits 1
+    // (a readiness probe can run it).
+    let mut not_ready = None;
     let output = match &args.command {
         Command::Status => {
             let (status, ready) = admin.get_text("/readyz").await?;
+            if status != 200 {
+                not_ready = Some(ready.trim().to_owned());
+            }
             // A router that is starting answers no views yet: not ready, and no counts.
             let jobs = match status {
                 200 => admin.get("/v1/jobs").await?,
@@ -346,7 +352,10 @@ async fn run(args: Args) -> Result<(), Failure> {
     } else {
         print!("{table}");
     }
-    Ok(())
+    match not_ready {
+        Some(why) => Err(refused(anyhow::anyhow!("the router is not ready: {why}"))),
+        None => Ok(()),
+    }
 }
 
 /// A safety action or a re-drive, from a controller session.

@@ -257,3 +257,25 @@ async fn a_credential_file_serves_views_and_actions() {
         String::from_utf8_lossy(&paused.stderr)
     );
 }
+
+#[tokio::test]
+async fn status_exits_1_while_the_router_is_not_ready() {
+    let t = live().await;
+    let admin = t.router.admin_addr().unwrap().to_string();
+    let Live { router, _data, .. } = t;
+    // Shutting down: the admin listener still answers, not ready.
+    let stopped = router.shutdown().await;
+    let output = tokio::process::Command::new(CTL)
+        .env_clear()
+        .args(["--admin", &admin, "--json", "status"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stdout} {stderr}");
+    let status: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(status["ready"], false, "{status}");
+    assert!(stderr.contains("shutting down"), "{stderr}");
+    drop(stopped);
+}
