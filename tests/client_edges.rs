@@ -64,3 +64,43 @@ async fn requests_after_the_router_closed_the_connection_fail_at_once() {
         }
     }
 }
+
+/// A publisher that keeps its command stream full still gets its heartbeats through: the
+/// session stream outranks every class stream, so the router never takes it for gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_keeping_its_command_stream_full_is_not_taken_for_gone() {
+    let t = crate::common::start_router(|c| {
+        c.presence.heartbeat_interval_ms = 100;
+        c.presence.heartbeat_timeout_ms = 1_000;
+        c.log.sync = swarmbus_router::log::SyncPolicy::NeverDanger;
+    })
+    .await;
+    let (publisher, _rx) = t.connect("busy", Role::Controller, &["s"]).await;
+    let payload = Bytes::from(vec![0u8; 16 * 1024]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut pending = std::collections::VecDeque::new();
+    while std::time::Instant::now() < deadline {
+        let ack = publisher
+            .publish_start(
+                "s",
+                Class::Command,
+                payload.clone(),
+                PublishOptions::default(),
+            )
+            .await
+            .expect("the session stays open");
+        pending.push_back(ack);
+        if pending.len() >= 256 {
+            pending
+                .pop_front()
+                .unwrap()
+                .wait()
+                .await
+                .expect("acknowledged");
+        }
+    }
+    for ack in pending {
+        ack.wait().await.expect("acknowledged");
+    }
+    assert_eq!(t.router.stats().protocol_errors, 0);
+}

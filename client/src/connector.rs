@@ -488,6 +488,12 @@ pub(super) async fn stream_writer(
 ) {
     let mut batch = Vec::with_capacity(WRITER_BATCH_FRAMES);
     let mut coalescer = Coalescer::new();
+    if let Some(given) = &stream {
+        // A stream opened before (the session stream, Hello's) gets its priority here: left
+        // at quinn's default it would yield to every class stream, and a publisher that
+        // keeps its command stream full would starve its own heartbeats into a timeout.
+        let _ = given.set_priority(priority);
+    }
     while frames.recv_many(&mut batch, WRITER_BATCH_FRAMES).await > 0 {
         for frame in batch.drain(..) {
             coalescer.push(frame);
