@@ -4,6 +4,7 @@ mod admin;
 mod affinity;
 mod auth;
 mod bulk;
+mod chaos;
 mod client_edges;
 mod client_stats;
 mod clock;
