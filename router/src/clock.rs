@@ -132,23 +132,14 @@ impl Clock {
     }
 }
 
-/// The host's wall clock at `at` (Unix µs): read now, less the time since `at`. For stamps
-/// that measure lag across processes (the other side reads its wall clock), never for
-/// times the router stores or compares (those are the router's clock, which never steps
-/// back).
-pub fn wall_us_at(at: Instant) -> u64 {
-    let since = Instant::now().saturating_duration_since(at).as_micros() as u64;
-    wall_us_now().saturating_sub(since)
-}
-
-/// The host's wall clock now (Unix µs; see [`wall_us_at`]).
+/// The host's wall clock now (Unix µs). For stamps that measure lag across processes (the
+/// other side reads its wall clock), never for times the router stores or compares (those
+/// are the router's clock, which never steps back).
 pub fn wall_us_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
 }
-
-impl Clock {}
 
 impl Default for Clock {
     fn default() -> Self {

@@ -799,9 +799,12 @@ impl Shard {
                 &publish,
                 // The batch's time, or the read's when earlier: the lag starts there.
                 match received {
+                    // Both readings moved back to the read: no clock is read per publish.
                     Some(read) if read < now.instant => swarmbus_proto::time::Now {
                         instant: read,
-                        wall_us: crate::clock::wall_us_at(read),
+                        wall_us: now.wall_us.saturating_sub(
+                            now.instant.saturating_duration_since(read).as_micros() as u64,
+                        ),
                         ..now
                     },
                     _ => now,
