@@ -97,9 +97,14 @@ fn appends(c: &mut Criterion) {
                 None => tempfile::tempdir().unwrap(),
             };
             let (tx, mut events) = mpsc::unbounded_channel();
-            let Ok(writer) =
-                LogWriter::start(kind, SyncPolicy::Always, 65_536, vec![tx.clone()], None)
-            else {
+            let Ok(writer) = LogWriter::start(
+                kind,
+                SyncPolicy::Always,
+                65_536,
+                vec![tx.clone()],
+                None,
+                swarmbus_router::log::disk::Disk::real(),
+            ) else {
                 eprintln!("{kind} writer unavailable here; skipped");
                 continue;
             };

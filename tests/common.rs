@@ -92,6 +92,24 @@ impl TestRouter {
         TestRouter::from_parts(router, connector)
     }
 
+    /// Starts a router on `config` over `disk` (a fault-injecting disk under its event
+    /// log); the data dir is the test's to manage.
+    pub async fn start_on_disk(
+        config: Config,
+        disk: std::sync::Arc<swarmbus_router::log::disk::FaultDisk>,
+    ) -> Self {
+        let options = swarmbus_router::StartOptions {
+            disk: swarmbus_router::log::disk::Disk::faulty(disk),
+            ..swarmbus_router::StartOptions::default()
+        };
+        let router = Router::start_with(config, options)
+            .await
+            .expect("router starts");
+        let connector = Connector::new(router.ca_path().expect("development CA"), "localhost")
+            .expect("connector");
+        TestRouter::from_parts(router, connector)
+    }
+
     /// A router started by the test itself (its data dir is the test's to manage).
     pub fn from_parts(router: Router, connector: Connector) -> Self {
         TestRouter {

@@ -6,11 +6,14 @@
 //! new files, until the test removes them; a FIFO stands where a file is read or created,
 //! so opening it blocks until the test opens its other end.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use swarmbus_client::{Client, PublishOptions};
+use swarmbus_router::log::disk::{FaultDisk, WriteFault};
+use swarmbus_router::log::WriterKind;
 use swarmbus_router::Config;
 use swarmbus_schema::{Class, OpId, Role};
 
@@ -148,6 +151,175 @@ async fn a_swarm_recovers_by_itself_when_the_disk_takes_writes_again() {
     let next = command(&ctl, "restarted".into()).await.unwrap();
     assert_eq!(next.0, recovered_op.0 + 1);
     t.router.shutdown().await;
+}
+
+/// What fails in the middle of a group commit.
+#[derive(Clone, Copy, Debug)]
+enum MidBatch {
+    /// The batch's first file write goes through, the next ones fail so.
+    Write(WriteFault),
+    /// Every sync fails with EIO.
+    Sync,
+}
+
+/// Publishes `count` commands at once, alternating between the swarms; records each
+/// acknowledged one (swarm -> (op, payload)) and each refused payload (SwarmUnavailable
+/// only). Returns how many were refused.
+async fn burst(
+    ctl: &Client,
+    tag: &str,
+    count: usize,
+    acked: &mut HashMap<String, Vec<(u64, Bytes)>>,
+    refused: &mut Vec<Bytes>,
+) -> usize {
+    let mut pending = Vec::new();
+    for i in 0..count {
+        let swarm = ["s1", "s2"][i % 2];
+        let payload = Bytes::from(format!("{tag}-{i}-{swarm}"));
+        let started = ctl
+            .publish_start(
+                swarm,
+                Class::Command,
+                payload.clone(),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+        pending.push((swarm, payload, started));
+    }
+    let mut refusals = 0;
+    for (swarm, payload, started) in pending {
+        match started.wait_receipt().await {
+            Ok(receipt) => acked
+                .entry(swarm.to_owned())
+                .or_default()
+                .push((receipt.op_id.0, payload)),
+            Err(error) => {
+                assert_eq!(error.code(), Some(19), "SwarmUnavailable: {error}");
+                refused.push(payload);
+                refusals += 1;
+            }
+        }
+    }
+    refusals
+}
+
+/// A batch that fails part way (ENOSPC, EIO, a short write, a failing fsync) is refused
+/// whole for its swarm: none of it is delivered or read back, even the bytes a short write
+/// left; the swarms recover by themselves once the disk does, and a restart finds the log
+/// undamaged. With both writers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_failing_part_way_is_refused_whole_and_the_swarms_recover_with_the_disk() {
+    for writer in [WriterKind::Auto, WriterKind::File] {
+        for fault in [
+            MidBatch::Write(WriteFault::NoSpace),
+            MidBatch::Write(WriteFault::Io),
+            MidBatch::Write(WriteFault::Short),
+            MidBatch::Sync,
+        ] {
+            part_way_failure(writer, fault).await;
+        }
+    }
+}
+
+async fn part_way_failure(writer: WriterKind, fault: MidBatch) {
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config(data.path());
+    config.log.writer = writer;
+    config.log.segment_bytes = 64 << 10;
+    let disk = FaultDisk::new(0);
+    let t = TestRouter::start_on_disk(config.clone(), disk.clone()).await;
+    let (ctl, _c) = t.connect("ctl", Role::Controller, &["s1", "s2"]).await;
+    let (agent, mut rx) = t.connect("agent", Role::Agent, &["s1", "s2"]).await;
+    for swarm in ["s1", "s2"] {
+        agent.subscribe(swarm, Class::Command, None).await.unwrap();
+    }
+    let mut acked = HashMap::new();
+    let mut refused = Vec::new();
+    assert_eq!(burst(&ctl, "before", 40, &mut acked, &mut refused).await, 0);
+
+    match fault {
+        MidBatch::Write(fault) => disk.fail_writes_after(1, fault),
+        MidBatch::Sync => disk.fail_syncs(),
+    }
+    let mut refusals = 0;
+    for round in 0..20 {
+        refusals += burst(
+            &ctl,
+            &format!("during-{round}"),
+            64,
+            &mut acked,
+            &mut refused,
+        )
+        .await;
+        if refusals > 0 {
+            break;
+        }
+    }
+    assert!(refusals > 0, "{writer} {fault:?}: nothing refused");
+    assert!(disk.counts().injected > 0);
+
+    disk.heal();
+    // Each swarm recovers by itself within its backoff.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut round = 0;
+    while ["s1", "s2"].iter().any(|s| {
+        !acked[*s]
+            .last()
+            .is_some_and(|(_, p)| p.starts_with(b"after"))
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "{writer} {fault:?}: the swarms did not recover"
+        );
+        burst(&ctl, &format!("after-{round}"), 2, &mut acked, &mut refused).await;
+        round += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(burst(&ctl, "final", 40, &mut acked, &mut refused).await, 0);
+    let stats = t.router.stats();
+    assert!(stats.log_write_failures >= 1, "{stats:?}");
+    assert_eq!(stats.log_unavailable_swarms, 0);
+
+    // Delivered: exactly what was acknowledged, in op order per swarm.
+    let total: usize = acked.values().map(Vec::len).sum();
+    let got = crate::common::recv_n(&mut rx, total).await;
+    for swarm in ["s1", "s2"] {
+        let mut expected = acked[swarm].clone();
+        expected.sort();
+        let delivered: Vec<(u64, Bytes)> = got
+            .iter()
+            .filter(|d| d.swarm == swarm)
+            .map(|d| (d.op_id.0, d.payload.clone()))
+            .collect();
+        assert_eq!(delivered, expected, "{writer} {fault:?} {swarm}");
+    }
+    drop((ctl, agent, rx));
+    let TestRouter { router, .. } = t;
+    router.shutdown().await;
+
+    // Nothing damaged after a restart; no refused byte read back, a short write's included.
+    let (logs, notes) = swarmbus_router::log::recover_all(&data.path().join("log")).unwrap();
+    assert!(notes.is_empty(), "{writer} {fault:?}: {notes:?}");
+    for swarm in ["s1", "s2"] {
+        let log = logs.iter().find(|l| l.name == swarm).unwrap();
+        assert!(log.unavailable.is_none());
+        let stored = log.read_from(OpId(1), usize::MAX, usize::MAX).unwrap();
+        let ops: Vec<u64> = stored.iter().map(|r| r.op.0).collect();
+        assert_eq!(ops, (1..=ops.len() as u64).collect::<Vec<_>>(), "gap-free");
+        for record in &stored {
+            for payload in &refused {
+                assert!(
+                    !record
+                        .frame
+                        .windows(payload.len())
+                        .any(|w| w == payload.as_ref()),
+                    "{writer} {fault:?}: refused {payload:?} read back at op {}",
+                    record.op.0
+                );
+            }
+        }
+    }
 }
 
 /// A job's end is announced only once its record is durable: while the job log refuses

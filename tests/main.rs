@@ -15,6 +15,7 @@ mod hostile;
 mod jobs;
 mod log_faults;
 mod mtls;
+mod power_loss;
 mod readme;
 mod reconnect;
 mod resync;

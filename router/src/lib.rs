@@ -35,5 +35,5 @@ pub mod tls;
 
 pub use config::Config;
 pub use error::RouterError;
-pub use server::{Router, Stopped};
+pub use server::{Router, StartOptions, Stopped};
 pub use stats::StatsSnapshot;

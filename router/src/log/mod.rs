@@ -4,6 +4,8 @@
 //!   defined in the protocol crate and re-exported here.
 //! - [`store`]: per-swarm segmented files, sparse index, recovery and reads.
 //! - [`writer`]: the writer thread with group commit (io_uring or plain file backend).
+//! - [`disk`]: the seam between the writers and the disk, and a disk that fails on demand
+//!   (ENOSPC, EIO, short writes, slow syncs, power loss) for tests.
 //! - [`compact`]: compaction (latest record per key, age limits) and size retention.
 //!
 //! The router uses the log through [`LogBackend`]; [`ShardLog`] is the embedded
@@ -11,6 +13,7 @@
 //! existing distributed engine can implement the same trait later.
 
 pub mod compact;
+pub mod disk;
 pub mod store;
 pub mod writer;
 

@@ -36,7 +36,15 @@ fn kinds() -> Vec<WriterKind> {
 
 fn writer_probe() -> bool {
     let (tx, _rx) = mpsc::unbounded_channel();
-    LogWriter::start(WriterKind::Uring, SyncPolicy::Always, 16, vec![tx], None).is_ok()
+    LogWriter::start(
+        WriterKind::Uring,
+        SyncPolicy::Always,
+        16,
+        vec![tx],
+        None,
+        disk::Disk::real(),
+    )
+    .is_ok()
 }
 
 fn record(epoch: Epoch, op: u64, payload: &str) -> RecordParts {
@@ -101,7 +109,15 @@ fn open_with(
     Vec<RecoveryNote>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer = LogWriter::start(kind, SyncPolicy::Always, 1024, vec![tx.clone()], None).unwrap();
+    let writer = LogWriter::start(
+        kind,
+        SyncPolicy::Always,
+        1024,
+        vec![tx.clone()],
+        None,
+        disk::Disk::real(),
+    )
+    .unwrap();
     assert_eq!(writer.kind(), kind);
     let (logs, notes) = recover_all(dir).unwrap();
     (
@@ -535,8 +551,15 @@ fn interval_and_never_policies_complete_without_waiting_for_sync() {
     for policy in [SyncPolicy::IntervalMs(5), SyncPolicy::NeverDanger] {
         let dir = tempfile::tempdir().unwrap();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let writer =
-            LogWriter::start(WriterKind::File, policy, 1024, vec![tx.clone()], None).unwrap();
+        let writer = LogWriter::start(
+            WriterKind::File,
+            policy,
+            1024,
+            vec![tx.clone()],
+            None,
+            disk::Disk::real(),
+        )
+        .unwrap();
         let mut log = ShardLog::new(
             0,
             dir.path(),
@@ -557,6 +580,50 @@ fn interval_and_never_policies_complete_without_waiting_for_sync() {
                 .len(),
             50
         );
+    }
+}
+
+/// The interval sync makes a new segment's directory entry durable with its bytes: after
+/// the interval, a power loss discards nothing.
+#[test]
+fn an_interval_sync_makes_new_segments_durable_in_their_directory() {
+    for kind in [WriterKind::File, WriterKind::Auto] {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = disk::FaultDisk::new(0);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let writer = LogWriter::start(
+            kind,
+            SyncPolicy::IntervalMs(5),
+            1024,
+            vec![tx.clone()],
+            None,
+            disk::Disk::faulty(faults.clone()),
+        )
+        .unwrap();
+        let mut log = ShardLog::new(
+            0,
+            dir.path(),
+            4096,
+            writer,
+            Vec::new(),
+            Retention::default(),
+            tx,
+        );
+        let swarm: Arc<str> = "p".into();
+        log.create(&swarm, Epoch(3)).unwrap();
+        append_all(&mut log, &mut rx, &swarm, Epoch(3), 1, 200);
+        // Several intervals, with nothing else written.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while faults.counts().syncs < 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let loss = faults.power_loss(false);
+        assert_eq!(loss, disk::PowerLoss::default(), "{kind}");
+        drop(log);
+        let (logs, notes) = recover_all(dir.path()).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(logs[0].last_op(), OpId(200), "{kind}");
     }
 }
 

@@ -23,6 +23,7 @@ use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use swarmbus_schema::{Epoch, OpId};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::disk::{Disk, DiskOp};
 use super::record::RecordParts;
 use super::SyncPolicy;
 
@@ -134,13 +135,14 @@ impl LogWriter {
     /// Starts the writer thread. `shards` receive the events of the requests they sent.
     /// `bulk`: the writer serves bulk work (job records) and runs at that priority (its
     /// io_uring workers with it); otherwise commands wait for it and it asks for short time
-    /// slices.
+    /// slices. Its file operations go through `disk` (the real one but in tests).
     pub fn start(
         kind: WriterKind,
         policy: SyncPolicy,
         capacity: usize,
         shards: Vec<UnboundedSender<LogEvent>>,
         bulk: Option<crate::config::BulkPriority>,
+        disk: Disk,
     ) -> std::io::Result<LogWriter> {
         let (tx, rx) = crossbeam::channel::bounded(capacity.max(1));
         let name = match bulk {
@@ -152,7 +154,7 @@ impl LogWriter {
             _ => None,
         };
         let metrics = Arc::new(LogMetrics::new());
-        let mut state = WriterState::new(policy, shards, marks, metrics.clone());
+        let mut state = WriterState::new(policy, shards, marks, metrics.clone(), disk);
         // The backend is chosen on the writer thread itself: io_uring runtimes cannot be
         // started (not even probed) from a thread that already runs tokio.
         let (chosen_tx, chosen_rx) = std::sync::mpsc::sync_channel(1);
@@ -286,8 +288,9 @@ struct WriterState {
     policy: SyncPolicy,
     shards: Vec<UnboundedSender<LogEvent>>,
     last_sync: Instant,
-    /// Files written since the last sync (interval policy).
-    unsynced: Vec<Arc<PathBuf>>,
+    /// Files written since the last sync (interval policy), each with whether it was
+    /// created since (its directory is synced with it).
+    unsynced: Vec<(Arc<PathBuf>, bool)>,
     /// Swarms whose appends failed, with the generation that failed: their later requests
     /// of that generation are not written.
     failed: HashMap<Arc<str>, u64>,
@@ -297,6 +300,7 @@ struct WriterState {
     metrics: Arc<LogMetrics>,
     /// When the batch being written was taken.
     batch_started: Instant,
+    disk: Disk,
 }
 
 /// How long a durable op may wait to be in its swarm's watermark file. A watermark that
@@ -354,8 +358,10 @@ impl WriterState {
         shards: Vec<UnboundedSender<LogEvent>>,
         marks: Option<Sender<(PathBuf, Epoch, OpId)>>,
         metrics: Arc<LogMetrics>,
+        disk: Disk,
     ) -> Self {
         WriterState {
+            disk,
             policy,
             shards,
             last_sync: Instant::now(),
@@ -404,7 +410,11 @@ impl WriterState {
 
     /// Creates the directories of new swarms in the batch. A swarm whose directory could not
     /// be created fails its requests of the batch: returns their files, with why.
-    fn create_dirs(batch: &[WriteRequest], failed: &HashMap<Arc<str>, u64>) -> FailedFiles {
+    fn create_dirs(
+        batch: &[WriteRequest],
+        failed: &HashMap<Arc<str>, u64>,
+        disk: &Disk,
+    ) -> FailedFiles {
         let mut failures = FailedFiles::new();
         let mut tried = Vec::new();
         for request in batch.iter().filter(|r| !refused(failed, r)) {
@@ -415,7 +425,10 @@ impl WriterState {
                 continue;
             }
             tried.push(request.swarm.clone());
-            if let Err(error) = dir.create() {
+            let created = disk
+                .begin(DiskOp::CreateDir, &dir.dir)
+                .and_then(|grant| grant.end(dir.create()));
+            if let Err(error) = created {
                 let detail = format!("creating {}: {error}", dir.dir.display());
                 tracing::error!(swarm = %request.swarm, %detail, "creating a swarm's event log failed");
                 for r in batch.iter().filter(|r| r.swarm == request.swarm) {
@@ -473,8 +486,9 @@ impl WriterState {
             SyncPolicy::NeverDanger => (false, false),
             SyncPolicy::IntervalMs(ms) => {
                 for f in files {
-                    if !self.unsynced.contains(&f.path) {
-                        self.unsynced.push(f.path.clone());
+                    match self.unsynced.iter_mut().find(|(path, _)| *path == f.path) {
+                        Some((_, new_file)) => *new_file |= f.new_file,
+                        None => self.unsynced.push((f.path.clone(), f.new_file)),
                     }
                 }
                 (false, self.last_sync.elapsed() >= Duration::from_millis(ms))
@@ -553,7 +567,7 @@ impl WriterState {
                 .max()
                 .unwrap_or_default();
             self.failed.insert(swarm.clone(), generation);
-            let truncated = truncate_failed(&written, &swarm, from);
+            let truncated = truncate_failed(&written, &swarm, from, &self.disk);
             if let Some(tx) = self.shards.get(shard) {
                 let _ = tx.send(LogEvent::Failed {
                     swarm,
@@ -579,7 +593,7 @@ fn refused(failed: &HashMap<Arc<str>, u64>, request: &WriteRequest) -> bool {
 /// read back (after a failed fsync the page cache may still hold them, and write them back
 /// later). Plain positional I/O on the writer thread: this runs only after a failure.
 /// Returns whether every cut was made.
-fn truncate_failed(batch: &[&WriteRequest], swarm: &Arc<str>, from: OpId) -> bool {
+fn truncate_failed(batch: &[&WriteRequest], swarm: &Arc<str>, from: OpId, disk: &Disk) -> bool {
     let mut cuts: HashMap<&Arc<PathBuf>, u64> = HashMap::new();
     for request in batch.iter().filter(|r| r.swarm == *swarm && r.op >= from) {
         let cut = cuts.entry(&request.path).or_insert(request.offset);
@@ -587,10 +601,14 @@ fn truncate_failed(batch: &[&WriteRequest], swarm: &Arc<str>, from: OpId) -> boo
     }
     let mut all = true;
     for (path, len) in cuts {
-        let result = OpenOptions::new()
-            .write(true)
-            .open(&**path)
-            .and_then(|file| file.set_len(len).and_then(|()| file.sync_data()));
+        let result = disk.begin(DiskOp::Cut(len), path).and_then(|grant| {
+            grant.end(
+                OpenOptions::new()
+                    .write(true)
+                    .open(&**path)
+                    .and_then(|file| file.set_len(len).and_then(|()| file.sync_data())),
+            )
+        });
         match result {
             Ok(()) => {}
             // Nothing was created, so nothing is there to read back.
@@ -605,14 +623,26 @@ fn truncate_failed(batch: &[&WriteRequest], swarm: &Arc<str>, from: OpId) -> boo
 }
 
 /// Cuts `path` to `len` (the first write after a failure), synced.
-fn truncate_before_write(path: &Path, len: u64) -> std::io::Result<()> {
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)?;
-    file.set_len(len)?;
-    file.sync_data()
+fn truncate_before_write(disk: &Disk, path: &Path, len: u64) -> std::io::Result<()> {
+    let grant = disk.begin(DiskOp::Cut(len), path)?;
+    grant.end((|| {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        file.set_len(len)?;
+        file.sync_data()
+    })())
+}
+
+/// `fdatasync` of `file`, and of its directory when it is `new_file` (plain I/O).
+fn sync_file(file: &std::fs::File, path: &Path, new_file: bool) -> std::io::Result<()> {
+    file.sync_data()?;
+    if new_file {
+        std::fs::File::open(parent_of(path))?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// The channel closed: every sender is gone.
@@ -625,7 +655,8 @@ fn parent_of(path: &Path) -> &Path {
 fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
     let mut files: HashMap<Arc<PathBuf>, std::fs::File> = HashMap::new();
     while let Ok(batch) = state.next_batch(&rx) {
-        let mut failed = WriterState::create_dirs(&batch, &state.failed);
+        let disk = state.disk.clone();
+        let mut failed = WriterState::create_dirs(&batch, &state.failed, &disk);
         let planned = WriterState::plan(&batch, &state.failed, &failed);
         let (sync, flush_interval) = state.sync_plan(&planned);
         for f in &planned {
@@ -634,7 +665,7 @@ fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
             }
             let result = (|| -> std::io::Result<()> {
                 if let Some(len) = f.truncate_to {
-                    truncate_before_write(&f.path, len)?;
+                    truncate_before_write(&disk, &f.path, len)?;
                 }
                 if f.new_file || f.truncate_to.is_some() {
                     // A path can name a new file after a rollback removed the old one: never
@@ -644,21 +675,25 @@ fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
                 let file = match files.get(&f.path) {
                     Some(file) => file,
                     None => {
-                        let file = OpenOptions::new()
-                            .write(true)
-                            .create(true)
-                            .truncate(false)
-                            .open(&*f.path)?;
+                        let grant = disk.begin(DiskOp::Open, &f.path)?;
+                        let file = grant.end(
+                            OpenOptions::new()
+                                .write(true)
+                                .create(true)
+                                .truncate(false)
+                                .open(&*f.path),
+                        )?;
                         files.entry(f.path.clone()).or_insert(file)
                     }
                 };
-                file.write_all_at(&f.bytes, f.offset)?;
+                let grant = disk.begin(DiskOp::Write(f.bytes.len()), &f.path)?;
+                let limit = grant.limit.unwrap_or(f.bytes.len());
+                grant.end(file.write_all_at(&f.bytes[..limit], f.offset))?;
                 if sync {
+                    let grant = disk.begin(DiskOp::Sync { dir: f.new_file }, &f.path)?;
+                    std::thread::sleep(grant.delay);
                     let started = Instant::now();
-                    file.sync_data()?;
-                    if f.new_file {
-                        std::fs::File::open(parent_of(&f.path))?.sync_all()?;
-                    }
+                    grant.end(sync_file(file, &f.path, f.new_file))?;
                     state.metrics.synced(started);
                 }
                 Ok(())
@@ -670,13 +705,20 @@ fn run_file(rx: Receiver<WriteRequest>, state: &mut WriterState) {
             }
         }
         if flush_interval {
-            for path in std::mem::take(&mut state.unsynced) {
+            for (path, new_file) in std::mem::take(&mut state.unsynced) {
                 if let Some(file) = files.get(&path) {
-                    let started = Instant::now();
-                    if let Err(error) = file.sync_data() {
+                    let result =
+                        disk.begin(DiskOp::Sync { dir: new_file }, &path)
+                            .and_then(|grant| {
+                                std::thread::sleep(grant.delay);
+                                let started = Instant::now();
+                                let result = grant.end(sync_file(file, &path, new_file));
+                                state.metrics.synced(started);
+                                result
+                            });
+                    if let Err(error) = result {
                         tracing::error!(path = %path.display(), %error, "event log sync failed");
                     }
-                    state.metrics.synced(started);
                 }
             }
             state.last_sync = Instant::now();
@@ -692,7 +734,8 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
         // operation of the previous batch has completed before we wait again.
         while let Ok(batch) = state.next_batch(&rx) {
             // Rare (a swarm's first append): plain I/O on this thread.
-            let mut failed = WriterState::create_dirs(&batch, &state.failed);
+            let disk = state.disk.clone();
+            let mut failed = WriterState::create_dirs(&batch, &state.failed, &disk);
             let planned = WriterState::plan(&batch, &state.failed, &failed);
             let (sync, flush_interval) = state.sync_plan(&planned);
             if files.len() >= MAX_OPEN_FILES {
@@ -702,7 +745,7 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
             for f in planned {
                 if let Some(len) = f.truncate_to {
                     // Rare (the first write after a failure): plain I/O on this thread.
-                    if let Err(error) = truncate_before_write(&f.path, len) {
+                    if let Err(error) = truncate_before_write(&disk, &f.path, len) {
                         tasks.push((f.path.clone(), None, Some(error.to_string())));
                         continue;
                     }
@@ -713,12 +756,17 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
                 }
                 let file = match files.get(&f.path) {
                     Some(file) => Ok(file.clone()),
-                    None => tokio_uring::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .open(&*f.path)
-                        .await
-                        .map(Rc::new),
+                    None => match disk.begin(DiskOp::Open, &f.path) {
+                        Ok(grant) => grant.end(
+                            tokio_uring::fs::OpenOptions::new()
+                                .write(true)
+                                .create(true)
+                                .open(&*f.path)
+                                .await
+                                .map(Rc::new),
+                        ),
+                        Err(error) => Err(error),
+                    },
                 };
                 let file = match file {
                     Ok(file) => {
@@ -733,18 +781,22 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
                 let path = f.path.clone();
                 let new_file = f.new_file;
                 let metrics = state.metrics.clone();
+                let disk = disk.clone();
                 let handle = tokio_uring::spawn(async move {
-                    let bytes: Bytes = f.bytes.freeze();
+                    let mut bytes: Bytes = f.bytes.freeze();
+                    let grant = disk.begin(DiskOp::Write(bytes.len()), &path)?;
+                    if let Some(limit) = grant.limit {
+                        bytes.truncate(limit);
+                    }
                     let (result, _) = file.write_all_at(bytes, f.offset).await;
-                    result?;
+                    grant.end(result)?;
                     if sync {
-                        let started = Instant::now();
-                        file.sync_data().await?;
-                        if new_file {
-                            let dir = tokio_uring::fs::File::open(parent_of(&path)).await?;
-                            dir.sync_all().await?;
-                            dir.close().await?;
+                        let grant = disk.begin(DiskOp::Sync { dir: new_file }, &path)?;
+                        if !grant.delay.is_zero() {
+                            tokio::time::sleep(grant.delay).await;
                         }
+                        let started = Instant::now();
+                        grant.end(uring_sync(&file, &path, new_file).await)?;
                         metrics.synced(started);
                     }
                     Ok::<(), std::io::Error>(())
@@ -768,13 +820,23 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
                 }
             }
             if flush_interval {
-                for path in std::mem::take(&mut state.unsynced) {
+                for (path, new_file) in std::mem::take(&mut state.unsynced) {
                     if let Some(file) = files.get(&path) {
-                        let started = Instant::now();
-                        if let Err(error) = file.sync_data().await {
+                        let result = match disk.begin(DiskOp::Sync { dir: new_file }, &path) {
+                            Ok(grant) => {
+                                if !grant.delay.is_zero() {
+                                    tokio::time::sleep(grant.delay).await;
+                                }
+                                let started = Instant::now();
+                                let result = grant.end(uring_sync(file, &path, new_file).await);
+                                state.metrics.synced(started);
+                                result
+                            }
+                            Err(error) => Err(error),
+                        };
+                        if let Err(error) = result {
                             tracing::error!(path = %path.display(), %error, "event log sync failed");
                         }
-                        state.metrics.synced(started);
                     }
                 }
                 state.last_sync = Instant::now();
@@ -782,4 +844,19 @@ fn run_uring(runtime: &tokio_uring::Runtime, rx: Receiver<WriteRequest>, state: 
             state.complete(batch, &failed);
         }
     });
+}
+
+/// `fdatasync` of `file`, and of its directory when it is `new_file` (io_uring).
+async fn uring_sync(
+    file: &tokio_uring::fs::File,
+    path: &Path,
+    new_file: bool,
+) -> std::io::Result<()> {
+    file.sync_data().await?;
+    if new_file {
+        let dir = tokio_uring::fs::File::open(parent_of(path)).await?;
+        dir.sync_all().await?;
+        dir.close().await?;
+    }
+    Ok(())
 }

@@ -36,6 +36,7 @@ mod recovery;
 mod routing;
 mod session;
 mod start;
+pub use start::StartOptions;
 
 use bulk_path::*;
 use connection::*;

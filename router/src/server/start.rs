@@ -19,6 +19,21 @@ impl Router {
         config: Config,
         clock: Arc<dyn crate::clock::ClockSource>,
     ) -> Result<Router, RouterError> {
+        Self::start_with(
+            config,
+            StartOptions {
+                clock,
+                ..StartOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// [`Router::start`] with what tests put under it: the clock it reads at start, and
+    /// the disk under its event log (a [`crate::log::disk::FaultDisk`] injects write
+    /// errors, slow syncs and power loss).
+    pub async fn start_with(config: Config, options: StartOptions) -> Result<Router, RouterError> {
+        let StartOptions { clock, disk } = options;
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir).map_err(|source| RouterError::DataDir {
             path: config.data_dir.clone(),
@@ -38,7 +53,7 @@ impl Router {
         let recovered = recover(&config, &router_clock.clock)?;
         let clock = router_clock.clock;
         let stats = Arc::new(Stats::default());
-        let started = start_shards(&config, recovered.logs, clock, &stats)?;
+        let started = start_shards(&config, recovered.logs, clock, &stats, disk)?;
         let writer_kind = started.writer_kind;
         let context = shared_context(
             config,
@@ -605,6 +620,7 @@ fn start_shards(
     recovered: Vec<log::SwarmLog>,
     clock: Clock,
     stats: &Arc<Stats>,
+    disk: log::disk::Disk,
 ) -> Result<StartedShards, RouterError> {
     let log_dir = config.data_dir.join("log");
     let shard_count = config.shard_count();
@@ -628,6 +644,7 @@ fn start_shards(
             config.log.writer_queue,
             event_senders.clone(),
             bulk,
+            disk.clone(),
         )
         .map_err(|e| RouterError::Config {
             detail: format!("starting the event log writer: {e}"),
@@ -805,4 +822,22 @@ fn start_bulk_listener(
     });
     info!(%addr, "bulk listener ready");
     Ok((bulk_endpoint, addr, task))
+}
+
+/// What [`Router::start_with`] starts a router with besides its configuration.
+#[derive(Clone, Debug)]
+pub struct StartOptions {
+    /// The time at start (default: the system clock).
+    pub clock: Arc<dyn crate::clock::ClockSource>,
+    /// The disk under the event log (default: the real one).
+    pub disk: log::disk::Disk,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        StartOptions {
+            clock: Arc::new(crate::clock::SystemClock),
+            disk: log::disk::Disk::real(),
+        }
+    }
 }

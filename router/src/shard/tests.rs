@@ -10,6 +10,7 @@ fn shard_in(dir: &std::path::Path) -> ShardSender {
         64,
         vec![events_tx.clone()],
         None,
+        crate::log::disk::Disk::real(),
     )
     .unwrap();
     let log = crate::log::ShardLog::new(
