@@ -83,10 +83,13 @@ pub(crate) struct Grant {
 #[derive(Debug)]
 struct Held {
     disk: Arc<FaultDisk>,
-    op: DiskOp,
     path: PathBuf,
     /// The error to return once the operation ran (after a short write).
     then: Option<i32>,
+    /// What the operation makes durable once it returns: the file's length (taken when a
+    /// sync began: bytes written during it may have missed it) and whether its directory
+    /// entry too.
+    durable: Option<(u64, bool)>,
 }
 
 impl Grant {
@@ -217,14 +220,16 @@ impl FaultDisk {
     }
 
     /// The next `writes` writes go through; the ones after fail with `fault`, until
-    /// [`FaultDisk::heal`] (a disk that fills up in the middle of a group commit).
+    /// [`FaultDisk::heal`] (a disk that fills up in the middle of a group commit). Creations
+    /// of swarm directories do not count as writes: they fail once the writes do.
     pub fn fail_writes_after(&self, writes: u64, fault: WriteFault) {
         let mut state = self.lock();
         state.writes_before_fault = writes;
         state.write_fault = Some(fault);
     }
 
-    /// From now on every sync fails with EIO, until [`FaultDisk::heal`].
+    /// From now on every sync fails with EIO (cuts of failed bytes, which sync, too), until
+    /// [`FaultDisk::heal`].
     pub fn fail_syncs(&self) {
         self.lock().sync_fails = true;
     }
@@ -245,6 +250,20 @@ impl FaultDisk {
     /// What this disk did so far.
     pub fn counts(&self) -> DiskCounts {
         self.lock().counts
+    }
+
+    /// How many files a power loss now would cut or remove: written past their durable
+    /// length, or not durable in their directory yet.
+    pub fn at_risk(&self) -> usize {
+        let state = self.lock();
+        state
+            .files
+            .iter()
+            .filter(|(path, track)| match std::fs::metadata(path) {
+                Ok(meta) => !track.entry_durable || meta.len() > track.durable_len,
+                Err(_) => false,
+            })
+            .count()
     }
 
     /// Cuts the power: waits for the operations in flight, refuses every later one with
@@ -316,16 +335,19 @@ impl FaultDisk {
         let mut then = None;
         match op {
             DiskOp::CreateDir | DiskOp::Write(_) => {
+                // Only writes count against the writes allowed before the fault.
+                let fault = match (state.write_fault, op) {
+                    (Some(_), _) if state.writes_before_fault > 0 => {
+                        if let DiskOp::Write(_) = op {
+                            state.writes_before_fault -= 1;
+                        }
+                        None
+                    }
+                    (fault, _) => fault,
+                };
                 if let DiskOp::Write(_) = op {
                     state.counts.writes += 1;
                 }
-                let fault = match state.write_fault {
-                    Some(_) if state.writes_before_fault > 0 => {
-                        state.writes_before_fault -= 1;
-                        None
-                    }
-                    fault => fault,
-                };
                 match (fault, op) {
                     (None, _) => {}
                     (Some(WriteFault::Io), _) => {
@@ -343,7 +365,8 @@ impl FaultDisk {
                     }
                 }
             }
-            DiskOp::Sync { .. } => {
+            DiskOp::Sync { .. } | DiskOp::Cut(_) => {
+                // A cut syncs too.
                 state.counts.syncs += 1;
                 if state.sync_fails {
                     state.counts.injected += 1;
@@ -351,7 +374,7 @@ impl FaultDisk {
                 }
                 grant.delay = state.sync_delay;
             }
-            DiskOp::Open | DiskOp::Cut(_) => {}
+            DiskOp::Open => {}
         }
         let exists = path.exists();
         let creates = matches!(op, DiskOp::Open | DiskOp::Cut(_)) && !exists;
@@ -367,12 +390,17 @@ impl FaultDisk {
                 },
             );
         }
+        let durable = match op {
+            DiskOp::Sync { dir } => Some((std::fs::metadata(path).map_or(0, |m| m.len()), dir)),
+            DiskOp::Cut(len) => Some((len, false)),
+            _ => None,
+        };
         state.in_flight += 1;
         grant.held = Some(Held {
             disk: self.clone(),
-            op,
             path: path.to_owned(),
             then,
+            durable,
         });
         Ok(grant)
     }
@@ -391,15 +419,8 @@ impl FaultDisk {
         if let Some(code) = held.then {
             return Err(std::io::Error::from_raw_os_error(code));
         }
-        let made_durable = match held.op {
-            DiskOp::Sync { dir } => Some(dir),
-            DiskOp::Cut(_) => Some(false),
-            _ => None,
-        };
-        if let (Some(dir), Some(track)) = (made_durable, state.files.get_mut(&held.path)) {
-            track.durable_len = std::fs::metadata(&held.path)
-                .map(|m| m.len())
-                .unwrap_or(track.durable_len);
+        if let (Some((len, dir)), Some(track)) = (held.durable, state.files.get_mut(&held.path)) {
+            track.durable_len = len;
             track.entry_durable |= dir;
         }
         Ok(value)

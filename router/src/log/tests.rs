@@ -550,24 +550,12 @@ fn bit_flips_with(kind: WriterKind) {
 fn interval_and_never_policies_complete_without_waiting_for_sync() {
     for policy in [SyncPolicy::IntervalMs(5), SyncPolicy::NeverDanger] {
         let dir = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let writer = LogWriter::start(
+        let (mut log, mut rx) = policy_log(
+            dir.path(),
             WriterKind::File,
             policy,
-            1024,
-            vec![tx.clone()],
-            None,
-            disk::Disk::real(),
-        )
-        .unwrap();
-        let mut log = ShardLog::new(
-            0,
-            dir.path(),
             1 << 20,
-            writer,
-            Vec::new(),
-            Retention::default(),
-            tx,
+            disk::Disk::real(),
         );
         let swarm: Arc<str> = "p".into();
         log.create(&swarm, Epoch(3)).unwrap();
@@ -583,6 +571,28 @@ fn interval_and_never_policies_complete_without_waiting_for_sync() {
     }
 }
 
+/// A log of one shard under `policy`, over `disk`, with a writer of `kind`.
+fn policy_log(
+    dir: &std::path::Path,
+    kind: WriterKind,
+    policy: SyncPolicy,
+    segment_bytes: u64,
+    disk: disk::Disk,
+) -> (ShardLog, mpsc::UnboundedReceiver<LogEvent>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer = LogWriter::start(kind, policy, 1024, vec![tx.clone()], None, disk).unwrap();
+    let log = ShardLog::new(
+        0,
+        dir,
+        segment_bytes,
+        writer,
+        Vec::new(),
+        Retention::default(),
+        tx,
+    );
+    (log, rx)
+}
+
 /// The interval sync makes a new segment's directory entry durable with its bytes: after
 /// the interval, a power loss discards nothing.
 #[test]
@@ -590,34 +600,26 @@ fn an_interval_sync_makes_new_segments_durable_in_their_directory() {
     for kind in [WriterKind::File, WriterKind::Auto] {
         let dir = tempfile::tempdir().unwrap();
         let faults = disk::FaultDisk::new(0);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let writer = LogWriter::start(
+        let (mut log, mut rx) = policy_log(
+            dir.path(),
             kind,
             SyncPolicy::IntervalMs(5),
-            1024,
-            vec![tx.clone()],
-            None,
-            disk::Disk::faulty(faults.clone()),
-        )
-        .unwrap();
-        let mut log = ShardLog::new(
-            0,
-            dir.path(),
             4096,
-            writer,
-            Vec::new(),
-            Retention::default(),
-            tx,
+            disk::Disk::faulty(faults.clone()),
         );
         let swarm: Arc<str> = "p".into();
         log.create(&swarm, Epoch(3)).unwrap();
         append_all(&mut log, &mut rx, &swarm, Epoch(3), 1, 200);
-        // Several intervals, with nothing else written.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while faults.counts().syncs < 2 && std::time::Instant::now() < deadline {
+        // The interval syncs leave nothing a power loss could take.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while faults.at_risk() > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kind}: {} files still not durable",
+                faults.at_risk()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(50));
         let loss = faults.power_loss(false);
         assert_eq!(loss, disk::PowerLoss::default(), "{kind}");
         drop(log);
