@@ -39,7 +39,7 @@ use crate::spawn::RouterArgs;
 use crate::units::parse_duration;
 
 /// The lease contended for.
-const LEASE: &str = "leader";
+pub(crate) const LEASE: &str = "leader";
 
 /// Error codes the scenario expects (see docs/protocol.md's error table).
 const LEASE_HELD: u64 = 27;
@@ -92,15 +92,20 @@ pub struct LeaderArgs {
 
 /// What every contender shares.
 #[derive(Debug)]
-struct Plan {
-    connector: Connector,
-    router: SocketAddr,
-    swarm: String,
-    ttl: Duration,
-    command_every: Duration,
-    pause_prob: f64,
-    kill_prob: f64,
-    deadline: Instant,
+pub(crate) struct Plan {
+    pub(crate) connector: Connector,
+    /// Where contender `i` connects: `routers[i % len]` (the chaos scenario gives each its
+    /// own fault proxy).
+    pub(crate) routers: Vec<SocketAddr>,
+    pub(crate) swarm: String,
+    pub(crate) ttl: Duration,
+    pub(crate) command_every: Duration,
+    pub(crate) pause_prob: f64,
+    pub(crate) kill_prob: f64,
+    pub(crate) deadline: Instant,
+    /// Whether sessions may open a bulk connection (the chaos scenario's go through their
+    /// proxy only).
+    pub(crate) bulk_connection: bool,
 }
 
 /// A validity interval by the router's clock: `[granted_at_ms, expires_at_ms)`.
@@ -112,23 +117,23 @@ struct Interval {
 
 /// What one contender observed, over all its sessions.
 #[derive(Debug, Default)]
-struct ContenderLog {
+pub(crate) struct ContenderLog {
     /// Per token: the interval it believed it held (from its grants; renewals move the
     /// expiry).
     beliefs: BTreeMap<u64, Interval>,
     /// Acknowledged stamped commands: (op id, token).
-    acked: Vec<(u64, u64)>,
+    pub(crate) acked: Vec<(u64, u64)>,
     /// Acquires granted with a token this contender held already (the holder asking
     /// again, e.g. after reconnecting within the TTL).
     same_token_regrants: u64,
     acquire_refused: u64,
     renewals: u64,
     lease_lost: u64,
-    stale_refused: u64,
+    pub(crate) stale_refused: u64,
     late_commands: u64,
     late_commands_accepted: u64,
-    pauses: u64,
-    kills: u64,
+    pub(crate) pauses: u64,
+    pub(crate) kills: u64,
     errors: u64,
     error_messages: Vec<String>,
 }
@@ -156,7 +161,7 @@ impl ContenderLog {
 
 /// One delivery as an observer saw it.
 #[derive(Clone, Copy, Debug)]
-struct Seen {
+pub(crate) struct Seen {
     op: u64,
     token: u64,
     admitted: bool,
@@ -164,9 +169,39 @@ struct Seen {
 
 /// What one observer received, in arrival order (after dropping redeliveries).
 #[derive(Debug, Default)]
-struct ObserverLog {
-    seen: Vec<Seen>,
-    ops: HashSet<u64>,
+pub(crate) struct ObserverLog {
+    pub(crate) seen: Vec<Seen>,
+    pub(crate) ops: HashSet<u64>,
+}
+
+impl ObserverLog {
+    /// Takes one delivery as an application would: a command not seen before (by
+    /// `applied`) is logged with whether `filter` admits it. Whether it was new.
+    pub(crate) fn take(
+        &mut self,
+        applied: &mut IdempotentApply,
+        filter: &mut FencingFilter,
+        delivery: &swarmbus_schema::Deliver,
+    ) -> bool {
+        if delivery.class != Class::Command
+            || !applied.admit(
+                &delivery.swarm,
+                delivery.class,
+                delivery.epoch,
+                delivery.op_id,
+            )
+        {
+            return false;
+        }
+        let admitted = filter.admit(delivery);
+        self.seen.push(Seen {
+            op: delivery.op_id.0,
+            token: delivery.fencing_token,
+            admitted,
+        });
+        self.ops.insert(delivery.op_id.0);
+        true
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -236,13 +271,14 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     }
     let plan = Arc::new(Plan {
         connector,
-        router,
+        routers: vec![router],
         swarm: swarm.clone(),
         ttl: args.ttl,
         command_every: args.command_every,
         pause_prob: args.pause_prob,
         kill_prob,
         deadline: Instant::now() + args.duration,
+        bulk_connection: true,
     });
     let contenders: Vec<_> = (0..args.contenders)
         .map(|c| {
@@ -364,8 +400,9 @@ enum HoldEnd {
 
 /// One contender: acquire, hold (renew, act, get paused or killed), repeat until the
 /// deadline. Returns what it observed.
-async fn contend(index: usize, plan: Arc<Plan>, mut rng: Rng) -> ContenderLog {
+pub(crate) async fn contend(index: usize, plan: Arc<Plan>, mut rng: Rng) -> ContenderLog {
     let agent = format!("{}-contender-{index}", plan.swarm);
+    let router = plan.routers[index % plan.routers.len()];
     let mut log = ContenderLog::default();
     let mut session: Option<(Client, Deliveries)> = None;
     let mut seq = 0u64;
@@ -373,8 +410,9 @@ async fn contend(index: usize, plan: Arc<Plan>, mut rng: Rng) -> ContenderLog {
         let client = match &session {
             Some((client, _)) => client.clone(),
             None => {
-                let hello = Session::new(agent.clone(), Role::Controller, [&plan.swarm]);
-                match plan.connector.connect(plan.router, hello).await {
+                let mut hello = Session::new(agent.clone(), Role::Controller, [&plan.swarm]);
+                hello.bulk_connection = plan.bulk_connection;
+                match plan.connector.connect(router, hello).await {
                     Ok(connected) => {
                         let client = connected.0.clone();
                         session = Some(connected);
@@ -544,24 +582,9 @@ async fn observe(client: Client, mut deliveries: Deliveries, log: Arc<Mutex<Obse
         {
             let mut log = lock(&log);
             for delivery in batch.drain(..) {
-                if delivery.class != Class::Command
-                    || !applied.admit(
-                        &delivery.swarm,
-                        delivery.class,
-                        delivery.epoch,
-                        delivery.op_id,
-                    )
-                {
-                    continue;
+                if log.take(&mut applied, &mut filter, &delivery) {
+                    last = Some(delivery.swarm);
                 }
-                let admitted = filter.admit(&delivery);
-                log.seen.push(Seen {
-                    op: delivery.op_id.0,
-                    token: delivery.fencing_token,
-                    admitted,
-                });
-                log.ops.insert(delivery.op_id.0);
-                last = Some(delivery.swarm);
             }
         }
         if let Some(swarm) = last {
@@ -575,27 +598,27 @@ async fn observe(client: Client, mut deliveries: Deliveries, log: Arc<Mutex<Obse
 
 /// The checks, from the logs alone.
 #[derive(Debug)]
-struct Analysis {
+pub(crate) struct Analysis {
     /// Distinct tokens granted to the contenders.
-    grants: u64,
-    max_token: u64,
-    first_token: u64,
+    pub(crate) grants: u64,
+    pub(crate) max_token: u64,
+    pub(crate) first_token: u64,
     /// Tokens between the first and the largest that no contender was granted.
-    token_gaps: u64,
+    pub(crate) token_gaps: u64,
     /// Pairs of validity intervals with different tokens that overlap (router clock).
-    overlapping_holders: u64,
+    pub(crate) overlapping_holders: u64,
     /// Tokens granted to more than one contender.
-    shared_tokens: u64,
+    pub(crate) shared_tokens: u64,
     /// Commands an observer's filter admitted although a newer token had been seen.
-    stale_commands_accepted: u64,
+    pub(crate) stale_commands_accepted: u64,
     /// Acknowledged commands sequenced after a command with a newer token.
-    stale_sequenced: u64,
-    delivered: u64,
-    filtered: u64,
+    pub(crate) stale_sequenced: u64,
+    pub(crate) delivered: u64,
+    pub(crate) filtered: u64,
     /// Acknowledged commands missing at an observer, summed over observers.
-    lost: u64,
+    pub(crate) lost: u64,
     /// Router-clock time from one holder's expiry to the next grant.
-    handover_gap_ms: Histogram<u64>,
+    pub(crate) handover_gap_ms: Histogram<u64>,
 }
 
 /// Judges the run from what the contenders and observers logged:
@@ -614,7 +637,10 @@ struct Analysis {
 ///   filters must drop these.
 // Every check of the leader scenario over what each side observed, one after another:
 // each is a few lines over the same timelines. Long by design.
-fn analyse(contenders: &[ContenderLog], observers: &[ObserverLog]) -> anyhow::Result<Analysis> {
+pub(crate) fn analyse(
+    contenders: &[ContenderLog],
+    observers: &[ObserverLog],
+) -> anyhow::Result<Analysis> {
     // Intervals per token; a token logged by two contenders is shared.
     let mut by_token: BTreeMap<u64, (usize, Interval)> = BTreeMap::new();
     let mut shared_tokens = 0;

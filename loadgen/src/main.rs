@@ -2,6 +2,7 @@
 //! runs a scenario from the library modules.
 
 mod affinity_sim;
+mod chaos;
 mod creds;
 mod durable;
 mod fanout;
@@ -72,6 +73,13 @@ enum Scenario {
     /// observers that filter them. Reports grants, overlapping validity intervals and stale
     /// commands accepted (both must be 0); exits 1 on a safety violation.
     Leader(leader::LeaderArgs),
+    /// Controllers, agents, lease contenders and job workers, each through a fault proxy of
+    /// its own that drops, duplicates, reorders and partitions, while agents and workers are
+    /// killed and restarted; checks from what each side observed that no acknowledged
+    /// command was lost, applied twice or out of order, no two lease holders overlapped, no
+    /// stale command was acted on, presence holds no ghost and no job was lost or ended
+    /// twice. Exits 1 on any violation (and prints the seed to replay).
+    Chaos(chaos::ChaosArgs),
     /// Workers connect sessions and close them again, as fast as the router admits them;
     /// reports handshakes/s and the connect latency (with `--auth`: with credentials).
     Handshake(handshake::HandshakeArgs),
@@ -120,6 +128,7 @@ fn main() -> std::process::ExitCode {
             Scenario::Reconnect(args) => reconnect::run(args).await,
             Scenario::Jobs(args) => jobs::run(args).await,
             Scenario::Leader(args) => leader::run(args).await,
+            Scenario::Chaos(args) => chaos::run(args).await,
             Scenario::Presence(args) => presence::run(args).await,
             Scenario::Handshake(args) => handshake::run(args).await,
         };

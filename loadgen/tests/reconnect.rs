@@ -1,22 +1,12 @@
 //! The `swarmbus-loadgen reconnect` scenario end to end: a spawned router is restarted and
 //! every client comes back by itself, with jitter and without.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-const LOADGEN: &str = env!("CARGO_BIN_EXE_swarmbus-loadgen");
+#[path = "common/spawned.rs"]
+mod spawned;
 
-/// The router binary the workspace build put beside the loadgen's.
-fn router_binary() -> PathBuf {
-    let path = PathBuf::from(LOADGEN).with_file_name("swarmbus-router");
-    assert!(
-        path.exists(),
-        "{} is missing: this test restarts a real router process; build it first \
-         (`cargo build -p swarmbus-router`, or run the workspace tests)",
-        path.display()
-    );
-    path
-}
+use spawned::{router_binary, LOADGEN};
 
 #[test]
 fn every_client_is_back_after_a_restart_with_and_without_jitter() {

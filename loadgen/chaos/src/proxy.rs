@@ -45,6 +45,70 @@ pub struct FaultPlan {
     pub bandwidth_bytes_per_s: u64,
 }
 
+/// Which directions a partition cuts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cut {
+    /// Client -> router only: the router hears nothing, the client still hears the router.
+    ToRouter,
+    /// Router -> client only.
+    ToClient,
+    /// Both ways.
+    Both,
+}
+
+impl Cut {
+    fn directions(self) -> &'static [Direction] {
+        match self {
+            Cut::ToRouter => &[Direction::ToRouter],
+            Cut::ToClient => &[Direction::ToClient],
+            Cut::Both => &[Direction::ToRouter, Direction::ToClient],
+        }
+    }
+}
+
+/// One partition of a schedule: `after` the previous one healed (or the schedule began),
+/// `cut` for `length`, then healed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Scheduled {
+    pub after: Duration,
+    pub length: Duration,
+    pub cut: Cut,
+}
+
+/// Partitions at random, one after another until the proxy is dropped: each starts after a
+/// gap drawn uniformly from `gap`, lasts a length drawn from `length`, and is one way (each
+/// way equally likely) with probability `one_way`, else both ways. Drawn from the proxy's
+/// seed: the same seed, the same schedule.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RandomPartitions {
+    pub gap: (Duration, Duration),
+    pub length: (Duration, Duration),
+    pub one_way: f64,
+}
+
+impl RandomPartitions {
+    /// The first `count` partitions this plan draws from `seed` (what
+    /// [`FaultProxy::partition_at_random`] will run, for a report or a replay).
+    pub fn schedule(&self, seed: u64, count: usize) -> Vec<Scheduled> {
+        // A stream of its own: the datagram lanes' draws never shift it.
+        let mut rng = Rng(seed ^ 0x5041_5254_4954_494F);
+        (0..count)
+            .map(|_| {
+                let after = rng.between(self.gap);
+                let length = rng.between(self.length);
+                let one_way = rng.chance(self.one_way);
+                let toward_router = rng.next() & 1 == 0;
+                let cut = match (one_way, toward_router) {
+                    (false, _) => Cut::Both,
+                    (true, true) => Cut::ToRouter,
+                    (true, false) => Cut::ToClient,
+                };
+                Scheduled { after, length, cut }
+            })
+            .collect()
+    }
+}
+
 /// What the proxy did, all flows and directions together.
 #[derive(Debug, Default)]
 pub struct FaultTotals {
@@ -69,6 +133,12 @@ impl Rng {
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in `[low, high]` (to the nanosecond); `low` when the range is empty.
+    fn between(&mut self, (low, high): (Duration, Duration)) -> Duration {
+        let span = high.saturating_sub(low).as_nanos() as u64;
+        low + Duration::from_nanos(self.next() % span.saturating_add(1))
     }
 
     /// True with probability `p`; one draw whatever `p` is, so the draws after it do not
@@ -189,11 +259,43 @@ struct Shared {
     totals: FaultTotals,
     /// Every task the proxy started, ended with it.
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The tasks running partition schedules, ended by `stop_partitions` too.
+    schedules: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Shared {
+    /// Cuts the directions of `cut`; a partition is counted when a direction that was
+    /// open is cut.
+    fn cut(&self, cut: Cut) {
+        let mut opened = false;
+        for direction in cut.directions() {
+            opened |= !self.cut[direction.index()].swap(true, Ordering::AcqRel);
+        }
+        if opened {
+            self.totals.partitions.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn heal(&self) {
+        for cut in &self.cut {
+            cut.store(false, Ordering::Release);
+        }
+    }
+
     fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
         let handle = tokio::spawn(task).abort_handle();
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle);
+    }
+
+    fn spawn_schedule(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(task).abort_handle();
+        self.schedules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(handle.clone());
         self.tasks
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -237,6 +339,7 @@ impl FaultProxy {
             cut: [AtomicBool::new(false), AtomicBool::new(false)],
             totals: FaultTotals::default(),
             tasks: Mutex::new(Vec::new()),
+            schedules: Mutex::new(Vec::new()),
         });
         shared.spawn(serve(listen, shared.clone()));
         Ok(FaultProxy { addr, shared })
@@ -250,19 +353,75 @@ impl FaultProxy {
     /// Cuts `direction` (both, called twice) for every flow until [`FaultProxy::heal`]:
     /// datagrams arriving meanwhile, and those still waiting out a delay, are dropped.
     pub fn partition(&self, direction: Direction) {
-        if !self.shared.cut[direction.index()].swap(true, Ordering::AcqRel) {
-            self.shared
-                .totals
-                .partitions
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        self.shared.cut(match direction {
+            Direction::ToRouter => Cut::ToRouter,
+            Direction::ToClient => Cut::ToClient,
+        });
     }
 
-    /// Ends every partition.
+    /// Ends every partition (a schedule's included: its next one still comes).
     pub fn heal(&self) {
-        for cut in &self.shared.cut {
-            cut.store(false, Ordering::Release);
+        self.shared.heal();
+    }
+
+    /// Runs `schedule` from now on, in the background, for every flow: each partition
+    /// starts its `after` past the end of the one before. Ends with the proxy.
+    pub fn partition_on_schedule(&self, schedule: Vec<Scheduled>) {
+        let shared = self.shared.clone();
+        self.shared.spawn_schedule(async move {
+            for partition in schedule {
+                tokio::time::sleep(partition.after).await;
+                shared.cut(partition.cut);
+                tokio::time::sleep(partition.length).await;
+                shared.heal();
+            }
+        });
+    }
+
+    /// Partitions at random from now on (see [`RandomPartitions`]), until the proxy is
+    /// dropped.
+    pub fn partition_at_random(&self, plan: RandomPartitions) {
+        let shared = self.shared.clone();
+        let seed = self.shared.seed;
+        self.shared.spawn_schedule(async move {
+            // Drawn in chunks, so that a long run needs no schedule drawn up front; the
+            // draws are the same as one long schedule's.
+            let mut drawn = 0;
+            loop {
+                drawn += 64;
+                let schedule = plan.schedule(seed, drawn);
+                for partition in &schedule[drawn - 64..] {
+                    tokio::time::sleep(partition.after).await;
+                    shared.cut(partition.cut);
+                    tokio::time::sleep(partition.length).await;
+                    shared.heal();
+                }
+            }
+        });
+    }
+
+    /// Ends the schedules started so far and heals: from now on the network is partitioned
+    /// only by hand (its other faults go on).
+    pub fn stop_partitions(&self) {
+        let schedules = std::mem::take(
+            &mut *self
+                .shared
+                .schedules
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for schedule in schedules {
+            schedule.abort();
         }
+        self.shared.heal();
+    }
+
+    /// Whether any direction is cut now.
+    pub fn is_partitioned(&self) -> bool {
+        self.shared
+            .cut
+            .iter()
+            .any(|cut| cut.load(Ordering::Acquire))
     }
 
     pub fn totals(&self) -> &FaultTotals {
@@ -515,6 +674,89 @@ mod tests {
             late.is_err() || late.unwrap().is_err(),
             "nothing relayed once dropped"
         );
+    }
+
+    #[test]
+    fn random_partitions_replay_from_the_seed_within_their_ranges() {
+        let plan = RandomPartitions {
+            gap: (Duration::from_millis(500), Duration::from_secs(2)),
+            length: (Duration::from_secs(1), Duration::from_secs(5)),
+            one_way: 0.5,
+        };
+        let drawn = plan.schedule(9, 200);
+        assert_eq!(drawn, plan.schedule(9, 200), "replayable from the seed");
+        assert_eq!(
+            drawn[..50],
+            plan.schedule(9, 50)[..],
+            "a prefix of a longer draw"
+        );
+        assert_ne!(drawn, plan.schedule(10, 200));
+        for p in &drawn {
+            assert!((plan.gap.0..=plan.gap.1).contains(&p.after), "{p:?}");
+            assert!((plan.length.0..=plan.length.1).contains(&p.length), "{p:?}");
+        }
+        let both = drawn.iter().filter(|p| p.cut == Cut::Both).count();
+        let to_router = drawn.iter().filter(|p| p.cut == Cut::ToRouter).count();
+        assert!((60..140).contains(&both), "about half both ways: {both}");
+        assert!((20..80).contains(&to_router), "{to_router}");
+    }
+
+    /// Polls until the proxy's partitioned state is `cut`; when it came.
+    async fn until_partitioned(proxy: &FaultProxy, cut: bool) -> Instant {
+        let waited = tokio::time::timeout(Duration::from_secs(10), async {
+            while proxy.is_partitioned() != cut {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        waited.await.expect("the schedule moves on");
+        Instant::now()
+    }
+
+    #[tokio::test]
+    async fn a_schedule_cuts_for_at_least_its_length_and_heals() {
+        let proxy = FaultProxy::start(echo().await, 2, FaultPlan::default(), FaultPlan::default())
+            .await
+            .unwrap();
+        let length = Duration::from_millis(150);
+        let begun = Instant::now();
+        proxy.partition_on_schedule(vec![
+            Scheduled {
+                after: Duration::from_millis(100),
+                length,
+                cut: Cut::Both,
+            },
+            Scheduled {
+                after: Duration::from_millis(100),
+                length,
+                cut: Cut::ToClient,
+            },
+        ]);
+        // Sleeps end late, never early: only lower bounds hold on a loaded machine.
+        for round in 0..2 {
+            let cut = until_partitioned(&proxy, true).await;
+            assert!(cut - begun >= Duration::from_millis(100), "round {round}");
+            let healed = until_partitioned(&proxy, false).await;
+            assert!(
+                healed - cut >= length - Duration::from_millis(10),
+                "round {round}"
+            );
+        }
+        assert_eq!(proxy.totals().partitions.load(Ordering::Relaxed), 2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!proxy.is_partitioned(), "the schedule is over");
+
+        // A stopped random schedule cuts no more.
+        proxy.partition_at_random(RandomPartitions {
+            gap: (Duration::ZERO, Duration::ZERO),
+            length: (Duration::from_secs(60), Duration::from_secs(60)),
+            one_way: 0.0,
+        });
+        until_partitioned(&proxy, true).await;
+        proxy.stop_partitions();
+        assert!(!proxy.is_partitioned());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!proxy.is_partitioned(), "stopped");
+        assert_eq!(proxy.totals().partitions.load(Ordering::Relaxed), 3);
     }
 
     #[tokio::test]
