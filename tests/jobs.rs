@@ -128,7 +128,7 @@ async fn a_worker_killed_mid_job_reruns_elsewhere_and_the_submitter_gets_one_res
         (status.job_id, JobState::Completed)
     );
     assert_eq!(end.payload.as_ref(), b"from-b");
-    agent.ack_job(end.job_id).await.unwrap();
+    agent.ack_job(&end).await.unwrap();
     eventually("the acknowledged job is forgotten", || {
         router.router.job_counts().jobs == 0
     })
@@ -238,7 +238,7 @@ async fn a_router_restart_loses_no_accepted_job_and_results_still_arrive() {
         let end = next_end(&mut updates, &mut dedup).await;
         assert_eq!(end.state, JobState::Completed);
         assert_eq!(end.payload, Bytes::from(format!("done-{}", end.job_id.0)));
-        agent.ack_job(end.job_id).await.unwrap();
+        agent.ack_job(&end).await.unwrap();
         ended.insert(end.job_id);
     }
     assert_eq!(ended, ids, "every accepted job ended, each once");
@@ -327,7 +327,7 @@ async fn a_repeated_idempotency_key_returns_the_same_job_and_runs_it_once() {
     let mut dedup = JobDedup::default();
     for _ in 0..2 {
         let end = next_end(&mut updates, &mut dedup).await;
-        agent.ack_job(end.job_id).await.unwrap();
+        agent.ack_job(&end).await.unwrap();
     }
     eventually("both forgotten", || router.router.job_counts().jobs == 0).await;
     let again = agent.submit_job(job("s", "same")).await.unwrap();

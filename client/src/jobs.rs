@@ -161,13 +161,20 @@ impl Client {
             .map(|rx| JobUpdates { rx })
     }
 
-    /// Tells the router the job's end was handled: it stops resending it (and forgets the
-    /// job, except its idempotency key for the dedup window).
-    pub async fn ack_job(&self, job_id: JobId) -> Result<(), ClientError> {
+    /// Tells the router the job's end `end` (as it arrived) was handled: it stops resending
+    /// it (and forgets the job, except its idempotency key for the dedup window). The ack
+    /// names that end, so an ack of a dead letter that a controller re-drove meanwhile
+    /// does not acknowledge the job's new end, unseen.
+    pub async fn ack_job(&self, end: &JobUpdate) -> Result<(), ClientError> {
+        let ack = Message::JobAck {
+            job_id: end.job_id,
+            attempt: end.attempt,
+            state: end.state,
+        };
         // On the job stream, in order with the session's other job traffic.
         self.shared
             .jobs_tx
-            .send(encode(&Message::JobAck { job_id }))
+            .send(encode(&ack))
             .await
             .map_err(|_| closed_error(&self.shared.connection))
     }

@@ -516,7 +516,7 @@ async fn submitter(
                             log.dead_lettered += 1;
                         }
                     }
-                    let _ = client.ack_job(update.job_id).await;
+                    let _ = client.ack_job(&update).await;
                 }
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {
                     if phase.done.load(Ordering::Relaxed) {

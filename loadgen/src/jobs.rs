@@ -340,7 +340,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                 }
                 crate::report::count(1);
                 last_end = Some(Instant::now());
-                let _ = client.ack_job(update.job_id).await;
+                let _ = client.ack_job(&update).await;
             }
             if !sender.is_finished() {
                 sender.abort();

@@ -607,8 +607,12 @@ pub enum Message {
         attempt: u32,
     },
     JobUpdate(JobUpdate),
+    /// The end of `job_id` with `attempt` and `state` (those of its JobUpdate) was
+    /// handled; `state` Queued: whatever end the job has.
     JobAck {
         job_id: JobId,
+        attempt: u32,
+        state: JobState,
     },
     ListDeadLetters {
         request_id: u64,

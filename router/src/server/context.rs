@@ -287,7 +287,10 @@ impl Context {
                 return;
             }
             let ids: Vec<_> = finals.iter().map(JobRecord::job_id).collect();
-            let mut finals: Vec<InternalRecord> = finals.into_iter().map(Into::into).collect();
+            // What is written is what is announced: a retry writes the ends as they stand
+            // then, and only those are told.
+            let mut written = finals;
+            let mut finals: Vec<InternalRecord> = written.iter().cloned().map(Into::into).collect();
             // Only a durable end is announced: a refused write (its bytes truncated away) is
             // written again, from the job's state now, until the log takes it.
             let mut backoff = Duration::from_millis(100);
@@ -299,17 +302,13 @@ impl Context {
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "job ends not written to the log; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                finals = context
-                    .jobs()
-                    .unwritten_finals(&ids)
-                    .into_iter()
-                    .map(Into::into)
-                    .collect();
+                written = context.jobs().unwritten_finals(&ids);
+                finals = written.iter().cloned().map(Into::into).collect();
                 if finals.is_empty() {
                     break;
                 }
             }
-            let announced = context.jobs().finals_written(&ids);
+            let announced = context.jobs().finals_written(&written);
             for (outbox, lane, frame) in announced.frames.into_iter().chain(after_finals) {
                 let _ = outbox.push(lane, frame);
             }

@@ -185,8 +185,8 @@ impl Session {
         Ok(())
     }
 
-    pub(super) async fn ack_job(&self, job_id: JobId) -> Result<(), Fault> {
-        let effects = self.context.jobs().ack(&self.agent, job_id);
+    pub(super) async fn ack_job(&self, job_id: JobId, end: AckedEnd) -> Result<(), Fault> {
+        let effects = self.context.jobs().ack(&self.agent, job_id, end);
         self.context.apply_job_effects(effects);
         Ok(())
     }

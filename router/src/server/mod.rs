@@ -87,7 +87,7 @@ use crate::shard::{
 use crate::stats::{Stats, StatsSnapshot};
 use crate::tls;
 use swarmbus_proto::control::{Joined, LeaseLimits, Leases, Restored, Stops, CONTROL_SWARM};
-use swarmbus_proto::jobs::{JobCounts, JobRecord, Submitted, JOBS_SWARM_PREFIX};
+use swarmbus_proto::jobs::{AckedEnd, JobCounts, JobRecord, Submitted, JOBS_SWARM_PREFIX};
 use swarmbus_proto::quota::SwarmBudget;
 use swarmbus_proto::refusal::Refusal;
 use swarmbus_proto::workers::{PinWrite, PINS_SWARM};

@@ -390,7 +390,14 @@ impl Session {
             Message::JobCancel {
                 request_id, job_id, ..
             } => self.cancel_job(request_id, job_id).await?,
-            Message::JobAck { job_id } => self.ack_job(job_id).await?,
+            Message::JobAck {
+                job_id,
+                attempt,
+                state,
+            } => {
+                self.ack_job(job_id, AckedEnd::from_wire(attempt, state))
+                    .await?
+            }
             Message::ListDeadLetters {
                 request_id,
                 swarm,

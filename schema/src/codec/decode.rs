@@ -612,6 +612,8 @@ pub fn decode(frame: Bytes, options: &DecodeOptions) -> Result<Message, DecodeEr
             no_body()?;
             Message::JobAck {
                 job_id: JobId(m.job_id()),
+                attempt: m.attempt(),
+                state: job_state_of(m.state())?,
             }
         }
         w::Message::ListDeadLetters => {

@@ -684,8 +684,19 @@ pub fn encode(message: &Message) -> OutFrame {
                 body = m.payload.clone();
                 (w::Message::JobUpdate, t.as_union_value())
             }
-            Message::JobAck { job_id } => {
-                let t = w::JobAck::create(fbb, &w::JobAckArgs { job_id: job_id.0 });
+            Message::JobAck {
+                job_id,
+                attempt,
+                state,
+            } => {
+                let t = w::JobAck::create(
+                    fbb,
+                    &w::JobAckArgs {
+                        job_id: job_id.0,
+                        attempt: *attempt,
+                        state: w::JobState(state.as_u8()),
+                    },
+                );
                 (w::Message::JobAck, t.as_union_value())
             }
             Message::ListDeadLetters {

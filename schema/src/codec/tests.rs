@@ -530,7 +530,13 @@ fn message() -> impl Strategy<Value = Message> {
                     })
                 }
             ),
-        any::<u64>().prop_map(|id| Message::JobAck { job_id: JobId(id) }),
+        (any::<u64>(), any::<u32>(), job_state()).prop_map(|(id, attempt, state)| {
+            Message::JobAck {
+                job_id: JobId(id),
+                attempt,
+                state,
+            }
+        }),
         (any::<u64>(), name(), any::<u64>(), any::<u32>()).prop_map(
             |(request_id, swarm, after, limit)| Message::ListDeadLetters {
                 request_id,

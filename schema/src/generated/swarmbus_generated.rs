@@ -6781,6 +6781,9 @@ pub enum JobAckOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
 /// Submitter -> router: the job's end was handled; the router stops resending it.
+/// `attempt` and `state` name the end acknowledged (those of its JobUpdate): an ack of an
+/// end the job no longer has (a dead letter since re-driven) is ignored. `state` Queued
+/// (absent) acknowledges whatever end the job has.
 pub struct JobAck<'a> {
   pub _tab: ::flatbuffers::Table<'a>,
 }
@@ -6795,6 +6798,8 @@ impl<'a> ::flatbuffers::Follow<'a> for JobAck<'a> {
 
 impl<'a> JobAck<'a> {
   pub const VT_JOB_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ATTEMPT: ::flatbuffers::VOffsetT = 6;
+  pub const VT_STATE: ::flatbuffers::VOffsetT = 8;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -6807,6 +6812,8 @@ impl<'a> JobAck<'a> {
   ) -> ::flatbuffers::WIPOffset<JobAck<'bldr>> {
     let mut builder = JobAckBuilder::new(_fbb);
     builder.add_job_id(args.job_id);
+    builder.add_attempt(args.attempt);
+    builder.add_state(args.state);
     builder.finish()
   }
 
@@ -6818,6 +6825,20 @@ impl<'a> JobAck<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(JobAck::VT_JOB_ID, Some(0)).unwrap()}
   }
+  #[inline]
+  pub fn attempt(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(JobAck::VT_ATTEMPT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn state(&self) -> JobState {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<JobState>(JobAck::VT_STATE, Some(JobState::Queued)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for JobAck<'_> {
@@ -6827,18 +6848,24 @@ impl ::flatbuffers::Verifiable for JobAck<'_> {
   ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
     v.visit_table(pos)?
      .visit_field::<u64>("job_id", Self::VT_JOB_ID, false)?
+     .visit_field::<u32>("attempt", Self::VT_ATTEMPT, false)?
+     .visit_field::<JobState>("state", Self::VT_STATE, false)?
      .finish();
     Ok(())
   }
 }
 pub struct JobAckArgs {
     pub job_id: u64,
+    pub attempt: u32,
+    pub state: JobState,
 }
 impl<'a> Default for JobAckArgs {
   #[inline]
   fn default() -> Self {
     JobAckArgs {
       job_id: 0,
+      attempt: 0,
+      state: JobState::Queued,
     }
   }
 }
@@ -6851,6 +6878,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> JobAckBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_job_id(&mut self, job_id: u64) {
     self.fbb_.push_slot::<u64>(JobAck::VT_JOB_ID, job_id, 0);
+  }
+  #[inline]
+  pub fn add_attempt(&mut self, attempt: u32) {
+    self.fbb_.push_slot::<u32>(JobAck::VT_ATTEMPT, attempt, 0);
+  }
+  #[inline]
+  pub fn add_state(&mut self, state: JobState) {
+    self.fbb_.push_slot::<JobState>(JobAck::VT_STATE, state, JobState::Queued);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> JobAckBuilder<'a, 'b, A> {
@@ -6871,6 +6906,8 @@ impl ::core::fmt::Debug for JobAck<'_> {
   fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
     let mut ds = f.debug_struct("JobAck");
       ds.field("job_id", &self.job_id());
+      ds.field("attempt", &self.attempt());
+      ds.field("state", &self.state());
       ds.finish()
   }
 }

@@ -161,16 +161,29 @@ impl<H: Handle + Clone> Jobs<H> {
             .collect()
     }
 
-    /// The ends in `job_ids` are durable: their submitters are told (and told again on
-    /// every reconnect until they acknowledge).
-    pub fn finals_written(&mut self, job_ids: &[JobId]) -> Effects<H> {
+    /// The records in `written` (a call's `finals`) are durable: the submitters of the ends
+    /// among them are told (and told again on every reconnect until they acknowledge).
+    /// Only the end a record holds is announced: a job that moved on since (re-driven,
+    /// then ended again) waits for the record of its new end, which may not be durable
+    /// yet; a re-drive's record announces nothing.
+    pub fn finals_written(&mut self, written: &[JobRecord]) -> Effects<H> {
         let mut fx = Effects::default();
-        for id in job_ids {
+        for record in written {
+            let JobRecord::End(EndRecord {
+                job_id: id,
+                kind: EndKind::Ended(state),
+                attempt,
+                budget_base,
+                ..
+            }) = record
+            else {
+                continue;
+            };
             let Some(job) = self.jobs.get_mut(id) else {
                 continue;
             };
-            if !job.state.is_final() {
-                continue; // re-driven meanwhile
+            if (job.state, job.attempt, job.budget_base) != (*state, *attempt, *budget_base) {
+                continue; // not the end written: re-driven (and maybe ended) meanwhile
             }
             job.final_durable = true;
             let submitter: Arc<str> = Arc::from(job.spec.submitter.as_str());
@@ -372,13 +385,20 @@ impl<H: Handle + Clone> Jobs<H> {
     /// The submitter handled a job's end. A completed, failed or cancelled job is then
     /// forgotten (its idempotency key stays for the dedup window); a dead letter stays in
     /// its queue until re-driven.
-    pub fn ack(&mut self, agent: &str, job_id: JobId) -> Effects<H> {
+    pub fn ack(&mut self, agent: &str, job_id: JobId, end: AckedEnd) -> Effects<H> {
         let mut fx = Effects::default();
         let Some(job) = self.jobs.get(&job_id) else {
             return fx;
         };
         if job.spec.submitter != agent || !job.state.is_final() || !job.final_durable {
             return fx;
+        }
+        if let AckedEnd::Of { attempt, state } = end {
+            if (job.attempt, job.state) != (attempt, state) {
+                // An end the job no longer has: a dead letter re-driven since, whose new
+                // end its submitter may not have seen.
+                return fx;
+            }
         }
         if let Some(pending) = self.pending.get_mut(agent) {
             pending.remove(&job_id);

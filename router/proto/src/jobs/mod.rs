@@ -178,9 +178,29 @@ impl JobsConfig {
     }
 }
 
+/// Which end of a job a submitter acknowledged ([`Jobs::ack`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckedEnd {
+    /// The end with this attempt and state (those of the JobUpdate that told it).
+    Of { attempt: u32, state: JobState },
+    /// Whatever end the job has now (an ack that names none).
+    Any,
+}
+
+impl AckedEnd {
+    /// From a JobAck's fields: a state that is not final names no end.
+    pub fn from_wire(attempt: u32, state: JobState) -> Self {
+        if state.is_final() {
+            AckedEnd::Of { attempt, state }
+        } else {
+            AckedEnd::Any
+        }
+    }
+}
+
 /// What the driver does after a call: push `frames` now; append `records` to the log
-/// without waiting; make `finals` durable, then call [`Jobs::finals_written`] with their
-/// job ids and push what it returns, then push `after_finals`.
+/// without waiting; make `finals` durable, then call [`Jobs::finals_written`] with the
+/// records written and push what it returns, then push `after_finals`.
 #[derive(Debug)]
 pub struct Effects<H> {
     pub frames: Vec<(H, Lane, OutFrame)>,

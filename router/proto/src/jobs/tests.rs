@@ -78,10 +78,11 @@ fn finish_and_ack(jobs: &mut Jobs, id: JobId, swarm: &str, now: u64) {
     let (out, fx) = worker(jobs, 2, &[swarm], 1);
     let lease = leases(&fx).pop().unwrap().1;
     assert_eq!(lease.job_id, id);
-    jobs.result(ConnId(2), &out, ok_result(&lease), now)
+    let fx = jobs
+        .result(ConnId(2), &out, ok_result(&lease), now)
         .unwrap();
-    jobs.finals_written(&[id]);
-    jobs.ack("submitter", id);
+    jobs.finals_written(&fx.finals);
+    jobs.ack("submitter", id, AckedEnd::Any);
 }
 
 #[test]
@@ -280,7 +281,7 @@ fn an_expired_lease_is_fenced_retried_then_dead_lettered_and_redriven() {
     let fx = jobs.tick(400);
     assert_eq!(fx.finals.len(), 1);
     assert_eq!(jobs.counts().dead_lettered, 1);
-    let told = jobs.finals_written(&[id]);
+    let told = jobs.finals_written(&fx.finals);
     let Message::JobUpdate(update) = message(&told.frames[0].2) else {
         panic!()
     };
@@ -297,8 +298,8 @@ fn an_expired_lease_is_fenced_retried_then_dead_lettered_and_redriven() {
         .result(ConnId(2), &out, ok_result(&third), 501)
         .unwrap();
     assert_eq!(fx.finals.len(), 1);
-    jobs.finals_written(&[id]);
-    let acked = jobs.ack("submitter", id);
+    jobs.finals_written(&fx.finals);
+    let acked = jobs.ack("submitter", id, AckedEnd::Any);
     // The end (key and state only), the spec emptied, and the lease record emptied.
     assert_eq!(acked.records.len(), 3);
     assert_eq!(jobs.counts().jobs, 0);
@@ -342,10 +343,10 @@ fn job_bytes_are_capped_per_agent_and_router_wide_until_acknowledged() {
         payload: Bytes::from(vec![1u8; 500]),
         ..ok_result(&lease)
     };
-    jobs.result(ConnId(2), &out, result, 1).unwrap();
+    let fx = jobs.result(ConnId(2), &out, result, 1).unwrap();
     assert_eq!(jobs.bytes_held("submitter").1, mine + 500);
-    jobs.finals_written(&[id]);
-    jobs.ack("submitter", id);
+    jobs.finals_written(&fx.finals);
+    jobs.ack("submitter", id, AckedEnd::Any);
     assert_eq!(jobs.bytes_held("submitter").1, 0);
     accept(&mut jobs, &who, big("two"), 2);
 }
@@ -372,9 +373,9 @@ fn an_acknowledged_job_leaves_the_log_after_the_dedup_window_and_ids_never_go_ba
     let lease = leases(&fx).pop().unwrap().1;
     log.extend(fx.records);
     let fx = jobs.result(ConnId(2), &out, ok_result(&lease), 10).unwrap();
+    jobs.finals_written(&fx.finals);
     log.extend(fx.finals);
-    jobs.finals_written(&[job_id]);
-    log.extend(jobs.ack("submitter", job_id).records);
+    log.extend(jobs.ack("submitter", job_id, AckedEnd::Any).records);
     // Within the dedup window the key is still known; past it, the end record goes too.
     assert!(jobs.tick(500).records.is_empty());
     let fx = jobs.tick(1_500);
@@ -620,13 +621,13 @@ fn a_dead_letter_counts_router_wide_not_against_its_submitter() {
     let (held, mine) = jobs.bytes_held("submitter");
     assert!(held > 0 && mine == held);
     // Its only attempt expires: dead-lettered.
-    jobs.tick(200);
+    let fx = jobs.tick(200);
     assert_eq!(jobs.counts().dead_lettered, 1);
     let (router_wide, mine) = jobs.bytes_held("submitter");
     assert!(router_wide >= held, "its reason is counted too");
     assert_eq!(mine, 0);
     // Re-driven: the submitter's again.
-    jobs.finals_written(&[id]);
+    jobs.finals_written(&fx.finals);
     jobs.redrive("s", &who, 5, id, 300).unwrap();
     assert_eq!(jobs.bytes_held("submitter"), (held, held));
 }
@@ -758,13 +759,13 @@ fn timings_measure_queue_wait_and_run_time_and_count_redeliveries() {
         retry: true,
         ..ok_result(&lease)
     };
-    jobs.result(ConnId(2), &out, retry, 1_300).unwrap();
+    let dead = jobs.result(ConnId(2), &out, retry, 1_300).unwrap();
     assert_eq!(jobs.timings().run_us.len(), 1);
     assert_eq!(jobs.timings().run_us.max() / 1000, 50);
     // One attempt allowed: the retry dead-letters it.
     assert_eq!(jobs.timings().dead_lettered, 1);
     assert_eq!(jobs.timings().redeliveries, 0);
-    jobs.finals_written(&[first]);
+    jobs.finals_written(&dead.finals);
     let fx = jobs.redrive("s", &who, 5, first, 1_400).unwrap();
     let lease = leases(&fx).pop().expect("re-driven job leased again").1;
     assert_eq!(lease.attempt, 2);
