@@ -37,7 +37,7 @@ use swarmbus_chaos::{FaultPlan, FaultProxy, RandomPartitions};
 use swarmbus_client::{
     Client, ClientError, Connector, FencingFilter, IdempotentApply, JobDedup, JobEvent, Session,
 };
-use swarmbus_schema::{Class, Epoch, JobId, OpId, Role, SubmitJob};
+use swarmbus_schema::{Class, Epoch, JobId, JobState, JobUpdate, OpId, Role, SubmitJob};
 
 use crate::leader::{self, ContenderLog, ObserverLog};
 use crate::rng::Rng;
@@ -63,6 +63,7 @@ pub struct ChaosArgs {
     /// Chance that a datagram is held back (by up to --reorder-by) so later ones overtake it.
     #[arg(long, default_value_t = 0.0)]
     reorder: f64,
+    /// The longest a reordered datagram is held back.
     #[arg(long, default_value = "5ms", value_parser = parse_duration)]
     reorder_by: Duration,
     /// Added to every datagram, each way (default none).
@@ -83,10 +84,13 @@ pub struct ChaosArgs {
     /// The mean time between two kills of one agent or worker.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     kill_every: Duration,
+    /// Agents applying the commands.
     #[arg(long, default_value_t = 3)]
     agents: usize,
+    /// Controllers contending for the lease and commanding while they hold it.
     #[arg(long, default_value_t = 3)]
     contenders: usize,
+    /// Job workers (one submitter feeds them).
     #[arg(long, default_value_t = 3)]
     workers: usize,
     /// The lease's TTL; holders renew every third of it.
@@ -154,29 +158,68 @@ struct Net {
     seed: u64,
     faults: FaultPlan,
     partitions: Option<RandomPartitions>,
-    /// Set when the faulty phase ends: no partition from then on.
+    /// Set when the faulty phase ends (under `live`'s lock): no partition from then on.
     calm: AtomicBool,
-    proxies_made: AtomicU64,
     live: Mutex<Vec<Arc<FaultProxy>>>,
     retired: Mutex<Faults>,
 }
 
+/// Who a proxy serves: its faults are drawn from the run's seed and this, so that a seed
+/// gives each session the same faults whatever order the sessions start in.
+#[derive(Clone, Copy)]
+struct Who {
+    role: u64,
+    index: usize,
+    incarnation: u64,
+}
+
+impl Who {
+    const AGENT: u64 = 1;
+    const WORKER: u64 = 2;
+    const SUBMITTER: u64 = 3;
+    const CONTENDER: u64 = 4;
+
+    fn new(role: u64, index: usize) -> Self {
+        Who {
+            role,
+            index,
+            incarnation: 0,
+        }
+    }
+
+    /// This session's seed of `stream` (each of its draws its own stream).
+    fn seed(&self, run_seed: u64, stream: u64) -> u64 {
+        let mut rng = Rng::new(run_seed);
+        for part in [self.role, self.index as u64, self.incarnation, stream] {
+            rng = Rng::new(rng.next() ^ part.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        rng.next()
+    }
+}
+
+/// The draws of a session, each from its own stream.
+const PROXY_STREAM: u64 = 1;
+const KILL_STREAM: u64 = 2;
+const WORK_STREAM: u64 = 3;
+
 impl Net {
-    /// A new proxy in front of the router, partitioning at random unless calm.
-    async fn proxy(&self) -> anyhow::Result<Arc<FaultProxy>> {
-        let n = self.proxies_made.fetch_add(1, Ordering::Relaxed);
-        let seed = self.seed ^ (n + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    /// A new proxy in front of the router for `who`, partitioning at random unless calm.
+    async fn proxy(&self, who: Who) -> anyhow::Result<Arc<FaultProxy>> {
+        let seed = who.seed(self.seed, PROXY_STREAM);
         let proxy = Arc::new(
             FaultProxy::start(self.router, seed, self.faults.clone(), self.faults.clone())
                 .await
                 .context("starting a fault proxy")?,
         );
+        // Under the lock `calm_down` takes: a proxy made while the run calms down is either
+        // calmed by it or sees that it is calm.
+        let mut live = lock(&self.live);
         if let Some(plan) = &self.partitions {
             if !self.calm.load(Ordering::Acquire) {
                 proxy.partition_at_random(plan.clone());
             }
         }
-        lock(&self.live).push(proxy.clone());
+        live.push(proxy.clone());
         Ok(proxy)
     }
 
@@ -188,10 +231,18 @@ impl Net {
 
     /// Ends the partitions, now and for proxies made later.
     fn calm_down(&self) {
+        let live = lock(&self.live);
         self.calm.store(true, Ordering::Release);
-        for proxy in lock(&self.live).iter() {
+        for proxy in live.iter() {
             proxy.stop_partitions();
         }
+    }
+
+    /// The faults of every proxy; the proxies still running stop.
+    fn close(&self) -> Faults {
+        let faults = self.faults();
+        lock(&self.live).clear();
+        faults
     }
 
     fn faults(&self) -> Faults {
@@ -251,11 +302,15 @@ async fn killed_or_done(kill_at: &mut Option<Instant>, phase: &Phase) -> Ended {
     }
 }
 
-/// Ends an incarnation whose session was killed or lost: its network vanishes first (so a
-/// killed one says no goodbye), then it stays down for 0.2 to 1 s.
-async fn go_down(net: &Net, proxy: Arc<FaultProxy>, rng: &mut Rng) {
+/// Ends an incarnation whose session was killed or lost: its network vanishes first, then
+/// the session (whose drop sends a close, which so goes nowhere: a killed one says no
+/// goodbye), and it stays down for 0.2 to 1 s.
+async fn go_down<S>(net: &Net, proxy: Arc<FaultProxy>, session: S, rng: &mut Rng) {
     net.retire(&proxy);
     drop(proxy);
+    // The proxy's tasks end at their next poll, after the abort its drop asked for.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    drop(session);
     tokio::time::sleep(Duration::from_millis(rng.between(200, 1_000))).await;
 }
 
@@ -274,6 +329,8 @@ struct Kills {
 #[derive(Debug, Default)]
 struct AgentLog {
     observer: ObserverLog,
+    /// Command op ids in the order they arrived, redeliveries included.
+    arrived: Vec<u64>,
     /// Op ids in the order the application applied them.
     applied: Vec<u64>,
     kills: u64,
@@ -290,16 +347,25 @@ async fn agent(
     log: Arc<Mutex<AgentLog>>,
 ) {
     let name = format!("{swarm}-agent-{index}");
-    let mut rng = Rng::new(net.seed ^ (index as u64 + 1).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+    let mut who = Who::new(Who::AGENT, index);
+    let mut rng = Rng::new(who.seed(net.seed, KILL_STREAM));
     // Every command from the first, even those published before this agent first got
-    // through: a resume point of no epoch (epochs start at 1) makes the router answer
+    // through: a resume point of no epoch (epochs are never 0) makes the router answer
     // EpochChanged and replay from op 1. Without one a subscription starts with the next op.
+    // Kept across restarts, as its `FileOffsetStore` would keep it.
     let mut applied =
         IdempotentApply::restore([(swarm.clone(), Class::Command, Epoch(0), OpId(0))]);
-    let mut filter = FencingFilter::new();
+    // The newest fencing token seen, kept across restarts with the offsets: a restarted
+    // agent's fresh filter must not admit a stale command sequenced after its resume point.
+    let mut newest_token = 0;
     let mut batch = Vec::with_capacity(256);
     while !phase.done.load(Ordering::Relaxed) {
-        let Ok(proxy) = net.proxy().await else { return };
+        who.incarnation += 1;
+        let Ok(proxy) = net.proxy(who).await else {
+            return;
+        };
+        let mut filter = FencingFilter::new();
+        filter.admit_token(&swarm, leader::LEASE, newest_token);
         let session = Net::session(&name, Role::Agent, &swarm).resume_from(&applied);
         let Some((client, mut deliveries)) = connect(&net, proxy.addr(), session, &phase).await
         else {
@@ -311,7 +377,7 @@ async fn agent(
             .await
             .is_err()
         {
-            net.retire(&proxy);
+            go_down(&net, proxy, (client, deliveries), &mut rng).await;
             continue;
         }
         let mut kill_at = next_kill(&mut rng, &kills);
@@ -324,11 +390,15 @@ async fn agent(
                     {
                         let mut log = lock(&log);
                         for delivery in batch.drain(..) {
+                            if delivery.class == Class::Command {
+                                log.arrived.push(delivery.op_id.0);
+                            }
                             if log.observer.take(&mut applied, &mut filter, &delivery) {
                                 log.applied.push(delivery.op_id.0);
                             }
                         }
                     }
+                    newest_token = filter.newest(&swarm, leader::LEASE);
                     let last = applied.last_applied_of(&swarm, Class::Command);
                     let _ = client.ack(&swarm, Class::Command, last).await;
                 }
@@ -339,13 +409,13 @@ async fn agent(
                     }
                     Ended::Done => {
                         client.close();
+                        net.retire(&proxy);
                         return;
                     }
                 },
             }
         }
-        drop((client, deliveries));
-        go_down(&net, proxy, &mut rng).await;
+        go_down(&net, proxy, (client, deliveries), &mut rng).await;
     }
 }
 
@@ -371,8 +441,18 @@ async fn connect(
 
 #[derive(Debug, Default)]
 struct WorkerLog {
+    /// The agent id of its current incarnation (each has its own, as a new worker process
+    /// would: a killed one's session must leave presence by itself).
+    name: String,
     leases: u64,
     kills: u64,
+}
+
+/// What the workers' `finish_job` calls were told, all workers together.
+#[derive(Debug, Default)]
+struct Finishes {
+    /// Results the router accepted, per job.
+    accepted: HashMap<JobId, u32>,
 }
 
 // One worker's life, as an agent's: connect, take leases and finish them, be killed.
@@ -382,22 +462,29 @@ async fn worker(
     swarm: String,
     phase: Arc<Phase>,
     kills: Kills,
-    log: Arc<Mutex<WorkerLog>>,
+    (log, finishes): (Arc<Mutex<WorkerLog>>, Arc<Mutex<Finishes>>),
 ) {
-    let name = format!("{swarm}-worker-{index}");
-    let mut rng = Rng::new(net.seed ^ (index as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut who = Who::new(Who::WORKER, index);
+    let mut rng = Rng::new(who.seed(net.seed, KILL_STREAM));
+    let mut work = Rng::new(who.seed(net.seed, WORK_STREAM));
     while !phase.done.load(Ordering::Relaxed) {
-        let Ok(proxy) = net.proxy().await else { return };
+        who.incarnation += 1;
+        let name = format!("{swarm}-worker-{index}-{}", who.incarnation);
+        lock(&log).name = name.clone();
+        let Ok(proxy) = net.proxy(who).await else {
+            return;
+        };
         let session = Net::session(&name, Role::Worker, &swarm);
-        let Some((client, _deliveries)) = connect(&net, proxy.addr(), session, &phase).await else {
+        let Some((client, deliveries)) = connect(&net, proxy.addr(), session, &phase).await else {
             net.retire(&proxy);
             continue;
         };
+        // A worker session always has its job events (the role asks for them).
         let Some(mut events) = client.job_events() else {
             return;
         };
         if client.set_job_credits(4).await.is_err() {
-            net.retire(&proxy);
+            go_down(&net, proxy, (client, deliveries), &mut rng).await;
             continue;
         }
         let mut kill_at = next_kill(&mut rng, &kills);
@@ -407,16 +494,8 @@ async fn worker(
                     None => break,
                     Some(JobEvent::Lease(lease)) => {
                         lock(&log).leases += 1;
-                        let client = client.clone();
-                        let ms = rng.between(0, 20);
-                        tokio::spawn(async move {
-                            tokio::time::sleep(Duration::from_millis(ms)).await;
-                            // The result names its job; a refused (fenced) one runs again.
-                            let result = Bytes::from(format!("done {}", lease.job_id.0));
-                            let _ = client
-                                .finish_job(lease.job_id, lease.attempt, true, false, result)
-                                .await;
-                        });
+                        let ms = work.between(0, 20);
+                        tokio::spawn(run_job(client.clone(), lease, ms, finishes.clone()));
                     }
                     Some(_) => {}
                 },
@@ -427,28 +506,76 @@ async fn worker(
                     }
                     Ended::Done => {
                         client.close();
+                        net.retire(&proxy);
                         return;
                     }
                 },
             }
         }
-        drop(client);
-        go_down(&net, proxy, &mut rng).await;
+        go_down(&net, proxy, (client, deliveries, events), &mut rng).await;
+    }
+}
+
+/// Runs one attempt for `ms` and reports its result, which names the job; a refused
+/// (fenced) one runs again elsewhere.
+async fn run_job(
+    client: Client,
+    lease: swarmbus_schema::JobLease,
+    ms: u64,
+    finishes: Arc<Mutex<Finishes>>,
+) {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let result = Bytes::from(format!("done {}", lease.job_id.0));
+    let finished = client
+        .finish_job(lease.job_id, lease.attempt, true, false, result)
+        .await;
+    if matches!(finished, Ok(status) if status.state == JobState::Completed && !status.duplicate) {
+        *lock(&finishes).accepted.entry(lease.job_id).or_insert(0) += 1;
     }
 }
 
 #[derive(Debug, Default)]
 struct SubmitterLog {
-    /// Jobs the router accepted (a status came back).
-    accepted: HashSet<JobId>,
-    /// Final results let through by the submitter's `JobDedup`, per job.
+    /// Jobs the router accepted (a status came back), and the key of each.
+    accepted: HashMap<JobId, String>,
+    /// The key being submitted, until a status comes back for it.
+    pending: Option<String>,
+    /// Every distinct (attempt, state) of the ends that arrived, per job, before `JobDedup`.
+    ends: HashMap<JobId, HashSet<(u32, JobState)>>,
+    /// Ends let through by the submitter's `JobDedup`, per job.
     results: HashMap<JobId, u32>,
+    /// Completed ends whose result is not the one its worker reported.
+    wrong_results: u64,
     resubmits: u64,
     dead_lettered: u64,
 }
 
+impl SubmitterLog {
+    /// Takes one update; whether it is an end to acknowledge.
+    fn take(&mut self, update: &JobUpdate, dedup: &mut JobDedup) -> bool {
+        if !update.state.is_final() {
+            return false;
+        }
+        let end = (update.attempt, update.state);
+        self.ends.entry(update.job_id).or_default().insert(end);
+        if !dedup.first_time(update) {
+            return false;
+        }
+        *self.results.entry(update.job_id).or_insert(0) += 1;
+        match update.state {
+            JobState::DeadLettered => self.dead_lettered += 1,
+            JobState::Completed if update.payload != format!("done {}", update.job_id.0) => {
+                self.wrong_results += 1
+            }
+            _ => {}
+        }
+        true
+    }
+}
+
 // The submitter: a job every `every` while the faults last, resubmitted under its key
-// until acknowledged; every end deduplicated and acknowledged, across reconnects.
+// until a status comes back; every end deduplicated and acknowledged, across reconnects.
+// Long because submitting and receiving share one loop over one session.
 async fn submitter(
     net: Arc<Net>,
     swarm: String,
@@ -457,39 +584,46 @@ async fn submitter(
     log: Arc<Mutex<SubmitterLog>>,
 ) {
     let name = format!("{swarm}-submitter");
-    let Ok(proxy) = net.proxy().await else { return };
+    let Ok(proxy) = net.proxy(Who::new(Who::SUBMITTER, 0)).await else {
+        return;
+    };
     let mut dedup = JobDedup::default();
     let mut next = 0u64;
-    let mut pending: Option<String> = None;
     let mut next_submit = Instant::now();
     while !phase.done.load(Ordering::Relaxed) {
         let session = Net::session(&name, Role::Agent, &swarm);
         let Some((client, _deliveries)) = connect(&net, proxy.addr(), session, &phase).await else {
             continue;
         };
+        // An agent session always has its job updates.
         let Some(mut updates) = client.job_updates() else {
             return;
         };
         loop {
-            if pending.is_none()
-                && !phase.calm.load(Ordering::Relaxed)
-                && Instant::now() >= next_submit
-            {
-                pending = Some(format!("k{next}"));
-                next += 1;
-                next_submit = Instant::now() + every;
-            }
-            if let Some(key) = pending.clone() {
+            let pending = {
+                let mut log = lock(&log);
+                if log.pending.is_none()
+                    && !phase.calm.load(Ordering::Relaxed)
+                    && Instant::now() >= next_submit
+                {
+                    log.pending = Some(format!("k{next}"));
+                    next += 1;
+                    next_submit = Instant::now() + every;
+                }
+                log.pending.clone()
+            };
+            if let Some(key) = pending {
                 let job = SubmitJob {
                     swarm: swarm.clone(),
-                    idempotency_key: key,
+                    idempotency_key: key.clone(),
                     payload: Bytes::from_static(b"chaos"),
                     ..SubmitJob::default()
                 };
                 match client.submit_job(job).await {
                     Ok(status) => {
-                        lock(&log).accepted.insert(status.job_id);
-                        pending = None;
+                        let mut log = lock(&log);
+                        log.accepted.insert(status.job_id, key);
+                        log.pending = None;
                     }
                     Err(error) => {
                         lock(&log).resubmits += 1;
@@ -506,17 +640,9 @@ async fn submitter(
             tokio::select! {
                 update = updates.recv() => {
                     let Some(update) = update else { break };
-                    if !update.state.is_final() || !dedup.first_time(&update) {
-                        continue;
+                    if lock(&log).take(&update, &mut dedup) {
+                        let _ = client.ack_job(&update).await;
                     }
-                    {
-                        let mut log = lock(&log);
-                        *log.results.entry(update.job_id).or_insert(0) += 1;
-                        if update.state == swarmbus_schema::JobState::DeadLettered {
-                            log.dead_lettered += 1;
-                        }
-                    }
-                    let _ = client.ack_job(&update).await;
                 }
                 _ = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {
                     if phase.done.load(Ordering::Relaxed) {
@@ -577,14 +703,23 @@ struct Verdict {
     lost: u64,
     /// Applies of an op id the agent had applied before.
     duplicated_applies: u64,
-    /// Applies of an op id below one the agent had applied before.
+    /// Commands that first arrived after a later one had: `IdempotentApply` drops them as
+    /// duplicates, so the application never applies them.
     reordered_applies: u64,
+    /// Arrivals of a command that had arrived before (the protocol allows them).
+    redeliveries: u64,
     lease_grants: u64,
     lease_overlaps: u64,
     stale_commands_accepted: u64,
     jobs_accepted: u64,
+    /// Accepted jobs whose end never reached the submitter, and keys never accepted.
     jobs_lost: u64,
+    /// Jobs whose end passed `JobDedup` twice, that ended twice (two distinct ends), or
+    /// whose result the router accepted from two attempts.
     job_results_twice: u64,
+    /// Ends of jobs never accepted, ends with a result no worker reported, and keys that
+    /// became two jobs.
+    job_results_wrong: u64,
 }
 
 impl Verdict {
@@ -596,16 +731,19 @@ impl Verdict {
             + self.stale_commands_accepted
             + self.jobs_lost
             + self.job_results_twice
+            + self.job_results_wrong
             + ghosts
     }
 }
 
-/// Judges the applies of each agent (`applied`: op ids in apply order), the leases and
-/// stale commands (the `leader` scenario's analysis) and the jobs.
+/// Judges the arrivals and applies of each agent, the leases and stale commands (the
+/// `leader` scenario's analysis, over the agents' filters) and the jobs (the submitter's
+/// view and the workers' accepted results).
 fn judge(
     contenders: &[ContenderLog],
     agents: &[AgentLog],
     jobs: &SubmitterLog,
+    finishes: &Finishes,
 ) -> anyhow::Result<Verdict> {
     let observers: Vec<ObserverLog> = agents
         .iter()
@@ -625,25 +763,57 @@ fn judge(
         ..Verdict::default()
     };
     for agent in agents {
-        let mut seen = HashSet::new();
-        let mut highest = 0;
-        for &op in &agent.applied {
-            verdict.applied += 1;
-            if !seen.insert(op) {
-                verdict.duplicated_applies += 1;
-            } else if op < highest {
-                verdict.reordered_applies += 1;
-            }
-            highest = highest.max(op);
+        judge_agent(agent, &mut verdict);
+    }
+    judge_jobs(jobs, finishes, &mut verdict);
+    Ok(verdict)
+}
+
+fn judge_agent(agent: &AgentLog, verdict: &mut Verdict) {
+    let mut applied = HashSet::new();
+    for &op in &agent.applied {
+        verdict.applied += 1;
+        if !applied.insert(op) {
+            verdict.duplicated_applies += 1;
         }
     }
-    verdict.jobs_lost = jobs
+    let (mut arrived, mut highest) = (HashSet::new(), 0);
+    for &op in &agent.arrived {
+        if !arrived.insert(op) {
+            verdict.redeliveries += 1;
+        } else if op < highest {
+            verdict.reordered_applies += 1;
+        }
+        highest = highest.max(op);
+    }
+}
+
+fn judge_jobs(jobs: &SubmitterLog, finishes: &Finishes, verdict: &mut Verdict) {
+    let lost = jobs
         .accepted
-        .iter()
+        .keys()
         .filter(|job| !jobs.results.contains_key(job))
-        .count() as u64;
-    verdict.job_results_twice = jobs.results.values().filter(|&&n| n > 1).count() as u64;
-    Ok(verdict)
+        .count();
+    verdict.jobs_lost = lost as u64 + u64::from(jobs.pending.is_some());
+    let twice = |job: &JobId| {
+        jobs.results.get(job).is_some_and(|&n| n > 1)
+            || jobs.ends.get(job).is_some_and(|ends| ends.len() > 1)
+            || finishes.accepted.get(job).is_some_and(|&n| n > 1)
+    };
+    let all: HashSet<&JobId> = jobs
+        .results
+        .keys()
+        .chain(finishes.accepted.keys())
+        .collect();
+    verdict.job_results_twice = all.iter().filter(|job| twice(job)).count() as u64;
+    let unknown = jobs
+        .ends
+        .keys()
+        .filter(|job| !jobs.accepted.contains_key(job))
+        .count();
+    let keys: HashSet<&String> = jobs.accepted.values().collect();
+    let doubled_keys = jobs.accepted.len() - keys.len();
+    verdict.job_results_wrong = (unknown + doubled_keys) as u64 + jobs.wrong_results;
 }
 
 /// On stderr, for each agent that missed acknowledged commands: the first few missed and
@@ -744,7 +914,6 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             one_way: 0.5,
         }),
         calm: AtomicBool::new(false),
-        proxies_made: AtomicU64::new(0),
         live: Mutex::new(Vec::new()),
         retired: Mutex::new(Faults::default()),
     });
@@ -766,8 +935,10 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     let agent_logs = spawn_each(args.agents, &mut tasks, |i, log| {
         agent(i, net.clone(), swarm.clone(), phase.clone(), kills, log)
     });
+    let finishes = Arc::new(Mutex::new(Finishes::default()));
     let worker_logs = spawn_each(args.workers, &mut tasks, |w, log| {
-        worker(w, net.clone(), swarm.clone(), phase.clone(), kills, log)
+        let logs = (log, finishes.clone());
+        worker(w, net.clone(), swarm.clone(), phase.clone(), kills, logs)
     });
     let jobs_log = Arc::new(Mutex::new(SubmitterLog::default()));
     tasks.push(tokio::spawn(submitter(
@@ -778,12 +949,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         jobs_log.clone(),
     )));
     let mut contender_routers = Vec::new();
-    for _ in 0..args.contenders {
-        contender_routers.push(net.proxy().await?);
+    for c in 0..args.contenders {
+        contender_routers.push(net.proxy(Who::new(Who::CONTENDER, c)).await?.addr());
     }
     let plan = Arc::new(leader::Plan {
         connector,
-        routers: contender_routers.iter().map(|p| p.addr()).collect(),
+        routers: contender_routers,
         swarm: swarm.clone(),
         ttl: args.ttl,
         command_every: args.command_every,
@@ -794,7 +965,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     });
     let contenders: Vec<_> = (0..args.contenders)
         .map(|c| {
-            let seed = args.seed ^ (c as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            let seed = Who::new(Who::CONTENDER, c).seed(args.seed, KILL_STREAM);
             tokio::spawn(leader::contend(c, plan.clone(), Rng::new(seed)))
         })
         .collect();
@@ -810,61 +981,43 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             args.kill_agents
         );
     }
-    let mut contender_logs = Vec::new();
-    for task in contenders {
-        contender_logs.push(task.await.context("a contender task")?);
-    }
     tokio::time::sleep_until((started + args.duration).into()).await;
     phase.calm.store(true, Ordering::Release);
     net.calm_down();
     let calm_at = Instant::now();
+    // Contenders stop at the deadline, once their request in flight is answered.
+    let mut contender_logs = Vec::new();
+    let mut contenders_stuck = 0;
+    for task in contenders {
+        match tokio::time::timeout_at((calm_at + args.drain).into(), task).await {
+            Ok(log) => contender_logs.push(log.context("a contender task")?),
+            Err(_) => contenders_stuck += 1,
+        }
+    }
 
-    // The drain: every acked command applied everywhere, every job ended, presence exact.
     let acked: HashSet<u64> = contender_logs
         .iter()
         .flat_map(|log| log.acked.iter().map(|&(op, _)| op))
         .collect();
-    let mut expected: HashSet<String> = (0..args.agents)
-        .map(|i| format!("{swarm}-agent-{i}"))
-        .chain((0..args.workers).map(|w| format!("{swarm}-worker-{w}")))
-        .collect();
-    expected.insert(format!("{swarm}-submitter"));
-    expected.insert(format!("{swarm}-watcher"));
-    let mut presence = (u64::MAX, u64::MAX);
-    let mut presence_converged_ms = None;
-    let drained = loop {
-        let applied_all = agent_logs
-            .iter()
-            .all(|log| acked.iter().all(|op| lock(log).observer.ops.contains(op)));
-        let jobs_ended = {
-            let jobs = lock(&jobs_log);
-            jobs.accepted
-                .iter()
-                .all(|job| jobs.results.contains_key(job))
-        };
-        if let Some(gaps) = presence_gaps(&watcher, &swarm, &expected).await {
-            presence = gaps;
-            if gaps == (0, 0) && presence_converged_ms.is_none() {
-                presence_converged_ms = Some(calm_at.elapsed().as_millis() as u64);
-            } else if gaps != (0, 0) {
-                presence_converged_ms = None;
-            }
-        }
-        if applied_all && jobs_ended && presence == (0, 0) {
-            break true;
-        }
-        if calm_at.elapsed() >= args.drain {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+    let drain = Drain {
+        watcher: &watcher,
+        swarm: &swarm,
+        acked: &acked,
+        agents: &agent_logs,
+        workers: &worker_logs,
+        jobs: &jobs_log,
     };
+    let drained = drain.run(calm_at, args.drain).await;
     phase.done.store(true, Ordering::Release);
+    let stop_by = tokio::time::Instant::now() + Duration::from_secs(5);
     for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        let abort = task.abort_handle();
+        if tokio::time::timeout_at(stop_by, task).await.is_err() {
+            abort.abort();
+        }
     }
     watcher.close();
-    drop(contender_routers);
-    let faults = net.faults();
+    let faults = net.close();
     drop(spawned);
 
     let agents: Vec<AgentLog> = agent_logs
@@ -872,44 +1025,20 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         .map(|log| std::mem::take(&mut *lock(log)))
         .collect();
     let jobs = std::mem::take(&mut *lock(&jobs_log));
-    let verdict = judge(&contender_logs, &agents, &jobs)?;
+    let verdict = judge(&contender_logs, &agents, &jobs, &lock(&finishes))?;
     report_losses(&acked, &agents);
-    let (ghosts, presence_missing) = presence;
-    let sum = |field: fn(&ContenderLog) -> u64| contender_logs.iter().map(field).sum::<u64>();
-    let report = serde_json::json!({
-        "scenario": "chaos",
-        "seed": args.seed,
-        "duration_s": args.duration.as_secs_f64(),
-        "acked": verdict.acked,
-        "applied": verdict.applied,
-        "lost": verdict.lost,
-        "duplicated_applies": verdict.duplicated_applies,
-        "reordered_applies": verdict.reordered_applies,
-        "lease_overlaps": verdict.lease_overlaps,
-        "stale_commands_accepted": verdict.stale_commands_accepted,
-        "stale_refused": sum(|l| l.stale_refused),
-        "lease_grants": verdict.lease_grants,
-        "ghosts": ghosts,
-        "presence_missing": presence_missing,
-        "presence_converged_ms": presence_converged_ms,
-        "jobs_accepted": verdict.jobs_accepted,
-        "jobs_lost": verdict.jobs_lost,
-        "job_results_twice": verdict.job_results_twice,
-        "jobs_dead_lettered": jobs.dead_lettered,
-        "job_resubmits": jobs.resubmits,
-        "job_leases": worker_logs.iter().map(|l| lock(l).leases).sum::<u64>(),
-        "agent_kills": agents.iter().map(|a| a.kills).sum::<u64>(),
-        "worker_kills": worker_logs.iter().map(|l| lock(l).kills).sum::<u64>(),
-        "contender_pauses": sum(|l| l.pauses),
-        "contender_kills": sum(|l| l.kills),
-        "drained": drained,
-        "faults": {
-            "dropped": faults.dropped,
-            "duplicated": faults.duplicated,
-            "reordered": faults.reordered,
-            "partitions": faults.partitions,
-        },
-    });
+    let run = Ran {
+        args: &args,
+        verdict: &verdict,
+        drained: &drained,
+        contender_logs: &contender_logs,
+        contenders_stuck,
+        agents: &agents,
+        workers: &worker_logs,
+        jobs: &jobs,
+        faults,
+    };
+    let report = run.report();
     crate::report::summary(&report);
     if args.json {
         println!("{report}");
@@ -918,59 +1047,245 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             println!("{key:<24} {value}");
         }
     }
-    let violations = verdict.violations(ghosts);
-    if violations > 0 || !drained {
+    run.verdict_line()
+}
+
+/// What the drain waits for, and where it looks.
+struct Drain<'a> {
+    watcher: &'a Client,
+    swarm: &'a str,
+    acked: &'a HashSet<u64>,
+    agents: &'a [Arc<Mutex<AgentLog>>],
+    workers: &'a [Arc<Mutex<WorkerLog>>],
+    jobs: &'a Mutex<SubmitterLog>,
+}
+
+/// How the drain ended.
+struct Drained {
+    /// Everything settled before the drain's time ran out.
+    done: bool,
+    /// Presence at the last look: (listed but not running, running but not listed).
+    presence: (u64, u64),
+    /// From the end of the faults to the look since which presence has been exact.
+    presence_converged_ms: Option<u64>,
+}
+
+impl Drain<'_> {
+    /// Until every acknowledged command reached every agent, no submit is pending, every
+    /// accepted job ended and presence lists exactly the sessions running, or `limit`
+    /// after `calm_at`.
+    async fn run(&self, calm_at: Instant, limit: Duration) -> Drained {
+        let mut drained = Drained {
+            done: false,
+            presence: (u64::MAX, u64::MAX),
+            presence_converged_ms: None,
+        };
+        loop {
+            if let Some(gaps) = presence_gaps(self.watcher, self.swarm, &self.expected()).await {
+                drained.presence = gaps;
+                if gaps != (0, 0) {
+                    drained.presence_converged_ms = None;
+                } else if drained.presence_converged_ms.is_none() {
+                    drained.presence_converged_ms = Some(calm_at.elapsed().as_millis() as u64);
+                }
+            }
+            if self.settled() && drained.presence == (0, 0) {
+                drained.done = true;
+                return drained;
+            }
+            if calm_at.elapsed() >= limit {
+                return drained;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn settled(&self) -> bool {
+        let applied_all = self.agents.iter().all(|log| {
+            let log = lock(log);
+            self.acked.iter().all(|op| log.observer.ops.contains(op))
+        });
+        let jobs = lock(self.jobs);
+        let jobs_ended = jobs
+            .accepted
+            .keys()
+            .all(|job| jobs.results.contains_key(job));
+        applied_all && jobs.pending.is_none() && jobs_ended
+    }
+
+    /// The sessions running: the agents, the workers' current incarnations, the submitter
+    /// and the watcher (the contenders have closed theirs).
+    fn expected(&self) -> HashSet<String> {
+        let mut expected: HashSet<String> = (0..self.agents.len())
+            .map(|i| format!("{}-agent-{i}", self.swarm))
+            .chain(self.workers.iter().map(|log| lock(log).name.clone()))
+            .collect();
+        expected.insert(format!("{}-submitter", self.swarm));
+        expected.insert(format!("{}-watcher", self.swarm));
+        expected
+    }
+}
+
+/// A finished run, for its report.
+struct Ran<'a> {
+    args: &'a ChaosArgs,
+    verdict: &'a Verdict,
+    drained: &'a Drained,
+    contender_logs: &'a [ContenderLog],
+    contenders_stuck: u64,
+    agents: &'a [AgentLog],
+    workers: &'a [Arc<Mutex<WorkerLog>>],
+    jobs: &'a SubmitterLog,
+    faults: Faults,
+}
+
+impl Ran<'_> {
+    fn report(&self) -> serde_json::Value {
+        let (verdict, faults) = (self.verdict, &self.faults);
+        let sum =
+            |field: fn(&ContenderLog) -> u64| self.contender_logs.iter().map(field).sum::<u64>();
+        let workers = |field: fn(&WorkerLog) -> u64| {
+            self.workers.iter().map(|l| field(&lock(l))).sum::<u64>()
+        };
+        serde_json::json!({
+            "scenario": "chaos",
+            "seed": self.args.seed,
+            "duration_s": self.args.duration.as_secs_f64(),
+            "acked": verdict.acked,
+            "applied": verdict.applied,
+            "lost": verdict.lost,
+            "duplicated_applies": verdict.duplicated_applies,
+            "reordered_applies": verdict.reordered_applies,
+            "redeliveries": verdict.redeliveries,
+            "lease_overlaps": verdict.lease_overlaps,
+            "stale_commands_accepted": verdict.stale_commands_accepted,
+            "stale_refused": sum(|l| l.stale_refused),
+            "lease_grants": verdict.lease_grants,
+            "contenders_stuck": self.contenders_stuck,
+            "ghosts": self.drained.presence.0,
+            "presence_missing": self.drained.presence.1,
+            "presence_converged_ms": self.drained.presence_converged_ms,
+            "jobs_accepted": verdict.jobs_accepted,
+            "jobs_lost": verdict.jobs_lost,
+            "job_results_twice": verdict.job_results_twice,
+            "job_results_wrong": verdict.job_results_wrong,
+            "jobs_dead_lettered": self.jobs.dead_lettered,
+            "job_resubmits": self.jobs.resubmits,
+            "job_leases": workers(|l| l.leases),
+            "agent_kills": self.agents.iter().map(|a| a.kills).sum::<u64>(),
+            "worker_kills": workers(|l| l.kills),
+            "contender_pauses": sum(|l| l.pauses),
+            "contender_kills": sum(|l| l.kills),
+            "drained": self.drained.done,
+            "faults": {
+                "dropped": faults.dropped,
+                "duplicated": faults.duplicated,
+                "reordered": faults.reordered,
+                "partitions": faults.partitions,
+            },
+        })
+    }
+
+    /// Ok, or the violations with the seed to replay.
+    fn verdict_line(&self) -> anyhow::Result<()> {
+        let (v, ghosts) = (self.verdict, self.drained.presence.0);
+        let violations = v.violations(ghosts) + self.contenders_stuck;
+        if violations == 0 && self.drained.done {
+            return Ok(());
+        }
         bail!(
             "chaos seed {}: {violations} violations (lost {}, duplicated {}, reordered {}, \
              lease overlaps {}, stale accepted {}, ghosts {ghosts}, jobs lost {}, results \
-             twice {}){}; replay with --seed {}",
-            args.seed,
-            verdict.lost,
-            verdict.duplicated_applies,
-            verdict.reordered_applies,
-            verdict.lease_overlaps,
-            verdict.stale_commands_accepted,
-            verdict.jobs_lost,
-            verdict.job_results_twice,
-            if drained { "" } else { ", the drain timed out" },
-            args.seed,
-        );
+             twice {}, results wrong {}, contenders stuck {}){}; replay with --seed {}",
+            self.args.seed,
+            v.lost,
+            v.duplicated_applies,
+            v.reordered_applies,
+            v.lease_overlaps,
+            v.stale_commands_accepted,
+            v.jobs_lost,
+            v.job_results_twice,
+            v.job_results_wrong,
+            self.contenders_stuck,
+            if self.drained.done {
+                ""
+            } else {
+                ", the drain timed out"
+            },
+            self.args.seed,
+        )
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn agent_applying(ops: &[u64]) -> AgentLog {
+    fn agent(arrived: &[u64], applied: &[u64]) -> AgentLog {
         AgentLog {
-            applied: ops.to_vec(),
+            arrived: arrived.to_vec(),
+            applied: applied.to_vec(),
             ..AgentLog::default()
         }
     }
 
+    fn update(job: u64, attempt: u32, state: JobState, result: &str) -> JobUpdate {
+        JobUpdate {
+            job_id: JobId(job),
+            attempt,
+            state,
+            payload: Bytes::from(result.to_owned()),
+            ..JobUpdate::default()
+        }
+    }
+
     #[test]
-    fn duplicated_and_reordered_applies_and_lost_jobs_are_counted() {
-        let jobs = SubmitterLog {
-            accepted: [JobId(1), JobId(2), JobId(3)].into(),
-            results: [(JobId(1), 1), (JobId(2), 2)].into(),
-            ..SubmitterLog::default()
-        };
-        let verdict = judge(
-            &[],
-            &[agent_applying(&[1, 2, 3]), agent_applying(&[1, 3, 2, 3])],
-            &jobs,
-        )
-        .unwrap();
-        assert_eq!(verdict.applied, 7);
+    fn applies_twice_and_commands_overtaken_are_counted_redeliveries_are_not() {
+        // The second agent got 3 before 2 (IdempotentApply then dropped 2) and 3 again.
+        let agents = [
+            agent(&[1, 2, 3], &[1, 2, 3]),
+            agent(&[1, 3, 2, 3], &[1, 3, 3]),
+        ];
+        let verdict = judge(&[], &agents, &SubmitterLog::default(), &Finishes::default()).unwrap();
+        assert_eq!(verdict.applied, 6);
         assert_eq!(verdict.duplicated_applies, 1);
         assert_eq!(verdict.reordered_applies, 1);
-        assert_eq!((verdict.jobs_accepted, verdict.jobs_lost), (3, 1));
-        assert_eq!(verdict.job_results_twice, 1);
-        assert_eq!(verdict.violations(2), 1 + 1 + 1 + 1 + 2);
-        let clean = judge(&[], &[agent_applying(&[1, 2, 3])], &SubmitterLog::default()).unwrap();
-        assert_eq!(clean.violations(0), 0);
+        assert_eq!(verdict.redeliveries, 1);
+        assert_eq!(verdict.violations(2), 1 + 1 + 2);
+        let clean = judge(
+            &[],
+            &agents[..1],
+            &SubmitterLog::default(),
+            &Finishes::default(),
+        );
+        assert_eq!(clean.unwrap().violations(0), 0);
+    }
+
+    #[test]
+    fn lost_doubled_and_wrong_job_ends_are_counted() {
+        let mut jobs = SubmitterLog::default();
+        let mut dedup = JobDedup::default();
+        for (job, key) in [(1, "k1"), (2, "k2"), (3, "k3"), (4, "k3")] {
+            jobs.accepted.insert(JobId(job), key.to_owned());
+        }
+        jobs.pending = Some("k5".into());
+        assert!(jobs.take(&update(1, 1, JobState::Completed, "done 1"), &mut dedup));
+        // Job 2 ends twice under two attempts (JobDedup passes one), with a wrong result.
+        assert!(jobs.take(&update(2, 1, JobState::Completed, "nonsense"), &mut dedup));
+        assert!(!jobs.take(&update(2, 2, JobState::Completed, "done 2"), &mut dedup));
+        // An end of a job never accepted.
+        assert!(jobs.take(&update(9, 1, JobState::Completed, "done 9"), &mut dedup));
+        let finishes = Finishes {
+            accepted: [(JobId(1), 1), (JobId(3), 2)].into(),
+        };
+        let verdict = judge(&[], &[], &jobs, &finishes).unwrap();
+        assert_eq!(verdict.jobs_accepted, 4);
+        // Jobs 3 and 4 never ended; k5 never got a status.
+        assert_eq!(verdict.jobs_lost, 3);
+        // Job 2 ended twice; job 3's result was accepted from two attempts.
+        assert_eq!(verdict.job_results_twice, 2);
+        // Job 2's result, job 9, and k3 made two jobs.
+        assert_eq!(verdict.job_results_wrong, 3);
     }
 
     #[test]

@@ -10,10 +10,11 @@ mod spawned;
 
 use spawned::{router_binary, LOADGEN};
 
-/// Runs the scenario with the faults every test shares and `extra`; its JSON report.
+/// Runs the scenario with the faults every test shares and `extra` (five minutes at most:
+/// a run that hangs fails); its JSON report.
 fn chaos(seed: u64, extra: &[&str]) -> serde_json::Value {
-    let output = Command::new(LOADGEN)
-        .args(["chaos", "--spawn-router", "--router-bin"])
+    let output = Command::new("timeout")
+        .args(["300", LOADGEN, "chaos", "--spawn-router", "--router-bin"])
         .arg(router_binary())
         .args(["--seed", &seed.to_string(), "--duration", "12s"])
         .args(["--loss", "0.05", "--duplicate", "0.02", "--reorder", "0.05"])
@@ -50,6 +51,8 @@ fn nothing_broke(report: &serde_json::Value) {
         "presence_missing",
         "jobs_lost",
         "job_results_twice",
+        "job_results_wrong",
+        "contenders_stuck",
     ] {
         assert_eq!(count(report, key), 0, "{key}: {report}");
     }

@@ -90,22 +90,26 @@ impl RandomPartitions {
     /// The first `count` partitions this plan draws from `seed` (what
     /// [`FaultProxy::partition_at_random`] will run, for a report or a replay).
     pub fn schedule(&self, seed: u64, count: usize) -> Vec<Scheduled> {
+        self.draws(seed).take(count).collect()
+    }
+
+    /// The partitions this plan draws from `seed`, without end.
+    fn draws(&self, seed: u64) -> impl Iterator<Item = Scheduled> + Send + 'static {
         // A stream of its own: the datagram lanes' draws never shift it.
         let mut rng = Rng(seed ^ 0x5041_5254_4954_494F);
-        (0..count)
-            .map(|_| {
-                let after = rng.between(self.gap);
-                let length = rng.between(self.length);
-                let one_way = rng.chance(self.one_way);
-                let toward_router = rng.next() & 1 == 0;
-                let cut = match (one_way, toward_router) {
-                    (false, _) => Cut::Both,
-                    (true, true) => Cut::ToRouter,
-                    (true, false) => Cut::ToClient,
-                };
-                Scheduled { after, length, cut }
-            })
-            .collect()
+        let plan = self.clone();
+        std::iter::from_fn(move || {
+            let after = rng.between(plan.gap);
+            let length = rng.between(plan.length);
+            let one_way = rng.chance(plan.one_way);
+            let toward_router = rng.next() & 1 == 0;
+            let cut = match (one_way, toward_router) {
+                (false, _) => Cut::Both,
+                (true, true) => Cut::ToRouter,
+                (true, false) => Cut::ToClient,
+            };
+            Some(Scheduled { after, length, cut })
+        })
     }
 }
 
@@ -259,8 +263,18 @@ struct Shared {
     totals: FaultTotals,
     /// Every task the proxy started, ended with it.
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
-    /// The tasks running partition schedules, ended by `stop_partitions` too.
-    schedules: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// The partition schedules running, ended by `stop_partitions` too.
+    schedules: Mutex<Schedules>,
+}
+
+/// The schedules started since the last `stop_partitions`, and how many stops came before
+/// them. A schedule cuts and heals only under this lock and only while the generation it
+/// started in lasts: aborting a task does not stop one that is running on another thread
+/// between its sleep and its cut, and that cut must not land after the stop's heal.
+#[derive(Debug, Default)]
+struct Schedules {
+    generation: u64,
+    tasks: Vec<tokio::task::AbortHandle>,
 }
 
 impl Shared {
@@ -290,16 +304,41 @@ impl Shared {
             .push(handle);
     }
 
-    fn spawn_schedule(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        let handle = tokio::spawn(task).abort_handle();
-        self.schedules
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(handle.clone());
-        self.tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(handle);
+    fn schedules(&self) -> std::sync::MutexGuard<'_, Schedules> {
+        self.schedules.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the partitions of `schedule` one after another in a task of its own.
+    fn spawn_schedule(
+        self: &Arc<Self>,
+        schedule: impl Iterator<Item = Scheduled> + Send + 'static,
+    ) {
+        let mut schedules = self.schedules();
+        let generation = schedules.generation;
+        let shared = self.clone();
+        let task = tokio::spawn(async move {
+            for partition in schedule {
+                tokio::time::sleep(partition.after).await;
+                if !shared.in_generation(generation, |s| s.cut(partition.cut)) {
+                    return;
+                }
+                tokio::time::sleep(partition.length).await;
+                if !shared.in_generation(generation, Shared::heal) {
+                    return;
+                }
+            }
+        });
+        schedules.tasks.push(task.abort_handle());
+    }
+
+    /// Runs `step` if the schedules of `generation` were not stopped; whether it ran.
+    fn in_generation(&self, generation: u64, step: impl FnOnce(&Self)) -> bool {
+        let schedules = self.schedules();
+        if schedules.generation != generation {
+            return false;
+        }
+        step(self);
+        true
     }
 }
 
@@ -313,6 +352,7 @@ pub struct FaultProxy {
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
+        self.stop_partitions();
         let tasks =
             std::mem::take(&mut *self.shared.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
@@ -339,7 +379,7 @@ impl FaultProxy {
             cut: [AtomicBool::new(false), AtomicBool::new(false)],
             totals: FaultTotals::default(),
             tasks: Mutex::new(Vec::new()),
-            schedules: Mutex::new(Vec::new()),
+            schedules: Mutex::new(Schedules::default()),
         });
         shared.spawn(serve(listen, shared.clone()));
         Ok(FaultProxy { addr, shared })
@@ -367,51 +407,22 @@ impl FaultProxy {
     /// Runs `schedule` from now on, in the background, for every flow: each partition
     /// starts its `after` past the end of the one before. Ends with the proxy.
     pub fn partition_on_schedule(&self, schedule: Vec<Scheduled>) {
-        let shared = self.shared.clone();
-        self.shared.spawn_schedule(async move {
-            for partition in schedule {
-                tokio::time::sleep(partition.after).await;
-                shared.cut(partition.cut);
-                tokio::time::sleep(partition.length).await;
-                shared.heal();
-            }
-        });
+        self.shared.spawn_schedule(schedule.into_iter());
     }
 
     /// Partitions at random from now on (see [`RandomPartitions`]), until the proxy is
     /// dropped.
     pub fn partition_at_random(&self, plan: RandomPartitions) {
-        let shared = self.shared.clone();
-        let seed = self.shared.seed;
-        self.shared.spawn_schedule(async move {
-            // Drawn in chunks, so that a long run needs no schedule drawn up front; the
-            // draws are the same as one long schedule's.
-            let mut drawn = 0;
-            loop {
-                drawn += 64;
-                let schedule = plan.schedule(seed, drawn);
-                for partition in &schedule[drawn - 64..] {
-                    tokio::time::sleep(partition.after).await;
-                    shared.cut(partition.cut);
-                    tokio::time::sleep(partition.length).await;
-                    shared.heal();
-                }
-            }
-        });
+        self.shared.spawn_schedule(plan.draws(self.shared.seed));
     }
 
     /// Ends the schedules started so far and heals: from now on the network is partitioned
     /// only by hand (its other faults go on).
     pub fn stop_partitions(&self) {
-        let schedules = std::mem::take(
-            &mut *self
-                .shared
-                .schedules
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        );
-        for schedule in schedules {
-            schedule.abort();
+        let mut schedules = self.shared.schedules();
+        schedules.generation += 1;
+        for task in schedules.tasks.drain(..) {
+            task.abort();
         }
         self.shared.heal();
     }
@@ -701,10 +712,11 @@ mod tests {
         assert!((20..80).contains(&to_router), "{to_router}");
     }
 
-    /// Polls until the proxy's partitioned state is `cut`; when it came.
-    async fn until_partitioned(proxy: &FaultProxy, cut: bool) -> Instant {
-        let waited = tokio::time::timeout(Duration::from_secs(10), async {
-            while proxy.is_partitioned() != cut {
+    /// Polls until the proxy has started `count` partitions; when it saw it. Counting
+    /// cannot miss a partition that a slow poll would (the count only grows).
+    async fn until_partitions(proxy: &FaultProxy, count: u64) -> Instant {
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
+            while proxy.totals().partitions.load(Ordering::Relaxed) < count {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         });
@@ -713,45 +725,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_schedule_cuts_for_at_least_its_length_and_heals() {
+    async fn a_schedule_cuts_after_its_gaps_and_heals_when_done() {
         let proxy = FaultProxy::start(echo().await, 2, FaultPlan::default(), FaultPlan::default())
             .await
             .unwrap();
-        let length = Duration::from_millis(150);
+        let (gap, length) = (Duration::from_millis(100), Duration::from_millis(150));
         let begun = Instant::now();
-        proxy.partition_on_schedule(vec![
-            Scheduled {
-                after: Duration::from_millis(100),
-                length,
-                cut: Cut::Both,
-            },
-            Scheduled {
-                after: Duration::from_millis(100),
-                length,
-                cut: Cut::ToClient,
-            },
-        ]);
+        let partition = |cut| Scheduled {
+            after: gap,
+            length,
+            cut,
+        };
+        proxy.partition_on_schedule(vec![partition(Cut::Both), partition(Cut::ToClient)]);
         // Sleeps end late, never early: only lower bounds hold on a loaded machine.
-        for round in 0..2 {
-            let cut = until_partitioned(&proxy, true).await;
-            assert!(cut - begun >= Duration::from_millis(100), "round {round}");
-            let healed = until_partitioned(&proxy, false).await;
-            assert!(
-                healed - cut >= length - Duration::from_millis(10),
-                "round {round}"
-            );
-        }
-        assert_eq!(proxy.totals().partitions.load(Ordering::Relaxed), 2);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(until_partitions(&proxy, 1).await - begun >= gap);
+        assert!(until_partitions(&proxy, 2).await - begun >= gap + length + gap);
+        let waited = tokio::time::timeout(Duration::from_secs(30), async {
+            while proxy.is_partitioned() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        waited.await.expect("the last partition heals");
+        assert!(begun.elapsed() >= 2 * (gap + length));
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!proxy.is_partitioned(), "the schedule is over");
+        assert_eq!(proxy.totals().partitions.load(Ordering::Relaxed), 2);
 
-        // A stopped random schedule cuts no more.
+        // A stopped random schedule cuts no more, not even one that was about to.
         proxy.partition_at_random(RandomPartitions {
             gap: (Duration::ZERO, Duration::ZERO),
             length: (Duration::from_secs(60), Duration::from_secs(60)),
             one_way: 0.0,
         });
-        until_partitioned(&proxy, true).await;
+        until_partitions(&proxy, 3).await;
         proxy.stop_partitions();
         assert!(!proxy.is_partitioned());
         tokio::time::sleep(Duration::from_millis(50)).await;
