@@ -165,7 +165,11 @@ impl Client {
     /// it (and forgets the job, except its idempotency key for the dedup window). The ack
     /// names that end, so an ack of a dead letter that a controller re-drove meanwhile
     /// does not acknowledge the job's new end, unseen.
+    /// An update that is not an end (progress) acknowledges nothing: nothing is sent.
     pub async fn ack_job(&self, end: &JobUpdate) -> Result<(), ClientError> {
+        if !end.state.is_final() {
+            return Ok(());
+        }
         let ack = Message::JobAck {
             job_id: end.job_id,
             attempt: end.attempt,

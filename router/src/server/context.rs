@@ -286,7 +286,6 @@ impl Context {
             if finals.is_empty() {
                 return;
             }
-            let ids: Vec<_> = finals.iter().map(JobRecord::job_id).collect();
             // What is written is what is announced: a retry writes the ends as they stand
             // then, and only those are told.
             let mut written = finals;
@@ -302,7 +301,7 @@ impl Context {
                 tracing::warn!(%error, retry_in_ms = backoff.as_millis() as u64, "job ends not written to the log; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                written = context.jobs().unwritten_finals(&ids);
+                written = context.jobs().unwritten_finals(&written);
                 finals = written.iter().cloned().map(Into::into).collect();
                 if finals.is_empty() {
                     break;

@@ -150,14 +150,28 @@ impl<H: Handle + Clone> Jobs<H> {
         self.queue(&swarm).dead.insert(job_id);
     }
 
-    /// The end records of `job_ids` still to be made durable (jobs that are still ended
-    /// and not yet durable; a job re-driven or forgotten meanwhile needs none).
-    pub fn unwritten_finals(&self, job_ids: &[JobId]) -> Vec<JobRecord> {
-        job_ids
+    /// The end records of `written` (a call's `finals` whose write failed) still to be
+    /// made durable: those whose job still has that end, not yet durable (a job re-driven
+    /// or forgotten meanwhile needs none; its new end has a write of its own).
+    pub fn unwritten_finals(&self, written: &[JobRecord]) -> Vec<JobRecord> {
+        written
             .iter()
-            .filter_map(|id| self.jobs.get(id))
-            .filter(|job| job.state.is_final() && !job.final_durable)
-            .map(|job| Self::end_record(job, EndKind::Ended(job.state)))
+            .filter(|record| {
+                let JobRecord::End(end) = record else {
+                    return false;
+                };
+                let EndKind::Ended(state) = end.kind else {
+                    // A re-drive whose write failed stays unwritten: written late, it
+                    // could land after the job's next end and undo it at a restart.
+                    return false;
+                };
+                self.jobs.get(&end.job_id).is_some_and(|job| {
+                    !job.final_durable
+                        && (job.state, job.attempt, job.budget_base)
+                            == (state, end.attempt, end.budget_base)
+                })
+            })
+            .cloned()
             .collect()
     }
 
@@ -361,6 +375,14 @@ impl<H: Handle + Clone> Jobs<H> {
                 code: ErrorCode::JobFinished,
                 message: format!("job {} already ended {}", job_id.0, job.state.name()),
                 retry_after_ms: 0,
+            });
+        }
+        if !job.durable {
+            // Its spec's write may still fail; and once it succeeds, `submitted` queues it.
+            return Err(Refusal {
+                code: ErrorCode::Busy,
+                message: "the job is still being written".into(),
+                retry_after_ms: 10,
             });
         }
         let attempt = job.attempt;

@@ -188,12 +188,14 @@ pub enum AckedEnd {
 }
 
 impl AckedEnd {
-    /// From a JobAck's fields: a state that is not final names no end.
+    /// From a JobAck's fields: `Queued` (the field absent, as older clients send it) names
+    /// no end; any other state names the end it is, and one that is not final (an ack of
+    /// a progress update) matches no end.
     pub fn from_wire(attempt: u32, state: JobState) -> Self {
-        if state.is_final() {
-            AckedEnd::Of { attempt, state }
-        } else {
+        if state == JobState::Queued {
             AckedEnd::Any
+        } else {
+            AckedEnd::Of { attempt, state }
         }
     }
 }

@@ -119,6 +119,13 @@ impl<H: Handle + Clone> Jobs<H> {
                 other => {
                     if let Some(end) = other {
                         job.budget_base = end.budget_base;
+                        if end.kind == EndKind::Redriven {
+                            // A re-driven job is not held to the deadline it missed (as
+                            // `redrive` says in memory; the spec record keeps it).
+                            let mut spec = (*job.spec).clone();
+                            spec.deadline_ms = 0;
+                            job.spec = Arc::new(spec);
+                        }
                     }
                     self.queue(&swarm).held += 1;
                     if job.spec.deadline_ms > 0 {

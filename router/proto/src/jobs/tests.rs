@@ -772,3 +772,101 @@ fn timings_measure_queue_wait_and_run_time_and_count_redeliveries() {
     assert_eq!(jobs.timings().redeliveries, 1);
     assert_eq!(jobs.timings().queue_wait_us.len(), 2);
 }
+
+#[test]
+fn an_ack_of_a_progress_update_acknowledges_no_end() {
+    assert_eq!(AckedEnd::from_wire(3, JobState::Queued), AckedEnd::Any);
+    let (mut jobs, who) = with_submitter(JobsConfig::default());
+    let (id, _) = accept(&mut jobs, &who, submit("s", "k", None), 0);
+    let (out, fx) = worker(&mut jobs, 2, &["s"], 1);
+    let lease = leases(&fx).pop().unwrap().1;
+    let fx = jobs.result(ConnId(2), &out, ok_result(&lease), 1).unwrap();
+    jobs.finals_written(&fx.finals);
+    // An ack of a progress update (Running) that arrives after the end acknowledges nothing:
+    // the end may not have reached the submitter yet.
+    let running = AckedEnd::from_wire(lease.attempt, JobState::Running);
+    assert!(jobs.ack("submitter", id, running).records.is_empty());
+    assert_eq!(jobs.counts().jobs, 1);
+    let completed = AckedEnd::from_wire(lease.attempt, JobState::Completed);
+    assert!(!jobs.ack("submitter", id, completed).records.is_empty());
+    assert_eq!(jobs.counts().jobs, 0);
+}
+
+#[test]
+fn a_job_cannot_be_cancelled_before_its_spec_is_durable() {
+    let (mut jobs, who) = with_submitter(JobsConfig::default());
+    let Ok(Submitted::New { job_id, .. }) =
+        jobs.submit("submitter", &who, submit("s", "k", None), 0)
+    else {
+        panic!("a new job");
+    };
+    // Cancelled now, its Cancelled record could be durable while the spec is not, and
+    // `submitted` would then queue it and run it anyway.
+    let refused = jobs
+        .cancel("submitter", false, &who, 3, job_id, 1)
+        .unwrap_err();
+    assert_eq!(refused.code, ErrorCode::Busy);
+    assert!(refused.retry_after_ms > 0);
+    jobs.submitted(job_id, Ok(()), 2);
+    let fx = jobs.cancel("submitter", false, &who, 4, job_id, 3).unwrap();
+    assert_eq!(fx.finals.len(), 1);
+}
+
+#[test]
+fn a_redriven_job_has_no_deadline_after_a_restart_either() {
+    let (mut jobs, who) = with_submitter(JobsConfig::default());
+    let mut job = submit("s", "k", None);
+    job.deadline_ms = 100;
+    let Ok(Submitted::New { job_id, record }) = jobs.submit("submitter", &who, job, 0) else {
+        panic!("a new job");
+    };
+    let mut log = vec![record];
+    jobs.submitted(job_id, Ok(()), 0);
+    // Its deadline passes before any worker takes it: dead-lettered.
+    let fx = jobs.tick(200);
+    assert_eq!(jobs.counts().dead_lettered, 1);
+    jobs.finals_written(&fx.finals);
+    log.extend(fx.records);
+    log.extend(fx.finals);
+    let fx = jobs.redrive("s", &who, 5, job_id, 300).unwrap();
+    jobs.finals_written(&fx.finals);
+    log.extend(fx.records);
+    log.extend(fx.finals);
+    // Restarted from the log: queued again, not dead-lettered by the deadline it missed.
+    let mut restarted = Jobs::new(JobsConfig::default(), log, 400, 1);
+    restarted.tick(500);
+    assert_eq!(restarted.counts().dead_lettered, 0);
+    assert_eq!(restarted.counts().queued, 1);
+}
+
+#[test]
+fn a_retried_write_rewrites_only_the_ends_it_held() {
+    let config = JobsConfig {
+        max_attempts: 1,
+        ..JobsConfig::default()
+    };
+    let (mut jobs, who) = with_submitter(config);
+    let (id, _) = accept(&mut jobs, &who, submit("s", "k", None), 0);
+    let (out, fx) = worker(&mut jobs, 2, &["s"], 1);
+    let lease = leases(&fx).pop().unwrap().1;
+    let retry = JobResult {
+        ok: false,
+        retry: true,
+        ..ok_result(&lease)
+    };
+    let dead = jobs.result(ConnId(2), &out, retry, 1).unwrap();
+    // The dead letter's write fails once: rewritten, as it still stands.
+    assert_eq!(jobs.unwritten_finals(&dead.finals), dead.finals);
+    jobs.finals_written(&dead.finals);
+    assert!(
+        jobs.unwritten_finals(&dead.finals).is_empty(),
+        "durable now"
+    );
+    // A re-drive's write fails; meanwhile the job runs again and completes, its end
+    // written by its own call. The re-drive's retry writes neither.
+    let redriven = jobs.redrive("s", &who, 5, id, 2).unwrap();
+    let second = leases(&redriven).pop().unwrap().1;
+    let completed = jobs.result(ConnId(2), &out, ok_result(&second), 3).unwrap();
+    assert!(jobs.unwritten_finals(&redriven.finals).is_empty());
+    assert_eq!(jobs.unwritten_finals(&completed.finals), completed.finals);
+}
