@@ -1,0 +1,38 @@
+"""swarmbus for Python agents: the Rust client as an asyncio package.
+
+Connect with ``await swarmbus.connect(router, ca=..., agent_id=..., swarms=[...])``; the
+``Client`` it returns subscribes, publishes (ordered classes return their op id once
+durable), acknowledges and receives. Every coroutine runs on one tokio runtime inside the
+package; awaiting one parks the asyncio task until the runtime answers (no polling).
+
+Deliveries expose their payload as a read-only buffer over the bytes the client received:
+``memoryview(delivery.payload)`` reads them in place, ``bytes(delivery.payload)`` copies.
+``IdempotentApply`` drops redeliveries (each ordered op applied once) and keeps its state
+in a file across restarts; pass it as ``resume=`` to continue where the agent stood.
+
+Errors raise ``SwarmbusError`` with ``code`` (the router's stable error code, or None),
+``retry_after_ms`` and ``is_transient``.
+
+Classes are named as the router names them: ``"control"``, ``"command"``, ``"alert"``,
+``"reconciliation"``, ``"telemetry"``; roles ``"agent"``, ``"controller"``, ``"worker"``.
+"""
+
+from ._native import (
+    Client,
+    Delivery,
+    DeliveryStream,
+    IdempotentApply,
+    Payload,
+    SwarmbusError,
+    connect,
+)
+
+__all__ = [
+    "Client",
+    "Delivery",
+    "DeliveryStream",
+    "IdempotentApply",
+    "Payload",
+    "SwarmbusError",
+    "connect",
+]

@@ -1,0 +1,72 @@
+//! `swarmbus._native`: the Rust client (`swarmbus-client`) for Python, as asyncio.
+//!
+//! Every coroutine runs on one tokio runtime that the package owns
+//! (`pyo3-async-runtimes`); awaiting one parks the Python task on an asyncio future that
+//! the runtime completes, so nothing polls. The Python package `swarmbus` (in
+//! `python/swarmbus/`) re-exports these types with their docs and type stubs.
+//!
+//! Layout:
+//! - this file: the module, the exception and the conversions of names (class, role);
+//! - [`session`]: `connect`, `Client` (subscribe, publish, acknowledge, receive);
+//! - [`delivery`]: `Delivery` and `Payload` (a buffer over the received bytes, no copy);
+//! - [`apply`]: `IdempotentApply` with its file offset store.
+
+use pyo3::create_exception;
+use pyo3::prelude::*;
+use swarmbus_client::{Class, ClientError, Role};
+
+mod apply;
+mod delivery;
+mod session;
+
+create_exception!(
+    _native,
+    SwarmbusError,
+    pyo3::exceptions::PyException,
+    "A swarmbus error. `code` is the router's stable error code (None for local errors \
+     such as a closed connection), `retry_after_ms` how long the router asked to wait, and \
+     `is_transient` whether doing the same again later may succeed."
+);
+
+/// The Python exception for a client error, with its code, retry hint and transience.
+pub(crate) fn error(error: ClientError) -> PyErr {
+    let err = SwarmbusError::new_err(error.to_string());
+    Python::attach(|py| {
+        let value = err.value(py);
+        // Setting plain attributes on a fresh exception instance cannot fail but for
+        // memory exhaustion, which Python reports on its own.
+        let _ = value.setattr("code", error.code());
+        let _ = value.setattr("retry_after_ms", error.retry_after_ms());
+        let _ = value.setattr("is_transient", error.is_transient());
+    });
+    err
+}
+
+/// `"command"` -> `Class::Command`, as the schema names classes.
+pub(crate) fn class(name: &str) -> PyResult<Class> {
+    name.parse()
+        .map_err(pyo3::exceptions::PyValueError::new_err)
+}
+
+pub(crate) fn role(name: &str) -> PyResult<Role> {
+    match name {
+        "agent" => Ok(Role::Agent),
+        "controller" => Ok(Role::Controller),
+        "worker" => Ok(Role::Worker),
+        other => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "unknown role {other:?} (agent, controller, worker)"
+        ))),
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("SwarmbusError", m.py().get_type::<SwarmbusError>())?;
+    m.add_function(wrap_pyfunction!(session::connect, m)?)?;
+    m.add_class::<session::Client>()?;
+    m.add_class::<session::DeliveryStream>()?;
+    m.add_class::<delivery::Delivery>()?;
+    m.add_class::<delivery::Payload>()?;
+    m.add_class::<apply::IdempotentApply>()?;
+    Ok(())
+}

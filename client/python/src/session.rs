@@ -1,0 +1,232 @@
+//! `connect` and `Client`: a session with a router, its requests as coroutines, and its
+//! deliveries.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
+use pyo3::prelude::*;
+use pyo3_async_runtimes::tokio::future_into_py;
+use swarmbus_client::{Connector, Deliveries, OpId, PublishOptions, Session};
+use swarmbus_schema::Publish;
+use tokio::sync::Mutex;
+
+use crate::apply::IdempotentApply;
+use crate::delivery::Delivery;
+use crate::{class, error};
+
+/// Connects to `router` ("host:port") as `agent_id` with `role`, joining `swarms`; with
+/// `resume`, the router first sends the ordered ops after what it applied. Trusts the CA
+/// certificate in the PEM file `ca` for `server_name`; `credential` is a signed token when
+/// the router requires one. Returns a `Client` once the router said Welcome.
+#[pyfunction]
+#[pyo3(signature = (router, *, ca, agent_id, swarms, role = "agent", credential = None, resume = None, server_name = String::from("localhost")))]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments, one per option
+pub fn connect<'py>(
+    py: Python<'py>,
+    router: String,
+    ca: PathBuf,
+    agent_id: String,
+    swarms: Vec<String>,
+    role: &str,
+    credential: Option<String>,
+    resume: Option<PyRef<'py, IdempotentApply>>,
+    server_name: String,
+) -> PyResult<Bound<'py, PyAny>> {
+    let mut session = Session::new(agent_id, crate::role(role)?, swarms);
+    if let Some(token) = credential {
+        session = session.with_credential(token);
+    }
+    if let Some(applied) = resume {
+        session = session.resume_from(&applied.snapshot());
+    }
+    future_into_py(py, async move {
+        let addr = tokio::net::lookup_host(&router)
+            .await
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| PyValueError::new_err(format!("router {router:?}: no address")))?;
+        // The connector's endpoint binds its socket on the package's runtime.
+        let connector = Connector::new(&ca, &server_name).map_err(error)?;
+        let (client, deliveries) = connector.connect(addr, session).await.map_err(error)?;
+        Ok(Client {
+            inner: client,
+            deliveries: Arc::new(Mutex::new(deliveries)),
+        })
+    })
+}
+
+/// A session with a router. Its methods are coroutines; deliveries come from `recv`,
+/// `recv_batch` or `async for delivery in client.deliveries()`.
+#[pyclass(frozen, module = "swarmbus._native")]
+#[derive(Debug)]
+pub struct Client {
+    inner: swarmbus_client::Client,
+    /// One receiver: concurrent receives take turns.
+    deliveries: Arc<Mutex<Deliveries>>,
+}
+
+#[pymethods]
+impl Client {
+    /// The agent id this session speaks for.
+    #[getter]
+    fn agent_id(&self) -> String {
+        self.inner.agent_id().to_owned()
+    }
+
+    /// Subscribes to `cls` messages of `swarm` (from every agent, or `from_agent` only);
+    /// returns once the router registered it.
+    #[pyo3(signature = (swarm, cls, from_agent = None))]
+    fn subscribe<'py>(
+        &self,
+        py: Python<'py>,
+        swarm: String,
+        cls: &str,
+        from_agent: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let class = class(cls)?;
+        let client = self.inner.clone();
+        future_into_py(py, async move {
+            client
+                .subscribe(&swarm, class, from_agent.as_deref())
+                .await
+                .map_err(error)
+        })
+    }
+
+    /// Publishes `payload` to `swarm` as `cls`. Ordered classes (control, command) return
+    /// the op id once the op is durable; the others return None once queued.
+    #[pyo3(signature = (swarm, cls, payload, *, target_agent = None, key = None, fencing_token = 0, lease = None))]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one per option
+    fn publish<'py>(
+        &self,
+        py: Python<'py>,
+        swarm: String,
+        cls: &str,
+        payload: &[u8],
+        target_agent: Option<String>,
+        key: Option<String>,
+        fencing_token: u64,
+        lease: Option<String>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let class = class(cls)?;
+        let options = PublishOptions {
+            target_agent,
+            key,
+            fencing_token,
+            lease,
+            ..PublishOptions::default()
+        };
+        // The one copy on the way out: Python may reuse its buffer once this returns.
+        let payload = Bytes::copy_from_slice(payload);
+        let client = self.inner.clone();
+        future_into_py(py, async move {
+            let op = client
+                .publish(&swarm, class, payload, options)
+                .await
+                .map_err(error)?;
+            Ok((op != OpId::NONE).then_some(op.0))
+        })
+    }
+
+    /// Queues several payloads of an unordered class to `swarm` in as few writes as the
+    /// stream allows; returns how many were queued.
+    fn publish_batch<'py>(
+        &self,
+        py: Python<'py>,
+        swarm: String,
+        cls: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let class = class(cls)?;
+        let messages: Vec<Publish> = payloads
+            .into_iter()
+            .map(|payload| Publish {
+                request_id: 0,
+                swarm: swarm.clone(),
+                class,
+                target_agent: None,
+                key: None,
+                payload: Bytes::from(payload),
+                fencing_token: 0,
+                lease: None,
+            })
+            .collect();
+        let client = self.inner.clone();
+        future_into_py(py, async move {
+            client.publish_batch(class, messages).await.map_err(error)
+        })
+    }
+
+    /// Tells the router every op of `cls` in `swarm` up to `op_id` was applied.
+    fn ack<'py>(
+        &self,
+        py: Python<'py>,
+        swarm: String,
+        cls: &str,
+        op_id: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let class = class(cls)?;
+        let client = self.inner.clone();
+        future_into_py(py, async move {
+            client.ack(&swarm, class, OpId(op_id)).await.map_err(error)
+        })
+    }
+
+    /// The next delivery (highest-priority class first), or None once the session ended.
+    fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let deliveries = self.deliveries.clone();
+        future_into_py(py, async move {
+            Ok(deliveries.lock().await.recv().await.map(Delivery::from))
+        })
+    }
+
+    /// Up to `limit` deliveries (waiting for the first): one hand-over to Python for many
+    /// messages. Empty once the session ended.
+    #[pyo3(signature = (limit = 256))]
+    fn recv_batch<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyAny>> {
+        let deliveries = self.deliveries.clone();
+        future_into_py(py, async move {
+            let mut batch = Vec::with_capacity(limit.min(4096));
+            deliveries.lock().await.recv_many(&mut batch, limit).await;
+            Ok(batch.into_iter().map(Delivery::from).collect::<Vec<_>>())
+        })
+    }
+
+    /// `async for delivery in client.deliveries()`: every delivery until the session ends.
+    fn deliveries(&self) -> DeliveryStream {
+        DeliveryStream {
+            deliveries: self.deliveries.clone(),
+        }
+    }
+
+    /// Closes the session (its connection, with a goodbye to the router).
+    fn close(&self) {
+        self.inner.close();
+    }
+}
+
+/// The deliveries of a session as an asynchronous iterator; it ends with the session.
+#[pyclass(frozen, module = "swarmbus._native")]
+#[derive(Debug)]
+pub struct DeliveryStream {
+    deliveries: Arc<Mutex<Deliveries>>,
+}
+
+#[pymethods]
+impl DeliveryStream {
+    fn __aiter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let deliveries = self.deliveries.clone();
+        future_into_py(py, async move {
+            match deliveries.lock().await.recv().await {
+                Some(delivery) => Ok(Delivery::from(delivery)),
+                None => Err(PyStopAsyncIteration::new_err(())),
+            }
+        })
+    }
+}
