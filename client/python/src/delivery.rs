@@ -101,10 +101,16 @@ impl Delivery {
 
 /// A payload's bytes, shared with the client (a reference count, no copy): it exports the
 /// buffer protocol, read-only.
-#[pyclass(frozen, module = "swarmbus._native")]
-#[derive(Debug)]
+#[pyclass(frozen, skip_from_py_object, module = "swarmbus._native")]
+#[derive(Debug, Clone)]
 pub struct Payload {
     bytes: Bytes,
+}
+
+impl From<Bytes> for Payload {
+    fn from(bytes: Bytes) -> Self {
+        Payload { bytes }
+    }
 }
 
 #[pymethods]

@@ -9,14 +9,18 @@
 //! - this file: the module, the exception and the conversions of names (class, role);
 //! - [`session`]: `connect`, `Client` (subscribe, publish, acknowledge, receive);
 //! - [`delivery`]: `Delivery` and `Payload` (a buffer over the received bytes, no copy);
-//! - [`apply`]: `IdempotentApply` with its file offset store.
+//! - [`apply`]: `IdempotentApply` with its file offset store;
+//! - [`control`]: leases, presence, configuration, pause/resume, `FencingFilter`;
+//! - [`jobs`]: submitters and workers, `JobDedup`.
 
 use pyo3::create_exception;
 use pyo3::prelude::*;
 use swarmbus_client::{Class, ClientError, Role};
 
 mod apply;
+mod control;
 mod delivery;
+mod jobs;
 mod session;
 
 create_exception!(
@@ -68,5 +72,14 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<delivery::Delivery>()?;
     m.add_class::<delivery::Payload>()?;
     m.add_class::<apply::IdempotentApply>()?;
+    m.add_class::<control::LeaseGrant>()?;
+    m.add_class::<control::PresenceMember>()?;
+    m.add_class::<control::FencingFilter>()?;
+    m.add_class::<jobs::JobStatus>()?;
+    m.add_class::<jobs::JobUpdate>()?;
+    m.add_class::<jobs::JobLease>()?;
+    m.add_class::<jobs::JobCancel>()?;
+    m.add_class::<jobs::JobStream>()?;
+    m.add_class::<jobs::JobDedup>()?;
     Ok(())
 }

@@ -53,6 +53,7 @@ pub fn connect<'py>(
         Ok(Client {
             inner: client,
             deliveries: Arc::new(Mutex::new(deliveries)),
+            jobs: crate::jobs::Streams::default(),
         })
     })
 }
@@ -62,9 +63,11 @@ pub fn connect<'py>(
 #[pyclass(frozen, module = "swarmbus._native")]
 #[derive(Debug)]
 pub struct Client {
-    inner: swarmbus_client::Client,
+    pub(crate) inner: swarmbus_client::Client,
     /// One receiver: concurrent receives take turns.
     deliveries: Arc<Mutex<Deliveries>>,
+    /// The job streams, taken from the client on first use.
+    pub(crate) jobs: crate::jobs::Streams,
 }
 
 #[pymethods]

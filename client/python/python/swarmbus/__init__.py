@@ -10,6 +10,13 @@ Deliveries expose their payload as a read-only buffer over the bytes the client 
 ``IdempotentApply`` drops redeliveries (each ordered op applied once) and keeps its state
 in a file across restarts; pass it as ``resume=`` to continue where the agent stood.
 
+Controllers hold fenced leases (``acquire_lease``, ``renew_lease``, ``release_lease``:
+``LeaseGrant.token`` stamps their commands, ``FencingFilter`` drops a deposed holder's),
+see ``presence``, set configuration and pause swarms. Submitters ``submit_job`` and read
+``job_updates()`` (dedup with ``JobDedup``, then ``ack_job``); workers
+``set_job_credits``, read ``job_events()`` (``JobLease``, ``JobCancel``), heartbeat with
+``job_progress`` and report with ``finish_job``.
+
 Errors raise ``SwarmbusError`` with ``code`` (the router's stable error code, or None),
 ``retry_after_ms`` and ``is_transient``.
 
@@ -21,8 +28,17 @@ from ._native import (
     Client,
     Delivery,
     DeliveryStream,
+    FencingFilter,
     IdempotentApply,
+    JobCancel,
+    JobDedup,
+    JobLease,
+    JobStatus,
+    JobStream,
+    JobUpdate,
+    LeaseGrant,
     Payload,
+    PresenceMember,
     SwarmbusError,
     connect,
 )
@@ -31,8 +47,17 @@ __all__ = [
     "Client",
     "Delivery",
     "DeliveryStream",
+    "FencingFilter",
     "IdempotentApply",
+    "JobCancel",
+    "JobDedup",
+    "JobLease",
+    "JobStatus",
+    "JobStream",
+    "JobUpdate",
+    "LeaseGrant",
     "Payload",
+    "PresenceMember",
     "SwarmbusError",
     "connect",
 ]

@@ -1,0 +1,89 @@
+"""Leases with fencing tokens, presence, credentials, through the package."""
+
+import asyncio
+
+import pytest
+
+import swarmbus
+
+WAIT = 10
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+async def session(router, agent_id, role="agent", **options):
+    return await swarmbus.connect(
+        router.addr, ca=router.ca, agent_id=agent_id, role=role, swarms=["s"], **options
+    )
+
+
+def test_one_lease_holder_and_its_successor_fences_the_old_token(router):
+    async def scenario():
+        agent = await session(router, "a1")
+        await agent.subscribe("s", "command")
+        first = await session(router, "leader-1", role="controller")
+        second = await session(router, "leader-2", role="controller")
+        grant = await first.acquire_lease("s", "leader", 300)
+        assert grant.holder == "leader-1" and grant.token >= 1
+        with pytest.raises(swarmbus.SwarmbusError) as held:
+            await second.acquire_lease("s", "leader", 300)
+        assert held.value.code == 27 and held.value.retry_after_ms > 0, "LeaseHeld"
+        await first.publish("s", "command", b"old", fencing_token=grant.token, lease="leader")
+        # The holder stops renewing; once its lease ran out the other takes over.
+        await asyncio.sleep(0.4)
+        successor = await second.acquire_lease("s", "leader", 5_000)
+        assert successor.token > grant.token
+        with pytest.raises(swarmbus.SwarmbusError) as lost:
+            await first.renew_lease(grant, 300)
+        assert lost.value.code == 28, "LeaseLost"
+        with pytest.raises(swarmbus.SwarmbusError) as stale:
+            await first.publish("s", "command", b"stale", fencing_token=grant.token, lease="leader")
+        assert stale.value.code == 29, "StaleFencingToken"
+        await second.publish("s", "command", b"new", fencing_token=successor.token, lease="leader")
+        fencing = swarmbus.FencingFilter()
+        got = []
+        while len(got) < 2:
+            delivery = await asyncio.wait_for(agent.recv(), WAIT)
+            if fencing.admit(delivery):
+                got.append((bytes(delivery.payload), delivery.fencing_token))
+        assert got == [(b"old", grant.token), (b"new", successor.token)]
+        assert fencing.newest("s", "leader") == successor.token
+        assert not fencing.admit_token("s", "leader", grant.token), "older than the newest"
+        await second.release_lease(successor)
+        assert (await first.acquire_lease("s", "leader", 300)).token > successor.token
+
+    run(scenario())
+
+
+def test_presence_lists_the_sessions_of_a_swarm(router):
+    async def scenario():
+        watcher = await session(router, "watcher", role="controller")
+        worker = await session(router, "w1", role="worker")
+        members = {m.agent: m for m in await watcher.presence("s")}
+        assert set(members) == {"watcher", "w1"}
+        assert members["w1"].role == "worker" and members["w1"].last_seen_ms > 0
+        worker.close()
+        for _ in range(100):
+            if {m.agent for m in await watcher.presence("s")} == {"watcher"}:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the closed session left presence")
+
+    run(scenario())
+
+
+def test_a_router_requiring_credentials_admits_a_signed_one_and_refuses_none(auth_router):
+    async def scenario():
+        token = auth_router.credential("a1", "agent")
+        agent = await session(auth_router, "a1", credential=token)
+        await agent.subscribe("s", "command")
+        with pytest.raises(swarmbus.SwarmbusError) as refused:
+            await session(auth_router, "a2")
+        assert refused.value.code == 37, "a credential is required"
+        with pytest.raises(swarmbus.SwarmbusError):
+            await session(auth_router, "someone-else", credential=token)
+
+    run(scenario())

@@ -1,0 +1,62 @@
+"""Jobs through the package: a worker killed mid-job, the job runs again elsewhere, and
+its submitter gets one result."""
+
+import asyncio
+
+import swarmbus
+
+WAIT = 10
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, 60))
+
+
+async def session(router, agent_id, role="agent"):
+    return await swarmbus.connect(
+        router.addr, ca=router.ca, agent_id=agent_id, role=role, swarms=["s"]
+    )
+
+
+async def next_lease(events):
+    async for event in events:
+        if isinstance(event, swarmbus.JobLease):
+            return event
+    raise AssertionError("the worker's session ended")
+
+
+def test_a_killed_workers_job_runs_again_and_its_result_arrives_once(router):
+    async def scenario():
+        submitter = await session(router, "agent")
+        doomed = await session(router, "gpu-a", role="worker")
+        doomed_events = doomed.job_events()
+        await doomed.set_job_credits(1)
+        status = await submitter.submit_job("s", "k1", b"prompt")
+        assert status.state == "queued" and not status.duplicate
+        again = await submitter.submit_job("s", "k1", b"prompt")
+        assert again.job_id == status.job_id and again.duplicate, "one key, one job"
+        first = await asyncio.wait_for(next_lease(doomed_events), WAIT)
+        assert (first.job_id, first.attempt) == (status.job_id, 1)
+        assert bytes(first.payload) == b"prompt" and first.submitter == "agent"
+        doomed.close()  # dies mid-job
+        survivor = await session(router, "gpu-b", role="worker")
+        events = survivor.job_events()
+        await survivor.set_job_credits(1)
+        second = await asyncio.wait_for(next_lease(events), WAIT)
+        assert (second.job_id, second.attempt) == (status.job_id, 2)
+        await survivor.job_progress(second.job_id, second.attempt, b"half")
+        done = await survivor.finish_job(second.job_id, second.attempt, True, b"answer")
+        assert done.state == "completed"
+        dedup = swarmbus.JobDedup()
+        ends = []
+        async for update in submitter.job_updates():
+            if update.is_final and dedup.first_time(update):
+                ends.append(update)
+                await submitter.ack_job(update)
+                break
+        assert [(e.job_id, e.state, bytes(e.payload)) for e in ends] == [
+            (status.job_id, "completed", b"answer")
+        ]
+        assert not dedup.first_time(ends[0]), "an end once"
+
+    run(scenario())
