@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use pyo3::prelude::*;
-use pyo3_async_runtimes::tokio::future_into_py;
 use swarmbus_schema::Member;
 
 use crate::delivery::Delivery;
@@ -102,7 +101,7 @@ impl Client {
         ttl_ms: u64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             let grant = client
                 .acquire_lease(&swarm, &name, ttl(ttl_ms))
                 .await
@@ -120,7 +119,7 @@ impl Client {
         ttl_ms: u64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (client, grant) = (self.inner.clone(), grant.to_wire());
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             let renewed = client
                 .renew_lease(&grant, ttl(ttl_ms))
                 .await
@@ -136,7 +135,7 @@ impl Client {
         grant: &LeaseGrant,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (client, grant) = (self.inner.clone(), grant.to_wire());
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             client.release_lease(&grant).await.map_err(error)
         })
     }
@@ -144,7 +143,7 @@ impl Client {
     /// Every agent present in `swarm`.
     fn presence<'py>(&self, py: Python<'py>, swarm: String) -> PyResult<Bound<'py, PyAny>> {
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             let members = client.presence(&swarm).await.map_err(error)?;
             Ok(members
                 .into_iter()
@@ -163,7 +162,7 @@ impl Client {
         value: &[u8],
     ) -> PyResult<Bound<'py, PyAny>> {
         let (client, value) = (self.inner.clone(), Bytes::copy_from_slice(value));
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             let op = client
                 .set_config(&swarm, &name, value)
                 .await
@@ -176,13 +175,13 @@ impl Client {
     /// delivered, until `resume`.
     fn pause<'py>(&self, py: Python<'py>, swarm: String) -> PyResult<Bound<'py, PyAny>> {
         let client = self.inner.clone();
-        future_into_py(py, async move { client.pause(&swarm).await.map_err(error) })
+        crate::bridge::spawn(py, async move { client.pause(&swarm).await.map_err(error) })
     }
 
     /// Ends a pause: every command subscriber catches up, in op order.
     fn resume<'py>(&self, py: Python<'py>, swarm: String) -> PyResult<Bound<'py, PyAny>> {
         let client = self.inner.clone();
-        future_into_py(
+        crate::bridge::spawn(
             py,
             async move { client.resume(&swarm).await.map_err(error) },
         )

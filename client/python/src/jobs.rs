@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex as StdMutex};
 use bytes::Bytes;
 use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
 use pyo3::prelude::*;
-use pyo3_async_runtimes::tokio::future_into_py;
 use swarmbus_client::{JobEvent, JobEvents, JobUpdates};
 use swarmbus_schema::{JobId, SubmitJob};
 use tokio::sync::Mutex;
@@ -158,7 +157,7 @@ impl JobStream {
         match &self.stream {
             Stream::Updates(updates) => {
                 let updates = updates.clone();
-                future_into_py(py, async move {
+                crate::bridge::spawn(py, async move {
                     let update = updates.lock().await.recv().await;
                     let update = update.ok_or_else(|| PyStopAsyncIteration::new_err(()))?;
                     Python::attach(|py| Ok(Py::new(py, JobUpdate { update })?.into_any()))
@@ -166,7 +165,7 @@ impl JobStream {
             }
             Stream::Events(events) => {
                 let events = events.clone();
-                future_into_py(py, async move {
+                crate::bridge::spawn(py, async move {
                     let event = events.lock().await.recv().await;
                     let event = event.ok_or_else(|| PyStopAsyncIteration::new_err(()))?;
                     Python::attach(|py| event_object(py, event))
@@ -235,7 +234,7 @@ impl Client {
             payload: Bytes::copy_from_slice(payload),
         };
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             Ok(JobStatus::from(
                 client.submit_job(job).await.map_err(error)?,
             ))
@@ -256,7 +255,7 @@ impl Client {
     /// nothing): it stops resending it and forgets the job.
     fn ack_job<'py>(&self, py: Python<'py>, update: &JobUpdate) -> PyResult<Bound<'py, PyAny>> {
         let (client, update) = (self.inner.clone(), update.update.clone());
-        future_into_py(
+        crate::bridge::spawn(
             py,
             async move { client.ack_job(&update).await.map_err(error) },
         )
@@ -265,7 +264,7 @@ impl Client {
     /// Cancels a job (its submitter or a controller).
     fn cancel_job<'py>(&self, py: Python<'py>, job_id: u64) -> PyResult<Bound<'py, PyAny>> {
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             Ok(JobStatus::from(
                 client.cancel_job(JobId(job_id)).await.map_err(error)?,
             ))
@@ -284,7 +283,7 @@ impl Client {
     /// How many attempts this worker runs at once; leases come while it has credit.
     fn set_job_credits<'py>(&self, py: Python<'py>, credits: u32) -> PyResult<Bound<'py, PyAny>> {
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             client.set_job_credits(credits).await.map_err(error)
         })
     }
@@ -300,7 +299,7 @@ impl Client {
         payload: &[u8],
     ) -> PyResult<Bound<'py, PyAny>> {
         let (client, payload) = (self.inner.clone(), Bytes::copy_from_slice(payload));
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             client
                 .job_progress(JobId(job_id), attempt, payload)
                 .await
@@ -321,7 +320,7 @@ impl Client {
         retry: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (client, result) = (self.inner.clone(), Bytes::copy_from_slice(result));
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             let status = client
                 .finish_job(JobId(job_id), attempt, ok, retry, result)
                 .await

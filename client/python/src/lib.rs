@@ -2,10 +2,11 @@
 //!
 //! Every coroutine runs on one tokio runtime that the package owns
 //! (`pyo3-async-runtimes`); awaiting one parks the Python task on an asyncio future that
-//! the runtime completes, so nothing polls. The Python package `swarmbus` (in
+//! the runtime completes ([`bridge`]), so nothing polls. The Python package `swarmbus` (in
 //! `python/swarmbus/`) re-exports these types with their docs and type stubs.
 //!
 //! Layout:
+//! - [`bridge`]: Rust futures as asyncio futures, and the wait at exit;
 //! - this file: the module, the exception and the conversions of names (class, role);
 //! - [`session`]: `connect`, `Client` (subscribe, publish, acknowledge, receive);
 //! - [`delivery`]: `Delivery` and `Payload` (a buffer over the received bytes, no copy);
@@ -18,6 +19,7 @@ use pyo3::prelude::*;
 use swarmbus_client::{Class, ClientError, Role};
 
 mod apply;
+mod bridge;
 mod control;
 mod delivery;
 mod jobs;
@@ -67,6 +69,7 @@ pub(crate) fn role(name: &str) -> PyResult<Role> {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SwarmbusError", m.py().get_type::<SwarmbusError>())?;
     m.add_function(wrap_pyfunction!(session::connect, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge::_quiesce, m)?)?;
     m.add_class::<session::Client>()?;
     m.add_class::<session::DeliveryStream>()?;
     m.add_class::<delivery::Delivery>()?;

@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
 use pyo3::prelude::*;
-use pyo3_async_runtimes::tokio::future_into_py;
 use swarmbus_client::{Connector, Deliveries, OpId, PublishOptions, Session};
-use swarmbus_schema::Publish;
+use swarmbus_schema::{Deliver, Publish};
 use tokio::sync::Mutex;
 
 use crate::apply::IdempotentApply;
@@ -41,7 +41,7 @@ pub fn connect<'py>(
     if let Some(applied) = resume {
         session = session.resume_from(&applied.snapshot());
     }
-    future_into_py(py, async move {
+    crate::bridge::spawn(py, async move {
         let addr = tokio::net::lookup_host(&router)
             .await
             .ok()
@@ -90,7 +90,7 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         let class = class(cls)?;
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             client
                 .subscribe(&swarm, class, from_agent.as_deref())
                 .await
@@ -124,12 +124,40 @@ impl Client {
         // The one copy on the way out: Python may reuse its buffer once this returns.
         let payload = Bytes::copy_from_slice(payload);
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             let op = client
                 .publish(&swarm, class, payload, options)
                 .await
                 .map_err(error)?;
             Ok((op != OpId::NONE).then_some(op.0))
+        })
+    }
+
+    /// Publishes several payloads of an ordered class to `swarm`, all in flight at once
+    /// (within the session's `max_in_flight`), in order; returns their op ids once all are
+    /// durable. One hand-over for many publishes: the way to publish fast from Python. On
+    /// an error, the payloads before the failing one may be published (and durable).
+    fn publish_many<'py>(
+        &self,
+        py: Python<'py>,
+        swarm: String,
+        cls: &str,
+        payloads: Vec<Vec<u8>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let class = class(cls)?;
+        let client = self.inner.clone();
+        crate::bridge::spawn(py, async move {
+            let mut pending = Vec::with_capacity(payloads.len());
+            for payload in payloads {
+                let options = PublishOptions::default();
+                let started = client.publish_start(&swarm, class, Bytes::from(payload), options);
+                pending.push(started.await.map_err(error)?);
+            }
+            let mut ops = Vec::with_capacity(pending.len());
+            for ack in pending {
+                ops.push(ack.wait().await.map_err(error)?.0);
+            }
+            Ok(ops)
         })
     }
 
@@ -157,7 +185,7 @@ impl Client {
             })
             .collect();
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             client.publish_batch(class, messages).await.map_err(error)
         })
     }
@@ -172,15 +200,18 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         let class = class(cls)?;
         let client = self.inner.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             client.ack(&swarm, class, OpId(op_id)).await.map_err(error)
         })
     }
 
     /// The next delivery (highest-priority class first), or None once the session ended.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(ready) = ready_now(&self.deliveries, 1) {
+            return done(py, ready.into_iter().next().map(Delivery::from));
+        }
         let deliveries = self.deliveries.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             Ok(deliveries.lock().await.recv().await.map(Delivery::from))
         })
     }
@@ -189,8 +220,14 @@ impl Client {
     /// messages. Empty once the session ended.
     #[pyo3(signature = (limit = 256))]
     fn recv_batch<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(ready) = ready_now(&self.deliveries, limit) {
+            return done(
+                py,
+                ready.into_iter().map(Delivery::from).collect::<Vec<_>>(),
+            );
+        }
         let deliveries = self.deliveries.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             let mut batch = Vec::with_capacity(limit.min(4096));
             deliveries.lock().await.recv_many(&mut batch, limit).await;
             Ok(batch.into_iter().map(Delivery::from).collect::<Vec<_>>())
@@ -224,12 +261,44 @@ impl DeliveryStream {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(ready) = ready_now(&self.deliveries, 1) {
+            return match ready.into_iter().next() {
+                Some(delivery) => done(py, Delivery::from(delivery)),
+                None => Err(PyStopAsyncIteration::new_err(())),
+            };
+        }
         let deliveries = self.deliveries.clone();
-        future_into_py(py, async move {
+        crate::bridge::spawn(py, async move {
             match deliveries.lock().await.recv().await {
                 Some(delivery) => Ok(Delivery::from(delivery)),
                 None => Err(PyStopAsyncIteration::new_err(())),
             }
         })
     }
+}
+
+/// Deliveries already received, up to `limit`, taken without waiting: `Some(empty)` once
+/// the session ended, `None` when none is there yet (or another receive holds the stream).
+/// Most receives under load find one there; answering them on the spot saves the hop to
+/// the runtime and back (a wake-up of the event loop per message).
+fn ready_now(deliveries: &Mutex<Deliveries>, limit: usize) -> Option<Vec<Deliver>> {
+    let mut deliveries = deliveries.try_lock().ok()?;
+    let mut context = Context::from_waker(Waker::noop());
+    let mut ready = Vec::new();
+    while ready.len() < limit.max(1) {
+        match deliveries.poll_recv(&mut context) {
+            Poll::Ready(Some(delivery)) => ready.push(delivery),
+            Poll::Ready(None) => return Some(ready),
+            Poll::Pending => break,
+        }
+    }
+    (!ready.is_empty()).then_some(ready)
+}
+
+/// An asyncio future of the running loop, already resolved with `value`.
+fn done<'py, T: IntoPyObject<'py>>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
+    let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
+    let future = event_loop.call_method0("create_future")?;
+    future.call_method1("set_result", (value,))?;
+    Ok(future)
 }

@@ -35,6 +35,13 @@ def test_commands_arrive_in_op_order_with_their_payloads_in_place(router):
         assert [d.op_id for d in got] == ops
         assert all(d.cls == "command" and d.swarm == "s" for d in got)
         assert got[0].source_agent == "ctl"
+        more = await controller.publish_many("s", "command", [b"batch-%d" % i for i in range(20)])
+        assert more == list(range(51, 71)), "in order, all durable"
+        rest = []
+        while len(rest) < 20:
+            rest.extend(await asyncio.wait_for(agent.recv_batch(8), WAIT))
+        assert [d.op_id for d in rest] == more
+        assert bytes(rest[-1].payload) == b"batch-19"
         view = memoryview(got[7].payload)
         assert view.readonly and view.tobytes() == b"cmd-7"
         assert bytes(got[49].payload) == b"cmd-49" and len(got[49].payload) == 6

@@ -24,6 +24,9 @@ Classes are named as the router names them: ``"control"``, ``"command"``, ``"ale
 ``"reconciliation"``, ``"telemetry"``; roles ``"agent"``, ``"controller"``, ``"worker"``.
 """
 
+import atexit
+
+from . import _native
 from ._native import (
     Client,
     Delivery,
@@ -61,3 +64,7 @@ __all__ = [
     "SwarmbusError",
     "connect",
 ]
+
+# Before the interpreter finalizes, let the runtime's threads leave Python (see the native
+# module's bridge): a task handing over a result must not meet a finalizing interpreter.
+atexit.register(_native._quiesce, 1.0)
