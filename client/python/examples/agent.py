@@ -18,6 +18,7 @@ async def main(args):
         args.router, ca=args.ca, agent_id=args.agent_id, swarms=[args.swarm], resume=apply
     )
     await client.subscribe(args.swarm, "command")  # missed commands first, then live
+    print("subscribed", flush=True)
     applied = 0
     async for delivery in client.deliveries():
         if not apply.admit(delivery):

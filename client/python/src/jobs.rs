@@ -8,29 +8,29 @@ use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
 use pyo3::prelude::*;
 use swarmbus_client::{JobEvent, JobEvents, JobUpdates};
 use swarmbus_schema::{JobId, SubmitJob};
-use tokio::sync::Mutex;
 
 use crate::delivery::Payload;
 use crate::error;
+use crate::inbox::{Inbox, Source};
 use crate::session::Client;
 
 /// A session's job streams: each taken from the client once, then shared by the Python
 /// iterators made from it.
 #[derive(Debug, Default)]
 pub struct Streams {
-    updates: StdMutex<Option<Arc<Mutex<JobUpdates>>>>,
-    events: StdMutex<Option<Arc<Mutex<JobEvents>>>>,
+    updates: StdMutex<Option<Arc<Inbox<JobUpdates>>>>,
+    events: StdMutex<Option<Arc<Inbox<JobEvents>>>>,
 }
 
 /// `Some(stream)` once taken (the first call takes it), `None` if the session has none.
-fn taken<T>(
-    slot: &StdMutex<Option<Arc<Mutex<T>>>>,
-    take: impl FnOnce() -> Option<T>,
-) -> Option<Arc<Mutex<T>>> {
+fn taken<S: Source>(
+    slot: &StdMutex<Option<Arc<Inbox<S>>>>,
+    take: impl FnOnce() -> Option<S>,
+) -> Option<Arc<Inbox<S>>> {
     // Taking is one assignment: a poisoned lock still holds a whole value.
     let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
     if slot.is_none() {
-        *slot = take().map(|stream| Arc::new(Mutex::new(stream)));
+        *slot = take().map(Inbox::new);
     }
     slot.clone()
 }
@@ -143,8 +143,8 @@ pub struct JobStream {
 
 #[derive(Debug)]
 enum Stream {
-    Updates(Arc<Mutex<JobUpdates>>),
-    Events(Arc<Mutex<JobEvents>>),
+    Updates(Arc<Inbox<JobUpdates>>),
+    Events(Arc<Inbox<JobEvents>>),
 }
 
 #[pymethods]
@@ -155,24 +155,35 @@ impl JobStream {
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         match &self.stream {
-            Stream::Updates(updates) => {
-                let updates = updates.clone();
-                crate::bridge::spawn(py, async move {
-                    let update = updates.lock().await.recv().await;
-                    let update = update.ok_or_else(|| PyStopAsyncIteration::new_err(()))?;
-                    Python::attach(|py| Ok(Py::new(py, JobUpdate { update })?.into_any()))
-                })
-            }
-            Stream::Events(events) => {
-                let events = events.clone();
-                crate::bridge::spawn(py, async move {
-                    let event = events.lock().await.recv().await;
-                    let event = event.ok_or_else(|| PyStopAsyncIteration::new_err(()))?;
-                    Python::attach(|py| event_object(py, event))
-                })
-            }
+            Stream::Updates(updates) => next(py, updates, |py, update| {
+                Ok(Py::new(py, JobUpdate { update })?.into_any())
+            }),
+            Stream::Events(events) => next(py, events, event_object),
         }
     }
+}
+
+/// The next item of a job stream as Python gets it (the end of the iteration once the
+/// stream ended); one a cancelled `__anext__` took goes back to the inbox.
+fn next<'py, S: Source>(
+    py: Python<'py>,
+    inbox: &Arc<Inbox<S>>,
+    to_python: fn(Python<'_>, S::Item) -> PyResult<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (taker, giver) = (inbox.clone(), inbox.clone());
+    crate::bridge::spawn_with(
+        py,
+        async move {
+            taker
+                .next(1)
+                .await
+                .pop()
+                .ok_or_else(|| PyStopAsyncIteration::new_err(()))
+                .map(|item| (item, to_python))
+        },
+        |py, (item, to_python)| to_python(py, item),
+        Some(Box::new(move |(item, _)| giver.give_back([item]))),
+    )
 }
 
 fn event_object(py: Python<'_>, event: JobEvent) -> PyResult<Py<PyAny>> {
@@ -308,7 +319,7 @@ impl Client {
     }
 
     /// Reports attempt `attempt` of `job_id`: `ok` with its result, or failed (`retry`:
-    /// run it again elsewhere). A fenced attempt's report is refused (code 31).
+    /// run it again elsewhere). A fenced attempt's report is refused (code 30, LeaseFenced).
     #[pyo3(signature = (job_id, attempt, ok, result = b"".as_slice(), *, retry = false))]
     fn finish_job<'py>(
         &self,

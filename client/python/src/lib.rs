@@ -9,6 +9,7 @@
 //! - [`bridge`]: Rust futures as asyncio futures, and the wait at exit;
 //! - this file: the module, the exception and the conversions of names (class, role);
 //! - [`session`]: `connect`, `Client` (subscribe, publish, acknowledge, receive);
+//! - [`inbox`]: a receiver shared by Python receives (what a cancelled one took goes back);
 //! - [`delivery`]: `Delivery` and `Payload` (a buffer over the received bytes, no copy);
 //! - [`apply`]: `IdempotentApply` with its file offset store;
 //! - [`control`]: leases, presence, configuration, pause/resume, `FencingFilter`;
@@ -22,6 +23,7 @@ mod apply;
 mod bridge;
 mod control;
 mod delivery;
+mod inbox;
 mod jobs;
 mod session;
 
@@ -34,18 +36,16 @@ create_exception!(
      `is_transient` whether doing the same again later may succeed."
 );
 
-/// The Python exception for a client error, with its code, retry hint and transience.
+/// The Python exception for a client error. Made without the GIL (runtime threads raise
+/// it): its code, retry hint and transience travel as arguments, and the bridge turns them
+/// into attributes where it raises it.
 pub(crate) fn error(error: ClientError) -> PyErr {
-    let err = SwarmbusError::new_err(error.to_string());
-    Python::attach(|py| {
-        let value = err.value(py);
-        // Setting plain attributes on a fresh exception instance cannot fail but for
-        // memory exhaustion, which Python reports on its own.
-        let _ = value.setattr("code", error.code());
-        let _ = value.setattr("retry_after_ms", error.retry_after_ms());
-        let _ = value.setattr("is_transient", error.is_transient());
-    });
-    err
+    SwarmbusError::new_err((
+        error.to_string(),
+        error.code(),
+        error.retry_after_ms(),
+        error.is_transient(),
+    ))
 }
 
 /// `"command"` -> `Class::Command`, as the schema names classes.

@@ -3,17 +3,16 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
 use pyo3::prelude::*;
 use swarmbus_client::{Connector, Deliveries, OpId, PublishOptions, Session};
 use swarmbus_schema::{Deliver, Publish};
-use tokio::sync::Mutex;
 
 use crate::apply::IdempotentApply;
 use crate::delivery::Delivery;
+use crate::inbox::Inbox;
 use crate::{class, error};
 
 /// Connects to `router` ("host:port") as `agent_id` with `role`, joining `swarms`; with
@@ -42,17 +41,16 @@ pub fn connect<'py>(
         session = session.resume_from(&applied.snapshot());
     }
     crate::bridge::spawn(py, async move {
-        let addr = tokio::net::lookup_host(&router)
-            .await
-            .ok()
-            .and_then(|mut addrs| addrs.next())
-            .ok_or_else(|| PyValueError::new_err(format!("router {router:?}: no address")))?;
-        // The connector's endpoint binds its socket on the package's runtime.
+        // The connector's endpoint binds its socket on the package's runtime; each of the
+        // name's addresses is tried in turn.
         let connector = Connector::new(&ca, &server_name).map_err(error)?;
-        let (client, deliveries) = connector.connect(addr, session).await.map_err(error)?;
+        let (client, deliveries) = connector
+            .connect_to(&router, session)
+            .await
+            .map_err(error)?;
         Ok(Client {
             inner: client,
-            deliveries: Arc::new(Mutex::new(deliveries)),
+            deliveries: Inbox::new(deliveries),
             jobs: crate::jobs::Streams::default(),
         })
     })
@@ -65,7 +63,7 @@ pub fn connect<'py>(
 pub struct Client {
     pub(crate) inner: swarmbus_client::Client,
     /// One receiver: concurrent receives take turns.
-    deliveries: Arc<Mutex<Deliveries>>,
+    deliveries: Arc<Inbox<Deliveries>>,
     /// The job streams, taken from the client on first use.
     pub(crate) jobs: crate::jobs::Streams,
 }
@@ -121,7 +119,8 @@ impl Client {
             lease,
             ..PublishOptions::default()
         };
-        // The one copy on the way out: Python may reuse its buffer once this returns.
+        // The one copy on the way out: the message outlives this call, the Python object
+        // need not.
         let payload = Bytes::copy_from_slice(payload);
         let client = self.inner.clone();
         crate::bridge::spawn(py, async move {
@@ -135,8 +134,9 @@ impl Client {
 
     /// Publishes several payloads of an ordered class to `swarm`, all in flight at once
     /// (within the session's `max_in_flight`), in order; returns their op ids once all are
-    /// durable. One hand-over for many publishes: the way to publish fast from Python. On
-    /// an error, the payloads before the failing one may be published (and durable).
+    /// durable. One hand-over for many publishes: the way to publish fast from Python. As
+    /// all are in flight at once, an error (the first refusal) says nothing of the others:
+    /// any of them may be durable, and publishing them again may apply them twice.
     fn publish_many<'py>(
         &self,
         py: Python<'py>,
@@ -145,6 +145,12 @@ impl Client {
         payloads: Vec<Vec<u8>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let class = class(cls)?;
+        if !class.is_ordered() {
+            return Err(PyValueError::new_err(
+                "publish_many is for ordered classes (control, command); publish_batch \
+                 queues unordered ones",
+            ));
+        }
         let client = self.inner.clone();
         crate::bridge::spawn(py, async move {
             let mut pending = Vec::with_capacity(payloads.len());
@@ -207,31 +213,17 @@ impl Client {
 
     /// The next delivery (highest-priority class first), or None once the session ended.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(ready) = ready_now(&self.deliveries, 1) {
-            return done(py, ready.into_iter().next().map(Delivery::from));
-        }
-        let deliveries = self.deliveries.clone();
-        crate::bridge::spawn(py, async move {
-            Ok(deliveries.lock().await.recv().await.map(Delivery::from))
-        })
+        receive(py, &self.deliveries, 1, first_or_none)
     }
 
     /// Up to `limit` deliveries (waiting for the first): one hand-over to Python for many
     /// messages. Empty once the session ended.
     #[pyo3(signature = (limit = 256))]
     fn recv_batch<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(ready) = ready_now(&self.deliveries, limit) {
-            return done(
-                py,
-                ready.into_iter().map(Delivery::from).collect::<Vec<_>>(),
-            );
+        if limit == 0 {
+            return Err(PyValueError::new_err("limit must be at least 1"));
         }
-        let deliveries = self.deliveries.clone();
-        crate::bridge::spawn(py, async move {
-            let mut batch = Vec::with_capacity(limit.min(4096));
-            deliveries.lock().await.recv_many(&mut batch, limit).await;
-            Ok(batch.into_iter().map(Delivery::from).collect::<Vec<_>>())
-        })
+        receive(py, &self.deliveries, limit, all)
     }
 
     /// `async for delivery in client.deliveries()`: every delivery until the session ends.
@@ -251,7 +243,7 @@ impl Client {
 #[pyclass(frozen, module = "swarmbus._native")]
 #[derive(Debug)]
 pub struct DeliveryStream {
-    deliveries: Arc<Mutex<Deliveries>>,
+    deliveries: Arc<Inbox<Deliveries>>,
 }
 
 #[pymethods]
@@ -261,44 +253,56 @@ impl DeliveryStream {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(ready) = ready_now(&self.deliveries, 1) {
-            return match ready.into_iter().next() {
-                Some(delivery) => done(py, Delivery::from(delivery)),
-                None => Err(PyStopAsyncIteration::new_err(())),
-            };
-        }
-        let deliveries = self.deliveries.clone();
-        crate::bridge::spawn(py, async move {
-            match deliveries.lock().await.recv().await {
-                Some(delivery) => Ok(Delivery::from(delivery)),
-                None => Err(PyStopAsyncIteration::new_err(())),
-            }
-        })
+        receive(py, &self.deliveries, 1, first_or_stop)
     }
 }
 
-/// Deliveries already received, up to `limit`, taken without waiting: `Some(empty)` once
-/// the session ended, `None` when none is there yet (or another receive holds the stream).
-/// Most receives under load find one there; answering them on the spot saves the hop to
-/// the runtime and back (a wake-up of the event loop per message).
-fn ready_now(deliveries: &Mutex<Deliveries>, limit: usize) -> Option<Vec<Deliver>> {
-    let mut deliveries = deliveries.try_lock().ok()?;
-    let mut context = Context::from_waker(Waker::noop());
-    let mut ready = Vec::new();
-    while ready.len() < limit.max(1) {
-        match deliveries.poll_recv(&mut context) {
-            Poll::Ready(Some(delivery)) => ready.push(delivery),
-            Poll::Ready(None) => return Some(ready),
-            Poll::Pending => break,
-        }
+/// Deliveries as Python gets them: the first (None once ended), the first (the end of
+/// the iteration once ended), or all of them.
+type Shape = fn(Python<'_>, Vec<Deliver>) -> PyResult<Py<PyAny>>;
+
+fn first_or_none(py: Python<'_>, ready: Vec<Deliver>) -> PyResult<Py<PyAny>> {
+    match ready.into_iter().next() {
+        Some(delivery) => Ok(Py::new(py, Delivery::from(delivery))?.into_any()),
+        None => Ok(py.None()),
     }
-    (!ready.is_empty()).then_some(ready)
 }
 
-/// An asyncio future of the running loop, already resolved with `value`.
-fn done<'py, T: IntoPyObject<'py>>(py: Python<'py>, value: T) -> PyResult<Bound<'py, PyAny>> {
+fn first_or_stop(py: Python<'_>, ready: Vec<Deliver>) -> PyResult<Py<PyAny>> {
+    match ready.into_iter().next() {
+        Some(delivery) => Ok(Py::new(py, Delivery::from(delivery))?.into_any()),
+        None => Err(PyStopAsyncIteration::new_err(())),
+    }
+}
+
+fn all(py: Python<'_>, ready: Vec<Deliver>) -> PyResult<Py<PyAny>> {
+    let deliveries: Vec<Delivery> = ready.into_iter().map(Delivery::from).collect();
+    Ok(deliveries.into_pyobject(py)?.into_any().unbind())
+}
+
+/// A receive of up to `limit` deliveries: answered on the spot when some are there, else
+/// by the runtime; what a cancelled receive took goes back to the inbox.
+fn receive<'py>(
+    py: Python<'py>,
+    inbox: &Arc<Inbox<Deliveries>>,
+    limit: usize,
+    shape: Shape,
+) -> PyResult<Bound<'py, PyAny>> {
+    // The loop first: without one, nothing may be taken from the inbox.
     let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
-    let future = event_loop.call_method0("create_future")?;
-    future.call_method1("set_result", (value,))?;
-    Ok(future)
+    if let Some(ready) = inbox.ready_now(limit) {
+        let future = event_loop.call_method0("create_future")?;
+        match shape(py, ready) {
+            Ok(value) => future.call_method1("set_result", (value,))?,
+            Err(error) => future.call_method1("set_exception", (error.into_value(py),))?,
+        };
+        return Ok(future);
+    }
+    let (taker, giver) = (inbox.clone(), inbox.clone());
+    crate::bridge::spawn_with(
+        py,
+        async move { Ok(taker.next(limit).await) },
+        shape,
+        Some(Box::new(move |taken: Vec<Deliver>| giver.give_back(taken))),
+    )
 }

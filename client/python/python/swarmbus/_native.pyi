@@ -28,7 +28,7 @@ class Client:
         self,
         swarm: str,
         cls: str,
-        payload: bytes | bytearray | memoryview,
+        payload: bytes,
         *,
         target_agent: Optional[str] = None,
         key: Optional[str] = None,
