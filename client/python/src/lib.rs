@@ -13,7 +13,8 @@
 //! - [`delivery`]: `Delivery` and `Payload` (a buffer over the received bytes, no copy);
 //! - [`apply`]: `IdempotentApply` with its file offset store;
 //! - [`control`]: leases, presence, configuration, pause/resume, `FencingFilter`;
-//! - [`jobs`]: submitters and workers, `JobDedup`.
+//! - [`jobs`]: submitters and workers, `JobDedup`;
+//! - [`workers`]: GPU detection and worker registration.
 
 use pyo3::create_exception;
 use pyo3::prelude::*;
@@ -26,6 +27,7 @@ mod delivery;
 mod inbox;
 mod jobs;
 mod session;
+mod workers;
 
 create_exception!(
     _native,
@@ -70,6 +72,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SwarmbusError", m.py().get_type::<SwarmbusError>())?;
     m.add_function(wrap_pyfunction!(session::connect, m)?)?;
     m.add_function(wrap_pyfunction!(bridge::_quiesce, m)?)?;
+    m.add_function(wrap_pyfunction!(workers::detect_gpus, m)?)?;
+    m.add_class::<workers::Gpu>()?;
+    m.add_class::<workers::GpuReport>()?;
     m.add_class::<session::Client>()?;
     m.add_class::<session::DeliveryStream>()?;
     m.add_class::<delivery::Delivery>()?;

@@ -60,3 +60,24 @@ def test_a_killed_workers_job_runs_again_and_its_result_arrives_once(router):
         assert not dedup.first_time(ends[0]), "an end once"
 
     run(scenario())
+
+
+def test_a_worker_registers_its_node_with_what_detection_found(router):
+    async def scenario():
+        report = swarmbus.detect_gpus()
+        # This machine has no NVIDIA driver: an empty report that says why, no exception.
+        assert isinstance(report.gpus, list)
+        if not report.gpus:
+            assert report.note
+        worker = await session(router, "gpu-node-1", role="worker")
+        node_id = await worker.register_worker("node-1", models=["llama-3-8b"], zone="rack-a")
+        again = await worker.register_worker("node-1", models=["llama-3-8b"], draining=True)
+        assert node_id == again, "the same node, restated"
+        agent = await session(router, "agent")
+        try:
+            await agent.register_worker("node-2")
+            raise AssertionError("only a worker may register")
+        except swarmbus.SwarmbusError as refused:
+            assert refused.code is not None
+
+    run(scenario())

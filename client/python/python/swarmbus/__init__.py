@@ -15,7 +15,8 @@ Controllers hold fenced leases (``acquire_lease``, ``renew_lease``, ``release_le
 see ``presence``, set configuration and pause swarms. Submitters ``submit_job`` and read
 ``job_updates()`` (dedup with ``JobDedup``, then ``ack_job``); workers
 ``set_job_credits``, read ``job_events()`` (``JobLease``, ``JobCancel``), heartbeat with
-``job_progress`` and report with ``finish_job``.
+``job_progress`` and report with ``finish_job``; ``register_worker`` advertises the node
+(its GPUs from ``detect_gpus()``, through NVML when the driver is there) to placement.
 
 Errors raise ``SwarmbusError`` with ``code`` (the router's stable error code, or None),
 ``retry_after_ms`` and ``is_transient``.
@@ -32,6 +33,8 @@ from ._native import (
     Delivery,
     DeliveryStream,
     FencingFilter,
+    Gpu,
+    GpuReport,
     IdempotentApply,
     JobCancel,
     JobDedup,
@@ -44,6 +47,7 @@ from ._native import (
     PresenceMember,
     SwarmbusError,
     connect,
+    detect_gpus,
 )
 
 __all__ = [
@@ -51,6 +55,8 @@ __all__ = [
     "Delivery",
     "DeliveryStream",
     "FencingFilter",
+    "Gpu",
+    "GpuReport",
     "IdempotentApply",
     "JobCancel",
     "JobDedup",
@@ -63,6 +69,7 @@ __all__ = [
     "PresenceMember",
     "SwarmbusError",
     "connect",
+    "detect_gpus",
 ]
 
 # Before the interpreter finalizes, let the runtime's threads leave Python (see the native

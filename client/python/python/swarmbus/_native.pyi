@@ -64,6 +64,18 @@ class Client:
     async def ack_job(self, update: JobUpdate) -> None: ...
     async def cancel_job(self, job_id: int) -> JobStatus: ...
     def job_events(self) -> JobStream: ...
+    async def register_worker(
+        self,
+        node: str,
+        *,
+        zone: str = "",
+        models: Sequence[str] = (),
+        adapters: Sequence[str] = (),
+        weight: int = 0,
+        in_flight: int = 0,
+        draining: bool = False,
+        detect: bool = True,
+    ) -> int: ...
     async def set_job_credits(self, credits: int) -> None: ...
     async def job_progress(self, job_id: int, attempt: int, payload: bytes = b"") -> None: ...
     async def finish_job(
@@ -176,3 +188,17 @@ class JobStream:
 class JobDedup:
     def __init__(self) -> None: ...
     def first_time(self, update: JobUpdate) -> bool: ...
+
+class Gpu:
+    index: int
+    model: str
+    uuid: str
+    memory_total_bytes: int
+    memory_free_bytes: int
+
+class GpuReport:
+    gpus: list[Gpu]
+    source: str
+    note: Optional[str]
+
+def detect_gpus() -> GpuReport: ...
