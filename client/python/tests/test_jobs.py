@@ -81,3 +81,55 @@ def test_a_worker_registers_its_node_with_what_detection_found(router):
             assert refused.code is not None
 
     run(scenario())
+
+
+# A worker that takes one lease, says so, and hangs (until killed).
+HANGING_WORKER = """
+import asyncio, sys, swarmbus
+async def main():
+    worker = await swarmbus.connect(sys.argv[1], ca=sys.argv[2], agent_id="doomed", role="worker", swarms=["s"])
+    events = worker.job_events()
+    await worker.set_job_credits(1)
+    async for event in events:
+        if isinstance(event, swarmbus.JobLease):
+            print("leased", event.job_id, flush=True)
+            await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+def test_a_worker_killed_with_sigkill_mid_job_loses_no_job(router):
+    import subprocess
+    import sys
+
+    doomed = subprocess.Popen(
+        [sys.executable, "-c", HANGING_WORKER, router.addr, router.ca],
+        stdout=subprocess.PIPE, text=True,
+    )
+
+    async def scenario():
+        submitter = await session(router, "agent")
+        status = await submitter.submit_job("s", "k-kill", b"work")
+        line = await asyncio.get_running_loop().run_in_executor(None, doomed.stdout.readline)
+        assert line.split() == ["leased", str(status.job_id)]
+        doomed.kill()  # no goodbye: the router finds out from the silence
+        doomed.wait(timeout=10)
+        survivor = await session(router, "gpu-b", role="worker")
+        events = survivor.job_events()
+        await survivor.set_job_credits(1)
+        lease = await asyncio.wait_for(next_lease(events), 30)
+        assert (lease.job_id, lease.attempt) == (status.job_id, 2)
+        await survivor.finish_job(lease.job_id, lease.attempt, True, b"done")
+        dedup = swarmbus.JobDedup()
+        async for update in submitter.job_updates():
+            if update.is_final and dedup.first_time(update):
+                assert (update.job_id, update.state, bytes(update.payload)) == (
+                    status.job_id, "completed", b"done"
+                )
+                await submitter.ack_job(update)
+                break
+
+    try:
+        run(scenario())
+    finally:
+        doomed.kill()
