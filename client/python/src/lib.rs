@@ -9,6 +9,7 @@
 //! - [`bridge`]: Rust futures as asyncio futures, and the wait at exit;
 //! - this file: the module, the exception and the conversions of names (class, role);
 //! - [`session`]: `connect`, `Client` (subscribe, publish, acknowledge, receive);
+//! - [`resilient`]: `connect_resilient`, `ResilientClient` (reconnects by itself);
 //! - [`inbox`]: a receiver shared by Python receives (what a cancelled one took goes back);
 //! - [`delivery`]: `Delivery` and `Payload` (a buffer over the received bytes, no copy);
 //! - [`apply`]: `IdempotentApply` with its file offset store;
@@ -26,6 +27,7 @@ mod control;
 mod delivery;
 mod inbox;
 mod jobs;
+mod resilient;
 mod session;
 mod workers;
 
@@ -76,6 +78,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<workers::Gpu>()?;
     m.add_class::<workers::GpuReport>()?;
     m.add_class::<session::Client>()?;
+    m.add_function(wrap_pyfunction!(resilient::connect_resilient, m)?)?;
+    m.add_class::<resilient::ResilientClient>()?;
     m.add_class::<session::DeliveryStream>()?;
     m.add_class::<delivery::Delivery>()?;
     m.add_class::<delivery::Payload>()?;

@@ -213,7 +213,7 @@ impl Client {
 
     /// The next delivery (highest-priority class first), or None once the session ended.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        receive(py, &self.deliveries, 1, first_or_none)
+        receive(py, &self.deliveries, 1, Shape::FirstOrNone)
     }
 
     /// Up to `limit` deliveries (waiting for the first): one hand-over to Python for many
@@ -223,7 +223,7 @@ impl Client {
         if limit == 0 {
             return Err(PyValueError::new_err("limit must be at least 1"));
         }
-        receive(py, &self.deliveries, limit, all)
+        receive(py, &self.deliveries, limit, Shape::All)
     }
 
     /// `async for delivery in client.deliveries()`: every delivery until the session ends.
@@ -246,6 +246,12 @@ pub struct DeliveryStream {
     deliveries: Arc<Inbox<Deliveries>>,
 }
 
+impl DeliveryStream {
+    pub(crate) fn new(deliveries: Arc<Inbox<Deliveries>>) -> Self {
+        DeliveryStream { deliveries }
+    }
+}
+
 #[pymethods]
 impl DeliveryStream {
     fn __aiter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
@@ -253,13 +259,28 @@ impl DeliveryStream {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        receive(py, &self.deliveries, 1, first_or_stop)
+        receive(py, &self.deliveries, 1, Shape::FirstOrStop)
     }
 }
 
 /// Deliveries as Python gets them: the first (None once ended), the first (the end of
 /// the iteration once ended), or all of them.
-type Shape = fn(Python<'_>, Vec<Deliver>) -> PyResult<Py<PyAny>>;
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Shape {
+    FirstOrNone,
+    FirstOrStop,
+    All,
+}
+
+impl Shape {
+    fn convert(self) -> fn(Python<'_>, Vec<Deliver>) -> PyResult<Py<PyAny>> {
+        match self {
+            Shape::FirstOrNone => first_or_none,
+            Shape::FirstOrStop => first_or_stop,
+            Shape::All => all,
+        }
+    }
+}
 
 fn first_or_none(py: Python<'_>, ready: Vec<Deliver>) -> PyResult<Py<PyAny>> {
     match ready.into_iter().next() {
@@ -282,7 +303,7 @@ fn all(py: Python<'_>, ready: Vec<Deliver>) -> PyResult<Py<PyAny>> {
 
 /// A receive of up to `limit` deliveries: answered on the spot when some are there, else
 /// by the runtime; what a cancelled receive took goes back to the inbox.
-fn receive<'py>(
+pub(crate) fn receive<'py>(
     py: Python<'py>,
     inbox: &Arc<Inbox<Deliveries>>,
     limit: usize,
@@ -292,7 +313,7 @@ fn receive<'py>(
     let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
     if let Some(ready) = inbox.ready_now(limit) {
         let future = event_loop.call_method0("create_future")?;
-        match shape(py, ready) {
+        match shape.convert()(py, ready) {
             Ok(value) => future.call_method1("set_result", (value,))?,
             Err(error) => future.call_method1("set_exception", (error.into_value(py),))?,
         };
@@ -302,7 +323,7 @@ fn receive<'py>(
     crate::bridge::spawn_with(
         py,
         async move { Ok(taker.next(limit).await) },
-        shape,
+        shape.convert(),
         Some(Box::new(move |taken: Vec<Deliver>| giver.give_back(taken))),
     )
 }

@@ -12,15 +12,15 @@ class Router:
     """Started by `Router(data_dir)` (the binary: $SWARMBUS_ROUTER_BIN, else on PATH),
     ready once built: `addr` and `ca` (its development CA) say where and whom to trust."""
 
-    def __init__(self, data_dir, env=None, binary=None):
-        self.data_dir = data_dir
+    def __init__(self, data_dir, env=None, binary=None, listen="127.0.0.1:0"):
+        self.data_dir, self.env, self.binary = data_dir, env, binary
         binary = binary or BINARY
         environment = dict(os.environ, SWARMBUS_ADMIN_LISTEN="127.0.0.1:0", SWARMBUS_LOG="warn")
         # The router refuses SWARMBUS_* variables it does not know.
         environment.pop("SWARMBUS_ROUTER_BIN", None)
         environment.update(env or {})
         self.process = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", "--data-dir", str(data_dir)],
+            [binary, "--listen", listen, "--data-dir", str(data_dir)],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env=environment,
@@ -44,6 +44,11 @@ class Router:
             env={k: v for k, v in os.environ.items() if k != "SWARMBUS_ROUTER_BIN"},
         )
         return issued.stdout.strip()
+
+    def restart(self):
+        """Kills the router (SIGKILL) and starts it again on its address and data dir."""
+        self.stop()
+        self.__init__(self.data_dir, self.env, self.binary, listen=self.addr)
 
     def stop(self):
         self.process.kill()

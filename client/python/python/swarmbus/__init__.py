@@ -5,6 +5,10 @@ Connect with ``await swarmbus.connect(router, ca=..., agent_id=..., swarms=[...]
 durable), acknowledges and receives. Every coroutine runs on one tokio runtime inside the
 package; awaiting one parks the asyncio task until the runtime answers (no polling).
 
+``await swarmbus.connect_resilient(...)`` returns a ``ResilientClient`` that reconnects by
+itself (backoff with jitter), subscribes again and resumes after the last op it handed
+over, so its deliveries go on across a router restart.
+
 Deliveries expose their payload as a read-only buffer over the bytes the client received:
 ``memoryview(delivery.payload)`` reads them in place, ``bytes(delivery.payload)`` copies.
 ``IdempotentApply`` drops redeliveries (each ordered op applied once) and keeps its state
@@ -45,8 +49,10 @@ from ._native import (
     LeaseGrant,
     Payload,
     PresenceMember,
+    ResilientClient,
     SwarmbusError,
     connect,
+    connect_resilient,
     detect_gpus,
 )
 
@@ -67,8 +73,10 @@ __all__ = [
     "LeaseGrant",
     "Payload",
     "PresenceMember",
+    "ResilientClient",
     "SwarmbusError",
     "connect",
+    "connect_resilient",
     "detect_gpus",
 ]
 
