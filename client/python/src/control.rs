@@ -186,6 +186,49 @@ impl Client {
             async move { client.resume(&swarm).await.map_err(error) },
         )
     }
+    /// Disconnects `agent` (its sessions closed with code 36, Stopped) and refuses it for
+    /// `for_ms` (controllers only).
+    fn stop_agent<'py>(
+        &self,
+        py: Python<'py>,
+        agent: String,
+        for_ms: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let client = self.inner.clone();
+        crate::bridge::spawn(py, async move {
+            client
+                .stop_agent(&agent, Duration::from_millis(for_ms))
+                .await
+                .map_err(error)
+        })
+    }
+
+    /// Drains worker node `node` (no new sessions or jobs; its sessions move), or with
+    /// `draining` False takes it back (controllers only).
+    #[pyo3(signature = (node, draining = true))]
+    fn drain_node<'py>(
+        &self,
+        py: Python<'py>,
+        node: String,
+        draining: bool,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let client = self.inner.clone();
+        crate::bridge::spawn(py, async move {
+            client.drain_node(&node, draining).await.map_err(error)
+        })
+    }
+
+    /// Hands the router a new credential for this session before the old one expires.
+    fn refresh_credential<'py>(
+        &self,
+        py: Python<'py>,
+        token: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let client = self.inner.clone();
+        crate::bridge::spawn(py, async move {
+            client.refresh_credential(&token).await.map_err(error)
+        })
+    }
 }
 
 /// Drops commands stamped with a fencing token older than one already seen for the same

@@ -341,6 +341,67 @@ impl Client {
     }
 }
 
+/// One entry of a swarm's dead-letter queue.
+#[pyclass(frozen, get_all, module = "swarmbus._native")]
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub job_id: u64,
+    pub attempts: u32,
+    pub idempotency_key: String,
+    pub reason: String,
+}
+
+#[pymethods]
+impl Client {
+    /// A page of `swarm`'s dead letters after job `after` (at most `limit`, up to 256), in
+    /// job id order, and whether more follow (controllers only).
+    #[pyo3(signature = (swarm, after = 0, limit = 256))]
+    fn dead_letters<'py>(
+        &self,
+        py: Python<'py>,
+        swarm: String,
+        after: u64,
+        limit: u32,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let client = self.inner.clone();
+        crate::bridge::spawn(py, async move {
+            let page = client
+                .dead_letters(&swarm, JobId(after), limit)
+                .await
+                .map_err(error)?;
+            let jobs: Vec<DeadLetter> = page
+                .jobs
+                .into_iter()
+                .map(|dead| DeadLetter {
+                    job_id: dead.job_id.0,
+                    attempts: dead.attempts,
+                    idempotency_key: dead.idempotency_key,
+                    reason: dead.reason,
+                })
+                .collect();
+            Ok((jobs, page.more))
+        })
+    }
+
+    /// Queues a dead letter again with a fresh attempt budget and no deadline (controllers
+    /// only); its submitter then gets the new end.
+    fn redrive_job<'py>(
+        &self,
+        py: Python<'py>,
+        swarm: String,
+        job_id: u64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let client = self.inner.clone();
+        crate::bridge::spawn(py, async move {
+            let status = client
+                .redrive_job(&swarm, JobId(job_id))
+                .await
+                .map_err(error)?;
+            Ok(JobStatus::from(status))
+        })
+    }
+}
+
 /// The submitter's dedup of job ends: each end handled once, across reconnects.
 #[pyclass(frozen, module = "swarmbus._native")]
 #[derive(Debug, Default)]

@@ -93,5 +93,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<jobs::JobCancel>()?;
     m.add_class::<jobs::JobStream>()?;
     m.add_class::<jobs::JobDedup>()?;
+    m.add_class::<jobs::DeadLetter>()?;
     Ok(())
 }

@@ -88,3 +88,16 @@ def test_a_router_requiring_credentials_admits_a_signed_one_and_refuses_none(aut
             await session(auth_router, "someone-else", credential=token)
 
     run(scenario())
+
+
+def test_a_controller_stops_an_agent_and_the_router_refuses_it_meanwhile(router):
+    async def scenario():
+        controller = await session(router, "ops", role="controller")
+        agent = await session(router, "rogue")
+        await controller.stop_agent("rogue", 60_000)
+        assert await asyncio.wait_for(agent.recv(), WAIT) is None, "its session was closed"
+        with pytest.raises(swarmbus.SwarmbusError) as refused:
+            await session(router, "rogue")
+        assert refused.value.code == 36, "Stopped"
+
+    run(scenario())

@@ -133,3 +133,35 @@ def test_a_worker_killed_with_sigkill_mid_job_loses_no_job(router):
         run(scenario())
     finally:
         doomed.kill()
+
+
+def test_a_dead_letter_is_listed_and_redriven_and_its_new_end_arrives(router):
+    async def scenario():
+        submitter = await session(router, "agent")
+        controller = await session(router, "ops", role="controller")
+        worker = await session(router, "gpu-c", role="worker")
+        events = worker.job_events()
+        await worker.set_job_credits(1)
+        status = await submitter.submit_job("s", "k-dead", b"work", max_attempts=1)
+        lease = await asyncio.wait_for(next_lease(events), WAIT)
+        # Its only attempt asks for a retry: dead-lettered.
+        await worker.finish_job(lease.job_id, lease.attempt, False, b"oom", retry=True)
+        updates = submitter.job_updates()
+        dead = await asyncio.wait_for(updates.__anext__(), WAIT)
+        assert (dead.job_id, dead.state) == (status.job_id, "dead_lettered")
+        await submitter.ack_job(dead)
+        letters, more = await controller.dead_letters("s")
+        assert [(d.job_id, d.idempotency_key) for d in letters] == [(status.job_id, "k-dead")]
+        assert not more and letters[0].attempts == 1
+        requeued = await controller.redrive_job("s", status.job_id)
+        assert requeued.state == "queued"
+        again = await asyncio.wait_for(next_lease(events), WAIT)
+        assert (again.job_id, again.attempt) == (status.job_id, 2)
+        await worker.finish_job(again.job_id, again.attempt, True, b"fine")
+        async for update in updates:
+            if update.is_final:
+                assert (update.state, bytes(update.payload)) == ("completed", b"fine")
+                break
+        assert (await controller.dead_letters("s"))[0] == []
+
+    run(scenario())

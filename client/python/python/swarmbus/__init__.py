@@ -34,6 +34,7 @@ import atexit
 from . import _native
 from ._native import (
     Client,
+    DeadLetter,
     Delivery,
     DeliveryStream,
     FencingFilter,
@@ -58,6 +59,7 @@ from ._native import (
 
 __all__ = [
     "Client",
+    "DeadLetter",
     "Delivery",
     "DeliveryStream",
     "FencingFilter",
