@@ -7,8 +7,8 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::task::{Context, Poll, Waker};
 
-use swarmbus_client::{Deliveries, JobEvent, JobEvents, JobUpdates};
-use swarmbus_schema::{Deliver, JobUpdate};
+use swarmbus_client::{Deliveries, JobEvent, JobEvents, JobUpdates, Requests};
+use swarmbus_schema::{Deliver, JobUpdate, Request};
 use tokio::sync::{Mutex, Notify};
 
 /// A receiver of the client's.
@@ -30,6 +30,13 @@ impl Source for Deliveries {
 impl Source for JobUpdates {
     type Item = JobUpdate;
     fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<JobUpdate>> {
+        pin!(self.recv()).poll(cx)
+    }
+}
+
+impl Source for Requests {
+    type Item = Request;
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Request>> {
         pin!(self.recv()).poll(cx)
     }
 }

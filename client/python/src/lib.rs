@@ -15,12 +15,14 @@
 //! - [`apply`]: `IdempotentApply` with its file offset store;
 //! - [`control`]: leases, presence, configuration, pause/resume, `FencingFilter`;
 //! - [`jobs`]: submitters and workers, `JobDedup`;
-//! - [`workers`]: GPU detection and worker registration.
+//! - [`workers`]: GPU detection and worker registration;
+//! - [`affinity`]: affine sessions, requests to workers and their replies.
 
 use pyo3::create_exception;
 use pyo3::prelude::*;
 use swarmbus_client::{Class, ClientError, Role};
 
+mod affinity;
 mod apply;
 mod bridge;
 mod control;
@@ -77,6 +79,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(workers::detect_gpus, m)?)?;
     m.add_class::<workers::Gpu>()?;
     m.add_class::<workers::GpuReport>()?;
+    m.add_class::<affinity::SessionPinned>()?;
+    m.add_class::<affinity::WorkerReply>()?;
+    m.add_class::<affinity::WorkerRequest>()?;
+    m.add_class::<affinity::RequestStream>()?;
     m.add_class::<session::Client>()?;
     m.add_function(wrap_pyfunction!(resilient::connect_resilient, m)?)?;
     m.add_class::<resilient::ResilientClient>()?;

@@ -52,6 +52,7 @@ pub fn connect<'py>(
             inner: client,
             deliveries: Inbox::new(deliveries),
             jobs: crate::jobs::Streams::default(),
+            affinity: crate::affinity::RequestSlot::default(),
         })
     })
 }
@@ -66,6 +67,8 @@ pub struct Client {
     deliveries: Arc<Inbox<Deliveries>>,
     /// The job streams, taken from the client on first use.
     pub(crate) jobs: crate::jobs::Streams,
+    /// The requests to this worker, taken on first use.
+    pub(crate) affinity: crate::affinity::RequestSlot,
 }
 
 #[pymethods]

@@ -21,6 +21,8 @@ see ``presence``, set configuration and pause swarms. Submitters ``submit_job`` 
 ``set_job_credits``, read ``job_events()`` (``JobLease``, ``JobCancel``), heartbeat with
 ``job_progress`` and report with ``finish_job``; ``register_worker`` advertises the node
 (its GPUs from ``detect_gpus()``, through NVML when the driver is there) to placement.
+Agents pin a session to a worker node (``open_session``) and send it requests
+(``request_worker``); workers answer what ``requests()`` brings with ``reply``.
 
 Errors raise ``SwarmbusError`` with ``code`` (the router's stable error code, or None),
 ``retry_after_ms`` and ``is_transient``.
@@ -50,8 +52,12 @@ from ._native import (
     LeaseGrant,
     Payload,
     PresenceMember,
+    RequestStream,
     ResilientClient,
+    SessionPinned,
     SwarmbusError,
+    WorkerReply,
+    WorkerRequest,
     connect,
     connect_resilient,
     detect_gpus,
@@ -75,8 +81,12 @@ __all__ = [
     "LeaseGrant",
     "Payload",
     "PresenceMember",
+    "RequestStream",
     "ResilientClient",
+    "SessionPinned",
     "SwarmbusError",
+    "WorkerReply",
+    "WorkerRequest",
     "connect",
     "connect_resilient",
     "detect_gpus",

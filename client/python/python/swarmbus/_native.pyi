@@ -96,6 +96,18 @@ class Client:
     async def ack_job(self, update: JobUpdate) -> None: ...
     async def cancel_job(self, job_id: int) -> JobStatus: ...
     def job_events(self) -> JobStream: ...
+    async def open_session(self, session_key: str, model: Optional[str] = None) -> SessionPinned: ...
+    async def close_session(self, session_key: str) -> None: ...
+    async def request_worker(
+        self,
+        payload: bytes,
+        *,
+        session_key: Optional[str] = None,
+        model: Optional[str] = None,
+        timeout_ms: int = 30_000,
+    ) -> WorkerReply: ...
+    def requests(self) -> RequestStream: ...
+    async def reply(self, request_id: int, ok: bool, payload: bytes = b"") -> None: ...
     async def register_worker(
         self,
         node: str,
@@ -240,3 +252,27 @@ class DeadLetter:
     attempts: int
     idempotency_key: str
     reason: str
+
+class SessionPinned:
+    session_key: str
+    node: str
+    node_id: int
+    cold_load: bool
+    kept: bool
+
+class WorkerReply:
+    ok: bool
+    node: Optional[str]
+    payload: Payload
+
+class WorkerRequest:
+    request_id: int
+    session_key: Optional[str]
+    model: Optional[str]
+    timeout_ms: int
+    source_agent: Optional[str]
+    payload: Payload
+
+class RequestStream:
+    def __aiter__(self) -> RequestStream: ...
+    async def __anext__(self) -> WorkerRequest: ...
