@@ -8,7 +8,7 @@ use bytes::Bytes;
 use pyo3::prelude::*;
 use swarmbus_schema::Member;
 
-use crate::delivery::Delivery;
+use crate::delivery::{Delivery, Payload};
 use crate::error;
 use crate::session::Client;
 
@@ -274,5 +274,55 @@ impl FencingFilter {
     /// Commands dropped so far.
     fn rejected(&self) -> u64 {
         self.state().rejected()
+    }
+}
+
+/// A swarm's configuration document as its control deliveries build it: `apply` each
+/// control delivery; `get(name)`, `entries()` and `version` read it.
+#[pyclass(frozen, module = "swarmbus._native")]
+#[derive(Debug)]
+pub struct ConfigView {
+    view: Mutex<swarmbus_client::ConfigView>,
+}
+
+impl ConfigView {
+    fn view(&self) -> std::sync::MutexGuard<'_, swarmbus_client::ConfigView> {
+        // Each update is one map change: a poisoned lock holds a whole document.
+        self.view.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[pymethods]
+impl ConfigView {
+    #[new]
+    fn new(swarm: String) -> Self {
+        ConfigView {
+            view: Mutex::new(swarmbus_client::ConfigView::new(swarm)),
+        }
+    }
+
+    /// Applies `delivery` if it is a newer configuration op of this swarm; whether it
+    /// changed the document.
+    fn apply(&self, delivery: &Delivery) -> bool {
+        self.view().apply(&delivery.deliver)
+    }
+
+    /// Entry `name`, or None.
+    fn get(&self, name: &str) -> Option<Payload> {
+        self.view().get(name).cloned().map(Payload::from)
+    }
+
+    /// Every entry, by name.
+    fn entries(&self) -> Vec<(String, Payload)> {
+        self.view()
+            .entries()
+            .map(|(name, value)| (name.to_owned(), Payload::from(value.clone())))
+            .collect()
+    }
+
+    /// The op id of the newest configuration op applied (0: none).
+    #[getter]
+    fn version(&self) -> u64 {
+        self.view().version().0
     }
 }

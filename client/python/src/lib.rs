@@ -13,7 +13,8 @@
 //! - [`inbox`]: a receiver shared by Python receives (what a cancelled one took goes back);
 //! - [`delivery`]: `Delivery` and `Payload` (a buffer over the received bytes, no copy);
 //! - [`apply`]: `IdempotentApply` with its file offset store;
-//! - [`control`]: leases, presence, configuration, pause/resume, `FencingFilter`;
+//! - [`control`]: leases, presence, configuration (`ConfigView`), safety actions,
+//!   `FencingFilter`;
 //! - [`jobs`]: submitters and workers, `JobDedup`;
 //! - [`workers`]: GPU detection and worker registration;
 //! - [`affinity`]: affine sessions, requests to workers and their replies.
@@ -93,6 +94,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<control::LeaseGrant>()?;
     m.add_class::<control::PresenceMember>()?;
     m.add_class::<control::FencingFilter>()?;
+    m.add_class::<control::ConfigView>()?;
     m.add_class::<jobs::JobStatus>()?;
     m.add_class::<jobs::JobUpdate>()?;
     m.add_class::<jobs::JobLease>()?;

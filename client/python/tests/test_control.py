@@ -101,3 +101,21 @@ def test_a_controller_stops_an_agent_and_the_router_refuses_it_meanwhile(router)
         assert refused.value.code == 36, "Stopped"
 
     run(scenario())
+
+
+def test_configuration_set_by_a_controller_reaches_a_config_view(router):
+    async def scenario():
+        agent = await session(router, "a1")
+        await agent.subscribe("s", "control")
+        controller = await session(router, "ops", role="controller")
+        first = await controller.set_config("s", "temperature", b"0.2")
+        second = await controller.set_config("s", "model", b"llama")
+        removed = await controller.set_config("s", "temperature", b"")
+        view = swarmbus.ConfigView("s")
+        while view.version < removed:
+            view.apply(await asyncio.wait_for(agent.recv(), WAIT))
+        assert first < second < removed == view.version
+        assert bytes(view.get("model")) == b"llama" and view.get("temperature") is None
+        assert [(name, bytes(value)) for name, value in view.entries()] == [("model", b"llama")]
+
+    run(scenario())

@@ -36,6 +36,7 @@ import atexit
 from . import _native
 from ._native import (
     Client,
+    ConfigView,
     DeadLetter,
     Delivery,
     DeliveryStream,
@@ -65,6 +66,7 @@ from ._native import (
 
 __all__ = [
     "Client",
+    "ConfigView",
     "DeadLetter",
     "Delivery",
     "DeliveryStream",
