@@ -20,7 +20,8 @@ use crate::{class, error};
 /// went away: it reconnects (waits from `base_ms` doubling to `cap_ms`, with full jitter,
 /// without end), subscribes again to what it subscribed to, and resumes each ordered class
 /// after the last op it handed over, so deliveries go on, nothing lost or doubled at the
-/// seam. `router` is `host:port` (its first address is used for every attempt).
+/// seam. `router` is `host:port`, looked up once: its first IPv4 address (else its first
+/// address) is used for every attempt.
 #[pyfunction]
 #[pyo3(signature = (router, *, ca, agent_id, swarms, role = "agent", credential = None, resume = None, server_name = String::from("localhost"), base_ms = 500, cap_ms = 10_000))]
 #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one per option
@@ -54,10 +55,21 @@ pub fn connect_resilient<'py>(
         ..ReconnectOptions::default()
     };
     crate::bridge::spawn(py, async move {
-        let addr = tokio::net::lookup_host(&router)
+        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&router)
             .await
-            .ok()
-            .and_then(|mut addrs| addrs.next())
+            .map_err(|e| {
+                error(swarmbus_client::ClientError::Connect {
+                    router: router.clone(),
+                    detail: format!("looking up the name: {e}"),
+                })
+            })?
+            .collect();
+        // localhost's ::1 often comes first, and routers listen on 127.0.0.1 by default.
+        let addr = addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
             .ok_or_else(|| PyValueError::new_err(format!("router {router:?}: no address")))?;
         let connector = Connector::new(&ca, &server_name).map_err(error)?;
         let (client, deliveries) = connector

@@ -64,8 +64,9 @@ pub fn detect_gpus(py: Python<'_>) -> PyResult<GpuReport> {
 impl Client {
     /// Registers this session's node as a worker (role "worker"), or restates what it
     /// advertises: call it again when a model is loaded or evicted, load changes, or to
-    /// start draining. With `detect` the GPU fields come from `detect_gpus()`. Returns the
-    /// node's id in placement.
+    /// start draining. With `detect` the GPU fields come from `detect_gpus()` (run off the
+    /// event loop); without it they are sent empty (the router replaces the node's whole
+    /// status). Returns the node's id in placement.
     #[pyo3(signature = (node, *, zone = String::new(), models = Vec::new(), adapters = Vec::new(), weight = 0, in_flight = 0, draining = false, detect = true))]
     #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one per field
     fn register_worker<'py>(
@@ -80,22 +81,27 @@ impl Client {
         draining: bool,
         detect: bool,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut status = if detect {
-            py.detach(gpu::detect).worker_status(&node)
-        } else {
-            swarmbus_client::WorkerStatus {
-                node,
-                ..swarmbus_client::WorkerStatus::default()
-            }
-        };
-        status.zone = zone;
-        status.models = models;
-        status.adapters = adapters;
-        status.weight = weight;
-        status.in_flight = in_flight;
-        status.draining = draining;
         let client = self.inner.clone();
         crate::bridge::spawn(py, async move {
+            // NVML's start-up can take a second or more: on a blocking thread, not the
+            // event loop's.
+            let mut status = if detect {
+                let report = tokio::task::spawn_blocking(gpu::detect)
+                    .await
+                    .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+                report.worker_status(&node)
+            } else {
+                swarmbus_client::WorkerStatus {
+                    node,
+                    ..swarmbus_client::WorkerStatus::default()
+                }
+            };
+            status.zone = zone;
+            status.models = models;
+            status.adapters = adapters;
+            status.weight = weight;
+            status.in_flight = in_flight;
+            status.draining = draining;
             client.register_worker(status).await.map_err(error)
         })
     }
