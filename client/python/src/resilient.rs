@@ -133,6 +133,7 @@ impl ResilientClient {
         })
     }
 
+    /// Tells the router every op of `cls` in `swarm` up to `op_id` was applied.
     fn ack<'py>(
         &self,
         py: Python<'py>,
@@ -146,10 +147,12 @@ impl ResilientClient {
         })
     }
 
+    /// The next delivery, across reconnects; None once closed.
     fn recv<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         receive(py, &self.deliveries, 1, Shape::FirstOrNone)
     }
 
+    /// Up to `limit` deliveries (waiting for the first); empty once closed.
     #[pyo3(signature = (limit = 256))]
     fn recv_batch<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyAny>> {
         if limit == 0 {
@@ -158,6 +161,7 @@ impl ResilientClient {
         receive(py, &self.deliveries, limit, Shape::All)
     }
 
+    /// `async for delivery in client.deliveries()`, across reconnects.
     fn deliveries(&self) -> DeliveryStream {
         DeliveryStream::new(self.deliveries.clone())
     }

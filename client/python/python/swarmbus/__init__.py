@@ -16,7 +16,8 @@ in a file across restarts; pass it as ``resume=`` to continue where the agent st
 
 Controllers hold fenced leases (``acquire_lease``, ``renew_lease``, ``release_lease``:
 ``LeaseGrant.token`` stamps their commands, ``FencingFilter`` drops a deposed holder's),
-see ``presence``, set configuration and pause swarms. Submitters ``submit_job`` and read
+see ``presence``, set configuration (agents read it with ``ConfigView``), pause and resume
+swarms, stop agents and drain nodes, and list and re-drive dead letters. Submitters ``submit_job`` and read
 ``job_updates()`` (dedup with ``JobDedup``, then ``ack_job``); workers
 ``set_job_credits``, read ``job_events()`` (``JobLease``, ``JobCancel``), heartbeat with
 ``job_progress`` and report with ``finish_job``; ``register_worker`` advertises the node
