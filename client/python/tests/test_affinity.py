@@ -3,15 +3,7 @@ session is pinned to, and its reply comes back."""
 
 import asyncio
 
-import swarmbus
-
-WAIT = 10
-
-
-async def session(router, agent_id, role="agent"):
-    return await swarmbus.connect(
-        router.addr, ca=router.ca, agent_id=agent_id, role=role, swarms=["s"]
-    )
+from helpers import WAIT, run, session
 
 
 def test_a_request_reaches_the_pinned_worker_and_its_reply_comes_back(router):
@@ -37,4 +29,4 @@ def test_a_request_reaches_the_pinned_worker_and_its_reply_comes_back(router):
         assert request.source_agent == "agent" and request.session_key == "conv-1"
         await agent.close_session("conv-1")
 
-    asyncio.run(asyncio.wait_for(scenario(), 60))
+    run(scenario())

@@ -7,17 +7,7 @@ import pytest
 
 import swarmbus
 
-WAIT = 10
-
-
-def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 60))
-
-
-async def session(router, agent_id, role="agent", **options):
-    return await swarmbus.connect(
-        router.addr, ca=router.ca, agent_id=agent_id, role=role, swarms=["s"], **options
-    )
+from helpers import WAIT, run, session
 
 
 def test_commands_arrive_in_op_order_with_their_payloads_in_place(router):

@@ -5,17 +5,7 @@ import asyncio
 
 import swarmbus
 
-WAIT = 10
-
-
-def run(coroutine):
-    return asyncio.run(asyncio.wait_for(coroutine, 60))
-
-
-async def session(router, agent_id, role="agent"):
-    return await swarmbus.connect(
-        router.addr, ca=router.ca, agent_id=agent_id, role=role, swarms=["s"]
-    )
+from helpers import WAIT, run, session
 
 
 async def next_lease(events):
