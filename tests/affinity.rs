@@ -274,3 +274,25 @@ async fn reserved_swarm_names_are_refused() {
     assert_eq!(err.code(), Some(11), "InvalidRequest: {err}");
     t.router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_workers_request_stream_ends_with_its_connection() {
+    let t = start_router(|_| {}).await;
+    let (client, _rx) = t
+        .connector
+        .connect(
+            t.router.local_addr(),
+            Session::new("w1", Role::Worker, ["fleet"]),
+        )
+        .await
+        .unwrap();
+    let mut requests = client.requests().unwrap();
+    client.close();
+    // The client is still held: the stream ends because the connection did.
+    let ended = tokio::time::timeout(Duration::from_secs(10), requests.recv()).await;
+    assert!(
+        matches!(ended, Ok(None)),
+        "the request stream ends once the connection is closed"
+    );
+    drop(client);
+}

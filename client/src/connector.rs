@@ -390,13 +390,12 @@ impl Connector {
             welcome,
             agent_id: session.agent_id,
             epoch_changes: Mutex::new(HashMap::new()),
-            requests_tx,
             requests_rx: Mutex::new(Some(requests_rx)),
             jobs_tx,
             job_events_rx: Mutex::new(Some(job_events_rx)),
             job_updates_rx: Mutex::new(Some(job_updates_rx)),
         });
-        tokio::spawn(read_replies(reader, shared.clone()));
+        tokio::spawn(read_replies(reader, shared.clone(), requests_tx));
         let interval = shared.welcome.limits.heartbeat_interval_ms;
         if interval > 0 {
             tokio::spawn(heartbeats(

@@ -310,9 +310,9 @@ struct Shared {
     agent_id: String,
     /// EpochChanged notices: swarm -> (new epoch, the epoch the resume point was in).
     epoch_changes: Mutex<HashMap<String, (Epoch, Epoch)>>,
-    /// Requests the router sends this session (workers), and the receiving end until the
-    /// application takes it.
-    requests_tx: mpsc::Sender<Request>,
+    /// The receiving end of the requests the router sends this session (workers), until
+    /// the application takes it. The sending end belongs to the session stream's reader,
+    /// so the stream ends with the connection.
     requests_rx: Mutex<Option<mpsc::Receiver<Request>>>,
     /// Frames for the job stream (SubmitJob, JobProgress, JobResult), below commands.
     jobs_tx: mpsc::Sender<OutFrame>,

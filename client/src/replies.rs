@@ -21,7 +21,11 @@ impl Shared {
 /// Reads the session stream: resolves pending requests from acks and errors.
 // One arm per kind of answer the router sends on the session stream, each handed to the
 // request that waits for it: a dispatch, long by design.
-pub(super) async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
+pub(super) async fn read_replies(
+    mut reader: FrameReader,
+    shared: Arc<Shared>,
+    requests_tx: mpsc::Sender<Request>,
+) {
     loop {
         match reader.next().await {
             Ok(Some(Message::PublishAck {
@@ -88,8 +92,7 @@ pub(super) async fn read_replies(mut reader: FrameReader, shared: Arc<Shared>) {
             Ok(Some(Message::Request(request))) => {
                 // A worker that does not keep up is told at once rather than stalling the
                 // session stream (and every acknowledgement behind it).
-                if let Err(mpsc::error::TrySendError::Full(request)) =
-                    shared.requests_tx.try_send(request)
+                if let Err(mpsc::error::TrySendError::Full(request)) = requests_tx.try_send(request)
                 {
                     let busy = encode(&Message::Reply(WireReply {
                         request_id: request.request_id,

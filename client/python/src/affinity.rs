@@ -64,7 +64,8 @@ impl From<Request> for WorkerRequest {
     }
 }
 
-/// The requests of a worker session as an asynchronous iterator; it ends with the session.
+/// The requests of a worker session as an asynchronous iterator; it ends with the
+/// session's connection.
 #[pyclass(frozen, module = "swarmbus._native")]
 #[derive(Debug)]
 pub struct RequestStream {
