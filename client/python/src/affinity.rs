@@ -5,14 +5,14 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use swarmbus_client::Requests;
 use swarmbus_schema::Request;
 
 use crate::delivery::Payload;
 use crate::error;
-use crate::inbox::Inbox;
+use crate::inbox::{next_item, taken, Inbox};
 use crate::session::Client;
 
 /// Where an affine session is pinned: the node, its id in placement, whether the model
@@ -79,19 +79,9 @@ impl RequestStream {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let (taker, giver) = (self.requests.clone(), self.requests.clone());
-        crate::bridge::spawn_with(
-            py,
-            async move {
-                taker
-                    .next(1)
-                    .await
-                    .pop()
-                    .ok_or_else(|| PyStopAsyncIteration::new_err(()))
-            },
-            |py, request| Ok(Py::new(py, WorkerRequest::from(request))?.into_any()),
-            Some(Box::new(move |request| giver.give_back([request]))),
-        )
+        next_item(py, &self.requests, |py, request| {
+            Ok(Py::new(py, WorkerRequest::from(request))?.into_any())
+        })
     }
 }
 
@@ -175,18 +165,8 @@ impl Client {
 
     /// `async for request in client.requests()` (workers): the requests routed here.
     fn requests(&self) -> PyResult<RequestStream> {
-        // Taking is one assignment: a poisoned lock still holds a whole value.
-        let mut slot = self
-            .affinity
-            .requests
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
-            *slot = self.inner.requests().map(Inbox::new);
-        }
-        let requests = slot
-            .clone()
-            .ok_or_else(|| PyValueError::new_err("this session has no requests (see its role)"))?;
+        let requests = taken(&self.affinity.requests, || self.inner.requests())
+            .ok_or_else(|| PyValueError::new_err("the requests were taken already"))?;
         Ok(RequestStream { requests })
     }
 

@@ -21,9 +21,7 @@ pub struct IdempotentApply {
 
 impl IdempotentApply {
     fn state(&self) -> std::sync::MutexGuard<'_, swarmbus_client::IdempotentApply> {
-        // A panic while holding it cannot leave it half-updated (every update is one
-        // map insert), so a poisoned lock is still used.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 
     /// A copy of the state, for a session's resume points.

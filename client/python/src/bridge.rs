@@ -154,8 +154,7 @@ impl std::fmt::Debug for Settle {
 #[pymethods]
 impl Settle {
     fn __call__(&self, py: Python<'_>, future: &Bound<'_, PyAny>) -> PyResult<()> {
-        // Taken once; a poisoned lock still holds the closure whole.
-        let run = self.run.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let run = crate::lock(&self.run).take();
         match run {
             Some(run) => run(py, future),
             None => Ok(()),

@@ -243,8 +243,7 @@ pub struct FencingFilter {
 
 impl FencingFilter {
     fn state(&self) -> std::sync::MutexGuard<'_, swarmbus_client::FencingFilter> {
-        // Each update is one map insert: a poisoned lock holds a whole state.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.state)
     }
 }
 
@@ -287,8 +286,7 @@ pub struct ConfigView {
 
 impl ConfigView {
     fn view(&self) -> std::sync::MutexGuard<'_, swarmbus_client::ConfigView> {
-        // Each update is one map change: a poisoned lock holds a whole document.
-        self.view.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.view)
     }
 }
 

@@ -7,6 +7,8 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::task::{Context, Poll, Waker};
 
+use pyo3::exceptions::PyStopAsyncIteration;
+use pyo3::prelude::*;
 use swarmbus_client::{Deliveries, JobEvent, JobEvents, JobUpdates, Requests};
 use swarmbus_schema::{Deliver, JobUpdate, Request};
 use tokio::sync::{Mutex, Notify};
@@ -66,8 +68,7 @@ impl<S: Source> Inbox<S> {
     }
 
     fn returned(&self) -> std::sync::MutexGuard<'_, VecDeque<S::Item>> {
-        // Pushes and pops only: a poisoned lock still holds a whole queue.
-        self.returned.lock().unwrap_or_else(|p| p.into_inner())
+        crate::lock(&self.returned)
     }
 
     fn take_returned(&self, limit: usize, into: &mut Vec<S::Item>) {
@@ -152,4 +153,39 @@ fn drain_ready<S: Source>(source: &mut S, limit: usize, items: &mut Vec<S::Item>
         }
     }
     false
+}
+
+/// `Some(stream)` once taken (the first call takes it), `None` if the session has none.
+pub(crate) fn taken<S: Source>(
+    slot: &StdMutex<Option<Arc<Inbox<S>>>>,
+    take: impl FnOnce() -> Option<S>,
+) -> Option<Arc<Inbox<S>>> {
+    let mut slot = crate::lock(slot);
+    if slot.is_none() {
+        *slot = take().map(Inbox::new);
+    }
+    slot.clone()
+}
+
+/// The next item of a stream as Python gets it (the end of the iteration once the stream
+/// ended), for an iterator's `__anext__`; one a cancelled `__anext__` took goes back.
+pub(crate) fn next_item<'py, S: Source>(
+    py: Python<'py>,
+    inbox: &Arc<Inbox<S>>,
+    to_python: fn(Python<'_>, S::Item) -> PyResult<Py<PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let (taker, giver) = (inbox.clone(), inbox.clone());
+    crate::bridge::spawn_with(
+        py,
+        async move {
+            taker
+                .next(1)
+                .await
+                .pop()
+                .ok_or_else(|| PyStopAsyncIteration::new_err(()))
+                .map(|item| (item, to_python))
+        },
+        |py, (item, to_python)| to_python(py, item),
+        Some(Box::new(move |(item, _)| giver.give_back([item]))),
+    )
 }

@@ -4,14 +4,14 @@
 use std::sync::{Arc, Mutex as StdMutex};
 
 use bytes::Bytes;
-use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use swarmbus_client::{JobEvent, JobEvents, JobUpdates};
 use swarmbus_schema::{JobId, SubmitJob};
 
 use crate::delivery::Payload;
 use crate::error;
-use crate::inbox::{Inbox, Source};
+use crate::inbox::{next_item, taken, Inbox};
 use crate::session::Client;
 
 /// A session's job streams: each taken from the client once, then shared by the Python
@@ -20,19 +20,6 @@ use crate::session::Client;
 pub struct Streams {
     updates: StdMutex<Option<Arc<Inbox<JobUpdates>>>>,
     events: StdMutex<Option<Arc<Inbox<JobEvents>>>>,
-}
-
-/// `Some(stream)` once taken (the first call takes it), `None` if the session has none.
-fn taken<S: Source>(
-    slot: &StdMutex<Option<Arc<Inbox<S>>>>,
-    take: impl FnOnce() -> Option<S>,
-) -> Option<Arc<Inbox<S>>> {
-    // Taking is one assignment: a poisoned lock still holds a whole value.
-    let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-    if slot.is_none() {
-        *slot = take().map(Inbox::new);
-    }
-    slot.clone()
 }
 
 /// The router's answer about one job.
@@ -155,35 +142,12 @@ impl JobStream {
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         match &self.stream {
-            Stream::Updates(updates) => next(py, updates, |py, update| {
+            Stream::Updates(updates) => next_item(py, updates, |py, update| {
                 Ok(Py::new(py, JobUpdate { update })?.into_any())
             }),
-            Stream::Events(events) => next(py, events, event_object),
+            Stream::Events(events) => next_item(py, events, event_object),
         }
     }
-}
-
-/// The next item of a job stream as Python gets it (the end of the iteration once the
-/// stream ended); one a cancelled `__anext__` took goes back to the inbox.
-fn next<'py, S: Source>(
-    py: Python<'py>,
-    inbox: &Arc<Inbox<S>>,
-    to_python: fn(Python<'_>, S::Item) -> PyResult<Py<PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let (taker, giver) = (inbox.clone(), inbox.clone());
-    crate::bridge::spawn_with(
-        py,
-        async move {
-            taker
-                .next(1)
-                .await
-                .pop()
-                .ok_or_else(|| PyStopAsyncIteration::new_err(()))
-                .map(|item| (item, to_python))
-        },
-        |py, (item, to_python)| to_python(py, item),
-        Some(Box::new(move |(item, _)| giver.give_back([item]))),
-    )
 }
 
 fn event_object(py: Python<'_>, event: JobEvent) -> PyResult<Py<PyAny>> {
@@ -418,8 +382,6 @@ impl JobDedup {
 
     /// Whether `update` is seen for the first time (and records it).
     fn first_time(&self, update: &JobUpdate) -> bool {
-        // One set insert per call: a poisoned lock holds a whole state.
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        seen.first_time(&update.update)
+        crate::lock(&self.seen).first_time(&update.update)
     }
 }

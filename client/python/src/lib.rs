@@ -55,6 +55,14 @@ pub(crate) fn error(error: ClientError) -> PyErr {
     ))
 }
 
+/// Locks `mutex`, poisoned or not: every state the package keeps under a lock is changed
+/// in one step (an insert, a push, a take), so a panic elsewhere cannot leave it half-done.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// `"command"` -> `Class::Command`, as the schema names classes.
 pub(crate) fn class(name: &str) -> PyResult<Class> {
     name.parse()

@@ -223,9 +223,6 @@ impl Client {
     /// messages. Empty once the session ended.
     #[pyo3(signature = (limit = 256))]
     fn recv_batch<'py>(&self, py: Python<'py>, limit: usize) -> PyResult<Bound<'py, PyAny>> {
-        if limit == 0 {
-            return Err(PyValueError::new_err("limit must be at least 1"));
-        }
         receive(py, &self.deliveries, limit, Shape::All)
     }
 
@@ -312,6 +309,9 @@ pub(crate) fn receive<'py>(
     limit: usize,
     shape: Shape,
 ) -> PyResult<Bound<'py, PyAny>> {
+    if limit == 0 {
+        return Err(PyValueError::new_err("limit must be at least 1"));
+    }
     // The loop first: without one, nothing may be taken from the inbox.
     let event_loop = pyo3_async_runtimes::get_running_loop(py)?;
     if let Some(ready) = inbox.ready_now(limit) {
