@@ -113,6 +113,7 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
             .with_context(|| format!("connecting the publisher of {swarm} to {router}"))?;
         clients.push((client, swarm));
     }
+    let cpu = crate::cpu::CpuMeter::start(args.router.measured_pid(spawned.as_ref()), "router");
     let started = Instant::now();
     let deadline = started + args.duration;
     let progress = {
@@ -161,6 +162,7 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
         errors.extend(result.error);
     }
     let elapsed = started.elapsed();
+    let cpu = cpu.report();
     progress.abort();
     if let Some(recorder) = &recorder {
         recorder
@@ -188,8 +190,10 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
         "acked_per_s": (acked as f64 / elapsed.as_secs_f64()).round(),
         "ack_latency_us": {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "p999": q(0.999), "max": latency.max()},
         "errors": errors.len(),
+        "cpu": cpu,
     });
     crate::report::summary(&report);
+    crate::cpu::warn_if_loadgen_bound(&report["cpu"]);
     for error in &errors {
         eprintln!("publisher error: {error:#}");
     }

@@ -57,6 +57,12 @@ pub struct FanoutArgs {
     /// Longest wait for in-flight deliveries after publishing stops.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     drain: Duration,
+    /// Run the same clients, shape and payload through a bare forwarder instead of a
+    /// router (a child process that writes each publish to its swarm's subscribers with
+    /// quinn and nothing else): the transport's ceiling, to read the router's figures
+    /// against. Telemetry only.
+    #[arg(long, conflicts_with_all = ["spawn_router", "router", "ca", "router_pid"])]
+    ceiling: bool,
 }
 
 /// Counters shared with the progress line.
@@ -98,7 +104,22 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     if args.swarms == 0 || args.agents == 0 {
         bail!("--swarms and --agents must be at least 1");
     }
-    let (router, ca, spawned) = args.router.resolve().await?;
+    if args.ceiling && args.class != Class::Telemetry {
+        bail!(
+            "--ceiling forwards telemetry only: the forwarder has no log to order or keep commands"
+        );
+    }
+    let (router, ca, spawned, forwarder) = if args.ceiling {
+        let forwarder = crate::forwarder::SpawnedForwarder::start().await?;
+        (forwarder.addr, forwarder.ca.clone(), None, Some(forwarder))
+    } else {
+        let (router, ca, spawned) = args.router.resolve().await?;
+        (router, ca, spawned, None)
+    };
+    let (measured_pid, target) = match &forwarder {
+        Some(forwarder) => (forwarder.pid(), "forwarder"),
+        None => (args.router.measured_pid(spawned.as_ref()), "router"),
+    };
 
     let epoch = Instant::now();
     let live = Arc::new(Live::default());
@@ -154,6 +175,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
             args.duration
         );
     }
+    let cpu = crate::cpu::CpuMeter::start(measured_pid, target);
     let started = Instant::now();
     let deadline = started + args.duration;
     let progress = tokio::spawn(progress_line(live.clone(), started));
@@ -209,6 +231,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let cpu = cpu.report();
     stop.store(true, Ordering::Relaxed);
     progress.abort();
     drop(publisher_clients);
@@ -255,6 +278,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
     };
     let report = serde_json::json!({
         "scenario": "fanout",
+        "target": target,
         "class": args.class.name(),
         "swarms": args.swarms,
         "agents": args.agents,
@@ -283,11 +307,13 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         },
         "publish_errors": publish_errors.len(),
         "agent_errors": agent_errors,
+        "cpu": cpu,
     });
     for error in &publish_errors {
         eprintln!("publisher error: {error:#}");
     }
     crate::report::summary(&report);
+    crate::cpu::warn_if_loadgen_bound(&report["cpu"]);
     if args.json {
         println!("{report}");
     } else {
@@ -300,6 +326,7 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
         );
     }
     drop(spawned);
+    drop(forwarder);
     Ok(())
 }
 
@@ -308,6 +335,7 @@ fn print_table(report: &serde_json::Value) {
     let lat = &report["latency_us"];
     println!("{:<18} fanout", "scenario");
     for key in [
+        "target",
         "class",
         "swarms",
         "agents",
@@ -328,6 +356,7 @@ fn print_table(report: &serde_json::Value) {
         "{:<18} p50 {}  p90 {}  p99 {}  p999 {}  max {}",
         "latency_us", lat["p50"], lat["p90"], lat["p99"], lat["p999"], lat["max"]
     );
+    println!("{:<18} {}", "cpu", report["cpu"]);
 }
 
 async fn progress_line(live: Arc<Live>, started: Instant) {

@@ -121,6 +121,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         .router
         .connector(&ca)
         .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
+    let cpu = crate::cpu::CpuMeter::start(args.router.measured_pid(spawned.as_ref()), "router");
     let epoch = Instant::now();
     let live = Arc::new(Live::default());
     let stop = Arc::new(AtomicBool::new(false));
@@ -343,6 +344,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         "router_rss_max_bytes": router_rss_max_bytes,
         "publish_errors": usize::from(publisher.error.is_some()) + flood_errors.len(),
         "receiver_errors": receiver_errors,
+        "cpu": cpu.report(),
     });
     for error in publisher.error.iter().chain(&flood_errors) {
         eprintln!("publisher error: {error:#}");

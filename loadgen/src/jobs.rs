@@ -130,6 +130,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     let totals = Arc::new(Totals::default());
     let runs: Arc<Mutex<HashMap<JobId, u32>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+    let cpu = crate::cpu::CpuMeter::start(args.router.measured_pid(spawned.as_ref()), "router");
     let start = Instant::now();
 
     let mut workers = Vec::new();
@@ -391,6 +392,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
             last_end = last_end.max(at);
         }
     }
+    let cpu = cpu.report();
     stop.store(true, Ordering::Relaxed);
     progress.abort();
     for worker in workers {
@@ -426,8 +428,10 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         "jobs_per_s": completed as f64 / elapsed_s,
         "queue_wait_us": {"p50": queue_wait.value_at_quantile(0.5), "p99": queue_wait.value_at_quantile(0.99)},
         "end_to_end_us": {"p50": end_to_end.value_at_quantile(0.5), "p99": end_to_end.value_at_quantile(0.99)},
+        "cpu": cpu,
     });
     crate::report::summary(&report);
+    crate::cpu::warn_if_loadgen_bound(&report["cpu"]);
     if args.json {
         println!("{report}");
     } else {

@@ -3,10 +3,12 @@
 
 mod affinity_sim;
 mod chaos;
+mod cpu;
 mod creds;
 mod durable;
 mod fanout;
 mod flood;
+mod forwarder;
 mod handshake;
 mod jobs;
 mod leader;
@@ -87,6 +89,9 @@ enum Scenario {
     /// closed); reports how long until watchers saw each leave (p50/p99/max) and the ghosts
     /// the router still lists (must be 0).
     Presence(presence::PresenceArgs),
+    /// The bare forwarder of `fanout --ceiling` (started by the loadgen itself).
+    #[command(hide = true)]
+    Forwarder(forwarder::ForwarderArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -131,6 +136,7 @@ fn main() -> std::process::ExitCode {
             Scenario::Chaos(args) => chaos::run(args).await,
             Scenario::Presence(args) => presence::run(args).await,
             Scenario::Handshake(args) => handshake::run(args).await,
+            Scenario::Forwarder(args) => forwarder::run(args).await,
         };
         // A failed run's report is written too: what it saw is what explains the failure.
         let written = report::finish();

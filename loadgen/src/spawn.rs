@@ -206,12 +206,16 @@ fn parse_start_line(line: &str) -> Option<anyhow::Result<(SocketAddr, Option<Soc
 #[derive(Debug, clap::Args)]
 pub struct RouterArgs {
     /// Router address, HOST:PORT (not needed with --spawn-router).
-    #[arg(long, required_unless_present = "spawn_router")]
+    #[arg(long)]
     router: Option<String>,
     /// CA certificate the router's certificate chains to (DATA_DIR/tls/ca.pem for a
     /// development router).
-    #[arg(long, required_unless_present = "spawn_router")]
+    #[arg(long)]
     ca: Option<PathBuf>,
+    /// The process id of the router given by --router, when it runs on this host: the run
+    /// then reports its CPU seconds beside the loadgen's.
+    #[arg(long, value_name = "PID", conflicts_with = "spawn_router")]
+    router_pid: Option<u32>,
     /// Name the router's certificate must carry.
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -268,14 +272,21 @@ impl RouterArgs {
             self.sign_for(Some(&spawned))?;
             return Ok((spawned.addr, spawned.ca.clone(), Some(spawned)));
         }
+        let (Some(router), Some(ca)) = (self.router.as_deref(), self.ca.as_ref()) else {
+            bail!("give the router as --router HOST:PORT with --ca FILE, or use --spawn-router");
+        };
         self.sign_for(None)?;
-        let router = self.router.as_deref().unwrap_or_default();
         let addr = tokio::net::lookup_host(router)
             .await
             .with_context(|| format!("resolving {router}"))?
             .next()
             .with_context(|| format!("{router} resolves to no address"))?;
-        Ok((addr, self.ca.clone().unwrap_or_default(), None))
+        Ok((addr, ca.clone(), None))
+    }
+
+    /// The router process whose CPU a run reports: the spawned one, else `--router-pid`.
+    pub fn measured_pid(&self, spawned: Option<&SpawnedRouter>) -> Option<u32> {
+        spawned.and_then(SpawnedRouter::pid).or(self.router_pid)
     }
 
     /// Like [`RouterArgs::resolve`], for a spawned router with a bulk listener (the router's

@@ -171,3 +171,69 @@ fn report_dir_holds_the_summary_series_interval_log_and_plots() {
         );
     }
 }
+
+/// `--ceiling` runs the same clients through the bare forwarder: everything arrives once, in
+/// order, and the run names its target and reports both processes' CPU seconds.
+#[test]
+fn the_ceiling_runs_through_the_bare_forwarder() {
+    let output = Command::new(LOADGEN)
+        .args(["fanout", "--ceiling", "--swarms", "2", "--agents", "3"])
+        .args(["--payload", "64B", "--rate", "200", "--duration", "500ms"])
+        .args(["--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "loadgen failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["target"], "forwarder");
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent > 0, "{report}");
+    assert_eq!(report["delivered"].as_u64().unwrap(), sent * 3, "{report}");
+    assert_eq!(report["duplicates"], 0);
+    assert_eq!(report["reordered"], 0);
+    let cpu = &report["cpu"];
+    assert!(cpu["loadgen_s"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(cpu["forwarder_s"].as_f64().is_some(), "{report}");
+    assert!(cpu["loadgen_below_forwarder"].is_boolean(), "{report}");
+
+    // Commands need a log: the forwarder refuses to stand in for one.
+    let output = Command::new(LOADGEN)
+        .args(["fanout", "--ceiling", "--class", "command", "--json"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("telemetry only"));
+}
+
+/// Against a router given by address, its CPU is reported only with `--router-pid`; without
+/// an address at all the run says what it needs.
+#[test]
+fn the_router_cpu_is_reported_when_its_process_is_known() {
+    let report = run_fanout_with(
+        "telemetry",
+        &[
+            "--router-pid".as_ref(),
+            std::process::id().to_string().as_ref(),
+        ],
+    );
+    assert_eq!(report["target"], "router");
+    assert!(report["cpu"]["router_s"].as_f64().is_some(), "{report}");
+    let report = run_fanout("telemetry");
+    assert!(report["cpu"]["router_s"].is_null(), "{report}");
+    assert!(report["cpu"]["loadgen_s"].as_f64().is_some(), "{report}");
+
+    let output = Command::new(LOADGEN)
+        .args(["fanout", "--json"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--router HOST:PORT") && stderr.contains("--spawn-router"),
+        "{stderr}"
+    );
+}
