@@ -61,7 +61,7 @@ pub struct FanoutArgs {
     /// router (a child process that writes each publish to its swarm's subscribers with
     /// quinn and nothing else): the transport's ceiling, to read the router's figures
     /// against. Telemetry only.
-    #[arg(long, conflicts_with_all = ["spawn_router", "router", "ca", "router_pid"])]
+    #[arg(long, conflicts_with_all = ["spawn_router", "router", "ca", "router_pid", "creds"])]
     ceiling: bool,
 }
 

@@ -350,6 +350,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         eprintln!("publisher error: {error:#}");
     }
     crate::report::summary(&report);
+    crate::cpu::warn_if_loadgen_bound(&report["cpu"]);
     if args.json {
         println!("{report}");
     } else {

@@ -5,10 +5,11 @@
 //! Welcome, Subscribe -> SubscribeAck) and writes every Publish it reads to the connections
 //! subscribed to its swarm, as a Deliver whose head is encoded once and whose payload is the
 //! publisher's buffer. Nothing else: no sequencing, log, lanes, classes, shedding, flow
-//! control of its own, presence, heartbeats or authorization. Its QUIC and TLS settings are
-//! the router's defaults for its main listener (TLS 1.3 with the ring provider, the same
-//! windows and ACK frequency), so the two differ in what the router does, not in the
-//! transport. A full subscriber holds its publisher back (an awaited send), so the
+//! control of its own, presence, heartbeats, unsubscribing or authorization. Its QUIC and
+//! TLS settings are the router's defaults for its main listener (TLS 1.3 with the ring
+//! provider, the same windows and ACK frequency). One difference in transport remains: a
+//! router offers each session a bulk connection for its telemetry (`bulk_listen = "auto"`),
+//! the forwarder does not, so against a router each agent holds two connections. A full subscriber holds its publisher back (an awaited send), so the
 //! forwarder never drops: its figures are the ceiling of delivered/s and the floor of
 //! latency.
 //!

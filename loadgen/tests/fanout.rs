@@ -196,7 +196,8 @@ fn the_ceiling_runs_through_the_bare_forwarder() {
     assert_eq!(report["duplicates"], 0);
     assert_eq!(report["reordered"], 0);
     let cpu = &report["cpu"];
-    assert!(cpu["loadgen_s"].as_f64().unwrap() > 0.0, "{report}");
+    // Clock ticks are 10 ms: a short run may read 0 s, never nothing.
+    assert!(cpu["loadgen_s"].as_f64().is_some(), "{report}");
     assert!(cpu["forwarder_s"].as_f64().is_some(), "{report}");
     assert!(cpu["loadgen_below_forwarder"].is_boolean(), "{report}");
 
