@@ -30,7 +30,6 @@ use swarmbus_schema::{
     encode, encode_deliver_head, Coalescer, DecodeOptions, Epoch, FrameDecoder, Limits, Message,
     OpId, OutFrame, SessionId, Welcome, ALPN, DEFAULT_MAX_FRAME_BYTES,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 
@@ -313,25 +312,15 @@ impl SpawnedForwarder {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {} forwarder", me.display()))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow!("the forwarder's stdout is missing"))?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(addr) = line.strip_prefix("forwarder listening on ") {
-                    return addr
-                        .trim()
-                        .parse::<SocketAddr>()
-                        .with_context(|| format!("parsing {line:?}"));
-                }
-            }
-            bail!("the forwarder exited before it was ready")
+        let addr = crate::spawn::wait_for_start_line(&mut child, "forwarder", |line| {
+            let addr = line.strip_prefix("forwarder listening on ")?;
+            Some(
+                addr.trim()
+                    .parse::<SocketAddr>()
+                    .with_context(|| format!("parsing {line:?}")),
+            )
         })
-        .await
-        .context("waiting for the forwarder to print its address")??;
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        .await?;
         Ok(SpawnedForwarder {
             child,
             addr,

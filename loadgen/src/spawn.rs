@@ -160,25 +160,35 @@ async fn start(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
+    let (addr, bulk_addr) = wait_for_start_line(&mut child, "router", parse_start_line).await?;
+    Ok((child, addr, bulk_addr))
+}
+
+/// Reads a child's stdout (piped) until `parse` recognises its start line (`who listening
+/// on ...`), for at most 30 s, then keeps draining it so the child never blocks on a full
+/// pipe.
+pub async fn wait_for_start_line<T>(
+    child: &mut Child,
+    who: &str,
+    mut parse: impl FnMut(&str) -> Option<anyhow::Result<T>>,
+) -> anyhow::Result<T> {
     let stdout = child
         .stdout
         .take()
-        .ok_or_else(|| anyhow!("router stdout missing"))?;
+        .ok_or_else(|| anyhow!("{who} stdout missing"))?;
     let mut lines = BufReader::new(stdout).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+    let parsed = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await? {
-            if let Some(addrs) = parse_start_line(&line) {
-                return addrs;
+            if let Some(parsed) = parse(&line) {
+                return parsed;
             }
         }
-        bail!("the router exited before it was ready")
+        bail!("the {who} exited before it was ready")
     })
     .await
-    .context("waiting for the router to print `listening on`")??;
-    // Keep draining stdout so the child never blocks on a full pipe.
+    .with_context(|| format!("waiting for the {who} to print `listening on`"))??;
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let (addr, bulk_addr) = addr;
-    Ok((child, addr, bulk_addr))
+    Ok(parsed)
 }
 
 /// The addresses in the router's start line, `swarmbus-router listening on ADDR` with an

@@ -182,13 +182,7 @@ fn the_ceiling_runs_through_the_bare_forwarder() {
         .args(["--json"])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "loadgen failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = common::last_json(&output);
     assert_eq!(report["target"], "forwarder");
     let sent = report["sent"].as_u64().unwrap();
     assert!(sent > 0, "{report}");
