@@ -208,10 +208,10 @@ pub fn run(job: &CompactionJob) -> std::io::Result<Compacted> {
     File::open(&job.dir)?.sync_all()?;
     Ok(Compacted {
         swarm: job.swarm.clone(),
-        replaced: job.inputs.iter().map(|s| s.path.clone()).collect(),
+        replaced: job.inputs.iter().map(|s| PathBuf::clone(&s.path)).collect(),
         segment: Segment {
             first_op,
-            path,
+            path: Arc::new(path),
             len,
             last_op,
             covers_to,
@@ -248,11 +248,11 @@ pub fn install(
         && log.segments[..count]
             .iter()
             .zip(&done.replaced)
-            .all(|(segment, path)| segment.path == *path);
+            .all(|(segment, path)| *segment.path == *path);
     if !prefix_matches {
         // The log changed under the compaction (it was removed, or retention ran): drop the
         // result; the inputs are still the truth.
-        return Err(done.segment.path);
+        return Err(Arc::unwrap_or_clone(done.segment.path));
     }
     log.horizon = log.horizon.max(done.segment.covers_to);
     log.segments.splice(..count, [done.segment]);
@@ -277,7 +277,7 @@ pub fn enforce_max_bytes(log: &mut SwarmLog, retention: &Retention) -> Vec<PathB
     {
         let oldest = log.segments.remove(0);
         log.horizon = log.horizon.max(oldest.covers_to);
-        gone.push(oldest.path);
+        gone.push(Arc::unwrap_or_clone(oldest.path));
     }
     gone
 }

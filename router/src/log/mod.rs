@@ -267,7 +267,7 @@ impl LogBackend for ShardLog {
         let truncate_to = std::mem::take(&mut log.cut_before_next).then_some(offset);
         let create = (!std::mem::replace(&mut log.created, true)).then(|| Arc::new(log.new_dir()));
         let request = writer::WriteRequest {
-            path: Arc::new(path),
+            path,
             offset,
             record,
             new_file,

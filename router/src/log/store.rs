@@ -20,6 +20,7 @@ use std::hash::Hasher;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use swarmbus_schema::{Epoch, OpId};
@@ -35,7 +36,8 @@ const READ_CHUNK_BYTES: usize = 256 * 1024;
 #[derive(Clone, Debug)]
 pub struct Segment {
     pub first_op: OpId,
-    pub path: PathBuf,
+    /// Shared with every append to the segment (its writes name the file).
+    pub path: Arc<PathBuf>,
     /// Bytes of valid records (the append position).
     pub len: u64,
     /// Last op stored; `first_op - 1` when empty.
@@ -53,7 +55,7 @@ impl Segment {
     fn empty(dir: &Path, first_op: OpId) -> Segment {
         Segment {
             first_op,
-            path: segment_path(dir, first_op),
+            path: Arc::new(segment_path(dir, first_op)),
             len: 0,
             last_op: OpId(first_op.0 - 1),
             covers_to: OpId(first_op.0 - 1),
@@ -258,7 +260,7 @@ impl SwarmLog {
     /// Reserves the position of the next record (op `last_op + 1`, `len` bytes), rolling to a
     /// new segment past `segment_bytes`. Returns the file and offset to write at, and whether
     /// the file is new.
-    pub fn place(&mut self, op: OpId, len: u64, segment_bytes: u64) -> (PathBuf, u64, bool) {
+    pub fn place(&mut self, op: OpId, len: u64, segment_bytes: u64) -> (Arc<PathBuf>, u64, bool) {
         let roll = match self.segments.last() {
             Some(segment) => segment.len > 0 && segment.len + len > segment_bytes,
             None => true,
@@ -307,7 +309,7 @@ impl SwarmLog {
             .segments
             .split_off(at + 1)
             .into_iter()
-            .map(|s| s.path)
+            .map(|s| Arc::unwrap_or_clone(s.path))
             .collect();
         let segment = &mut self.segments[at];
         segment.len = placed.offset;
@@ -349,7 +351,7 @@ impl SwarmLog {
                     0 => 0,
                     n => segment.index[n - 1].1,
                 };
-                (segment.path.clone(), offset, segment.len)
+                (PathBuf::clone(&segment.path), offset, segment.len)
             })
             .collect();
         ReadPlan { from, files }
@@ -358,7 +360,7 @@ impl SwarmLog {
     /// Whether `path` is one of the log's segments now (a read that found it gone raced a
     /// compaction or retention, and can be planned again).
     pub fn has_segment(&self, path: &Path) -> bool {
-        self.segments.iter().any(|s| s.path == path)
+        self.segments.iter().any(|s| *s.path == path)
     }
 }
 
@@ -790,7 +792,7 @@ fn recover_swarm(dir: PathBuf, name: String) -> std::io::Result<(SwarmLog, Vec<R
         }
         log.segments.push(Segment {
             first_op,
-            path,
+            path: Arc::new(path),
             len: scan.len,
             last_op: scan.last_op,
             covers_to: covers_to.unwrap_or(scan.last_op),

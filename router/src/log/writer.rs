@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use crossbeam::channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use rustc_hash::FxHashMap;
 use swarmbus_schema::{Epoch, OpId};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -280,8 +281,28 @@ struct FileBatch {
 /// Files of a batch that failed, with why.
 type FailedFiles = HashMap<Arc<PathBuf>, String>;
 
-/// A swarm of a shard.
-type SwarmKey = (usize, Arc<str>);
+/// A file of a batch, as a key of the maps the writer consults per request: it hashes the
+/// path's bytes in one go. (`Path`'s own `Hash` walks its components, and with SipHash that
+/// was a quarter of the writer's time per append.)
+#[derive(PartialEq, Eq)]
+struct FileKey<'a>(&'a Path);
+
+impl std::hash::Hash for FileKey<'_> {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write(self.0.as_os_str().as_encoded_bytes());
+    }
+}
+
+/// What one batch did for one swarm of one shard.
+struct SwarmReach<'a> {
+    swarm: &'a Arc<str>,
+    /// The highest op written (none when every write of the swarm failed).
+    up_to: OpId,
+    /// A file the swarm wrote (its directory holds the swarm's watermark), and its epoch.
+    file: Option<(&'a Arc<PathBuf>, Epoch)>,
+    /// The first op whose write failed, with why.
+    failed: Option<(OpId, String)>,
+}
 
 /// Batch planning and completion bookkeeping shared by both backends.
 struct WriterState {
@@ -293,7 +314,7 @@ struct WriterState {
     unsynced: Vec<(Arc<PathBuf>, bool)>,
     /// Swarms whose appends failed, with the generation that failed: their later requests
     /// of that generation are not written.
-    failed: HashMap<Arc<str>, u64>,
+    failed: FxHashMap<Arc<str>, u64>,
     /// The watermark thread (only under `always`: what is reported durable otherwise need
     /// not be synced): each swarm directory's highest durable op goes there.
     marks: Option<Sender<(PathBuf, Epoch, OpId)>>,
@@ -366,7 +387,7 @@ impl WriterState {
             shards,
             last_sync: Instant::now(),
             unsynced: Vec::new(),
-            failed: HashMap::new(),
+            failed: FxHashMap::default(),
             marks,
             metrics,
             batch_started: Instant::now(),
@@ -412,7 +433,7 @@ impl WriterState {
     /// be created fails its requests of the batch: returns their files, with why.
     fn create_dirs(
         batch: &[WriteRequest],
-        failed: &HashMap<Arc<str>, u64>,
+        failed: &FxHashMap<Arc<str>, u64>,
         disk: &Disk,
     ) -> FailedFiles {
         let mut failures = FailedFiles::new();
@@ -443,19 +464,23 @@ impl WriterState {
     /// out the requests of failed generations and of files that failed already.
     fn plan(
         batch: &[WriteRequest],
-        failed: &HashMap<Arc<str>, u64>,
+        failed: &FxHashMap<Arc<str>, u64>,
         failed_files: &FailedFiles,
     ) -> Vec<FileBatch> {
         let mut files: Vec<FileBatch> = Vec::new();
-        let mut open: HashMap<Arc<PathBuf>, usize> = HashMap::new();
-        for request in batch
-            .iter()
-            .filter(|r| !refused(failed, r) && !failed_files.contains_key(&r.path))
-        {
-            let slot = open.get(&request.path).copied().filter(|&i| {
-                let f = &files[i];
-                f.offset + f.bytes.len() as u64 == request.offset && request.truncate_to.is_none()
-            });
+        // Where each file's bytes end so far: the buffers are sized before anything is
+        // copied, so none of them grows (and copies itself again) on the way.
+        let mut ends: Vec<u64> = Vec::new();
+        let mut open: FxHashMap<FileKey<'_>, usize> = FxHashMap::default();
+        let mut placed: Vec<(usize, &WriteRequest)> = Vec::with_capacity(batch.len());
+        for request in batch.iter().filter(|r| {
+            !refused(failed, r) && (failed_files.is_empty() || !failed_files.contains_key(&r.path))
+        }) {
+            let key = FileKey(&request.path);
+            let slot = open
+                .get(&key)
+                .copied()
+                .filter(|&i| ends[i] == request.offset && request.truncate_to.is_none());
             let index = match slot {
                 Some(i) => i,
                 None => {
@@ -466,10 +491,18 @@ impl WriterState {
                         new_file: request.new_file,
                         truncate_to: request.truncate_to,
                     });
-                    open.insert(request.path.clone(), files.len() - 1);
+                    ends.push(request.offset);
+                    open.insert(key, files.len() - 1);
                     files.len() - 1
                 }
             };
+            ends[index] += request.record.len() as u64;
+            placed.push((index, request));
+        }
+        for (f, end) in files.iter_mut().zip(&ends) {
+            f.bytes.reserve((end - f.offset) as usize);
+        }
+        for (index, request) in placed {
             let bytes = &mut files[index].bytes;
             bytes.put_slice(&request.record.head);
             bytes.put_slice(&request.record.frame_head);
@@ -515,51 +548,60 @@ impl WriterState {
                 .unwrap_or_else(|p| p.into_inner())
                 .saturating_record(batch.len() as u64);
         }
-        let mut highest: HashMap<(usize, Arc<str>), OpId> = HashMap::new();
-        let mut failures: HashMap<(usize, Arc<str>), (OpId, String)> = HashMap::new();
-        // A file each swarm wrote (its directory holds the swarm's watermark), and its epoch.
-        let mut files: HashMap<SwarmKey, (&Arc<PathBuf>, Epoch)> = HashMap::new();
         // Requests of a generation that failed before this batch were not written; their
         // shard refused their publishers when it heard of that failure.
         let written: Vec<&WriteRequest> =
             batch.iter().filter(|r| !refused(&self.failed, r)).collect();
+        let mut reach: FxHashMap<(usize, &str), SwarmReach<'_>> = FxHashMap::default();
         for request in &written {
-            let key = (request.shard, request.swarm.clone());
-            match failed.get(&request.path).cloned() {
-                Some(detail) => {
-                    failures
-                        .entry(key)
-                        .and_modify(|(op, _)| *op = (*op).min(request.op))
-                        .or_insert((request.op, detail));
-                }
+            let swarm = reach
+                .entry((request.shard, &*request.swarm))
+                .or_insert_with(|| SwarmReach {
+                    swarm: &request.swarm,
+                    up_to: OpId(0),
+                    file: None,
+                    failed: None,
+                });
+            match (!failed.is_empty())
+                .then(|| failed.get(&request.path))
+                .flatten()
+            {
+                Some(detail) => match &mut swarm.failed {
+                    Some((op, _)) => *op = (*op).min(request.op),
+                    None => swarm.failed = Some((request.op, detail.clone())),
+                },
                 None => {
-                    let entry = highest.entry(key.clone()).or_insert(request.op);
-                    *entry = (*entry).max(request.op);
-                    files
-                        .entry(key)
-                        .or_insert((&request.path, request.record.epoch()));
+                    swarm.up_to = swarm.up_to.max(request.op);
+                    swarm
+                        .file
+                        .get_or_insert((&request.path, request.record.epoch()));
                 }
             }
         }
-        for ((shard, swarm), up_to) in highest {
+        let mut failures = Vec::new();
+        for ((shard, _), swarm) in reach {
             // Ops are durable only up to the first failed one of the swarm.
-            let up_to = match failures.get(&(shard, swarm.clone())) {
-                Some((first_failed, _)) if *first_failed <= up_to => OpId(first_failed.0 - 1),
-                _ => up_to,
+            let up_to = match &swarm.failed {
+                Some((first_failed, _)) if *first_failed <= swarm.up_to => OpId(first_failed.0 - 1),
+                _ => swarm.up_to,
             };
+            if let Some((from, detail)) = swarm.failed {
+                failures.push((shard, swarm.swarm.clone(), from, detail));
+            }
             if up_to.is_none() {
                 continue;
             }
-            if let (Some(marks), Some((path, epoch))) =
-                (&self.marks, files.get(&(shard, swarm.clone())))
-            {
-                let _ = marks.send((parent_of(path).to_owned(), *epoch, up_to));
+            if let (Some(marks), Some((path, epoch))) = (&self.marks, swarm.file) {
+                let _ = marks.send((parent_of(path).to_owned(), epoch, up_to));
             }
             if let Some(tx) = self.shards.get(shard) {
-                let _ = tx.send(LogEvent::Durable { swarm, up_to });
+                let _ = tx.send(LogEvent::Durable {
+                    swarm: swarm.swarm.clone(),
+                    up_to,
+                });
             }
         }
-        for ((shard, swarm), (from, detail)) in failures {
+        for (shard, swarm, from, detail) in failures {
             let generation = written
                 .iter()
                 .filter(|r| r.swarm == swarm)
@@ -582,10 +624,11 @@ impl WriterState {
 }
 
 /// Whether `request` belongs to a generation of its swarm that failed.
-fn refused(failed: &HashMap<Arc<str>, u64>, request: &WriteRequest) -> bool {
-    failed
-        .get(&request.swarm)
-        .is_some_and(|&generation| request.generation <= generation)
+fn refused(failed: &FxHashMap<Arc<str>, u64>, request: &WriteRequest) -> bool {
+    !failed.is_empty()
+        && failed
+            .get(&request.swarm)
+            .is_some_and(|&generation| request.generation <= generation)
 }
 
 /// Cuts every file of `swarm` that this batch wrote at or after op `from` back to where that
