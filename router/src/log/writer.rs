@@ -283,9 +283,17 @@ type FailedFiles = HashMap<Arc<PathBuf>, String>;
 
 /// A file of a batch, as a key of the maps the writer consults per request: it hashes the
 /// path's bytes in one go. (`Path`'s own `Hash` walks its components, and with SipHash that
-/// was a quarter of the writer's time per append.)
-#[derive(PartialEq, Eq)]
+/// was a quarter of the writer's time per append.) Equality compares the same bytes, so
+/// that equal keys hash alike.
 struct FileKey<'a>(&'a Path);
+
+impl PartialEq for FileKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_os_str() == other.0.as_os_str()
+    }
+}
+
+impl Eq for FileKey<'_> {}
 
 impl std::hash::Hash for FileKey<'_> {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -473,9 +481,10 @@ impl WriterState {
         let mut ends: Vec<u64> = Vec::new();
         let mut open: FxHashMap<FileKey<'_>, usize> = FxHashMap::default();
         let mut placed: Vec<(usize, &WriteRequest)> = Vec::with_capacity(batch.len());
-        for request in batch.iter().filter(|r| {
-            !refused(failed, r) && (failed_files.is_empty() || !failed_files.contains_key(&r.path))
-        }) {
+        for request in batch
+            .iter()
+            .filter(|r| !refused(failed, r) && !failed_files.contains_key(&r.path))
+        {
             let key = FileKey(&request.path);
             let slot = open
                 .get(&key)
@@ -562,10 +571,7 @@ impl WriterState {
                     file: None,
                     failed: None,
                 });
-            match (!failed.is_empty())
-                .then(|| failed.get(&request.path))
-                .flatten()
-            {
+            match failed.get(&request.path) {
                 Some(detail) => match &mut swarm.failed {
                     Some((op, _)) => *op = (*op).min(request.op),
                     None => swarm.failed = Some((request.op, detail.clone())),
@@ -625,10 +631,9 @@ impl WriterState {
 
 /// Whether `request` belongs to a generation of its swarm that failed.
 fn refused(failed: &FxHashMap<Arc<str>, u64>, request: &WriteRequest) -> bool {
-    !failed.is_empty()
-        && failed
-            .get(&request.swarm)
-            .is_some_and(|&generation| request.generation <= generation)
+    failed
+        .get(&request.swarm)
+        .is_some_and(|&generation| request.generation <= generation)
 }
 
 /// Cuts every file of `swarm` that this batch wrote at or after op `from` back to where that
