@@ -281,26 +281,6 @@ struct FileBatch {
 /// Files of a batch that failed, with why.
 type FailedFiles = HashMap<Arc<PathBuf>, String>;
 
-/// A file of a batch, as a key of the maps the writer consults per request: it hashes the
-/// path's bytes in one go. (`Path`'s own `Hash` walks its components, and with SipHash that
-/// was a quarter of the writer's time per append.) Equality compares the same bytes, so
-/// that equal keys hash alike.
-struct FileKey<'a>(&'a Path);
-
-impl PartialEq for FileKey<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.0.as_os_str() == other.0.as_os_str()
-    }
-}
-
-impl Eq for FileKey<'_> {}
-
-impl std::hash::Hash for FileKey<'_> {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write(self.0.as_os_str().as_encoded_bytes());
-    }
-}
-
 /// What one batch did for one swarm of one shard.
 struct SwarmReach<'a> {
     swarm: &'a Arc<str>,
@@ -479,13 +459,16 @@ impl WriterState {
         // Where each file's bytes end so far: the buffers are sized before anything is
         // copied, so none of them grows (and copies itself again) on the way.
         let mut ends: Vec<u64> = Vec::new();
-        let mut open: FxHashMap<FileKey<'_>, usize> = FxHashMap::default();
+        // Files by their path's bytes (`OsStr` hashes and compares them as bytes; `Path`'s
+        // `Hash` walks its components, and with SipHash that was a quarter of the writer's
+        // time per append).
+        let mut open: FxHashMap<&std::ffi::OsStr, usize> = FxHashMap::default();
         let mut placed: Vec<(usize, &WriteRequest)> = Vec::with_capacity(batch.len());
         for request in batch
             .iter()
             .filter(|r| !refused(failed, r) && !failed_files.contains_key(&r.path))
         {
-            let key = FileKey(&request.path);
+            let key = request.path.as_os_str();
             let slot = open
                 .get(&key)
                 .copied()
