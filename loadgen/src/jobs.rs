@@ -220,15 +220,21 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                 .await
                 .context("a submitter connects")?;
             let mut updates = client.job_updates().context("job updates")?;
-            let submit_at: Arc<Mutex<HashMap<JobId, u64>>> = Arc::default();
+            let submit_at = Arc::new(Mutex::new(HashMap::<JobId, u64>::with_capacity(count)));
             let window = Arc::new(Semaphore::new(window.max(1)));
             let mut rng = Rng::new(seed);
             let sender = {
                 let (client, totals, submit_at) =
                     (client.clone(), totals.clone(), submit_at.clone());
                 tokio::spawn(async move {
-                    let mut tasks = Vec::with_capacity(count);
+                    // Finished submits are reaped as the loop goes: a task's memory is
+                    // held until its handle is joined, and keeping every handle to the
+                    // end made the loadgen fault in fresh pages for each job.
+                    let mut tasks = tokio::task::JoinSet::new();
                     for n in 0..count {
+                        while let Some(done) = tasks.try_join_next() {
+                            done??;
+                        }
                         let key = if n > 0 && rng.chance(duplicate_rate) {
                             format!("k{}", rng.next() % n as u64)
                         } else {
@@ -238,7 +244,7 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                         let (client, totals, submit_at) =
                             (client.clone(), totals.clone(), submit_at.clone());
                         let swarm = swarm.clone();
-                        tasks.push(tokio::spawn(async move {
+                        tasks.spawn(async move {
                             let _permit = permit;
                             let at = micros(start);
                             let mut payload = BytesMut::with_capacity(8);
@@ -273,16 +279,16 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
                                     Err(error) => return Err(error),
                                 }
                             }
-                        }));
+                        });
                     }
-                    for task in tasks {
-                        task.await??;
+                    while let Some(done) = tasks.join_next().await {
+                        done??;
                     }
                     anyhow::Ok(())
                 })
             };
             let mut dedup = JobDedup::default();
-            let mut handled: HashMap<JobId, u32> = HashMap::new();
+            let mut handled: HashMap<JobId, u32> = HashMap::with_capacity(count);
             let mut queue_wait_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
             let mut end_to_end_us = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
             let mut last_end = None;
