@@ -12,6 +12,7 @@ mod common;
 mod control;
 mod examples;
 mod hostile;
+mod jetstream;
 mod jobs;
 mod log_faults;
 mod mtls;

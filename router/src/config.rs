@@ -48,6 +48,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub queues: QueueConfig,
     pub log: LogConfig,
+    /// The NATS JetStream cluster, used when `log.backend = "jetstream"`.
+    pub jetstream: swarmbus_jetstream::JetStreamConfig,
     pub rate_limits: RateLimitsConfig,
     pub affinity: swarmbus_proto::workers::AffinityConfig,
     pub presence: swarmbus_proto::control::PresenceConfig,
@@ -384,6 +386,10 @@ impl RateLimitsConfig {
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogConfig {
+    /// Where the swarms' ordered logs live: `embedded` (files under `data_dir`, the
+    /// default) or `jetstream` (a stream per swarm on the `[jetstream]` cluster; the
+    /// router's own swarms stay embedded).
+    pub backend: LogBackendKind,
     /// `always` (fdatasync before acknowledging), `interval_ms:N` or `never_danger`.
     pub sync: SyncPolicy,
     /// Writer backend: `auto` (io_uring when the kernel allows, else plain file I/O),
@@ -413,6 +419,15 @@ pub struct LogConfig {
     /// The router's own log lines on stderr (not the event log): `text` (the default) or
     /// `json` (one JSON object per line, for log collectors).
     pub format: LogFormat,
+}
+
+/// `log.backend`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogBackendKind {
+    #[default]
+    Embedded,
+    Jetstream,
 }
 
 /// How the router writes its log lines (`log.format`).
@@ -454,6 +469,7 @@ impl LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
+            backend: LogBackendKind::Embedded,
             sync: SyncPolicy::Always,
             writer: WriterKind::Auto,
             segment_bytes: 64 << 20,
@@ -613,6 +629,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             queues: QueueConfig::default(),
             log: LogConfig::default(),
+            jetstream: swarmbus_jetstream::JetStreamConfig::default(),
             rate_limits: RateLimitsConfig::default(),
             affinity: swarmbus_proto::workers::AffinityConfig::default(),
             presence: swarmbus_proto::control::PresenceConfig::default(),

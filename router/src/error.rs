@@ -9,7 +9,7 @@ use thiserror::Error;
 /// [`std::error::Error::source`], not repeated in the message: print the chain (the binary
 /// prints `starting the router: binding 127.0.0.1:4433: Address in use`; see [`report`]).
 /// Start-up errors (`Config`, `ConfigRead`, `ConfigFile`, `Tls`,
-/// `NonLoopbackListen`, `Bind`, `DataDir`, `DamagedInternalLog`) are fatal; per-connection failures never surface here, they close that
+/// `NonLoopbackListen`, `Bind`, `DataDir`, `DamagedInternalLog`, `JetStream`) are fatal; per-connection failures never surface here, they close that
 /// connection with a wire [`swarmbus_schema::ErrorCode`].
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -32,6 +32,12 @@ pub enum RouterError {
          \"required\" (see docs/security.md) or use e.g. --listen 127.0.0.1:4433"
     )]
     NonLoopbackListen { addr: SocketAddr },
+    /// `log.backend = "jetstream"` and the cluster could not be used at start.
+    #[error("the JetStream log backend")]
+    JetStream {
+        #[source]
+        source: swarmbus_jetstream::Error,
+    },
     #[error("binding {addr}")]
     Bind {
         addr: SocketAddr,

@@ -50,7 +50,11 @@ pub struct JetStreamConfig {
     /// A NATS credentials file (user JWT and NKey seed).
     pub credentials_file: Option<PathBuf>,
     pub user: Option<String>,
+    /// Never printed back (`swarmbus-router --print-config` leaves it out).
+    #[serde(skip_serializing)]
     pub password: Option<String>,
+    /// Never printed back, like `password`.
+    #[serde(skip_serializing)]
     pub token: Option<String>,
     /// PEM roots that the servers' TLS certificates must chain to.
     pub tls_ca_file: Option<PathBuf>,
@@ -241,6 +245,37 @@ impl Cluster {
         Ok(out)
     }
 
+    /// The stream of `swarm` if the cluster holds it (it is not created).
+    pub async fn existing(&self, swarm: &str) -> Result<Option<SwarmStream>, Error> {
+        let name = self.stream_name(swarm);
+        let stream = match self.js.get_stream(&name).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                if let context::GetStreamErrorKind::JetStream(inner) = error.kind() {
+                    if inner.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND {
+                        return Ok(None);
+                    }
+                }
+                return Err(Error::Stream {
+                    stream: name,
+                    detail: error.to_string(),
+                });
+            }
+        };
+        let Some(info) = swarm_info(&name, stream.cached_info())? else {
+            return Ok(None);
+        };
+        Ok(Some(SwarmStream {
+            js: self.js.clone(),
+            stream,
+            subject: self.subject(swarm),
+            name,
+            epoch: info.epoch,
+            writer: self.writer,
+            config: self.config.clone(),
+        }))
+    }
+
     /// Opens the stream of `swarm`, creating it with `epoch` when it does not exist. The
     /// answer carries the epoch the stream was created with (an existing stream keeps its
     /// own).
@@ -422,14 +457,33 @@ impl SwarmStream {
         let mut last_error: String;
         let mut pause = Duration::from_millis(10);
         loop {
-            match self.get(append.op).await {
-                Ok(Some(found)) if found == append.record || append.filler => return Ok(()),
+            match self.get_message(append.op).await {
+                Ok(Some((found, _))) if found == append.record => return Ok(()),
+                Ok(Some((_, id))) if append.filler => {
+                    // This writer's own record of an op it gave up on (a publish that landed
+                    // after its deadline, from the client's buffer or the network) is erased:
+                    // its publisher was refused. Another writer's record stands.
+                    if id
+                        .as_deref()
+                        .is_some_and(|id| id == self.message_id(append.op))
+                    {
+                        tracing::warn!(stream = %self.name, op = append.op, "erasing a refused op that landed after its deadline");
+                        match self.stream.delete_message(append.op).await {
+                            Ok(_) => return Ok(()),
+                            Err(error) => last_error = format!("erasing op {}: {error}", append.op),
+                        }
+                    } else {
+                        return Ok(());
+                    }
+                }
                 Ok(Some(_)) => {
                     return Err(Error::Conflict {
                         stream: self.name.clone(),
                         op: append.op,
                     })
                 }
+                // Erased (above, by an earlier try): the op is void already.
+                Ok(None) if append.filler && self.last_op().await? >= append.op => return Ok(()),
                 Ok(None) => {
                     let answer = match self.publish(append, false).await {
                         Ok(ack) => ack.await.map_err(|e| e.to_string()),
@@ -466,8 +520,24 @@ impl SwarmStream {
 
     /// The record at op `op`, if the stream holds one.
     pub async fn get(&self, op: u64) -> Result<Option<Bytes>, Error> {
+        Ok(self.get_message(op).await?.map(|(record, _)| record))
+    }
+
+    /// The stream's last op (erased ones count).
+    async fn last_op(&self) -> Result<u64, Error> {
+        Ok(self.bounds().await?.1)
+    }
+
+    /// The record at op `op` and its message id, if the stream holds one.
+    async fn get_message(&self, op: u64) -> Result<Option<(Bytes, Option<String>)>, Error> {
         match self.stream.get_raw_message(op).await {
-            Ok(message) => Ok(Some(message.payload)),
+            Ok(message) => {
+                let id = message
+                    .headers
+                    .get(async_nats::header::NATS_MESSAGE_ID)
+                    .map(|v| v.as_str().to_owned());
+                Ok(Some((message.payload, id)))
+            }
             Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
             Err(error) => Err(Error::Stream {
                 stream: self.name.clone(),

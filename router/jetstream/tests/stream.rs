@@ -176,3 +176,33 @@ async fn a_server_that_acknowledges_before_syncing_is_refused() {
     let (stream, _) = cluster.open("delta", 1).await.unwrap();
     append(&stream, 1..=2).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_filler_erases_a_record_of_this_writer_that_landed_after_it_gave_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), true);
+    let cluster = Cluster::connect(config(&server)).await.unwrap();
+    let (stream, _) = cluster.open("epsilon", 3).await.unwrap();
+    // Op 2 lands (as a publish would that the writer had given up on and refused).
+    append(&stream, 1..=2).await.unwrap();
+    let filler = Append {
+        op: 2,
+        record: Bytes::new(),
+        filler: true,
+    };
+    stream
+        .append_all(vec![filler.clone()], |_| {})
+        .await
+        .unwrap();
+    assert_eq!(stream.get(2).await.unwrap(), None, "erased");
+    // Filled again (a retry after the erase): still void, nothing written.
+    stream.append_all(vec![filler], |_| {}).await.unwrap();
+    // The sequence goes on after the erased op, gap-free in numbering.
+    assert_eq!(append(&stream, 3..=3).await.unwrap(), vec![3]);
+    assert_eq!(stream.bounds().await.unwrap(), (1, 3));
+    let read = stream.read(1, 3, 10, usize::MAX).await.unwrap();
+    assert_eq!(
+        read.iter().map(|(op, _)| *op).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+}

@@ -14,6 +14,7 @@
 
 pub mod compact;
 pub mod disk;
+pub mod jetstream;
 pub mod store;
 pub mod writer;
 

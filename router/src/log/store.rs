@@ -354,7 +354,11 @@ impl SwarmLog {
                 (PathBuf::clone(&segment.path), offset, segment.len)
             })
             .collect();
-        ReadPlan { from, files }
+        ReadPlan {
+            from,
+            files,
+            remote: None,
+        }
     }
 
     /// Whether `path` is one of the log's segments now (a read that found it gone raced a
@@ -365,12 +369,25 @@ impl SwarmLog {
 }
 
 /// A read of a swarm's log planned by [`SwarmLog::plan_read`]: plain file reads, to run off
-/// the thread that owns the log.
+/// the thread that owns the log (or a read from a replicated backend, [`ReadPlan::remote`]).
 #[derive(Clone, Debug)]
 pub struct ReadPlan {
     pub from: OpId,
     /// (file, offset to start at, length when planned).
     files: Vec<(PathBuf, u64, u64)>,
+    remote: Option<std::sync::Arc<dyn RemoteRead>>,
+}
+
+/// A log read carried out by a backend other than the files: called on a thread that may
+/// block (the blocking pool), never on a shard's.
+pub trait RemoteRead: std::fmt::Debug + Send + Sync {
+    /// The records from op `from` on, bounded by count and bytes, as [`ReadPlan::read`].
+    fn read(
+        &self,
+        from: OpId,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, ReadFailed>;
 }
 
 /// A planned read failed.
@@ -388,6 +405,15 @@ impl std::fmt::Display for ReadFailed {
 }
 
 impl ReadPlan {
+    /// A read from op `from` on that `remote` carries out.
+    pub fn remote(from: OpId, remote: std::sync::Arc<dyn RemoteRead>) -> ReadPlan {
+        ReadPlan {
+            from,
+            files: Vec::new(),
+            remote: Some(remote),
+        }
+    }
+
     /// Reads the planned files: the records from `from` on, bounded by count and bytes.
     pub fn read(&self, max_records: usize, max_bytes: usize) -> std::io::Result<Vec<Record>> {
         self.read_noting_file(max_records, max_bytes)
@@ -400,6 +426,9 @@ impl ReadPlan {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<Record>, ReadFailed> {
+        if let Some(remote) = &self.remote {
+            return remote.read(self.from, max_records, max_bytes);
+        }
         let mut out = Vec::new();
         let mut bytes_out = 0;
         for (path, offset, len) in &self.files {

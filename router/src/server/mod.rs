@@ -64,7 +64,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, Instrument};
 
 use crate::bulk::{AbortOnDrop, BulkRuntime};
-use crate::config::Config;
+use crate::config::{Config, LogBackendKind};
 use crate::error::RouterError;
 use swarmbus_proto::core::CoreConfig;
 use swarmbus_proto::limits::{Breaker, BreakerState, ClassBuckets};

@@ -51,9 +51,13 @@ impl Router {
                 .and_then(crate::auth::Authenticator::client_verifier),
         )?;
         let recovered = recover(&config, &router_clock.clock)?;
+        let cluster = match config.log.backend {
+            LogBackendKind::Jetstream => Some(connect_cluster(&config, &recovered.logs).await?),
+            LogBackendKind::Embedded => None,
+        };
         let clock = router_clock.clock;
         let stats = Arc::new(Stats::default());
-        let started = start_shards(&config, recovered.logs, clock, &stats, disk)?;
+        let started = start_shards(&config, recovered.logs, cluster, clock, &stats, disk)?;
         let writer_kind = started.writer_kind;
         let context = shared_context(
             config,
@@ -602,6 +606,46 @@ fn recover(config: &Config, clock: &Clock) -> Result<Recovered, RouterError> {
     })
 }
 
+/// With `log.backend = "jetstream"`: the cluster, and the swarms its streams hold. The
+/// embedded log must hold none of the swarms' logs (they would be hidden, not moved).
+async fn connect_cluster(
+    config: &Config,
+    recovered: &[log::SwarmLog],
+) -> Result<
+    (
+        swarmbus_jetstream::Cluster,
+        Vec<swarmbus_jetstream::SwarmInfo>,
+    ),
+    RouterError,
+> {
+    let embedded: Vec<&str> = recovered
+        .iter()
+        .filter(|log| !log.is_internal())
+        .map(|log| log.name.as_str())
+        .collect();
+    if !embedded.is_empty() {
+        return Err(RouterError::Config {
+            detail: format!(
+                "log.backend = \"jetstream\", but the embedded log under {} holds the logs of \
+                 {} swarm(s) ({}...): the router would not serve them; move their data \
+                 directory away, or run with log.backend = \"embedded\"",
+                config.data_dir.join("log").display(),
+                embedded.len(),
+                embedded[0],
+            ),
+        });
+    }
+    let cluster = swarmbus_jetstream::Cluster::connect(config.jetstream.clone())
+        .await
+        .map_err(|source| RouterError::JetStream { source })?;
+    let swarms = cluster
+        .swarms()
+        .await
+        .map_err(|source| RouterError::JetStream { source })?;
+    info!(urls = ?config.jetstream.urls, swarms = swarms.len(), replicas = config.jetstream.replicas, "JetStream log backend ready");
+    Ok((cluster, swarms))
+}
+
 /// The shards (main ones, then the job queue's) and what the writers report.
 struct StartedShards {
     shards: Vec<ShardSender>,
@@ -618,6 +662,10 @@ struct StartedShards {
 fn start_shards(
     config: &Config,
     recovered: Vec<log::SwarmLog>,
+    cluster: Option<(
+        swarmbus_jetstream::Cluster,
+        Vec<swarmbus_jetstream::SwarmInfo>,
+    )>,
     clock: Clock,
     stats: &Arc<Stats>,
     disk: log::disk::Disk,
@@ -666,6 +714,12 @@ fn start_shards(
         };
         per_shard[index].push(swarm);
     }
+    let (cluster, streams) = cluster.unzip();
+    let mut streams_per_shard: Vec<Vec<swarmbus_jetstream::SwarmInfo>> =
+        (0..shard_count).map(|_| Vec::new()).collect();
+    for info in streams.into_iter().flatten() {
+        streams_per_shard[shard_of(&info.swarm, shard_count)].push(info);
+    }
     let retention = config.log.retention();
     // One count of swarms for every shard: `limits.max_swarms` is router-wide.
     let swarm_budget = SwarmBudget::new(
@@ -689,8 +743,19 @@ fn start_shards(
                 },
                 logs,
                 retention.clone(),
-                events_tx,
+                events_tx.clone(),
             );
+            let backend: Box<dyn log::LogBackend> = match &cluster {
+                Some(cluster) if !job_shard => Box::new(log::jetstream::SplitLog {
+                    embedded: shard_log,
+                    streams: log::jetstream::JetStreamLog::new(
+                        cluster.clone(),
+                        std::mem::take(&mut streams_per_shard[index]),
+                        events_tx,
+                    ),
+                }),
+                _ => Box::new(shard_log),
+            };
             // A shard runs on the runtime it is started from.
             let _inside = job_shard.then(|| bulk.handle().enter());
             let core_config = CoreConfig {
@@ -703,7 +768,7 @@ fn start_shards(
                 config.limits.shard_queue,
                 core_config,
                 Duration::from_millis(config.log.compaction_interval_ms),
-                Box::new(shard_log),
+                backend,
                 events,
                 stats.clone(),
                 clock,

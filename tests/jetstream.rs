@@ -1,0 +1,220 @@
+//! `log.backend = "jetstream"`: the swarms' ordered logs in a real nats-server's JetStream
+//! on 127.0.0.1 (installed by `scripts/nats-server`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use swarmbus_client::{Client, FileOffsetStore, IdempotentApply, PublishOptions, Session};
+use swarmbus_jetstream::testing::NatsServer;
+use swarmbus_jetstream::{Cluster, JetStreamConfig};
+use swarmbus_router::config::LogBackendKind;
+use swarmbus_router::Config;
+use swarmbus_schema::{Class, Deliver, OpId, Role};
+
+use crate::common::{recv_n, recv_until, TestRouter};
+
+fn jetstream(server: &NatsServer) -> JetStreamConfig {
+    JetStreamConfig {
+        urls: vec![server.url()],
+        monitor_urls: vec![server.monitor_url()],
+        ack_timeout_ms: 500,
+        append_deadline_ms: 1_500,
+        ..Default::default()
+    }
+}
+
+fn config(data: &Path, server: &NatsServer) -> Config {
+    let mut config = crate::common::config_in(data);
+    config.shards = 2;
+    config.presence.heartbeat_timeout_ms = 60_000;
+    // Redelivery of unacknowledged ops is not what these tests look at.
+    config.log.redelivery_timeout_ms = 120_000;
+    config.log.backend = LogBackendKind::Jetstream;
+    config.jetstream = jetstream(server);
+    config
+}
+
+async fn command(client: &Client, text: &str) -> Result<OpId, swarmbus_client::ClientError> {
+    client
+        .publish(
+            "s",
+            Class::Command,
+            Bytes::from(text.to_owned()),
+            PublishOptions::default(),
+        )
+        .await
+}
+
+fn ops(deliveries: &[Deliver]) -> Vec<u64> {
+    deliveries.iter().map(|d| d.op_id.0).collect()
+}
+
+/// The log lives in the cluster: a router started on an empty data directory serves the
+/// swarm from its stream, with the same epoch and op ids that continue, and an agent
+/// resumes there with exactly the ops it missed.
+#[tokio::test]
+async fn a_swarms_log_outlives_the_router_and_its_data_directory() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(nats_dir.path(), true);
+    let offsets = tempfile::tempdir().unwrap();
+    let store = FileOffsetStore::new(offsets.path().join("offsets"));
+
+    let first_data = tempfile::tempdir().unwrap();
+    let t = TestRouter::start_on(config(first_data.path(), &server)).await;
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    {
+        let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
+        agent.subscribe("s", Class::Command, None).await.unwrap();
+        for i in 1..=5 {
+            assert_eq!(command(&ctl, &format!("cmd-{i}")).await.unwrap(), OpId(i));
+        }
+        let mut apply = IdempotentApply::new();
+        for d in recv_n(&mut rx, 5).await {
+            assert!(apply.apply(&d, |_| ()).is_some());
+        }
+        apply.save(&store).unwrap();
+        agent.ack("s", Class::Command, OpId(5)).await.unwrap();
+        agent.close();
+    }
+    for i in 6..=15 {
+        command(&ctl, &format!("cmd-{i}")).await.unwrap();
+    }
+    drop(ctl);
+    let TestRouter { router, .. } = t;
+    router.shutdown().await;
+
+    // The stream holds every op, gap-free.
+    let cluster = Cluster::connect(jetstream(&server)).await.unwrap();
+    let stream = cluster
+        .existing("s")
+        .await
+        .unwrap()
+        .expect("the swarm's stream");
+    assert_eq!(stream.bounds().await.unwrap(), (1, 15));
+
+    let second_data = tempfile::tempdir().unwrap();
+    let t = TestRouter::start_on(config(second_data.path(), &server)).await;
+    let apply = IdempotentApply::load(&store).unwrap();
+    let session = Session::new("a1", Role::Agent, ["s"]).resume_from(&apply);
+    let (agent, mut rx) = t
+        .connector
+        .connect(t.router.local_addr(), session)
+        .await
+        .unwrap();
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    assert_eq!(command(&ctl, "cmd-16").await.unwrap(), OpId(16));
+    command(&ctl, "END").await.unwrap();
+    let got = recv_until(&mut rx, b"END").await;
+    assert_eq!(ops(&got), (6..=16).collect::<Vec<_>>());
+    assert!(got.iter().all(|d| Some(d.epoch) == apply.epoch("s")));
+    assert!(
+        agent.epoch_changes().is_empty(),
+        "the epoch is the stream's"
+    );
+    let payloads: Vec<String> = got[..10]
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        (6..=15).map(|i| format!("cmd-{i}")).collect::<Vec<_>>()
+    );
+    t.router.shutdown().await;
+}
+
+/// Without NATS the router acknowledges no command (it refuses them with SwarmUnavailable
+/// once an append misses its deadline); when NATS is back the swarm recovers by itself,
+/// and the stream stays gap-free, nothing refused delivered.
+#[tokio::test]
+async fn a_router_without_nats_refuses_commands_and_recovers_when_it_is_back() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let mut server = NatsServer::start(nats_dir.path(), true);
+    let data = tempfile::tempdir().unwrap();
+    let t = TestRouter::start_on(config(data.path(), &server)).await;
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut rx) = t.connect("agent", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    let first = command(&ctl, "before").await.unwrap();
+
+    server.kill();
+    let refused = command(&ctl, "refused").await.unwrap_err();
+    assert_eq!(refused.code(), Some(19), "SwarmUnavailable: {refused}");
+    assert!(t.router.stats().log_write_failures >= 1);
+
+    server.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        match command(&ctl, "after").await {
+            Ok(op) => break op,
+            Err(error) if Instant::now() < deadline => {
+                assert_eq!(error.code(), Some(19), "{error}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(error) => panic!("the swarm did not recover: {error}"),
+        }
+    };
+    assert!(after.0 > first.0 + 1, "a refused op id given out again");
+    let got = recv_n(&mut rx, 2).await;
+    let got: Vec<(u64, String)> = got
+        .iter()
+        .map(|d| (d.op_id.0, String::from_utf8_lossy(&d.payload).into_owned()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (first.0, "before".to_string()),
+            (after.0, "after".to_string())
+        ]
+    );
+    let cluster = Cluster::connect(jetstream(&server)).await.unwrap();
+    let stream = cluster.existing("s").await.unwrap().unwrap();
+    assert_eq!(stream.bounds().await.unwrap(), (1, after.0), "gap-free");
+    // A refused op holds a void record, or nothing: the client may have sent its publish
+    // again once NATS was back, after the router gave up on it, and the router erased it.
+    for op in first.0 + 1..after.0 {
+        if let Some(record) = stream.get(op).await.unwrap() {
+            assert!(
+                !String::from_utf8_lossy(&record).contains("refused"),
+                "op {op}: refused bytes in the stream"
+            );
+        }
+    }
+    let read = stream.read(1, after.0, 100, usize::MAX).await.unwrap();
+    assert!(read
+        .iter()
+        .all(|(_, r)| !String::from_utf8_lossy(r).contains("refused")));
+    assert_eq!(read.last().map(|(op, _)| *op), Some(after.0));
+    t.router.shutdown().await;
+}
+
+/// A start-up with swarms' logs in the embedded log, or against a server that does not
+/// sync before it acknowledges, is refused with the reason.
+#[tokio::test]
+async fn the_router_refuses_to_start_on_what_would_hide_or_lose_commands() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let unsynced = NatsServer::start(nats_dir.path(), false);
+    let data = tempfile::tempdir().unwrap();
+    let Err(error) = swarmbus_router::Router::start(config(data.path(), &unsynced)).await else {
+        panic!("a router on a server that acknowledges before syncing started");
+    };
+    let text = swarmbus_router::error::report(&error);
+    assert!(text.contains("sync_interval"), "{text}");
+    drop(unsynced);
+
+    let embedded = tempfile::tempdir().unwrap();
+    let t = TestRouter::start_on(crate::common::config_in(embedded.path())).await;
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    command(&ctl, "embedded").await.unwrap();
+    drop(ctl);
+    let TestRouter { router, .. } = t;
+    router.shutdown().await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(other_dir.path(), true);
+    let Err(error) = swarmbus_router::Router::start(config(embedded.path(), &server)).await else {
+        panic!("a router with swarms in its embedded log started on JetStream");
+    };
+    let text = swarmbus_router::error::report(&error);
+    assert!(text.contains("embedded log"), "{text}");
+}
