@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::common::{start_router, TestRouter};
 
 /// `GET path` on the admin listener: the status code and the body.
-async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn get(admin: SocketAddr, path: &str) -> (u16, String) {
     get_as(admin, path, None).await
 }
 

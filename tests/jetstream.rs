@@ -132,7 +132,12 @@ async fn a_router_without_nats_refuses_commands_and_recovers_when_it_is_back() {
     let nats_dir = tempfile::tempdir().unwrap();
     let mut server = NatsServer::start(nats_dir.path(), true);
     let data = tempfile::tempdir().unwrap();
-    let t = TestRouter::start_on(config(data.path(), &server)).await;
+    let mut with_admin = config(data.path(), &server);
+    with_admin.admin_listen =
+        swarmbus_router::config::AdminListen::At("127.0.0.1:0".parse().unwrap());
+    let t = TestRouter::start_on(with_admin).await;
+    let admin = t.router.admin_addr().expect("the admin listener");
+    assert_eq!(crate::admin::get(admin, "/readyz").await.0, 200);
     let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
     let (agent, mut rx) = t.connect("agent", Role::Agent, &["s"]).await;
     agent.subscribe("s", Class::Command, None).await.unwrap();
@@ -142,6 +147,10 @@ async fn a_router_without_nats_refuses_commands_and_recovers_when_it_is_back() {
     let refused = command(&ctl, "refused").await.unwrap_err();
     assert_eq!(refused.code(), Some(19), "SwarmUnavailable: {refused}");
     assert!(t.router.stats().log_write_failures >= 1);
+    // The router says it is not ready while it has no connection to the cluster.
+    let (status, why) = crate::admin::get(admin, "/readyz").await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("JetStream"), "{why}");
 
     server.restart();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -156,6 +165,7 @@ async fn a_router_without_nats_refuses_commands_and_recovers_when_it_is_back() {
         }
     };
     assert!(after.0 > first.0 + 1, "a refused op id given out again");
+    assert_eq!(crate::admin::get(admin, "/readyz").await.0, 200);
     let got = recv_n(&mut rx, 2).await;
     let got: Vec<(u64, String)> = got
         .iter()

@@ -840,6 +840,24 @@ impl Config {
     // One check per setting, in the order of `router/swarmbus.example.toml`, each with the
     // message an operator sees: a list, long by design.
     pub fn validate(&self) -> Result<(), RouterError> {
+        if self.log.backend == LogBackendKind::Jetstream {
+            let js = &self.jetstream;
+            if js.urls.is_empty() {
+                return Err(config_error(
+                    "log.backend = \"jetstream\" needs jetstream.urls",
+                ));
+            }
+            if js.replicas == 0 || js.max_in_flight == 0 || js.ack_timeout_ms == 0 {
+                return Err(config_error(
+                    "jetstream.replicas, jetstream.max_in_flight and jetstream.ack_timeout_ms must be at least 1",
+                ));
+            }
+            if js.append_deadline_ms < js.ack_timeout_ms {
+                return Err(config_error(
+                    "jetstream.append_deadline_ms must be at least jetstream.ack_timeout_ms",
+                ));
+            }
+        }
         // Without credentials nobody is identified: loopback only.
         let open = self.auth.mode == crate::auth::AuthMode::None;
         if open && !self.listen.ip().is_loopback() {
@@ -1088,6 +1106,7 @@ mod tests {
             "json",
             "required",
             "file",
+            "jetstream",
             "/tmp/x",
         ];
         let mut moved_keys = 0;
@@ -1100,6 +1119,12 @@ mod tests {
                     .iter()
                     .map(|s| toml::Value::String(s.to_string()))
                     .collect(),
+                // A list of texts (servers, files) gets one more.
+                toml::Value::Array(items) => {
+                    let mut longer = items.clone();
+                    longer.push(toml::Value::String("/tmp/x".into()));
+                    vec![toml::Value::Array(longer)]
+                }
                 other => vec![other.clone()],
             };
             let expected = candidates.into_iter().find_map(|moved| {

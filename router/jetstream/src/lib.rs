@@ -212,6 +212,12 @@ impl Cluster {
         &self.config
     }
 
+    /// Whether the connection to the cluster is up now (the client reconnects by itself
+    /// when it is not).
+    pub fn is_connected(&self) -> bool {
+        self.js.client().connection_state() == async_nats::connection::State::Connected
+    }
+
     /// The stream name of `swarm`.
     pub fn stream_name(&self, swarm: &str) -> String {
         format!("{}_{}", self.config.stream_prefix, hex(swarm.as_bytes()))

@@ -57,6 +57,13 @@ impl AdminState {
             _ => {}
         }
         let context = self.context.get()?;
+        if context.cluster.as_ref().is_some_and(|c| !c.is_connected()) {
+            return Some(
+                "not connected to the JetStream cluster: commands and control are refused \
+                 once their appends miss jetstream.append_deadline_ms"
+                    .into(),
+            );
+        }
         let unavailable = context
             .stats
             .internal_log_unavailable

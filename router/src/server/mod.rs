@@ -123,6 +123,8 @@ struct Context {
     shards: Vec<ShardSender>,
     /// What the log writers measure (the main one's, the job queue's).
     log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
+    /// The JetStream cluster, with `log.backend = "jetstream"`.
+    cluster: Option<swarmbus_jetstream::Cluster>,
     /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
     job_shards: Vec<ShardSender>,
     stats: Arc<Stats>,

@@ -654,6 +654,7 @@ struct StartedShards {
     writer_kind: WriterKind,
     /// What the two log writers measure.
     log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
+    cluster: Option<swarmbus_jetstream::Cluster>,
 }
 
 /// Starts the bulk runtime, the two log writers and the shards, each with its swarms.
@@ -782,6 +783,7 @@ fn start_shards(
         bulk,
         writer_kind: writer.kind(),
         log_metrics: vec![writer.metrics(), jobs_writer.metrics()],
+        cluster,
     })
 }
 
@@ -815,6 +817,7 @@ fn shared_context(
         shards: started.shards,
         job_shards: started.job_shards,
         log_metrics: started.log_metrics,
+        cluster: started.cluster,
         stats: stats.clone(),
         next_conn: AtomicU64::new(1),
         swarm_guards: Mutex::new(HashMap::new()),
