@@ -228,3 +228,112 @@ async fn the_router_refuses_to_start_on_what_would_hide_or_lose_commands() {
     let text = swarmbus_router::error::report(&error);
     assert!(text.contains("embedded log"), "{text}");
 }
+
+/// Three nats-servers, the swarm's stream on all three: the leader of the stream killed
+/// mid-load, every command is still acknowledged (after the election) and delivered in
+/// order; restarted, it catches up.
+#[tokio::test]
+async fn commands_carry_on_when_the_streams_leader_stops_and_it_catches_up_when_back() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let mut servers = NatsServer::start_cluster(nats_dir.path(), 3);
+    let data = tempfile::tempdir().unwrap();
+    let mut config = config(data.path(), &servers[0]);
+    config.jetstream = JetStreamConfig {
+        urls: servers.iter().map(NatsServer::url).collect(),
+        monitor_urls: servers.iter().map(NatsServer::monitor_url).collect(),
+        replicas: 3,
+        // A new leader is elected within seconds; appends wait for it.
+        append_deadline_ms: 30_000,
+        ..Default::default()
+    };
+    let js = config.jetstream.clone();
+    // JetStream's meta leader is elected after the servers met: the start retries until
+    // the cluster takes the stream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let t = loop {
+        match swarmbus_router::Router::start(config.clone()).await {
+            Ok(router) => {
+                let connector =
+                    swarmbus_client::Connector::new(router.ca_path().unwrap(), "localhost")
+                        .unwrap();
+                break TestRouter::from_parts(router, connector);
+            }
+            Err(error) if Instant::now() < deadline => {
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("the router starts on the cluster: {error}"),
+        }
+    };
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    let (agent, mut rx) = t.connect("agent", Role::Agent, &["s"]).await;
+    agent.subscribe("s", Class::Command, None).await.unwrap();
+    // The first command makes the stream; until the cluster has a meta leader it may be
+    // refused, and is sent again.
+    loop {
+        match command(&ctl, "cmd-0").await {
+            Ok(_) => break,
+            Err(error) if Instant::now() < deadline => {
+                assert_eq!(error.code(), Some(19), "{error}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("the first command: {error}"),
+        }
+    }
+    for i in 1..50 {
+        command(&ctl, &format!("cmd-{i}")).await.unwrap();
+    }
+    let cluster = Cluster::connect(js.clone()).await.unwrap();
+    let stream = cluster.existing("s").await.unwrap().unwrap();
+    let (leader, _) = stream
+        .replication()
+        .await
+        .unwrap()
+        .expect("a replicated stream");
+    let stopped = servers
+        .iter()
+        .position(|s| s.name() == Some(leader.as_str()))
+        .expect("the leader is one of the servers");
+    servers[stopped].kill();
+    for i in 50..100 {
+        command(&ctl, &format!("cmd-{i}")).await.unwrap();
+    }
+    let got = recv_n(&mut rx, 100).await;
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+        .collect();
+    assert_eq!(
+        payloads,
+        (0..100).map(|i| format!("cmd-{i}")).collect::<Vec<_>>()
+    );
+    let first = got[0].op_id.0;
+    assert_eq!(ops(&got), (first..first + 100).collect::<Vec<_>>());
+
+    servers[stopped].restart();
+    let stopped_name = servers[stopped].name().unwrap().to_owned();
+    let caught_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let replication = stream.replication().await;
+        let current = match &replication {
+            Ok(Some((leader, replicas))) => {
+                *leader == stopped_name
+                    || replicas
+                        .iter()
+                        .any(|(name, current)| *name == stopped_name && *current)
+            }
+            _ => false,
+        };
+        if current {
+            break;
+        }
+        assert!(
+            Instant::now() < caught_up,
+            "the restarted server did not catch up: {replication:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, last) = stream.bounds().await.unwrap();
+    assert_eq!(last, first + 99);
+    t.router.shutdown().await;
+}

@@ -852,6 +852,35 @@ impl Config {
                     "jetstream.replicas, jetstream.max_in_flight and jetstream.ack_timeout_ms must be at least 1",
                 ));
             }
+            if js.replicas > 5 || js.connect_timeout_ms == 0 {
+                return Err(config_error(
+                    "jetstream.replicas must be 1 to 5 (JetStream's limit) and jetstream.connect_timeout_ms at least 1",
+                ));
+            }
+            let token_ok = |t: &str| {
+                !t.is_empty()
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            };
+            if !token_ok(&js.stream_prefix) {
+                return Err(config_error(format!(
+                    "jetstream.stream_prefix {:?}: letters, digits, '_' and '-' only",
+                    js.stream_prefix
+                )));
+            }
+            if !js.subject_prefix.split('.').all(token_ok) {
+                return Err(config_error(format!(
+                    "jetstream.subject_prefix {:?}: dot-separated tokens of letters, digits, '_' and '-'",
+                    js.subject_prefix
+                )));
+            }
+            if js.monitor_urls.is_empty() && !js.danger_unsynced_acks {
+                return Err(config_error(
+                    "jetstream.monitor_urls is empty: list every server's HTTP monitoring endpoint \
+                     (http://host:8222) so the router can check that it syncs before acknowledging, \
+                     or set jetstream.danger_unsynced_acks = true",
+                ));
+            }
             if js.append_deadline_ms < js.ack_timeout_ms {
                 return Err(config_error(
                     "jetstream.append_deadline_ms must be at least jetstream.ack_timeout_ms",
@@ -1191,6 +1220,28 @@ mod tests {
             config.admin_listen,
             AdminListen::At("127.0.0.1:9464".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn jetstream_secrets_in_the_file_survive_loading_with_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("router.toml");
+        std::fs::write(
+            &path,
+            "[log]\nbackend = \"jetstream\"\n[jetstream]\nuser = \"router\"\npassword = \"s3cret\"\ntoken = \"t0ken\"\nmonitor_urls = [\"http://127.0.0.1:8222\"]\n",
+        )
+        .unwrap();
+        let vars = [("SWARMBUS_JETSTREAM__REPLICAS".to_string(), "3".to_string())];
+        let config = Config::load(Some(&path), vars).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.jetstream.password.as_deref(), Some("s3cret"));
+        assert_eq!(config.jetstream.token.as_deref(), Some("t0ken"));
+        assert_eq!(config.jetstream.replicas, 3);
+        let bad = Config::from_toml("[log]\nbackend = \"jetstream\"\n[jetstream]\nstream_prefix = \"a.b\"\nmonitor_urls = [\"http://x:1\"]\n").unwrap();
+        assert!(bad.validate().is_err());
+        let unverified = Config::from_toml("[log]\nbackend = \"jetstream\"\n").unwrap();
+        let error = unverified.validate().unwrap_err().to_string();
+        assert!(error.contains("monitor_urls"), "{error}");
     }
 
     #[test]

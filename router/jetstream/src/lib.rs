@@ -50,11 +50,9 @@ pub struct JetStreamConfig {
     /// A NATS credentials file (user JWT and NKey seed).
     pub credentials_file: Option<PathBuf>,
     pub user: Option<String>,
-    /// Never printed back (`swarmbus-router --print-config` leaves it out).
-    #[serde(skip_serializing)]
+    /// Printed as `"(set)"` by `swarmbus-router --check-config`.
     pub password: Option<String>,
-    /// Never printed back, like `password`.
-    #[serde(skip_serializing)]
+    /// Printed as `"(set)"`, like `password`.
     pub token: Option<String>,
     /// PEM roots that the servers' TLS certificates must chain to.
     pub tls_ca_file: Option<PathBuf>,
@@ -167,6 +165,8 @@ impl Cluster {
         let mut options = async_nats::ConnectOptions::new()
             .name("swarmbus-router")
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+            // A dead connection is noticed within a few pings (and /readyz says so).
+            .ping_interval(Duration::from_secs(5))
             .require_tls(config.require_tls);
         if let Some(path) = &config.credentials_file {
             options = options
@@ -198,8 +198,12 @@ impl Cluster {
                 urls: config.urls.clone(),
                 detail: e.to_string(),
             })?;
+        // No router-wide cap on acknowledgements in flight: each swarm's appender bounds
+        // its own (`max_in_flight`), and a shared cap would let swarms that each hold part
+        // of it wait on one another for ever.
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_millis(config.ack_timeout_ms))
+            .max_ack_inflight(tokio::sync::Semaphore::MAX_PERMITS)
             .build(client);
         Ok(Cluster {
             js,
@@ -218,13 +222,15 @@ impl Cluster {
         self.js.client().connection_state() == async_nats::connection::State::Connected
     }
 
-    /// The stream name of `swarm`.
+    /// The stream name of `swarm`: the name's bytes in hex, or, for a name too long for a
+    /// stream name (NATS allows 255 characters), `H` and the SHA-256 of the name in hex
+    /// (the name itself is in the stream's metadata).
     pub fn stream_name(&self, swarm: &str) -> String {
-        format!("{}_{}", self.config.stream_prefix, hex(swarm.as_bytes()))
+        format!("{}_{}", self.config.stream_prefix, swarm_token(swarm))
     }
 
     fn subject(&self, swarm: &str) -> String {
-        format!("{}.{}", self.config.subject_prefix, hex(swarm.as_bytes()))
+        format!("{}.{}", self.config.subject_prefix, swarm_token(swarm))
     }
 
     /// The swarms whose streams the cluster holds (those named with this router's prefix).
@@ -244,8 +250,11 @@ impl Cluster {
                 stream: name.clone(),
                 detail: e.to_string(),
             })?;
-            if let Some(info) = swarm_info(&name, stream.cached_info())? {
-                out.push(info);
+            match swarm_info(&name, stream.cached_info())? {
+                // Only this router's streams: a longer prefix of another deployment
+                // (`SWARMBUS_B_...`) starts the same way.
+                Some(info) if self.stream_name(&info.swarm) == name => out.push(info),
+                _ => {}
             }
         }
         Ok(out)
@@ -413,17 +422,38 @@ impl SwarmStream {
         appends: Vec<Append>,
         mut durable: impl FnMut(u64),
     ) -> Result<(), Error> {
+        // A message past the server's limit would make it close the connection, which
+        // every swarm shares: such an op is refused before it is sent, once the ops before
+        // it are settled.
+        let max_payload = self.js.client().server_info().max_payload;
+        let mut oversized = None;
         let mut waiting = appends.into_iter();
         let mut in_flight: VecDeque<(Append, Result<context::PublishAckFuture, String>)> =
             VecDeque::new();
         loop {
-            while in_flight.len() < self.config.max_in_flight {
+            while in_flight.len() < self.config.max_in_flight && oversized.is_none() {
                 let Some(append) = waiting.next() else { break };
+                if max_payload > 0 && append.record.len() > max_payload {
+                    oversized = Some(append);
+                    break;
+                }
                 let chained = in_flight
                     .back()
                     .is_some_and(|(last, _)| last.op + 1 == append.op);
                 let sent = self.publish(&append, chained).await;
                 in_flight.push_back((append, sent));
+            }
+            if in_flight.is_empty() {
+                if let Some(large) = oversized {
+                    return Err(Error::Stream {
+                        stream: self.name.clone(),
+                        detail: format!(
+                            "op {}: its record of {} bytes is larger than the server's max_payload ({max_payload})",
+                            large.op,
+                            large.record.len()
+                        ),
+                    });
+                }
             }
             let Some((append, sent)) = in_flight.pop_front() else {
                 return Ok(());
@@ -489,7 +519,9 @@ impl SwarmStream {
                     })
                 }
                 // Erased (above, by an earlier try): the op is void already.
-                Ok(None) if append.filler && self.last_op().await? >= append.op => return Ok(()),
+                Ok(None) if append.filler && self.last_op().await.is_ok_and(|l| l >= append.op) => {
+                    return Ok(())
+                }
                 Ok(None) => {
                     let answer = match self.publish(append, false).await {
                         Ok(ack) => ack.await.map_err(|e| e.to_string()),
@@ -579,6 +611,11 @@ impl SwarmStream {
             })
             .await
             .map_err(|e| failed(format!("starting a read from op {from}: {e}")))?;
+        // Nothing at or after `from` (the ops there were erased): the consumer would wait
+        // for a message that never comes.
+        if reader.cached_info().num_pending == 0 {
+            return Ok(out);
+        }
         let mut messages = reader
             .messages()
             .await
@@ -604,6 +641,30 @@ impl SwarmStream {
         Ok(out)
     }
 
+    /// The stream's replication now: its leader's server name, and for each other replica
+    /// its name and whether it is current (holds every op the leader does). `None` for a
+    /// stream that is not replicated.
+    pub async fn replication(&self) -> Result<Option<(String, Vec<(String, bool)>)>, Error> {
+        let info = self.stream.get_info().await.map_err(|e| Error::Stream {
+            stream: self.name.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(info.cluster.and_then(|cluster| {
+            let leader = cluster.leader?;
+            let replicas = cluster
+                .replicas
+                .into_iter()
+                .map(|peer| {
+                    (
+                        peer.name,
+                        peer.current && !peer.offline && peer.lag.unwrap_or(0) == 0,
+                    )
+                })
+                .collect();
+            Some((leader, replicas))
+        }))
+    }
+
     /// The stream's first and last op now.
     pub async fn bounds(&self) -> Result<(u64, u64), Error> {
         let info = self.stream.get_info().await.map_err(|e| Error::Stream {
@@ -626,6 +687,17 @@ fn writer_id() -> u64 {
             .map_or(0, |d| d.as_nanos()),
     );
     hasher.finish()
+}
+
+/// A swarm's token in stream names and subjects (see [`Cluster::stream_name`]).
+fn swarm_token(swarm: &str) -> String {
+    // 200 bytes of hex leave room for a prefix of up to 54 characters.
+    if swarm.len() <= 100 {
+        hex(swarm.as_bytes())
+    } else {
+        let digest = ring::digest::digest(&ring::digest::SHA256, swarm.as_bytes());
+        format!("H{}", hex(digest.as_ref()))
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -195,6 +195,14 @@ async fn a_filler_erases_a_record_of_this_writer_that_landed_after_it_gave_up() 
         .await
         .unwrap();
     assert_eq!(stream.get(2).await.unwrap(), None, "erased");
+    // A read of nothing but erased ops answers at once, empty.
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read(2, 2, 10, usize::MAX),
+    )
+    .await
+    .expect("a read of an erased tail answers");
+    assert!(read.unwrap().is_empty());
     // Filled again (a retry after the erase): still void, nothing written.
     stream.append_all(vec![filler], |_| {}).await.unwrap();
     // The sequence goes on after the erased op, gap-free in numbering.
@@ -205,4 +213,75 @@ async fn a_filler_erases_a_record_of_this_writer_that_landed_after_it_gave_up() 
         read.iter().map(|(op, _)| *op).collect::<Vec<_>>(),
         vec![1, 3]
     );
+}
+
+#[tokio::test]
+async fn the_router_signs_in_and_a_wrong_password_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start_with_user(dir.path(), "router", "s3cret");
+    let signed_in = JetStreamConfig {
+        user: Some("router".into()),
+        password: Some("s3cret".into()),
+        ..config(&server)
+    };
+    let cluster = Cluster::connect(signed_in.clone()).await.unwrap();
+    let (stream, _) = cluster.open("zeta", 1).await.unwrap();
+    append(&stream, 1..=1).await.unwrap();
+    let wrong = JetStreamConfig {
+        password: Some("guess".into()),
+        connect_timeout_ms: 2_000,
+        ..signed_in
+    };
+    match Cluster::connect(wrong).await {
+        Err(Error::Connect { detail, .. }) => {
+            assert!(detail.to_lowercase().contains("authori"), "{detail}")
+        }
+        other => panic!("expected the sign-in refused, got {other:?}"),
+    }
+    let anonymous = JetStreamConfig {
+        connect_timeout_ms: 2_000,
+        ..config(&server)
+    };
+    assert!(matches!(
+        Cluster::connect(anonymous).await,
+        Err(Error::Connect { .. })
+    ));
+}
+
+/// Many swarms appending at once over one connection, each with its window of publishes
+/// on the wire: none waits on another's (the client's acknowledgement cap is not shared).
+#[tokio::test]
+async fn many_swarms_append_at_once_over_one_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), false);
+    let cluster = Cluster::connect(JetStreamConfig {
+        danger_unsynced_acks: true,
+        ..config(&server)
+    })
+    .await
+    .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let (stream, _) = cluster.open(&format!("many-{i}"), 1).await.unwrap();
+        tasks.spawn(async move { append(&stream, 1..=300).await.map(|d| d.len()) });
+    }
+    let all = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        let mut done = 0;
+        while let Some(joined) = tasks.join_next().await {
+            assert_eq!(joined.unwrap().unwrap(), 300);
+            done += 1;
+        }
+        done
+    })
+    .await
+    .expect("every swarm's appends complete");
+    assert_eq!(all, 40);
+    // A name too long for a stream name in hex gets a hashed one, and is listed by name.
+    let long = "a-long-swarm-name/".repeat(20);
+    let (stream, _) = cluster.open(&long, 1).await.unwrap();
+    assert!(stream.name().len() < 100, "{}", stream.name());
+    append(&stream, 1..=2).await.unwrap();
+    let listed = cluster.swarms().await.unwrap();
+    assert_eq!(listed.len(), 41);
+    assert!(listed.iter().any(|s| s.swarm == long && s.last_op == 2));
 }

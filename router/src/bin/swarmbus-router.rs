@@ -395,9 +395,16 @@ async fn run() -> anyhow::Result<()> {
             swarmbus_router::tls::ServerIdentity::load(cert, key)?;
         }
         swarmbus_router::auth::Authenticator::check_files(&config.auth, &config.data_dir)?;
+        // Secrets are shown as set, never printed.
+        let mut shown = config.clone();
+        for secret in [&mut shown.jetstream.password, &mut shown.jetstream.token] {
+            if secret.is_some() {
+                *secret = Some("(set)".into());
+            }
+        }
         print!(
             "{}",
-            toml::to_string(&config).context("printing the configuration")?
+            toml::to_string(&shown).context("printing the configuration")?
         );
         return Ok(());
     }

@@ -203,9 +203,10 @@ async fn run_appender(
             },
         };
         let last_in_run = run.last().map_or(0, |a| a.op);
-        let mut reported = None;
+        let (mut reported, mut acknowledged) = (None, None);
         let result = stream
             .append_all(run, |op| {
+                acknowledged = Some(op);
                 if op == last_in_run || op % DURABLE_EVERY == 0 {
                     reported = Some(op);
                     let _ = events.send(LogEvent::Durable {
@@ -216,9 +217,14 @@ async fn run_appender(
             })
             .await;
         if let Err(error) = result {
-            // Ops acknowledged after the last one reported are refused with the rest and
-            // voided; a void is satisfied by what the stream holds at its op.
-            let from = reported.map_or(first_op, |op| op + 1);
+            // Every op the stream acknowledged is reported durable before the rest fail.
+            if let Some(op) = acknowledged.filter(|&op| Some(op) != reported) {
+                let _ = events.send(LogEvent::Durable {
+                    swarm: swarm.clone(),
+                    up_to: OpId(op),
+                });
+            }
+            let from = acknowledged.map_or(first_op, |op| op + 1);
             fail(from, generation, error.to_string());
             failed_generation = Some(generation);
         }
