@@ -97,3 +97,74 @@ fn recorded_commands_are_all_found_in_the_log() {
     assert_eq!(last_json(&output)["mismatched"], 1);
     runtime.block_on(router.shutdown());
 }
+
+/// With the log on JetStream, `check` finds what `durable --record` had acknowledged by one
+/// router through another router started afterwards on an empty data directory.
+#[test]
+fn recorded_commands_are_found_through_another_router_on_the_cluster() {
+    use swarmbus_jetstream::testing::NatsServer;
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(&dir.path().join("nats"), true);
+    let record = dir.path().join("record.jsonl");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let start = |data: &str| {
+        let mut config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join(data),
+            admin_listen: swarmbus_router::config::AdminListen::Off,
+            ..Config::default()
+        };
+        config.log.backend = swarmbus_router::config::LogBackendKind::Jetstream;
+        config.jetstream.urls = vec![server.url()];
+        config.jetstream.monitor_urls = vec![server.monitor_url()];
+        runtime.block_on(Router::start(config)).unwrap()
+    };
+    let loadgen = |scenario: &str, router: &Router| {
+        let mut command = Command::new(LOADGEN);
+        command
+            .arg(scenario)
+            .arg("--router")
+            .arg(router.local_addr().to_string())
+            .arg("--ca")
+            .arg(router.ca_path().unwrap());
+        command
+    };
+    let first = start("router-a");
+    let output = loadgen("durable", &first)
+        .args([
+            "--swarms",
+            "3",
+            "--window",
+            "16",
+            "--duration",
+            "700ms",
+            "--json",
+            "--record",
+        ])
+        .arg(&record)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let acked = last_json(&output)["acked"].as_u64().unwrap();
+    assert!(acked > 0);
+    runtime.block_on(first.shutdown());
+
+    let second = start("router-b");
+    let output = loadgen("check", &second)
+        .arg("--record")
+        .arg(&record)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let report = last_json(&output);
+    assert!(output.status.success(), "{report}");
+    assert_eq!(report["checked"].as_u64().unwrap(), acked);
+    for key in ["missing", "mismatched", "gaps", "duplicate_ops"] {
+        assert_eq!(report[key], 0, "{report}");
+    }
+    runtime.block_on(second.shutdown());
+}
