@@ -144,10 +144,10 @@ impl JobRecord {
     pub fn key(&self) -> String {
         let id = self.job_id().0;
         match self {
-            JobRecord::Spec(_) | JobRecord::Forget { .. } => format!("s{id:016x}"),
-            JobRecord::Lease { .. } | JobRecord::ForgetLease { .. } => format!("l{id:016x}"),
-            JobRecord::End(_) | JobRecord::ForgetEnd { .. } => format!("j{id:016x}"),
-            JobRecord::NextJob { .. } => format!("n{:016x}", 0),
+            JobRecord::Spec(_) | JobRecord::Forget { .. } => super::hex_tagged("s", id),
+            JobRecord::Lease { .. } | JobRecord::ForgetLease { .. } => super::hex_tagged("l", id),
+            JobRecord::End(_) | JobRecord::ForgetEnd { .. } => super::hex_tagged("j", id),
+            JobRecord::NextJob { .. } => super::hex_tagged("n", 0),
         }
     }
 
