@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::record::{parse_record, ParseError};
 use super::store::RemoteRead;
 use super::{
-    encode_record, is_internal, Compacted, LogBackend, LogError, LogEvent, LogState, ReadFailed,
+    is_internal, void_record, Compacted, LogBackend, LogError, LogEvent, LogState, ReadFailed,
     ReadPlan, Record, RecordParts, ShardLog,
 };
 
@@ -294,8 +294,20 @@ impl LogBackend for JetStreamLog {
         let Some(plan) = self.plan_read(swarm, from) else {
             return Ok(Vec::new());
         };
-        // The read blocks on the runtime: a thread of its own, as this may be called from
-        // one of the runtime's.
+        // The read blocks on the backend's runtime: a thread of its own, as this may be
+        // called from one of the runtime's. A current-thread runtime is driven only by its
+        // own thread, which would wait here for ever: refused.
+        let current = tokio::runtime::Handle::try_current().ok();
+        if current
+            .is_some_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+        {
+            return Err(LogError::Unavailable {
+                swarm: swarm.to_owned(),
+                reason: "a JetStream swarm's log is read off the runtime (ReadPlan), not from \
+                         a current-thread runtime's own thread"
+                    .into(),
+            });
+        }
         std::thread::scope(|scope| {
             scope
                 .spawn(|| plan.read_noting_file(max_records, max_bytes))
@@ -360,15 +372,7 @@ impl LogBackend for JetStreamLog {
             None => return Err(LogError::Stopped),
         };
         for op in from.0..=to.0 {
-            let void = encode_record(
-                epoch,
-                OpId(op),
-                now_ms,
-                swarmbus_schema::Class::Command,
-                b"",
-                bytes::Bytes::new(),
-                bytes::Bytes::new(),
-            );
+            let void = void_record(epoch, OpId(op), now_ms);
             self.queue(swarm, OpId(op), void.to_bytes(), true)?;
         }
         Ok(())

@@ -441,16 +441,7 @@ impl LogBackend for ShardLog {
             None => return Err(LogError::Stopped),
         };
         for op in from.0..=to.0 {
-            let void = encode_record(
-                epoch,
-                OpId(op),
-                now_ms,
-                swarmbus_schema::Class::Command,
-                b"",
-                bytes::Bytes::new(),
-                bytes::Bytes::new(),
-            );
-            self.append(swarm, OpId(op), void)?;
+            self.append(swarm, OpId(op), void_record(epoch, OpId(op), now_ms))?;
         }
         Ok(())
     }
@@ -483,6 +474,20 @@ impl LogBackend for ShardLog {
             Err(error) => tracing::error!(%swarm, %error, "log compaction failed; will retry"),
         }
     }
+}
+
+/// The void record of op `op`: no frame, so never delivered, replayed or read back as
+/// anything; it keeps the log gap-free where an op was refused.
+pub fn void_record(epoch: Epoch, op: OpId, now_ms: u64) -> RecordParts {
+    encode_record(
+        epoch,
+        op,
+        now_ms,
+        swarmbus_schema::Class::Command,
+        b"",
+        bytes::Bytes::new(),
+        bytes::Bytes::new(),
+    )
 }
 
 /// Deletes the files `swarm`'s log no longer holds on the blocking pool, so that neither
