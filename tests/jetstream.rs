@@ -227,6 +227,23 @@ async fn the_router_refuses_to_start_on_what_would_hide_or_lose_commands() {
     };
     let text = swarmbus_router::error::report(&error);
     assert!(text.contains("embedded log"), "{text}");
+
+    // A server whose messages are smaller than the largest command record.
+    let small_dir = tempfile::tempdir().unwrap();
+    let small = NatsServer::start_configured(small_dir.path(), "max_payload: 65536");
+    let data = tempfile::tempdir().unwrap();
+    let Err(error) = swarmbus_router::Router::start(config(data.path(), &small)).await else {
+        panic!("a router started on a server whose max_payload cannot hold a command");
+    };
+    let text = swarmbus_router::error::report(&error);
+    assert!(text.contains("max_payload"), "{text}");
+    let mut fitting = config(data.path(), &small);
+    fitting.limits.max_payload_bytes.command = 32 << 10;
+    fitting.limits.max_payload_bytes.control = 32 << 10;
+    let t = TestRouter::start_on(fitting).await;
+    let (ctl, _r) = t.connect("ctl", Role::Controller, &["s"]).await;
+    command(&ctl, "fits").await.unwrap();
+    t.router.shutdown().await;
 }
 
 /// Three nats-servers, the swarm's stream on all three: the leader of the stream killed
@@ -294,9 +311,21 @@ async fn commands_carry_on_when_the_streams_leader_stops_and_it_catches_up_when_
         .iter()
         .position(|s| s.name() == Some(leader.as_str()))
         .expect("the leader is one of the servers");
-    servers[stopped].kill();
+    // Killed with commands in flight: ten sent and not yet acknowledged, forty after.
+    let mut in_flight = Vec::new();
     for i in 50..100 {
-        command(&ctl, &format!("cmd-{i}")).await.unwrap();
+        let payload = Bytes::from(format!("cmd-{i}"));
+        let sent = ctl
+            .publish_start("s", Class::Command, payload, PublishOptions::default())
+            .await
+            .unwrap();
+        in_flight.push(sent);
+        if i == 59 {
+            servers[stopped].kill();
+        }
+    }
+    for sent in in_flight {
+        sent.wait().await.unwrap();
     }
     let got = recv_n(&mut rx, 100).await;
     let payloads: Vec<String> = got

@@ -862,9 +862,9 @@ impl Config {
                     && t.chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
             };
-            if !token_ok(&js.stream_prefix) {
+            if !token_ok(&js.stream_prefix) || js.stream_prefix.len() > 54 {
                 return Err(config_error(format!(
-                    "jetstream.stream_prefix {:?}: letters, digits, '_' and '-' only",
+                    "jetstream.stream_prefix {:?}: letters, digits, '_' and '-' only, at most 54",
                     js.stream_prefix
                 )));
             }

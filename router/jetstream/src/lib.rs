@@ -32,6 +32,9 @@ pub mod testing;
 const META_SWARM: &str = "swarmbus_swarm";
 /// Stream metadata: the epoch the swarm's log was started with, in hex.
 const META_EPOCH: &str = "swarmbus_epoch";
+/// Bytes an append's headers and subject take besides its record, at most (the server
+/// counts them against its `max_payload`): ids and sequences of a few dozen bytes each.
+pub const HEADER_ALLOWANCE: usize = 512;
 
 /// `[jetstream]` in the router's configuration: where the cluster is, how the router signs
 /// in, and how swarms' streams are made.
@@ -43,9 +46,10 @@ pub struct JetStreamConfig {
     pub urls: Vec<String>,
     /// Replicas of each swarm's stream (1 for a single server, 3 in a cluster).
     pub replicas: usize,
-    /// Streams are named `<stream_prefix>_<swarm in hex>`.
+    /// Streams are named `<stream_prefix>_<swarm in hex>` (`H` and the name's SHA-256 in
+    /// hex for a name longer than 100 bytes); at most 54 characters.
     pub stream_prefix: String,
-    /// Subjects are `<subject_prefix>.<swarm in hex>`.
+    /// Subjects are `<subject_prefix>.<the same>`.
     pub subject_prefix: String,
     /// A NATS credentials file (user JWT and NKey seed).
     pub credentials_file: Option<PathBuf>,
@@ -214,6 +218,11 @@ impl Cluster {
 
     pub fn config(&self) -> &JetStreamConfig {
         &self.config
+    }
+
+    /// The largest message the server takes (its `max_payload`), headers included.
+    pub fn max_payload(&self) -> usize {
+        self.js.client().server_info().max_payload
     }
 
     /// Whether the connection to the cluster is up now (the client reconnects by itself
@@ -433,7 +442,7 @@ impl SwarmStream {
         loop {
             while in_flight.len() < self.config.max_in_flight && oversized.is_none() {
                 let Some(append) = waiting.next() else { break };
-                if max_payload > 0 && append.record.len() > max_payload {
+                if max_payload > 0 && append.record.len() + HEADER_ALLOWANCE > max_payload {
                     oversized = Some(append);
                     break;
                 }
@@ -585,7 +594,8 @@ impl SwarmStream {
     }
 
     /// The records of ops `from..=to` the stream holds, in order, at most `max_records` of
-    /// them and stopping once `max_bytes` are read.
+    /// them and stopping once `max_bytes` are read. Empty only when the stream's leader
+    /// holds none of them.
     pub async fn read(
         &self,
         from: u64,
@@ -593,10 +603,64 @@ impl SwarmStream {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Bytes)>, Error> {
-        let mut out = Vec::new();
         if from > to || max_records == 0 {
-            return Ok(out);
+            return Ok(Vec::new());
         }
+        let found = self
+            .read_with_consumer(from, to, max_records, max_bytes)
+            .await?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        // The consumer found nothing: its replica may be behind the leader (a consumer of a
+        // replicated stream lives on any of its servers), or the ops there were erased.
+        // The leader answers.
+        self.read_at_leader(from, to, max_records, max_bytes).await
+    }
+
+    /// [`SwarmStream::read`] one message at a time from the stream's leader (each op one
+    /// request; erased ops skipped by the server).
+    async fn read_at_leader(
+        &self,
+        from: u64,
+        to: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, Error> {
+        let (mut out, mut bytes, mut next) = (Vec::new(), 0, from);
+        while next <= to && out.len() < max_records && bytes < max_bytes {
+            match self
+                .stream
+                .get_first_raw_message_by_subject(&self.subject, next)
+                .await
+            {
+                Ok(message) if message.sequence <= to && message.sequence >= next => {
+                    next = message.sequence + 1;
+                    bytes += message.payload.len();
+                    out.push((message.sequence, message.payload));
+                }
+                Ok(_) => break,
+                Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
+                Err(error) => {
+                    return Err(Error::Stream {
+                        stream: self.name.clone(),
+                        detail: format!("reading op {next} at the leader: {error}"),
+                    })
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`SwarmStream::read`] through an ordered consumer from `from`.
+    async fn read_with_consumer(
+        &self,
+        from: u64,
+        to: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Bytes)>, Error> {
+        let mut out = Vec::new();
         let failed = |detail: String| Error::Stream {
             stream: self.name.clone(),
             detail,

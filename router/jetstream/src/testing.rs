@@ -45,12 +45,23 @@ pub struct NatsServer {
     cluster: Option<Cluster>,
     /// Clients must sign in with this user and password.
     user: Option<(String, String)>,
+    /// More lines of server configuration.
+    extra: String,
 }
 
 impl NatsServer {
     /// Starts a server whose JetStream syncs before acknowledging when `sync_always`.
     pub fn start(dir: &Path, sync_always: bool) -> NatsServer {
         NatsServer::start_with(dir, sync_always, None, None)
+    }
+
+    /// Starts a server (syncing before acknowledging) with `extra` lines of configuration,
+    /// e.g. `max_payload: 65536`.
+    pub fn start_configured(dir: &Path, extra: &str) -> NatsServer {
+        let mut server = NatsServer::start_with(dir, true, None, None);
+        server.extra = extra.to_owned();
+        server.restart();
+        server
     }
 
     /// Starts a server that accepts only `user` with `password`.
@@ -73,6 +84,7 @@ impl NatsServer {
             sync_always,
             cluster,
             user,
+            extra: String::new(),
         };
         server.launch();
         server
@@ -171,6 +183,8 @@ impl NatsServer {
                 "authorization {{\n  user: {user:?}\n  password: {password:?}\n}}\n"
             ));
         }
+        config.push_str(&self.extra);
+        config.push('\n');
         let config_path = self.dir.join("server.conf");
         std::fs::write(&config_path, config).expect("server configuration");
         let mut child = Command::new(nats_server_binary())

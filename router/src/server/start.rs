@@ -606,6 +606,14 @@ fn recover(config: &Config, clock: &Clock) -> Result<Recovered, RouterError> {
     })
 }
 
+/// Bytes a logged record takes besides its payload, at most: the Deliver head (names,
+/// key, ids: bounded by the schema) with its length prefix, and the record's own header
+/// with its copy of the key.
+const RECORD_HEAD_ALLOWANCE: usize = swarmbus_schema::MAX_DELIVER_HEADER_BYTES
+    + 4
+    + log::record::RECORD_HEADER_BYTES
+    + swarmbus_schema::MAX_NAME_BYTES;
+
 /// With `log.backend = "jetstream"`: the cluster, and the swarms its streams hold. The
 /// embedded log must hold none of the swarms' logs (they would be hidden, not moved).
 async fn connect_cluster(
@@ -638,6 +646,26 @@ async fn connect_cluster(
     let cluster = swarmbus_jetstream::Cluster::connect(config.jetstream.clone())
         .await
         .map_err(|source| RouterError::JetStream { source })?;
+    // The largest command or control record, with room for its Deliver head (names, key)
+    // and the append's headers, must fit in one NATS message: a larger one would make the
+    // server close the connection every swarm shares.
+    let payloads = &config.limits.max_payload_bytes;
+    let largest = payloads.command.max(payloads.control) as usize
+        + RECORD_HEAD_ALLOWANCE
+        + swarmbus_jetstream::HEADER_ALLOWANCE;
+    if cluster.max_payload() > 0 && largest > cluster.max_payload() {
+        return Err(RouterError::Config {
+            detail: format!(
+                "the NATS server takes messages of at most {} bytes (its max_payload), smaller \
+                 than the largest command or control record ({largest} bytes with \
+                 limits.max_payload_bytes.command = {} and .control = {}): raise the server's \
+                 max_payload or lower those limits",
+                cluster.max_payload(),
+                payloads.command,
+                payloads.control,
+            ),
+        });
+    }
     let swarms = cluster
         .swarms()
         .await
