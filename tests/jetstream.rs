@@ -366,3 +366,95 @@ async fn commands_carry_on_when_the_streams_leader_stops_and_it_catches_up_when_
     assert_eq!(last, first + 99);
     t.router.shutdown().await;
 }
+
+/// Two routers on one cluster: telemetry published on either reaches the subscribers on
+/// both, each once (a router never gets its own telemetry back from NATS).
+#[tokio::test]
+async fn telemetry_crosses_routers_once() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(nats_dir.path(), true);
+    let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = TestRouter::start_on(config(data_a.path(), &server)).await;
+    let b = TestRouter::start_on(config(data_b.path(), &server)).await;
+    let (on_a, mut rx_a) = a.connect("watch-a", Role::Controller, &["s"]).await;
+    let (on_b, mut rx_b) = b.connect("watch-b", Role::Controller, &["s"]).await;
+    on_a.subscribe("s", Class::Telemetry, None).await.unwrap();
+    on_b.subscribe("s", Class::Telemetry, None).await.unwrap();
+    let (gpu, _) = a.connect("gpu-1", Role::Agent, &["s"]).await;
+    let telemetry = |text: String| {
+        let gpu = gpu.clone();
+        async move {
+            gpu.publish(
+                "s",
+                Class::Telemetry,
+                Bytes::from(text),
+                PublishOptions::default(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // The other router's subscription reaches NATS a moment after the subscribe: probes
+    // until one arrives there.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'probing: loop {
+        telemetry("probe".into()).await;
+        let wait = tokio::time::sleep(Duration::from_millis(100));
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                got = rx_b.recv() => {
+                    if got.is_some_and(|d| d.payload == "probe") { break 'probing; }
+                }
+                _ = &mut wait => break,
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no telemetry crossed to router B"
+        );
+    }
+    for i in 0..20 {
+        telemetry(format!("t-{i}")).await;
+    }
+    telemetry("END".into()).await;
+    let texts = |got: Vec<Deliver>| -> Vec<String> {
+        got.iter()
+            .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+            .filter(|t| t.starts_with("t-"))
+            .collect()
+    };
+    let expected: Vec<String> = (0..20).map(|i| format!("t-{i}")).collect();
+    assert_eq!(texts(recv_until(&mut rx_b, b"END").await), expected, "on B");
+    assert_eq!(
+        texts(recv_until(&mut rx_a, b"END").await),
+        expected,
+        "on A, once each"
+    );
+    let got = b.router.stats();
+    assert!(
+        got.telemetry_bridged_in >= 21,
+        "{}",
+        got.telemetry_bridged_in
+    );
+    assert!(a.router.stats().telemetry_bridged_out >= 21);
+
+    // And the other way: published on B, delivered on A.
+    let (gpu_b, _) = b.connect("gpu-2", Role::Agent, &["s"]).await;
+    gpu_b
+        .publish(
+            "s",
+            Class::Telemetry,
+            Bytes::from_static(b"from-b"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let got = recv_until(&mut rx_a, b"from-b").await;
+    assert!(got
+        .iter()
+        .all(|d| d.source_agent != "gpu-2" || d.payload == "from-b"));
+    drop((on_a, on_b, gpu, gpu_b));
+    a.router.shutdown().await;
+    b.router.shutdown().await;
+}

@@ -16,6 +16,7 @@
 //! - [`error`]: the crate's error type.
 
 pub mod auth;
+pub mod bridge;
 pub mod bulk;
 pub mod clock;
 pub mod config;

@@ -175,7 +175,7 @@ impl Collector for Scrape {
             "reason",
             &by_reason,
         )?;
-        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 14] = [
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 17] = [
             (
                 "lease_grants",
                 "Lease requests granted (acquire or renew).",
@@ -210,6 +210,21 @@ impl Collector for Scrape {
                 "telemetry_shed",
                 "Telemetry messages shed (a subscriber's queue full, or over the router's budget).",
                 &stats.telemetry_shed,
+            ),
+            (
+                "telemetry_bridged_out",
+                "Telemetry publishes sent to the other routers of the cluster.",
+                &stats.telemetry_bridged_out,
+            ),
+            (
+                "telemetry_bridge_dropped",
+                "Telemetry publishes not sent to the other routers (the NATS client's queue full).",
+                &stats.telemetry_bridge_dropped,
+            ),
+            (
+                "telemetry_bridged_in",
+                "Telemetry publishes received from the other routers of the cluster.",
+                &stats.telemetry_bridged_in,
             ),
             (
                 "lagging_disconnects",

@@ -59,6 +59,11 @@ pub struct Stats {
     pub main_streams: AtomicU64,
     /// Bulk connections attached to their sessions, since start.
     pub bulk_attached: AtomicU64,
+    /// Telemetry publishes sent to the other routers of the cluster, those shed because the
+    /// NATS client's queue was full, and those received from other routers, since start.
+    pub telemetry_bridged_out: AtomicU64,
+    pub telemetry_bridge_dropped: AtomicU64,
+    pub telemetry_bridged_in: AtomicU64,
     /// Control and command publishes sessions sent, since start (the governor's activity
     /// signal; the router's own records are not counted).
     pub ordered_published: AtomicU64,
@@ -185,6 +190,9 @@ pub struct StatsSnapshot {
     pub bulk_streams: u64,
     pub main_streams: u64,
     pub bulk_attached: u64,
+    pub telemetry_bridged_out: u64,
+    pub telemetry_bridge_dropped: u64,
+    pub telemetry_bridged_in: u64,
     pub ordered_published: u64,
     pub governed_intake_per_s: u64,
     pub governor_cuts: u64,
@@ -229,6 +237,9 @@ impl Stats {
             bulk_streams: get(&self.bulk_streams),
             main_streams: get(&self.main_streams),
             bulk_attached: get(&self.bulk_attached),
+            telemetry_bridged_out: get(&self.telemetry_bridged_out),
+            telemetry_bridge_dropped: get(&self.telemetry_bridge_dropped),
+            telemetry_bridged_in: get(&self.telemetry_bridged_in),
             ordered_published: get(&self.ordered_published),
             governed_intake_per_s: get(&self.governed_intake_per_s),
             governor_cuts: get(&self.governor_cuts),

@@ -78,6 +78,10 @@ pub struct JetStreamConfig {
     pub max_in_flight: usize,
     /// How long connecting to the cluster may take at start.
     pub connect_timeout_ms: u64,
+    /// Send each telemetry publish to the other routers of the cluster, and deliver theirs
+    /// to this router's subscribers (core NATS subjects `<subject_prefix>.tel.<swarm>`,
+    /// best effort).
+    pub share_telemetry: bool,
 }
 
 impl Default for JetStreamConfig {
@@ -99,6 +103,7 @@ impl Default for JetStreamConfig {
             append_deadline_ms: 10_000,
             max_in_flight: 256,
             connect_timeout_ms: 5_000,
+            share_telemetry: true,
         }
     }
 }
@@ -171,6 +176,8 @@ impl Cluster {
             .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
             // A dead connection is noticed within a few pings (and /readyz says so).
             .ping_interval(Duration::from_secs(5))
+            // Telemetry this router sends to the others never comes back to it.
+            .no_echo()
             .require_tls(config.require_tls);
         if let Some(path) = &config.credentials_file {
             options = options
@@ -223,6 +230,16 @@ impl Cluster {
     /// The largest message the server takes (its `max_payload`), headers included.
     pub fn max_payload(&self) -> usize {
         self.js.client().server_info().max_payload
+    }
+
+    /// The NATS connection (opened with `no_echo`: it never receives its own publishes).
+    pub fn client(&self) -> async_nats::Client {
+        self.js.client()
+    }
+
+    /// The core NATS subject telemetry of `swarm` crosses routers on.
+    pub fn telemetry_subject(&self, swarm: &str) -> String {
+        format!("{}.tel.{}", self.config.subject_prefix, swarm_token(swarm))
     }
 
     /// Whether the connection to the cluster is up now (the client reconnects by itself

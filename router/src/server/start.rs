@@ -805,6 +805,24 @@ fn start_shards(
         })
         .collect();
     let job_shards = shards.split_off(shard_count);
+    if let Some(cluster) = cluster
+        .as_ref()
+        .filter(|_| config.jetstream.share_telemetry)
+    {
+        let deliver = Arc::new(std::sync::OnceLock::new());
+        let bridge = crate::bridge::TelemetryBridge::start(cluster, stats.clone(), deliver.clone());
+        let routes: Vec<_> = shards
+            .iter()
+            .map(|shard| shard.telemetry_routes().clone())
+            .collect();
+        for shard_routes in &routes {
+            shard_routes.set_bridge(bridge.clone());
+        }
+        let stats = stats.clone();
+        let _ = deliver.set(Arc::new(move |bridged: &crate::bridge::Bridged| {
+            routes[shard_of(&bridged.swarm, routes.len())].deliver_bridged(&stats, bridged);
+        }) as crate::bridge::Deliver);
+    }
     Ok(StartedShards {
         shards,
         job_shards,

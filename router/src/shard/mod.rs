@@ -161,6 +161,8 @@ impl ShardCommand {
 #[derive(Debug, Default)]
 pub struct TelemetryRoutes {
     swarms: RwLock<HashMap<Arc<str>, Arc<Route>>>,
+    /// The other routers of the cluster, with `jetstream.share_telemetry`.
+    bridge: std::sync::OnceLock<Arc<crate::bridge::TelemetryBridge>>,
 }
 
 /// One swarm's telemetry route, with the router's subscriber handles.
@@ -183,12 +185,52 @@ impl TelemetryRoutes {
             .swarms
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let bridge = self.bridge.get();
         for (name, route) in changes {
+            if let Some(bridge) = bridge {
+                let wanted = route.as_ref().is_some_and(Route::has_subscribers);
+                bridge.interest(name.clone(), wanted);
+            }
             match route {
                 Some(route) => swarms.insert(name, Arc::new(route)),
                 None => swarms.remove(&name),
             };
         }
+    }
+
+    /// Sends this shard's telemetry to the other routers too, and asks for theirs in the
+    /// swarms with subscribers here (from now on; set at start, before any subscriber).
+    pub fn set_bridge(&self, bridge: Arc<crate::bridge::TelemetryBridge>) {
+        let _ = self.bridge.set(bridge);
+    }
+
+    /// Delivers a telemetry publish another router took, as [`TelemetryRoutes::publish`]
+    /// would have here (no acknowledgement, not sent on again).
+    pub fn deliver_bridged(&self, stats: &Stats, bridged: &crate::bridge::Bridged) {
+        let Some(route) = self.route(&bridged.swarm) else {
+            return;
+        };
+        let (source, target) = (&bridged.source_agent, bridged.target_agent.as_deref());
+        if route.unavailable.is_some() || !route.wanted(source, target) {
+            return;
+        }
+        let publish = bridged.to_publish();
+        let frame = OutFrame {
+            head: deliver_head(
+                &publish,
+                source,
+                OpId::NONE,
+                Epoch::default(),
+                bridged.published_us,
+            ),
+            body: publish.payload.clone(),
+        };
+        let mut delivered = 0u64;
+        for to in route.recipients(source, target) {
+            let _ = to.push(Lane::Class(Class::Telemetry), frame.clone());
+            delivered += 1;
+        }
+        stats.delivered_by_class[Class::Telemetry.index()].fetch_add(delivered, Ordering::Relaxed);
     }
 
     /// Routes one telemetry publish of `agent` (whose session is behind `outbox`), as the
@@ -197,35 +239,39 @@ impl TelemetryRoutes {
     /// unavailable swarm refuses it. Acknowledged (`request_id` set) like any publish.
     fn publish(&self, stats: &Stats, agent: &str, outbox: &Outbox, publish: &Publish) {
         let mut delivered = 0u64;
-        if let Some(route) = self.route(&publish.swarm) {
-            if let Some(reason) = &route.unavailable {
-                if publish.request_id != 0 {
-                    refuse(
-                        outbox,
-                        publish.request_id,
-                        &CoreError::Unavailable {
-                            swarm: publish.swarm.clone(),
-                            reason: reason.clone(),
-                        },
-                    );
-                }
-                return;
+        let route = self.route(&publish.swarm);
+        if let Some(reason) = route.as_ref().and_then(|r| r.unavailable.as_ref()) {
+            if publish.request_id != 0 {
+                refuse(
+                    outbox,
+                    publish.request_id,
+                    &CoreError::Unavailable {
+                        swarm: publish.swarm.clone(),
+                        reason: reason.clone(),
+                    },
+                );
             }
-            let target = publish.target_agent.as_deref();
-            if route.wanted(agent, target) {
-                // Stamped only when someone receives it: the clock is read once per
-                // publish that goes somewhere.
-                let published_us = crate::clock::wall_us_now();
-                let frame = OutFrame {
-                    head: deliver_head(publish, agent, OpId::NONE, Epoch::default(), published_us),
-                    body: publish.payload.clone(),
-                };
-                for to in route.recipients(agent, target) {
-                    // A lagging subscriber is closed by its connection driver; until then
-                    // pushes are discarded.
-                    let _ = to.push(Lane::Class(Class::Telemetry), frame.clone());
-                    delivered += 1;
-                }
+            return;
+        }
+        let target = publish.target_agent.as_deref();
+        let route = route.filter(|route| route.wanted(agent, target));
+        // Stamped only when someone may receive it: the clock is read once per publish
+        // that goes somewhere (to another router, whose subscribers may want it, too).
+        let bridge = self.bridge.get();
+        let published_us = (bridge.is_some() || route.is_some()).then(crate::clock::wall_us_now);
+        if let (Some(bridge), Some(at)) = (bridge, published_us) {
+            bridge.send(agent, publish, at);
+        }
+        if let (Some(route), Some(published_us)) = (route, published_us) {
+            let frame = OutFrame {
+                head: deliver_head(publish, agent, OpId::NONE, Epoch::default(), published_us),
+                body: publish.payload.clone(),
+            };
+            for to in route.recipients(agent, target) {
+                // A lagging subscriber is closed by its connection driver; until then
+                // pushes are discarded.
+                let _ = to.push(Lane::Class(Class::Telemetry), frame.clone());
+                delivered += 1;
             }
         }
         let telemetry = Class::Telemetry.index();
@@ -254,6 +300,11 @@ pub struct ShardSender {
 }
 
 impl ShardSender {
+    /// The shard's telemetry routes (the bridge to other routers delivers into them).
+    pub fn telemetry_routes(&self) -> &Arc<TelemetryRoutes> {
+        &self.telemetry
+    }
+
     /// Queues a command, waiting while its channel is full; a telemetry publish is routed
     /// at once by the caller instead ([`TelemetryRoutes`]). Fails only once the shard has
     /// stopped (router shutdown).

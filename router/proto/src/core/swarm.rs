@@ -125,6 +125,11 @@ impl<H> TelemetryRoute<H> {
             .map(|s| &s.handle)
     }
 
+    /// Whether anyone subscribes to the swarm's telemetry.
+    pub fn has_subscribers(&self) -> bool {
+        !self.subscribers.is_empty()
+    }
+
     /// Whether any subscriber wants telemetry from `source` targeted at `target`.
     pub fn wanted(&self, source: &str, target: Option<&str>) -> bool {
         self.recipients(source, target).next().is_some()

@@ -1,0 +1,258 @@
+//! Telemetry across routers: with `log.backend = "jetstream"` and
+//! `jetstream.share_telemetry` (the default there), each telemetry publish a router takes is
+//! also published on the NATS subject `<jetstream.subject_prefix>.tel.<swarm token>`, and
+//! each router subscribes to the subjects of the swarms it has telemetry subscribers in,
+//! delivering what other routers send to them as if it had been published locally. Best
+//! effort, like telemetry on one router: a publish the NATS client cannot queue at once is
+//! shed and counted (`telemetry_bridge_dropped`), never waited for. The connection is opened
+//! with `no_echo`, so a router never gets its own publishes back.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use swarmbus_schema::Publish;
+use tokio::sync::mpsc;
+
+use crate::stats::Stats;
+
+/// The first byte of a bridged publish: its layout's version.
+const VERSION: u8 = 1;
+
+/// A telemetry publish as it crosses routers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bridged {
+    pub swarm: String,
+    pub source_agent: String,
+    pub target_agent: Option<String>,
+    pub key: Option<String>,
+    pub published_us: u64,
+    pub payload: Bytes,
+}
+
+impl Bridged {
+    /// `VERSION`, then `published_us` (u64), then swarm, source, target and key, each a u16
+    /// length (target and key: 0xffff for none) and its bytes, then the payload to the end.
+    /// Hand-written: five fields, read by swarmbus routers only, where a schema would add a
+    /// verifier pass per message on the telemetry path.
+    pub fn encode(&self) -> Bytes {
+        let names = self.swarm.len()
+            + self.source_agent.len()
+            + self.target_agent.as_ref().map_or(0, String::len)
+            + self.key.as_ref().map_or(0, String::len);
+        let mut out = BytesMut::with_capacity(1 + 8 + 8 + names + self.payload.len());
+        out.put_u8(VERSION);
+        out.put_u64(self.published_us);
+        put_text(&mut out, Some(&self.swarm));
+        put_text(&mut out, Some(&self.source_agent));
+        put_text(&mut out, self.target_agent.as_deref());
+        put_text(&mut out, self.key.as_deref());
+        out.put_slice(&self.payload);
+        out.freeze()
+    }
+
+    /// The publish `encode` made, or `None` for anything else.
+    pub fn decode(mut bytes: Bytes) -> Option<Bridged> {
+        if bytes.len() < 9 || bytes.get_u8() != VERSION {
+            return None;
+        }
+        let published_us = bytes.get_u64();
+        let swarm = take_text(&mut bytes)??;
+        let source_agent = take_text(&mut bytes)??;
+        let target_agent = take_text(&mut bytes)?;
+        let key = take_text(&mut bytes)?;
+        Some(Bridged {
+            swarm,
+            source_agent,
+            target_agent,
+            key,
+            published_us,
+            payload: bytes,
+        })
+    }
+
+    /// The publish to deliver locally (no acknowledgement asked).
+    pub fn to_publish(&self) -> Publish {
+        Publish {
+            request_id: 0,
+            swarm: self.swarm.clone(),
+            class: swarmbus_schema::Class::Telemetry,
+            target_agent: self.target_agent.clone(),
+            key: self.key.clone(),
+            payload: self.payload.clone(),
+            fencing_token: 0,
+            lease: None,
+        }
+    }
+}
+
+const NONE: u16 = u16::MAX;
+
+fn put_text(out: &mut BytesMut, text: Option<&str>) {
+    match text {
+        // Names are at most `MAX_NAME_BYTES` (256): always under `NONE`.
+        Some(text) => {
+            out.put_u16(text.len().min(NONE as usize - 1) as u16);
+            out.put_slice(&text.as_bytes()[..text.len().min(NONE as usize - 1)]);
+        }
+        None => out.put_u16(NONE),
+    }
+}
+
+/// `None`: malformed; `Some(None)`: absent.
+fn take_text(bytes: &mut Bytes) -> Option<Option<String>> {
+    if bytes.len() < 2 {
+        return None;
+    }
+    let len = bytes.get_u16();
+    if len == NONE {
+        return Some(None);
+    }
+    let len = len as usize;
+    if bytes.len() < len {
+        return None;
+    }
+    let text = bytes.split_to(len);
+    String::from_utf8(text.to_vec()).ok().map(Some)
+}
+
+/// Where bridged telemetry is delivered: the routes of the swarm's shard.
+pub type Deliver = Arc<dyn Fn(&Bridged) + Send + Sync>;
+
+/// The router's side of the bridge: sends its telemetry out, and keeps the subscriptions
+/// of the swarms it has telemetry subscribers in.
+#[derive(Debug)]
+pub struct TelemetryBridge {
+    client: async_nats::Client,
+    subjects: swarmbus_jetstream::Cluster,
+    interest: mpsc::UnboundedSender<(Arc<str>, bool)>,
+    stats: Arc<Stats>,
+}
+
+impl TelemetryBridge {
+    /// Starts the subscription keeper on the current runtime; `deliver` takes what other
+    /// routers send.
+    pub fn start(
+        cluster: &swarmbus_jetstream::Cluster,
+        stats: Arc<Stats>,
+        deliver: Arc<OnceLock<Deliver>>,
+    ) -> Arc<TelemetryBridge> {
+        let (interest, changes) = mpsc::unbounded_channel();
+        let bridge = Arc::new(TelemetryBridge {
+            client: cluster.client(),
+            subjects: cluster.clone(),
+            interest,
+            stats,
+        });
+        tokio::spawn(keep_subscriptions(bridge.clone(), changes, deliver));
+        bridge
+    }
+
+    /// Sends one telemetry publish of `agent` to the other routers, or sheds it.
+    pub fn send(&self, agent: &str, publish: &Publish, published_us: u64) {
+        let bridged = Bridged {
+            swarm: publish.swarm.clone(),
+            source_agent: agent.to_owned(),
+            target_agent: publish.target_agent.clone(),
+            key: publish.key.clone(),
+            published_us,
+            payload: publish.payload.clone(),
+        };
+        let subject = self.subjects.telemetry_subject(&publish.swarm);
+        // Queued at once or not at all: telemetry never waits for the cluster.
+        let sent = self
+            .client
+            .publish(subject, bridged.encode())
+            .now_or_never();
+        let counter = match sent {
+            Some(Ok(())) => &self.stats.telemetry_bridged_out,
+            _ => &self.stats.telemetry_bridge_dropped,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// This router has telemetry subscribers in `swarm` now (`true`) or no more (`false`).
+    pub fn interest(&self, swarm: Arc<str>, wanted: bool) {
+        let _ = self.interest.send((swarm, wanted));
+    }
+}
+
+/// Subscribes to each swarm this router wants telemetry of, and unsubscribes when it no
+/// longer does; each subscription's messages go to `deliver`.
+async fn keep_subscriptions(
+    bridge: Arc<TelemetryBridge>,
+    mut changes: mpsc::UnboundedReceiver<(Arc<str>, bool)>,
+    deliver: Arc<OnceLock<Deliver>>,
+) {
+    let mut subscribed: HashMap<Arc<str>, crate::bulk::AbortOnDrop<()>> = HashMap::new();
+    while let Some((swarm, wanted)) = changes.recv().await {
+        if !wanted {
+            subscribed.remove(&swarm);
+            continue;
+        }
+        if subscribed.contains_key(&swarm) {
+            continue;
+        }
+        let subject = bridge.subjects.telemetry_subject(&swarm);
+        let mut subscription = match bridge.client.subscribe(subject).await {
+            Ok(subscription) => subscription,
+            Err(error) => {
+                tracing::warn!(%swarm, %error, "subscribing to other routers' telemetry failed");
+                continue;
+            }
+        };
+        let (deliver, stats) = (deliver.clone(), bridge.stats.clone());
+        let task = tokio::spawn(async move {
+            while let Some(message) = subscription.next().await {
+                let (Some(bridged), Some(deliver)) =
+                    (Bridged::decode(message.payload), deliver.get())
+                else {
+                    continue;
+                };
+                stats.telemetry_bridged_in.fetch_add(1, Ordering::Relaxed);
+                deliver(&bridged);
+            }
+        });
+        subscribed.insert(swarm, crate::bulk::AbortOnDrop(task));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bridged_publish_decodes_to_itself_and_garbage_to_nothing() {
+        let bridged = Bridged {
+            swarm: "fleet/α".into(),
+            source_agent: "gpu-7".into(),
+            target_agent: Some("ctl".into()),
+            key: None,
+            published_us: 1_733_000_000_000_000,
+            payload: Bytes::from_static(b"\x00\x01telemetry"),
+        };
+        assert_eq!(Bridged::decode(bridged.encode()), Some(bridged.clone()));
+        let untargeted = Bridged {
+            target_agent: None,
+            key: Some("k".into()),
+            payload: Bytes::new(),
+            ..bridged
+        };
+        assert_eq!(
+            Bridged::decode(untargeted.encode()),
+            Some(untargeted.clone())
+        );
+        let whole = untargeted.encode();
+        for cut in 0..whole.len() - 1 {
+            // Cut inside the fields: refused (a cut in the payload is a shorter payload).
+            let decoded = Bridged::decode(whole.slice(..cut));
+            assert!(decoded.is_none() || cut >= whole.len() - untargeted.payload.len());
+        }
+        assert_eq!(
+            Bridged::decode(Bytes::from_static(b"\x02garbage-garbage")),
+            None
+        );
+    }
+}
