@@ -414,8 +414,19 @@ async fn telemetry_crosses_routers_once() {
             "no telemetry crossed to router B"
         );
     }
-    for i in 0..20 {
-        telemetry(format!("t-{i}")).await;
+    // A burst: a thousand sent without waiting, so that the router reads many in one go.
+    let mut sent = Vec::new();
+    for i in 0..1000 {
+        let payload = Bytes::from(format!("t-{i}"));
+        let options = PublishOptions::default();
+        sent.push(
+            gpu.publish_start("s", Class::Telemetry, payload, options)
+                .await
+                .unwrap(),
+        );
+    }
+    for sent in sent {
+        sent.wait().await.unwrap();
     }
     telemetry("END".into()).await;
     let texts = |got: Vec<Deliver>| -> Vec<String> {
@@ -424,7 +435,7 @@ async fn telemetry_crosses_routers_once() {
             .filter(|t| t.starts_with("t-"))
             .collect()
     };
-    let expected: Vec<String> = (0..20).map(|i| format!("t-{i}")).collect();
+    let expected: Vec<String> = (0..1000).map(|i| format!("t-{i}")).collect();
     assert_eq!(texts(recv_until(&mut rx_b, b"END").await), expected, "on B");
     assert_eq!(
         texts(recv_until(&mut rx_a, b"END").await),

@@ -4,12 +4,13 @@
 //! each router subscribes to the subjects of the swarms it has telemetry subscribers in,
 //! delivering what other routers send to them as if it had been published locally. Best
 //! effort, like telemetry on one router: a publish the NATS client cannot queue at once is
-//! shed and counted (`telemetry_bridge_dropped`), never waited for. The connection is opened
-//! with `no_echo`, so a router never gets its own publishes back.
+//! shed and counted (`telemetry_bridge_dropped`), never waited for. Telemetry has a NATS
+//! connection of its own (never queued in front of the log's appends), opened with
+//! `no_echo`, so a router never gets its own publishes back.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -28,46 +29,73 @@ pub struct Bridged {
     pub source_agent: String,
     pub target_agent: Option<String>,
     pub key: Option<String>,
+    pub fencing_token: u64,
+    pub lease: Option<String>,
     pub published_us: u64,
     pub payload: Bytes,
 }
 
 impl Bridged {
-    /// `VERSION`, then `published_us` (u64), then swarm, source, target and key, each a u16
-    /// length (target and key: 0xffff for none) and its bytes, then the payload to the end.
+    /// `VERSION`, then `published_us` and `fencing_token` (u64 each), then swarm, source,
+    /// target, key and lease, each a u16 length (0xffff for none) and its bytes, then the
+    /// payload to the end.
     /// Hand-written: five fields, read by swarmbus routers only, where a schema would add a
     /// verifier pass per message on the telemetry path.
     pub fn encode(&self) -> Bytes {
         let names = self.swarm.len()
             + self.source_agent.len()
             + self.target_agent.as_ref().map_or(0, String::len)
-            + self.key.as_ref().map_or(0, String::len);
-        let mut out = BytesMut::with_capacity(1 + 8 + 8 + names + self.payload.len());
+            + self.key.as_ref().map_or(0, String::len)
+            + self.lease.as_ref().map_or(0, String::len);
+        let mut out = BytesMut::with_capacity(1 + 16 + 10 + names + self.payload.len());
         out.put_u8(VERSION);
         out.put_u64(self.published_us);
+        out.put_u64(self.fencing_token);
         put_text(&mut out, Some(&self.swarm));
         put_text(&mut out, Some(&self.source_agent));
         put_text(&mut out, self.target_agent.as_deref());
         put_text(&mut out, self.key.as_deref());
+        put_text(&mut out, self.lease.as_deref());
         out.put_slice(&self.payload);
         out.freeze()
     }
 
-    /// The publish `encode` made, or `None` for anything else.
+    /// The publish `encode` made, or `None` for anything else (names longer than the
+    /// protocol allows included: anyone who may publish on the subjects can send bytes).
     pub fn decode(mut bytes: Bytes) -> Option<Bridged> {
-        if bytes.len() < 9 || bytes.get_u8() != VERSION {
+        if bytes.len() < 17 || bytes.get_u8() != VERSION {
             return None;
         }
         let published_us = bytes.get_u64();
+        let fencing_token = bytes.get_u64();
         let swarm = take_text(&mut bytes)??;
         let source_agent = take_text(&mut bytes)??;
         let target_agent = take_text(&mut bytes)?;
         let key = take_text(&mut bytes)?;
+        let lease = take_text(&mut bytes)?;
+        let names = [
+            Some(&swarm),
+            Some(&source_agent),
+            target_agent.as_ref(),
+            key.as_ref(),
+            lease.as_ref(),
+        ];
+        if names
+            .iter()
+            .flatten()
+            .any(|name| name.len() > swarmbus_schema::MAX_NAME_BYTES)
+            || swarm.is_empty()
+            || source_agent.is_empty()
+        {
+            return None;
+        }
         Some(Bridged {
             swarm,
             source_agent,
             target_agent,
             key,
+            fencing_token,
+            lease,
             published_us,
             payload: bytes,
         })
@@ -82,8 +110,8 @@ impl Bridged {
             target_agent: self.target_agent.clone(),
             key: self.key.clone(),
             payload: self.payload.clone(),
-            fencing_token: 0,
-            lease: None,
+            fencing_token: self.fencing_token,
+            lease: self.lease.clone(),
         }
     }
 }
@@ -122,32 +150,40 @@ fn take_text(bytes: &mut Bytes) -> Option<Option<String>> {
 pub type Deliver = Arc<dyn Fn(&Bridged) + Send + Sync>;
 
 /// The router's side of the bridge: sends its telemetry out, and keeps the subscriptions
-/// of the swarms it has telemetry subscribers in.
+/// of the swarms it has telemetry subscribers in. Its task ends once the bridge is dropped
+/// (with the shards' routes, at shutdown).
 #[derive(Debug)]
 pub struct TelemetryBridge {
     client: async_nats::Client,
-    subjects: swarmbus_jetstream::Cluster,
+    cluster: swarmbus_jetstream::Cluster,
     interest: mpsc::UnboundedSender<(Arc<str>, bool)>,
     stats: Arc<Stats>,
 }
 
 impl TelemetryBridge {
-    /// Starts the subscription keeper on the current runtime; `deliver` takes what other
-    /// routers send.
+    /// Starts the subscription keeper on the current runtime, on `client` (the telemetry
+    /// connection, [`swarmbus_jetstream::Cluster::connect_telemetry`]); `deliver` takes what
+    /// other routers send. `deliver` must not hold the bridge (it holds routes weakly).
     pub fn start(
+        client: async_nats::Client,
         cluster: &swarmbus_jetstream::Cluster,
         stats: Arc<Stats>,
-        deliver: Arc<OnceLock<Deliver>>,
+        deliver: Deliver,
     ) -> Arc<TelemetryBridge> {
         let (interest, changes) = mpsc::unbounded_channel();
-        let bridge = Arc::new(TelemetryBridge {
-            client: cluster.client(),
-            subjects: cluster.clone(),
+        tokio::spawn(keep_subscriptions(
+            client.clone(),
+            cluster.clone(),
+            stats.clone(),
+            changes,
+            deliver,
+        ));
+        Arc::new(TelemetryBridge {
+            client,
+            cluster: cluster.clone(),
             interest,
             stats,
-        });
-        tokio::spawn(keep_subscriptions(bridge.clone(), changes, deliver));
-        bridge
+        })
     }
 
     /// Sends one telemetry publish of `agent` to the other routers, or sheds it.
@@ -157,14 +193,16 @@ impl TelemetryBridge {
             source_agent: agent.to_owned(),
             target_agent: publish.target_agent.clone(),
             key: publish.key.clone(),
+            fencing_token: publish.fencing_token,
+            lease: publish.lease.clone(),
             published_us,
             payload: publish.payload.clone(),
         };
-        let subject = self.subjects.telemetry_subject(&publish.swarm);
-        // Queued at once or not at all: telemetry never waits for the cluster.
-        let sent = self
-            .client
-            .publish(subject, bridged.encode())
+        let subject = self.cluster.telemetry_subject(&publish.swarm);
+        // Queued at once or not at all: telemetry never waits for the cluster. Outside
+        // tokio's cooperative budget, so that a reader handling many frames in one poll
+        // does not see a free queue as full.
+        let sent = tokio::task::unconstrained(self.client.publish(subject, bridged.encode()))
             .now_or_never();
         let counter = match sent {
             Some(Ok(())) => &self.stats.telemetry_bridged_out,
@@ -180,11 +218,14 @@ impl TelemetryBridge {
 }
 
 /// Subscribes to each swarm this router wants telemetry of, and unsubscribes when it no
-/// longer does; each subscription's messages go to `deliver`.
+/// longer does; each subscription's messages go to `deliver`. A subscription that fails is
+/// tried again at the swarm's next change of interest.
 async fn keep_subscriptions(
-    bridge: Arc<TelemetryBridge>,
+    client: async_nats::Client,
+    cluster: swarmbus_jetstream::Cluster,
+    stats: Arc<Stats>,
     mut changes: mpsc::UnboundedReceiver<(Arc<str>, bool)>,
-    deliver: Arc<OnceLock<Deliver>>,
+    deliver: Deliver,
 ) {
     let mut subscribed: HashMap<Arc<str>, crate::bulk::AbortOnDrop<()>> = HashMap::new();
     while let Some((swarm, wanted)) = changes.recv().await {
@@ -195,24 +236,30 @@ async fn keep_subscriptions(
         if subscribed.contains_key(&swarm) {
             continue;
         }
-        let subject = bridge.subjects.telemetry_subject(&swarm);
-        let mut subscription = match bridge.client.subscribe(subject).await {
+        let subject = cluster.telemetry_subject(&swarm);
+        let mut subscription = match client.subscribe(subject).await {
             Ok(subscription) => subscription,
             Err(error) => {
                 tracing::warn!(%swarm, %error, "subscribing to other routers' telemetry failed");
                 continue;
             }
         };
-        let (deliver, stats) = (deliver.clone(), bridge.stats.clone());
+        let (deliver, stats, name) = (deliver.clone(), stats.clone(), swarm.clone());
         let task = tokio::spawn(async move {
             while let Some(message) = subscription.next().await {
-                let (Some(bridged), Some(deliver)) =
-                    (Bridged::decode(message.payload), deliver.get())
-                else {
-                    continue;
-                };
-                stats.telemetry_bridged_in.fetch_add(1, Ordering::Relaxed);
-                deliver(&bridged);
+                // Only this swarm's, well formed: anyone allowed to publish on the subject
+                // can send anything there.
+                match Bridged::decode(message.payload) {
+                    Some(bridged) if *bridged.swarm == *name => {
+                        stats.telemetry_bridged_in.fetch_add(1, Ordering::Relaxed);
+                        deliver(&bridged);
+                    }
+                    _ => {
+                        stats
+                            .telemetry_bridge_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         });
         subscribed.insert(swarm, crate::bulk::AbortOnDrop(task));
@@ -230,6 +277,8 @@ mod tests {
             source_agent: "gpu-7".into(),
             target_agent: Some("ctl".into()),
             key: None,
+            fencing_token: 7,
+            lease: Some("leader".into()),
             published_us: 1_733_000_000_000_000,
             payload: Bytes::from_static(b"\x00\x01telemetry"),
         };

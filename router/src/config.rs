@@ -868,9 +868,11 @@ impl Config {
                     js.stream_prefix
                 )));
             }
-            if !js.subject_prefix.split('.').all(token_ok) {
+            // `<subject_prefix>.tel.<swarm>` carries telemetry: a prefix ending in `tel`
+            // would make one deployment's log subjects another's telemetry subjects.
+            if !js.subject_prefix.split('.').all(token_ok) || js.subject_prefix.ends_with(".tel") {
                 return Err(config_error(format!(
-                    "jetstream.subject_prefix {:?}: dot-separated tokens of letters, digits, '_' and '-'",
+                    "jetstream.subject_prefix {:?}: dot-separated tokens of letters, digits, '_' and '-', not ending in .tel",
                     js.subject_prefix
                 )));
             }

@@ -175,7 +175,7 @@ impl Collector for Scrape {
             "reason",
             &by_reason,
         )?;
-        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 17] = [
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 18] = [
             (
                 "lease_grants",
                 "Lease requests granted (acquire or renew).",
@@ -225,6 +225,11 @@ impl Collector for Scrape {
                 "telemetry_bridged_in",
                 "Telemetry publishes received from the other routers of the cluster.",
                 &stats.telemetry_bridged_in,
+            ),
+            (
+                "telemetry_bridge_rejected",
+                "Messages on the telemetry subjects that were not a well-formed publish of their swarm (dropped).",
+                &stats.telemetry_bridge_rejected,
             ),
             (
                 "lagging_disconnects",

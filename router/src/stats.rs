@@ -64,6 +64,9 @@ pub struct Stats {
     pub telemetry_bridged_out: AtomicU64,
     pub telemetry_bridge_dropped: AtomicU64,
     pub telemetry_bridged_in: AtomicU64,
+    /// Messages on the telemetry subjects that were not a well-formed publish of the
+    /// subject's swarm (dropped), since start.
+    pub telemetry_bridge_rejected: AtomicU64,
     /// Control and command publishes sessions sent, since start (the governor's activity
     /// signal; the router's own records are not counted).
     pub ordered_published: AtomicU64,
@@ -193,6 +196,7 @@ pub struct StatsSnapshot {
     pub telemetry_bridged_out: u64,
     pub telemetry_bridge_dropped: u64,
     pub telemetry_bridged_in: u64,
+    pub telemetry_bridge_rejected: u64,
     pub ordered_published: u64,
     pub governed_intake_per_s: u64,
     pub governor_cuts: u64,
@@ -240,6 +244,7 @@ impl Stats {
             telemetry_bridged_out: get(&self.telemetry_bridged_out),
             telemetry_bridge_dropped: get(&self.telemetry_bridge_dropped),
             telemetry_bridged_in: get(&self.telemetry_bridged_in),
+            telemetry_bridge_rejected: get(&self.telemetry_bridge_rejected),
             ordered_published: get(&self.ordered_published),
             governed_intake_per_s: get(&self.governed_intake_per_s),
             governor_cuts: get(&self.governor_cuts),

@@ -171,44 +171,7 @@ impl Cluster {
                 "jetstream.danger_unsynced_acks: the servers' sync setting is not checked; acknowledged commands may be lost if they crash"
             );
         }
-        let mut options = async_nats::ConnectOptions::new()
-            .name("swarmbus-router")
-            .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
-            // A dead connection is noticed within a few pings (and /readyz says so).
-            .ping_interval(Duration::from_secs(5))
-            // Telemetry this router sends to the others never comes back to it.
-            .no_echo()
-            .require_tls(config.require_tls);
-        if let Some(path) = &config.credentials_file {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|e| Error::Config(format!("jetstream.credentials_file {path:?}: {e}")))?;
-        }
-        match (&config.user, &config.password) {
-            (Some(user), Some(password)) => {
-                options = options.user_and_password(user.clone(), password.clone());
-            }
-            (None, None) => {}
-            _ => {
-                return Err(Error::Config(
-                    "jetstream.user and jetstream.password go together".into(),
-                ))
-            }
-        }
-        if let Some(token) = &config.token {
-            options = options.token(token.clone());
-        }
-        if let Some(path) = &config.tls_ca_file {
-            options = options.add_root_certificates(path.clone());
-        }
-        let client = options
-            .connect(config.urls.as_slice())
-            .await
-            .map_err(|e| Error::Connect {
-                urls: config.urls.clone(),
-                detail: e.to_string(),
-            })?;
+        let client = connect_client(&config, "swarmbus-router", |options| options).await?;
         // No router-wide cap on acknowledgements in flight: each swarm's appender bounds
         // its own (`max_in_flight`), and a shared cap would let swarms that each hold part
         // of it wait on one another for ever.
@@ -227,14 +190,25 @@ impl Cluster {
         &self.config
     }
 
+    /// A second connection to the cluster, for telemetry across routers: telemetry never
+    /// queues in front of the log's appends, and a slow telemetry subscription can only
+    /// cost this connection. `no_echo`: it never receives its own publishes; each
+    /// subscription holds at most `subscription_capacity` messages before NATS drops more.
+    pub async fn connect_telemetry(
+        &self,
+        subscription_capacity: usize,
+    ) -> Result<async_nats::Client, Error> {
+        connect_client(&self.config, "swarmbus-router-telemetry", |options| {
+            options
+                .no_echo()
+                .subscription_capacity(subscription_capacity)
+        })
+        .await
+    }
+
     /// The largest message the server takes (its `max_payload`), headers included.
     pub fn max_payload(&self) -> usize {
         self.js.client().server_info().max_payload
-    }
-
-    /// The NATS connection (opened with `no_echo`: it never receives its own publishes).
-    pub fn client(&self) -> async_nats::Client {
-        self.js.client()
     }
 
     /// The core NATS subject telemetry of `swarm` crosses routers on.
@@ -362,6 +336,50 @@ impl Cluster {
             info,
         ))
     }
+}
+
+/// A connection to the cluster with the configured sign-in and TLS; `adjust` adds options.
+async fn connect_client(
+    config: &JetStreamConfig,
+    name: &str,
+    adjust: impl FnOnce(async_nats::ConnectOptions) -> async_nats::ConnectOptions,
+) -> Result<async_nats::Client, Error> {
+    let mut options = async_nats::ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_millis(config.connect_timeout_ms))
+        // A dead connection is noticed within a few pings (and /readyz says so).
+        .ping_interval(Duration::from_secs(5))
+        .require_tls(config.require_tls);
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| Error::Config(format!("jetstream.credentials_file {path:?}: {e}")))?;
+    }
+    match (&config.user, &config.password) {
+        (Some(user), Some(password)) => {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        (None, None) => {}
+        _ => {
+            return Err(Error::Config(
+                "jetstream.user and jetstream.password go together".into(),
+            ))
+        }
+    }
+    if let Some(token) = &config.token {
+        options = options.token(token.clone());
+    }
+    if let Some(path) = &config.tls_ca_file {
+        options = options.add_root_certificates(path.clone());
+    }
+    adjust(options)
+        .connect(config.urls.as_slice())
+        .await
+        .map_err(|e| Error::Connect {
+            urls: config.urls.clone(),
+            detail: e.to_string(),
+        })
 }
 
 fn swarm_info(name: &str, info: &stream::Info) -> Result<Option<SwarmInfo>, Error> {

@@ -616,16 +616,21 @@ const RECORD_HEAD_ALLOWANCE: usize = swarmbus_schema::MAX_DELIVER_HEADER_BYTES
 
 /// With `log.backend = "jetstream"`: the cluster, and the swarms its streams hold. The
 /// embedded log must hold none of the swarms' logs (they would be hidden, not moved).
+/// What `connect_cluster` brings: the cluster, its swarms, and the telemetry connection
+/// (with `jetstream.share_telemetry`).
+struct ClusterStart {
+    cluster: swarmbus_jetstream::Cluster,
+    swarms: Vec<swarmbus_jetstream::SwarmInfo>,
+    telemetry: Option<async_nats::Client>,
+}
+
+/// Messages one telemetry subscription holds before NATS drops more for it.
+const TELEMETRY_SUBSCRIPTION_CAPACITY: usize = 4096;
+
 async fn connect_cluster(
     config: &Config,
     recovered: &[log::SwarmLog],
-) -> Result<
-    (
-        swarmbus_jetstream::Cluster,
-        Vec<swarmbus_jetstream::SwarmInfo>,
-    ),
-    RouterError,
-> {
+) -> Result<ClusterStart, RouterError> {
     let embedded: Vec<&str> = recovered
         .iter()
         .filter(|log| !log.is_internal())
@@ -671,7 +676,20 @@ async fn connect_cluster(
         .await
         .map_err(|source| RouterError::JetStream { source })?;
     info!(urls = ?config.jetstream.urls, swarms = swarms.len(), replicas = config.jetstream.replicas, "JetStream log backend ready");
-    Ok((cluster, swarms))
+    let telemetry = match config.jetstream.share_telemetry {
+        true => Some(
+            cluster
+                .connect_telemetry(TELEMETRY_SUBSCRIPTION_CAPACITY)
+                .await
+                .map_err(|source| RouterError::JetStream { source })?,
+        ),
+        false => None,
+    };
+    Ok(ClusterStart {
+        cluster,
+        swarms,
+        telemetry,
+    })
 }
 
 /// The shards (main ones, then the job queue's) and what the writers report.
@@ -691,10 +709,7 @@ struct StartedShards {
 fn start_shards(
     config: &Config,
     recovered: Vec<log::SwarmLog>,
-    cluster: Option<(
-        swarmbus_jetstream::Cluster,
-        Vec<swarmbus_jetstream::SwarmInfo>,
-    )>,
+    cluster: Option<ClusterStart>,
     clock: Clock,
     stats: &Arc<Stats>,
     disk: log::disk::Disk,
@@ -743,7 +758,14 @@ fn start_shards(
         };
         per_shard[index].push(swarm);
     }
-    let (cluster, streams) = cluster.unzip();
+    let (cluster, streams, telemetry_client) = match cluster {
+        Some(ClusterStart {
+            cluster,
+            swarms,
+            telemetry,
+        }) => (Some(cluster), Some(swarms), telemetry),
+        None => (None, None, None),
+    };
     let mut streams_per_shard: Vec<Vec<swarmbus_jetstream::SwarmInfo>> =
         (0..shard_count).map(|_| Vec::new()).collect();
     for info in streams.into_iter().flatten() {
@@ -805,23 +827,30 @@ fn start_shards(
         })
         .collect();
     let job_shards = shards.split_off(shard_count);
-    if let Some(cluster) = cluster
-        .as_ref()
-        .filter(|_| config.jetstream.share_telemetry)
-    {
-        let deliver = Arc::new(std::sync::OnceLock::new());
-        let bridge = crate::bridge::TelemetryBridge::start(cluster, stats.clone(), deliver.clone());
+    if let (Some(cluster), Some(client)) = (cluster.as_ref(), telemetry_client) {
+        // Held weakly: the bridge's task must not keep the routes (and so itself) alive
+        // after the shards are gone.
         let routes: Vec<_> = shards
             .iter()
-            .map(|shard| shard.telemetry_routes().clone())
+            .map(|shard| Arc::downgrade(shard.telemetry_routes()))
             .collect();
-        for shard_routes in &routes {
-            shard_routes.set_bridge(bridge.clone());
+        let (delivered, max_payload) = (stats.clone(), config.limits.max_payload_bytes.telemetry);
+        let deliver: crate::bridge::Deliver = Arc::new(move |bridged: &crate::bridge::Bridged| {
+            // This router's own limit: larger frames could break its clients' streams.
+            if bridged.payload.len() > max_payload as usize {
+                delivered
+                    .telemetry_bridge_rejected
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            if let Some(routes) = routes[shard_of(&bridged.swarm, routes.len())].upgrade() {
+                routes.deliver_bridged(&delivered, bridged);
+            }
+        });
+        let bridge = crate::bridge::TelemetryBridge::start(client, cluster, stats.clone(), deliver);
+        for shard in &shards {
+            shard.telemetry_routes().set_bridge(bridge.clone());
         }
-        let stats = stats.clone();
-        let _ = deliver.set(Arc::new(move |bridged: &crate::bridge::Bridged| {
-            routes[shard_of(&bridged.swarm, routes.len())].deliver_bridged(&stats, bridged);
-        }) as crate::bridge::Deliver);
     }
     Ok(StartedShards {
         shards,
