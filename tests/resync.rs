@@ -177,6 +177,48 @@ async fn delta_requests_are_answered_from_the_log_in_bounded_pieces() {
     t.router.shutdown().await;
 }
 
+/// A delta answer cut short by the read's byte bound (large commands) says so (`more`,
+/// `last_op` the last op read), so the agent asks for the rest instead of missing it.
+#[tokio::test]
+async fn a_delta_cut_short_by_its_byte_bound_says_there_is_more() {
+    let t = start_router(|_| {}).await;
+    let (ctl, _) = t.connect("ctl", Role::Controller, &["s"]).await;
+    // 24 commands of 250 KiB: 6 MB, past the 4 MiB a read takes at once.
+    for i in 1..=24u32 {
+        let mut payload = format!("{i}:").into_bytes();
+        payload.resize(250 << 10, b'x');
+        ctl.publish(
+            "s",
+            Class::Command,
+            Bytes::from(payload),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let (agent, mut rx) = t.connect("a1", Role::Agent, &["s"]).await;
+    let mut received = Vec::new();
+    let mut from = OpId(1);
+    let mut answers = 0;
+    loop {
+        let ack = agent.delta("s", from, OpId::NONE).await.unwrap();
+        answers += 1;
+        received.extend(recv_n(&mut rx, ack.count as usize).await);
+        if !ack.more {
+            assert_eq!(ack.last_op, OpId(24));
+            break;
+        }
+        from = OpId(ack.last_op.0 + 1);
+        assert!(answers < 30, "no end to the answers");
+    }
+    assert!(
+        answers > 1,
+        "6 MB in one answer: the byte bound did not cut it"
+    );
+    assert_eq!(ops(&received), (1..=24).collect::<Vec<_>>());
+    t.router.shutdown().await;
+}
+
 #[tokio::test]
 async fn unacknowledged_ops_are_redelivered_and_dropped_by_the_helper() {
     let t = start_router(|c| c.log.redelivery_timeout_ms = 200).await;

@@ -183,10 +183,16 @@ impl DeltaRead {
         let lane = Lane::Class(Class::Reconciliation);
         match records {
             Ok(records) => {
+                // The read stops at `limit` records or once CATCH_UP_CHUNK_BYTES are read:
+                // a read that reached neither the end of the range nor past it, with that
+                // many bytes, may have been cut by the byte bound.
+                let read_past_end = records.last().is_some_and(|r| r.op > to);
+                let read_bytes: usize = records.iter().map(|r| r.frame.len()).sum();
+                let cut_by_bytes = !read_past_end && read_bytes >= CATCH_UP_CHUNK_BYTES;
                 let records: Vec<_> = records.into_iter().filter(|r| r.op <= to).collect();
                 // Where this answer stops: the last op read when a bound cut it short, else
                 // the end of the range.
-                let cut_short = limit < span || records.len() >= limit;
+                let cut_short = limit < span || records.len() >= limit || cut_by_bytes;
                 let last_op = match records.last() {
                     Some(last) if cut_short => last.op,
                     None if cut_short => OpId(from.0.saturating_sub(1)),
