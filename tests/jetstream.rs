@@ -374,8 +374,13 @@ async fn telemetry_crosses_routers_once() {
     let nats_dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start(nats_dir.path(), true);
     let (data_a, data_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = TestRouter::start_on(config(data_a.path(), &server)).await;
-    let b = TestRouter::start_on(config(data_b.path(), &server)).await;
+    let sharing = |data: &Path| {
+        let mut config = config(data, &server);
+        config.jetstream.share_telemetry = true;
+        config
+    };
+    let a = TestRouter::start_on(sharing(data_a.path())).await;
+    let b = TestRouter::start_on(sharing(data_b.path())).await;
     let (on_a, mut rx_a) = a.connect("watch-a", Role::Controller, &["s"]).await;
     let (on_b, mut rx_b) = b.connect("watch-b", Role::Controller, &["s"]).await;
     on_a.subscribe("s", Class::Telemetry, None).await.unwrap();

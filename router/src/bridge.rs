@@ -1,5 +1,5 @@
 //! Telemetry across routers: with `log.backend = "jetstream"` and
-//! `jetstream.share_telemetry` (the default there), each telemetry publish a router takes is
+//! `jetstream.share_telemetry`, each telemetry publish a router takes is
 //! also published on the NATS subject `<jetstream.subject_prefix>.tel.<swarm token>`, and
 //! each router subscribes to the subjects of the swarms it has telemetry subscribers in,
 //! delivering what other routers send to them as if it had been published locally. Best

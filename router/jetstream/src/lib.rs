@@ -80,7 +80,8 @@ pub struct JetStreamConfig {
     pub connect_timeout_ms: u64,
     /// Send each telemetry publish to the other routers of the cluster, and deliver theirs
     /// to this router's subscribers (core NATS subjects `<subject_prefix>.tel.<swarm>`,
-    /// best effort).
+    /// best effort). Off by default: every telemetry publish then costs a NATS publish,
+    /// whether or not another router subscribes.
     pub share_telemetry: bool,
 }
 
@@ -103,7 +104,7 @@ impl Default for JetStreamConfig {
             append_deadline_ms: 10_000,
             max_in_flight: 256,
             connect_timeout_ms: 5_000,
-            share_telemetry: true,
+            share_telemetry: false,
         }
     }
 }
