@@ -130,6 +130,11 @@ impl TestRouter {
     }
 }
 
+/// The op ids of `deliveries`, in order.
+pub fn ops(deliveries: &[Deliver]) -> Vec<u64> {
+    deliveries.iter().map(|d| d.op_id.0).collect()
+}
+
 /// Receives exactly `n` deliveries, failing the test after 10 s.
 pub async fn recv_n(deliveries: &mut Deliveries, n: usize) -> Vec<Deliver> {
     let mut out = Vec::with_capacity(n);

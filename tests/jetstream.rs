@@ -12,7 +12,7 @@ use swarmbus_router::config::LogBackendKind;
 use swarmbus_router::Config;
 use swarmbus_schema::{Class, Deliver, OpId, Role};
 
-use crate::common::{recv_n, recv_until, TestRouter};
+use crate::common::{ops, recv_n, recv_until, TestRouter};
 
 fn jetstream(server: &NatsServer) -> JetStreamConfig {
     JetStreamConfig {
@@ -44,10 +44,6 @@ async fn command(client: &Client, text: &str) -> Result<OpId, swarmbus_client::C
             PublishOptions::default(),
         )
         .await
-}
-
-fn ops(deliveries: &[Deliver]) -> Vec<u64> {
-    deliveries.iter().map(|d| d.op_id.0).collect()
 }
 
 /// The log lives in the cluster: a router started on an empty data directory serves the

@@ -5,9 +5,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use swarmbus_client::{FileOffsetStore, IdempotentApply, PublishOptions, Session};
 use swarmbus_router::Router;
-use swarmbus_schema::{Class, Deliver, OpId, Role};
+use swarmbus_schema::{Class, OpId, Role};
 
-use crate::common::{recv_keyed, recv_n, recv_until, start_router, TestRouter};
+use crate::common::{ops, recv_keyed, recv_n, recv_until, start_router, TestRouter};
 
 async fn publish_commands(
     client: &swarmbus_client::Client,
@@ -25,10 +25,6 @@ async fn publish_commands(
             .await
             .unwrap();
     }
-}
-
-fn ops(deliveries: &[Deliver]) -> Vec<u64> {
-    deliveries.iter().map(|d| d.op_id.0).collect()
 }
 
 #[tokio::test]

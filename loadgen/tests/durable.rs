@@ -17,6 +17,18 @@ fn last_json(output: &std::process::Output) -> serde_json::Value {
     serde_json::from_str(last).expect("the last stdout line is JSON")
 }
 
+/// The loadgen running `scenario` against `router`.
+fn loadgen(scenario: &str, router: &Router) -> Command {
+    let mut command = Command::new(LOADGEN);
+    command
+        .arg(scenario)
+        .arg("--router")
+        .arg(router.local_addr().to_string())
+        .arg("--ca")
+        .arg(router.ca_path().unwrap());
+    command
+}
+
 #[test]
 fn recorded_commands_are_all_found_in_the_log() {
     let data = tempfile::tempdir().unwrap();
@@ -30,18 +42,7 @@ fn recorded_commands_are_all_found_in_the_log() {
             ..Config::default()
         }))
         .unwrap();
-    let addr = router.local_addr().to_string();
-    let ca = router.ca_path().unwrap().to_owned();
-    let base = |scenario: &str| {
-        let mut command = Command::new(LOADGEN);
-        command
-            .arg(scenario)
-            .arg("--router")
-            .arg(&addr)
-            .arg("--ca")
-            .arg(&ca);
-        command
-    };
+    let base = |scenario: &str| loadgen(scenario, &router);
     let output = base("durable")
         .args([
             "--swarms",
@@ -118,16 +119,6 @@ fn recorded_commands_are_found_through_another_router_on_the_cluster() {
         config.jetstream.urls = vec![server.url()];
         config.jetstream.monitor_urls = vec![server.monitor_url()];
         runtime.block_on(Router::start(config)).unwrap()
-    };
-    let loadgen = |scenario: &str, router: &Router| {
-        let mut command = Command::new(LOADGEN);
-        command
-            .arg(scenario)
-            .arg("--router")
-            .arg(router.local_addr().to_string())
-            .arg("--ca")
-            .arg(router.ca_path().unwrap());
-        command
     };
     let first = start("router-a");
     let output = loadgen("durable", &first)
