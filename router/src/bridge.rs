@@ -22,42 +22,43 @@ use crate::stats::Stats;
 /// The first byte of a bridged publish: its layout's version.
 const VERSION: u8 = 1;
 
-/// A telemetry publish as it crosses routers.
+/// A telemetry publish as it crosses routers: the publish (no acknowledgement asked), who
+/// published it, and when.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Bridged {
-    pub swarm: String,
+    pub publish: Publish,
     pub source_agent: String,
-    pub target_agent: Option<String>,
-    pub key: Option<String>,
-    pub fencing_token: u64,
-    pub lease: Option<String>,
     pub published_us: u64,
-    pub payload: Bytes,
+}
+
+/// `VERSION`, then `published_us` and the fencing token (u64 each), then swarm, source,
+/// target, key and lease, each a u16 length (0xffff for none) and its bytes, then the
+/// payload to the end. Written straight from the publish, with one copy of the payload.
+/// Hand-written: a few fields, read by swarmbus routers only, where a schema would add a
+/// verifier pass per message on the telemetry path.
+pub fn encode(publish: &Publish, source_agent: &str, published_us: u64) -> Bytes {
+    let texts = [
+        Some(publish.swarm.as_str()),
+        Some(source_agent),
+        publish.target_agent.as_deref(),
+        publish.key.as_deref(),
+        publish.lease.as_deref(),
+    ];
+    let names: usize = texts.iter().flatten().map(|t| t.len()).sum();
+    let mut out = BytesMut::with_capacity(1 + 16 + 2 * texts.len() + names + publish.payload.len());
+    out.put_u8(VERSION);
+    out.put_u64(published_us);
+    out.put_u64(publish.fencing_token);
+    for text in texts {
+        put_text(&mut out, text);
+    }
+    out.put_slice(&publish.payload);
+    out.freeze()
 }
 
 impl Bridged {
-    /// `VERSION`, then `published_us` and `fencing_token` (u64 each), then swarm, source,
-    /// target, key and lease, each a u16 length (0xffff for none) and its bytes, then the
-    /// payload to the end.
-    /// Hand-written: five fields, read by swarmbus routers only, where a schema would add a
-    /// verifier pass per message on the telemetry path.
     pub fn encode(&self) -> Bytes {
-        let names = self.swarm.len()
-            + self.source_agent.len()
-            + self.target_agent.as_ref().map_or(0, String::len)
-            + self.key.as_ref().map_or(0, String::len)
-            + self.lease.as_ref().map_or(0, String::len);
-        let mut out = BytesMut::with_capacity(1 + 16 + 10 + names + self.payload.len());
-        out.put_u8(VERSION);
-        out.put_u64(self.published_us);
-        out.put_u64(self.fencing_token);
-        put_text(&mut out, Some(&self.swarm));
-        put_text(&mut out, Some(&self.source_agent));
-        put_text(&mut out, self.target_agent.as_deref());
-        put_text(&mut out, self.key.as_deref());
-        put_text(&mut out, self.lease.as_deref());
-        out.put_slice(&self.payload);
-        out.freeze()
+        encode(&self.publish, &self.source_agent, self.published_us)
     }
 
     /// The publish `encode` made, or `None` for anything else (names longer than the
@@ -89,30 +90,21 @@ impl Bridged {
         {
             return None;
         }
-        Some(Bridged {
+        let publish = Publish {
+            request_id: 0,
             swarm,
-            source_agent,
+            class: swarmbus_schema::Class::Telemetry,
             target_agent,
             key,
+            payload: bytes,
             fencing_token,
             lease,
+        };
+        Some(Bridged {
+            publish,
+            source_agent,
             published_us,
-            payload: bytes,
         })
-    }
-
-    /// The publish to deliver locally (no acknowledgement asked).
-    pub fn to_publish(&self) -> Publish {
-        Publish {
-            request_id: 0,
-            swarm: self.swarm.clone(),
-            class: swarmbus_schema::Class::Telemetry,
-            target_agent: self.target_agent.clone(),
-            key: self.key.clone(),
-            payload: self.payload.clone(),
-            fencing_token: self.fencing_token,
-            lease: self.lease.clone(),
-        }
     }
 }
 
@@ -188,22 +180,15 @@ impl TelemetryBridge {
 
     /// Sends one telemetry publish of `agent` to the other routers, or sheds it.
     pub fn send(&self, agent: &str, publish: &Publish, published_us: u64) {
-        let bridged = Bridged {
-            swarm: publish.swarm.clone(),
-            source_agent: agent.to_owned(),
-            target_agent: publish.target_agent.clone(),
-            key: publish.key.clone(),
-            fencing_token: publish.fencing_token,
-            lease: publish.lease.clone(),
-            published_us,
-            payload: publish.payload.clone(),
-        };
         let subject = self.cluster.telemetry_subject(&publish.swarm);
         // Queued at once or not at all: telemetry never waits for the cluster. Outside
         // tokio's cooperative budget, so that a reader handling many frames in one poll
         // does not see a free queue as full.
-        let sent = tokio::task::unconstrained(self.client.publish(subject, bridged.encode()))
-            .now_or_never();
+        let sent = tokio::task::unconstrained(
+            self.client
+                .publish(subject, encode(publish, agent, published_us)),
+        )
+        .now_or_never();
         let counter = match sent {
             Some(Ok(())) => &self.stats.telemetry_bridged_out,
             _ => &self.stats.telemetry_bridge_dropped,
@@ -250,7 +235,7 @@ async fn keep_subscriptions(
                 // Only this swarm's, well formed: anyone allowed to publish on the subject
                 // can send anything there.
                 match Bridged::decode(message.payload) {
-                    Some(bridged) if *bridged.swarm == *name => {
+                    Some(bridged) if *bridged.publish.swarm == *name => {
                         stats.telemetry_bridged_in.fetch_add(1, Ordering::Relaxed);
                         deliver(&bridged);
                     }
@@ -273,22 +258,24 @@ mod tests {
     #[test]
     fn a_bridged_publish_decodes_to_itself_and_garbage_to_nothing() {
         let bridged = Bridged {
-            swarm: "fleet/α".into(),
+            publish: Publish {
+                request_id: 0,
+                swarm: "fleet/α".into(),
+                class: swarmbus_schema::Class::Telemetry,
+                target_agent: Some("ctl".into()),
+                key: None,
+                payload: Bytes::from_static(b"\x00\x01telemetry"),
+                fencing_token: 7,
+                lease: Some("leader".into()),
+            },
             source_agent: "gpu-7".into(),
-            target_agent: Some("ctl".into()),
-            key: None,
-            fencing_token: 7,
-            lease: Some("leader".into()),
             published_us: 1_733_000_000_000_000,
-            payload: Bytes::from_static(b"\x00\x01telemetry"),
         };
         assert_eq!(Bridged::decode(bridged.encode()), Some(bridged.clone()));
-        let untargeted = Bridged {
-            target_agent: None,
-            key: Some("k".into()),
-            payload: Bytes::new(),
-            ..bridged
-        };
+        let mut untargeted = bridged.clone();
+        untargeted.publish.target_agent = None;
+        untargeted.publish.key = Some("k".into());
+        untargeted.publish.payload = Bytes::new();
         assert_eq!(
             Bridged::decode(untargeted.encode()),
             Some(untargeted.clone())
@@ -297,11 +284,14 @@ mod tests {
         for cut in 0..whole.len() - 1 {
             // Cut inside the fields: refused (a cut in the payload is a shorter payload).
             let decoded = Bridged::decode(whole.slice(..cut));
-            assert!(decoded.is_none() || cut >= whole.len() - untargeted.payload.len());
+            assert!(decoded.is_none() || cut >= whole.len() - untargeted.publish.payload.len());
         }
         assert_eq!(
-            Bridged::decode(Bytes::from_static(b"\x02garbage-garbage")),
+            Bridged::decode(Bytes::from_static(b"\x02garbage-garbage-garbage")),
             None
         );
+        let mut too_long = untargeted;
+        too_long.source_agent = "a".repeat(swarmbus_schema::MAX_NAME_BYTES + 1);
+        assert_eq!(Bridged::decode(too_long.encode()), None);
     }
 }

@@ -240,17 +240,16 @@ impl Cluster {
         let mut names = self.js.stream_names();
         let mut out = Vec::new();
         while let Some(name) = names.next().await {
-            let name = name.map_err(|e| Error::Stream {
-                stream: prefix.clone(),
-                detail: format!("listing streams: {e}"),
-            })?;
+            let name =
+                name.map_err(|e| stream_error(&prefix, format_args!("listing streams: {e}")))?;
             if !name.starts_with(&prefix) {
                 continue;
             }
-            let stream = self.js.get_stream(&name).await.map_err(|e| Error::Stream {
-                stream: name.clone(),
-                detail: e.to_string(),
-            })?;
+            let stream = self
+                .js
+                .get_stream(&name)
+                .await
+                .map_err(|e| stream_error(&name, e))?;
             match swarm_info(&name, stream.cached_info())? {
                 // Only this router's streams: a longer prefix of another deployment
                 // (`SWARMBUS_B_...`) starts the same way.
@@ -272,24 +271,31 @@ impl Cluster {
                         return Ok(None);
                     }
                 }
-                return Err(Error::Stream {
-                    stream: name,
-                    detail: error.to_string(),
-                });
+                return Err(stream_error(&name, error));
             }
         };
         let Some(info) = swarm_info(&name, stream.cached_info())? else {
             return Ok(None);
         };
-        Ok(Some(SwarmStream {
+        Ok(Some(self.swarm_stream(stream, swarm, name, &info)))
+    }
+
+    fn swarm_stream(
+        &self,
+        stream: stream::Stream,
+        swarm: &str,
+        name: String,
+        info: &SwarmInfo,
+    ) -> SwarmStream {
+        SwarmStream {
             js: self.js.clone(),
             stream,
-            subject: self.subject(swarm),
+            subject: self.subject(swarm).into(),
             name,
             epoch: info.epoch,
             writer: self.writer,
             config: self.config.clone(),
-        }))
+        }
     }
 
     /// Opens the stream of `swarm`, creating it with `epoch` when it does not exist. The
@@ -316,26 +322,14 @@ impl Cluster {
             .js
             .get_or_create_stream(config)
             .await
-            .map_err(|e| Error::Stream {
-                stream: name.clone(),
-                detail: e.to_string(),
-            })?;
-        let info = swarm_info(&name, stream.cached_info())?.ok_or_else(|| Error::Stream {
-            stream: name.clone(),
-            detail: "the stream exists but was not made by swarmbus (no swarmbus metadata)".into(),
+            .map_err(|e| stream_error(&name, e))?;
+        let info = swarm_info(&name, stream.cached_info())?.ok_or_else(|| {
+            stream_error(
+                &name,
+                "the stream exists but was not made by swarmbus (no swarmbus metadata)",
+            )
         })?;
-        Ok((
-            SwarmStream {
-                js: self.js.clone(),
-                stream,
-                name,
-                subject,
-                epoch: info.epoch,
-                writer: self.writer,
-                config: self.config.clone(),
-            },
-            info,
-        ))
+        Ok((self.swarm_stream(stream, swarm, name, &info), info))
     }
 }
 
@@ -383,14 +377,23 @@ async fn connect_client(
         })
 }
 
+fn stream_error(stream: &str, detail: impl std::fmt::Display) -> Error {
+    Error::Stream {
+        stream: stream.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
 fn swarm_info(name: &str, info: &stream::Info) -> Result<Option<SwarmInfo>, Error> {
     let meta = &info.config.metadata;
     let (Some(swarm), Some(epoch)) = (meta.get(META_SWARM), meta.get(META_EPOCH)) else {
         return Ok(None);
     };
-    let epoch = u64::from_str_radix(epoch, 16).map_err(|_| Error::Stream {
-        stream: name.to_string(),
-        detail: format!("metadata {META_EPOCH} {epoch:?} is not a hex number"),
+    let epoch = u64::from_str_radix(epoch, 16).map_err(|_| {
+        stream_error(
+            name,
+            format_args!("metadata {META_EPOCH} {epoch:?} is not a hex number"),
+        )
     })?;
     Ok(Some(SwarmInfo {
         swarm: swarm.clone(),
@@ -407,7 +410,8 @@ pub struct SwarmStream {
     js: jetstream::Context,
     stream: stream::Stream,
     name: String,
-    subject: String,
+    /// Cloned per publish: a shared buffer, no allocation.
+    subject: async_nats::Subject,
     epoch: u64,
     writer: u64,
     config: Arc<JetStreamConfig>,
@@ -425,6 +429,16 @@ pub struct Append {
 impl SwarmStream {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// An error of this stream.
+    fn error(&self, detail: impl std::fmt::Display) -> Error {
+        stream_error(&self.name, detail)
+    }
+
+    /// The stream's state now, from the server.
+    async fn info(&self) -> Result<stream::Info, Error> {
+        self.stream.get_info().await.map_err(|e| self.error(e))
     }
 
     pub fn epoch(&self) -> u64 {
@@ -490,14 +504,11 @@ impl SwarmStream {
             }
             if in_flight.is_empty() {
                 if let Some(large) = oversized {
-                    return Err(Error::Stream {
-                        stream: self.name.clone(),
-                        detail: format!(
-                            "op {}: its record of {} bytes is larger than the server's max_payload ({max_payload})",
-                            large.op,
-                            large.record.len()
-                        ),
-                    });
+                    return Err(self.error(format_args!(
+                        "op {}: its record of {} bytes is larger than the server's max_payload ({max_payload})",
+                        large.op,
+                        large.record.len()
+                    )));
                 }
             }
             let Some((append, sent)) = in_flight.pop_front() else {
@@ -622,10 +633,7 @@ impl SwarmStream {
                 Ok(Some((message.payload, id)))
             }
             Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => Ok(None),
-            Err(error) => Err(Error::Stream {
-                stream: self.name.clone(),
-                detail: format!("reading op {op}: {error}"),
-            }),
+            Err(error) => Err(self.error(format_args!("reading op {op}: {error}"))),
         }
     }
 
@@ -678,10 +686,7 @@ impl SwarmStream {
                 Ok(_) => break,
                 Err(error) if error.kind() == stream::RawMessageErrorKind::NoMessageFound => break,
                 Err(error) => {
-                    return Err(Error::Stream {
-                        stream: self.name.clone(),
-                        detail: format!("reading op {next} at the leader: {error}"),
-                    })
+                    return Err(self.error(format_args!("reading op {next} at the leader: {error}")))
                 }
             }
         }
@@ -697,10 +702,6 @@ impl SwarmStream {
         max_bytes: usize,
     ) -> Result<Vec<(u64, Bytes)>, Error> {
         let mut out = Vec::new();
-        let failed = |detail: String| Error::Stream {
-            stream: self.name.clone(),
-            detail,
-        };
         let reader = self
             .stream
             .create_consumer(consumer::pull::OrderedConfig {
@@ -710,7 +711,7 @@ impl SwarmStream {
                 ..Default::default()
             })
             .await
-            .map_err(|e| failed(format!("starting a read from op {from}: {e}")))?;
+            .map_err(|e| self.error(format_args!("starting a read from op {from}: {e}")))?;
         // Nothing at or after `from` (the ops there were erased): the consumer would wait
         // for a message that never comes.
         if reader.cached_info().num_pending == 0 {
@@ -719,14 +720,15 @@ impl SwarmStream {
         let mut messages = reader
             .messages()
             .await
-            .map_err(|e| failed(format!("reading from op {from}: {e}")))?;
+            .map_err(|e| self.error(format_args!("reading from op {from}: {e}")))?;
         let mut bytes = 0;
         while let Some(message) = messages.next().await {
-            let message = message.map_err(|e| failed(format!("reading from op {from}: {e}")))?;
+            let message =
+                message.map_err(|e| self.error(format_args!("reading from op {from}: {e}")))?;
             let (op, pending) = {
                 let info = message
                     .info()
-                    .map_err(|e| failed(format!("reading from op {from}: {e}")))?;
+                    .map_err(|e| self.error(format_args!("reading from op {from}: {e}")))?;
                 (info.stream_sequence, info.pending)
             };
             if op > to {
@@ -745,10 +747,7 @@ impl SwarmStream {
     /// its name and whether it is current (holds every op the leader does). `None` for a
     /// stream that is not replicated.
     pub async fn replication(&self) -> Result<Option<(String, Vec<(String, bool)>)>, Error> {
-        let info = self.stream.get_info().await.map_err(|e| Error::Stream {
-            stream: self.name.clone(),
-            detail: e.to_string(),
-        })?;
+        let info = self.info().await?;
         Ok(info.cluster.and_then(|cluster| {
             let leader = cluster.leader?;
             let replicas = cluster
@@ -767,10 +766,7 @@ impl SwarmStream {
 
     /// The stream's first and last op now.
     pub async fn bounds(&self) -> Result<(u64, u64), Error> {
-        let info = self.stream.get_info().await.map_err(|e| Error::Stream {
-            stream: self.name.clone(),
-            detail: e.to_string(),
-        })?;
+        let info = self.info().await?;
         Ok((info.state.first_sequence, info.state.last_sequence))
     }
 }

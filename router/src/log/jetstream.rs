@@ -43,8 +43,6 @@ pub struct JetStreamLog {
 #[derive(Debug)]
 struct StreamSwarm {
     epoch: Epoch,
-    /// The last op handed to the appender.
-    last_op: OpId,
     durable: OpId,
     /// Ops up to here are not in the stream (removed by its limits).
     horizon: OpId,
@@ -78,7 +76,6 @@ impl JetStreamLog {
         for info in recovered {
             let swarm: Arc<str> = Arc::from(info.swarm.as_str());
             let mut state = log.start_swarm(&swarm, Epoch(info.epoch));
-            state.last_op = OpId(info.last_op);
             state.durable = OpId(info.last_op);
             state.horizon = OpId(info.first_op.saturating_sub(1));
             state.bytes = info.bytes;
@@ -100,7 +97,6 @@ impl JetStreamLog {
         ));
         StreamSwarm {
             epoch,
-            last_op: OpId(0),
             durable: OpId(0),
             horizon: OpId(0),
             bytes: 0,
@@ -124,7 +120,6 @@ impl JetStreamLog {
                 swarm: swarm.to_string(),
             })?;
         state.bytes += record.len() as u64;
-        state.last_op = state.last_op.max(op);
         let queued = Queued {
             generation: state.generation,
             append: Append {
@@ -284,47 +279,6 @@ impl LogBackend for JetStreamLog {
         false
     }
 
-    fn read_from(
-        &self,
-        swarm: &str,
-        from: OpId,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError> {
-        let Some(plan) = self.plan_read(swarm, from) else {
-            return Ok(Vec::new());
-        };
-        // The read blocks on the backend's runtime: a thread of its own, as this may be
-        // called from one of the runtime's. A current-thread runtime is driven only by its
-        // own thread, which would wait here for ever: refused.
-        let current = tokio::runtime::Handle::try_current().ok();
-        if current
-            .is_some_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
-        {
-            return Err(LogError::Unavailable {
-                swarm: swarm.to_owned(),
-                reason: "a JetStream swarm's log is read off the runtime (ReadPlan), not from \
-                         a current-thread runtime's own thread"
-                    .into(),
-            });
-        }
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| plan.read_noting_file(max_records, max_bytes))
-                .join()
-                .unwrap_or_else(|_| {
-                    Err(ReadFailed {
-                        path: swarm.into(),
-                        error: std::io::Error::other("the read panicked"),
-                    })
-                })
-        })
-        .map_err(|failed| LogError::Io {
-            swarm: swarm.to_owned(),
-            source: failed.error,
-        })
-    }
-
     fn horizon(&self, swarm: &str) -> OpId {
         self.swarms.get(swarm).map_or(OpId(0), |s| s.horizon)
     }
@@ -348,7 +302,6 @@ impl LogBackend for JetStreamLog {
             return false;
         }
         state.generation += 1;
-        state.last_op = state.durable;
         true
     }
 
@@ -493,17 +446,6 @@ impl LogBackend for SplitLog {
 
     fn has_segment(&self, swarm: &str, path: &Path) -> bool {
         self.of(swarm).has_segment(swarm, path)
-    }
-
-    fn read_from(
-        &self,
-        swarm: &str,
-        from: OpId,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError> {
-        self.of(swarm)
-            .read_from(swarm, from, max_records, max_bytes)
     }
 
     fn horizon(&self, swarm: &str) -> OpId {

@@ -140,15 +140,6 @@ pub trait LogBackend: Send {
     /// Whether `path` is still one of `swarm`'s segments (a planned read that found its file
     /// gone raced a compaction or retention and may be planned again).
     fn has_segment(&self, swarm: &str, path: &Path) -> bool;
-    /// Reads durable records from op `from` on, bounded by count and bytes, on the calling
-    /// thread.
-    fn read_from(
-        &self,
-        swarm: &str,
-        from: OpId,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError>;
     /// Ops of `swarm` up to here were compacted or removed by retention.
     fn horizon(&self, swarm: &str) -> OpId;
     /// Starts background compaction and applies retention where due. Results come back as
@@ -222,6 +213,28 @@ impl ShardLog {
             compacting: HashSet::new(),
             backlog: std::collections::VecDeque::new(),
         }
+    }
+}
+
+impl ShardLog {
+    /// Reads durable records of `swarm` from op `from` on, bounded by count and bytes, on
+    /// the calling thread (the shard reads through [`LogBackend::plan_read`], off its
+    /// thread).
+    pub fn read_from(
+        &self,
+        swarm: &str,
+        from: OpId,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<Record>, LogError> {
+        let Some(log) = self.swarms.get(swarm) else {
+            return Ok(Vec::new());
+        };
+        log.read_from(from, max_records, max_bytes)
+            .map_err(|source| LogError::Io {
+                swarm: swarm.to_owned(),
+                source,
+            })
     }
 }
 
@@ -313,23 +326,6 @@ impl LogBackend for ShardLog {
             }
         }
         Ok(self.backlog.len())
-    }
-
-    fn read_from(
-        &self,
-        swarm: &str,
-        from: OpId,
-        max_records: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<Record>, LogError> {
-        let Some(log) = self.swarms.get(swarm) else {
-            return Ok(Vec::new());
-        };
-        log.read_from(from, max_records, max_bytes)
-            .map_err(|source| LogError::Io {
-                swarm: swarm.to_owned(),
-                source,
-            })
     }
 
     fn plan_read(&self, swarm: &str, from: OpId) -> Option<ReadPlan> {

@@ -837,13 +837,13 @@ fn start_shards(
         let (delivered, max_payload) = (stats.clone(), config.limits.max_payload_bytes.telemetry);
         let deliver: crate::bridge::Deliver = Arc::new(move |bridged: &crate::bridge::Bridged| {
             // This router's own limit: larger frames could break its clients' streams.
-            if bridged.payload.len() > max_payload as usize {
+            if bridged.publish.payload.len() > max_payload as usize {
                 delivered
                     .telemetry_bridge_rejected
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 return;
             }
-            if let Some(routes) = routes[shard_of(&bridged.swarm, routes.len())].upgrade() {
+            if let Some(routes) = routes[shard_of(&bridged.publish.swarm, routes.len())].upgrade() {
                 routes.deliver_bridged(&delivered, bridged);
             }
         });

@@ -207,17 +207,17 @@ impl TelemetryRoutes {
     /// Delivers a telemetry publish another router took, as [`TelemetryRoutes::publish`]
     /// would have here (no acknowledgement, not sent on again).
     pub fn deliver_bridged(&self, stats: &Stats, bridged: &crate::bridge::Bridged) {
-        let Some(route) = self.route(&bridged.swarm) else {
+        let publish = &bridged.publish;
+        let Some(route) = self.route(&publish.swarm) else {
             return;
         };
-        let (source, target) = (&bridged.source_agent, bridged.target_agent.as_deref());
+        let (source, target) = (&bridged.source_agent, publish.target_agent.as_deref());
         if route.unavailable.is_some() || !route.wanted(source, target) {
             return;
         }
-        let publish = bridged.to_publish();
         let frame = OutFrame {
             head: deliver_head(
-                &publish,
+                publish,
                 source,
                 OpId::NONE,
                 Epoch::default(),
