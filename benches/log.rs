@@ -160,6 +160,7 @@ fn append_windows(
             LogEvent::Durable { .. } => {}
             LogEvent::Failed { detail, .. } => panic!("{detail}"),
             LogEvent::Compacted { .. } => {}
+            other => panic!("the embedded log reported {other:?}"),
         }
     }
 }

@@ -14,7 +14,7 @@ use swarmbus_schema::{Class, Deliver, OpId, Role};
 
 use crate::common::{ops, recv_n, recv_until, TestRouter};
 
-fn jetstream(server: &NatsServer) -> JetStreamConfig {
+pub fn jetstream(server: &NatsServer) -> JetStreamConfig {
     JetStreamConfig {
         urls: vec![server.url()],
         monitor_urls: vec![server.monitor_url()],
@@ -24,7 +24,7 @@ fn jetstream(server: &NatsServer) -> JetStreamConfig {
     }
 }
 
-fn config(data: &Path, server: &NatsServer) -> Config {
+pub fn config(data: &Path, server: &NatsServer) -> Config {
     let mut config = crate::common::config_in(data);
     config.shards = 2;
     config.presence.heartbeat_timeout_ms = 60_000;

@@ -8,6 +8,7 @@ mod chaos;
 mod client_edges;
 mod client_stats;
 mod clock;
+mod cluster;
 mod common;
 mod control;
 mod examples;

@@ -184,7 +184,8 @@ impl Client {
     }
 
     /// Publishes like [`Client::publish`], retrying refusals that say "not now"
-    /// (`RateLimited`, `CircuitOpen`, `Busy`) with exponential backoff and full jitter, never
+    /// (`RateLimited`, `CircuitOpen`, `Busy`, and `Conflict`: another router of a cluster
+    /// took the op id first) with exponential backoff and full jitter, never
     /// sooner than the router's `retry_after_ms`. Other errors, and the last refusal once
     /// `policy.max_attempts` are used, are returned.
     pub async fn publish_with_retry(
@@ -206,7 +207,7 @@ impl Client {
                     name,
                     message,
                     retry_after_ms,
-                }) if [15, 20, 21].contains(&code) => {
+                }) if crate::retry::RETRIED_REFUSALS.contains(&code) => {
                     let floor = Duration::from_millis(u64::from(retry_after_ms));
                     match backoff.next_wait(floor) {
                         Some(wait) => tokio::time::sleep(wait).await,

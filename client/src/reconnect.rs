@@ -486,7 +486,7 @@ impl ResilientClient {
                 Err(error) => error,
             };
             let retry = match &error {
-                ClientError::Refused { code, .. } => [15, 20, 21].contains(code),
+                ClientError::Refused { code, .. } => crate::retry::RETRIED_REFUSALS.contains(code),
                 ClientError::Closed { .. } | ClientError::Timeout { .. } => {
                     !self.inner.closed.load(Ordering::Acquire)
                 }

@@ -22,6 +22,11 @@ pub struct RetryPolicy {
     pub jitter: bool,
 }
 
+/// Refusal codes that say "not now", which `publish_with_retry` sends again: `Busy` (15),
+/// `RateLimited` (20), `CircuitOpen` (21) and `Conflict` (38: another router of a cluster
+/// took the op id first).
+pub(crate) const RETRIED_REFUSALS: [u16; 4] = [15, 20, 21, 38];
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy {

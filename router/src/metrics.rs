@@ -175,7 +175,7 @@ impl Collector for Scrape {
             "reason",
             &by_reason,
         )?;
-        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 18] = [
+        let counters: [(&str, &str, &std::sync::atomic::AtomicU64); 19] = [
             (
                 "lease_grants",
                 "Lease requests granted (acquire or renew).",
@@ -230,6 +230,11 @@ impl Collector for Scrape {
                 "telemetry_bridge_rejected",
                 "Messages on the telemetry subjects that were not a well-formed publish of their swarm (dropped).",
                 &stats.telemetry_bridge_rejected,
+            ),
+            (
+                "publish_conflicts",
+                "Times another router of the cluster took op ids this router had given out (its ordered publishes holding them refused with Conflict).",
+                &stats.publish_conflicts,
             ),
             (
                 "lagging_disconnects",

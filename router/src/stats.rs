@@ -67,6 +67,10 @@ pub struct Stats {
     /// Messages on the telemetry subjects that were not a well-formed publish of the
     /// subject's swarm (dropped), since start.
     pub telemetry_bridge_rejected: AtomicU64,
+    /// Times another router of the cluster took op ids this router had given out, so the
+    /// ordered publishes holding them were refused with `Conflict` (each time counts
+    /// once, however many publishes it refused), since start.
+    pub publish_conflicts: AtomicU64,
     /// Control and command publishes sessions sent, since start (the governor's activity
     /// signal; the router's own records are not counted).
     pub ordered_published: AtomicU64,
@@ -197,6 +201,7 @@ pub struct StatsSnapshot {
     pub telemetry_bridge_dropped: u64,
     pub telemetry_bridged_in: u64,
     pub telemetry_bridge_rejected: u64,
+    pub publish_conflicts: u64,
     pub ordered_published: u64,
     pub governed_intake_per_s: u64,
     pub governor_cuts: u64,
@@ -245,6 +250,7 @@ impl Stats {
             telemetry_bridge_dropped: get(&self.telemetry_bridge_dropped),
             telemetry_bridged_in: get(&self.telemetry_bridged_in),
             telemetry_bridge_rejected: get(&self.telemetry_bridge_rejected),
+            publish_conflicts: get(&self.publish_conflicts),
             ordered_published: get(&self.ordered_published),
             governed_intake_per_s: get(&self.governed_intake_per_s),
             governor_cuts: get(&self.governor_cuts),

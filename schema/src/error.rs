@@ -87,6 +87,10 @@ pub enum ErrorCode {
     /// not yet valid, not signed by a key it trusts, or revoked. A fresh credential (or a
     /// router that trusts its key) may pass.
     Unauthenticated = 37,
+    /// Another router of the cluster took this op id of the swarm first (routers sharing a
+    /// swarm's log on NATS JetStream): the publish was not made durable and is not
+    /// delivered; sending it again gives it the next free op id.
+    Conflict = 38,
 }
 
 impl ErrorCode {
@@ -109,7 +113,7 @@ impl ErrorCode {
             | PayloadTooLarge | SwarmUnavailable | RateLimited | CircuitOpen | NodeGone
             | DeadlineExceeded | NoWorker | Forbidden | Replaced | LeaseHeld | LeaseLost
             | StaleFencingToken | HeartbeatTimeout | Stopped | LeaseFenced | UnknownJob
-            | JobFinished | Unauthenticated => false,
+            | JobFinished | Unauthenticated | Conflict => false,
         }
     }
 
@@ -152,6 +156,7 @@ impl ErrorCode {
             31 => UnknownJob,
             32 => JobFinished,
             37 => Unauthenticated,
+            38 => Conflict,
             _ => return None,
         })
     }

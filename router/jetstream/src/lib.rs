@@ -743,6 +743,32 @@ impl SwarmStream {
         Ok(out)
     }
 
+    /// Follows the stream from op `from` on: every op the stream holds from there, and
+    /// each one appended later, in op order, as [`Follower::next`] yields them. The
+    /// consumer is ordered: a gap or a lost connection makes the client start it again
+    /// after the last op it yielded, so no op is skipped or yielded twice. Ops erased
+    /// from the stream (see [`SwarmStream::append_all`]) are not yielded.
+    pub async fn follow(&self, from: u64) -> Result<Follower, Error> {
+        let consumer = self
+            .stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: from.max(1),
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| self.error(format_args!("following from op {from}: {e}")))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| self.error(format_args!("following from op {from}: {e}")))?;
+        Ok(Follower {
+            stream: self.clone(),
+            messages,
+        })
+    }
+
     /// The stream's replication now: its leader's server name, and for each other replica
     /// its name and whether it is current (holds every op the leader does). `None` for a
     /// stream that is not replicated.
@@ -768,6 +794,55 @@ impl SwarmStream {
     pub async fn bounds(&self) -> Result<(u64, u64), Error> {
         let info = self.info().await?;
         Ok((info.state.first_sequence, info.state.last_sequence))
+    }
+}
+
+/// A follow of one stream (see [`SwarmStream::follow`]).
+pub struct Follower {
+    stream: SwarmStream,
+    messages: consumer::pull::Ordered,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("stream", &self.stream.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One op a [`Follower`] read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Followed {
+    pub op: u64,
+    pub record: Bytes,
+    /// Appended by this connection's writer (its message id says so).
+    pub own: bool,
+}
+
+impl Follower {
+    /// The next op of the stream, waiting for it to be appended; `None` once the
+    /// connection is closed for good. An error ends the follow (start another).
+    pub async fn next(&mut self) -> Option<Result<Followed, Error>> {
+        let message = match self.messages.next().await? {
+            Ok(message) => message,
+            Err(error) => return Some(Err(self.stream.error(format_args!("following: {error}")))),
+        };
+        let op = match message.info() {
+            Ok(info) => info.stream_sequence,
+            Err(error) => return Some(Err(self.stream.error(format_args!("following: {error}")))),
+        };
+        let own = message
+            .message
+            .headers
+            .as_ref()
+            .and_then(|headers| headers.get(async_nats::header::NATS_MESSAGE_ID))
+            .is_some_and(|id| id.as_str() == self.stream.message_id(op));
+        Some(Ok(Followed {
+            op,
+            record: message.message.payload,
+            own,
+        }))
     }
 }
 

@@ -285,3 +285,38 @@ async fn many_swarms_append_at_once_over_one_connection() {
     assert_eq!(listed.len(), 41);
     assert!(listed.iter().any(|s| s.swarm == long && s.last_op == 2));
 }
+
+#[tokio::test]
+async fn a_follower_reads_every_writers_ops_in_order_and_knows_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path(), true);
+    let (a, b) = (
+        Cluster::connect(config(&server)).await.unwrap(),
+        Cluster::connect(config(&server)).await.unwrap(),
+    );
+    let (on_a, _) = a.open("followed", 0xabc).await.unwrap();
+    let (on_b, info) = b.open("followed", 0xdef).await.unwrap();
+    assert_eq!(
+        info.epoch, 0xabc,
+        "the second writer takes the stream's epoch"
+    );
+    append(&on_a, 1..=3).await.unwrap();
+    // The follow starts before the other writer's ops and waits for them.
+    let mut follower = on_a.follow(2).await.unwrap();
+    append(&on_b, 4..=5).await.unwrap();
+    append(&on_a, 6..=6).await.unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(10), follower.next())
+            .await
+            .expect("the follower yields each op")
+            .expect("the follow goes on")
+            .unwrap();
+        assert_eq!(next.record, record(next.op).record);
+        seen.push((next.op, next.own));
+    }
+    assert_eq!(
+        seen,
+        [(2, true), (3, true), (4, false), (5, false), (6, true)]
+    );
+}

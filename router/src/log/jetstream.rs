@@ -4,16 +4,24 @@
 //!
 //! Each swarm has an appender task on the shard's runtime: it takes the swarm's appends in
 //! op order, pipelines them to the stream and reports [`LogEvent::Durable`] as the stream
-//! acknowledges them, or [`LogEvent::Failed`] from the first op it could not make durable
-//! within `jetstream.append_deadline_ms` (the swarm is then unavailable and recovers with
-//! void records, as with the embedded log).
+//! acknowledges them, [`LogEvent::Conflict`] when another router took an op id first, or
+//! [`LogEvent::Failed`] from the first op it could not make durable within
+//! `jetstream.append_deadline_ms` (the swarm is then unavailable and recovers with void
+//! records, as with the embedded log). A follower task per swarm reads the stream as it
+//! grows and reports each op, this router's and other routers', as [`LogEvent::Followed`]:
+//! that is how ops appended through another router reach this router's subscribers.
+//!
+//! Routers share a swarm through its stream: before a swarm takes ordered requests on a
+//! router, the router opens its stream ([`LogBackend::open_shared`]: found, or made with the
+//! epoch this router proposes when no router made it yet), so every router serves the
+//! swarm with the stream's epoch and ops.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use swarmbus_jetstream::{Append, Cluster, SwarmInfo, SwarmStream};
+use swarmbus_jetstream::{Append, Cluster, Error as StreamError, SwarmInfo, SwarmStream};
 use swarmbus_schema::{Epoch, OpId};
 use tokio::sync::mpsc;
 
@@ -21,7 +29,7 @@ use super::record::{parse_record, ParseError};
 use super::store::RemoteRead;
 use super::{
     is_internal, void_record, Compacted, LogBackend, LogError, LogEvent, LogState, ReadFailed,
-    ReadPlan, Record, RecordParts, ShardLog,
+    ReadPlan, Record, RecordParts, ShardLog, SharedLog,
 };
 
 /// How long one read from a stream may take before it fails.
@@ -30,6 +38,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(10);
 const APPEND_BATCH: usize = 1024;
 /// A Durable event is sent at least every this many ops of a batch.
 const DURABLE_EVERY: u64 = 64;
+/// Longest pause between a follower's tries to find or follow its swarm's stream.
+const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// The swarms of one shard whose logs are JetStream streams.
 #[derive(Debug)]
@@ -38,6 +48,9 @@ pub struct JetStreamLog {
     runtime: tokio::runtime::Handle,
     events: mpsc::UnboundedSender<LogEvent>,
     swarms: HashMap<Arc<str>, StreamSwarm>,
+    /// Streams opened by [`LogBackend::open_shared`], until [`LogBackend::on_opened`]
+    /// installs them.
+    opened: Arc<Mutex<HashMap<Arc<str>, SwarmStream>>>,
 }
 
 #[derive(Debug)]
@@ -72,34 +85,54 @@ impl JetStreamLog {
             runtime: tokio::runtime::Handle::current(),
             events,
             swarms: HashMap::new(),
+            opened: Arc::default(),
         };
         for info in recovered {
             let swarm: Arc<str> = Arc::from(info.swarm.as_str());
-            let mut state = log.start_swarm(&swarm, Epoch(info.epoch));
-            state.durable = OpId(info.last_op);
-            state.horizon = OpId(info.first_op.saturating_sub(1));
-            state.bytes = info.bytes;
+            let shared = SharedLog {
+                epoch: Epoch(info.epoch),
+                last_op: OpId(info.last_op),
+                first_op: OpId(info.first_op),
+                bytes: info.bytes,
+            };
+            let state = log.start_swarm(&swarm, &shared, None);
             log.swarms.insert(swarm, state);
         }
         log
     }
 
-    fn start_swarm(&self, swarm: &Arc<str>, epoch: Epoch) -> StreamSwarm {
+    /// The swarm's state, its appender, and its follower from the op after `log.last_op`.
+    fn start_swarm(
+        &self,
+        swarm: &Arc<str>,
+        log: &SharedLog,
+        opened: Option<SwarmStream>,
+    ) -> StreamSwarm {
         let (appends, queue) = mpsc::unbounded_channel();
         let stream = Arc::new(OnceLock::new());
+        if let Some(opened) = opened {
+            let _ = stream.set(opened);
+        }
         self.runtime.spawn(run_appender(
             self.cluster.clone(),
             swarm.clone(),
-            epoch,
+            log.epoch,
             queue,
             stream.clone(),
             self.events.clone(),
         ));
+        self.runtime.spawn(run_follower(
+            self.cluster.clone(),
+            swarm.clone(),
+            log.last_op.0 + 1,
+            stream.clone(),
+            self.events.clone(),
+        ));
         StreamSwarm {
-            epoch,
-            durable: OpId(0),
-            horizon: OpId(0),
-            bytes: 0,
+            epoch: log.epoch,
+            durable: log.last_op,
+            horizon: OpId(log.first_op.0.saturating_sub(1)),
+            bytes: log.bytes,
             generation: 0,
             appends,
             stream,
@@ -220,9 +253,92 @@ async fn run_appender(
                 });
             }
             let from = acknowledged.map_or(first_op, |op| op + 1);
-            fail(from, generation, error.to_string());
             failed_generation = Some(generation);
+            if let StreamError::Conflict { op, .. } = error {
+                // Another router's op is there: this generation's later appends were
+                // chained to this one and fail with it (or are dropped here).
+                tracing::debug!(%swarm, op, "another router took the op id first");
+                let _ = events.send(LogEvent::Conflict {
+                    swarm: swarm.clone(),
+                    from: OpId(op),
+                    generation,
+                });
+            } else {
+                fail(from, generation, error.to_string());
+            }
         }
+    }
+}
+
+/// Reads `swarm`'s stream from op `next` on, for ever, reporting each op in order as
+/// [`LogEvent::Followed`]; waits for the stream to exist, and follows again after the op
+/// it reported last when a follow fails. Ends once the shard is gone.
+async fn run_follower(
+    cluster: Cluster,
+    swarm: Arc<str>,
+    mut next: u64,
+    opened: Arc<OnceLock<SwarmStream>>,
+    events: mpsc::UnboundedSender<LogEvent>,
+) {
+    let initial = Duration::from_millis(50);
+    let mut pause = initial;
+    while !events.is_closed() {
+        let stream = match opened.get() {
+            Some(stream) => Some(stream.clone()),
+            None => match cluster.existing(&swarm).await {
+                Ok(found) => found,
+                Err(error) => {
+                    tracing::debug!(%swarm, %error, "looking for the swarm's stream to follow");
+                    None
+                }
+            },
+        };
+        let follower = match stream {
+            Some(stream) => stream.follow(next).await.map_err(|e| e.to_string()),
+            None => Err("the stream does not exist yet".into()),
+        };
+        match follower {
+            Ok(mut follower) => {
+                pause = initial;
+                while let Some(item) = follower.next().await {
+                    let followed = match item {
+                        Ok(followed) => followed,
+                        Err(error) => {
+                            tracing::warn!(%swarm, op = next, %error, "following the swarm's stream; following again");
+                            break;
+                        }
+                    };
+                    if followed.op < next {
+                        continue;
+                    }
+                    next = followed.op + 1;
+                    let record = match parse_whole(&followed.record) {
+                        Ok(record) if record.op.0 == followed.op => record,
+                        Ok(record) => {
+                            tracing::error!(%swarm, op = followed.op, holds = record.op.0, "a message of the swarm's stream holds another op; skipped");
+                            continue;
+                        }
+                        Err(reason) => {
+                            tracing::error!(%swarm, op = followed.op, %reason, "a message of the swarm's stream is not a record; skipped");
+                            continue;
+                        }
+                    };
+                    let event = LogEvent::Followed {
+                        swarm: swarm.clone(),
+                        record,
+                        own: followed.own,
+                    };
+                    if events.send(event).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(%swarm, op = next, %error, "following the swarm's stream")
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(FOLLOW_RETRY_MAX);
     }
 }
 
@@ -245,7 +361,13 @@ impl LogBackend for JetStreamLog {
     /// In memory, and the swarm's appender; the appender creates the stream before the
     /// swarm's first append (a failure there fails that append).
     fn create(&mut self, swarm: &Arc<str>, epoch: Epoch) -> Result<(), LogError> {
-        let state = self.start_swarm(swarm, epoch);
+        let new = SharedLog {
+            epoch,
+            last_op: OpId(0),
+            first_op: OpId(1),
+            bytes: 0,
+        };
+        let state = self.start_swarm(swarm, &new, None);
         self.swarms.insert(swarm.clone(), state);
         Ok(())
     }
@@ -329,6 +451,63 @@ impl LogBackend for JetStreamLog {
             self.queue(swarm, OpId(op), void.to_bytes(), true)?;
         }
         Ok(())
+    }
+
+    fn needs_open(&self, swarm: &str) -> bool {
+        !self.swarms.contains_key(swarm)
+    }
+
+    fn open_shared(&mut self, swarm: &Arc<str>, epoch: Epoch) {
+        let (cluster, events, opened) = (
+            self.cluster.clone(),
+            self.events.clone(),
+            self.opened.clone(),
+        );
+        let swarm = swarm.clone();
+        self.runtime.spawn(async move {
+            let result =
+                match tokio::time::timeout(READ_TIMEOUT, cluster.open(&swarm, epoch.0)).await {
+                    Err(_) => Err(format!(
+                        "opening the swarm's stream: no answer within {READ_TIMEOUT:?}"
+                    )),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Ok(Ok((stream, info))) => {
+                        opened
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner())
+                            .insert(swarm.clone(), stream);
+                        Ok(SharedLog {
+                            epoch: Epoch(info.epoch),
+                            last_op: OpId(info.last_op),
+                            first_op: OpId(info.first_op),
+                            bytes: info.bytes,
+                        })
+                    }
+                };
+            let _ = events.send(LogEvent::Opened { swarm, result });
+        });
+    }
+
+    fn on_opened(&mut self, swarm: &Arc<str>, log: &SharedLog) {
+        let stream = self
+            .opened
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(swarm);
+        if !self.swarms.contains_key(swarm) {
+            let state = self.start_swarm(swarm, log, stream);
+            self.swarms.insert(swarm.clone(), state);
+        }
+    }
+
+    fn on_conflict(&mut self, swarm: &str, generation: u64) -> bool {
+        match self.swarms.get_mut(swarm) {
+            Some(state) if state.generation == generation => {
+                state.generation += 1;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -484,6 +663,22 @@ impl LogBackend for SplitLog {
         now_ms: u64,
     ) -> Result<(), LogError> {
         self.of_mut(swarm).append_voids(swarm, from, to, now_ms)
+    }
+
+    fn needs_open(&self, swarm: &str) -> bool {
+        self.of(swarm).needs_open(swarm)
+    }
+
+    fn open_shared(&mut self, swarm: &Arc<str>, epoch: Epoch) {
+        self.of_mut(swarm).open_shared(swarm, epoch)
+    }
+
+    fn on_opened(&mut self, swarm: &Arc<str>, log: &SharedLog) {
+        self.of_mut(swarm).on_opened(swarm, log)
+    }
+
+    fn on_conflict(&mut self, swarm: &str, generation: u64) -> bool {
+        self.of_mut(swarm).on_conflict(swarm, generation)
     }
 }
 

@@ -119,6 +119,17 @@ pub struct LogState {
     pub bytes: u64,
 }
 
+/// A swarm's log shared with other routers, as found or made by
+/// [`LogBackend::open_shared`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedLog {
+    pub epoch: Epoch,
+    pub last_op: OpId,
+    /// Ops before it were removed by the log's limits.
+    pub first_op: OpId,
+    pub bytes: u64,
+}
+
 /// The log as a shard sees it. Appends complete asynchronously: the backend reports
 /// [`LogEvent::Durable`] (or `Failed`) on the shard's event channel.
 pub trait LogBackend: Send {
@@ -168,6 +179,25 @@ pub trait LogBackend: Send {
         to: OpId,
         now_ms: u64,
     ) -> Result<(), LogError>;
+    /// Whether `swarm`'s log is shared with other routers and not open here yet: the shard
+    /// then opens it ([`LogBackend::open_shared`]) before the swarm takes ordered
+    /// requests, so that every router serves it with the same epoch and ops.
+    fn needs_open(&self, _swarm: &str) -> bool {
+        false
+    }
+    /// Finds `swarm`'s shared log, or makes it with `epoch` when no router has; reported as
+    /// [`LogEvent::Opened`]. Only for a swarm [`LogBackend::needs_open`] names.
+    fn open_shared(&mut self, _swarm: &Arc<str>, _epoch: Epoch) {}
+    /// Installs what [`LogEvent::Opened`] reported: the swarm's appends and reads go to the
+    /// shared log from now on, and its ops come as [`LogEvent::Followed`].
+    fn on_opened(&mut self, _swarm: &Arc<str>, _log: &SharedLog) {}
+    /// A shared log: another router took op ids of `swarm` that this router's appends of
+    /// `generation` were for (reported by [`LogEvent::Conflict`], or seen in
+    /// [`LogEvent::Followed`]). Returns whether it is news; the appends of that generation
+    /// still queued are dropped.
+    fn on_conflict(&mut self, _swarm: &str, _generation: u64) -> bool {
+        false
+    }
 }
 
 /// The embedded log of one shard: the swarms hashed to it, appending through the shared

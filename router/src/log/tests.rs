@@ -82,6 +82,7 @@ fn append_all(
             LogEvent::Durable { .. } => {}
             LogEvent::Failed { detail, .. } => panic!("append failed: {detail}"),
             LogEvent::Compacted { .. } => panic!("no compaction was asked for"),
+            other => panic!("the embedded log reported {other:?}"),
         }
     }
 }

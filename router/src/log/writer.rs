@@ -77,6 +77,27 @@ pub enum LogEvent {
         swarm: Arc<str>,
         result: Result<super::Compacted, String>,
     },
+    /// A log shared with other routers (see [`super::LogBackend::open_shared`]): op
+    /// `record.op` of `swarm` as the shared log holds it, appended by this router (`own`)
+    /// or by another one. Each swarm's ops come in op order.
+    Followed {
+        swarm: Arc<str>,
+        record: super::Record,
+        own: bool,
+    },
+    /// A shared log: another router took op `from` of `swarm` first, so this router's
+    /// appends of `generation` from `from` on were not made (and never will be).
+    Conflict {
+        swarm: Arc<str>,
+        from: OpId,
+        generation: u64,
+    },
+    /// A shared log: `swarm`'s log was found or made (`Ok`: the epoch it was started with,
+    /// its last op and its first), or could not be (`Err`).
+    Opened {
+        swarm: Arc<str>,
+        result: Result<super::SharedLog, String>,
+    },
 }
 
 /// Which backend to use.

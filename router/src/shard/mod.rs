@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 
 mod reads;
 mod recovery;
+mod shared;
 
 use crate::log::{LogBackend, LogEvent};
 use crate::outbox::Outbox;
@@ -388,6 +389,7 @@ pub fn spawn_shard(
         )),
         internal_waiters: HashMap::new(),
         next_internal: 1,
+        parked: HashMap::new(),
     };
     tokio::spawn(shard.run(urgent_rx, bulk_rx, events, reads_rx));
     ShardSender {
@@ -467,6 +469,8 @@ struct Shard {
     /// Router publishes waiting to be durable, by the request id the core answers with.
     internal_waiters: HashMap<u64, InternalReply>,
     next_internal: u64,
+    /// Requests waiting, in order, for their swarm's shared log to open (see [`shared`]).
+    parked: HashMap<Arc<str>, Vec<ShardCommand>>,
 }
 
 /// Appends a shard holds while the writer's queue is full before it stops taking input
@@ -594,6 +598,17 @@ impl Shard {
                     } => self.log_failed(swarm, from, generation, &detail, truncated, now),
                     LogEvent::Compacted { swarm, result } => {
                         self.log.on_compacted(&swarm, result);
+                    }
+                    LogEvent::Followed { swarm, record, own } => {
+                        self.followed(swarm, record, own, now)
+                    }
+                    LogEvent::Conflict {
+                        swarm,
+                        from,
+                        generation,
+                    } => self.conflicted(&swarm, from, generation),
+                    LogEvent::Opened { swarm, result } => {
+                        self.shared_log_opened(swarm, result, now)
                     }
                 }
             }
@@ -765,6 +780,9 @@ impl Shard {
     }
 
     fn handle(&mut self, command: ShardCommand, now: Now) {
+        let Some(command) = self.park_for_shared_log(command) else {
+            return;
+        };
         self.handle_command(command, now);
         // Disconnects: the copies stop naming a closed session's outbox.
         self.telemetry.apply(self.core.take_telemetry_changes());

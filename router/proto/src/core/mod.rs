@@ -39,6 +39,7 @@ use thiserror::Error;
 use crate::conn::ConnId;
 use crate::quota::{SwarmBudget, SwarmRefused};
 mod catch_up;
+mod shared;
 mod swarm;
 
 use swarm::*;
@@ -874,15 +875,9 @@ impl<H: Clone> Core<H> {
             return;
         };
         let reason = format!("the event log failed at op {}: {detail}", from.0);
-        swarm.unavailable = Some(reason.clone());
         self.telemetry_changed.insert(swarm.name.clone());
-        for op in swarm.pending.drain(..) {
-            self.actions.push_back(Action::Reply {
-                to: op.publisher,
-                message: crate::refusal::Refusal::new(ErrorCode::SwarmUnavailable, reason.clone())
-                    .message(op.request_id),
-            });
-        }
+        swarm.refuse_pending(ErrorCode::SwarmUnavailable, &reason, &mut self.actions);
+        swarm.unavailable = Some(reason);
     }
 
     /// The swarm's log takes appends again after a failure (the refused ops were voided and

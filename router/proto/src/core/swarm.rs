@@ -31,6 +31,22 @@ impl<H> Swarm<H> {
         }
     }
 
+    /// Refuses every op awaiting durability with `code` (they will not be made durable).
+    pub(super) fn refuse_pending(
+        &mut self,
+        code: ErrorCode,
+        reason: &str,
+        actions: &mut VecDeque<Action<H>>,
+    ) {
+        for op in self.pending.drain(..) {
+            actions.push_back(Action::Reply {
+                to: op.publisher,
+                message: crate::refusal::Refusal::new(code, reason.to_owned())
+                    .message(op.request_id),
+            });
+        }
+    }
+
     /// Queues `frame` (of op `op`, `OpId::NONE` for unordered classes) for every live
     /// subscriber of `class` that wants it; returns how many.
     #[allow(clippy::too_many_arguments)] // the hot path: plain arguments, no bundling struct

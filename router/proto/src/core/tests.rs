@@ -748,3 +748,183 @@ fn ack_lag_keeps_a_bounded_window_of_receive_times() {
     core.handle_ack(ConnId(1), "s", Class::Command, OpId(20), published.instant);
     assert_eq!(core.ack_lag()[Class::Command.index()].len(), 1);
 }
+
+/// The actions queued so far, without making appends durable (a shared log answers
+/// through `handle_followed` and `handle_conflict`).
+fn actions(core: &mut Core<u64>) -> Vec<Action<u64>> {
+    std::iter::from_fn(|| core.poll_action()).collect()
+}
+
+fn refusal_code(action: &Action<u64>) -> Option<u16> {
+    match action {
+        Action::Reply {
+            message: Message::Error(error),
+            ..
+        } => Some(error.code),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_shared_logs_ops_are_delivered_in_its_order_and_an_op_id_taken_elsewhere_is_refused() {
+    let mut core: Core<u64> = Core::new(16);
+    let now = now();
+    assert!(!core.has_log("s"));
+    core.adopt_log("s", Epoch(7), OpId(10));
+    assert!(core.has_log("s"));
+    assert_eq!(core.next_op("s"), OpId(11));
+    core.handle_subscribe(ConnId(1), &agent("a"), 1, "s", Class::Command, None, None)
+        .unwrap();
+    let remote = |op: u64| ReplayedOp {
+        op: OpId(op),
+        class: Class::Command,
+        source: "ctl-b".into(),
+        target: None,
+        frame: Bytes::from(format!("frame-{op}")),
+    };
+    let delivered = |actions: &[Action<u64>]| -> Vec<(u64, Bytes)> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver { to, frame, op, .. } => {
+                    assert_eq!(*to, 1);
+                    Some((op.0, frame.head.clone()))
+                }
+                _ => None,
+            })
+            .collect()
+    };
+
+    // Another router's op: delivered here, and the sequencer continues after it.
+    let op = remote(11);
+    assert_eq!(
+        core.handle_followed("s", Epoch(7), OpId(11), false, Some(&op), now.instant),
+        Some(false)
+    );
+    assert_eq!(delivered(&actions(&mut core)), [(11, op.frame.clone())]);
+    assert_eq!(
+        (core.durable_op("s"), core.next_op("s")),
+        (OpId(11), OpId(12))
+    );
+
+    // This router's op comes back from the log: acknowledged and delivered.
+    let outcome = core
+        .handle_publish(
+            "ctl",
+            PUBLISHER,
+            &publish("s", Class::Command, None, b"c12"),
+            now,
+        )
+        .unwrap();
+    assert_eq!(outcome.op_id, OpId(12));
+    actions(&mut core);
+    let own = ReplayedOp {
+        source: "ctl".into(),
+        ..remote(12)
+    };
+    assert_eq!(
+        core.handle_followed("s", Epoch(7), OpId(12), true, Some(&own), now.instant),
+        Some(false)
+    );
+    let done = actions(&mut core);
+    assert!(done.iter().any(|a| matches!(
+        a,
+        Action::Reply {
+            to: PUBLISHER,
+            message: Message::PublishAck {
+                op_id: OpId(12),
+                ..
+            }
+        }
+    )));
+    assert_eq!(
+        delivered(&done).len(),
+        1,
+        "delivered once, from the publish"
+    );
+
+    // Known already, or of another epoch: ignored.
+    assert_eq!(
+        core.handle_followed(
+            "s",
+            Epoch(7),
+            OpId(12),
+            false,
+            Some(&remote(12)),
+            now.instant
+        ),
+        None
+    );
+    assert_eq!(
+        core.handle_followed(
+            "s",
+            Epoch(8),
+            OpId(13),
+            false,
+            Some(&remote(13)),
+            now.instant
+        ),
+        None
+    );
+
+    // An op id given out here that another router took first: the publish is refused
+    // with Conflict, the other router's op delivered.
+    core.handle_publish(
+        "ctl",
+        PUBLISHER,
+        &publish("s", Class::Command, None, b"c13"),
+        now,
+    )
+    .unwrap();
+    actions(&mut core);
+    assert_eq!(
+        core.handle_followed(
+            "s",
+            Epoch(7),
+            OpId(13),
+            false,
+            Some(&remote(13)),
+            now.instant
+        ),
+        Some(true)
+    );
+    let done = actions(&mut core);
+    assert_eq!(
+        done.iter().filter_map(refusal_code).collect::<Vec<_>>(),
+        [ErrorCode::Conflict.as_u16()]
+    );
+    assert_eq!(delivered(&done), [(13, remote(13).frame)]);
+    assert_eq!(core.next_op("s"), OpId(14));
+
+    // The log's own report of a conflict refuses the same way, and op ids go back to the
+    // first one not durable.
+    for payload in [&b"c14"[..], b"c15"] {
+        let p = Publish {
+            payload: Bytes::from_static(payload),
+            ..publish("s", Class::Command, None, b"")
+        };
+        core.handle_publish("ctl", PUBLISHER, &p, now).unwrap();
+    }
+    actions(&mut core);
+    core.handle_conflict("s", OpId(14));
+    assert_eq!(
+        actions(&mut core).iter().filter_map(refusal_code).count(),
+        2
+    );
+    assert_eq!(core.next_op("s"), OpId(14));
+
+    // A gap (ops erased from the log): the subscriber reads what the log holds of them
+    // before it goes on live.
+    core.handle_followed(
+        "s",
+        Epoch(7),
+        OpId(16),
+        false,
+        Some(&remote(16)),
+        now.instant,
+    );
+    assert!(delivered(&actions(&mut core)).is_empty());
+    let catching = core.catching_up();
+    assert_eq!(catching.len(), 1);
+    assert_eq!((catching[0].from, catching[0].to), (OpId(14), OpId(16)));
+}

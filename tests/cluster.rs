@@ -1,0 +1,175 @@
+//! Routers sharing swarms on one NATS JetStream (`log.backend = "jetstream"`): ordered ops
+//! published through one router reach the subscribers on the others, in the log's order.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use bytes::Bytes;
+use swarmbus_client::{Client, Deliveries, IdempotentApply, PublishOptions, RetryPolicy};
+use swarmbus_jetstream::testing::NatsServer;
+use swarmbus_schema::{Class, Deliver, Role};
+
+use crate::common::{ops, recv_until, TestRouter};
+use crate::jetstream::config;
+
+/// Starts `n` routers on `server`, each on a data directory of its own.
+async fn routers(server: &NatsServer, n: usize) -> (Vec<TestRouter>, Vec<tempfile::TempDir>) {
+    let mut routers = Vec::new();
+    let mut dirs = Vec::new();
+    for _ in 0..n {
+        let dir = tempfile::tempdir().unwrap();
+        routers.push(TestRouter::start_on(config(dir.path(), server)).await);
+        dirs.push(dir);
+    }
+    (routers, dirs)
+}
+
+/// Applies `got` through an idempotent applier, returning the payloads applied, in order.
+fn apply_all(got: &[Deliver]) -> Vec<String> {
+    let mut apply = IdempotentApply::new();
+    let mut applied = Vec::new();
+    for d in got {
+        apply.apply(d, |d| {
+            applied.push(String::from_utf8_lossy(&d.payload).into_owned())
+        });
+    }
+    applied
+}
+
+async fn subscribed(router: &TestRouter, agent: &str) -> (Client, Deliveries) {
+    let (client, rx) = router.connect(agent, Role::Agent, &["fleet"]).await;
+    client
+        .subscribe("fleet", Class::Command, None)
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// A controller on router A commands agents on routers B and C, who subscribed before the
+/// swarm had a log anywhere: each agent gets every command once, in op-id order, gap-free,
+/// with the epoch every router serves the swarm with.
+#[tokio::test]
+async fn commands_from_one_router_reach_agents_on_two_others_in_op_order() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(nats_dir.path(), true);
+    let (r, _dirs) = routers(&server, 3).await;
+    let (_b, mut on_b) = subscribed(&r[1], "agent-b").await;
+    let (_c, mut on_c) = subscribed(&r[2], "agent-c").await;
+    let (ctl, _) = r[0].connect("ctl", Role::Controller, &["fleet"]).await;
+    let mut sent = Vec::new();
+    for i in 1..=200 {
+        let payload = Bytes::from(format!("cmd-{i}"));
+        sent.push(
+            ctl.publish_start("fleet", Class::Command, payload, PublishOptions::default())
+                .await
+                .unwrap(),
+        );
+    }
+    let mut acked = Vec::new();
+    for pending in sent {
+        acked.push(pending.wait().await.unwrap().0);
+    }
+    assert_eq!(
+        acked,
+        (1..=200).collect::<Vec<_>>(),
+        "acknowledged in op order"
+    );
+    ctl.publish(
+        "fleet",
+        Class::Command,
+        Bytes::from_static(b"END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let expected: Vec<String> = (1..=200).map(|i| format!("cmd-{i}")).collect();
+    let mut epochs = HashSet::new();
+    for (name, rx) in [("B", &mut on_b), ("C", &mut on_c)] {
+        let got = recv_until(rx, b"END").await;
+        assert_eq!(ops(&got), (1..=200).collect::<Vec<_>>(), "on {name}");
+        assert_eq!(apply_all(&got), expected, "on {name}: each applied once");
+        epochs.extend(got.iter().map(|d| d.epoch));
+    }
+    assert_eq!(epochs.len(), 1, "one epoch on every router: {epochs:?}");
+    for router in r {
+        router.router.shutdown().await;
+    }
+}
+
+/// Controllers on two routers command one swarm at once: op ids taken by the other router
+/// are refused with Conflict (38) and sent again by `publish_with_retry`, so every command
+/// is acknowledged once, with the op id it is delivered with, and an agent on a third
+/// router gets them all in op order, gap-free, none twice.
+#[tokio::test]
+async fn two_routers_publishing_to_one_swarm_give_one_gap_free_order() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(nats_dir.path(), true);
+    let (r, _dirs) = routers(&server, 3).await;
+    let (_c, mut on_c) = subscribed(&r[2], "agent-c").await;
+    let (ctl_a, _) = r[0].connect("ctl-a", Role::Controller, &["fleet"]).await;
+    let (ctl_b, _) = r[1].connect("ctl-b", Role::Controller, &["fleet"]).await;
+    let policy = RetryPolicy {
+        base: Duration::from_millis(5),
+        cap: Duration::from_millis(200),
+        max_attempts: 200,
+        jitter: true,
+    };
+    let run = |ctl: Client, name: &'static str| {
+        let policy = policy.clone();
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 1..=100 {
+                let text = format!("{name}-{i}");
+                let op = ctl
+                    .publish_with_retry(
+                        "fleet",
+                        Class::Command,
+                        Bytes::from(text.clone()),
+                        PublishOptions::default(),
+                        &policy,
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{text}: {e}"));
+                acked.push((op.0, text));
+            }
+            acked
+        })
+    };
+    let (a, b) = (run(ctl_a.clone(), "a"), run(ctl_b, "b"));
+    let mut acked: HashMap<u64, String> = HashMap::new();
+    for (op, text) in a.await.unwrap().into_iter().chain(b.await.unwrap()) {
+        assert!(
+            acked.insert(op, text).is_none(),
+            "op {op} acknowledged twice"
+        );
+    }
+    ctl_a
+        .publish(
+            "fleet",
+            Class::Command,
+            Bytes::from_static(b"END"),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    let got = recv_until(&mut on_c, b"END").await;
+    assert_eq!(
+        ops(&got),
+        (1..=200).collect::<Vec<_>>(),
+        "gap-free, in order"
+    );
+    for d in &got {
+        assert_eq!(
+            acked.get(&d.op_id.0).map(String::as_bytes),
+            Some(d.payload.as_ref()),
+            "op {} is delivered with the command acknowledged with it",
+            d.op_id.0
+        );
+    }
+    assert_eq!(apply_all(&got).len(), 200, "each applied once");
+    let conflicts: u64 = r.iter().map(|t| t.router.stats().publish_conflicts).sum();
+    eprintln!("{conflicts} conflicts between the two publishing routers");
+    for router in r {
+        router.router.shutdown().await;
+    }
+}
