@@ -45,8 +45,8 @@ impl Connector {
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
         let mut config = quinn::ClientConfig::new(Arc::new(quic));
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_secs(5)));
-        transport.max_idle_timeout(Duration::from_secs(30).try_into().ok());
+        transport.keep_alive_interval(Some((builder.idle_timeout / 3).min(Duration::from_secs(5))));
+        transport.max_idle_timeout(builder.idle_timeout.try_into().ok());
         transport.max_concurrent_uni_streams(VarInt::from_u32(16));
         transport.stream_receive_window(VarInt::from_u32(4 << 20));
         transport.receive_window(VarInt::from_u32(16 << 20));

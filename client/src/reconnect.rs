@@ -7,12 +7,17 @@
 //! the gap), and subscribes again to everything the application subscribed to. Deliveries
 //! from every connection arrive on one [`Deliveries`] stream.
 //!
+//! Given several routers of one cluster ([`Connector::connect_resilient_cluster`]), it tries
+//! them in turn: each failed attempt moves to the next, and a lost connection resumes on
+//! the router after the one lost (op ids are the cluster's, so a resume point is good on
+//! any of them).
+//!
 //! Jitter matters here most of all: when a router restarts, every client notices at the same
 //! moment, and without jitter they all come back in lock-step waves. So a reconnection
 //! waits a jittered backoff before its first attempt as well.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -88,7 +93,10 @@ type SubscriptionKey = (String, Class, Option<String>);
 
 struct Inner {
     connector: Connector,
-    router: SocketAddr,
+    /// The routers to connect to, tried in turn from `next_router` (not empty).
+    routers: Vec<SocketAddr>,
+    /// Index into `routers` of the router of the live connection, or of the next attempt.
+    next_router: AtomicUsize,
     options: ReconnectOptions,
     /// The live connection's client; `None` while reconnecting or after giving up.
     current: watch::Sender<Option<Client>>,
@@ -115,6 +123,17 @@ impl Inner {
         self.subscriptions
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn router(&self) -> SocketAddr {
+        self.routers[self.next_router.load(Ordering::Relaxed) % self.routers.len()]
+    }
+
+    /// The next attempt goes to the router after the current one.
+    fn rotate(&self) {
+        if self.routers.len() > 1 {
+            self.next_router.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn backoff(&self) -> Backoff {
@@ -158,7 +177,7 @@ impl Inner {
                 })?;
             let error = match self
                 .connector
-                .connect_into(self.router, session.clone(), sink)
+                .connect_into(self.router(), session.clone(), sink)
                 .await
             {
                 Ok(client) => match self.resubscribe(&client).await {
@@ -176,6 +195,7 @@ impl Inner {
             if !error.is_transient() || self.closed.load(Ordering::Acquire) {
                 return Err(error);
             }
+            self.rotate();
             let floor = Duration::from_millis(u64::from(error.retry_after_ms()));
             let Some(wait) = backoff.next_wait(floor) else {
                 return Err(error);
@@ -215,7 +235,7 @@ pub struct ResilientClient {
 impl std::fmt::Debug for ResilientClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResilientClient")
-            .field("router", &self.inner.router)
+            .field("router", &self.inner.router())
             .field("connected", &self.current().is_some())
             .field("reconnects", &self.reconnects())
             .finish()
@@ -259,6 +279,26 @@ impl Connector {
         session: Session,
         options: ReconnectOptions,
     ) -> Result<(ResilientClient, Deliveries), ClientError> {
+        self.connect_resilient_cluster(&[router], session, options)
+            .await
+    }
+
+    /// Like [`Connector::connect_resilient`], over several routers of one cluster (routers
+    /// sharing their swarms' logs on NATS JetStream): the first connection goes to
+    /// `routers[0]`, each failed attempt moves to the next router, and a lost connection
+    /// resumes on the router after the one lost. The backoff is per outage, not per
+    /// router. Fails with `InvalidArgument` for an empty list.
+    pub async fn connect_resilient_cluster(
+        &self,
+        routers: &[SocketAddr],
+        session: Session,
+        options: ReconnectOptions,
+    ) -> Result<(ResilientClient, Deliveries), ClientError> {
+        if routers.is_empty() {
+            return Err(ClientError::InvalidArgument {
+                detail: "connect_resilient_cluster needs at least one router".into(),
+            });
+        }
         let (current, _) = watch::channel(None);
         let (mut sink, deliveries) = Deliveries::channels(session.delivery_buffer);
         // Where the application stands in every ordered class: a new connection resumes
@@ -272,7 +312,8 @@ impl Connector {
         sink.handed_over = Some(handed_over.clone());
         let inner = Arc::new(Inner {
             connector: self.clone(),
-            router,
+            routers: routers.to_vec(),
+            next_router: AtomicUsize::new(0),
             options,
             current,
             subscriptions: Mutex::new(Vec::new()),
@@ -323,6 +364,8 @@ async fn supervise(
             at: Instant::now(),
             error,
         });
+        // The router lost may be gone: resume on the next one.
+        inner.rotate();
         session.resume = handed_over
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -367,6 +410,11 @@ async fn supervise(
 }
 
 impl ResilientClient {
+    /// The router of the live connection (while reconnecting: of the next attempt).
+    pub fn router(&self) -> SocketAddr {
+        self.inner.router()
+    }
+
     /// The live connection's client, or `None` while reconnecting.
     pub fn current(&self) -> Option<Client> {
         self.inner.current.borrow().clone()

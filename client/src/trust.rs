@@ -36,6 +36,7 @@ pub struct ConnectorBuilder {
     roots: TrustRoots,
     client_certificate: Option<ClientCertificate>,
     pub(crate) alpn: Vec<u8>,
+    pub(crate) idle_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for ConnectorBuilder {
@@ -45,6 +46,7 @@ impl std::fmt::Debug for ConnectorBuilder {
             .field("server_name", &self.server_name)
             .field("roots", &self.roots)
             .field("client_certificate", &self.client_certificate.is_some())
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -56,6 +58,7 @@ impl ConnectorBuilder {
             roots: TrustRoots::System,
             client_certificate: None,
             alpn: ALPN.to_vec(),
+            idle_timeout: std::time::Duration::from_secs(30),
         }
     }
 
@@ -101,6 +104,16 @@ impl ConnectorBuilder {
             chain: chain.into(),
             key: key.into(),
         });
+        self
+    }
+
+    /// How long a connection may go without hearing from the router before it is taken
+    /// for dead (30 s by default; at least 1 s). A router that vanishes without closing
+    /// (a crash, a lost host) is noticed after this long, so a `ResilientClient` over
+    /// several routers fails over after it; keep-alives go out every third of it, at most
+    /// every 5 s. The router's own idle timeout applies too (the lower of the two wins).
+    pub fn idle_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.idle_timeout = timeout.max(std::time::Duration::from_secs(1));
         self
     }
 

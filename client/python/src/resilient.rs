@@ -20,8 +20,9 @@ use crate::{class, error};
 /// went away: it reconnects (waits from `base_ms` doubling to `cap_ms`, with full jitter,
 /// without end), subscribes again to what it subscribed to, and resumes each ordered class
 /// after the last op it handed over, so deliveries go on, nothing lost or doubled at the
-/// seam. `router` is `host:port`, looked up once: its first IPv4 address (else its first
-/// address) is used for every attempt.
+/// seam. `router` is `host:port`, or several separated by commas (routers of one cluster:
+/// a failed attempt moves to the next, a lost connection resumes on the next), each looked
+/// up once: its first IPv4 address (else its first address) is used for every attempt.
 #[pyfunction]
 #[pyo3(signature = (router, *, ca, agent_id, swarms, role = "agent", credential = None, resume = None, server_name = String::from("localhost"), base_ms = 500, cap_ms = 10_000))]
 #[allow(clippy::too_many_arguments)] // Python's keyword arguments, one per option
@@ -55,25 +56,34 @@ pub fn connect_resilient<'py>(
         ..ReconnectOptions::default()
     };
     crate::bridge::spawn(py, async move {
-        let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(&router)
-            .await
-            .map_err(|e| {
-                error(swarmbus_client::ClientError::Connect {
-                    router: router.clone(),
-                    detail: format!("looking up the name: {e}"),
-                })
-            })?
-            .collect();
-        // localhost's ::1 often comes first, and routers listen on 127.0.0.1 by default.
-        let addr = addrs
-            .iter()
-            .find(|a| a.is_ipv4())
-            .or(addrs.first())
-            .copied()
-            .ok_or_else(|| PyValueError::new_err(format!("router {router:?}: no address")))?;
+        let mut routers = Vec::new();
+        for name in router.split(',').map(str::trim) {
+            if name.is_empty() {
+                return Err(PyValueError::new_err(format!(
+                    "router {router:?}: an empty name in the list"
+                )));
+            }
+            let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(name)
+                .await
+                .map_err(|e| {
+                    error(swarmbus_client::ClientError::Connect {
+                        router: name.to_owned(),
+                        detail: format!("looking up the name: {e}"),
+                    })
+                })?
+                .collect();
+            // localhost's ::1 often comes first, and routers listen on 127.0.0.1 by default.
+            let addr = addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .copied()
+                .ok_or_else(|| PyValueError::new_err(format!("router {name:?}: no address")))?;
+            routers.push(addr);
+        }
         let connector = Connector::new(&ca, &server_name).map_err(error)?;
         let (client, deliveries) = connector
-            .connect_resilient(addr, session, options)
+            .connect_resilient_cluster(&routers, session, options)
             .await
             .map_err(error)?;
         Ok(ResilientClient {
