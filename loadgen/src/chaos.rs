@@ -888,7 +888,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     crate::report::describe("leases granted", "acquire -> grant");
     check_args(&args)?;
     let config = router_config(&args);
-    let (router, ca, spawned) = args.router.resolve_with_config(Some(&config)).await?;
+    let (routers, ca, spawned) = args.router.resolve_with_config(Some(&config)).await?;
+    let router = routers.only(
+        "chaos takes one router: its leases, job queue and presence are each router's own, \
+         so its checks hold only on one",
+    )?;
     let connector = args.router.connector(&ca)?;
     let run_tag = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -76,7 +76,7 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
     if args.swarms == 0 || args.window == 0 {
         bail!("--swarms and --window must be at least 1");
     }
-    let (router, ca, spawned) = args.router.resolve().await?;
+    let (routers, ca, spawned) = args.router.resolve().await?;
     let recorder = match &args.record {
         Some(path) => Some(Arc::new(Recorder {
             out: Mutex::new(std::io::BufWriter::new(
@@ -107,6 +107,7 @@ pub async fn run(args: DurableArgs) -> anyhow::Result<()> {
             Role::Controller,
             [swarm.clone()],
         );
+        let router = routers.pick(s);
         let (client, _deliveries) = connector
             .connect(router, session)
             .await
@@ -383,16 +384,20 @@ pub async fn run_check(args: CheckArgs) -> anyhow::Result<()> {
             duplicate_ops += 1;
         }
     }
-    let (router, ca, spawned) = args.router.resolve().await?;
+    let (routers, ca, spawned) = args.router.resolve().await?;
     let connector = args.router.connector(&ca)?;
     let mut checked = 0u64;
     let mut missing = 0u64;
     let mut mismatched = 0u64;
     let mut gaps = 0u64;
     let swarms: Vec<String> = recorded.keys().cloned().collect();
-    for chunk in swarms.chunks(32) {
+    for (c, chunk) in swarms.chunks(32).enumerate() {
+        let router = routers.pick(c);
         let session = Session::new("swarmbus-check", Role::Controller, chunk.iter().cloned());
-        let (client, mut deliveries) = connector.connect(router, session).await?;
+        let (client, mut deliveries) = connector
+            .connect(router, session)
+            .await
+            .with_context(|| format!("connecting to {router}"))?;
         for swarm in chunk {
             let mut stored: HashMap<u64, (u64, String)> = HashMap::new();
             let mut from = OpId(1);

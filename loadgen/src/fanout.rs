@@ -17,7 +17,7 @@ use hdrhistogram::Histogram;
 use swarmbus_client::{Client, Deliveries, IdempotentApply, PublishOptions, Session};
 use swarmbus_schema::{Class, Publish, Role};
 
-use crate::spawn::RouterArgs;
+use crate::spawn::{RouterArgs, Routers};
 use crate::units::{parse_duration, parse_size};
 
 /// Bytes of the sequence number and send time at the start of every payload.
@@ -109,12 +109,13 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
             "--ceiling forwards telemetry only: the forwarder has no log to order or keep commands"
         );
     }
-    let (router, ca, spawned, forwarder) = if args.ceiling {
+    let (routers, ca, spawned, forwarder) = if args.ceiling {
         let forwarder = crate::forwarder::SpawnedForwarder::start().await?;
-        (forwarder.addr, forwarder.ca.clone(), None, Some(forwarder))
+        let routers = Routers::one(forwarder.addr);
+        (routers, forwarder.ca.clone(), None, Some(forwarder))
     } else {
-        let (router, ca, spawned) = args.router.resolve().await?;
-        (router, ca, spawned, None)
+        let (routers, ca, spawned) = args.router.resolve().await?;
+        (routers, ca, spawned, None)
     };
     let (measured_pid, target) = match &forwarder {
         Some(forwarder) => (forwarder.pid(), "forwarder"),
@@ -134,6 +135,8 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
             .connector(&ca)
             .with_context(|| format!("TLS setup with CA {}", ca.display()))?;
         for a in 0..args.agents {
+            // Numbered across swarms, so every router gets agents of every swarm it can.
+            let router = routers.pick(s * args.agents + a);
             let session = Session::new(format!("agent-{s}-{a}"), Role::Agent, [swarm.clone()]);
             let (client, deliveries) = connector
                 .connect(router, session)
@@ -152,11 +155,12 @@ pub async fn run(args: FanoutArgs) -> anyhow::Result<()> {
                 stop.clone(),
             )));
         }
+        let router = routers.pick(s);
         let session = Session::new(format!("publisher-{s}"), Role::Controller, [swarm.clone()]);
         let (client, _deliveries) = connector
             .connect(router, session)
             .await
-            .with_context(|| format!("connecting the publisher of {swarm}"))?;
+            .with_context(|| format!("connecting the publisher of {swarm} to {router}"))?;
         publishers.push((client, swarm));
     }
 

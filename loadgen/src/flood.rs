@@ -13,6 +13,10 @@
 //! core from the loadgen's own receivers, and the latency measured would be the loadgen's.
 //! With `--flood-listener bulk` they connect to the router's bulk listener instead of its
 //! main one (the controller and the receivers stay on the main one).
+//!
+//! With several routers (`--router A,B,C`) the receivers and the flooders spread over them
+//! in turn and the controller connects to the first, so one router takes every command;
+//! `--flood-listener bulk` with `--flood-router` takes one router.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -24,7 +28,7 @@ use swarmbus_client::{Client, Session};
 use swarmbus_schema::{Class, Publish, Role};
 
 use crate::probe::{self, Live, PublishPlan, SideRuntime, Timeline, STAMP_BYTES};
-use crate::spawn::{RouterArgs, RssSampler};
+use crate::spawn::{RouterArgs, Routers, RssSampler};
 use crate::units::{parse_duration, parse_size};
 
 /// How often the spawned router's resident memory is sampled.
@@ -65,7 +69,8 @@ pub struct FloodArgs {
     /// that every session attaches a bulk connection for its telemetry by itself.
     #[arg(long, default_value = "main", value_parser = ["main", "bulk", "attach"])]
     flood_listener: String,
-    /// The bulk listener's address, HOST:PORT, for --flood-listener bulk with --router.
+    /// The bulk listener's address, HOST:PORT, for --flood-listener bulk with --router
+    /// (one router).
     #[arg(long, value_name = "HOST:PORT")]
     flood_router: Option<String>,
     /// Commands awaiting acknowledgement at most.
@@ -98,24 +103,40 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     }
     let bulk_listener = args.flood_listener == "bulk";
     let attach = args.flood_listener == "attach";
-    let (router, flood_router, ca, spawned) = if (bulk_listener || attach) && args.router.spawns() {
-        let (router, bulk, ca, spawned) = args.router.resolve_with_bulk_listener().await?;
-        let flood_router = if attach { router } else { bulk };
-        (router, flood_router, ca, Some(spawned))
+    // `flood_routers`: where the flooders connect, flooder i to `flood_routers.pick(i)`.
+    let (routers, flood_routers, ca, spawned) = if (bulk_listener || attach) && args.router.spawns()
+    {
+        let (routers, bulk, ca, spawned) = args.router.resolve_with_bulk_listener().await?;
+        let flood_routers = if attach {
+            routers.clone()
+        } else {
+            Routers::one(bulk)
+        };
+        (routers, flood_routers, ca, Some(spawned))
     } else {
-        let (router, ca, spawned) = args.router.resolve().await?;
-        let flood_router = match (bulk_listener, &args.flood_router) {
-            (false, _) => router,
-            (true, Some(addr)) => tokio::net::lookup_host(addr.as_str())
-                .await
-                .with_context(|| format!("resolving {addr}"))?
-                .next()
-                .with_context(|| format!("{addr} resolves to no address"))?,
+        let (routers, ca, spawned) = args.router.resolve().await?;
+        let flood_routers = match (bulk_listener, &args.flood_router) {
+            (false, _) => routers.clone(),
+            (true, Some(addr)) => {
+                // --flood-router names one router's bulk listener: the flooders would
+                // all go to that router while the receivers spread.
+                routers.only(
+                    "--flood-listener bulk takes one router (--flood-router is one \
+                         router's bulk listener)",
+                )?;
+                Routers::one(
+                    tokio::net::lookup_host(addr.as_str())
+                        .await
+                        .with_context(|| format!("resolving {addr}"))?
+                        .next()
+                        .with_context(|| format!("{addr} resolves to no address"))?,
+                )
+            }
             (true, None) => {
                 bail!("--flood-listener bulk with --router needs --flood-router (the bulk listener's address)")
             }
         };
-        (router, flood_router, ca, spawned)
+        (routers, flood_routers, ca, spawned)
     };
     let connector = args
         .router
@@ -140,6 +161,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     };
     let mut receiver_sessions = Vec::new();
     for r in 0..args.receivers {
+        let router = routers.pick(r);
         let session = Session::new(format!("flood-receiver-{r}"), Role::Agent, [SWARM]);
         let (client, deliveries) = receiver_connector
             .connect(router, session)
@@ -153,6 +175,9 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
         }
         receiver_sessions.push((client, deliveries));
     }
+    // One controller, on the first router: the swarm's commands all come in there, so
+    // several routers never contend for its op ids.
+    let router = routers.first();
     let (controller, _controller_deliveries) = connector
         .connect(
             router,
@@ -174,6 +199,7 @@ pub async fn run(args: FloodArgs) -> anyhow::Result<()> {
     let mut flooders = Vec::new();
     for a in 0..args.agents {
         let connector = flood_connector.clone();
+        let flood_router = flood_routers.pick(a);
         let session = Session::new(format!("flood-agent-{a}"), Role::Agent, [SWARM]);
         let (client, _deliveries) = flood_runtime
             .spawn(async move { connector.connect(flood_router, session).await })

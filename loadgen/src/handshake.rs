@@ -121,7 +121,7 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
     }
     let client_ca = args.client_certs.then(ClientCa::new).transpose()?;
     let router_toml = client_ca.as_ref().map(ClientCa::router_toml);
-    let (router, ca, spawned) = args
+    let (routers, ca, spawned) = args
         .router
         .resolve_with_config(router_toml.as_deref())
         .await?;
@@ -137,6 +137,7 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
             }
             None => (args.router.connector(&ca)?, None),
         };
+        let (routers, concurrency) = (routers.clone(), args.concurrency);
         workers.spawn(async move {
             let mut seen = Worker {
                 handshakes: 0,
@@ -152,6 +153,9 @@ pub async fn run(args: HandshakeArgs) -> anyhow::Result<()> {
                 let mut session = Session::new(agent, Role::Agent, ["hs"]);
                 // A router that stops answering ends the run soon after its duration.
                 session.connect_timeout = Duration::from_secs(2);
+                // Sessions numbered across the workers: the n-th of them all goes to
+                // router n mod routers, whatever --concurrency is.
+                let router = routers.pick(i as usize * concurrency + w);
                 i += 1;
                 let started = Instant::now();
                 match connector.connect(router, session).await {

@@ -26,7 +26,8 @@ pub struct JobsArgs {
     /// Submitting agents, each in its own swarm (at most 64: workers join every swarm).
     #[arg(long, default_value_t = 4)]
     submitters: usize,
-    /// Simulated workers.
+    /// Simulated workers, spread over the routers in turn (at least one per router: a job
+    /// runs only on the workers of the router it was submitted on).
     #[arg(long, default_value_t = 4)]
     workers: usize,
     /// Jobs to submit in all (duplicates included).
@@ -124,7 +125,16 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
     if args.submitters == 0 || args.submitters > 64 || args.workers == 0 || args.jobs == 0 {
         bail!("--submitters must be 1 to 64, --workers and --jobs at least 1");
     }
-    let (router, ca, spawned) = args.router.resolve().await?;
+    let (routers, ca, spawned) = args.router.resolve().await?;
+    if args.workers < routers.len() {
+        // Each router's job queue is its own: a job submitted on a router without workers
+        // would never run.
+        bail!(
+            "--workers must be at least the number of routers ({}): a job runs only on \
+             workers connected to the router it was submitted on",
+            routers.len()
+        );
+    }
     let connector = args.router.connector(&ca).context("TLS setup")?;
     let swarms: Vec<String> = (0..args.submitters).map(|i| format!("jobs-{i}")).collect();
     let totals = Arc::new(Totals::default());
@@ -140,6 +150,8 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         let (totals, runs, stop) = (totals.clone(), runs.clone(), stop.clone());
         let (job_ms, kill_rate, credits) = (args.job_ms, args.kill_rate, args.credits);
         let seed = args.seed ^ (w as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407);
+        // Every incarnation of a worker comes back to the same router.
+        let router = routers.pick(w);
         workers.push(tokio::spawn(async move {
             let mut rng = Rng::new(seed);
             let mut incarnation = 0;
@@ -213,12 +225,13 @@ pub async fn run(args: JobsArgs) -> anyhow::Result<()> {
         let totals = totals.clone();
         let (window, duplicate_rate, drain) = (args.window, args.duplicate_rate, args.drain);
         let seed = args.seed ^ (i as u64 + 1).wrapping_mul(0x9FB2_1C65_1E98_DF25);
+        let router = routers.pick(i);
         submitters.push(tokio::spawn(async move {
             let session = Session::new(format!("submitter-{i}"), Role::Agent, [swarm.clone()]);
             let (client, _deliveries) = connector
                 .connect(router, session)
                 .await
-                .context("a submitter connects")?;
+                .with_context(|| format!("submitter {i} connecting to {router}"))?;
             let mut updates = client.job_updates().context("job updates")?;
             let submit_at = Arc::new(Mutex::new(HashMap::<JobId, u64>::with_capacity(count)));
             let window = Arc::new(Semaphore::new(window.max(1)));

@@ -14,6 +14,10 @@
 //! `--observers` agents subscribe to the swarm's commands and pass every delivery through
 //! the client's `FencingFilter`, as an application acting on commands would.
 //!
+//! With several routers (`--router A,B,C`) the observers spread over them in turn, while
+//! every contender connects to the first: a lease is each router's own, so contenders on
+//! two routers could both hold it.
+//!
 //! Every figure comes from the wire: each contender logs the (token, granted_at_ms,
 //! expires_at_ms) of every grant and renewal it received (router clock), the op id and
 //! token of every command the router acknowledged, and every refusal; each observer logs
@@ -53,7 +57,8 @@ const ERRORS_KEPT: usize = 8;
 pub struct LeaderArgs {
     #[command(flatten)]
     router: RouterArgs,
-    /// Sessions (role controller) contending for the swarm's `leader` lease.
+    /// Sessions (role controller) contending for the swarm's `leader` lease, all on the
+    /// first router given.
     #[arg(long, default_value_t = 3)]
     contenders: usize,
     /// How long they contend, e.g. 60s.
@@ -76,7 +81,7 @@ pub struct LeaderArgs {
     #[arg(long, default_value = "20ms", value_parser = parse_duration)]
     command_every: Duration,
     /// Agents subscribed to the swarm's commands, each passing them through a
-    /// FencingFilter.
+    /// FencingFilter; spread over the routers in turn.
     #[arg(long, default_value_t = 2)]
     observers: usize,
     /// Longest wait, after the run, for every acknowledged command to reach every observer.
@@ -230,7 +235,7 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     if args.ttl < Duration::from_millis(3) {
         bail!("--ttl must be at least 3ms (the holder renews every third of it)");
     }
-    let (router, ca, spawned) = args.router.resolve().await?;
+    let (routers, ca, spawned) = args.router.resolve().await?;
     let connector = args
         .router
         .connector(&ca)
@@ -245,6 +250,7 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     let mut observers = Vec::new();
     let mut observer_logs = Vec::new();
     for o in 0..args.observers {
+        let router = routers.pick(o);
         let session = Session::new(format!("{swarm}-observer-{o}"), Role::Agent, [&swarm]);
         let (client, deliveries) = connector
             .connect(router, session)
@@ -271,7 +277,9 @@ pub async fn run(args: LeaderArgs) -> anyhow::Result<()> {
     }
     let plan = Arc::new(Plan {
         connector,
-        routers: vec![router],
+        // A lease is each router's own: contenders on several routers would each be
+        // granted it. They all contend on the first router; the observers spread.
+        routers: vec![routers.first()],
         swarm: swarm.clone(),
         ttl: args.ttl,
         command_every: args.command_every,

@@ -151,7 +151,9 @@ pub async fn run(args: PresenceArgs) -> anyhow::Result<()> {
         "[presence]\nheartbeat_interval_ms = {}\n",
         args.heartbeat_ms
     );
-    let (router, ca, spawned) = args.router.resolve_with_config(Some(&config)).await?;
+    let (routers, ca, spawned) = args.router.resolve_with_config(Some(&config)).await?;
+    let router = routers
+        .only("presence takes one router: a router announces and lists only its own sessions")?;
     // Fresh names per run, so a run against a long-lived router never meets the agents of
     // an earlier one.
     let run_tag = SystemTime::now()

@@ -1,7 +1,9 @@
-//! `--spawn-router`: runs a router child process on a temporary data dir for one run
-//! ([`spawn_router_with`] takes a router binary and a TOML configuration), and samples its
-//! resident memory ([`RssSampler`]).
+//! Where a run's sessions connect: `--router` (one address or several, [`Routers`]) or
+//! `--spawn-router`, which runs a router child process on a temporary data dir for one run
+//! ([`spawn_router_with`] takes a router binary and a TOML configuration); and a sampler of
+//! a process's resident memory ([`RssSampler`]).
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -212,18 +214,112 @@ fn parse_start_line(line: &str) -> Option<anyhow::Result<(SocketAddr, Option<Soc
     })())
 }
 
-/// Where to find the router: `--router` and `--ca`, or `--spawn-router`.
+/// The routers a run's sessions connect to: the addresses of `--router`, in the order given
+/// (several for routers of one cluster sharing swarms on NATS JetStream), or the one router
+/// of `--spawn-router`. Scenarios spread their sessions over them in turn ([`Routers::pick`]).
+///
+/// Invariant: never empty (every constructor checks or gives one address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Routers(Vec<SocketAddr>);
+
+impl Routers {
+    /// One router.
+    pub fn one(addr: SocketAddr) -> Self {
+        Routers(vec![addr])
+    }
+
+    /// Resolves `list`, one `HOST:PORT` or several separated by commas (spaces around each
+    /// are ignored); an empty entry is refused, naming it. Each entry takes the first
+    /// address it resolves to.
+    pub async fn resolve(list: &str) -> anyhow::Result<Self> {
+        let mut addrs = Vec::new();
+        for entry in router_entries(list)? {
+            let addr = tokio::net::lookup_host(entry)
+                .await
+                .with_context(|| format!("resolving {entry}"))?
+                .next()
+                .with_context(|| format!("{entry} resolves to no address"))?;
+            addrs.push(addr);
+        }
+        Ok(Routers(addrs))
+    }
+
+    /// The router of session `index`: `index` modulo the number of routers, so sessions
+    /// numbered from 0 land on every router in turn.
+    pub fn pick(&self, index: usize) -> SocketAddr {
+        self.0[index % self.0.len()]
+    }
+
+    /// The first router given.
+    pub fn first(&self) -> SocketAddr {
+        self.0[0]
+    }
+
+    /// The number of routers (at least 1).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The one router, for a scenario that cannot spread over several; with more than one
+    /// it refuses, saying `why` (e.g. "presence takes one router: ...").
+    pub fn only(&self, why: &str) -> anyhow::Result<SocketAddr> {
+        if self.0.len() > 1 {
+            bail!(
+                "{why}; give --router one address, not {} ({self})",
+                self.0.len()
+            );
+        }
+        Ok(self.first())
+    }
+}
+
+/// The resolved addresses in the order given, separated by commas (`A,B,C`), so a message
+/// that names "the router" names every one.
+impl fmt::Display for Routers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, addr) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{addr}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The entries of a `--router` list, trimmed; refuses an empty one (`A,,B`, a trailing
+/// comma, an empty flag), naming its position, before anything is resolved.
+fn router_entries(list: &str) -> anyhow::Result<Vec<&str>> {
+    list.split(',')
+        .map(str::trim)
+        .enumerate()
+        .map(|(i, entry)| {
+            if entry.is_empty() {
+                bail!(
+                    "--router {list:?}: entry {} is empty (give HOST:PORT, or several separated by commas)",
+                    i + 1
+                );
+            }
+            Ok(entry)
+        })
+        .collect()
+}
+
+/// Where to find the routers: `--router` and `--ca`, or `--spawn-router`.
 #[derive(Debug, clap::Args)]
 pub struct RouterArgs {
-    /// Router address, HOST:PORT (not needed with --spawn-router).
-    #[arg(long)]
+    /// Router address, HOST:PORT, or several separated by commas (routers of one cluster,
+    /// sharing swarms on NATS JetStream): each scenario spreads its sessions over them in
+    /// turn, session i to router i mod n (not needed with --spawn-router).
+    #[arg(long, value_name = "HOST:PORT[,HOST:PORT...]")]
     router: Option<String>,
     /// CA certificate the router's certificate chains to (DATA_DIR/tls/ca.pem for a
     /// development router).
     #[arg(long)]
     ca: Option<PathBuf>,
     /// The process id of the router given by --router, when it runs on this host: the run
-    /// then reports its CPU seconds beside the loadgen's.
+    /// then reports its CPU seconds beside the loadgen's. One process: with several
+    /// routers, the CPU reported is that one router's.
     #[arg(long, value_name = "PID", conflicts_with = "spawn_router")]
     router_pid: Option<u32>,
     /// Name the router's certificate must carry.
@@ -254,8 +350,9 @@ pub struct RouterArgs {
 }
 
 impl RouterArgs {
-    /// The router's address and CA, starting a child router if asked.
-    pub async fn resolve(&self) -> anyhow::Result<(SocketAddr, PathBuf, Option<SpawnedRouter>)> {
+    /// The routers' addresses and CA, starting a child router if asked (then the one
+    /// address is its).
+    pub async fn resolve(&self) -> anyhow::Result<(Routers, PathBuf, Option<SpawnedRouter>)> {
         self.resolve_with_config(None).await
     }
 
@@ -264,7 +361,7 @@ impl RouterArgs {
     pub async fn resolve_with_config(
         &self,
         default_toml: Option<&str>,
-    ) -> anyhow::Result<(SocketAddr, PathBuf, Option<SpawnedRouter>)> {
+    ) -> anyhow::Result<(Routers, PathBuf, Option<SpawnedRouter>)> {
         if self.spawn_router {
             let config_toml = match &self.router_config {
                 Some(path) => Some(
@@ -280,18 +377,18 @@ impl RouterArgs {
             })
             .await?;
             self.sign_for(Some(&spawned))?;
-            return Ok((spawned.addr, spawned.ca.clone(), Some(spawned)));
+            return Ok((
+                Routers::one(spawned.addr),
+                spawned.ca.clone(),
+                Some(spawned),
+            ));
         }
         let (Some(router), Some(ca)) = (self.router.as_deref(), self.ca.as_ref()) else {
             bail!("give the router as --router HOST:PORT with --ca FILE, or use --spawn-router");
         };
         self.sign_for(None)?;
-        let addr = tokio::net::lookup_host(router)
-            .await
-            .with_context(|| format!("resolving {router}"))?
-            .next()
-            .with_context(|| format!("{router} resolves to no address"))?;
-        Ok((addr, ca.clone(), None))
+        let routers = Routers::resolve(router).await?;
+        Ok((routers, ca.clone(), None))
     }
 
     /// The router process whose CPU a run reports: the spawned one, else `--router-pid`.
@@ -304,7 +401,7 @@ impl RouterArgs {
     /// returns the bulk listener's address too.
     pub async fn resolve_with_bulk_listener(
         &self,
-    ) -> anyhow::Result<(SocketAddr, SocketAddr, PathBuf, SpawnedRouter)> {
+    ) -> anyhow::Result<(Routers, SocketAddr, PathBuf, SpawnedRouter)> {
         if !self.spawn_router {
             bail!("a bulk listener is added only to a router of --spawn-router");
         }
@@ -332,7 +429,12 @@ impl RouterArgs {
         let bulk = spawned
             .bulk_addr
             .ok_or_else(|| anyhow!("the spawned router printed no bulk listener"))?;
-        Ok((spawned.addr, bulk, spawned.ca.clone(), spawned))
+        Ok((
+            Routers::one(spawned.addr),
+            bulk,
+            spawned.ca.clone(),
+            spawned,
+        ))
     }
 
     /// Loads the signer of the run's credentials: `--creds`, or the spawned router's
@@ -497,6 +599,33 @@ mod tests {
             "Name:\tswarmbus-router\nVmPeak:\t  99999 kB\nVmRSS:\t   12345 kB\nThreads:\t4\n";
         assert_eq!(vm_rss_bytes(status), Some(12345 * 1024));
         assert_eq!(vm_rss_bytes("Name:\tkthreadd\n"), None);
+    }
+
+    #[tokio::test]
+    async fn a_router_list_is_resolved_in_order_and_picked_in_turn() {
+        let routers = Routers::resolve("127.0.0.1:1, 127.0.0.1:2").await.unwrap();
+        assert_eq!(routers.len(), 2);
+        let ports: Vec<u16> = (0..4).map(|i| routers.pick(i).port()).collect();
+        assert_eq!(ports, [1, 2, 1, 2]);
+        assert_eq!(routers.first().port(), 1);
+        assert_eq!(routers.to_string(), "127.0.0.1:1,127.0.0.1:2");
+        let why = routers.only("this takes one router").unwrap_err();
+        assert!(why.to_string().contains("not 2"), "{why}");
+
+        let one = Routers::resolve("127.0.0.1:7").await.unwrap();
+        assert_eq!((one.len(), one.pick(5).port()), (1, 7));
+        assert_eq!(one.only("unused").unwrap().port(), 7);
+    }
+
+    #[tokio::test]
+    async fn an_empty_router_entry_is_refused_by_position() {
+        // Refused before "x" is looked up: the empty entry is named, not a DNS failure.
+        let error = Routers::resolve("127.0.0.1:1,,x").await.unwrap_err();
+        assert!(error.to_string().contains("entry 2 is empty"), "{error}");
+        for list in ["", "127.0.0.1:1,", " , 127.0.0.1:1"] {
+            assert!(router_entries(list).is_err(), "{list:?}");
+        }
+        assert_eq!(router_entries(" a:1 ,b:2").unwrap(), ["a:1", "b:2"]);
     }
 
     #[tokio::test]

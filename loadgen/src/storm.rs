@@ -138,7 +138,12 @@ pub async fn run(args: StormArgs) -> anyhow::Result<()> {
     if args.payload < STAMP_BYTES {
         bail!("--payload must be at least {STAMP_BYTES} bytes (the command stamp)");
     }
-    let (router, ca, spawned) = args.router.resolve_with_config(Some(ROUTER_CONFIG)).await?;
+    let (routers, ca, spawned) = args.router.resolve_with_config(Some(ROUTER_CONFIG)).await?;
+    let router = routers.only(
+        "storm takes one router: its agents all publish commands into one swarm, which \
+         publishers on several routers contend for (Conflict), and the rate limits and \
+         breaker under test are each router's own",
+    )?;
     let connector = args
         .router
         .connector(&ca)

@@ -99,10 +99,11 @@ fn recorded_commands_are_all_found_in_the_log() {
     runtime.block_on(router.shutdown());
 }
 
-/// With the log on JetStream, `check` finds what `durable --record` had acknowledged by one
-/// router through another router started afterwards on an empty data directory.
+/// With the log on JetStream, `check` finds what `durable --record` had acknowledged
+/// through two routers (its publishers spread over them by `--router A,B`) through a third
+/// router started afterwards on an empty data directory.
 #[test]
-fn recorded_commands_are_found_through_another_router_on_the_cluster() {
+fn commands_recorded_through_two_routers_are_found_through_a_third() {
     use swarmbus_jetstream::testing::NatsServer;
     let dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start(&dir.path().join("nats"), true);
@@ -120,8 +121,22 @@ fn recorded_commands_are_found_through_another_router_on_the_cluster() {
         config.jetstream.monitor_urls = vec![server.monitor_url()];
         runtime.block_on(Router::start(config)).unwrap()
     };
-    let first = start("router-a");
-    let output = loadgen("durable", &first)
+    let (first, second) = (start("router-a"), start("router-b"));
+    // Each development router made its own CA: the loadgen trusts both.
+    let both = dir.path().join("both-ca.pem");
+    std::fs::write(
+        &both,
+        [first.ca_path().unwrap(), second.ca_path().unwrap()]
+            .map(|path| std::fs::read(path).unwrap())
+            .concat(),
+    )
+    .unwrap();
+    let output = Command::new(LOADGEN)
+        .arg("durable")
+        .arg("--router")
+        .arg(format!("{},{}", first.local_addr(), second.local_addr()))
+        .arg("--ca")
+        .arg(&both)
         .args([
             "--swarms",
             "3",
@@ -143,9 +158,10 @@ fn recorded_commands_are_found_through_another_router_on_the_cluster() {
     let acked = last_json(&output)["acked"].as_u64().unwrap();
     assert!(acked > 0);
     runtime.block_on(first.shutdown());
+    runtime.block_on(second.shutdown());
 
-    let second = start("router-b");
-    let output = loadgen("check", &second)
+    let third = start("router-c");
+    let output = loadgen("check", &third)
         .arg("--record")
         .arg(&record)
         .arg("--json")
@@ -157,5 +173,5 @@ fn recorded_commands_are_found_through_another_router_on_the_cluster() {
     for key in ["missing", "mismatched", "gaps", "duplicate_ops"] {
         assert_eq!(report[key], 0, "{report}");
     }
-    runtime.block_on(second.shutdown());
+    runtime.block_on(third.shutdown());
 }
