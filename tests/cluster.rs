@@ -2,10 +2,9 @@
 //! published through one router reach the subscribers on the others, in the log's order.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use bytes::Bytes;
-use swarmbus_client::{Client, Deliveries, IdempotentApply, PublishOptions, RetryPolicy};
+use swarmbus_client::{Client, Deliveries, IdempotentApply, PublishOptions};
 use swarmbus_jetstream::testing::NatsServer;
 use swarmbus_schema::{Class, Deliver, Role};
 
@@ -96,53 +95,80 @@ async fn commands_from_one_router_reach_agents_on_two_others_in_op_order() {
     }
 }
 
-/// Controllers on two routers command one swarm at once: op ids taken by the other router
-/// are refused with Conflict (38) and sent again by `publish_with_retry`, so every command
-/// is acknowledged once, with the op id it is delivered with, and an agent on a third
-/// router gets them all in op order, gap-free, none twice.
+/// Controllers on two routers command one swarm at once, each with a window of commands in
+/// flight: op ids taken by the other router are refused with Conflict (38) and sent again,
+/// so every command is acknowledged once, with the op id it is delivered with, and agents
+/// on all three routers (the two publishing ones included) get them all in op order,
+/// gap-free, none twice.
 #[tokio::test]
 async fn two_routers_publishing_to_one_swarm_give_one_gap_free_order() {
     let nats_dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start(nats_dir.path(), true);
     let (r, _dirs) = routers(&server, 3).await;
-    let (_c, mut on_c) = subscribed(&r[2], "agent-c").await;
-    let (ctl_a, _) = r[0].connect("ctl-a", Role::Controller, &["fleet"]).await;
-    let (ctl_b, _) = r[1].connect("ctl-b", Role::Controller, &["fleet"]).await;
-    let policy = RetryPolicy {
-        base: Duration::from_millis(5),
-        cap: Duration::from_millis(200),
-        max_attempts: 200,
-        jitter: true,
-    };
+    let mut agents = Vec::new();
+    for (i, router) in r.iter().enumerate() {
+        agents.push(subscribed(router, &format!("agent-{i}")).await);
+    }
     let run = |ctl: Client, name: &'static str| {
-        let policy = policy.clone();
         tokio::spawn(async move {
             let mut acked = Vec::new();
-            for i in 1..=100 {
-                let text = format!("{name}-{i}");
-                let op = ctl
-                    .publish_with_retry(
-                        "fleet",
-                        Class::Command,
-                        Bytes::from(text.clone()),
-                        PublishOptions::default(),
-                        &policy,
-                    )
-                    .await
-                    .unwrap_or_else(|e| panic!("{text}: {e}"));
-                acked.push((op.0, text));
+            let mut waiting: std::collections::VecDeque<(String, _)> = Default::default();
+            let (mut next, mut conflicts) = (1, 0u64);
+            while next <= 150 || !waiting.is_empty() {
+                while next <= 150 && waiting.len() < 16 {
+                    let text = format!("{name}-{next}");
+                    next += 1;
+                    let pending = ctl
+                        .publish_start(
+                            "fleet",
+                            Class::Command,
+                            Bytes::from(text.clone()),
+                            PublishOptions::default(),
+                        )
+                        .await
+                        .unwrap();
+                    waiting.push_back((text, pending));
+                }
+                let (text, pending) = waiting.pop_front().unwrap();
+                match pending.wait().await {
+                    Ok(op) => acked.push((op.0, text)),
+                    Err(error) if error.code() == Some(38) => {
+                        // Sent again, behind what is in flight (a retry takes a new op id).
+                        conflicts += 1;
+                        let again = ctl
+                            .publish_start(
+                                "fleet",
+                                Class::Command,
+                                Bytes::from(text.clone()),
+                                PublishOptions::default(),
+                            )
+                            .await
+                            .unwrap();
+                        waiting.push_back((text, again));
+                    }
+                    Err(error) => panic!("{text}: {error}"),
+                }
             }
-            acked
+            (acked, conflicts)
         })
     };
+    let (ctl_a, _) = r[0].connect("ctl-a", Role::Controller, &["fleet"]).await;
+    let (ctl_b, _) = r[1].connect("ctl-b", Role::Controller, &["fleet"]).await;
     let (a, b) = (run(ctl_a.clone(), "a"), run(ctl_b, "b"));
+    let ((from_a, conflicts_a), (from_b, conflicts_b)) = (a.await.unwrap(), b.await.unwrap());
     let mut acked: HashMap<u64, String> = HashMap::new();
-    for (op, text) in a.await.unwrap().into_iter().chain(b.await.unwrap()) {
+    for (op, text) in from_a.into_iter().chain(from_b) {
         assert!(
             acked.insert(op, text).is_none(),
             "op {op} acknowledged twice"
         );
     }
+    assert_eq!(acked.len(), 300);
+    let counted: u64 = r.iter().map(|t| t.router.stats().publish_conflicts).sum();
+    assert!(
+        conflicts_a + conflicts_b > 0 && counted > 0,
+        "the two windows never met: {conflicts_a} + {conflicts_b} refused, {counted} counted"
+    );
     ctl_a
         .publish(
             "fleet",
@@ -152,23 +178,23 @@ async fn two_routers_publishing_to_one_swarm_give_one_gap_free_order() {
         )
         .await
         .unwrap();
-    let got = recv_until(&mut on_c, b"END").await;
-    assert_eq!(
-        ops(&got),
-        (1..=200).collect::<Vec<_>>(),
-        "gap-free, in order"
-    );
-    for d in &got {
+    for (i, (_, rx)) in agents.iter_mut().enumerate() {
+        let got = recv_until(rx, b"END").await;
         assert_eq!(
-            acked.get(&d.op_id.0).map(String::as_bytes),
-            Some(d.payload.as_ref()),
-            "op {} is delivered with the command acknowledged with it",
-            d.op_id.0
+            ops(&got),
+            (1..=300).collect::<Vec<_>>(),
+            "router {i}: gap-free, in order"
         );
+        for d in &got {
+            assert_eq!(
+                acked.get(&d.op_id.0).map(String::as_bytes),
+                Some(d.payload.as_ref()),
+                "router {i}: op {} is delivered with the command acknowledged with it",
+                d.op_id.0
+            );
+        }
+        assert_eq!(apply_all(&got).len(), 300, "router {i}: each applied once");
     }
-    assert_eq!(apply_all(&got).len(), 200, "each applied once");
-    let conflicts: u64 = r.iter().map(|t| t.router.stats().publish_conflicts).sum();
-    eprintln!("{conflicts} conflicts between the two publishing routers");
     for router in r {
         router.router.shutdown().await;
     }

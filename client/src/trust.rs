@@ -110,8 +110,9 @@ impl ConnectorBuilder {
     /// How long a connection may go without hearing from the router before it is taken
     /// for dead (30 s by default; at least 1 s). A router that vanishes without closing
     /// (a crash, a lost host) is noticed after this long, so a `ResilientClient` over
-    /// several routers fails over after it; keep-alives go out every third of it, at most
-    /// every 5 s. The router's own idle timeout applies too (the lower of the two wins).
+    /// several routers fails over after it. Keep-alives go out every third of it or every
+    /// 5 s, whichever is sooner. The router's own idle timeout applies too (the lower of
+    /// the two wins).
     pub fn idle_timeout(mut self, timeout: std::time::Duration) -> Self {
         self.idle_timeout = timeout.max(std::time::Duration::from_secs(1));
         self

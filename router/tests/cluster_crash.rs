@@ -99,6 +99,15 @@ async fn a_router_killed_mid_load_loses_no_acknowledged_command_and_its_agents_r
         .await
         .unwrap();
     assert_eq!(agent.router(), addr_a);
+    // And one on B all along, which gets A's commands through B's follow of the stream.
+    let (watcher, mut watched) = connector
+        .connect(addr_b, Session::new("watcher", Role::Agent, ["fleet"]))
+        .await
+        .unwrap();
+    watcher
+        .subscribe("fleet", Class::Command, None)
+        .await
+        .unwrap();
 
     // A controller on A with a window of commands in flight; A is killed after 300 acks.
     let (ctl, _) = connector
@@ -150,39 +159,41 @@ async fn a_router_killed_mid_load_loses_no_acknowledged_command_and_its_agents_r
         )
         .await
         .unwrap();
-    let mut apply = IdempotentApply::new();
-    let mut applied = Vec::new();
-    loop {
-        let d = tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
-            .await
-            .expect("the agent resumes on router B")
-            .expect("deliveries go on");
-        if apply.apply(&d, |_| ()).is_none() {
-            continue;
+    assert!(acked.keys().all(|op| *op < end.0));
+    for (name, rx) in [
+        ("the agent from A", &mut deliveries),
+        ("the agent on B", &mut watched),
+    ] {
+        let mut apply = IdempotentApply::new();
+        let mut applied = Vec::new();
+        loop {
+            let d = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: END within 30 s"))
+                .expect("deliveries go on");
+            if apply.apply(&d, |_| ()).is_none() {
+                continue;
+            }
+            if d.payload.as_ref() == b"END" {
+                break;
+            }
+            applied.push((d.op_id.0, d.payload.clone()));
         }
-        if d.payload.as_ref() == b"END" {
-            break;
+        // Every op up to END once, in order: the acknowledged ones with their commands.
+        let ops: Vec<u64> = applied.iter().map(|(op, _)| *op).collect();
+        assert_eq!(
+            ops,
+            (1..end.0).collect::<Vec<_>>(),
+            "{name}: gap-free, in order, once each"
+        );
+        for (op, payload) in &applied {
+            if let Some(sent) = acked.get(op) {
+                assert_eq!(sent, payload, "{name}: op {op}");
+            }
         }
-        applied.push((d.op_id.0, d.payload.clone()));
     }
-    assert_eq!(agent.router(), addr_b);
+    assert_eq!(agent.router(), addr_b, "the agent resumed on B");
     assert!(agent.reconnects() >= 1);
-    // Every op up to END once, in order: the acknowledged ones with their commands.
-    let ops: Vec<u64> = applied.iter().map(|(op, _)| *op).collect();
-    assert_eq!(
-        ops,
-        (1..end.0).collect::<Vec<_>>(),
-        "gap-free, in order, once each"
-    );
-    for (op, payload) in &applied {
-        if let Some(sent) = acked.get(op) {
-            assert_eq!(sent, payload, "op {op}");
-        }
-    }
-    assert!(
-        acked.keys().all(|op| *op < end.0),
-        "every acknowledged op delivered"
-    );
     b.kill().unwrap();
     b.wait().unwrap();
 }

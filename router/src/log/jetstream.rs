@@ -457,6 +457,10 @@ impl LogBackend for JetStreamLog {
         !self.swarms.contains_key(swarm)
     }
 
+    fn is_shared(&self, swarm: &str) -> bool {
+        self.swarms.contains_key(swarm)
+    }
+
     fn open_shared(&mut self, swarm: &Arc<str>, epoch: Epoch) {
         let (cluster, events, opened) = (
             self.cluster.clone(),
@@ -667,6 +671,10 @@ impl LogBackend for SplitLog {
 
     fn needs_open(&self, swarm: &str) -> bool {
         self.of(swarm).needs_open(swarm)
+    }
+
+    fn is_shared(&self, swarm: &str) -> bool {
+        self.of(swarm).is_shared(swarm)
     }
 
     fn open_shared(&mut self, swarm: &Arc<str>, epoch: Epoch) {

@@ -185,6 +185,11 @@ pub trait LogBackend: Send {
     fn needs_open(&self, _swarm: &str) -> bool {
         false
     }
+    /// Whether `swarm`'s log is shared with other routers (its ops then come back as
+    /// [`LogEvent::Followed`], which is what makes them durable for the shard).
+    fn is_shared(&self, _swarm: &str) -> bool {
+        false
+    }
     /// Finds `swarm`'s shared log, or makes it with `epoch` when no router has; reported as
     /// [`LogEvent::Opened`]. Only for a swarm [`LogBackend::needs_open`] names.
     fn open_shared(&mut self, _swarm: &Arc<str>, _epoch: Epoch) {}

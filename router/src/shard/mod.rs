@@ -366,6 +366,9 @@ pub fn spawn_shard(
     let mut core = Core::with_config(core_config);
     for (name, state) in log.swarms() {
         core.restore_swarm(&name, state.epoch, state.last_op, state.unavailable);
+        if log.is_shared(&name) {
+            core.mark_shared(&name);
+        }
     }
     let telemetry = Arc::new(TelemetryRoutes::default());
     telemetry.apply(core.take_telemetry_changes());
@@ -586,7 +589,11 @@ impl Shard {
                 match event {
                     LogEvent::Durable { swarm, up_to } => {
                         self.log.on_durable(&swarm, up_to);
-                        self.core.handle_durable(&swarm, up_to, now.instant);
+                        // A shared log's ops are durable here as its follower reports them
+                        // (in the log's order, see `shared`).
+                        if !self.log.is_shared(&swarm) {
+                            self.core.handle_durable(&swarm, up_to, now.instant);
+                        }
                         self.recovery_progress(&swarm, up_to);
                     }
                     LogEvent::Failed {
@@ -780,7 +787,7 @@ impl Shard {
     }
 
     fn handle(&mut self, command: ShardCommand, now: Now) {
-        let Some(command) = self.park_for_shared_log(command) else {
+        let Some(command) = self.park_for_shared_log(command, now) else {
             return;
         };
         self.handle_command(command, now);

@@ -15,19 +15,31 @@ impl Shard {
     /// Whether `command` waits for its swarm's shared log to open (starting the open when
     /// it is the first to). Every request naming a swarm waits while earlier ones do, so
     /// a connection's requests for one swarm are handled in the order they came.
-    pub(super) fn park_for_shared_log(&mut self, command: ShardCommand) -> Option<ShardCommand> {
-        let Some((swarm, ordered)) = command_swarm(&command) else {
+    pub(super) fn park_for_shared_log(
+        &mut self,
+        command: ShardCommand,
+        now: swarmbus_proto::time::Now,
+    ) -> Option<ShardCommand> {
+        let Some((swarm, needs_log, creator)) = command_swarm(&command) else {
             return Some(command);
         };
         if let Some(waiting) = self.parked.get_mut(swarm) {
             waiting.push(command);
             return None;
         }
-        if !ordered || self.core.has_log(swarm) || !self.log.needs_open(swarm) {
+        if !needs_log || self.core.has_log(swarm) || !self.log.needs_open(swarm) {
             return Some(command);
         }
+        // The swarm counts against the caps from here, as a new swarm of the embedded log
+        // does at its first request (and is freed again if its log does not open).
         let swarm: Arc<str> = Arc::from(swarm);
-        let epoch = self.core.new_epoch();
+        let epoch = match self.core.prepare_shared(&swarm, Some(creator)) {
+            Ok(epoch) => epoch,
+            Err(error) => {
+                self.refuse_waiting(command, &error, now);
+                return None;
+            }
+        };
         self.log.open_shared(&swarm, epoch);
         self.parked.insert(swarm, vec![command]);
         None
@@ -93,9 +105,6 @@ impl Shard {
             ShardCommand::Delta {
                 outbox, request_id, ..
             } => refuse(&outbox, request_id, error),
-            ShardCommand::Pause { swarm, paused } => {
-                tracing::warn!(%swarm, paused, %error, "pausing the swarm");
-            }
             other => self.handle(other, now),
         }
     }
@@ -148,23 +157,29 @@ impl Shard {
     }
 }
 
-/// The swarm a command names, and whether it is an ordered request (one that needs the
-/// swarm's log).
-fn command_swarm(command: &ShardCommand) -> Option<(&str, bool)> {
+/// The swarm a command names, whether it needs the swarm's log (an ordered subscribe or
+/// publish, a delta), and the agent it is for.
+fn command_swarm(command: &ShardCommand) -> Option<(&str, bool, &str)> {
     match command {
-        ShardCommand::Subscribe { subscription, .. } => {
-            Some((subscription.swarm.as_str(), subscription.class.is_ordered()))
-        }
+        ShardCommand::Subscribe {
+            subscription,
+            agent,
+            ..
+        } => Some((
+            subscription.swarm.as_str(),
+            subscription.class.is_ordered(),
+            agent,
+        )),
         ShardCommand::Unsubscribe { subscription, .. } => {
-            Some((subscription.swarm.as_str(), false))
+            Some((subscription.swarm.as_str(), false, ""))
         }
-        ShardCommand::Publish { publish, .. } => {
-            Some((publish.swarm.as_str(), publish.class.is_ordered()))
+        ShardCommand::Publish { publish, agent, .. } => {
+            Some((publish.swarm.as_str(), publish.class.is_ordered(), agent))
         }
-        ShardCommand::Delta { swarm, .. } | ShardCommand::Pause { swarm, .. } => {
-            Some((swarm.as_str(), true))
-        }
-        ShardCommand::Ack { swarm, .. } => Some((swarm.as_str(), false)),
+        ShardCommand::Delta { swarm, agent, .. } => Some((swarm.as_str(), true, agent)),
+        // A pause needs no log (it holds what is delivered here), only its turn.
+        ShardCommand::Pause { swarm, .. } => Some((swarm.as_str(), false, "")),
+        ShardCommand::Ack { swarm, .. } => Some((swarm.as_str(), false, "")),
         ShardCommand::RouterPublish(_)
         | ShardCommand::Disconnect { .. }
         | ShardCommand::Metrics { .. }

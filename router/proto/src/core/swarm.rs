@@ -18,6 +18,7 @@ impl<H> Swarm<H> {
             last_publish: None,
             paused: false,
             creator: None,
+            shared: false,
         }
     }
 
@@ -31,14 +32,21 @@ impl<H> Swarm<H> {
         }
     }
 
-    /// Refuses every op awaiting durability with `code` (they will not be made durable).
+    /// Refuses the ops awaiting durability from `from` on with `code` (they will not be
+    /// made durable).
     pub(super) fn refuse_pending(
         &mut self,
+        from: OpId,
         code: ErrorCode,
         reason: &str,
         actions: &mut VecDeque<Action<H>>,
     ) {
-        for op in self.pending.drain(..) {
+        let first = self
+            .pending
+            .iter()
+            .position(|p| p.op >= from)
+            .unwrap_or(self.pending.len());
+        for op in self.pending.drain(first..) {
             actions.push_back(Action::Reply {
                 to: op.publisher,
                 message: crate::refusal::Refusal::new(code, reason.to_owned())

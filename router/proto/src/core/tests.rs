@@ -927,4 +927,44 @@ fn a_shared_logs_ops_are_delivered_in_its_order_and_an_op_id_taken_elsewhere_is_
     let catching = core.catching_up();
     assert_eq!(catching.len(), 1);
     assert_eq!((catching[0].from, catching[0].to), (OpId(14), OpId(16)));
+
+    // This router's void record (or a refused publish that landed late) takes its op id and
+    // delivers nothing; another router's op behind ops given out here later refuses none.
+    assert_eq!(
+        core.handle_followed("s", Epoch(7), OpId(17), true, None, now.instant),
+        Some(false)
+    );
+    assert_eq!(
+        (core.durable_op("s"), core.next_op("s")),
+        (OpId(17), OpId(18))
+    );
+    assert!(delivered(&actions(&mut core)).is_empty());
+    core.handle_publish(
+        "ctl",
+        PUBLISHER,
+        &publish("s", Class::Command, None, b"c18"),
+        now,
+    )
+    .unwrap();
+    actions(&mut core);
+    core.handle_conflict("s", OpId(30));
+    assert!(
+        actions(&mut core).is_empty(),
+        "nothing awaited at or after op 30"
+    );
+    let own = ReplayedOp {
+        source: "ctl".into(),
+        ..remote(18)
+    };
+    core.handle_followed("s", Epoch(7), OpId(18), true, Some(&own), now.instant);
+    assert!(actions(&mut core).iter().any(|a| matches!(
+        a,
+        Action::Reply {
+            message: Message::PublishAck {
+                op_id: OpId(18),
+                ..
+            },
+            ..
+        }
+    )));
 }
