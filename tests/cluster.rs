@@ -199,3 +199,118 @@ async fn two_routers_publishing_to_one_swarm_give_one_gap_free_order() {
         router.router.shutdown().await;
     }
 }
+
+/// One lease contended by agents on two routers, with pauses past its TTL: the cluster
+/// grants it to one holder at a time (no two holdings overlap, each new holder's token is
+/// larger), a paused holder's renewal is refused and its late stamped command too, and an
+/// agent filtering by fencing token applies no command of an older token after a newer one.
+#[tokio::test]
+async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_stale_commands() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(nats_dir.path(), true);
+    let (r, _dirs) = routers(&server, 2).await;
+    let (_watcher, mut watched) = subscribed(&r[1], "watcher").await;
+    let (a, _) = r[0].connect("leader-a", Role::Controller, &["fleet"]).await;
+    let (b, _) = r[1].connect("leader-b", Role::Controller, &["fleet"]).await;
+    let ttl = std::time::Duration::from_millis(400);
+    let stamped = |token| PublishOptions {
+        fencing_token: token,
+        ..PublishOptions::default()
+    };
+    let command = |text: &'static str| Bytes::from_static(text.as_bytes());
+
+    let grant_a = a.acquire_lease("fleet", "leader", ttl).await.unwrap();
+    let held = b.acquire_lease("fleet", "leader", ttl).await.unwrap_err();
+    assert_eq!(
+        held.code(),
+        Some(27),
+        "LeaseHeld through the other router: {held}"
+    );
+    a.publish(
+        "fleet",
+        Class::Command,
+        command("a-1"),
+        stamped(grant_a.token),
+    )
+    .await
+    .unwrap();
+    // a is paused past its TTL; b takes over through the other router.
+    tokio::time::sleep(ttl + std::time::Duration::from_millis(100)).await;
+    let grant_b = b.acquire_lease("fleet", "leader", ttl).await.unwrap();
+    assert!(grant_b.token > grant_a.token);
+    assert!(grant_b.granted_at_ms >= grant_a.expires_at_ms, "no overlap");
+    let lost = a.renew_lease(&grant_a, ttl).await.unwrap_err();
+    assert_eq!(lost.code(), Some(28), "LeaseLost: {lost}");
+    let stale = a
+        .publish(
+            "fleet",
+            Class::Command,
+            command("a-late"),
+            stamped(grant_a.token),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Some(29), "StaleFencingToken: {stale}");
+    b.publish(
+        "fleet",
+        Class::Command,
+        command("b-1"),
+        stamped(grant_b.token),
+    )
+    .await
+    .unwrap();
+
+    // Both keep trying for the lease, each pausing past its TTL now and then.
+    let contend = |client: Client, pause_every: u64| {
+        tokio::spawn(async move {
+            let mut grants = Vec::new();
+            for round in 0..12u64 {
+                match client.acquire_lease("fleet", "leader", ttl).await {
+                    Ok(grant) => {
+                        grants.push(grant.clone());
+                        let wait = if round % pause_every == 0 { 500 } else { 50 };
+                        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                        let _ = client.release_lease(&grant).await;
+                    }
+                    Err(error) => {
+                        assert_eq!(error.code(), Some(27), "{error}");
+                        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+                    }
+                }
+            }
+            grants
+        })
+    };
+    let (from_a, from_b) = (contend(a.clone(), 3), contend(b.clone(), 4));
+    let mut grants: Vec<_> = from_a.await.unwrap();
+    grants.extend(from_b.await.unwrap());
+    grants.sort_by_key(|g| g.token);
+    assert!(grants.len() >= 2, "{} grants", grants.len());
+    for pair in grants.windows(2) {
+        assert!(pair[1].token > pair[0].token);
+        assert!(
+            pair[1].granted_at_ms >= pair[0].granted_at_ms,
+            "a newer token granted before an older one: {pair:?}"
+        );
+    }
+    // The agent applies a-1 then b-1; a's late command never reached it.
+    a.publish(
+        "fleet",
+        Class::Command,
+        command("END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let got = recv_until(&mut watched, b"END").await;
+    let mut fencing = swarmbus_client::FencingFilter::new();
+    let applied: Vec<&[u8]> = got
+        .iter()
+        .filter(|d| fencing.admit(d))
+        .map(|d| d.payload.as_ref())
+        .collect();
+    assert_eq!(applied, [&b"a-1"[..], b"b-1"]);
+    for router in r {
+        router.router.shutdown().await;
+    }
+}

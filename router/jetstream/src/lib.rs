@@ -25,7 +25,9 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod leases;
 mod monitor;
+pub use leases::{LeaseAnswer, LeaseBucket, LeaseState, LeaseValue};
 pub mod testing;
 
 /// Stream metadata: the swarm's name, as given (stream names hold its bytes in hex).

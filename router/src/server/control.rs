@@ -59,6 +59,10 @@ impl Session {
         let max_ttl = self.context.config.presence.max_lease_ttl_ms;
         let ttl_ms = u64::from(request.ttl_ms.min(max_ttl).max(1));
         let now_ms = self.context.clock.now_ms();
+        if let Some(bucket) = self.context.cluster_leases.clone() {
+            self.cluster_lease(&bucket, &request, ttl_ms, now_ms).await;
+            return Ok(());
+        }
         let decision = {
             let mut control = self.context.control();
             let leases = &mut control.leases;
@@ -94,6 +98,115 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A lease request on a cluster: decided by a compare-and-set in the cluster's lease
+    /// bucket (the new holding's fencing token is that write's revision), so two routers
+    /// never grant one lease at once.
+    async fn cluster_lease(
+        &self,
+        bucket: &swarmbus_jetstream::LeaseBucket,
+        request: &swarmbus_schema::LeaseRequest,
+        ttl_ms: u64,
+        now_ms: u64,
+    ) {
+        use swarmbus_jetstream::LeaseAnswer;
+        use swarmbus_schema::LeaseAction;
+        let (swarm, name, agent) = (&request.swarm, &request.name, &self.agent);
+        let stats = &self.context.stats;
+        if request.action == LeaseAction::Acquire {
+            let admitted = self
+                .context
+                .control()
+                .leases
+                .admits_acquire(swarm, name, agent, now_ms);
+            if let Err(refusal) = admitted {
+                stats.lease_refusals.fetch_add(1, Ordering::Relaxed);
+                self.refuse_lease(request, refusal);
+                return;
+            }
+        }
+        let answer = match request.action {
+            LeaseAction::Acquire => bucket.acquire(swarm, name, agent, ttl_ms, now_ms).await,
+            LeaseAction::Renew => {
+                bucket
+                    .renew(swarm, name, agent, request.token, ttl_ms, now_ms)
+                    .await
+            }
+            LeaseAction::Release => bucket.release(swarm, name, agent, request.token).await,
+        };
+        use swarmbus_proto::control::LeaseRefusal;
+        match answer {
+            Ok(LeaseAnswer::Granted {
+                token,
+                granted_at_ms,
+                expires_at_ms,
+                ..
+            }) => {
+                // Mirrored at once: the holder's next stamped publish here passes.
+                self.context.control().leases.mirror(
+                    swarm,
+                    name,
+                    agent,
+                    token,
+                    granted_at_ms,
+                    expires_at_ms,
+                );
+                stats.lease_grants.fetch_add(1, Ordering::Relaxed);
+                let grant = swarmbus_schema::LeaseGrant {
+                    request_id: request.request_id,
+                    swarm: swarm.clone(),
+                    name: name.clone(),
+                    holder: agent.to_string(),
+                    token,
+                    granted_at_ms,
+                    expires_at_ms,
+                };
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, encode(&Message::LeaseGrant(grant)));
+            }
+            Ok(LeaseAnswer::Released) => {
+                self.context
+                    .control()
+                    .leases
+                    .mirror(swarm, name, "", request.token, 0, 0);
+                let request_id = request.request_id;
+                let _ = self
+                    .outbox
+                    .push(Lane::Session, encode(&Message::SubscribeAck { request_id }));
+            }
+            Ok(LeaseAnswer::Held {
+                holder,
+                expires_at_ms,
+            }) => {
+                stats.lease_refusals.fetch_add(1, Ordering::Relaxed);
+                let remaining_ms = expires_at_ms.saturating_sub(now_ms);
+                self.refuse_lease(
+                    request,
+                    LeaseRefusal::Held {
+                        holder,
+                        remaining_ms,
+                    },
+                );
+            }
+            Ok(LeaseAnswer::Lost { newest_token }) => {
+                // A newer holding this router may not have seen yet: stamps of the old
+                // token are refused here from now on.
+                self.context
+                    .control()
+                    .leases
+                    .saw_token(swarm, name, newest_token);
+                stats.lease_refusals.fetch_add(1, Ordering::Relaxed);
+                self.refuse_lease(request, LeaseRefusal::Lost { newest_token });
+            }
+            Err(error) => self.refuse_with_retry(
+                ErrorCode::SwarmUnavailable,
+                request.request_id,
+                format!("the cluster's lease bucket did not answer: {error}"),
+                1_000,
+            ),
+        }
     }
 
     /// Logs a new or extended holding before it is granted.

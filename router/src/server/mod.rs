@@ -125,6 +125,9 @@ struct Context {
     log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
     /// The JetStream cluster, with `log.backend = "jetstream"`.
     cluster: Option<swarmbus_jetstream::Cluster>,
+    /// The cluster's lease bucket (with the cluster): leases of user swarms are granted
+    /// there, and `control.leases` mirrors it.
+    cluster_leases: Option<swarmbus_jetstream::LeaseBucket>,
     /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
     job_shards: Vec<ShardSender>,
     stats: Arc<Stats>,

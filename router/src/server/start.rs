@@ -620,6 +620,7 @@ const RECORD_HEAD_ALLOWANCE: usize = swarmbus_schema::MAX_DELIVER_HEADER_BYTES
 /// (with `jetstream.share_telemetry`).
 struct ClusterStart {
     cluster: swarmbus_jetstream::Cluster,
+    leases: swarmbus_jetstream::LeaseBucket,
     swarms: Vec<swarmbus_jetstream::SwarmInfo>,
     telemetry: Option<async_nats::Client>,
 }
@@ -685,8 +686,13 @@ async fn connect_cluster(
         ),
         false => None,
     };
+    let leases = cluster
+        .lease_bucket()
+        .await
+        .map_err(|source| RouterError::JetStream { source })?;
     Ok(ClusterStart {
         cluster,
+        leases,
         swarms,
         telemetry,
     })
@@ -701,6 +707,7 @@ struct StartedShards {
     /// What the two log writers measure.
     log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
     cluster: Option<swarmbus_jetstream::Cluster>,
+    cluster_leases: Option<swarmbus_jetstream::LeaseBucket>,
 }
 
 /// Starts the bulk runtime, the two log writers and the shards, each with its swarms.
@@ -758,13 +765,14 @@ fn start_shards(
         };
         per_shard[index].push(swarm);
     }
-    let (cluster, streams, telemetry_client) = match cluster {
+    let (cluster, cluster_leases, streams, telemetry_client) = match cluster {
         Some(ClusterStart {
             cluster,
+            leases,
             swarms,
             telemetry,
-        }) => (Some(cluster), Some(swarms), telemetry),
-        None => (None, None, None),
+        }) => (Some(cluster), Some(leases), Some(swarms), telemetry),
+        None => (None, None, None, None),
     };
     let mut streams_per_shard: Vec<Vec<swarmbus_jetstream::SwarmInfo>> =
         (0..shard_count).map(|_| Vec::new()).collect();
@@ -859,6 +867,7 @@ fn start_shards(
         writer_kind: writer.kind(),
         log_metrics: vec![writer.metrics(), jobs_writer.metrics()],
         cluster,
+        cluster_leases,
     })
 }
 
@@ -903,7 +912,15 @@ fn shared_context(
         bulk: started.bulk,
         bulk_port,
         attachments: Mutex::new(HashMap::new()),
-        control: Mutex::new(restored.control),
+        control: Mutex::new({
+            let mut control = restored.control;
+            if started.cluster_leases.is_some() {
+                // The cluster's bucket holds the leases (mirrored as the router watches it).
+                control.leases.forget_all();
+            }
+            control
+        }),
+        cluster_leases: started.cluster_leases,
         clock,
         jobs: Mutex::new(restored.jobs),
         partial_frames,
@@ -913,6 +930,9 @@ fn shared_context(
 /// The router's periodic work (see [`super::maintenance`]).
 fn spawn_maintenance(context: &Arc<Context>) {
     tokio::spawn(presence_maintenance(Arc::downgrade(context)));
+    if let Some(bucket) = context.cluster_leases.clone() {
+        tokio::spawn(mirror_cluster_leases(Arc::downgrade(context), bucket));
+    }
     if context.config.governor.enabled {
         tokio::spawn(govern_bulk_intake(Arc::downgrade(context)));
     }
@@ -921,6 +941,31 @@ fn spawn_maintenance(context: &Arc<Context>) {
         .bulk
         .handle()
         .spawn(job_maintenance(Arc::downgrade(context)));
+}
+
+/// Keeps `control.leases` a mirror of the cluster's lease bucket (what stamped publishes
+/// are checked against), until the router is gone.
+async fn mirror_cluster_leases(
+    context: std::sync::Weak<Context>,
+    bucket: swarmbus_jetstream::LeaseBucket,
+) {
+    bucket
+        .follow(|state| {
+            let Some(context) = context.upgrade() else {
+                return false;
+            };
+            let value = &state.value;
+            context.control().leases.mirror(
+                &value.swarm,
+                &value.name,
+                &value.holder,
+                state.token,
+                value.granted_at_ms,
+                value.expires_at_ms,
+            );
+            true
+        })
+        .await;
 }
 
 /// The bulk listener's endpoint, on the bulk runtime, and its accept loop.

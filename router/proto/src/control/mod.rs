@@ -493,19 +493,8 @@ impl Leases {
                 });
             }
         }
+        self.admits_new_holding(&key, agent)?;
         let newest = self.newest.get(&key).copied();
-        if newest.is_none() && self.newest.len() >= self.limits.max_leases {
-            return Err(LeaseRefusal::Limit(format!(
-                "the router knows {} leases (limits.max_leases)",
-                self.limits.max_leases
-            )));
-        }
-        if self.held_by.get(agent).copied().unwrap_or_default() >= self.limits.max_held_per_agent {
-            return Err(LeaseRefusal::Limit(format!(
-                "this agent holds {} leases (limits.max_leases_per_agent)",
-                self.limits.max_held_per_agent
-            )));
-        }
         let token = newest.unwrap_or_default() + 1;
         let held = Held {
             holder: agent.clone(),
@@ -523,6 +512,103 @@ impl Leases {
             must_log: true,
             previous: None,
         })
+    }
+
+    /// Whether `agent` may take a new holding of `key` under the caps.
+    fn admits_new_holding(
+        &self,
+        key: &(String, String),
+        agent: &Arc<str>,
+    ) -> Result<(), LeaseRefusal> {
+        if !self.newest.contains_key(key) && self.newest.len() >= self.limits.max_leases {
+            return Err(LeaseRefusal::Limit(format!(
+                "the router knows {} leases (limits.max_leases)",
+                self.limits.max_leases
+            )));
+        }
+        if self.held_by.get(agent).copied().unwrap_or_default() >= self.limits.max_held_per_agent {
+            return Err(LeaseRefusal::Limit(format!(
+                "this agent holds {} leases (limits.max_leases_per_agent)",
+                self.limits.max_held_per_agent
+            )));
+        }
+        Ok(())
+    }
+
+    /// Leases shared by a cluster of routers (kept in the cluster, mirrored here): whether
+    /// an acquire by `agent` passes the caps, as this router knows the leases (its holding
+    /// of the lease in force, if any, is an extension and always passes).
+    pub fn admits_acquire(
+        &self,
+        swarm: &str,
+        name: &str,
+        agent: &Arc<str>,
+        now_ms: u64,
+    ) -> Result<(), LeaseRefusal> {
+        let key = (swarm.to_owned(), name.to_owned());
+        match self.held.get(&key) {
+            Some(held) if held.holder == *agent && held.expires_at_ms > now_ms => Ok(()),
+            _ => self.admits_new_holding(&key, agent),
+        }
+    }
+
+    /// Leases shared by a cluster: the lease's state as the cluster holds it (`holder`
+    /// empty: released), from a grant of this router or a change seen in the cluster. An
+    /// older token than the newest known is an old change seen late, and ignored.
+    pub fn mirror(
+        &mut self,
+        swarm: &str,
+        name: &str,
+        holder: &str,
+        token: u64,
+        granted_at_ms: u64,
+        expires_at_ms: u64,
+    ) {
+        let key = (swarm.to_owned(), name.to_owned());
+        let newest = self.newest.entry(key.clone()).or_default();
+        if token < *newest {
+            return;
+        }
+        *newest = token;
+        if holder.is_empty() {
+            self.end(&key);
+            return;
+        }
+        let held = Held {
+            holder: Arc::from(holder),
+            token,
+            granted_at_ms,
+            expires_at_ms,
+            // Durable in the cluster already.
+            logged_ttl_ms: u64::MAX,
+        };
+        match self.held.get_mut(&key) {
+            Some(current) if current.token == token && current.holder == held.holder => {
+                current.expires_at_ms = expires_at_ms;
+            }
+            _ => self.hold(key, held),
+        }
+    }
+
+    /// Leases shared by a cluster: the cluster named `token` the lease's newest (a refusal
+    /// said so before its change was seen here). An older holding ends here.
+    pub fn saw_token(&mut self, swarm: &str, name: &str, token: u64) {
+        let key = (swarm.to_owned(), name.to_owned());
+        let newest = self.newest.entry(key.clone()).or_default();
+        if token > *newest {
+            *newest = token;
+            if self.held.get(&key).is_some_and(|held| held.token < token) {
+                self.end(&key);
+            }
+        }
+    }
+
+    /// Forgets every lease (a router whose leases the cluster holds does not use the ones
+    /// its own log kept).
+    pub fn forget_all(&mut self) {
+        self.held.clear();
+        self.newest.clear();
+        self.held_by.clear();
     }
 
     pub fn renew(
