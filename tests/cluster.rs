@@ -11,16 +11,43 @@ use swarmbus_schema::{Class, Deliver, Role};
 use crate::common::{ops, recv_until, TestRouter};
 use crate::jetstream::config;
 
-/// Starts `n` routers on `server`, each on a data directory of its own.
+/// Starts `n` routers on `server`, each on a data directory of its own, with an admin
+/// listener.
 async fn routers(server: &NatsServer, n: usize) -> (Vec<TestRouter>, Vec<tempfile::TempDir>) {
     let mut routers = Vec::new();
     let mut dirs = Vec::new();
     for _ in 0..n {
         let dir = tempfile::tempdir().unwrap();
-        routers.push(TestRouter::start_on(config(dir.path(), server)).await);
+        let mut config = config(dir.path(), server);
+        config.admin_listen =
+            swarmbus_router::config::AdminListen::At("127.0.0.1:0".parse().unwrap());
+        routers.push(TestRouter::start_on(config).await);
         dirs.push(dir);
     }
     (routers, dirs)
+}
+
+/// Waits (at most 10 s) until `router`'s admin view shows swarm `swarm` paused or not.
+async fn until_paused(router: &TestRouter, swarm: &str, paused: bool) {
+    let admin = router.router.admin_addr().expect("the admin listener");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (_, body) = crate::admin::get(admin, "/v1/swarms").await;
+        let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let shown = view["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["name"] == swarm && s["paused"] == paused);
+        if shown {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{swarm} not shown paused={paused}: {body}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Applies `got` through an idempotent applier, returning the payloads applied, in order.
@@ -310,6 +337,77 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
         .map(|d| d.payload.as_ref())
         .collect();
     assert_eq!(applied, [&b"a-1"[..], b"b-1"]);
+    for router in r {
+        router.router.shutdown().await;
+    }
+}
+
+/// A controller on router A pauses a swarm and stops an agent: router B holds the swarm's
+/// commands for its subscriber until the resume (then delivers them in order), and closes
+/// the stopped agent's session there and refuses it until the stop ends.
+#[tokio::test]
+async fn a_pause_and_a_stop_taken_on_one_router_hold_on_the_others() {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(nats_dir.path(), true);
+    let (r, _dirs) = routers(&server, 2).await;
+    let (_agent, mut on_b) = subscribed(&r[1], "agent-b").await;
+    let (ctl, _) = r[0].connect("ctl", Role::Controller, &["fleet"]).await;
+    let command = |text: &str| Bytes::from(text.to_owned());
+    ctl.publish(
+        "fleet",
+        Class::Command,
+        command("before"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    ctl.pause("fleet").await.unwrap();
+    until_paused(&r[1], "fleet", true).await;
+    for i in 1..=3 {
+        ctl.publish(
+            "fleet",
+            Class::Command,
+            command(&format!("held-{i}")),
+            PublishOptions::default(),
+        )
+        .await
+        .unwrap();
+    }
+    ctl.resume("fleet").await.unwrap();
+    ctl.publish(
+        "fleet",
+        Class::Command,
+        command("END"),
+        PublishOptions::default(),
+    )
+    .await
+    .unwrap();
+    let got = recv_until(&mut on_b, b"END").await;
+    let texts: Vec<String> = got
+        .iter()
+        .map(|d| String::from_utf8_lossy(&d.payload).into_owned())
+        .collect();
+    assert_eq!(texts, ["before", "held-1", "held-2", "held-3"]);
+    assert_eq!(ops(&got), [1, 2, 3, 4]);
+
+    // A stop taken on A closes the agent's session on B and keeps it out there.
+    let (victim, _) = r[1].connect("victim", Role::Agent, &["fleet"]).await;
+    ctl.stop_agent("victim", std::time::Duration::from_secs(60))
+        .await
+        .unwrap();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), victim.closed())
+        .await
+        .expect("the stopped agent's session on B is closed");
+    assert_eq!(closed.code(), Some(36), "Stopped: {closed}");
+    let refused = r[1]
+        .connector
+        .connect(
+            r[1].router.local_addr(),
+            swarmbus_client::Session::new("victim", Role::Agent, ["fleet"]),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(36), "refused while stopped: {refused}");
     for router in r {
         router.router.shutdown().await;
     }

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod leases;
+mod safety;
+pub use safety::SafetyBucket;
 mod monitor;
 pub use leases::{LeaseAnswer, LeaseBucket, LeaseState, LeaseValue};
 pub mod testing;

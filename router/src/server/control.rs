@@ -372,10 +372,30 @@ impl Session {
         let Some((record, announce_on)) = self.safety_record(&action, now_ms)? else {
             return Ok(());
         };
-        if let Err(error) = context
-            .write_records(vec![control_record(record)], true)
-            .await
-        {
+        // On a cluster a pause or a stop goes to the cluster's safety bucket, which every
+        // router applies (drains are of this router's worker registry, its own log).
+        let shared = match &context.cluster_safety {
+            Some(bucket)
+                if !matches!(
+                    action.kind,
+                    swarmbus_schema::SafetyKind::Drain | swarmbus_schema::SafetyKind::Undrain
+                ) =>
+            {
+                Some(bucket)
+            }
+            _ => None,
+        };
+        let written = match shared {
+            Some(bucket) => bucket
+                .put(&record.0, record.1)
+                .await
+                .map_err(|error| error.to_string()),
+            None => context
+                .write_records(vec![control_record(record)], true)
+                .await
+                .map_err(|error| error.to_string()),
+        };
+        if let Err(error) = written {
             self.refuse_with_retry(
                 ErrorCode::SwarmUnavailable,
                 request_id,

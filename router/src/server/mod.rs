@@ -128,6 +128,9 @@ struct Context {
     /// The cluster's lease bucket (with the cluster): leases of user swarms are granted
     /// there, and `control.leases` mirrors it.
     cluster_leases: Option<swarmbus_jetstream::LeaseBucket>,
+    /// The cluster's safety bucket (with the cluster): pauses and stops are written there,
+    /// and every router applies what it holds.
+    cluster_safety: Option<swarmbus_jetstream::SafetyBucket>,
     /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
     job_shards: Vec<ShardSender>,
     stats: Arc<Stats>,

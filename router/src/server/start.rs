@@ -68,7 +68,12 @@ impl Router {
             clock,
             &stats,
         );
-        for swarm in recovered.paused {
+        // On a cluster the pauses come from the cluster's safety bucket instead.
+        let paused = match context.cluster_safety {
+            Some(_) => Vec::new(),
+            None => recovered.paused,
+        };
+        for swarm in paused {
             let shard = context.shard_for(&swarm);
             let _ = shard
                 .send(ShardCommand::Pause {
@@ -621,6 +626,7 @@ const RECORD_HEAD_ALLOWANCE: usize = swarmbus_schema::MAX_DELIVER_HEADER_BYTES
 struct ClusterStart {
     cluster: swarmbus_jetstream::Cluster,
     leases: swarmbus_jetstream::LeaseBucket,
+    safety: swarmbus_jetstream::SafetyBucket,
     swarms: Vec<swarmbus_jetstream::SwarmInfo>,
     telemetry: Option<async_nats::Client>,
 }
@@ -690,9 +696,14 @@ async fn connect_cluster(
         .lease_bucket()
         .await
         .map_err(|source| RouterError::JetStream { source })?;
+    let safety = cluster
+        .safety_bucket()
+        .await
+        .map_err(|source| RouterError::JetStream { source })?;
     Ok(ClusterStart {
         cluster,
         leases,
+        safety,
         swarms,
         telemetry,
     })
@@ -708,6 +719,7 @@ struct StartedShards {
     log_metrics: Vec<Arc<crate::log::writer::LogMetrics>>,
     cluster: Option<swarmbus_jetstream::Cluster>,
     cluster_leases: Option<swarmbus_jetstream::LeaseBucket>,
+    cluster_safety: Option<swarmbus_jetstream::SafetyBucket>,
 }
 
 /// Starts the bulk runtime, the two log writers and the shards, each with its swarms.
@@ -765,14 +777,21 @@ fn start_shards(
         };
         per_shard[index].push(swarm);
     }
-    let (cluster, cluster_leases, streams, telemetry_client) = match cluster {
+    let (cluster, cluster_leases, cluster_safety, streams, telemetry_client) = match cluster {
         Some(ClusterStart {
             cluster,
             leases,
+            safety,
             swarms,
             telemetry,
-        }) => (Some(cluster), Some(leases), Some(swarms), telemetry),
-        None => (None, None, None, None),
+        }) => (
+            Some(cluster),
+            Some(leases),
+            Some(safety),
+            Some(swarms),
+            telemetry,
+        ),
+        None => (None, None, None, None, None),
     };
     let mut streams_per_shard: Vec<Vec<swarmbus_jetstream::SwarmInfo>> =
         (0..shard_count).map(|_| Vec::new()).collect();
@@ -868,6 +887,7 @@ fn start_shards(
         log_metrics: vec![writer.metrics(), jobs_writer.metrics()],
         cluster,
         cluster_leases,
+        cluster_safety,
     })
 }
 
@@ -915,12 +935,15 @@ fn shared_context(
         control: Mutex::new({
             let mut control = restored.control;
             if started.cluster_leases.is_some() {
-                // The cluster's bucket holds the leases (mirrored as the router watches it).
+                // The cluster's buckets hold the leases and the stops (mirrored as the
+                // router watches them).
                 control.leases.forget_all();
+                control.stops.forget_all();
             }
             control
         }),
         cluster_leases: started.cluster_leases,
+        cluster_safety: started.cluster_safety,
         clock,
         jobs: Mutex::new(restored.jobs),
         partial_frames,
@@ -932,6 +955,9 @@ fn spawn_maintenance(context: &Arc<Context>) {
     tokio::spawn(presence_maintenance(Arc::downgrade(context)));
     if let Some(bucket) = context.cluster_leases.clone() {
         tokio::spawn(mirror_cluster_leases(Arc::downgrade(context), bucket));
+    }
+    if let Some(bucket) = context.cluster_safety.clone() {
+        tokio::spawn(apply_cluster_safety(Arc::downgrade(context), bucket));
     }
     if context.config.governor.enabled {
         tokio::spawn(govern_bulk_intake(Arc::downgrade(context)));
@@ -966,6 +992,40 @@ async fn mirror_cluster_leases(
             true
         })
         .await;
+}
+
+/// Applies the pauses and stops of the cluster's safety bucket (those there at start, then
+/// each as it is written, by this router or another), until the router is gone.
+async fn apply_cluster_safety(
+    context: std::sync::Weak<Context>,
+    bucket: swarmbus_jetstream::SafetyBucket,
+) {
+    use swarmbus_proto::control::SafetyRecord;
+    let (to, mut records) = tokio::sync::mpsc::unbounded_channel();
+    let follow = tokio::spawn(async move { bucket.follow(to).await });
+    while let Some((key, payload)) = records.recv().await {
+        let Some(context) = context.upgrade() else {
+            break;
+        };
+        match swarmbus_proto::control::parse_safety(&key, &payload) {
+            Some(SafetyRecord::Pause { swarm, paused }) => {
+                let shard = context.shard_for(&swarm);
+                let _ = shard.send(ShardCommand::Pause { swarm, paused }).await;
+            }
+            Some(SafetyRecord::Stop { agent, until_ms }) => {
+                let now_ms = context.clock.now_ms();
+                let mut control = context.control();
+                control.stops.stop(&agent, until_ms);
+                if until_ms > now_ms {
+                    if let Some(present) = control.presence.get(&agent) {
+                        present.outbox.request_close(ErrorCode::Stopped);
+                    }
+                }
+            }
+            None => tracing::warn!(%key, "a record of the safety bucket that is no pause or stop"),
+        }
+    }
+    follow.abort();
 }
 
 /// The bulk listener's endpoint, on the bulk runtime, and its accept loop.

@@ -724,6 +724,12 @@ pub struct Stops {
 pub const MAX_STOPS: usize = 100_000;
 
 impl Stops {
+    /// Forgets every stop (a router whose stops the cluster holds does not use the ones
+    /// its own log kept).
+    pub fn forget_all(&mut self) {
+        self.until.clear();
+    }
+
     pub fn stop(&mut self, agent: &str, until_ms: u64) {
         self.until.insert(agent.to_owned(), until_ms);
     }
@@ -802,6 +808,31 @@ pub fn stop_key(agent: &str) -> String {
 /// The key of a node's drain flag set by a controller (payload `1` drained, `0` not).
 pub fn drain_key(node: &str) -> String {
     record_key::encode(DRAIN, &[node])
+}
+
+/// A pause or a stop, as its record says (what a cluster of routers shares, see
+/// [`parse_safety`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SafetyRecord {
+    Pause { swarm: String, paused: bool },
+    Stop { agent: String, until_ms: u64 },
+}
+
+/// The pause or stop a record (key and payload, as [`pause_key`] and [`stop_key`] make
+/// them) holds; `None` for any other record.
+pub fn parse_safety(key: &str, payload: &[u8]) -> Option<SafetyRecord> {
+    if let Some([swarm]) = record_key::decode_as::<1>(key, PAUSE) {
+        return Some(SafetyRecord::Pause {
+            swarm: swarm.to_owned(),
+            paused: payload == b"1",
+        });
+    }
+    let [agent] = record_key::decode_as::<1>(key, STOP)?;
+    let until_ms = u64::from_be_bytes(payload.try_into().ok()?);
+    Some(SafetyRecord::Stop {
+        agent: agent.to_owned(),
+        until_ms,
+    })
 }
 
 const LEASE: &str = "lease";

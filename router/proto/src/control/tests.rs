@@ -423,3 +423,30 @@ fn stops_expire() {
     assert_eq!(stops.refused_for("a", 1_000), None);
     assert_eq!(stops.refused_for("b", 0), None);
 }
+
+#[test]
+fn pause_and_stop_records_parse_back() {
+    assert_eq!(
+        parse_safety(&pause_key("s/1"), b"1"),
+        Some(SafetyRecord::Pause {
+            swarm: "s/1".into(),
+            paused: true
+        })
+    );
+    assert_eq!(
+        parse_safety(&pause_key("s"), b"0"),
+        Some(SafetyRecord::Pause {
+            swarm: "s".into(),
+            paused: false
+        })
+    );
+    assert_eq!(
+        parse_safety(&stop_key("a"), &42u64.to_be_bytes()),
+        Some(SafetyRecord::Stop {
+            agent: "a".into(),
+            until_ms: 42
+        })
+    );
+    assert_eq!(parse_safety(&stop_key("a"), b"short"), None);
+    assert_eq!(parse_safety(&drain_key("n"), b"1"), None);
+}

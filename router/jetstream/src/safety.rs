@@ -1,0 +1,116 @@
+//! Safety actions shared by the routers of a cluster (pauses and stops): one JetStream
+//! key-value bucket, `<stream_prefix>_SAFETY`, holding the latest record of each (the
+//! router's own control-record keys and payloads, the key in hex), which every router
+//! watches and applies.
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use crate::{hex, stream_error, Cluster, Error};
+
+/// The cluster's bucket of safety actions.
+#[derive(Clone, Debug)]
+pub struct SafetyBucket {
+    store: kv::Store,
+    name: String,
+}
+
+impl Cluster {
+    /// The safety bucket, made when missing (file storage, `jetstream.replicas` replicas,
+    /// one value per key).
+    pub async fn safety_bucket(&self) -> Result<SafetyBucket, Error> {
+        let name = format!("{}_SAFETY", self.config.stream_prefix);
+        let store = match self.js.get_key_value(&name).await {
+            Ok(store) => store,
+            Err(_) => self
+                .js
+                .create_key_value(kv::Config {
+                    bucket: name.clone(),
+                    history: 1,
+                    num_replicas: self.config.replicas,
+                    storage: async_nats::jetstream::stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| stream_error(&name, format_args!("making the safety bucket: {e}")))?,
+        };
+        Ok(SafetyBucket { store, name })
+    }
+}
+
+impl SafetyBucket {
+    /// Writes the latest record of `key` (acknowledged once the cluster holds it).
+    pub async fn put(&self, key: &str, payload: Bytes) -> Result<(), Error> {
+        self.store
+            .put(hex(key.as_bytes()), payload)
+            .await
+            .map(|_| ())
+            .map_err(|e| stream_error(&self.name, format_args!("writing a safety action: {e}")))
+    }
+
+    /// Every record now, then each as it is written (a watch that fails is started again
+    /// after a pause, from the records then), sent to `to` as (key, payload) until `to`
+    /// is closed.
+    pub async fn follow(&self, to: tokio::sync::mpsc::UnboundedSender<(String, Bytes)>) {
+        let mut pause = Duration::from_millis(50);
+        while !to.is_closed() {
+            match self.store.watch_with_history(">").await {
+                Ok(mut watch) => {
+                    pause = Duration::from_millis(50);
+                    while let Some(entry) = watch.next().await {
+                        let entry = match entry {
+                            Ok(entry) => entry,
+                            Err(error) => {
+                                tracing::warn!(bucket = %self.name, %error, "watching the safety bucket; watching again");
+                                break;
+                            }
+                        };
+                        if entry.operation != kv::Operation::Put {
+                            continue;
+                        }
+                        let Some(key) = unhex(&entry.key) else {
+                            tracing::warn!(bucket = %self.name, key = %entry.key, "a key of the safety bucket that is not hex; skipped");
+                            continue;
+                        };
+                        if to.send((key, entry.value)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(bucket = %self.name, %error, "watching the safety bucket")
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+fn unhex(text: &str) -> Option<String> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn keys_go_through_hex_and_back() {
+        let key = "pause\u{1}swarm/ä";
+        assert_eq!(
+            super::unhex(&crate::hex(key.as_bytes())).as_deref(),
+            Some(key)
+        );
+        assert_eq!(super::unhex("abc"), None);
+        assert_eq!(super::unhex("zz"), None);
+    }
+}
