@@ -287,17 +287,75 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
     .await
     .unwrap();
 
-    // Both keep trying for the lease, each pausing past its TTL now and then.
-    let contend = |client: Client, pause_every: u64| {
+    // A grant through B is what A checks stamps against once it has seen it (A learns
+    // of it from the cluster's bucket alone), and a release through B ends it on A too.
+    let (holder_a, _) = r[0].connect("holder", Role::Controller, &["fleet"]).await;
+    let (holder_b, _) = r[1].connect("holder", Role::Controller, &["fleet"]).await;
+    let held = holder_b
+        .acquire_lease("fleet", "other", std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    let through_a = |token| {
+        let holder_a = holder_a.clone();
+        async move {
+            let options = PublishOptions {
+                fencing_token: token,
+                lease: Some("other".into()),
+                ..PublishOptions::default()
+            };
+            holder_a
+                .publish("fleet", Class::Command, command("h"), options)
+                .await
+        }
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while let Err(error) = through_a(held.token).await {
+        assert_eq!(error.code(), Some(29), "{error}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never saw B's grant"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    holder_b.release_lease(&held).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while through_a(held.token).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "A never saw B's release"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+
+    // Both keep trying for the lease, each pausing past its TTL now and then: each holding
+    // ends (released, or expired) before the next begins.
+    let wall_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let contend = move |client: Client, pause_every: u64| {
         tokio::spawn(async move {
             let mut grants = Vec::new();
-            for round in 0..12u64 {
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(3);
+            let mut round = 0u64;
+            while std::time::Instant::now() < until {
+                round += 1;
                 match client.acquire_lease("fleet", "leader", ttl).await {
                     Ok(grant) => {
-                        grants.push(grant.clone());
-                        let wait = if round % pause_every == 0 { 500 } else { 50 };
+                        let wait = if round.is_multiple_of(pause_every) {
+                            500
+                        } else {
+                            50
+                        };
                         tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+                        // Ended by now at the latest (released, or expired meanwhile).
+                        let ended = wall_ms().min(grant.expires_at_ms);
                         let _ = client.release_lease(&grant).await;
+                        grants.push((grant, ended));
+                        // Room for the other one.
+                        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
                     }
                     Err(error) => {
                         assert_eq!(error.code(), Some(27), "{error}");
@@ -309,15 +367,21 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
         })
     };
     let (from_a, from_b) = (contend(a.clone(), 3), contend(b.clone(), 4));
-    let mut grants: Vec<_> = from_a.await.unwrap();
-    grants.extend(from_b.await.unwrap());
-    grants.sort_by_key(|g| g.token);
-    assert!(grants.len() >= 2, "{} grants", grants.len());
+    let (from_a, from_b) = (from_a.await.unwrap(), from_b.await.unwrap());
+    assert!(
+        !from_a.is_empty() && !from_b.is_empty(),
+        "both won the lease: {} and {} grants",
+        from_a.len(),
+        from_b.len()
+    );
+    let mut grants: Vec<_> = from_a.into_iter().chain(from_b).collect();
+    grants.sort_by_key(|(g, _)| g.token);
     for pair in grants.windows(2) {
-        assert!(pair[1].token > pair[0].token);
+        let ((first, ended), (next, _)) = (&pair[0], &pair[1]);
+        assert!(next.token > first.token);
         assert!(
-            pair[1].granted_at_ms >= pair[0].granted_at_ms,
-            "a newer token granted before an older one: {pair:?}"
+            next.granted_at_ms >= *ended,
+            "two holdings at once: {first:?} (ended {ended}) and {next:?}"
         );
     }
     // The agent applies a-1 then b-1; a's late command never reached it.
@@ -336,7 +400,9 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
         .filter(|d| fencing.admit(d))
         .map(|d| d.payload.as_ref())
         .collect();
-    assert_eq!(applied, [&b"a-1"[..], b"b-1"]);
+    // (and the holder's commands stamped with the other lease, through A)
+    assert_eq!(applied[..2], [&b"a-1"[..], b"b-1"]);
+    assert!(applied.len() > 2 && applied[2..].iter().all(|p| *p == b"h"));
     for router in r {
         router.router.shutdown().await;
     }

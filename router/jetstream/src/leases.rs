@@ -45,17 +45,26 @@ impl LeaseState {
         if entry.operation != kv::Operation::Put {
             return None;
         }
-        let value: LeaseValue = serde_json::from_slice(&entry.value).ok()?;
+        Self::from_value(&entry.value, entry.revision)
+    }
+
+    fn from_value(bytes: &[u8], revision: u64) -> Option<LeaseState> {
+        let value: LeaseValue = serde_json::from_slice(bytes).ok()?;
         let token = if value.token == 0 {
-            entry.revision
+            revision
         } else {
             value.token
         };
         Some(LeaseState {
             value,
             token,
-            revision: entry.revision,
+            revision,
         })
+    }
+
+    /// The revision of the write this state is (later writes have larger ones).
+    pub fn revision(&self) -> u64 {
+        self.revision
     }
 
     /// Held at `now_ms` (by anyone).
@@ -73,14 +82,16 @@ pub enum LeaseAnswer {
         granted_at_ms: u64,
         expires_at_ms: u64,
         new_token: bool,
+        /// The revision of the write that made it.
+        revision: u64,
     },
     /// Held by another until `expires_at_ms`.
     Held { holder: String, expires_at_ms: u64 },
     /// The asker does not hold the lease with that token (expired, released, another's);
     /// `newest_token` is the lease's newest (0: never granted).
     Lost { newest_token: u64 },
-    /// Released.
-    Released,
+    /// Released, by the write of `revision`.
+    Released { revision: u64 },
 }
 
 /// The cluster's lease bucket.
@@ -126,14 +137,28 @@ impl LeaseBucket {
         stream_error(&self.name, detail)
     }
 
-    /// The lease `name` of `swarm` as the bucket holds it now.
+    /// The lease `name` of `swarm` as the bucket holds it now, read from the bucket's
+    /// leader (a replica answering a direct read may lag, and a decision on a stale value
+    /// would refuse what is free; the writes are compare-and-set whatever was read).
     pub async fn get(&self, swarm: &str, name: &str) -> Result<Option<LeaseState>, Error> {
-        let entry = self
+        let subject = format!("{}{}", self.store.prefix, Self::key(swarm, name));
+        match self
             .store
-            .entry(Self::key(swarm, name))
+            .stream
+            .get_last_raw_message_by_subject(&subject)
             .await
-            .map_err(|e| self.error(format_args!("reading lease {name:?} of {swarm:?}: {e}")))?;
-        Ok(entry.as_ref().and_then(LeaseState::from_entry))
+        {
+            Ok(message) => Ok(LeaseState::from_value(&message.payload, message.sequence)),
+            Err(error)
+                if error.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                Ok(None)
+            }
+            Err(error) => {
+                Err(self.error(format_args!("reading lease {name:?} of {swarm:?}: {error}")))
+            }
+        }
     }
 
     /// Writes `value` where the key's revision is `revision` (0: the key has no value),
@@ -202,6 +227,7 @@ impl LeaseBucket {
                     granted_at_ms,
                     expires_at_ms: value.expires_at_ms,
                     new_token,
+                    revision: written,
                 });
             }
         }
@@ -234,12 +260,13 @@ impl LeaseBucket {
                 expires_at_ms: now_ms + ttl_ms,
                 ..state.value.clone()
             };
-            if self.put(&value, state.revision).await?.is_some() {
+            if let Some(revision) = self.put(&value, state.revision).await? {
                 return Ok(LeaseAnswer::Granted {
                     token,
                     granted_at_ms: value.granted_at_ms,
                     expires_at_ms: value.expires_at_ms,
                     new_token: false,
+                    revision,
                 });
             }
         }
@@ -271,8 +298,8 @@ impl LeaseBucket {
                 expires_at_ms: 0,
                 ..state.value.clone()
             };
-            if self.put(&value, state.revision).await?.is_some() {
-                return Ok(LeaseAnswer::Released);
+            if let Some(revision) = self.put(&value, state.revision).await? {
+                return Ok(LeaseAnswer::Released { revision });
             }
         }
         Err(self.error(format_args!(

@@ -18,6 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -40,6 +41,11 @@ const APPEND_BATCH: usize = 1024;
 const DURABLE_EVERY: u64 = 64;
 /// Longest pause between a follower's tries to find or follow its swarm's stream.
 const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(2);
+/// A follow silent this long while the stream holds ops it has not yielded is started
+/// again (an ordered consumer notices a lost leader only after two missed 15 s
+/// heartbeats, and the swarm's acknowledgements wait for the follow). The stream's end is
+/// asked every fifth silence; this router's acknowledged appends are known without asking.
+const FOLLOW_STALL: Duration = Duration::from_secs(1);
 
 /// The swarms of one shard whose logs are JetStream streams.
 #[derive(Debug)]
@@ -113,6 +119,7 @@ impl JetStreamLog {
         if let Some(opened) = opened {
             let _ = stream.set(opened);
         }
+        let acknowledged = Arc::new(AtomicU64::new(log.last_op.0));
         self.runtime.spawn(run_appender(
             self.cluster.clone(),
             swarm.clone(),
@@ -120,6 +127,7 @@ impl JetStreamLog {
             queue,
             stream.clone(),
             self.events.clone(),
+            acknowledged.clone(),
         ));
         self.runtime.spawn(run_follower(
             self.cluster.clone(),
@@ -127,6 +135,7 @@ impl JetStreamLog {
             log.last_op.0 + 1,
             stream.clone(),
             self.events.clone(),
+            acknowledged,
         ));
         StreamSwarm {
             epoch: log.epoch,
@@ -173,6 +182,7 @@ async fn run_appender(
     mut queue: mpsc::UnboundedReceiver<Queued>,
     opened: Arc<OnceLock<SwarmStream>>,
     events: mpsc::UnboundedSender<LogEvent>,
+    acked_by_stream: Arc<AtomicU64>,
 ) {
     let mut batch: VecDeque<Queued> = VecDeque::with_capacity(APPEND_BATCH);
     let mut received = Vec::with_capacity(APPEND_BATCH);
@@ -235,6 +245,7 @@ async fn run_appender(
         let result = stream
             .append_all(run, |op| {
                 acknowledged = Some(op);
+                acked_by_stream.fetch_max(op, Ordering::Relaxed);
                 if op == last_in_run || op % DURABLE_EVERY == 0 {
                     reported = Some(op);
                     let _ = events.send(LogEvent::Durable {
@@ -279,8 +290,13 @@ async fn run_follower(
     mut next: u64,
     opened: Arc<OnceLock<SwarmStream>>,
     events: mpsc::UnboundedSender<LogEvent>,
+    acknowledged: Arc<AtomicU64>,
 ) {
     let initial = Duration::from_millis(50);
+    // Silences (of FOLLOW_STALL each) before a follow behind the stream is started again:
+    // doubles with each start that found nothing new (ops erased at the stream's end
+    // leave it behind for good), back to one once an op comes.
+    let mut patience = 1u32;
     let mut pause = initial;
     while !events.is_closed() {
         let stream = match opened.get() {
@@ -293,14 +309,41 @@ async fn run_follower(
                 }
             },
         };
-        let follower = match stream {
+        let follower = match &stream {
             Some(stream) => stream.follow(next).await.map_err(|e| e.to_string()),
             None => Err("the stream does not exist yet".into()),
         };
         match follower {
             Ok(mut follower) => {
                 pause = initial;
-                while let Some(item) = follower.next().await {
+                let mut silences = 0u32;
+                loop {
+                    let item = match tokio::time::timeout(FOLLOW_STALL, follower.next()).await {
+                        Ok(Some(item)) => item,
+                        Ok(None) => break,
+                        Err(_) => {
+                            silences += 1;
+                            if silences < patience {
+                                continue;
+                            }
+                            let behind = acknowledged.load(Ordering::Relaxed) >= next
+                                || (silences.is_multiple_of(5)
+                                    && match &stream {
+                                        Some(s) => {
+                                            s.bounds().await.is_ok_and(|(_, last)| last >= next)
+                                        }
+                                        None => false,
+                                    });
+                            if behind {
+                                tracing::debug!(%swarm, op = next, "the follow is behind the stream; following again");
+                                patience = (patience * 2).min(30);
+                                break;
+                            }
+                            continue;
+                        }
+                    };
+                    silences = 0;
+                    patience = 1;
                     let followed = match item {
                         Ok(followed) => followed,
                         Err(error) => {

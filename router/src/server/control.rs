@@ -141,6 +141,7 @@ impl Session {
                 token,
                 granted_at_ms,
                 expires_at_ms,
+                revision,
                 ..
             }) => {
                 // Mirrored at once: the holder's next stamped publish here passes.
@@ -151,6 +152,7 @@ impl Session {
                     token,
                     granted_at_ms,
                     expires_at_ms,
+                    revision,
                 );
                 stats.lease_grants.fetch_add(1, Ordering::Relaxed);
                 let grant = swarmbus_schema::LeaseGrant {
@@ -166,11 +168,16 @@ impl Session {
                     .outbox
                     .push(Lane::Session, encode(&Message::LeaseGrant(grant)));
             }
-            Ok(LeaseAnswer::Released) => {
-                self.context
-                    .control()
-                    .leases
-                    .mirror(swarm, name, "", request.token, 0, 0);
+            Ok(LeaseAnswer::Released { revision }) => {
+                self.context.control().leases.mirror(
+                    swarm,
+                    name,
+                    "",
+                    request.token,
+                    0,
+                    0,
+                    revision,
+                );
                 let request_id = request.request_id;
                 let _ = self
                     .outbox

@@ -988,6 +988,7 @@ async fn mirror_cluster_leases(
                 state.token,
                 value.granted_at_ms,
                 value.expires_at_ms,
+                state.revision(),
             );
             true
         })

@@ -525,6 +525,9 @@ struct Recovery {
     next_try: std::time::Instant,
     /// The last void record of the try in flight.
     voiding_to: Option<OpId>,
+    /// The first op the log reported not durable (a shared log's earlier ops are in it,
+    /// whether or not its follower has reported them yet).
+    from: OpId,
 }
 
 impl Shard {

@@ -29,7 +29,9 @@ impl Shard {
             attempts: 0,
             next_try: now.instant,
             voiding_to: None,
+            from,
         });
+        recovery.from = recovery.from.min(from);
         if recovery.voiding_to.take().is_some() {
             recovery.attempts += 1;
         } else {
@@ -57,7 +59,14 @@ impl Shard {
             .map(|(swarm, _)| swarm.clone())
             .collect();
         for swarm in due {
-            let from = OpId(self.core.durable_op(&swarm).0 + 1);
+            let mut from = OpId(self.core.durable_op(&swarm).0 + 1);
+            if self.log.is_shared(&swarm) {
+                // The ops before the failure are in the log (their follower may not have
+                // reported them yet): voiding them would erase them.
+                if let Some(recovery) = self.recovering.get(&swarm) {
+                    from = from.max(recovery.from);
+                }
+            }
             let to = OpId(self.core.next_op(&swarm).0 - 1);
             let result = match self.core.epoch(&swarm) {
                 Some(epoch) if !self.log.exists(&swarm) => self.log.create(&swarm, epoch),

@@ -64,6 +64,7 @@ impl Shard {
             }
             Err(detail) => {
                 tracing::warn!(%swarm, %detail, "the swarm's shared log could not be opened");
+                self.core.open_failed(&swarm);
                 let error = CoreError::Unavailable {
                     swarm: swarm.to_string(),
                     reason: format!("its log on the cluster could not be opened: {detail}"),
@@ -149,6 +150,10 @@ impl Shard {
     /// `generation`: another router took the op id first.
     pub(super) fn conflicted(&mut self, swarm: &str, from: OpId, generation: u64) {
         if self.log.on_conflict(swarm, generation) {
+            // A void run that conflicted (fillers rarely do) is tried again.
+            if let Some(recovery) = self.recovering.get_mut(swarm) {
+                recovery.voiding_to = None;
+            }
             self.core.handle_conflict(swarm, from);
             self.stats
                 .publish_conflicts

@@ -328,6 +328,9 @@ pub struct Leases {
     newest: HashMap<(String, String), u64>,
     /// Entries of `held` per holder (expired ones until [`Leases::sweep`] drops them).
     held_by: HashMap<Arc<str>, usize>,
+    /// Leases shared by a cluster: the revision of the newest write mirrored per lease
+    /// (an older one seen later is ignored).
+    revisions: HashMap<(String, String), u64>,
     limits: LeaseLimits,
 }
 
@@ -552,9 +555,10 @@ impl Leases {
         }
     }
 
-    /// Leases shared by a cluster: the lease's state as the cluster holds it (`holder`
-    /// empty: released), from a grant of this router or a change seen in the cluster. An
-    /// older token than the newest known is an old change seen late, and ignored.
+    /// Leases shared by a cluster: the lease's state as the cluster's write of `revision`
+    /// left it (`holder` empty: released), from a write of this router or a change seen in
+    /// the cluster. A write older than the newest mirrored is seen late, and ignored.
+    #[allow(clippy::too_many_arguments)] // one lease state, field by field
     pub fn mirror(
         &mut self,
         swarm: &str,
@@ -563,13 +567,16 @@ impl Leases {
         token: u64,
         granted_at_ms: u64,
         expires_at_ms: u64,
+        revision: u64,
     ) {
         let key = (swarm.to_owned(), name.to_owned());
-        let newest = self.newest.entry(key.clone()).or_default();
-        if token < *newest {
+        let seen = self.revisions.entry(key.clone()).or_default();
+        if revision <= *seen {
             return;
         }
-        *newest = token;
+        *seen = revision;
+        let newest = self.newest.entry(key.clone()).or_default();
+        *newest = (*newest).max(token);
         if holder.is_empty() {
             self.end(&key);
             return;
@@ -609,6 +616,7 @@ impl Leases {
         self.held.clear();
         self.newest.clear();
         self.held_by.clear();
+        self.revisions.clear();
     }
 
     pub fn renew(

@@ -285,6 +285,8 @@ struct Swarm<H> {
     /// log's follower reports them, in the log's order, and the log, not this sequencer,
     /// decides which op ids are taken.
     shared: bool,
+    /// Its shared log is being opened (requests for it wait): kept, not collected as idle.
+    opening: bool,
 }
 
 /// Routing state of one shard. See the module docs for the call order.
@@ -647,6 +649,7 @@ impl<H: Clone> Core<H> {
                 && swarm.subscribers.iter().all(Vec::is_empty)
                 && swarm.acked.is_empty()
                 && !swarm.paused
+                && !swarm.opening
                 && swarm.unavailable.is_none();
             if idle {
                 budget.give_back(swarm.creator.as_deref());
@@ -879,8 +882,11 @@ impl<H: Clone> Core<H> {
         };
         let reason = format!("the event log failed at op {}: {detail}", from.0);
         self.telemetry_changed.insert(swarm.name.clone());
+        // A shared log's ops before `from` are in it, and their follower makes them
+        // durable here: only the later ones are refused.
+        let refused_from = if swarm.shared { from } else { OpId(0) };
         swarm.refuse_pending(
-            OpId(0),
+            refused_from,
             ErrorCode::SwarmUnavailable,
             &reason,
             &mut self.actions,
@@ -896,7 +902,7 @@ impl<H: Clone> Core<H> {
         };
         // (A shared log's durable op follows its follower, which may be behind.)
         debug_assert!(
-            swarm.pending.is_empty() && (swarm.shared || swarm.durable_op.0 + 1 == swarm.next_op)
+            swarm.shared || (swarm.pending.is_empty() && swarm.durable_op.0 + 1 == swarm.next_op)
         );
         swarm.unavailable = None;
         self.telemetry_changed.insert(swarm.name.clone());

@@ -28,7 +28,17 @@ impl<H: Clone> Core<H> {
         name: &str,
         creator: Option<&str>,
     ) -> Result<Epoch, CoreError> {
-        Ok(self.swarm_entry(name, creator)?.epoch)
+        let swarm = self.swarm_entry(name, creator)?;
+        swarm.opening = true;
+        Ok(swarm.epoch)
+    }
+
+    /// The shared log of a swarm [`Core::prepare_shared`] made room for did not open: the
+    /// swarm may be freed again (once idle).
+    pub fn open_failed(&mut self, name: &str) {
+        if let Some(swarm) = self.swarms.get_mut(name) {
+            swarm.opening = false;
+        }
     }
 
     /// Marks `swarm`'s log as shared (a swarm recovered from a shared log at start).
@@ -49,6 +59,7 @@ impl<H: Clone> Core<H> {
             return;
         };
         swarm.shared = true;
+        swarm.opening = false;
         if !swarm.log_created {
             // Ordered requests waited for the log: nothing here has an op id yet.
             debug_assert!(swarm.pending.is_empty() && swarm.acked.is_empty());
@@ -101,8 +112,19 @@ impl<H: Clone> Core<H> {
             return Some(false);
         }
         if own && !awaited {
+            // Not awaited any more, yet in the log: delivered like every router delivers it.
             swarm.durable_op = op;
             swarm.next_op = swarm.next_op.max(op.0 + 1);
+            if let Some(replayed) = replayed {
+                deliver_followed(
+                    swarm,
+                    op,
+                    replayed,
+                    now,
+                    &mut self.received,
+                    &mut self.actions,
+                );
+            }
             return Some(false);
         }
         // Anything else at an op this router awaits means its append there was not made,
@@ -125,27 +147,16 @@ impl<H: Clone> Core<H> {
         } else {
             swarm.next_op.max(op.0 + 1)
         };
-        match replayed {
-            // (Ours here is a void record at an op id it awaited: nothing to deliver.)
-            Some(replayed) if !own => {
-                if !swarm.subscribers[replayed.class.index()].is_empty() {
-                    self.received.insert(&swarm.name, op, now);
-                }
-                let frame = OutFrame {
-                    head: replayed.frame.clone(),
-                    body: Bytes::new(),
-                };
-                swarm.fan_out(
-                    replayed.class,
-                    op,
-                    &replayed.source,
-                    replayed.target.as_deref(),
-                    &frame,
-                    now,
-                    &mut self.actions,
-                );
-            }
-            _ => {}
+        // (Ours here is a void record at an op id it awaited: nothing to deliver.)
+        if let Some(replayed) = replayed.filter(|_| !own) {
+            deliver_followed(
+                swarm,
+                op,
+                replayed,
+                now,
+                &mut self.received,
+                &mut self.actions,
+            );
         }
         Some(conflicted)
     }
@@ -169,4 +180,31 @@ impl<H: Clone> Core<H> {
         swarm.refuse_pending(from, ErrorCode::Conflict, &reason, &mut self.actions);
         swarm.next_op = swarm.next_op.min(from.0).max(swarm.durable_op.0 + 1);
     }
+}
+
+/// Delivers `op` of a shared log, read back as `replayed`, to `swarm`'s subscribers here.
+fn deliver_followed<H: Clone>(
+    swarm: &mut Swarm<H>,
+    op: OpId,
+    replayed: &ReplayedOp,
+    now: Instant,
+    received: &mut RecentOps,
+    actions: &mut VecDeque<Action<H>>,
+) {
+    if !swarm.subscribers[replayed.class.index()].is_empty() {
+        received.insert(&swarm.name, op, now);
+    }
+    let frame = OutFrame {
+        head: replayed.frame.clone(),
+        body: Bytes::new(),
+    };
+    swarm.fan_out(
+        replayed.class,
+        op,
+        &replayed.source,
+        replayed.target.as_deref(),
+        &frame,
+        now,
+        actions,
+    );
 }

@@ -19,6 +19,7 @@ impl<H> Swarm<H> {
             paused: false,
             creator: None,
             shared: false,
+            opening: false,
         }
     }
 
