@@ -42,19 +42,52 @@ impl Cluster {
 }
 
 impl SafetyBucket {
-    /// Writes the latest record of `key` (acknowledged once the cluster holds it).
-    pub async fn put(&self, key: &str, payload: Bytes) -> Result<(), Error> {
+    /// Writes the latest record of `key` (acknowledged once the cluster holds it); returns
+    /// the write's revision (later writes have larger ones).
+    pub async fn put(&self, key: &str, payload: Bytes) -> Result<u64, Error> {
         self.store
             .put(hex(key.as_bytes()), payload)
             .await
-            .map(|_| ())
             .map_err(|e| stream_error(&self.name, format_args!("writing a safety action: {e}")))
     }
 
+    /// Every record the bucket holds now, with its revision, each read from the bucket's
+    /// leader.
+    pub async fn snapshot(&self) -> Result<Vec<(String, Bytes, u64)>, Error> {
+        let failed = |e: &dyn std::fmt::Display| {
+            stream_error(&self.name, format_args!("reading the safety actions: {e}"))
+        };
+        let mut keys = self.store.keys().await.map_err(|e| failed(&e))?;
+        let mut out = Vec::new();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| failed(&e))?;
+            let subject = format!("{}{key}", self.store.prefix);
+            let message = match self
+                .store
+                .stream
+                .get_last_raw_message_by_subject(&subject)
+                .await
+            {
+                Ok(message) => message,
+                Err(error)
+                    if error.kind()
+                        == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    continue
+                }
+                Err(error) => return Err(failed(&error)),
+            };
+            if let Some(key) = unhex(&key) {
+                out.push((key, message.payload, message.sequence));
+            }
+        }
+        Ok(out)
+    }
+
     /// Every record now, then each as it is written (a watch that fails is started again
-    /// after a pause, from the records then), sent to `to` as (key, payload) until `to`
-    /// is closed.
-    pub async fn follow(&self, to: tokio::sync::mpsc::UnboundedSender<(String, Bytes)>) {
+    /// after a pause, from the records then), sent to `to` as (key, payload, revision)
+    /// until `to` is closed.
+    pub async fn follow(&self, to: tokio::sync::mpsc::UnboundedSender<(String, Bytes, u64)>) {
         let mut pause = Duration::from_millis(50);
         while !to.is_closed() {
             match self.store.watch_with_history(">").await {
@@ -75,7 +108,7 @@ impl SafetyBucket {
                             tracing::warn!(bucket = %self.name, key = %entry.key, "a key of the safety bucket that is not hex; skipped");
                             continue;
                         };
-                        if to.send((key, entry.value)).is_err() {
+                        if to.send((key, entry.value, entry.revision)).is_err() {
                             return;
                         }
                     }

@@ -43,8 +43,9 @@ const DURABLE_EVERY: u64 = 64;
 const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(2);
 /// A follow silent this long while the stream holds ops it has not yielded is started
 /// again (an ordered consumer notices a lost leader only after two missed 15 s
-/// heartbeats, and the swarm's acknowledgements wait for the follow). The stream's end is
-/// asked every fifth silence; this router's acknowledged appends are known without asking.
+/// heartbeats, and the swarm's acknowledgements wait for the follow). This router's
+/// acknowledged appends are known without asking; the stream's end is asked after five
+/// silences, then less and less often while the follow is caught up (at most every 5 min).
 const FOLLOW_STALL: Duration = Duration::from_secs(1);
 
 /// The swarms of one shard whose logs are JetStream streams.
@@ -317,6 +318,10 @@ async fn run_follower(
             Ok(mut follower) => {
                 pause = initial;
                 let mut silences = 0u32;
+                // Silences between two asks of the stream's end: doubles while the stream
+                // says the follow is caught up (an idle swarm costs one ask per few
+                // minutes), back to five once an op comes.
+                let mut ask_every = 5u32;
                 loop {
                     let item = match tokio::time::timeout(FOLLOW_STALL, follower.next()).await {
                         Ok(Some(item)) => item,
@@ -326,14 +331,17 @@ async fn run_follower(
                             if silences < patience {
                                 continue;
                             }
-                            let behind = acknowledged.load(Ordering::Relaxed) >= next
-                                || (silences.is_multiple_of(5)
-                                    && match &stream {
-                                        Some(s) => {
-                                            s.bounds().await.is_ok_and(|(_, last)| last >= next)
-                                        }
-                                        None => false,
-                                    });
+                            let mut behind = acknowledged.load(Ordering::Relaxed) >= next;
+                            if !behind && silences.is_multiple_of(ask_every) {
+                                behind = match &stream {
+                                    Some(s) => s.bounds().await.is_ok_and(|(_, last)| last >= next),
+                                    None => false,
+                                };
+                                if !behind {
+                                    ask_every = (ask_every * 2).min(300);
+                                    silences = 0;
+                                }
+                            }
                             if behind {
                                 tracing::debug!(%swarm, op = next, "the follow is behind the stream; following again");
                                 patience = (patience * 2).min(30);
@@ -344,6 +352,7 @@ async fn run_follower(
                     };
                     silences = 0;
                     patience = 1;
+                    ask_every = 5;
                     let followed = match item {
                         Ok(followed) => followed,
                         Err(error) => {

@@ -392,14 +392,17 @@ impl Session {
             }
             _ => None,
         };
+        let (key, payload) = (record.0.clone(), record.1.clone());
         let written = match shared {
             Some(bucket) => bucket
                 .put(&record.0, record.1)
                 .await
+                .map(Some)
                 .map_err(|error| error.to_string()),
             None => context
                 .write_records(vec![control_record(record)], true)
                 .await
+                .map(|_| None)
                 .map_err(|error| error.to_string()),
         };
         if let Err(error) = written {
@@ -411,7 +414,13 @@ impl Session {
             );
             return Ok(());
         }
-        self.apply_safety(&action, now_ms).await;
+        match written {
+            // Applied in the cluster's order of writes (see `apply_cluster_safety_record`).
+            Ok(Some(revision)) => {
+                super::start::apply_cluster_safety_record(context, &key, &payload, revision).await
+            }
+            _ => self.apply_safety(&action, now_ms).await,
+        }
         let kind = format!("{:?}", action.kind).to_lowercase();
         tracing::info!(controller = %self.agent, action = %kind, swarm = %action.swarm, target = %action.target, "safety action");
         let payload = format!(

@@ -131,6 +131,9 @@ struct Context {
     /// The cluster's safety bucket (with the cluster): pauses and stops are written there,
     /// and every router applies what it holds.
     cluster_safety: Option<swarmbus_jetstream::SafetyBucket>,
+    /// The revision of the newest safety record applied here, per record key (records are
+    /// applied in revision order, whoever applies them; the lock is held while one is).
+    safety_applied: tokio::sync::Mutex<HashMap<String, u64>>,
     /// The shards of the job queue's swarms (`$jobs.*`), on the bulk runtime.
     job_shards: Vec<ShardSender>,
     stats: Arc<Stats>,

@@ -68,9 +68,19 @@ impl Router {
             clock,
             &stats,
         );
-        // On a cluster the pauses come from the cluster's safety bucket instead.
-        let paused = match context.cluster_safety {
-            Some(_) => Vec::new(),
+        // On a cluster the pauses and stops come from the cluster's safety bucket instead,
+        // all applied before the first client is taken.
+        let paused = match &context.cluster_safety {
+            Some(bucket) => {
+                let records = bucket
+                    .snapshot()
+                    .await
+                    .map_err(|source| RouterError::JetStream { source })?;
+                for (key, payload, revision) in records {
+                    apply_cluster_safety_record(&context, &key, &payload, revision).await;
+                }
+                Vec::new()
+            }
             None => recovered.paused,
         };
         for swarm in paused {
@@ -944,6 +954,7 @@ fn shared_context(
         }),
         cluster_leases: started.cluster_leases,
         cluster_safety: started.cluster_safety,
+        safety_applied: tokio::sync::Mutex::new(HashMap::new()),
         clock,
         jobs: Mutex::new(restored.jobs),
         partial_frames,
@@ -1001,32 +1012,51 @@ async fn apply_cluster_safety(
     context: std::sync::Weak<Context>,
     bucket: swarmbus_jetstream::SafetyBucket,
 ) {
-    use swarmbus_proto::control::SafetyRecord;
     let (to, mut records) = tokio::sync::mpsc::unbounded_channel();
     let follow = tokio::spawn(async move { bucket.follow(to).await });
-    while let Some((key, payload)) = records.recv().await {
+    while let Some((key, payload, revision)) = records.recv().await {
         let Some(context) = context.upgrade() else {
             break;
         };
-        match swarmbus_proto::control::parse_safety(&key, &payload) {
-            Some(SafetyRecord::Pause { swarm, paused }) => {
-                let shard = context.shard_for(&swarm);
-                let _ = shard.send(ShardCommand::Pause { swarm, paused }).await;
-            }
-            Some(SafetyRecord::Stop { agent, until_ms }) => {
-                let now_ms = context.clock.now_ms();
-                let mut control = context.control();
-                control.stops.stop(&agent, until_ms);
-                if until_ms > now_ms {
-                    if let Some(present) = control.presence.get(&agent) {
-                        present.outbox.request_close(ErrorCode::Stopped);
-                    }
-                }
-            }
-            None => tracing::warn!(%key, "a record of the safety bucket that is no pause or stop"),
-        }
+        apply_cluster_safety_record(&context, &key, &payload, revision).await;
     }
     follow.abort();
+}
+
+/// Applies the safety record `key` of the cluster's write `revision`, unless a newer one
+/// of that key was applied here already (the acting router applies its own write, and
+/// sees it again in the watch, in either order).
+pub(super) async fn apply_cluster_safety_record(
+    context: &Context,
+    key: &str,
+    payload: &[u8],
+    revision: u64,
+) {
+    use swarmbus_proto::control::SafetyRecord;
+    let mut applied = context.safety_applied.lock().await;
+    let newest = applied.entry(key.to_owned()).or_default();
+    if revision <= *newest {
+        return;
+    }
+    *newest = revision;
+    match swarmbus_proto::control::parse_safety(key, payload) {
+        Some(SafetyRecord::Pause { swarm, paused }) => {
+            let shard = context.shard_for(&swarm);
+            let _ = shard.send(ShardCommand::Pause { swarm, paused }).await;
+        }
+        Some(SafetyRecord::Stop { agent, until_ms }) => {
+            let now_ms = context.clock.now_ms();
+            if until_ms <= now_ms {
+                return; // over already
+            }
+            let mut control = context.control();
+            control.stops.stop(&agent, until_ms);
+            if let Some(present) = control.presence.get(&agent) {
+                present.outbox.request_close(ErrorCode::Stopped);
+            }
+        }
+        None => tracing::warn!(%key, "a record of the safety bucket that is no pause or stop"),
+    }
 }
 
 /// The bulk listener's endpoint, on the bulk runtime, and its accept loop.

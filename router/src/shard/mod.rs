@@ -596,6 +596,9 @@ impl Shard {
                         // (in the log's order, see `shared`).
                         if !self.log.is_shared(&swarm) {
                             self.core.handle_durable(&swarm, up_to, now.instant);
+                        } else if let Some(recovery) = self.recovering.get_mut(&swarm) {
+                            // Voided already, whatever the follow reported so far.
+                            recovery.from = recovery.from.max(OpId(up_to.0 + 1));
                         }
                         self.recovery_progress(&swarm, up_to);
                     }
