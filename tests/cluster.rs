@@ -358,7 +358,9 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
                         tokio::time::sleep(std::time::Duration::from_millis(60)).await;
                     }
                     Err(error) => {
-                        assert_eq!(error.code(), Some(27), "{error}");
+                        // Held by the other (27), or the bucket slow to answer on a busy
+                        // machine (19, to be sent again).
+                        assert!(matches!(error.code(), Some(27 | 19)), "{error}");
                         tokio::time::sleep(std::time::Duration::from_millis(30)).await;
                     }
                 }

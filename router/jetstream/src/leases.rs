@@ -109,7 +109,16 @@ impl Cluster {
     /// The lease bucket, made when missing (file storage, `jetstream.replicas` replicas,
     /// one value per key).
     pub async fn lease_bucket(&self) -> Result<LeaseBucket, Error> {
-        let name = format!("{}_LEASES", self.config.stream_prefix);
+        let (store, name) = self.bucket("LEASES").await?;
+        Ok(LeaseBucket { store, name })
+    }
+}
+
+impl Cluster {
+    /// The key-value bucket `<stream_prefix>_<suffix>`, made when missing (file storage,
+    /// `jetstream.replicas` replicas, one value per key), and its name.
+    pub(crate) async fn bucket(&self, suffix: &str) -> Result<(kv::Store, String), Error> {
+        let name = format!("{}_{suffix}", self.config.stream_prefix);
         let store = match self.js.get_key_value(&name).await {
             Ok(store) => store,
             Err(_) => self
@@ -122,9 +131,9 @@ impl Cluster {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| stream_error(&name, format_args!("making the lease bucket: {e}")))?,
+                .map_err(|e| stream_error(&name, format_args!("making the bucket: {e}")))?,
         };
-        Ok(LeaseBucket { store, name })
+        Ok((store, name))
     }
 }
 

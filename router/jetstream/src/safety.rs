@@ -22,21 +22,7 @@ impl Cluster {
     /// The safety bucket, made when missing (file storage, `jetstream.replicas` replicas,
     /// one value per key).
     pub async fn safety_bucket(&self) -> Result<SafetyBucket, Error> {
-        let name = format!("{}_SAFETY", self.config.stream_prefix);
-        let store = match self.js.get_key_value(&name).await {
-            Ok(store) => store,
-            Err(_) => self
-                .js
-                .create_key_value(kv::Config {
-                    bucket: name.clone(),
-                    history: 1,
-                    num_replicas: self.config.replicas,
-                    storage: async_nats::jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| stream_error(&name, format_args!("making the safety bucket: {e}")))?,
-        };
+        let (store, name) = self.bucket("SAFETY").await?;
         Ok(SafetyBucket { store, name })
     }
 }
