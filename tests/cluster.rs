@@ -239,7 +239,8 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
     let (_watcher, mut watched) = subscribed(&r[1], "watcher").await;
     let (a, _) = r[0].connect("leader-a", Role::Controller, &["fleet"]).await;
     let (b, _) = r[1].connect("leader-b", Role::Controller, &["fleet"]).await;
-    let ttl = std::time::Duration::from_millis(400);
+    // Long enough that a busy machine answers the other router's acquire within it.
+    let ttl = std::time::Duration::from_secs(2);
     let stamped = |token| PublishOptions {
         fencing_token: token,
         ..PublishOptions::default()
@@ -335,6 +336,7 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
             .unwrap()
             .as_millis() as u64
     };
+    let short = std::time::Duration::from_millis(400);
     let contend = move |client: Client, pause_every: u64| {
         tokio::spawn(async move {
             let mut grants = Vec::new();
@@ -342,7 +344,7 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
             let mut round = 0u64;
             while std::time::Instant::now() < until {
                 round += 1;
-                match client.acquire_lease("fleet", "leader", ttl).await {
+                match client.acquire_lease("fleet", "leader", short).await {
                     Ok(grant) => {
                         let wait = if round.is_multiple_of(pause_every) {
                             500
