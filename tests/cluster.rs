@@ -11,20 +11,35 @@ use swarmbus_schema::{Class, Deliver, Role};
 use crate::common::{ops, recv_until, TestRouter};
 use crate::jetstream::config;
 
-/// Starts `n` routers on `server`, each on a data directory of its own, with an admin
-/// listener.
-async fn routers(server: &NatsServer, n: usize) -> (Vec<TestRouter>, Vec<tempfile::TempDir>) {
+/// What a test's cluster keeps alive besides its routers: a nats-server and the data
+/// directories.
+struct Kept {
+    _dirs: Vec<tempfile::TempDir>,
+    _server: NatsServer,
+    _nats_dir: tempfile::TempDir,
+}
+
+/// Starts a nats-server and `n` routers on it, each on a data directory of its own, with
+/// an admin listener.
+async fn cluster(n: usize) -> (Vec<TestRouter>, Kept) {
+    let nats_dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(nats_dir.path(), true);
     let mut routers = Vec::new();
     let mut dirs = Vec::new();
     for _ in 0..n {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config(dir.path(), server);
+        let mut config = config(dir.path(), &server);
         config.admin_listen =
             swarmbus_router::config::AdminListen::At("127.0.0.1:0".parse().unwrap());
         routers.push(TestRouter::start_on(config).await);
         dirs.push(dir);
     }
-    (routers, dirs)
+    let kept = Kept {
+        _dirs: dirs,
+        _server: server,
+        _nats_dir: nats_dir,
+    };
+    (routers, kept)
 }
 
 /// Waits (at most 10 s) until `router`'s admin view shows swarm `swarm` paused or not.
@@ -76,9 +91,7 @@ async fn subscribed(router: &TestRouter, agent: &str) -> (Client, Deliveries) {
 /// with the epoch every router serves the swarm with.
 #[tokio::test]
 async fn commands_from_one_router_reach_agents_on_two_others_in_op_order() {
-    let nats_dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(nats_dir.path(), true);
-    let (r, _dirs) = routers(&server, 3).await;
+    let (r, _cluster) = cluster(3).await;
     let (_b, mut on_b) = subscribed(&r[1], "agent-b").await;
     let (_c, mut on_c) = subscribed(&r[2], "agent-c").await;
     let (ctl, _) = r[0].connect("ctl", Role::Controller, &["fleet"]).await;
@@ -129,9 +142,7 @@ async fn commands_from_one_router_reach_agents_on_two_others_in_op_order() {
 /// gap-free, none twice.
 #[tokio::test]
 async fn two_routers_publishing_to_one_swarm_give_one_gap_free_order() {
-    let nats_dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(nats_dir.path(), true);
-    let (r, _dirs) = routers(&server, 3).await;
+    let (r, _cluster) = cluster(3).await;
     let mut agents = Vec::new();
     for (i, router) in r.iter().enumerate() {
         agents.push(subscribed(router, &format!("agent-{i}")).await);
@@ -233,9 +244,7 @@ async fn two_routers_publishing_to_one_swarm_give_one_gap_free_order() {
 /// agent filtering by fencing token applies no command of an older token after a newer one.
 #[tokio::test]
 async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_stale_commands() {
-    let nats_dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(nats_dir.path(), true);
-    let (r, _dirs) = routers(&server, 2).await;
+    let (r, _cluster) = cluster(2).await;
     let (_watcher, mut watched) = subscribed(&r[1], "watcher").await;
     let (a, _) = r[0].connect("leader-a", Role::Controller, &["fleet"]).await;
     let (b, _) = r[1].connect("leader-b", Role::Controller, &["fleet"]).await;
@@ -417,9 +426,7 @@ async fn a_lease_contended_across_routers_has_one_holder_at_a_time_and_fences_st
 /// the stopped agent's session there and refuses it until the stop ends.
 #[tokio::test]
 async fn a_pause_and_a_stop_taken_on_one_router_hold_on_the_others() {
-    let nats_dir = tempfile::tempdir().unwrap();
-    let server = NatsServer::start(nats_dir.path(), true);
-    let (r, _dirs) = routers(&server, 2).await;
+    let (r, _cluster) = cluster(2).await;
     let (_agent, mut on_b) = subscribed(&r[1], "agent-b").await;
     let (ctl, _) = r[0].connect("ctl", Role::Controller, &["fleet"]).await;
     let command = |text: &str| Bytes::from(text.to_owned());

@@ -6,16 +6,17 @@
 //! binary's path only to its own package's tests).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use bytes::Bytes;
 use swarmbus_client::{Connector, IdempotentApply, PublishOptions, ReconnectOptions, Session};
 use swarmbus_jetstream::testing::NatsServer;
 use swarmbus_schema::{Class, Role};
+
+mod common;
 
 const ROUTER: &str = env!("CARGO_BIN_EXE_swarmbus-router");
 
@@ -33,28 +34,15 @@ fn start_router(data: &Path, server: &NatsServer) -> (Child, SocketAddr) {
         ),
     )
     .unwrap();
-    let mut child = Command::new(ROUTER)
+    let mut command = Command::new(ROUTER);
+    command
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data)
         .arg("--config")
         .arg(&config)
         .env("SWARMBUS_LOG", "warn")
-        .env("SWARMBUS_ADMIN_LISTEN", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("router starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
-    (child, addr)
+        .env("SWARMBUS_ADMIN_LISTEN", "off");
+    common::start(command)
 }
 
 #[tokio::test]

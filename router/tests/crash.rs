@@ -5,16 +5,17 @@
 //! binary's path only to its own package's tests).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use bytes::Bytes;
 use swarmbus_client::{Connector, PublishOptions, Session};
 use swarmbus_router::log::recover_all;
 use swarmbus_schema::{Class, DecodeOptions, Epoch, FrameDecoder, Message, OpId, Role};
+
+mod common;
 
 const ROUTER: &str = env!("CARGO_BIN_EXE_swarmbus-router");
 const SWARMS: [&str; 2] = ["crash-a", "crash-b"];
@@ -24,27 +25,14 @@ fn start_router(data: &Path, writer: &str) -> (Child, SocketAddr) {
 }
 
 fn start_router_on(data: &Path, writer: &str, listen: &str) -> (Child, SocketAddr) {
-    let mut child = Command::new(ROUTER)
+    let mut command = Command::new(ROUTER);
+    command
         .args(["--listen", listen, "--data-dir"])
         .arg(data)
         .env("SWARMBUS_LOG", "warn")
         .env("SWARMBUS_LOG_WRITER", writer)
-        .env("SWARMBUS_ADMIN_LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("router starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .split("listening on ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .parse()
-        .unwrap();
-    (child, addr)
+        .env("SWARMBUS_ADMIN_LISTEN", "127.0.0.1:0");
+    common::start(command)
 }
 
 /// Publishes commands with a window in flight until `acks` were acknowledged, then kills the

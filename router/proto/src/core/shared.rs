@@ -73,14 +73,13 @@ impl<H: Clone> Core<H> {
     /// Op `op` of `swarm`'s shared log, of `epoch`, as the log holds it, in op order:
     /// appended by this router (`own`) or another; `replayed` is what it delivers (`None`:
     /// a void record). This router's op awaited here is durable: acknowledged and
-    /// delivered (as after [`Core::handle_durable`]). Another router's op is delivered to
-    /// the subscribers here and refuses every op this router gave out and still awaits
-    /// (the log took that id from the first of them, and the rest were appended behind
-    /// it). This router's op not awaited (a void record, or a publish refused at its
-    /// deadline that landed late, which its void record erases) only takes its op id.
-    /// Returns `None` for an op of another epoch or one seen already, else whether it
-    /// refused ops of this router: the driver then tells the log, whose queued appends of
-    /// them are dropped.
+    /// delivered (as after [`Core::handle_durable`]). Anything else at an op id this router
+    /// awaits refuses every op it still awaits (the log took that id from the first of
+    /// them, and the rest were appended behind it). Every other op takes its op id and is
+    /// delivered here as every router delivers it (another router's op; or this router's
+    /// publish refused at its deadline that landed late). Returns `None` for an op of
+    /// another epoch or one seen already, else whether it refused ops of this router: the
+    /// driver then tells the log, whose queued appends of them are dropped.
     pub fn handle_followed(
         &mut self,
         swarm_name: &str,
@@ -111,31 +110,9 @@ impl<H: Clone> Core<H> {
             self.handle_durable(swarm_name, op, now);
             return Some(false);
         }
-        if own && !awaited {
-            // Not awaited any more, yet in the log: delivered like every router delivers it.
-            swarm.durable_op = op;
-            swarm.next_op = swarm.next_op.max(op.0 + 1);
-            if let Some(replayed) = replayed {
-                deliver_followed(
-                    swarm,
-                    op,
-                    replayed,
-                    now,
-                    &mut self.received,
-                    &mut self.actions,
-                );
-            }
-            return Some(false);
-        }
-        // Anything else at an op this router awaits means its append there was not made,
-        // nor those after it.
         let conflicted = awaited;
         if conflicted {
-            let reason = format!(
-                "another router of the cluster took op {} of swarm {swarm_name:?} first; \
-                 send the publish again",
-                op.0
-            );
+            let reason = conflict_reason(swarm_name, op);
             swarm.refuse_pending(OpId(0), ErrorCode::Conflict, &reason, &mut self.actions);
         }
         swarm.durable_op = op;
@@ -147,14 +124,21 @@ impl<H: Clone> Core<H> {
         } else {
             swarm.next_op.max(op.0 + 1)
         };
-        // (Ours here is a void record at an op id it awaited: nothing to deliver.)
-        if let Some(replayed) = replayed.filter(|_| !own) {
-            deliver_followed(
-                swarm,
+        if let Some(replayed) = replayed {
+            if !swarm.subscribers[replayed.class.index()].is_empty() {
+                self.received.insert(&swarm.name, op, now);
+            }
+            let frame = OutFrame {
+                head: replayed.frame.clone(),
+                body: Bytes::new(),
+            };
+            swarm.fan_out(
+                replayed.class,
                 op,
-                replayed,
+                &replayed.source,
+                replayed.target.as_deref(),
+                &frame,
                 now,
-                &mut self.received,
                 &mut self.actions,
             );
         }
@@ -172,39 +156,17 @@ impl<H: Clone> Core<H> {
         if !swarm.pending.iter().any(|p| p.op >= from) {
             return;
         }
-        let reason = format!(
-            "another router of the cluster took op {} of swarm {swarm_name:?} first; send \
-             the publish again",
-            from.0
-        );
+        let reason = conflict_reason(swarm_name, from);
         swarm.refuse_pending(from, ErrorCode::Conflict, &reason, &mut self.actions);
         swarm.next_op = swarm.next_op.min(from.0).max(swarm.durable_op.0 + 1);
     }
 }
 
-/// Delivers `op` of a shared log, read back as `replayed`, to `swarm`'s subscribers here.
-fn deliver_followed<H: Clone>(
-    swarm: &mut Swarm<H>,
-    op: OpId,
-    replayed: &ReplayedOp,
-    now: Instant,
-    received: &mut RecentOps,
-    actions: &mut VecDeque<Action<H>>,
-) {
-    if !swarm.subscribers[replayed.class.index()].is_empty() {
-        received.insert(&swarm.name, op, now);
-    }
-    let frame = OutFrame {
-        head: replayed.frame.clone(),
-        body: Bytes::new(),
-    };
-    swarm.fan_out(
-        replayed.class,
-        op,
-        &replayed.source,
-        replayed.target.as_deref(),
-        &frame,
-        now,
-        actions,
-    );
+/// Why a publish of `swarm` holding op id `op` was refused with `Conflict`.
+fn conflict_reason(swarm: &str, op: OpId) -> String {
+    format!(
+        "another router of the cluster took op {} of swarm {swarm:?} first; send the \
+         publish again",
+        op.0
+    )
 }
